@@ -1,0 +1,3 @@
+from medusa_liger.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""The ``medusa-liger`` command: ``train``, ``export`` and ``eval`` subcommands.
+
+Each subcommand lives with the code it drives and provides two functions,
+``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them together, importing
+each lazily so ``medusa-liger --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module providing add_arguments/run, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("medusa_liger.train.cli", "train Medusa heads (and optionally the backbone) from a YAML config"),
+    "export": ("medusa_liger.heads.cli", "export trained heads in the formats serving engines read"),
+    "eval": ("medusa_liger.inference.cli", "measure head accuracy, search a tree, time Medusa decoding"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medusa-liger", description="Train and evaluate Medusa heads with fused Triton kernels."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,16 @@
+"""Fused Triton kernels (with PyTorch fallbacks for CPU) and their autograd Functions.
+
+This package knows nothing of transformers: patching and the Medusa heads build on it.
+"""
+
+from medusa_liger.kernels.fused_linear_cross_entropy import multi_head_linear_cross_entropy
+from medusa_liger.kernels.reference import MultiHeadLossOutput, multi_head_linear_cross_entropy_reference
+from medusa_liger.kernels.utils import force_backend, use_triton
+
+__all__ = [
+    "MultiHeadLossOutput",
+    "force_backend",
+    "multi_head_linear_cross_entropy",
+    "multi_head_linear_cross_entropy_reference",
+    "use_triton",
+]

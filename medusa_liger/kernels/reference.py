@@ -1,0 +1,143 @@
+"""Naive reference for the multi-head linear cross-entropy: materializes every head's logits.
+
+This is the definition the fused op must match, written the plain way: for each head ``k``
+
+    logits_k = softcap(hidden_k @ weight_k.T + bias_k)          # [B, T, V], in ``compute_dtype``
+    target_k[b, t] = labels[b, t + shifts[k]]                    # ignored past the end of the row,
+                                                                 # across a segment boundary, or
+                                                                 # where it equals ignore_index
+    loss_k = reduce(CE(logits_k, target_k; label_smoothing) + z_loss * lse_k**2)
+    loss = sum_k head_weights[k] * loss_k
+
+It is used by the tests (in float64) and as the "naive PyTorch" baseline in the benchmarks. It costs
+K x B x T x V memory, which is exactly what the fused op exists to avoid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MultiHeadLossOutput:
+    """Result of a multi-head loss.
+
+    loss:          scalar, differentiable: sum_k head_weights[k] * loss_k
+    head_losses:   [K] float32, detached: loss_k (cross-entropy plus z-loss, reduced)
+    head_accuracy: [K] float32, detached: top-1 accuracy over head k's valid targets (0 if none)
+    head_tokens:   [K] int64, detached: number of valid targets of head k
+    """
+
+    loss: torch.Tensor
+    head_losses: torch.Tensor
+    head_accuracy: torch.Tensor
+    head_tokens: torch.Tensor
+
+
+def shifted_targets(
+    labels: torch.Tensor,
+    shift: int,
+    ignore_index: int = -100,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Targets of a head with ``shift``: [B, T] with target[b, t] = labels[b, t + shift].
+
+    Positions whose target lies past the end of the row, or in another segment than position t,
+    get ``ignore_index``.
+    """
+    B, T = labels.shape
+    target = torch.full_like(labels, ignore_index)
+    if shift < T:
+        target[:, : T - shift] = labels[:, shift:]
+        if segment_ids is not None:
+            crosses = segment_ids[:, : T - shift] != segment_ids[:, shift:]
+            target[:, : T - shift][crosses] = ignore_index
+    return target
+
+
+def _as_list(x, count: int) -> list:
+    if x is None:
+        return [None] * count
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x] * count
+
+
+def multi_head_linear_cross_entropy_reference(
+    hidden: torch.Tensor | Sequence[torch.Tensor],
+    weight: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    shifts: Sequence[int],
+    head_weights: Sequence[float] | torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    segment_ids: torch.Tensor | None = None,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype = torch.float32,
+) -> MultiHeadLossOutput:
+    """Materialized-logits version of ``multi_head_linear_cross_entropy`` (see module docstring).
+
+    hidden: [K, B, T, H], [B, T, H] (read by every head) or a list of K [B, T, H] tensors.
+    weight: [V, H] shared, [K, V, H] or a list of K [V, H] tensors.
+    bias:   None, [V], [K, V] or a list of K [V] tensors.
+    """
+    K = len(shifts)
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 4:
+        hiddens = list(hidden.unbind(0))
+    else:
+        hiddens = _as_list(hidden, K)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 3:
+        weights = list(weight.unbind(0))
+    else:
+        weights = _as_list(weight, K)
+    if isinstance(bias, torch.Tensor) and bias.dim() == 2:
+        biases = list(bias.unbind(0))
+    else:
+        biases = _as_list(bias, K)
+    if head_weights is None:
+        head_weights = [1.0] * K
+    head_weights = torch.as_tensor(head_weights, dtype=compute_dtype, device=labels.device)
+
+    losses, accuracies, counts = [], [], []
+    for k in range(K):
+        h = hiddens[k].to(compute_dtype)
+        logits = h @ weights[k].to(compute_dtype).T
+        if biases[k] is not None:
+            logits = logits + biases[k].to(compute_dtype)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        target = shifted_targets(labels, int(shifts[k]), ignore_index, segment_ids).reshape(-1)
+        logits = logits.reshape(-1, logits.shape[-1])
+        valid = target != ignore_index
+        count = valid.sum()
+        safe_target = torch.where(valid, target, torch.zeros_like(target))
+
+        lse = torch.logsumexp(logits, dim=-1)
+        nll = lse - logits.gather(1, safe_target[:, None]).squeeze(1)
+        row_loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(dim=-1))
+        row_loss = row_loss + z_loss * lse.square()
+        row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
+        total = row_loss.sum()
+        if reduction == "mean":
+            total = total / count.clamp(min=1).to(compute_dtype)
+        elif reduction != "sum":
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        correct = (logits.argmax(dim=-1) == target) & valid
+        losses.append(total)
+        accuracies.append(correct.sum().to(torch.float32) / count.clamp(min=1).to(torch.float32))
+        counts.append(count)
+
+    head_losses = torch.stack(losses)
+    return MultiHeadLossOutput(
+        loss=(head_weights * head_losses).sum(),
+        head_losses=head_losses.detach().float(),
+        head_accuracy=torch.stack(accuracies).detach(),
+        head_tokens=torch.stack(counts).to(torch.int64),
+    )

@@ -1,0 +1,57 @@
+"""Shared test helpers: the device and dtypes under test, tolerances (stated once), poisoning."""
+
+from __future__ import annotations
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+# fp32 everywhere; fp16/bf16 only on the GPU (the interpreter has no bf16 arithmetic).
+DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32]
+
+# Tolerances per dtype, in one place: (atol, rtol) for elementwise checks of outputs and gradients
+# against a float64 reference evaluated on the same (rounded) inputs.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+# Relative-norm tolerances ||out - ref|| / ||ref|| for results of large reductions (matmul-based
+# ops, losses): fp32 inputs may run through TF32 tensor cores on the GPU.
+REL_NORM_TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-3 if HAS_CUDA else 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+
+POISON = float("nan")
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN so any element a kernel forgets to write shows up in the comparison."""
+    return t.fill_(POISON)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
+    """Elementwise comparison at ``dtype``'s tolerance; NaN anywhere fails."""
+    atol, rtol = TOLERANCES[dtype]
+    assert not torch.isnan(actual).any(), f"{msg}: NaN in result"
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=msg or None)
+
+
+def rel_norm_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (0/0 counts as 0)."""
+    a, e = actual.double(), expected.double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
+    assert not torch.isnan(actual).any(), f"{msg}: NaN in result"
+    err = rel_norm_error(actual, expected)
+    assert err <= REL_NORM_TOLERANCES[dtype], f"{msg}: relative error {err:.3e} > {REL_NORM_TOLERANCES[dtype]}"
