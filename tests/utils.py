@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from unittest import mock
+
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -55,3 +59,25 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     assert not torch.isnan(actual).any(), f"{msg}: NaN in result"
     err = rel_norm_error(actual, expected)
     assert err <= REL_NORM_TOLERANCES[dtype], f"{msg}: relative error {err:.3e} > {REL_NORM_TOLERANCES[dtype]}"
+
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[None]:
+    """Every floating-point torch.empty / empty_like inside the block comes back filled with NaN.
+
+    The kernels allocate their outputs with these, so an element a kernel forgets to write stays
+    NaN and fails the comparison (the other kernel test files import this helper).
+    """
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def _poison(t: torch.Tensor) -> torch.Tensor:
+        return poison_(t) if t.is_floating_point() else t
+
+    def empty(*args, **kwargs):
+        return _poison(real_empty(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return _poison(real_empty_like(*args, **kwargs))
+
+    with mock.patch.object(torch, "empty", empty), mock.patch.object(torch, "empty_like", empty_like):
+        yield

@@ -1,0 +1,156 @@
+"""Shared benchmark helpers: timing, memory, the machine's two ceilings, and result tables.
+
+Every table we commit states the card, the library versions and the date, and compares against
+baselines measured in the same run: absolute times drift between machines, ratios much less.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def optional_import(name: str):
+    """Import ``name`` or return None (baselines such as liger-kernel are optional)."""
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # ImportError, or a baseline that breaks on this torch/triton
+        print(f"[bench] optional import {name} unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def _version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        module = sys.modules.get(name)
+        return getattr(module, "__version__", "n/a")
+
+
+def env_info() -> dict[str, str]:
+    """The card, software versions and date that every results table carries."""
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "liger-kernel": _version("liger-kernel"),
+        "cut-cross-entropy": _version("cut-cross-entropy"),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["card"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+        info["cuda"] = str(torch.version.cuda)
+    else:
+        info["card"] = "CPU (no CUDA device)"
+    return info
+
+
+def bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn`` (CUDA events through triton.testing.do_bench).
+
+    ``warmup`` and ``rep`` are milliseconds of warm-up and of measurement, as do_bench takes them.
+    do_bench also clears the L2 cache between calls.
+    """
+    if not torch.cuda.is_available():
+        import time
+
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[1]
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def peak_extra_memory_gib(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory allocated while ``fn`` runs, minus what was allocated before it (GiB)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
+    """Rate of an n x n x n matrix product on random data, in TFLOP/s (the matmul ceiling)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    a = torch.randn(n, n, dtype=dtype, device="cuda")
+    b = torch.randn(n, n, dtype=dtype, device="cuda")
+    out = torch.empty(n, n, dtype=dtype, device="cuda")
+    ms = bench(lambda: torch.mm(a, b, out=out))
+    del a, b, out
+    torch.cuda.empty_cache()
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def fmt(value: object, digits: int = 2) -> str:
+    """Format a number for a table cell (strings pass through)."""
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_table(
+    name: str,
+    title: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write a Markdown table (with the environment) to benchmarks/results/<name>.md and print it.
+
+    When ``$OUT`` is set (the device machine), a copy goes there too so it comes back.
+    """
+    info = env_info()
+    lines = [f"# {title}", ""]
+    lines += [f"- {key}: {value}" for key, value in info.items()]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    if notes:
+        lines += [""] + [f"{note}" for note in notes]
+    text = "\n".join(lines) + "\n"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.md"
+    path.write_text(text)
+    out = os.environ.get("OUT")
+    if out:
+        shutil.copy(path, Path(out) / path.name)
+    print(text, flush=True)
+    return path

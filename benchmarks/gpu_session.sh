@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU session on the device machine: GPU tests and/or benchmarks, logs and tables under $OUT.
+#   bash benchmarks/gpu_session.sh tests kernels medusa_loss patching
+# Baseline wheels (liger-kernel, cut-cross-entropy) travel in .whl/ (git-ignored, carried).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee "$OUT/env.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
+status=0
+for stage in "$@"; do
+  case "$stage" in
+    tests)       timeout 420 python3 -m pytest -q -rfEs -p no:cacheprovider tests --timeout=300 -x --maxfail=30 2>&1 | tee "$OUT/pytest.log" | tail -60 || status=1 ;;
+    kernels)     timeout 300 python3 benchmarks/kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 || status=1 ;;
+    medusa_loss) timeout 420 python3 benchmarks/medusa_loss.py 2>&1 | tee "$OUT/bench_medusa_loss.log" | tail -40 || status=1 ;;
+    patching)    timeout 300 python3 benchmarks/patching.py 2>&1 | tee "$OUT/bench_patching.log" | tail -40 || status=1 ;;
+    quick)       for b in kernels medusa_loss patching; do timeout 120 python3 benchmarks/$b.py --quick 2>&1 | tail -30; done ;;
+    *) echo "unknown stage $stage" >&2; status=2 ;;
+  esac
+done
+exit $status

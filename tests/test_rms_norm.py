@@ -1,0 +1,113 @@
+"""RMSNorm kernel vs HF's own LlamaRMSNorm evaluated in float64; both backends; every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from medusa_liger.kernels.rms_norm import RMSNorm, rms_norm
+from medusa_liger.kernels.utils import force_backend
+from tests.utils import DEVICE, DTYPES, assert_close, poisoned_allocations
+
+BACKENDS = ["triton", "torch"]
+# (40, 300): several row blocks per backward program, so the dweight partial rows are exercised.
+SHAPES = [(1, 64), (3, 123), (2, 5, 96), (37, 8), (4, 1000), (40, 300)]
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, dy: torch.Tensor):
+    """HF LlamaRMSNorm on float64 copies (scale offset + w): output, dx, dweight."""
+    ref = LlamaRMSNorm(x.shape[-1], eps=eps).to(device=x.device, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(weight.double() + offset)
+    xd = x.detach().double().requires_grad_()
+    y = ref(xd)
+    y.backward(dy.double())
+    return y.detach(), xd.grad, ref.weight.grad
+
+
+def _check(shape, dtype, backend, offset=0.0, eps=1e-6):
+    x = torch.randn(shape, device=DEVICE, dtype=dtype).requires_grad_()
+    weight = (1.0 + 0.5 * torch.randn(shape[-1], device=DEVICE) - offset).to(dtype).requires_grad_()
+    dy = torch.randn(shape, device=DEVICE, dtype=dtype)
+    with force_backend(backend), poisoned_allocations():
+        y = rms_norm(x, weight, eps=eps, offset=offset)
+        y.backward(dy)
+    y_ref, dx_ref, dw_ref = _reference(x, weight, eps, offset, dy)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(x.grad, dx_ref, dtype, "dx")
+    # dweight sums over rows: scale the tolerance with the row count via a relative comparison.
+    assert weight.grad.dtype == weight.dtype
+    n_rows = x.numel() // shape[-1]
+    assert_close(weight.grad / n_rows**0.5, dw_ref / n_rows**0.5, dtype, "dweight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_matches_hf(shape, dtype, backend):
+    _check(shape, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1.0, -0.25])
+def test_rms_norm_offset(offset, backend):
+    _check((3, 123), DTYPES[0], backend, offset=offset, eps=1e-5)
+
+
+def test_rms_norm_non_contiguous_rows():
+    """A row-strided input (a slice of a wider tensor) is read in place and gives the same result."""
+    base = torch.randn(6, 200, device=DEVICE)
+    x = base[:, :77]
+    weight = torch.randn(77, device=DEVICE)
+    with force_backend("triton"):
+        y = rms_norm(x, weight)
+    assert_close(y, rms_norm(x.contiguous(), weight), torch.float32, "strided")
+
+
+def test_rms_norm_module_is_a_drop_in():
+    """Same attributes, state_dict keys and output as LlamaRMSNorm (fp32 weight, fp16-free CPU path)."""
+    ours, hf = RMSNorm(123, eps=1e-5).to(DEVICE), LlamaRMSNorm(123, eps=1e-5).to(DEVICE)
+    assert list(ours.state_dict()) == list(hf.state_dict()) == ["weight"]
+    assert ours.variance_epsilon == hf.variance_epsilon == 1e-5
+    with torch.no_grad():
+        hf.weight.normal_()
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randn(2, 3, 123, device=DEVICE)
+    with force_backend("triton"):
+        assert_close(ours(x), hf(x).double(), torch.float32, "module")
+    gemma = RMSNorm(8, offset=1.0)
+    assert torch.all(gemma.weight == 0.0)
+
+
+def test_rms_norm_mixed_dtype_promotes_like_hf():
+    """fp32 weight on fp16 input gives an fp32 output, as HF's ``weight * x.to(input_dtype)``."""
+    x = torch.randn(3, 40, device=DEVICE).half()
+    weight = torch.randn(40, device=DEVICE)
+    with force_backend("triton"):
+        y = rms_norm(x, weight)
+    hf = LlamaRMSNorm(40).to(DEVICE)
+    with torch.no_grad():
+        hf.weight.copy_(weight)
+    expected = hf(x) if DEVICE.type == "cuda" else rms_norm(x.float(), weight)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_rms_norm_bad_inputs():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(7))
+    with pytest.raises(ValueError, match="x must be"):
+        rms_norm(torch.ones(2, 8, dtype=torch.int64), torch.ones(8))
+    with pytest.raises(ValueError, match="eps"):
+        rms_norm(x, torch.ones(8), eps=-1.0)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="weight is on"):
+            rms_norm(x.cuda(), torch.ones(8))
+
+
+@pytest.mark.gpu
+def test_rms_norm_gpu_bf16_mid_size():
+    _check((4096, 4096), torch.bfloat16, "triton")

@@ -1,0 +1,137 @@
+"""RoPE kernel vs HF's own apply_rotary_pos_emb in float64: layouts, GQA, broadcasting, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
+
+from medusa_liger.kernels.rope import apply_rotary_pos_emb
+from medusa_liger.kernels.utils import force_backend
+from tests.utils import poisoned_allocations, DEVICE, DTYPES, assert_close
+
+BACKENDS = ["triton", "torch"]
+# (batch, n_q, n_kv, seq_len, head_dim): one token, GQA, odd sizes, a Llama-like head dim.
+SHAPES = [(1, 1, 1, 1, 2), (2, 4, 2, 5, 16), (1, 3, 3, 7, 6), (2, 6, 2, 3, 128)]
+
+
+def _hf_cos_sin(batch: int, seq_len: int, head_dim: int, dtype: torch.dtype):
+    """cos/sin as HF's rotary embedding builds them: duplicated halves, per-batch positions."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device=DEVICE).double() / head_dim))
+    positions = torch.stack([torch.arange(seq_len, device=DEVICE) + 3 * b for b in range(batch)]).double()
+    freqs = positions[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _make_qk(batch, n_q, n_kv, seq_len, head_dim, dtype, hf_layout):
+    """q/k, either contiguous [B, n, T, D] or HF's transposed view of [B, T, n, D] storage."""
+    if hf_layout:
+        q = torch.randn(batch, seq_len, n_q, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2)
+        k = torch.randn(batch, seq_len, n_kv, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(batch, n_q, seq_len, head_dim, device=DEVICE, dtype=dtype)
+        k = torch.randn(batch, n_kv, seq_len, head_dim, device=DEVICE, dtype=dtype)
+    return q.requires_grad_(), k.requires_grad_()
+
+
+def _check(q, k, cos, sin, dtype, backend, unsqueeze_dim=1):
+    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+    with force_backend(backend), poisoned_allocations():
+        q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        torch.autograd.backward((q_out, k_out), (dq_out, dk_out))
+    qd, kd = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    cos_ref, sin_ref = cos.double(), sin.double()
+    if cos_ref.dim() == 2:
+        cos_ref, sin_ref = cos_ref[None], sin_ref[None]
+    q_ref, k_ref = hf_apply_rotary_pos_emb(qd, kd, cos_ref, sin_ref, unsqueeze_dim=unsqueeze_dim)
+    torch.autograd.backward((q_ref, k_ref), (dq_out.double(), dk_out.double()))
+    assert q_out.shape == q.shape and k_out.shape == k.shape and q_out.dtype == dtype
+    assert_close(q_out, q_ref, dtype, "q_embed")
+    assert_close(k_out, k_ref, dtype, "k_embed")
+    assert_close(q.grad, qd.grad, dtype, "dq")
+    assert_close(k.grad, kd.grad, dtype, "dk")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hf_layout", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rope_matches_hf(shape, dtype, hf_layout, backend):
+    batch, n_q, n_kv, seq_len, head_dim = shape
+    q, k = _make_qk(*shape, dtype, hf_layout)
+    cos, sin = _hf_cos_sin(batch, seq_len, head_dim, dtype)
+    _check(q, k, cos, sin, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_general_cos_sin_and_broadcast_batch(backend):
+    """Arbitrary (non-duplicated) cos/sin tables, batch-1 [1, T, D] and 2-D [T, D] broadcasting."""
+    q, k = _make_qk(3, 4, 2, 5, 10, torch.float32, hf_layout=True)
+    cos, sin = torch.randn(1, 5, 10, device=DEVICE), torch.randn(1, 5, 10, device=DEVICE)
+    _check(q, k, cos, sin, torch.float32, backend)
+    q.grad = k.grad = None
+    _check(q, k, cos[0], sin[0], torch.float32, backend)
+
+
+def test_rope_unsqueeze_dim_2_layout():
+    """[B, T, n, D] inputs with unsqueeze_dim=2, as HF allows."""
+    q = torch.randn(2, 5, 4, 8, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 5, 2, 8, device=DEVICE, requires_grad=True)
+    cos, sin = _hf_cos_sin(2, 5, 8, torch.float32)
+    _check(q, k, cos, sin, torch.float32, "triton", unsqueeze_dim=2)
+
+
+def test_rope_fifth_positional_int_is_unsqueeze_dim():
+    """HF 5 calls apply_rotary_pos_emb(q, k, cos, sin, 2): the int is unsqueeze_dim, not positions."""
+    q, k = torch.randn(1, 3, 2, 4, device=DEVICE), torch.randn(1, 3, 1, 4, device=DEVICE)
+    cos, sin = _hf_cos_sin(1, 3, 4, torch.float32)
+    with force_backend("triton"):
+        q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin, 2)
+    q_ref, k_ref = hf_apply_rotary_pos_emb(q, k, cos, sin, 2)
+    assert_close(q_out, q_ref, torch.float32, "q")
+    assert_close(k_out, k_ref, torch.float32, "k")
+
+
+def test_rope_position_ids_gather_a_table():
+    """A [max_pos, D] table with position_ids [B, T] is gathered like the old HF signature."""
+    q, k = _make_qk(2, 2, 1, 4, 8, torch.float32, hf_layout=False)
+    table_cos, table_sin = _hf_cos_sin(1, 16, 8, torch.float32)
+    position_ids = torch.tensor([[0, 1, 2, 3], [7, 8, 9, 10]], device=DEVICE)
+    with force_backend("triton"):
+        q_out, k_out = apply_rotary_pos_emb(q, k, table_cos[0], table_sin[0], position_ids=position_ids)
+    q_ref, k_ref = hf_apply_rotary_pos_emb(q, k, table_cos[0][position_ids], table_sin[0][position_ids])
+    assert_close(q_out, q_ref, torch.float32, "q")
+    assert_close(k_out, k_ref, torch.float32, "k")
+
+
+def test_rope_keeps_hf_memory_layout():
+    q, k = _make_qk(1, 4, 2, 3, 8, torch.float32, hf_layout=True)
+    cos, sin = _hf_cos_sin(1, 3, 8, torch.float32)
+    with force_backend("triton"):
+        q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin)
+    assert q_out.stride() == q.stride() and k_out.stride() == k.stride()
+
+
+def test_rope_bad_inputs():
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
+    cos, sin = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match="k must have shape"):
+        apply_rotary_pos_emb(q, torch.randn(1, 1, 4, 8), cos, sin)
+    with pytest.raises(ValueError, match="cos must have shape"):
+        apply_rotary_pos_emb(q, k, torch.randn(1, 3, 6), torch.randn(1, 3, 6))
+    with pytest.raises(ValueError, match="sin must have"):
+        apply_rotary_pos_emb(q, k, cos, torch.randn(1, 2, 8))
+    with pytest.raises(ValueError, match="even"):
+        apply_rotary_pos_emb(torch.randn(1, 2, 3, 7), torch.randn(1, 1, 3, 7), cos[..., :7], sin[..., :7])
+    with pytest.raises(ValueError, match="q must have shape"):
+        apply_rotary_pos_emb(q[0], k, cos, sin)
+    with pytest.raises(ValueError, match="unsqueeze_dim"):
+        apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=3)
+
+
+@pytest.mark.gpu
+def test_rope_gpu_bf16_mid_size():
+    q, k = _make_qk(2, 32, 8, 512, 128, torch.bfloat16, hf_layout=True)
+    cos, sin = _hf_cos_sin(2, 512, 128, torch.bfloat16)
+    _check(q, k, cos, sin, torch.bfloat16, "triton")

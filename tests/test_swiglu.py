@@ -1,0 +1,112 @@
+"""SwiGLU kernel vs HF LlamaMLP's activation path (silu(gate) * up) in float64; both gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from medusa_liger.kernels.swiglu import SwiGLUMLP, swiglu
+from medusa_liger.kernels.utils import force_backend
+from tests.utils import poisoned_allocations, DEVICE, DTYPES, assert_close, assert_rel_close
+
+BACKENDS = ["triton", "torch"]
+SHAPES = [(1, 64), (3, 123), (2, 5, 96), (4, 1000), (2, 5000)]
+
+
+def _hf_activation(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The activation path of HF's LlamaMLP: ``act_fn(gate_proj(x)) * up_proj(x)``."""
+    return ACT2FN["silu"](gate) * up
+
+
+def _check(shape, dtype, backend, inplace_backward):
+    gate = (2.0 * torch.randn(shape, device=DEVICE)).to(dtype).requires_grad_()
+    up = torch.randn(shape, device=DEVICE, dtype=dtype).requires_grad_()
+    dc = torch.randn(shape, device=DEVICE, dtype=dtype)
+    with force_backend(backend), poisoned_allocations():
+        # Non-leaf inputs (as in the MLP) so an in-place backward overwrites scratch, not the leaves.
+        gate_in, up_in = gate * 1, up * 1
+        c = swiglu(gate_in, up_in, inplace_backward=inplace_backward)
+        c.backward(dc)
+    gd, ud = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    c_ref = _hf_activation(gd, ud)
+    c_ref.backward(dc.double())
+    assert c.shape == gate.shape and c.dtype == dtype
+    assert_close(c, c_ref, dtype, "c")
+    assert_close(gate.grad, gd.grad, dtype, "dgate")
+    assert_close(up.grad, ud.grad, dtype, "dup")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_swiglu_matches_hf(shape, dtype, backend):
+    _check(shape, dtype, backend, inplace_backward=False)
+
+
+@pytest.mark.parametrize("shape", [(3, 123), (2, 5, 96)])
+def test_swiglu_inplace_backward(shape):
+    _check(shape, DTYPES[0], "triton", inplace_backward=True)
+
+
+def test_swiglu_default_backward_leaves_inputs_alone():
+    gate = torch.randn(3, 50, device=DEVICE, requires_grad=True)
+    up = torch.randn(3, 50, device=DEVICE, requires_grad=True)
+    before = (gate.detach().clone(), up.detach().clone())
+    with force_backend("triton"):
+        swiglu(gate, up).sum().backward()
+    assert torch.equal(gate.detach(), before[0]) and torch.equal(up.detach(), before[1])
+
+
+def test_swiglu_row_strided_halves_of_a_fused_projection():
+    """gate/up as the two halves of one [rows, 2I] tensor are read in place."""
+    fused = torch.randn(4, 2 * 77, device=DEVICE, requires_grad=True)
+    gate, up = fused.chunk(2, dim=-1)
+    dc = torch.randn(4, 77, device=DEVICE)
+    with force_backend("triton"):
+        swiglu(gate, up).backward(dc)
+    grad = fused.grad.clone()
+    fused.grad = None
+    _hf_activation(gate, up).backward(dc)
+    assert_close(grad, fused.grad.double(), torch.float32, "fused grad")
+
+
+def test_swiglu_mlp_matches_llama_mlp():
+    """Same state_dict keys as LlamaMLP and the same output and input gradient."""
+    config = LlamaConfig(hidden_size=32, intermediate_size=88, hidden_act="silu")
+    hf = LlamaMLP(config).to(DEVICE)
+    ours = SwiGLUMLP(32, 88).to(DEVICE)
+    assert sorted(ours.state_dict()) == sorted(hf.state_dict())
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randn(2, 3, 32, device=DEVICE, requires_grad=True)
+    with force_backend("triton"):
+        y = ours(x)
+        y.sum().backward()
+    grad_ours, w_grad = x.grad.clone(), ours.gate_proj.weight.grad.clone()
+    x.grad = None
+    y_ref = hf(x)
+    y_ref.sum().backward()
+    assert_rel_close(y, y_ref, torch.float32, "mlp out")
+    assert_rel_close(grad_ours, x.grad, torch.float32, "mlp dx")
+    assert_rel_close(w_grad, hf.gate_proj.weight.grad, torch.float32, "mlp dgate_proj.weight")
+
+
+def test_swiglu_bad_inputs():
+    gate = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="up must have gate's shape"):
+        swiglu(gate, torch.randn(2, 7))
+    with pytest.raises(ValueError, match="up must have gate's dtype"):
+        swiglu(gate, torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="gate must be"):
+        swiglu(torch.ones(2, 8, dtype=torch.int32), gate)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="up is on"):
+            swiglu(gate.cuda(), gate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_swiglu_gpu_bf16_mid_size(inplace_backward):
+    _check((4096, 4096), torch.bfloat16, "triton", inplace_backward)
