@@ -1,0 +1,122 @@
+"""``medusa-liger export``: write trained heads in the formats serving engines read.
+
+    medusa-liger export --checkpoint DIR --output DIR --format medusa|vllm|both \
+        [--dtype bf16|fp16|fp32] [--backbone PATH]
+
+``--checkpoint`` is a heads directory in either format (what ``MedusaModel.save_heads`` writes), or
+a run's directory holding one in ``heads/`` or ``heads_medusa/``/``heads_vllm/`` (the training loop's
+final output). A ``backbone/`` directory in or beside it (joint training) is exported with the heads. ``--backbone`` names the base model to check the heads against; it is
+needed for the vllm format in shared mode, which stores the backbone's lm_head. With ``both``, the
+formats go to ``OUTPUT/medusa`` and ``OUTPUT/vllm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from medusa_liger.heads.export import (
+    BACKBONE_SUBDIR,
+    HeadsCheckpoint,
+    check_backbone_matches,
+    check_format,
+    detect_format,
+    load_backbone,
+    parse_dtype,
+    read_heads,
+    write_backbone,
+    write_heads,
+)
+
+EXPORT_FORMATS = ("medusa", "vllm", "both")
+EXPORT_DTYPES = ("bf16", "fp16", "fp32")
+
+
+# Where a heads directory may sit inside a run's directory: the directory itself, ``heads/``, or
+# the ``heads_<format>/`` directories the training loop writes in its final output.
+HEADS_SUBDIRS = ("", "heads", "heads_medusa", "heads_vllm")
+
+
+def find_heads_dir(checkpoint_dir: str | Path) -> Path:
+    """The heads directory (config.json in either format) in or at ``checkpoint_dir``."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
+    for sub in HEADS_SUBDIRS:
+        candidate = checkpoint_dir / sub if sub else checkpoint_dir
+        if (candidate / "config.json").is_file():
+            try:
+                detect_format(candidate)
+                return candidate
+            except ValueError:
+                continue
+    raise FileNotFoundError(
+        f"{checkpoint_dir} holds no Medusa heads: expected config.json in the medusa or vllm format there or in "
+        f"one of {[s for s in HEADS_SUBDIRS if s]}, found {sorted(p.name for p in checkpoint_dir.iterdir())}"
+    )
+
+
+def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = None) -> tuple[HeadsCheckpoint, Path | None]:
+    """Heads to export, and the directory of a saved backbone to export with them (joint training).
+
+    With ``backbone`` (a path or hub name), the heads are checked against it and its lm_head is
+    attached (vLLM needs it in shared mode); it is not re-exported. Without it, a ``backbone/``
+    directory inside the heads directory or beside it (the training loop's final layout) is used
+    for both and is exported too.
+    """
+    heads_dir = find_heads_dir(checkpoint_dir)
+    ckpt = read_heads(heads_dir)
+    saved = next((d for d in (heads_dir / BACKBONE_SUBDIR, Path(checkpoint_dir) / BACKBONE_SUBDIR) if d.is_dir()), None)
+    source = backbone if backbone is not None else saved
+    if source is not None:
+        model = load_backbone(source)
+        check_backbone_matches(ckpt, model, heads_dir)
+        ckpt.lm_head_weight = model.get_output_embeddings().weight.detach()
+    return ckpt, (saved if backbone is None else None)
+
+
+def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, formats: list[str],
+                      dtype: torch.dtype | str | None = None, backbone: str | Path | None = None) -> list[Path]:
+    """Write the heads of ``checkpoint_dir`` in each of ``formats`` (one subdirectory per format when
+    there are several) and copy a jointly trained backbone beside each. Returns the written dirs."""
+    for format in formats:
+        check_format(format)
+    dtype = parse_dtype(dtype)
+    ckpt, backbone_dir = load_for_export(checkpoint_dir, backbone)
+    output_dir = Path(output_dir)
+    written = []
+    for format in formats:
+        target = output_dir / format if len(formats) > 1 else output_dir
+        write_heads(ckpt, target, format, dtype)
+        if backbone_dir is not None:
+            if dtype is None:
+                shutil.copytree(backbone_dir, target / BACKBONE_SUBDIR, dirs_exist_ok=True)
+            else:
+                write_backbone(load_backbone(backbone_dir), target / BACKBONE_SUBDIR, dtype)
+        written.append(target)
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="heads directory (medusa or vllm format) or training checkpoint")
+    parser.add_argument("--output", required=True, help="directory to write")
+    parser.add_argument("--format", default="both", choices=EXPORT_FORMATS, help="layout to write (default: both)")
+    parser.add_argument("--dtype", default=None, choices=EXPORT_DTYPES, help="cast the weights (default: as saved)")
+    parser.add_argument("--backbone", default=None, help="base model path or name to check the heads against")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; returns 0 on success, 1 with a one-line error on bad input."""
+    formats = ["medusa", "vllm"] if args.format == "both" else [args.format]
+    try:
+        written = export_checkpoint(args.checkpoint, args.output, formats, dtype=args.dtype, backbone=args.backbone)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"medusa-liger export: error: {error}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,105 @@
+"""``MedusaConfig``: how many heads, how deep, which projection, and how the losses are weighted.
+
+The training objective of ``MedusaModel`` is
+
+    loss = lm_loss_weight * L_lm  [joint mode only]  +  sum_k heads_loss_weight * decay**k * L_k
+
+where ``L_k`` is the cross-entropy of head ``k`` (0-based) against the token ``k + 2`` positions
+ahead and ``L_lm`` is the backbone's own next-token loss (shift 1).
+
+* ``mode="heads"`` (Medusa-1): the backbone is frozen; only the heads train. ``heads_loss_weight``
+  defaults to 1.0, so the head losses are weighted ``decay**k``.
+* ``mode="joint"`` (Medusa-2): the backbone trains too (fully or through LoRA);
+  ``heads_loss_weight`` (lambda in the paper) defaults to 0.2 and is typically scheduled by the
+  trainer: it is read at every forward, so changing it between steps needs no rebuild.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Mode = Literal["heads", "joint"]
+MODES: tuple[str, ...] = ("heads", "joint")
+
+# Default lambda per mode when ``heads_loss_weight`` is left as None.
+DEFAULT_HEADS_LOSS_WEIGHT: dict[str, float] = {"heads": 1.0, "joint": 0.2}
+
+
+@dataclass
+class MedusaConfig:
+    """Hyper-parameters of the Medusa heads and of their loss.
+
+    num_heads:         K >= 1 heads; head k predicts the token k + 2 positions ahead.
+    num_layers:        residual blocks per head (>= 1).
+    shared_lm_head:    True: every head projects with the backbone's own lm_head (frozen in
+                       ``heads`` mode); False: each head owns a [V, H] copy of it.
+    decay:             head k's loss is weighted ``decay**k`` (0 < decay <= 1).
+    mode:              "heads" (backbone frozen) or "joint" (backbone trains too); read at every
+                       forward, so a joint run may switch to "heads" for a warm-up and back.
+    lm_loss_weight:    weight of the backbone's next-token loss in ``joint`` mode (>= 0).
+    heads_loss_weight: lambda, multiplying every head weight; None -> 1.0 ("heads"), 0.2 ("joint").
+    ignore_index:      label value that contributes no loss.
+    """
+
+    num_heads: int = 5
+    num_layers: int = 1
+    shared_lm_head: bool = False
+    decay: float = 0.8
+    mode: Mode = "heads"
+    lm_loss_weight: float = 1.0
+    heads_loss_weight: float | None = None
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.heads_loss_weight is None:
+            self.heads_loss_weight = DEFAULT_HEADS_LOSS_WEIGHT[self.mode]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value is out of range."""
+        for name in ("num_heads", "num_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.shared_lm_head, bool):
+            raise ValueError(f"shared_lm_head must be True or False, got {self.shared_lm_head!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not (0.0 < float(self.decay) <= 1.0):
+            raise ValueError(f"decay must be in (0, 1], got {self.decay!r}")
+        check_loss_weight("lm_loss_weight", self.lm_loss_weight)
+        check_loss_weight("heads_loss_weight", self.heads_loss_weight)
+        if not isinstance(self.ignore_index, int):
+            raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")
+
+    def head_weights(self) -> list[float]:
+        """Loss weight of each Medusa head: ``heads_loss_weight * decay**k`` for k = 0..K-1."""
+        return [float(self.heads_loss_weight) * float(self.decay) ** k for k in range(self.num_heads)]
+
+    def head_shifts(self) -> list[int]:
+        """How far ahead each head predicts: head k -> k + 2 (the backbone's lm_head is 1)."""
+        return [k + 2 for k in range(self.num_heads)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MedusaConfig:
+        """Build from a dict, ignoring keys this version does not know (forward compatibility)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def check_loss_weight(name: str, value: Any) -> float:
+    """Return ``value`` as a float, or raise ValueError unless it is a finite number >= 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}") from None
+    if not (number >= 0.0 and number != float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number

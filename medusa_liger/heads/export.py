@@ -1,0 +1,352 @@
+"""Save and load Medusa heads in the two layouts serving engines read.
+
+``medusa`` (FasterDecoding Medusa, TensorRT-LLM, TGI):
+    config.json                 medusa_num_heads, medusa_num_layers, base_model_name_or_path,
+                                hidden_size, vocab_size
+    medusa_lm_head.safetensors  {h}.{l}.linear.weight [H, H], {h}.{l}.linear.bias [H],
+                                {h}.{num_layers}.weight [V, H]   (per-head mode only)
+    FasterDecoding, TensorRT-LLM and TGI build a per-head projection for every head, so shared-mode
+    heads in this layout are for medusa-liger itself; serve shared heads through the vllm layout.
+
+``vllm`` (vLLM's ``Medusa`` draft model):
+    config.json                 model_type "medusa", architectures ["MedusaModel"], num_heads,
+                                num_hidden_layers, hidden_size, vocab_size, truncated_vocab_size,
+                                medusa_fc_bias true, original_lm_head (true in shared mode)
+    model.safetensors           blocks.{h}.layers.{l}.weight, blocks.{h}.layers.{l}.bias,
+                                lm_heads.{h}.weight
+    With ``original_lm_head`` vLLM builds ONE projection and fills it from ``lm_heads.0.weight``
+    (it does not reach into the target model), so shared mode writes the backbone's lm_head there.
+
+Both config.json files also carry our own ``"medusa_liger"`` entry (format version and the full
+MedusaConfig), so a round trip restores decay, mode and loss weights; files written by other tools
+(without it) are read too, with the MedusaConfig defaults for what they do not say.
+
+After joint training the backbone is saved beside the heads, LoRA merged, as a normal Hugging Face
+checkpoint in ``<dir>/backbone``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medusa_liger.heads.config import MedusaConfig
+
+FORMATS: tuple[str, ...] = ("medusa", "vllm")
+FORMAT_VERSION = 1
+WEIGHT_FILES = {"medusa": "medusa_lm_head.safetensors", "vllm": "model.safetensors"}
+BACKBONE_SUBDIR = "backbone"
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+@dataclass
+class HeadsCheckpoint:
+    """Heads independent of any file layout (what both formats are converted to and from).
+
+    tensors:        the ``MedusaHeads`` state dict: blocks.{h}.{l}.linear.{weight,bias}, lm_heads.{h}.weight
+    lm_head_weight: the backbone's lm_head [V, H] where known (needed by vLLM in shared mode)
+    """
+
+    config: MedusaConfig
+    hidden_size: int
+    vocab_size: int
+    tensors: dict[str, torch.Tensor]
+    lm_head_weight: torch.Tensor | None = None
+    base_model_name_or_path: str | None = None
+    format: str | None = None
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None, a torch float dtype, or one of the names in ``DTYPES`` -> torch dtype (or None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and dtype not in set(DTYPES.values()):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
+
+
+def check_format(format: str) -> str:
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    return format
+
+
+# ---------------------------------------------------------------------------- key layouts
+def _to_format(ckpt: HeadsCheckpoint, format: str) -> dict[str, torch.Tensor]:
+    """Rename the canonical tensors into ``format``'s key names."""
+    cfg, out = ckpt.config, {}
+    for h in range(cfg.num_heads):
+        for l in range(cfg.num_layers):
+            for kind in ("weight", "bias"):
+                tensor = ckpt.tensors[f"blocks.{h}.{l}.linear.{kind}"]
+                key = f"{h}.{l}.linear.{kind}" if format == "medusa" else f"blocks.{h}.layers.{l}.{kind}"
+                out[key] = tensor
+        if not cfg.shared_lm_head:
+            key = f"{h}.{cfg.num_layers}.weight" if format == "medusa" else f"lm_heads.{h}.weight"
+            out[key] = ckpt.tensors[f"lm_heads.{h}.weight"]
+    if cfg.shared_lm_head and format == "vllm":
+        if ckpt.lm_head_weight is None:
+            raise ValueError("vllm format in shared mode needs the backbone's lm_head weight (pass a backbone)")
+        out["lm_heads.0.weight"] = ckpt.lm_head_weight
+    return out
+
+
+def _from_format(tensors: dict[str, torch.Tensor], format: str, num_heads: int, num_layers: int,
+                 has_bias: bool, original_lm_head: bool, where: Path) -> tuple[dict[str, torch.Tensor], bool, torch.Tensor | None]:
+    """Rename ``format``'s keys to the canonical ones -> (tensors, shared_lm_head, original lm_head).
+
+    Shared mode is what the vllm config says (``original_lm_head``); in the medusa format it is the
+    absence of every per-head projection.
+    """
+    tensors = {k.removeprefix("medusa_heads."): v for k, v in tensors.items()}
+    out: dict[str, torch.Tensor] = {}
+    for h in range(num_heads):
+        for l in range(num_layers):
+            for kind in ("weight", "bias"):
+                key = f"{h}.{l}.linear.{kind}" if format == "medusa" else f"blocks.{h}.layers.{l}.{kind}"
+                if key in tensors:
+                    out[f"blocks.{h}.{l}.linear.{kind}"] = tensors.pop(key)
+                elif kind == "bias" and not has_bias:
+                    # medusa_fc_bias false: y = x + silu(W x) is our block with a zero bias.
+                    weight = out[f"blocks.{h}.{l}.linear.weight"]
+                    out[f"blocks.{h}.{l}.linear.bias"] = weight.new_zeros(weight.shape[0])
+                else:
+                    raise ValueError(f"heads checkpoint {where} is missing tensor {key!r}")
+    proj = [f"{h}.{num_layers}.weight" if format == "medusa" else f"lm_heads.{h}.weight" for h in range(num_heads)]
+    present = [k in tensors for k in proj]
+    original = None
+    shared = original_lm_head if format == "vllm" else not any(present)
+    if shared:
+        # vLLM's original_lm_head layout: one projection, lm_heads.0, which is the backbone's.
+        original = tensors.pop(proj[0], None) if format == "vllm" else None
+    else:
+        if not all(present):
+            missing = [k for k, p in zip(proj, present) if not p]
+            raise ValueError(f"heads checkpoint {where} is missing projection tensors {missing}")
+        for h, key in enumerate(proj):
+            out[f"lm_heads.{h}.weight"] = tensors.pop(key)
+    tensors.pop("token_map", None)  # checked against truncated_vocab_size by the caller
+    if tensors:
+        raise ValueError(f"heads checkpoint {where} holds unexpected tensors {sorted(tensors)[:8]}")
+    return out, shared, original
+
+
+# ---------------------------------------------------------------------------- writing
+def checkpoint_of(model: nn.Module, base_model_name_or_path: str | None = None) -> HeadsCheckpoint:
+    """The ``HeadsCheckpoint`` of a ``MedusaModel`` (tensors are the live parameters, detached)."""
+    lm_weight = model.lm_head.weight.detach()
+    name = base_model_name_or_path
+    if name is None:
+        name = getattr(getattr(model.backbone, "config", None), "_name_or_path", None) or None
+    return HeadsCheckpoint(
+        config=copy.deepcopy(model.config),
+        hidden_size=model.heads.hidden_size,
+        vocab_size=model.heads.vocab_size,
+        tensors={k: v.detach() for k, v in model.heads.state_dict().items()},
+        lm_head_weight=lm_weight,
+        base_model_name_or_path=name,
+    )
+
+
+def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype: torch.dtype | str | None = None) -> Path:
+    """Write ``ckpt`` in ``format`` ("medusa" | "vllm") to ``directory``, cast to ``dtype`` if given."""
+    check_format(format)
+    dtype = parse_dtype(dtype)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v if dtype is None else v.to(dtype)).detach().cpu().contiguous() for k, v in _to_format(ckpt, format).items()}
+    saved_dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    cfg = ckpt.config
+    if format == "medusa":
+        config: dict[str, Any] = {
+            "medusa_num_heads": cfg.num_heads,
+            "medusa_num_layers": cfg.num_layers,
+            "base_model_name_or_path": ckpt.base_model_name_or_path,
+            "hidden_size": ckpt.hidden_size,
+            "vocab_size": ckpt.vocab_size,
+        }
+    else:
+        config = {
+            "model_type": "medusa",
+            "architectures": ["MedusaModel"],
+            "num_heads": cfg.num_heads,
+            "num_hidden_layers": cfg.num_layers,
+            "hidden_size": ckpt.hidden_size,
+            "vocab_size": ckpt.vocab_size,
+            "truncated_vocab_size": ckpt.vocab_size,
+            "medusa_fc_bias": True,
+            "original_lm_head": bool(cfg.shared_lm_head),
+            "base_model_name_or_path": ckpt.base_model_name_or_path,
+        }
+    config["medusa_liger"] = {"format_version": FORMAT_VERSION, "format": format, "dtype": saved_dtype, **cfg.to_dict()}
+    save_file(tensors, str(directory / WEIGHT_FILES[format]), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def write_backbone(backbone: nn.Module, directory: str | Path, dtype: torch.dtype | str | None = None) -> Path:
+    """Save ``backbone`` as a plain HF checkpoint; a peft model is merged on a copy first.
+
+    The copy costs one more backbone in memory but leaves the training model (and its adapters)
+    untouched and bit-exact (merging then unmerging in place would round the base weights).
+    """
+    dtype = parse_dtype(dtype)
+    directory = Path(directory)
+    model = backbone
+    if hasattr(backbone, "merge_and_unload"):
+        model = copy.deepcopy(backbone).merge_and_unload()
+    state_dict = None
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    model.save_pretrained(str(directory), state_dict=state_dict)
+    if dtype is not None:
+        # save_pretrained records the parameters' dtype; record the one written instead.
+        path = directory / "config.json"
+        config = json.loads(path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = str(dtype).removeprefix("torch.")
+        path.write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", dtype: torch.dtype | str | None = None,
+               save_backbone: bool | None = None, base_model_name_or_path: str | None = None) -> Path:
+    """``MedusaModel.save_heads``: heads in ``format``, plus the merged backbone when ``save_backbone``
+    (default: in joint mode) in ``directory/backbone``."""
+    check_format(format)
+    directory = write_heads(checkpoint_of(model, base_model_name_or_path), directory, format, dtype)
+    if save_backbone is None:
+        save_backbone = model.config.mode == "joint"
+    if save_backbone:
+        write_backbone(model.backbone, directory / BACKBONE_SUBDIR, dtype)
+    return directory
+
+
+# ---------------------------------------------------------------------------- reading
+def detect_format(directory: str | Path) -> str:
+    """"medusa" or "vllm", from ``directory/config.json``; errors name what was found."""
+    config = _read_config(Path(directory))
+    if "medusa_num_heads" in config:
+        return "medusa"
+    if config.get("model_type") == "medusa" and "num_heads" in config:
+        return "vllm"
+    raise ValueError(
+        f"{directory}/config.json is not a Medusa heads config: expected 'medusa_num_heads' (medusa format) "
+        f"or model_type 'medusa' with 'num_heads' (vllm format), found keys {sorted(config)}"
+    )
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"heads directory {directory} does not exist")
+    if not path.is_file():
+        found = sorted(p.name for p in directory.iterdir())
+        raise FileNotFoundError(f"expected {path} (a Medusa heads config), found only {found}")
+    return json.loads(path.read_text())
+
+
+def _read_weights(directory: Path, format: str) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHT_FILES[format]
+    if path.is_file():
+        return load_file(str(path))
+    legacy = directory / "medusa_lm_head.pt"  # older FasterDecoding checkpoints
+    if format == "medusa" and legacy.is_file():
+        return torch.load(str(legacy), map_location="cpu", weights_only=True)
+    found = sorted(p.name for p in directory.iterdir())
+    raise FileNotFoundError(f"expected weights file {path} for the {format} format, found only {found}")
+
+
+def read_heads(directory: str | Path) -> HeadsCheckpoint:
+    """Read heads written in either format (by us or by other tools) into a ``HeadsCheckpoint``."""
+    directory = Path(directory)
+    format = detect_format(directory)
+    config = _read_config(directory)
+    if format == "medusa":
+        num_heads, num_layers, has_bias = config["medusa_num_heads"], config["medusa_num_layers"], True
+    else:
+        num_heads, num_layers = config["num_heads"], config.get("num_hidden_layers", 1)
+        has_bias = bool(config.get("medusa_fc_bias", False))
+        vocab, truncated = config.get("vocab_size"), config.get("truncated_vocab_size")
+        if truncated is not None and vocab is not None and truncated != vocab:
+            raise ValueError(f"{directory}: truncated_vocab_size={truncated} (a token_map draft vocab) is not "
+                             f"supported; expected truncated_vocab_size == vocab_size == {vocab}")
+    for name, value in (("num_heads", num_heads), ("num_layers", num_layers)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{directory}/config.json: {name} must be an integer >= 1, found {value!r}")
+    original_lm_head = bool(config.get("original_lm_head", False))
+    tensors, shared, original = _from_format(
+        _read_weights(directory, format), format, num_heads, num_layers, has_bias, original_lm_head, directory)
+    hidden = tensors["blocks.0.0.linear.weight"].shape[1]
+    vocab = tensors["lm_heads.0.weight"].shape[0] if not shared else (
+        original.shape[0] if original is not None else config.get("vocab_size"))
+    for name, found, expected in (("hidden_size", config.get("hidden_size"), hidden), ("vocab_size", config.get("vocab_size"), vocab)):
+        if found is not None and expected is not None and found != expected:
+            raise ValueError(f"{directory}/config.json says {name}={found} but its tensors have {name}={expected}")
+    ours = config.get("medusa_liger", {})
+    if ours.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(f"{directory} was written by a newer medusa-liger (format_version "
+                         f"{ours['format_version']}, this one reads <= {FORMAT_VERSION})")
+    values = {**ours, "num_heads": num_heads, "num_layers": num_layers, "shared_lm_head": shared}
+    return HeadsCheckpoint(
+        config=MedusaConfig.from_dict(values), hidden_size=hidden, vocab_size=vocab, tensors=tensors,
+        lm_head_weight=original, base_model_name_or_path=config.get("base_model_name_or_path"), format=format,
+    )
+
+
+def check_backbone_matches(ckpt: HeadsCheckpoint, backbone: nn.Module, where: str | Path) -> None:
+    """Raise ValueError naming found vs expected when the heads do not fit ``backbone``'s lm_head."""
+    vocab, hidden = backbone.get_output_embeddings().weight.shape
+    for name, found, expected in (("hidden_size", ckpt.hidden_size, hidden), ("vocab_size", ckpt.vocab_size, vocab)):
+        if found is not None and found != expected:
+            raise ValueError(f"heads checkpoint {where} has {name}={found} but the backbone expects {name}={expected}")
+
+
+def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` in the saved dtype (or ``dtype``)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = parse_dtype(dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
+
+
+def load_pretrained(cls: type, directory: str | Path, backbone: nn.Module | str | None = None, **overrides: Any):
+    """``MedusaModel.from_pretrained``: read the heads, find the backbone, check sizes, load exactly."""
+    directory = Path(directory)
+    ckpt = read_heads(directory)
+    if backbone is None:
+        if not (directory / BACKBONE_SUBDIR).is_dir():
+            raise ValueError(f"backbone is required: {directory} holds no {BACKBONE_SUBDIR}/ subdirectory; pass a "
+                             f"model or a path (the heads were trained on {ckpt.base_model_name_or_path!r})")
+        backbone = directory / BACKBONE_SUBDIR
+    if isinstance(backbone, (str, Path)):
+        backbone = load_backbone(backbone)
+    check_backbone_matches(ckpt, backbone, directory)
+    fixed = {"num_heads", "num_layers", "shared_lm_head"} & set(overrides)
+    if fixed:
+        raise ValueError(f"{sorted(fixed)} are fixed by the checkpoint and cannot be overridden")
+    config = dataclasses.replace(ckpt.config, **overrides)
+    model = cls.from_backbone(backbone, config)
+    model.heads.load_state_dict(ckpt.tensors, strict=True)
+    if ckpt.lm_head_weight is not None:
+        lm = model.lm_head.weight
+        if not torch.equal(ckpt.lm_head_weight.to(device=lm.device, dtype=lm.dtype), lm.detach()):
+            warnings.warn(f"the lm_head stored in {directory} (original_lm_head) differs from the backbone's; "
+                          "the backbone's is used", stacklevel=3)
+    return model

@@ -1,0 +1,307 @@
+"""``MedusaModel``: a Hugging Face causal LM (the backbone) plus K Medusa heads, and their loss.
+
+For a batch ``input_ids`` [B, T] with ``labels`` [B, T] (default: ``input_ids`` itself, the
+self-distillation setting of Medusa: the heads learn the tokens that follow in the sequence), the
+backbone's decoder gives the last hidden state h [B, T, H] (never the full [B, T, V] logits), the
+heads give z_k = blocks_k(h), and ONE call of the fused multi-head loss computes
+
+    loss = [joint] lm_loss_weight * CE(h @ W_lm^T,  labels shifted by 1)
+         + sum_k heads_loss_weight * decay**k * CE(z_k @ P_k^T, labels shifted by k + 2)
+
+without materializing any logits. Labels equal to ``ignore_index`` (-100) and targets that cross
+a ``segment_ids`` boundary (packed sequences) are ignored.
+
+Modes: ``heads`` (Medusa-1) runs the backbone frozen under ``torch.no_grad`` and in eval mode;
+``joint`` (Medusa-2) lets the backbone train (all of it, or only its LoRA adapters when it is
+peft-wrapped) and adds its own next-token loss as one more "head" with shift 1.
+
+Packed sequences: with ``segment_ids`` and no ``position_ids``, positions restart at 0 in every
+segment. Attention is kept inside each segment: without an ``attention_mask``, transformers detects
+the restarting position ids and builds a block-diagonal causal mask itself (every attention
+implementation); with an ``attention_mask`` as well, we build a 4-D block-diagonal causal mask,
+which the ``eager`` and ``sdpa`` implementations accept; other implementations (flash-attention,
+flex) get no mask and rely on the restarting position ids (give padding its own segment id).
+Explicit ``position_ids`` that do not restart let attention span segments (the loss still never
+targets across a boundary). Requires transformers >= 4.53 (packed-sequence detection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medusa_liger.heads.config import MedusaConfig, check_loss_weight
+from medusa_liger.heads.modules import MedusaHeads
+from medusa_liger.kernels import multi_head_linear_cross_entropy
+
+
+@dataclass
+class MedusaOutput:
+    """Result of ``MedusaModel.forward``.
+
+    loss:          scalar, differentiable: the weighted sum of every loss term (see module docstring)
+    head_losses:   [K] float32, detached: cross-entropy of each Medusa head
+    head_accuracy: [K] float32, detached: top-1 accuracy of each Medusa head
+    head_tokens:   [K] int64: number of valid targets of each Medusa head
+    lm_loss:       detached scalar, the backbone's next-token loss; None unless mode == "joint"
+    lm_accuracy:   detached scalar, the backbone's top-1 accuracy; None unless mode == "joint"
+    """
+
+    loss: torch.Tensor
+    head_losses: torch.Tensor
+    head_accuracy: torch.Tensor
+    head_tokens: torch.Tensor
+    lm_loss: torch.Tensor | None = None
+    lm_accuracy: torch.Tensor | None = None
+
+
+def segment_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids [B, T] -> position ids [B, T] that restart at 0 where the segment id changes."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    # The index of the latest segment start at or before t is a running max of start indices.
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean 4-D mask [B, 1, T, T]: True where query t may attend key s.
+
+    Allowed: s <= t, same segment, and key s not padding. A query always sees itself, so no row is
+    fully masked (which would turn the softmax into NaN for padding queries).
+    """
+    B, T = segment_ids.shape
+    device = segment_ids.device
+    allowed = segment_ids[:, :, None] == segment_ids[:, None, :]
+    allowed &= torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if attention_mask is not None:
+        allowed &= attention_mask[:, None, :].bool()
+    allowed |= torch.eye(T, dtype=torch.bool, device=device)
+    return allowed[:, None]
+
+
+def _attention_mask_for(backbone: nn.Module, allowed: torch.Tensor) -> torch.Tensor | None:
+    """The 4-D mask in the form the backbone's attention takes: boolean for sdpa (which rejects a
+    float mask of another dtype than the queries, e.g. under autocast), additive for eager, and None
+    for the others (flash-attention, flex), which then separate segments by the restarting position
+    ids alone (give padding a segment id of its own)."""
+    implementation = getattr(backbone.config, "_attn_implementation", "sdpa")
+    if implementation == "sdpa":
+        return allowed
+    if implementation != "eager":
+        return None
+    dtype = backbone.get_input_embeddings().weight.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _lm_head_of(backbone: nn.Module) -> nn.Linear:
+    head = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(
+            f"backbone must be a causal LM with an output projection (get_output_embeddings()), "
+            f"got {type(backbone).__name__} without one"
+        )
+    return head
+
+
+class MedusaModel(nn.Module):
+    """A backbone causal LM plus ``MedusaHeads``; build it with ``MedusaModel.from_backbone``."""
+
+    def __init__(self, backbone: nn.Module, heads: MedusaHeads, config: MedusaConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = heads
+        self.config = config
+        lm_head = _lm_head_of(backbone)
+        vocab, hidden = lm_head.weight.shape
+        if (heads.hidden_size, heads.vocab_size) != (hidden, vocab):
+            raise ValueError(
+                f"heads have hidden_size={heads.hidden_size}, vocab_size={heads.vocab_size} but the backbone's "
+                f"lm_head expects hidden_size={hidden}, vocab_size={vocab}"
+            )
+        if not config.shared_lm_head and getattr(lm_head, "bias", None) is not None:
+            raise ValueError(
+                "the backbone's lm_head has a bias, which per-head projections (bias=False, the format serving "
+                "engines read) cannot copy; use shared_lm_head=True"
+            )
+        if config.mode == "heads":
+            # Medusa-1: the backbone is a fixed feature extractor (no grads, no dropout).
+            backbone.requires_grad_(False)
+            backbone.eval()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(cls, backbone: nn.Module, config: MedusaConfig | None = None) -> MedusaModel:
+        """Wrap any HF causal LM (patched or not, peft-wrapped or not) with fresh Medusa heads.
+
+        The heads live on the device and in the dtype of the backbone's lm_head; per-head
+        projections start as copies of it, and the residual blocks as the identity. In ``heads``
+        mode the backbone is frozen in place (``requires_grad_(False)``, eval mode); in ``joint``
+        mode its ``requires_grad`` flags are left as they are (all, or peft's LoRA only).
+        """
+        config = MedusaConfig() if config is None else config
+        if not isinstance(config, MedusaConfig):
+            raise ValueError(f"config must be a MedusaConfig, got {type(config).__name__}")
+        config.validate()
+        lm_weight = _lm_head_of(backbone).weight
+        vocab, hidden = lm_weight.shape
+        heads = MedusaHeads(
+            hidden, vocab, config.num_heads, config.num_layers, config.shared_lm_head,
+            device=lm_weight.device, dtype=lm_weight.dtype,
+        )
+        heads.init_lm_heads_from(lm_weight.detach())
+        return cls(backbone, heads, config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, backbone: nn.Module | str | None = None, **overrides: Any) -> MedusaModel:
+        """Load heads saved by ``save_heads`` (either format, auto-detected) onto ``backbone``.
+
+        ``backbone``: a model, a path/name for ``AutoModelForCausalLM.from_pretrained``, or None to
+        use the ``backbone/`` subdirectory written after joint training. ``overrides`` replace
+        MedusaConfig fields (e.g. ``mode="joint"`` to continue training the backbone).
+        """
+        from medusa_liger.heads.export import load_pretrained
+
+        return load_pretrained(cls, directory, backbone, **overrides)
+
+    def save_heads(self, directory: str | Path, format: str = "medusa", dtype: torch.dtype | str | None = None,
+                   save_backbone: bool | None = None, base_model_name_or_path: str | None = None) -> Path:
+        """Write the heads in ``format`` ("medusa" or "vllm") to ``directory``; see ``heads/export.py``.
+
+        ``save_backbone`` (default: True in joint mode) also writes the backbone, LoRA merged, as a
+        normal HF checkpoint in ``directory/backbone``.
+        """
+        from medusa_liger.heads.export import save_heads
+
+        return save_heads(self, directory, format=format, dtype=dtype, save_backbone=save_backbone,
+                          base_model_name_or_path=base_model_name_or_path)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def lm_head(self) -> nn.Linear:
+        """The backbone's own output projection (Linear(H, V))."""
+        return _lm_head_of(self.backbone)
+
+    @property
+    def heads_loss_weight(self) -> float:
+        """lambda: multiplies every head's weight; settable between steps (schedules)."""
+        return float(self.config.heads_loss_weight)
+
+    @heads_loss_weight.setter
+    def heads_loss_weight(self, value: float) -> None:
+        self.config.heads_loss_weight = check_loss_weight("heads_loss_weight", value)
+
+    def train(self, mode: bool = True) -> MedusaModel:
+        super().train(mode)
+        if self.config.mode == "heads":
+            self.backbone.eval()  # frozen backbone: keep dropout off whatever the wrapper's mode
+        return self
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Turn on the backbone's activation checkpointing (non-reentrant by default, which also
+        works for peft backbones whose inputs do not require grad)."""
+        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
+        # transformers >= 5.2x renamed it activation_checkpointing_enable (the old name warns).
+        if hasattr(self.backbone, "activation_checkpointing_enable"):
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> the backbone decoder's last hidden state [B, T, H] (final norm applied).
+
+        In ``heads`` mode this runs under ``torch.no_grad``.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
+        for name, t in (("attention_mask", attention_mask), ("segment_ids", segment_ids), ("position_ids", position_ids)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, got {list(t.shape)}")
+        if segment_ids is not None:
+            if position_ids is None:
+                position_ids = segment_position_ids(segment_ids)
+            if attention_mask is not None:
+                attention_mask = _attention_mask_for(self.backbone, packed_causal_mask(segment_ids, attention_mask))
+        decoder = self.backbone.get_decoder()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.mode == "joint"):
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False, return_dict=True)
+        return out.last_hidden_state
+
+    def head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states [B, T, H] -> logits of every Medusa head [K, B, T, V] (head k: token t + k + 2)."""
+        lm_head = self.lm_head
+        return self.heads.logits(hidden_states, lm_head.weight, getattr(lm_head, "bias", None))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> MedusaOutput:
+        """Medusa training loss of a batch (see the module docstring).
+
+        input_ids, attention_mask, labels, segment_ids, position_ids: [B, T]. ``labels`` None means
+        ``input_ids`` with padding (attention_mask == 0) ignored.
+        """
+        cfg = self.config
+        if labels is None:
+            labels = input_ids
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, cfg.ignore_index)
+        elif labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
+        check_loss_weight("heads_loss_weight", cfg.heads_loss_weight)
+
+        hidden = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids, position_ids=position_ids)
+        joint = cfg.mode == "joint"
+        lm_head = self.lm_head
+        lm_weight, lm_bias = lm_head.weight, getattr(lm_head, "bias", None)
+        if not joint:
+            # Heads mode freezes the backbone's lm_head even when the mode was switched at runtime
+            # (a joint run's heads-only warm-up) and the parameter itself still requires grad.
+            lm_weight = lm_weight.detach()
+            lm_bias = None if lm_bias is None else lm_bias.detach()
+        hiddens = self.heads(hidden)
+        weights = self.heads.projection_weights(lm_weight)
+        shifts = cfg.head_shifts()
+        head_weights = cfg.head_weights()
+        if joint:
+            # The backbone's own next-token loss is one more head: shift 1, weight lm_loss_weight.
+            hiddens = [hidden, *hiddens]
+            weights = [lm_weight, *weights]
+            shifts = [1, *shifts]
+            head_weights = [float(cfg.lm_loss_weight), *head_weights]
+        # A bias exists only in shared mode (checked at construction), where every entry is the same.
+        bias = None if lm_bias is None else [lm_bias] * len(weights)
+
+        out = multi_head_linear_cross_entropy(
+            hiddens, weights, labels, shifts, head_weights,
+            bias=bias, ignore_index=cfg.ignore_index, segment_ids=segment_ids,
+        )
+        first = 1 if joint else 0
+        return MedusaOutput(
+            loss=out.loss,
+            head_losses=out.head_losses[first:],
+            head_accuracy=out.head_accuracy[first:],
+            head_tokens=out.head_tokens[first:],
+            lm_loss=out.head_losses[0] if joint else None,
+            lm_accuracy=out.head_accuracy[0] if joint else None,
+        )

@@ -1,0 +1,248 @@
+"""Export/import of Medusa heads: exact key names and config fields of both formats, exact round
+trips, dtype casting, the merged backbone after joint training, foreign checkpoints, the CLI, and
+clear errors on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from medusa_liger.heads import MedusaConfig, MedusaModel
+from medusa_liger.heads import cli as export_cli
+from medusa_liger.heads.export import detect_format, read_heads
+from tests.test_heads import H, V, randomize_heads, tiny_llama
+
+K, L = 3, 2
+
+
+def make_model(shared: bool, mode: str = "heads", backbone=None) -> MedusaModel:
+    cfg = MedusaConfig(num_heads=K, num_layers=L, shared_lm_head=shared, mode=mode, decay=0.6)
+    model = MedusaModel.from_backbone(tiny_llama() if backbone is None else backbone, cfg)
+    randomize_heads(model)
+    return model
+
+
+def expected_keys(format: str, shared: bool) -> set[str]:
+    keys = set()
+    for h in range(K):
+        for l in range(L):
+            if format == "medusa":
+                keys |= {f"{h}.{l}.linear.weight", f"{h}.{l}.linear.bias"}
+            else:
+                keys |= {f"blocks.{h}.layers.{l}.weight", f"blocks.{h}.layers.{l}.bias"}
+        if not shared:
+            keys.add(f"{h}.{L}.weight" if format == "medusa" else f"lm_heads.{h}.weight")
+    if shared and format == "vllm":
+        keys.add("lm_heads.0.weight")  # vLLM's original_lm_head reads the one projection from here
+    return keys
+
+
+def assert_same_heads(a: MedusaModel, b: MedusaModel) -> None:
+    sa, sb = a.heads.state_dict(), b.heads.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+# ------------------------------------------------------------------------------------ layouts
+@pytest.mark.parametrize("shared", [False, True])
+def test_medusa_format_keys_and_config(tmp_path, shared):
+    model = make_model(shared)
+    model.save_heads(tmp_path, format="medusa", base_model_name_or_path="org/base")
+    tensors = load_file(str(tmp_path / "medusa_lm_head.safetensors"))
+    assert set(tensors) == expected_keys("medusa", shared)
+    assert tensors["1.1.linear.weight"].shape == (H, H) and tensors["1.1.linear.bias"].shape == (H,)
+    assert torch.equal(tensors["2.0.linear.bias"], model.heads.blocks[2][0].linear.bias.detach())
+    if not shared:
+        assert torch.equal(tensors[f"1.{L}.weight"], model.heads.lm_heads[1].weight.detach())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert {k: config[k] for k in ("medusa_num_heads", "medusa_num_layers", "base_model_name_or_path", "hidden_size", "vocab_size")} == {
+        "medusa_num_heads": K, "medusa_num_layers": L, "base_model_name_or_path": "org/base", "hidden_size": H, "vocab_size": V}
+    ours = config["medusa_liger"]
+    assert ours["format_version"] == 1 and ours["shared_lm_head"] is shared and ours["decay"] == 0.6
+    assert not (tmp_path / "backbone").exists()  # heads mode: the backbone is unchanged, not saved
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_vllm_format_keys_and_config(tmp_path, shared):
+    model = make_model(shared)
+    model.save_heads(tmp_path, format="vllm")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert set(tensors) == expected_keys("vllm", shared)
+    assert torch.equal(tensors["blocks.1.layers.1.weight"], model.heads.blocks[1][1].linear.weight.detach())
+    lm0 = model.lm_head.weight if shared else model.heads.lm_heads[0].weight
+    assert torch.equal(tensors["lm_heads.0.weight"], lm0.detach())
+    config = json.loads((tmp_path / "config.json").read_text())
+    expected = {"model_type": "medusa", "architectures": ["MedusaModel"], "num_heads": K, "num_hidden_layers": L,
+                "hidden_size": H, "vocab_size": V, "truncated_vocab_size": V, "medusa_fc_bias": True,
+                "original_lm_head": shared}
+    assert {k: config[k] for k in expected} == expected
+    assert config["medusa_liger"]["shared_lm_head"] is shared
+
+
+# ------------------------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("format", ["medusa", "vllm"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_round_trip_is_exact(tmp_path, format, shared):
+    model = make_model(shared)
+    model.heads_loss_weight = 0.35
+    model.save_heads(tmp_path, format=format)
+    assert detect_format(tmp_path) == format
+    loaded = MedusaModel.from_pretrained(tmp_path, backbone=model.backbone)
+    assert loaded.config == model.config
+    assert_same_heads(model, loaded)
+    ids = torch.randint(0, V, (1, 6))
+    hidden = model.hidden_states(ids)
+    assert torch.equal(model.head_logits(hidden), loaded.head_logits(hidden))
+
+
+def test_dtype_option_casts_the_written_weights(tmp_path):
+    model = make_model(shared=False)
+    model.save_heads(tmp_path, format="vllm", dtype="bf16")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "config.json").read_text())["medusa_liger"]["dtype"] == "bfloat16"
+    loaded = MedusaModel.from_pretrained(tmp_path, backbone=model.backbone)
+    expected = model.heads.blocks[0][1].linear.weight.detach().to(torch.bfloat16).float()
+    assert torch.equal(loaded.heads.blocks[0][1].linear.weight.detach(), expected)
+    with pytest.raises(ValueError, match="dtype"):
+        model.save_heads(tmp_path / "x", dtype="int8")
+
+
+def test_joint_training_saves_the_lora_merged_backbone(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    backbone = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # a trained adapter: B != 0, so merging changes the weights
+        for name, p in backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model = make_model(shared=False, mode="joint", backbone=backbone)
+    ids = torch.randint(0, V, (1, 8))
+    with torch.no_grad():
+        expected = backbone(input_ids=ids).logits
+    model.save_heads(tmp_path, format="medusa")
+    saved = tmp_path / "backbone"
+    assert (saved / "config.json").is_file()
+    weights = load_file(str(next(saved.glob("*.safetensors"))))
+    assert not any("lora" in k for k in weights)
+    assert any("lora_B" in n for n, _ in model.backbone.named_parameters())  # training model untouched
+    loaded = MedusaModel.from_pretrained(tmp_path)  # backbone from the backbone/ subdirectory
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.backbone(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+    assert loaded.config.mode == "joint"
+    assert_same_heads(model, loaded)
+
+
+# ------------------------------------------------------------------------------------ foreign files
+def test_reads_a_medusa_checkpoint_written_by_another_tool(tmp_path):
+    model = make_model(shared=False)
+    tensors = {f"{h}.0.linear.weight": model.heads.blocks[h][0].linear.weight.detach().clone() for h in range(K)}
+    tensors |= {f"{h}.0.linear.bias": model.heads.blocks[h][0].linear.bias.detach().clone() for h in range(K)}
+    tensors |= {f"{h}.1.weight": model.heads.lm_heads[h].weight.detach().clone() for h in range(K)}
+    save_file(tensors, str(tmp_path / "medusa_lm_head.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": K, "medusa_num_layers": 1, "base_model_name_or_path": "x"}))
+    ckpt = read_heads(tmp_path)
+    assert (ckpt.hidden_size, ckpt.vocab_size, ckpt.config.num_layers, ckpt.config.shared_lm_head) == (H, V, 1, False)
+    loaded = MedusaModel.from_pretrained(tmp_path, backbone=model.backbone)
+    assert torch.equal(loaded.heads.lm_heads[2].weight, model.heads.lm_heads[2].weight)
+    assert loaded.config.decay == MedusaConfig().decay
+
+
+# ------------------------------------------------------------------------------------ CLI
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    export_cli.add_arguments(parser)
+    return export_cli.run(parser.parse_args(list(argv)))
+
+
+def test_cli_converts_between_formats(tmp_path, capsys):
+    model = make_model(shared=False)
+    model.save_heads(tmp_path / "ckpt" / "heads", format="medusa")  # a training checkpoint's layout
+    assert run_cli("--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out"), "--format", "both") == 0
+    for format in ("medusa", "vllm"):
+        loaded = MedusaModel.from_pretrained(tmp_path / "out" / format, backbone=model.backbone)
+        assert_same_heads(model, loaded)
+    assert run_cli("--checkpoint", str(tmp_path / "out" / "vllm"), "--output", str(tmp_path / "b"), "--format", "medusa",
+                   "--dtype", "fp16") == 0
+    assert {t.dtype for t in load_file(str(tmp_path / "b" / "medusa_lm_head.safetensors")).values()} == {torch.float16}
+
+
+def test_cli_reads_the_training_loops_final_layout(tmp_path):
+    """final/heads_medusa/ with the (jointly trained) backbone beside it in final/backbone/."""
+    from medusa_liger.heads.export import write_backbone
+
+    model = make_model(shared=True, mode="joint")
+    model.save_heads(tmp_path / "final" / "heads_medusa", format="medusa", save_backbone=False)
+    write_backbone(model.backbone, tmp_path / "final" / "backbone")
+    assert run_cli("--checkpoint", str(tmp_path / "final"), "--output", str(tmp_path / "out"), "--format", "vllm",
+                   "--dtype", "bf16") == 0
+    assert (tmp_path / "out" / "backbone" / "config.json").is_file()
+    tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(tensors["lm_heads.0.weight"], model.lm_head.weight.detach().to(torch.bfloat16))
+    loaded = MedusaModel.from_pretrained(tmp_path / "out")
+    assert loaded.lm_head.weight.dtype == torch.bfloat16 and loaded.config.mode == "joint"
+    assert run_cli("--checkpoint", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")) == 1
+
+
+def test_cli_shared_vllm_needs_the_backbone(tmp_path, capsys):
+    model = make_model(shared=True)
+    model.backbone.save_pretrained(str(tmp_path / "base"))
+    model.save_heads(tmp_path / "heads", format="medusa")
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o1"), "--format", "vllm") == 1
+    assert "backbone" in capsys.readouterr().err
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o2"), "--format", "vllm",
+                   "--backbone", str(tmp_path / "base")) == 0
+    tensors = load_file(str(tmp_path / "o2" / "model.safetensors"))
+    assert torch.equal(tensors["lm_heads.0.weight"], model.lm_head.weight.detach())
+    assert_same_heads(model, MedusaModel.from_pretrained(tmp_path / "o2", backbone=model.backbone))
+
+
+# ------------------------------------------------------------------------------------ errors
+def test_size_mismatch_names_found_and_expected(tmp_path):
+    make_model(shared=False).save_heads(tmp_path, format="vllm")
+    with pytest.raises(ValueError, match=r"hidden_size=64 but the backbone expects hidden_size=32"):
+        MedusaModel.from_pretrained(tmp_path, backbone=tiny_llama(hidden=32))
+    with pytest.raises(ValueError, match=r"vocab_size=128 but the backbone expects vocab_size=96"):
+        MedusaModel.from_pretrained(tmp_path, backbone=tiny_llama(vocab=96))
+
+
+def test_missing_files_and_bad_arguments(tmp_path):
+    model = make_model(shared=False)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        MedusaModel.from_pretrained(tmp_path, backbone=model.backbone)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MedusaModel.from_pretrained(tmp_path / "nope", backbone=model.backbone)
+    model.save_heads(tmp_path, format="medusa")
+    with pytest.raises(ValueError, match="backbone is required"):
+        MedusaModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="cannot be overridden"):
+        MedusaModel.from_pretrained(tmp_path, backbone=model.backbone, num_heads=2)
+    (tmp_path / "medusa_lm_head.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="medusa_lm_head.safetensors"):
+        MedusaModel.from_pretrained(tmp_path, backbone=model.backbone)
+    with pytest.raises(ValueError, match="format must be one of"):
+        model.save_heads(tmp_path / "x", format="gguf")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="not a Medusa heads config"):
+        read_heads(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 0, "medusa_num_layers": 1}))
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 1, found 0"):
+        read_heads(tmp_path)
+
+
+def test_missing_or_unexpected_tensors(tmp_path):
+    make_model(shared=False).save_heads(tmp_path, format="vllm")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    extra = dict(tensors, **{"blocks.9.layers.0.weight": torch.zeros(1)})
+    save_file(extra, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected tensors"):
+        read_heads(tmp_path)
+    del tensors["blocks.1.layers.1.bias"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="blocks.1.layers.1.bias"):
+        read_heads(tmp_path)
