@@ -10,6 +10,7 @@ import datetime as _dt
 import importlib
 import os
 import platform
+import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -57,6 +58,14 @@ def env_info() -> dict[str, str]:
     else:
         info["card"] = "CPU (no CUDA device)"
     return info
+
+
+def card_slug() -> str:
+    """Short name of the card for file names: "h100", "h200", ... or "cpu"."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    match = re.search(r"([A-Z]\d{2,4})", torch.cuda.get_device_name(0))
+    return match.group(1).lower() if match else "gpu"
 
 
 def bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
@@ -139,6 +148,8 @@ def write_table(
     When ``$OUT`` is set (the device machine), a copy goes there too so it comes back.
     """
     info = env_info()
+    # The file name says which card produced it: "kernels_h100" run on an H200 -> kernels_h200.md.
+    name = re.sub(r"_(h100|h200|cpu)$", "", name) + "_" + card_slug()
     lines = [f"# {title}", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
