@@ -25,10 +25,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # our kernels run under Triton's CPU interpreter
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Python puts this script's folder first on sys.path, where benchmarks/kernels.py would shadow HF's
+# optional `kernels` package (transformers probes it): import our helpers from the repository root.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 from medusa_liger.kernels.rms_norm import rms_norm  # noqa: E402
 from medusa_liger.kernels.rope import apply_rotary_pos_emb  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
 
-from medusa_liger.kernels.rope import apply_rotary_pos_emb
+from medusa_liger.kernels.rope import RoPEFunction, apply_rotary_pos_emb, default_config
 from medusa_liger.kernels.utils import force_backend
 from tests.utils import poisoned_allocations, DEVICE, DTYPES, assert_close
 
@@ -35,10 +35,10 @@ def _make_qk(batch, n_q, n_kv, seq_len, head_dim, dtype, hf_layout):
     return q.requires_grad_(), k.requires_grad_()
 
 
-def _check(q, k, cos, sin, dtype, backend, unsqueeze_dim=1):
+def _check(q, k, cos, sin, dtype, backend, unsqueeze_dim=1, forward=apply_rotary_pos_emb):
     dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
     with force_backend(backend), poisoned_allocations():
-        q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        q_out, k_out = forward(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
         torch.autograd.backward((q_out, k_out), (dq_out, dk_out))
     qd, kd = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
     cos_ref, sin_ref = cos.double(), sin.double()
@@ -72,6 +72,61 @@ def test_rope_general_cos_sin_and_broadcast_batch(backend):
     _check(q, k, cos, sin, torch.float32, backend)
     q.grad = k.grad = None
     _check(q, k, cos[0], sin[0], torch.float32, backend)
+
+
+# Launch configs covering each code path: both program orders, shared vs per-head cos/sin loads,
+# several positions per program with T % block_t != 0, head groups with n % heads != 0, a tile
+# taller than T, a group wider than all heads, the evict hint.
+CONFIGS = [
+    {"heads": 4, "block_t": 2, "heads_fastest": True, "shared_cs": True},
+    {"heads": 4, "block_t": 2, "heads_fastest": True, "shared_cs": False},
+    {"heads": 1, "block_t": 4, "heads_fastest": False},
+    {"heads": 2, "block_t": 8, "heads_fastest": False, "evict": True, "num_warps": 2},
+    {"heads": 8, "block_t": 1, "heads_fastest": True, "shared_cs": True},
+]
+
+
+@pytest.mark.parametrize("hf_layout", [False, True])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{int(v)}" for k, v in c.items()))
+def test_rope_launch_configs(config, hf_layout):
+    """Every tile / order option against HF: GQA with 5 q and 3 k heads over 7 positions."""
+    q, k = _make_qk(2, 5, 3, 7, 8, torch.float32, hf_layout)
+    cos, sin = _hf_cos_sin(2, 7, 8, torch.float32)
+
+    def forward(q, k, cos, sin, unsqueeze_dim):
+        return RoPEFunction.apply(q, k, cos, sin, config)
+
+    _check(q, k, cos, sin, torch.float32, "triton", forward=forward)
+
+
+def test_rope_config_with_masked_columns():
+    """A head dim whose half is not a power of two (6 -> 3 of a 4-wide block), general cos/sin."""
+    q, k = _make_qk(1, 3, 2, 5, 6, torch.float32, hf_layout=True)
+    cos, sin = torch.randn(1, 5, 6, device=DEVICE), torch.randn(1, 5, 6, device=DEVICE)
+    config = {"heads": 2, "block_t": 2, "shared_cs": False}
+    _check(q, k, cos, sin, torch.float32, "triton",
+           forward=lambda q, k, cos, sin, unsqueeze_dim: RoPEFunction.apply(q, k, cos, sin, config))
+
+
+def test_rope_default_config_follows_layout():
+    """HF layout -> a multi-head tile walked heads-first; contiguous -> positions-first."""
+    hf_q, hf_k = _make_qk(2, 32, 8, 64, 128, torch.float32, hf_layout=True)
+    q, k = _make_qk(2, 32, 8, 64, 128, torch.float32, hf_layout=False)
+    hf_cfg, cfg = default_config(hf_q, hf_k), default_config(q, k)
+    assert hf_cfg["heads_fastest"] and hf_cfg["heads"] > 1
+    assert not cfg["heads_fastest"] and cfg["block_t"] > 1
+    # Tiny inputs never get a tile taller than the sequence or wider than the heads.
+    small = default_config(*_make_qk(1, 2, 1, 3, 8, torch.float32, hf_layout=True))
+    assert small["heads"] <= 2 and small["block_t"] <= 4
+
+
+def test_rope_bad_config():
+    q, k = _make_qk(1, 2, 1, 3, 8, torch.float32, hf_layout=False)
+    cos, sin = _hf_cos_sin(1, 3, 8, torch.float32)
+    with pytest.raises(ValueError, match="config keys"):
+        RoPEFunction.apply(q, k, cos, sin, {"tile": 4})
+    with pytest.raises(ValueError, match="power of two"):
+        RoPEFunction.apply(q, k, cos, sin, {"block_t": 3})
 
 
 def test_rope_unsqueeze_dim_2_layout():

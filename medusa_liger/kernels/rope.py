@@ -11,11 +11,22 @@ The map is linear in ``x``, so the backward applies its transpose::
     dx1 = dy1 * c1 + dy2 * s2
     dx2 = dy2 * c2 - dy1 * s1                 # the inverse rotation when c1 == c2, s1 == s2
 
-i.e. the forward kernel with the sine halves swapped and negated. Nothing but cos and sin is saved.
+i.e. the forward kernel with the sine halves swapped and negated (a constexpr flag, so no negated
+copy of sin is ever made). Nothing but cos and sin is saved.
 
-One program handles one (batch, position): it loads that position's cos/sin once and rotates every
-q head and every k head there (GQA: ``n_q != n_kv``). q/k are addressed through their strides, so
-HF's transposed ``[B, T, n, D]`` storage is read in place (only the last dim must be contiguous).
+Work split: one program rotates a ``[HEADS, BLOCK_T, D]`` tile: ``HEADS`` heads of q (or of k)
+at ``BLOCK_T`` consecutive positions of one batch row, with the tile's cos/sin loaded once and
+shared by all its heads. q and k heads form one index space of head groups (a group never mixes
+q and k), so GQA (``n_q != n_kv``) runs in a single launch. q/k are addressed through their
+strides, and the tile shape and program order follow the memory layout (chosen at launch):
+
+* HF layout, q/k transposed views of ``[B, T, n, D]`` storage: the heads of one position are
+  adjacent, so a tile spans several heads and a few positions, and programs walk heads first;
+* contiguous ``[B, n, T, D]``: one head's positions are adjacent, so a tile is one head over a
+  long run of positions, and programs walk positions first.
+
+Either way consecutive programs read consecutive memory. ``benchmarks/tune_rope.py`` sweeps the
+tile and warp counts (``config=`` of :func:`rope_launch`).
 """
 
 from __future__ import annotations
@@ -26,24 +37,48 @@ import triton.language as tl
 
 from medusa_liger.kernels.utils import check_float, check_same_device, next_power_of_2, use_triton
 
+# Default tiles (benchmarks/tune_rope.py sweeps the alternatives): DEFAULT_TILE elements per half,
+# i.e. 8 KiB of bf16 read and 8 KiB written per program; with 4 warps each thread keeps two 16-byte
+# loads per half in flight at ~72 registers (7 programs per SM). HF layout: 8 heads (one GQA group
+# of Llama-3's k) x 4 positions; contiguous: 2 heads x 16 positions (4 KiB contiguous runs).
+DEFAULT_TILE = 2048
+DEFAULT_HF_HEADS = 8
+DEFAULT_CONTIGUOUS_HEADS = 2
+CONFIG_KEYS = ("heads", "block_t", "num_warps", "heads_fastest", "evict", "shared_cs")
+
 
 @triton.jit
-def _rotate_heads(
-    x_ptr, x_stride_h, y_ptr, y_stride_h, n_heads, c1, c2, s1, s2, half,
-    HEADS: tl.constexpr, HALF: tl.constexpr,
+def _load_streamed(ptr, mask, EVICT: tl.constexpr):
+    # q/k are read exactly once: an evict-first hint keeps the reused cos/sin rows in L2 instead.
+    if EVICT:
+        value = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        value = tl.load(ptr, mask=mask, other=0.0)
+    return value.to(tl.float32)
+
+
+@triton.jit
+def _rotate_tile(
+    x_ptr, x_sh, x_st, y_ptr, y_sh, y_st, heads_left, t_left, c1, c2, s1, s2,
+    HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
-    # All heads of one (batch, position) as a [HEADS, HALF] tile per half; one load and store each.
-    heads = tl.arange(0, HEADS)
-    cols = tl.arange(0, HALF)
-    mask = (heads < n_heads)[:, None] & (cols < half)[None, :]
-    x_off = heads[:, None] * x_stride_h + cols[None, :]
-    y_off = heads[:, None] * y_stride_h + cols[None, :]
-    x1 = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + x_off + half, mask=mask, other=0.0).to(tl.float32)
-    y1 = x1 * c1[None, :] - x2 * s1[None, :]
-    y2 = x2 * c2[None, :] + x1 * s2[None, :]
+    # Tile coordinates relative to the (int64) tile origin, so the int32 offsets stay small.
+    h = tl.arange(0, HEADS)[:, None, None]
+    t = tl.arange(0, BLOCK_T)[None, :, None]
+    col = tl.arange(0, HALF_BLOCK)[None, None, :]
+    # Row mask only ([HEADS, BLOCK_T, 1]): constant along D, so loads stay 16-byte vectors.
+    mask = (h < heads_left) & (t < t_left)
+    if HALF_BLOCK != HALF:
+        mask = mask & (col < HALF)
+    x_off = h * x_sh + t * x_st + col
+    x1 = _load_streamed(x_ptr + x_off, mask, EVICT)
+    x2 = _load_streamed(x_ptr + x_off + HALF, mask, EVICT)
+    y1 = x1 * c1 - x2 * s1
+    y2 = x2 * c2 + x1 * s2
+    y_off = h * y_sh + t * y_st + col
     tl.store(y_ptr + y_off, y1.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + y_off + half, y2.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_off + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -51,30 +86,66 @@ def _rope_kernel(
     q_ptr, q_sb, q_sh, q_st, k_ptr, k_sb, k_sh, k_st,
     qo_ptr, qo_sb, qo_sh, qo_st, ko_ptr, ko_sb, ko_sh, ko_st,
     cos_ptr, sin_ptr, cs_sb, cs_st,
-    seq_len, n_q, n_kv, half,
-    Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HALF: tl.constexpr, BACKWARD: tl.constexpr,
+    seq_len, n_q, n_kv, n_q_groups, n_groups, n_t_blocks,
+    HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr, BACKWARD: tl.constexpr, EVICT: tl.constexpr, SHARED_CS: tl.constexpr,
 ):
+    # Program -> (batch, position block, head group), in the order memory is laid out.
     pid = tl.program_id(0)
-    b = (pid // seq_len).to(tl.int64)
-    t = (pid % seq_len).to(tl.int64)
-    cols = tl.arange(0, HALF)
-    col_ok = cols < half
-    # cos/sin of this position, loaded once for every q and k head (batch stride 0 = broadcast).
-    cs = cos_ptr + b * cs_sb + t * cs_st
-    ss = sin_ptr + b * cs_sb + t * cs_st
-    c1 = tl.load(cs + cols, mask=col_ok, other=0.0).to(tl.float32)
-    c2 = tl.load(cs + half + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HEADS_FASTEST:
+        group = pid % n_groups
+        t_block = (pid // n_groups) % n_t_blocks
+        b = pid // (n_groups * n_t_blocks)
+    else:
+        t_block = pid % n_t_blocks
+        group = (pid // n_t_blocks) % n_groups
+        b = pid // (n_t_blocks * n_groups)
+    b = b.to(tl.int64)
+    t0 = t_block.to(tl.int64) * BLOCK_T
+    t_left = seq_len - t0
+
+    # cos/sin of the tile's positions, loaded once for all its heads (batch stride 0 broadcasts a
+    # [1, T, D] table), into the registers of the q/k elements they multiply. Two ways:
+    # SHARED_CS loads one [BLOCK_T, D/2] tile and broadcasts it over the heads (Triton routes that
+    # through shared memory: fewer registers, a few barriers); otherwise the pointers are built at
+    # the full [HEADS, BLOCK_T, D/2] shape with head stride 0, and each copy is its own load
+    # (L1 hits: more registers, no barriers). Identical when HEADS == 1.
+    if SHARED_CS:
+        t = tl.arange(0, BLOCK_T)[:, None]
+        col = tl.arange(0, HALF_BLOCK)[None, :]
+        cs_off = b * cs_sb + t0 * cs_st + t * cs_st + col
+    else:
+        t = tl.arange(0, BLOCK_T)[None, :, None]
+        col = tl.arange(0, HALF_BLOCK)[None, None, :]
+        cs_off = b * cs_sb + t0 * cs_st + t * cs_st + col + tl.zeros([HEADS, 1, 1], dtype=tl.int32)
+    cs_mask = t < t_left
+    if HALF_BLOCK != HALF:
+        cs_mask = cs_mask & (col < HALF)
+    c1 = tl.load(cos_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
     if BACKWARD:
         # Transpose of the rotation: swap the sine halves and negate them.
-        s1 = -tl.load(ss + half + cols, mask=col_ok, other=0.0).to(tl.float32)
-        s2 = -tl.load(ss + cols, mask=col_ok, other=0.0).to(tl.float32)
+        s1 = -tl.load(sin_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+        s2 = -tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
     else:
-        s1 = tl.load(ss + cols, mask=col_ok, other=0.0).to(tl.float32)
-        s2 = tl.load(ss + half + cols, mask=col_ok, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr + b * q_sb + t * q_st, q_sh, qo_ptr + b * qo_sb + t * qo_st, qo_sh,
-                  n_q, c1, c2, s1, s2, half, HEADS=Q_HEADS, HALF=HALF)
-    _rotate_heads(k_ptr + b * k_sb + t * k_st, k_sh, ko_ptr + b * ko_sb + t * ko_st, ko_sh,
-                  n_kv, c1, c2, s1, s2, half, HEADS=K_HEADS, HALF=HALF)
+        s1 = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+    if SHARED_CS:
+        c1, c2, s1, s2 = c1[None, :, :], c2[None, :, :], s1[None, :, :], s2[None, :, :]
+
+    # The first n_q_groups groups are q's heads, the rest k's.
+    if group < n_q_groups:
+        h0 = group.to(tl.int64) * HEADS
+        _rotate_tile(q_ptr + b * q_sb + h0 * q_sh + t0 * q_st, q_sh, q_st,
+                     qo_ptr + b * qo_sb + h0 * qo_sh + t0 * qo_st, qo_sh, qo_st,
+                     n_q - h0, t_left, c1, c2, s1, s2,
+                     HALF=HALF, HALF_BLOCK=HALF_BLOCK, HEADS=HEADS, BLOCK_T=BLOCK_T, EVICT=EVICT)
+    else:
+        h0 = (group - n_q_groups).to(tl.int64) * HEADS
+        _rotate_tile(k_ptr + b * k_sb + h0 * k_sh + t0 * k_st, k_sh, k_st,
+                     ko_ptr + b * ko_sb + h0 * ko_sh + t0 * ko_st, ko_sh, ko_st,
+                     n_kv - h0, t_left, c1, c2, s1, s2,
+                     HALF=HALF, HALF_BLOCK=HALF_BLOCK, HEADS=HEADS, BLOCK_T=BLOCK_T, EVICT=EVICT)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -86,33 +157,71 @@ def _cos_sin_strides(cos: torch.Tensor) -> tuple[int, int]:
     return (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
 
 
+def default_config(q: torch.Tensor, k: torch.Tensor) -> dict:
+    """The launch config for q/k's shapes and memory layout (keys: see :func:`rope_launch`).
+
+    HF layout (head stride < position stride): up to ``DEFAULT_HF_HEADS`` heads x a few positions,
+    programs heads-first. Contiguous: ``DEFAULT_CONTIGUOUS_HEADS`` heads x a run of positions,
+    programs positions-first. Tiles hold ``DEFAULT_TILE`` elements per half when the sizes allow.
+    """
+    seq_len, half_block = q.shape[2], next_power_of_2(q.shape[3] // 2)
+    hf_layout = q.stride(1) < q.stride(2)
+    max_heads = DEFAULT_HF_HEADS if hf_layout else DEFAULT_CONTIGUOUS_HEADS
+    heads = min(max_heads, next_power_of_2(max(q.shape[1], k.shape[1])))
+    block_t = min(max(1, DEFAULT_TILE // (heads * half_block)), next_power_of_2(seq_len))
+    return {"heads": heads, "block_t": block_t, "num_warps": 4, "heads_fastest": hf_layout,
+            "evict": False, "shared_cs": True}
+
+
+def _resolve_config(config: dict | None, q: torch.Tensor, k: torch.Tensor) -> dict:
+    """The default config for q/k, overridden by the keys given in ``config`` (validated)."""
+    resolved = default_config(q, k)
+    if config:
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"config keys must be among {list(CONFIG_KEYS)}, got unknown {unknown}")
+        resolved.update(config)
+    for key in ("heads", "block_t", "num_warps"):
+        value = resolved[key]
+        if not isinstance(value, int) or value < 1 or value & (value - 1):
+            raise ValueError(f"config[{key!r}] must be a power of two >= 1, got {value!r}")
+    return resolved
+
+
 def rope_launch(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
-    q_dtype: torch.dtype | None = None, k_dtype: torch.dtype | None = None,
+    q_dtype: torch.dtype | None = None, k_dtype: torch.dtype | None = None, config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate (or, with ``backward``, un-rotate) q [B, n_q, T, D] and k [B, n_kv, T, D] out of place.
 
     cos/sin are [B|1, T, D] with unit last stride. Outputs keep the inputs' memory layout.
+    ``config`` overrides the tuned launch parameters (benchmarks/tune_rope.py sweeps them):
+    ``heads`` and ``block_t`` (tile = heads x positions, powers of two), ``num_warps``,
+    ``heads_fastest`` (program order), ``evict`` (evict-first hint on q/k loads) and ``shared_cs``
+    (broadcast one cos/sin tile over the heads through shared memory, else per-head loads).
     """
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    cfg = _resolve_config(config, q, k)
     batch, n_q, seq_len, head_dim = q.shape
     n_kv = k.shape[1]
     # empty_like keeps the strides of a dense tensor, so HF's [B, T, n, D] storage stays that way.
     q_out = torch.empty_like(q, dtype=q_dtype or q.dtype)
     k_out = torch.empty_like(k, dtype=k_dtype or k.dtype)
-    half = head_dim // 2
-    half_block = next_power_of_2(half)
-    tile = (next_power_of_2(n_q) + next_power_of_2(n_kv)) * half_block
-    num_warps = 8 if tile >= 4096 else 4
+    heads, block_t = cfg["heads"], cfg["block_t"]
+    n_q_groups = triton.cdiv(n_q, heads)
+    n_groups = n_q_groups + triton.cdiv(n_kv, heads)
+    n_t_blocks = triton.cdiv(seq_len, block_t)
     cs_sb, cs_st = _cos_sin_strides(cos)
     if batch * seq_len > 0:
-        _rope_kernel[(batch * seq_len,)](
+        _rope_kernel[(batch * n_t_blocks * n_groups,)](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
             q_out, q_out.stride(0), q_out.stride(1), q_out.stride(2),
             k_out, k_out.stride(0), k_out.stride(1), k_out.stride(2),
-            cos, sin, cs_sb, cs_st, seq_len, n_q, n_kv, half,
-            Q_HEADS=next_power_of_2(n_q), K_HEADS=next_power_of_2(n_kv), HALF=half_block,
-            BACKWARD=backward, num_warps=num_warps,
+            cos, sin, cs_sb, cs_st, seq_len, n_q, n_kv, n_q_groups, n_groups, n_t_blocks,
+            HALF=head_dim // 2, HALF_BLOCK=next_power_of_2(head_dim // 2), HEADS=heads, BLOCK_T=block_t,
+            HEADS_FASTEST=bool(cfg["heads_fastest"]), BACKWARD=backward, EVICT=bool(cfg["evict"]),
+            SHARED_CS=bool(cfg["shared_cs"]) and heads > 1,
+            num_warps=cfg["num_warps"],
         )
     return q_out, k_out
 
@@ -121,14 +230,17 @@ class RoPEFunction(torch.autograd.Function):
     """Autograd wrapper: saves cos/sin only; backward is the transposed (inverse) rotation."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                config: dict | None = None):
         # HF's output dtype: q * cos promotes (cos usually already has q's dtype).
         q_out, k_out = rope_launch(
             q, k, cos, sin, backward=False,
             q_dtype=torch.promote_types(q.dtype, cos.dtype), k_dtype=torch.promote_types(k.dtype, cos.dtype),
+            config=config,
         )
         ctx.save_for_backward(cos, sin)
         ctx.in_dtypes = (q.dtype, k.dtype)
+        ctx.config = config
         return q_out, k_out
 
     @staticmethod
@@ -136,8 +248,9 @@ class RoPEFunction(torch.autograd.Function):
         # Autograd materializes a missing output gradient as zeros, so both are tensors here.
         cos, sin = ctx.saved_tensors
         q_dtype, k_dtype = ctx.in_dtypes
-        dq, dk = rope_launch(dq_out, dk_out, cos, sin, backward=True, q_dtype=q_dtype, k_dtype=k_dtype)
-        return dq, dk, None, None
+        dq, dk = rope_launch(dq_out, dk_out, cos, sin, backward=True, q_dtype=q_dtype, k_dtype=k_dtype,
+                             config=ctx.config)
+        return dq, dk, None, None, None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -224,4 +337,4 @@ def apply_rotary_pos_emb(
     return q_out, k_out
 
 
-__all__ = ["RoPEFunction", "apply_rotary_pos_emb", "rope_torch"]
+__all__ = ["RoPEFunction", "apply_rotary_pos_emb", "default_config", "rope_launch", "rope_torch"]
