@@ -1,0 +1,161 @@
+"""Causal-LM forward whose loss never materializes the logits (fused linear cross-entropy).
+
+HF's ``*ForCausalLM.forward`` computes ``logits = lm_head(h)`` ([B, T, V]; 2 GiB in bf16 for one
+8k-token row of a 128k vocabulary, plus an fp32 copy for the loss) and then ``ForCausalLMLoss``:
+
+    target[b, t] = labels[b, t + 1]            (labels are unshifted; the last position is ignored)
+    loss = sum_{valid (b,t)} CE(h[b, t] @ W.T, target[b, t]) / N
+    N    = num_items_in_batch if given (gradient accumulation: "sum" then divide), else #valid
+
+The patched forward keeps the decoder call as is and, when ``labels`` (or ``shift_labels``, already
+shifted) are given, computes the same loss through ``multi_head_linear_cross_entropy`` with one head
+and shift 1 (0 for ``shift_labels``), chunk by chunk, and returns ``logits=None``. Without labels it
+*is* the original forward, so generation and evaluation see exactly HF's logits (with labels, in
+eval mode too, the loss is fused and ``logits`` is None: ask without labels for logits).
+``logits_to_keep`` slices the hidden states the loss reads, as it slices the logits in HF; the
+labels must then match the kept positions, as HF requires. A custom ``loss_function`` or
+``loss_type``, or an lm_head that is not a plain float ``nn.Linear`` (peft-wrapped, quantized),
+falls back to the original forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from medusa_liger.patching.modules import kernels
+
+FUSED_ATTR = "_medusa_liger_fused"  # on a fused forward: the original forward it replaces
+
+
+def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """HF's ``logits_to_keep`` slicing of hidden states ``[B, T, H]``.
+
+    int k: the last k positions (0 keeps all); 1-D tensor: those positions in every row; 2-D int
+    ``[B, n]``: per-row positions; 2-D bool ``[B, T]``: the True positions, flattened to ``[N, H]``.
+    """
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden[logits_to_keep]
+        return torch.take_along_dim(hidden, logits_to_keep[..., None], dim=1)
+    if isinstance(logits_to_keep, int):
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:, :]
+    return hidden[:, logits_to_keep, :]
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    lm_head: nn.Linear,
+    labels: torch.Tensor | None,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """HF ``ForCausalLMLoss`` of ``lm_head(hidden)`` without the logits; returns a scalar.
+
+    hidden: ``[B, T, H]`` (or ``[N, H]`` after a boolean ``logits_to_keep``); labels: ``[B, T]``
+    unshifted (``[N]`` for ``[N, H]`` hidden), or ``shift_labels`` already shifted.
+    """
+    targets, shift = (labels, 1) if shift_labels is None else (shift_labels, 0)
+    if hidden.dim() == 2:  # flattened kept positions: one row of N tokens
+        hidden, targets = hidden.unsqueeze(0), targets.reshape(1, -1)
+    name = "labels" if shift_labels is None else "shift_labels"
+    if tuple(targets.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(
+            f"{name} must have shape {list(hidden.shape[:2])} (the positions kept by logits_to_keep), "
+            f"got {list(targets.shape)}"
+        )
+    weight = lm_head.weight
+    # Model-parallel placements may leave the last hidden state on another device than lm_head.
+    hidden = hidden.to(weight.device)
+    targets = targets.to(weight.device)
+    # HF: "mean" over valid targets, or "sum" / num_items_in_batch under gradient accumulation.
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    out = kernels().multi_head_linear_cross_entropy(
+        hidden, weight, targets, [shift], bias=lm_head.bias, ignore_index=ignore_index, reduction=reduction
+    )
+    loss = out.loss
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def _can_fuse(model: nn.Module) -> bool:
+    # A custom loss (model.loss_function = ...) or loss_type, or an lm_head that is not a plain
+    # float Linear (peft-wrapped, quantized), is left to HF's forward, which computes it correctly.
+    if "_loss_function" in model.__dict__ or getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
+        return False
+    head = model.get_output_embeddings()
+    return type(head) is nn.Linear and head.weight.is_floating_point()
+
+
+def make_fused_forward(original: Callable) -> Callable:
+    """A ``*ForCausalLM.forward`` that computes its loss fused and otherwise calls ``original``."""
+    original = getattr(original, FUSED_ATTR, original)  # never wrap a fused forward twice
+    signature = inspect.signature(original)  # follows __wrapped__ to the undecorated parameters
+    var_keyword = next(
+        (p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+    )
+
+    @functools.wraps(original)  # keeps the signature HF's generate() inspects (logits_to_keep)
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        extra = dict(arguments.pop(var_keyword, {})) if var_keyword else {}
+        labels = arguments.pop("labels", None)
+        shift_labels = extra.pop("shift_labels", None)
+        if (labels is None and shift_labels is None) or not _can_fuse(self):
+            return original(self, *args, **kwargs)
+
+        arguments.pop("self")
+        logits_to_keep = arguments.pop("logits_to_keep", 0)
+        num_items_in_batch = extra.pop("num_items_in_batch", None)
+        ignore_index = extra.pop("ignore_index", -100)
+        return_dict = extra.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+
+        # The decoder call of the original forward, with the same arguments (names as installed).
+        decoder = getattr(self, self.base_model_prefix)
+        outputs = decoder(**arguments, **extra, return_dict=True)
+        hidden = keep_positions(outputs[0], logits_to_keep)
+        loss = causal_lm_loss(
+            hidden,
+            self.get_output_embeddings(),
+            labels,
+            shift_labels=shift_labels,
+            num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index,
+        )
+        result = _causal_lm_output(loss, outputs)
+        return result if return_dict else result.to_tuple()
+
+    setattr(forward, FUSED_ATTR, original)
+    return forward
+
+
+def _causal_lm_output(loss: torch.Tensor, outputs) -> object:
+    """CausalLMOutputWithPast(loss, logits=None, and the decoder's cache/hidden states/attentions)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    # The cache field is `cache` in recent transformers 5.x and `past_key_values` before: copy
+    # whichever of the decoder's fields the output class also has.
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    carried = {key: value for key, value in outputs.items() if key in fields and key != "loss"}
+    return CausalLMOutputWithPast(loss=loss, logits=None, **carried)
+
+
+def is_fused_forward(fn: object) -> bool:
+    """True for a forward made by :func:`make_fused_forward`."""
+    return hasattr(fn, FUSED_ATTR)
+
+
+def original_forward(fn: Callable) -> Callable:
+    """The forward a fused forward replaces (``fn`` itself otherwise)."""
+    return getattr(fn, FUSED_ATTR, fn)

@@ -1,0 +1,109 @@
+"""Fused forwards for HF's RMSNorm and gated-MLP modules and RoPE function, and the class swap.
+
+A patched module keeps its class's name, attributes and state_dict keys: the patcher swaps an
+instance's ``__class__`` (or a modeling module's class attribute) for a *subclass* of the HF class
+that overrides only ``forward``:
+
+    RMSNorm:  y = rms_norm(x, weight, variance_epsilon)          (one fused kernel, fwd and bwd)
+    MLP:      y = down_proj(swiglu(gate_proj(x), up_proj(x)))    (silu(g) * u fused)
+    RoPE:     (q', k') = apply_rotary_pos_emb(q, k, cos, sin)    (q and k in one launch)
+
+Because the subclass *is a* HF class, ``isinstance`` checks, HF's weight init (which matches norms
+by class name), peft's ``target_modules`` and gradient checkpointing behave as before, and undoing
+the patch is setting ``__class__`` back. The kernels are imported on first use, so importing
+``medusa_liger.patching`` never needs Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+# Marks the subclasses made here; the value is the HF class a subclass replaces.
+ORIGINAL_ATTR = "_medusa_liger_original"
+
+
+@functools.cache
+def kernels() -> SimpleNamespace:
+    """The fused ops, imported once (first patch, or first call of a patched forward)."""
+    from medusa_liger.kernels.fused_linear_cross_entropy import multi_head_linear_cross_entropy
+    from medusa_liger.kernels.rms_norm import rms_norm
+    from medusa_liger.kernels.rope import apply_rotary_pos_emb
+    from medusa_liger.kernels.swiglu import swiglu
+
+    return SimpleNamespace(
+        rms_norm=rms_norm,
+        rope=apply_rotary_pos_emb,
+        swiglu=swiglu,
+        multi_head_linear_cross_entropy=multi_head_linear_cross_entropy,
+    )
+
+
+def rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """HF ``*RMSNorm.forward`` through the fused kernel: ``[..., H] -> [..., H]``."""
+    return kernels().rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _is_silu(act: object) -> bool:
+    # HF builds the activation from config.hidden_act: "silu" gives SiLUActivation, "swish" nn.SiLU.
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HF gated-MLP forward with the fused SwiGLU: ``[..., H] -> [..., H]``.
+
+    Only the SiLU gate is fused; a family configured with another activation keeps HF's forward.
+    """
+    if not _is_silu(self.act_fn):
+        return getattr(type(self), ORIGINAL_ATTR).forward(self, x)
+    # The projections' outputs feed only the activation, so its backward may overwrite them with
+    # their gradients (saves two [..., intermediate] buffers per layer during the backward).
+    return self.down_proj(kernels().swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True))
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for the modeling modules' ``apply_rotary_pos_emb`` (transformers 5.x signature).
+
+    q ``[B, n_q, T, D]``, k ``[B, n_kv, T, D]``, cos/sin ``[B, T, D]``; returns the rotated (q, k).
+    """
+    return kernels().rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
+apply_rotary_pos_emb._medusa_liger = True  # type: ignore[attr-defined]
+
+# One subclass per HF class, made once, so patching twice yields the very same class.
+_SUBCLASSES: dict[type, type] = {}
+
+
+def patched_class(original: type, forward: Callable) -> type:
+    """The subclass of ``original`` whose ``forward`` is ``forward`` (same name and module)."""
+    if original in _SUBCLASSES:
+        return _SUBCLASSES[original]
+    namespace = {
+        "forward": forward,
+        ORIGINAL_ATTR: original,
+        # The same name, qualname and module: save_pretrained writes `architectures` from the
+        # class name, HF's weight init matches norms by name, and annotations resolve as before.
+        "__module__": original.__module__,
+        "__qualname__": original.__qualname__,
+        "__doc__": f"HF's {original.__name__} whose forward runs medusa_liger's fused kernels.",
+    }
+    subclass = type(original.__name__, (original,), namespace)
+    _SUBCLASSES[original] = subclass
+    return subclass
+
+
+def is_patched_class(cls: type) -> bool:
+    """True for a subclass made by :func:`patched_class`."""
+    return _SUBCLASSES.get(cls.__dict__.get(ORIGINAL_ATTR)) is cls
+
+
+def original_class(cls: type) -> type:
+    """The HF class behind a patched subclass (``cls`` itself otherwise)."""
+    return cls.__dict__[ORIGINAL_ATTR] if is_patched_class(cls) else cls
