@@ -3,12 +3,18 @@
 This package knows nothing of transformers: patching and the Medusa heads build on it.
 """
 
-from medusa_liger.kernels.fused_linear_cross_entropy import multi_head_linear_cross_entropy
+from medusa_liger.kernels.cross_entropy import cross_entropy
+from medusa_liger.kernels.fused_linear_cross_entropy import (
+    MultiHeadLinearCrossEntropy,
+    multi_head_linear_cross_entropy,
+)
 from medusa_liger.kernels.reference import MultiHeadLossOutput, multi_head_linear_cross_entropy_reference
 from medusa_liger.kernels.utils import force_backend, use_triton
 
 __all__ = [
+    "MultiHeadLinearCrossEntropy",
     "MultiHeadLossOutput",
+    "cross_entropy",
     "force_backend",
     "multi_head_linear_cross_entropy",
     "multi_head_linear_cross_entropy_reference",

@@ -1,7 +1,428 @@
-"""PLACEHOLDER while the fused op is written (issue 3): delegates to the naive reference."""
-from medusa_liger.kernels.reference import MultiHeadLossOutput, multi_head_linear_cross_entropy_reference
+"""Chunked fused linear + cross-entropy for K Medusa heads, never holding more than one logit chunk.
+
+For head k with hidden states h_k [N = B*T, H], projection W_k [V, H], optional bias b_k and shift
+s_k (row n at position t predicts labels[b, t + s_k]; ignored past the row's end, across a segment
+boundary, at ignore_index or out of [0, V)):
+
+    loss_k = reduce_n CE(softcap(h_k W_k^T + b_k)[n], target_k[n])      (cross_entropy.py options)
+    loss   = sum_k head_weights[k] * loss_k           ("mean": divide by head k's count c_k)
+
+Algorithm (forward does all the work; backward only multiplies by grad_output):
+
+    scale_k = head_weights[k] / max(c_k, 1)   (or head_weights[k] for "sum"), counted on the device
+    for each head k, grouped so that heads sharing a projection run back to back:
+        for each chunk of C rows (C from a memory budget: thousands of rows, big GEMMs):
+            Z   = h_c @ W_k^T                    cuBLAS, compute dtype, into one reused [C, V] buffer
+            row kernel on Z: lse, loss, argmax == target, then Z <- scale_k * dloss/dZ in place
+            dh_c  (+)= Z @ W_k                   if hidden needs grad
+            dW_k  (+)= Z^T @ h_c                 if W_k needs grad: fp32 accumulator by default
+            db_k  += column sums of Z            if the bias needs grad
+        after the last head using W_k: cast its accumulator into W_k's gradient and free it
+
+FLOPs: 2NHV (logits) + 2NHV (dh) + 2NHV (dW, only for a trainable projection) per head. Memory
+beyond the outputs: one [C, V] logit chunk (C = ``chunk_size`` or DEFAULT_CHUNK_BYTES worth of rows:
+4096 at V = 128256 in bf16; half that when every projection is frozen), one weight-gradient
+accumulator at a time (none when ``accum_dtype`` is the parameter's dtype, or when a projection's
+gradient is a single GEMM), and the gradients themselves, which are computed here and held until
+backward. bf16 x bf16 -> fp32 GEMMs use torch's ``out_dtype`` (torch >= 2.8 on CUDA), else slabs.
+No host-device sync anywhere (counts and scales stay on the device), so the op can be captured in a
+CUDA graph. CPU tensors run the same algorithm with the row computation in
+PyTorch (or the Triton kernel under TRITON_INTERPRET=1).
+
+Backward can run only once per forward (the gradients are handed to autograd, not copied), unless
+``reentrant_backward()`` is active (tests, gradcheck), which keeps them and scales out of place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
+from medusa_liger.kernels.reference import MultiHeadLossOutput
+from medusa_liger.kernels.utils import check_float, check_labels, check_same_device
+
+# Logit chunk budget: 4096 rows of a 128k vocabulary in bf16 when a weight gradient accumulates over
+# chunks (each dW GEMM reads and writes the fp32 accumulator, so fewer, bigger chunks are faster);
+# 2048 rows when every projection is frozen (the GEMMs are already big). chunk_size overrides both.
+DEFAULT_CHUNK_BYTES = 2**30
+FROZEN_CHUNK_BYTES = 2**29
+_SLAB_BYTES = 64 * 2**20  # temporary of the fallback mixed-dtype GEMM
+_ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# bf16 x bf16 -> fp32 GEMMs without a temporary (torch >= 2.8 on CUDA).
+_HAS_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads() and "dtype_out" in torch.ops.aten.mm.overloads()
+_reentrant = False
 
 
-def multi_head_linear_cross_entropy(*args, **kwargs) -> MultiHeadLossOutput:
-    kwargs.pop("accum_dtype", None)
-    return multi_head_linear_cross_entropy_reference(*args, **kwargs)
+@contextlib.contextmanager
+def reentrant_backward() -> Iterator[None]:
+    """Let backward run several times per forward (retain_graph, gradcheck) at the cost of a copy."""
+    global _reentrant
+    previous, _reentrant = _reentrant, True
+    try:
+        yield
+    finally:
+        _reentrant = previous
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= a @ b, where ``out`` may be wider (fp32) than a and b (bf16/fp16)."""
+    if out.dtype == a.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    else:
+        if out.is_cuda and _HAS_MM_OUT_DTYPE:
+            # cuBLAS accumulates in fp32 and writes fp32 directly: no temporary.
+            try:
+                if accumulate:
+                    torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+                else:
+                    torch.mm(a, b, out_dtype=out.dtype, out=out)
+                return
+            except (RuntimeError, TypeError, NotImplementedError):  # unsupported here (odd shapes)
+                pass
+        # Older torch / CPU: the product in slabs of rows, widened into ``out`` (small temporary).
+        slab = max(1, _SLAB_BYTES // max(1, b.shape[1] * a.element_size()))
+        for s in range(0, out.shape[0], slab):
+            part = a[s : s + slab] @ b
+            out[s : s + slab].add_(part) if accumulate else out[s : s + slab].copy_(part)
+
+
+def default_chunk_rows(vocab_size: int, dtype: torch.dtype, weight_grad: bool = True) -> int:
+    """Rows per logit chunk within the byte budget, a multiple of 128 when that large (GEMM tiles)."""
+    budget = DEFAULT_CHUNK_BYTES if weight_grad else FROZEN_CHUNK_BYTES
+    rows = max(1, budget // (vocab_size * torch.empty((), dtype=dtype).element_size()))
+    return rows - rows % 128 if rows >= 128 else rows
+
+
+def _sources(name: str, x, K: int, single_dim: int) -> tuple[list[torch.Tensor], list[tuple[int, int | None]]]:
+    """Unique tensors behind a per-head argument and, per head, (source index, sub-index or None).
+
+    A tensor with ``single_dim`` dims is shared by every head; one more dim is stacked over K;
+    a list holds one tensor per head (the same object may repeat: its gradient accumulates once).
+    """
+    if isinstance(x, torch.Tensor):
+        if x.dim() == single_dim:
+            return [x], [(0, None)] * K
+        if x.dim() == single_dim + 1:
+            if x.shape[0] != K:
+                raise ValueError(f"{name} stacks {x.shape[0]} heads but len(shifts) = {K}")
+            return [x], [(0, k) for k in range(K)]
+        raise ValueError(f"{name} must have {single_dim} or {single_dim + 1} dims, got shape {list(x.shape)}")
+    if not isinstance(x, (list, tuple)) or len(x) != K:
+        raise ValueError(f"{name} must be a tensor or a list of len(shifts) = {K} tensors")
+    srcs: list[torch.Tensor] = []
+    index: dict[int, int] = {}
+    heads = []
+    for t in x:
+        if not isinstance(t, torch.Tensor) or t.dim() != single_dim:
+            raise ValueError(f"each entry of {name} must be a {single_dim}-dim tensor")
+        if id(t) not in index:
+            index[id(t)] = len(srcs)
+            srcs.append(t)
+        heads.append((index[id(t)], None))
+    return srcs, heads
+
+
+def _region(src: torch.Tensor, sub: int | None) -> torch.Tensor:
+    return src if sub is None else src[sub]
+
+
+@dataclass
+class _Plan:
+    """Everything the autograd Function needs besides the tensors (static: no data dependence)."""
+
+    shifts: list[int]
+    hidden_heads: list[tuple[int, int | None]]
+    weight_heads: list[tuple[int, int | None]]
+    bias_heads: list[tuple[int, int | None]] | None
+    n_hidden: int
+    n_weight: int
+    needs_grad: list[bool]  # per tensor input of the Function
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    reduction: str
+    accum_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    chunk_size: int | None
+
+
+class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
+    """Inputs: plan, labels, segment_ids, head_weights, *hidden sources, *weight sources, *bias sources."""
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, labels, segment_ids, head_weights, *tensors):
+        K = len(plan.shifts)
+        hid_srcs = tensors[: plan.n_hidden]
+        w_srcs = tensors[plan.n_hidden : plan.n_hidden + plan.n_weight]
+        b_srcs = tensors[plan.n_hidden + plan.n_weight :]
+        needs = plan.needs_grad[3:]
+        hid_need, w_need = needs[: plan.n_hidden], needs[plan.n_hidden : plan.n_hidden + plan.n_weight]
+        b_need = needs[plan.n_hidden + plan.n_weight :]
+        B, T = labels.shape
+        N, V, H = B * T, w_srcs[0].shape[-2], w_srcs[0].shape[-1]
+        dev, cdt = labels.device, plan.compute_dtype
+        # Row statistics in fp32 (fp64 when computing in fp64, so the CPU gradcheck is exact).
+        sdt = torch.float64 if cdt == torch.float64 else torch.float32
+        adt = torch.promote_types(plan.accum_dtype, cdt)
+        any_grad = any(needs)
+        labels_flat = labels.reshape(-1)
+        seg_flat = None if segment_ids is None else segment_ids.reshape(-1)
+        opts = dict(ignore_index=plan.ignore_index, label_smoothing=plan.label_smoothing,
+                    z_loss=plan.z_loss, softcap=plan.softcap)
+
+        # Valid-target counts and per-head gradient factors, on the device (no sync).
+        counts = torch.stack([
+            row_targets(labels_flat, seg_flat, T, s, 0, N, plan.ignore_index, V)[1].sum() for s in plan.shifts
+        ])
+        hw = head_weights.to(sdt)
+        denom = counts.clamp(min=1).to(sdt)
+        scale = (hw / denom if plan.reduction == "mean" else hw).contiguous()
+
+        chunk = min(plan.chunk_size or default_chunk_rows(V, cdt, any(w_need)), N)
+        logits_buf = torch.empty(chunk, V, dtype=cdt, device=dev)
+        lse_buf = torch.empty(chunk, dtype=sdt, device=dev)
+        row_loss = torch.empty(K, N, dtype=sdt, device=dev)
+        correct = torch.empty(K, N, dtype=torch.int32, device=dev)
+
+        # Gradient buffers. Hidden: written directly in the compute dtype when each region is read
+        # by one head, else accumulated in ``adt``. Weight: final gradients in the parameter dtype.
+        hid_uses = {key: plan.hidden_heads.count(key) for key in plan.hidden_heads}
+        hid_grad_dtype = [adt if any(hid_uses[(i, s)] > 1 for (i, s) in hid_uses if i == j) else cdt
+                          for j in range(plan.n_hidden)]
+        hid_grads = [torch.empty(t.shape, dtype=hid_grad_dtype[j], device=dev) if hid_need[j] else None
+                     for j, t in enumerate(hid_srcs)]
+        w_grads = [torch.empty_like(t) if w_need[j] else None for j, t in enumerate(w_srcs)]
+        b_grads = [torch.zeros(t.shape, dtype=sdt, device=dev) if b_need[j] else None for j, t in enumerate(b_srcs)]
+
+        # Heads grouped by projection region, so one weight accumulator is alive at a time.
+        order = sorted(range(K), key=lambda k: plan.weight_heads.index(plan.weight_heads[k]))
+        hid_written: set = set()
+        w_acc = None
+        with torch.autocast(device_type=dev.type, enabled=False):
+            for pos, k in enumerate(order):
+                wi, wsub = plan.weight_heads[k]
+                hi, hsub = plan.hidden_heads[k]
+                first_of_group = pos == 0 or plan.weight_heads[order[pos - 1]] != (wi, wsub)
+                last_of_group = pos == K - 1 or plan.weight_heads[order[pos + 1]] != (wi, wsub)
+                if first_of_group:
+                    w_k = _region(w_srcs[wi], wsub).to(cdt)  # one cast per group (a no-op if cdt)
+                    if w_need[wi]:
+                        # A single dW GEMM (one head, one chunk) accumulates in fp32 inside cuBLAS
+                        # and can write the gradient directly; otherwise accumulate in ``adt``.
+                        w_out = _region(w_grads[wi], wsub)
+                        acc_is_grad = (last_of_group and N <= chunk) or w_out.dtype == adt
+                        w_acc = w_out if acc_is_grad else torch.empty(w_out.shape, dtype=adt, device=dev)
+                h_k = _region(hid_srcs[hi], hsub).reshape(N, H)
+                gh_k = None if hid_grads[hi] is None else _region(hid_grads[hi], hsub).reshape(N, H)
+                h_accumulate = (hi, hsub) in hid_written
+                hid_written.add((hi, hsub))
+                b_k = None
+                if plan.bias_heads is not None:
+                    bi, bsub = plan.bias_heads[k]
+                    b_k = _region(b_srcs[bi], bsub)
+                for r0 in range(0, N, chunk):
+                    r1 = min(N, r0 + chunk)
+                    h_c = h_k[r0:r1].to(cdt)
+                    z = logits_buf[: r1 - r0]
+                    torch.mm(h_c, w_k.t(), out=z)
+                    ce_rows(z, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
+                            bias=b_k, scale=scale[k : k + 1], lse=lse_buf[: r1 - r0], loss=row_loss[k, r0:r1],
+                            correct=correct[k, r0:r1], compute_lse=True, write_grad=any_grad, **opts)
+                    # z now holds scale_k * dloss/dz for the chunk.
+                    if gh_k is not None:
+                        _mm_into(gh_k[r0:r1], z, w_k, accumulate=h_accumulate)
+                    if w_need[wi]:
+                        _mm_into(w_acc, z.t(), h_c, accumulate=not (first_of_group and r0 == 0))
+                    if b_k is not None and b_need[bi]:
+                        _region(b_grads[bi], bsub).add_(z.sum(0, dtype=sdt))
+                if last_of_group:
+                    if w_need[wi] and not acc_is_grad:
+                        _region(w_grads[wi], wsub).copy_(w_acc)  # the one cast to the parameter dtype
+                    w_acc = w_k = None  # free the accumulator before the next group's
+
+        head_losses = row_loss.sum(1)
+        if plan.reduction == "mean":
+            head_losses = head_losses / denom
+        loss = (hw * head_losses).sum()
+        head_accuracy = (correct.sum(1).to(torch.float32) / counts.clamp(min=1).to(torch.float32))
+
+        # d loss / d head_weights[k] = loss_k (when head_weights is a tensor that requires grad).
+        grads = [None, None, head_losses.detach().to(head_weights.dtype) if plan.needs_grad[2] else None]
+        grads += [None if g is None else g.to(t.dtype) for g, t in zip(hid_grads, hid_srcs)]
+        grads += w_grads
+        grads += [None if g is None else g.to(t.dtype) for g, t in zip(b_grads, b_srcs)]
+        ctx.grads = grads
+        ctx.reentrant = _reentrant
+        head_losses = head_losses.detach().to(torch.float32)
+        ctx.mark_non_differentiable(head_losses, head_accuracy, counts)
+        return loss, head_losses, head_accuracy, counts
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if ctx.grads is None:
+            raise RuntimeError("multi_head_linear_cross_entropy: backward ran twice; use reentrant_backward()")
+        grads = ctx.grads
+        # grad_loss is a 0-dim fp32 tensor: the product keeps each gradient's dtype, computed in fp32.
+        if ctx.reentrant:
+            return (None, *[None if g is None else g * grad_loss for g in grads])
+        ctx.grads = None  # hand the tensors over: autograd may then adopt them without a copy
+        return (None, *[None if g is None else g.mul_(grad_loss) for g in grads])
+
+
+def _as_head_weights(head_weights, K: int, device: torch.device) -> torch.Tensor:
+    if head_weights is None:
+        return torch.ones(K, dtype=torch.float64, device=device)
+    if isinstance(head_weights, torch.Tensor):
+        if head_weights.shape != (K,) or not head_weights.is_floating_point():
+            raise ValueError(f"head_weights must be a float tensor of shape [{K}], got {head_weights.dtype} "
+                             f"{list(head_weights.shape)}")
+        if head_weights.device != device:
+            raise ValueError(f"head_weights is on {head_weights.device} but labels is on {device}")
+        return head_weights
+    values = [float(w) for w in head_weights]
+    if len(values) != K:
+        raise ValueError(f"head_weights must hold len(shifts) = {K} values, got {len(values)}")
+    # Filled on the device value by value: a host-to-device copy of a list would synchronize.
+    out = torch.empty(K, dtype=torch.float64, device=device)
+    for k, value in enumerate(values):
+        out[k].fill_(value)
+    return out
+
+
+# torch.compile runs this op eagerly (a graph break): its chunk loop and Triton launches are already
+# the fused form, and it never synchronizes, so CUDA graphs can still capture it.
+@torch.compiler.disable
+def multi_head_linear_cross_entropy(
+    hidden: torch.Tensor | Sequence[torch.Tensor],
+    weight: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    shifts: Sequence[int],
+    head_weights: Sequence[float] | torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    segment_ids: torch.Tensor | None = None,
+    reduction: str = "mean",
+    accum_dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+) -> MultiHeadLossOutput:
+    """Every Medusa head's loss in one chunked op (see the module docstring for the math).
+
+    hidden:  [K, B, T, H], [B, T, H] (read by every head) or a list of K [B, T, H] tensors.
+    weight:  [V, H] shared, [K, V, H], or a list of K [V, H] tensors (may repeat one tensor).
+    labels:  [B, T] integer token ids, NOT shifted; head k at position t predicts labels[b, t + shifts[k]].
+    bias:    None, [V], [K, V] or a list of K [V] tensors.
+    segment_ids: [B, T] integer document ids of packed rows (targets across a boundary are ignored).
+    accum_dtype: dtype of the weight-gradient accumulator (float32, or the parameter dtype to save memory).
+    chunk_size: rows per logit chunk (default: a [chunk, V] buffer of about 512 MiB).
+    Returns MultiHeadLossOutput(loss (differentiable), head_losses, head_accuracy, head_tokens).
+    """
+    if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:
+        raise ValueError(f"shifts must be a non-empty list of ints >= 0, got {shifts!r}")
+    shifts = [int(s) for s in shifts]
+    if any(s < 0 for s in shifts):
+        raise ValueError(f"shifts must be ints >= 0, got {shifts}")
+    K = len(shifts)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ValueError("labels must be a [B, T] integer tensor")
+    check_labels("labels", labels, 1 << 62, ignore_index, check_values=False)
+    B, T = labels.shape
+    if B * T == 0:
+        raise ValueError(f"labels must hold at least one token, got shape {list(labels.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if accum_dtype not in _ACCUM_DTYPES:
+        raise ValueError(f"accum_dtype must be one of {_ACCUM_DTYPES}, got {accum_dtype}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
+
+    hid_srcs, hid_heads = _sources("hidden", hidden, K, 3)
+    w_srcs, w_heads = _sources("weight", weight, K, 2)
+    b_srcs, b_heads = ([], None) if bias is None else _sources("bias", bias, K, 1)
+    V, H = w_srcs[0].shape[-2], w_srcs[0].shape[-1]
+    for name, srcs, tail in (("hidden", hid_srcs, (B, T, H)), ("weight", w_srcs, (V, H)), ("bias", b_srcs, (V,))):
+        for t in srcs:
+            check_float(name, t)
+            if tuple(t.shape[-len(tail):]) != tail:
+                raise ValueError(f"{name} must end in shape {list(tail)} (labels [B, T], weight [V, H]), "
+                                 f"got {list(t.shape)}")
+    if segment_ids is not None:
+        if not isinstance(segment_ids, torch.Tensor) or segment_ids.shape != labels.shape:
+            raise ValueError(f"segment_ids must have the shape of labels {list(labels.shape)}")
+        check_labels("segment_ids", segment_ids, 0, 0, check_values=False)
+        segment_ids = segment_ids.contiguous()
+    check_same_device(labels=labels, hidden=hid_srcs[0], weight=w_srcs[0], segment_ids=segment_ids,
+                      **{f"hidden[{i}]": t for i, t in enumerate(hid_srcs)},
+                      **{f"weight[{i}]": t for i, t in enumerate(w_srcs)},
+                      **{f"bias[{i}]": t for i, t in enumerate(b_srcs)})
+    check_labels("labels", labels, V, ignore_index, check_values=not labels.is_cuda)
+    labels = labels.contiguous() if labels.dtype == torch.int64 else labels.long()
+    hw = _as_head_weights(head_weights, K, labels.device)
+
+    # Compute dtype: autocast's when active (the GEMMs then run in it), else the inputs' common one.
+    dev_type = labels.device.type
+    if torch.is_autocast_enabled(dev_type):
+        compute_dtype = torch.get_autocast_dtype(dev_type)
+    else:
+        compute_dtype = hid_srcs[0].dtype
+        for t in hid_srcs + w_srcs:
+            compute_dtype = torch.promote_types(compute_dtype, t.dtype)
+    grad_on = torch.is_grad_enabled()
+    tensors = [*hid_srcs, *w_srcs, *b_srcs]
+    plan = _Plan(
+        shifts=shifts, hidden_heads=hid_heads, weight_heads=w_heads, bias_heads=b_heads,
+        n_hidden=len(hid_srcs), n_weight=len(w_srcs),
+        needs_grad=[False, False, grad_on and hw.requires_grad] + [grad_on and t.requires_grad for t in tensors],
+        ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap), reduction=reduction, accum_dtype=accum_dtype,
+        compute_dtype=compute_dtype, chunk_size=chunk_size,
+    )
+    loss, head_losses, head_accuracy, head_tokens = MultiHeadLinearCrossEntropyFunction.apply(
+        plan, labels, segment_ids, hw, *tensors
+    )
+    return MultiHeadLossOutput(loss=loss, head_losses=head_losses, head_accuracy=head_accuracy,
+                               head_tokens=head_tokens)
+
+
+class MultiHeadLinearCrossEntropy(nn.Module):
+    """Module form of ``multi_head_linear_cross_entropy`` with the options fixed at construction."""
+
+    def __init__(
+        self,
+        shifts: Sequence[int],
+        head_weights: Sequence[float] | None = None,
+        *,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        reduction: str = "mean",
+        accum_dtype: torch.dtype = torch.float32,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.shifts = [int(s) for s in shifts]
+        self.head_weights = None if head_weights is None else [float(w) for w in head_weights]
+        self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                            softcap=softcap, reduction=reduction, accum_dtype=accum_dtype, chunk_size=chunk_size)
+
+    def forward(self, hidden, weight, labels, *, bias=None, segment_ids=None) -> MultiHeadLossOutput:
+        """hidden/weight/bias/labels/segment_ids as in ``multi_head_linear_cross_entropy``."""
+        return multi_head_linear_cross_entropy(hidden, weight, labels, self.shifts, self.head_weights,
+                                               bias=bias, segment_ids=segment_ids, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"shifts={self.shifts}, head_weights={self.head_weights}"

@@ -1,0 +1,182 @@
+"""cross_entropy against torch.nn.functional.cross_entropy in float64 (plus z-loss and softcap).
+
+Both backends run: the Triton kernel (through the interpreter on CPU) and the PyTorch fallback.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medusa_liger.kernels.cross_entropy import ce_rows, cross_entropy
+from medusa_liger.kernels.utils import force_backend
+from tests.utils import DEVICE, DTYPES, HAS_CUDA, assert_close
+
+BACKENDS = ["triton", "torch"]
+SHAPES = [(1, 5), (3, 123), (9, 1100)]  # 1100 > the interpreter's block: the online loop runs 3 blocks
+OPTIONS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-2},
+    {"softcap": 4.0},
+    {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 2.5, "ignore_index": 7},
+]
+
+
+def reference(x, labels, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean"):
+    """The definition in float64: F.cross_entropy on soft-capped logits plus z * lse^2 on valid rows."""
+    y = x.double()
+    if softcap is not None:
+        y = softcap * torch.tanh(y / softcap)
+    valid = labels != ignore_index
+    rows = F.cross_entropy(y, labels, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
+    lse = torch.logsumexp(y, -1)
+    rows = torch.where(valid, rows + z_loss * lse.square(), torch.zeros_like(rows))
+    if reduction == "mean":
+        return rows.sum() / valid.sum().clamp(min=1), lse
+    return (rows.sum() if reduction == "sum" else rows), lse
+
+
+def _labels(N, V, ignore_index=-100):
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    labels[torch.rand(N, device=DEVICE) < 0.3] = ignore_index
+    return labels
+
+
+def _check(backend, N, V, dtype, reduction, options):
+    x = (torch.randn(N, V, device=DEVICE) * 3).to(dtype)
+    labels = _labels(N, V, options.get("ignore_index", -100))
+    ref_x = x.double().requires_grad_()
+    ref, ref_lse = reference(ref_x, labels, reduction=reduction, **options)
+    grad_out = torch.randn_like(ref)
+    (ref * grad_out).sum().backward()
+
+    xx = x.clone().requires_grad_()
+    with force_backend(backend):
+        out, lse = cross_entropy(xx, labels, reduction=reduction, return_lse=True, **options)
+        assert out.shape == ref.shape
+        (out * grad_out.to(out.dtype)).sum().backward()
+    assert_close(out, ref, torch.float32 if dtype == torch.float32 else dtype, "loss")
+    assert_close(lse, ref_lse, torch.float32 if dtype == torch.float32 else dtype, "lse")
+    assert_close(xx.grad, ref_x.grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,V", SHAPES)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_options(backend, N, V, options):
+    _check(backend, N, V, torch.float32, "mean", options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reductions_and_dtypes(backend, reduction, dtype):
+    if backend == "torch" and dtype != torch.float32 and not HAS_CUDA:
+        pytest.skip("half precision runs on the GPU only")
+    _check(backend, 5, 301, dtype, reduction, {"label_smoothing": 0.05, "z_loss": 1e-3})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_exact_on_torch_path(backend):
+    x = torch.randn(4, 77, device=DEVICE, dtype=torch.float64)
+    labels = _labels(4, 77)
+    ref_x = x.clone().requires_grad_()
+    ref, _ = reference(ref_x, labels, softcap=3.0)
+    ref.backward()
+    xx = x.clone().requires_grad_()
+    with force_backend(backend):
+        cross_entropy(xx, labels, softcap=3.0).backward()
+    dtype = torch.float64 if backend == "torch" else torch.float32  # the kernel computes in fp32
+    assert_close(xx.grad, ref_x.grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows_are_written_in_place_and_padding_untouched(backend):
+    """Logits that are a view with padded rows: the gradient lands in place, padding stays NaN."""
+    N, V = 6, 200
+    buf = torch.full((N, V + 9), float("nan"), device=DEVICE)
+    buf[:, :V] = torch.randn(N, V, device=DEVICE)
+    labels = _labels(N, V)
+    ref_x = buf[:, :V].clone().double().requires_grad_()
+    reference(ref_x, labels)[0].backward()
+    view = buf[:, :V].detach().requires_grad_()
+    with force_backend(backend):
+        cross_entropy(view, labels).backward()
+    assert torch.isnan(buf[:, V:]).all()
+    assert_close(buf[:, :V], ref_x.grad, torch.float32, "in-place gradient")
+    assert_close(view.grad, ref_x.grad, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored_gives_zero_not_nan(backend, reduction):
+    x = torch.randn(4, 50, device=DEVICE, requires_grad=True)
+    labels = torch.full((4,), -100, device=DEVICE)
+    with force_backend(backend):
+        out = cross_entropy(x, labels, reduction=reduction, z_loss=1e-2, label_smoothing=0.1)
+        out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(x.grad, torch.zeros_like(x.grad))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU raises; the GPU behaviour is tested below")
+def test_out_of_range_labels_raise_on_cpu():
+    x = torch.randn(3, 10)
+    for bad in (10, -3):
+        with pytest.raises(ValueError, match="labels"):
+            cross_entropy(x, torch.tensor([0, bad, 1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_labels_are_ignored_rows_in_the_row_op(backend):
+    """What the GPU does (no host check there): an out-of-range label is an ignored row."""
+    N, V = 4, 30
+    x = torch.randn(N, V, device=DEVICE)
+    labels = torch.tensor([V + 5, 3, -7, 1], device=DEVICE)
+    lse = torch.empty(N, device=DEVICE)
+    loss = torch.full((N,), float("nan"), device=DEVICE)
+    correct = torch.full((N,), -1, dtype=torch.int32, device=DEVICE)
+    with force_backend(backend):
+        ce_rows(x, labels, scale=torch.ones(1, device=DEVICE), lse=lse, loss=loss, correct=correct,
+                write_grad=True)
+    assert loss[0] == 0 and loss[2] == 0 and correct[0] == 0 and correct[2] == 0
+    assert torch.equal(x[0], torch.zeros(V, device=DEVICE)) and torch.equal(x[2], torch.zeros(V, device=DEVICE))
+    assert (x[1].abs().sum() > 0) and loss[1] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_out_of_range_labels_are_ignored():
+    x = torch.randn(3, 40, device="cuda", requires_grad=True)
+    out = cross_entropy(x, torch.tensor([1, 99, -5], device="cuda"), reduction="none")
+    out.sum().backward()
+    assert out[1] == 0 and out[2] == 0 and torch.equal(x.grad[1:], torch.zeros_like(x.grad[1:]))
+
+
+@pytest.mark.gpu
+def test_gpu_llama_vocab_bf16():
+    x = torch.randn(64, 128256, device="cuda", dtype=torch.bfloat16)
+    labels = _labels(64, 128256)
+    ref_x = x.double().requires_grad_()
+    ref, _ = reference(ref_x, labels, label_smoothing=0.1)
+    ref.backward()
+    xx = x.clone().requires_grad_()
+    cross_entropy(xx, labels, label_smoothing=0.1).backward()
+    assert_close(xx.grad, ref_x.grad, torch.bfloat16, "grad")
+
+
+def test_bad_inputs():
+    x = torch.randn(3, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="labels"):
+        cross_entropy(x, torch.zeros(4, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="labels"):
+        cross_entropy(x, torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="logits"):
+        cross_entropy(x[0], torch.zeros(3, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(x, torch.zeros(3, dtype=torch.long, device=DEVICE), reduction="max")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(x, torch.zeros(3, dtype=torch.long, device=DEVICE), label_smoothing=1.5)
+    with pytest.raises(ValueError, match="softcap"):
+        cross_entropy(x, torch.zeros(3, dtype=torch.long, device=DEVICE), softcap=0.0)
