@@ -327,12 +327,13 @@ def test_bf16_forward_and_backward_on_cpu():
 
 
 def test_triton_path_end_to_end_matches_torch_path():
-    """One run through the Triton kernels (the interpreter on CPU) against the PyTorch path."""
+    """One run through the Triton kernels (the interpreter on CPU, compiled on a GPU) against the
+    PyTorch path, on the device under test (Triton cannot read CPU tensors without the interpreter)."""
     cfg = MedusaConfig(num_heads=2, mode="joint", shared_lm_head=False)
-    model = MedusaModel.from_backbone(tiny_llama(), cfg)
+    model = MedusaModel.from_backbone(tiny_llama().to(DEVICE), cfg)
     randomize_heads(model)
     other = copy.deepcopy(model)
-    ids, labels = batch(B=1, T=9)
+    ids, labels = (t.to(DEVICE) for t in batch(B=1, T=9))
     with force_backend("triton"):
         out = model(ids, labels=labels)
     out.loss.backward()
