@@ -119,6 +119,11 @@ def swiglu_op(rows: int, inter: int) -> Op:
 def rope_op(batch: int, n_q: int, n_kv: int, seq: int, dim: int, hf_layout: bool) -> Op:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf
 
+    # Liger rotates HF-layout q/k in place and writes dq/dk over the incoming gradients (its
+    # transpose(1, 2).contiguous() is a no-op there: hence its 0.00 GiB). Every implementation must
+    # still see the same inputs, so each set keeps an untouched copy, restored before each one.
+    pristine: list[tuple[torch.Tensor, torch.Tensor]] = []
+
     def heads_tensor(n_heads: int) -> torch.Tensor:
         # HF's layout: a transposed view of a [B, T, heads, D] projection; else contiguous [B, heads, T, D].
         if hf_layout:
@@ -129,8 +134,19 @@ def rope_op(batch: int, n_q: int, n_kv: int, seq: int, dim: int, hf_layout: bool
         q, k = heads_tensor(n_q).requires_grad_(), heads_tensor(n_kv).requires_grad_()
         angle = torch.rand(batch, seq, dim // 2, device=DEVICE).repeat(1, 1, 2) * 6.3
         cos, sin = angle.cos().to(DTYPE), angle.sin().to(DTYPE)  # [B, T, D], duplicated halves as HF
-        # Gradients arrive in the inputs' layout (SDPA's backward returns dq/dk shaped like q/k).
-        return (q, k, cos, sin), [0, 1], (heads_tensor(n_q), heads_tensor(n_kv))
+        # Gradients arrive in the inputs' layout (SDPA's backward returns dq/dk shaped like q/k),
+        # the same tensors for every implementation.
+        grads = (heads_tensor(n_q), heads_tensor(n_kv))
+        pristine.extend((t, t.detach().clone()) for t in (q, k, *grads))
+        return (q, k, cos, sin), [0, 1], grads
+
+    def fresh_inputs(build: Callable[[], Callable]) -> Callable[[], Callable]:
+        def builder() -> Callable:
+            with torch.no_grad():
+                for live, saved in pristine:
+                    live.copy_(saved)  # same values, same strides, before each implementation
+            return build()
+        return builder
 
     def liger():
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
@@ -141,8 +157,9 @@ def rope_op(batch: int, n_q: int, n_kv: int, seq: int, dim: int, hf_layout: bool
     n_bytes = (4 * qk + 4 * batch * seq * dim) * DTYPE.itemsize  # q,k read+written twice; cos,sin twice
     name = "RoPE (HF layout)" if hf_layout else "RoPE (contiguous)"
     op = Op(name, f"q[{batch}, {n_q}, {seq}, {dim}], k[{batch}, {n_kv}, {seq}, {dim}]", make, n_bytes)
-    op.impls = {"eager (HF)": lambda: hf, "torch.compile": lambda: torch.compile(hf), "liger": liger,
-                "ours": lambda: apply_rotary_pos_emb}
+    impls = {"eager (HF)": lambda: hf, "torch.compile": lambda: torch.compile(hf), "liger": liger,
+             "ours": lambda: apply_rotary_pos_emb}
+    op.impls = {impl: fresh_inputs(build) for impl, build in impls.items()}
     return op
 
 

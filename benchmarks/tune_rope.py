@@ -6,6 +6,9 @@ For q[4, 32, 4096, 128], k[4, 8, 4096, 128] bf16 with cos/sin [4, 4096, 128], in
 ``RoPEFunction`` (as training does), is checked against HF's eager result (fp32 math on the same
 bf16 inputs, bf16 tolerance) and timed with triton.testing.do_bench (median, 3 input sets rotated).
 liger-kernel (if importable) and our default public entry point are timed in the same run.
+Every implementation runs on its own copy of the same input sets: Liger rotates HF-layout q/k and
+dq/dk in place (``transpose(1, 2).contiguous()`` is a no-op there), which once left every later
+config checked against a stale reference ("FAIL q_out max err 11.3" on every HF-layout row).
 
 Prints a table per layout sorted by time, the best config per layout, forward-only and
 backward-only times of the best, and writes benchmarks/results/tune_rope_<card>.md (and $OUT).
@@ -86,6 +89,14 @@ def make_set(batch: int, n_q: int, n_kv: int, seq: int, dim: int, hf_layout: boo
     return q, k, angle.cos().to(DTYPE), angle.sin().to(DTYPE), heads_tensor(n_q), heads_tensor(n_kv)
 
 
+def copy_set(inputs: tuple) -> tuple:
+    """A fresh copy of one input set with the same values and strides (q/k leaves again)."""
+    fresh = [t.detach().clone() for t in inputs]  # clone keeps a dense tensor's strides
+    for copy, original in zip(fresh[:2], inputs[:2]):
+        copy.requires_grad_(original.requires_grad)
+    return tuple(fresh)
+
+
 def layout_default(shape: tuple, hf_layout: bool) -> dict:
     """rope.py's default config for ``shape`` in the given layout (meta tensors: no memory)."""
     batch, n_q, n_kv, seq, dim = shape
@@ -127,8 +138,13 @@ def check(results: list[torch.Tensor], ref: list[torch.Tensor]) -> str:
     return "ok"
 
 
-def measure(forward, sets: list, ref: list, n_bytes: int, copy_gbs: float) -> dict:
-    """Correctness on set 0, then the median ms of forward+backward over the rotated sets."""
+def measure(forward, master_sets: list, ref: list, n_bytes: int, copy_gbs: float) -> dict:
+    """Correctness on set 0, then the median ms of forward+backward over the rotated sets.
+
+    ``forward`` gets copies of ``master_sets``, so an implementation that writes its inputs or
+    incoming gradients (Liger in HF layout) changes nothing the next one sees.
+    """
+    sets = [copy_set(inputs) for inputs in master_sets]
     try:
         status = check(fwd_bwd(forward, sets[0]), ref)  # also compiles the kernels
         rotation = itertools.cycle(range(len(sets)))
@@ -141,8 +157,10 @@ def measure(forward, sets: list, ref: list, n_bytes: int, copy_gbs: float) -> di
         message = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")
         return {"ms": float("inf"), "status": "error: " + message[:160]}
     finally:
+        del sets
         if CUDA:
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
 
 def split_times(cfg: dict, inputs: tuple) -> tuple[float, float]:

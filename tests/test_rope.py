@@ -108,16 +108,40 @@ def test_rope_config_with_masked_columns():
            forward=lambda q, k, cos, sin, unsqueeze_dim: RoPEFunction.apply(q, k, cos, sin, config))
 
 
-def test_rope_default_config_follows_layout():
-    """HF layout -> a multi-head tile walked heads-first; contiguous -> positions-first."""
-    hf_q, hf_k = _make_qk(2, 32, 8, 64, 128, torch.float32, hf_layout=True)
-    q, k = _make_qk(2, 32, 8, 64, 128, torch.float32, hf_layout=False)
-    hf_cfg, cfg = default_config(hf_q, hf_k), default_config(q, k)
-    assert hf_cfg["heads_fastest"] and hf_cfg["heads"] > 1
-    assert not cfg["heads_fastest"] and cfg["block_t"] > 1
+def test_rope_default_config_is_the_tuned_tile():
+    """Both layouts: 2 heads x a run of positions, positions-first (benchmarks/tune_rope.py's winner)."""
+    for hf_layout in (False, True):
+        cfg = default_config(*_make_qk(2, 32, 8, 64, 128, torch.float32, hf_layout))
+        assert cfg["heads"] == 2 and cfg["block_t"] == 16 and not cfg["heads_fastest"] and cfg["shared_cs"]
     # Tiny inputs never get a tile taller than the sequence or wider than the heads.
-    small = default_config(*_make_qk(1, 2, 1, 3, 8, torch.float32, hf_layout=True))
-    assert small["heads"] <= 2 and small["block_t"] <= 4
+    small = default_config(*_make_qk(1, 1, 1, 3, 8, torch.float32, hf_layout=True))
+    assert small["heads"] == 1 and small["block_t"] <= 4
+
+
+@pytest.mark.parametrize("hf_layout", [False, True])
+@pytest.mark.parametrize("config", [None, CONFIGS[0]], ids=["default", "explicit"])
+def test_rope_never_writes_inputs_or_gradients(config, hf_layout):
+    """q/k and the incoming dq/dk stay untouched, in both layouts, default or explicit config.
+
+    Liger's RoPE rotates HF-layout q/k (and dq/dk) in place; a benchmark that shares input sets
+    between implementations then checks later ones against stale references (tune_rope.py's
+    "FAIL q_out" rows). Ours must stay out of place, and repeat calls must give equal results.
+    """
+    q, k = _make_qk(2, 5, 3, 7, 8, torch.float32, hf_layout)
+    cos, sin = _hf_cos_sin(2, 7, 8, torch.float32)
+    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+    saved = [t.detach().clone() for t in (q, k, dq_out, dk_out, cos, sin)]
+    results = []
+    for _ in range(2):
+        q_out, k_out = RoPEFunction.apply(q, k, cos, sin, config)
+        dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (dq_out, dk_out))
+        results.append([q_out, k_out, dq, dk])
+    for name, before, after in zip(("q", "k", "dq_out", "dk_out", "cos", "sin"), saved,
+                                   (q, k, dq_out, dk_out, cos, sin)):
+        assert torch.equal(before, after.detach()), f"{name} was written"
+    for name, first, second in zip(("q_out", "k_out", "dq", "dk"), *results):
+        assert torch.equal(first, second), f"{name} differs between two identical calls"
+        assert first.data_ptr() not in (q.data_ptr(), k.data_ptr(), dq_out.data_ptr(), dk_out.data_ptr())
 
 
 def test_rope_bad_config():
