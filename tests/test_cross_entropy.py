@@ -5,6 +5,8 @@ Both backends run: the Triton kernel (through the interpreter on CPU) and the Py
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +182,19 @@ def test_bad_inputs():
         cross_entropy(x, torch.zeros(3, dtype=torch.long, device=DEVICE), label_smoothing=1.5)
     with pytest.raises(ValueError, match="softcap"):
         cross_entropy(x, torch.zeros(3, dtype=torch.long, device=DEVICE), softcap=0.0)
+
+
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[-1]], ids=["plain", "all"])
+def test_persistent_grid_strides_over_rows(monkeypatch, options):
+    """PERSISTENT_PROGRAMS_PER_SM > 0: fewer programs than rows, each looping over rows, same results
+    (on CPU the interpreter stands in 4 SMs, so 13 rows run on 4 programs)."""
+    ce = importlib.import_module("medusa_liger.kernels.cross_entropy")  # the package re-exports the function
+    monkeypatch.setattr(ce, "PERSISTENT_PROGRAMS_PER_SM", 1)
+    _check("triton", 13, 123, torch.float32, "mean", options)
+
+
+@pytest.mark.gpu
+def test_gpu_persistent_grid_llama_vocab_bf16(monkeypatch):
+    ce = importlib.import_module("medusa_liger.kernels.cross_entropy")  # the package re-exports the function
+    monkeypatch.setattr(ce, "PERSISTENT_PROGRAMS_PER_SM", 2)
+    _check("triton", 700, 128256, torch.bfloat16, "mean", {"label_smoothing": 0.1})

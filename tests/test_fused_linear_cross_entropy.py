@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from medusa_liger.kernels import MultiHeadLinearCrossEntropy, multi_head_linear_cross_entropy
+from medusa_liger.kernels import fused_linear_cross_entropy as flce
 from medusa_liger.kernels.fused_linear_cross_entropy import reentrant_backward
 from medusa_liger.kernels.reference import multi_head_linear_cross_entropy_reference as reference
 from medusa_liger.kernels.utils import force_backend
@@ -211,7 +212,7 @@ def test_autocast_bf16_on_cpu_matches_fp32():
     assert_rel_close(w.grad, ref_grads[1], torch.bfloat16, "weight grad")
 
 
-@pytest.mark.parametrize("accum_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("accum_dtype", [torch.float32, torch.bfloat16, None])
 def test_bf16_parameters_and_accumulation_dtypes_cpu(accum_dtype):
     """bf16 GEMMs; a shared hidden (fp32 accumulation over heads) and a repeated projection."""
     h = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
@@ -224,6 +225,73 @@ def test_bf16_parameters_and_accumulation_dtypes_cpu(accum_dtype):
         out, grads = _run(multi_head_linear_cross_entropy, *problem, accum_dtype=accum_dtype, chunk_size=4)
     assert [g.dtype for g in grads] == [torch.bfloat16] * 3
     _compare(out, grads, ref, ref_grads, 2e-2, acc_slack=2)
+
+
+@pytest.mark.parametrize("accum_dtype", [torch.float32, None])
+def test_weight_gradient_accumulator_dtype(monkeypatch, accum_dtype):
+    """fp32 accumulates over chunks in an fp32 buffer; None accumulates in the bf16 gradient itself,
+    the first chunk's GEMM writing it (no zero fill), later ones adding to it."""
+    calls = []
+    original = flce._mm_into
+    monkeypatch.setattr(flce, "_mm_into", lambda out, a, b, accumulate: (
+        calls.append((tuple(out.shape), out.dtype, accumulate)), original(out, a, b, accumulate))[1])
+    h = torch.randn(2, 9, 16, dtype=torch.bfloat16)
+    w = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    with force_backend("torch"):
+        multi_head_linear_cross_entropy(h, w, torch.randint(0, 40, (2, 9)), [1], accum_dtype=accum_dtype,
+                                        chunk_size=4).loss.backward()
+    dw = [(dtype, acc) for shape, dtype, acc in calls if shape == (40, 16)]
+    want_dtype = torch.float32 if accum_dtype is not None else torch.bfloat16
+    assert dw == [(want_dtype, False)] + [(want_dtype, True)] * 4  # 18 rows: 5 chunks
+    assert w.grad.dtype == torch.bfloat16
+
+
+def test_fp32_parameters_accumulate_in_their_gradient_with_none():
+    """accum_dtype=None on fp32 parameters is fp32 accumulation: the same numbers as the default."""
+    problem = _problem(3, dtype=torch.float32)
+    with force_backend("torch"):
+        want, want_grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=4)
+        got, got_grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=4, accum_dtype=None)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+    for g, r in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_plan_budget_free_memory_and_balance(monkeypatch):
+    V, bf16, cpu = 128256, torch.bfloat16, torch.device("cpu")
+    # Budget rows (4096 trainable, 2048 frozen at V = 128256 bf16), then equal tile-sized chunks.
+    assert flce.default_chunk_rows(V, bf16) == 4096 and flce.default_chunk_rows(V, bf16, False) == 2048
+    assert flce.default_chunk_rows(V, bf16, budget_bytes=2**27) == 512
+    assert flce.plan_chunk_rows(16384, V, bf16, True, cpu) == 4096
+    assert flce.plan_chunk_rows(5000, V, bf16, True, cpu) == 2560  # not 4096 + 904
+    assert flce.plan_chunk_rows(5000, V, bf16, False, cpu) == 1792  # 3 chunks
+    assert flce.plan_chunk_rows(300, V, bf16, True, cpu) == 300
+    assert flce.plan_chunk_rows(1000, 37, torch.float64, True, cpu, budget_bytes=37 * 8 * 60) == 59  # 17 chunks
+    # Short of memory: half of what is free beyond the reserved bytes, never below 128 rows.
+    row = V * 2
+    monkeypatch.setattr(flce, "_free_device_bytes", lambda device: 2 * 1000 * row + 2**30)
+    assert flce.plan_chunk_rows(16384, V, bf16, True, cpu, reserved_bytes=2**30) == 896
+    monkeypatch.setattr(flce, "_free_device_bytes", lambda device: 10)
+    assert flce.plan_chunk_rows(16384, V, bf16, True, cpu) == flce.MIN_CHUNK_ROWS
+
+
+def test_default_chunks_match_reference(monkeypatch):
+    """The default plan (budget, free memory, balance) in the op: several chunks, exact results."""
+    rows = []
+    original = flce.ce_rows
+    monkeypatch.setattr(flce, "ce_rows", lambda logits, *a, **k: (rows.append(logits.shape[0]),
+                                                                   original(logits, *a, **k))[1])
+    monkeypatch.setattr(flce, "DEFAULT_CHUNK_BYTES", 5 * 37 * 8)
+    monkeypatch.setattr(flce, "_free_device_bytes", lambda device: 2**40)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 13, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(37, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    problem = (h, w, torch.randint(0, 37, (2, 13), generator=g), [1, 2], None, dict(bias=None))
+    ref, ref_grads = _run(reference, *problem, compute_dtype=torch.float64)
+    with force_backend("torch"):
+        out, grads = _run(multi_head_linear_cross_entropy, *problem)
+    assert rows == [5] * 5 + [1] + [5] * 5 + [1]  # 26 rows in chunks of at most 5
+    _compare(out, grads, ref, ref_grads, TOL["torch"])
 
 
 def test_module_wrapper():

@@ -177,6 +177,34 @@ def test_bf16_weights_cpu_torch_path():
         assert rel_norm_error(got["grads"][name], grad) <= BF16_GRAD_REL, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_memory_policy_small_chunks(monkeypatch, dtype):
+    """LOSS_CHUNK_BYTES sets the logit chunk and LOSS_ACCUM_DTYPE (None) accumulates the lm_head
+    gradient in the weight's dtype: with many chunks the results still match HF's."""
+    from medusa_liger.kernels import fused_linear_cross_entropy as flce
+    from medusa_liger.patching import causal_lm
+
+    monkeypatch.setattr(causal_lm, "LOSS_CHUNK_BYTES", 8 * VOCAB * dtype.itemsize)  # 8 rows
+    calls = []  # (chunk rows, accumulation dtype) of each fused loss call
+    original = flce.MultiHeadLinearCrossEntropyFunction.apply
+    monkeypatch.setattr(flce.MultiHeadLinearCrossEntropyFunction, "apply",
+                        lambda plan, *a: (calls.append((plan.chunk_size, plan.accum_dtype)), original(plan, *a))[1])
+    reference = build("llama", dtype=dtype)
+    patched = build("llama", dtype=dtype, state=reference.state_dict())
+    ids, labels = batch()
+    with force_backend("torch"):
+        want = results(reference, ids, labels)
+        got = results(medusa_liger.patch(patched), ids, labels)
+    assert calls == [(8, None)]  # 38 tokens in chunks of 8 rows
+    assert got["grads"]["lm_head.weight"].dtype == dtype
+    if dtype == torch.float32:
+        assert_results_agree(got, want)
+        return
+    assert abs(float(got["loss"]) - float(want["loss"])) <= BF16_LOSS_REL * float(want["loss"])
+    for name, grad in want["grads"].items():
+        assert rel_norm_error(got["grads"][name], grad) <= BF16_GRAD_REL, name
+
+
 def test_loss_options_match_hf():
     """num_items_in_batch, logits_to_keep, shift_labels, return_dict=False and no-grad evaluation."""
     reference = build("qwen3")

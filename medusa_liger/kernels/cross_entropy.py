@@ -43,6 +43,17 @@ except ImportError:  # pragma: no cover - CPU installs without triton use the Py
 
 _REDUCTIONS = ("mean", "sum", "none")
 _TORCH_ROWS_PER_STEP = 4096  # rows per step of the PyTorch path (bounds its fp32 temporaries)
+# Row-kernel grid: 0 launches one program per row; k > 0 launches k programs per SM that stride over
+# the rows (fewer rows in flight, so pass 2 may re-read them from L2). An experiment the profile
+# (benchmarks/profile_medusa_loss.py) measures both ways; the default stays one program per row.
+PERSISTENT_PROGRAMS_PER_SM = 0
+_CPU_MULTIPROCESSORS = 4  # the interpreter's stand-in, so CPU tests run the striding loop
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _CPU_MULTIPROCESSORS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def launch_config(n_cols: int, device: torch.device) -> tuple[int, int]:
@@ -73,16 +84,15 @@ if triton is not None:
         return tl.where(mask, x, other)
 
     @triton.jit
-    def ce_row_kernel(
-        logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
+    def _ce_row(
+        pid, logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
         lse_ptr, loss_ptr, correct_ptr,
         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """One program per row ``pid`` of the logits; global row n = row_start + pid of labels."""
-        pid = tl.program_id(0).to(tl.int64)
+        """Row ``pid`` (int64) of the logits; global row n = row_start + pid of labels."""
         row_ptr = logits_ptr + pid * logits_row_stride
         # Target of global row n (position t of its sequence): labels[n + shift] when t + shift
         # stays inside the sequence (and, packed, inside the same segment). Masked loads keep an
@@ -152,6 +162,31 @@ if triton is not None:
                     g = g * (1.0 - c * c)
                 g = tl.where(valid, g * scale, 0.0)
                 tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def ce_row_kernel(
+        logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
+        lse_ptr, loss_ptr, correct_ptr,
+        n_rows, row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
+        HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+        COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        BLOCK: tl.constexpr, PERSISTENT: tl.constexpr,
+    ):
+        """One program per row, or (PERSISTENT) a grid of few programs striding over the rows, so
+        fewer rows are in flight and pass 2's re-read of a row can still find it in L2."""
+        if PERSISTENT:
+            for pid in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+                _ce_row(tl.cast(pid, tl.int64), logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr,
+                        scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr,
+                        row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
+                        HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
+                        WRITE_GRAD, BLOCK)
+        else:
+            _ce_row(tl.program_id(0).to(tl.int64), logits_ptr, logits_row_stride, labels_ptr, segment_ptr,
+                    bias_ptr, scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr,
+                    row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
+                    HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
+                    WRITE_GRAD, BLOCK)
 
 
 def row_targets(
@@ -241,18 +276,21 @@ def ce_rows(
             )
         return
     block, num_warps = launch_config(V, logits.device)
+    programs = rows
+    if PERSISTENT_PROGRAMS_PER_SM > 0:
+        programs = min(rows, PERSISTENT_PROGRAMS_PER_SM * _multiprocessors(logits.device))
     dummy = lse
-    ce_row_kernel[(rows,)](
+    ce_row_kernel[(programs,)](
         logits, logits.stride(0), labels,
         dummy if segment_ids is None else segment_ids, dummy if bias is None else bias,
         dummy if scale is None else scale, 0 if scale is None or scale.numel() == 1 else 1,
         lse, dummy if loss is None else loss, dummy if correct is None else correct,
-        row_start, seq_len, shift, V, ignore_index, float(label_smoothing), float(z_loss),
+        rows, row_start, seq_len, shift, V, ignore_index, float(label_smoothing), float(z_loss),
         1.0 if softcap is None else float(softcap),
         HAS_BIAS=bias is not None, HAS_SEGMENTS=segment_ids is not None, HAS_SOFTCAP=softcap is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         COMPUTE_LSE=compute_lse, STORE_CORRECT=correct is not None, WRITE_GRAD=write_grad,
-        BLOCK=block, num_warps=num_warps,
+        BLOCK=block, PERSISTENT=programs < rows, num_warps=num_warps,
     )
 
 

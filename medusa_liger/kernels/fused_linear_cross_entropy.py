@@ -20,11 +20,14 @@ Algorithm (forward does all the work; backward only multiplies by grad_output):
         after the last head using W_k: cast its accumulator into W_k's gradient and free it
 
 FLOPs: 2NHV (logits) + 2NHV (dh) + 2NHV (dW, only for a trainable projection) per head. Memory
-beyond the outputs: one [C, V] logit chunk (C = ``chunk_size`` or DEFAULT_CHUNK_BYTES worth of rows:
-4096 at V = 128256 in bf16; half that when every projection is frozen), one weight-gradient
-accumulator at a time (none when ``accum_dtype`` is the parameter's dtype, or when a projection's
-gradient is a single GEMM), and the gradients themselves, which are computed here and held until
-backward. bf16 x bf16 -> fp32 GEMMs use torch's ``out_dtype`` (torch >= 2.8 on CUDA), else slabs.
+beyond the outputs: one [C, V] logit chunk, one weight-gradient accumulator at a time (none when
+``accum_dtype`` is None or the parameter's dtype, or when a projection's gradient is a single GEMM),
+and the gradients themselves, which are computed here and held until backward. C = ``chunk_size``,
+or by default: DEFAULT_CHUNK_BYTES worth of rows (4096 at V = 128256 in bf16; half that when every
+projection is frozen), fewer when the device has less than twice that free beyond what is alive
+(the gradients just allocated and the accumulator to come), then balanced so the chunks have equal
+multiple-of-128 sizes (N = 5000 runs 2 x 2560 rows, not 4096 + 904: no thin, slow last GEMM).
+bf16 x bf16 -> fp32 GEMMs use torch's ``out_dtype`` (torch >= 2.8 on CUDA), else slabs.
 No host-device sync anywhere (counts and scales stay on the device), so the op can be captured in a
 CUDA graph. CPU tensors run the same algorithm with the row computation in
 PyTorch (or the Triton kernel under TRITON_INTERPRET=1).
@@ -51,6 +54,7 @@ from medusa_liger.kernels.utils import check_float, check_labels, check_same_dev
 # 2048 rows when every projection is frozen (the GEMMs are already big). chunk_size overrides both.
 DEFAULT_CHUNK_BYTES = 2**30
 FROZEN_CHUNK_BYTES = 2**29
+MIN_CHUNK_ROWS = 128  # floor when free memory is short (a thinner GEMM would waste the tensor cores)
 _SLAB_BYTES = 64 * 2**20  # temporary of the fallback mixed-dtype GEMM
 _ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # bf16 x bf16 -> fp32 GEMMs without a temporary (torch >= 2.8 on CUDA).
@@ -94,11 +98,51 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
             out[s : s + slab].add_(part) if accumulate else out[s : s + slab].copy_(part)
 
 
-def default_chunk_rows(vocab_size: int, dtype: torch.dtype, weight_grad: bool = True) -> int:
-    """Rows per logit chunk within the byte budget, a multiple of 128 when that large (GEMM tiles)."""
-    budget = DEFAULT_CHUNK_BYTES if weight_grad else FROZEN_CHUNK_BYTES
-    rows = max(1, budget // (vocab_size * torch.empty((), dtype=dtype).element_size()))
+def _tile_rows(rows: int) -> int:
+    # A multiple of 128 rows when that large (GEMM tiles), at least one row.
+    rows = max(1, rows)
     return rows - rows % 128 if rows >= 128 else rows
+
+
+def default_chunk_rows(vocab_size: int, dtype: torch.dtype, weight_grad: bool = True,
+                       budget_bytes: int | None = None) -> int:
+    """Rows per logit chunk within ``budget_bytes`` (default: DEFAULT_CHUNK_BYTES, or
+    FROZEN_CHUNK_BYTES without a weight gradient), a multiple of 128 when that large."""
+    budget = budget_bytes or (DEFAULT_CHUNK_BYTES if weight_grad else FROZEN_CHUNK_BYTES)
+    return _tile_rows(budget // (vocab_size * torch.empty((), dtype=dtype).element_size()))
+
+
+def _free_device_bytes(device: torch.device) -> int | None:
+    """Bytes the next allocations can still get on a CUDA device (None elsewhere or while capturing).
+
+    The driver's free memory plus what the caching allocator holds unused; host-side queries that
+    never wait for the stream, skipped during CUDA-graph capture (the plan must then be static).
+    """
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except RuntimeError:  # a runtime that cannot tell: keep the static budget
+        return None
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def plan_chunk_rows(n_rows: int, vocab_size: int, dtype: torch.dtype, weight_grad: bool,
+                    device: torch.device, reserved_bytes: int = 0, budget_bytes: int | None = None) -> int:
+    """Default rows per chunk for ``n_rows`` rows: the byte budget (``default_chunk_rows``), shrunk
+    to half of the device's free memory beyond ``reserved_bytes`` (allocations still to come),
+    balanced over the chunks. Pass the result as ``chunk_size`` to use another budget."""
+    rows = default_chunk_rows(vocab_size, dtype, weight_grad, budget_bytes)
+    free = _free_device_bytes(device)
+    if free is not None:
+        row_bytes = vocab_size * torch.empty((), dtype=dtype).element_size()
+        rows = min(rows, max(MIN_CHUNK_ROWS, _tile_rows((free - reserved_bytes) // (2 * row_bytes))))
+    if n_rows <= rows:
+        return n_rows
+    # Equal chunks: ceil(n / count) rounded up to the tile (never above ``rows``, itself tiled).
+    count = -(-n_rows // rows)
+    per = -(-n_rows // count)
+    return min(rows, -(-per // 128) * 128) if rows >= 128 else per
 
 
 def _sources(name: str, x, K: int, single_dim: int) -> tuple[list[torch.Tensor], list[tuple[int, int | None]]]:
@@ -150,7 +194,7 @@ class _Plan:
     z_loss: float
     softcap: float | None
     reduction: str
-    accum_dtype: torch.dtype
+    accum_dtype: torch.dtype | None  # None: each gradient's own dtype
     compute_dtype: torch.dtype
     chunk_size: int | None
 
@@ -172,7 +216,11 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         dev, cdt = labels.device, plan.compute_dtype
         # Row statistics in fp32 (fp64 when computing in fp64, so the CPU gradcheck is exact).
         sdt = torch.float64 if cdt == torch.float64 else torch.float32
-        adt = torch.promote_types(plan.accum_dtype, cdt)
+
+        def acc_dtype(t: torch.Tensor) -> torch.dtype:
+            # Accumulator of t's gradient: accum_dtype, or t's own dtype when it is None.
+            return torch.promote_types(t.dtype if plan.accum_dtype is None else plan.accum_dtype, cdt)
+
         any_grad = any(needs)
         labels_flat = labels.reshape(-1)
         seg_flat = None if segment_ids is None else segment_ids.reshape(-1)
@@ -187,21 +235,29 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         denom = counts.clamp(min=1).to(sdt)
         scale = (hw / denom if plan.reduction == "mean" else hw).contiguous()
 
-        chunk = min(plan.chunk_size or default_chunk_rows(V, cdt, any(w_need)), N)
-        logits_buf = torch.empty(chunk, V, dtype=cdt, device=dev)
-        lse_buf = torch.empty(chunk, dtype=sdt, device=dev)
         row_loss = torch.empty(K, N, dtype=sdt, device=dev)
         correct = torch.empty(K, N, dtype=torch.int32, device=dev)
 
         # Gradient buffers. Hidden: written directly in the compute dtype when each region is read
-        # by one head, else accumulated in ``adt``. Weight: final gradients in the parameter dtype.
+        # by one head, else accumulated in acc_dtype. Weight: final gradients in the parameter dtype.
         hid_uses = {key: plan.hidden_heads.count(key) for key in plan.hidden_heads}
-        hid_grad_dtype = [adt if any(hid_uses[(i, s)] > 1 for (i, s) in hid_uses if i == j) else cdt
-                          for j in range(plan.n_hidden)]
+        hid_grad_dtype = [acc_dtype(hid_srcs[j]) if any(hid_uses[(i, s)] > 1 for (i, s) in hid_uses if i == j)
+                          else cdt for j in range(plan.n_hidden)]
         hid_grads = [torch.empty(t.shape, dtype=hid_grad_dtype[j], device=dev) if hid_need[j] else None
                      for j, t in enumerate(hid_srcs)]
         w_grads = [torch.empty_like(t) if w_need[j] else None for j, t in enumerate(w_srcs)]
         b_grads = [torch.zeros(t.shape, dtype=sdt, device=dev) if b_need[j] else None for j, t in enumerate(b_srcs)]
+
+        # Chunk rows, planned after the gradients exist: the free-memory check then sees them, and
+        # counts the largest weight accumulator still to come (one [V, H] at a time).
+        if plan.chunk_size is not None:
+            chunk = min(plan.chunk_size, N)
+        else:
+            reserved = max([V * H * torch.empty((), dtype=acc_dtype(t)).element_size()
+                            for j, t in enumerate(w_srcs) if w_need[j] and acc_dtype(t) != t.dtype], default=0)
+            chunk = plan_chunk_rows(N, V, cdt, any(w_need), dev, reserved)
+        logits_buf = torch.empty(chunk, V, dtype=cdt, device=dev)
+        lse_buf = torch.empty(chunk, dtype=sdt, device=dev)
 
         # Heads grouped by projection region, so one weight accumulator is alive at a time.
         order = sorted(range(K), key=lambda k: plan.weight_heads.index(plan.weight_heads[k]))
@@ -217,10 +273,12 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                     w_k = _region(w_srcs[wi], wsub).to(cdt)  # one cast per group (a no-op if cdt)
                     if w_need[wi]:
                         # A single dW GEMM (one head, one chunk) accumulates in fp32 inside cuBLAS
-                        # and can write the gradient directly; otherwise accumulate in ``adt``.
+                        # and can write the gradient directly; otherwise accumulate in acc_dtype
+                        # (the first chunk's GEMM writes it: no zero fill).
                         w_out = _region(w_grads[wi], wsub)
-                        acc_is_grad = (last_of_group and N <= chunk) or w_out.dtype == adt
-                        w_acc = w_out if acc_is_grad else torch.empty(w_out.shape, dtype=adt, device=dev)
+                        w_adt = acc_dtype(w_srcs[wi])
+                        acc_is_grad = (last_of_group and N <= chunk) or w_out.dtype == w_adt
+                        w_acc = w_out if acc_is_grad else torch.empty(w_out.shape, dtype=w_adt, device=dev)
                 h_k = _region(hid_srcs[hi], hsub).reshape(N, H)
                 gh_k = None if hid_grads[hi] is None else _region(hid_grads[hi], hsub).reshape(N, H)
                 h_accumulate = (hi, hsub) in hid_written
@@ -315,7 +373,7 @@ def multi_head_linear_cross_entropy(
     softcap: float | None = None,
     segment_ids: torch.Tensor | None = None,
     reduction: str = "mean",
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = torch.float32,
     chunk_size: int | None = None,
 ) -> MultiHeadLossOutput:
     """Every Medusa head's loss in one chunked op (see the module docstring for the math).
@@ -325,8 +383,12 @@ def multi_head_linear_cross_entropy(
     labels:  [B, T] integer token ids, NOT shifted; head k at position t predicts labels[b, t + shifts[k]].
     bias:    None, [V], [K, V] or a list of K [V] tensors.
     segment_ids: [B, T] integer document ids of packed rows (targets across a boundary are ignored).
-    accum_dtype: dtype of the weight-gradient accumulator (float32, or the parameter dtype to save memory).
-    chunk_size: rows per logit chunk (default: a [chunk, V] buffer of about 512 MiB).
+    accum_dtype: dtype of the gradient accumulators over chunks (weight) and heads (a shared hidden):
+             float32 (default), float64, bfloat16/float16, or None for each gradient's own dtype
+             (bf16 parameters then accumulate in the bf16 gradient itself: no [V, H] fp32 buffer,
+             one rounding per chunk, as Liger's fused loss and HF's unfused backward do).
+    chunk_size: rows per logit chunk (default: about 1 GiB of logits, 512 MiB when every projection
+             is frozen, less when the device is short of memory; balanced, see the module docstring).
     Returns MultiHeadLossOutput(loss (differentiable), head_losses, head_accuracy, head_tokens).
     """
     if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:
@@ -343,8 +405,8 @@ def multi_head_linear_cross_entropy(
         raise ValueError(f"labels must hold at least one token, got shape {list(labels.shape)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if accum_dtype not in _ACCUM_DTYPES:
-        raise ValueError(f"accum_dtype must be one of {_ACCUM_DTYPES}, got {accum_dtype}")
+    if accum_dtype is not None and accum_dtype not in _ACCUM_DTYPES:
+        raise ValueError(f"accum_dtype must be None or one of {_ACCUM_DTYPES}, got {accum_dtype}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
@@ -410,7 +472,7 @@ class MultiHeadLinearCrossEntropy(nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         reduction: str = "mean",
-        accum_dtype: torch.dtype = torch.float32,
+        accum_dtype: torch.dtype | None = torch.float32,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()

@@ -16,6 +16,17 @@ eval mode too, the loss is fused and ``logits`` is None: ask without labels for 
 labels must then match the kept positions, as HF requires. A custom ``loss_function`` or
 ``loss_type``, or an lm_head that is not a plain float ``nn.Linear`` (peft-wrapped, quantized),
 falls back to the original forward.
+
+Memory, deliberately (a training step must peak no higher than with Liger's fused loss): the lm_head
+gradient accumulates over chunks in the weight's own dtype (``LOSS_ACCUM_DTYPE = None``), as HF's
+unfused backward (one bf16 GEMM output) and Liger's fused loss also produce it in bf16, instead of the
+multi-head op's default fp32 [V, H] accumulator (2 GiB at Llama-3's 128256 x 4096); each chunk's
+GEMM still sums in fp32 inside cuBLAS and rounds once when added, so a bf16 gradient sees one
+rounding per chunk (N / chunk of them). fp32 weights (mixed precision under autocast) accumulate
+in fp32 directly in their gradient. The logit chunk is ``LOSS_CHUNK_BYTES`` (128 MiB: 512 rows of a
+128k vocabulary in bf16) instead of the op's 1 GiB: the loss runs at the end of the forward, when
+every saved activation is alive, so its temporaries add to the step's peak. Both are module
+attributes: set ``LOSS_ACCUM_DTYPE = torch.float32`` (or a larger budget) for fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ from torch import nn
 from medusa_liger.patching.modules import kernels
 
 FUSED_ATTR = "_medusa_liger_fused"  # on a fused forward: the original forward it replaces
+LOSS_ACCUM_DTYPE: torch.dtype | None = None  # lm_head gradient accumulation: the weight's dtype
+LOSS_CHUNK_BYTES = 128 * 2**20  # logit chunk budget of the fused loss (the module docstring says why)
 
 
 def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -76,8 +89,17 @@ def causal_lm_loss(
     targets = targets.to(weight.device)
     # HF: "mean" over valid targets, or "sum" / num_items_in_batch under gradient accumulation.
     reduction = "mean" if num_items_in_batch is None else "sum"
+    # Chunk rows: LOSS_CHUNK_BYTES of logits in the dtype the GEMMs will run in (plain arithmetic,
+    # so a torch.compile'd forward traces it without a break).
+    from medusa_liger.kernels.fused_linear_cross_entropy import default_chunk_rows  # imported with the op
+
+    device_type = weight.device.type
+    compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else torch.promote_types(hidden.dtype, weight.dtype))
+    chunk = default_chunk_rows(weight.shape[0], compute_dtype, budget_bytes=LOSS_CHUNK_BYTES)
     out = kernels().multi_head_linear_cross_entropy(
-        hidden, weight, targets, [shift], bias=lm_head.bias, ignore_index=ignore_index, reduction=reduction
+        hidden, weight, targets, [shift], bias=lm_head.bias, ignore_index=ignore_index, reduction=reduction,
+        accum_dtype=LOSS_ACCUM_DTYPE, chunk_size=chunk,
     )
     loss = out.loss
     if num_items_in_batch is not None:
