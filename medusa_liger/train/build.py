@@ -1,0 +1,158 @@
+"""Everything the loop needs, built from a Config: device, tokenizer, backbone, Medusa model, optimizer.
+
+* Backbone: ``model.name_or_path: tiny`` builds the embedded default (``tiny.py``: a tokenizer
+  trained on the training texts, cached in ``{output_dir}/tokenizer``, and a random Llama); any
+  other value is a local directory or hub name for ``AutoModelForCausalLM``. Optionally patched
+  with our fused kernels (``model.patch``), wrapped in LoRA adapters (``lora.enabled``), and
+  gradient-checkpointed.
+* Optimizer: AdamW over parameter groups ``heads`` (lr ``train.heads_lr``) and ``backbone``
+  (lr ``train.lr``; the full backbone or only its LoRA adapters), each split into a decayed part
+  (matrices) and an undecayed part (biases, norm weights).
+* Schedule: linear warmup then cosine decay to ``min_lr_ratio`` of the peak. The backbone groups
+  stay at 0 through the heads-only first stage and start their own warmup when it ends.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from medusa_liger.train.config import Config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """``train.device``; ``auto`` is CUDA when available, else CPU."""
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {cfg.train.device!r} but CUDA is not available")
+    return device
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (``precision: auto`` or ``bf16``), none (fp32) otherwise."""
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None):
+    """(tokenizer, backbone) on the CPU; ``examples_for_tokenizer`` () -> Examples, for the tiny model."""
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.name_or_path == "tiny":
+        from medusa_liger.train.tiny import build_tiny_backbone, train_tokenizer
+
+        examples = examples_for_tokenizer()
+        texts = [e.text if e.text is not None else "\n".join(m["content"] for m in e.messages) for e in examples]
+        tokenizer = train_tokenizer(texts, cfg.model.tiny.vocab_size, Path(cfg.output_dir) / "tokenizer")
+        torch.manual_seed(cfg.train.seed)  # the random init depends on the seed only
+        backbone = build_tiny_backbone(cfg.model.tiny, tokenizer, dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        kwargs = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
+        if cfg.model.attn_implementation is not None:
+            kwargs["attn_implementation"] = cfg.model.attn_implementation
+        backbone = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.model.patch:
+        from medusa_liger.patching import patch
+
+        patch(backbone)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        backbone = get_peft_model(backbone, lora)
+    if cfg.model.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(backbone, "config"):
+            backbone.config.use_cache = False
+    return tokenizer, backbone
+
+
+def build_medusa(cfg: Config, backbone):
+    """``MedusaModel`` over ``backbone`` in ``train.mode`` (joint mode starts in "heads" when a
+    heads-only stage comes first; the loop switches it)."""
+    from medusa_liger.heads import MedusaConfig, MedusaModel
+
+    medusa_cfg = MedusaConfig(
+        num_heads=cfg.heads.num_heads, num_layers=cfg.heads.num_layers, shared_lm_head=cfg.heads.shared_lm_head,
+        decay=cfg.heads.decay, mode=cfg.train.mode, lm_loss_weight=cfg.train.lm_loss_weight,
+        heads_loss_weight=cfg.train.heads_lambda.value if cfg.train.mode == "joint" else None,
+    )
+    return MedusaModel.from_backbone(backbone, medusa_cfg)
+
+
+def _is_head_param(name: str) -> bool:
+    return name.startswith("heads.")
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Name -> parameter of everything the optimizer updates (what a checkpoint stores)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def build_optimizer(cfg: Config, model) -> torch.optim.AdamW:
+    """AdamW over groups heads/backbone x decay/no_decay (empty groups left out)."""
+    groups: dict[tuple[str, bool], list] = {}
+    for name, param in trainable_parameters(model).items():
+        kind = "heads" if _is_head_param(name) else "backbone"
+        groups.setdefault((kind, param.dim() >= 2), []).append(param)
+    param_groups = []
+    for (kind, decay), params in sorted(groups.items()):
+        param_groups.append({
+            "params": params, "name": f"{kind}{'' if decay else '_no_decay'}", "kind": kind,
+            "lr": cfg.train.heads_lr if kind == "heads" else cfg.train.lr,
+            "weight_decay": cfg.train.weight_decay if decay else 0.0,
+        })
+    if not param_groups:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    return torch.optim.AdamW(param_groups, betas=tuple(cfg.train.betas), fused=False, foreach=None)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier at ``step`` (0-based): linear warmup to 1, then cosine down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class GroupSchedule:
+    """Picklable per-group LR multiplier (``LambdaLR`` saves callable objects' state)."""
+
+    def __init__(self, kind: str, cfg: Config) -> None:
+        t = cfg.train
+        self.kind, self.warmup, self.total, self.min_ratio = kind, t.warmup_steps, t.steps, t.min_lr_ratio
+        self.offset = t.heads_only_steps if kind == "backbone" else 0
+
+    def __call__(self, step: int) -> float:
+        if step < self.offset:
+            return 0.0  # heads-only stage: the backbone does not move
+        total = self.total - self.offset
+        return warmup_cosine(step - self.offset, min(self.warmup, total), total, self.min_ratio)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [GroupSchedule(group["kind"], cfg) for group in optimizer.param_groups]
+    )
+
+
+def heads_lambda(cfg: Config, step: int) -> float:
+    """lambda (weight of the heads loss in joint mode) at optimizer step ``step`` (0-based)."""
+    lam = cfg.train.heads_lambda
+    ramp_steps = lam.ramp_steps
+    progress = 1.0 if lam.schedule == "constant" or ramp_steps == 0 else min(1.0, step / ramp_steps)
+    if lam.schedule == "sine":
+        progress = math.sin(0.5 * math.pi * progress)
+    return lam.value * progress

@@ -1,0 +1,145 @@
+"""Training checkpoints: written atomically, the last M kept, enough state to resume bit-exactly.
+
+Layout of ``{output_dir}/checkpoints/step-000123/``:
+
+* ``trainable.safetensors``: the parameters the optimizer updates that the caller passes, by name
+  (the loop passes the backbone's or its LoRA adapters' when it trains);
+* ``heads/``: the Medusa heads in the ``medusa`` export format (written by the loop's
+  ``write_extra``), which ``medusa-liger export`` reads directly;
+* ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``s;
+* ``rng.pt``: Python, torch CPU and CUDA generator states;
+* ``trainer_state.json``: step, data-loader position and anything else the loop needs; written
+  last, so a directory without it is incomplete.
+
+Atomic: everything is written to ``checkpoints/.tmp-step-000123-<pid>/`` and then renamed into
+place with ``os.replace`` (one filesystem operation), so a run killed mid-save never leaves a
+checkpoint that looks complete but is not. Older checkpoints beyond ``keep`` are deleted after the
+new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step may draw from (dropout, LoRA dropout, shuffling)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (by step)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    named_params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    keep: int,
+    write_extra: Callable[[Path], Any] | None = None,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically and prune to the newest ``keep``.
+
+    ``write_extra(directory)`` may add files (the loop writes the heads in the ``medusa`` format
+    to ``heads/``, so ``medusa-liger export`` reads any checkpoint) before the rename.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    # safetensors refuses shared or non-contiguous storage: store detached contiguous copies.
+    save_file({name: p.detach().contiguous().cpu() for name, p in named_params.items()},
+              str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    if write_extra is not None:
+        write_extra(tmp)
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    if final.exists():  # a previous attempt at the same step (e.g. a rerun): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    directory: str | Path,
+    named_params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Restore parameters, optimizer, scheduler and RNG from ``directory``; return its trainer state."""
+    directory = Path(directory)
+    if not (directory / STATE_FILE).is_file():
+        raise ValueError(f"train.resume: {str(directory)!r} is not a complete checkpoint (no {STATE_FILE})")
+    tensors = load_file(str(directory / "trainable.safetensors"))
+    missing = sorted(set(named_params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(named_params))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {str(directory)!r} does not match this model: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for name, param in named_params.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"checkpoint {name} has shape {list(tensors[name].shape)}, model has {list(param.shape)}")
+            param.copy_(tensors[name])
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(directory / "rng.pt", weights_only=False))
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def find_resume_checkpoint(resume: str, root: str | Path) -> Path | None:
+    """The checkpoint to resume from: None for ``none``, the newest for ``auto``, else the given path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"train.resume: {resume!r} is not a checkpoint directory (expected {STATE_FILE} in it)")
+    return path

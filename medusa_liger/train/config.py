@@ -1,0 +1,361 @@
+"""The training configuration: a typed dataclass schema, YAML loading, dotted overrides, validation.
+
+A config file is YAML with the sections below (every key optional; defaults shown in the
+dataclasses). On the command line, ``section.key=value`` overrides the file; the value is parsed as
+YAML, so ``train.lr=1e-3``, ``heads.shared_lm_head=true`` and ``data.paths=[a.jsonl,b.jsonl]`` work.
+
+Everything is checked before any work starts: an unknown key, a value of the wrong type or an
+impossible value raises ``ValueError`` naming the dotted key, the value found and what is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the tiny Llama-architecture backbone built from scratch (``model.name_or_path: tiny``)."""
+
+    hidden_size: int = 192
+    num_layers: int = 3
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 2
+    intermediate_size: int = 512
+    vocab_size: int = 1024  # size the local BPE tokenizer is trained to
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"  # "tiny", a local directory or a hub name
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
+    patch: bool = False  # swap in the fused kernels (medusa_liger.patching)
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class HeadsConfig:
+    num_heads: int = 5
+    num_layers: int = 1
+    shared_lm_head: bool = False
+    decay: float = 0.8  # head k's loss weight is decay**k
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 32
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=lambda: ["medusa_liger/data/pydoc_chat.jsonl"])
+    split: str = "train"  # split of a hub dataset
+    format: Literal["auto", "openai", "sharegpt", "text"] = "auto"
+    seq_len: int = 512
+    loss_on: Literal["assistant", "all"] = "assistant"
+    long_examples: Literal["truncate", "split"] = "split"
+    chat_template: Literal["auto", "builtin"] = "auto"  # auto: the tokenizer's, if it has one
+    on_error: Literal["fail", "skip"] = "fail"  # malformed lines and invalid records
+    eval_fraction: float = 0.0  # held-out packed rows, evaluated at the end
+    max_examples: int | None = None
+    num_proc: int = 4  # tokenization processes for large datasets (needs `datasets`)
+    num_proc_min_examples: int = 20000  # below this, tokenize in-process
+    cache_dir: str | None = None  # default: {output_dir}/cache
+
+
+@dataclass
+class LambdaConfig:
+    """Weight of the heads loss in joint mode: value * ramp(step), ramp in [0, 1]."""
+
+    value: float = 0.2
+    schedule: Literal["constant", "linear", "sine"] = "constant"
+    ramp_steps: int = 0  # linear/sine: steps to reach `value` (counted after any heads-only stage)
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["heads", "joint"] = "heads"  # Medusa-1 (frozen backbone) or Medusa-2 (joint)
+    seed: int = 0
+    steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4  # backbone (full or LoRA) learning rate
+    heads_lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak
+    max_grad_norm: float | None = 1.0
+    heads_only_steps: int = 0  # joint mode: first stage that trains only the heads
+    lm_loss_weight: float = 1.0
+    heads_lambda: LambdaConfig = field(default_factory=LambdaConfig)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
+    threads: int | None = None  # torch CPU threads
+    resume: str = "none"  # none, auto (newest checkpoint in output_dir) or a checkpoint directory
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; 0 disables intermediate checkpoints
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # progress-bar refresh and console lines
+    wandb: Literal["online", "offline", "disabled"] = "offline"
+    wandb_project: str = "medusa-liger"
+    run_name: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class ExportConfig:
+    formats: list[str] = field(default_factory=lambda: ["medusa", "vllm"])
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    backbone: Literal["auto", "always", "never"] = "auto"  # auto: when trained or built from scratch
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str | None = None  # default: runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Typed construction from plain dicts
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against (and lightly coerced to) the annotation ``tp``; ValueError names key."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(key, value, option)
+            except ValueError:
+                continue
+        raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_convert(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ValueError(f"{key} must be null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads "1e-3" (no dot) as a string; accept numeric strings for floats.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in the schema, not input
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown config key '{prefix}{key}' (known keys here: {', '.join(known)})")
+        kwargs[key] = _convert(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation of values (after types are right)
+# ----------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{key} must be {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check cross-field and range constraints; raise ValueError naming the key."""
+    t, m, d, h = cfg.train, cfg.model.tiny, cfg.data, cfg.heads
+    _require(h.num_heads >= 1, "heads.num_heads", h.num_heads, ">= 1")
+    _require(h.num_layers >= 1, "heads.num_layers", h.num_layers, ">= 1")
+    _require(0.0 < h.decay <= 1.0, "heads.decay", h.decay, "in (0, 1]")
+    _require(m.hidden_size >= 8, "model.tiny.hidden_size", m.hidden_size, ">= 8")
+    _require(m.num_layers >= 1, "model.tiny.num_layers", m.num_layers, ">= 1")
+    _require(m.num_attention_heads >= 1 and m.hidden_size % m.num_attention_heads == 0,
+             "model.tiny.num_attention_heads", m.num_attention_heads, f"a divisor of hidden_size={m.hidden_size}")
+    _require(m.num_key_value_heads >= 1 and m.num_attention_heads % m.num_key_value_heads == 0,
+             "model.tiny.num_key_value_heads", m.num_key_value_heads,
+             f"a divisor of num_attention_heads={m.num_attention_heads}")
+    _require(m.intermediate_size >= 1, "model.tiny.intermediate_size", m.intermediate_size, ">= 1")
+    _require(m.vocab_size >= 300, "model.tiny.vocab_size", m.vocab_size, ">= 300 (256 bytes + merges + specials)")
+    if cfg.model.name_or_path == "tiny":
+        _require(m.max_position_embeddings >= d.seq_len, "model.tiny.max_position_embeddings",
+                 m.max_position_embeddings, f">= data.seq_len={d.seq_len}")
+    _require(cfg.lora.r >= 1, "lora.r", cfg.lora.r, ">= 1")
+    _require(cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "> 0")
+    _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", cfg.lora.dropout, "in [0, 1)")
+    _require(not (cfg.lora.enabled and t.mode != "joint"), "lora.enabled", cfg.lora.enabled,
+             "false unless train.mode is 'joint' (LoRA trains the backbone)")
+    _require(len(d.paths) >= 1, "data.paths", d.paths, "a non-empty list of files or hub dataset names")
+    _require(d.seq_len >= h.num_heads + 2, "data.seq_len", d.seq_len, f">= heads.num_heads + 2 = {h.num_heads + 2}")
+    _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "in [0, 1)")
+    _require(d.max_examples is None or d.max_examples >= 1, "data.max_examples", d.max_examples, ">= 1 or null")
+    _require(d.num_proc >= 1, "data.num_proc", d.num_proc, ">= 1")
+    _require(t.steps >= 1, "train.steps", t.steps, ">= 1")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, ">= 1")
+    _require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
+    _require(t.lr >= 0, "train.lr", t.lr, ">= 0")
+    _require(t.heads_lr > 0, "train.heads_lr", t.heads_lr, "> 0")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas,
+             "two numbers in [0, 1)")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0 (capped at the steps of a stage)")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
+    _require(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", t.max_grad_norm, "> 0 or null")
+    _require(0 <= t.heads_only_steps < t.steps, "train.heads_only_steps", t.heads_only_steps,
+             f"in [0, train.steps={t.steps})")
+    _require(t.heads_only_steps == 0 or t.mode == "joint", "train.heads_only_steps", t.heads_only_steps,
+             "0 unless train.mode is 'joint'")
+    _require(t.lm_loss_weight >= 0, "train.lm_loss_weight", t.lm_loss_weight, ">= 0")
+    _require(t.heads_lambda.value >= 0, "train.heads_lambda.value", t.heads_lambda.value, ">= 0")
+    _require(t.heads_lambda.ramp_steps >= 0, "train.heads_lambda.ramp_steps", t.heads_lambda.ramp_steps, ">= 0")
+    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
+             "'auto', 'cpu' or 'cuda[:N]'")
+    _require(t.threads is None or t.threads >= 1, "train.threads", t.threads, ">= 1 or null")
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, ">= 1")
+    _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, ">= 1")
+    for i, fmt in enumerate(cfg.export.formats):
+        _require(fmt in ("medusa", "vllm"), f"export.formats[{i}]", fmt, "'medusa' or 'vllm'")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=value"`` -> (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"override {text!r} has an empty key part")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set every dotted override in the nested dict ``values`` (in place) and return it."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = values
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {text!r}: '{'.'.join(parts[: depth + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return values
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """A validated Config from a nested dict (unknown keys, types and ranges all checked)."""
+    return validate(_build(Config, values))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults when ``path`` is None), apply overrides, validate.
+
+    ``name`` defaults to the file's stem and ``output_dir`` to ``runs/<name>``.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        with path.open(encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a YAML mapping at the top level")
+        values = loaded or {}
+        values.setdefault("name", path.stem)
+    apply_overrides(values, list(overrides or []))
+    cfg = config_from_dict(values)
+    if cfg.output_dir is None:
+        cfg.output_dir = str(Path("runs") / cfg.name)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (what the run actually used)."""
+    with Path(path).open("w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,110 @@
+"""Training metrics: a tqdm progress bar, a JSON Lines file, and wandb (offline unless asked).
+
+``MetricsLogger.log(step, metrics)`` appends one JSON object per optimizer step to
+``{output_dir}/metrics.jsonl``, shows loss / per-head top-1 accuracy / tokens per second on the
+progress bar, and forwards the record to wandb. wandb is the real library, imported only when
+enabled: ``logging.wandb: offline`` (the default; no account or network, files under
+``{output_dir}/wandb``), ``online``, or ``disabled``. If wandb is not installed, a warning says so
+and training continues without it.
+
+On resume, ``metrics.jsonl`` is cut back to the records up to the checkpoint's step, so the file
+always describes one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Keep only the records of ``path`` with ``step <= last_step`` (for a resumed run)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl file, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def init_wandb(mode: str, project: str, name: str, config: dict, directory: Path, resume_id: str | None):
+    """A wandb run, or None when disabled or when wandb is not installed (with a warning)."""
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("logging.wandb is enabled but wandb is not installed: logging to metrics.jsonl only",
+                      stacklevel=2)
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=project, name=name, config=config, mode=mode, dir=str(directory),
+                      id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous")
+
+
+class MetricsLogger:
+    """Writes per-step metrics to JSONL, a progress bar and wandb; a context manager."""
+
+    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int, *, wandb_mode: str,
+                 wandb_project: str, run_name: str, config: dict, progress: bool, every: int,
+                 wandb_id: str | None = None) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        truncate_metrics(self.path, start_step)
+        self.every = every
+        self.file = self.path.open("a", encoding="utf-8")
+        self.wandb = init_wandb(wandb_mode, wandb_project, run_name, config, Path(output_dir), wandb_id)
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return None if self.wandb is None else self.wandb.id
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record ``metrics`` of optimizer step ``step`` (1-based)."""
+        record = {"step": step, **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % self.every == 0 or step == self.bar.total:
+                accs = [v for k, v in sorted(metrics.items()) if k.startswith("acc/head")]
+                self.bar.set_postfix_str(
+                    f"loss={metrics['loss']:.3f} acc=[{' '.join(f'{a:.2f}' for a in accs)}] "
+                    f"tok/s={metrics.get('tokens_per_s', 0):.0f}"
+                )
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,327 @@
+"""The training loop: ``train(cfg)`` runs a whole Medusa training job and exports the result.
+
+One optimizer step:
+
+1. take ``grad_accum`` micro-batches of packed rows from the loader;
+2. count, for every loss term j (the backbone's shift-1 loss in joint mode, then head k's shift
+   k + 2), the valid targets n_j of each micro-batch and their total N_j over the step;
+3. run each micro-batch with loss weights multiplied by n_j / N_j and backpropagate: the model's
+   losses are means over each micro-batch's own targets, so the accumulated gradient is exactly
+   that of  sum_j w_j * (sum of target losses of term j) / N_j,  the loss of one big batch, however
+   unevenly the targets fall into the micro-batches;
+4. clip the gradient norm, step AdamW and the schedule, zero the gradients.
+
+Joint mode (Medusa-2) may start with ``train.heads_only_steps`` steps that train only the heads
+(the model runs in "heads" mode, lambda = 1); after that the backbone trains too and lambda
+follows ``train.heads_lambda`` (constant, linear or sine ramp).
+
+Reproducibility: the model init, data order (``PackedLoader``) and every random draw depend only on
+``train.seed``; checkpoints hold parameters, optimizer, schedule, RNG and loader position, so a run
+resumed with ``train.resume=auto`` logs the same losses as an uninterrupted one.
+
+Outputs in ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``plot.png``,
+``checkpoints/step-XXXXXX/`` (see ``checkpoint.py``; the heads in ``heads/`` in the medusa format),
+``final/heads_<format>/`` per export format and, when the backbone trained or was built here,
+``final/backbone/`` (LoRA merged, with the tokenizer; the heads' ``base_model_name_or_path``
+points at it). A fresh start (no checkpoint to resume) deletes an old ``checkpoints/`` directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medusa_liger.heads import MedusaConfig
+from medusa_liger.heads.export import read_heads, write_backbone
+from medusa_liger.kernels.reference import shifted_targets
+from medusa_liger.train.build import (
+    autocast_dtype, build_medusa, build_optimizer, build_scheduler, build_tokenizer_and_backbone, heads_lambda,
+    resolve_device, trainable_parameters,
+)
+from medusa_liger.train.checkpoint import find_resume_checkpoint, save_checkpoint, load_checkpoint
+from medusa_liger.train.config import Config, save_config
+from medusa_liger.train.data import IGNORE_INDEX, load_examples
+from medusa_liger.train.logging import MetricsLogger, read_metrics
+from medusa_liger.train.packing import PackedLoader, build_packed_data, most_common_target_frequency, split_eval
+
+
+@dataclass
+class _ScaledMedusaConfig(MedusaConfig):
+    """A MedusaConfig whose head weights are further multiplied per head (token normalization)."""
+
+    head_scales: list[float] = field(default_factory=list)
+
+    def head_weights(self) -> list[float]:
+        return [w * s for w, s in zip(super().head_weights(), self.head_scales, strict=True)]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced: its directories and its final numbers."""
+
+    output_dir: Path
+    final_dir: Path
+    summary: dict[str, Any]
+    paths: dict[str, Path]
+
+
+def _loss_shifts(model) -> list[int]:
+    return ([1] if model.config.mode == "joint" else []) + model.config.head_shifts()
+
+
+def _set_stage(model, cfg: Config, step: int) -> str:
+    """Put a joint run in its heads-only first stage or in joint training at ``step``; return the stage."""
+    if cfg.train.mode != "joint":
+        return "heads"
+    if step < cfg.train.heads_only_steps:
+        model.config.mode, model.heads_loss_weight, stage = "heads", 1.0, "heads_only"
+    else:
+        model.config.mode, stage = "joint", "joint"
+        model.heads_loss_weight = heads_lambda(cfg, step - cfg.train.heads_only_steps)
+    model.train()  # re-applies the frozen backbone's eval mode in the heads-only stage
+    return stage
+
+
+def accumulate_gradients(model, batches, device, amp=None) -> dict[str, Any]:
+    """Forward and backward every micro-batch of ``batches`` with token-normalized weights.
+
+    The gradients left in ``.grad`` equal those of one forward over all the rows together (see
+    the module docstring); returns the step's token-weighted loss / accuracy metrics.
+    """
+    shifts = _loss_shifts(model)
+    joint = model.config.mode == "joint"
+    counts = [[int((shifted_targets(b["labels"], s, IGNORE_INDEX, b["segment_ids"]) != IGNORE_INDEX).sum())
+               for s in shifts] for b in batches]
+    totals = [sum(c[j] for c in counts) for j in range(len(shifts))]
+    base = model.config
+    K = base.num_heads
+    loss_total, lm_sums = 0.0, torch.zeros(2)
+    head_sums = torch.zeros(2, K)  # rows: loss * tokens, accuracy * tokens
+    tokens = 0
+    try:
+        for batch, n in zip(batches, counts):
+            scales = [n_j / N_j if N_j else 0.0 for n_j, N_j in zip(n, totals)]
+            lm_scale, head_scales = (scales[0], scales[1:]) if joint else (0.0, scales)
+            # Loss weights scaled by this micro-batch's share of each term's targets.
+            model.config = _ScaledMedusaConfig(**{**base.to_dict(), "lm_loss_weight": base.lm_loss_weight * lm_scale},
+                                               head_scales=head_scales)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+                out = model(batch["input_ids"], labels=batch["labels"], segment_ids=batch["segment_ids"])
+            out.loss.backward()
+            loss_total += float(out.loss.detach())
+            head_tokens = out.head_tokens.float().cpu()
+            head_sums[0] += out.head_losses.float().cpu() * head_tokens
+            head_sums[1] += out.head_accuracy.float().cpu() * head_tokens
+            if joint:
+                lm_sums += torch.stack([out.lm_loss.float().cpu(), out.lm_accuracy.float().cpu()]) * n[0]
+            tokens += int((batch["segment_ids"] != 0).sum())
+    finally:
+        model.config = base
+
+    head_totals = torch.tensor(totals[1:] if joint else totals, dtype=torch.float32).clamp(min=1)
+    metrics: dict[str, Any] = {"loss": loss_total}
+    if joint:
+        metrics["lm_loss"] = float(lm_sums[0] / max(totals[0], 1))
+        metrics["acc/lm"] = float(lm_sums[1] / max(totals[0], 1))
+    for k in range(K):
+        metrics[f"loss/head{k}"] = float(head_sums[0, k] / head_totals[k])
+        metrics[f"acc/head{k}"] = float(head_sums[1, k] / head_totals[k])
+    metrics.update({"lambda": float(base.heads_loss_weight), "tokens": tokens})
+    return metrics
+
+
+def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, device, amp) -> dict[str, Any]:
+    """One optimizer step: accumulate, clip, AdamW, schedule, zero the gradients."""
+    metrics = accumulate_gradients(model, batches, device, amp)
+    grad_norm = None
+    if cfg.train.max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    metrics.update({"lr/heads": lrs.get("heads", 0.0), "lr/backbone": lrs.get("backbone", 0.0),
+                    "grad_norm": grad_norm})
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, data, micro_batch_size: int, device, amp) -> dict[str, float]:
+    """Token-weighted loss and top-1 accuracy of every head (and the backbone in joint mode) on ``data``."""
+    was_training = model.training
+    model.eval()
+    joint = model.config.mode == "joint"
+    K = model.config.num_heads
+    sums, total = torch.zeros(2, K), torch.zeros(K)
+    lm_sums, lm_total = torch.zeros(2), 0
+    for start in range(0, len(data), micro_batch_size):
+        rows = data.select(torch.arange(start, min(start + micro_batch_size, len(data))))
+        labels, segment_ids = rows.labels.to(device), rows.segment_ids.to(device)
+        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+            out = model(rows.input_ids.to(device), labels=labels, segment_ids=segment_ids)
+        n = out.head_tokens.float().cpu()
+        sums += torch.stack([out.head_losses.float().cpu(), out.head_accuracy.float().cpu()]) * n
+        total += n
+        if joint:
+            n_lm = int((shifted_targets(labels, 1, IGNORE_INDEX, segment_ids) != IGNORE_INDEX).sum())
+            lm_sums += torch.stack([out.lm_loss.float().cpu(), out.lm_accuracy.float().cpu()]) * n_lm
+            lm_total += n_lm
+    model.train(was_training)
+    result = {f"eval/loss/head{k}": float(sums[0, k] / total[k].clamp(min=1)) for k in range(K)}
+    result.update({f"eval/acc/head{k}": float(sums[1, k] / total[k].clamp(min=1)) for k in range(K)})
+    if joint:
+        result["eval/lm_loss"] = float(lm_sums[0] / max(lm_total, 1))
+        result["eval/acc/lm"] = float(lm_sums[1] / max(lm_total, 1))
+    return result
+
+
+def _export(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
+    """Heads in every export format, plus the backbone (LoRA merged) when it trained or was built here."""
+    dtype = None if cfg.export.dtype == "auto" else cfg.export.dtype
+    built_here = cfg.model.name_or_path == "tiny"
+    save_backbone = cfg.export.backbone == "always" or (
+        cfg.export.backbone == "auto" and (built_here or cfg.train.mode == "joint"))
+    base_name = str((final / "backbone").resolve()) if save_backbone else cfg.model.name_or_path
+    paths = {}
+    for fmt in cfg.export.formats:
+        paths[f"heads_{fmt}"] = model.save_heads(final / f"heads_{fmt}", format=fmt, dtype=dtype,
+                                                 save_backbone=False, base_model_name_or_path=base_name)
+    if save_backbone:
+        paths["backbone"] = write_backbone(model.backbone, final / "backbone", dtype)
+        tokenizer.save_pretrained(str(final / "backbone"))
+    return paths
+
+
+def _mean_of_last(records: list[dict], key: str, count: int) -> float | None:
+    values = [r[key] for r in records[-count:] if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run the training job ``cfg`` end to end (see module docstring); return where things went."""
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    save_config(cfg, out / "config.yaml")
+    device = resolve_device(cfg)
+    amp = autocast_dtype(cfg, device)
+
+    # Data and model (the tiny tokenizer is trained on the same examples the run trains on).
+    examples: list = []
+
+    def get_examples():
+        if not examples:
+            examples.extend(load_examples(cfg.data))
+        return examples
+
+    tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
+    data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
+    train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
+    loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed)
+    model = build_medusa(cfg, backbone).to(device)
+    params = trainable_parameters(model)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+
+    # Resume: parameters, optimizer, schedule, RNG and data position from the newest checkpoint.
+    ckpt_root = out / "checkpoints"
+    start_step, wandb_id = 0, None
+    resume_dir = find_resume_checkpoint(cfg.train.resume, ckpt_root)
+    # Checkpoints hold the heads in the export format (heads/) and every other trainable tensor here.
+    other_params = {name: p for name, p in params.items() if not name.startswith("heads.")}
+
+    def write_heads(directory: Path) -> None:
+        model.save_heads(directory / "heads", format="medusa", save_backbone=False,
+                         base_model_name_or_path=cfg.model.name_or_path)
+
+    if resume_dir is not None:
+        state = load_checkpoint(resume_dir, other_params, optimizer, scheduler)
+        with torch.no_grad():
+            model.heads.load_state_dict(read_heads(resume_dir / "heads").tensors, strict=True)
+        start_step, wandb_id = int(state["step"]), state.get("wandb_id")
+        loader.load_state_dict(state["data"])
+    elif ckpt_root.is_dir():
+        # A fresh start (train.resume=none or nothing to resume): older checkpoints belong to another run
+        # and must not outlive (via keep-pruning by step) or be resumed in place of this one's.
+        shutil.rmtree(ckpt_root)
+    _, baseline = most_common_target_frequency(train_data, 2)
+
+    logger = MetricsLogger(out, cfg.train.steps, start_step, wandb_mode=cfg.logging.wandb,
+                           wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name or cfg.name,
+                           config=cfg.to_dict(), progress=cfg.logging.progress, every=cfg.logging.every,
+                           wandb_id=wandb_id)
+    with logger:
+        logger.write(f"{len(train_data)} packed rows of {cfg.data.seq_len} tokens"
+                     f"{f', {len(eval_data)} held out' if eval_data is not None else ''}; "
+                     f"{sum(p.numel() for p in params.values()):,} trainable parameters on {device}"
+                     + (f"; resumed from {resume_dir}" if resume_dir is not None else ""))
+        for step in range(start_step, cfg.train.steps):
+            step_start = time.perf_counter()
+            stage = _set_stage(model, cfg, step)
+            batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
+            metrics = _train_step(model, batches, optimizer, scheduler, list(params.values()), cfg, device, amp)
+            seconds = time.perf_counter() - step_start
+            metrics.update({"tokens_per_s": metrics["tokens"] / seconds, "epoch": loader.epoch, "stage": stage})
+            logger.log(step + 1, metrics)
+            done = step + 1
+            if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
+                save_checkpoint(ckpt_root, done, other_params, optimizer, scheduler,
+                                {"data": loader.state_dict(), "wandb_id": logger.wandb_id}, cfg.checkpoint.keep,
+                                write_extra=write_heads)
+        _set_stage(model, cfg, cfg.train.steps)
+        model.eval()
+
+        records = read_metrics(logger.path)
+        last = max(1, min(20, len(records) // 10))
+        summary: dict[str, Any] = {"steps": cfg.train.steps, "most_common_token_frequency": baseline}
+        summary["first_loss"] = records[0]["loss"] if records else None
+        for key in ["loss", "lm_loss", "acc/lm"] + [f"acc/head{k}" for k in range(cfg.heads.num_heads)]:
+            summary[f"final_{key}"] = _mean_of_last(records, key, last)
+        if eval_data is not None:
+            summary.update(evaluate(model, eval_data, cfg.train.micro_batch_size, device, amp))
+            summary["eval/most_common_token_frequency"] = most_common_target_frequency(eval_data, 2)[1]
+
+        final = out / "final"
+        paths = _export(model, tokenizer, cfg, final)
+        from medusa_liger.train.plot import plot_metrics
+
+        paths["plot"] = plot_metrics(records, out / "plot.png", baseline=baseline, title=cfg.name)
+        paths["metrics"] = logger.path
+        paths["config"] = out / "config.yaml"
+        summary["seconds"] = time.perf_counter() - started
+        logger.summary(summary)
+    # After the logger closed (wandb prints its own report on finish), so the summary comes last.
+    print(format_summary(summary, paths, cfg.heads.num_heads), flush=True)
+    return TrainResult(out, final, summary, paths)
+
+
+def format_summary(summary: dict[str, Any], paths: dict[str, Path], num_heads: int) -> str:
+    """The human-readable end-of-run report."""
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = ["", "=== medusa-liger training summary ==="]
+    lines.append(f"steps: {summary['steps']}   time: {summary['seconds']:.1f}s")
+    lines.append(f"loss: first step {fmt(summary['first_loss'])} -> last steps {fmt(summary['final_loss'])}")
+    if summary.get("final_lm_loss") is not None:
+        lines.append(f"backbone: lm loss {fmt(summary['final_lm_loss'])}, top-1 acc {fmt(summary['final_acc/lm'])}")
+    accs = ", ".join(f"head{k} (t+{k + 2}) {fmt(summary[f'final_acc/head{k}'])}" for k in range(num_heads))
+    lines.append(f"train top-1 accuracy (mean of last steps): {accs}")
+    if "eval/acc/head0" in summary:
+        accs = ", ".join(f"head{k} {fmt(summary[f'eval/acc/head{k}'])}" for k in range(num_heads))
+        lines.append(f"held-out top-1 accuracy: {accs} "
+                     f"(most common token: {fmt(summary['eval/most_common_token_frequency'])})")
+    lines.append(f"baseline, head0 always predicting the most common token: "
+                 f"{fmt(summary['most_common_token_frequency'])}")
+    lines.extend(f"{name}: {path}" for name, path in paths.items())
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""Packing tokenized examples into fixed-length rows, the cached dataset, and the batch loader.
+
+Packing: examples are placed, in order, into rows of ``seq_len`` tokens; an example that does not
+fit in what is left of the current row starts a new one (the rest is padding). Every example in a
+row gets its own ``segment_id`` (1, 2, ...; padding is 0), which the model uses to restart
+positions and keep attention inside the example, and the loss uses so that no target crosses into
+another example. An example longer than ``seq_len`` is cut to its first ``seq_len`` tokens
+(``truncate``) or split into consecutive ``seq_len`` pieces, each packed as its own segment
+(``split``). Pieces without any target are dropped.
+
+The packed tensors are cached under ``cache_dir`` keyed by a fingerprint of the data files, the
+tokenizer and every data option that changes them, so a rerun skips reading and tokenizing.
+
+``PackedLoader`` yields micro-batches of rows in an order reshuffled every epoch from
+``(seed, epoch)``; its state is ``(epoch, position)``, which a checkpoint stores so that a resumed
+run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medusa_liger.kernels.reference import shifted_targets
+from medusa_liger.train.data import IGNORE_INDEX, load_examples, resolve_path, tokenize_examples
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class PackedData:
+    """Packed rows, all [N, seq_len]: input_ids, labels (-100 = no target), segment_ids (0 = padding)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    segment_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> PackedData:
+        return PackedData(self.input_ids[index], self.labels[index], self.segment_ids[index])
+
+
+def pack(
+    examples: list[tuple[list[int], list[int]]], seq_len: int, long_examples: str, pad_id: int
+) -> PackedData:
+    """Pack (input_ids, labels) examples into rows of ``seq_len`` (see the module docstring)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if long_examples not in ("truncate", "split"):
+        raise ValueError(f"long_examples must be 'truncate' or 'split', got {long_examples!r}")
+    pieces: list[tuple[list[int], list[int]]] = []
+    for ids, labels in examples:
+        starts = range(0, len(ids), seq_len) if long_examples == "split" else [0]
+        for start in starts:
+            piece_ids, piece_labels = ids[start : start + seq_len], labels[start : start + seq_len]
+            # A piece needs a target after its first token to contribute anything.
+            if any(label != IGNORE_INDEX for label in piece_labels[1:]):
+                pieces.append((piece_ids, piece_labels))
+
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    used = seq_len  # forces a new row for the first piece
+    for piece in pieces:
+        if used + len(piece[0]) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(piece)
+        used += len(piece[0])
+
+    input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    segment_ids = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        offset = 0
+        for segment, (piece_ids, piece_labels) in enumerate(row, start=1):
+            end = offset + len(piece_ids)
+            input_ids[r, offset:end] = torch.tensor(piece_ids)
+            labels[r, offset:end] = torch.tensor(piece_labels)
+            segment_ids[r, offset:end] = segment
+            offset = end
+    return PackedData(input_ids, labels, segment_ids)
+
+
+def most_common_target_frequency(data: PackedData, shift: int) -> tuple[int, float]:
+    """(token, frequency) of the most common target of a head with ``shift``: a constant predictor's accuracy."""
+    targets = shifted_targets(data.labels, shift, IGNORE_INDEX, data.segment_ids)
+    valid = targets[targets != IGNORE_INDEX]
+    if valid.numel() == 0:
+        return -1, 0.0
+    token, count = Counter(valid.tolist()).most_common(1)[0]
+    return int(token), count / valid.numel()
+
+
+def _data_fingerprint(data_cfg, tokenizer) -> str:
+    digest = hashlib.sha256(f"packed-v{CACHE_VERSION}".encode())
+    options = {k: getattr(data_cfg, k) for k in
+               ("paths", "split", "format", "seq_len", "loss_on", "long_examples", "chat_template", "on_error",
+                "max_examples")}
+    digest.update(json.dumps(options, sort_keys=True).encode())
+    for path in data_cfg.paths:
+        local = resolve_path(path)
+        if local is not None:
+            digest.update(hashlib.sha256(local.read_bytes()).digest())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    return digest.hexdigest()[:20]
+
+
+def build_packed_data(data_cfg, tokenizer, cache_dir: str | Path | None, examples: list | None = None) -> PackedData:
+    """Read, tokenize and pack ``data_cfg.paths`` (or load the cached result).
+
+    ``examples``: the already loaded ``load_examples(data_cfg)``, to avoid reading the files twice.
+    """
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / f"packed-{_data_fingerprint(data_cfg, tokenizer)}.pt"
+        if cache_file.is_file():
+            return PackedData(**torch.load(cache_file, weights_only=True))
+    examples = tokenize_examples(examples or load_examples(data_cfg), tokenizer, data_cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    data = pack(examples, data_cfg.seq_len, data_cfg.long_examples, pad_id)
+    if len(data) == 0:
+        raise ValueError(f"data.paths {data_cfg.paths}: no example has a target token after tokenization")
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        torch.save(data.__dict__, tmp)
+        os.replace(tmp, cache_file)  # atomic: a concurrent reader never sees half a file
+    return data
+
+
+def split_eval(data: PackedData, fraction: float, seed: int) -> tuple[PackedData, PackedData | None]:
+    """(train, eval) rows: ``fraction`` of the rows, drawn with ``seed``, are held out (at least 1)."""
+    if fraction <= 0:
+        return data, None
+    n_eval = max(1, round(len(data) * fraction))
+    if n_eval >= len(data):
+        raise ValueError(f"data.eval_fraction={fraction} leaves no training rows out of {len(data)}")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.select(order[n_eval:].sort().values), data.select(order[:n_eval].sort().values)
+
+
+class PackedLoader:
+    """Endless micro-batches of packed rows, reshuffled per epoch; resumable through ``state_dict``."""
+
+    def __init__(self, data: PackedData, micro_batch_size: int, seed: int) -> None:
+        if len(data) < micro_batch_size:
+            raise ValueError(
+                f"the dataset packs into {len(data)} rows, fewer than train.micro_batch_size={micro_batch_size}; "
+                "lower the batch size or data.seq_len, or add data"
+            )
+        self.data, self.micro_batch_size, self.seed = data, micro_batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.data), generator=generator)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """{"input_ids", "labels", "segment_ids"}: [micro_batch_size, seq_len] each."""
+        if self.position + self.micro_batch_size > len(self.data):
+            # Drop the incomplete tail so every micro-batch has the same shape.
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        index = self._order[self.position : self.position + self.micro_batch_size]
+        self.position += self.micro_batch_size
+        rows = self.data.select(index)
+        return {"input_ids": rows.input_ids, "labels": rows.labels, "segment_ids": rows.segment_ids}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,118 @@
+"""The training config: YAML + dotted overrides, typed schema, validation errors naming the key."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from medusa_liger.train.config import Config, apply_overrides, config_from_dict, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_shipped_configs_load_and_validate():
+    names = {p.stem for p in SHIPPED}
+    assert {"tiny", "llama3-8b-medusa1", "llama3-8b-medusa2-lora"} <= names
+    assert any("qwen" in n for n in names)
+    for path in SHIPPED:
+        cfg = load_config(path)
+        assert cfg.name == path.stem
+        assert cfg.output_dir == str(Path("runs") / path.stem)
+
+
+def test_medusa2_lora_config_matches_the_recipe():
+    cfg = load_config(ROOT / "configs" / "llama3-8b-medusa2-lora.yaml")
+    assert cfg.train.mode == "joint" and cfg.lora.enabled
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (32, 16.0, "all-linear")
+    assert cfg.train.heads_lr == pytest.approx(4 * cfg.train.lr)
+    assert cfg.train.heads_only_steps > 0
+    assert cfg.train.heads_lambda.value == pytest.approx(0.2)
+    medusa1 = load_config(ROOT / "configs" / "llama3-8b-medusa1.yaml")
+    assert medusa1.train.mode == "heads" and medusa1.heads.num_heads == 5 and not medusa1.lora.enabled
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      ["train.lr=1e-3", "heads.num_heads=4", "heads.shared_lm_head=true",
+                       "data.paths=[a.jsonl,b.jsonl]", "model.tiny.hidden_size=96", "output_dir=/tmp/x",
+                       "train.max_grad_norm=null"])
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
+    assert cfg.heads.num_heads == 4 and cfg.heads.shared_lm_head is True
+    assert cfg.data.paths == ["a.jsonl", "b.jsonl"]
+    assert cfg.model.tiny.hidden_size == 96
+    assert cfg.output_dir == "/tmp/x"
+    assert cfg.train.max_grad_norm is None
+
+
+def test_defaults_without_a_file():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config) and cfg.output_dir == str(Path("runs") / "run")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lrr=1", "train.lrr"),                       # unknown key
+        ("model.tiny.depth=3", "model.tiny.depth"),         # unknown nested key
+        ("bogus.x=1", "bogus"),                             # unknown section
+        ("heads.num_heads=abc", "heads.num_heads"),         # wrong type
+        ("heads.num_heads=2.5", "heads.num_heads"),         # float for int
+        ("heads.shared_lm_head=maybe", "heads.shared_lm_head"),
+        ("train.mode=medusa3", "train.mode"),               # not one of the choices
+        ("data.paths=file.jsonl", "data.paths"),            # a string where a list is expected
+        ("train.betas=[0.9]", "train.betas"),
+        ("heads.num_heads=0", "heads.num_heads"),           # impossible values
+        ("train.steps=0", "train.steps"),
+        ("heads.decay=1.5", "heads.decay"),
+        ("data.seq_len=3", "data.seq_len"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("model.tiny.num_attention_heads=5", "model.tiny.num_attention_heads"),
+        ("train.heads_only_steps=5000", "train.heads_only_steps"),
+        ("data.eval_fraction=1.0", "data.eval_fraction"),
+        ("export.formats=[onnx]", "export.formats[0]"),
+        ("train.device=tpu", "train.device"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ValueError, match=re.escape(key)):
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
+
+
+def test_lora_needs_joint_mode():
+    with pytest.raises(ValueError, match="lora.enabled"):
+        config_from_dict({"lora": {"enabled": True}, "train": {"mode": "heads"}})
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="section.key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ValueError, match="is not a section"):
+        apply_overrides({"train": 3}, ["train.lr=1"])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs" / "llama3-8b-medusa2-lora.yaml", ["train.lr=2e-5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_cli_reports_config_errors(capsys):
+    from medusa_liger.train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.run(parser.parse_args([str(ROOT / "configs" / "tiny.yaml"), "train.stepz=3"])) == 2
+    assert "train.stepz" in capsys.readouterr().err
+    assert cli.run(parser.parse_args([str(ROOT / "configs" / "tiny.yaml"), "train.steps=7", "--print-config"])) == 0
+    assert "steps: 7" in capsys.readouterr().out

@@ -1,0 +1,242 @@
+"""The data pipeline: formats, chat templates, assistant-only masks, packing, bad input, cache, loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medusa_liger.kernels.reference import shifted_targets
+from medusa_liger.train.config import DataConfig
+from medusa_liger.train.data import (
+    BUILTIN_CHAT_TEMPLATE, IGNORE_INDEX, Example, chat_template_for, load_examples, normalize, render_conversation,
+    tokenize_example, tokenize_examples,
+)
+from medusa_liger.train.packing import (
+    PackedLoader, build_packed_data, most_common_target_frequency, pack, split_eval,
+)
+from medusa_liger.train.tiny import train_tokenizer
+
+DATA = Path(__file__).resolve().parents[1] / "medusa_liger" / "data"
+CHAT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What does pass do?"},
+    {"role": "assistant", "content": "It does nothing."},
+    {"role": "user", "content": "And break?"},
+    {"role": "assistant", "content": "It leaves the loop."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [json.loads(line)["text"] for line in (DATA / "pydoc_text.jsonl").read_text().splitlines()]
+    return train_tokenizer(texts, 400, tmp_path_factory.mktemp("tok"))
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def data_cfg(paths, **kw) -> DataConfig:
+    return DataConfig(paths=[str(p) for p in paths], **kw)
+
+
+# ------------------------------------------------------------------ formats
+
+
+def test_shipped_files_parse_in_every_format():
+    shipped = (("pydoc_chat.jsonl", "messages"), ("pydoc_sharegpt.jsonl", "messages"), ("pydoc_text.jsonl", "text"))
+    for name, kind in shipped:
+        examples = load_examples(data_cfg([DATA / name]))
+        assert len(examples) >= 40
+        assert all(getattr(e, kind) for e in examples)
+    assert (DATA / "pydoc_chat.jsonl").stat().st_size < 2 * 2**20
+
+
+def test_sharegpt_and_openai_normalize_the_same():
+    openai = normalize("x:1", {"messages": CHAT}, "auto", "assistant")
+    share = normalize("x:1", {"conversations": [
+        {"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]} for m in CHAT
+    ]}, "auto", "assistant")
+    assert openai.messages == share.messages == CHAT
+    assert normalize("x:1", {"text": "abc"}, "auto", "assistant").text == "abc"
+
+
+@pytest.mark.parametrize(
+    "record, fmt, match",
+    [
+        ({"foo": 1}, "auto", "none of the keys"),
+        ([1, 2], "auto", "JSON object"),
+        ({"messages": []}, "auto", "non-empty list"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "auto", "role='robot'"),
+        ({"messages": [{"role": "user", "content": 3}]}, "auto", "must be a string"),
+        ({"messages": [{"role": "user"}]}, "auto", "'role' and 'content'"),
+        ({"conversations": [{"from": "human", "value": "hi"}]}, "auto", "no assistant turn"),
+        ({"text": ""}, "auto", "non-empty string"),
+        ({"text": "abc"}, "openai", "expects the key 'messages'"),
+    ],
+)
+def test_invalid_records_are_named(record, fmt, match):
+    with pytest.raises(ValueError, match=match) as info:
+        normalize("file.jsonl:7", record, fmt, "assistant")
+    assert "file.jsonl:7" in str(info.value)
+
+
+def test_no_assistant_turn_is_fine_when_training_on_everything():
+    example = normalize("x:1", {"messages": CHAT[:2]}, "auto", "all")
+    assert len(example.messages) == 2
+
+
+# ------------------------------------------------------------------ templates and masks
+
+
+def test_assistant_only_mask(tokenizer):
+    template = chat_template_for(tokenizer, "auto")
+    ids, labels = tokenize_example(Example("x", messages=CHAT), tokenizer, template, "assistant")
+    assert len(ids) == len(labels)
+    target_text = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
+    other_text = tokenizer.decode([t for t, l in zip(ids, labels) if l == IGNORE_INDEX])
+    assert "It does nothing." in target_text and "It leaves the loop." in target_text
+    assert target_text.count(tokenizer.eos_token) == 2  # each assistant turn learns to end
+    assert "pass" not in target_text and "break" not in target_text and "briefly" not in target_text
+    assert "What does pass do?" in other_text and "<|assistant|>" in other_text
+    assert all(l == t for t, l in zip(ids, labels) if l != IGNORE_INDEX)
+
+    ids_all, labels_all = tokenize_example(Example("x", messages=CHAT), tokenizer, template, "all")
+    assert ids_all == ids and labels_all == ids
+
+
+def test_builtin_template_when_tokenizer_has_none(tokenizer):
+    assert chat_template_for(tokenizer, "builtin") == BUILTIN_CHAT_TEMPLATE
+    bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|end|>")
+    assert not bare.chat_template
+    assert chat_template_for(bare, "auto") == BUILTIN_CHAT_TEMPLATE
+    text, spans = render_conversation(bare, CHAT, BUILTIN_CHAT_TEMPLATE)
+    assert text.startswith("<|system|>\nAnswer briefly.<|end|>\n")  # no BOS token defined
+    assert [text[a:b] for a, b in spans] == ["It does nothing.<|end|>\n", "It leaves the loop.<|end|>\n"]
+
+
+def test_template_that_rewrites_prefixes_is_rejected(tokenizer):
+    template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="chat_template=builtin or data.loss_on=all"):
+        render_conversation(tokenizer, CHAT, template, "conv.jsonl:3")
+
+
+def test_text_documents_get_bos_and_eos(tokenizer):
+    ids, labels = tokenize_example(Example("x", text="The pass statement."), tokenizer, "", "assistant")
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and labels == ids
+
+
+# ------------------------------------------------------------------ packing
+
+
+def test_packing_segments_padding_and_no_crossing_targets():
+    examples = [([1, 2, 3], [1, 2, 3]), ([4, 5], [IGNORE_INDEX, 5]), ([6, 7, 8, 9], [6, 7, 8, 9]),
+                ([10, 11, 12], [10, 11, 12])]
+    data = pack(examples, seq_len=6, long_examples="split", pad_id=0)
+    assert data.input_ids.tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0], [10, 11, 12, 0, 0, 0]]
+    assert data.segment_ids.tolist() == [[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]
+    assert data.labels[0].tolist() == [1, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]
+    # Shift-2 targets never cross from one segment into the next.
+    targets = shifted_targets(data.labels, 2, IGNORE_INDEX, data.segment_ids)
+    assert targets[0].tolist() == [3, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_truncate_versus_split():
+    long = (list(range(1, 15)), list(range(1, 15)))
+    split = pack([long], seq_len=5, long_examples="split", pad_id=0)
+    assert split.input_ids.flatten().tolist()[:14] == list(range(1, 15)) and len(split) == 3
+    truncated = pack([long], seq_len=5, long_examples="truncate", pad_id=0)
+    assert truncated.input_ids.tolist() == [[1, 2, 3, 4, 5]]
+    # A piece whose only target is its first token teaches nothing and is dropped.
+    masked = ([1, 2, 3, 4, 5, 6], [IGNORE_INDEX] * 5 + [6])
+    assert len(pack([masked], seq_len=5, long_examples="split", pad_id=0)) == 0
+    with pytest.raises(ValueError, match="long_examples"):
+        pack([long], seq_len=5, long_examples="drop", pad_id=0)
+
+
+def test_most_common_target_frequency():
+    data = pack([([1, 2, 2, 2, 3], [1, 2, 2, 2, 3])], seq_len=5, long_examples="split", pad_id=0)
+    assert most_common_target_frequency(data, 2) == (2, pytest.approx(2 / 3))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_malformed_line_fails_with_file_and_line(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, "{not json", {"text": "fine"}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
+        load_examples(data_cfg([path]))
+    with pytest.warns(UserWarning, match="skipped 1 bad records"):
+        examples = load_examples(data_cfg([path], on_error="skip"))
+    assert [e.where.rsplit(":", 1)[1] for e in examples] == ["1", "3"]
+
+
+def test_invalid_record_skip_or_fail(tmp_path):
+    path = write_jsonl(tmp_path / "conv.jsonl", [{"messages": CHAT}, {"messages": CHAT[:2]}])
+    with pytest.raises(ValueError, match=r"conv\.jsonl:2: conversation has no assistant turn"):
+        load_examples(data_cfg([path]))
+    with pytest.warns(UserWarning):
+        assert len(load_examples(data_cfg([path], on_error="skip"))) == 1
+
+
+def test_missing_file_and_empty_dataset(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_examples(data_cfg([tmp_path / "missing.jsonl"]))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ValueError, match="empty dataset"):
+        load_examples(data_cfg([empty]))
+    listing = tmp_path / "data.json"
+    listing.write_text('[{"text": "a"},\n {"text": ]')
+    with pytest.raises(ValueError, match=r"data\.json:2: malformed JSON"):
+        load_examples(data_cfg([listing]))
+
+
+# ------------------------------------------------------------------ cache, processes, loader
+
+
+def test_packed_data_is_cached(tmp_path, tokenizer):
+    cfg = data_cfg([DATA / "pydoc_sharegpt.jsonl"], seq_len=64)
+    first = build_packed_data(cfg, tokenizer, tmp_path)
+    cached = list(tmp_path.glob("packed-*.pt"))
+    assert len(cached) == 1
+    second = build_packed_data(cfg, tokenizer, tmp_path)
+    assert torch.equal(first.input_ids, second.input_ids) and torch.equal(first.segment_ids, second.segment_ids)
+    build_packed_data(data_cfg([DATA / "pydoc_sharegpt.jsonl"], seq_len=32), tokenizer, tmp_path)
+    assert len(list(tmp_path.glob("packed-*.pt"))) == 2  # another seq_len, another cache entry
+
+
+def test_multiprocess_tokenization_matches(tokenizer):
+    pytest.importorskip("datasets")
+    cfg = data_cfg([DATA / "pydoc_sharegpt.jsonl"], max_examples=12, num_proc=2, num_proc_min_examples=1)
+    examples = load_examples(cfg)
+    serial = tokenize_examples(examples, tokenizer, data_cfg([DATA / "pydoc_sharegpt.jsonl"]))
+    assert tokenize_examples(examples, tokenizer, cfg) == serial
+
+
+def test_loader_order_is_seeded_and_resumable():
+    n = 10
+    data = pack([([i, i + 1], [i, i + 1]) for i in range(1, 2 * n, 2)], seq_len=2, long_examples="split", pad_id=0)
+    assert len(data) == n
+    a = PackedLoader(data, 3, seed=5)
+    seen = [a.next_batch()["input_ids"][:, 0].tolist() for _ in range(7)]
+    assert sorted(sum(seen[:3], [])) == sorted(set(sum(seen[:3], [])))  # no repeats within an epoch
+    b = PackedLoader(data, 3, seed=5)
+    for _ in range(4):
+        b.next_batch()
+    c = PackedLoader(data, 3, seed=5)
+    c.load_state_dict(b.state_dict())
+    assert [c.next_batch()["input_ids"][:, 0].tolist() for _ in range(3)] == seen[4:]
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        PackedLoader(data, 11, seed=0)
+
+
+def test_split_eval_holds_out_rows():
+    data = pack([([i, i], [i, i]) for i in range(1, 21)], seq_len=2, long_examples="split", pad_id=0)
+    train, held = split_eval(data, 0.1, seed=0)
+    assert len(train) == 18 and len(held) == 2
+    assert not set(held.input_ids[:, 0].tolist()) & set(train.input_ids[:, 0].tolist())
+    assert split_eval(data, 0.0, seed=0)[1] is None
