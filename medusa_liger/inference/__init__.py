@@ -1,0 +1,49 @@
+"""Medusa decoding and head evaluation.
+
+    from medusa_liger.inference import medusa_generate, greedy_generate, evaluate_run
+    out = medusa_generate(model, input_ids, max_new_tokens=128, compare_greedy=True)
+    out.stats.acceleration_rate, out.speedup, out.matches_greedy
+    report = evaluate_run("runs/tiny", max_new_tokens=64)   # what `medusa-liger eval runs/tiny` does
+
+``tree``: candidate trees (``medusa_choices``) and tree search; ``generate``: tree decoding;
+``evaluate``: the head accuracy table, tree search and measured speedup; ``cli``: loading a run
+and ``medusa-liger eval``. Batch size 1 only.
+"""
+
+from medusa_liger.inference.cli import evaluate_run, load_medusa
+from medusa_liger.inference.evaluate import evaluate_heads, head_rank_hits, load_prompts
+
+from medusa_liger.inference.generate import (
+    DecodeStats,
+    GenerationResult,
+    MedusaDecoder,
+    MedusaGenerateOutput,
+    greedy_generate,
+    medusa_generate,
+)
+from medusa_liger.inference.tree import (
+    TreeBuffers,
+    build_tree_buffers,
+    default_tree,
+    expected_acceleration,
+    greedy_tree_search,
+)
+
+__all__ = [
+    "DecodeStats",
+    "GenerationResult",
+    "MedusaDecoder",
+    "MedusaGenerateOutput",
+    "TreeBuffers",
+    "build_tree_buffers",
+    "default_tree",
+    "evaluate_heads",
+    "evaluate_run",
+    "expected_acceleration",
+    "greedy_generate",
+    "greedy_tree_search",
+    "head_rank_hits",
+    "load_medusa",
+    "load_prompts",
+    "medusa_generate",
+]

@@ -1,0 +1,123 @@
+"""The backbone of a Medusa model, called one decoding step at a time over a KV cache.
+
+``BackboneRunner`` hides the differences decoding code must not care about: a ``MedusaModel`` or a
+bare causal LM (peft-wrapped or not); the cache argument's name (``cache`` in transformers 5.2x,
+``past_key_values`` in earlier 5.x releases); the final logit soft-capping some families apply;
+the sliding window a backbone may use. The cache is a ``DynamicCache`` built without the config,
+so every layer keeps every token as ``[B, n_kv, S, D]`` tensors in ``cache.layers[i].keys/values``
+(the same in 5.17 and 5.2x), which Medusa decoding gathers and crops by index.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+class BackboneRunner:
+    """Runs the backbone decoder over a DynamicCache and projects hidden states to logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        # A MedusaModel carries the causal LM in .backbone; a bare causal LM is its own backbone.
+        self.medusa = model if hasattr(model, "head_logits") and hasattr(model, "backbone") else None
+        self.causal_lm = model.backbone if self.medusa is not None else model
+        if hasattr(self.causal_lm, "get_base_model"):  # peft: LoRA layers live inside the base model
+            self.causal_lm = self.causal_lm.get_base_model()
+        self.config = self.causal_lm.config
+        self.decoder = self.causal_lm.get_decoder()
+        self.lm_head = self.causal_lm.get_output_embeddings()
+        if self.lm_head is None:
+            raise ValueError(
+                f"model must be a causal LM with an output projection, got {type(self.causal_lm).__name__}"
+            )
+        # transformers 5.2x names the cache argument `cache`; earlier 5.x releases `past_key_values`.
+        params = inspect.signature(self.decoder.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.dtype = self.decoder.get_input_embeddings().weight.dtype
+        self.device = self.lm_head.weight.device
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+
+    @property
+    def num_heads(self) -> int:
+        return 0 if self.medusa is None else int(self.medusa.heads.num_heads)
+
+    def new_cache(self):  # -> transformers.DynamicCache
+        from transformers import DynamicCache
+
+        # No config: every layer is a plain DynamicLayer that keeps all tokens, so tree nodes can be
+        # gathered and cropped by index (sliding windows are applied through the mask instead).
+        return DynamicCache()
+
+    def hidden(self, input_ids: torch.Tensor, cache, position_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [1, T] at position_ids [1, T] -> last hidden state [1, T, H]; appends T entries to
+        ``cache``. attention_mask: None (the model's causal mask) or a 4-D additive [1, 1, T, S + T]."""
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            return_dict=True,
+            **{self.cache_kwarg: cache},
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> next-token logits [..., V] in float32."""
+        logits = self.lm_head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[H] hidden state of one position -> [K, V] float32 logits of every Medusa head."""
+        return self.medusa.head_logits(hidden.view(1, 1, -1))[:, 0, 0].float()
+
+    def sliding_window(self) -> int | None:
+        """The uniform sliding window of every layer, or None for full attention."""
+        window = getattr(self.config, "sliding_window", None)
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types is None:
+            return window if window and getattr(self.config, "use_sliding_window", True) else None
+        kinds = set(layer_types)
+        if kinds == {"full_attention"}:
+            return None
+        if kinds == {"sliding_attention"}:
+            return window
+        raise ValueError(
+            f"medusa_generate supports backbones whose layers all use the same attention; this "
+            f"{self.config.model_type} model mixes {sorted(kinds)}"
+        )
+
+
+def check_generation_inputs(runner: BackboneRunner, input_ids: torch.Tensor, max_new_tokens: int) -> int:
+    """Validate the prompt [1, T] and the token budget against the model; returns T."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError("input_ids must be an integer tensor of shape [1, T]")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [1, T], got {list(input_ids.shape)}")
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"input_ids must have batch size 1 (Medusa decoding accepts a different number of tokens per "
+            f"sequence, so batches are not supported); got batch size {input_ids.shape[0]}: call it per prompt"
+        )
+    T = input_ids.shape[1]
+    if T == 0:
+        raise ValueError("input_ids is empty: the prompt must hold at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    limit = getattr(runner.config, "max_position_embeddings", None)
+    if limit is not None and T + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} exceeds the model's "
+            f"context (max_position_embeddings={limit}); shorten the prompt or lower max_new_tokens"
+        )
+    vocab = runner.lm_head.weight.shape[0]
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise ValueError(f"input_ids must hold token ids in [0, {vocab}), got values in "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    return T
+
+

@@ -1,0 +1,172 @@
+"""``medusa-liger eval``: load a backbone and its trained heads, then run ``evaluate_heads``.
+
+    medusa-liger eval runs/tiny                       # runs/tiny/final/{backbone,heads_medusa}
+    medusa-liger eval --backbone PATH --heads PATH --prompts held_out.jsonl --output eval/
+
+From Python: ``evaluate_run(run_dir=..., output_dir=...) -> report dict`` (same arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medusa_liger.inference.evaluate import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_NUM_PROMPTS,
+    default_prompts_file,
+    evaluate_heads,
+    load_prompts,
+)
+from medusa_liger.inference.tree import DEFAULT_TOP_K, DEFAULT_TREE_SIZE
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
+                  heads: str | Path | None) -> tuple[str, Path]:
+    """(backbone path or hub name, heads directory) from a run directory and/or explicit paths.
+
+    A run directory holds ``final/heads_medusa`` (or another ``final/heads_*``) and, when the
+    backbone was trained or built there, ``final/backbone``; otherwise the heads' recorded base
+    model is used.
+    """
+    from medusa_liger.heads.export import read_heads
+
+    final = Path(run_dir) / "final" if run_dir is not None else None
+    if run_dir is not None and not Path(run_dir).is_dir():
+        raise ValueError(f"run_dir {str(run_dir)!r} is not a directory")
+    if heads is None:
+        if final is None:
+            raise ValueError("pass a run directory or --heads PATH (a directory written by save_heads)")
+        found = sorted(final.glob("heads_*"), key=lambda p: p.name != "heads_medusa")
+        if not found:
+            raise ValueError(f"{final} holds no heads_* directory; pass --heads PATH")
+        heads = found[0]
+    heads = Path(heads)
+    if not heads.is_dir():
+        raise ValueError(f"heads {str(heads)!r} is not a directory")
+    if backbone is None:
+        if final is not None and (final / "backbone").is_dir():
+            backbone = final / "backbone"
+        elif (heads / "backbone").is_dir():
+            backbone = heads / "backbone"
+        else:
+            backbone = read_heads(heads).base_model_name_or_path
+            if not backbone:
+                raise ValueError(f"no backbone found for {heads}: pass --backbone PATH")
+    return str(backbone), heads
+
+
+def load_medusa(backbone: str, heads: str | Path, *, device: str | None = None, dtype: str = "auto",
+                attn_implementation: str = "sdpa"):
+    """(MedusaModel in eval mode on ``device``, tokenizer) for a backbone path and a heads directory.
+
+    dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medusa_liger.heads import MedusaModel
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = DTYPES.get(dtype, "auto" if device.type == "cuda" else torch.float32)
+    causal_lm = AutoModelForCausalLM.from_pretrained(backbone, dtype=torch_dtype,
+                                                     attn_implementation=attn_implementation)
+    model = MedusaModel.from_pretrained(heads, backbone=causal_lm)
+    model.to(device=device, dtype=causal_lm.dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    return model, tokenizer
+
+
+def evaluate_run(
+    run_dir: str | Path | None = None,
+    *,
+    backbone: str | Path | None = None,
+    heads: str | Path | None = None,
+    prompts: str | Path | None = None,
+    prompts_split: str = "train",
+    output_dir: str | Path | None = None,
+    num_prompts: int = DEFAULT_NUM_PROMPTS,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    tree_size: int = DEFAULT_TREE_SIZE,
+    top_k: int = DEFAULT_TOP_K,
+    device: str | None = None,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+) -> dict[str, Any]:
+    """Evaluate the heads of a training run (or explicit paths) and return the report dict.
+
+    output_dir defaults to ``{run_dir}/eval`` (``eval`` without a run directory); prompts (a file or
+    a hub dataset name, with ``prompts_split``) to the shipped ``medusa_liger/data/pydoc_chat.jsonl``.
+    """
+    backbone_path, heads_dir = resolve_paths(run_dir, backbone, heads)
+    if output_dir is None:
+        output_dir = Path(run_dir) / "eval" if run_dir is not None else Path("eval")
+    model, tokenizer = load_medusa(backbone_path, heads_dir, device=device, dtype=dtype,
+                                   attn_implementation=attn_implementation)
+    prompts_source = str(prompts) if prompts is not None else str(default_prompts_file())
+    prompt_ids = load_prompts(prompts_source, tokenizer, num_prompts, split=prompts_split)
+    # Keep prompts that leave room for the continuation inside the model's context.
+    limit = getattr(model.backbone.config, "max_position_embeddings", None)
+    if limit is not None:
+        if limit <= max_new_tokens:
+            raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({limit})")
+        # Over-long prompts keep their last tokens (the part the continuation depends on most).
+        prompt_ids = [p[-(limit - max_new_tokens):] if len(p) + max_new_tokens > limit else p for p in prompt_ids]
+    eos = tokenizer.eos_token_id
+    return evaluate_heads(
+        model, prompt_ids, output_dir, max_new_tokens=max_new_tokens, tree_size=tree_size, top_k=top_k,
+        eos_token_id=eos,
+        metadata={"backbone": backbone_path, "heads": str(heads_dir), "prompts": prompts_source},
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", nargs="?", default=None,
+                        help="training output directory (uses final/backbone and final/heads_medusa)")
+    parser.add_argument("--backbone", default=None, help="backbone checkpoint (HF directory or hub name)")
+    parser.add_argument("--heads", default=None, help="heads directory written by save_heads (either format)")
+    parser.add_argument("--prompts", default=None,
+                        help="held-out prompts: JSONL/JSON (prompt, messages, conversations or text), a text "
+                             "file with one prompt a line, or a hub dataset name (default: the shipped "
+                             "pydoc_chat.jsonl)")
+    parser.add_argument("--prompts-split", default="train",
+                        help="split of a hub dataset given as --prompts (use one the heads did not train on)")
+    parser.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="prompts to use (first N)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="tokens per prompt")
+    parser.add_argument("--tree-size", type=int, default=DEFAULT_TREE_SIZE, help="nodes of the searched tree")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="ranks per head in the accuracy table")
+    parser.add_argument("--output", default=None, help="output directory (default: RUN_DIR/eval)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                        help="attention implementation (both take Medusa's tree mask)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = evaluate_run(
+            args.run_dir, backbone=args.backbone, heads=args.heads, prompts=args.prompts,
+            prompts_split=args.prompts_split, output_dir=args.output,
+            num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, tree_size=args.tree_size,
+            top_k=args.top_k, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"medusa-liger eval: error: {error}", file=sys.stderr)
+        return 2
+    acc, tree, measured = report["head_accuracy"], report["tree"], report["measured"]
+    print("head top-1 accuracy: " + ", ".join(f"head{k} (t+{k + 2}) {a:.3f}" for k, a in enumerate(acc["top1"])))
+    print(f"tree: {tree['size']} nodes, depth {tree['max_depth']}, "
+          f"estimated acceleration {tree['estimated_acceleration']:.2f}")
+    print(f"measured: acceleration {measured['acceleration_rate']:.2f} tokens/step, speedup "
+          f"{measured['speedup']:.2f}x ({measured['medusa']['tokens_per_s']:.1f} vs "
+          f"{measured['greedy']['tokens_per_s']:.1f} tokens/s), identical to greedy on "
+          f"{measured['greedy_match_rate']:.0%} of prompts")
+    print(f"wrote {report['files']['report']}, {report['files']['tree']}, {report['files']['heatmap']}")
+    return 0

@@ -1,0 +1,269 @@
+"""Head evaluation: accuracy table, tree search, and measured Medusa speedup (``medusa-liger eval``).
+
+1. Accuracy. For each held-out prompt the backbone decodes greedily; with ``s`` the prompt plus its
+   greedy continuation and ``h_t`` the backbone's last hidden state at position t, head k's top-R
+   guesses at t are scored against ``s[t + k + 2]``, over every t from the last prompt token on
+   whose target lies in the continuation. That gives per-rank accuracies ``p_k(r)`` (the guess of
+   rank r is right) and the cumulative top-r table ``acc[k, r] = sum_{r' <= r} p_k(r')``.
+2. Tree search: ``tree.greedy_tree_search(p, size)`` (default 63 nodes), with its expected
+   acceleration ``1 + sum_nodes prod_j p_{j-1}(r_j)``.
+3. Measurement: Medusa decoding with that tree and plain greedy decoding of the same prompts;
+   acceleration rate = new tokens / decoding steps, speedup = greedy wall time / Medusa wall time,
+   and how many prompts decoded identically (greedy Medusa is lossless up to float rounding).
+
+Outputs in ``output_dir``: ``report.json``, ``tree.json`` (the ``medusa_choices`` list) and
+``head_accuracy.png`` (heatmap of the cumulative table).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medusa_liger.inference.generate import greedy_generate, medusa_generate
+from medusa_liger.inference.tree import DEFAULT_TOP_K, DEFAULT_TREE_SIZE, greedy_tree_search
+
+# Positions scored per head_logits call (bounds the [K, n, V] logits in memory for big vocabularies).
+SCORE_CHUNK = 64
+# Text records ({"text": ...}) become prompts of at most this many leading tokens.
+TEXT_PROMPT_TOKENS = 64
+DEFAULT_NUM_PROMPTS = 16
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def default_prompts_file() -> Path:
+    """The shipped conversation data (pass your own held-out file for an unbiased number)."""
+    return Path(__file__).resolve().parent.parent / "data" / "pydoc_chat.jsonl"
+
+
+def _render_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation up to (not including) its first assistant turn, ready for the reply."""
+    from medusa_liger.train.data import chat_template_for
+
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    if first == 0:
+        raise ValueError("a conversation starting with an assistant turn has no prompt")
+    text = tokenizer.apply_chat_template(messages[:first], chat_template=chat_template_for(tokenizer, "auto"),
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _records(source: str, split: str):
+    """(where, record) of a JSON/JSONL file or hub dataset, through the training data reader."""
+    from medusa_liger.train.data import iter_raw_records
+
+    skipped: list[str] = []  # "skip" mode collects the reader's messages; any is fatal here
+    for where, record in iter_raw_records(source, split, "skip", skipped):
+        if skipped:
+            break
+        yield where, record
+    if skipped:
+        raise ValueError(skipped[0])
+
+
+def _record_prompt(tokenizer, where: str, record: Any) -> list[int]:
+    from medusa_liger.train.data import normalize
+
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+        return tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+    example = normalize(where, record, "auto", "all")
+    if example.text is not None:
+        return tokenizer(example.text, add_special_tokens=True)["input_ids"][:TEXT_PROMPT_TOKENS]
+    return _render_messages(tokenizer, example.messages)
+
+
+def load_prompts(source: str | Path, tokenizer, num_prompts: int | None = None, split: str = "train") -> list[list[int]]:
+    """Token ids of up to ``num_prompts`` prompts (the first ones) from a file or a hub dataset.
+
+    ``.jsonl``/``.json`` files and hub datasets (``split``; needs ``datasets``): records
+    ``{"prompt": str}`` (tokenized as is), OpenAI ``messages`` or ShareGPT ``conversations``
+    (rendered with the chat template up to the first assistant turn) or ``{"text": str}`` (its
+    first TEXT_PROMPT_TOKENS tokens). Any other local file: one prompt per non-empty line.
+    """
+    if num_prompts is not None and (not isinstance(num_prompts, int) or num_prompts < 1):
+        raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
+    source = str(source)
+    path = Path(source).expanduser()
+    looks_local = path.suffix in (".json", ".jsonl", ".txt") or source.startswith((".", "/", "~"))
+    if not path.is_file() and looks_local:  # anything else is taken for a hub dataset name
+        raise ValueError(f"prompts file {source!r} does not exist")
+    if path.is_file() and path.suffix not in (".json", ".jsonl"):
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        numbered = ((f"{source}:{i}", {"prompt": line}) for i, line in enumerate(lines, 1))
+    else:
+        numbered = _records(source, split)
+    prompts: list[list[int]] = []
+    for where, record in numbered:
+        ids = _record_prompt(tokenizer, where, record)
+        if ids:
+            prompts.append(ids)
+        if num_prompts is not None and len(prompts) >= num_prompts:
+            break
+    if not prompts:
+        raise ValueError(f"prompts {source!r} hold no usable prompt")
+    return prompts
+
+
+@torch.no_grad()
+def head_rank_hits(
+    model: nn.Module, sequence: torch.Tensor, prompt_length: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score every head on one greedy continuation.
+
+    sequence [1, S]: prompt (``prompt_length`` tokens) + greedy continuation. Returns ``hits``
+    [K, top_k] (times head k's rank-r guess was the token k + 2 ahead) and ``counts`` [K] (scored
+    positions of head k).
+    """
+    S = sequence.shape[1]
+    K = int(model.heads.num_heads)
+    hits = torch.zeros(K, top_k, dtype=torch.long)
+    counts = torch.zeros(K, dtype=torch.long)
+    first = prompt_length - 1  # the last prompt token's hidden state guesses the continuation
+    if S - first < 3:
+        return hits, counts  # no position has a target two tokens ahead
+    hidden = model.hidden_states(sequence)  # [1, S, H]
+    for start in range(first, S - 2, SCORE_CHUNK):
+        stop = min(start + SCORE_CHUNK, S - 2)
+        guesses = torch.topk(model.head_logits(hidden[:, start:stop]).float(), top_k, dim=-1).indices[:, 0]  # [K, n, R]
+        for k in range(K):
+            # Positions t in [start, stop) with a target t + k + 2 inside the sequence.
+            n = max(0, min(stop, S - k - 2) - start)
+            if n == 0:
+                continue
+            targets = sequence[0, start + k + 2 : start + k + 2 + n]
+            hits[k] += (guesses[k, :n] == targets[:, None]).sum(0).cpu()
+            counts[k] += n
+    return hits, counts
+
+
+def accuracy_heatmap(cumulative: torch.Tensor, path: str | Path) -> Path:
+    """Write a PNG heatmap of the [K, R] cumulative top-r accuracy table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    K, R = cumulative.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * R, 1.0 + 0.6 * K))
+    image = ax.imshow(cumulative.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for k in range(K):
+        for r in range(R):
+            value = float(cumulative[k, r])
+            ax.text(r, k, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if value > 0.6 else "white")
+    ax.set_xticks(range(R), [str(r + 1) for r in range(R)])
+    ax.set_yticks(range(K), [f"head {k} (t+{k + 2})" for k in range(K)])
+    ax.set_xlabel("top-k")
+    ax.set_title("Medusa head accuracy (cumulative top-k)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def evaluate_heads(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    output_dir: str | Path,
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    tree_size: int = DEFAULT_TREE_SIZE,
+    top_k: int = DEFAULT_TOP_K,
+    eos_token_id: int | list[int] | None = None,
+    warmup: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Accuracy table, tree search and measured speedup of ``model`` (a MedusaModel) on ``prompts``.
+
+    prompts: token id lists. Writes report.json, tree.json and head_accuracy.png to ``output_dir``
+    and returns the report dict (``metadata`` is merged into it).
+    """
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if not isinstance(tree_size, int) or tree_size < 1:
+        raise ValueError(f"tree_size must be an integer >= 1, got {tree_size!r}")
+    vocab = model.lm_head.weight.shape[0]
+    top_k = min(top_k, vocab)
+    device = model.lm_head.weight.device
+    model.eval()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    inputs = [torch.tensor([list(p)], dtype=torch.long, device=device) for p in prompts]
+
+    # 1. Greedy continuations, and every head's rank hits on them.
+    K = int(model.heads.num_heads)
+    hits = torch.zeros(K, top_k, dtype=torch.long)
+    counts = torch.zeros(K, dtype=torch.long)
+    for ids in inputs:
+        greedy = greedy_generate(model, ids, max_new_tokens, eos_token_id)
+        h, c = head_rank_hits(model, greedy.sequences, ids.shape[1], top_k)
+        hits += h
+        counts += c
+    per_rank = hits.double() / counts.clamp(min=1)[:, None].double()
+    cumulative = per_rank.cumsum(dim=1)
+
+    # 2. The tree with the highest expected acceptance for that table.
+    tree, estimated = greedy_tree_search(per_rank, tree_size)
+
+    # 3. Measured: Medusa with that tree vs plain greedy, on the same prompts.
+    if warmup:  # first calls pay one-time costs (kernel loading, allocator growth)
+        medusa_generate(model, inputs[0], min(8, max_new_tokens), tree, eos_token_id=eos_token_id,
+                        compare_greedy=True)
+    runs = [medusa_generate(model, ids, max_new_tokens, tree, eos_token_id=eos_token_id, compare_greedy=True)
+            for ids in inputs]
+    medusa_tokens = sum(r.stats.new_tokens for r in runs)
+    medusa_steps = sum(r.stats.steps for r in runs)
+    medusa_time = sum(r.stats.wall_time_s for r in runs)
+    greedy_tokens = sum(r.greedy.stats.new_tokens for r in runs)
+    greedy_time = sum(r.greedy.stats.wall_time_s for r in runs)
+
+    report: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": str(device),
+        "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+        "num_prompts": len(inputs),
+        "max_new_tokens": max_new_tokens,
+        "num_heads": K,
+        "top_k": top_k,
+        "head_accuracy": {
+            "cumulative_top_k": cumulative.tolist(),
+            "per_rank": per_rank.tolist(),
+            "top1": cumulative[:, 0].tolist(),
+            "scored_positions": counts.tolist(),
+        },
+        "tree": {"size": len(tree), "requested_size": tree_size, "paths": tree,
+                 "max_depth": max((len(p) for p in tree), default=0), "estimated_acceleration": estimated},
+        "measured": {
+            "acceleration_rate": medusa_tokens / max(medusa_steps, 1),
+            "speedup": greedy_time / max(medusa_time, 1e-12),
+            "medusa": {"new_tokens": medusa_tokens, "steps": medusa_steps, "wall_time_s": medusa_time,
+                       "tokens_per_s": medusa_tokens / max(medusa_time, 1e-12)},
+            "greedy": {"new_tokens": greedy_tokens, "steps": greedy_tokens, "wall_time_s": greedy_time,
+                       "tokens_per_s": greedy_tokens / max(greedy_time, 1e-12)},
+            "greedy_match_rate": sum(bool(r.matches_greedy) for r in runs) / len(runs),
+            "per_prompt_acceleration": [r.stats.acceleration_rate for r in runs],
+        },
+    }
+    if metadata:
+        report.update(metadata)
+    files = {
+        "report": output_dir / "report.json",
+        "tree": output_dir / "tree.json",
+        "heatmap": output_dir / "head_accuracy.png",
+    }
+    files["tree"].write_text(json.dumps(tree))
+    accuracy_heatmap(cumulative.float(), files["heatmap"])
+    report["files"] = {name: str(p) for name, p in files.items()}
+    files["report"].write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,205 @@
+"""Head evaluation: rank hits vs brute force, prompt loading, the report/tree/heatmap, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medusa_liger.heads import MedusaConfig, MedusaModel
+from medusa_liger.inference.evaluate import evaluate_heads, head_rank_hits, load_prompts
+from medusa_liger.inference.generate import greedy_generate
+from medusa_liger.inference.tree import expected_acceleration, normalize_tree
+from medusa_liger.kernels.utils import force_backend
+from tests.test_generate import chain_batch, randomize_heads_, tiny_backbone, train_chain_medusa
+
+TOKENIZER_VOCAB = 300
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with force_backend("torch"):
+        yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from medusa_liger.train.tiny import train_tokenizer
+
+    texts = ["def f(x):\n    return x + 1", "The assert statement checks a condition.", "for i in range(10): pass"]
+    return train_tokenizer(texts * 4, TOKENIZER_VOCAB, tmp_path_factory.mktemp("tok"))
+
+
+def random_medusa(vocab: int, num_heads: int = 3, seed: int = 0) -> MedusaModel:
+    model = MedusaModel.from_backbone(tiny_backbone(vocab=vocab, seed=seed), MedusaConfig(num_heads=num_heads))
+    return randomize_heads_(model, 3.0, seed).eval()
+
+
+def test_head_rank_hits_brute_force():
+    model = random_medusa(64, num_heads=3)
+    ids = torch.randint(0, 64, (1, 5))
+    seq = greedy_generate(model, ids, 20).sequences
+    top_k = 7
+    hits, counts = head_rank_hits(model, seq, 5, top_k)
+    with torch.no_grad():
+        logits = model.head_logits(model.hidden_states(seq))[:, 0]  # [K, S, V]
+    want_hits = torch.zeros(3, top_k, dtype=torch.long)
+    want_counts = torch.zeros(3, dtype=torch.long)
+    for k in range(3):
+        for t in range(4, seq.shape[1]):
+            if t + k + 2 >= seq.shape[1]:
+                continue
+            want_counts[k] += 1
+            ranked = logits[k, t].topk(top_k).indices.tolist()
+            target = int(seq[0, t + k + 2])
+            if target in ranked:
+                want_hits[k, ranked.index(target)] += 1
+    assert torch.equal(counts, want_counts) and counts.tolist() == [20 - 1 - k for k in range(3)]
+    assert torch.equal(hits, want_hits)
+
+
+def test_evaluate_writes_report_tree_heatmap(tmp_path):
+    model = random_medusa(64, num_heads=3, seed=1)
+    prompts = [[1, 2, 3], [7], [5, 9, 11, 13, 2]]
+    report = evaluate_heads(model, prompts, tmp_path / "out", max_new_tokens=12, tree_size=9, top_k=4,
+                            metadata={"backbone": "tiny"})
+    files = {name: tmp_path / "out" / f for name, f in
+             (("report", "report.json"), ("tree", "tree.json"), ("heatmap", "head_accuracy.png"))}
+    assert all(p.is_file() for p in files.values())
+    assert files["heatmap"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads(files["report"].read_text())
+    assert on_disk == json.loads(json.dumps(report)) and on_disk["backbone"] == "tiny"
+    tree = json.loads(files["tree"].read_text())
+    normalize_tree(tree, 3)
+    assert tree == report["tree"]["paths"] and len(tree) == report["tree"]["size"] <= 9
+    table = torch.tensor(report["head_accuracy"]["cumulative_top_k"])
+    assert table.shape == (3, 4) and (table.diff(dim=1) >= 0).all() and (table <= 1 + 1e-9).all()
+    per_rank = torch.tensor(report["head_accuracy"]["per_rank"])
+    assert report["tree"]["estimated_acceleration"] == pytest.approx(expected_acceleration(tree, per_rank))
+    measured = report["measured"]
+    assert measured["greedy_match_rate"] == 1.0
+    assert measured["medusa"]["new_tokens"] == measured["greedy"]["new_tokens"] == 36
+    assert measured["acceleration_rate"] == pytest.approx(36 / measured["medusa"]["steps"])
+
+
+def test_evaluate_trained_heads_accelerate(tmp_path):
+    model, perm = train_chain_medusa(num_heads=3, steps=80)
+    g = torch.Generator().manual_seed(0)
+    prompts = [chain_batch(perm, g, 1, 4, 0.0)[0].tolist() for _ in range(3)]
+    report = evaluate_heads(model, prompts, tmp_path, max_new_tokens=30, tree_size=12, top_k=3)
+    assert report["head_accuracy"]["top1"][0] > 0.8
+    assert report["tree"]["estimated_acceleration"] > 2.0
+    assert report["measured"]["acceleration_rate"] > 2.0
+    assert report["measured"]["greedy_match_rate"] == 1.0
+
+
+def test_evaluate_bad_input(tmp_path):
+    model = random_medusa(64)
+    with pytest.raises(ValueError, match="prompts"):
+        evaluate_heads(model, [], tmp_path)
+    with pytest.raises(ValueError, match="top_k"):
+        evaluate_heads(model, [[1]], tmp_path, top_k=0)
+    with pytest.raises(ValueError, match="tree_size"):
+        evaluate_heads(model, [[1]], tmp_path, tree_size=0)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_heads(model, [[]], tmp_path, max_new_tokens=4)
+
+
+def test_load_prompts_formats(tmp_path, tokenizer):
+    records = [
+        {"messages": [{"role": "user", "content": "What is assert?"}, {"role": "assistant", "content": "A check."}]},
+        {"conversations": [{"from": "human", "value": "Explain for."}, {"from": "gpt", "value": "A loop."}]},
+        {"text": "def f(x):\n    return x + 1"},
+        {"prompt": "for i in"},
+    ]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    prompts = load_prompts(jsonl, tokenizer)
+    assert len(prompts) == 4
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is assert?"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert prompts[0] == tokenizer(chat, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(prompts[1]).endswith("<|assistant|>\n")
+    assert "A loop" not in tokenizer.decode(prompts[1])
+    assert load_prompts(jsonl, tokenizer, num_prompts=2) == prompts[:2]
+    as_json = tmp_path / "p.json"
+    as_json.write_text(json.dumps(records))
+    assert load_prompts(as_json, tokenizer) == prompts
+    txt = tmp_path / "p.txt"
+    txt.write_text("first prompt\n\n second prompt \n")
+    assert [tokenizer.decode(p, skip_special_tokens=True) for p in load_prompts(txt, tokenizer)] == [
+        "first prompt", "second prompt"]
+
+
+def test_load_prompts_errors(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_prompts(tmp_path / "missing.jsonl", tokenizer)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        load_prompts(bad, tokenizer)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="no usable prompt"):
+        load_prompts(empty, tokenizer)
+    with pytest.raises(ValueError, match="num_prompts"):
+        load_prompts(bad, tokenizer, num_prompts=0)
+    with pytest.raises(ValueError, match="no-such-dataset"):  # a hub name, offline in tests
+        load_prompts("nobody-xyz/no-such-dataset", tokenizer)
+
+
+def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
+    from medusa_liger.cli import main
+    from medusa_liger.inference.cli import evaluate_run
+
+    model = random_medusa(TOKENIZER_VOCAB, num_heads=2, seed=2)
+    final = tmp_path / "run" / "final"
+    model.backbone.save_pretrained(final / "backbone")
+    tokenizer.save_pretrained(final / "backbone")
+    model.save_heads(final / "heads_medusa", format="medusa")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\nThe assert statement\n")
+    code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2",
+                 "--max-new-tokens", "8", "--tree-size", "5", "--top-k", "3", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    out_dir = tmp_path / "run" / "eval"
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["num_prompts"] == 2 and report["tree"]["requested_size"] == 5 and report["num_heads"] == 2
+    assert report["heads"].endswith("heads_medusa") and report["backbone"].endswith("backbone")
+    assert (out_dir / "tree.json").is_file() and (out_dir / "head_accuracy.png").is_file()
+    assert "measured: acceleration" in capsys.readouterr().out
+    # Explicit paths, from Python.
+    again = evaluate_run(backbone=final / "backbone", heads=final / "heads_medusa", prompts=prompts,
+                         output_dir=tmp_path / "explicit", num_prompts=1, max_new_tokens=6, tree_size=4, top_k=2)
+    assert again["num_prompts"] == 1 and (tmp_path / "explicit" / "report.json").is_file()
+
+
+def test_cli_eval_errors(tmp_path, capsys):
+    from medusa_liger.cli import main
+
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["eval"]) == 2
+    assert "--heads" in capsys.readouterr().err
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    assert "heads_" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_evaluate_speedup(tmp_path, dtype):
+    model, perm = train_chain_medusa(num_heads=3, steps=80)
+    model = model.to("cuda", dtype)
+    g = torch.Generator().manual_seed(0)
+    prompts = [chain_batch(perm, g, 1, 4, 0.0)[0].tolist() for _ in range(4)]
+    report = evaluate_heads(model, prompts, tmp_path, max_new_tokens=64, tree_size=16, top_k=3)
+    assert report["device"].startswith("cuda")
+    assert report["measured"]["acceleration_rate"] > 2.0
+    # Wall-clock speedup on a tiny model is launch- and host-bound (a Medusa step does more host work
+    # than a greedy step), so it only has to be sane here; real gains need a real-sized backbone.
+    assert report["measured"]["speedup"] > 0.5

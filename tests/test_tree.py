@@ -1,0 +1,191 @@
+"""Tree buffers (mask, positions, candidate layout, leaves) against brute force; tree search."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from medusa_liger.inference.tree import (
+    DEFAULT_TREE_SIZE,
+    build_tree_buffers,
+    default_tree,
+    expected_acceleration,
+    greedy_tree_search,
+    normalize_tree,
+    truncate_tree,
+)
+
+
+def random_tree(seed: int, num_nodes: int, max_depth: int, max_rank: int) -> list[list[int]]:
+    """A random prefix-closed tree, listed in shuffled order (the builder must sort it)."""
+    rng = random.Random(seed)
+    nodes: set[tuple[int, ...]] = set()
+    while len(nodes) < num_nodes:
+        parent = rng.choice([()] + [p for p in nodes if len(p) < max_depth])
+        nodes.add(parent + (rng.randrange(max_rank),))
+    out = [list(p) for p in nodes]
+    rng.shuffle(out)
+    return out
+
+
+TREES = {
+    "chain": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]],
+    "wide": [[r] for r in range(7)],
+    "mixed": [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2], [0, 0, 0, 0], [0, 1, 3]],
+    "random": random_tree(1, 23, 4, 5),
+    "default": default_tree(4),
+}
+
+
+def _is_prefix(a: tuple, b: tuple) -> bool:
+    return len(a) <= len(b) and b[: len(a)] == a
+
+
+@pytest.mark.parametrize("name", sorted(TREES))
+@pytest.mark.parametrize("past_length", [0, 5, 123])
+def test_buffers_match_brute_force(name, past_length):
+    tree = TREES[name]
+    buf = build_tree_buffers(tree, num_heads=4)
+    nodes = [()] + [tuple(p) for p in sorted(tree, key=lambda p: (len(p), p))]
+    assert buf.paths == nodes[1:]
+    n = len(nodes)
+    assert buf.num_nodes == n
+
+    # Mask: cached tokens always visible; node j visible from node i iff path_j prefixes path_i.
+    mask = buf.attention_mask(past_length, torch.float32)
+    assert mask.shape == (1, 1, n, past_length + n) and mask.dtype == torch.float32
+    expected = torch.full((n, past_length + n), torch.finfo(torch.float32).min)
+    for i, j in itertools.product(range(n), range(past_length + n)):
+        if j < past_length or _is_prefix(nodes[j - past_length], nodes[i]):
+            expected[i, j] = 0.0
+    torch.testing.assert_close(mask[0, 0], expected, rtol=0, atol=0)
+
+    # Positions: past length + depth.
+    assert buf.position_ids(past_length).tolist() == [[past_length + len(p) for p in nodes]]
+    assert buf.parent.tolist() == [-1] + [nodes.index(p[:-1]) for p in nodes[1:]]
+
+    # Candidate layout: node p's token is head (len(p) - 1)'s rank-p[-1] guess.
+    K, R, V = 4, 10, 1000
+    root = torch.tensor([V - 1])
+    topk = torch.randint(0, V - 1, (K, R))
+    flat = torch.cat([root] + [topk[k, : buf.top_k[k]] for k in range(K)])
+    tokens = flat[buf.candidate_index]
+    assert tokens.tolist() == [V - 1] + [int(topk[len(p) - 1, p[-1]]) for p in nodes[1:]]
+
+    # Leaves: nodes without children, each row its root-to-leaf chain padded with -1.
+    leaves = [p for p in nodes if not any(len(q) == len(p) + 1 and q[: len(p)] == p for q in nodes)]
+    depth = max(len(p) for p in nodes)
+    rows = buf.retrieve_indices.tolist()
+    assert len(rows) == len(leaves)
+    for row, leaf in zip(rows, leaves):
+        assert row == [nodes.index(leaf[:d]) for d in range(len(leaf) + 1)] + [-1] * (depth - len(leaf))
+
+
+@pytest.mark.parametrize("window", [1, 3, 6])
+def test_sliding_window_mask(window):
+    tree = TREES["mixed"]
+    buf = build_tree_buffers(tree, num_heads=4)
+    past = 9
+    nodes = [()] + buf.paths
+    mask = buf.attention_mask(past, torch.float16, sliding_window=window)[0, 0]
+    key_pos = list(range(past)) + [past + len(p) for p in nodes]
+    for i, j in itertools.product(range(len(nodes)), range(past + len(nodes))):
+        visible = j < past or _is_prefix(nodes[j - past], nodes[i])
+        visible = visible and key_pos[j] > past + len(nodes[i]) - window
+        assert (mask[i, j] == 0) == visible, (i, j)
+    assert (mask[mask != 0] == torch.finfo(torch.float16).min).all()
+
+
+def test_empty_tree_is_root_only():
+    buf = build_tree_buffers([], num_heads=3)
+    assert buf.num_nodes == 1 and buf.retrieve_indices.tolist() == [[0]]
+    assert buf.attention_mask(4, torch.float32).shape == (1, 1, 1, 5)
+
+
+@pytest.mark.parametrize(
+    "tree, match",
+    [
+        ("[[0]]", "list of paths"),
+        ([[]], "non-empty"),
+        ([[0], [-1]], "integer ranks"),
+        ([[0], [0.5]], "integer ranks"),
+        ([[0], [0]], "duplicate"),
+        ([[0], [1, 0]], "parent"),
+        ([[0], [0, 0], [0, 0, 0]], "head 2"),
+    ],
+)
+def test_bad_trees(tree, match):
+    with pytest.raises(ValueError, match=match):
+        build_tree_buffers(tree, num_heads=2)
+
+
+def test_truncate_keeps_prefix_closed():
+    tree = TREES["random"]
+    for depth in range(5):
+        cut = truncate_tree(tree, depth)
+        assert all(len(p) <= depth for p in cut)
+        normalize_tree(cut)  # still valid
+
+
+def test_tree_search_hand_computed():
+    # Values: [0] .6, [0,0] .3, [1] .2, [0,1] .18, [2] .1, [1,0] .1, [0,2] .06 ...
+    p = torch.tensor([[0.6, 0.2, 0.1], [0.5, 0.3, 0.1]])
+    tree, estimate = greedy_tree_search(p, 4)
+    assert tree == [[0], [1], [0, 0], [0, 1]]
+    assert estimate == pytest.approx(1 + 0.6 + 0.3 + 0.2 + 0.18)
+    assert expected_acceleration(tree, p) == pytest.approx(estimate)
+    # Ties ([2] and [1,0] are both 0.1): the shallower path first.
+    tree, _ = greedy_tree_search(p, 5)
+    assert tree == [[0], [1], [2], [0, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("size", [1, 5, 17])
+def test_tree_search_is_optimal_for_monotone_tables(seed, size):
+    # With accuracies falling in rank, a node is worth at most its parent, so the best tree of a
+    # given size is the `size` most valuable nodes overall, which the greedy search must find.
+    g = torch.Generator().manual_seed(seed)
+    K, R = 3, 4
+    p = torch.rand(K, R, generator=g, dtype=torch.float64).sort(dim=1, descending=True).values * 0.9
+    values = []
+    for d in range(1, K + 1):
+        for path in itertools.product(range(R), repeat=d):
+            values.append(float(torch.prod(torch.stack([p[j, r] for j, r in enumerate(path)]))))
+    best = 1 + sum(sorted(values, reverse=True)[:size])
+    tree, estimate = greedy_tree_search(p, size)
+    assert len(tree) == size
+    normalize_tree(tree, K)
+    assert estimate == pytest.approx(best)
+    assert expected_acceleration(tree, p) == pytest.approx(best)
+
+
+def test_tree_search_stops_when_every_node_is_in():
+    tree, _ = greedy_tree_search(torch.full((2, 2), 0.5), 100)
+    assert len(tree) == 2 + 4
+
+
+def test_tree_search_skips_nodes_never_accepted():
+    p = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    tree, estimate = greedy_tree_search(p, 63)
+    assert tree == [[0], [0, 0], [0, 1]] and estimate == pytest.approx(3.0)
+    assert greedy_tree_search(torch.zeros(2, 3), 5) == ([], 1.0)
+
+
+def test_tree_search_bad_input():
+    with pytest.raises(ValueError, match="rank_accuracy"):
+        greedy_tree_search(torch.rand(3), 4)
+    with pytest.raises(ValueError, match="size"):
+        greedy_tree_search(torch.rand(2, 3), 0)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 3, 5])
+def test_default_tree(num_heads):
+    tree = default_tree(num_heads)
+    normalize_tree(tree, num_heads)
+    assert len(tree) == min(DEFAULT_TREE_SIZE, sum(10**d for d in range(1, num_heads + 1)))
+    assert max(len(p) for p in tree) == num_heads or num_heads > 4
+    with pytest.raises(ValueError, match="num_heads"):
+        default_tree(0)
