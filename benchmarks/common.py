@@ -20,6 +20,14 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32  # the interpreter has no bf16 arithmetic
+if not CUDA:
+    # Without a GPU the scripts' --quick mode runs our kernels through Triton's CPU interpreter; this
+    # must be set before triton is imported, and every script imports this module first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def optional_import(name: str):
     """Import ``name`` or return None (baselines such as liger-kernel are optional)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # our kernels run under Triton's CPU interpreter
 # Python puts this script's folder first on sys.path, where benchmarks/kernels.py would shadow HF's
 # optional `kernels` package (transformers probes it): import our helpers from the repository root.
 _HERE = Path(__file__).resolve().parent
@@ -37,9 +34,7 @@ from medusa_liger.kernels.rms_norm import rms_norm  # noqa: E402
 from medusa_liger.kernels.rope import apply_rotary_pos_emb  # noqa: E402
 from medusa_liger.kernels.swiglu import swiglu  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.bfloat16 if CUDA else torch.float32  # the interpreter has no bf16 arithmetic
+CUDA, DEVICE, DTYPE = common.CUDA, common.DEVICE, common.DTYPE
 N_SETS = 3  # input sets rotated between calls
 
 

@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # our kernels run under Triton's CPU interpreter
 # Python puts this script's folder first on sys.path, where benchmarks/kernels.py would shadow HF's
 # optional `kernels` package (transformers probes it): import our helpers from the repository root.
 _HERE = Path(__file__).resolve().parent
@@ -42,9 +39,7 @@ from benchmarks import common  # noqa: E402
 
 from medusa_liger.kernels.rope import RoPEFunction, apply_rotary_pos_emb, default_config, rope_launch  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.bfloat16 if CUDA else torch.float32  # the interpreter has no bf16 arithmetic
+CUDA, DEVICE, DTYPE = common.CUDA, common.DEVICE, common.DTYPE
 N_SETS = 3
 ATOL = RTOL = 2e-2 if DTYPE == torch.bfloat16 else 1e-5  # bf16: one rounding of a value ~|x|
 
