@@ -5,6 +5,9 @@
   other value is a local directory or hub name for ``AutoModelForCausalLM``. Optionally patched
   with our fused kernels (``model.patch``), wrapped in LoRA adapters (``lora.enabled``), and
   gradient-checkpointed.
+* Mixed precision: the backbone keeps ``model.dtype``; the parameters built here and trained (the
+  Medusa heads, the LoRA adapters) are kept in ``train.master_dtype`` (float32 by default), so
+  AdamW updates an fp32 master copy; on CUDA the forward runs under bf16 autocast (``autocast_dtype``).
 * Optimizer: AdamW over parameter groups ``heads`` (lr ``train.heads_lr``) and ``backbone``
   (lr ``train.lr``; the full backbone or only its LoRA adapters), each split into a decayed part
   (matrices) and an undecayed part (biases, norm weights).
@@ -41,6 +44,29 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def master_dtype(cfg: Config) -> torch.dtype:
+    """Dtype of the trained heads and LoRA adapters: ``train.master_dtype`` (``auto``: ``model.dtype``)."""
+    name = cfg.model.dtype if cfg.train.master_dtype == "auto" else cfg.train.master_dtype
+    return DTYPES[name]
+
+
+def export_dtype(cfg: Config) -> str:
+    """Dtype the heads (and a written backbone) are exported in: ``export.dtype`` (``auto``: ``model.dtype``)."""
+    return cfg.model.dtype if cfg.export.dtype == "auto" else cfg.export.dtype
+
+
+def cast_adapters(backbone, dtype: torch.dtype) -> None:
+    """Cast every peft adapter tensor (LoRA A/B, embedding A/B) of ``backbone`` to ``dtype`` in place;
+    the base layers keep theirs. LoRA layers cast their input to the adapter dtype and their output
+    back, so any pairing of base and adapter dtypes runs, with or without autocast."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in backbone.modules():
+        if isinstance(module, BaseTunerLayer):
+            for name in module.adapter_layer_names:
+                getattr(module, name).to(dtype)  # a ModuleDict / ParameterDict keyed by adapter name
+
+
 def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None):
     """(tokenizer, backbone) on the CPU; ``examples_for_tokenizer`` () -> Examples, for the tiny model."""
     dtype = DTYPES[cfg.model.dtype]
@@ -71,7 +97,9 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None):
 
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-        backbone = get_peft_model(backbone, lora)
+        # peft would upcast only bf16/fp16 adapters to fp32; cast to train.master_dtype explicitly instead.
+        backbone = get_peft_model(backbone, lora, autocast_adapter_dtype=False)
+        cast_adapters(backbone, master_dtype(cfg))
     if cfg.model.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(backbone, "config"):
@@ -81,7 +109,13 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None):
 
 def build_medusa(cfg: Config, backbone):
     """``MedusaModel`` over ``backbone`` in ``train.mode`` (joint mode starts in "heads" when a
-    heads-only stage comes first; the loop switches it)."""
+    heads-only stage comes first; the loop switches it), its heads in ``master_dtype(cfg)``.
+
+    The heads start in the lm_head's dtype (per-head projections copy it) and are then cast: a
+    bf16 -> fp32 cast is exact, so an fp32 head starts at exactly the backbone's prediction. The
+    heads cast the backbone's hidden state to their dtype, and the fused loss computes in the
+    autocast dtype (or the inputs' promoted one) and returns each gradient in its parameter's dtype.
+    """
     from medusa_liger.heads import MedusaConfig, MedusaModel
 
     medusa_cfg = MedusaConfig(
@@ -89,7 +123,9 @@ def build_medusa(cfg: Config, backbone):
         decay=cfg.heads.decay, mode=cfg.train.mode, lm_loss_weight=cfg.train.lm_loss_weight,
         heads_loss_weight=cfg.train.heads_lambda.value if cfg.train.mode == "joint" else None,
     )
-    return MedusaModel.from_backbone(backbone, medusa_cfg)
+    model = MedusaModel.from_backbone(backbone, medusa_cfg)
+    model.heads.to(master_dtype(cfg))
+    return model
 
 
 def _is_head_param(name: str) -> bool:

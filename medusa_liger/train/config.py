@@ -105,6 +105,10 @@ class TrainConfig:
     lm_loss_weight: float = 1.0
     heads_lambda: LambdaConfig = field(default_factory=LambdaConfig)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # Dtype of the parameters built here and trained: the Medusa heads and the LoRA adapters (their
+    # master copy, which AdamW updates). float32 keeps the small updates that bf16's 8 mantissa bits
+    # round away, on any backbone dtype; auto: model.dtype. The backbone's own weights stay in model.dtype.
+    master_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     threads: int | None = None  # torch CPU threads
     resume: str = "none"  # none, auto (newest checkpoint in output_dir) or a checkpoint directory
@@ -128,7 +132,7 @@ class LoggingConfig:
 @dataclass
 class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["medusa", "vllm"])
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: model.dtype (the serving dtype)
     backbone: Literal["auto", "always", "never"] = "auto"  # auto: when trained or built from scratch
 
 

@@ -19,6 +19,11 @@ Reproducibility: the model init, data order (``PackedLoader``) and every random 
 ``train.seed``; checkpoints hold parameters, optimizer, schedule, RNG and loader position, so a run
 resumed with ``train.resume=auto`` logs the same losses as an uninterrupted one.
 
+Precision: the backbone keeps ``model.dtype``, the heads and LoRA adapters ``train.master_dtype``
+(fp32 by default, so AdamW's small updates are not rounded away), and the forward runs under bf16
+autocast on CUDA (``train.precision``). Checkpoints hold the trained tensors in their master dtype
+(resume is exact); the final export casts to ``export.dtype`` (auto: ``model.dtype``).
+
 Outputs in ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``plot.png``,
 ``checkpoints/step-XXXXXX/`` (see ``checkpoint.py``; the heads in ``heads/`` in the medusa format),
 ``final/heads_<format>/`` per export format and, when the backbone trained or was built here,
@@ -41,14 +46,31 @@ from medusa_liger.heads import MedusaConfig
 from medusa_liger.heads.export import read_heads, write_backbone
 from medusa_liger.kernels.reference import shifted_targets
 from medusa_liger.train.build import (
-    autocast_dtype, build_medusa, build_optimizer, build_scheduler, build_tokenizer_and_backbone, heads_lambda,
-    resolve_device, trainable_parameters,
+    autocast_dtype,
+    build_medusa,
+    build_optimizer,
+    build_scheduler,
+    build_tokenizer_and_backbone,
+    export_dtype,
+    heads_lambda,
+    master_dtype,
+    resolve_device,
+    trainable_parameters,
 )
-from medusa_liger.train.checkpoint import find_resume_checkpoint, save_checkpoint, load_checkpoint
+from medusa_liger.train.checkpoint import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from medusa_liger.train.config import Config, save_config
 from medusa_liger.train.data import IGNORE_INDEX, load_examples
 from medusa_liger.train.logging import MetricsLogger, read_metrics
-from medusa_liger.train.packing import PackedLoader, build_packed_data, most_common_target_frequency, split_eval
+from medusa_liger.train.packing import (
+    PackedLoader,
+    build_packed_data,
+    most_common_target_frequency,
+    split_eval,
+)
 
 
 @dataclass
@@ -184,7 +206,7 @@ def evaluate(model, data, micro_batch_size: int, device, amp) -> dict[str, float
 
 def _export(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
     """Heads in every export format, plus the backbone (LoRA merged) when it trained or was built here."""
-    dtype = None if cfg.export.dtype == "auto" else cfg.export.dtype
+    dtype = export_dtype(cfg)  # not the heads' master dtype: auto is the backbone's (serving) dtype
     built_here = cfg.model.name_or_path == "tiny"
     save_backbone = cfg.export.backbone == "always" or (
         cfg.export.backbone == "auto" and (built_here or cfg.train.mode == "joint"))
@@ -197,6 +219,16 @@ def _export(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
         paths["backbone"] = write_backbone(model.backbone, final / "backbone", dtype)
         tokenizer.save_pretrained(str(final / "backbone"))
     return paths
+
+
+def _precision_line(cfg: Config, amp: torch.dtype | None) -> str:
+    """Which dtypes the run keeps its weights and computes in (and a warning where updates lose bits)."""
+    line = (f"precision: backbone {cfg.model.dtype}, heads{' and LoRA' if cfg.lora.enabled else ''} "
+            f"{str(master_dtype(cfg)).removeprefix('torch.')}, "
+            f"{'autocast ' + str(amp).removeprefix('torch.') if amp is not None else 'no autocast'}")
+    if cfg.train.mode == "joint" and not cfg.lora.enabled and cfg.model.dtype != "float32":
+        line += f" (the full backbone trains in {cfg.model.dtype}, without an fp32 master copy)"
+    return line
 
 
 def _mean_of_last(records: list[dict], key: str, count: int) -> float | None:
@@ -265,6 +297,7 @@ def train(cfg: Config) -> TrainResult:
                      f"{f', {len(eval_data)} held out' if eval_data is not None else ''}; "
                      f"{sum(p.numel() for p in params.values()):,} trainable parameters on {device}"
                      + (f"; resumed from {resume_dir}" if resume_dir is not None else ""))
+        logger.write(_precision_line(cfg, amp))
         for step in range(start_step, cfg.train.steps):
             step_start = time.perf_counter()
             stage = _set_stage(model, cfg, step)
