@@ -7,7 +7,9 @@ Layout of ``{output_dir}/checkpoints/step-000123/``:
 * ``heads/``: the Medusa heads in the ``medusa`` export format (written by the loop's
   ``write_extra``), which ``medusa-liger export`` reads directly;
 * ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``s;
-* ``rng.pt``: Python, torch CPU and CUDA generator states;
+* ``rng.pt``: Python, torch CPU and CUDA generator states (of rank 0 in a data-parallel run; rank
+  r > 0 has its own in ``rng-rank<r>.pt``; a run resumed with more ranks than the checkpoint had
+  gives the extra ranks rank 0's states);
 * ``trainer_state.json``: step, data-loader position and anything else the loop needs; written
   last, so a directory without it is incomplete.
 
@@ -15,6 +17,9 @@ Atomic: everything is written to ``checkpoints/.tmp-step-000123-<pid>/`` and the
 place with ``os.replace`` (one filesystem operation), so a run killed mid-save never leaves a
 checkpoint that looks complete but is not. Older checkpoints beyond ``keep`` are deleted after the
 new one is in place.
+
+Data parallel: only rank 0 calls ``save_checkpoint`` (the replicas are identical; the loop gathers
+every rank's RNG states and passes them in), and every rank calls ``load_checkpoint`` with its rank.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from medusa_liger.train import distributed
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
@@ -39,7 +46,10 @@ def rng_state() -> dict[str, Any]:
     """Every random generator a training step may draw from (dropout, LoRA dropout, shuffling)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        if distributed.is_distributed():  # a rank owns one GPU: never touch (and init) the others
+            state["cuda_current"] = torch.cuda.get_rng_state()
+        else:
+            state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -48,6 +58,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_current" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_current"])
+
+
+def rng_file(rank: int) -> str:
+    """Name of the file holding ``rank``'s RNG states in a checkpoint (``rng.pt`` for rank 0)."""
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -72,11 +89,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
     write_extra: Callable[[Path], Any] | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically and prune to the newest ``keep``.
 
     ``write_extra(directory)`` may add files (the loop writes the heads in the ``medusa`` format
     to ``heads/``, so ``medusa-liger export`` reads any checkpoint) before the rename.
+    ``rng_states``: every rank's ``rng_state()`` in rank order (default: this process's only).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -90,7 +109,8 @@ def save_checkpoint(
               str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    for r, state in enumerate(rng_states or [rng_state()]):
+        torch.save(state, tmp / rng_file(r))
     if write_extra is not None:
         write_extra(tmp)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
@@ -107,8 +127,9 @@ def load_checkpoint(
     named_params: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore parameters, optimizer, scheduler and RNG from ``directory``; return its trainer state."""
+    """Restore parameters, optimizer, scheduler and RNG (``rank``'s) from ``directory``; return its trainer state."""
     directory = Path(directory)
     if not (directory / STATE_FILE).is_file():
         raise ValueError(f"train.resume: {str(directory)!r} is not a complete checkpoint (no {STATE_FILE})")
@@ -128,7 +149,8 @@ def load_checkpoint(
             param.copy_(tensors[name])
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(directory / "rng.pt", weights_only=False))
+    rng_path = directory / rng_file(rank)
+    set_rng_state(torch.load(rng_path if rng_path.is_file() else directory / rng_file(0), weights_only=False))
     return json.loads((directory / STATE_FILE).read_text())
 
 

@@ -3,6 +3,9 @@
 The config file gives the run; every ``section.key=value`` after it overrides one key (parsed as
 YAML). The whole config is validated before any work starts, so a typo stops the command at once
 with a message naming the key. ``--print-config`` shows the resolved config and exits.
+
+Data-parallel training: launch the same command under ``torchrun`` (one process per GPU); see
+``distributed.py``. Without torchrun's ``WORLD_SIZE`` the command runs in one process as before.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ EPILOG = """examples:
   medusa-liger train configs/tiny.yaml
   medusa-liger train configs/tiny.yaml train.steps=200 train.lr=1e-3 heads.num_heads=4
   medusa-liger train configs/llama3-8b-medusa1.yaml data.paths=[my_chats.jsonl] train.resume=auto
+
+data parallel over 8 GPUs (each rank reads its own rows; rank 0 logs, checkpoints and exports):
+  torchrun --nproc_per_node 8 -m medusa_liger train configs/llama3-8b-medusa1.yaml
+  torchrun --nproc_per_node 8 $(which medusa-liger) train configs/llama3-8b-medusa1.yaml
 """
 
 

@@ -7,6 +7,9 @@ enabled: ``logging.wandb: offline`` (the default; no account or network, files u
 ``{output_dir}/wandb``), ``online``, or ``disabled``. If wandb is not installed, a warning says so
 and training continues without it.
 
+In a data-parallel run only rank 0 has a ``MetricsLogger``; the other ranks get a ``NullLogger``
+(same interface, writes nothing), so a rank never needs to ask whether it may log.
+
 On resume, ``metrics.jsonl`` is cut back to the records up to the checkpoint's step, so the file
 always describes one consistent run.
 """
@@ -104,6 +107,31 @@ class MetricsLogger:
             self.wandb.finish()
 
     def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class NullLogger:
+    """A ``MetricsLogger`` stand-in for ranks other than 0 in a data-parallel run: records nothing."""
+
+    path = None
+    wandb_id = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def write(self, message: str) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> NullLogger:
         return self
 
     def __exit__(self, *exc) -> None:

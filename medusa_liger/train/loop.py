@@ -11,6 +11,12 @@ One optimizer step:
    unevenly the targets fall into the micro-batches;
 4. clip the gradient norm, step AdamW and the schedule, zero the gradients.
 
+Data parallel (``torchrun``, see ``distributed.py``): each rank reads its own rows of every
+micro-batch, the counts N_j are summed over ranks before step 3, and the gradients of the trainable
+parameters are summed over ranks after it, so every rank holds the gradient of the global batch
+(``grad_accum x world_size`` micro-batches) and takes the same step. Rank 0 alone logs, writes
+checkpoints (the others wait in a barrier) and exports; evaluation is split over the ranks.
+
 Joint mode (Medusa-2) may start with ``train.heads_only_steps`` steps that train only the heads
 (the model runs in "heads" mode, lambda = 1); after that the backbone trains too and lambda
 follows ``train.heads_lambda`` (constant, linear or sine ramp).
@@ -45,6 +51,7 @@ import torch
 from medusa_liger.heads import MedusaConfig
 from medusa_liger.heads.export import read_heads, write_backbone
 from medusa_liger.kernels.reference import shifted_targets
+from medusa_liger.train import distributed
 from medusa_liger.train.build import (
     autocast_dtype,
     build_medusa,
@@ -60,11 +67,12 @@ from medusa_liger.train.build import (
 from medusa_liger.train.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
+    rng_state,
     save_checkpoint,
 )
 from medusa_liger.train.config import Config, save_config
 from medusa_liger.train.data import IGNORE_INDEX, load_examples
-from medusa_liger.train.logging import MetricsLogger, read_metrics
+from medusa_liger.train.logging import MetricsLogger, NullLogger, read_metrics
 from medusa_liger.train.packing import (
     PackedLoader,
     build_packed_data,
@@ -113,14 +121,17 @@ def _set_stage(model, cfg: Config, step: int) -> str:
 def accumulate_gradients(model, batches, device, amp=None) -> dict[str, Any]:
     """Forward and backward every micro-batch of ``batches`` with token-normalized weights.
 
-    The gradients left in ``.grad`` equal those of one forward over all the rows together (see
-    the module docstring); returns the step's token-weighted loss / accuracy metrics.
+    The gradients left in ``.grad`` equal those of one forward over all the rows together, of
+    every rank when data-parallel (see the module docstring); returns the step's token-weighted
+    loss / accuracy metrics over all of them.
     """
     shifts = _loss_shifts(model)
     joint = model.config.mode == "joint"
     counts = [[int((shifted_targets(b["labels"], s, IGNORE_INDEX, b["segment_ids"]) != IGNORE_INDEX).sum())
                for s in shifts] for b in batches]
-    totals = [sum(c[j] for c in counts) for j in range(len(shifts))]
+    # Every rank divides by the global count of each term, so the summed gradients are the global batch's.
+    totals = distributed.all_reduce_sum(torch.tensor([sum(c[j] for c in counts) for j in range(len(shifts))]))
+    totals = [int(t) for t in totals]
     base = model.config
     K = base.num_heads
     loss_total, lm_sums = 0.0, torch.zeros(2)
@@ -146,6 +157,12 @@ def accumulate_gradients(model, batches, device, amp=None) -> dict[str, Any]:
             tokens += int((batch["segment_ids"] != 0).sum())
     finally:
         model.config = base
+    distributed.all_reduce_grads(p for p in model.parameters() if p.requires_grad)
+    # Metric sums over ranks, each in the dtype it was accumulated in (so one rank's numbers are unchanged).
+    sums32 = distributed.all_reduce_sum(torch.cat([head_sums.flatten(), lm_sums]))
+    head_sums, lm_sums = sums32[: 2 * K].view(2, K), sums32[2 * K :]
+    loss_total, tokens = distributed.all_reduce_sum(torch.tensor([loss_total, tokens], dtype=torch.float64)).tolist()
+    tokens = int(tokens)
 
     head_totals = torch.tensor(totals[1:] if joint else totals, dtype=torch.float32).clamp(min=1)
     metrics: dict[str, Any] = {"loss": loss_total}
@@ -176,14 +193,17 @@ def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, devic
 
 @torch.no_grad()
 def evaluate(model, data, micro_batch_size: int, device, amp) -> dict[str, float]:
-    """Token-weighted loss and top-1 accuracy of every head (and the backbone in joint mode) on ``data``."""
+    """Token-weighted loss and top-1 accuracy of every head (and the backbone in joint mode) on ``data``.
+
+    Data parallel: rank r evaluates micro-batches r, r + W, ... and the sums are added over ranks.
+    """
     was_training = model.training
     model.eval()
     joint = model.config.mode == "joint"
     K = model.config.num_heads
     sums, total = torch.zeros(2, K), torch.zeros(K)
     lm_sums, lm_total = torch.zeros(2), 0
-    for start in range(0, len(data), micro_batch_size):
+    for start in range(distributed.rank() * micro_batch_size, len(data), micro_batch_size * distributed.world_size()):
         rows = data.select(torch.arange(start, min(start + micro_batch_size, len(data))))
         labels, segment_ids = rows.labels.to(device), rows.segment_ids.to(device)
         with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
@@ -196,6 +216,9 @@ def evaluate(model, data, micro_batch_size: int, device, amp) -> dict[str, float
             lm_sums += torch.stack([out.lm_loss.float().cpu(), out.lm_accuracy.float().cpu()]) * n_lm
             lm_total += n_lm
     model.train(was_training)
+    sums, total = distributed.all_reduce_sum(sums), distributed.all_reduce_sum(total)
+    lm_sums = distributed.all_reduce_sum(lm_sums)
+    lm_total = int(distributed.all_reduce_sum(torch.tensor([lm_total]))[0])
     result = {f"eval/loss/head{k}": float(sums[0, k] / total[k].clamp(min=1)) for k in range(K)}
     result.update({f"eval/acc/head{k}": float(sums[1, k] / total[k].clamp(min=1)) for k in range(K)})
     if joint:
@@ -237,14 +260,21 @@ def _mean_of_last(records: list[dict], key: str, count: int) -> float | None:
 
 
 def train(cfg: Config) -> TrainResult:
-    """Run the training job ``cfg`` end to end (see module docstring); return where things went."""
-    started = time.perf_counter()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run the training job ``cfg`` end to end (see module docstring); return where things went
+    (under ``torchrun`` every rank calls this; only rank 0's result has a summary and paths)."""
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
-    save_config(cfg, out / "config.yaml")
-    device = resolve_device(cfg)
+    with distributed.setup(resolve_device(cfg)) as device:
+        return _train(cfg, device)
+
+
+def _train(cfg: Config, device: torch.device) -> TrainResult:
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    main = distributed.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     amp = autocast_dtype(cfg, device)
 
     # Data and model (the tiny tokenizer is trained on the same examples the run trains on).
@@ -255,11 +285,15 @@ def train(cfg: Config) -> TrainResult:
             examples.extend(load_examples(cfg.data))
         return examples
 
-    tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
-    data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
+    # Rank 0 first fills the caches (the tiny tokenizer, the packed rows) that the other ranks then read.
+    with distributed.main_first() if cfg.model.name_or_path == "tiny" else nullcontext():
+        tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples)
+    with distributed.main_first():
+        data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
     train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
-    loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed)
+    loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed,
+                          rank=distributed.rank(), world_size=distributed.world_size())
     model = build_medusa(cfg, backbone).to(device)
     params = trainable_parameters(model)
     optimizer = build_optimizer(cfg, model)
@@ -269,6 +303,7 @@ def train(cfg: Config) -> TrainResult:
     ckpt_root = out / "checkpoints"
     start_step, wandb_id = 0, None
     resume_dir = find_resume_checkpoint(cfg.train.resume, ckpt_root)
+    distributed.barrier()  # every rank has chosen before rank 0 may delete old checkpoints below
     # Checkpoints hold the heads in the export format (heads/) and every other trainable tensor here.
     other_params = {name: p for name, p in params.items() if not name.startswith("heads.")}
 
@@ -277,25 +312,29 @@ def train(cfg: Config) -> TrainResult:
                          base_model_name_or_path=cfg.model.name_or_path)
 
     if resume_dir is not None:
-        state = load_checkpoint(resume_dir, other_params, optimizer, scheduler)
+        state = load_checkpoint(resume_dir, other_params, optimizer, scheduler, rank=distributed.rank())
         with torch.no_grad():
             model.heads.load_state_dict(read_heads(resume_dir / "heads").tensors, strict=True)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         loader.load_state_dict(state["data"])
-    elif ckpt_root.is_dir():
+    elif ckpt_root.is_dir() and main:
         # A fresh start (train.resume=none or nothing to resume): older checkpoints belong to another run
         # and must not outlive (via keep-pruning by step) or be resumed in place of this one's.
         shutil.rmtree(ckpt_root)
+    # Replicas start equal even where initialization is random and unseeded (e.g. LoRA adapters).
+    distributed.broadcast_from_main(params.values())
     _, baseline = most_common_target_frequency(train_data, 2)
 
     logger = MetricsLogger(out, cfg.train.steps, start_step, wandb_mode=cfg.logging.wandb,
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name or cfg.name,
                            config=cfg.to_dict(), progress=cfg.logging.progress, every=cfg.logging.every,
-                           wandb_id=wandb_id)
+                           wandb_id=wandb_id) if main else NullLogger()
     with logger:
+        world = distributed.world_size()
         logger.write(f"{len(train_data)} packed rows of {cfg.data.seq_len} tokens"
                      f"{f', {len(eval_data)} held out' if eval_data is not None else ''}; "
                      f"{sum(p.numel() for p in params.values()):,} trainable parameters on {device}"
+                     + (f" x {world} ranks" if world > 1 else "")
                      + (f"; resumed from {resume_dir}" if resume_dir is not None else ""))
         logger.write(_precision_line(cfg, amp))
         for step in range(start_step, cfg.train.steps):
@@ -308,34 +347,49 @@ def train(cfg: Config) -> TrainResult:
             logger.log(step + 1, metrics)
             done = step + 1
             if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
-                save_checkpoint(ckpt_root, done, other_params, optimizer, scheduler,
-                                {"data": loader.state_dict(), "wandb_id": logger.wandb_id}, cfg.checkpoint.keep,
-                                write_extra=write_heads)
+                rng_states = distributed.all_gather_objects(rng_state())  # each rank resumes its own streams
+                if main:
+                    save_checkpoint(ckpt_root, done, other_params, optimizer, scheduler,
+                                    {"data": loader.state_dict(), "wandb_id": logger.wandb_id,
+                                     "world_size": world}, cfg.checkpoint.keep,
+                                    write_extra=write_heads, rng_states=rng_states)
+                distributed.barrier()  # the checkpoint is complete before any rank goes on
         _set_stage(model, cfg, cfg.train.steps)
         model.eval()
-
-        records = read_metrics(logger.path)
-        last = max(1, min(20, len(records) // 10))
-        summary: dict[str, Any] = {"steps": cfg.train.steps, "most_common_token_frequency": baseline}
-        summary["first_loss"] = records[0]["loss"] if records else None
-        for key in ["loss", "lm_loss", "acc/lm"] + [f"acc/head{k}" for k in range(cfg.heads.num_heads)]:
-            summary[f"final_{key}"] = _mean_of_last(records, key, last)
-        if eval_data is not None:
-            summary.update(evaluate(model, eval_data, cfg.train.micro_batch_size, device, amp))
-            summary["eval/most_common_token_frequency"] = most_common_target_frequency(eval_data, 2)[1]
-
-        final = out / "final"
-        paths = _export(model, tokenizer, cfg, final)
-        from medusa_liger.train.plot import plot_metrics
-
-        paths["plot"] = plot_metrics(records, out / "plot.png", baseline=baseline, title=cfg.name)
-        paths["metrics"] = logger.path
-        paths["config"] = out / "config.yaml"
-        summary["seconds"] = time.perf_counter() - started
-        logger.summary(summary)
-    # After the logger closed (wandb prints its own report on finish), so the summary comes last.
-    print(format_summary(summary, paths, cfg.heads.num_heads), flush=True)
+        eval_metrics = {} if eval_data is None else evaluate(model, eval_data, cfg.train.micro_batch_size, device, amp)
+        final, summary, paths = out / "final", {}, {}
+        if main:
+            summary, paths = _finish(cfg, model, tokenizer, logger, eval_data, eval_metrics=eval_metrics,
+                                     baseline=baseline, final=final, started=started)
+    distributed.barrier()  # the other ranks return once rank 0's exports exist
+    if main:
+        # After the logger closed (wandb prints its own report on finish), so the summary comes last.
+        print(format_summary(summary, paths, cfg.heads.num_heads), flush=True)
     return TrainResult(out, final, summary, paths)
+
+
+def _finish(cfg: Config, model, tokenizer, logger, eval_data, *, eval_metrics: dict, baseline: float,
+            final: Path, started: float) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Rank 0's end of the run: the summary, the exports, the plot; returns (summary, paths)."""
+    out = Path(cfg.output_dir)
+    records = read_metrics(logger.path)
+    last = max(1, min(20, len(records) // 10))
+    summary: dict[str, Any] = {"steps": cfg.train.steps, "most_common_token_frequency": baseline}
+    summary["first_loss"] = records[0]["loss"] if records else None
+    for key in ["loss", "lm_loss", "acc/lm"] + [f"acc/head{k}" for k in range(cfg.heads.num_heads)]:
+        summary[f"final_{key}"] = _mean_of_last(records, key, last)
+    if eval_data is not None:
+        summary.update(eval_metrics)
+        summary["eval/most_common_token_frequency"] = most_common_target_frequency(eval_data, 2)[1]
+
+    paths = _export(model, tokenizer, cfg, final)
+    from medusa_liger.train.plot import plot_metrics
+    paths["plot"] = plot_metrics(records, out / "plot.png", baseline=baseline, title=cfg.name)
+    paths["metrics"] = logger.path
+    paths["config"] = out / "config.yaml"
+    summary["seconds"] = time.perf_counter() - started
+    logger.summary(summary)
+    return summary, paths
 
 
 def format_summary(summary: dict[str, Any], paths: dict[str, Path], num_heads: int) -> str:

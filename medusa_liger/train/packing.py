@@ -14,6 +14,13 @@ tokenizer and every data option that changes them, so a rerun skips reading and 
 ``PackedLoader`` yields micro-batches of rows in an order reshuffled every epoch from
 ``(seed, epoch)``; its state is ``(epoch, position)``, which a checkpoint stores so that a resumed
 run sees exactly the batches the uninterrupted run would have seen.
+
+Data parallel: with ``world_size`` ranks, each draw takes the next ``micro_batch_size x
+world_size`` rows of the shared order and rank r keeps rows ``[r * micro_batch_size, (r + 1) *
+micro_batch_size)`` of them: the shards are disjoint, depend only on the seed, and one step of W
+ranks reads exactly the rows that W consecutive micro-batches of one process would read (within
+an epoch). ``(epoch, position)`` counts global rows, so it is the same on every rank and one
+checkpointed state restores every rank's position (also under another world size).
 """
 
 from __future__ import annotations
@@ -150,13 +157,18 @@ def split_eval(data: PackedData, fraction: float, seed: int) -> tuple[PackedData
 class PackedLoader:
     """Endless micro-batches of packed rows, reshuffled per epoch; resumable through ``state_dict``."""
 
-    def __init__(self, data: PackedData, micro_batch_size: int, seed: int) -> None:
-        if len(data) < micro_batch_size:
+    def __init__(self, data: PackedData, micro_batch_size: int, seed: int, *, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if len(data) < micro_batch_size * world_size:
             raise ValueError(
-                f"the dataset packs into {len(data)} rows, fewer than train.micro_batch_size={micro_batch_size}; "
-                "lower the batch size or data.seq_len, or add data"
+                f"the dataset packs into {len(data)} rows, fewer than train.micro_batch_size={micro_batch_size}"
+                + (f" x {world_size} ranks" if world_size > 1 else "")
+                + "; lower the batch size or data.seq_len, or add data"
             )
         self.data, self.micro_batch_size, self.seed = data, micro_batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
@@ -166,12 +178,14 @@ class PackedLoader:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """{"input_ids", "labels", "segment_ids"}: [micro_batch_size, seq_len] each."""
-        if self.position + self.micro_batch_size > len(self.data):
-            # Drop the incomplete tail so every micro-batch has the same shape.
+        global_batch = self.micro_batch_size * self.world_size
+        if self.position + global_batch > len(self.data):
+            # Drop the incomplete tail so every micro-batch (on every rank) has the same shape.
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        index = self._order[self.position : self.position + self.micro_batch_size]
-        self.position += self.micro_batch_size
+        start = self.position + self.rank * self.micro_batch_size  # this rank's slice of the global batch
+        index = self._order[start : start + self.micro_batch_size]
+        self.position += global_batch
         rows = self.data.select(index)
         return {"input_ids": rows.input_ids, "labels": rows.labels, "segment_ids": rows.segment_ids}
 

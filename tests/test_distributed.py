@@ -1,0 +1,125 @@
+"""Data-parallel training under torchrun (2 CPU processes over gloo) against one process.
+
+Two ranks with micro-batch 2 read, per step, the rows one process reads with micro-batch 2 and
+grad_accum 2 (``PackedLoader`` hands rank r the r-th micro-batch of each global draw); with the
+token counts summed over ranks and the gradients summed after the backward passes, the two runs
+must log the same losses and end with the same heads. Rank 0 alone writes; a 2-rank run resumed
+from a checkpoint continues with the same losses.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medusa_liger.heads.export import read_heads
+from medusa_liger.kernels import force_backend
+from medusa_liger.train import distributed
+from medusa_liger.train.config import load_config
+from medusa_liger.train.logging import read_metrics
+from medusa_liger.train.loop import train
+from medusa_liger.train.packing import PackedData, PackedLoader
+from tests.test_train import SHORT, TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+# SHORT with one thread per rank and 2-row micro-batches; 4 steps with checkpoints at 2 and 4.
+RUN = [*[o for o in SHORT if not o.startswith(("train.threads=", "train.micro_batch_size="))],
+       "train.threads=1", "train.micro_batch_size=2", "train.steps=4", "checkpoint.every=2", "checkpoint.keep=2",
+       "export.formats=[medusa]", "train.heads_only_steps=1"]
+# Everything a step logs that does not depend on wall-clock time.
+COMPARED = ("loss", "lm_loss", "acc/lm", "loss/head0", "loss/head2", "acc/head0", "acc/head1", "grad_norm",
+            "tokens", "lr/heads", "lr/backbone", "epoch", "stage")
+SUMMARY_LINE = "=== medusa-liger training summary ==="
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(output_dir: Path, *extra: str, nproc: int = 2) -> subprocess.Popen:
+    """``torchrun --nproc_per_node 2 -m medusa_liger train`` on the CPU (gloo), started in the background."""
+    env = {**os.environ, "TRITON_INTERPRET": "0",  # CPU tensors take the kernels' PyTorch path
+           "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+               "-m", "medusa_liger", "train", str(TINY), *RUN, f"output_dir={output_dir}", *extra]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def compared(path: Path) -> list[dict]:
+    return [{k: r.get(k) for k in COMPARED} for r in read_metrics(path / "metrics.jsonl")]
+
+
+def test_loader_shards_are_disjoint_and_cover_one_process_accumulation():
+    n, mb = 24, 3  # a multiple of mb x 2 ranks: both drop the same (empty) tail, so epochs align
+    data = PackedData(*(torch.arange(n).unsqueeze(1).repeat(1, 4) for _ in range(3)))
+    single = PackedLoader(data, mb, seed=5)
+    ranks = [PackedLoader(data, mb, seed=5, rank=r, world_size=2) for r in range(2)]
+    for _ in range(9):  # two and a quarter epochs of 4 global draws of 6 rows
+        expected = [single.next_batch()["input_ids"][:, 0] for _ in range(2)]
+        got = [loader.next_batch()["input_ids"][:, 0] for loader in ranks]
+        assert [g.tolist() for g in got] == [e.tolist() for e in expected]
+        assert not set(got[0].tolist()) & set(got[1].tolist())
+        assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
+    resumed = PackedLoader(data, mb, seed=5, rank=1, world_size=2)
+    resumed.load_state_dict(ranks[1].state_dict())
+    assert torch.equal(resumed.next_batch()["input_ids"], ranks[1].next_batch()["input_ids"])
+    with pytest.raises(ValueError, match="rank must be in"):
+        PackedLoader(data, mb, seed=5, rank=2, world_size=2)
+    with pytest.raises(ValueError, match=r"x 9 ranks"):
+        PackedLoader(data, mb, seed=5, world_size=9)
+
+
+def test_helpers_are_the_identity_without_a_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not distributed.is_distributed() and distributed.is_main() and distributed.world_size() == 1
+    tensor = torch.arange(4.0)
+    assert distributed.all_reduce_sum(tensor) is tensor and tensor.tolist() == [0, 1, 2, 3]
+    assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
+    device = torch.device("cpu")
+    with distributed.setup(device) as got:
+        assert got == device and not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an integer"):
+        distributed.env_world_size()
+
+
+def test_two_ranks_match_one_process_with_accumulation_and_resume(tmp_path):
+    ddp = launch(tmp_path / "ddp")
+    with force_backend("torch"):  # the same PyTorch path the ranks take, meanwhile in this process
+        train(load_config(TINY, [*RUN, f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
+    output = finish(ddp)
+
+    # The same losses, accuracies, gradient norms and token counts, step by step, and the same heads.
+    assert compared(tmp_path / "ddp") == compared(tmp_path / "single")
+    single_heads = read_heads(tmp_path / "single" / "final" / "heads_medusa").tensors
+    for name, tensor in read_heads(tmp_path / "ddp" / "final" / "heads_medusa").tensors.items():
+        torch.testing.assert_close(tensor, single_heads[name], rtol=1e-6, atol=1e-7)
+
+    # Only rank 0 wrote: one summary, one record per step, no leftovers of a second writer.
+    assert output.count(SUMMARY_LINE) == 1, output
+    assert [r["step"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl")] == [1, 2, 3, 4]
+    ckpts = tmp_path / "ddp" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
+    for step in ckpts.iterdir():  # every rank's RNG streams, one data position for all
+        assert (step / "rng.pt").is_file() and (step / "rng-rank1.pt").is_file()
+        assert not (step / "rng-rank2.pt").exists()
+
+    # Two ranks resumed from the step-2 checkpoint log steps 3-4 exactly as the straight run did.
+    resumed = finish(launch(tmp_path / "resumed", f"train.resume={ckpts / 'step-000002'}"))
+    assert "resumed from" in resumed
+    assert compared(tmp_path / "resumed") == compared(tmp_path / "ddp")[2:]
