@@ -19,22 +19,26 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (all of them when ``command`` is None)."""
     parser = argparse.ArgumentParser(
         prog="medusa-liger", description="Train and evaluate Medusa heads with fused Triton kernels."
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub_parser)
+        if command in (None, name):
+            importlib.import_module(module_name).add_arguments(sub_parser)
         sub_parser.set_defaults(_module=module_name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # Import only the subcommand being run: `medusa-liger --help` needs none of torch or transformers.
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -21,6 +21,7 @@ import torch
 
 from medusa_liger.heads.export import (
     BACKBONE_SUBDIR,
+    DTYPES,
     HeadsCheckpoint,
     check_backbone_matches,
     check_format,
@@ -33,7 +34,7 @@ from medusa_liger.heads.export import (
 )
 
 EXPORT_FORMATS = ("medusa", "vllm", "both")
-EXPORT_DTYPES = ("bf16", "fp16", "fp32")
+EXPORT_DTYPES = tuple(DTYPES)  # bf16 / bfloat16, fp16 / float16, fp32 / float32 alike
 
 
 # Where a heads directory may sit inside a run's directory: the directory itself, ``heads/``, or

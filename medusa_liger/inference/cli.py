@@ -22,9 +22,8 @@ from medusa_liger.inference.evaluate import (
     evaluate_heads,
     load_prompts,
 )
+from medusa_liger.heads.export import DTYPES, parse_dtype  # one table of dtype names for every CLI
 from medusa_liger.inference.tree import DEFAULT_TOP_K, DEFAULT_TREE_SIZE
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
@@ -72,10 +71,11 @@ def load_medusa(backbone: str, heads: str | Path, *, device: str | None = None, 
 
     from medusa_liger.heads import MedusaModel
 
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = DTYPES.get(dtype, "auto" if device.type == "cuda" else torch.float32)
+    if dtype == "auto":
+        torch_dtype = "auto" if device.type == "cuda" else torch.float32
+    else:
+        torch_dtype = parse_dtype(dtype)
     causal_lm = AutoModelForCausalLM.from_pretrained(backbone, dtype=torch_dtype,
                                                      attn_implementation=attn_implementation)
     model = MedusaModel.from_pretrained(heads, backbone=causal_lm)
