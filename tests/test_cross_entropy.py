@@ -198,3 +198,55 @@ def test_gpu_persistent_grid_llama_vocab_bf16(monkeypatch):
     ce = importlib.import_module("medusa_liger.kernels.cross_entropy")  # the package re-exports the function
     monkeypatch.setattr(ce, "PERSISTENT_PROGRAMS_PER_SM", 2)
     _check("triton", 700, 128256, torch.bfloat16, "mean", {"label_smoothing": 0.1})
+
+
+def _neg_inf_logits(pattern, N=4, V=1100):
+    """Logits with -inf entries and labels that never target one (so the loss stays finite)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(600, V, (N,), generator=g)
+    if pattern == "leading_block":  # the whole first block (512 columns in the interpreter) is -inf
+        x[:, :600] = float("-inf")
+    elif pattern == "scattered":
+        x[torch.rand(N, V, generator=g) < 0.3] = float("-inf")
+    else:  # "all_but_target": one finite logit per row, the target's (loss 0, gradient 0)
+        x.fill_(float("-inf"))
+        x[torch.arange(N), labels] = torch.randn(N, generator=g, dtype=torch.float64)
+    x[torch.arange(N), labels] = x[torch.arange(N), labels].nan_to_num(neginf=0.5)
+    labels[-1] = -100  # an ignored row (its column 0 may be -inf: still loss 0, gradient 0)
+    return x.to(DEVICE), labels.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["leading_block", "scattered", "all_but_target"])
+@pytest.mark.parametrize("options", [{}, {"z_loss": 1e-2, "softcap": 4.0}], ids=["plain", "zloss-softcap"])
+def test_neg_inf_logits_match_torch(backend, pattern, options):
+    """-inf logits (a masked or padded vocabulary) get probability 0 and gradient 0, never NaN."""
+    x, labels = _neg_inf_logits(pattern)
+    ref_x = x.clone().requires_grad_()
+    ref, ref_lse = reference(ref_x, labels, reduction="none", **options)
+    ref.sum().backward()
+    xx = x.float().requires_grad_()
+    with force_backend(backend):
+        out, lse = cross_entropy(xx, labels, reduction="none", return_lse=True, **options)
+        out.sum().backward()
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(lse[:-1], ref_lse[:-1], torch.float32, "lse")
+    assert_close(xx.grad, ref_x.grad, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neg_inf_logits_with_label_smoothing_match_torch(backend):
+    """With label_smoothing, mean_j y_j = -inf makes the loss +inf, as F.cross_entropy gives; the
+    gradient stays finite and equal to F.cross_entropy's (-eps / V at the -inf logits)."""
+    x, labels = _neg_inf_logits("leading_block")
+    ref_x = x.clone().requires_grad_()
+    ref, _ = reference(ref_x, labels, reduction="none", label_smoothing=0.1)
+    ref.sum().backward()
+    assert torch.isinf(ref[:-1]).all()
+    xx = x.float().requires_grad_()
+    with force_backend(backend):
+        out = cross_entropy(xx, labels, reduction="none", label_smoothing=0.1)
+        out.sum().backward()
+    assert torch.equal(out.isinf(), ref.isinf()) and out[-1] == 0
+    assert_close(xx.grad, ref_x.grad, torch.float32, "grad")

@@ -13,10 +13,16 @@ import random
 import pytest
 import torch
 
-from medusa_liger.kernels import MultiHeadLinearCrossEntropy, multi_head_linear_cross_entropy
+from medusa_liger.kernels import (
+    MultiHeadLinearCrossEntropy,
+    chunking,
+    multi_head_linear_cross_entropy,
+)
 from medusa_liger.kernels import fused_linear_cross_entropy as flce
 from medusa_liger.kernels.fused_linear_cross_entropy import reentrant_backward
-from medusa_liger.kernels.reference import multi_head_linear_cross_entropy_reference as reference
+from medusa_liger.kernels.reference import (
+    multi_head_linear_cross_entropy_reference as reference,
+)
 from medusa_liger.kernels.utils import force_backend
 from tests.utils import DEVICE, assert_rel_close
 
@@ -124,6 +130,38 @@ def test_random_problems_match_reference(backend, seed):
     chunk = random.Random(seed).choice([None, 4, 7])
     with force_backend(backend):
         out, grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=chunk)
+    _compare(out, grads, ref, ref_grads, TOL[backend])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("pattern", ["leading_block", "scattered", "all_but_target"])
+def test_neg_inf_bias_masks_the_vocabulary(backend, pattern):
+    """A -inf bias entry (a masked or padded vocabulary) gives those tokens probability 0 and
+    gradient 0, never NaN, including a first logit block (512 columns in the interpreter) all -inf."""
+    g = torch.Generator().manual_seed(3)
+    B, T, H, V = 2, 5, 8, 700
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64).requires_grad_()
+    w = (torch.randn(2, V, H, generator=g, dtype=torch.float64) * 0.7).requires_grad_()
+    labels = torch.randint(600, V, (B, T), generator=g)
+    bias = torch.randn(V, generator=g, dtype=torch.float64)
+    if pattern == "leading_block":
+        bias[:600] = float("-inf")
+    elif pattern == "scattered":
+        bias[torch.rand(V, generator=g) < 0.3] = float("-inf")
+    else:  # only the target tokens stay finite
+        bias.fill_(float("-inf"))
+    bias[labels.unique()] = 0.25
+    labels[0, 2] = -100
+    # The reference gets -1e4 for -inf (its 0 * (lse - mean y) term would be NaN): exp(-1e4)
+    # underflows to exactly 0 in float64, so it is the same softmax and the same gradients.
+    finite_bias = bias.nan_to_num(neginf=-1e4).requires_grad_()
+    bias.requires_grad_()
+    problem = (h, w, labels, [1, 2], [1.0, 0.5], dict(bias=bias, z_loss=1e-3))
+    ref, ref_grads = _run(reference, *problem[:-1], dict(bias=finite_bias, z_loss=1e-3), compute_dtype=torch.float64)
+    assert torch.isfinite(ref.loss)
+    with force_backend(backend):
+        out, grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=4)
+    assert all(not torch.isnan(t).any() for t in grads)
     _compare(out, grads, ref, ref_grads, TOL[backend])
 
 
@@ -269,9 +307,9 @@ def test_chunk_plan_budget_free_memory_and_balance(monkeypatch):
     assert flce.plan_chunk_rows(1000, 37, torch.float64, True, cpu, budget_bytes=37 * 8 * 60) == 59  # 17 chunks
     # Short of memory: half of what is free beyond the reserved bytes, never below 128 rows.
     row = V * 2
-    monkeypatch.setattr(flce, "_free_device_bytes", lambda device: 2 * 1000 * row + 2**30)
+    monkeypatch.setattr(chunking, "free_device_bytes", lambda device: 2 * 1000 * row + 2**30)
     assert flce.plan_chunk_rows(16384, V, bf16, True, cpu, reserved_bytes=2**30) == 896
-    monkeypatch.setattr(flce, "_free_device_bytes", lambda device: 10)
+    monkeypatch.setattr(chunking, "free_device_bytes", lambda device: 10)
     assert flce.plan_chunk_rows(16384, V, bf16, True, cpu) == flce.MIN_CHUNK_ROWS
 
 
@@ -281,8 +319,8 @@ def test_default_chunks_match_reference(monkeypatch):
     original = flce.ce_rows
     monkeypatch.setattr(flce, "ce_rows", lambda logits, *a, **k: (rows.append(logits.shape[0]),
                                                                    original(logits, *a, **k))[1])
-    monkeypatch.setattr(flce, "DEFAULT_CHUNK_BYTES", 5 * 37 * 8)
-    monkeypatch.setattr(flce, "_free_device_bytes", lambda device: 2**40)
+    monkeypatch.setattr(chunking, "DEFAULT_CHUNK_BYTES", 5 * 37 * 8)
+    monkeypatch.setattr(chunking, "free_device_bytes", lambda device: 2**40)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 13, 8, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(37, 8, dtype=torch.float64, generator=g, requires_grad=True)
@@ -292,6 +330,78 @@ def test_default_chunks_match_reference(monkeypatch):
         out, grads = _run(multi_head_linear_cross_entropy, *problem)
     assert rows == [5] * 5 + [1] + [5] * 5 + [1]  # 26 rows in chunks of at most 5
     _compare(out, grads, ref, ref_grads, TOL["torch"])
+
+
+def _mm_operands(dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 7, generator=g).to(dtype)
+    b = torch.randn(7, 3, generator=g).to(dtype)
+    return a, b, torch.zeros(5, 3), (a.float() @ b.float())
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_mm_into_out_of_memory_propagates(monkeypatch, accumulate):
+    """A real failure of the out_dtype GEMM (here OOM) is raised, never hidden by the slab path."""
+    monkeypatch.setattr(chunking, "_HAS_MM_OUT_DTYPE", True)
+    monkeypatch.setattr(chunking, "_OUT_DTYPE_OK", {})
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "addmm" if accumulate else "mm", oom)
+    a, b, out, _ = _mm_operands()
+    with pytest.raises(torch.OutOfMemoryError):
+        chunking.mm_into(out, a, b, accumulate=accumulate)
+    assert chunking._OUT_DTYPE_OK == {}  # nothing learned from a failure that is not 'unsupported'
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_mm_into_unsupported_falls_back_and_probes_once(monkeypatch, accumulate):
+    """An 'unsupported' out_dtype GEMM falls back to the slab path; the probe runs once per key."""
+    monkeypatch.setattr(chunking, "_HAS_MM_OUT_DTYPE", True)
+    monkeypatch.setattr(chunking, "_OUT_DTYPE_OK", {})
+    name = "addmm" if accumulate else "mm"
+    original, calls = getattr(torch, name), []
+
+    def unsupported(*args, **kwargs):
+        if "out_dtype" in kwargs:
+            calls.append(1)
+            raise NotImplementedError("Could not run 'aten::mm.dtype_out' with arguments from the 'CPU' backend")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, name, unsupported)
+    a, b, out, want = _mm_operands()
+    for step in range(3):
+        chunking.mm_into(out, a, b, accumulate=accumulate)
+        # The slab path rounds each product to bf16 before widening it.
+        torch.testing.assert_close(out, want * (step + 1 if accumulate else 1), rtol=2e-2, atol=2e-2)
+    assert len(calls) == 1
+    assert chunking._OUT_DTYPE_OK == {(name, "cpu", torch.bfloat16, torch.float32): False}
+
+
+def test_mm_into_error_after_a_working_probe_propagates(monkeypatch):
+    """Once the out_dtype GEMM has worked for a key, a later error of any kind is a real one."""
+    monkeypatch.setattr(chunking, "_HAS_MM_OUT_DTYPE", True)
+    monkeypatch.setattr(chunking, "_OUT_DTYPE_OK", {("mm", "cpu", torch.bfloat16, torch.float32): True})
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "mm", fails)
+    a, b, out, _ = _mm_operands()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        chunking.mm_into(out, a, b, accumulate=False)
+
+
+def test_head_weights_as_a_list_of_tensors_stay_on_the_device(monkeypatch):
+    """A list of 0-dim tensors is stacked (no float() per item: a host sync on CUDA) and matches floats."""
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: pytest.fail("float() on a head weight"))
+    weights = [torch.tensor(1.0, device=DEVICE), torch.tensor(0.5, device=DEVICE, dtype=torch.float64)]
+    hw = flce._as_head_weights(weights, 2, torch.device(DEVICE))
+    assert hw.dtype == torch.float64 and hw.device.type == torch.device(DEVICE).type
+    assert hw.tolist() == [1.0, 0.5]
+    with pytest.raises(ValueError, match="head_weights"):
+        flce._as_head_weights([torch.tensor(1.0), 0.5], 2, torch.device("cpu"))
 
 
 def test_module_wrapper():

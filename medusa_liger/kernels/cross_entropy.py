@@ -10,7 +10,10 @@ makes the row *ignored*):
     dloss/dx = dloss/dy * (1 - (y / cap)^2)             (softcap chain rule; 1 without softcap)
 
 ``eps`` is PyTorch's ``label_smoothing`` (uniform over the V classes), ``z`` the z-loss weight.
-Ignored rows have loss 0 and gradient 0. "mean" divides by the number of valid rows, counted on
+Ignored rows have loss 0 and gradient 0.
+Logits may be -inf (a masked or padded vocabulary, a -inf bias): they get probability 0 and
+gradient 0 (``-eps / V`` with smoothing), as in F.cross_entropy; with label_smoothing > 0 the
+loss of a row holding a -inf logit is +inf (mean_j y_j = -inf), again as F.cross_entropy gives. "mean" divides by the number of valid rows, counted on
 the device (no host sync); with no valid row the loss is 0, never NaN.
 
 One Triton row kernel does every variant: pass 1 reads the row once (lse, target logit, smoothing
@@ -121,7 +124,11 @@ if triton is not None:
                 y = _load_row_block(row_ptr, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP)
                 block_max = tl.max(y, 0)
                 m_new = tl.maximum(m, block_max)
-                d = d * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new), 0)
+                # Safe max: while every logit so far is -inf (masked or padded vocabulary, a -inf
+                # bias), m_new is -inf and exp(-inf - -inf) would be NaN; shifting by 0 instead
+                # gives exp(-inf) = 0 for both the old sum and the block.
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(y - m_safe), 0)
                 m = m_new
                 if HAS_SMOOTHING:
                     sum_y += tl.sum(tl.where(mask, y, 0.0), 0)
@@ -130,7 +137,7 @@ if triton is not None:
                     block_idx = start + tl.argmax(y, 0)
                     best_idx = tl.where(block_max > best, block_idx, best_idx)
                     best = tl.maximum(best, block_max)
-            lse = m + tl.log(d)
+            lse = m + tl.log(d)  # an all -inf row: -inf + log(0) = -inf, as torch.logsumexp
             # Target logit: one scalar load (column 0 exists, so an ignored row reads in bounds).
             y_t = tl.load(row_ptr + target).to(tl.float32)
             if HAS_BIAS:
@@ -150,6 +157,8 @@ if triton is not None:
             # Pass 2: overwrite the row with d(loss)/d(x) times the row's factor (0 if ignored).
             scale = tl.load(scale_ptr + pid * scale_stride).to(tl.float32)
             scale = tl.where(valid, scale, 0.0)
+            # lse is finite unless the whole row is -inf (NaN then, as in F.cross_entropy; an
+            # ignored row is zeroed by the where below): exp(-inf - lse) = 0 needs no safe shift.
             p_scale = 1.0 + 2.0 * z_loss * lse
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
@@ -223,7 +232,9 @@ def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias,
     if compute_lse:
         lse_rows = torch.logsumexp(y, dim=-1)
         y_t = y.gather(1, target[:, None]).squeeze(1)
-        row_loss = (1.0 - label_smoothing) * (lse_rows - y_t) + label_smoothing * (lse_rows - y.mean(-1))
+        row_loss = (1.0 - label_smoothing) * (lse_rows - y_t)
+        if label_smoothing > 0.0:  # skipped at 0: 0 * (lse - mean y) is NaN when a logit is -inf
+            row_loss = row_loss + label_smoothing * (lse_rows - y.mean(-1))
         row_loss = row_loss + z_loss * lse_rows.square()
         lse.copy_(lse_rows)
         loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))

@@ -27,7 +27,7 @@ or by default: DEFAULT_CHUNK_BYTES worth of rows (4096 at V = 128256 in bf16; ha
 projection is frozen), fewer when the device has less than twice that free beyond what is alive
 (the gradients just allocated and the accumulator to come), then balanced so the chunks have equal
 multiple-of-128 sizes (N = 5000 runs 2 x 2560 rows, not 4096 + 904: no thin, slow last GEMM).
-bf16 x bf16 -> fp32 GEMMs use torch's ``out_dtype`` (torch >= 2.8 on CUDA), else slabs.
+bf16 x bf16 -> fp32 GEMMs use torch's ``out_dtype`` where it runs (probed once), else slabs.
 No host-device sync anywhere (counts and scales stay on the device), so the op can be captured in a
 CUDA graph. CPU tensors run the same algorithm with the row computation in
 PyTorch (or the Triton kernel under TRITON_INTERPRET=1).
@@ -45,20 +45,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# The chunk planner and the GEMM live in chunking.py; re-exported here (benchmarks, patching).
+from medusa_liger.kernels.chunking import (  # noqa: F401
+    DEFAULT_CHUNK_BYTES,
+    FROZEN_CHUNK_BYTES,
+    MIN_CHUNK_ROWS,
+    default_chunk_rows,
+    plan_chunk_rows,
+)
+from medusa_liger.kernels.chunking import mm_into as _mm_into
 from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
 from medusa_liger.kernels.reference import MultiHeadLossOutput
 from medusa_liger.kernels.utils import check_float, check_labels, check_same_device
 
-# Logit chunk budget: 4096 rows of a 128k vocabulary in bf16 when a weight gradient accumulates over
-# chunks (each dW GEMM reads and writes the fp32 accumulator, so fewer, bigger chunks are faster);
-# 2048 rows when every projection is frozen (the GEMMs are already big). chunk_size overrides both.
-DEFAULT_CHUNK_BYTES = 2**30
-FROZEN_CHUNK_BYTES = 2**29
-MIN_CHUNK_ROWS = 128  # floor when free memory is short (a thinner GEMM would waste the tensor cores)
-_SLAB_BYTES = 64 * 2**20  # temporary of the fallback mixed-dtype GEMM
 _ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# bf16 x bf16 -> fp32 GEMMs without a temporary (torch >= 2.8 on CUDA).
-_HAS_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads() and "dtype_out" in torch.ops.aten.mm.overloads()
 _reentrant = False
 
 
@@ -71,78 +71,6 @@ def reentrant_backward() -> Iterator[None]:
         yield
     finally:
         _reentrant = previous
-
-
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """out (+)= a @ b, where ``out`` may be wider (fp32) than a and b (bf16/fp16)."""
-    if out.dtype == a.dtype:
-        if accumulate:
-            out.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=out)
-    else:
-        if out.is_cuda and _HAS_MM_OUT_DTYPE:
-            # cuBLAS accumulates in fp32 and writes fp32 directly: no temporary.
-            try:
-                if accumulate:
-                    torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-                else:
-                    torch.mm(a, b, out_dtype=out.dtype, out=out)
-                return
-            except (RuntimeError, TypeError, NotImplementedError):  # unsupported here (odd shapes)
-                pass
-        # Older torch / CPU: the product in slabs of rows, widened into ``out`` (small temporary).
-        slab = max(1, _SLAB_BYTES // max(1, b.shape[1] * a.element_size()))
-        for s in range(0, out.shape[0], slab):
-            part = a[s : s + slab] @ b
-            out[s : s + slab].add_(part) if accumulate else out[s : s + slab].copy_(part)
-
-
-def _tile_rows(rows: int) -> int:
-    # A multiple of 128 rows when that large (GEMM tiles), at least one row.
-    rows = max(1, rows)
-    return rows - rows % 128 if rows >= 128 else rows
-
-
-def default_chunk_rows(vocab_size: int, dtype: torch.dtype, weight_grad: bool = True,
-                       budget_bytes: int | None = None) -> int:
-    """Rows per logit chunk within ``budget_bytes`` (default: DEFAULT_CHUNK_BYTES, or
-    FROZEN_CHUNK_BYTES without a weight gradient), a multiple of 128 when that large."""
-    budget = budget_bytes or (DEFAULT_CHUNK_BYTES if weight_grad else FROZEN_CHUNK_BYTES)
-    return _tile_rows(budget // (vocab_size * torch.empty((), dtype=dtype).element_size()))
-
-
-def _free_device_bytes(device: torch.device) -> int | None:
-    """Bytes the next allocations can still get on a CUDA device (None elsewhere or while capturing).
-
-    The driver's free memory plus what the caching allocator holds unused; host-side queries that
-    never wait for the stream, skipped during CUDA-graph capture (the plan must then be static).
-    """
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return None
-    try:
-        free, _ = torch.cuda.mem_get_info(device)
-    except RuntimeError:  # a runtime that cannot tell: keep the static budget
-        return None
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-def plan_chunk_rows(n_rows: int, vocab_size: int, dtype: torch.dtype, weight_grad: bool,
-                    device: torch.device, reserved_bytes: int = 0, budget_bytes: int | None = None) -> int:
-    """Default rows per chunk for ``n_rows`` rows: the byte budget (``default_chunk_rows``), shrunk
-    to half of the device's free memory beyond ``reserved_bytes`` (allocations still to come),
-    balanced over the chunks. Pass the result as ``chunk_size`` to use another budget."""
-    rows = default_chunk_rows(vocab_size, dtype, weight_grad, budget_bytes)
-    free = _free_device_bytes(device)
-    if free is not None:
-        row_bytes = vocab_size * torch.empty((), dtype=dtype).element_size()
-        rows = min(rows, max(MIN_CHUNK_ROWS, _tile_rows((free - reserved_bytes) // (2 * row_bytes))))
-    if n_rows <= rows:
-        return n_rows
-    # Equal chunks: ceil(n / count) rounded up to the tile (never above ``rows``, itself tiled).
-    count = -(-n_rows // rows)
-    per = -(-n_rows // count)
-    return min(rows, -(-per // 128) * 128) if rows >= 128 else per
 
 
 def _sources(name: str, x, K: int, single_dim: int) -> tuple[list[torch.Tensor], list[tuple[int, int | None]]]:
@@ -346,9 +274,17 @@ def _as_head_weights(head_weights, K: int, device: torch.device) -> torch.Tensor
         if head_weights.device != device:
             raise ValueError(f"head_weights is on {head_weights.device} but labels is on {device}")
         return head_weights
-    values = [float(w) for w in head_weights]
+    values = list(head_weights)
     if len(values) != K:
         raise ValueError(f"head_weights must hold len(shifts) = {K} values, got {len(values)}")
+    if any(isinstance(w, torch.Tensor) for w in values):
+        # Tensors (say 0-dim CUDA scalars) are stacked where they live: float(w) would sync.
+        if not all(isinstance(w, torch.Tensor) and w.numel() == 1 and w.is_floating_point() for w in values):
+            raise ValueError("head_weights must be K numbers or K one-element float tensors, not a mix")
+        if any(w.device != device for w in values):
+            raise ValueError(f"head_weights tensors must be on {device} (the labels' device)")
+        return torch.stack([w.reshape(()).to(torch.float64) for w in values])
+    values = [float(w) for w in values]
     # Filled on the device value by value: a host-to-device copy of a list would synchronize.
     out = torch.empty(K, dtype=torch.float64, device=device)
     for k, value in enumerate(values):

@@ -121,7 +121,9 @@ def multi_head_linear_cross_entropy_reference(
 
         lse = torch.logsumexp(logits, dim=-1)
         nll = lse - logits.gather(1, safe_target[:, None]).squeeze(1)
-        row_loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(dim=-1))
+        row_loss = (1.0 - label_smoothing) * nll
+        if label_smoothing > 0:  # guarded: 0 * inf would turn rows with -inf logits into NaN
+            row_loss = row_loss + label_smoothing * (lse - logits.mean(dim=-1))
         row_loss = row_loss + z_loss * lse.square()
         row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
         total = row_loss.sum()
