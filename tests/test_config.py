@@ -116,3 +116,32 @@ def test_cli_reports_config_errors(capsys):
     assert "train.stepz" in capsys.readouterr().err
     assert cli.run(parser.parse_args([str(ROOT / "configs" / "tiny.yaml"), "train.steps=7", "--print-config"])) == 0
     assert "steps: 7" in capsys.readouterr().out
+
+
+def test_resume_must_be_none_auto_or_a_checkpoint_directory(tmp_path):
+    tiny = ROOT / "configs" / "tiny.yaml"
+    for value in ("none", "auto"):
+        assert load_config(tiny, [f"train.resume={value}"]).train.resume == value
+    for bad in (tmp_path / "missing", tmp_path):  # no such directory; a directory with no trainer_state.json
+        with pytest.raises(ValueError, match="train.resume"):
+            load_config(tiny, [f"train.resume={bad}"])
+    (tmp_path / "trainer_state.json").write_text("{}")
+    assert load_config(tiny, [f"train.resume={tmp_path}"]).train.resume == str(tmp_path)
+
+
+def test_cli_reports_data_errors_but_lets_bugs_raise(tmp_path, capsys, monkeypatch):
+    from medusa_liger.train import cli, loop
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args([str(ROOT / "configs" / "tiny.yaml"), f"output_dir={tmp_path}", "logging.wandb=disabled",
+                              f"data.paths=[{tmp_path / 'missing.jsonl'}]"])
+    assert cli.run(args) == 2
+    assert "data.paths" in capsys.readouterr().err
+
+    def buggy_train(cfg):
+        raise ValueError("a bug in the middle of training")
+
+    monkeypatch.setattr(loop, "train", buggy_train)
+    with pytest.raises(ValueError, match="a bug in the middle"):
+        cli.run(parser.parse_args([str(ROOT / "configs" / "tiny.yaml"), f"output_dir={tmp_path}"]))

@@ -116,14 +116,18 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
     assert losses(tmp_path / "killed") == expected  # bit-exact, steps 1..8, no duplicates
 
 
-def test_accumulation_is_normalized_by_target_tokens(tmp_path):
-    """Two micro-batches with very different target counts give the gradient of one joint batch."""
+@pytest.mark.parametrize("out_of_vocab", [False, pytest.param(True, marks=pytest.mark.gpu)])
+def test_accumulation_is_normalized_by_target_tokens(tmp_path, out_of_vocab):
+    """Two micro-batches with very different target counts give the gradient of one joint batch
+    (also when some labels lie outside [0, V), which the kernels ignore on GPU (on CPU they raise)
+    and the loop's counts must ignore too)."""
     cfg = short_config(tmp_path, "train.steps=1", "logging.wandb=disabled")
     from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone
     from medusa_liger.train.data import load_examples
 
     tokenizer, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
-    model = build_medusa(cfg, backbone)
+    device = torch.device("cuda" if out_of_vocab else "cpu")
+    model = build_medusa(cfg, backbone).to(device)
     with torch.no_grad():  # move the zero-initialized heads off the identity
         for p in model.heads.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -133,12 +137,14 @@ def test_accumulation_is_normalized_by_target_tokens(tmp_path):
     labels[0, 4:] = -100  # row 0 has few targets, rows 1-2 many
     segments = torch.ones_like(ids)
     segments[2, T // 2:] = 2
+    if out_of_vocab:
+        labels[1, 3:15] = model.heads.vocab_size + 3
     whole = {"input_ids": ids, "labels": labels, "segment_ids": segments}
     parts = [{k: v[:1] for k, v in whole.items()}, {k: v[1:] for k, v in whole.items()}]
 
     def grads(batches):
         model.zero_grad(set_to_none=True)
-        metrics = accumulate_gradients(model, batches, torch.device("cpu"))
+        metrics = accumulate_gradients(model, batches, device)
         return metrics, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     m_whole, g_whole = grads([whole])
@@ -395,3 +401,114 @@ def test_master_dtype_key_is_typed():
     assert load_config(TINY, ["train.master_dtype=auto"]).train.master_dtype == "auto"
     with pytest.raises(ValueError, match="train.master_dtype must be one of 'auto', 'float32'"):
         load_config(TINY, ["train.master_dtype=float64"])
+
+
+# --- checkpoint pruning / atomic replace, metrics truncation -------------------------------------
+
+
+def _save_tiny_checkpoint(root: Path, step: int, keep: int = 2) -> Path:
+    from medusa_liger.train.checkpoint import save_checkpoint
+
+    weight = torch.nn.Parameter(torch.full((3,), float(step)))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return save_checkpoint(root, step, {"w": weight}, optimizer, scheduler, {"data": {}}, keep)
+
+
+def _steps(root: Path) -> list[int]:
+    from medusa_liger.train.checkpoint import list_checkpoints
+
+    return [int(p.name.removeprefix("step-")) for p in list_checkpoints(root)]
+
+
+def test_saving_an_older_step_drops_the_abandoned_branch_and_keeps_the_new_one(tmp_path):
+    from medusa_liger.train.checkpoint import find_resume_checkpoint
+
+    for step in (2, 4, 6, 8):
+        _save_tiny_checkpoint(tmp_path, step, keep=3)
+    assert _steps(tmp_path) == [4, 6, 8]
+    # Resumed from step 4: step 5 must survive pruning and 6, 8 (the old branch) must go.
+    written = _save_tiny_checkpoint(tmp_path, 5, keep=3)
+    assert written.is_dir() and _steps(tmp_path) == [4, 5]
+    assert find_resume_checkpoint("auto", tmp_path) == written
+
+
+def test_replacing_a_step_and_stale_temporaries(tmp_path):
+    from safetensors.torch import load_file
+
+    _save_tiny_checkpoint(tmp_path, 3)
+    stale = tmp_path / ".tmp-step-000004-999999"  # a save killed before its rename
+    stale.mkdir()
+    (stale / "trainable.safetensors").write_text("partial")
+    final = _save_tiny_checkpoint(tmp_path, 3)  # a rerun of the same step replaces it
+    assert load_file(str(final / "trainable.safetensors"))["w"].tolist() == [3.0] * 3
+    assert _steps(tmp_path) == [3]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_truncate_metrics_skips_a_torn_last_line(tmp_path):
+    from medusa_liger.train.logging import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    with pytest.warns(UserWarning, match="unreadable"):
+        truncate_metrics(path, 2)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_fresh_start_warns_which_old_checkpoints_it_deletes(tmp_path, capsys):
+    from medusa_liger.train.checkpoint import delete_old_checkpoints
+
+    for step in (2, 4):
+        _save_tiny_checkpoint(tmp_path / "checkpoints", step)
+    delete_old_checkpoints(tmp_path / "checkpoints")
+    err = capsys.readouterr().err
+    assert "step-000002, step-000004" in err and "train.resume=auto" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_gradient_checkpointing_is_enabled_without_deprecation_warnings(tmp_path):
+    import warnings
+
+    cfg = short_config(tmp_path, "model.gradient_checkpointing=true")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*")
+        warnings.simplefilter("error", FutureWarning)
+        model, *_ = build_in_process(cfg, torch.device("cpu"))
+    backbone = model.backbone
+    # transformers >= 5.2x renamed the flag (the old name warns); older versions have only the old one.
+    on = (backbone.is_activation_checkpointing if hasattr(type(backbone), "is_activation_checkpointing")
+          else backbone.is_gradient_checkpointing)
+    assert on and backbone.config.use_cache is False
+
+
+def test_target_counts_follow_the_kernel_rule():
+    """Past the row's end, across segments, IGNORE_INDEX or outside [0, V): not a target."""
+    from medusa_liger.kernels.reference import shifted_targets
+    from medusa_liger.train.loop import count_targets
+
+    V, B, T = 50, 3, 17
+    labels = torch.randint(-5, V + 5, (B, T))
+    labels[0, :4] = -100
+    segments = torch.ones(B, T, dtype=torch.long)
+    segments[1, 9:] = 2
+    for shift in (1, 2, 5):
+        target = shifted_targets(labels, shift, -100, segments)
+        expected = int(((target >= 0) & (target < V)).sum())
+        assert int(count_targets(labels, segments, shift, V)) == expected
+
+
+def test_step_metrics_accumulated_on_device_equal_the_forward_exactly(tmp_path):
+    """The per-step sums stay on the device until one transfer: the numbers are the forward's own."""
+    cfg = short_config(tmp_path)
+    model, loader, *_ = build_in_process(cfg, torch.device("cpu"))
+    model.eval()  # no dropout: the reference forward below sees the same computation
+    batch = loader.next_batch()
+    metrics = accumulate_gradients(model, [batch], torch.device("cpu"))
+    with torch.no_grad():
+        out = model(batch["input_ids"], labels=batch["labels"], segment_ids=batch["segment_ids"])
+    assert metrics["loss"] == float(out.loss) and metrics["tokens"] == int((batch["segment_ids"] != 0).sum())
+    for k in range(model.config.num_heads):
+        assert metrics[f"loss/head{k}"] == pytest.approx(float(out.head_losses[k]), rel=1e-6)
+        assert metrics[f"acc/head{k}"] == pytest.approx(float(out.head_accuracy[k]), rel=1e-6)

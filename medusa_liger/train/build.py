@@ -100,10 +100,6 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None):
         # peft would upcast only bf16/fp16 adapters to fp32; cast to train.master_dtype explicitly instead.
         backbone = get_peft_model(backbone, lora, autocast_adapter_dtype=False)
         cast_adapters(backbone, master_dtype(cfg))
-    if cfg.model.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(backbone, "config"):
-            backbone.config.use_cache = False
     return tokenizer, backbone
 
 
@@ -125,6 +121,11 @@ def build_medusa(cfg: Config, backbone):
     )
     model = MedusaModel.from_backbone(backbone, medusa_cfg)
     model.heads.to(master_dtype(cfg))
+    if cfg.model.gradient_checkpointing:
+        # MedusaModel's method picks the transformers version's (non-deprecated) name of the switch.
+        model.gradient_checkpointing_enable()
+        if hasattr(backbone, "config"):
+            backbone.config.use_cache = False  # a KV cache is useless in training and breaks recomputation
     return model
 
 

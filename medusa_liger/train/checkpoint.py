@@ -15,8 +15,13 @@ Layout of ``{output_dir}/checkpoints/step-000123/``:
 
 Atomic: everything is written to ``checkpoints/.tmp-step-000123-<pid>/`` and then renamed into
 place with ``os.replace`` (one filesystem operation), so a run killed mid-save never leaves a
-checkpoint that looks complete but is not. Older checkpoints beyond ``keep`` are deleted after the
-new one is in place.
+checkpoint that looks complete but is not; leftover ``.tmp-*`` directories of killed saves are
+removed by the next save. Replacing an existing step renames the old one aside first, so some
+complete copy of that step exists at every moment.
+
+Pruning: saving step s first deletes checkpoints with a step above s (the abandoned branch of a run
+resumed from an older checkpoint, which ``train.resume=auto`` must never pick), then keeps the
+newest ``keep``, so the checkpoint just written always survives.
 
 Data parallel: only rank 0 calls ``save_checkpoint`` (the replicas are identical; the loop gathers
 every rank's RNG states and passes them in), and every rank calls ``load_checkpoint`` with its rank.
@@ -29,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,10 +105,11 @@ def save_checkpoint(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    # Only rank 0 saves, one save at a time: any temporary directory left now is from a killed save.
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     # safetensors refuses shared or non-contiguous storage: store detached contiguous copies.
     save_file({name: p.detach().contiguous().cpu() for name, p in named_params.items()},
@@ -114,11 +121,22 @@ def save_checkpoint(
     if write_extra is not None:
         write_extra(tmp)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-    if final.exists():  # a previous attempt at the same step (e.g. a rerun): replace it
-        shutil.rmtree(final)
+    # A previous attempt at the same step (e.g. a rerun): move it aside (named .tmp-*, so a kill
+    # before the delete below leaves it to the next save's cleanup), put the new one in place, then
+    # delete the old one; a step directory thus never goes missing.
+    old = None
+    if final.exists():
+        old = root / f".tmp-old-step-{step:06d}-{os.getpid()}"
+        os.replace(final, old)
     os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep]:
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    # Steps above this one belong to an abandoned branch (this run resumed from an older checkpoint).
+    for path in list_checkpoints(root):
+        if int(STEP_DIR.match(path.name).group(1)) > step:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
     return final
 
 
@@ -165,3 +183,19 @@ def find_resume_checkpoint(resume: str, root: str | Path) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"train.resume: {resume!r} is not a checkpoint directory (expected {STATE_FILE} in it)")
     return path
+
+
+def delete_old_checkpoints(ckpt_root: str | Path) -> None:
+    """Delete ``ckpt_root`` at a fresh start, saying which steps go (on stderr).
+
+    Older checkpoints belong to another run: they must not outlive this run's (via keep-pruning by
+    step) nor be resumed in place of this one's, so they go; the warning names them, so a user who
+    meant to continue that run knows what happened and what to pass next time.
+    """
+    ckpt_root = Path(ckpt_root)
+    steps = [path.name for path in list_checkpoints(ckpt_root)]
+    if steps:  # (with train.resume=auto a fresh start means there was no complete checkpoint)
+        print(f"warning: train.resume=none starts a fresh run: deleting the old checkpoints "
+              f"{', '.join(steps)} in {ckpt_root} (pass train.resume=auto to continue from the newest)",
+              file=sys.stderr, flush=True)
+    shutil.rmtree(ckpt_root)

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load and validate the config, then train; 2 on a config error, 0 on success."""
+    """Load and validate the config, then train; 2 on a config or data error, 0 on success."""
     from medusa_liger.train.config import load_config
 
     try:
@@ -48,11 +48,12 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         yaml.safe_dump(cfg.to_dict(), sys.stdout, sort_keys=False)
         return 0
+    from medusa_liger.train.data import DataError
     from medusa_liger.train.loop import train
 
     try:
         train(cfg)
-    except ValueError as error:  # bad input found while preparing (data, checkpoint): no traceback
-        print(f"medusa-liger train: error: {error}", file=sys.stderr)
+    except DataError as error:  # unusable data files: the user's input, reported without a traceback
+        print(f"medusa-liger train: data error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return 0  # any other exception is a bug (or a failure mid-run): it propagates with its traceback

@@ -298,6 +298,12 @@ def validate(cfg: Config) -> Config:
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, ">= 1")
     for i, fmt in enumerate(cfg.export.formats):
         _require(fmt in ("medusa", "vllm"), f"export.formats[{i}]", fmt, "'medusa' or 'vllm'")
+    if t.resume not in ("none", "auto"):
+        # A checkpoint path is checked now, not after minutes of loading the model and the data.
+        from medusa_liger.train.checkpoint import STATE_FILE
+
+        _require((Path(t.resume) / STATE_FILE).is_file(), "train.resume", t.resume,
+                 f"'none', 'auto' or a checkpoint directory (with {STATE_FILE} in it)")
     return cfg
 
 

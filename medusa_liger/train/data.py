@@ -32,11 +32,28 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Unusable training data (a missing file, a malformed record, nothing left to train on): the
+    user's input, not a bug, so ``medusa-liger train`` reports it in one line without a traceback."""
+
+
+@contextmanager
+def data_errors() -> Iterator[None]:
+    """Re-raise a ValueError of the data preparation inside as a ``DataError`` (same message)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except ValueError as error:
+        raise DataError(str(error)) from error
 
 # One turn per block: role marker, content, end-of-sequence token. Starts with BOS when the
 # tokenizer has one. The tiny tokenizer ships exactly this template with its role markers as

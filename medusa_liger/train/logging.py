@@ -17,18 +17,38 @@ always describes one consistent run.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Keep only the records of ``path`` with ``step <= last_step`` (for a resumed run)."""
+    """Keep only the records of ``path`` with ``step <= last_step`` (for a resumed run).
+
+    A line that is not a JSON record (a run killed mid-write leaves a torn last line) is dropped
+    with a warning. The kept lines go to a temporary file renamed over ``path``, so a kill here
+    leaves either the old file or the new one.
+    """
     path = Path(path)
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept, torn = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            torn += 1
+            continue
+        if step <= last_step:
+            kept.append(line)
+    if torn:
+        warnings.warn(f"{path}: dropped {torn} unreadable line(s) (a run killed mid-write)", stacklevel=2)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -34,12 +34,12 @@ Outputs in ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``plot
 ``checkpoints/step-XXXXXX/`` (see ``checkpoint.py``; the heads in ``heads/`` in the medusa format),
 ``final/heads_<format>/`` per export format and, when the backbone trained or was built here,
 ``final/backbone/`` (LoRA merged, with the tokenizer; the heads' ``base_model_name_or_path``
-points at it). A fresh start (no checkpoint to resume) deletes an old ``checkpoints/`` directory.
+points at it). A fresh start (no checkpoint to resume) deletes an old ``checkpoints/`` directory
+and names the deleted steps in a warning.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -50,7 +50,7 @@ import torch
 
 from medusa_liger.heads import MedusaConfig
 from medusa_liger.heads.export import read_heads, write_backbone
-from medusa_liger.kernels.reference import shifted_targets
+from medusa_liger.kernels.cross_entropy import row_targets
 from medusa_liger.train import distributed
 from medusa_liger.train.build import (
     autocast_dtype,
@@ -65,13 +65,14 @@ from medusa_liger.train.build import (
     trainable_parameters,
 )
 from medusa_liger.train.checkpoint import (
+    delete_old_checkpoints,
     find_resume_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
 )
 from medusa_liger.train.config import Config, save_config
-from medusa_liger.train.data import IGNORE_INDEX, load_examples
+from medusa_liger.train.data import IGNORE_INDEX, data_errors, load_examples
 from medusa_liger.train.logging import MetricsLogger, NullLogger, read_metrics
 from medusa_liger.train.packing import (
     PackedLoader,
@@ -105,6 +106,19 @@ def _loss_shifts(model) -> list[int]:
     return ([1] if model.config.mode == "joint" else []) + model.config.head_shifts()
 
 
+def count_targets(labels: torch.Tensor, segment_ids: torch.Tensor, shift: int, vocab_size: int) -> torch.Tensor:
+    """Number of valid targets (a 0-dim int64 tensor on ``labels``' device) of the loss term with
+    ``shift`` over [B, T] ``labels`` / ``segment_ids``.
+
+    The cross-entropy kernel's own rule (``row_targets``): a target past the row's end, in another
+    segment, equal to IGNORE_INDEX or outside [0, vocab_size) does not count, so the loop's
+    normalization divides by exactly the number of targets the kernel averages over.
+    """
+    B, T = labels.shape
+    _, valid = row_targets(labels.reshape(-1), segment_ids.reshape(-1), T, shift, 0, B * T, IGNORE_INDEX, vocab_size)
+    return valid.sum()
+
+
 def _set_stage(model, cfg: Config, step: int) -> str:
     """Put a joint run in its heads-only first stage or in joint training at ``step``; return the stage."""
     if cfg.train.mode != "joint":
@@ -127,16 +141,19 @@ def accumulate_gradients(model, batches, device, amp=None) -> dict[str, Any]:
     """
     shifts = _loss_shifts(model)
     joint = model.config.mode == "joint"
-    counts = [[int((shifted_targets(b["labels"], s, IGNORE_INDEX, b["segment_ids"]) != IGNORE_INDEX).sum())
-               for s in shifts] for b in batches]
+    V = model.heads.vocab_size
+    counts = [[int(count_targets(b["labels"], b["segment_ids"], s, V)) for s in shifts] for b in batches]
     # Every rank divides by the global count of each term, so the summed gradients are the global batch's.
     totals = distributed.all_reduce_sum(torch.tensor([sum(c[j] for c in counts) for j in range(len(shifts))]))
     totals = [int(t) for t in totals]
     base = model.config
     K = base.num_heads
-    loss_total, lm_sums = 0.0, torch.zeros(2)
-    head_sums = torch.zeros(2, K)  # rows: loss * tokens, accuracy * tokens
-    tokens = 0
+    # Metric sums stay on the device (no host sync per micro-batch) in the dtypes a host copy would
+    # use (loss in fp64, the rest fp32), so the numbers are bit-identical; one transfer per step.
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)
+    lm_sums = torch.zeros(2, device=device)
+    head_sums = torch.zeros(2, K, device=device)  # rows: loss * tokens, accuracy * tokens
+    tokens = sum(int((b["segment_ids"] != 0).sum()) for b in batches)  # on the host, before the copy
     try:
         for batch, n in zip(batches, counts):
             scales = [n_j / N_j if N_j else 0.0 for n_j, N_j in zip(n, totals)]
@@ -148,20 +165,20 @@ def accumulate_gradients(model, batches, device, amp=None) -> dict[str, Any]:
             with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
                 out = model(batch["input_ids"], labels=batch["labels"], segment_ids=batch["segment_ids"])
             out.loss.backward()
-            loss_total += float(out.loss.detach())
-            head_tokens = out.head_tokens.float().cpu()
-            head_sums[0] += out.head_losses.float().cpu() * head_tokens
-            head_sums[1] += out.head_accuracy.float().cpu() * head_tokens
+            loss_total += out.loss.detach().double()
+            head_tokens = out.head_tokens.float()
+            head_sums[0] += out.head_losses.detach().float() * head_tokens
+            head_sums[1] += out.head_accuracy.detach().float() * head_tokens
             if joint:
-                lm_sums += torch.stack([out.lm_loss.float().cpu(), out.lm_accuracy.float().cpu()]) * n[0]
-            tokens += int((batch["segment_ids"] != 0).sum())
+                lm_sums += torch.stack([out.lm_loss.detach().float(), out.lm_accuracy.detach().float()]) * n[0]
     finally:
         model.config = base
     distributed.all_reduce_grads(p for p in model.parameters() if p.requires_grad)
     # Metric sums over ranks, each in the dtype it was accumulated in (so one rank's numbers are unchanged).
     sums32 = distributed.all_reduce_sum(torch.cat([head_sums.flatten(), lm_sums]))
+    sums64 = distributed.all_reduce_sum(torch.stack([loss_total, loss_total.new_tensor(float(tokens))]))
+    sums32, (loss_total, tokens) = sums32.cpu(), sums64.tolist()  # the step's one wait for the device
     head_sums, lm_sums = sums32[: 2 * K].view(2, K), sums32[2 * K :]
-    loss_total, tokens = distributed.all_reduce_sum(torch.tensor([loss_total, tokens], dtype=torch.float64)).tolist()
     tokens = int(tokens)
 
     head_totals = torch.tensor(totals[1:] if joint else totals, dtype=torch.float32).clamp(min=1)
@@ -212,7 +229,7 @@ def evaluate(model, data, micro_batch_size: int, device, amp) -> dict[str, float
         sums += torch.stack([out.head_losses.float().cpu(), out.head_accuracy.float().cpu()]) * n
         total += n
         if joint:
-            n_lm = int((shifted_targets(labels, 1, IGNORE_INDEX, segment_ids) != IGNORE_INDEX).sum())
+            n_lm = int(count_targets(labels, segment_ids, 1, model.heads.vocab_size))
             lm_sums += torch.stack([out.lm_loss.float().cpu(), out.lm_accuracy.float().cpu()]) * n_lm
             lm_total += n_lm
     model.train(was_training)
@@ -282,16 +299,18 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
 
     def get_examples():
         if not examples:
-            examples.extend(load_examples(cfg.data))
+            with data_errors():
+                examples.extend(load_examples(cfg.data))
         return examples
 
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     # Rank 0 first fills the caches (the tiny tokenizer, the packed rows) that the other ranks then read.
     with distributed.main_first() if cfg.model.name_or_path == "tiny" else nullcontext():
         tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples)
-    with distributed.main_first():
+    with distributed.main_first(), data_errors():
         data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
-    train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
+    with data_errors():
+        train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
     loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed,
                           rank=distributed.rank(), world_size=distributed.world_size())
     model = build_medusa(cfg, backbone).to(device)
@@ -317,10 +336,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             model.heads.load_state_dict(read_heads(resume_dir / "heads").tensors, strict=True)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         loader.load_state_dict(state["data"])
-    elif ckpt_root.is_dir() and main:
-        # A fresh start (train.resume=none or nothing to resume): older checkpoints belong to another run
-        # and must not outlive (via keep-pruning by step) or be resumed in place of this one's.
-        shutil.rmtree(ckpt_root)
+    elif ckpt_root.is_dir() and main:  # a fresh start: another run's checkpoints go (with a warning)
+        delete_old_checkpoints(ckpt_root)
     # Replicas start equal even where initialization is random and unseeded (e.g. LoRA adapters).
     distributed.broadcast_from_main(params.values())
     _, baseline = most_common_target_frequency(train_data, 2)
