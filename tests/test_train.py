@@ -43,6 +43,23 @@ def losses(path: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(path / "metrics.jsonl")]
 
 
+def train_killed_at(step: int, cfg, monkeypatch) -> None:
+    """Run ``cfg`` and "kill" it (KeyboardInterrupt) right after it logs ``step``."""
+    from medusa_liger.train import logging as train_logging
+
+    original_log = train_logging.MetricsLogger.log
+
+    def dying_log(self, logged_step, metrics):
+        original_log(self, logged_step, metrics)
+        if logged_step == step:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train_logging.MetricsLogger, "log", dying_log)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(train_logging.MetricsLogger, "log", original_log)
+
+
 def test_tiny_run_end_to_end(tmp_path):
     cfg = short_config(tmp_path, "train.steps=20", "checkpoint.every=10", "checkpoint.keep=1")
     result = train(cfg)
@@ -98,19 +115,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
     assert records[0]["lr/backbone"] == 0.0 and records[3]["lr/backbone"] > 0
 
     # "Kill" the second run while it logs step 5 (after the step-3 checkpoint), then resume.
-    from medusa_liger.train import logging as train_logging
-
-    original_log = train_logging.MetricsLogger.log
-
-    def dying_log(self, step, metrics):
-        original_log(self, step, metrics)
-        if step == 5:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(train_logging.MetricsLogger, "log", dying_log)
-    with pytest.raises(KeyboardInterrupt):
-        train(short_config(tmp_path / "killed", *extra))
-    monkeypatch.setattr(train_logging.MetricsLogger, "log", original_log)
+    train_killed_at(5, short_config(tmp_path / "killed", *extra), monkeypatch)
     assert len(losses(tmp_path / "killed")) == 5
     train(short_config(tmp_path / "killed", *extra, "train.resume=auto"))
     assert losses(tmp_path / "killed") == expected  # bit-exact, steps 1..8, no duplicates
@@ -345,19 +350,7 @@ def test_bf16_run_checkpoints_master_weights_exports_export_dtype_and_resumes_ex
     backbone_config = json.loads((straight / "final" / "backbone" / "config.json").read_text())
     assert backbone_config.get("dtype", backbone_config.get("torch_dtype")) == "bfloat16"
 
-    from medusa_liger.train import logging as train_logging
-
-    original_log = train_logging.MetricsLogger.log
-
-    def dying_log(self, step, metrics):
-        original_log(self, step, metrics)
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(train_logging.MetricsLogger, "log", dying_log)
-    with pytest.raises(KeyboardInterrupt):
-        train(short_config(tmp_path / "killed", *extra))
-    monkeypatch.setattr(train_logging.MetricsLogger, "log", original_log)
+    train_killed_at(3, short_config(tmp_path / "killed", *extra), monkeypatch)
     train(short_config(tmp_path / "killed", *extra, "train.resume=auto", "export.dtype=float32",
                        "export.formats=[medusa]"))
     assert losses(tmp_path / "killed") == expected  # bit-exact through the fp32 master checkpoint
