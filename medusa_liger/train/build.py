@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
+from medusa_liger.heads.export import DTYPES  # one table of dtype names (the config allows three of them)
 from medusa_liger.train.config import Config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(cfg: Config) -> torch.device:
