@@ -15,10 +15,12 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 status=0
 for stage in "$@"; do
   case "$stage" in
-    tests)       timeout 420 python3 -m pytest -q -rfEs -p no:cacheprovider tests --timeout=300 -x --maxfail=30 2>&1 | tee "$OUT/pytest.log" | tail -60 || status=1 ;;
+    tests)       timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -rfEs -p no:cacheprovider tests --timeout=300 -x --maxfail=30 2>&1 | tee "$OUT/pytest.log" | tail -60 || status=1 ;;
     kernels)     timeout 300 python3 benchmarks/kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 || status=1 ;;
     medusa_loss) timeout 420 python3 benchmarks/medusa_loss.py 2>&1 | tee "$OUT/bench_medusa_loss.log" | tail -40 || status=1 ;;
     patching)    timeout 300 python3 benchmarks/patching.py 2>&1 | tee "$OUT/bench_patching.log" | tail -40 || status=1 ;;
+    sweep)       timeout 260 python3 benchmarks/overlap_sweep.py 2>&1 | tee "$OUT/bench_sweep.log" | tail -30 || status=1 ;;
+    profile)     timeout 300 python3 benchmarks/profile_medusa_loss.py 2>&1 | tee "$OUT/bench_profile.log" | tail -30 || status=1 ;;
     quick)       for b in kernels medusa_loss patching; do timeout 120 python3 benchmarks/$b.py --quick 2>&1 | tail -30; done ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;
   esac

@@ -39,6 +39,7 @@ Backward can run only once per forward (the gradients are handed to autograd, no
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -54,11 +55,22 @@ from medusa_liger.kernels.chunking import (  # noqa: F401
     plan_chunk_rows,
 )
 from medusa_liger.kernels.chunking import mm_into as _mm_into
+from medusa_liger.kernels.chunking import split_rows
 from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
+from medusa_liger.kernels.head_inputs import as_head_weights, region, sources
 from medusa_liger.kernels.reference import MultiHeadLossOutput
+from medusa_liger.kernels.scale import scale_
+from medusa_liger.kernels.streams import SideStream
 from medusa_liger.kernels.utils import check_float, check_labels, check_same_device
 
 _ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Overlap of the row kernel with the GEMMs (CUDA): each chunk is cut into SUBCHUNKS pieces of at
+# least SUBCHUNK_MIN_ROWS rows, whose row kernels run on a side stream with SIDE_ROW_PROGRAMS
+# programs (None: one per row). benchmarks/profile_medusa_loss.py measures the choices.
+OVERLAP_ROW_KERNEL = True
+SUBCHUNKS = 2
+SUBCHUNK_MIN_ROWS = 256
+SIDE_ROW_PROGRAMS: int | None = None
 _reentrant = False
 
 
@@ -71,39 +83,6 @@ def reentrant_backward() -> Iterator[None]:
         yield
     finally:
         _reentrant = previous
-
-
-def _sources(name: str, x, K: int, single_dim: int) -> tuple[list[torch.Tensor], list[tuple[int, int | None]]]:
-    """Unique tensors behind a per-head argument and, per head, (source index, sub-index or None).
-
-    A tensor with ``single_dim`` dims is shared by every head; one more dim is stacked over K;
-    a list holds one tensor per head (the same object may repeat: its gradient accumulates once).
-    """
-    if isinstance(x, torch.Tensor):
-        if x.dim() == single_dim:
-            return [x], [(0, None)] * K
-        if x.dim() == single_dim + 1:
-            if x.shape[0] != K:
-                raise ValueError(f"{name} stacks {x.shape[0]} heads but len(shifts) = {K}")
-            return [x], [(0, k) for k in range(K)]
-        raise ValueError(f"{name} must have {single_dim} or {single_dim + 1} dims, got shape {list(x.shape)}")
-    if not isinstance(x, (list, tuple)) or len(x) != K:
-        raise ValueError(f"{name} must be a tensor or a list of len(shifts) = {K} tensors")
-    srcs: list[torch.Tensor] = []
-    index: dict[int, int] = {}
-    heads = []
-    for t in x:
-        if not isinstance(t, torch.Tensor) or t.dim() != single_dim:
-            raise ValueError(f"each entry of {name} must be a {single_dim}-dim tensor")
-        if id(t) not in index:
-            index[id(t)] = len(srcs)
-            srcs.append(t)
-        heads.append((index[id(t)], None))
-    return srcs, heads
-
-
-def _region(src: torch.Tensor, sub: int | None) -> torch.Tensor:
-    return src if sub is None else src[sub]
 
 
 @dataclass
@@ -189,6 +168,7 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
 
         # Heads grouped by projection region, so one weight accumulator is alive at a time.
         order = sorted(range(K), key=lambda k: plan.weight_heads.index(plan.weight_heads[k]))
+        side = SideStream(dev, enabled=OVERLAP_ROW_KERNEL)
         hid_written: set = set()
         w_acc = None
         with torch.autocast(device_type=dev.type, enabled=False):
@@ -198,41 +178,50 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                 first_of_group = pos == 0 or plan.weight_heads[order[pos - 1]] != (wi, wsub)
                 last_of_group = pos == K - 1 or plan.weight_heads[order[pos + 1]] != (wi, wsub)
                 if first_of_group:
-                    w_k = _region(w_srcs[wi], wsub).to(cdt)  # one cast per group (a no-op if cdt)
+                    w_k = region(w_srcs[wi], wsub).to(cdt)  # one cast per group (a no-op if cdt)
                     if w_need[wi]:
                         # A single dW GEMM (one head, one chunk) accumulates in fp32 inside cuBLAS
                         # and can write the gradient directly; otherwise accumulate in acc_dtype
                         # (the first chunk's GEMM writes it: no zero fill).
-                        w_out = _region(w_grads[wi], wsub)
+                        w_out = region(w_grads[wi], wsub)
                         w_adt = acc_dtype(w_srcs[wi])
                         acc_is_grad = (last_of_group and N <= chunk) or w_out.dtype == w_adt
                         w_acc = w_out if acc_is_grad else torch.empty(w_out.shape, dtype=w_adt, device=dev)
-                h_k = _region(hid_srcs[hi], hsub).reshape(N, H)
-                gh_k = None if hid_grads[hi] is None else _region(hid_grads[hi], hsub).reshape(N, H)
+                h_k = region(hid_srcs[hi], hsub).reshape(N, H)
+                gh_k = None if hid_grads[hi] is None else region(hid_grads[hi], hsub).reshape(N, H)
                 h_accumulate = (hi, hsub) in hid_written
                 hid_written.add((hi, hsub))
                 b_k = None
                 if plan.bias_heads is not None:
                     bi, bsub = plan.bias_heads[k]
-                    b_k = _region(b_srcs[bi], bsub)
+                    b_k = region(b_srcs[bi], bsub)
                 for r0 in range(0, N, chunk):
                     r1 = min(N, r0 + chunk)
                     h_c = h_k[r0:r1].to(cdt)
                     z = logits_buf[: r1 - r0]
-                    torch.mm(h_c, w_k.t(), out=z)
-                    ce_rows(z, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
-                            bias=b_k, scale=scale[k : k + 1], lse=lse_buf[: r1 - r0], loss=row_loss[k, r0:r1],
-                            correct=correct[k, r0:r1], compute_lse=True, write_grad=any_grad, **opts)
-                    # z now holds scale_k * dloss/dz for the chunk.
-                    if gh_k is not None:
-                        _mm_into(gh_k[r0:r1], z, w_k, accumulate=h_accumulate)
+                    # Sub-chunk j: its logits GEMM, then its row kernel on the side stream, which
+                    # runs while this stream does sub-chunk j+1's logits GEMM and j-1's dh GEMM.
+                    queued: list[tuple[int, int, torch.cuda.Event | None]] = []
+                    for a, b in split_rows(r1 - r0, SUBCHUNKS, SUBCHUNK_MIN_ROWS):
+                        torch.mm(h_c[a:b], w_k.t(), out=z[a:b])
+                        row_args = dict(row_start=r0 + a, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
+                                        bias=b_k, scale=scale[k : k + 1], lse=lse_buf[a:b],
+                                        loss=row_loss[k, r0 + a : r0 + b], correct=correct[k, r0 + a : r0 + b],
+                                        compute_lse=True, write_grad=any_grad, programs=SIDE_ROW_PROGRAMS, **opts)
+                        queued.append((a, b, side.submit(functools.partial(ce_rows, z[a:b], labels_flat, **row_args))))
+                        while len(queued) > (1 if b < r1 - r0 else 0):
+                            # z[a0:b0] now holds scale_k * dloss/dz (the main stream waits for it).
+                            a0, b0, done = queued.pop(0)
+                            side.wait(done)
+                            if gh_k is not None:
+                                _mm_into(gh_k[r0 + a0 : r0 + b0], z[a0:b0], w_k, accumulate=h_accumulate)
                     if w_need[wi]:
                         _mm_into(w_acc, z.t(), h_c, accumulate=not (first_of_group and r0 == 0))
                     if b_k is not None and b_need[bi]:
-                        _region(b_grads[bi], bsub).add_(z.sum(0, dtype=sdt))
+                        region(b_grads[bi], bsub).add_(z.sum(0, dtype=sdt))
                 if last_of_group:
                     if w_need[wi] and not acc_is_grad:
-                        _region(w_grads[wi], wsub).copy_(w_acc)  # the one cast to the parameter dtype
+                        region(w_grads[wi], wsub).copy_(w_acc)  # the one cast to the parameter dtype
                     w_acc = w_k = None  # free the accumulator before the next group's
 
         head_losses = row_loss.sum(1)
@@ -261,35 +250,7 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.reentrant:
             return (None, *[None if g is None else g * grad_loss for g in grads])
         ctx.grads = None  # hand the tensors over: autograd may then adopt them without a copy
-        return (None, *[None if g is None else g.mul_(grad_loss) for g in grads])
-
-
-def _as_head_weights(head_weights, K: int, device: torch.device) -> torch.Tensor:
-    if head_weights is None:
-        return torch.ones(K, dtype=torch.float64, device=device)
-    if isinstance(head_weights, torch.Tensor):
-        if head_weights.shape != (K,) or not head_weights.is_floating_point():
-            raise ValueError(f"head_weights must be a float tensor of shape [{K}], got {head_weights.dtype} "
-                             f"{list(head_weights.shape)}")
-        if head_weights.device != device:
-            raise ValueError(f"head_weights is on {head_weights.device} but labels is on {device}")
-        return head_weights
-    values = list(head_weights)
-    if len(values) != K:
-        raise ValueError(f"head_weights must hold len(shifts) = {K} values, got {len(values)}")
-    if any(isinstance(w, torch.Tensor) for w in values):
-        # Tensors (say 0-dim CUDA scalars) are stacked where they live: float(w) would sync.
-        if not all(isinstance(w, torch.Tensor) and w.numel() == 1 and w.is_floating_point() for w in values):
-            raise ValueError("head_weights must be K numbers or K one-element float tensors, not a mix")
-        if any(w.device != device for w in values):
-            raise ValueError(f"head_weights tensors must be on {device} (the labels' device)")
-        return torch.stack([w.reshape(()).to(torch.float64) for w in values])
-    values = [float(w) for w in values]
-    # Filled on the device value by value: a host-to-device copy of a list would synchronize.
-    out = torch.empty(K, dtype=torch.float64, device=device)
-    for k, value in enumerate(values):
-        out[k].fill_(value)
-    return out
+        return (None, *[None if g is None else scale_(g, grad_loss) for g in grads])
 
 
 # torch.compile runs this op eagerly (a graph break): its chunk loop and Triton launches are already
@@ -347,9 +308,9 @@ def multi_head_linear_cross_entropy(
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
 
-    hid_srcs, hid_heads = _sources("hidden", hidden, K, 3)
-    w_srcs, w_heads = _sources("weight", weight, K, 2)
-    b_srcs, b_heads = ([], None) if bias is None else _sources("bias", bias, K, 1)
+    hid_srcs, hid_heads = sources("hidden", hidden, K, 3)
+    w_srcs, w_heads = sources("weight", weight, K, 2)
+    b_srcs, b_heads = ([], None) if bias is None else sources("bias", bias, K, 1)
     V, H = w_srcs[0].shape[-2], w_srcs[0].shape[-1]
     for name, srcs, tail in (("hidden", hid_srcs, (B, T, H)), ("weight", w_srcs, (V, H)), ("bias", b_srcs, (V,))):
         for t in srcs:
@@ -368,7 +329,7 @@ def multi_head_linear_cross_entropy(
                       **{f"bias[{i}]": t for i, t in enumerate(b_srcs)})
     check_labels("labels", labels, V, ignore_index, check_values=not labels.is_cuda)
     labels = labels.contiguous() if labels.dtype == torch.int64 else labels.long()
-    hw = _as_head_weights(head_weights, K, labels.device)
+    hw = as_head_weights(head_weights, K, labels.device)
 
     # Compute dtype: autocast's when active (the GEMMs then run in it), else the inputs' common one.
     dev_type = labels.device.type

@@ -1,0 +1,72 @@
+"""Parsing of the fused multi-head loss's per-head arguments (hidden, weight, bias, head_weights).
+
+Each of hidden, weight and bias is one tensor shared by every head, one tensor stacked over the K
+heads, or a list of K tensors in which the same tensor may repeat (its gradient then accumulates
+once). ``sources`` reduces any form to the unique tensors (the autograd Function's inputs) plus,
+per head, which tensor and which slice of it the head reads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sources(name: str, x, K: int, single_dim: int) -> tuple[list[torch.Tensor], list[tuple[int, int | None]]]:
+    """Unique tensors behind a per-head argument and, per head, (source index, sub-index or None).
+
+    A tensor with ``single_dim`` dims is shared by every head; one more dim is stacked over K;
+    a list holds one tensor per head (the same object may repeat: its gradient accumulates once).
+    """
+    if isinstance(x, torch.Tensor):
+        if x.dim() == single_dim:
+            return [x], [(0, None)] * K
+        if x.dim() == single_dim + 1:
+            if x.shape[0] != K:
+                raise ValueError(f"{name} stacks {x.shape[0]} heads but len(shifts) = {K}")
+            return [x], [(0, k) for k in range(K)]
+        raise ValueError(f"{name} must have {single_dim} or {single_dim + 1} dims, got shape {list(x.shape)}")
+    if not isinstance(x, (list, tuple)) or len(x) != K:
+        raise ValueError(f"{name} must be a tensor or a list of len(shifts) = {K} tensors")
+    srcs: list[torch.Tensor] = []
+    index: dict[int, int] = {}
+    heads = []
+    for t in x:
+        if not isinstance(t, torch.Tensor) or t.dim() != single_dim:
+            raise ValueError(f"each entry of {name} must be a {single_dim}-dim tensor")
+        if id(t) not in index:
+            index[id(t)] = len(srcs)
+            srcs.append(t)
+        heads.append((index[id(t)], None))
+    return srcs, heads
+
+
+def region(src: torch.Tensor, sub: int | None) -> torch.Tensor:
+    return src if sub is None else src[sub]
+
+
+def as_head_weights(head_weights, K: int, device: torch.device) -> torch.Tensor:
+    if head_weights is None:
+        return torch.ones(K, dtype=torch.float64, device=device)
+    if isinstance(head_weights, torch.Tensor):
+        if head_weights.shape != (K,) or not head_weights.is_floating_point():
+            raise ValueError(f"head_weights must be a float tensor of shape [{K}], got {head_weights.dtype} "
+                             f"{list(head_weights.shape)}")
+        if head_weights.device != device:
+            raise ValueError(f"head_weights is on {head_weights.device} but labels is on {device}")
+        return head_weights
+    values = list(head_weights)
+    if len(values) != K:
+        raise ValueError(f"head_weights must hold len(shifts) = {K} values, got {len(values)}")
+    if any(isinstance(w, torch.Tensor) for w in values):
+        # Tensors (say 0-dim CUDA scalars) are stacked where they live: float(w) would sync.
+        if not all(isinstance(w, torch.Tensor) and w.numel() == 1 and w.is_floating_point() for w in values):
+            raise ValueError("head_weights must be K numbers or K one-element float tensors, not a mix")
+        if any(w.device != device for w in values):
+            raise ValueError(f"head_weights tensors must be on {device} (the labels' device)")
+        return torch.stack([w.reshape(()).to(torch.float64) for w in values])
+    values = [float(w) for w in values]
+    # Filled on the device value by value: a host-to-device copy of a list would synchronize.
+    out = torch.empty(K, dtype=torch.float64, device=device)
+    for k, value in enumerate(values):
+        out[k].fill_(value)
+    return out
