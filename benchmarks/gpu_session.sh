@@ -19,7 +19,6 @@ for stage in "$@"; do
     kernels)     timeout 300 python3 benchmarks/kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 || status=1 ;;
     medusa_loss) timeout 420 python3 benchmarks/medusa_loss.py 2>&1 | tee "$OUT/bench_medusa_loss.log" | tail -40 || status=1 ;;
     patching)    timeout 300 python3 benchmarks/patching.py 2>&1 | tee "$OUT/bench_patching.log" | tail -40 || status=1 ;;
-    sweep)       timeout 260 python3 benchmarks/overlap_sweep.py 2>&1 | tee "$OUT/bench_sweep.log" | tail -30 || status=1 ;;
     profile)     timeout 300 python3 benchmarks/profile_medusa_loss.py 2>&1 | tee "$OUT/bench_profile.log" | tail -30 || status=1 ;;
     quick)       for b in kernels medusa_loss patching; do timeout 120 python3 benchmarks/$b.py --quick 2>&1 | tail -30; done ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;

@@ -134,29 +134,6 @@ def test_random_problems_match_reference(backend, seed):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("seed", range(16, 22))
-def test_subchunks_with_the_row_kernel_on_a_side_stream_match_reference(monkeypatch, backend, seed):
-    """Chunks cut into sub-chunks (the row kernel of each on a side stream on CUDA, with a few
-    striding programs): same results as the reference, every gradient included."""
-    monkeypatch.setattr(flce, "SUBCHUNK_MIN_ROWS", 1)
-    monkeypatch.setattr(flce, "SUBCHUNKS", 3)
-    monkeypatch.setattr(flce, "SIDE_ROW_PROGRAMS", 2)
-    problem = _problem(seed)
-    ref, ref_grads = _run(reference, *problem, compute_dtype=torch.float64)
-    with force_backend(backend):
-        out, grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=random.Random(seed).choice([5, 8]))
-    _compare(out, grads, ref, ref_grads, TOL[backend])
-
-
-def test_split_rows():
-    assert chunking.split_rows(4096, 2, 256) == [(0, 2048), (2048, 4096)]
-    assert chunking.split_rows(4000, 2, 256) == [(0, 2048), (2048, 4000)]  # multiples of 128 rows
-    assert chunking.split_rows(300, 2, 256) == [(0, 300)]  # too few rows to split
-    assert chunking.split_rows(7, 3, 1) == [(0, 3), (3, 6), (6, 7)]
-    assert chunking.split_rows(1, 4, 1) == [(0, 1)]
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("pattern", ["leading_block", "scattered", "all_but_target"])
 def test_neg_inf_bias_masks_the_vocabulary(backend, pattern):
     """A -inf bias entry (a masked or padded vocabulary) gives those tokens probability 0 and
@@ -540,37 +517,3 @@ def test_gpu_aligned_shapes_weight_gradient_accumulation(accum_dtype):
         out, grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=32, accum_dtype=accum_dtype)
         _compare(out, grads, ref, ref_grads, 2e-2, acc_slack=10)
 
-
-@pytest.mark.gpu
-def test_gpu_side_stream_overlap_is_exact_and_captures(monkeypatch):
-    """The row kernels on the side stream give bit-identical results to the same sub-chunks on one
-    stream, close results to unsplit chunks, and the fork/join records into a CUDA graph."""
-    monkeypatch.setattr(flce, "SUBCHUNK_MIN_ROWS", 1)
-    monkeypatch.setattr(flce, "SIDE_ROW_PROGRAMS", 5)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(3, 2, 300, 64, device="cuda", generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(3, 1000, 64, device="cuda", generator=g) * 0.3).bfloat16().requires_grad_()
-    labels = torch.randint(0, 1000, (2, 300), device="cuda", generator=g)
-    problem = (h, w, labels, [1, 2, 3], [1.0, 0.8, 0.64], dict(bias=None))
-    results = {}
-    for overlap, parts in ((True, 3), (False, 3), (False, 1)):
-        monkeypatch.setattr(flce, "OVERLAP_ROW_KERNEL", overlap)
-        monkeypatch.setattr(flce, "SUBCHUNKS", parts)
-        results[overlap, parts] = _run(multi_head_linear_cross_entropy, *problem, chunk_size=256)
-    (out, grads), (same, same_grads) = results[True, 3], results[False, 3]
-    assert torch.equal(out.loss, same.loss) and all(torch.equal(a, b) for a, b in zip(grads, same_grads))
-    _compare(out, grads, *results[False, 1], 1e-2, acc_slack=2)
-    monkeypatch.setattr(flce, "OVERLAP_ROW_KERNEL", True)
-    monkeypatch.setattr(flce, "SUBCHUNKS", 3)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        multi_head_linear_cross_entropy(h.detach(), w.detach(), labels, [1, 2, 3], chunk_size=256)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = multi_head_linear_cross_entropy(h.detach(), w.detach(), labels, [1, 2, 3], chunk_size=256)
-    graph.replay()
-    torch.cuda.synchronize()
-    eager = multi_head_linear_cross_entropy(h.detach(), w.detach(), labels, [1, 2, 3], chunk_size=256)
-    assert torch.equal(captured.loss, eager.loss) and torch.equal(captured.head_losses, eager.head_losses)

@@ -127,13 +127,3 @@ def plan_chunk_rows(n_rows: int, vocab_size: int, dtype: torch.dtype, weight_gra
     count = -(-n_rows // rows)
     per = -(-n_rows // count)
     return min(rows, -(-per // 128) * 128) if rows >= 128 else per
-
-
-def split_rows(rows: int, parts: int, min_rows: int = 1) -> list[tuple[int, int]]:
-    """Cut ``rows`` rows into at most ``parts`` [start, end) ranges of at least ``min_rows`` rows
-    (one range if too few), equal and multiples of 128 rows where that large (GEMM tiles)."""
-    parts = max(1, min(parts, rows // max(1, min_rows)))
-    per = -(-rows // parts)
-    if per >= 128:
-        per = -(-per // 128) * 128
-    return [(a, min(rows, a + per)) for a in range(0, rows, per)]

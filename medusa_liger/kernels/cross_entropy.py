@@ -257,7 +257,6 @@ def ce_rows(
     scale: torch.Tensor | None = None, lse: torch.Tensor, loss: torch.Tensor | None = None,
     correct: torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
     z_loss: float = 0.0, softcap: float | None = None, compute_lse: bool = True, write_grad: bool = False,
-    programs: int | None = None,
 ) -> None:
     """Run the row computation on ``logits`` [rows, V] (last dim contiguous), in place.
 
@@ -265,9 +264,6 @@ def ce_rows(
     seq_len: T (rows never look past the end of their sequence); default labels.numel().
     scale:   fp32 factor for the gradient, 1 element (all rows) or [rows]; needed if write_grad.
     lse:     [rows] float, written if compute_lse else read. loss/correct: [rows] outputs.
-    programs: at most this many Triton programs, striding over the rows (None: one per row, or
-             PERSISTENT_PROGRAMS_PER_SM per SM). A few programs leave most SMs to a GEMM that runs
-             at the same time on another stream.
     """
     rows, V = logits.shape
     seq_len = labels.numel() if seq_len is None else seq_len
@@ -291,11 +287,9 @@ def ce_rows(
             )
         return
     block, num_warps = launch_config(V, logits.device)
-    if programs is None:
-        programs = rows
-        if PERSISTENT_PROGRAMS_PER_SM > 0:
-            programs = PERSISTENT_PROGRAMS_PER_SM * _multiprocessors(logits.device)
-    programs = max(1, min(rows, programs))
+    programs = rows
+    if PERSISTENT_PROGRAMS_PER_SM > 0:
+        programs = min(rows, PERSISTENT_PROGRAMS_PER_SM * _multiprocessors(logits.device))
     dummy = lse
     ce_row_kernel[(programs,)](
         logits, logits.stride(0), labels,

@@ -39,7 +39,6 @@ Backward can run only once per forward (the gradients are handed to autograd, no
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -55,22 +54,13 @@ from medusa_liger.kernels.chunking import (  # noqa: F401
     plan_chunk_rows,
 )
 from medusa_liger.kernels.chunking import mm_into as _mm_into
-from medusa_liger.kernels.chunking import split_rows
 from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
 from medusa_liger.kernels.head_inputs import as_head_weights, region, sources
 from medusa_liger.kernels.reference import MultiHeadLossOutput
 from medusa_liger.kernels.scale import scale_
-from medusa_liger.kernels.streams import SideStream
 from medusa_liger.kernels.utils import check_float, check_labels, check_same_device
 
 _ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# Overlap of the row kernel with the GEMMs (CUDA): each chunk is cut into SUBCHUNKS pieces of at
-# least SUBCHUNK_MIN_ROWS rows, whose row kernels run on a side stream with SIDE_ROW_PROGRAMS
-# programs (None: one per row). benchmarks/profile_medusa_loss.py measures the choices.
-OVERLAP_ROW_KERNEL = True
-SUBCHUNKS = 2
-SUBCHUNK_MIN_ROWS = 256
-SIDE_ROW_PROGRAMS: int | None = None
 _reentrant = False
 
 
@@ -168,7 +158,6 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
 
         # Heads grouped by projection region, so one weight accumulator is alive at a time.
         order = sorted(range(K), key=lambda k: plan.weight_heads.index(plan.weight_heads[k]))
-        side = SideStream(dev, enabled=OVERLAP_ROW_KERNEL)
         hid_written: set = set()
         w_acc = None
         with torch.autocast(device_type=dev.type, enabled=False):
@@ -199,22 +188,13 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                     r1 = min(N, r0 + chunk)
                     h_c = h_k[r0:r1].to(cdt)
                     z = logits_buf[: r1 - r0]
-                    # Sub-chunk j: its logits GEMM, then its row kernel on the side stream, which
-                    # runs while this stream does sub-chunk j+1's logits GEMM and j-1's dh GEMM.
-                    queued: list[tuple[int, int, torch.cuda.Event | None]] = []
-                    for a, b in split_rows(r1 - r0, SUBCHUNKS, SUBCHUNK_MIN_ROWS):
-                        torch.mm(h_c[a:b], w_k.t(), out=z[a:b])
-                        row_args = dict(row_start=r0 + a, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
-                                        bias=b_k, scale=scale[k : k + 1], lse=lse_buf[a:b],
-                                        loss=row_loss[k, r0 + a : r0 + b], correct=correct[k, r0 + a : r0 + b],
-                                        compute_lse=True, write_grad=any_grad, programs=SIDE_ROW_PROGRAMS, **opts)
-                        queued.append((a, b, side.submit(functools.partial(ce_rows, z[a:b], labels_flat, **row_args))))
-                        while len(queued) > (1 if b < r1 - r0 else 0):
-                            # z[a0:b0] now holds scale_k * dloss/dz (the main stream waits for it).
-                            a0, b0, done = queued.pop(0)
-                            side.wait(done)
-                            if gh_k is not None:
-                                _mm_into(gh_k[r0 + a0 : r0 + b0], z[a0:b0], w_k, accumulate=h_accumulate)
+                    torch.mm(h_c, w_k.t(), out=z)
+                    ce_rows(z, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
+                            bias=b_k, scale=scale[k : k + 1], lse=lse_buf[: r1 - r0], loss=row_loss[k, r0:r1],
+                            correct=correct[k, r0:r1], compute_lse=True, write_grad=any_grad, **opts)
+                    # z now holds scale_k * dloss/dz for the chunk.
+                    if gh_k is not None:
+                        _mm_into(gh_k[r0:r1], z, w_k, accumulate=h_accumulate)
                     if w_need[wi]:
                         _mm_into(w_acc, z.t(), h_c, accumulate=not (first_of_group and r0 == 0))
                     if b_k is not None and b_need[bi]:

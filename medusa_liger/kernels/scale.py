@@ -42,7 +42,9 @@ def scale_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return x
     if not (use_triton(x) and x.is_contiguous() and x.dtype != torch.float64):
-        return x.mul_(factor.reshape(()))
+        # Not x.mul_(factor): for a bf16/fp16 x that rounds the factor to x's dtype first.
+        work = torch.promote_types(x.dtype, torch.float32)
+        return x.copy_(x.to(work) * factor.reshape(()).to(work))
     block, warps = (4096, 8) if x.is_cuda else (1024, 4)
     _scale_kernel[(triton.cdiv(x.numel(), block),)](x, factor, x.numel(), BLOCK=block, num_warps=warps)
     return x
