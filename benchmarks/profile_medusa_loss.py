@@ -40,6 +40,7 @@ from benchmarks import common  # noqa: E402
 from medusa_liger.kernels import multi_head_linear_cross_entropy  # noqa: E402
 from medusa_liger.kernels.cross_entropy import ce_rows  # noqa: E402
 from medusa_liger.kernels.fused_linear_cross_entropy import _mm_into, default_chunk_rows  # noqa: E402
+from medusa_liger.kernels.scale import scale_  # noqa: E402
 
 CE = importlib.import_module("medusa_liger.kernels.cross_entropy")  # the module (the package exports a function)
 CUDA = torch.cuda.is_available()
@@ -108,7 +109,7 @@ def once_per_weight(H: int, V: int, dtype: torch.dtype, rep: int) -> dict[str, f
     grad = torch.empty(V, H, device=DEVICE, dtype=dtype)
     g_out = torch.ones((), device=DEVICE, dtype=torch.float32)
     ms = {"cast fp32->bf16": common.bench(lambda: grad.copy_(acc), rep=rep),
-          "scale by grad_output": common.bench(lambda: grad.mul_(g_out), rep=rep)}
+          "scale by grad_output": common.bench(lambda: scale_(grad, g_out), rep=rep)}
     del acc, grad
     _free()
     return ms
