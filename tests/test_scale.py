@@ -15,8 +15,8 @@ SCALE_DTYPES = sorted(set(DTYPES) | {torch.float16}, key=str)
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", SCALE_DTYPES)
-@pytest.mark.parametrize("shape", [(1,), (123,), (7, 1000), (4097,)])
-@pytest.mark.parametrize("factor", [1.5, 1.0 / 3.0, 0.0])
+@pytest.mark.parametrize("shape", [(1,), (123,), (7, 1000), (4097,), (3, 4096)])
+@pytest.mark.parametrize("factor", [1.5, 1.0 / 3.0, 0.0, 1.0])
 def test_scale_matches_the_fp32_product(backend, dtype, shape, factor):
     x = torch.randn(shape, device=DEVICE).to(dtype)
     f = torch.tensor(factor, device=DEVICE, dtype=torch.float32)
@@ -45,3 +45,19 @@ def test_scale_rejects_a_factor_that_is_not_one_element_on_the_device():
     if DEVICE.type == "cuda":
         with pytest.raises(ValueError, match="factor"):
             scale_(x, torch.ones(()))
+
+
+def test_scale_strides_over_more_blocks_than_programs():
+    # 2 programs in the interpreter (8 per SM on a GPU): each one loops over many blocks.
+    x = torch.randn(70_001, device=DEVICE)
+    want = (x * 0.75).clone()
+    scale_(x, torch.tensor(0.75, device=DEVICE))
+    assert torch.equal(x, want)
+
+
+def test_scale_by_one_leaves_nan_inf_and_signed_zero_as_they_are():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 3.0], device=DEVICE)
+    before = x.clone()
+    scale_(x, torch.ones(1, device=DEVICE))
+    assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x[1:], before[1:])
+    assert torch.signbit(x[3])

@@ -7,7 +7,8 @@ boundary, at ignore_index or out of [0, V)):
     loss_k = reduce_n CE(softcap(h_k W_k^T + b_k)[n], target_k[n])      (cross_entropy.py options)
     loss   = sum_k head_weights[k] * loss_k           ("mean": divide by head k's count c_k)
 
-Algorithm (forward does all the work; backward only multiplies by grad_output):
+Algorithm (forward does all the work; backward only multiplies by grad_output, skipped on the
+device when it is 1, see scale.py):
 
     scale_k = head_weights[k] / max(c_k, 1)   (or head_weights[k] for "sum"), counted on the device
     for each head k, grouped so that heads sharing a projection run back to back:
