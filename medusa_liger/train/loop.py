@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from medusa_liger.heads import MedusaConfig
-from medusa_liger.heads.export import read_heads, write_backbone
+from medusa_liger.heads.export import read_heads
 from medusa_liger.kernels.cross_entropy import row_targets
 from medusa_liger.train import distributed
 from medusa_liger.train.build import (
@@ -58,7 +58,6 @@ from medusa_liger.train.build import (
     build_optimizer,
     build_scheduler,
     build_tokenizer_and_backbone,
-    export_dtype,
     heads_lambda,
     master_dtype,
     resolve_device,
@@ -73,7 +72,8 @@ from medusa_liger.train.checkpoint import (
 )
 from medusa_liger.train.config import Config, save_config
 from medusa_liger.train.data import IGNORE_INDEX, data_errors, load_examples
-from medusa_liger.train.logging import MetricsLogger, NullLogger, read_metrics
+from medusa_liger.train.finish import finish_run, format_summary
+from medusa_liger.train.logging import MetricsLogger, NullLogger
 from medusa_liger.train.packing import (
     PackedLoader,
     build_packed_data,
@@ -244,23 +244,6 @@ def evaluate(model, data, micro_batch_size: int, device, amp) -> dict[str, float
     return result
 
 
-def _export(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
-    """Heads in every export format, plus the backbone (LoRA merged) when it trained or was built here."""
-    dtype = export_dtype(cfg)  # not the heads' master dtype: auto is the backbone's (serving) dtype
-    built_here = cfg.model.name_or_path == "tiny"
-    save_backbone = cfg.export.backbone == "always" or (
-        cfg.export.backbone == "auto" and (built_here or cfg.train.mode == "joint"))
-    base_name = str((final / "backbone").resolve()) if save_backbone else cfg.model.name_or_path
-    paths = {}
-    for fmt in cfg.export.formats:
-        paths[f"heads_{fmt}"] = model.save_heads(final / f"heads_{fmt}", format=fmt, dtype=dtype,
-                                                 save_backbone=False, base_model_name_or_path=base_name)
-    if save_backbone:
-        paths["backbone"] = write_backbone(model.backbone, final / "backbone", dtype)
-        tokenizer.save_pretrained(str(final / "backbone"))
-    return paths
-
-
 def _precision_line(cfg: Config, amp: torch.dtype | None) -> str:
     """Which dtypes the run keeps its weights and computes in (and a warning where updates lose bits)."""
     line = (f"precision: backbone {cfg.model.dtype}, heads{' and LoRA' if cfg.lora.enabled else ''} "
@@ -269,11 +252,6 @@ def _precision_line(cfg: Config, amp: torch.dtype | None) -> str:
     if cfg.train.mode == "joint" and not cfg.lora.enabled and cfg.model.dtype != "float32":
         line += f" (the full backbone trains in {cfg.model.dtype}, without an fp32 master copy)"
     return line
-
-
-def _mean_of_last(records: list[dict], key: str, count: int) -> float | None:
-    values = [r[key] for r in records[-count:] if r.get(key) is not None]
-    return sum(values) / len(values) if values else None
 
 
 def train(cfg: Config) -> TrainResult:
@@ -376,56 +354,10 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         eval_metrics = {} if eval_data is None else evaluate(model, eval_data, cfg.train.micro_batch_size, device, amp)
         final, summary, paths = out / "final", {}, {}
         if main:
-            summary, paths = _finish(cfg, model, tokenizer, logger, eval_data, eval_metrics=eval_metrics,
+            summary, paths = finish_run(cfg, model, tokenizer, logger, eval_data, eval_metrics=eval_metrics,
                                      baseline=baseline, final=final, started=started)
     distributed.barrier()  # the other ranks return once rank 0's exports exist
     if main:
         # After the logger closed (wandb prints its own report on finish), so the summary comes last.
         print(format_summary(summary, paths, cfg.heads.num_heads), flush=True)
     return TrainResult(out, final, summary, paths)
-
-
-def _finish(cfg: Config, model, tokenizer, logger, eval_data, *, eval_metrics: dict, baseline: float,
-            final: Path, started: float) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Rank 0's end of the run: the summary, the exports, the plot; returns (summary, paths)."""
-    out = Path(cfg.output_dir)
-    records = read_metrics(logger.path)
-    last = max(1, min(20, len(records) // 10))
-    summary: dict[str, Any] = {"steps": cfg.train.steps, "most_common_token_frequency": baseline}
-    summary["first_loss"] = records[0]["loss"] if records else None
-    for key in ["loss", "lm_loss", "acc/lm"] + [f"acc/head{k}" for k in range(cfg.heads.num_heads)]:
-        summary[f"final_{key}"] = _mean_of_last(records, key, last)
-    if eval_data is not None:
-        summary.update(eval_metrics)
-        summary["eval/most_common_token_frequency"] = most_common_target_frequency(eval_data, 2)[1]
-
-    paths = _export(model, tokenizer, cfg, final)
-    from medusa_liger.train.plot import plot_metrics
-    paths["plot"] = plot_metrics(records, out / "plot.png", baseline=baseline, title=cfg.name)
-    paths["metrics"] = logger.path
-    paths["config"] = out / "config.yaml"
-    summary["seconds"] = time.perf_counter() - started
-    logger.summary(summary)
-    return summary, paths
-
-
-def format_summary(summary: dict[str, Any], paths: dict[str, Path], num_heads: int) -> str:
-    """The human-readable end-of-run report."""
-    def fmt(value):
-        return "n/a" if value is None else f"{value:.4f}"
-
-    lines = ["", "=== medusa-liger training summary ==="]
-    lines.append(f"steps: {summary['steps']}   time: {summary['seconds']:.1f}s")
-    lines.append(f"loss: first step {fmt(summary['first_loss'])} -> last steps {fmt(summary['final_loss'])}")
-    if summary.get("final_lm_loss") is not None:
-        lines.append(f"backbone: lm loss {fmt(summary['final_lm_loss'])}, top-1 acc {fmt(summary['final_acc/lm'])}")
-    accs = ", ".join(f"head{k} (t+{k + 2}) {fmt(summary[f'final_acc/head{k}'])}" for k in range(num_heads))
-    lines.append(f"train top-1 accuracy (mean of last steps): {accs}")
-    if "eval/acc/head0" in summary:
-        accs = ", ".join(f"head{k} {fmt(summary[f'eval/acc/head{k}'])}" for k in range(num_heads))
-        lines.append(f"held-out top-1 accuracy: {accs} "
-                     f"(most common token: {fmt(summary['eval/most_common_token_frequency'])})")
-    lines.append(f"baseline, head0 always predicting the most common token: "
-                 f"{fmt(summary['most_common_token_frequency'])}")
-    lines.extend(f"{name}: {path}" for name, path in paths.items())
-    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The end of a training run on rank 0: the summary numbers, the final exports and the plot.
+
+``finish_run`` reads the run's metrics back, averages the last steps, adds the held-out numbers,
+exports the heads in every format (and the backbone when it trained or was built here) in the
+serving dtype, plots the curves and logs the summary; ``format_summary`` is the report printed
+last.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from medusa_liger.heads.export import write_backbone
+from medusa_liger.train.build import export_dtype
+from medusa_liger.train.config import Config
+from medusa_liger.train.logging import read_metrics
+from medusa_liger.train.packing import most_common_target_frequency
+
+
+def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
+    """Heads in every export format, plus the backbone (LoRA merged) when it trained or was built here."""
+    dtype = export_dtype(cfg)  # not the heads' master dtype: auto is the backbone's (serving) dtype
+    built_here = cfg.model.name_or_path == "tiny"
+    save_backbone = cfg.export.backbone == "always" or (
+        cfg.export.backbone == "auto" and (built_here or cfg.train.mode == "joint"))
+    base_name = str((final / "backbone").resolve()) if save_backbone else cfg.model.name_or_path
+    paths = {}
+    for fmt in cfg.export.formats:
+        paths[f"heads_{fmt}"] = model.save_heads(final / f"heads_{fmt}", format=fmt, dtype=dtype,
+                                                 save_backbone=False, base_model_name_or_path=base_name)
+    if save_backbone:
+        paths["backbone"] = write_backbone(model.backbone, final / "backbone", dtype)
+        tokenizer.save_pretrained(str(final / "backbone"))
+    return paths
+
+
+def _mean_of_last(records: list[dict], key: str, count: int) -> float | None:
+    values = [r[key] for r in records[-count:] if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def finish_run(cfg: Config, model, tokenizer, logger, eval_data, *, eval_metrics: dict, baseline: float,
+            final: Path, started: float) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Rank 0's end of the run: the summary, the exports, the plot; returns (summary, paths)."""
+    out = Path(cfg.output_dir)
+    records = read_metrics(logger.path)
+    last = max(1, min(20, len(records) // 10))
+    summary: dict[str, Any] = {"steps": cfg.train.steps, "most_common_token_frequency": baseline}
+    summary["first_loss"] = records[0]["loss"] if records else None
+    for key in ["loss", "lm_loss", "acc/lm"] + [f"acc/head{k}" for k in range(cfg.heads.num_heads)]:
+        summary[f"final_{key}"] = _mean_of_last(records, key, last)
+    if eval_data is not None:
+        summary.update(eval_metrics)
+        summary["eval/most_common_token_frequency"] = most_common_target_frequency(eval_data, 2)[1]
+
+    paths = export_final(model, tokenizer, cfg, final)
+    from medusa_liger.train.plot import plot_metrics
+    paths["plot"] = plot_metrics(records, out / "plot.png", baseline=baseline, title=cfg.name)
+    paths["metrics"] = logger.path
+    paths["config"] = out / "config.yaml"
+    summary["seconds"] = time.perf_counter() - started
+    logger.summary(summary)
+    return summary, paths
+
+
+def format_summary(summary: dict[str, Any], paths: dict[str, Path], num_heads: int) -> str:
+    """The human-readable end-of-run report."""
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = ["", "=== medusa-liger training summary ==="]
+    lines.append(f"steps: {summary['steps']}   time: {summary['seconds']:.1f}s")
+    lines.append(f"loss: first step {fmt(summary['first_loss'])} -> last steps {fmt(summary['final_loss'])}")
+    if summary.get("final_lm_loss") is not None:
+        lines.append(f"backbone: lm loss {fmt(summary['final_lm_loss'])}, top-1 acc {fmt(summary['final_acc/lm'])}")
+    accs = ", ".join(f"head{k} (t+{k + 2}) {fmt(summary[f'final_acc/head{k}'])}" for k in range(num_heads))
+    lines.append(f"train top-1 accuracy (mean of last steps): {accs}")
+    if "eval/acc/head0" in summary:
+        accs = ", ".join(f"head{k} {fmt(summary[f'eval/acc/head{k}'])}" for k in range(num_heads))
+        lines.append(f"held-out top-1 accuracy: {accs} "
+                     f"(most common token: {fmt(summary['eval/most_common_token_frequency'])})")
+    lines.append(f"baseline, head0 always predicting the most common token: "
+                 f"{fmt(summary['most_common_token_frequency'])}")
+    lines.extend(f"{name}: {path}" for name, path in paths.items())
+    return "\n".join(lines)
