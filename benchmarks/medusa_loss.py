@@ -1,14 +1,16 @@
 """Medusa loss benchmark: K heads (ResBlock, then a vocab projection) forward+backward, bf16.
 
 Settings: (a) one trainable [V, H] projection per head; (b) one shared frozen projection (Medusa
-heads that reuse the backbone's lm_head). Head k predicts the token k+2 ahead, weight 0.8**k. In the
+heads that reuse the backbone's lm_head); (c) as (a) with half the targets ignored (alternating
+512-token prompt and answer spans, as in chat data). Head k predicts the token k+2 ahead, weight 0.8**k. In the
 same run, for N = 4096 and 16384 tokens:
 
 * naive: per head, logits = y_k @ W_k^T in bf16, then F.cross_entropy on logits.float() (Medusa's
   own trainer does this);
 * liger: liger-kernel 0.8.5 LigerFusedLinearCrossEntropyLoss, once per head;
 * cce: cut-cross-entropy 25.1.1 linear_cross_entropy, once per head;
-* ours: one multi_head_linear_cross_entropy call for all heads (fp32 and bf16 weight-grad accumulation).
+* ours: one multi_head_linear_cross_entropy call for all heads (fp32 and bf16 weight-grad accumulation;
+  and with skip_ignored, which runs the GEMMs on valid rows only).
 
 Reported: median ms of one training step's loss part (ResBlocks + projection + CE, forward and
 backward), peak memory beyond the parameters and inputs (GiB; includes the weight gradients, the
@@ -63,7 +65,8 @@ class ResBlock(nn.Module):
 class Problem:
     """Parameters and inputs of one setting; ``params`` are what the step trains."""
 
-    def __init__(self, K: int, B: int, T: int, H: int, V: int, dtype: torch.dtype, shared_frozen: bool) -> None:
+    def __init__(self, K: int, B: int, T: int, H: int, V: int, dtype: torch.dtype, shared_frozen: bool,
+                 masked_prompts: bool = False) -> None:
         self.K, self.N, self.H, self.V = K, B * T, H, V
         self.shifts = [k + 2 for k in range(K)]
         self.head_weights = [0.8**k for k in range(K)]
@@ -76,6 +79,9 @@ class Problem:
         self.x = torch.randn(B, T, H, device=DEVICE, dtype=dtype)  # the frozen backbone's last hidden state
         self.labels = torch.randint(0, V, (B, T), device=DEVICE)
         self.labels[:, -7:] = -100
+        if masked_prompts:  # chat data: alternating prompt (ignored) and answer spans of 512 tokens
+            span = min(512, T // 2)
+            self.labels.view(B, -1, 2 * span)[:, :, :span] = -100
         self.targets = [shifted_targets(self.labels, s).reshape(-1) for s in self.shifts]
         self.params = list(self.blocks.parameters()) + [w for w in self.weights[:1 if shared_frozen else K]
                                                           if w.requires_grad]
@@ -126,11 +132,11 @@ def make_cce() -> Callable[[Problem], torch.Tensor] | None:
     return cce
 
 
-def make_ours(accum_dtype: torch.dtype) -> Callable[[Problem], torch.Tensor]:
+def make_ours(accum_dtype: torch.dtype, skip_ignored: bool = False) -> Callable[[Problem], torch.Tensor]:
     def ours(p: Problem) -> torch.Tensor:
         hidden = [block(p.x) for block in p.blocks]
         return multi_head_linear_cross_entropy(hidden, p.weights, p.labels, p.shifts, p.head_weights,
-                                               accum_dtype=accum_dtype).loss
+                                               accum_dtype=accum_dtype, skip_ignored=skip_ignored).loss
 
     return ours
 
@@ -226,13 +232,17 @@ def main() -> None:
         "cce per head": make_cce(),
         "ours fp32 acc": make_ours(torch.float32),
         "ours bf16 acc": make_ours(torch.bfloat16),
+        "ours bf16 acc, skip_ignored": make_ours(torch.bfloat16, skip_ignored=True),
         "ours' GEMMs alone, fp32 acc": gemms_alone(torch.float32),
         "ours' GEMMs alone, bf16 acc": gemms_alone(torch.bfloat16),
     }
     rows, results = [], {}
-    for setting, shared_frozen in (("(a) per-head trainable", False), ("(b) shared frozen", True)):
-        for N in token_counts:
-            p = Problem(K, N // T, T, H, V, dtype, shared_frozen)
+    settings = (("(a) per-head trainable", False, False, token_counts),
+                ("(b) shared frozen", True, False, token_counts),
+                ("(c) as (a), half the targets ignored", False, True, token_counts[-1:]))
+    for setting, shared_frozen, masked, sizes in settings:
+        for N in sizes:
+            p = Problem(K, N // T, T, H, V, dtype, shared_frozen, masked_prompts=masked)
             floor_ms = p.flops / (rate * 1e12) * 1e3 if rate == rate else float("nan")
             grads_gib = sum(w.numel() * w.element_size() for w in p.weights[: (0 if shared_frozen else K)]) / 2**30
             row = [setting, N, f"{floor_ms:.1f}", f"{grads_gib:.2f}"]
@@ -267,6 +277,9 @@ def main() -> None:
         "forward to backward. \"ours' GEMMs alone\": the ResBlocks forward and backward plus ours' projection GEMMs "
         "(logits, hidden gradient, weight gradient per chunk, the op's chunk plan) back to back, with no row kernel, "
         "cast or scale: what cuBLAS sustains on our schedule (its memory column is not meaningful).",
+        "(c): the labels of (a) with alternating 512-token spans ignored (masked prompts of chat data), so half "
+        "the targets are ignored; skip_ignored runs the GEMMs on each head's valid rows only (one host sync per "
+        "call). The matmul floor and GEMMs-alone columns still count every row.",
     ]
     notes += target_notes(results, token_counts)
     common.write_table("medusa_loss_h100" if not args.quick else "medusa_loss_quick",

@@ -134,6 +134,43 @@ def test_random_problems_match_reference(backend, seed):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("seed", range(16, 28))
+def test_skip_ignored_rows_matches_reference(backend, seed):
+    """skip_ignored gathers each head's valid rows (random masks, segments, shared and stacked
+    hidden and weights, several chunks): same loss, statistics and gradients as the reference."""
+    problem = _problem(seed)
+    ref, ref_grads = _run(reference, *problem, compute_dtype=torch.float64)
+    with force_backend(backend):
+        out, grads = _run(multi_head_linear_cross_entropy, *problem, skip_ignored=True,
+                          chunk_size=random.Random(seed).choice([None, 3, 5]))
+    _compare(out, grads, ref, ref_grads, TOL[backend])
+
+
+def test_skip_ignored_computes_only_valid_rows_and_handles_heads_without_any(monkeypatch):
+    """The GEMMs see only rows with a valid target; a head whose targets are all ignored still
+    gives zero gradients (its weight-gradient buffer is zeroed, never left unwritten)."""
+    rows = []
+    original = flce.ce_rows
+    monkeypatch.setattr(flce, "ce_rows", lambda logits, *a, **k: (rows.append(logits.shape[0]),
+                                                                   original(logits, *a, **k))[1])
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 2, 10, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 37, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 10), generator=g)
+    labels[:, :6] = -100  # a masked prompt: positions 0..5 of both rows
+    shifts = [1, 2, 10]  # shift 10 = T: every target of head 2 is past the end
+    problem = (h, w, labels, shifts, [1.0, 0.8, 0.64], dict(bias=None))
+    ref, ref_grads = _run(reference, *problem, compute_dtype=torch.float64)
+    with force_backend("torch"):
+        out, grads = _run(multi_head_linear_cross_entropy, *problem, skip_ignored=True, chunk_size=3)
+    _compare(out, grads, ref, ref_grads, TOL["torch"])
+    # Targets 6..9 of each row are valid: head 0 (shift 1) keeps positions 5..8, head 1 (shift 2)
+    # positions 4..7, 8 rows each; head 2 none. Chunks of at most 3 rows.
+    assert rows == [3, 3, 2, 3, 3, 2]
+    assert torch.equal(grads[1][2], torch.zeros_like(grads[1][2]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("pattern", ["leading_block", "scattered", "all_but_target"])
 def test_neg_inf_bias_masks_the_vocabulary(backend, pattern):
     """A -inf bias entry (a masked or padded vocabulary) gives those tokens probability 0 and
@@ -517,3 +554,22 @@ def test_gpu_aligned_shapes_weight_gradient_accumulation(accum_dtype):
         out, grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=32, accum_dtype=accum_dtype)
         _compare(out, grads, ref, ref_grads, 2e-2, acc_slack=10)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("accum_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_skip_ignored_matches_all_rows_and_refuses_graph_capture(accum_dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(3, 2, 256, 64, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(3, 1000, 64, device="cuda", generator=g) * 0.3).bfloat16().requires_grad_()
+    labels = torch.randint(0, 1000, (2, 256), device="cuda", generator=g)
+    labels.view(2, 4, 64)[:, :, :32] = -100  # masked prompt spans: about half the targets ignored
+    problem = (h, w, labels, [1, 2, 3], [1.0, 0.8, 0.64], dict(bias=None, z_loss=1e-3))
+    ref, ref_grads = _run(reference, *problem)
+    out, grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=128, accum_dtype=accum_dtype,
+                      skip_ignored=True)
+    _compare(out, grads, ref, ref_grads, 2e-2, acc_slack=10)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="skip_ignored"):
+        with torch.cuda.graph(graph):
+            multi_head_linear_cross_entropy(h.detach(), w.detach(), labels, [1, 2, 3], skip_ignored=True)

@@ -77,7 +77,8 @@ def batch(B=2, T=13, seed=1):
     "kwargs, field",
     [({"num_heads": 0}, "num_heads"), ({"num_layers": 0}, "num_layers"), ({"mode": "both"}, "mode"),
      ({"decay": 0.0}, "decay"), ({"decay": 1.5}, "decay"), ({"lm_loss_weight": -1}, "lm_loss_weight"),
-     ({"heads_loss_weight": float("nan")}, "heads_loss_weight"), ({"num_heads": 2.0}, "num_heads")],
+     ({"heads_loss_weight": float("nan")}, "heads_loss_weight"), ({"num_heads": 2.0}, "num_heads"),
+     ({"skip_ignored_targets": 1}, "skip_ignored_targets")],
 )
 def test_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -123,10 +124,12 @@ def test_zero_init_heads_predict_like_the_backbone(shared):
 
 
 # ------------------------------------------------------------------------------------ loss
+@pytest.mark.parametrize("skip", [True, False])
 @pytest.mark.parametrize("mode", ["heads", "joint"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_loss_and_gradients_match_naive_medusa_loss(mode, shared):
-    cfg = MedusaConfig(num_heads=3, num_layers=2, shared_lm_head=shared, mode=mode, decay=0.7, lm_loss_weight=0.9)
+def test_loss_and_gradients_match_naive_medusa_loss(mode, shared, skip):
+    cfg = MedusaConfig(num_heads=3, num_layers=2, shared_lm_head=shared, mode=mode, decay=0.7, lm_loss_weight=0.9,
+                       skip_ignored_targets=skip)
     model = MedusaModel.from_backbone(tiny_llama(), cfg)
     randomize_heads(model)
     model.train()

@@ -41,6 +41,8 @@ class MedusaConfig:
     lm_loss_weight:    weight of the backbone's next-token loss in ``joint`` mode (>= 0).
     heads_loss_weight: lambda, multiplying every head weight; None -> 1.0 ("heads"), 0.2 ("joint").
     ignore_index:      label value that contributes no loss.
+    skip_ignored_targets: the fused loss runs its GEMMs only on rows with a valid target (masked
+                       prompt tokens cost nothing); one host sync per loss, so False under CUDA graphs.
     """
 
     num_heads: int = 5
@@ -51,6 +53,7 @@ class MedusaConfig:
     lm_loss_weight: float = 1.0
     heads_loss_weight: float | None = None
     ignore_index: int = -100
+    skip_ignored_targets: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,8 +68,9 @@ class MedusaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.shared_lm_head, bool):
-            raise ValueError(f"shared_lm_head must be True or False, got {self.shared_lm_head!r}")
+        for name in ("shared_lm_head", "skip_ignored_targets"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not (0.0 < float(self.decay) <= 1.0):

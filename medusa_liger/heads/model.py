@@ -295,6 +295,7 @@ class MedusaModel(nn.Module):
         out = multi_head_linear_cross_entropy(
             hiddens, weights, labels, shifts, head_weights,
             bias=bias, ignore_index=cfg.ignore_index, segment_ids=segment_ids,
+            skip_ignored=cfg.skip_ignored_targets,
         )
         first = 1 if joint else 0
         return MedusaOutput(

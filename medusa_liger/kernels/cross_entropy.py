@@ -89,18 +89,21 @@ if triton is not None:
     @triton.jit
     def _ce_row(
         pid, logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
-        lse_ptr, loss_ptr, correct_ptr,
+        lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        BLOCK: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """Row ``pid`` (int64) of the logits; global row n = row_start + pid of labels."""
+        """Row ``pid`` (int64) of the logits; global row n = row_ids[pid] if given, else row_start + pid."""
         row_ptr = logits_ptr + pid * logits_row_stride
         # Target of global row n (position t of its sequence): labels[n + shift] when t + shift
         # stays inside the sequence (and, packed, inside the same segment). Masked loads keep an
         # invalid row from ever touching memory outside labels or the logits row.
-        n = row_start + pid
+        if HAS_ROW_IDS:
+            n = tl.load(row_ids_ptr + pid).to(tl.int64)
+        else:
+            n = row_start + pid
         inside = (n % seq_len) + shift < seq_len
         target = tl.load(labels_ptr + n + shift, mask=inside, other=ignore_index).to(tl.int64)
         valid = inside & (target != ignore_index) & (target >= 0) & (target < n_cols)
@@ -175,40 +178,41 @@ if triton is not None:
     @triton.jit
     def ce_row_kernel(
         logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
-        lse_ptr, loss_ptr, correct_ptr,
+        lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
         n_rows, row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        BLOCK: tl.constexpr, PERSISTENT: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PERSISTENT: tl.constexpr,
     ):
         """One program per row, or (PERSISTENT) a grid of few programs striding over the rows, so
         fewer rows are in flight and pass 2's re-read of a row can still find it in L2."""
         if PERSISTENT:
             for pid in range(tl.program_id(0), n_rows, tl.num_programs(0)):
                 _ce_row(tl.cast(pid, tl.int64), logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr,
-                        scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr,
+                        scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
                         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
                         HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
-                        WRITE_GRAD, BLOCK)
+                        WRITE_GRAD, HAS_ROW_IDS, BLOCK)
         else:
             _ce_row(tl.program_id(0).to(tl.int64), logits_ptr, logits_row_stride, labels_ptr, segment_ptr,
-                    bias_ptr, scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr,
+                    bias_ptr, scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
                     row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
                     HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
-                    WRITE_GRAD, BLOCK)
+                    WRITE_GRAD, HAS_ROW_IDS, BLOCK)
 
 
 def row_targets(
     labels: torch.Tensor, segment_ids: torch.Tensor | None, seq_len: int, shift: int,
-    row_start: int, rows: int, ignore_index: int, vocab_size: int,
+    row_start: int, rows: int, ignore_index: int, vocab_size: int, row_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets of global rows [row_start, row_start + rows) of flat [B*T] labels, on the device.
+    """Targets of global rows [row_start, row_start + rows) of flat [B*T] labels (or of the global
+    rows ``row_ids`` [rows] when given), on the device.
 
     Row n (position t = n % seq_len) targets labels[n + shift] if t + shift < seq_len, the segment
     matches and the label is in [0, vocab_size); returns (target with 0 where invalid, valid mask).
     The same rule as the kernel's; it also counts each head's valid targets up front.
     """
-    n = torch.arange(row_start, row_start + rows, device=labels.device)
+    n = row_ids if row_ids is not None else torch.arange(row_start, row_start + rows, device=labels.device)
     inside = (n % seq_len) + shift < seq_len
     idx = torch.where(inside, n + shift, n)
     target = labels[idx].long()
@@ -219,10 +223,10 @@ def row_targets(
 
 
 def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias, scale, lse, loss,
-                correct, ignore_index, label_smoothing, z_loss, softcap, compute_lse, write_grad):
+                correct, ignore_index, label_smoothing, z_loss, softcap, compute_lse, write_grad, row_ids):
     """The kernel's math in PyTorch (same arguments as ``ce_rows``), on a bounded number of rows."""
     rows, V = logits.shape
-    target, valid = row_targets(labels, segment_ids, seq_len, shift, row_start, rows, ignore_index, V)
+    target, valid = row_targets(labels, segment_ids, seq_len, shift, row_start, rows, ignore_index, V, row_ids)
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     y = logits.to(work)
     if bias is not None:
@@ -257,6 +261,7 @@ def ce_rows(
     scale: torch.Tensor | None = None, lse: torch.Tensor, loss: torch.Tensor | None = None,
     correct: torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
     z_loss: float = 0.0, softcap: float | None = None, compute_lse: bool = True, write_grad: bool = False,
+    row_ids: torch.Tensor | None = None,
 ) -> None:
     """Run the row computation on ``logits`` [rows, V] (last dim contiguous), in place.
 
@@ -264,6 +269,8 @@ def ce_rows(
     seq_len: T (rows never look past the end of their sequence); default labels.numel().
     scale:   fp32 factor for the gradient, 1 element (all rows) or [rows]; needed if write_grad.
     lse:     [rows] float, written if compute_lse else read. loss/correct: [rows] outputs.
+    row_ids: optional int64 [rows]: the global row of each logits row (gathered rows), instead of
+             row_start + i.
     """
     rows, V = logits.shape
     seq_len = labels.numel() if seq_len is None else seq_len
@@ -284,6 +291,7 @@ def ce_rows(
                 correct=None if correct is None else correct[r0:r1], ignore_index=ignore_index,
                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                 compute_lse=compute_lse, write_grad=write_grad,
+                row_ids=None if row_ids is None else row_ids[r0:r1],
             )
         return
     block, num_warps = launch_config(V, logits.device)
@@ -296,12 +304,13 @@ def ce_rows(
         dummy if segment_ids is None else segment_ids, dummy if bias is None else bias,
         dummy if scale is None else scale, 0 if scale is None or scale.numel() == 1 else 1,
         lse, dummy if loss is None else loss, dummy if correct is None else correct,
+        dummy if row_ids is None else row_ids,
         rows, row_start, seq_len, shift, V, ignore_index, float(label_smoothing), float(z_loss),
         1.0 if softcap is None else float(softcap),
         HAS_BIAS=bias is not None, HAS_SEGMENTS=segment_ids is not None, HAS_SOFTCAP=softcap is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         COMPUTE_LSE=compute_lse, STORE_CORRECT=correct is not None, WRITE_GRAD=write_grad,
-        BLOCK=block, PERSISTENT=programs < rows, num_warps=num_warps,
+        HAS_ROW_IDS=row_ids is not None, BLOCK=block, PERSISTENT=programs < rows, num_warps=num_warps,
     )
 
 

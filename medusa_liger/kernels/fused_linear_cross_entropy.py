@@ -95,6 +95,7 @@ class _Plan:
     accum_dtype: torch.dtype | None  # None: each gradient's own dtype
     compute_dtype: torch.dtype
     chunk_size: int | None
+    skip_ignored: bool
 
 
 class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
@@ -126,22 +127,32 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                     z_loss=plan.z_loss, softcap=plan.softcap)
 
         # Valid-target counts and per-head gradient factors, on the device (no sync).
-        counts = torch.stack([
-            row_targets(labels_flat, seg_flat, T, s, 0, N, plan.ignore_index, V)[1].sum() for s in plan.shifts
-        ])
+        valid = torch.stack([row_targets(labels_flat, seg_flat, T, s, 0, N, plan.ignore_index, V)[1]
+                             for s in plan.shifts])
+        counts = valid.sum(1)
         hw = head_weights.to(sdt)
         denom = counts.clamp(min=1).to(sdt)
         scale = (hw / denom if plan.reduction == "mean" else hw).contiguous()
 
-        row_loss = torch.empty(K, N, dtype=sdt, device=dev)
-        correct = torch.empty(K, N, dtype=torch.int32, device=dev)
+        # Rows each head computes: all N, or (skip_ignored) its valid rows, gathered. Their number
+        # is the op's one host sync; a stable sort puts each head's valid rows first, in order.
+        if plan.skip_ignored:
+            kept = counts.tolist()
+            rows_of = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        else:
+            kept, rows_of = [N] * K, None
+        # Per-row results (only summed): indexed by computed row, zero past a head's kept rows.
+        row_loss = (torch.zeros if plan.skip_ignored else torch.empty)(K, N, dtype=sdt, device=dev)
+        correct = (torch.zeros if plan.skip_ignored else torch.empty)(K, N, dtype=torch.int32, device=dev)
 
         # Gradient buffers. Hidden: written directly in the compute dtype when each region is read
         # by one head, else accumulated in acc_dtype. Weight: final gradients in the parameter dtype.
         hid_uses = {key: plan.hidden_heads.count(key) for key in plan.hidden_heads}
         hid_grad_dtype = [acc_dtype(hid_srcs[j]) if any(hid_uses[(i, s)] > 1 for (i, s) in hid_uses if i == j)
                           else cdt for j in range(plan.n_hidden)]
-        hid_grads = [torch.empty(t.shape, dtype=hid_grad_dtype[j], device=dev) if hid_need[j] else None
+        # Skipped rows get no GEMM, so their hidden gradient must start at zero.
+        new_hid = torch.zeros if plan.skip_ignored else torch.empty
+        hid_grads = [new_hid(t.shape, dtype=hid_grad_dtype[j], device=dev) if hid_need[j] else None
                      for j, t in enumerate(hid_srcs)]
         w_grads = [torch.empty_like(t) if w_need[j] else None for j, t in enumerate(w_srcs)]
         b_grads = [torch.zeros(t.shape, dtype=sdt, device=dev) if b_need[j] else None for j, t in enumerate(b_srcs)]
@@ -153,14 +164,16 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             reserved = max([V * H * torch.empty((), dtype=acc_dtype(t)).element_size()
                             for j, t in enumerate(w_srcs) if w_need[j] and acc_dtype(t) != t.dtype], default=0)
-            chunk = plan_chunk_rows(N, V, cdt, any(w_need), dev, reserved)
+            chunk = plan_chunk_rows(max(max(kept), 1), V, cdt, any(w_need), dev, reserved)
         logits_buf = torch.empty(chunk, V, dtype=cdt, device=dev)
         lse_buf = torch.empty(chunk, dtype=sdt, device=dev)
+        # Gathered rows: their hidden-gradient GEMM lands here, then is scattered to its rows.
+        dh_bufs: dict[torch.dtype, torch.Tensor] = {}
 
         # Heads grouped by projection region, so one weight accumulator is alive at a time.
         order = sorted(range(K), key=lambda k: plan.weight_heads.index(plan.weight_heads[k]))
         hid_written: set = set()
-        w_acc = None
+        w_acc, w_written = None, False
         with torch.autocast(device_type=dev.type, enabled=False):
             for pos, k in enumerate(order):
                 wi, wsub = plan.weight_heads[k]
@@ -175,8 +188,10 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                         # (the first chunk's GEMM writes it: no zero fill).
                         w_out = region(w_grads[wi], wsub)
                         w_adt = acc_dtype(w_srcs[wi])
-                        acc_is_grad = (last_of_group and N <= chunk) or w_out.dtype == w_adt
+                        single = last_of_group and kept[k] <= chunk
+                        acc_is_grad = single or w_out.dtype == w_adt
                         w_acc = w_out if acc_is_grad else torch.empty(w_out.shape, dtype=w_adt, device=dev)
+                        w_written = False
                 h_k = region(hid_srcs[hi], hsub).reshape(N, H)
                 gh_k = None if hid_grads[hi] is None else region(hid_grads[hi], hsub).reshape(N, H)
                 h_accumulate = (hi, hsub) in hid_written
@@ -185,22 +200,33 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                 if plan.bias_heads is not None:
                     bi, bsub = plan.bias_heads[k]
                     b_k = region(b_srcs[bi], bsub)
-                for r0 in range(0, N, chunk):
-                    r1 = min(N, r0 + chunk)
-                    h_c = h_k[r0:r1].to(cdt)
+                for r0 in range(0, kept[k], chunk):
+                    r1 = min(kept[k], r0 + chunk)
+                    # This chunk's global rows: r0..r1, or the gathered valid rows of head k.
+                    ids = None if rows_of is None else rows_of[k, r0:r1]
+                    h_c = (h_k[r0:r1] if ids is None else h_k.index_select(0, ids)).to(cdt)
                     z = logits_buf[: r1 - r0]
                     torch.mm(h_c, w_k.t(), out=z)
                     ce_rows(z, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
                             bias=b_k, scale=scale[k : k + 1], lse=lse_buf[: r1 - r0], loss=row_loss[k, r0:r1],
-                            correct=correct[k, r0:r1], compute_lse=True, write_grad=any_grad, **opts)
+                            correct=correct[k, r0:r1], compute_lse=True, write_grad=any_grad, row_ids=ids, **opts)
                     # z now holds scale_k * dloss/dz for the chunk.
-                    if gh_k is not None:
+                    if gh_k is not None and ids is None:
                         _mm_into(gh_k[r0:r1], z, w_k, accumulate=h_accumulate)
+                    elif gh_k is not None:
+                        if gh_k.dtype not in dh_bufs:
+                            dh_bufs[gh_k.dtype] = torch.empty(chunk, H, dtype=gh_k.dtype, device=dev)
+                        dh_c = dh_bufs[gh_k.dtype][: r1 - r0]
+                        _mm_into(dh_c, z, w_k, accumulate=False)
+                        (gh_k.index_add_ if h_accumulate else gh_k.index_copy_)(0, ids, dh_c)
                     if w_need[wi]:
-                        _mm_into(w_acc, z.t(), h_c, accumulate=not (first_of_group and r0 == 0))
+                        _mm_into(w_acc, z.t(), h_c, accumulate=w_written)
+                        w_written = True
                     if b_k is not None and b_need[bi]:
                         region(b_grads[bi], bsub).add_(z.sum(0, dtype=sdt))
                 if last_of_group:
+                    if w_need[wi] and not w_written:
+                        w_acc.zero_()  # every head of the group skipped all its rows
                     if w_need[wi] and not acc_is_grad:
                         region(w_grads[wi], wsub).copy_(w_acc)  # the one cast to the parameter dtype
                     w_acc = w_k = None  # free the accumulator before the next group's
@@ -253,6 +279,7 @@ def multi_head_linear_cross_entropy(
     reduction: str = "mean",
     accum_dtype: torch.dtype | None = torch.float32,
     chunk_size: int | None = None,
+    skip_ignored: bool = False,
 ) -> MultiHeadLossOutput:
     """Every Medusa head's loss in one chunked op (see the module docstring for the math).
 
@@ -267,6 +294,9 @@ def multi_head_linear_cross_entropy(
              one rounding per chunk, as Liger's fused loss and HF's unfused backward do).
     chunk_size: rows per logit chunk (default: about 1 GiB of logits, 512 MiB when every projection
              is frozen, less when the device is short of memory; balanced, see the module docstring).
+    skip_ignored: run the GEMMs only on each head's rows with a valid target (gathered), so ignored
+             targets (prompt tokens of chat data, padding) cost nothing. Same results; costs one
+             host-device sync per call (the row counts), so it cannot be captured in a CUDA graph.
     Returns MultiHeadLossOutput(loss (differentiable), head_losses, head_accuracy, head_tokens).
     """
     if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:
@@ -288,6 +318,9 @@ def multi_head_linear_cross_entropy(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
+    if skip_ignored and labels.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError("skip_ignored=True reads the row counts on the host: it cannot run inside CUDA graph "
+                         "capture (use skip_ignored=False there)")
 
     hid_srcs, hid_heads = sources("hidden", hidden, K, 3)
     w_srcs, w_heads = sources("weight", weight, K, 2)
@@ -328,7 +361,7 @@ def multi_head_linear_cross_entropy(
         needs_grad=[False, False, grad_on and hw.requires_grad] + [grad_on and t.requires_grad for t in tensors],
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         softcap=None if softcap is None else float(softcap), reduction=reduction, accum_dtype=accum_dtype,
-        compute_dtype=compute_dtype, chunk_size=chunk_size,
+        compute_dtype=compute_dtype, chunk_size=chunk_size, skip_ignored=bool(skip_ignored),
     )
     loss, head_losses, head_accuracy, head_tokens = MultiHeadLinearCrossEntropyFunction.apply(
         plan, labels, segment_ids, hw, *tensors
@@ -352,12 +385,14 @@ class MultiHeadLinearCrossEntropy(nn.Module):
         reduction: str = "mean",
         accum_dtype: torch.dtype | None = torch.float32,
         chunk_size: int | None = None,
+        skip_ignored: bool = False,
     ) -> None:
         super().__init__()
         self.shifts = [int(s) for s in shifts]
         self.head_weights = None if head_weights is None else [float(w) for w in head_weights]
         self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                            softcap=softcap, reduction=reduction, accum_dtype=accum_dtype, chunk_size=chunk_size)
+                            softcap=softcap, reduction=reduction, accum_dtype=accum_dtype, chunk_size=chunk_size,
+                            skip_ignored=skip_ignored)
 
     def forward(self, hidden, weight, labels, *, bias=None, segment_ids=None) -> MultiHeadLossOutput:
         """hidden/weight/bias/labels/segment_ids as in ``multi_head_linear_cross_entropy``."""

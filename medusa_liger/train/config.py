@@ -50,6 +50,8 @@ class HeadsConfig:
     num_layers: int = 1
     shared_lm_head: bool = False
     decay: float = 0.8  # head k's loss weight is decay**k
+    # The fused loss skips rows whose target is ignored (masked prompts): one host sync per loss.
+    skip_ignored_targets: bool = True
 
 
 @dataclass
