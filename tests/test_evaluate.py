@@ -115,11 +115,12 @@ def test_load_prompts_formats(tmp_path, tokenizer):
         {"conversations": [{"from": "human", "value": "Explain for."}, {"from": "gpt", "value": "A loop."}]},
         {"text": "def f(x):\n    return x + 1"},
         {"prompt": "for i in"},
+        {"input_ids": [5, 6, 7]},
     ]
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     prompts = load_prompts(jsonl, tokenizer)
-    assert len(prompts) == 4
+    assert len(prompts) == 5 and prompts[4] == [5, 6, 7]
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is assert?"}], tokenize=False,
                                          add_generation_prompt=True)
     assert prompts[0] == tokenizer(chat, add_special_tokens=False)["input_ids"]
@@ -148,6 +149,10 @@ def test_load_prompts_errors(tmp_path, tokenizer):
         load_prompts(empty, tokenizer)
     with pytest.raises(ValueError, match="num_prompts"):
         load_prompts(bad, tokenizer, num_prompts=0)
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"input_ids": [1, -2]}\n')
+    with pytest.raises(ValueError, match="ids.jsonl:1: input_ids"):
+        load_prompts(ids, tokenizer)
     with pytest.raises(ValueError, match="no-such-dataset"):  # a hub name, offline in tests
         load_prompts("nobody-xyz/no-such-dataset", tokenizer)
 
@@ -172,6 +177,12 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     assert report["heads"].endswith("heads_medusa") and report["backbone"].endswith("backbone")
     assert (out_dir / "tree.json").is_file() and (out_dir / "head_accuracy.png").is_file()
     assert "measured: acceleration" in capsys.readouterr().out
+    # Without --prompts, a run directory's held-out prompts (eval_prompts.jsonl) are the default.
+    (tmp_path / "run" / "eval_prompts.jsonl").write_text('{"input_ids": [3, 4, 5]}\n{"input_ids": [6, 7]}\n')
+    code = main(["eval", str(tmp_path / "run"), "--max-new-tokens", "4", "--tree-size", "3", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["prompts"].endswith("eval_prompts.jsonl") and report["num_prompts"] == 2
     # Explicit paths, from Python.
     again = evaluate_run(backbone=final / "backbone", heads=final / "heads_medusa", prompts=prompts,
                          output_dir=tmp_path / "explicit", num_prompts=1, max_new_tokens=6, tree_size=4, top_k=2)

@@ -79,6 +79,10 @@ def test_tiny_run_end_to_end(tmp_path):
     summary = result.summary
     assert summary["final_loss"] is not None and 0 < summary["most_common_token_frequency"] < 1
     assert "eval/acc/head0" in summary
+    # The held-out documents' prompts, for `medusa-liger eval RUN_DIR`.
+    held_out = [json.loads(line)["input_ids"] for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
+    assert held_out and all(len(ids) >= 2 for ids in held_out)
+    assert result.paths["eval_prompts"] == out / "eval_prompts.jsonl"
 
     # Both exports load back onto the exported backbone and predict what the trained heads predict.
     from transformers import AutoModelForCausalLM
@@ -505,3 +509,17 @@ def test_step_metrics_accumulated_on_device_equal_the_forward_exactly(tmp_path):
     for k in range(model.config.num_heads):
         assert metrics[f"loss/head{k}"] == pytest.approx(float(out.head_losses[k]), rel=1e-6)
         assert metrics[f"acc/head{k}"] == pytest.approx(float(out.head_accuracy[k]), rel=1e-6)
+
+
+def test_eval_prompts_are_the_tokens_before_each_held_out_documents_first_target(tmp_path):
+    from medusa_liger.train.finish import write_eval_prompts
+    from medusa_liger.train.packing import PackedData
+
+    ids = torch.tensor([[10, 11, 12, 13, 20, 21, 22, 0], [30, 31, 32, 33, 34, 35, 36, 37]])
+    labels = torch.tensor([[-100, -100, 12, 13, -100, -100, -100, -100],   # doc 1: prompt 10 11; doc 2: no target
+                           [30, 31, -100, -100, -100, 35, 36, 37]])      # doc 3 starts with a target; doc 4
+    segments = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 2, 2, 2, 2, 2, 2]])
+    path = write_eval_prompts(PackedData(ids, labels, segments), tmp_path / "eval_prompts.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    # Doc 2 has no target: its whole text is the prompt; doc 3 has none before its first target.
+    assert records == [{"input_ids": [10, 11]}, {"input_ids": [20, 21, 22]}, {"input_ids": [32, 33, 34]}]

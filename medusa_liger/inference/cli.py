@@ -24,6 +24,7 @@ from medusa_liger.inference.evaluate import (
 )
 from medusa_liger.heads.export import DTYPES, parse_dtype  # one table of dtype names for every CLI
 from medusa_liger.inference.tree import DEFAULT_TOP_K, DEFAULT_TREE_SIZE
+from medusa_liger.train.finish import EVAL_PROMPTS_FILE  # the run's held-out prompts
 
 
 def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
@@ -103,14 +104,19 @@ def evaluate_run(
     """Evaluate the heads of a training run (or explicit paths) and return the report dict.
 
     output_dir defaults to ``{run_dir}/eval`` (``eval`` without a run directory); prompts (a file or
-    a hub dataset name, with ``prompts_split``) to the shipped ``medusa_liger/data/pydoc_chat.jsonl``.
+    a hub dataset name, with ``prompts_split``) to the run's held-out documents
+    (``{run_dir}/eval_prompts.jsonl``, written when ``data.eval_fraction`` > 0), else to the shipped
+    ``medusa_liger/data/pydoc_chat.jsonl`` (training data of the tiny default: an optimistic number).
     """
     backbone_path, heads_dir = resolve_paths(run_dir, backbone, heads)
     if output_dir is None:
         output_dir = Path(run_dir) / "eval" if run_dir is not None else Path("eval")
     model, tokenizer = load_medusa(backbone_path, heads_dir, device=device, dtype=dtype,
                                    attn_implementation=attn_implementation)
-    prompts_source = str(prompts) if prompts is not None else str(default_prompts_file())
+    if prompts is None:
+        held_out = None if run_dir is None else Path(run_dir) / EVAL_PROMPTS_FILE
+        prompts = held_out if held_out is not None and held_out.is_file() else default_prompts_file()
+    prompts_source = str(prompts)
     prompt_ids = load_prompts(prompts_source, tokenizer, num_prompts, split=prompts_split)
     # Keep prompts that leave room for the continuation inside the model's context.
     limit = getattr(model.backbone.config, "max_position_embeddings", None)
@@ -133,9 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=None, help="backbone checkpoint (HF directory or hub name)")
     parser.add_argument("--heads", default=None, help="heads directory written by save_heads (either format)")
     parser.add_argument("--prompts", default=None,
-                        help="held-out prompts: JSONL/JSON (prompt, messages, conversations or text), a text "
-                             "file with one prompt a line, or a hub dataset name (default: the shipped "
-                             "pydoc_chat.jsonl)")
+                        help="held-out prompts: JSONL/JSON (prompt, input_ids, messages, conversations or text), "
+                             "a text file with one prompt a line, or a hub dataset name (default: RUN_DIR/"
+                             f"{EVAL_PROMPTS_FILE}, the run's held-out documents, else the shipped pydoc_chat.jsonl)")
     parser.add_argument("--prompts-split", default="train",
                         help="split of a hub dataset given as --prompts (use one the heads did not train on)")
     parser.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="prompts to use (first N)")

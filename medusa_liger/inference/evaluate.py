@@ -72,6 +72,11 @@ def _record_prompt(tokenizer, where: str, record: Any) -> list[int]:
 
     if isinstance(record, dict) and isinstance(record.get("prompt"), str):
         return tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+    if isinstance(record, dict) and "input_ids" in record:  # already tokenized (a run's eval_prompts.jsonl)
+        ids = record["input_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"{where}: input_ids must be a list of token ids (integers >= 0)")
+        return ids
     example = normalize(where, record, "auto", "all")
     if example.text is not None:
         return tokenizer(example.text, add_special_tokens=True)["input_ids"][:TEXT_PROMPT_TOKENS]
@@ -82,7 +87,8 @@ def load_prompts(source: str | Path, tokenizer, num_prompts: int | None = None, 
     """Token ids of up to ``num_prompts`` prompts (the first ones) from a file or a hub dataset.
 
     ``.jsonl``/``.json`` files and hub datasets (``split``; needs ``datasets``): records
-    ``{"prompt": str}`` (tokenized as is), OpenAI ``messages`` or ShareGPT ``conversations``
+    ``{"prompt": str}`` (tokenized as is), ``{"input_ids": [int, ...]}`` (token ids, used as they are:
+    a training run's held-out ``eval_prompts.jsonl``), OpenAI ``messages`` or ShareGPT ``conversations``
     (rendered with the chat template up to the first assistant turn) or ``{"text": str}`` (its
     first TEXT_PROMPT_TOKENS tokens). Any other local file: one prompt per non-empty line.
     """

@@ -8,15 +8,19 @@ last.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
+
 
 from medusa_liger.heads.export import write_backbone
 from medusa_liger.train.build import export_dtype
 from medusa_liger.train.config import Config
 from medusa_liger.train.logging import read_metrics
-from medusa_liger.train.packing import most_common_target_frequency
+from medusa_liger.train.packing import PackedData, most_common_target_frequency
+
+EVAL_PROMPTS_FILE = "eval_prompts.jsonl"  # in the run directory; ``medusa-liger eval RUN_DIR`` reads it
 
 
 def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
@@ -41,6 +45,28 @@ def _mean_of_last(records: list[dict], key: str, count: int) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def write_eval_prompts(data: PackedData, path: Path) -> Path:
+    """The prompts of the held-out documents, as token ids, one JSON record per line.
+
+    Each segment of a held-out row is a document the heads never trained on. Its prompt is every
+    token before its first target (the context a served model would get before it answers). Segments
+    that start with a target, such as later pieces of a split document, have no prompt and are
+    left out.
+    """
+    lines = []
+    for ids, labels, segments in zip(data.input_ids, data.labels, data.segment_ids):
+        for segment in segments.unique().tolist():
+            if segment == 0:  # padding
+                continue
+            where = (segments == segment).nonzero().squeeze(1)
+            targets = (labels[where] != -100).nonzero()
+            start = int(targets[0]) if len(targets) else len(where)
+            if start >= 2:
+                lines.append(json.dumps({"input_ids": ids[where[:start]].tolist()}))
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
 def finish_run(cfg: Config, model, tokenizer, logger, eval_data, *, eval_metrics: dict, baseline: float,
             final: Path, started: float) -> tuple[dict[str, Any], dict[str, Path]]:
     """Rank 0's end of the run: the summary, the exports, the plot; returns (summary, paths)."""
@@ -51,11 +77,13 @@ def finish_run(cfg: Config, model, tokenizer, logger, eval_data, *, eval_metrics
     summary["first_loss"] = records[0]["loss"] if records else None
     for key in ["loss", "lm_loss", "acc/lm"] + [f"acc/head{k}" for k in range(cfg.heads.num_heads)]:
         summary[f"final_{key}"] = _mean_of_last(records, key, last)
+    paths = {}
     if eval_data is not None:
         summary.update(eval_metrics)
         summary["eval/most_common_token_frequency"] = most_common_target_frequency(eval_data, 2)[1]
+        paths["eval_prompts"] = write_eval_prompts(eval_data, out / EVAL_PROMPTS_FILE)
 
-    paths = export_final(model, tokenizer, cfg, final)
+    paths.update(export_final(model, tokenizer, cfg, final))
     from medusa_liger.train.plot import plot_metrics
     paths["plot"] = plot_metrics(records, out / "plot.png", baseline=baseline, title=cfg.name)
     paths["metrics"] = logger.path
