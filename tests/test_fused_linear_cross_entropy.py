@@ -539,15 +539,20 @@ def test_gpu_no_host_sync_in_forward_or_backward():
             torch.cuda.set_sync_debug_mode(0)
 
 
+def _gpu_bf16_problem(T: int, V: int, g: torch.Generator):
+    """K=3 stacked bf16 hidden [3, 2, T, 64] and projections [3, V, 64] (leaves), labels [2, T]."""
+    h = torch.randn(3, 2, T, 64, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(3, V, 64, device="cuda", generator=g) * 0.3).bfloat16().requires_grad_()
+    return h, w, torch.randint(0, V, (2, T), device="cuda", generator=g)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("accum_dtype", [torch.float32, torch.bfloat16])
 def test_gpu_aligned_shapes_weight_gradient_accumulation(accum_dtype):
     """Tensor-core friendly sizes, so the bf16 x bf16 -> fp32 accumulating GEMM path really runs."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(3, 2, 48, 64, device="cuda", generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(3, 256, 64, device="cuda", generator=g) * 0.3).bfloat16().requires_grad_()
+    h, w, labels = _gpu_bf16_problem(48, 256, g)
     shared = (torch.randn(256, 64, device="cuda", generator=g) * 0.3).bfloat16().requires_grad_()
-    labels = torch.randint(0, 256, (2, 48), device="cuda", generator=g)
     for weight in (w, [shared, w[1].detach().requires_grad_(), shared]):
         problem = (h, weight, labels, [1, 2, 3], [1.0, 0.8, 0.64], dict(bias=None, z_loss=1e-3))
         ref, ref_grads = _run(reference, *problem)
@@ -555,14 +560,10 @@ def test_gpu_aligned_shapes_weight_gradient_accumulation(accum_dtype):
         _compare(out, grads, ref, ref_grads, 2e-2, acc_slack=10)
 
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("accum_dtype", [torch.float32, torch.bfloat16])
 def test_gpu_skip_ignored_matches_all_rows_and_refuses_graph_capture(accum_dtype):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(3, 2, 256, 64, device="cuda", generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(3, 1000, 64, device="cuda", generator=g) * 0.3).bfloat16().requires_grad_()
-    labels = torch.randint(0, 1000, (2, 256), device="cuda", generator=g)
+    h, w, labels = _gpu_bf16_problem(256, 1000, torch.Generator(device="cuda").manual_seed(0))
     labels.view(2, 4, 64)[:, :, :32] = -100  # masked prompt spans: about half the targets ignored
     problem = (h, w, labels, [1, 2, 3], [1.0, 0.8, 0.64], dict(bias=None, z_loss=1e-3))
     ref, ref_grads = _run(reference, *problem)
