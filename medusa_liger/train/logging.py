@@ -106,6 +106,7 @@ class MetricsLogger:
                 self.bar.set_postfix_str(
                     f"loss={metrics['loss']:.3f} acc=[{' '.join(f'{a:.2f}' for a in accs)}] "
                     f"tok/s={metrics.get('tokens_per_s', 0):.0f}"
+                    + (f" mem={metrics['peak_memory_gib']:.1f}GiB" if "peak_memory_gib" in metrics else "")
                 )
 
     def write(self, message: str) -> None:

@@ -339,6 +339,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             metrics = _train_step(model, batches, optimizer, scheduler, list(params.values()), cfg, device, amp)
             seconds = time.perf_counter() - step_start
             metrics.update({"tokens_per_s": metrics["tokens"] / seconds, "epoch": loader.epoch, "stage": stage})
+            if device.type == "cuda":  # the allocator's own counter: a host read, no device sync
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log(step + 1, metrics)
             done = step + 1
             if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
