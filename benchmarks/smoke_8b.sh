@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The Medusa-1 8B config end to end on one GPU with a randomly initialized Llama-3-8B-shaped
-# backbone (no weights or network needed): build it, train 20 steps on the shipped data, export,
-# evaluate 2 prompts. Memory and speed are the real model's; losses and acceptance are not.
+# An 8B config end to end on one GPU with a randomly initialized Llama-3-8B-shaped backbone (no
+# weights or network needed): build it, train 20 steps on the shipped data, export, evaluate 2
+# prompts. Memory and speed are the real model's; losses and acceptance are not.
+#   bash benchmarks/smoke_8b.sh                      # configs/llama3-8b-medusa1.yaml
+#   bash benchmarks/smoke_8b.sh llama3-8b-medusa2-lora train.heads_only_steps=5
 set -uo pipefail
+CONFIG=${1:-llama3-8b-medusa1}; shift || true
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python3 scripts/make_random_backbone.py /tmp/llama8b 2>&1 | grep -v Writing | tail -2
-timeout 420 python3 -m medusa_liger train configs/llama3-8b-medusa1.yaml model.name_or_path=/tmp/llama8b \
+[ -f /tmp/llama8b/config.json ] || python3 scripts/make_random_backbone.py /tmp/llama8b 2>&1 | grep -v Writing | tail -2
+timeout 420 python3 -m medusa_liger train "configs/$CONFIG.yaml" model.name_or_path=/tmp/llama8b \
   'data.paths=[medusa_liger/data/pydoc_chat.jsonl]' data.num_proc=4 train.steps=20 train.grad_accum=2 \
-  checkpoint.every=0 logging.wandb=disabled logging.progress=false output_dir=/tmp/run8b 2>&1 \
+  checkpoint.every=0 logging.wandb=disabled logging.progress=false output_dir=/tmp/run8b "$@" 2>&1 \
   | grep -v "Loading weights" | tee "$OUT/train_8b.log" | tail -14
 cp /tmp/run8b/metrics.jsonl "$OUT/metrics_8b.jsonl" 2>/dev/null
 python3 - <<'PY'
@@ -18,7 +21,6 @@ records = [json.loads(line) for line in open("/tmp/run8b/metrics.jsonl")]
 for r in records[-3:]:
     print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items() if not k.startswith(("loss/", "acc/"))})
 PY
-timeout 240 python3 -m medusa_liger eval --backbone /tmp/llama8b --heads /tmp/run8b/final/heads_medusa \
-  --num-prompts 2 --max-new-tokens 32 --tree-size 16 --output /tmp/run8b/eval 2>&1 | tail -4
+timeout 240 python3 -m medusa_liger eval /tmp/run8b --num-prompts 2 --max-new-tokens 32 --tree-size 16 2>&1 | tail -4
 cp /tmp/run8b/eval/report.json "$OUT/eval_8b_report.json" 2>/dev/null
 du -sh /tmp/run8b/final/* 2>/dev/null
