@@ -148,8 +148,9 @@ def accumulate_gradients(model, batches, device, amp=None) -> dict[str, Any]:
     totals = [int(t) for t in totals]
     base = model.config
     K = base.num_heads
-    # Metric sums stay on the device (no host sync per micro-batch) in the dtypes a host copy would
+    # Metric sums stay on the device (no metric copy per micro-batch) in the dtypes a host copy would
     # use (loss in fp64, the rest fp32), so the numbers are bit-identical; one transfer per step.
+    # (With heads.skip_ignored_targets the fused loss itself reads its row counts once per micro-batch.)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     lm_sums = torch.zeros(2, device=device)
     head_sums = torch.zeros(2, K, device=device)  # rows: loss * tokens, accuracy * tokens
