@@ -141,18 +141,18 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
             rows_of = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
         else:
             kept, rows_of = [N] * K, None
-        # Per-row results (only summed): indexed by computed row, zero past a head's kept rows.
-        row_loss = (torch.zeros if plan.skip_ignored else torch.empty)(K, N, dtype=sdt, device=dev)
-        correct = (torch.zeros if plan.skip_ignored else torch.empty)(K, N, dtype=torch.int32, device=dev)
+        # Buffers that skipped rows never write start at zero: the per-row results (only summed,
+        # indexed by computed row) and, below, the hidden gradients.
+        new_buffer = torch.zeros if plan.skip_ignored else torch.empty
+        row_loss = new_buffer(K, N, dtype=sdt, device=dev)
+        correct = new_buffer(K, N, dtype=torch.int32, device=dev)
 
         # Gradient buffers. Hidden: written directly in the compute dtype when each region is read
         # by one head, else accumulated in acc_dtype. Weight: final gradients in the parameter dtype.
         hid_uses = {key: plan.hidden_heads.count(key) for key in plan.hidden_heads}
         hid_grad_dtype = [acc_dtype(hid_srcs[j]) if any(hid_uses[(i, s)] > 1 for (i, s) in hid_uses if i == j)
                           else cdt for j in range(plan.n_hidden)]
-        # Skipped rows get no GEMM, so their hidden gradient must start at zero.
-        new_hid = torch.zeros if plan.skip_ignored else torch.empty
-        hid_grads = [new_hid(t.shape, dtype=hid_grad_dtype[j], device=dev) if hid_need[j] else None
+        hid_grads = [new_buffer(t.shape, dtype=hid_grad_dtype[j], device=dev) if hid_need[j] else None
                      for j, t in enumerate(hid_srcs)]
         w_grads = [torch.empty_like(t) if w_need[j] else None for j, t in enumerate(w_srcs)]
         b_grads = [torch.zeros(t.shape, dtype=sdt, device=dev) if b_need[j] else None for j, t in enumerate(b_srcs)]

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from medusa_liger.heads.export import write_backbone
 from medusa_liger.train.build import export_dtype
 from medusa_liger.train.config import Config
+from medusa_liger.train.data import IGNORE_INDEX
 from medusa_liger.train.logging import read_metrics
 from medusa_liger.train.packing import PackedData, most_common_target_frequency
 
@@ -59,7 +59,7 @@ def write_eval_prompts(data: PackedData, path: Path) -> Path:
             if segment == 0:  # padding
                 continue
             where = (segments == segment).nonzero().squeeze(1)
-            targets = (labels[where] != -100).nonzero()
+            targets = (labels[where] != IGNORE_INDEX).nonzero()
             start = int(targets[0]) if len(targets) else len(where)
             if start >= 2:
                 lines.append(json.dumps({"input_ids": ids[where[:start]].tolist()}))
@@ -68,7 +68,7 @@ def write_eval_prompts(data: PackedData, path: Path) -> Path:
 
 
 def finish_run(cfg: Config, model, tokenizer, logger, eval_data, *, eval_metrics: dict, baseline: float,
-            final: Path, started: float) -> tuple[dict[str, Any], dict[str, Path]]:
+               final: Path, started: float) -> tuple[dict[str, Any], dict[str, Path]]:
     """Rank 0's end of the run: the summary, the exports, the plot; returns (summary, paths)."""
     out = Path(cfg.output_dir)
     records = read_metrics(logger.path)
