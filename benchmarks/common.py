@@ -7,6 +7,7 @@ baselines measured in the same run: absolute times drift between machines, ratio
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import importlib
 import os
 import platform
@@ -95,6 +96,14 @@ def bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def free_memory() -> None:
+    """Drop what the last measurement left: Python garbage, then the caching allocator's free blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 def peak_extra_memory_gib(fn: Callable[[], object]) -> float:

@@ -25,7 +25,6 @@ A failing or out-of-memory column is recorded, never a crash.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -189,13 +188,6 @@ def measure(p: Problem, loss_fn: Callable[[Problem], torch.Tensor], reps: int) -
     return ms, gib
 
 
-def cleanup() -> None:
-    gc.collect()
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 # Issue 3's targets: (setting, tokens, method) -> (ms, extra GiB beyond the weight gradients).
 TARGETS = {("(a)", 16384, "ours fp32 acc"): (380, 3.5), ("(a)", 16384, "ours bf16 acc"): (380, 1.5),
            ("(a)", 4096, "ours fp32 acc"): (100, 3.5), ("(a)", 4096, "ours bf16 acc"): (100, 1.5),
@@ -260,11 +252,11 @@ def main() -> None:
                 except Exception as exc:  # a baseline that breaks here is recorded, not fatal
                     row.append(f"error: {type(exc).__name__}: {str(exc)[:60]}")
                 p.clear_grads()
-                cleanup()
+                common.free_memory()
                 print(setting, N, name, row[-1], flush=True)
             rows.append(row)
             del p
-            cleanup()
+            common.free_memory()
     header = ["setting", "tokens", "matmul floor ms", "weight grads GiB", *methods]
     notes = [
         f"K={K} heads (shift k+2, weight 0.8**k), H={H}, V={V}, {str(dtype).replace('torch.', '')}; "

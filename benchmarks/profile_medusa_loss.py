@@ -23,7 +23,6 @@ the gap to the matmul floor splits into GEMM efficiency, the memory-bound passes
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import sys
 from pathlib import Path
@@ -46,13 +45,6 @@ CE = importlib.import_module("medusa_liger.kernels.cross_entropy")  # the module
 CUDA = torch.cuda.is_available()
 PERSISTENT = (1, 2, 4)  # row-kernel programs per SM tried besides one program per row
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-
-def _free() -> None:
-    gc.collect()
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 def components(C: int, H: int, V: int, dtype: torch.dtype, rep: int) -> dict[str, float]:
@@ -99,7 +91,7 @@ def components(C: int, H: int, V: int, dtype: torch.dtype, rep: int) -> dict[str
         finally:
             CE.PERSISTENT_PROGRAMS_PER_SM = default
     del h, w, z, dh, acc32, acc16, saved
-    _free()
+    common.free_memory()
     return ms
 
 
@@ -111,7 +103,7 @@ def once_per_weight(H: int, V: int, dtype: torch.dtype, rep: int) -> dict[str, f
     ms = {"cast fp32->bf16": common.bench(lambda: grad.copy_(acc), rep=rep),
           "scale by grad_output": common.bench(lambda: scale_(grad, g_out), rep=rep)}
     del acc, grad
-    _free()
+    common.free_memory()
     return ms
 
 
@@ -131,7 +123,7 @@ def whole_op(N: int, H: int, V: int, dtype: torch.dtype, chunk: int, accum: torc
     gib = common.peak_extra_memory_gib(step)
     ms = common.bench(step, warmup=1, rep=rep)
     del hidden, w, labels
-    _free()
+    common.free_memory()
     return ms, gib
 
 
@@ -181,7 +173,7 @@ def main() -> None:
                 measured[label] = whole_op(N, H, V, dtype, C, accum, trainable, rep=8 * rep)
             except torch.cuda.OutOfMemoryError:
                 measured[label] = (float("nan"), float("nan"))
-                _free()
+                common.free_memory()
         floors = {"fp32": 3 * gemm_floor, "bf16": 3 * gemm_floor, "frozen": 2 * gemm_floor}
         preds = {"fp32": train_pred["fp32"], "bf16": train_pred["bf16"], "frozen": frozen_pred}
         cells = [f"{measured[k][0]:.1f} / {preds[k]:.1f} / {floors[k] / measured[k][0]:.0%} / {measured[k][1]:.2f}"
