@@ -42,7 +42,7 @@ sys.path.insert(0, str(_HERE.parent))
 from benchmarks import common  # noqa: E402
 
 from medusa_liger.kernels import multi_head_linear_cross_entropy  # noqa: E402
-from medusa_liger.kernels.chunking import mm_into, plan_chunk_rows  # noqa: E402
+from medusa_liger.kernels.chunking import GEMM_ROWS, mm_into, plan_chunk_rows  # noqa: E402
 from medusa_liger.kernels.fused_linear_cross_entropy import default_chunk_rows  # noqa: E402
 from medusa_liger.kernels.reference import shifted_targets  # noqa: E402
 
@@ -159,10 +159,10 @@ def gemms_alone(accum_dtype: torch.dtype) -> Callable[[Problem], None]:
                 h, w = hidden[k].reshape(p.N, p.H), p.weights[k]
                 for r0 in range(0, p.N, chunk):
                     h_c, z_c = h[r0 : r0 + chunk], z[: min(chunk, p.N - r0)]
-                    torch.mm(h_c, w.t(), out=z_c)
-                    torch.mm(z_c, w, out=dh[r0 : r0 + chunk])
+                    mm_into(z_c, h_c, w.t(), False, GEMM_ROWS["logits"])
+                    mm_into(dh[r0 : r0 + chunk], z_c, w, False, GEMM_ROWS["dh"])
                     if trainable:
-                        mm_into(acc, z_c.t(), h_c, accumulate=r0 > 0)
+                        mm_into(acc, z_c.t(), h_c, r0 > 0, GEMM_ROWS["dw"])
         torch.autograd.backward(hidden, [dh.view_as(p.x)] * p.K)
 
     return run

@@ -26,6 +26,9 @@ DEFAULT_CHUNK_BYTES = 2**30
 FROZEN_CHUNK_BYTES = 2**29
 MIN_CHUNK_ROWS = 128  # floor when free memory is short (a thinner GEMM would waste the tensor cores)
 _SLAB_BYTES = 64 * 2**20  # temporary of the fallback mixed-dtype GEMM
+# Rows of ``out`` per GEMM call for the chunk loop's three products (None: one call). cuBLAS picks its
+# kernel per shape, and some thinner products run faster than the whole chunk in one call.
+GEMM_ROWS: dict[str, int | None] = {"logits": None, "dh": None, "dw": None}
 # The out_dtype overloads exist (torch >= 2.8); whether a backend runs them is probed per key.
 _HAS_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads() and "dtype_out" in torch.ops.aten.mm.overloads()
 _OUT_DTYPE_OK: dict[tuple[str, str, torch.dtype, torch.dtype], bool] = {}
@@ -64,9 +67,14 @@ def _mm_out_dtype(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulat
     return True
 
 
-def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool,
+            rows_per_call: int | None = None) -> None:
     """out (+)= a @ b for a [M, K], b [K, N], out [M, N], where ``out`` may be wider (fp32) than
-    a and b (bf16/fp16)."""
+    a and b (bf16/fp16); in calls of ``rows_per_call`` rows of ``out`` when given."""
+    if rows_per_call is not None and out.shape[0] > rows_per_call:
+        for s in range(0, out.shape[0], rows_per_call):
+            mm_into(out[s : s + rows_per_call], a[s : s + rows_per_call], b, accumulate)
+        return
     if out.dtype == a.dtype:
         if accumulate:
             out.addmm_(a, b)

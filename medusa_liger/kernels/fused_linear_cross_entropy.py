@@ -54,6 +54,7 @@ from medusa_liger.kernels.chunking import (  # noqa: F401
     default_chunk_rows,
     plan_chunk_rows,
 )
+from medusa_liger.kernels.chunking import GEMM_ROWS
 from medusa_liger.kernels.chunking import mm_into as _mm_into
 from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
 from medusa_liger.kernels.head_inputs import as_head_weights, region, sources
@@ -206,21 +207,21 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                     ids = None if rows_of is None else rows_of[k, r0:r1]
                     h_c = (h_k[r0:r1] if ids is None else h_k.index_select(0, ids)).to(cdt)
                     z = logits_buf[: r1 - r0]
-                    torch.mm(h_c, w_k.t(), out=z)
+                    _mm_into(z, h_c, w_k.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
                     ce_rows(z, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
                             bias=b_k, scale=scale[k : k + 1], lse=lse_buf[: r1 - r0], loss=row_loss[k, r0:r1],
                             correct=correct[k, r0:r1], compute_lse=True, write_grad=any_grad, row_ids=ids, **opts)
                     # z now holds scale_k * dloss/dz for the chunk.
                     if gh_k is not None and ids is None:
-                        _mm_into(gh_k[r0:r1], z, w_k, accumulate=h_accumulate)
+                        _mm_into(gh_k[r0:r1], z, w_k, accumulate=h_accumulate, rows_per_call=GEMM_ROWS["dh"])
                     elif gh_k is not None:
                         if gh_k.dtype not in dh_bufs:
                             dh_bufs[gh_k.dtype] = torch.empty(chunk, H, dtype=gh_k.dtype, device=dev)
                         dh_c = dh_bufs[gh_k.dtype][: r1 - r0]
-                        _mm_into(dh_c, z, w_k, accumulate=False)
+                        _mm_into(dh_c, z, w_k, accumulate=False, rows_per_call=GEMM_ROWS["dh"])
                         (gh_k.index_add_ if h_accumulate else gh_k.index_copy_)(0, ids, dh_c)
                     if w_need[wi]:
-                        _mm_into(w_acc, z.t(), h_c, accumulate=w_written)
+                        _mm_into(w_acc, z.t(), h_c, accumulate=w_written, rows_per_call=GEMM_ROWS["dw"])
                         w_written = True
                     if b_k is not None and b_need[bi]:
                         region(b_grads[bi], bsub).add_(z.sum(0, dtype=sdt))
