@@ -34,6 +34,29 @@ def _mm_operands(dtype=torch.bfloat16):
     return a, b, torch.zeros(5, 3), (a.float() @ b.float())
 
 
+@pytest.mark.parametrize("rows_per_call", [None, 1, 2, 5, 7])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.float32])
+def test_mm_into_rows_per_call(out_dtype, accumulate, rows_per_call):
+    """Products split into calls of fewer rows equal one call: every row written once, (+)= kept."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    start = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    out = start.to(out_dtype).clone() if accumulate else torch.full((5, 3), float("nan"), dtype=out_dtype)
+    chunking.mm_into(out, a.to(out_dtype), b.to(out_dtype), accumulate, rows_per_call)
+    want = (start + a @ b) if accumulate else a @ b
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_mm_into_rows_per_call_widens_bf16():
+    """The mixed-dtype path (bf16 operands, fp32 out) also runs in row calls."""
+    a, b, out, want = _mm_operands()
+    chunking.mm_into(out, a, b, False, 2)
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    chunking.mm_into(out, a, b, True, 3)
+    torch.testing.assert_close(out, 2 * want, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_mm_into_out_of_memory_propagates(monkeypatch, accumulate):
     """A real failure of the out_dtype GEMM (here OOM) is raised, never hidden by the slab path."""

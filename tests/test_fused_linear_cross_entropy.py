@@ -146,6 +146,26 @@ def test_skip_ignored_rows_matches_reference(backend, seed):
     _compare(out, grads, ref, ref_grads, TOL[backend])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("skip_ignored", [False, True])
+def test_gemms_in_row_calls_match_reference(monkeypatch, backend, skip_ignored):
+    """The chunk loop's GEMMs split into calls of a few rows (chunking.GEMM_ROWS), with a hidden
+    state read by every head and one trainable projection over several chunks (so both gradients
+    accumulate across calls): same results as the reference."""
+    for product, rows in {"logits": 3, "dh": 2, "dw": 5}.items():
+        monkeypatch.setitem(chunking.GEMM_ROWS, product, rows)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 13, 8, dtype=torch.float64, generator=g).to(DEVICE).requires_grad_()
+    w = (0.7 * torch.randn(37, 8, dtype=torch.float64, generator=g)).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, 37, (2, 13), generator=g)
+    labels[:, :4] = -100
+    problem = (h, w, labels.to(DEVICE), [0, 1, 3], [1.0, 0.8, 0.64], dict(bias=None))
+    ref, ref_grads = _run(reference, *problem, compute_dtype=torch.float64)
+    with force_backend(backend):
+        out, grads = _run(multi_head_linear_cross_entropy, *problem, skip_ignored=skip_ignored, chunk_size=7)
+    _compare(out, grads, ref, ref_grads, TOL[backend])
+
+
 def test_skip_ignored_computes_only_valid_rows_and_handles_heads_without_any(monkeypatch):
     """The GEMMs see only rows with a valid target; a head whose targets are all ignored still
     gives zero gradients (its weight-gradient buffer is zeroed, never left unwritten)."""
@@ -231,13 +251,14 @@ def test_frozen_projection_does_no_weight_gradient_work(monkeypatch):
 
     shapes = []
     original = flce._mm_into
-    monkeypatch.setattr(flce, "_mm_into", lambda out, a, b, accumulate: (shapes.append(tuple(out.shape)),
-                                                                       original(out, a, b, accumulate)))
+    monkeypatch.setattr(flce, "_mm_into", lambda out, a, b, accumulate, rows_per_call=None: (
+        shapes.append(tuple(out.shape)), original(out, a, b, accumulate, rows_per_call)))
     h = torch.randn(2, 6, 8, requires_grad=True)
     w = torch.randn(30, 8)
     with force_backend("torch"):
         multi_head_linear_cross_entropy(h, w, torch.randint(0, 30, (2, 6)), [1, 2], chunk_size=5).loss.backward()
-    assert shapes and all(shape[1] == 8 and shape[0] <= 5 for shape in shapes)  # [rows, H] only, no [V, H]
+    # Logits [rows, V] and hidden gradients [rows, H] only, no [V, H] weight-gradient GEMM.
+    assert shapes and all(shape[0] <= 5 and shape[1] in (8, 30) for shape in shapes)
     shapes.clear()
     w.requires_grad_(True)
     with force_backend("torch"):
@@ -312,8 +333,8 @@ def test_weight_gradient_accumulator_dtype(monkeypatch, accum_dtype):
     the first chunk's GEMM writing it (no zero fill), later ones adding to it."""
     calls = []
     original = flce._mm_into
-    monkeypatch.setattr(flce, "_mm_into", lambda out, a, b, accumulate: (
-        calls.append((tuple(out.shape), out.dtype, accumulate)), original(out, a, b, accumulate))[1])
+    monkeypatch.setattr(flce, "_mm_into", lambda out, a, b, accumulate, rows_per_call=None: (
+        calls.append((tuple(out.shape), out.dtype, accumulate)), original(out, a, b, accumulate, rows_per_call))[1])
     h = torch.randn(2, 9, 16, dtype=torch.bfloat16)
     w = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
     with force_backend("torch"):
