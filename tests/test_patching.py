@@ -205,6 +205,32 @@ def test_fused_loss_memory_policy_small_chunks(monkeypatch, dtype):
         assert rel_norm_error(got["grads"][name], grad) <= BF16_GRAD_REL, name
 
 
+@pytest.mark.parametrize("skip_ignored", [False, True])
+def test_fused_loss_skip_ignored_matches_hf(monkeypatch, skip_ignored):
+    """LOSS_SKIP_IGNORED runs the loss's GEMMs on the valid targets only: HF's loss and gradients."""
+    from medusa_liger.kernels import fused_linear_cross_entropy as flce
+    from medusa_liger.patching import causal_lm
+
+    monkeypatch.setattr(causal_lm, "LOSS_SKIP_IGNORED", skip_ignored)
+    monkeypatch.setattr(causal_lm, "LOSS_CHUNK_BYTES", 8 * VOCAB * 4)  # several chunks of valid rows
+    flags, rows = [], []
+    original_apply, original_rows = flce.MultiHeadLinearCrossEntropyFunction.apply, flce.ce_rows
+    monkeypatch.setattr(flce.MultiHeadLinearCrossEntropyFunction, "apply",
+                        lambda plan, *a: (flags.append(plan.skip_ignored), original_apply(plan, *a))[1])
+    monkeypatch.setattr(flce, "ce_rows", lambda z, *a, **k: (rows.append(z.shape[0]), original_rows(z, *a, **k))[1])
+    reference = build("mistral")
+    patched = build("mistral", state=reference.state_dict())
+    ids, labels = batch()
+    labels[1, 4:11] = -100  # a second masked span
+    with force_backend("torch"):
+        want = results(reference, ids, labels)
+        assert_results_agree(results(medusa_liger.patch(patched), ids, labels), want)
+    assert flags == [skip_ignored]
+    # 2 x 19 positions: the last of each row has no target, nor have the positions before the
+    # masked labels (2 + 7 + 2 of them; labels[0, 0] is nobody's target).
+    assert sum(rows) == (2 * 19 - 2 - 11 if skip_ignored else 2 * 19)
+
+
 def test_loss_options_match_hf():
     """num_items_in_batch, logits_to_keep, shift_labels, return_dict=False and no-grad evaluation."""
     reference = build("qwen3")

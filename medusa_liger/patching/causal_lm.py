@@ -27,6 +27,11 @@ in fp32 directly in their gradient. The logit chunk is ``LOSS_CHUNK_BYTES`` (128
 128k vocabulary in bf16) instead of the op's 1 GiB: the loss runs at the end of the forward, when
 every saved activation is alive, so its temporaries add to the step's peak. Both are module
 attributes: set ``LOSS_ACCUM_DTYPE = torch.float32`` (or a larger budget) for fp32 accumulation.
+
+``LOSS_SKIP_IGNORED = True`` runs the loss's GEMMs only on positions with a valid target (the op's
+``skip_ignored``): supervised fine-tuning data with masked prompts then pays for the answer tokens
+only. It costs one host-device sync per forward, so it is off by default and skipped during CUDA
+graph capture.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from medusa_liger.patching.modules import kernels
 FUSED_ATTR = "_medusa_liger_fused"  # on a fused forward: the original forward it replaces
 LOSS_ACCUM_DTYPE: torch.dtype | None = None  # lm_head gradient accumulation: the weight's dtype
 LOSS_CHUNK_BYTES = 128 * 2**20  # logit chunk budget of the fused loss (the module docstring says why)
+LOSS_SKIP_IGNORED = False  # GEMMs on valid targets only (one host sync per forward; see the docstring)
 
 
 def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -97,9 +103,10 @@ def causal_lm_loss(
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else torch.promote_types(hidden.dtype, weight.dtype))
     chunk = default_chunk_rows(weight.shape[0], compute_dtype, budget_bytes=LOSS_CHUNK_BYTES)
+    capturing = device_type == "cuda" and torch.cuda.is_current_stream_capturing()
     out = kernels().multi_head_linear_cross_entropy(
         hidden, weight, targets, [shift], bias=lm_head.bias, ignore_index=ignore_index, reduction=reduction,
-        accum_dtype=LOSS_ACCUM_DTYPE, chunk_size=chunk,
+        accum_dtype=LOSS_ACCUM_DTYPE, chunk_size=chunk, skip_ignored=LOSS_SKIP_IGNORED and not capturing,
     )
     loss = out.loss
     if num_items_in_batch is not None:
