@@ -172,6 +172,28 @@ def test_cli_converts_between_formats(tmp_path, capsys):
     assert {t.dtype for t in load_file(str(tmp_path / "b" / "medusa_lm_head.safetensors")).values()} == {torch.float16}
 
 
+def test_cli_exports_master_heads_in_the_recorded_serving_dtype(tmp_path):
+    """A training checkpoint holds fp32 master heads on a bf16 backbone: the export defaults to bf16
+    (recorded at save time), --dtype overrides it, and files without the record keep their dtype."""
+    model = make_model(shared=False, backbone=tiny_llama().to(torch.bfloat16))
+    model.heads.float()  # fp32 master weights, as the training loop keeps them
+    model.save_heads(tmp_path / "ckpt" / "heads", format="medusa")
+    config = json.loads((tmp_path / "ckpt" / "heads" / "config.json").read_text())["medusa_liger"]
+    assert (config["dtype"], config["serving_dtype"]) == ("float32", "bfloat16")
+    weights = "medusa_lm_head.safetensors"
+    assert run_cli("--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "auto"), "--format", "medusa") == 0
+    assert {t.dtype for t in load_file(str(tmp_path / "auto" / weights)).values()} == {torch.bfloat16}
+    assert run_cli("--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "fp32"), "--format", "medusa",
+                   "--dtype", "fp32") == 0
+    assert {t.dtype for t in load_file(str(tmp_path / "fp32" / weights)).values()} == {torch.float32}
+    # Without the record (another tool's files): as saved.
+    del config["serving_dtype"]
+    path = tmp_path / "fp32" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "medusa_liger": config}))
+    assert run_cli("--checkpoint", str(tmp_path / "fp32"), "--output", str(tmp_path / "kept"), "--format", "medusa") == 0
+    assert {t.dtype for t in load_file(str(tmp_path / "kept" / weights)).values()} == {torch.float32}
+
+
 def test_cli_reads_the_training_loops_final_layout(tmp_path):
     """final/heads_medusa/ with the (jointly trained) backbone beside it in final/backbone/."""
     from medusa_liger.heads.export import write_backbone

@@ -3,6 +3,9 @@
     medusa-liger export --checkpoint DIR --output DIR --format medusa|vllm|both \
         [--dtype bf16|fp16|fp32] [--backbone PATH]
 
+Without ``--dtype`` the heads are written in the serving dtype recorded when they were saved (the
+backbone's; a training checkpoint's heads are fp32 master weights), or as saved where none is recorded.
+
 ``--checkpoint`` is a heads directory in either format (what ``MedusaModel.save_heads`` writes), or
 a run's directory holding one in ``heads/`` or ``heads_medusa/``/``heads_vllm/`` (the training loop's
 final output). A ``backbone/`` directory in or beside it (joint training) is exported with the heads. ``--backbone`` names the base model to check the heads against; it is
@@ -88,11 +91,14 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
         check_format(format)
     dtype = parse_dtype(dtype)
     ckpt, backbone_dir = load_for_export(checkpoint_dir, backbone)
+    # Heads default to the serving dtype recorded when they were saved (a training checkpoint holds
+    # fp32 master heads); files without it (other tools) keep their own dtype.
+    heads_dtype = dtype if dtype is not None else ckpt.serving_dtype
     output_dir = Path(output_dir)
     written = []
     for format in formats:
         target = output_dir / format if len(formats) > 1 else output_dir
-        write_heads(ckpt, target, format, dtype)
+        write_heads(ckpt, target, format, heads_dtype)
         if backbone_dir is not None:
             if dtype is None:
                 shutil.copytree(backbone_dir, target / BACKBONE_SUBDIR, dirs_exist_ok=True)
@@ -106,7 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="heads directory (medusa or vllm format) or training checkpoint")
     parser.add_argument("--output", required=True, help="directory to write")
     parser.add_argument("--format", default="both", choices=EXPORT_FORMATS, help="layout to write (default: both)")
-    parser.add_argument("--dtype", default=None, choices=EXPORT_DTYPES, help="cast the weights (default: as saved)")
+    parser.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
+                        help="cast the weights (default: heads in the backbone's dtype recorded at save time, "
+                             "else as saved; a saved backbone as saved)")
     parser.add_argument("--backbone", default=None, help="base model path or name to check the heads against")
 
 

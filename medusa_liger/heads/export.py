@@ -58,6 +58,8 @@ class HeadsCheckpoint:
 
     tensors:        the ``MedusaHeads`` state dict: blocks.{h}.{l}.linear.{weight,bias}, lm_heads.{h}.weight
     lm_head_weight: the backbone's lm_head [V, H] where known (needed by vLLM in shared mode)
+    serving_dtype:  the backbone's dtype when the heads were saved (what ``medusa-liger export`` casts
+                    to by default: training checkpoints hold fp32 master heads), None if unknown
     """
 
     config: MedusaConfig
@@ -67,6 +69,7 @@ class HeadsCheckpoint:
     lm_head_weight: torch.Tensor | None = None
     base_model_name_or_path: str | None = None
     format: str | None = None
+    serving_dtype: torch.dtype | None = None
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -160,6 +163,7 @@ def checkpoint_of(model: nn.Module, base_model_name_or_path: str | None = None) 
         tensors={k: v.detach() for k, v in model.heads.state_dict().items()},
         lm_head_weight=lm_weight,
         base_model_name_or_path=name,
+        serving_dtype=lm_weight.dtype,  # the backbone's own weight, never a trainable master copy
     )
 
 
@@ -194,6 +198,8 @@ def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype
             "base_model_name_or_path": ckpt.base_model_name_or_path,
         }
     config["medusa_liger"] = {"format_version": FORMAT_VERSION, "format": format, "dtype": saved_dtype, **cfg.to_dict()}
+    if ckpt.serving_dtype is not None:
+        config["medusa_liger"]["serving_dtype"] = str(ckpt.serving_dtype).removeprefix("torch.")
     save_file(tensors, str(directory / WEIGHT_FILES[format]), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
@@ -304,9 +310,11 @@ def read_heads(directory: str | Path) -> HeadsCheckpoint:
         raise ValueError(f"{directory} was written by a newer medusa-liger (format_version "
                          f"{ours['format_version']}, this one reads <= {FORMAT_VERSION})")
     values = {**ours, "num_heads": num_heads, "num_layers": num_layers, "shared_lm_head": shared}
+    serving = ours.get("serving_dtype")
     return HeadsCheckpoint(
         config=MedusaConfig.from_dict(values), hidden_size=hidden, vocab_size=vocab, tensors=tensors,
         lm_head_weight=original, base_model_name_or_path=config.get("base_model_name_or_path"), format=format,
+        serving_dtype=None if serving is None else parse_dtype(serving),
     )
 
 
