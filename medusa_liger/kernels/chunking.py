@@ -26,11 +26,11 @@ DEFAULT_CHUNK_BYTES = 2**30
 FROZEN_CHUNK_BYTES = 2**29
 MIN_CHUNK_ROWS = 128  # floor when free memory is short (a thinner GEMM would waste the tensor cores)
 _SLAB_BYTES = 64 * 2**20  # temporary of the fallback mixed-dtype GEMM
-# Rows of ``out`` per GEMM call for the chunk loop's three products (None: one call). cuBLAS picks its
-# kernel per shape: at H = 4096, V = 128256 on an H100 it runs a [4096, V] logits GEMM at 669-674
-# TFLOP/s and the same rows as two [2048, V] calls at 715-716 (cuBLAS and cuBLASLt alike), while the
-# hidden- and weight-gradient GEMMs gain nothing from thinner calls (results/gemm_split_sweep_h100.md).
-GEMM_ROWS: dict[str, int | None] = {"logits": 2048, "dh": None, "dw": None}
+# Rows of ``out`` per GEMM call for the chunk loop's three products (None: one call), a tuning knob.
+# cuBLAS picks its kernel per shape; on an H100 at H = 4096, V = 128256 a [4096, V] logits GEMM ran
+# 6-7% faster alone as two [2048, V] calls, but the whole Medusa loss did not get faster that way
+# (results/gemm_split_sweep_h100.md, benchmarks/NOTES.md runs 18-19), so every product is one call.
+GEMM_ROWS: dict[str, int | None] = {"logits": None, "dh": None, "dw": None}
 # The out_dtype overloads exist (torch >= 2.8); whether a backend runs them is probed per key.
 _HAS_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads() and "dtype_out" in torch.ops.aten.mm.overloads()
 _OUT_DTYPE_OK: dict[tuple[str, str, torch.dtype, torch.dtype], bool] = {}

@@ -14,7 +14,7 @@ device when it is 1, see scale.py):
     for each head k, grouped so that heads sharing a projection run back to back:
         for each chunk of C rows (C from a memory budget: thousands of rows, big GEMMs):
             Z   = h_c @ W_k^T                    cuBLAS, compute dtype, into one reused [C, V] buffer
-                                                 (in calls of chunking.GEMM_ROWS rows: faster shapes)
+                                                 (in calls of chunking.GEMM_ROWS rows if set)
             row kernel on Z: lse, loss, argmax == target, then Z <- scale_k * dloss/dZ in place
             dh_c  (+)= Z @ W_k                   if hidden needs grad
             dW_k  (+)= Z^T @ h_c                 if W_k needs grad: fp32 accumulator by default
