@@ -25,7 +25,7 @@ from medusa_liger.train.config import load_config
 from medusa_liger.train.logging import read_metrics
 from medusa_liger.train.loop import train
 from medusa_liger.train.packing import PackedData, PackedLoader
-from tests.test_train import SHORT, TINY
+from tests.train_helpers import SHORT, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 # SHORT with one thread per rank and 2-row micro-batches; 4 steps with checkpoints at 2 and 4. Pinned to

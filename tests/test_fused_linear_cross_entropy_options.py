@@ -1,0 +1,181 @@
+"""multi_head_linear_cross_entropy options and edge cases: frozen inputs, all targets ignored,
+bf16 autocast and accumulation dtypes on CPU, head weights, the module wrapper, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medusa_liger.kernels import (
+    MultiHeadLinearCrossEntropy,
+    multi_head_linear_cross_entropy,
+)
+from medusa_liger.kernels import fused_linear_cross_entropy as flce
+from medusa_liger.kernels.reference import (
+    multi_head_linear_cross_entropy_reference as reference,
+)
+from medusa_liger.kernels.utils import force_backend
+from tests.flce_helpers import TOL, _compare, _leaves, _problem, _run
+from tests.utils import DEVICE, assert_rel_close
+
+
+def test_frozen_weight_and_hidden_without_grad():
+    """A frozen projection gets no gradient; a hidden without grad still gives the weight its own."""
+    hidden, weight, labels, shifts, head_weights, options = _problem(3)
+    for t in _leaves(hidden, weight, options["bias"]):
+        t.requires_grad_(False)
+    H = (hidden[0] if isinstance(hidden, list) else hidden).shape[-1]
+    V = (weight[0] if isinstance(weight, list) else weight).shape[-2]
+    w = torch.randn(V, H, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    ref, (ref_g,) = _run(reference, hidden, w, labels, shifts, head_weights, options, compute_dtype=torch.float64)
+    with force_backend("torch"):
+        out, (g,) = _run(multi_head_linear_cross_entropy, hidden, w, labels, shifts, head_weights, options, chunk_size=3)
+    _compare(out, [g], ref, [ref_g], TOL["torch"])
+    frozen = w.detach().cpu()
+    h = torch.randn(2, 5, w.shape[1], dtype=torch.float64, requires_grad=True)
+    out = multi_head_linear_cross_entropy(h, frozen, torch.randint(0, w.shape[0], (2, 5)), [1, 2])
+    out.loss.backward()
+    assert frozen.grad is None and h.grad is not None
+
+
+def test_frozen_projection_does_no_weight_gradient_work(monkeypatch):
+    """Only the hidden-gradient GEMM runs per chunk (4NHV FLOPs, not 6NHV) for a frozen weight."""
+    import medusa_liger.kernels.fused_linear_cross_entropy as flce
+
+    shapes = []
+    original = flce._mm_into
+    monkeypatch.setattr(flce, "_mm_into", lambda out, a, b, accumulate, rows_per_call=None: (
+        shapes.append(tuple(out.shape)), original(out, a, b, accumulate, rows_per_call)))
+    h = torch.randn(2, 6, 8, requires_grad=True)
+    w = torch.randn(30, 8)
+    with force_backend("torch"):
+        multi_head_linear_cross_entropy(h, w, torch.randint(0, 30, (2, 6)), [1, 2], chunk_size=5).loss.backward()
+    # Logits [rows, V] and hidden gradients [rows, H] only, no [V, H] weight-gradient GEMM.
+    assert shapes and all(shape[0] <= 5 and shape[1] in (8, 30) for shape in shapes)
+    shapes.clear()
+    w.requires_grad_(True)
+    with force_backend("torch"):
+        multi_head_linear_cross_entropy(h, w, torch.randint(0, 30, (2, 6)), [1, 2], chunk_size=5).loss.backward()
+    assert (30, 8) in shapes
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_all_targets_ignored_gives_zero_loss_and_grads(backend):
+    h = torch.randn(2, 4, 6, requires_grad=True, device=DEVICE)
+    w = torch.randn(3, 11, 6, requires_grad=True, device=DEVICE)
+    labels = torch.full((2, 4), -100, device=DEVICE)
+    labels[:, 0] = 3  # only reachable with shift 0, which no head uses
+    with force_backend(backend):
+        out = multi_head_linear_cross_entropy(h, w, labels, [1, 2, 9], z_loss=1e-2, label_smoothing=0.1)
+        out.loss.backward()
+    assert out.loss.item() == 0 and torch.equal(out.head_tokens.cpu(), torch.zeros(3, dtype=torch.long))
+    assert not torch.isnan(out.head_accuracy).any()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_autocast_bf16_on_cpu_matches_fp32():
+    h = torch.randn(2, 7, 16, requires_grad=True)
+    w = torch.randn(2, 50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    ref = reference(h, w, labels, [1, 2])
+    ref.loss.backward()
+    ref_grads = [h.grad.clone(), w.grad.clone()]
+    h.grad = w.grad = None
+    with force_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = multi_head_linear_cross_entropy(h, w, labels, [1, 2], chunk_size=5)
+    out.loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert_rel_close(out.loss, ref.loss, torch.bfloat16, "loss")
+    assert_rel_close(h.grad, ref_grads[0], torch.bfloat16, "hidden grad")
+    assert_rel_close(w.grad, ref_grads[1], torch.bfloat16, "weight grad")
+
+
+@pytest.mark.parametrize("accum_dtype", [torch.float32, torch.bfloat16, None])
+def test_bf16_parameters_and_accumulation_dtypes_cpu(accum_dtype):
+    """bf16 GEMMs; a shared hidden (fp32 accumulation over heads) and a repeated projection."""
+    h = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
+    w0 = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    w1 = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9))
+    problem = (h, [w0, w1, w0], labels, [1, 2, 3], [1.0, 0.8, 0.64], dict(bias=None, label_smoothing=0.1))
+    ref, ref_grads = _run(reference, *problem)
+    with force_backend("torch"):
+        out, grads = _run(multi_head_linear_cross_entropy, *problem, accum_dtype=accum_dtype, chunk_size=4)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+    _compare(out, grads, ref, ref_grads, 2e-2, acc_slack=2)
+
+
+@pytest.mark.parametrize("accum_dtype", [torch.float32, None])
+def test_weight_gradient_accumulator_dtype(monkeypatch, accum_dtype):
+    """fp32 accumulates over chunks in an fp32 buffer; None accumulates in the bf16 gradient itself,
+    the first chunk's GEMM writing it (no zero fill), later ones adding to it."""
+    calls = []
+    original = flce._mm_into
+    monkeypatch.setattr(flce, "_mm_into", lambda out, a, b, accumulate, rows_per_call=None: (
+        calls.append((tuple(out.shape), out.dtype, accumulate)), original(out, a, b, accumulate, rows_per_call))[1])
+    h = torch.randn(2, 9, 16, dtype=torch.bfloat16)
+    w = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    with force_backend("torch"):
+        multi_head_linear_cross_entropy(h, w, torch.randint(0, 40, (2, 9)), [1], accum_dtype=accum_dtype,
+                                        chunk_size=4).loss.backward()
+    dw = [(dtype, acc) for shape, dtype, acc in calls if shape == (40, 16)]
+    want_dtype = torch.float32 if accum_dtype is not None else torch.bfloat16
+    assert dw == [(want_dtype, False)] + [(want_dtype, True)] * 4  # 18 rows: 5 chunks
+    assert w.grad.dtype == torch.bfloat16
+
+
+def test_fp32_parameters_accumulate_in_their_gradient_with_none():
+    """accum_dtype=None on fp32 parameters is fp32 accumulation: the same numbers as the default."""
+    problem = _problem(3, dtype=torch.float32)
+    with force_backend("torch"):
+        want, want_grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=4)
+        got, got_grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=4, accum_dtype=None)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+    for g, r in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_head_weights_as_a_list_of_tensors_stay_on_the_device(monkeypatch):
+    """A list of 0-dim tensors is stacked (no float() per item: a host sync on CUDA) and matches floats."""
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: pytest.fail("float() on a head weight"))
+    weights = [torch.tensor(1.0, device=DEVICE), torch.tensor(0.5, device=DEVICE, dtype=torch.float64)]
+    hw = flce.as_head_weights(weights, 2, weights[0].device)  # "cuda:0", as labels.device reads
+    assert hw.dtype == torch.float64 and hw.device.type == torch.device(DEVICE).type
+    assert hw.tolist() == [1.0, 0.5]
+    with pytest.raises(ValueError, match="head_weights"):
+        flce.as_head_weights([torch.tensor(1.0), 0.5], 2, torch.device("cpu"))
+
+
+def test_module_wrapper():
+    module = MultiHeadLinearCrossEntropy([2, 3], [1.0, 0.8], label_smoothing=0.1)
+    h = torch.randn(2, 6, 8, dtype=torch.float64)
+    w = torch.randn(2, 20, 8, dtype=torch.float64)
+    labels = torch.randint(0, 20, (2, 6))
+    out = module(h, w, labels)
+    ref = reference(h, w, labels, [2, 3], [1.0, 0.8], label_smoothing=0.1, compute_dtype=torch.float64)
+    assert torch.allclose(out.loss, ref.loss)
+
+
+def test_bad_inputs():
+    h = torch.randn(2, 4, 6)
+    w = torch.randn(11, 6)
+    labels = torch.randint(0, 11, (2, 4))
+    f = multi_head_linear_cross_entropy
+    cases = [
+        (dict(hidden=torch.randn(3, 2, 4, 6)), "hidden"),          # K = 3 stacked vs 2 shifts
+        (dict(weight=torch.randn(3, 11, 6)), "weight"),
+        (dict(weight=torch.randn(11, 5)), "weight"),                # H mismatch
+        (dict(head_weights=[1.0]), "head_weights"),
+        (dict(bias=torch.randn(12)), "bias"),                       # V mismatch
+        (dict(labels=labels.float()), "labels"),
+        (dict(labels=torch.tensor([[0, 1, 11, 2], [0, 0, 0, 0]])), "labels"),  # out of [0, V)
+        (dict(shifts=[]), "shifts"),
+        (dict(shifts=[1, -1]), "shifts"),
+        (dict(reduction="none"), "reduction"),
+        (dict(segment_ids=torch.zeros(2, 5, dtype=torch.long)), "segment_ids"),
+    ]
+    for change, name in cases:
+        args = dict(hidden=h, weight=w, labels=labels, shifts=[1, 2])
+        args.update(change)
+        with pytest.raises(ValueError, match=name):
+            f(**args)

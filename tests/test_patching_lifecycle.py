@@ -1,0 +1,321 @@
+"""medusa_liger.patch / unpatch lifecycle on tiny HF models: errors, idempotence, RoPE bookkeeping,
+options, training, peft LoRA and save / load round trips, optional imports, and bf16 GPU runs."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import medusa_liger
+from medusa_liger.kernels.utils import force_backend
+from medusa_liger.patching import FAMILIES, supported_model_types
+from medusa_liger.patching.modules import is_patched_class
+from tests.patching_helpers import (
+    _HF_ORIGINALS,
+    BF16_CURVE_ABS,
+    BF16_GRAD_REL,
+    BF16_LOGITS_REL,
+    BF16_LOSS_REL,
+    FAMILY_NAMES,
+    _clean_patch_state,  # noqa: F401  (autouse fixture)
+    assert_results_agree,
+    batch,
+    build,
+    count_patched,
+    expected_patched,
+    originals,
+    results,
+)
+from tests.utils import rel_norm_error
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The patch itself: errors, idempotence, unpatch, RoPE bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_targets_and_options_raise():
+    with pytest.raises(ValueError, match=r"llama.*mistral.*qwen2.*qwen3"):
+        medusa_liger.patch("gpt2")
+    with pytest.raises(ValueError, match="model_type must be one of"):
+        medusa_liger.unpatch("phi3")
+    gpt2 = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    )
+    with pytest.raises(ValueError, match=r"found \['gpt2'\]"):
+        medusa_liger.patch(gpt2)
+    with pytest.raises(ValueError, match="rope must be True or False"):
+        medusa_liger.patch("llama", rope="yes")
+    with pytest.raises(ValueError, match="target must be"):
+        medusa_liger.patch(3)
+    assert supported_model_types() == ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def test_patch_twice_and_unpatch_restore_everything():
+    spec = FAMILIES["llama"]
+    mod = spec.modeling_module()
+    hf = originals("llama")
+    # Module route: twice is the same as once; unpatch restores the very same objects.
+    medusa_liger.patch("llama")
+    first = originals("llama")
+    medusa_liger.patch("llama")
+    assert originals("llama") == first
+    assert mod.LlamaRMSNorm is not hf["LlamaRMSNorm"] and issubclass(mod.LlamaRMSNorm, hf["LlamaRMSNorm"])
+    assert mod.apply_rotary_pos_emb is not hf["apply_rotary_pos_emb"]
+    assert mod.LlamaForCausalLM.forward is not hf["forward"]
+    medusa_liger.unpatch("llama")
+    assert originals("llama") == hf
+
+    # Instance route: twice is harmless; unpatch(model) restores HF classes and the RoPE function.
+    reference = build("llama")
+    model = build("llama", state=reference.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patching a plain HF model warns about nothing
+        medusa_liger.patch(model)
+    classes = [type(m) for m in model.modules()]
+    medusa_liger.patch(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert mod.apply_rotary_pos_emb is not hf["apply_rotary_pos_emb"]
+    medusa_liger.unpatch(model)
+    assert count_patched(model) == 0 and originals("llama") == hf
+    ids, labels = batch()
+    got, want = model(input_ids=ids, labels=labels), reference(input_ids=ids, labels=labels)
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
+
+
+def test_rope_stays_while_any_patched_model_needs_it():
+    mod = FAMILIES["mistral"].modeling_module()
+    hf_rope = originals("mistral")["apply_rotary_pos_emb"]
+    first, second = medusa_liger.patch(build("mistral")), medusa_liger.patch(build("mistral"))
+    medusa_liger.unpatch(first)
+    assert mod.apply_rotary_pos_emb is not hf_rope  # `second` still uses it
+    medusa_liger.patch("mistral", rms_norm=False, swiglu=False, fused_loss=False)
+    medusa_liger.unpatch(second)
+    assert mod.apply_rotary_pos_emb is not hf_rope  # the module patch still holds it
+    medusa_liger.unpatch("mistral")
+    assert mod.apply_rotary_pos_emb is hf_rope
+
+
+def test_options_select_pieces():
+    model = medusa_liger.patch(build("qwen2"), rms_norm=False, rope=False, swiglu=True, fused_loss=False)
+    assert [type(m).__name__ for m in model.modules() if is_patched_class(type(m))] == ["Qwen2MLP"] * 2
+    assert originals("qwen2")["apply_rotary_pos_emb"] is _HF_ORIGINALS["qwen2"]["apply_rotary_pos_emb"]
+    ids, labels = batch()
+    with force_backend("torch"):
+        assert model(input_ids=ids, labels=labels).logits is not None  # HF's loss, not fused
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: convergence, peft LoRA, save / load
+# ---------------------------------------------------------------------------------------------
+
+
+def train_losses(model, steps: int, *, lr: float = 3e-3, B: int = 2, T: int = 24) -> list[float]:
+    """AdamW on a fixed token stream (a repeating pattern the model can learn); per-step losses."""
+    device = next(model.parameters()).device
+    stream = (torch.arange(B * T * steps) * 7 % 41).view(steps, B, T).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    model.train()
+    for step in range(steps):
+        loss = model(input_ids=stream[step], labels=stream[step]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_convergence_30_adamw_steps_cpu():
+    reference = build("llama")
+    patched = build("llama", state=reference.state_dict())
+    with force_backend("torch"):
+        want = train_losses(reference, 30)  # before patching: RoPE is patched module-wide
+        got = train_losses(medusa_liger.patch(patched), 30)
+    assert want[-1] < 0.6 * want[0], f"the reference did not learn: {want}"
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert abs(g - w) <= 1e-4 * max(1.0, abs(w)), f"step {step}: patched {g} vs HF {w}"
+
+
+def test_peft_lora_trains_and_round_trips(tmp_path):
+    peft = pytest.importorskip("peft")
+    reference = build("llama")
+    base = medusa_liger.patch(build("llama", state=reference.state_dict()))
+    targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    model = peft.get_peft_model(base, lora)
+    medusa_liger.patch(model)  # patching the peft wrapper finds the same modules: harmless
+    assert count_patched(model) == expected_patched("llama")
+    with force_backend("torch"):
+        losses = train_losses(model, 12, lr=1e-2)
+        assert losses[-1] < losses[0], losses
+        model.eval()
+        ids, _ = batch()
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        model.save_pretrained(tmp_path / "adapter")
+        # The adapter's keys are HF's: load it into a fresh, *unpatched* HF model.
+        fresh = build("llama", state=reference.state_dict())
+        loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, want)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = medusa_liger.patch(build("qwen3"))
+    model.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert reloaded.config.architectures == ["Qwen3ForCausalLM"]
+    assert count_patched(reloaded) == 0  # built from the unpatched module
+    state, loaded = model.state_dict(), reloaded.state_dict()
+    assert state.keys() == loaded.keys()
+    assert all(torch.equal(state[k], loaded[k]) for k in state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional dependencies: HF `kernels` absent or present; no Triton needed to import
+# ---------------------------------------------------------------------------------------------
+
+_CHILD_COMMON = """
+import sys, types, warnings, torch
+from medusa_liger.kernels.utils import force_backend
+from tests.patching_helpers import build, batch, results, assert_results_agree
+import medusa_liger
+from medusa_liger.patching import FAMILIES
+
+def check_family(model_type):
+    reference = build(model_type)
+    with force_backend("torch"):
+        want = results(reference, *batch())
+        patched = medusa_liger.patch(build(model_type, state=reference.state_dict()))
+        assert_results_agree(results(patched, *batch()), want)
+        medusa_liger.unpatch(patched)
+        medusa_liger.patch(model_type)
+        built = build(model_type, state=reference.state_dict())
+        assert_results_agree(results(built, *batch()), want)
+        medusa_liger.unpatch(model_type)
+"""
+
+_CHILD_PRESENT = """
+import sys, types
+# A stand-in for the HF `kernels` package with its decorator API: they tag classes / functions
+# and register hidden kernels per instance, as the real package does for `kernelize`.
+fake = types.ModuleType("kernels")
+def use_kernel_forward_from_hub(name):
+    def tag(obj):
+        obj.kernel_layer_name = name
+        return obj
+    return tag
+def use_kernelized_func(*funcs):
+    def deco(cls):
+        init = cls.__init__
+        def new_init(self, *a, **k):
+            init(self, *a, **k)
+            self.__dict__.setdefault("_hidden_kernels", {}).update({f.__name__: f for f in funcs})
+        cls.__init__ = new_init
+        return cls
+    return deco
+class _Any:
+    def __init__(self, *a, **k): pass
+fake.use_kernel_forward_from_hub = use_kernel_forward_from_hub
+fake.use_kernelized_func = use_kernelized_func
+def _getattr(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _Any
+fake.__getattr__ = _getattr
+sys.modules["kernels"] = fake
+import transformers.utils.import_utils as iu
+iu.is_kernels_available = lambda *a, **k: True
+COMMON
+mod = FAMILIES["llama"].modeling_module()
+assert mod.LlamaRMSNorm.kernel_layer_name == "RMSNorm", "the hub decorators did not run"
+check_family("qwen3")
+# A module whose forward kernelize replaced on the instance is left alone, with a warning.
+model = build("llama")
+model.model.norm.forward = model.model.norm.forward
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    medusa_liger.patch(model)
+assert any("left 1 module" in str(w.message) for w in caught), caught
+print("OK")
+"""
+
+
+def test_import_needs_no_triton_and_hf_kernels_absent(monkeypatch):
+    # Importing the patching package must not import the kernels (nor Triton): re-import it with
+    # Triton made unimportable (monkeypatch puts the original modules back afterwards).
+    monkeypatch.setattr(medusa_liger, "patching", sys.modules["medusa_liger.patching"])
+    for name in [m for m in sys.modules if m.startswith("medusa_liger.patching")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    kernels_before = {m for m in sys.modules if m.startswith("medusa_liger.kernels.")}
+    fresh = importlib.import_module("medusa_liger.patching")
+    assert callable(fresh.patch) and fresh.supported_model_types() == supported_model_types()
+    assert {m for m in sys.modules if m.startswith("medusa_liger.kernels.")} == kernels_before
+    monkeypatch.undo()
+    # The HF `kernels` package unimportable: patching never asks for it.
+    monkeypatch.setitem(sys.modules, "kernels", None)
+    reference = build("llama")
+    ids, labels = batch()
+    with force_backend("torch"):
+        want = results(reference, ids, labels)
+        patched = medusa_liger.patch(build("llama", state=reference.state_dict()))
+        assert_results_agree(results(patched, ids, labels), want)
+
+
+def test_hf_kernels_present():
+    """In a fresh interpreter, a stand-in `kernels` package makes HF's hub decorators live."""
+    script = _CHILD_PRESENT.replace("COMMON", _CHILD_COMMON)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU, bf16 (Triton kernels): tolerances in tests/patching_helpers.py
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_gpu_bf16_matches_unpatched(model_type):
+    cfg = dict(hidden=256, layers=2, vocab=1031)
+    reference = build(model_type, dtype=torch.bfloat16, device="cuda", **cfg)
+    patched = build(model_type, dtype=torch.bfloat16, device="cuda", state=reference.state_dict(), **cfg)
+    ids, labels = batch(vocab=1031, B=2, T=256, device="cuda")
+    want = results(reference, ids, labels)  # before patching: RoPE is patched module-wide
+    got = results(medusa_liger.patch(patched), ids, labels)
+    assert got["loss_logits"] is None
+    err = rel_norm_error(got["logits"], want["logits"])
+    assert err <= BF16_LOGITS_REL, f"logits rel error {err:.3e}"
+    assert abs(float(got["loss"]) - float(want["loss"])) <= BF16_LOSS_REL * float(want["loss"])
+    for name, grad in want["grads"].items():
+        err = rel_norm_error(got["grads"][name], grad)
+        assert err <= BF16_GRAD_REL, f"{name}: gradient rel error {err:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_gpu_bf16_convergence(model_type):
+    reference = build(model_type, dtype=torch.bfloat16, device="cuda", hidden=128)
+    patched = copy.deepcopy(reference)
+    want = train_losses(reference, 30, lr=1e-3)  # before patching: RoPE is patched module-wide
+    got = train_losses(medusa_liger.patch(patched), 30, lr=1e-3)
+    assert want[-1] < want[0]
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert abs(g - w) <= BF16_CURVE_ABS + 0.02 * abs(w), f"step {step}: patched {g} vs HF {w}"
