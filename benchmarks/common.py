@@ -16,6 +16,7 @@ import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -96,6 +97,20 @@ def bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def chunk_operands(C: int, H: int, V: int, dtype: torch.dtype) -> SimpleNamespace:
+    """The fused loss's per-chunk operands on DEVICE: hidden h [C, H], projection w [V, H], logits
+    z [C, V], hidden gradient dh [C, H], and zeroed weight-gradient accumulators acc32 (fp32) and
+    acc16 (``dtype``) [V, H]."""
+    return SimpleNamespace(
+        h=torch.randn(C, H, device=DEVICE, dtype=dtype),
+        w=torch.randn(V, H, device=DEVICE, dtype=dtype) * H**-0.5,
+        z=torch.randn(C, V, device=DEVICE, dtype=dtype),
+        dh=torch.empty(C, H, device=DEVICE, dtype=dtype),
+        acc32=torch.zeros(V, H, device=DEVICE, dtype=torch.float32),
+        acc16=torch.zeros(V, H, device=DEVICE, dtype=dtype),
+    )
 
 
 def free_memory() -> None:

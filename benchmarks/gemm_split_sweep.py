@@ -43,12 +43,8 @@ def set_backend(name: str) -> None:
 
 def products(C: int, H: int, V: int, dtype: torch.dtype, splits: list[int], rep: int) -> dict[tuple[str, int], float]:
     """Median ms of each product at chunk C, whole (split 1) and in `split` calls."""
-    h = torch.randn(C, H, device=DEVICE, dtype=dtype)
-    w = torch.randn(V, H, device=DEVICE, dtype=dtype) * H**-0.5
-    z = torch.randn(C, V, device=DEVICE, dtype=dtype)
-    dh = torch.empty(C, H, device=DEVICE, dtype=dtype)
-    acc32 = torch.zeros(V, H, device=DEVICE, dtype=torch.float32)
-    acc16 = torch.zeros(V, H, device=DEVICE, dtype=dtype)
+    o = common.chunk_operands(C, H, V, dtype)
+    h, w, z, dh, acc32, acc16 = o.h, o.w, o.z, o.dh, o.acc32, o.acc16
     ms = {}
     for split in splits:
         r_tok, r_voc = -(-C // split), -(-V // split)
@@ -56,7 +52,7 @@ def products(C: int, H: int, V: int, dtype: torch.dtype, splits: list[int], rep:
         ms[("dh", split)] = common.bench(lambda: chunking.mm_into(dh, z, w, False, r_tok), rep=rep)
         ms[("dW fp32 +=", split)] = common.bench(lambda: chunking.mm_into(acc32, z.t(), h, True, r_voc), rep=rep)
         ms[("dW bf16 +=", split)] = common.bench(lambda: chunking.mm_into(acc16, z.t(), h, True, r_voc), rep=rep)
-    del h, w, z, dh, acc32, acc16
+    del o, h, w, z, dh, acc32, acc16
     common.free_memory()
     return ms
 

@@ -49,12 +49,8 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 def components(C: int, H: int, V: int, dtype: torch.dtype, rep: int) -> dict[str, float]:
     """Median ms of each per-chunk piece at chunk size C (fresh buffers, freed afterwards)."""
-    h = torch.randn(C, H, device=DEVICE, dtype=dtype)
-    w = torch.randn(V, H, device=DEVICE, dtype=dtype) * H**-0.5
-    z = torch.empty(C, V, device=DEVICE, dtype=dtype)
-    dh = torch.empty(C, H, device=DEVICE, dtype=dtype)
-    acc32 = torch.zeros(V, H, device=DEVICE, dtype=torch.float32)
-    acc16 = torch.zeros(V, H, device=DEVICE, dtype=dtype)
+    o = common.chunk_operands(C, H, V, dtype)
+    h, w, z, dh, acc32, acc16 = o.h, o.w, o.z, o.dh, o.acc32, o.acc16
     labels = torch.randint(0, V, (C,), device=DEVICE)
     lse = torch.empty(C, device=DEVICE, dtype=torch.float32)
     loss = torch.empty(C, device=DEVICE, dtype=torch.float32)
@@ -90,7 +86,7 @@ def components(C: int, H: int, V: int, dtype: torch.dtype, rep: int) -> dict[str
             ms[f"row p{k}"] = float("nan")
         finally:
             CE.PERSISTENT_PROGRAMS_PER_SM = default
-    del h, w, z, dh, acc32, acc16, saved
+    del o, h, w, z, dh, acc32, acc16, saved
     common.free_memory()
     return ms
 

@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 
+from medusa_liger.heads.export import (  # one table of dtype names for every CLI
+    DTYPES,
+    parse_dtype,
+)
 from medusa_liger.inference.evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_PROMPTS,
@@ -22,9 +26,13 @@ from medusa_liger.inference.evaluate import (
     evaluate_heads,
     load_prompts,
 )
-from medusa_liger.heads.export import DTYPES, parse_dtype  # one table of dtype names for every CLI
 from medusa_liger.inference.tree import DEFAULT_TOP_K, DEFAULT_TREE_SIZE
-from medusa_liger.train.finish import EVAL_PROMPTS_FILE  # the run's held-out prompts
+from medusa_liger.run_layout import (
+    EVAL_PROMPTS_FILE,
+    FINAL_DIR,
+    FINAL_HEADS_PREFIX,
+    final_heads_dir,
+)
 
 
 def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
@@ -37,13 +45,13 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
     """
     from medusa_liger.heads.export import read_heads
 
-    final = Path(run_dir) / "final" if run_dir is not None else None
+    final = Path(run_dir) / FINAL_DIR if run_dir is not None else None
     if run_dir is not None and not Path(run_dir).is_dir():
         raise ValueError(f"run_dir {str(run_dir)!r} is not a directory")
     if heads is None:
         if final is None:
             raise ValueError("pass a run directory or --heads PATH (a directory written by save_heads)")
-        found = sorted(final.glob("heads_*"), key=lambda p: p.name != "heads_medusa")
+        found = sorted(final.glob(FINAL_HEADS_PREFIX + "*"), key=lambda p: p.name != final_heads_dir("medusa"))
         if not found:
             raise ValueError(f"{final} holds no heads_* directory; pass --heads PATH")
         heads = found[0]

@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from medusa_liger.heads.export import write_backbone
+from medusa_liger.run_layout import (
+    CONFIG_FILE,
+    EVAL_PROMPTS_FILE,
+    PLOT_FILE,
+    final_heads_dir,
+)
 from medusa_liger.train.build import export_dtype
 from medusa_liger.train.config import Config
 from medusa_liger.train.data import IGNORE_INDEX
 from medusa_liger.train.logging import read_metrics
 from medusa_liger.train.packing import PackedData, most_common_target_frequency
-
-EVAL_PROMPTS_FILE = "eval_prompts.jsonl"  # in the run directory; ``medusa-liger eval RUN_DIR`` reads it
 
 
 def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
@@ -32,7 +36,7 @@ def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
     base_name = str((final / "backbone").resolve()) if save_backbone else cfg.model.name_or_path
     paths = {}
     for fmt in cfg.export.formats:
-        paths[f"heads_{fmt}"] = model.save_heads(final / f"heads_{fmt}", format=fmt, dtype=dtype,
+        paths[final_heads_dir(fmt)] = model.save_heads(final / final_heads_dir(fmt), format=fmt, dtype=dtype,
                                                  save_backbone=False, base_model_name_or_path=base_name)
     if save_backbone:
         paths["backbone"] = write_backbone(model.backbone, final / "backbone", dtype)
@@ -85,9 +89,9 @@ def finish_run(cfg: Config, model, tokenizer, logger, eval_data, *, eval_metrics
 
     paths.update(export_final(model, tokenizer, cfg, final))
     from medusa_liger.train.plot import plot_metrics
-    paths["plot"] = plot_metrics(records, out / "plot.png", baseline=baseline, title=cfg.name)
+    paths["plot"] = plot_metrics(records, out / PLOT_FILE, baseline=baseline, title=cfg.name)
     paths["metrics"] = logger.path
-    paths["config"] = out / "config.yaml"
+    paths["config"] = out / CONFIG_FILE
     summary["seconds"] = time.perf_counter() - started
     logger.summary(summary)
     return summary, paths

@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from medusa_liger.run_layout import METRICS_FILE
+
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
     """Keep only the records of ``path`` with ``step <= last_step`` (for a resumed run).
@@ -77,7 +79,7 @@ class MetricsLogger:
     def __init__(self, output_dir: str | Path, total_steps: int, start_step: int, *, wandb_mode: str,
                  wandb_project: str, run_name: str, config: dict, progress: bool, every: int,
                  wandb_id: str | None = None) -> None:
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         truncate_metrics(self.path, start_step)
         self.every = every
         self.file = self.path.open("a", encoding="utf-8")

@@ -51,6 +51,7 @@ import torch
 from medusa_liger.heads import MedusaConfig
 from medusa_liger.heads.export import read_heads
 from medusa_liger.kernels.cross_entropy import row_targets
+from medusa_liger.run_layout import CHECKPOINTS_DIR, CONFIG_FILE, FINAL_DIR
 from medusa_liger.train import distributed
 from medusa_liger.train.build import (
     autocast_dtype,
@@ -270,7 +271,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     main = distributed.is_main()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / CONFIG_FILE)
     amp = autocast_dtype(cfg, device)
 
     # Data and model (the tiny tokenizer is trained on the same examples the run trains on).
@@ -298,7 +299,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     scheduler = build_scheduler(cfg, optimizer)
 
     # Resume: parameters, optimizer, schedule, RNG and data position from the newest checkpoint.
-    ckpt_root = out / "checkpoints"
+    ckpt_root = out / CHECKPOINTS_DIR
     start_step, wandb_id = 0, None
     resume_dir = find_resume_checkpoint(cfg.train.resume, ckpt_root)
     distributed.barrier()  # every rank has chosen before rank 0 may delete old checkpoints below
@@ -355,7 +356,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         _set_stage(model, cfg, cfg.train.steps)
         model.eval()
         eval_metrics = {} if eval_data is None else evaluate(model, eval_data, cfg.train.micro_batch_size, device, amp)
-        final, summary, paths = out / "final", {}, {}
+        final, summary, paths = out / FINAL_DIR, {}, {}
         if main:
             summary, paths = finish_run(cfg, model, tokenizer, logger, eval_data, eval_metrics=eval_metrics,
                                      baseline=baseline, final=final, started=started)

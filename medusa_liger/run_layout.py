@@ -1,0 +1,26 @@
+"""Names inside a training run's directory, shared by the trainer that writes them and by the
+evaluator and exporter that read them (so neither side imports the other):
+
+    RUN_DIR/config.yaml                   the resolved config
+    RUN_DIR/metrics.jsonl                 one record per logged step
+    RUN_DIR/plot.png                      loss and accuracy curves
+    RUN_DIR/eval_prompts.jsonl            prompts of the held-out documents (``medusa-liger eval`` reads them)
+    RUN_DIR/checkpoints/step-N/           resumable checkpoints
+    RUN_DIR/final/heads_<format>/         exported heads, one directory per format
+    RUN_DIR/final/backbone/               the backbone, when exported
+"""
+
+from __future__ import annotations
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "plot.png"
+EVAL_PROMPTS_FILE = "eval_prompts.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+FINAL_HEADS_PREFIX = "heads_"  # + format: final/heads_medusa, final/heads_vllm
+
+
+def final_heads_dir(format: str) -> str:
+    """Name of the final export's heads directory for ``format`` ("medusa" or "vllm")."""
+    return FINAL_HEADS_PREFIX + format
