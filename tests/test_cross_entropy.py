@@ -200,6 +200,32 @@ def test_gpu_persistent_grid_llama_vocab_bf16(monkeypatch):
     _check("triton", 700, 128256, torch.bfloat16, "mean", {"label_smoothing": 0.1})
 
 
+def _one_launch_rows(N, V, dtype, options, seed=0):
+    """ce_rows as the fused loss runs it (both passes in one launch): (loss, lse, correct, gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(N, V, generator=g) * 3).to(DEVICE, dtype)
+    labels = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    loss, lse = torch.empty(N, device=DEVICE), torch.empty(N, device=DEVICE)
+    correct = torch.empty(N, dtype=torch.int32, device=DEVICE)
+    scale = torch.full((1,), 0.5, device=DEVICE)
+    ce_rows(z, labels, scale=scale, lse=lse, loss=loss, correct=correct, compute_lse=True, write_grad=True, **options)
+    return loss, lse, correct, z
+
+
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[-1]], ids=["plain", "all"])
+def test_l2_hints_change_nothing_but_caching(monkeypatch, options):
+    """L2_HINTS (evict-last / evict-first loads and stores) gives bit-identical results."""
+    ce = importlib.import_module("medusa_liger.kernels.cross_entropy")
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    N, V = (700, 128256) if HAS_CUDA else (13, 1100)
+    with force_backend("triton"):
+        want = _one_launch_rows(N, V, dtype, options)
+        monkeypatch.setattr(ce, "L2_HINTS", True)
+        got = _one_launch_rows(N, V, dtype, options)
+    for name, a, b in zip(("loss", "lse", "correct", "gradient"), got, want):
+        assert torch.equal(a, b), name
+
+
 def _neg_inf_logits(pattern, N=4, V=1100):
     """Logits with -inf entries and labels that never target one (so the loss stays finite)."""
     g = torch.Generator().manual_seed(1)

@@ -50,6 +50,9 @@ _TORCH_ROWS_PER_STEP = 4096  # rows per step of the PyTorch path (bounds its fp3
 # the rows (fewer rows in flight, so pass 2 may re-read them from L2). An experiment the profile
 # (benchmarks/profile_medusa_loss.py) measures both ways; the default stays one program per row.
 PERSISTENT_PROGRAMS_PER_SM = 0
+# L2 hints: pass 1 loads the row evict-last (pass 2 reads it again), pass 2 loads and stores it
+# evict-first (never read again here). An experiment (benchmarks/tune_row_kernel.py); off by default.
+L2_HINTS = False
 _CPU_MULTIPROCESSORS = 4  # the interpreter's stand-in, so CPU tests run the striding loop
 
 
@@ -77,9 +80,15 @@ if triton is not None:
 
     @triton.jit
     def _load_row_block(row_ptr, bias_ptr, cols, mask, other, softcap,
-                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVICT: tl.constexpr):
         # One block of the row in fp32: x (+ bias), soft-capped; masked columns get ``other``.
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        # EVICT: the L2 hint of the load (0 none, 1 evict-last, 2 evict-first).
+        if EVICT == 1:
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        elif EVICT == 2:
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        else:
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
@@ -93,7 +102,7 @@ if triton is not None:
         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, L2_HINTS: tl.constexpr,
     ):
         """Row ``pid`` (int64) of the logits; global row n = row_ids[pid] if given, else row_start + pid."""
         row_ptr = logits_ptr + pid * logits_row_stride
@@ -124,7 +133,8 @@ if triton is not None:
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
-                y = _load_row_block(row_ptr, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP)
+                y = _load_row_block(row_ptr, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
+                                    1 if L2_HINTS and WRITE_GRAD else 0)
                 block_max = tl.max(y, 0)
                 m_new = tl.maximum(m, block_max)
                 # Safe max: while every logit so far is -inf (masked or padded vocabulary, a -inf
@@ -166,14 +176,18 @@ if triton is not None:
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
-                y = _load_row_block(row_ptr, bias_ptr, cols, mask, 0.0, softcap, HAS_BIAS, HAS_SOFTCAP)
+                y = _load_row_block(row_ptr, bias_ptr, cols, mask, 0.0, softcap, HAS_BIAS, HAS_SOFTCAP,
+                                    2 if L2_HINTS else 0)
                 g = tl.exp(y - lse) * p_scale - label_smoothing / n_cols
                 g = tl.where(cols == target, g - (1.0 - label_smoothing), g)
                 if HAS_SOFTCAP:
                     c = y / softcap
                     g = g * (1.0 - c * c)
                 g = tl.where(valid, g * scale, 0.0)
-                tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+                if L2_HINTS:
+                    tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+                else:
+                    tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def ce_row_kernel(
@@ -182,7 +196,7 @@ if triton is not None:
         n_rows, row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PERSISTENT: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PERSISTENT: tl.constexpr, L2_HINTS: tl.constexpr,
     ):
         """One program per row, or (PERSISTENT) a grid of few programs striding over the rows, so
         fewer rows are in flight and pass 2's re-read of a row can still find it in L2."""
@@ -192,13 +206,13 @@ if triton is not None:
                         scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
                         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
                         HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
-                        WRITE_GRAD, HAS_ROW_IDS, BLOCK)
+                        WRITE_GRAD, HAS_ROW_IDS, BLOCK, L2_HINTS)
         else:
             _ce_row(tl.program_id(0).to(tl.int64), logits_ptr, logits_row_stride, labels_ptr, segment_ptr,
                     bias_ptr, scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
                     row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
                     HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
-                    WRITE_GRAD, HAS_ROW_IDS, BLOCK)
+                    WRITE_GRAD, HAS_ROW_IDS, BLOCK, L2_HINTS)
 
 
 def row_targets(
@@ -310,7 +324,8 @@ def ce_rows(
         HAS_BIAS=bias is not None, HAS_SEGMENTS=segment_ids is not None, HAS_SOFTCAP=softcap is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         COMPUTE_LSE=compute_lse, STORE_CORRECT=correct is not None, WRITE_GRAD=write_grad,
-        HAS_ROW_IDS=row_ids is not None, BLOCK=block, PERSISTENT=programs < rows, num_warps=num_warps,
+        HAS_ROW_IDS=row_ids is not None, BLOCK=block, PERSISTENT=programs < rows, L2_HINTS=L2_HINTS,
+        num_warps=num_warps,
     )
 
 
