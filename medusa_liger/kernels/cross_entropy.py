@@ -184,11 +184,11 @@ if triton is not None:
                 if HAS_SOFTCAP:
                     c = y / softcap
                     g = g * (1.0 - c * c)
-                g = tl.where(valid, g * scale, 0.0)
+                g = tl.where(valid, g * scale, 0.0).to(logits_ptr.dtype.element_ty)
                 if L2_HINTS:
-                    tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+                    tl.store(row_ptr + cols, g, mask=mask, eviction_policy="evict_first")
                 else:
-                    tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+                    tl.store(row_ptr + cols, g, mask=mask)
 
     @triton.jit
     def ce_row_kernel(
