@@ -25,6 +25,7 @@ import torch
 from medusa_liger.heads.export import (
     BACKBONE_SUBDIR,
     DTYPES,
+    FORMATS,
     HeadsCheckpoint,
     check_backbone_matches,
     check_format,
@@ -35,14 +36,15 @@ from medusa_liger.heads.export import (
     write_backbone,
     write_heads,
 )
+from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, final_heads_dir
 
 EXPORT_FORMATS = ("medusa", "vllm", "both")
 EXPORT_DTYPES = tuple(DTYPES)  # bf16 / bfloat16, fp16 / float16, fp32 / float32 alike
 
 
-# Where a heads directory may sit inside a run's directory: the directory itself, ``heads/``, or
-# the ``heads_<format>/`` directories the training loop writes in its final output.
-HEADS_SUBDIRS = ("", "heads", "heads_medusa", "heads_vllm")
+# Where a heads directory may sit inside a run's directory: the directory itself, a checkpoint's
+# ``heads/``, or the ``heads_<format>/`` directories the training loop writes in its final output.
+HEADS_SUBDIRS = ("", CHECKPOINT_HEADS_DIR, *(final_heads_dir(format) for format in FORMATS))
 
 
 def find_heads_dir(checkpoint_dir: str | Path) -> Path:

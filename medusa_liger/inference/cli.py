@@ -43,7 +43,7 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
     backbone was trained or built there, ``final/backbone``; otherwise the heads' recorded base
     model is used.
     """
-    from medusa_liger.heads.export import read_heads
+    from medusa_liger.heads.export import BACKBONE_SUBDIR, read_heads
 
     final = Path(run_dir) / FINAL_DIR if run_dir is not None else None
     if run_dir is not None and not Path(run_dir).is_dir():
@@ -59,10 +59,10 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
     if not heads.is_dir():
         raise ValueError(f"heads {str(heads)!r} is not a directory")
     if backbone is None:
-        if final is not None and (final / "backbone").is_dir():
-            backbone = final / "backbone"
-        elif (heads / "backbone").is_dir():
-            backbone = heads / "backbone"
+        if final is not None and (final / BACKBONE_SUBDIR).is_dir():
+            backbone = final / BACKBONE_SUBDIR
+        elif (heads / BACKBONE_SUBDIR).is_dir():
+            backbone = heads / BACKBONE_SUBDIR
         else:
             backbone = read_heads(heads).base_model_name_or_path
             if not backbone:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medusa_liger.heads.export import write_backbone
+from medusa_liger.heads.export import BACKBONE_SUBDIR, write_backbone
 from medusa_liger.run_layout import (
     CONFIG_FILE,
     EVAL_PROMPTS_FILE,
@@ -33,14 +33,15 @@ def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
     built_here = cfg.model.name_or_path == "tiny"
     save_backbone = cfg.export.backbone == "always" or (
         cfg.export.backbone == "auto" and (built_here or cfg.train.mode == "joint"))
-    base_name = str((final / "backbone").resolve()) if save_backbone else cfg.model.name_or_path
+    backbone_dir = final / BACKBONE_SUBDIR
+    base_name = str(backbone_dir.resolve()) if save_backbone else cfg.model.name_or_path
     paths = {}
     for fmt in cfg.export.formats:
         paths[final_heads_dir(fmt)] = model.save_heads(final / final_heads_dir(fmt), format=fmt, dtype=dtype,
-                                                 save_backbone=False, base_model_name_or_path=base_name)
+                                                       save_backbone=False, base_model_name_or_path=base_name)
     if save_backbone:
-        paths["backbone"] = write_backbone(model.backbone, final / "backbone", dtype)
-        tokenizer.save_pretrained(str(final / "backbone"))
+        paths["backbone"] = write_backbone(model.backbone, backbone_dir, dtype)
+        tokenizer.save_pretrained(str(backbone_dir))
     return paths
 
 

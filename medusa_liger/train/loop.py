@@ -51,7 +51,12 @@ import torch
 from medusa_liger.heads import MedusaConfig
 from medusa_liger.heads.export import read_heads
 from medusa_liger.kernels.cross_entropy import row_targets
-from medusa_liger.run_layout import CHECKPOINTS_DIR, CONFIG_FILE, FINAL_DIR
+from medusa_liger.run_layout import (
+    CHECKPOINT_HEADS_DIR,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    FINAL_DIR,
+)
 from medusa_liger.train import distributed
 from medusa_liger.train.build import (
     autocast_dtype,
@@ -307,13 +312,13 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     other_params = {name: p for name, p in params.items() if not name.startswith("heads.")}
 
     def write_heads(directory: Path) -> None:
-        model.save_heads(directory / "heads", format="medusa", save_backbone=False,
+        model.save_heads(directory / CHECKPOINT_HEADS_DIR, format="medusa", save_backbone=False,
                          base_model_name_or_path=cfg.model.name_or_path)
 
     if resume_dir is not None:
         state = load_checkpoint(resume_dir, other_params, optimizer, scheduler, rank=distributed.rank())
         with torch.no_grad():
-            model.heads.load_state_dict(read_heads(resume_dir / "heads").tensors, strict=True)
+            model.heads.load_state_dict(read_heads(resume_dir / CHECKPOINT_HEADS_DIR).tensors, strict=True)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         loader.load_state_dict(state["data"])
     elif ckpt_root.is_dir() and main:  # a fresh start: another run's checkpoints go (with a warning)
@@ -359,7 +364,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         final, summary, paths = out / FINAL_DIR, {}, {}
         if main:
             summary, paths = finish_run(cfg, model, tokenizer, logger, eval_data, eval_metrics=eval_metrics,
-                                     baseline=baseline, final=final, started=started)
+                                        baseline=baseline, final=final, started=started)
     distributed.barrier()  # the other ranks return once rank 0's exports exist
     if main:
         # After the logger closed (wandb prints its own report on finish), so the summary comes last.
