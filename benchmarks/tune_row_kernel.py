@@ -10,7 +10,8 @@ C = 4096 and 2048 rows of V = 128256 bf16 for every combination of
     L2 hints               pass 1 loads evict-last, pass 2 loads and stores evict-first
 
 reports ms and GB/s (three crossings counted, so above the copy bandwidth means pass 2 hit L2) next
-to the copy bandwidth of the same run, and checks each config's gradient against the default's.
+to the copy bandwidth of the same run, and checks each config's gradient against the one of the
+default launch with plain loads and stores.
 
     python benchmarks/tune_row_kernel.py          # H100: about a minute
     python benchmarks/tune_row_kernel.py --quick  # small shapes, a few configs (also on CPU)
@@ -84,7 +85,7 @@ def main() -> None:
             except Exception as exc:  # a config that does not compile is recorded, not fatal
                 print(f"C={C} {block}x{nw} p{k} hints={hints}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
                 continue
-            mark = " (default)" if (block, nw, k, hints) == (*default, 0, False) else ""
+            mark = " (default)" if (block, nw, k, hints) == (*default, 0, CE.L2_HINTS) else ""
             rows.append([C, f"{block} x {nw}{mark}", "per row" if k == 0 else f"{k}/SM", "on" if hints else "off",
                          f"{ms:.3f}", f"{crossing / ms / 1e6:.0f}" if ms > 0 else "-", "ok" if ok else "DIFFERS"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
@@ -94,7 +95,7 @@ def main() -> None:
     notes = [f"V={V}, {str(common.DTYPE).replace('torch.', '')}; copy bandwidth in this run {bw:.0f} GB/s "
              "(read + write). GB/s counts three crossings of the chunk (pass 1 read, pass 2 read + write): above "
              "the copy bandwidth means pass 2 found rows in L2. do_bench medians (L2 flushed), the restoring copy "
-             "subtracted. 'gradient': bit-equal (or within 1e-6) to the default config's."]
+             "subtracted. 'gradient': bit-equal (or within 1e-6) to the default launch's with plain loads and stores."]
     common.write_table("tune_row_kernel" + ("_quick" if args.quick else ""), "Cross-entropy row kernel: launch sweep",
                        ["chunk C", "BLOCK x warps", "programs", "L2 hints", "ms", "GB/s", "gradient"], rows, notes)
 

@@ -13,8 +13,9 @@ makes the row *ignored*):
 Ignored rows have loss 0 and gradient 0.
 Logits may be -inf (a masked or padded vocabulary, a -inf bias): they get probability 0 and
 gradient 0 (``-eps / V`` with smoothing), as in F.cross_entropy; with label_smoothing > 0 the
-loss of a row holding a -inf logit is +inf (mean_j y_j = -inf), again as F.cross_entropy gives. "mean" divides by the number of valid rows, counted on
-the device (no host sync); with no valid row the loss is 0, never NaN.
+loss of a row holding a -inf logit is +inf (mean_j y_j = -inf), again as F.cross_entropy gives.
+"mean" divides by the number of valid rows, counted on the device (no host sync); with no valid
+row the loss is 0, never NaN.
 
 One Triton row kernel does every variant: pass 1 reads the row once (lse, target logit, smoothing
 sum, argmax); pass 2 (optional) re-reads it and overwrites it with the gradient times a per-row
@@ -83,13 +84,8 @@ if triton is not None:
     def _load_row_block(row_ptr, bias_ptr, cols, mask, other, softcap,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVICT: tl.constexpr):
         # One block of the row in fp32: x (+ bias), soft-capped; masked columns get ``other``.
-        # EVICT: the L2 hint of the load (0 none, 1 evict-last, 2 evict-first).
-        if EVICT == 1:
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        elif EVICT == 2:
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        else:
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        # EVICT: the load's L2 eviction policy ("" for the default).
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
         if HAS_BIAS:
             x += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
@@ -103,9 +99,11 @@ if triton is not None:
         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, L2_HINTS: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PASS1_EVICT: tl.constexpr, PASS2_EVICT: tl.constexpr,
     ):
-        """Row ``pid`` (int64) of the logits; global row n = row_ids[pid] if given, else row_start + pid."""
+        """Row ``pid`` (int64) of the logits; global row n = row_ids[pid] if given, else row_start + pid.
+        PASS1_EVICT / PASS2_EVICT: the L2 eviction policies of pass 1's loads and pass 2's loads and
+        stores ("" for the default)."""
         row_ptr = logits_ptr + pid * logits_row_stride
         # Target of global row n (position t of its sequence): labels[n + shift] when t + shift
         # stays inside the sequence (and, packed, inside the same segment). Masked loads keep an
@@ -135,7 +133,7 @@ if triton is not None:
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
                 y = _load_row_block(row_ptr, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
-                                    1 if L2_HINTS and WRITE_GRAD else 0)
+                                    PASS1_EVICT)
                 block_max = tl.max(y, 0)
                 m_new = tl.maximum(m, block_max)
                 # Safe max: while every logit so far is -inf (masked or padded vocabulary, a -inf
@@ -178,17 +176,14 @@ if triton is not None:
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
                 y = _load_row_block(row_ptr, bias_ptr, cols, mask, 0.0, softcap, HAS_BIAS, HAS_SOFTCAP,
-                                    2 if L2_HINTS else 0)
+                                    PASS2_EVICT)
                 g = tl.exp(y - lse) * p_scale - label_smoothing / n_cols
                 g = tl.where(cols == target, g - (1.0 - label_smoothing), g)
                 if HAS_SOFTCAP:
                     c = y / softcap
                     g = g * (1.0 - c * c)
-                g = tl.where(valid, g * scale, 0.0).to(logits_ptr.dtype.element_ty)
-                if L2_HINTS:
-                    tl.store(row_ptr + cols, g, mask=mask, eviction_policy="evict_first")
-                else:
-                    tl.store(row_ptr + cols, g, mask=mask)
+                g = tl.where(valid, g * scale, 0.0)
+                tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask, eviction_policy=PASS2_EVICT)
 
     @triton.jit
     def ce_row_kernel(
@@ -197,7 +192,8 @@ if triton is not None:
         n_rows, row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PERSISTENT: tl.constexpr, L2_HINTS: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PERSISTENT: tl.constexpr, PASS1_EVICT: tl.constexpr,
+        PASS2_EVICT: tl.constexpr,
     ):
         """One program per row, or (PERSISTENT) a grid of few programs striding over the rows, so
         fewer rows are in flight and pass 2's re-read of a row can still find it in L2."""
@@ -207,13 +203,13 @@ if triton is not None:
                         scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
                         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
                         HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
-                        WRITE_GRAD, HAS_ROW_IDS, BLOCK, L2_HINTS)
+                        WRITE_GRAD, HAS_ROW_IDS, BLOCK, PASS1_EVICT, PASS2_EVICT)
         else:
             _ce_row(tl.program_id(0).to(tl.int64), logits_ptr, logits_row_stride, labels_ptr, segment_ptr,
                     bias_ptr, scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
                     row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
                     HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
-                    WRITE_GRAD, HAS_ROW_IDS, BLOCK, L2_HINTS)
+                    WRITE_GRAD, HAS_ROW_IDS, BLOCK, PASS1_EVICT, PASS2_EVICT)
 
 
 def row_targets(
@@ -310,6 +306,9 @@ def ce_rows(
             )
         return
     block, num_warps = launch_config(V, logits.device)
+    # L2 hints: keep the row for pass 2 when it follows in this launch; pass 2 is its last reader.
+    pass1_evict = "evict_last" if L2_HINTS and write_grad else ""
+    pass2_evict = "evict_first" if L2_HINTS else ""
     programs = rows
     if PERSISTENT_PROGRAMS_PER_SM > 0:
         programs = min(rows, PERSISTENT_PROGRAMS_PER_SM * _multiprocessors(logits.device))
@@ -325,8 +324,8 @@ def ce_rows(
         HAS_BIAS=bias is not None, HAS_SEGMENTS=segment_ids is not None, HAS_SOFTCAP=softcap is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         COMPUTE_LSE=compute_lse, STORE_CORRECT=correct is not None, WRITE_GRAD=write_grad,
-        HAS_ROW_IDS=row_ids is not None, BLOCK=block, PERSISTENT=programs < rows, L2_HINTS=L2_HINTS,
-        num_warps=num_warps,
+        HAS_ROW_IDS=row_ids is not None, BLOCK=block, PERSISTENT=programs < rows,
+        PASS1_EVICT=pass1_evict, PASS2_EVICT=pass2_evict, num_warps=num_warps,
     )
 
 
