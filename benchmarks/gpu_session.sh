@@ -22,6 +22,7 @@ for stage in "$@"; do
     patching)    timeout 300 python3 benchmarks/patching.py 2>&1 | tee "$OUT/bench_patching.log" | tail -40 || status=1 ;;
     profile)     timeout 300 python3 benchmarks/profile_medusa_loss.py 2>&1 | tee "$OUT/bench_profile.log" | tail -30 || status=1 ;;
     gemm_split)  timeout 420 python3 benchmarks/gemm_split_sweep.py 2>&1 | tee "$OUT/bench_gemm_split.log" | tail -40 || status=1 ;;
+    chunk_sweep) timeout 420 python3 benchmarks/chunk_sweep.py 2>&1 | tee "$OUT/bench_chunk_sweep.log" | tail -40 || status=1 ;;
     tune_row)    timeout 420 python3 benchmarks/tune_row_kernel.py 2>&1 | tee "$OUT/bench_tune_row.log" | tail -70 || status=1 ;;
     quick)       for b in kernels medusa_loss patching; do timeout 120 python3 benchmarks/$b.py --quick 2>&1 | tail -30; done ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;

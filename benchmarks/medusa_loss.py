@@ -131,11 +131,13 @@ def make_cce() -> Callable[[Problem], torch.Tensor] | None:
     return cce
 
 
-def make_ours(accum_dtype: torch.dtype, skip_ignored: bool = False) -> Callable[[Problem], torch.Tensor]:
+def make_ours(accum_dtype: torch.dtype, skip_ignored: bool = False,
+              chunk_size: int | None = None) -> Callable[[Problem], torch.Tensor]:
     def ours(p: Problem) -> torch.Tensor:
         hidden = [block(p.x) for block in p.blocks]
         return multi_head_linear_cross_entropy(hidden, p.weights, p.labels, p.shifts, p.head_weights,
-                                               accum_dtype=accum_dtype, skip_ignored=skip_ignored).loss
+                                               accum_dtype=accum_dtype, skip_ignored=skip_ignored,
+                                               chunk_size=chunk_size).loss
 
     return ours
 
