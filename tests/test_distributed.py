@@ -4,7 +4,7 @@ Two ranks with micro-batch 2 read, per step, the rows one process reads with mic
 grad_accum 2 (``PackedLoader`` hands rank r the r-th micro-batch of each global draw); with the
 token counts summed over ranks and the gradients summed after the backward passes, the two runs
 must log the same losses and end with the same heads. Rank 0 alone writes; a 2-rank run resumed
-from a checkpoint continues with the same losses.
+from a checkpoint, with its optimizer state sharded over the ranks, continues with the same losses.
 """
 
 from __future__ import annotations
@@ -121,7 +121,17 @@ def test_two_ranks_match_one_process_with_accumulation_and_resume(tmp_path):
         assert (step / "rng.pt").is_file() and (step / "rng-rank1.pt").is_file()
         assert not (step / "rng-rank2.pt").exists()
 
-    # Two ranks resumed from the step-2 checkpoint log steps 3-4 exactly as the straight run did.
-    resumed = finish(launch(tmp_path / "resumed", f"train.resume={ckpts / 'step-000002'}"))
-    assert "resumed from" in resumed
+    # Two ranks resumed from the step-2 checkpoint log steps 3-4 exactly as the straight run did, here
+    # with AdamW's state sharded over the ranks (ZeRO-1): the unsharded checkpoint loads into the
+    # sharded optimizer, the updates are the same, and the step-4 checkpoint it writes (gathered on
+    # rank 0) holds the unsharded run's optimizer state.
+    resumed = finish(launch(tmp_path / "resumed", f"train.resume={ckpts / 'step-000002'}", "train.shard_optimizer=true"))
+    assert "resumed from" in resumed and "optimizer state sharded over 2 ranks" in resumed
     assert compared(tmp_path / "resumed") == compared(tmp_path / "ddp")[2:]
+    sharded, plain = (torch.load(d / "checkpoints" / "step-000004" / "optimizer.pt", weights_only=False)
+                      for d in (tmp_path / "resumed", tmp_path / "ddp"))
+    assert sharded["param_groups"] == plain["param_groups"]
+    assert sorted(sharded["state"]) == sorted(plain["state"]) and plain["state"]
+    for index, state in plain["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(sharded["state"][index][key], value, rtol=0, atol=0)

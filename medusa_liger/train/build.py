@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from medusa_liger.heads.export import DTYPES  # one table of dtype names (the config allows three of them)
+from medusa_liger.train import distributed
 from medusa_liger.train.config import Config
 
 
@@ -138,8 +139,9 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def build_optimizer(cfg: Config, model) -> torch.optim.AdamW:
-    """AdamW over groups heads/backbone x decay/no_decay (empty groups left out)."""
+def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    """AdamW over groups heads/backbone x decay/no_decay (empty groups left out); its state sharded
+    over the ranks (``distributed.sharded_optimizer``) with ``train.shard_optimizer`` under torchrun."""
     groups: dict[tuple[str, bool], list] = {}
     for name, param in trainable_parameters(model).items():
         kind = "heads" if _is_head_param(name) else "backbone"
@@ -153,7 +155,10 @@ def build_optimizer(cfg: Config, model) -> torch.optim.AdamW:
         })
     if not param_groups:
         raise ValueError("nothing to train: no parameter requires a gradient")
-    return torch.optim.AdamW(param_groups, betas=tuple(cfg.train.betas), fused=False, foreach=None)
+    options = dict(betas=tuple(cfg.train.betas), fused=False, foreach=None)
+    if cfg.train.shard_optimizer and distributed.is_distributed():
+        return distributed.sharded_optimizer(param_groups, torch.optim.AdamW, **options)
+    return torch.optim.AdamW(param_groups, **options)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -111,6 +111,10 @@ class TrainConfig:
     # master copy, which AdamW updates). float32 keeps the small updates that bf16's 8 mantissa bits
     # round away, on any backbone dtype; auto: model.dtype. The backbone's own weights stay in model.dtype.
     master_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # Under torchrun: each rank keeps AdamW's state (2x the trainable parameters, in master_dtype) for
+    # about 1/world_size of the trainable tensors and broadcasts its updated tensors after the step
+    # (ZeRO stage 1). Same updates; no effect in a single process.
+    shard_optimizer: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     threads: int | None = None  # torch CPU threads
     resume: str = "none"  # none, auto (newest checkpoint in output_dir) or a checkpoint directory

@@ -339,6 +339,9 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                      + (f" x {world} ranks" if world > 1 else "")
                      + (f"; resumed from {resume_dir}" if resume_dir is not None else ""))
         logger.write(_precision_line(cfg, amp))
+        if cfg.train.shard_optimizer:
+            logger.write(f"optimizer state sharded over {world} ranks (ZeRO-1)" if world > 1 else
+                         "train.shard_optimizer: one process, nothing to shard")
         for step in range(start_step, cfg.train.steps):
             step_start = time.perf_counter()
             stage = _set_stage(model, cfg, step)
@@ -352,6 +355,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             done = step + 1
             if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
                 rng_states = distributed.all_gather_objects(rng_state())  # each rank resumes its own streams
+                distributed.consolidate_optimizer(optimizer)  # a sharded AdamW's state, gathered on rank 0
                 if main:
                     save_checkpoint(ckpt_root, done, other_params, optimizer, scheduler,
                                     {"data": loader.state_dict(), "wandb_id": logger.wandb_id,
