@@ -22,6 +22,7 @@ from medusa_liger.heads.export import read_heads
 from medusa_liger.kernels import force_backend
 from medusa_liger.train import distributed
 from medusa_liger.train.config import load_config
+from medusa_liger.train.finish import format_summary
 from medusa_liger.train.logging import read_metrics
 from medusa_liger.train.loop import train
 from medusa_liger.train.packing import PackedData, PackedLoader
@@ -135,3 +136,58 @@ def test_two_ranks_match_one_process_with_accumulation_and_resume(tmp_path):
     for index, state in plain["state"].items():
         for key, value in state.items():
             torch.testing.assert_close(sharded["state"][index][key], value, rtol=0, atol=0)
+
+
+def _close(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            if isinstance(ra[key], float):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), key
+            else:
+                assert ra[key] == rb[key], key
+
+
+def test_fsdp_ranks_match_one_process_and_resume(tmp_path):
+    # FSDP2 over 2 ranks (the tiny joint run: every decoder layer a unit, the whole backbone and the
+    # heads trained) against one process with grad_accum 2. The gradients are the same sums, but the
+    # gradient norm is summed shard by shard, so the runs agree to rounding, not bit for bit.
+    # 85 held-out rows: the last evaluation round has rows for rank 0 only, so rank 1 must still run
+    # a forward (FSDP gathers each layer from every rank) and count nothing.
+    held_out = "data.eval_fraction=0.15"
+    sharded = launch(tmp_path / "fsdp", "train.fsdp=true", held_out)
+    with force_backend("torch"):
+        single = train(load_config(TINY, [*RUN, f"output_dir={tmp_path / 'single'}", "train.grad_accum=2", held_out]))
+    output = finish(sharded)
+    assert "85 held out" in output
+    assert "sharded over 2 ranks (FSDP2: 2 decoder-layer units and the root)" in output
+    _close(compared(tmp_path / "fsdp"), compared(tmp_path / "single"))
+    held_out_line = next(line for line in format_summary(single.summary, single.paths, 3).splitlines()
+                         if line.startswith("held-out"))
+    assert held_out_line in output.splitlines()
+
+    # Exports and checkpoints hold whole tensors, as one process writes them.
+    single_heads = read_heads(tmp_path / "single" / "final" / "heads_medusa").tensors
+    for name, tensor in read_heads(tmp_path / "fsdp" / "final" / "heads_medusa").tensors.items():
+        torch.testing.assert_close(tensor, single_heads[name], rtol=1e-4, atol=1e-6)
+    from safetensors.torch import load_file
+
+    single_backbone = load_file(str(tmp_path / "single" / "final" / "backbone" / "model.safetensors"))
+    for name, tensor in load_file(str(tmp_path / "fsdp" / "final" / "backbone" / "model.safetensors")).items():
+        torch.testing.assert_close(tensor, single_backbone[name], rtol=1e-4, atol=1e-6)
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step-000004"
+    state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    reference = torch.load(tmp_path / "single" / "checkpoints" / "step-000004" / "optimizer.pt", weights_only=False)
+    assert sorted(state["state"]) == sorted(reference["state"])
+    for index, entry in reference["state"].items():
+        for key, value in entry.items():
+            assert type(state["state"][index][key]) is torch.Tensor  # not a DTensor
+            torch.testing.assert_close(state["state"][index][key], value, rtol=1e-3, atol=1e-7)
+
+    # Resumed from its step-2 checkpoint (whole tensors, sharded again on load), the FSDP run logs
+    # steps 3-4 exactly as it did straight through.
+    ckpts = tmp_path / "fsdp" / "checkpoints"
+    resumed = finish(launch(tmp_path / "resumed", f"train.resume={ckpts / 'step-000002'}", "train.fsdp=true", held_out))
+    assert "resumed from" in resumed
+    assert compared(tmp_path / "resumed") == compared(tmp_path / "fsdp")[2:]

@@ -156,7 +156,7 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     if not param_groups:
         raise ValueError("nothing to train: no parameter requires a gradient")
     options = dict(betas=tuple(cfg.train.betas), fused=False, foreach=None)
-    if cfg.train.shard_optimizer and distributed.is_distributed():
+    if cfg.train.shard_optimizer and not cfg.train.fsdp and distributed.is_distributed():  # FSDP shards it already
         return distributed.sharded_optimizer(param_groups, torch.optim.AdamW, **options)
     return torch.optim.AdamW(param_groups, **options)
 
@@ -198,3 +198,13 @@ def heads_lambda(cfg: Config, step: int) -> float:
     if lam.schedule == "sine":
         progress = math.sin(0.5 * math.pi * progress)
     return lam.value * progress
+
+
+def precision_line(cfg: Config, amp: torch.dtype | None) -> str:
+    """Which dtypes the run keeps its weights and computes in (and a warning where updates lose bits)."""
+    line = (f"precision: backbone {cfg.model.dtype}, heads{' and LoRA' if cfg.lora.enabled else ''} "
+            f"{str(master_dtype(cfg)).removeprefix('torch.')}, "
+            f"{'autocast ' + str(amp).removeprefix('torch.') if amp is not None else 'no autocast'}")
+    if cfg.train.mode == "joint" and not cfg.lora.enabled and cfg.model.dtype != "float32":
+        line += f" (the full backbone trains in {cfg.model.dtype}, without an fp32 master copy)"
+    return line

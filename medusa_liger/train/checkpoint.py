@@ -25,6 +25,8 @@ newest ``keep``, so the checkpoint just written always survives.
 
 Data parallel: only rank 0 calls ``save_checkpoint`` (the replicas are identical; the loop gathers
 every rank's RNG states and passes them in), and every rank calls ``load_checkpoint`` with its rank.
+Sharded runs (ZeRO-1, FSDP) write the same files: the loop gathers whole tensors on rank 0 first,
+and ``load_checkpoint`` hands each rank its shard, so checkpoints move freely between the modes.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from medusa_liger.train import distributed
+from medusa_liger.train import distributed, fsdp
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -90,7 +92,7 @@ def save_checkpoint(
     root: str | Path,
     step: int,
     named_params: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int,
@@ -102,6 +104,7 @@ def save_checkpoint(
     ``write_extra(directory)`` may add files (the loop writes the heads in the ``medusa`` format
     to ``heads/``, so ``medusa-liger export`` reads any checkpoint) before the rename.
     ``rng_states``: every rank's ``rng_state()`` in rank order (default: this process's only).
+    ``optimizer``: the optimizer, or its state dict (already gathered whole when it was sharded).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -114,7 +117,7 @@ def save_checkpoint(
     # safetensors refuses shared or non-contiguous storage: store detached contiguous copies.
     save_file({name: p.detach().contiguous().cpu() for name, p in named_params.items()},
               str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for r, state in enumerate(rng_states or [rng_state()]):
         torch.save(state, tmp / rng_file(r))
@@ -164,8 +167,9 @@ def load_checkpoint(
             if tuple(tensors[name].shape) != tuple(param.shape):
                 raise ValueError(
                     f"checkpoint {name} has shape {list(tensors[name].shape)}, model has {list(param.shape)}")
-            param.copy_(tensors[name])
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+            fsdp.copy_full_(param, tensors[name])  # this rank's shard where FSDP shards the parameter
+    optimizer_state = torch.load(directory / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer_state, optimizer))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
     rng_path = directory / rng_file(rank)
     set_rng_state(torch.load(rng_path if rng_path.is_file() else directory / rng_file(0), weights_only=False))

@@ -115,6 +115,10 @@ class TrainConfig:
     # about 1/world_size of the trainable tensors and broadcasts its updated tensors after the step
     # (ZeRO stage 1). Same updates; no effect in a single process.
     shard_optimizer: bool = False
+    # Under torchrun: shard the parameters, gradients and AdamW state of the whole model over the ranks
+    # (FSDP2, one unit per decoder layer; see fsdp.py), for backbones that do not fit one GPU. Implies
+    # shard_optimizer. Same math as the replicated mode; checkpoints hold whole tensors either way.
+    fsdp: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     threads: int | None = None  # torch CPU threads
     resume: str = "none"  # none, auto (newest checkpoint in output_dir) or a checkpoint directory

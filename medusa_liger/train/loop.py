@@ -17,6 +17,9 @@ parameters are summed over ranks after it, so every rank holds the gradient of t
 (``grad_accum x world_size`` micro-batches) and takes the same step. Rank 0 alone logs, writes
 checkpoints (the others wait in a barrier) and exports; evaluation is split over the ranks.
 
+Sharded (``train.fsdp``, see ``fsdp.py``): the same step over FSDP2 units; checkpoints gather whole
+tensors on rank 0 and exports read a plain copy that rank 0 rebuilds on the CPU.
+
 Joint mode (Medusa-2) may start with ``train.heads_only_steps`` steps that train only the heads
 (the model runs in "heads" mode, lambda = 1); after that the backbone trains too and lambda
 follows ``train.heads_lambda`` (constant, linear or sine ramp).
@@ -49,7 +52,7 @@ from typing import Any
 import torch
 
 from medusa_liger.heads import MedusaConfig
-from medusa_liger.heads.export import read_heads
+from medusa_liger.heads.export import read_heads, write_heads
 from medusa_liger.kernels.cross_entropy import row_targets
 from medusa_liger.run_layout import (
     CHECKPOINT_HEADS_DIR,
@@ -57,7 +60,7 @@ from medusa_liger.run_layout import (
     CONFIG_FILE,
     FINAL_DIR,
 )
-from medusa_liger.train import distributed
+from medusa_liger.train import distributed, fsdp
 from medusa_liger.train.build import (
     autocast_dtype,
     build_medusa,
@@ -65,7 +68,7 @@ from medusa_liger.train.build import (
     build_scheduler,
     build_tokenizer_and_backbone,
     heads_lambda,
-    master_dtype,
+    precision_line,
     resolve_device,
     trainable_parameters,
 )
@@ -180,7 +183,8 @@ def accumulate_gradients(model, batches, device, amp=None) -> dict[str, Any]:
                 lm_sums += torch.stack([out.lm_loss.detach().float(), out.lm_accuracy.detach().float()]) * n[0]
     finally:
         model.config = base
-    distributed.all_reduce_grads(p for p in model.parameters() if p.requires_grad)
+    # Replicated parameters are summed here; FSDP has already reduce-scattered the sharded ones.
+    distributed.all_reduce_grads(p for p in model.parameters() if p.requires_grad and not fsdp.is_sharded(p))
     # Metric sums over ranks, each in the dtype it was accumulated in (so one rank's numbers are unchanged).
     sums32 = distributed.all_reduce_sum(torch.cat([head_sums.flatten(), lm_sums]))
     sums64 = distributed.all_reduce_sum(torch.stack([loss_total, loss_total.new_tensor(float(tokens))]))
@@ -205,7 +209,7 @@ def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, devic
     metrics = accumulate_gradients(model, batches, device, amp)
     grad_norm = None
     if cfg.train.max_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+        grad_norm = fsdp.total_norm(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
     optimizer.step()
     scheduler.step()
@@ -220,6 +224,8 @@ def evaluate(model, data, micro_batch_size: int, device, amp) -> dict[str, float
     """Token-weighted loss and top-1 accuracy of every head (and the backbone in joint mode) on ``data``.
 
     Data parallel: rank r evaluates micro-batches r, r + W, ... and the sums are added over ranks.
+    Sharded (FSDP), every rank runs the same number of forwards (each gathers the layers): a rank
+    past the end runs the first micro-batch again and counts nothing.
     """
     was_training = model.training
     model.eval()
@@ -227,16 +233,21 @@ def evaluate(model, data, micro_batch_size: int, device, amp) -> dict[str, float
     K = model.config.num_heads
     sums, total = torch.zeros(2, K), torch.zeros(K)
     lm_sums, lm_total = torch.zeros(2), 0
-    for start in range(distributed.rank() * micro_batch_size, len(data), micro_batch_size * distributed.world_size()):
+    stride = micro_batch_size * distributed.world_size()
+    rounds = -(-len(data) // stride) if fsdp.has_sharded(model.parameters()) else None
+    starts = range(distributed.rank() * micro_batch_size, len(data) if rounds is None else rounds * stride, stride)
+    for start in starts:
+        weight = 1.0 if start < len(data) else 0.0  # 0: a lockstep forward past the end
+        start = start if start < len(data) else 0
         rows = data.select(torch.arange(start, min(start + micro_batch_size, len(data))))
         labels, segment_ids = rows.labels.to(device), rows.segment_ids.to(device)
         with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
             out = model(rows.input_ids.to(device), labels=labels, segment_ids=segment_ids)
-        n = out.head_tokens.float().cpu()
+        n = out.head_tokens.float().cpu() * weight
         sums += torch.stack([out.head_losses.float().cpu(), out.head_accuracy.float().cpu()]) * n
         total += n
         if joint:
-            n_lm = int(count_targets(labels, segment_ids, 1, model.heads.vocab_size))
+            n_lm = int(count_targets(labels, segment_ids, 1, model.heads.vocab_size)) * int(weight)
             lm_sums += torch.stack([out.lm_loss.float().cpu(), out.lm_accuracy.float().cpu()]) * n_lm
             lm_total += n_lm
     model.train(was_training)
@@ -251,16 +262,6 @@ def evaluate(model, data, micro_batch_size: int, device, amp) -> dict[str, float
     return result
 
 
-def _precision_line(cfg: Config, amp: torch.dtype | None) -> str:
-    """Which dtypes the run keeps its weights and computes in (and a warning where updates lose bits)."""
-    line = (f"precision: backbone {cfg.model.dtype}, heads{' and LoRA' if cfg.lora.enabled else ''} "
-            f"{str(master_dtype(cfg)).removeprefix('torch.')}, "
-            f"{'autocast ' + str(amp).removeprefix('torch.') if amp is not None else 'no autocast'}")
-    if cfg.train.mode == "joint" and not cfg.lora.enabled and cfg.model.dtype != "float32":
-        line += f" (the full backbone trains in {cfg.model.dtype}, without an fp32 master copy)"
-    return line
-
-
 def train(cfg: Config) -> TrainResult:
     """Run the training job ``cfg`` end to end (see module docstring); return where things went
     (under ``torchrun`` every rank calls this; only rank 0's result has a summary and paths)."""
@@ -271,6 +272,8 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _train(cfg: Config, device: torch.device) -> TrainResult:
+    if cfg.train.fsdp and not distributed.is_distributed():  # said now, not after loading the model
+        raise ValueError("train.fsdp needs several processes: launch with torchrun --nproc_per_node N (N > 1)")
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     main = distributed.is_main()
@@ -298,8 +301,14 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
     loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed,
                           rank=distributed.rank(), world_size=distributed.world_size())
-    model = build_medusa(cfg, backbone).to(device)
-    params = trainable_parameters(model)
+    model = build_medusa(cfg, backbone)
+    if not cfg.train.fsdp:
+        model = model.to(device)
+    # Replicas start equal even where initialization is random and unseeded (e.g. LoRA adapters),
+    # broadcast while every rank holds whole tensors; then FSDP moves this rank's shards to the device.
+    distributed.broadcast_from_main(trainable_parameters(model).values())
+    fsdp_units = fsdp.shard_model(model, device) if cfg.train.fsdp else 0
+    params = trainable_parameters(model)  # after sharding: FSDP's parameters replace the module's
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 
@@ -311,20 +320,14 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     # Checkpoints hold the heads in the export format (heads/) and every other trainable tensor here.
     other_params = {name: p for name, p in params.items() if not name.startswith("heads.")}
 
-    def write_heads(directory: Path) -> None:
-        model.save_heads(directory / CHECKPOINT_HEADS_DIR, format="medusa", save_backbone=False,
-                         base_model_name_or_path=cfg.model.name_or_path)
-
     if resume_dir is not None:
         state = load_checkpoint(resume_dir, other_params, optimizer, scheduler, rank=distributed.rank())
         with torch.no_grad():
-            model.heads.load_state_dict(read_heads(resume_dir / CHECKPOINT_HEADS_DIR).tensors, strict=True)
+            fsdp.load_module_(model.heads, read_heads(resume_dir / CHECKPOINT_HEADS_DIR).tensors)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         loader.load_state_dict(state["data"])
     elif ckpt_root.is_dir() and main:  # a fresh start: another run's checkpoints go (with a warning)
         delete_old_checkpoints(ckpt_root)
-    # Replicas start equal even where initialization is random and unseeded (e.g. LoRA adapters).
-    distributed.broadcast_from_main(params.values())
     _, baseline = most_common_target_frequency(train_data, 2)
 
     logger = MetricsLogger(out, cfg.train.steps, start_step, wandb_mode=cfg.logging.wandb,
@@ -338,8 +341,11 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                      f"{sum(p.numel() for p in params.values()):,} trainable parameters on {device}"
                      + (f" x {world} ranks" if world > 1 else "")
                      + (f"; resumed from {resume_dir}" if resume_dir is not None else ""))
-        logger.write(_precision_line(cfg, amp))
-        if cfg.train.shard_optimizer:
+        logger.write(precision_line(cfg, amp))
+        if fsdp_units:
+            logger.write(f"model, gradients and optimizer state sharded over {world} ranks "
+                         f"(FSDP2: {fsdp_units} decoder-layer units and the root)")
+        elif cfg.train.shard_optimizer:
             logger.write(f"optimizer state sharded over {world} ranks (ZeRO-1)" if world > 1 else
                          "train.shard_optimizer: one process, nothing to shard")
         for step in range(start_step, cfg.train.steps):
@@ -355,17 +361,26 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             done = step + 1
             if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
                 rng_states = distributed.all_gather_objects(rng_state())  # each rank resumes its own streams
-                distributed.consolidate_optimizer(optimizer)  # a sharded AdamW's state, gathered on rank 0
+                # Whole tensors on rank 0: gathered where sharded (collectives: every rank takes part).
+                distributed.consolidate_optimizer(optimizer)  # ZeRO-1
+                heads = fsdp.heads_checkpoint(model, cfg.model.name_or_path)
+                trained = fsdp.full_tensors(other_params) if fsdp_units else other_params
+                optimizer_state = fsdp.full_optimizer_state(optimizer) if fsdp_units else optimizer
                 if main:
-                    save_checkpoint(ckpt_root, done, other_params, optimizer, scheduler,
+                    save_checkpoint(ckpt_root, done, trained, optimizer_state, scheduler,
                                     {"data": loader.state_dict(), "wandb_id": logger.wandb_id,
                                      "world_size": world}, cfg.checkpoint.keep,
-                                    write_extra=write_heads, rng_states=rng_states)
+                                    write_extra=lambda d, h=heads: write_heads(h, d / CHECKPOINT_HEADS_DIR, "medusa"),
+                                    rng_states=rng_states)
+                del heads, trained, optimizer_state
                 distributed.barrier()  # the checkpoint is complete before any rank goes on
         _set_stage(model, cfg, cfg.train.steps)
         model.eval()
         eval_metrics = {} if eval_data is None else evaluate(model, eval_data, cfg.train.micro_batch_size, device, amp)
         final, summary, paths = out / FINAL_DIR, {}, {}
+        if fsdp_units:  # exports read a plain copy that rank 0 builds on the CPU
+            optimizer.state.clear()  # no step follows: free the sharded AdamW state first
+            model = fsdp.unsharded_copy(cfg, model, params, get_examples)
         if main:
             summary, paths = finish_run(cfg, model, tokenizer, logger, eval_data, eval_metrics=eval_metrics,
                                         baseline=baseline, final=final, started=started)

@@ -1,0 +1,206 @@
+"""Fully sharded data parallel (FSDP2) for backbones that do not fit one GPU, kept apart from the model.
+
+``train.fsdp: true`` under ``torchrun``: every decoder layer of the backbone (the classes the
+transformers model names in ``_no_split_modules``) becomes one FSDP unit and the rest of the
+MedusaModel (embeddings, final norm, lm_head, the Medusa heads) the root unit. Each rank stores
+1/world_size of every parameter, of its gradient and of its AdamW state; a layer's full weights exist
+only while it runs (all-gathered before, freed after). The root unit stays whole from forward to
+backward (FSDP2 does not reshard the root after forward), so the fused multi-head loss reads the
+heads' and the lm_head's full weights as before and hands back their full gradients, which FSDP
+then reduce-scatters.
+
+What stays as in the replicated mode (``distributed.py``):
+- the step's math: gradients are *summed* over ranks (divide factor 1), because the loop already
+  scales each micro-batch's loss by its share of the global target count;
+- checkpoints hold full (unsharded) tensors in the same files, gathered on rank 0 one tensor at a
+  time (``full_tensors``, ``full_optimizer_state``) and sharded again on load (``copy_full_``,
+  ``shard_optimizer_state``), so a run can resume with or without FSDP, on any number of ranks;
+- exports read an unsharded copy that rank 0 rebuilds on the CPU (see the loop).
+
+Memory: each rank first builds the whole backbone in host memory (as a single process would) and
+``shard_model`` then moves only its shards to the GPU, so host memory must hold one backbone per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from medusa_liger.train import distributed
+
+
+def _dtensor_class():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(tensor: Any) -> bool:
+    """True for a DTensor (a parameter, gradient or optimizer state that FSDP shards)."""
+    return isinstance(tensor, _dtensor_class())
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> set[str]:
+    """Class names of the backbone's repeated blocks: ``_no_split_modules`` of its transformers models."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return names
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> int:
+    """Shard ``model`` (a MedusaModel, on any device) over all ranks onto ``device``; return the
+    number of decoder layers made FSDP units. Call on every rank, before building the optimizer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if not distributed.is_distributed():
+        raise ValueError("train.fsdp needs several processes: launch with torchrun --nproc_per_node N (N > 1)")
+    classes = decoder_layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ValueError("train.fsdp: the backbone names no decoder-layer class (transformers' _no_split_modules), "
+                         "so it cannot be split into FSDP units")
+    mesh = init_device_mesh(device.type, (distributed.world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # Sum, do not average: the loop's per-micro-batch loss scales already divide by the global
+            # count. A plain SUM collective (no pre/post scaling by 1), which gloo runs too.
+            setter = getattr(module, "set_gradient_divide_factor", None) or module.set_reduce_scatter_divide_factor
+            setter(1.0)
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
+    return len(layers)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (a collective for a DTensor: call on every rank); others as they are."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def full_tensors(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name -> whole tensor on the CPU, on rank 0 (other ranks get {}); every rank must call it,
+    with the same names in the same order. One tensor is gathered at a time."""
+    out = {}
+    for name, tensor in named.items():
+        whole = full_tensor(tensor.detach())
+        if distributed.is_main():
+            out[name] = whole.cpu()
+        del whole
+    return out
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """``optimizer.state_dict()`` with every sharded state gathered whole on the CPU, on rank 0 (None
+    elsewhere): the format an unsharded optimizer writes. Every rank must call it."""
+    state_dict = optimizer.state_dict()
+    gathered: dict[int, dict[str, Any]] = {}
+    for index, state in state_dict["state"].items():
+        entry = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                whole = full_tensor(value)
+                value = whole.cpu() if distributed.is_main() else None
+            entry[key] = value
+        gathered[index] = entry
+    return {"state": gathered, "param_groups": state_dict["param_groups"]} if distributed.is_main() else None
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` (the same on every rank) laid out as ``like``: this rank's shard when ``like`` is a
+    DTensor (taken locally, no communication), else ``whole`` itself."""
+    if not is_sharded(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def copy_full_(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """param <- whole, where ``param`` may be sharded (this rank keeps its shard of ``whole``)."""
+    param.copy_(shard_like(whole, param))
+
+
+def shard_optimizer_state(state_dict: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An unsharded ``state_dict`` (full tensors) laid out for ``optimizer``, whose parameters may be
+    sharded: each state tensor of a parameter's shape becomes this rank's shard of it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, entry in state_dict["state"].items():
+        param = params[int(index)]
+        state[index] = {key: shard_like(value, param)
+                        if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(param.shape) else value
+                        for key, value in entry.items()}
+    return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def total_norm(norm: torch.Tensor) -> float:
+    """``clip_grad_norm_``'s result as a float (for sharded gradients it is a DTensor)."""
+    return float(full_tensor(norm))
+
+
+def has_sharded(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` is sharded."""
+    return any(is_sharded(t) for t in tensors)
+
+
+def load_module_(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(tensors, strict=True)`` for whole tensors, where the module's
+    parameters may be sharded (each rank keeps its shard)."""
+    if not has_sharded(module.parameters()):
+        module.load_state_dict(tensors, strict=True)
+        return
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"cannot load: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, target in own.items():
+        if tuple(tensors[name].shape) != tuple(target.shape):
+            raise ValueError(f"{name}: shape {list(tensors[name].shape)}, expected {list(target.shape)}")
+        copy_full_(target, tensors[name])
+
+
+def heads_checkpoint(model: torch.nn.Module, base_model_name_or_path: str | None):
+    """The MedusaModel's ``HeadsCheckpoint`` with whole tensors: as ``checkpoint_of`` in a replicated
+    run; gathered on rank 0 (None elsewhere) when sharded, so every rank must call it then."""
+    import dataclasses
+
+    from medusa_liger.heads.export import checkpoint_of
+
+    ckpt = checkpoint_of(model, base_model_name_or_path)
+    lm_weight = ckpt.lm_head_weight
+    if not has_sharded([*ckpt.tensors.values(), lm_weight]):
+        return ckpt
+    tensors = full_tensors(ckpt.tensors)
+    lm = full_tensors({"lm_head": lm_weight})
+    if not distributed.is_main():
+        return None
+    return dataclasses.replace(ckpt, tensors=tensors, lm_head_weight=lm["lm_head"])
+
+
+def unsharded_copy(cfg, model: torch.nn.Module, trained: dict[str, torch.Tensor], examples=None):
+    """A plain CPU copy of the sharded MedusaModel ``model`` on rank 0 (None elsewhere), for exports:
+    the backbone and heads built again from ``cfg`` as at the start, then the ``trained`` parameters
+    (name -> possibly sharded tensor, gathered here: every rank must call this) copied in, and the
+    model's current config (mode, lambda). Frozen parameters come from the same files as before."""
+    import copy
+
+    from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone
+
+    whole = full_tensors(trained)
+    if not distributed.is_main():
+        return None
+    _, backbone = build_tokenizer_and_backbone(cfg, examples)
+    plain = build_medusa(cfg, backbone)
+    named = dict(plain.named_parameters())
+    with torch.no_grad():
+        for name, tensor in whole.items():
+            named[name].copy_(tensor)
+    plain.config = copy.deepcopy(model.config)
+    return plain.eval()
