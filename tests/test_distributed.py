@@ -161,7 +161,7 @@ def test_fsdp_ranks_match_one_process_and_resume(tmp_path):
         single = train(load_config(TINY, [*RUN, f"output_dir={tmp_path / 'single'}", "train.grad_accum=2", held_out]))
     output = finish(sharded)
     assert "85 held out" in output
-    assert "sharded over 2 ranks (FSDP2: 2 decoder-layer units and the root)" in output
+    assert "sharded over 2 ranks (FSDP2: 2 decoder-layer units, the heads and the root)" in output
     _close(compared(tmp_path / "fsdp"), compared(tmp_path / "single"))
     held_out_line = next(line for line in format_summary(single.summary, single.paths, 3).splitlines()
                          if line.startswith("held-out"))

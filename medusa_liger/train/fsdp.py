@@ -1,13 +1,13 @@
 """Fully sharded data parallel (FSDP2) for backbones that do not fit one GPU, kept apart from the model.
 
 ``train.fsdp: true`` under ``torchrun``: every decoder layer of the backbone (the classes the
-transformers model names in ``_no_split_modules``) becomes one FSDP unit and the rest of the
-MedusaModel (embeddings, final norm, lm_head, the Medusa heads) the root unit. Each rank stores
+transformers model names in ``_no_split_modules``) becomes one FSDP unit, the Medusa heads another,
+and the rest of the MedusaModel (embeddings, final norm, lm_head) the root unit. Each rank stores
 1/world_size of every parameter, of its gradient and of its AdamW state; a layer's full weights exist
-only while it runs (all-gathered before, freed after). The root unit stays whole from forward to
-backward (FSDP2 does not reshard the root after forward), so the fused multi-head loss reads the
-heads' and the lm_head's full weights as before and hands back their full gradients, which FSDP
-then reduce-scatters.
+only while it runs (all-gathered before, freed after). The heads and the root stay whole from
+forward to backward (FSDP2 never reshards the root after forward; the heads are told not to), so
+the fused multi-head loss reads the heads' and the lm_head's full weights as before and hands back
+their full gradients, which FSDP then reduce-scatters.
 
 What stays as in the replicated mode (``distributed.py``):
 - the step's math: gradients are *summed* over ranks (divide factor 1), because the loop already
@@ -63,9 +63,22 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> int:
     if not layers:
         raise ValueError("train.fsdp: the backbone names no decoder-layer class (transformers' _no_split_modules), "
                          "so it cannot be split into FSDP units")
+    # FSDP2 needs one dtype among each unit's trainable parameters, so the heads (kept in the master
+    # dtype, fp32 by default) are a unit of their own rather than part of the root (bf16 embeddings
+    # and lm_head when the backbone trains). They stay whole after their forward, like the root: the
+    # loss reads their projection weights after the heads module has run.
+    units = [*layers, model.heads]
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    managed = [(unit, list(unit.parameters())) for unit in units]
+    managed.append((model, [p for p in model.parameters() if id(p) not in in_units]))
+    for unit, params in managed:
+        dtypes = sorted({str(p.dtype) for p in params if p.requires_grad})
+        if len(dtypes) > 1:
+            raise ValueError(f"train.fsdp: the trainable parameters of {type(unit).__name__} mix dtypes {dtypes}; "
+                             "FSDP2 needs one per unit")
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=unit is not model.heads)
     fully_shard(model, mesh=mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -344,7 +344,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         logger.write(precision_line(cfg, amp))
         if fsdp_units:
             logger.write(f"model, gradients and optimizer state sharded over {world} ranks "
-                         f"(FSDP2: {fsdp_units} decoder-layer units and the root)")
+                         f"(FSDP2: {fsdp_units} decoder-layer units, the heads and the root)")
         elif cfg.train.shard_optimizer:
             logger.write(f"optimizer state sharded over {world} ranks (ZeRO-1)" if world > 1 else
                          "train.shard_optimizer: one process, nothing to shard")
