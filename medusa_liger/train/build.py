@@ -67,9 +67,16 @@ def cast_adapters(backbone, dtype: torch.dtype) -> None:
                 getattr(module, name).to(dtype)  # a ModuleDict / ParameterDict keyed by adapter name
 
 
-def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None):
-    """(tokenizer, backbone) on the CPU; ``examples_for_tokenizer`` () -> Examples, for the tiny model."""
+def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_meta: bool = False):
+    """(tokenizer, backbone) on the CPU; ``examples_for_tokenizer`` () -> Examples, for the tiny model.
+
+    ``on_meta``: the backbone's architecture only, on the meta device (no weights read, no memory):
+    an FSDP rank other than 0, whose shards ``fsdp.shard_model`` then fills from rank 0's tensors.
+    """
+    from contextlib import nullcontext
+
     dtype = DTYPES[cfg.model.dtype]
+    where = torch.device("meta") if on_meta else nullcontext()
     if cfg.model.name_or_path == "tiny":
         from medusa_liger.train.tiny import build_tiny_backbone, train_tokenizer
 
@@ -77,15 +84,21 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None):
         texts = [e.text if e.text is not None else "\n".join(m["content"] for m in e.messages) for e in examples]
         tokenizer = train_tokenizer(texts, cfg.model.tiny.vocab_size, Path(cfg.output_dir) / "tokenizer")
         torch.manual_seed(cfg.train.seed)  # the random init depends on the seed only
-        backbone = build_tiny_backbone(cfg.model.tiny, tokenizer, dtype)
+        with where:
+            backbone = build_tiny_backbone(cfg.model.tiny, tokenizer, dtype)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         kwargs = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
         if cfg.model.attn_implementation is not None:
             kwargs["attn_implementation"] = cfg.model.attn_implementation
-        backbone = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
+        if on_meta:
+            config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+            with where:
+                backbone = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            backbone = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.model.patch:

@@ -17,8 +17,8 @@ What stays as in the replicated mode (``distributed.py``):
   ``shard_optimizer_state``), so a run can resume with or without FSDP, on any number of ranks;
 - exports read an unsharded copy that rank 0 rebuilds on the CPU (see the loop).
 
-Memory: each rank first builds the whole backbone in host memory (as a single process would) and
-``shard_model`` then moves only its shards to the GPU, so host memory must hold one backbone per rank.
+Memory: rank 0 alone reads the backbone into host memory; the other ranks build it on the meta device
+and receive their shards from rank 0 (``shard_model``), so the host holds one copy of the weights.
 """
 
 from __future__ import annotations
@@ -51,8 +51,15 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[str]:
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> int:
-    """Shard ``model`` (a MedusaModel, on any device) over all ranks onto ``device``; return the
-    number of decoder layers made FSDP units. Call on every rank, before building the optimizer."""
+    """Shard ``model`` (a MedusaModel) over all ranks onto ``device``; return the number of decoder
+    layers made FSDP units. Call on every rank, before building the optimizer.
+
+    Rank 0's model holds the real tensors (on the CPU); the other ranks' may be on the meta device
+    (``build_tokenizer_and_backbone(on_meta=True)``: no weights read, no host memory). Every rank's
+    shards and buffers are then filled from rank 0's (broadcast), so the replicas also start equal
+    where initialization is random (LoRA adapters).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -76,10 +83,16 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> int:
         if len(dtypes) > 1:
             raise ValueError(f"train.fsdp: the trainable parameters of {type(unit).__name__} mix dtypes {dtypes}; "
                              "FSDP2 needs one per unit")
+    whole = model.state_dict() if distributed.is_main() else {}  # rank 0's tensors, taken before sharding
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=unit is not model.heads)
     fully_shard(model, mesh=mesh)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)  # memory for this rank's shards (and the buffers), filled below
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del whole
+    distributed.broadcast_from_main(list(model.buffers()))  # non-persistent ones too (rotary tables)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Sum, do not average: the loop's per-micro-batch loss scales already divide by the global

@@ -294,7 +294,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     # Rank 0 first fills the caches (the tiny tokenizer, the packed rows) that the other ranks then read.
     with distributed.main_first() if cfg.model.name_or_path == "tiny" else nullcontext():
-        tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples)
+        # Sharded, only rank 0 reads the weights; the others build the architecture on the meta device.
+        tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples, on_meta=cfg.train.fsdp and not main)
     with distributed.main_first(), data_errors():
         data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
     with data_errors():
@@ -302,12 +303,12 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed,
                           rank=distributed.rank(), world_size=distributed.world_size())
     model = build_medusa(cfg, backbone)
-    if not cfg.train.fsdp:
-        model = model.to(device)
-    # Replicas start equal even where initialization is random and unseeded (e.g. LoRA adapters),
-    # broadcast while every rank holds whole tensors; then FSDP moves this rank's shards to the device.
-    distributed.broadcast_from_main(trainable_parameters(model).values())
-    fsdp_units = fsdp.shard_model(model, device) if cfg.train.fsdp else 0
+    if cfg.train.fsdp:  # every rank's shards filled from rank 0's tensors
+        fsdp_units = fsdp.shard_model(model, device)
+    else:
+        fsdp_units, model = 0, model.to(device)
+        # Replicas start equal even where initialization is random and unseeded (e.g. LoRA adapters).
+        distributed.broadcast_from_main(trainable_parameters(model).values())
     params = trainable_parameters(model)  # after sharding: FSDP's parameters replace the module's
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
