@@ -9,13 +9,26 @@ import pytest
 import torch
 
 from medusa_liger.kernels.reference import shifted_targets
+from medusa_liger.records import (
+    BUILTIN_CHAT_TEMPLATE,
+    Example,
+    chat_template_for,
+    normalize,
+)
 from medusa_liger.train.config import DataConfig
 from medusa_liger.train.data import (
-    BUILTIN_CHAT_TEMPLATE, IGNORE_INDEX, Example, chat_template_for, load_examples, normalize, render_conversation,
-    tokenize_example, tokenize_examples,
+    IGNORE_INDEX,
+    load_examples,
+    render_conversation,
+    tokenize_example,
+    tokenize_examples,
 )
 from medusa_liger.train.packing import (
-    PackedLoader, build_packed_data, most_common_target_frequency, pack, split_eval,
+    PackedLoader,
+    build_packed_data,
+    most_common_target_frequency,
+    pack,
+    split_eval,
 )
 from medusa_liger.train.tiny import train_tokenizer
 

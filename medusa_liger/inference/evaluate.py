@@ -27,7 +27,12 @@ import torch
 from torch import nn
 
 from medusa_liger.inference.generate import greedy_generate, medusa_generate
-from medusa_liger.inference.tree import DEFAULT_TOP_K, DEFAULT_TREE_SIZE, greedy_tree_search
+from medusa_liger.inference.tree import (
+    DEFAULT_TOP_K,
+    DEFAULT_TREE_SIZE,
+    greedy_tree_search,
+)
+from medusa_liger.records import chat_template_for, iter_raw_records, normalize
 
 # Positions scored per head_logits call (bounds the [K, n, V] logits in memory for big vocabularies).
 SCORE_CHUNK = 64
@@ -44,8 +49,6 @@ def default_prompts_file() -> Path:
 
 def _render_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """The conversation up to (not including) its first assistant turn, ready for the reply."""
-    from medusa_liger.train.data import chat_template_for
-
     first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     if first == 0:
         raise ValueError("a conversation starting with an assistant turn has no prompt")
@@ -55,9 +58,7 @@ def _render_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 def _records(source: str, split: str):
-    """(where, record) of a JSON/JSONL file or hub dataset, through the training data reader."""
-    from medusa_liger.train.data import iter_raw_records
-
+    """(where, record) of a JSON/JSONL file or hub dataset, through the shared record reader."""
     skipped: list[str] = []  # "skip" mode collects the reader's messages; any is fatal here
     for where, record in iter_raw_records(source, split, "skip", skipped):
         if skipped:
@@ -68,8 +69,6 @@ def _records(source: str, split: str):
 
 
 def _record_prompt(tokenizer, where: str, record: Any) -> list[int]:
-    from medusa_liger.train.data import normalize
-
     if isinstance(record, dict) and isinstance(record.get("prompt"), str):
         return tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
     if isinstance(record, dict) and "input_ids" in record:  # already tokenized (a run's eval_prompts.jsonl)

@@ -21,7 +21,8 @@ found by rendering prefixes: for assistant message i,
 which holds for any template whose rendering of a prefix is a prefix of the full rendering (checked);
 a token is a target when its character span overlaps an assistant span.
 
-Bad input never reaches torch: a missing file, a malformed line (reported as ``file:line``), an
+Reading and normalizing records and choosing the chat template live in ``medusa_liger/records.py``
+(evaluation reads prompts with them too). Bad input never reaches torch: a missing file, a malformed line (reported as ``file:line``), an
 unknown record shape or role, a conversation without an assistant turn and an empty dataset all
 raise ``ValueError``; with ``data.on_error: skip`` malformed lines and invalid records are skipped
 with a warning that counts them.
@@ -33,9 +34,8 @@ import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+
+from medusa_liger.records import Example, chat_template_for, iter_raw_records, normalize, skip_or_fail
 
 IGNORE_INDEX = -100
 
@@ -55,134 +55,6 @@ def data_errors() -> Iterator[None]:
     except ValueError as error:
         raise DataError(str(error)) from error
 
-# One turn per block: role marker, content, end-of-sequence token. Starts with BOS when the
-# tokenizer has one. The tiny tokenizer ships exactly this template with its role markers as
-# special tokens; any other tokenizer tokenizes the markers as text.
-BUILTIN_CHAT_TEMPLATE = (
-    "{% if bos_token %}{{ bos_token }}{% endif %}"
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-OPENAI_ROLES = ("system", "user", "assistant")
-
-
-@dataclass
-class Example:
-    """One normalized record: a conversation (``messages``) or a plain document (``text``)."""
-
-    where: str  # "file:line" or "dataset[split] row i", for error messages
-    messages: list[dict[str, str]] | None = None
-    text: str | None = None
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_path(path: str) -> Path | None:
-    """A local file for ``path`` (as given, or relative to the installed package's parent), else None."""
-    candidate = Path(path).expanduser()
-    if candidate.is_file():
-        return candidate
-    package_root = Path(__file__).resolve().parents[2]  # holds medusa_liger/data when installed
-    if not candidate.is_absolute() and (package_root / candidate).is_file():
-        return package_root / candidate
-    return None
-
-
-def _looks_local(path: str) -> bool:
-    return path.endswith((".json", ".jsonl")) or path.startswith((".", "/", "~")) or Path(path).exists()
-
-
-def _skip_or_fail(message: str, on_error: str, skipped: list[str]) -> None:
-    if on_error == "fail":
-        raise ValueError(message + " (set data.on_error=skip to skip bad records)")
-    skipped.append(message)
-
-
-def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str]) -> Iterator[tuple[str, Any]]:
-    """(where, record) for every record of one source; malformed lines are failed or skipped."""
-    local = resolve_path(path)
-    if local is None and _looks_local(path):
-        raise ValueError(f"data.paths: file {path!r} does not exist")
-    if local is None:
-        # A hub dataset name: needs `datasets` (and network unless it is cached).
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(f"data.paths: {path!r} is not a local file and `datasets` is not installed") from None
-        try:
-            dataset = datasets.load_dataset(path, split=split)
-        except Exception as error:  # noqa: BLE001 - surface the loader's reason with the name
-            raise ValueError(f"data.paths: could not load dataset {path!r} split {split!r}: {error}") from error
-        for i, record in enumerate(dataset):
-            yield f"{path}[{split}] row {i}", record
-        return
-    if local.suffix == ".json":
-        try:
-            loaded = json.loads(local.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{local}:{error.lineno}: malformed JSON: {error.msg}") from None
-        if not isinstance(loaded, list):
-            raise ValueError(f"{local}: a .json data file must hold a list of records, got {type(loaded).__name__}")
-        for i, record in enumerate(loaded):
-            yield f"{local} record {i}", record
-        return
-    with local.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                _skip_or_fail(f"{local}:{lineno}: malformed JSON line: {error.msg}", on_error, skipped)
-                continue
-            yield f"{local}:{lineno}", record
-
-
-def normalize(where: str, record: Any, fmt: str, loss_on: str) -> Example:
-    """Validate one record and convert it to an Example (roles mapped to system/user/assistant)."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    if fmt == "auto":
-        fmt = next((f for f, key in (("openai", "messages"), ("sharegpt", "conversations"), ("text", "text"))
-                    if key in record), "")
-        if not fmt:
-            raise ValueError(f"{where}: record has none of the keys 'messages', 'conversations', 'text'")
-    key = {"openai": "messages", "sharegpt": "conversations", "text": "text"}[fmt]
-    if key not in record:
-        raise ValueError(f"{where}: data.format={fmt} expects the key {key!r}, found {sorted(record)}")
-    if fmt == "text":
-        if not isinstance(record["text"], str) or not record["text"]:
-            raise ValueError(f"{where}: 'text' must be a non-empty string")
-        return Example(where, text=record["text"])
-
-    turns = record[key]
-    if not isinstance(turns, list) or not turns:
-        raise ValueError(f"{where}: {key!r} must be a non-empty list of turns")
-    role_key, content_key = ("role", "content") if fmt == "openai" else ("from", "value")
-    messages = []
-    for j, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
-            raise ValueError(f"{where}: turn {j} must be an object with {role_key!r} and {content_key!r}")
-        raw_role, content = turn[role_key], turn[content_key]
-        role = SHAREGPT_ROLES.get(raw_role) if fmt == "sharegpt" else (raw_role if raw_role in OPENAI_ROLES else None)
-        if role is None:
-            allowed = sorted(SHAREGPT_ROLES) if fmt == "sharegpt" else list(OPENAI_ROLES)
-            raise ValueError(f"{where}: turn {j} has {role_key}={raw_role!r}; expected one of {allowed}")
-        if not isinstance(content, str):
-            raise ValueError(f"{where}: turn {j} {content_key!r} must be a string")
-        messages.append({"role": role, "content": content})
-    if loss_on == "assistant" and not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{where}: conversation has no assistant turn (nothing to learn with data.loss_on=assistant)")
-    return Example(where, messages=messages)
-
-
 def load_examples(data_cfg) -> list[Example]:
     """Every valid Example of ``data_cfg.paths`` in order (capped at ``max_examples``)."""
     examples: list[Example] = []
@@ -192,7 +64,7 @@ def load_examples(data_cfg) -> list[Example]:
             try:
                 examples.append(normalize(where, record, data_cfg.format, data_cfg.loss_on))
             except ValueError as error:
-                _skip_or_fail(str(error), data_cfg.on_error, skipped)
+                skip_or_fail(str(error), data_cfg.on_error, skipped)
             if data_cfg.max_examples is not None and len(examples) >= data_cfg.max_examples:
                 break
     if skipped:
@@ -205,14 +77,6 @@ def load_examples(data_cfg) -> list[Example]:
 # ----------------------------------------------------------------------------------------------
 # Rendering and tokenization
 # ----------------------------------------------------------------------------------------------
-
-
-def chat_template_for(tokenizer, choice: str) -> str:
-    """The template to render with: the tokenizer's own (``auto``, when it has one) or the built-in."""
-    own = getattr(tokenizer, "chat_template", None)
-    if choice == "auto" and isinstance(own, str) and own:
-        return own
-    return BUILTIN_CHAT_TEMPLATE
 
 
 def _render(tokenizer, messages, template: str, add_generation_prompt: bool) -> str:

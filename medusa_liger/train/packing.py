@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from medusa_liger.kernels.reference import shifted_targets
-from medusa_liger.train.data import IGNORE_INDEX, load_examples, resolve_path, tokenize_examples
+from medusa_liger.records import resolve_path
+from medusa_liger.train.data import IGNORE_INDEX, load_examples, tokenize_examples
 
 CACHE_VERSION = 1
 

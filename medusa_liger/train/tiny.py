@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from medusa_liger.records import BUILTIN_CHAT_TEMPLATE
 from medusa_liger.train.config import TinyModelConfig
-from medusa_liger.train.data import BUILTIN_CHAT_TEMPLATE
 
 # Role markers and the end-of-turn token are single special tokens, so the chat template renders
 # to the same ids whatever text surrounds them.
