@@ -11,7 +11,7 @@ NPROC=${NPROC:-2}; W=/tmp/fsdp_resume
 rm -rf $W
 run() { timeout 200 torchrun --nproc_per_node "$NPROC" -m medusa_liger train configs/tiny.yaml train.steps=20 \
   checkpoint.every=10 logging.wandb=disabled logging.progress=false 'export.formats=[medusa]' "$@" 2>&1 \
-  | grep -E "sharded|resumed|Error|error" | grep -v "^\[rank[1-9]" | head -5; }
+  | grep -E "^model, gradients|resumed from|Error" | head -5; }
 run train.fsdp=true output_dir=$W/straight
 run train.fsdp=true output_dir=$W/sharded train.resume=$W/straight/checkpoints/step-000010
 run output_dir=$W/replicated train.resume=$W/straight/checkpoints/step-000010
