@@ -9,6 +9,7 @@ from a checkpoint, with its optimizer state sharded over the ranks, continues wi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -20,7 +21,9 @@ import torch
 
 from medusa_liger.heads.export import read_heads
 from medusa_liger.kernels import force_backend
-from medusa_liger.train import distributed
+from medusa_liger.train import distributed, fsdp
+from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone
+from medusa_liger.train.data import load_examples
 from medusa_liger.train.config import load_config
 from medusa_liger.train.finish import format_summary
 from medusa_liger.train.logging import read_metrics
@@ -193,3 +196,28 @@ def test_fsdp_ranks_match_one_process_and_resume(tmp_path):
     resumed = finish(launch(tmp_path / "resumed", f"train.resume={ckpts / 'step-000002'}", "train.fsdp=true", held_out))
     assert "resumed from" in resumed
     assert compared(tmp_path / "resumed") == compared(tmp_path / "fsdp")[2:]
+
+
+def test_fsdp_helpers_without_a_process_group(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with force_backend("torch"):
+        cfg = load_config(TINY, [*RUN, f"output_dir={tmp_path}"])
+        tokenizer, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+        model = build_medusa(cfg, backbone)
+    assert fsdp.decoder_layer_classes(model) == {"LlamaDecoderLayer"}
+    with pytest.raises(ValueError, match="train.fsdp needs several processes"):
+        fsdp.shard_model(model, torch.device("cpu"))
+    with pytest.raises(ValueError, match="train.fsdp needs several processes"):
+        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fsdp=True)))
+    # Unsharded tensors pass through: whole tensors are the tensors themselves.
+    w = model.heads.state_dict()
+    assert fsdp.full_tensors(w).keys() == w.keys() and all(torch.equal(fsdp.full_tensors(w)[k], w[k]) for k in w)
+    before = {k: v.clone() for k, v in w.items()}
+    fsdp.load_module_(model.heads, {k: v + 1 for k, v in before.items()})
+    assert all(torch.equal(model.heads.state_dict()[k], before[k] + 1) for k in before)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fsdp.load_module_(model.heads, {})
+    # The architecture alone on the meta device (what FSDP ranks other than 0 build).
+    _, meta = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data), on_meta=True)
+    assert all(p.is_meta for p in meta.parameters())
+    assert [n for n, _ in meta.named_parameters()] == [n for n, _ in backbone.named_parameters()]
