@@ -23,8 +23,8 @@ from medusa_liger.heads.export import read_heads
 from medusa_liger.kernels import force_backend
 from medusa_liger.train import distributed, fsdp
 from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone
-from medusa_liger.train.data import load_examples
 from medusa_liger.train.config import load_config
+from medusa_liger.train.data import load_examples
 from medusa_liger.train.finish import format_summary
 from medusa_liger.train.logging import read_metrics
 from medusa_liger.train.loop import train
