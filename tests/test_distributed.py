@@ -50,13 +50,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(output_dir: Path, *extra: str, nproc: int = 2) -> subprocess.Popen:
-    """``torchrun --nproc_per_node 2 -m medusa_liger train`` on the CPU (gloo), started in the background."""
+def launch(output_dir: Path, *extra: str, nproc: int = 2, options: list[str] = RUN) -> subprocess.Popen:
+    """``torchrun --nproc_per_node 2 -m medusa_liger train`` (on the CPU over gloo with the default
+    ``options``), started in the background."""
     env = {**os.environ, "TRITON_INTERPRET": "0",  # CPU tensors take the kernels' PyTorch path
            "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-               "-m", "medusa_liger", "train", str(TINY), *RUN, f"output_dir={output_dir}", *extra]
+               "-m", "medusa_liger", "train", str(TINY), *options, f"output_dir={output_dir}", *extra]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -221,3 +222,20 @@ def test_fsdp_helpers_without_a_process_group(tmp_path, monkeypatch):
     _, meta = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data), on_meta=True)
     assert all(p.is_meta for p in meta.parameters())
     assert [n for n, _ in meta.named_parameters()] == [n for n, _ in backbone.named_parameters()]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_fsdp_on_gpus_resumes_exactly(tmp_path):
+    # NCCL, bf16 autocast, one rank per GPU: a sharded checkpoint resumed sharded and replicated.
+    gpus = [o for o in RUN if o != "train.device=cpu"] + ["train.device=cuda", "train.steps=6", "checkpoint.every=3"]
+    nproc = torch.cuda.device_count()
+    output = finish(launch(tmp_path / "straight", "train.fsdp=true", nproc=nproc, options=gpus))
+    assert f"sharded over {nproc} ranks" in output and "cuda:0" in output
+    step3 = tmp_path / "straight" / "checkpoints" / "step-000003"
+    finish(launch(tmp_path / "sharded", "train.fsdp=true", f"train.resume={step3}", nproc=nproc, options=gpus))
+    finish(launch(tmp_path / "replicated", f"train.resume={step3}", nproc=nproc, options=gpus))
+    straight = compared(tmp_path / "straight")[3:]
+    assert compared(tmp_path / "sharded") == straight
+    _close(compared(tmp_path / "replicated"), straight)
+
