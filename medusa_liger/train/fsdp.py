@@ -50,6 +50,12 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[str]:
     return names
 
 
+def require_processes() -> None:
+    """Raise unless this process is one of several under torchrun (FSDP shards over the others)."""
+    if not distributed.is_distributed():
+        raise ValueError("train.fsdp needs several processes: launch with torchrun --nproc_per_node N (N > 1)")
+
+
 def shard_model(model: torch.nn.Module, device: torch.device) -> int:
     """Shard ``model`` (a MedusaModel) over all ranks onto ``device``; return the number of decoder
     layers made FSDP units. Call on every rank, before building the optimizer.
@@ -63,8 +69,7 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> int:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    if not distributed.is_distributed():
-        raise ValueError("train.fsdp needs several processes: launch with torchrun --nproc_per_node N (N > 1)")
+    require_processes()
     classes = decoder_layer_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     if not layers:

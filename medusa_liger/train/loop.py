@@ -272,8 +272,8 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _train(cfg: Config, device: torch.device) -> TrainResult:
-    if cfg.train.fsdp and not distributed.is_distributed():  # said now, not after loading the model
-        raise ValueError("train.fsdp needs several processes: launch with torchrun --nproc_per_node N (N > 1)")
+    if cfg.train.fsdp:
+        fsdp.require_processes()  # said now, not after loading the model
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     main = distributed.is_main()
