@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -73,8 +74,6 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
     ``on_meta``: the backbone's architecture only, on the meta device (no weights read, no memory):
     an FSDP rank other than 0, whose shards ``fsdp.shard_model`` then fills from rank 0's tensors.
     """
-    from contextlib import nullcontext
-
     dtype = DTYPES[cfg.model.dtype]
     where = torch.device("meta") if on_meta else nullcontext()
     if cfg.model.name_or_path == "tiny":

@@ -237,17 +237,17 @@ def evaluate(model, data, micro_batch_size: int, device, amp) -> dict[str, float
     rounds = -(-len(data) // stride) if fsdp.has_sharded(model.parameters()) else None
     starts = range(distributed.rank() * micro_batch_size, len(data) if rounds is None else rounds * stride, stride)
     for start in starts:
-        weight = 1.0 if start < len(data) else 0.0  # 0: a lockstep forward past the end
-        start = start if start < len(data) else 0
+        counted = start < len(data)  # False: a lockstep forward past the end, counted nowhere
+        start = start if counted else 0
         rows = data.select(torch.arange(start, min(start + micro_batch_size, len(data))))
         labels, segment_ids = rows.labels.to(device), rows.segment_ids.to(device)
         with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
             out = model(rows.input_ids.to(device), labels=labels, segment_ids=segment_ids)
-        n = out.head_tokens.float().cpu() * weight
+        n = out.head_tokens.float().cpu() * counted
         sums += torch.stack([out.head_losses.float().cpu(), out.head_accuracy.float().cpu()]) * n
         total += n
         if joint:
-            n_lm = int(count_targets(labels, segment_ids, 1, model.heads.vocab_size)) * int(weight)
+            n_lm = int(count_targets(labels, segment_ids, 1, model.heads.vocab_size)) if counted else 0
             lm_sums += torch.stack([out.lm_loss.float().cpu(), out.lm_accuracy.float().cpu()]) * n_lm
             lm_total += n_lm
     model.train(was_training)
