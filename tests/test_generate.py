@@ -38,7 +38,7 @@ def tiny_backbone(model_type: str = "llama", *, vocab: int = VOCAB, attn: str = 
     torch.manual_seed(seed)
     config = AutoConfig.for_model(
         model_type, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra,
+        num_attention_heads=4, num_key_value_heads=2, **{"max_position_embeddings": 256, **extra},
     )
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 

@@ -7,10 +7,12 @@
 
 ``tree``: candidate trees (``medusa_choices``) and tree search; ``generate``: tree decoding;
 ``evaluate``: the head accuracy table, tree search and measured speedup; ``cli``: loading a run
-and ``medusa-liger eval``. Batch size 1 only.
+and ``medusa-liger eval``; ``distill``: self-distillation data (``medusa-liger distill``). Medusa
+decoding takes batch size 1 only.
 """
 
-from medusa_liger.inference.cli import evaluate_run, load_medusa
+from medusa_liger.inference.cli import evaluate_run, load_causal_lm, load_medusa
+from medusa_liger.inference.distill import DistillSettings, DistillSummary, self_distill
 from medusa_liger.inference.evaluate import evaluate_heads, head_rank_hits, load_prompts
 
 from medusa_liger.inference.generate import (
@@ -31,6 +33,8 @@ from medusa_liger.inference.tree import (
 
 __all__ = [
     "DecodeStats",
+    "DistillSettings",
+    "DistillSummary",
     "GenerationResult",
     "MedusaDecoder",
     "MedusaGenerateOutput",
@@ -43,7 +47,9 @@ __all__ = [
     "greedy_generate",
     "greedy_tree_search",
     "head_rank_hits",
+    "load_causal_lm",
     "load_medusa",
     "load_prompts",
     "medusa_generate",
+    "self_distill",
 ]

@@ -70,26 +70,36 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
     return str(backbone), heads
 
 
-def load_medusa(backbone: str, heads: str | Path, *, device: str | None = None, dtype: str = "auto",
-                attn_implementation: str = "sdpa"):
-    """(MedusaModel in eval mode on ``device``, tokenizer) for a backbone path and a heads directory.
+def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: str = "auto",
+                   attn_implementation: str = "sdpa"):
+    """(causal LM in eval mode on ``device``, tokenizer) for a backbone path or hub name.
 
     dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from medusa_liger.heads import MedusaModel
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype == "auto":
         torch_dtype = "auto" if device.type == "cuda" else torch.float32
     else:
         torch_dtype = parse_dtype(dtype)
-    causal_lm = AutoModelForCausalLM.from_pretrained(backbone, dtype=torch_dtype,
+    causal_lm = AutoModelForCausalLM.from_pretrained(str(backbone), dtype=torch_dtype,
                                                      attn_implementation=attn_implementation)
+    return causal_lm.to(device).eval(), AutoTokenizer.from_pretrained(str(backbone))
+
+
+def load_medusa(backbone: str, heads: str | Path, *, device: str | None = None, dtype: str = "auto",
+                attn_implementation: str = "sdpa"):
+    """(MedusaModel in eval mode on ``device``, tokenizer) for a backbone path and a heads directory.
+
+    dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU.
+    """
+    from medusa_liger.heads import MedusaModel
+
+    causal_lm, tokenizer = load_causal_lm(backbone, device=device, dtype=dtype,
+                                          attn_implementation=attn_implementation)
     model = MedusaModel.from_pretrained(heads, backbone=causal_lm)
-    model.to(device=device, dtype=causal_lm.dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    model.to(device=causal_lm.device, dtype=causal_lm.dtype).eval()
     return model, tokenizer
 
 

@@ -1,0 +1,401 @@
+"""Self-distillation data: the backbone writes the answers its Medusa heads will learn to guess.
+
+Medusa heads learn to predict the backbone's *own* next tokens. Trained on a dataset the backbone
+would not have written (another model's chat logs, a different system prompt), they learn a
+distribution they will never see at decoding time, and their acceptance drops. The Medusa paper's
+remedy is self-distillation: keep the dataset's prompts and let the backbone regenerate every answer.
+
+    medusa-liger distill --backbone meta-llama/Meta-Llama-3-8B-Instruct \\
+        --data sharegpt.jsonl --output distilled.jsonl --max-new-tokens 1024
+    medusa-liger train configs/llama3-8b-medusa1.yaml data.paths=[distilled.jsonl]
+
+Records in (the formats of ``medusa_liger.records``, plus ``{"prompt": str}``):
+
+* a conversation: every assistant turn is regenerated in order, each from the conversation so far
+  with the earlier answers already replaced by the backbone's own (``turns="all"``; ``"first"`` keeps
+  the conversation only up to its first answer). A conversation that ends with a user turn (a
+  prompt-only dataset) also gets an answer to that turn.
+* ``{"prompt": str}``: one user turn, answered.
+* ``{"text": str}`` (a document, for base models): its first ``text_prompt_tokens`` tokens are kept
+  and the backbone writes the rest.
+
+Records out: one JSON line per input record, in input order, ``{"id": i, "source": ..., "messages":
+[...]}`` (or ``"text"``), which ``medusa-liger train`` reads as OpenAI-format conversations.
+
+Work is never lost: records are generated in blocks of ``block_records`` and each finished block is
+appended to the output and synced to disk. Run the same command again after an interruption and it
+continues after the last complete block (a settings file beside the output refuses a resume with
+other settings). ``shard=(i, n)`` keeps the records whose index is ``i`` modulo ``n``, so ``n``
+processes (one per GPU) can split a dataset and their outputs be trained on together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medusa_liger.records import chat_template_for, iter_raw_records, normalize
+
+TURNS = ("all", "first")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """Everything that decides the generated text (kept beside the output to guard resumes)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy decoding
+    top_p: float = 1.0
+    seed: int = 0
+    turns: str = "all"
+    chat_template: str = "auto"  # "auto": the tokenizer's own template, else the built-in one
+    text_prompt_tokens: int = 64
+    batch_size: int = 8
+    block_records: int = 64
+    shard: tuple[int, int] = (0, 1)  # (index, count)
+    num_records: int | None = None  # the first N records of the source (before sharding)
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "text_prompt_tokens", "batch_size", "block_records"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.turns not in TURNS:
+            raise ValueError(f"turns must be one of {list(TURNS)}, got {self.turns!r}")
+        if self.chat_template not in ("auto", "builtin"):
+            raise ValueError(f"chat_template must be 'auto' or 'builtin', got {self.chat_template!r}")
+        index, count = self.shard
+        if not (isinstance(index, int) and isinstance(count, int) and count >= 1 and 0 <= index < count):
+            raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {self.shard!r}")
+        if self.num_records is not None and (not isinstance(self.num_records, int) or self.num_records < 1):
+            raise ValueError(f"num_records must be an integer >= 1 or None, got {self.num_records!r}")
+
+
+@dataclass
+class DistillSummary:
+    """What a call wrote (this call only; records found already done are counted in ``resumed``)."""
+
+    records: int = 0  # records written
+    resumed: int = 0  # records already in the output before this call
+    skipped: list[str] = field(default_factory=list)  # one reason per record left out
+    generations: int = 0  # answers or continuations generated
+    truncated: int = 0  # generations that hit max_new_tokens before an end-of-sequence token
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Pending:
+    """One record being regenerated: its conversation so far and the turns still to write."""
+
+    id: int
+    where: str
+    messages: list[dict[str, str]] | None  # None for a text record
+    todo: list[int]  # indices into messages of the assistant turns still to generate
+    prompt_ids: list[int] | None = None  # text records: the kept prefix
+    text: str | None = None
+    dropped: str | None = None  # why the record is left out
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/8), got {text!r}") from None
+    return index, count
+
+
+def _source_records(source: str, split: str, settings: DistillSettings, skipped: list[str]) -> Iterator[_Pending]:
+    """This shard's records, normalized into conversations to regenerate or text prefixes."""
+    for i, (where, record) in enumerate(iter_raw_records(source, split, "skip", skipped)):
+        if settings.num_records is not None and i >= settings.num_records:
+            return
+        if i % settings.shard[1] != settings.shard[0]:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str) and "messages" not in record:
+            record = {"messages": [{"role": "user", "content": record["prompt"]}]}
+        try:
+            example = normalize(where, record, "auto", "all")
+        except ValueError as error:
+            skipped.append(str(error))
+            continue
+        if example.text is not None:
+            yield _Pending(i, where, None, [], text=example.text)
+            continue
+        messages = list(example.messages)
+        if messages[-1]["role"] != "assistant":  # answer a trailing user turn too
+            messages.append({"role": "assistant", "content": ""})
+        todo = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+        if todo[0] == 0:
+            skipped.append(f"{where}: the conversation starts with an assistant turn, which has no prompt")
+            continue
+        if settings.turns == "first":
+            messages, todo = messages[: todo[0] + 1], todo[:1]
+        yield _Pending(i, where, messages, todo)
+
+
+class _Generator:
+    """Batched left-padded generation with one model, tokenizer and settings."""
+
+    def __init__(self, model: nn.Module, tokenizer, settings: DistillSettings) -> None:
+        from transformers import GenerationConfig
+
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.template = chat_template_for(tokenizer, settings.chat_template)
+        self.device = next(model.parameters()).device
+        # Stop at the tokenizer's EOS and at any the model's generation config names (an instruct
+        # model's end-of-turn token, e.g. Llama-3's <|eot_id|>).
+        eos = {tokenizer.eos_token_id}
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos.update(configured if isinstance(configured, (list, tuple)) else [configured])
+        self.eos = sorted(e for e in eos if e is not None)
+        if not self.eos:
+            raise ValueError("the tokenizer and the model name no end-of-sequence token to stop at")
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        # Every option that shapes the text is set here: generate() fills unset ones from the
+        # model's own generation config (an instruct model may ship sampling defaults).
+        sample = settings.temperature > 0
+        self.config = GenerationConfig(
+            max_new_tokens=settings.max_new_tokens, do_sample=sample, num_beams=1,
+            temperature=settings.temperature if sample else 1.0, top_p=settings.top_p if sample else 1.0,
+            top_k=0 if sample else None, repetition_penalty=1.0, eos_token_id=self.eos, pad_token_id=self.pad,
+        )
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` followed by the template's generation prompt."""
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def fits(self, prompt: list[int]) -> bool:
+        return self.context is None or len(prompt) + self.settings.max_new_tokens <= self.context
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
+        """(new token ids without the stop token, whether a stop token ended them) per prompt."""
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends at column width - 1
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                  generation_config=self.config)
+        results = []
+        for row in out[:, width:].tolist():
+            stop = next((j for j, token in enumerate(row) if token in self.eos), None)
+            results.append((row if stop is None else row[:stop], stop is not None))
+        return results
+
+
+def _run_block(generate: _Generator, block: list[_Pending], summary: DistillSummary) -> None:
+    """Fill in every pending turn of ``block``: one generation round per turn depth, batched."""
+    tokenizer, settings = generate.tokenizer, generate.settings
+    for record in block:
+        if record.text is not None:
+            ids = tokenizer(record.text, add_special_tokens=True)["input_ids"][: settings.text_prompt_tokens]
+            record.prompt_ids = ids
+            if not generate.fits(ids):
+                record.dropped = f"{record.where}: prompt + max_new_tokens exceed the model's context"
+    while True:
+        # This round's prompts: the next turn of every conversation, the continuation of every text.
+        jobs: list[tuple[_Pending, list[int]]] = []
+        for record in block:
+            if record.dropped is not None:
+                continue
+            if record.text is not None and record.prompt_ids is not None:
+                jobs.append((record, record.prompt_ids))
+            elif record.messages is not None and record.todo:
+                prompt = generate.chat_prompt(record.messages[: record.todo[0]])
+                if generate.fits(prompt):
+                    jobs.append((record, prompt))
+                    continue
+                answered = [j for j, m in enumerate(record.messages[: record.todo[0]]) if m["role"] == "assistant"]
+                if answered:  # keep the answers written so far; the next turn would not fit
+                    record.messages, record.todo = record.messages[: answered[-1] + 1], []
+                else:
+                    record.dropped = f"{record.where}: prompt + max_new_tokens exceed the model's context"
+        if not jobs:
+            return
+        jobs.sort(key=lambda job: len(job[1]))  # similar lengths together: less padding
+        for start in range(0, len(jobs), settings.batch_size):
+            batch = jobs[start : start + settings.batch_size]
+            for (record, prompt), (new_ids, stopped) in zip(batch, generate([p for _, p in batch])):
+                summary.generations += 1
+                summary.new_tokens += len(new_ids)
+                summary.truncated += not stopped
+                answer = tokenizer.decode(new_ids, skip_special_tokens=True)
+                if record.text is not None:
+                    record.text = tokenizer.decode(prompt, skip_special_tokens=True) + answer
+                    record.prompt_ids = None
+                else:
+                    record.messages[record.todo.pop(0)] = {"role": "assistant", "content": answer.strip()}
+
+
+def _output_line(record: _Pending) -> str:
+    body: dict[str, Any] = {"id": record.id, "source": record.where}
+    if record.text is not None:
+        body["text"] = record.text
+    else:
+        body["messages"] = record.messages
+    return json.dumps(body, ensure_ascii=False) + "\n"
+
+
+def _settings_path(output: Path) -> Path:
+    return output.with_name(output.name + ".settings.json")
+
+
+def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> set[int]:
+    """Ids already written to ``output`` (a resume), after cutting any half-written last line."""
+    settings_file = _settings_path(output)
+    if overwrite or not output.exists():
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text("")
+        settings_file.write_text(json.dumps(identity, indent=2) + "\n")
+        return set()
+    if not settings_file.is_file() or json.loads(settings_file.read_text()) != identity:
+        raise ValueError(f"output {str(output)!r} exists and was not written by this command with these "
+                         f"settings ({settings_file.name}); pass another output or overwrite=True (--overwrite)")
+    data = output.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]  # a line without its newline was cut by an interruption
+    if len(complete) != len(data):
+        with output.open("r+b") as f:
+            f.truncate(len(complete))
+    return {json.loads(line)["id"] for line in complete.decode("utf-8").splitlines() if line.strip()}
+
+
+def self_distill(
+    model: nn.Module,
+    tokenizer,
+    source: str | Path,
+    output: str | Path,
+    settings: DistillSettings | None = None,
+    *,
+    split: str = "train",
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> DistillSummary:
+    """Regenerate the answers of ``source`` (file or hub dataset) with ``model`` into ``output`` (JSONL).
+
+    model: a causal LM (``generate``), in eval mode on its device. A call with an existing output
+    resumes it (same source, settings and ``metadata``), unless ``overwrite``.
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or DistillSettings()
+    output = Path(output)
+    # What decides the text: a resume must match it. How many records and how they are batched may change.
+    identity = {"source": str(source), "split": split, **asdict(settings), "shard": list(settings.shard),
+                **(metadata or {})}
+    for free in ("num_records", "batch_size", "block_records"):
+        del identity[free]
+    done = _prepare_output(output, identity, overwrite)
+    generate = _Generator(model, tokenizer, settings)
+    summary = DistillSummary(resumed=len(done))
+    started = time.perf_counter()
+    bar = tqdm(desc="distill", unit="record", disable=not progress, dynamic_ncols=True)
+    block: list[_Pending] = []
+    records = _source_records(str(source), split, settings, summary.skipped)
+
+    def flush() -> None:
+        nonlocal block
+        # One seed per block, from the block's first record: a resumed run samples what the first would have.
+        torch.manual_seed(settings.seed * 1_000_003 + block[0].id)
+        _run_block(generate, block, summary)
+        with output.open("a", encoding="utf-8") as f:
+            for record in block:
+                if record.dropped is not None:
+                    summary.skipped.append(record.dropped)
+                else:
+                    f.write(_output_line(record))
+                    summary.records += 1
+            f.flush()
+            os.fsync(f.fileno())
+        bar.update(len(block))
+        elapsed = time.perf_counter() - started
+        bar.set_postfix(tokens_per_s=f"{summary.new_tokens / max(elapsed, 1e-9):.0f}", skipped=len(summary.skipped))
+        block = []
+
+    for record in records:
+        if record.id in done:
+            continue
+        block.append(record)
+        if len(block) == settings.block_records:
+            flush()
+    if block:
+        flush()
+    bar.close()
+    summary.seconds = time.perf_counter() - started
+    if summary.records == 0 and summary.resumed == 0:
+        reason = f" (first reason: {summary.skipped[0]})" if summary.skipped else ""
+        raise ValueError(f"source {str(source)!r} gave no record to distill{reason}")
+    return summary
+
+
+def add_arguments(parser) -> None:
+    from medusa_liger.heads.export import DTYPES
+
+    defaults = DistillSettings()
+    parser.add_argument("--backbone", required=True, help="causal LM to answer with (HF directory or hub name)")
+    parser.add_argument("--data", required=True, help="JSONL/JSON file or hub dataset of conversations, prompts or texts")
+    parser.add_argument("--split", default="train", help="split of a hub dataset")
+    parser.add_argument("--output", required=True, help="JSONL file to write (resumed when it exists)")
+    parser.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming it")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens per answer at most")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling when temperature > 0")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
+    parser.add_argument("--turns", choices=TURNS, default=defaults.turns,
+                        help="regenerate every assistant turn (all) or keep conversations up to their first (first)")
+    parser.add_argument("--chat-template", choices=["auto", "builtin"], default=defaults.chat_template,
+                        help="the tokenizer's own chat template (auto) or medusa-liger's built-in one")
+    parser.add_argument("--text-prompt-tokens", type=int, default=defaults.text_prompt_tokens,
+                        help="leading tokens of a text record kept as its prompt")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompts per generate call")
+    parser.add_argument("--block-records", type=int, default=defaults.block_records,
+                        help="records generated between writes to the output (the unit of a resume)")
+    parser.add_argument("--num-records", type=int, default=None, help="use only the first N records")
+    parser.add_argument("--shard", default="0/1", help="I/N: this process takes records I, I+N, I+2N, ...")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
+
+
+def run(args) -> int:
+    import sys
+
+    from medusa_liger.inference.cli import load_causal_lm
+
+    try:
+        settings = DistillSettings(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+            turns=args.turns, chat_template=args.chat_template, text_prompt_tokens=args.text_prompt_tokens,
+            batch_size=args.batch_size, block_records=args.block_records, shard=parse_shard(args.shard),
+            num_records=args.num_records,
+        )
+        model, tokenizer = load_causal_lm(args.backbone, device=args.device, dtype=args.dtype)
+        summary = self_distill(model, tokenizer, args.data, args.output, settings, split=args.split,
+                               overwrite=args.overwrite, metadata={"backbone": str(args.backbone)})
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"medusa-liger distill: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary.records} records to {args.output} ({summary.resumed} were already there): "
+          f"{summary.generations} generations, {summary.new_tokens} new tokens in {summary.seconds:.1f} s, "
+          f"{summary.truncated} cut at --max-new-tokens, {len(summary.skipped)} records skipped")
+    for reason in summary.skipped[:5]:
+        print(f"  skipped: {reason}")
+    return 0

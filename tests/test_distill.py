@@ -1,0 +1,253 @@
+"""Self-distillation (``medusa-liger distill``): regenerated turns, batching, resume, shards, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medusa_liger.inference import distill
+from medusa_liger.inference.distill import DistillSettings, parse_shard, self_distill
+from medusa_liger.records import BUILTIN_CHAT_TEMPLATE, normalize
+from tests.test_generate import tiny_backbone
+
+SOURCE_RECORDS = [
+    {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is assert?"},
+                       {"from": "gpt", "value": "A check."}, {"from": "human", "value": "And pass?"},
+                       {"from": "gpt", "value": "Nothing."}]},
+    {"messages": [{"role": "user", "content": "Define a function."}]},  # prompt-only: gets an answer
+    {"prompt": "for i in range(3):"},
+    {"text": "def f(x):\n    return x + 1\n" * 8},
+    {"neither": 1},  # skipped: no known format
+    {"messages": [{"role": "assistant", "content": "Hello."}]},  # skipped: nothing to answer
+    {"messages": [{"role": "user", "content": "The assert statement."}, {"role": "assistant", "content": "x"}]},
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # identical float sums for batched and single generation
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from medusa_liger.train.tiny import train_tokenizer
+
+    texts = ["def f(x):\n    return x + 1", "The assert statement checks a condition.", "for i in range(10): pass"]
+    return train_tokenizer(texts * 4, 300, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_backbone(vocab=len(tokenizer), seed=3)
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    path = tmp_path / "source.jsonl"
+    lines = [json.dumps(r) for r in SOURCE_RECORDS]
+    lines.insert(4, "{not json")  # a malformed line: skipped with its line number
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def single_generation(model, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Unbatched, unpadded greedy tokens after ``prompt``, up to the first end-of-sequence token."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    new = model.generate(input_ids=torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+    return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+
+def test_greedy_distill_regenerates_every_turn_from_its_own_history(model, tokenizer, source, tmp_path):
+    settings = DistillSettings(max_new_tokens=10, batch_size=3, block_records=2, text_prompt_tokens=12)
+    summary = self_distill(model, tokenizer, source, tmp_path / "out.jsonl", settings, progress=False)
+    out = read_lines(tmp_path / "out.jsonl")
+    assert [r["id"] for r in out] == [0, 1, 2, 3, 6]  # input order; records 4 and 5 skipped
+    assert len(summary.skipped) == 3 and summary.records == 5 and summary.resumed == 0
+    assert "source.jsonl:5: malformed JSON" in " ".join(summary.skipped)
+    assert any("starts with an assistant turn" in s for s in summary.skipped)
+    assert summary.generations == 2 + 1 + 1 + 1 + 1
+
+    def chat_ids(messages):
+        text = tokenizer.apply_chat_template(messages, chat_template=BUILTIN_CHAT_TEMPLATE, tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for record in out:
+        if "text" in record:
+            prompt = tokenizer(SOURCE_RECORDS[3]["text"], add_special_tokens=True)["input_ids"][:12]
+            new = single_generation(model, tokenizer, prompt, 10)
+            assert record["text"] == tokenizer.decode(prompt, skip_special_tokens=True) + \
+                tokenizer.decode(new, skip_special_tokens=True)
+            continue
+        messages = record["messages"]
+        normalize("out", record, "auto", "assistant")  # what training reads
+        for j, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            # Each answer continues the conversation as regenerated so far, batched or not.
+            new = single_generation(model, tokenizer, chat_ids(messages[:j]), 10)
+            assert message["content"] == tokenizer.decode(new, skip_special_tokens=True).strip(), (record["id"], j)
+    first = out[0]["messages"]
+    assert [m["role"] for m in first] == ["system", "user", "assistant", "user", "assistant"]
+    assert [first[i]["content"] for i in (0, 1, 3)] == ["Be brief.", "What is assert?", "And pass?"]
+    assert first[2]["content"] != "A check." and out[4]["messages"][1]["content"] != "x"
+    assert [m["role"] for m in out[1]["messages"]] == ["user", "assistant"]
+    assert out[2]["messages"][0] == {"role": "user", "content": "for i in range(3):"}
+
+
+def test_turns_first_keeps_conversations_up_to_their_first_answer(model, tokenizer, source, tmp_path):
+    settings = DistillSettings(max_new_tokens=4, turns="first")
+    self_distill(model, tokenizer, source, tmp_path / "out.jsonl", settings, progress=False)
+    first = read_lines(tmp_path / "out.jsonl")[0]["messages"]
+    assert [m["role"] for m in first] == ["system", "user", "assistant"]
+
+
+def test_stop_tokens_end_an_answer_and_padding_is_dropped(tokenizer):
+    eos = tokenizer.eos_token_id
+
+    class Scripted(torch.nn.Module):
+        """generate() returns the prompt batch followed by fixed new tokens."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.config = type("C", (), {"max_position_embeddings": 64})()
+            self.generation_config = type("G", (), {"eos_token_id": [eos, 7]})()
+
+        def generate(self, input_ids, attention_mask, generation_config):
+            assert attention_mask[:, -1].all() and generation_config.eos_token_id == sorted({eos, 7})
+            new = torch.tensor([[5, 6, eos, 9], [5, 7, 0, 0], [5, 6, 8, 9]])
+            return torch.cat([input_ids, new[: len(input_ids)]], dim=1)
+
+    generate = distill._Generator(Scripted(), tokenizer, DistillSettings(max_new_tokens=4))
+    assert generate([[4, 4, 4], [4], [4, 4]]) == [([5, 6], True), ([5], True), ([5, 6, 8, 9], False)]
+    assert generate.fits([1] * 60) and not generate.fits([1] * 61)
+
+
+def test_an_interrupted_run_resumes_to_the_straight_runs_file(model, tokenizer, source, tmp_path, monkeypatch):
+    settings = DistillSettings(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5, batch_size=2, block_records=2)
+    straight = tmp_path / "straight.jsonl"
+    self_distill(model, tokenizer, source, straight, settings, progress=False)
+
+    resumed = tmp_path / "resumed.jsonl"
+    real_run_block, calls = distill._run_block, []
+
+    def dying_run_block(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while generating the second block
+        return real_run_block(*args)
+
+    monkeypatch.setattr(distill, "_run_block", dying_run_block)
+    with pytest.raises(KeyboardInterrupt):
+        self_distill(model, tokenizer, source, resumed, settings, progress=False)
+    monkeypatch.setattr(distill, "_run_block", real_run_block)
+    assert len(read_lines(resumed)) == 2
+    with resumed.open("a") as f:
+        f.write('{"id": 2, "source": "half a li')  # a write cut short by the kill
+    summary = self_distill(model, tokenizer, source, resumed, settings, progress=False)
+    assert summary.resumed == 2 and summary.records == 3
+    assert resumed.read_text() == straight.read_text()
+
+    with pytest.raises(ValueError, match="exists and was not written by this command with these settings"):
+        self_distill(model, tokenizer, source, resumed, DistillSettings(max_new_tokens=7), progress=False)
+    summary = self_distill(model, tokenizer, source, resumed, DistillSettings(max_new_tokens=2), overwrite=True,
+                           progress=False)
+    assert summary.resumed == 0 and len(read_lines(resumed)) == 5
+
+
+def test_shards_partition_the_records(model, tokenizer, source, tmp_path):
+    whole = tmp_path / "whole.jsonl"
+    self_distill(model, tokenizer, source, whole, DistillSettings(max_new_tokens=5), progress=False)
+    parts = []
+    for index in range(3):
+        path = tmp_path / f"part{index}.jsonl"
+        self_distill(model, tokenizer, source, path, DistillSettings(max_new_tokens=5, shard=(index, 3)),
+                     progress=False)
+        parts += read_lines(path)
+        assert all(r["id"] % 3 == index for r in read_lines(path))
+    assert sorted(parts, key=lambda r: r["id"]) == read_lines(whole)
+
+
+def test_prompts_beyond_the_context_keep_what_fits(tokenizer, tmp_path):
+    model = tiny_backbone(vocab=len(tokenizer), seed=1, max_position_embeddings=40)
+    long_turn = "The assert statement checks a condition. " * 4
+    records = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"},
+                      {"role": "user", "content": long_turn}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "user", "content": long_turn * 2}]},
+    ]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = self_distill(model, tokenizer, path, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=8),
+                           progress=False)
+    out = read_lines(tmp_path / "out.jsonl")
+    assert len(out) == 1 and [m["role"] for m in out[0]["messages"]] == ["user", "assistant"]
+    assert len(summary.skipped) == 1 and "exceed the model's context" in summary.skipped[0]
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_new_tokens", 0), ("temperature", -1.0), ("temperature", float("nan")), ("top_p", 0.0),
+    ("turns", "last"), ("chat_template", "mine"), ("batch_size", 1.5), ("shard", (2, 2)), ("num_records", 0),
+])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        DistillSettings(**{field: value})
+
+
+def test_parse_shard():
+    assert parse_shard("3/8") == (3, 8)
+    with pytest.raises(ValueError, match="--shard must look like I/N"):
+        parse_shard("3")
+
+
+def test_no_usable_record_is_an_error(model, tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"neither": 1}\n')
+    with pytest.raises(ValueError, match="gave no record to distill"):
+        self_distill(model, tokenizer, path, tmp_path / "out.jsonl", progress=False)
+
+
+def test_cli_writes_and_resumes(model, tokenizer, source, tmp_path, capsys):
+    from medusa_liger.cli import main
+
+    backbone = tmp_path / "backbone"
+    model.save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    args = ["distill", "--backbone", str(backbone), "--data", str(source), "--output", str(tmp_path / "o.jsonl"),
+            "--max-new-tokens", "4", "--num-records", "3", "--device", "cpu"]
+    assert main(args) == 0
+    assert "wrote 3 records" in capsys.readouterr().out
+    assert main([*args[:-4], "--device", "cpu"]) == 0  # all records now: the first three are kept
+    assert "wrote 2 records" in capsys.readouterr().out and len(read_lines(tmp_path / "o.jsonl")) == 5
+    assert main([*args, "--shard", "1"]) == 2
+    assert "--shard must look like I/N" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distill_on_gpu(tokenizer, source, tmp_path, dtype):
+    model = tiny_backbone(vocab=len(tokenizer), seed=3).to("cuda", dtype)
+    settings = DistillSettings(max_new_tokens=12, batch_size=4, block_records=2)
+    summary = self_distill(model, tokenizer, source, tmp_path / "out.jsonl", settings, progress=False)
+    out = read_lines(tmp_path / "out.jsonl")
+    assert [r["id"] for r in out] == [0, 1, 2, 3, 6] and summary.generations == 6
+    for record in out:
+        if "messages" in record:
+            normalize("out", record, "auto", "assistant")
+    # The same settings again: everything is already there.
+    again = self_distill(model, tokenizer, source, tmp_path / "out.jsonl", settings, progress=False)
+    assert again.resumed == 5 and again.records == 0 and len(read_lines(tmp_path / "out.jsonl")) == 5
