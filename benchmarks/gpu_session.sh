@@ -26,6 +26,13 @@ for stage in "$@"; do
     gemm_split)  timeout 420 python3 benchmarks/gemm_split_sweep.py 2>&1 | tee "$OUT/bench_gemm_split.log" | tail -40 || status=1 ;;
     chunk_sweep) timeout 420 python3 benchmarks/chunk_sweep.py 2>&1 | tee "$OUT/bench_chunk_sweep.log" | tail -40 || status=1 ;;
     tune_row)    timeout 420 python3 benchmarks/tune_row_kernel.py 2>&1 | tee "$OUT/bench_tune_row.log" | tail -70 || status=1 ;;
+    distill_8b)  # self-distillation throughput with a random Llama-3-8B-shaped backbone (bf16, greedy, HF generate)
+                 [ -f /tmp/llama8b/config.json ] || python3 scripts/make_random_backbone.py /tmp/llama8b 2>&1 | grep -v Writing | tail -2
+                 for bs in ${DISTILL_BATCHES:-16 64}; do
+                   timeout 300 python3 -m medusa_liger distill --backbone /tmp/llama8b --data medusa_liger/data/pydoc_chat.jsonl \
+                     --output "$OUT/distill_8b_bs$bs.jsonl" --overwrite --num-records $((2 * bs)) --batch-size $bs \
+                     --block-records $((2 * bs)) --max-new-tokens 256 2>&1 | grep -v "Loading weights\|distill:" | tee -a "$OUT/distill_8b.log" || status=1
+                 done ;;
     quick)       for b in kernels medusa_loss patching; do timeout 120 python3 benchmarks/$b.py --quick 2>&1 | tail -30; done ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;
   esac

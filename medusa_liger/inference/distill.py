@@ -394,7 +394,8 @@ def run(args) -> int:
         print(f"medusa-liger distill: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {summary.records} records to {args.output} ({summary.resumed} were already there): "
-          f"{summary.generations} generations, {summary.new_tokens} new tokens in {summary.seconds:.1f} s, "
+          f"{summary.generations} generations, {summary.new_tokens} new tokens in {summary.seconds:.1f} s "
+          f"({summary.new_tokens / max(summary.seconds, 1e-9):.0f} tokens/s), "
           f"{summary.truncated} cut at --max-new-tokens, {len(summary.skipped)} records skipped")
     for reason in summary.skipped[:5]:
         print(f"  skipped: {reason}")
