@@ -10,6 +10,7 @@ import torch
 
 from medusa_liger.inference import distill
 from medusa_liger.inference.distill import DistillSettings, parse_shard, self_distill
+from medusa_liger.inference.distill_backends import LocalBackend
 from medusa_liger.records import BUILTIN_CHAT_TEMPLATE, normalize
 from tests.test_generate import tiny_backbone
 
@@ -72,7 +73,7 @@ def single_generation(model, tokenizer, prompt: list[int], max_new_tokens: int) 
 
 def test_greedy_distill_regenerates_every_turn_from_its_own_history(model, tokenizer, source, tmp_path):
     settings = DistillSettings(max_new_tokens=10, batch_size=3, block_records=2, text_prompt_tokens=12)
-    summary = self_distill(model, tokenizer, source, tmp_path / "out.jsonl", settings, progress=False)
+    summary = self_distill(source, tmp_path / "out.jsonl", settings, model=model, tokenizer=tokenizer, progress=False)
     out = read_lines(tmp_path / "out.jsonl")
     assert [r["id"] for r in out] == [0, 1, 2, 3, 6]  # input order; records 4 and 5 skipped
     assert len(summary.skipped) == 3 and summary.records == 5 and summary.resumed == 0
@@ -110,7 +111,7 @@ def test_greedy_distill_regenerates_every_turn_from_its_own_history(model, token
 
 def test_turns_first_keeps_conversations_up_to_their_first_answer(model, tokenizer, source, tmp_path):
     settings = DistillSettings(max_new_tokens=4, turns="first")
-    self_distill(model, tokenizer, source, tmp_path / "out.jsonl", settings, progress=False)
+    self_distill(source, tmp_path / "out.jsonl", settings, model=model, tokenizer=tokenizer, progress=False)
     first = read_lines(tmp_path / "out.jsonl")[0]["messages"]
     assert [m["role"] for m in first] == ["system", "user", "assistant"]
 
@@ -132,15 +133,15 @@ def test_stop_tokens_end_an_answer_and_padding_is_dropped(tokenizer):
             new = torch.tensor([[5, 6, eos, 9], [5, 7, 0, 0], [5, 6, 8, 9]])
             return torch.cat([input_ids, new[: len(input_ids)]], dim=1)
 
-    generate = distill._Generator(Scripted(), tokenizer, DistillSettings(max_new_tokens=4))
-    assert generate([[4, 4, 4], [4], [4, 4]]) == [([5, 6], True), ([5], True), ([5, 6, 8, 9], False)]
+    generate = LocalBackend(Scripted(), tokenizer, DistillSettings(max_new_tokens=4))
+    assert generate.generate([[4, 4, 4], [4], [4, 4]]) == [([5, 6], True), ([5], True), ([5, 6, 8, 9], False)]
     assert generate.fits([1] * 60) and not generate.fits([1] * 61)
 
 
 def test_an_interrupted_run_resumes_to_the_straight_runs_file(model, tokenizer, source, tmp_path, monkeypatch):
     settings = DistillSettings(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5, batch_size=2, block_records=2)
     straight = tmp_path / "straight.jsonl"
-    self_distill(model, tokenizer, source, straight, settings, progress=False)
+    self_distill(source, straight, settings, model=model, tokenizer=tokenizer, progress=False)
 
     resumed = tmp_path / "resumed.jsonl"
     real_run_block, calls = distill._run_block, []
@@ -153,30 +154,30 @@ def test_an_interrupted_run_resumes_to_the_straight_runs_file(model, tokenizer, 
 
     monkeypatch.setattr(distill, "_run_block", dying_run_block)
     with pytest.raises(KeyboardInterrupt):
-        self_distill(model, tokenizer, source, resumed, settings, progress=False)
+        self_distill(source, resumed, settings, model=model, tokenizer=tokenizer, progress=False)
     monkeypatch.setattr(distill, "_run_block", real_run_block)
     assert len(read_lines(resumed)) == 2
     with resumed.open("a") as f:
         f.write('{"id": 2, "source": "half a li')  # a write cut short by the kill
-    summary = self_distill(model, tokenizer, source, resumed, settings, progress=False)
+    summary = self_distill(source, resumed, settings, model=model, tokenizer=tokenizer, progress=False)
     assert summary.resumed == 2 and summary.records == 3
     assert resumed.read_text() == straight.read_text()
 
     with pytest.raises(ValueError, match="exists and was not written by this command with these settings"):
-        self_distill(model, tokenizer, source, resumed, DistillSettings(max_new_tokens=7), progress=False)
-    summary = self_distill(model, tokenizer, source, resumed, DistillSettings(max_new_tokens=2), overwrite=True,
-                           progress=False)
+        self_distill(source, resumed, DistillSettings(max_new_tokens=7), model=model, tokenizer=tokenizer, progress=False)
+    summary = self_distill(source, resumed, DistillSettings(max_new_tokens=2), model=model, tokenizer=tokenizer,
+                           overwrite=True, progress=False)
     assert summary.resumed == 0 and len(read_lines(resumed)) == 5
 
 
 def test_shards_partition_the_records(model, tokenizer, source, tmp_path):
     whole = tmp_path / "whole.jsonl"
-    self_distill(model, tokenizer, source, whole, DistillSettings(max_new_tokens=5), progress=False)
+    self_distill(source, whole, DistillSettings(max_new_tokens=5), model=model, tokenizer=tokenizer, progress=False)
     parts = []
     for index in range(3):
         path = tmp_path / f"part{index}.jsonl"
-        self_distill(model, tokenizer, source, path, DistillSettings(max_new_tokens=5, shard=(index, 3)),
-                     progress=False)
+        self_distill(source, path, DistillSettings(max_new_tokens=5, shard=(index, 3)), model=model,
+                     tokenizer=tokenizer, progress=False)
         parts += read_lines(path)
         assert all(r["id"] % 3 == index for r in read_lines(path))
     assert sorted(parts, key=lambda r: r["id"]) == read_lines(whole)
@@ -192,8 +193,8 @@ def test_prompts_beyond_the_context_keep_what_fits(tokenizer, tmp_path):
     ]
     path = tmp_path / "long.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    summary = self_distill(model, tokenizer, path, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=8),
-                           progress=False)
+    summary = self_distill(path, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=8), model=model,
+                           tokenizer=tokenizer, progress=False)
     out = read_lines(tmp_path / "out.jsonl")
     assert len(out) == 1 and [m["role"] for m in out[0]["messages"]] == ["user", "assistant"]
     assert len(summary.skipped) == 1 and "exceed the model's context" in summary.skipped[0]
@@ -218,7 +219,7 @@ def test_no_usable_record_is_an_error(model, tokenizer, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"neither": 1}\n')
     with pytest.raises(ValueError, match="gave no record to distill"):
-        self_distill(model, tokenizer, path, tmp_path / "out.jsonl", progress=False)
+        self_distill(path, tmp_path / "out.jsonl", model=model, tokenizer=tokenizer, progress=False)
 
 
 def test_cli_writes_and_resumes(model, tokenizer, source, tmp_path, capsys):
@@ -242,12 +243,12 @@ def test_cli_writes_and_resumes(model, tokenizer, source, tmp_path, capsys):
 def test_distill_on_gpu(tokenizer, source, tmp_path, dtype):
     model = tiny_backbone(vocab=len(tokenizer), seed=3).to("cuda", dtype)
     settings = DistillSettings(max_new_tokens=12, batch_size=4, block_records=2)
-    summary = self_distill(model, tokenizer, source, tmp_path / "out.jsonl", settings, progress=False)
+    summary = self_distill(source, tmp_path / "out.jsonl", settings, model=model, tokenizer=tokenizer, progress=False)
     out = read_lines(tmp_path / "out.jsonl")
     assert [r["id"] for r in out] == [0, 1, 2, 3, 6] and summary.generations == 6
     for record in out:
         if "messages" in record:
             normalize("out", record, "auto", "assistant")
     # The same settings again: everything is already there.
-    again = self_distill(model, tokenizer, source, tmp_path / "out.jsonl", settings, progress=False)
+    again = self_distill(source, tmp_path / "out.jsonl", settings, model=model, tokenizer=tokenizer, progress=False)
     assert again.resumed == 5 and again.records == 0 and len(read_lines(tmp_path / "out.jsonl")) == 5

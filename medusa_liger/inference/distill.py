@@ -9,6 +9,10 @@ remedy is self-distillation: keep the dataset's prompts and let the backbone reg
         --data sharegpt.jsonl --output distilled.jsonl --max-new-tokens 1024
     medusa-liger train configs/llama3-8b-medusa1.yaml data.paths=[distilled.jsonl]
 
+The answers come from the model in this process (Hugging Face ``generate``, batched) or, much
+faster for large datasets, from an OpenAI-compatible server with the same weights
+(``--server http://localhost:8000/v1`` after ``vllm serve ...``); see ``distill_backends``.
+
 Records in (the formats of ``medusa_liger.records``, plus ``{"prompt": str}``):
 
 * a conversation: every assistant turn is regenerated in order, each from the conversation so far
@@ -42,7 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medusa_liger.records import chat_template_for, iter_raw_records, normalize
+from medusa_liger.inference.distill_backends import Answer, LocalBackend, ServerBackend
+from medusa_liger.records import iter_raw_records, normalize
 
 TURNS = ("all", "first")
 
@@ -58,8 +63,8 @@ class DistillSettings:
     turns: str = "all"
     chat_template: str = "auto"  # "auto": the tokenizer's own template, else the built-in one
     text_prompt_tokens: int = 64
-    batch_size: int = 8
-    block_records: int = 64
+    batch_size: int = 32  # local generation: prompts per generate() call
+    block_records: int = 256
     shard: tuple[int, int] = (0, 1)  # (index, count)
     num_records: int | None = None  # the first N records of the source (before sharding)
 
@@ -104,8 +109,7 @@ class _Pending:
     where: str
     messages: list[dict[str, str]] | None  # None for a text record
     todo: list[int]  # indices into messages of the assistant turns still to generate
-    prompt_ids: list[int] | None = None  # text records: the kept prefix
-    text: str | None = None
+    text: str | None = None  # a text record: its document, then prefix + continuation
     dropped: str | None = None  # why the record is left out
 
 
@@ -118,8 +122,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def _source_records(source: str, split: str, settings: DistillSettings, skipped: list[str]) -> Iterator[_Pending]:
-    """This shard's records, normalized into conversations to regenerate or text prefixes."""
+def _source_records(source: str, split: str, settings: DistillSettings, skipped: list[str],
+                    texts: bool) -> Iterator[_Pending]:
+    """This shard's records, normalized into conversations to regenerate or documents to continue."""
     for i, (where, record) in enumerate(iter_raw_records(source, split, "skip", skipped)):
         if settings.num_records is not None and i >= settings.num_records:
             return
@@ -133,7 +138,10 @@ def _source_records(source: str, split: str, settings: DistillSettings, skipped:
             skipped.append(str(error))
             continue
         if example.text is not None:
-            yield _Pending(i, where, None, [], text=example.text)
+            if texts:
+                yield _Pending(i, where, None, [], text=example.text)
+            else:
+                skipped.append(f"{where}: text records need the model in this process (--backbone), not a server")
             continue
         messages = list(example.messages)
         if messages[-1]["role"] != "assistant":  # answer a trailing user turn too
@@ -147,103 +155,35 @@ def _source_records(source: str, split: str, settings: DistillSettings, skipped:
         yield _Pending(i, where, messages, todo)
 
 
-class _Generator:
-    """Batched left-padded generation with one model, tokenizer and settings."""
-
-    def __init__(self, model: nn.Module, tokenizer, settings: DistillSettings) -> None:
-        from transformers import GenerationConfig
-
-        self.model, self.tokenizer, self.settings = model, tokenizer, settings
-        self.template = chat_template_for(tokenizer, settings.chat_template)
-        self.device = next(model.parameters()).device
-        # Stop at the tokenizer's EOS and at any the model's generation config names (an instruct
-        # model's end-of-turn token, e.g. Llama-3's <|eot_id|>).
-        eos = {tokenizer.eos_token_id}
-        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos.update(configured if isinstance(configured, (list, tuple)) else [configured])
-        self.eos = sorted(e for e in eos if e is not None)
-        if not self.eos:
-            raise ValueError("the tokenizer and the model name no end-of-sequence token to stop at")
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
-        self.context = getattr(model.config, "max_position_embeddings", None)
-        # Every option that shapes the text is set here: generate() fills unset ones from the
-        # model's own generation config (an instruct model may ship sampling defaults).
-        sample = settings.temperature > 0
-        self.config = GenerationConfig(
-            max_new_tokens=settings.max_new_tokens, do_sample=sample, num_beams=1,
-            temperature=settings.temperature if sample else 1.0, top_p=settings.top_p if sample else 1.0,
-            top_k=0 if sample else None, repetition_penalty=1.0, eos_token_id=self.eos, pad_token_id=self.pad,
-        )
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` followed by the template's generation prompt."""
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def fits(self, prompt: list[int]) -> bool:
-        return self.context is None or len(prompt) + self.settings.max_new_tokens <= self.context
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
-        """(new token ids without the stop token, whether a stop token ended them) per prompt."""
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: every prompt ends at column width - 1
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, width - len(prompt):] = 1
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                  generation_config=self.config)
-        results = []
-        for row in out[:, width:].tolist():
-            stop = next((j for j, token in enumerate(row) if token in self.eos), None)
-            results.append((row if stop is None else row[:stop], stop is not None))
-        return results
-
-
-def _run_block(generate: _Generator, block: list[_Pending], summary: DistillSummary) -> None:
-    """Fill in every pending turn of ``block``: one generation round per turn depth, batched."""
-    tokenizer, settings = generate.tokenizer, generate.settings
-    for record in block:
-        if record.text is not None:
-            ids = tokenizer(record.text, add_special_tokens=True)["input_ids"][: settings.text_prompt_tokens]
-            record.prompt_ids = ids
-            if not generate.fits(ids):
-                record.dropped = f"{record.where}: prompt + max_new_tokens exceed the model's context"
+def _run_block(backend, block: list[_Pending], summary: DistillSummary) -> None:
+    """Fill in every pending turn of ``block``: one round of generations per turn depth."""
+    texts = [r for r in block if r.text is not None]
+    for record, answer in zip(texts, backend.complete([r.text for r in texts]) if texts else []):
+        if answer is None:
+            record.dropped = f"{record.where}: prompt + max_new_tokens exceed the model's context"
+        else:
+            _count(summary, answer)
+            record.text = answer.text
     while True:
-        # This round's prompts: the next turn of every conversation, the continuation of every text.
-        jobs: list[tuple[_Pending, list[int]]] = []
-        for record in block:
-            if record.dropped is not None:
-                continue
-            if record.text is not None and record.prompt_ids is not None:
-                jobs.append((record, record.prompt_ids))
-            elif record.messages is not None and record.todo:
-                prompt = generate.chat_prompt(record.messages[: record.todo[0]])
-                if generate.fits(prompt):
-                    jobs.append((record, prompt))
-                    continue
-                answered = [j for j, m in enumerate(record.messages[: record.todo[0]]) if m["role"] == "assistant"]
-                if answered:  # keep the answers written so far; the next turn would not fit
-                    record.messages, record.todo = record.messages[: answered[-1] + 1], []
-                else:
-                    record.dropped = f"{record.where}: prompt + max_new_tokens exceed the model's context"
-        if not jobs:
+        chats = [r for r in block if r.dropped is None and r.messages is not None and r.todo]
+        if not chats:
             return
-        jobs.sort(key=lambda job: len(job[1]))  # similar lengths together: less padding
-        for start in range(0, len(jobs), settings.batch_size):
-            batch = jobs[start : start + settings.batch_size]
-            for (record, prompt), (new_ids, stopped) in zip(batch, generate([p for _, p in batch])):
-                summary.generations += 1
-                summary.new_tokens += len(new_ids)
-                summary.truncated += not stopped
-                answer = tokenizer.decode(new_ids, skip_special_tokens=True)
-                if record.text is not None:
-                    record.text = tokenizer.decode(prompt, skip_special_tokens=True) + answer
-                    record.prompt_ids = None
-                else:
-                    record.messages[record.todo.pop(0)] = {"role": "assistant", "content": answer.strip()}
+        for record, answer in zip(chats, backend.chat([r.messages[: r.todo[0]] for r in chats])):
+            if answer is not None:
+                _count(summary, answer)
+                record.messages[record.todo.pop(0)] = {"role": "assistant", "content": answer.text}
+                continue
+            answered = [j for j, m in enumerate(record.messages[: record.todo[0]]) if m["role"] == "assistant"]
+            if answered:  # keep the answers written so far; the next turn does not fit
+                record.messages, record.todo = record.messages[: answered[-1] + 1], []
+            else:
+                record.dropped = f"{record.where}: prompt + max_new_tokens exceed the model's context"
+
+
+def _count(summary: DistillSummary, answer: Answer) -> None:
+    summary.generations += 1
+    summary.new_tokens += answer.new_tokens
+    summary.truncated += not answer.stopped
 
 
 def _output_line(record: _Pending) -> str:
@@ -279,44 +219,60 @@ def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> 
 
 
 def self_distill(
-    model: nn.Module,
-    tokenizer,
     source: str | Path,
     output: str | Path,
     settings: DistillSettings | None = None,
     *,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    server: str | None = None,
+    server_model: str | None = None,
+    api_key: str | None = None,
+    concurrency: int = 64,
     split: str = "train",
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> DistillSummary:
-    """Regenerate the answers of ``source`` (file or hub dataset) with ``model`` into ``output`` (JSONL).
+    """Regenerate the answers of ``source`` (file or hub dataset) into ``output`` (JSONL).
 
-    model: a causal LM (``generate``), in eval mode on its device. A call with an existing output
-    resumes it (same source, settings and ``metadata``), unless ``overwrite``.
+    The answers come from ``model`` and ``tokenizer`` (a causal LM in eval mode on its device,
+    ``LocalBackend``) or from ``server``, the URL of an OpenAI-compatible server (``ServerBackend``:
+    ``server_model`` defaults to the first model it lists; ``concurrency`` requests in flight). A call
+    with an existing output resumes it (same source, settings and ``metadata``), unless ``overwrite``.
     """
     from tqdm.auto import tqdm
 
     settings = settings or DistillSettings()
     output = Path(output)
+    metadata = dict(metadata or {})
+    if (model is None) == (server is None):
+        raise ValueError("pass either model and tokenizer (generation in this process) or server (the URL of "
+                         "an OpenAI-compatible server)")
+    if server is not None:
+        backend = ServerBackend(server, settings, model=server_model, api_key=api_key, concurrency=concurrency)
+        metadata.setdefault("server_model", backend.model)
+    elif tokenizer is None:
+        raise ValueError("tokenizer is required with model")
+    else:
+        backend = LocalBackend(model, tokenizer, settings)
     # What decides the text: a resume must match it. How many records and how they are batched may change.
     identity = {"source": str(source), "split": split, **asdict(settings), "shard": list(settings.shard),
-                **(metadata or {})}
+                **metadata}
     for free in ("num_records", "batch_size", "block_records"):
         del identity[free]
     done = _prepare_output(output, identity, overwrite)
-    generate = _Generator(model, tokenizer, settings)
     summary = DistillSummary(resumed=len(done))
     started = time.perf_counter()
     bar = tqdm(desc="distill", unit="record", disable=not progress, dynamic_ncols=True)
     block: list[_Pending] = []
-    records = _source_records(str(source), split, settings, summary.skipped)
+    records = _source_records(str(source), split, settings, summary.skipped, backend.supports_text)
 
     def flush() -> None:
         nonlocal block
         # One seed per block, from the block's first record: a resumed run samples what the first would have.
         torch.manual_seed(settings.seed * 1_000_003 + block[0].id)
-        _run_block(generate, block, summary)
+        _run_block(backend, block, summary)
         with output.open("a", encoding="utf-8") as f:
             for record in block:
                 if record.dropped is not None:
@@ -351,7 +307,10 @@ def add_arguments(parser) -> None:
     from medusa_liger.heads.export import DTYPES
 
     defaults = DistillSettings()
-    parser.add_argument("--backbone", required=True, help="causal LM to answer with (HF directory or hub name)")
+    engine = parser.add_mutually_exclusive_group(required=True)
+    engine.add_argument("--backbone", help="causal LM to answer with, in this process (HF directory or hub name)")
+    engine.add_argument("--server", help="or an OpenAI-compatible server with the same weights (vllm serve ...), "
+                                         "e.g. http://localhost:8000/v1")
     parser.add_argument("--data", required=True, help="JSONL/JSON file or hub dataset of conversations, prompts or texts")
     parser.add_argument("--split", default="train", help="split of a hub dataset")
     parser.add_argument("--output", required=True, help="JSONL file to write (resumed when it exists)")
@@ -373,6 +332,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shard", default="0/1", help="I/N: this process takes records I, I+N, I+2N, ...")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
+    parser.add_argument("--server-model", default=None, help="served model name (default: the first the server lists)")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                        help="bearer token for the server (default: $OPENAI_API_KEY)")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight to the server")
 
 
 def run(args) -> int:
@@ -387,9 +350,14 @@ def run(args) -> int:
             batch_size=args.batch_size, block_records=args.block_records, shard=parse_shard(args.shard),
             num_records=args.num_records,
         )
-        model, tokenizer = load_causal_lm(args.backbone, device=args.device, dtype=args.dtype)
-        summary = self_distill(model, tokenizer, args.data, args.output, settings, split=args.split,
-                               overwrite=args.overwrite, metadata={"backbone": str(args.backbone)})
+        common = {"split": args.split, "overwrite": args.overwrite}
+        if args.server:
+            summary = self_distill(args.data, args.output, settings, server=args.server, server_model=args.server_model,
+                                   api_key=args.api_key, concurrency=args.concurrency, **common)
+        else:
+            model, tokenizer = load_causal_lm(args.backbone, device=args.device, dtype=args.dtype)
+            summary = self_distill(args.data, args.output, settings, model=model, tokenizer=tokenizer,
+                                   metadata={"backbone": str(args.backbone)}, **common)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"medusa-liger distill: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,205 @@
+"""Where self-distillation's answers come from: the model in this process, or a serving engine.
+
+Both backends answer a list of conversations (``chat``) and return, per conversation, an ``Answer``
+or None when the prompt plus ``max_new_tokens`` does not fit the model's context.
+
+* ``LocalBackend``: Hugging Face ``generate`` on a model in this process, batched with left padding,
+  prompts rendered with the tokenizer's chat template (or the built-in one). It also continues plain
+  documents (``complete``). ``generate`` costs about the same per step for 1 or 64 sequences on a
+  large model, so large batches pay.
+* ``ServerBackend``: an OpenAI-compatible HTTP server (``vllm serve``, SGLang, TGI) with the same
+  weights, many requests in flight. The server applies the model's own chat template. Far faster for
+  large datasets; plain documents are not supported (their prompt is cut by token count, which needs
+  the tokenizer in this process).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from medusa_liger.records import chat_template_for
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One generation: its text, whether an end-of-sequence token ended it, how many tokens it has."""
+
+    text: str
+    stopped: bool  # False: cut at max_new_tokens
+    new_tokens: int
+
+
+class LocalBackend:
+    """Batched left-padded ``generate`` with one model and tokenizer."""
+
+    supports_text = True
+
+    def __init__(self, model: nn.Module, tokenizer, settings) -> None:
+        from transformers import GenerationConfig
+
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.template = chat_template_for(tokenizer, settings.chat_template)
+        self.device = next(model.parameters()).device
+        # Stop at the tokenizer's EOS and at any the model's generation config names (an instruct
+        # model's end-of-turn token, e.g. Llama-3's <|eot_id|>).
+        eos = {tokenizer.eos_token_id}
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos.update(configured if isinstance(configured, (list, tuple)) else [configured])
+        self.eos = sorted(e for e in eos if e is not None)
+        if not self.eos:
+            raise ValueError("the tokenizer and the model name no end-of-sequence token to stop at")
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        # Every option that shapes the text is set here: generate() fills unset ones from the
+        # model's own generation config (an instruct model may ship sampling defaults).
+        sample = settings.temperature > 0
+        self.config = GenerationConfig(
+            max_new_tokens=settings.max_new_tokens, do_sample=sample, num_beams=1,
+            temperature=settings.temperature if sample else 1.0, top_p=settings.top_p if sample else 1.0,
+            top_k=0 if sample else None, repetition_penalty=1.0, eos_token_id=self.eos, pad_token_id=self.pad,
+        )
+
+    def chat(self, conversations: Sequence[Messages]) -> list[Answer | None]:
+        """The next assistant turn of each conversation (stripped of surrounding whitespace)."""
+        prompts = []
+        for messages in conversations:
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=True)
+            prompts.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return [None if a is None else Answer(a.text.strip(), a.stopped, a.new_tokens)
+                for a in self._answer(prompts, with_prompt=False)]
+
+    def complete(self, texts: Sequence[str]) -> list[Answer | None]:
+        """Each document's first ``text_prompt_tokens`` tokens followed by the model's continuation."""
+        limit = self.settings.text_prompt_tokens
+        return self._answer([self.tokenizer(t, add_special_tokens=True)["input_ids"][:limit] for t in texts],
+                            with_prompt=True)
+
+    def fits(self, prompt: list[int]) -> bool:
+        return self.context is None or len(prompt) + self.settings.max_new_tokens <= self.context
+
+    def _answer(self, prompts: list[list[int]], with_prompt: bool) -> list[Answer | None]:
+        answers: list[Answer | None] = [None] * len(prompts)
+        # Similar lengths in one batch: less padding.
+        order = sorted((i for i, p in enumerate(prompts) if self.fits(p)), key=lambda i: len(prompts[i]))
+        size = self.settings.batch_size
+        for start in range(0, len(order), size):
+            batch = order[start : start + size]
+            for i, (new_ids, stopped) in zip(batch, self.generate([prompts[i] for i in batch])):
+                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+                if with_prompt:
+                    text = self.tokenizer.decode(prompts[i], skip_special_tokens=True) + text
+                answers[i] = Answer(text, stopped, len(new_ids))
+        return answers
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
+        """(new token ids without the stop token, whether a stop token ended them) per prompt."""
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends at column width - 1
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                  generation_config=self.config)
+        results = []
+        for row in out[:, width:].tolist():
+            stop = next((j for j, token in enumerate(row) if token in self.eos), None)
+            results.append((row if stop is None else row[:stop], stop is not None))
+        return results
+
+
+# Phrases of the 400 errors servers give for a prompt that leaves no room for max_tokens.
+CONTEXT_ERRORS = ("context length", "context window", "maximum context", "too long", "max_model_len")
+
+
+class ServerBackend:
+    """Chat completions from an OpenAI-compatible server, ``concurrency`` requests in flight."""
+
+    supports_text = False
+
+    def __init__(self, url: str, settings, *, model: str | None = None, api_key: str | None = None,
+                 concurrency: int = 64, timeout: float = 600.0, retries: int = 3) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"server must be an http(s) URL such as http://localhost:8000/v1, got {url!r}")
+        self.base = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
+        self.settings, self.api_key, self.concurrency = settings, api_key, concurrency
+        self.timeout, self.retries = timeout, retries
+        self.model = model or self._served_model()
+
+    def _request(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One JSON request; connection failures and 5xx answers are retried with backoff."""
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.base + path, data=data, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                detail = error.read().decode("utf-8", "replace")[:500]
+                if error.code < 500 or attempt == self.retries:
+                    raise ServerError(error.code, f"{self.base + path}: HTTP {error.code}: {detail}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                if attempt == self.retries:
+                    raise ServerError(None, f"{self.base + path}: {error}") from None
+            time.sleep(2**attempt)
+        raise AssertionError("unreachable")
+
+    def _served_model(self) -> str:
+        models = self._request("/models").get("data") or []
+        if not models:
+            raise ValueError(f"{self.base}/models lists no model; pass the served model's name (--server-model)")
+        return str(models[0]["id"])
+
+    def _one(self, messages: Messages) -> Answer | None:
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.settings.max_new_tokens,
+                                "temperature": self.settings.temperature, "top_p": self.settings.top_p, "n": 1}
+        if self.settings.temperature > 0:
+            body["seed"] = self.settings.seed
+        try:
+            reply = self._request("/chat/completions", body)
+        except ServerError as error:
+            if error.code == 400 and any(p in str(error).lower() for p in CONTEXT_ERRORS):
+                return None
+            raise
+        try:
+            choice = reply["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise ServerError(None, f"{self.base}/chat/completions: unexpected reply {str(reply)[:300]}") from None
+        tokens = (reply.get("usage") or {}).get("completion_tokens", 0)
+        return Answer(text.strip(), choice.get("finish_reason") != "length", int(tokens))
+
+    def chat(self, conversations: Sequence[Messages]) -> list[Answer | None]:
+        """The next assistant turn of each conversation, in order."""
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self._one, conversations))
+
+    def complete(self, texts: Sequence[str]) -> list[Answer | None]:
+        raise ValueError("text records need the model in this process (--backbone), not --server")
+
+
+class ServerError(ValueError):
+    """A request the server refused or could not answer (``code``: the HTTP status, if any)."""
+
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,161 @@
+"""Self-distillation through an OpenAI-compatible server, against a local fake of the protocol."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from medusa_liger.inference import distill_backends
+from medusa_liger.inference.distill import DistillSettings, self_distill
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """/v1/models and /v1/chat/completions; a prompt's last turn picks special behaviour."""
+
+    def _reply(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802 - the http.server interface
+        if self.path == "/v1/models":
+            self._reply(200, {"data": [{"id": "fake-model"}, {"id": "other"}]})
+        else:
+            self._reply(404, {"error": "no such path"})
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.log.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        last = body["messages"][-1]["content"]
+        if "TOO LONG" in last:
+            return self._reply(400, {"error": {"message": "This model's maximum context length is 64 tokens."}})
+        if "BAD" in last:
+            return self._reply(422, {"error": {"message": "unsupported field"}})
+        if "FLAKY" in last:
+            with self.server.lock:
+                self.server.flaky_left -= 1
+                fail = self.server.flaky_left >= 0
+            if fail:
+                return self._reply(503, {"error": "overloaded"})
+        answered = sum(m["role"] == "assistant" for m in body["messages"])
+        self._reply(200, {
+            "choices": [{"message": {"role": "assistant", "content": f"  answer {answered} to {last}\n"},
+                         "finish_reason": "length" if body["max_tokens"] < 8 else "stop"}],
+            "usage": {"completion_tokens": 5},
+        })
+
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setattr(distill_backends.time, "sleep", lambda seconds: None)  # retries without waiting
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    httpd.log, httpd.lock, httpd.flaky_left = [], threading.Lock(), 2
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_server_answers_every_turn_from_the_regenerated_history(server, tmp_path):
+    httpd, url = server
+    source = write_jsonl(tmp_path / "in.jsonl", [
+        {"conversations": [{"from": "human", "value": "What is assert?"}, {"from": "gpt", "value": "old"},
+                           {"from": "human", "value": "And FLAKY pass?"}, {"from": "gpt", "value": "old"}]},
+        {"prompt": "Write a loop."},
+        {"text": "a document"},  # needs the model in this process: skipped
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"},
+                      {"role": "user", "content": "TOO LONG"}, {"role": "assistant", "content": "old"}]},
+        {"messages": [{"role": "user", "content": "TOO LONG from the start"}]},
+    ])
+    out = tmp_path / "out.jsonl"
+    summary = self_distill(source, out, DistillSettings(max_new_tokens=16, block_records=2), server=url + "/",
+                           api_key="k", concurrency=4, progress=False)
+    records = read_lines(out)
+    assert [r["id"] for r in records] == [0, 1, 3]
+    assert records[0]["messages"] == [
+        {"role": "user", "content": "What is assert?"}, {"role": "assistant", "content": "answer 0 to What is assert?"},
+        {"role": "user", "content": "And FLAKY pass?"}, {"role": "assistant", "content": "answer 1 to And FLAKY pass?"},
+    ]
+    assert records[1]["messages"][1]["content"] == "answer 0 to Write a loop."
+    assert [m["content"] for m in records[2]["messages"]] == ["hi", "answer 0 to hi"]  # the turn that fits
+    assert len(summary.skipped) == 2 and "text records need the model in this process" in summary.skipped[0]
+    assert "exceed the model's context" in summary.skipped[1]
+    assert summary.generations == 4 and summary.new_tokens == 20 and summary.truncated == 0
+    # The second turn's request carried the first regenerated answer; the 503s were retried.
+    second = [e["body"] for e in httpd.log if e["body"]["messages"][-1]["content"] == "And FLAKY pass?"]
+    assert len(second) == 3 and second[-1]["messages"][1]["content"] == "answer 0 to What is assert?"
+    assert {e["path"] for e in httpd.log} == {"/v1/chat/completions"} and {e["auth"] for e in httpd.log} == {"Bearer k"}
+    assert {e["body"]["model"] for e in httpd.log} == {"fake-model"}
+    assert all(e["body"]["max_tokens"] == 16 and e["body"]["temperature"] == 0 for e in httpd.log)
+    assert json.loads((tmp_path / "out.jsonl.settings.json").read_text())["server_model"] == "fake-model"
+
+
+def test_answers_cut_at_max_tokens_count_as_truncated(server, tmp_path):
+    _, url = server
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}, {"prompt": "two"}])
+    summary = self_distill(source, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=4, temperature=0.7, seed=3),
+                           server=url, server_model="named", progress=False)
+    assert summary.truncated == 2 and summary.records == 2
+
+
+def test_a_refused_request_stops_after_the_finished_blocks(server, tmp_path):
+    httpd, url = server
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}, {"prompt": "two"}, {"prompt": "BAD"}])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match="HTTP 422: .*unsupported field"):
+        self_distill(source, out, DistillSettings(block_records=1), server=url, progress=False)
+    assert [r["id"] for r in read_lines(out)] == [0, 1]  # the finished blocks are kept for a resume
+    httpd.flaky_left = 10  # a server that keeps failing gives up after the retries
+    source = write_jsonl(tmp_path / "flaky.jsonl", [{"prompt": "FLAKY"}])
+    with pytest.raises(ValueError, match="HTTP 503"):
+        self_distill(source, tmp_path / "flaky_out.jsonl", server=url, progress=False)
+
+
+def test_an_unreachable_server_fails_before_touching_the_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(distill_backends.time, "sleep", lambda seconds: None)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}])
+    with pytest.raises(ValueError, match="127.0.0.1:9/v1/models"):
+        self_distill(source, tmp_path / "out.jsonl", server="http://127.0.0.1:9", progress=False)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({}, "pass either model and tokenizer"),
+    ({"server": "localhost:8000"}, "server must be an http"),
+    ({"server": "http://127.0.0.1:9", "concurrency": 0}, "concurrency must be an integer >= 1"),
+])
+def test_bad_backend_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        self_distill(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}]), tmp_path / "out.jsonl", **kwargs)
+
+
+def test_cli_with_a_server(server, tmp_path, capsys):
+    from medusa_liger.cli import main
+
+    _, url = server
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}, {"prompt": "two"}])
+    assert main(["distill", "--server", url, "--data", source, "--output", str(tmp_path / "o.jsonl")]) == 0
+    assert "wrote 2 records" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # one engine at a time
+        main(["distill", "--server", url, "--backbone", "x", "--data", source, "--output", str(tmp_path / "p.jsonl")])
+    assert "not allowed with argument" in capsys.readouterr().err
