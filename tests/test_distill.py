@@ -138,6 +138,32 @@ def test_stop_tokens_end_an_answer_and_padding_is_dropped(tokenizer):
     assert generate.fits([1] * 60) and not generate.fits([1] * 61)
 
 
+def test_a_batch_out_of_gpu_memory_is_retried_in_halves(tokenizer):
+    class Tight(torch.nn.Module):
+        """generate() fails for more than ``fits`` prompts, else echoes each prompt's first token."""
+
+        def __init__(self, fits: int):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.config = type("C", (), {"max_position_embeddings": None})()
+            self.fits, self.sizes = fits, []
+
+        def generate(self, input_ids, attention_mask, generation_config):
+            self.sizes.append(len(input_ids))
+            if len(input_ids) > self.fits:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            first = input_ids.gather(1, attention_mask.argmax(1, keepdim=True))
+            return torch.cat([input_ids, first, torch.full_like(first, tokenizer.eos_token_id)], dim=1)
+
+    model = Tight(fits=2)
+    backend = LocalBackend(model, tokenizer, DistillSettings(batch_size=5))
+    prompts = [[10 + i] * (i + 1) for i in range(5)]
+    assert backend._generate_or_split(prompts) == [([10 + i], True) for i in range(5)]
+    assert model.sizes == [5, 2, 3, 1, 2]
+    with pytest.raises(torch.OutOfMemoryError):
+        LocalBackend(Tight(fits=0), tokenizer, DistillSettings())._generate_or_split([[1, 2]])
+
+
 def test_an_interrupted_run_resumes_to_the_straight_runs_file(model, tokenizer, source, tmp_path, monkeypatch):
     settings = DistillSettings(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5, batch_size=2, block_records=2)
     straight = tmp_path / "straight.jsonl"

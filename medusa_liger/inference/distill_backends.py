@@ -97,12 +97,23 @@ class LocalBackend:
         size = self.settings.batch_size
         for start in range(0, len(order), size):
             batch = order[start : start + size]
-            for i, (new_ids, stopped) in zip(batch, self.generate([prompts[i] for i in batch])):
+            for i, (new_ids, stopped) in zip(batch, self._generate_or_split([prompts[i] for i in batch])):
                 text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
                 if with_prompt:
                     text = self.tokenizer.decode(prompts[i], skip_special_tokens=True) + text
                 answers[i] = Answer(text, stopped, len(new_ids))
         return answers
+
+    def _generate_or_split(self, prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
+        """``generate``; a batch that runs out of GPU memory (long prompts) is retried in halves."""
+        try:
+            return self.generate(prompts)
+        except torch.OutOfMemoryError:
+            if len(prompts) == 1:
+                raise
+        torch.cuda.empty_cache()  # outside the except block: the error's frames no longer pin the memory
+        half = len(prompts) // 2
+        return self._generate_or_split(prompts[:half]) + self._generate_or_split(prompts[half:])
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]]) -> list[tuple[list[int], bool]]:
@@ -190,8 +201,11 @@ class ServerBackend:
 
     def chat(self, conversations: Sequence[Messages]) -> list[Answer | None]:
         """The next assistant turn of each conversation, in order."""
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
             return list(pool.map(self._one, conversations))
+        finally:  # on an error or an interrupt, send no more requests
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def complete(self, texts: Sequence[str]) -> list[Answer | None]:
         raise ValueError("text records need the model in this process (--backbone), not --server")
