@@ -54,7 +54,7 @@ TURNS = ("all", "first")
 
 @dataclass(frozen=True)
 class DistillSettings:
-    """Everything that decides the generated text (kept beside the output to guard resumes)."""
+    """How to generate. Those that decide the text are kept beside the output to guard resumes."""
 
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0: greedy decoding
