@@ -43,6 +43,9 @@ class MedusaConfig:
     ignore_index:      label value that contributes no loss.
     skip_ignored_targets: the fused loss runs its GEMMs only on rows with a valid target (masked
                        prompt tokens cost nothing); one host sync per loss, so False under CUDA graphs.
+    head_by_head:      the loss runs one head at a time and takes each head's gradients (its
+                       residual blocks' included) before the next head runs, so one head's
+                       activations are alive instead of K (``kernels.head_by_head``); same math.
     """
 
     num_heads: int = 5
@@ -54,6 +57,7 @@ class MedusaConfig:
     heads_loss_weight: float | None = None
     ignore_index: int = -100
     skip_ignored_targets: bool = True
+    head_by_head: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -68,7 +72,7 @@ class MedusaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("shared_lm_head", "skip_ignored_targets"):
+        for name in ("shared_lm_head", "skip_ignored_targets", "head_by_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.mode not in MODES:

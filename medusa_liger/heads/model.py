@@ -36,7 +36,8 @@ from torch import nn
 
 from medusa_liger.heads.config import MedusaConfig, check_loss_weight
 from medusa_liger.heads.modules import MedusaHeads
-from medusa_liger.kernels import multi_head_linear_cross_entropy
+from medusa_liger.kernels import MultiHeadLossOutput, multi_head_linear_cross_entropy
+from medusa_liger.kernels.head_by_head import head_by_head_linear_cross_entropy
 
 
 @dataclass
@@ -279,24 +280,31 @@ class MedusaModel(nn.Module):
             # (a joint run's heads-only warm-up) and the parameter itself still requires grad.
             lm_weight = lm_weight.detach()
             lm_bias = None if lm_bias is None else lm_bias.detach()
-        hiddens = self.heads(hidden)
-        weights = self.heads.projection_weights(lm_weight)
-        shifts = cfg.head_shifts()
-        head_weights = cfg.head_weights()
-        if joint:
-            # The backbone's own next-token loss is one more head: shift 1, weight lm_loss_weight.
-            hiddens = [hidden, *hiddens]
-            weights = [lm_weight, *weights]
-            shifts = [1, *shifts]
-            head_weights = [float(cfg.lm_loss_weight), *head_weights]
-        # A bias exists only in shared mode (checked at construction), where every entry is the same.
-        bias = None if lm_bias is None else [lm_bias] * len(weights)
+        options = {"ignore_index": cfg.ignore_index, "segment_ids": segment_ids,
+                   "skip_ignored": cfg.skip_ignored_targets}
 
-        out = multi_head_linear_cross_entropy(
-            hiddens, weights, labels, shifts, head_weights,
-            bias=bias, ignore_index=cfg.ignore_index, segment_ids=segment_ids,
-            skip_ignored=cfg.skip_ignored_targets,
-        )
+        def loss(hidden: torch.Tensor) -> MultiHeadLossOutput:  # run inside the heads' call (FSDP)
+            heads = self.heads
+            head_inputs = [lambda x, k=k: heads.head_input(k, x) for k in range(heads.num_heads)]
+            weights = heads.projection_weights(lm_weight)
+            shifts = cfg.head_shifts()
+            head_weights = cfg.head_weights()
+            if joint:
+                # The backbone's own next-token loss is one more head: shift 1, weight lm_loss_weight.
+                head_inputs = [lambda x: x, *head_inputs]
+                weights = [lm_weight, *weights]
+                shifts = [1, *shifts]
+                head_weights = [float(cfg.lm_loss_weight), *head_weights]
+            # A bias exists only in shared mode (checked at construction), where every entry is the same.
+            bias = None if lm_bias is None else [lm_bias] * len(weights)
+            if cfg.head_by_head:
+                params = [*heads.parameters(), lm_weight, *([] if lm_bias is None else [lm_bias])]
+                return head_by_head_linear_cross_entropy(hidden, head_inputs, weights, labels, shifts,
+                                                         head_weights, params=params, bias=bias, **options)
+            return multi_head_linear_cross_entropy([f(hidden) for f in head_inputs], weights, labels, shifts,
+                                                   head_weights, bias=bias, **options)
+
+        out = self.heads(hidden, loss=loss)
         first = 1 if joint else 0
         return MedusaOutput(
             loss=out.loss,

@@ -15,6 +15,9 @@ the caller passes in (it is not registered here, so the heads' state dict never 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,17 +87,23 @@ class MedusaHeads(nn.Module):
         for head in self.lm_heads:
             head.weight.copy_(weight)
 
-    def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
-        """hidden_states [B, T, H] -> K tensors [B, T, H]: each head's input to its projection."""
+    def forward(self, hidden_states: torch.Tensor, loss: Callable[[torch.Tensor], Any] | None = None):
+        """hidden_states [B, T, H] -> K tensors [B, T, H]: each head's input to its projection.
+
+        With ``loss``, returns ``loss(hidden_states)`` instead, computed inside this call, so that a
+        wrapper of the heads (FSDP) has their parameters gathered while it runs.
+        """
+        if loss is not None:
+            return loss(hidden_states)
+        return [self.head_input(k, hidden_states) for k in range(self.num_heads)]
+
+    def head_input(self, k: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Head k's residual blocks: [B, T, H] -> its input to its projection [B, T, H]."""
         # The heads may be kept in another dtype than the backbone (e.g. fp32 heads on a bf16 model).
-        hidden_states = hidden_states.to(self.blocks[0][0].linear.weight.dtype)
-        outputs = []
-        for blocks in self.blocks:
-            z = hidden_states
-            for block in blocks:
-                z = block(z)
-            outputs.append(z)
-        return outputs
+        z = hidden_states.to(self.blocks[k][0].linear.weight.dtype)
+        for block in self.blocks[k]:
+            z = block(z)
+        return z
 
     def projection_weights(self, shared_weight: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The K [V, H] projection weights: the per-head ones, or ``shared_weight`` K times."""

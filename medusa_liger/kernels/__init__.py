@@ -8,6 +8,7 @@ from medusa_liger.kernels.fused_linear_cross_entropy import (
     MultiHeadLinearCrossEntropy,
     multi_head_linear_cross_entropy,
 )
+from medusa_liger.kernels.head_by_head import head_by_head_linear_cross_entropy
 from medusa_liger.kernels.reference import MultiHeadLossOutput, multi_head_linear_cross_entropy_reference
 from medusa_liger.kernels.utils import force_backend, use_triton
 
@@ -16,6 +17,7 @@ __all__ = [
     "MultiHeadLossOutput",
     "cross_entropy",
     "force_backend",
+    "head_by_head_linear_cross_entropy",
     "multi_head_linear_cross_entropy",
     "multi_head_linear_cross_entropy_reference",
     "use_triton",

@@ -52,6 +52,8 @@ class HeadsConfig:
     decay: float = 0.8  # head k's loss weight is decay**k
     # The fused loss skips rows whose target is ignored (masked prompts): one host sync per loss.
     skip_ignored_targets: bool = True
+    # The loss takes each head's gradients before the next head runs: one head's activations alive.
+    head_by_head: bool = True
 
 
 @dataclass

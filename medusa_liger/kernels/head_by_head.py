@@ -1,0 +1,128 @@
+"""The multi-head loss when each head first transforms the hidden state: one head at a time.
+
+Medusa head k reads the backbone's hidden state x [B, T, H] through its own blocks f_k (residual
+blocks) and then projects:
+
+    loss = sum_k w_k * CE(f_k(x) @ W_k^T, labels shifted by s_k)
+
+Every term depends on x and on head k's own parameters only, so every gradient is a sum over heads
+of that head's gradient. ``multi_head_linear_cross_entropy`` already computes a head's projection
+gradients in forward; this op goes one step further and runs the backward of f_k there too, right
+after head k's loss:
+
+    for k:  z_k = f_k(x);  loss_k, (dx_k, dtheta_k) = loss and gradients of head k
+            free z_k and f_k's activations;  dx += dx_k;  dtheta += dtheta_k
+
+so only one head's activations and hidden-state gradient [B, T, H] are alive at a time, instead of
+all K heads' (the K outputs z_k handed to the loss, their blocks' saved activations and the K
+gradients dL/dz_k kept from forward to backward). Backward scales the summed gradients by
+grad_output. The FLOPs are those of the plain forward + backward: nothing is recomputed.
+
+``params`` must list every tensor the heads read that may need a gradient (the blocks' parameters,
+the projection weights and biases): autograd routes gradients to this op's inputs only. A tensor
+listed or read by several heads (a shared projection) gets one summed gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from medusa_liger.kernels import fused_linear_cross_entropy as flce
+from medusa_liger.kernels.reference import MultiHeadLossOutput
+from medusa_liger.kernels.scale import scale_
+
+
+class HeadByHeadLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes every gradient head by head (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, run_head: Callable[[int, torch.Tensor], MultiHeadLossOutput], num_heads: int,
+                hidden: torch.Tensor, *params: torch.Tensor):
+        x = hidden.detach().requires_grad_(ctx.needs_input_grad[2])
+        trainable = [i for i, p in enumerate(params) if ctx.needs_input_grad[3 + i]]
+        inputs = ([x] if x.requires_grad else []) + [params[i] for i in trainable]
+        summed: list[torch.Tensor | None] = [None] * len(inputs)
+        loss = None
+        metrics = []
+        for k in range(num_heads):
+            with torch.enable_grad():
+                out = run_head(k, x)
+                grads = (torch.autograd.grad(out.loss, inputs, allow_unused=True)
+                         if inputs and out.loss.requires_grad else [None] * len(inputs))
+            # Head k's graph (its blocks' activations, its input to the projection) is freed here.
+            for j, g in enumerate(grads):
+                if g is not None:
+                    summed[j] = g if summed[j] is None else summed[j].add_(g)
+            loss = out.loss.detach() if loss is None else loss + out.loss.detach()
+            metrics.append((out.head_losses, out.head_accuracy, out.head_tokens))
+        head_losses, head_accuracy, head_tokens = (torch.cat(column) for column in zip(*metrics))
+        grad_hidden = summed.pop(0) if x.requires_grad else None
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        for i, g in zip(trainable, summed):
+            param_grads[i] = g
+        ctx.grads = [grad_hidden, *param_grads]
+        ctx.reentrant = flce._reentrant
+        ctx.mark_non_differentiable(head_losses, head_accuracy, head_tokens)
+        return loss, head_losses, head_accuracy, head_tokens
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if ctx.grads is None:
+            raise RuntimeError("head_by_head_linear_cross_entropy: backward ran twice; use reentrant_backward()")
+        grads = ctx.grads
+        if ctx.reentrant:
+            return (None, None, *[None if g is None else g * grad_loss for g in grads])
+        ctx.grads = None  # hand the tensors over to autograd
+        return (None, None, *[None if g is None else scale_(g, grad_loss) for g in grads])
+
+
+def head_by_head_linear_cross_entropy(
+    hidden: torch.Tensor,
+    head_inputs: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    weight: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    shifts: Sequence[int],
+    head_weights: Sequence[float] | None = None,
+    *,
+    params: Sequence[torch.Tensor],
+    bias: Sequence[torch.Tensor | None] | None = None,
+    **options,
+) -> MultiHeadLossOutput:
+    """``multi_head_linear_cross_entropy`` of heads that transform ``hidden`` first, one head at a time.
+
+    hidden:       [B, T, H], read by every head.
+    head_inputs:  K functions, [B, T, H] -> head k's input to its projection [B, T, H'] (the
+                  identity for the backbone's own lm_head).
+    weight:       K projection weights [V, H'] (may repeat one tensor); bias: None or K [V] or None.
+    params:       every tensor the heads read that may need a gradient (see the module docstring).
+    labels, shifts, head_weights (K floats) and ``options`` (ignore_index, segment_ids, reduction,
+    accum_dtype, skip_ignored, ...): as in ``multi_head_linear_cross_entropy``.
+    Returns the same ``MultiHeadLossOutput``: ``loss`` is differentiable with respect to ``hidden`` and
+    ``params``.
+    """
+    from medusa_liger.kernels.fused_linear_cross_entropy import multi_head_linear_cross_entropy
+
+    K = len(head_inputs)
+    for name, value in (("weight", weight), ("shifts", shifts)):
+        if len(value) != K:
+            raise ValueError(f"{name} must have one entry per head ({K}), got {len(value)}")
+    head_weights = [1.0] * K if head_weights is None else list(head_weights)
+    if len(head_weights) != K or any(isinstance(w, torch.Tensor) for w in head_weights):
+        raise ValueError(f"head_weights must be {K} floats, got {head_weights!r}")
+    bias = [None] * K if bias is None else list(bias)
+    if len(bias) != K:
+        raise ValueError(f"bias must have one entry per head ({K}), got {len(bias)}")
+    unique = list({id(p): p for p in params}.values())
+    if any(not isinstance(p, torch.Tensor) for p in unique):
+        raise ValueError("params must be tensors")
+
+    def run_head(k: int, x: torch.Tensor) -> MultiHeadLossOutput:
+        return multi_head_linear_cross_entropy(
+            [head_inputs[k](x)], [weight[k]], labels, [shifts[k]], [head_weights[k]],
+            bias=None if bias[k] is None else [bias[k]], **options)
+
+    loss, head_losses, head_accuracy, head_tokens = HeadByHeadLinearCrossEntropy.apply(
+        run_head, K, hidden, *unique)
+    return MultiHeadLossOutput(loss, head_losses, head_accuracy, head_tokens)
