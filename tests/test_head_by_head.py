@@ -16,9 +16,10 @@ from tests.test_generate import tiny_backbone
 from tests.utils import DEVICE, assert_rel_close
 
 
-def residual_heads(K: int, H: int, dtype: torch.dtype, layers: int = 1) -> tuple[list, list[torch.Tensor]]:
+def residual_heads(K: int, H: int, dtype: torch.dtype, layers: int = 1,
+                   device: torch.device | str = DEVICE) -> tuple[list, list[torch.Tensor]]:
     """K functions x -> x + silu(A x + b) (``layers`` deep) with random A, b; and their parameters."""
-    blocks = [[torch.nn.Linear(H, H, device=DEVICE, dtype=dtype) for _ in range(layers)] for _ in range(K)]
+    blocks = [[torch.nn.Linear(H, H, device=device, dtype=dtype) for _ in range(layers)] for _ in range(K)]
 
     def head(stack):
         def run(x):
@@ -73,7 +74,7 @@ def test_one_head_is_alive_at_a_time():
     """Head k's input to its projection (and so its blocks' graph) is gone when head k + 1 starts."""
     H, K = 8, 4
     x = torch.randn(2, 5, H)
-    head_inputs, params = residual_heads(K, H, torch.float32)
+    head_inputs, params = residual_heads(K, H, torch.float32, device="cpu")
     alive: list[weakref.ref] = []
 
     def tracked(k):
@@ -98,7 +99,7 @@ def test_gradcheck_fp64():
     torch.manual_seed(0)
     H, V = 4, 7
     x = torch.randn(1, 6, H, dtype=torch.float64, requires_grad=True)
-    head_inputs, params = residual_heads(2, H, torch.float64)
+    head_inputs, params = residual_heads(2, H, torch.float64, device="cpu")
     w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, V, (1, 6))
 
@@ -111,7 +112,7 @@ def test_gradcheck_fp64():
 
 
 def test_backward_twice_raises_and_frozen_inputs_give_no_graph():
-    head_inputs, params = residual_heads(2, 4, torch.float32)
+    head_inputs, params = residual_heads(2, 4, torch.float32, device="cpu")
     x, w = torch.randn(1, 5, 4), torch.randn(9, 4, requires_grad=True)
     labels = torch.randint(0, 9, (1, 5))
     with force_backend("torch"):
@@ -131,7 +132,7 @@ def test_backward_twice_raises_and_frozen_inputs_give_no_graph():
     ({"bias": [None]}, "bias must have one entry per head"),
 ])
 def test_bad_arguments(kwargs, message):
-    head_inputs, params = residual_heads(2, 4, torch.float32)
+    head_inputs, params = residual_heads(2, 4, torch.float32, device="cpu")
     w = torch.randn(9, 4)
     call = {"shifts": [1, 2], **kwargs}
     with pytest.raises(ValueError, match=message):
