@@ -191,3 +191,20 @@ def test_head_by_head_bf16_autocast_on_gpu():
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert g.dtype == r.dtype
         assert_rel_close(g, r, torch.bfloat16, f"gradient {i}")
+
+
+@pytest.mark.parametrize("head_by_head", [True, False])
+def test_the_heads_call_returns_tensors_fsdp_can_see(head_by_head):
+    """FSDP2 hooks a unit's gradient reduction on the tensors its forward returns: a dataclass output
+    hid them, and on 2 x H100 (NCCL) the heads' and backbone's gradients were lost (run 39)."""
+    from torch.utils._pytree import tree_leaves
+
+    model = MedusaModel.from_backbone(tiny_backbone(vocab=97).to(DEVICE),
+                                      MedusaConfig(num_heads=2, mode="joint", head_by_head=head_by_head)).to(DEVICE)
+    seen = []
+    model.heads.register_forward_hook(lambda module, args, output: seen.append(output))
+    with force_backend("torch"):
+        out = model(torch.randint(0, 97, (1, 9), device=DEVICE))
+    leaves = tree_leaves(seen[0])
+    assert len(seen) == 1 and leaves and all(isinstance(t, torch.Tensor) for t in leaves)
+    assert any(t is out.loss for t in leaves) and out.loss.requires_grad

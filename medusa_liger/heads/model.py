@@ -283,7 +283,7 @@ class MedusaModel(nn.Module):
         options = {"ignore_index": cfg.ignore_index, "segment_ids": segment_ids,
                    "skip_ignored": cfg.skip_ignored_targets}
 
-        def loss(hidden: torch.Tensor) -> MultiHeadLossOutput:  # run inside the heads' call (FSDP)
+        def loss(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:  # run inside the heads' call (FSDP)
             heads = self.heads
             head_inputs = [lambda x, k=k: heads.head_input(k, x) for k in range(heads.num_heads)]
             weights = heads.projection_weights(lm_weight)
@@ -299,12 +299,15 @@ class MedusaModel(nn.Module):
             bias = None if lm_bias is None else [lm_bias] * len(weights)
             if cfg.head_by_head:
                 params = [*heads.parameters(), lm_weight, *([] if lm_bias is None else [lm_bias])]
-                return head_by_head_linear_cross_entropy(hidden, head_inputs, weights, labels, shifts,
-                                                         head_weights, params=params, bias=bias, **options)
-            return multi_head_linear_cross_entropy([f(hidden) for f in head_inputs], weights, labels, shifts,
-                                                   head_weights, bias=bias, **options)
+                out = head_by_head_linear_cross_entropy(hidden, head_inputs, weights, labels, shifts,
+                                                        head_weights, params=params, bias=bias, **options)
+            else:
+                out = multi_head_linear_cross_entropy([f(hidden) for f in head_inputs], weights, labels, shifts,
+                                                      head_weights, bias=bias, **options)
+            # Plain tensors out of the heads' call: FSDP2 hooks its backward through the outputs it can see.
+            return out.loss, out.head_losses, out.head_accuracy, out.head_tokens
 
-        out = self.heads(hidden, loss=loss)
+        out = MultiHeadLossOutput(*self.heads(hidden, loss=loss))
         first = 1 if joint else 0
         return MedusaOutput(
             loss=out.loss,

@@ -91,7 +91,9 @@ class MedusaHeads(nn.Module):
         """hidden_states [B, T, H] -> K tensors [B, T, H]: each head's input to its projection.
 
         With ``loss``, returns ``loss(hidden_states)`` instead, computed inside this call, so that a
-        wrapper of the heads (FSDP) has their parameters gathered while it runs.
+        wrapper of the heads (FSDP) has their parameters gathered while it runs. Have ``loss`` return
+        tensors (or tuples of them): FSDP2 hooks its backward (gradient reduction) on the outputs it
+        can flatten.
         """
         if loss is not None:
             return loss(hidden_states)
