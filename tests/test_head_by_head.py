@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from medusa_liger.heads import MedusaConfig, MedusaModel
-from medusa_liger.kernels import force_backend, head_by_head_linear_cross_entropy, multi_head_linear_cross_entropy
+from medusa_liger.kernels import (
+    force_backend,
+    head_by_head_linear_cross_entropy,
+    multi_head_linear_cross_entropy,
+)
 from medusa_liger.kernels.fused_linear_cross_entropy import reentrant_backward
 from tests.test_generate import tiny_backbone
 from tests.utils import DEVICE, assert_rel_close

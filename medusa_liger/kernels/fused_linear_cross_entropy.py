@@ -252,14 +252,23 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        if ctx.grads is None:
-            raise RuntimeError("multi_head_linear_cross_entropy: backward ran twice; use reentrant_backward()")
-        grads = ctx.grads
-        # grad_loss is a 0-dim fp32 tensor: the product keeps each gradient's dtype, computed in fp32.
-        if ctx.reentrant:
-            return (None, *[None if g is None else g * grad_loss for g in grads])
-        ctx.grads = None  # hand the tensors over: autograd may then adopt them without a copy
-        return (None, *[None if g is None else scale_(g, grad_loss) for g in grads])
+        return (None, *scaled_forward_grads(ctx, grad_loss, "multi_head_linear_cross_entropy"))
+
+
+def scaled_forward_grads(ctx, grad_loss: torch.Tensor, op: str) -> list[torch.Tensor | None]:
+    """Backward of a Function that computed its gradients in forward (``ctx.grads``): each times
+    grad_loss (a 0-dim fp32 tensor; the product keeps each gradient's dtype, computed in fp32).
+
+    They are scaled in place and handed to autograd, which may adopt them without a copy; under
+    ``reentrant_backward()`` (``ctx.reentrant``) they are kept and scaled out of place instead.
+    """
+    if ctx.grads is None:
+        raise RuntimeError(f"{op}: backward ran twice; use reentrant_backward()")
+    grads = ctx.grads
+    if ctx.reentrant:
+        return [None if g is None else g * grad_loss for g in grads]
+    ctx.grads = None
+    return [None if g is None else scale_(g, grad_loss) for g in grads]
 
 
 # torch.compile runs this op eagerly (a graph break): its chunk loop and Triton launches are already

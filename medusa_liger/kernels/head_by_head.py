@@ -25,13 +25,13 @@ listed or read by several heads (a shared projection) gets one summed gradient.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 
 from medusa_liger.kernels import fused_linear_cross_entropy as flce
 from medusa_liger.kernels.reference import MultiHeadLossOutput
-from medusa_liger.kernels.scale import scale_
 
 
 class HeadByHeadLinearCrossEntropy(torch.autograd.Function):
@@ -47,7 +47,8 @@ class HeadByHeadLinearCrossEntropy(torch.autograd.Function):
         loss = None
         metrics = []
         for k in range(num_heads):
-            with torch.enable_grad():
+            # No graph at all when nothing needs a gradient (evaluation under no_grad).
+            with torch.enable_grad() if inputs else contextlib.nullcontext():
                 out = run_head(k, x)
                 grads = (torch.autograd.grad(out.loss, inputs, allow_unused=True)
                          if inputs and out.loss.requires_grad else [None] * len(inputs))
@@ -69,13 +70,7 @@ class HeadByHeadLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        if ctx.grads is None:
-            raise RuntimeError("head_by_head_linear_cross_entropy: backward ran twice; use reentrant_backward()")
-        grads = ctx.grads
-        if ctx.reentrant:
-            return (None, None, *[None if g is None else g * grad_loss for g in grads])
-        ctx.grads = None  # hand the tensors over to autograd
-        return (None, None, *[None if g is None else scale_(g, grad_loss) for g in grads])
+        return (None, None, *flce.scaled_forward_grads(ctx, grad_loss, "head_by_head_linear_cross_entropy"))
 
 
 def head_by_head_linear_cross_entropy(
@@ -102,8 +97,6 @@ def head_by_head_linear_cross_entropy(
     Returns the same ``MultiHeadLossOutput``: ``loss`` is differentiable with respect to ``hidden`` and
     ``params``.
     """
-    from medusa_liger.kernels.fused_linear_cross_entropy import multi_head_linear_cross_entropy
-
     K = len(head_inputs)
     for name, value in (("weight", weight), ("shifts", shifts)):
         if len(value) != K:
@@ -119,7 +112,7 @@ def head_by_head_linear_cross_entropy(
         raise ValueError("params must be tensors")
 
     def run_head(k: int, x: torch.Tensor) -> MultiHeadLossOutput:
-        return multi_head_linear_cross_entropy(
+        return flce.multi_head_linear_cross_entropy(
             [head_inputs[k](x)], [weight[k]], labels, [shifts[k]], [head_weights[k]],
             bias=None if bias[k] is None else [bias[k]], **options)
 
