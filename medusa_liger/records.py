@@ -149,6 +149,22 @@ def normalize(where: str, record: Any, fmt: str, loss_on: str) -> Example:
     return Example(where, messages=messages)
 
 
+# A document ({"text": ...}) used as a prompt keeps at most this many leading tokens.
+TEXT_PROMPT_TOKENS = 64
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], template: str) -> list[int]:
+    """Token ids of ``messages`` rendered with ``template``, followed by its generation prompt
+    (the template holds any BOS it wants, so no special tokens are added)."""
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def text_prompt_ids(tokenizer, text: str, limit: int = TEXT_PROMPT_TOKENS) -> list[int]:
+    """The first ``limit`` token ids of a document (with the tokenizer's own special tokens)."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"][:limit]
+
+
 def chat_template_for(tokenizer, choice: str) -> str:
     """The template to render with: the tokenizer's own (``auto``, when it has one) or the built-in."""
     own = getattr(tokenizer, "chat_template", None)

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from medusa_liger.inference.distill_backends import Answer, LocalBackend, ServerBackend
-from medusa_liger.records import iter_raw_records, normalize
+from medusa_liger.records import TEXT_PROMPT_TOKENS, iter_raw_records, normalize
 
 TURNS = ("all", "first")
 
@@ -62,7 +62,7 @@ class DistillSettings:
     seed: int = 0
     turns: str = "all"
     chat_template: str = "auto"  # "auto": the tokenizer's own template, else the built-in one
-    text_prompt_tokens: int = 64
+    text_prompt_tokens: int = TEXT_PROMPT_TOKENS
     batch_size: int = 32  # local generation: prompts per generate() call
     block_records: int = 256
     shard: tuple[int, int] = (0, 1)  # (index, count)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medusa_liger.records import chat_template_for
+from medusa_liger.records import chat_prompt_ids, chat_template_for, text_prompt_ids
 
 Messages = list[dict[str, str]]
 
@@ -73,19 +73,14 @@ class LocalBackend:
 
     def chat(self, conversations: Sequence[Messages]) -> list[Answer | None]:
         """The next assistant turn of each conversation (stripped of surrounding whitespace)."""
-        prompts = []
-        for messages in conversations:
-            text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=True)
-            prompts.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        prompts = [chat_prompt_ids(self.tokenizer, messages, self.template) for messages in conversations]
         return [None if a is None else Answer(a.text.strip(), a.stopped, a.new_tokens)
                 for a in self._answer(prompts, with_prompt=False)]
 
     def complete(self, texts: Sequence[str]) -> list[Answer | None]:
         """Each document's first ``text_prompt_tokens`` tokens followed by the model's continuation."""
         limit = self.settings.text_prompt_tokens
-        return self._answer([self.tokenizer(t, add_special_tokens=True)["input_ids"][:limit] for t in texts],
-                            with_prompt=True)
+        return self._answer([text_prompt_ids(self.tokenizer, t, limit) for t in texts], with_prompt=True)
 
     def fits(self, prompt: list[int]) -> bool:
         return self.context is None or len(prompt) + self.settings.max_new_tokens <= self.context

@@ -32,12 +32,16 @@ from medusa_liger.inference.tree import (
     DEFAULT_TREE_SIZE,
     greedy_tree_search,
 )
-from medusa_liger.records import chat_template_for, iter_raw_records, normalize
+from medusa_liger.records import (
+    chat_prompt_ids,
+    chat_template_for,
+    iter_raw_records,
+    normalize,
+    text_prompt_ids,
+)
 
 # Positions scored per head_logits call (bounds the [K, n, V] logits in memory for big vocabularies).
 SCORE_CHUNK = 64
-# Text records ({"text": ...}) become prompts of at most this many leading tokens.
-TEXT_PROMPT_TOKENS = 64
 DEFAULT_NUM_PROMPTS = 16
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -52,9 +56,7 @@ def _render_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     if first == 0:
         raise ValueError("a conversation starting with an assistant turn has no prompt")
-    text = tokenizer.apply_chat_template(messages[:first], chat_template=chat_template_for(tokenizer, "auto"),
-                                         tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return chat_prompt_ids(tokenizer, messages[:first], chat_template_for(tokenizer, "auto"))
 
 
 def _records(source: str, split: str):
@@ -78,7 +80,7 @@ def _record_prompt(tokenizer, where: str, record: Any) -> list[int]:
         return ids
     example = normalize(where, record, "auto", "all")
     if example.text is not None:
-        return tokenizer(example.text, add_special_tokens=True)["input_ids"][:TEXT_PROMPT_TOKENS]
+        return text_prompt_ids(tokenizer, example.text)
     return _render_messages(tokenizer, example.messages)
 
 
@@ -89,7 +91,7 @@ def load_prompts(source: str | Path, tokenizer, num_prompts: int | None = None, 
     ``{"prompt": str}`` (tokenized as is), ``{"input_ids": [int, ...]}`` (token ids, used as they are:
     a training run's held-out ``eval_prompts.jsonl``), OpenAI ``messages`` or ShareGPT ``conversations``
     (rendered with the chat template up to the first assistant turn) or ``{"text": str}`` (its
-    first TEXT_PROMPT_TOKENS tokens). Any other local file: one prompt per non-empty line.
+    first ``records.TEXT_PROMPT_TOKENS`` tokens). Any other local file: one prompt per non-empty line.
     """
     if num_prompts is not None and (not isinstance(num_prompts, int) or num_prompts < 1):
         raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
