@@ -5,7 +5,10 @@ The training objective of ``MedusaModel`` is
     loss = lm_loss_weight * L_lm  [joint mode only]  +  sum_k heads_loss_weight * decay**k * L_k
 
 where ``L_k`` is the cross-entropy of head ``k`` (0-based) against the token ``k + 2`` positions
-ahead and ``L_lm`` is the backbone's own next-token loss (shift 1).
+ahead and ``L_lm`` is the backbone's own next-token loss (shift 1): the cross-entropy against the
+labels (``lm_loss="ce"``) or, for Medusa-2's self-distillation (``lm_loss="kl"``), the KL divergence
+from the original backbone's next-token distribution (the backbone with its LoRA adapters off), which
+keeps the backbone's outputs where they were while it learns to serve the heads.
 
 * ``mode="heads"`` (Medusa-1): the backbone is frozen; only the heads train. ``heads_loss_weight``
   defaults to 1.0, so the head losses are weighted ``decay**k``.
@@ -22,6 +25,8 @@ from typing import Any, Literal
 
 Mode = Literal["heads", "joint"]
 MODES: tuple[str, ...] = ("heads", "joint")
+LmLoss = Literal["ce", "kl"]
+LM_LOSSES: tuple[str, ...] = ("ce", "kl")
 
 # Default lambda per mode when ``heads_loss_weight`` is left as None.
 DEFAULT_HEADS_LOSS_WEIGHT: dict[str, float] = {"heads": 1.0, "joint": 0.2}
@@ -39,6 +44,8 @@ class MedusaConfig:
     mode:              "heads" (backbone frozen) or "joint" (backbone trains too); read at every
                        forward, so a joint run may switch to "heads" for a warm-up and back.
     lm_loss_weight:    weight of the backbone's next-token loss in ``joint`` mode (>= 0).
+    lm_loss:           that loss: "ce" (against the labels) or "kl" (KL divergence from the
+                       backbone with its LoRA adapters off; needs a peft-wrapped backbone).
     heads_loss_weight: lambda, multiplying every head weight; None -> 1.0 ("heads"), 0.2 ("joint").
     ignore_index:      label value that contributes no loss.
     skip_ignored_targets: the fused loss runs its GEMMs only on rows with a valid target (masked
@@ -54,6 +61,7 @@ class MedusaConfig:
     decay: float = 0.8
     mode: Mode = "heads"
     lm_loss_weight: float = 1.0
+    lm_loss: LmLoss = "ce"
     heads_loss_weight: float | None = None
     ignore_index: int = -100
     skip_ignored_targets: bool = True
@@ -80,6 +88,8 @@ class MedusaConfig:
         if not (0.0 < float(self.decay) <= 1.0):
             raise ValueError(f"decay must be in (0, 1], got {self.decay!r}")
         check_loss_weight("lm_loss_weight", self.lm_loss_weight)
+        if self.lm_loss not in LM_LOSSES:
+            raise ValueError(f"lm_loss must be one of {LM_LOSSES}, got {self.lm_loss!r}")
         check_loss_weight("heads_loss_weight", self.heads_loss_weight)
         if not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")

@@ -13,7 +13,11 @@ a ``segment_ids`` boundary (packed sequences) are ignored.
 
 Modes: ``heads`` (Medusa-1) runs the backbone frozen under ``torch.no_grad`` and in eval mode;
 ``joint`` (Medusa-2) lets the backbone train (all of it, or only its LoRA adapters when it is
-peft-wrapped) and adds its own next-token loss as one more "head" with shift 1.
+peft-wrapped) and adds its own next-token loss as one more "head" with shift 1. With
+``lm_loss="kl"`` (self-distillation) that term is KL(teacher || backbone) instead of the
+cross-entropy: the teacher is the same peft backbone run once more with its adapters disabled, under
+``torch.no_grad`` (no second copy of the weights); its logits are computed chunk by chunk inside the
+fused loss, beside the student's, and never materialized whole.
 
 Packed sequences: with ``segment_ids`` and no ``position_ids``, positions restart at 0 in every
 segment. Attention is kept inside each segment: without an ``attention_mask``, transformers detects
@@ -27,6 +31,7 @@ targets across a boundary). Requires transformers >= 4.53 (packed-sequence detec
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,10 +228,12 @@ class MedusaModel(nn.Module):
         *,
         segment_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        teacher: bool = False,
     ) -> torch.Tensor:
         """input_ids [B, T] -> the backbone decoder's last hidden state [B, T, H] (final norm applied).
 
-        In ``heads`` mode this runs under ``torch.no_grad``.
+        In ``heads`` mode this runs under ``torch.no_grad``. ``teacher``: the original backbone's
+        (a peft backbone with its adapters disabled), always under ``torch.no_grad``.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
@@ -238,8 +245,15 @@ class MedusaModel(nn.Module):
                 position_ids = segment_position_ids(segment_ids)
             if attention_mask is not None:
                 attention_mask = _attention_mask_for(self.backbone, packed_causal_mask(segment_ids, attention_mask))
+        if teacher and not callable(getattr(self.backbone, "disable_adapter", None)):
+            raise ValueError(
+                "lm_loss='kl' distills from the backbone with its LoRA adapters off, so the backbone must be "
+                f"peft-wrapped (lora.enabled in training configs); got {type(self.backbone).__name__}"
+            )
         decoder = self.backbone.get_decoder()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.mode == "joint"):
+        grad = torch.is_grad_enabled() and self.config.mode == "joint" and not teacher
+        adapters_off = self.backbone.disable_adapter() if teacher else contextlib.nullcontext()
+        with torch.set_grad_enabled(grad), adapters_off:
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False, return_dict=True)
         return out.last_hidden_state
@@ -273,6 +287,10 @@ class MedusaModel(nn.Module):
 
         hidden = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids, position_ids=position_ids)
         joint = cfg.mode == "joint"
+        teacher_hidden = None
+        if joint and cfg.lm_loss == "kl":
+            teacher_hidden = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids,
+                                                position_ids=position_ids, teacher=True)
         lm_head = self.lm_head
         lm_weight, lm_bias = lm_head.weight, getattr(lm_head, "bias", None)
         if not joint:
@@ -289,21 +307,26 @@ class MedusaModel(nn.Module):
             weights = heads.projection_weights(lm_weight)
             shifts = cfg.head_shifts()
             head_weights = cfg.head_weights()
+            teacher = None
             if joint:
                 # The backbone's own next-token loss is one more head: shift 1, weight lm_loss_weight.
                 head_inputs = [lambda x: x, *head_inputs]
                 weights = [lm_weight, *weights]
                 shifts = [1, *shifts]
                 head_weights = [float(cfg.lm_loss_weight), *head_weights]
+                if teacher_hidden is not None:
+                    # Self-distillation: the backbone's term learns the adapters-off distribution
+                    # (the lm_head itself carries no adapter, so its weight is the teacher's too).
+                    teacher = [(teacher_hidden, lm_weight, lm_bias), *[None] * heads.num_heads]
             # A bias exists only in shared mode (checked at construction), where every entry is the same.
             bias = None if lm_bias is None else [lm_bias] * len(weights)
             if cfg.head_by_head:
                 params = [*heads.parameters(), lm_weight, *([] if lm_bias is None else [lm_bias])]
-                out = head_by_head_linear_cross_entropy(hidden, head_inputs, weights, labels, shifts,
-                                                        head_weights, params=params, bias=bias, **options)
+                out = head_by_head_linear_cross_entropy(hidden, head_inputs, weights, labels, shifts, head_weights,
+                                                        params=params, bias=bias, teacher=teacher, **options)
             else:
                 out = multi_head_linear_cross_entropy([f(hidden) for f in head_inputs], weights, labels, shifts,
-                                                      head_weights, bias=bias, **options)
+                                                      head_weights, bias=bias, teacher=teacher, **options)
             # Plain tensors out of the heads' call: FSDP2 hooks its backward through the outputs it can see.
             return out.loss, out.head_losses, out.head_accuracy, out.head_tokens
 

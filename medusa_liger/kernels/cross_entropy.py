@@ -81,7 +81,7 @@ if triton is not None:
         return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
     @triton.jit
-    def _load_row_block(row_ptr, bias_ptr, cols, mask, other, softcap,
+    def load_row_block(row_ptr, bias_ptr, cols, mask, other, softcap,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVICT: tl.constexpr):
         # One block of the row in fp32: x (+ bias), soft-capped; masked columns get ``other``.
         # EVICT: the load's L2 eviction policy ("" for the default).
@@ -93,18 +93,10 @@ if triton is not None:
         return tl.where(mask, x, other)
 
     @triton.jit
-    def _ce_row(
-        pid, logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
-        lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
-        row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
-        HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-        COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PASS1_EVICT: tl.constexpr, PASS2_EVICT: tl.constexpr,
-    ):
-        """Row ``pid`` (int64) of the logits; global row n = row_ids[pid] if given, else row_start + pid.
-        PASS1_EVICT / PASS2_EVICT: the L2 eviction policies of pass 1's loads and pass 2's loads and
-        stores ("" for the default)."""
-        row_ptr = logits_ptr + pid * logits_row_stride
+    def row_target(pid, labels_ptr, segment_ptr, row_ids_ptr, row_start, seq_len, shift, n_cols, ignore_index,
+                   HAS_SEGMENTS: tl.constexpr, HAS_ROW_IDS: tl.constexpr):
+        """(target, valid) of chunk row ``pid``: global row n = row_ids[pid] if given, else
+        row_start + pid; target 0 where invalid (the rule of ``row_targets``)."""
         # Target of global row n (position t of its sequence): labels[n + shift] when t + shift
         # stays inside the sequence (and, packed, inside the same segment). Masked loads keep an
         # invalid row from ever touching memory outside labels or the logits row.
@@ -119,7 +111,23 @@ if triton is not None:
             here = tl.load(segment_ptr + n)
             there = tl.load(segment_ptr + n + shift, mask=inside, other=0)
             valid = valid & (here == there)
-        target = tl.where(valid, target, 0)
+        return tl.where(valid, target, 0), valid
+
+    @triton.jit
+    def _ce_row(
+        pid, logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
+        lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
+        row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
+        HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+        COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PASS1_EVICT: tl.constexpr, PASS2_EVICT: tl.constexpr,
+    ):
+        """Row ``pid`` (int64) of the logits; global row n = row_ids[pid] if given, else row_start + pid.
+        PASS1_EVICT / PASS2_EVICT: the L2 eviction policies of pass 1's loads and pass 2's loads and
+        stores ("" for the default)."""
+        row_ptr = logits_ptr + pid * logits_row_stride
+        target, valid = row_target(pid, labels_ptr, segment_ptr, row_ids_ptr, row_start, seq_len, shift, n_cols,
+                                   ignore_index, HAS_SEGMENTS, HAS_ROW_IDS)
 
         if COMPUTE_LSE:
             # Pass 1: online log-sum-exp (running max m, running sum d rescaled when m grows),
@@ -132,7 +140,7 @@ if triton is not None:
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
-                y = _load_row_block(row_ptr, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
+                y = load_row_block(row_ptr, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
                                     PASS1_EVICT)
                 block_max = tl.max(y, 0)
                 m_new = tl.maximum(m, block_max)
@@ -175,7 +183,7 @@ if triton is not None:
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
-                y = _load_row_block(row_ptr, bias_ptr, cols, mask, 0.0, softcap, HAS_BIAS, HAS_SOFTCAP,
+                y = load_row_block(row_ptr, bias_ptr, cols, mask, 0.0, softcap, HAS_BIAS, HAS_SOFTCAP,
                                     PASS2_EVICT)
                 g = tl.exp(y - lse) * p_scale - label_smoothing / n_cols
                 g = tl.where(cols == target, g - (1.0 - label_smoothing), g)

@@ -21,6 +21,12 @@ device when it is 1, see scale.py):
             db_k  += column sums of Z            if the bias needs grad
         after the last head using W_k: cast its accumulator into W_k's gradient and free it
 
+Soft targets (``teacher``): head k may learn a teacher's distribution instead of its labels,
+loss_k = reduce_n KL(softmax(u_n) || softmax(y_n)) with teacher logits u = h'_k W'_k^T (+ b'_k, same
+softcap) computed chunk by chunk beside Z into a second buffer (kl_divergence.py's row kernel; the
+labels then only decide which rows count and the accuracy). Medusa-2's self-distillation: the
+backbone learns the original model's distribution (teacher = the backbone with its LoRA adapters off).
+
 FLOPs: 2NHV (logits) + 2NHV (dh) + 2NHV (dW, only for a trainable projection) per head. Memory
 beyond the outputs: one [C, V] logit chunk, one weight-gradient accumulator at a time (none when
 ``accum_dtype`` is None or the parameter's dtype, or when a projection's gradient is a single GEMM),
@@ -59,6 +65,7 @@ from medusa_liger.kernels.chunking import GEMM_ROWS
 from medusa_liger.kernels.chunking import mm_into as _mm_into
 from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
 from medusa_liger.kernels.head_inputs import as_head_weights, region, sources
+from medusa_liger.kernels.kl_divergence import kl_rows
 from medusa_liger.kernels.reference import MultiHeadLossOutput
 from medusa_liger.kernels.scale import scale_
 from medusa_liger.kernels.utils import check_float, check_labels, check_same_device
@@ -98,6 +105,9 @@ class _Plan:
     compute_dtype: torch.dtype
     chunk_size: int | None
     skip_ignored: bool
+    # Per head: None (hard labels) or the teacher's (hidden [B, T, H], weight [V, H], bias [V] or None),
+    # detached.
+    teacher: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]
 
 
 class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
@@ -166,8 +176,14 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             reserved = max([V * H * torch.empty((), dtype=acc_dtype(t)).element_size()
                             for j, t in enumerate(w_srcs) if w_need[j] and acc_dtype(t) != t.dtype], default=0)
-            chunk = plan_chunk_rows(max(max(kept), 1), V, cdt, any(w_need), dev, reserved)
+            # A teacher's logits take a second [C, V] buffer: half the rows per chunk, same bytes.
+            budget = None
+            if any(t is not None for t in plan.teacher):
+                budget = (DEFAULT_CHUNK_BYTES if any(w_need) else FROZEN_CHUNK_BYTES) // 2
+            chunk = plan_chunk_rows(max(max(kept), 1), V, cdt, any(w_need), dev, reserved, budget)
         logits_buf = torch.empty(chunk, V, dtype=cdt, device=dev)
+        teacher_buf = (torch.empty(chunk, V, dtype=cdt, device=dev)
+                       if any(t is not None for t in plan.teacher) else None)
         lse_buf = torch.empty(chunk, dtype=sdt, device=dev)
         # Gathered rows: their hidden-gradient GEMM lands here, then is scattered to its rows.
         dh_bufs: dict[torch.dtype, torch.Tensor] = {}
@@ -195,6 +211,11 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                         w_acc = w_out if acc_is_grad else torch.empty(w_out.shape, dtype=w_adt, device=dev)
                         w_written = False
                 h_k = region(hid_srcs[hi], hsub).reshape(N, H)
+                teacher_k = plan.teacher[k]
+                if teacher_k is not None:
+                    t_h = teacher_k[0].reshape(N, H)
+                    # The teacher's weight is often the student's (self-distillation): reuse its cast.
+                    t_w = w_k if _same_tensor(teacher_k[1], region(w_srcs[wi], wsub)) else teacher_k[1].to(cdt)
                 gh_k = None if hid_grads[hi] is None else region(hid_grads[hi], hsub).reshape(N, H)
                 h_accumulate = (hi, hsub) in hid_written
                 hid_written.add((hi, hsub))
@@ -209,9 +230,20 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                     h_c = (h_k[r0:r1] if ids is None else h_k.index_select(0, ids)).to(cdt)
                     z = logits_buf[: r1 - r0]
                     _mm_into(z, h_c, w_k.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
-                    ce_rows(z, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
-                            bias=b_k, scale=scale[k : k + 1], lse=lse_buf[: r1 - r0], loss=row_loss[k, r0:r1],
-                            correct=correct[k, r0:r1], compute_lse=True, write_grad=any_grad, row_ids=ids, **opts)
+                    if teacher_k is None:
+                        ce_rows(z, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
+                                bias=b_k, scale=scale[k : k + 1], lse=lse_buf[: r1 - r0], loss=row_loss[k, r0:r1],
+                                correct=correct[k, r0:r1], compute_lse=True, write_grad=any_grad, row_ids=ids,
+                                **opts)
+                    else:
+                        u = teacher_buf[: r1 - r0]
+                        _mm_into(u, (t_h[r0:r1] if ids is None else t_h.index_select(0, ids)).to(cdt), t_w.t(),
+                                 accumulate=False, rows_per_call=GEMM_ROWS["logits"])
+                        kl_rows(z, u, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k],
+                                segment_ids=seg_flat, bias=b_k, teacher_bias=teacher_k[2], scale=scale[k : k + 1],
+                                loss=row_loss[k, r0:r1],
+                                correct=correct[k, r0:r1], ignore_index=plan.ignore_index, z_loss=plan.z_loss,
+                                softcap=plan.softcap, write_grad=any_grad, row_ids=ids)
                     # z now holds scale_k * dloss/dz for the chunk.
                     if gh_k is not None and ids is None:
                         _mm_into(gh_k[r0:r1], z, w_k, accumulate=h_accumulate, rows_per_call=GEMM_ROWS["dh"])
@@ -232,6 +264,7 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                     if w_need[wi] and not acc_is_grad:
                         region(w_grads[wi], wsub).copy_(w_acc)  # the one cast to the parameter dtype
                     w_acc = w_k = None  # free the accumulator before the next group's
+                t_h = t_w = None
 
         head_losses = row_loss.sum(1)
         if plan.reduction == "mean":
@@ -253,6 +286,12 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         return (None, *scaled_forward_grads(ctx, grad_loss, "multi_head_linear_cross_entropy"))
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b view the same elements (a detached copy of a parameter is b itself)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
 
 
 def scaled_forward_grads(ctx, grad_loss: torch.Tensor, op: str) -> list[torch.Tensor | None]:
@@ -291,6 +330,7 @@ def multi_head_linear_cross_entropy(
     accum_dtype: torch.dtype | None = torch.float32,
     chunk_size: int | None = None,
     skip_ignored: bool = False,
+    teacher: Sequence[tuple[torch.Tensor, ...] | None] | None = None,
 ) -> MultiHeadLossOutput:
     """Every Medusa head's loss in one chunked op (see the module docstring for the math).
 
@@ -308,6 +348,12 @@ def multi_head_linear_cross_entropy(
     skip_ignored: run the GEMMs only on each head's rows with a valid target (gathered), so ignored
              targets (prompt tokens of chat data, padding) cost nothing. Same results; costs one
              host-device sync per call (the row counts), so it cannot be captured in a CUDA graph.
+    teacher: None, or one entry per head: None (that head learns its labels) or a tuple
+             (teacher_hidden [B, T, H], teacher_weight [V, H]) or (..., teacher_bias [V]): that
+             head's loss is then KL(teacher || head) at every position with a valid target (labels,
+             shift and segments decide which positions count, and the accuracy is still against the
+             labels), with teacher logits softcap(teacher_hidden @ teacher_weight^T + teacher_bias).
+             Constants: no gradient flows to them. Not with label_smoothing.
     Returns MultiHeadLossOutput(loss (differentiable), head_losses, head_accuracy, head_tokens).
     """
     if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:
@@ -355,6 +401,7 @@ def multi_head_linear_cross_entropy(
     check_labels("labels", labels, V, ignore_index, check_values=not labels.is_cuda)
     labels = labels.contiguous() if labels.dtype == torch.int64 else labels.long()
     hw = as_head_weights(head_weights, K, labels.device)
+    teacher = check_teacher(teacher, K, (B, T, H), (V, H), labels.device, label_smoothing)
 
     # Compute dtype: autocast's when active (the GEMMs then run in it), else the inputs' common one.
     dev_type = labels.device.type
@@ -372,13 +419,48 @@ def multi_head_linear_cross_entropy(
         needs_grad=[False, False, grad_on and hw.requires_grad] + [grad_on and t.requires_grad for t in tensors],
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         softcap=None if softcap is None else float(softcap), reduction=reduction, accum_dtype=accum_dtype,
-        compute_dtype=compute_dtype, chunk_size=chunk_size, skip_ignored=bool(skip_ignored),
+        compute_dtype=compute_dtype, chunk_size=chunk_size, skip_ignored=bool(skip_ignored), teacher=teacher,
     )
     loss, head_losses, head_accuracy, head_tokens = MultiHeadLinearCrossEntropyFunction.apply(
         plan, labels, segment_ids, hw, *tensors
     )
     return MultiHeadLossOutput(loss=loss, head_losses=head_losses, head_accuracy=head_accuracy,
                                head_tokens=head_tokens)
+
+
+def check_teacher(teacher, K: int, hidden_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+                  device: torch.device, label_smoothing: float) -> list[tuple | None]:
+    """The ``teacher`` argument as K entries of None or detached (hidden, weight, bias or None);
+    ValueError naming what is wrong otherwise."""
+    if teacher is None:
+        return [None] * K
+    if not isinstance(teacher, (list, tuple)) or len(teacher) != K:
+        raise ValueError(f"teacher must be None or a list of len(shifts) = {K} entries (None or a "
+                         f"(hidden, weight[, bias]) tuple), got {type(teacher).__name__}")
+    checked: list[tuple | None] = []
+    for k, entry in enumerate(teacher):
+        if entry is None:
+            checked.append(None)
+            continue
+        if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3):
+            raise ValueError(f"teacher[{k}] must be None or a (hidden, weight[, bias]) tuple of tensors")
+        if len(entry) == 2 or entry[2] is None:
+            entry = (entry[0], entry[1], None)
+        parts = [("hidden", entry[0], hidden_shape), ("weight", entry[1], weight_shape)]
+        if entry[2] is not None:
+            parts.append(("bias", entry[2], weight_shape[:1]))
+        for name, t, shape in parts:
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"teacher[{k}] {name} must be a tensor, got {type(t).__name__}")
+            check_float(f"teacher[{k}] {name}", t)
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"teacher[{k}] {name} must have shape {list(shape)}, got {list(t.shape)}")
+            if t.device != device:
+                raise ValueError(f"teacher[{k}] {name} is on {t.device} but labels is on {device}")
+        checked.append((entry[0].detach(), entry[1].detach(), None if entry[2] is None else entry[2].detach().contiguous()))
+    if any(t is not None for t in checked) and float(label_smoothing) != 0.0:
+        raise ValueError(f"label_smoothing must be 0 with a teacher (it smooths hard labels), got {label_smoothing}")
+    return checked
 
 
 class MultiHeadLinearCrossEntropy(nn.Module):
@@ -405,10 +487,10 @@ class MultiHeadLinearCrossEntropy(nn.Module):
                             softcap=softcap, reduction=reduction, accum_dtype=accum_dtype, chunk_size=chunk_size,
                             skip_ignored=skip_ignored)
 
-    def forward(self, hidden, weight, labels, *, bias=None, segment_ids=None) -> MultiHeadLossOutput:
-        """hidden/weight/bias/labels/segment_ids as in ``multi_head_linear_cross_entropy``."""
+    def forward(self, hidden, weight, labels, *, bias=None, segment_ids=None, teacher=None) -> MultiHeadLossOutput:
+        """hidden/weight/bias/labels/segment_ids/teacher as in ``multi_head_linear_cross_entropy``."""
         return multi_head_linear_cross_entropy(hidden, weight, labels, self.shifts, self.head_weights,
-                                               bias=bias, segment_ids=segment_ids, **self.options)
+                                               bias=bias, segment_ids=segment_ids, teacher=teacher, **self.options)
 
     def extra_repr(self) -> str:
         return f"shifts={self.shifts}, head_weights={self.head_weights}"

@@ -83,6 +83,7 @@ def head_by_head_linear_cross_entropy(
     *,
     params: Sequence[torch.Tensor],
     bias: Sequence[torch.Tensor | None] | None = None,
+    teacher: Sequence[tuple[torch.Tensor, ...] | None] | None = None,
     **options,
 ) -> MultiHeadLossOutput:
     """``multi_head_linear_cross_entropy`` of heads that transform ``hidden`` first, one head at a time.
@@ -92,6 +93,8 @@ def head_by_head_linear_cross_entropy(
                   identity for the backbone's own lm_head).
     weight:       K projection weights [V, H'] (may repeat one tensor); bias: None or K [V] or None.
     params:       every tensor the heads read that may need a gradient (see the module docstring).
+    teacher:      None or K entries: None, or head k's teacher (hidden [B, T, H'], weight [V, H'][, bias]),
+                  whose distribution head k then learns (KL); see ``multi_head_linear_cross_entropy``.
     labels, shifts, head_weights (K floats) and ``options`` (ignore_index, segment_ids, reduction,
     accum_dtype, skip_ignored, ...): as in ``multi_head_linear_cross_entropy``.
     Returns the same ``MultiHeadLossOutput``: ``loss`` is differentiable with respect to ``hidden`` and
@@ -107,6 +110,9 @@ def head_by_head_linear_cross_entropy(
     bias = [None] * K if bias is None else list(bias)
     if len(bias) != K:
         raise ValueError(f"bias must have one entry per head ({K}), got {len(bias)}")
+    teacher = [None] * K if teacher is None else list(teacher)
+    if len(teacher) != K:
+        raise ValueError(f"teacher must have one entry per head ({K}), got {len(teacher)}")
     unique = list({id(p): p for p in params}.values())
     if any(not isinstance(p, torch.Tensor) for p in unique):
         raise ValueError("params must be tensors")
@@ -114,7 +120,7 @@ def head_by_head_linear_cross_entropy(
     def run_head(k: int, x: torch.Tensor) -> MultiHeadLossOutput:
         return flce.multi_head_linear_cross_entropy(
             [head_inputs[k](x)], [weight[k]], labels, [shifts[k]], [head_weights[k]],
-            bias=None if bias[k] is None else [bias[k]], **options)
+            bias=None if bias[k] is None else [bias[k]], teacher=[teacher[k]], **options)
 
     loss, head_losses, head_accuracy, head_tokens = HeadByHeadLinearCrossEntropy.apply(
         run_head, K, hidden, *unique)

@@ -9,6 +9,9 @@ This is the definition the fused op must match, written the plain way: for each 
     loss_k = reduce(CE(logits_k, target_k; label_smoothing) + z_loss * lse_k**2)
     loss = sum_k head_weights[k] * loss_k
 
+With a teacher for head k, CE(logits_k, target_k) becomes KL(softmax(teacher logits) || softmax(logits_k))
+at the positions whose target is valid.
+
 It is used by the tests (in float64) and as the "naive PyTorch" baseline in the benchmarks. It costs
 K x B x T x V memory, which is exactly what the fused op exists to avoid.
 """
@@ -81,12 +84,14 @@ def multi_head_linear_cross_entropy_reference(
     segment_ids: torch.Tensor | None = None,
     reduction: str = "mean",
     compute_dtype: torch.dtype = torch.float32,
+    teacher: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
 ) -> MultiHeadLossOutput:
     """Materialized-logits version of ``multi_head_linear_cross_entropy`` (see module docstring).
 
     hidden: [K, B, T, H], [B, T, H] (read by every head) or a list of K [B, T, H] tensors.
     weight: [V, H] shared, [K, V, H] or a list of K [V, H] tensors.
     bias:   None, [V], [K, V] or a list of K [V] tensors.
+    teacher: None or per head None / (teacher_hidden [B, T, H], teacher_weight [V, H][, teacher_bias [V]]).
     """
     K = len(shifts)
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 4:
@@ -105,14 +110,19 @@ def multi_head_linear_cross_entropy_reference(
         head_weights = [1.0] * K
     head_weights = torch.as_tensor(head_weights, dtype=compute_dtype, device=labels.device)
 
-    losses, accuracies, counts = [], [], []
-    for k in range(K):
-        h = hiddens[k].to(compute_dtype)
-        logits = h @ weights[k].to(compute_dtype).T
-        if biases[k] is not None:
-            logits = logits + biases[k].to(compute_dtype)
+    teachers = [None] * K if teacher is None else list(teacher)
+
+    def head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        logits = h.to(compute_dtype) @ w.to(compute_dtype).T
+        if b is not None:
+            logits = logits + b.to(compute_dtype)
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
+        return logits
+
+    losses, accuracies, counts = [], [], []
+    for k in range(K):
+        logits = head_logits(hiddens[k], weights[k], biases[k])
         target = shifted_targets(labels, int(shifts[k]), ignore_index, segment_ids).reshape(-1)
         logits = logits.reshape(-1, logits.shape[-1])
         valid = target != ignore_index
@@ -120,10 +130,19 @@ def multi_head_linear_cross_entropy_reference(
         safe_target = torch.where(valid, target, torch.zeros_like(target))
 
         lse = torch.logsumexp(logits, dim=-1)
-        nll = lse - logits.gather(1, safe_target[:, None]).squeeze(1)
-        row_loss = (1.0 - label_smoothing) * nll
-        if label_smoothing > 0:  # guarded: 0 * inf would turn rows with -inf logits into NaN
-            row_loss = row_loss + label_smoothing * (lse - logits.mean(dim=-1))
+        if teachers[k] is None:
+            nll = lse - logits.gather(1, safe_target[:, None]).squeeze(1)
+            row_loss = (1.0 - label_smoothing) * nll
+            if label_smoothing > 0:  # guarded: 0 * inf would turn rows with -inf logits into NaN
+                row_loss = row_loss + label_smoothing * (lse - logits.mean(dim=-1))
+        else:
+            t_h, t_w, *t_b = teachers[k]
+            t_b = t_b[0] if t_b and t_b[0] is not None else None
+            t_logits = head_logits(t_h, t_w, t_b).detach()  # a constant
+            log_p = torch.log_softmax(t_logits.reshape(logits.shape), dim=-1)
+            p = log_p.exp()
+            # p log(p / q), 0 where p is 0 (the product would be 0 * -inf there).
+            row_loss = torch.where(p > 0, p * (log_p - (logits - lse[:, None])), torch.zeros_like(p)).sum(-1)
         row_loss = row_loss + z_loss * lse.square()
         row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
         total = row_loss.sum()

@@ -1,0 +1,375 @@
+"""Soft targets: the KL row kernel, the fused loss's ``teacher`` option, and Medusa-2 self-distillation
+(``lm_loss="kl"``: the backbone learns the distribution of itself with its LoRA adapters off).
+
+Everything is checked against float64 autograd on materialized logits: the row kernel on both
+backends, the fused op (loss, per-head metrics, every gradient, none to the teacher) with and without
+skip_ignored, segments, bias, softcap and z-loss, head by head, and the model against the naive
+definition written here from the backbone's full forward with and without its adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from medusa_liger.heads import MedusaConfig, MedusaModel
+from medusa_liger.kernels import force_backend, head_by_head_linear_cross_entropy, multi_head_linear_cross_entropy
+from medusa_liger.kernels import fused_linear_cross_entropy as flce
+from medusa_liger.kernels.kl_divergence import kl_rows
+from medusa_liger.kernels.reference import multi_head_linear_cross_entropy_reference as reference
+from tests.test_heads import V as TINY_V
+from tests.test_heads import batch, naive_medusa_loss, randomize_heads, tiny_llama
+from tests.utils import DEVICE, DTYPES, HAS_CUDA, REL_NORM_TOLERANCES, assert_rel_close, poison_
+
+BACKENDS = ["torch", "triton"]
+
+
+def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid, factor):
+    """(row losses, d(factor * sum of row losses)/d student) in float64 autograd."""
+    x = student.double().requires_grad_()
+    y, u = x, teacher.double()
+    if bias is not None:
+        y, u = y + bias.double(), u + teacher_bias.double()
+    if softcap is not None:
+        y, u = softcap * torch.tanh(y / softcap), softcap * torch.tanh(u / softcap)
+    log_q, log_p = torch.log_softmax(y, -1), torch.log_softmax(u, -1)
+    p = log_p.exp()
+    rows = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    rows = rows + z_loss * torch.logsumexp(y, -1).square()
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    (grad,) = torch.autograd.grad(factor * rows.sum(), x)
+    return rows.detach(), grad
+
+
+# --------------------------------------------------------------------------------- row kernel
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [123, 1100])  # one block, and several blocks on either backend
+@pytest.mark.parametrize("bias, softcap, z_loss", [(False, None, 0.0), (True, 4.0, 0.01)])
+def test_kl_rows_match_fp64(backend, dtype, V, bias, softcap, z_loss):
+    rows, T = 6, 6
+    student = (torch.randn(rows, V, device=DEVICE) * 3).to(dtype)
+    teacher = (torch.randn(rows, V, device=DEVICE) * 3).to(dtype)
+    teacher[1, : V // 2] = float("-inf")  # columns the teacher rules out add nothing
+    b = torch.randn(V, device=DEVICE) if bias else None
+    tb = torch.randn(V, device=DEVICE) if bias else None
+    labels = torch.randint(0, V, (T,), device=DEVICE)
+    labels[3] = -100
+    student[2] = teacher[2]  # one row where the student already equals the teacher
+    # Shift 1 over one sequence of T = rows: row 2's target is ignored, and the last row's is past the end.
+    valid = torch.ones(rows, dtype=torch.bool, device=DEVICE)
+    valid[2], valid[5] = False, False
+    ref_loss, ref_grad = _kl_definition(student, teacher, b, tb, softcap, z_loss, valid, 0.5)
+    loss = poison_(torch.empty(rows, device=DEVICE))
+    correct = torch.full((rows,), -1, dtype=torch.int32, device=DEVICE)
+    grad = student.clone()
+    with force_backend(backend):
+        kl_rows(grad, teacher.clone(), labels, shift=1, bias=b, teacher_bias=tb, scale=torch.tensor([0.5], device=DEVICE),
+                loss=loss, correct=correct, z_loss=z_loss, softcap=softcap, write_grad=True)
+    assert_rel_close(loss, ref_loss, dtype, "row losses")
+    assert_rel_close(grad, ref_grad, dtype, "gradient")
+    assert (grad[~valid] == 0).all() and (loss[~valid] == 0).all()
+    y = student.double() + (0 if b is None else b.double())
+    expected = (y.argmax(-1) == torch.cat([labels[1:], labels[:1]])) & valid  # softcap keeps the argmax
+    assert correct.tolist() == expected.int().tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_of_a_student_equal_to_its_teacher_is_zero(backend):
+    logits = torch.randn(4, 300, device=DEVICE) * 5
+    loss = torch.empty(4, device=DEVICE)
+    grad = logits.clone()
+    with force_backend(backend):
+        kl_rows(grad, logits, torch.arange(4, device=DEVICE), scale=torch.ones(1, device=DEVICE), loss=loss,
+                write_grad=True)
+    assert loss.abs().max() < 1e-5 and grad.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_student_minus_inf_under_teacher_mass_is_infinite_not_nan(backend):
+    student, teacher = torch.randn(2, 64, device=DEVICE), torch.randn(2, 64, device=DEVICE)
+    student[0, 5] = float("-inf")
+    loss = torch.empty(2, device=DEVICE)
+    with force_backend(backend):
+        kl_rows(student, teacher, torch.zeros(2, dtype=torch.long, device=DEVICE), loss=loss)
+    assert loss[0] == float("inf") and torch.isfinite(loss[1])
+
+
+# ------------------------------------------------------------------------------ fused op
+def _distill_problem(shared_hidden: bool, dtype=torch.float64, device=DEVICE):
+    """Three heads over [2, 11] tokens, H = 16, V = 37: heads 0 and 2 learn teachers (head 2 from a
+    teacher sharing the student's projection), head 1 its labels."""
+    B, T, H, V, K = 2, 11, 16, 37, 3
+    g = torch.Generator().manual_seed(5)
+
+    def rand(*shape, grad=False):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    hidden = rand(B, T, H, grad=True) if shared_hidden else rand(K, B, T, H, grad=True)
+    weight = rand(K, V, H, grad=True)
+    bias = rand(V, grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g).to(device)
+    # Every other label is head 0's own top-1 (shift 1), so its accuracy is neither 0 nor 1.
+    h0 = (hidden if shared_hidden else hidden[0]).detach()
+    top1 = (h0 @ weight[0].detach().T + bias.detach()).argmax(-1)
+    labels[:, 1::2] = top1[:, 0:-1:2]
+    labels[0, 2:5] = -100
+    segments = torch.zeros(B, T, dtype=torch.long, device=device)
+    segments[1, 6:] = 1
+    # Teachers close to the students, so the KLs are not degenerate; head 0's with its own bias.
+    t_hidden = h0 + 0.3 * rand(B, T, H)
+    t_weight = weight[0].detach() + 0.3 * rand(V, H)
+    teacher = [(t_hidden, t_weight, rand(V)), None, (t_hidden, weight[2])]
+    return hidden, weight, bias, labels, segments, teacher
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared_hidden", [False, True])
+@pytest.mark.parametrize("skip_ignored", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_teacher_heads_match_the_reference(backend, shared_hidden, skip_ignored, reduction):
+    hidden, weight, bias, labels, segments, teacher = _distill_problem(shared_hidden)
+    options = dict(bias=bias, segment_ids=segments, z_loss=0.01, softcap=6.0, reduction=reduction)
+    shifts, head_weights = [1, 2, 3], [1.0, 0.5, 0.25]
+    ref = reference(hidden, weight, labels, shifts, head_weights, teacher=teacher, compute_dtype=torch.float64,
+                    **options)
+    ref_grads = torch.autograd.grad(ref.loss, [hidden, weight, bias])
+    with force_backend(backend):
+        out = multi_head_linear_cross_entropy(hidden, weight, labels, shifts, head_weights, teacher=teacher,
+                                              chunk_size=7, skip_ignored=skip_ignored, **options)
+    grads = torch.autograd.grad(out.loss, [hidden, weight, bias])
+    tol = REL_NORM_TOLERANCES[torch.float64 if backend == "torch" else torch.float32]
+    assert_rel_close(out.loss.detach(), ref.loss.detach(), torch.float64 if backend == "torch" else torch.float32)
+    assert torch.allclose(out.head_losses.double(), ref.head_losses.double(), rtol=tol, atol=1e-6)
+    assert out.head_tokens.tolist() == ref.head_tokens.tolist()
+    assert out.head_accuracy.tolist() == ref.head_accuracy.tolist()
+    assert 0 < ref.head_accuracy[0] < 1, "the problem should make accuracy informative"
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert_rel_close(g, r, torch.float64 if backend == "torch" else torch.float32, name)
+    assert teacher[0][0].grad is None and teacher[0][1].grad is None
+
+
+def test_teacher_gradcheck():
+    """float64 gradcheck of the PyTorch path with teachers on two of three heads."""
+    hidden, weight, bias, labels, segments, teacher = _distill_problem(True, device=torch.device("cpu"))
+    hidden, weight, bias = (t.detach()[..., :5].clone().requires_grad_() if t.dim() > 1 else t.detach().clone()
+                            .requires_grad_() for t in (hidden, weight, bias))
+    teacher = [None if t is None else (t[0][..., :5].clone(), t[1][..., :5].detach().clone(), *t[2:])
+               for t in teacher]
+
+    def f(h, w, b):
+        return multi_head_linear_cross_entropy(h, w, labels, [1, 2, 3], [1.0, 0.5, 0.25], bias=b,
+                                               segment_ids=segments, z_loss=0.01, chunk_size=4,
+                                               teacher=teacher).loss
+
+    with force_backend("torch"), flce.reentrant_backward():
+        assert torch.autograd.gradcheck(f, (hidden, weight, bias), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_by_head_passes_the_teacher_through(backend):
+    hidden, weight, bias, labels, segments, teacher = _distill_problem(True)
+    blocks = [torch.nn.Linear(16, 16, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    head_inputs = [lambda x, m=m: x + torch.nn.functional.silu(m(x)) for m in blocks]
+    params = [p for m in blocks for p in m.parameters()] + [weight]
+    with force_backend(backend):
+        out = head_by_head_linear_cross_entropy(hidden, head_inputs, list(weight.unbind(0)), labels, [1, 2, 3],
+                                                [1.0, 0.5, 0.25], params=params, teacher=teacher,
+                                                segment_ids=segments)
+        grads = torch.autograd.grad(out.loss, [hidden, *params])
+        ref = multi_head_linear_cross_entropy([f(hidden) for f in head_inputs], list(weight.unbind(0)), labels,
+                                              [1, 2, 3], [1.0, 0.5, 0.25], teacher=teacher, segment_ids=segments)
+        ref_grads = torch.autograd.grad(ref.loss, [hidden, *params])
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.head_losses, ref.head_losses)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize(
+    "teacher, match",
+    [([None, None], "len\\(shifts\\) = 3"), ([None, None, (torch.zeros(2, 11, 16),)], "teacher\\[2\\]"),
+     ([None, None, (torch.zeros(2, 11, 15), torch.zeros(37, 16))], "teacher\\[2\\] hidden must have shape"),
+     ([None, None, (torch.zeros(2, 11, 16), torch.zeros(36, 16))], "teacher\\[2\\] weight must have shape"),
+     ([None, None, (torch.zeros(2, 11, 16, dtype=torch.long), torch.zeros(37, 16))], "teacher\\[2\\] hidden"),
+     ([None, None, ("x", torch.zeros(37, 16))], "must be a tensor"),
+     ([None, None, (torch.zeros(2, 11, 16), torch.zeros(37, 16), torch.zeros(36))], "teacher\\[2\\] bias")],
+)
+def test_bad_teacher_raises(teacher, match):
+    h, w = torch.randn(2, 11, 16), torch.randn(37, 16)
+    with pytest.raises(ValueError, match=match):
+        multi_head_linear_cross_entropy(h, w, torch.zeros(2, 11, dtype=torch.long), [1, 2, 3], teacher=teacher)
+
+
+def test_teacher_refuses_label_smoothing():
+    h, w = torch.randn(2, 11, 16), torch.randn(37, 16)
+    with pytest.raises(ValueError, match="label_smoothing must be 0 with a teacher"):
+        multi_head_linear_cross_entropy(h, w, torch.zeros(2, 11, dtype=torch.long), [1], teacher=[(h, w)],
+                                        label_smoothing=0.1)
+
+
+def test_teacher_halves_the_rows_per_chunk(monkeypatch):
+    """Two [C, V] buffers with a teacher: the default plan keeps the logit bytes, not the rows."""
+    budgets = []
+    original = flce.plan_chunk_rows
+    monkeypatch.setattr(flce, "plan_chunk_rows", lambda *a, **k: budgets.append(a[6] if len(a) > 6 else None)
+                        or original(*a, **k))
+    h, w = torch.randn(1, 8, 4), torch.randn(10, 4)
+    labels = torch.zeros(1, 8, dtype=torch.long)
+    with force_backend("torch"):
+        multi_head_linear_cross_entropy(h, w, labels, [1])
+        multi_head_linear_cross_entropy(h, w, labels, [1], teacher=[(h, w)])
+    assert budgets == [None, flce.FROZEN_CHUNK_BYTES // 2]
+
+
+# --------------------------------------------------------------------------------- model
+def _lora_model(head_by_head: bool, lm_loss: str = "kl") -> MedusaModel:
+    from peft import LoraConfig, get_peft_model
+
+    backbone = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                       lora_dropout=0.0))
+    cfg = MedusaConfig(num_heads=2, mode="joint", lm_loss=lm_loss, head_by_head=head_by_head)
+    return MedusaModel.from_backbone(backbone, cfg)
+
+
+def _naive_distill_loss(model: MedusaModel, ids, labels):
+    """The definition: the heads' naive loss with the backbone's CE swapped for KL(adapters off || on)
+    at every position t whose label t + 1 is valid, averaged over those positions."""
+    total, _, lm_ce = naive_medusa_loss(model, ids, labels)
+    with torch.no_grad(), model.backbone.disable_adapter():
+        teacher = model.backbone(input_ids=ids).logits[:, :-1].double()
+    student = model.backbone(input_ids=ids).logits[:, :-1].double()
+    log_p, log_q = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
+    rows = (log_p.exp() * (log_p - log_q)).sum(-1)
+    valid = labels[:, 1:] != -100
+    kl = rows[valid].mean()
+    return total - model.config.lm_loss_weight * lm_ce + model.config.lm_loss_weight * kl, kl
+
+
+@pytest.mark.parametrize("head_by_head", [True, False])
+def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_head):
+    pytest.importorskip("peft")
+    model = _lora_model(head_by_head)
+    model.train()
+    randomize_heads(model)
+    ids, labels = batch()
+    with force_backend("torch"):
+        start = model(ids, labels=labels)
+    # LoRA starts as the identity (B = 0): the student is its teacher, bit for bit.
+    assert start.lm_loss.abs() < 1e-6
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    other = copy.deepcopy(model)
+    with force_backend("torch"):
+        out = model(ids, labels=labels)
+    out.loss.backward()
+    expected, kl = _naive_distill_loss(other, ids, labels)
+    expected.backward()
+    assert kl > 1e-3, "the perturbed adapters should move the student off its teacher"
+    torch.testing.assert_close(out.lm_loss.double(), kl, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), expected.double(), rtol=1e-4, atol=1e-6)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n, _ in trained)
+    for (name, p), q in zip(trained, [q for q in other.parameters() if q.requires_grad]):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_self_distillation_through_the_triton_path():
+    """The same model once through the Triton kernels (interpreter on CPU) against the PyTorch path."""
+    pytest.importorskip("peft")
+    model = _lora_model(True).to(DEVICE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    other = copy.deepcopy(model)
+    ids, labels = (t.to(DEVICE) for t in batch(B=1, T=9))
+    with force_backend("triton"):
+        out = model(ids, labels=labels)
+    out.loss.backward()
+    with force_backend("torch"):
+        ref = other(ids, labels=labels)
+    ref.loss.backward()
+    torch.testing.assert_close(out.lm_loss, ref.lm_loss, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_kl_needs_a_peft_backbone():
+    model = MedusaModel.from_backbone(tiny_llama(), MedusaConfig(num_heads=1, mode="joint", lm_loss="kl"))
+    ids, labels = batch()
+    with force_backend("torch"), pytest.raises(ValueError, match="lm_loss='kl'.*peft"):
+        model(ids, labels=labels)
+    with pytest.raises(ValueError, match="lm_loss must be one of"):
+        MedusaConfig(lm_loss="jsd")
+
+
+def test_heads_mode_ignores_lm_loss():
+    """In heads mode (a joint run's warm-up) there is no backbone term, so no teacher pass."""
+    pytest.importorskip("peft")
+    model = _lora_model(True)
+    model.config.mode = "heads"
+    calls = []
+    original = model.hidden_states
+    model.hidden_states = lambda *a, **k: calls.append(k.get("teacher", False)) or original(*a, **k)
+    ids, labels = batch()
+    with force_backend("torch"):
+        out = model(ids, labels=labels)
+    assert out.lm_loss is None and calls == [False]
+
+
+def test_train_config_needs_joint_lora_for_kl(tmp_path):
+    from tests.train_helpers import short_config
+
+    with pytest.raises(ValueError, match="train.lm_loss"):
+        short_config(tmp_path, "train.lm_loss=kl")
+    cfg = short_config(tmp_path, "train.lm_loss=kl", "lora.enabled=true")
+    assert cfg.train.lm_loss == "kl"
+
+
+def test_a_self_distillation_run_trains(tmp_path):
+    """`train` with lm_loss=kl on the tiny LoRA config: the backbone's KL starts at 0 and stays
+    small while the heads learn, and every logged loss is finite."""
+    pytest.importorskip("peft")
+    from medusa_liger.train.logging import read_metrics
+    from medusa_liger.train.loop import train
+    from tests.train_helpers import short_config
+
+    cfg = short_config(tmp_path, "lora.enabled=true", "lora.r=4", "lora.alpha=8", "train.lm_loss=kl",
+                       "train.steps=4", "logging.every=1", "checkpoint.every=0", "export.formats=[medusa]",
+                       "data.eval_fraction=0.0")
+    with force_backend("torch"):
+        train(cfg)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "lm_loss" in r]
+    assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert abs(rows[0]["lm_loss"]) < 1e-5 and all(0 <= r["lm_loss"] < 0.5 for r in rows)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_self_distillation_matches_fp32():
+    assert HAS_CUDA
+    pytest.importorskip("peft")
+    model = _lora_model(True).to(DEVICE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    fp32 = copy.deepcopy(model)
+    ids = torch.randint(0, TINY_V, (2, 64), device=DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(ids)
+    out.loss.backward()
+    with force_backend("torch"):
+        ref = fp32(ids)
+    ref.loss.backward()
+    torch.testing.assert_close(out.lm_loss.float(), ref.lm_loss.float(), rtol=5e-2, atol=2e-3)
+    for (name, p), q in zip(model.named_parameters(), fp32.parameters()):
+        if p.grad is not None and "lora_B" in name:
+            assert_rel_close(p.grad.float(), q.grad.float(), torch.bfloat16, name)
