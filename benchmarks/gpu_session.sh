@@ -16,12 +16,13 @@ status=0
 for stage in "$@"; do
   case "$stage" in
     tests)       timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -rfEs -p no:cacheprovider tests --timeout=300 -x --maxfail=30 2>&1 | tee "$OUT/pytest.log" | tail -60 || status=1 ;;
-    kernel_tests) timeout 300 python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_cross_entropy.py tests/test_chunking.py tests/test_scale.py tests/test_fused_linear_cross_entropy*.py --timeout=200 2>&1 | tee "$OUT/pytest_kernels.log" | tail -15 || status=1 ;;
+    kernel_tests) timeout 300 python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_cross_entropy.py tests/test_chunking.py tests/test_scale.py tests/test_fused_linear_cross_entropy*.py tests/test_self_distillation.py --timeout=200 2>&1 | tee "$OUT/pytest_kernels.log" | tail -15 || status=1 ;;
     train_tests) timeout 420 python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_train*.py tests/test_end_to_end.py tests/test_data.py tests/test_evaluate.py tests/test_distributed.py tests/test_heads.py tests/test_export.py --timeout=300 2>&1 | tee "$OUT/pytest_train.log" | tail -15 || status=1 ;;
     fsdp_resume) NPROC=$(nvidia-smi -L | wc -l) bash benchmarks/fsdp_resume_check.sh || status=1 ;;
     kernels)     timeout 300 python3 benchmarks/kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 || status=1 ;;
     medusa_loss) timeout 570 python3 benchmarks/medusa_loss.py 2>&1 | tee "$OUT/bench_medusa_loss.log" | tail -40 || status=1 ;;
     patching)    timeout 300 python3 benchmarks/patching.py 2>&1 | tee "$OUT/bench_patching.log" | tail -40 || status=1 ;;
+    self_distill) timeout 300 python3 benchmarks/self_distill_loss.py 2>&1 | tee "$OUT/bench_self_distill.log" | tail -20 || status=1 ;;
     profile)     timeout 300 python3 benchmarks/profile_medusa_loss.py 2>&1 | tee "$OUT/bench_profile.log" | tail -30 || status=1 ;;
     gemm_split)  timeout 420 python3 benchmarks/gemm_split_sweep.py 2>&1 | tee "$OUT/bench_gemm_split.log" | tail -40 || status=1 ;;
     chunk_sweep) timeout 420 python3 benchmarks/chunk_sweep.py 2>&1 | tee "$OUT/bench_chunk_sweep.log" | tail -40 || status=1 ;;
