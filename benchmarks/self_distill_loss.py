@@ -110,6 +110,9 @@ def main() -> None:
     methods = {"naive": naive, "liger JSD beta=0": make_liger(), "ours": ours, "ours, hard labels (CE)": ours_hard_labels}
     rows = []
     for N in token_counts:
+        # Liger compiles its chunk function; a fresh compile per size, as a training run of one size gets
+        # (recompiling for the second size inside one process failed in torch 2.11's guard code).
+        torch._dynamo.reset()
         p = Problem(N, H, V, dtype)
         row: list[object] = [N]
         for name, fn in methods.items():
