@@ -15,13 +15,18 @@ import pytest
 import torch
 
 from medusa_liger.heads import MedusaConfig, MedusaModel
-from medusa_liger.kernels import force_backend, head_by_head_linear_cross_entropy, multi_head_linear_cross_entropy
+from medusa_liger.kernels import (
+    Teacher,
+    force_backend,
+    head_by_head_linear_cross_entropy,
+    multi_head_linear_cross_entropy,
+)
 from medusa_liger.kernels import fused_linear_cross_entropy as flce
 from medusa_liger.kernels.kl_divergence import kl_rows
 from medusa_liger.kernels.reference import multi_head_linear_cross_entropy_reference as reference
 from tests.test_heads import V as TINY_V
 from tests.test_heads import batch, naive_medusa_loss, randomize_heads, tiny_llama
-from tests.utils import DEVICE, DTYPES, HAS_CUDA, REL_NORM_TOLERANCES, assert_rel_close, poison_
+from tests.utils import DEVICE, DTYPES, HAS_CUDA, REL_NORM_TOLERANCES, assert_rel_close, poison_, rel_norm_error
 
 BACKENDS = ["torch", "triton"]
 
@@ -99,8 +104,8 @@ def test_student_minus_inf_under_teacher_mass_is_infinite_not_nan(backend):
 
 # ------------------------------------------------------------------------------ fused op
 def _distill_problem(shared_hidden: bool, dtype=torch.float64, device=DEVICE):
-    """Three heads over [2, 11] tokens, H = 16, V = 37: heads 0 and 2 learn teachers (head 2 from a
-    teacher sharing the student's projection), head 1 its labels."""
+    """Three heads over [2, 11] tokens (shifts 1, 2, 3), H = 16, V = 37: heads 0 and 2 learn teachers
+    (head 2's shares the student's projection and is read 2 positions on), head 1 its labels."""
     B, T, H, V, K = 2, 11, 16, 37, 3
     g = torch.Generator().manual_seed(5)
 
@@ -122,7 +127,7 @@ def _distill_problem(shared_hidden: bool, dtype=torch.float64, device=DEVICE):
     # Teachers close to the students, so the KLs are not degenerate; head 0's with its own bias.
     t_hidden = h0 + 0.3 * rand(B, T, H)
     t_weight = weight[0].detach() + 0.3 * rand(V, H)
-    teacher = [(t_hidden, t_weight, rand(V)), None, (t_hidden, weight[2])]
+    teacher = [(t_hidden, t_weight, rand(V)), None, Teacher(t_hidden, weight[2], offset=2)]
     return hidden, weight, bias, labels, segments, teacher
 
 
@@ -157,8 +162,8 @@ def test_teacher_gradcheck():
     hidden, weight, bias, labels, segments, teacher = _distill_problem(True, device=torch.device("cpu"))
     hidden, weight, bias = (t.detach()[..., :5].clone().requires_grad_() if t.dim() > 1 else t.detach().clone()
                             .requires_grad_() for t in (hidden, weight, bias))
-    teacher = [None if t is None else (t[0][..., :5].clone(), t[1][..., :5].detach().clone(), *t[2:])
-               for t in teacher]
+    teacher = [None, None, Teacher(teacher[2].hidden[..., :5].clone(), teacher[2].weight[..., :5].detach().clone(),
+                                   offset=2)]
 
     def f(h, w, b):
         return multi_head_linear_cross_entropy(h, w, labels, [1, 2, 3], [1.0, 0.5, 0.25], bias=b,
@@ -167,6 +172,24 @@ def test_teacher_gradcheck():
 
     with force_backend("torch"), flce.reentrant_backward():
         assert torch.autograd.gradcheck(f, (hidden, weight, bias), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("skip_ignored", [False, True])
+def test_teacher_offset_reads_rows_further_on(backend, skip_ignored):
+    """offset = o equals offset 0 on a teacher whose rows were moved o positions back by hand."""
+    hidden, weight, bias, labels, segments, teacher = _distill_problem(True)
+    t = teacher[2]
+    moved = torch.zeros_like(t.hidden)
+    moved[:, : -t.offset] = t.hidden[:, t.offset :]
+    with force_backend(backend):
+        runs = [multi_head_linear_cross_entropy(hidden, weight, labels, [1, 2, 3], teacher=[None, None, entry],
+                                                segment_ids=segments, chunk_size=5, skip_ignored=skip_ignored)
+                for entry in (t, Teacher(moved, t.weight))]
+    grads = [torch.autograd.grad(out.loss, [hidden, weight]) for out in runs]
+    torch.testing.assert_close(runs[0].head_losses, runs[1].head_losses)
+    for g, r in zip(*grads):
+        torch.testing.assert_close(g, r)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,7 +219,10 @@ def test_head_by_head_passes_the_teacher_through(backend):
      ([None, None, (torch.zeros(2, 11, 16), torch.zeros(36, 16))], "teacher\\[2\\] weight must have shape"),
      ([None, None, (torch.zeros(2, 11, 16, dtype=torch.long), torch.zeros(37, 16))], "teacher\\[2\\] hidden"),
      ([None, None, ("x", torch.zeros(37, 16))], "must be a tensor"),
-     ([None, None, (torch.zeros(2, 11, 16), torch.zeros(37, 16), torch.zeros(36))], "teacher\\[2\\] bias")],
+     ([None, None, (torch.zeros(2, 11, 16), torch.zeros(37, 16), torch.zeros(36))], "teacher\\[2\\] bias"),
+     ([None, None, Teacher(torch.zeros(2, 11, 16), torch.zeros(37, 16), offset=3)], "offset must be an int in \\[0, "),
+     ([None, None, Teacher(torch.zeros(2, 11, 16), torch.zeros(37, 16), offset=-1)], "offset"),
+     ([None, None, [torch.zeros(2, 11, 16)]], "teacher\\[2\\] must be None, a Teacher")],
 )
 def test_bad_teacher_raises(teacher, match):
     h, w = torch.randn(2, 11, 16), torch.randn(37, 16)
@@ -302,6 +328,71 @@ def test_self_distillation_through_the_triton_path():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
+    """The definition of head_targets="backbone": head k (shift s) learns KL(p || q_k) where p is the
+    backbone's own next-token distribution at position t + s - 1 (the same token), averaged over
+    the positions whose label t + s is valid; the rest as in naive_medusa_loss."""
+    cfg = model.config
+    total, _, lm_ce = naive_medusa_loss(model, ids, labels)
+    out = model.backbone(input_ids=ids, output_hidden_states=True)
+    hidden, backbone_logits = out.hidden_states[-1], out.logits.detach().double()
+    total = 0.0 if cfg.mode == "heads" else cfg.lm_loss_weight * lm_ce
+    losses = []
+    for k in range(cfg.num_heads):
+        s = k + 2
+        z = hidden
+        for block in model.heads.blocks[k]:
+            z = z + torch.nn.functional.silu(z @ block.linear.weight.T + block.linear.bias)
+        proj = model.lm_head.weight if cfg.shared_lm_head else model.heads.lm_heads[k].weight
+        log_q = torch.log_softmax((z @ proj.T)[:, :-s].double(), -1)
+        log_p = torch.log_softmax(backbone_logits[:, s - 1 : -1], -1)
+        rows = (log_p.exp() * (log_p - log_q)).sum(-1)
+        losses.append(rows[labels[:, s:] != -100].mean())
+        total = total + cfg.heads_loss_weight * cfg.decay**k * losses[-1]
+    return total, torch.stack(losses)
+
+
+@pytest.mark.parametrize("mode", ["heads", "joint"])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("head_by_head", [True, False])
+def test_heads_learn_the_backbones_own_distribution(mode, shared, head_by_head):
+    cfg = MedusaConfig(num_heads=2, mode=mode, shared_lm_head=shared, head_targets="backbone",
+                       head_by_head=head_by_head)
+    model = MedusaModel.from_backbone(tiny_llama(), cfg)
+    model.train()
+    randomize_heads(model)
+    other = copy.deepcopy(model)
+    ids, labels = batch()
+    with force_backend("torch"):
+        out = model(ids, labels=labels)
+    out.loss.backward()
+    expected, head_losses = _naive_backbone_targets_loss(other, ids, labels)
+    expected.backward()
+    torch.testing.assert_close(out.head_losses.double(), head_losses, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), expected.double(), rtol=1e-4, atol=1e-6)
+    trained = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    assert trained and len(trained) == len([q for q in other.parameters() if q.grad is not None])
+    for (name, p), q in zip(trained, [q for q in other.parameters() if q.grad is not None]):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_a_medusa1_run_with_backbone_targets_trains(tmp_path):
+    from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone
+    from medusa_liger.train.data import load_examples
+    from medusa_liger.train.logging import read_metrics
+    from medusa_liger.train.loop import train
+    from tests.train_helpers import short_config
+
+    cfg = short_config(tmp_path, "train.mode=heads", "heads.targets=backbone", "train.steps=3", "logging.every=1",
+                       "checkpoint.every=0", "export.formats=[medusa]", "data.eval_fraction=0.0")
+    _, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    assert build_medusa(cfg, backbone).config.head_targets == "backbone"
+    with force_backend("torch"):
+        train(cfg)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(rows) == 3 and all(0.0 <= r["loss/head0"] < 20 for r in rows)
+
+
 def test_kl_needs_a_peft_backbone():
     model = MedusaModel.from_backbone(tiny_llama(), MedusaConfig(num_heads=1, mode="joint", lm_loss="kl"))
     ids, labels = batch()
@@ -309,6 +400,8 @@ def test_kl_needs_a_peft_backbone():
         model(ids, labels=labels)
     with pytest.raises(ValueError, match="lm_loss must be one of"):
         MedusaConfig(lm_loss="jsd")
+    with pytest.raises(ValueError, match="head_targets must be one of"):
+        MedusaConfig(head_targets="teacher")
 
 
 def test_heads_mode_ignores_lm_loss():
@@ -316,6 +409,7 @@ def test_heads_mode_ignores_lm_loss():
     pytest.importorskip("peft")
     model = _lora_model(True)
     model.config.mode = "heads"
+    model.config.lm_loss = "kl"
     calls = []
     original = model.hidden_states
     model.hidden_states = lambda *a, **k: calls.append(k.get("teacher", False)) or original(*a, **k)
@@ -373,3 +467,23 @@ def test_cuda_bf16_self_distillation_matches_fp32():
     for (name, p), q in zip(model.named_parameters(), fp32.parameters()):
         if p.grad is not None and "lora_B" in name:
             assert_rel_close(p.grad.float(), q.grad.float(), torch.bfloat16, name)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_backbone_targets_match_fp32():
+    assert HAS_CUDA
+    cfg = MedusaConfig(num_heads=3, mode="heads", head_targets="backbone")
+    model = MedusaModel.from_backbone(tiny_llama(hidden=128, vocab=1000).to(DEVICE), cfg)
+    randomize_heads(model)
+    fp32 = copy.deepcopy(model)
+    ids = torch.randint(0, 1000, (2, 64), device=DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(ids)
+    out.loss.backward()
+    with force_backend("torch"):
+        ref = fp32(ids)
+    ref.loss.backward()
+    torch.testing.assert_close(out.head_losses, ref.head_losses, rtol=5e-2, atol=5e-3)
+    for (name, p), q in zip(model.heads.named_parameters(), fp32.heads.parameters()):
+        # q - p of two close distributions: bf16 logits lose more of it than of a one-hot gradient.
+        assert rel_norm_error(p.grad.float(), q.grad.float()) < 5e-2, name

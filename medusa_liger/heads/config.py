@@ -8,7 +8,10 @@ where ``L_k`` is the cross-entropy of head ``k`` (0-based) against the token ``k
 ahead and ``L_lm`` is the backbone's own next-token loss (shift 1): the cross-entropy against the
 labels (``lm_loss="ce"``) or, for Medusa-2's self-distillation (``lm_loss="kl"``), the KL divergence
 from the original backbone's next-token distribution (the backbone with its LoRA adapters off), which
-keeps the backbone's outputs where they were while it learns to serve the heads.
+keeps the backbone's outputs where they were while it learns to serve the heads. With
+``head_targets="backbone"`` each ``L_k`` is the KL divergence from the backbone's own distribution
+of the head's token (its output at position t + k + 1) instead of the cross-entropy against the
+data's token: the heads learn what the backbone would write, from any text.
 
 * ``mode="heads"`` (Medusa-1): the backbone is frozen; only the heads train. ``heads_loss_weight``
   defaults to 1.0, so the head losses are weighted ``decay**k``.
@@ -27,6 +30,8 @@ Mode = Literal["heads", "joint"]
 MODES: tuple[str, ...] = ("heads", "joint")
 LmLoss = Literal["ce", "kl"]
 LM_LOSSES: tuple[str, ...] = ("ce", "kl")
+HeadTargets = Literal["labels", "backbone"]
+HEAD_TARGETS: tuple[str, ...] = ("labels", "backbone")
 
 # Default lambda per mode when ``heads_loss_weight`` is left as None.
 DEFAULT_HEADS_LOSS_WEIGHT: dict[str, float] = {"heads": 1.0, "joint": 0.2}
@@ -46,6 +51,10 @@ class MedusaConfig:
     lm_loss_weight:    weight of the backbone's next-token loss in ``joint`` mode (>= 0).
     lm_loss:           that loss: "ce" (against the labels) or "kl" (KL divergence from the
                        backbone with its LoRA adapters off; needs a peft-wrapped backbone).
+    head_targets:      "labels" (head k learns the data's token k + 2 ahead) or "backbone" (the
+                       backbone's own distribution of that token, read at position t + k + 1 of the
+                       same forward, detached: one more [.., V] logits GEMM per head, no extra
+                       backbone pass).
     heads_loss_weight: lambda, multiplying every head weight; None -> 1.0 ("heads"), 0.2 ("joint").
     ignore_index:      label value that contributes no loss.
     skip_ignored_targets: the fused loss runs its GEMMs only on rows with a valid target (masked
@@ -62,6 +71,7 @@ class MedusaConfig:
     mode: Mode = "heads"
     lm_loss_weight: float = 1.0
     lm_loss: LmLoss = "ce"
+    head_targets: HeadTargets = "labels"
     heads_loss_weight: float | None = None
     ignore_index: int = -100
     skip_ignored_targets: bool = True
@@ -90,6 +100,8 @@ class MedusaConfig:
         check_loss_weight("lm_loss_weight", self.lm_loss_weight)
         if self.lm_loss not in LM_LOSSES:
             raise ValueError(f"lm_loss must be one of {LM_LOSSES}, got {self.lm_loss!r}")
+        if self.head_targets not in HEAD_TARGETS:
+            raise ValueError(f"head_targets must be one of {HEAD_TARGETS}, got {self.head_targets!r}")
         check_loss_weight("heads_loss_weight", self.heads_loss_weight)
         if not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")

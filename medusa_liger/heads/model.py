@@ -17,7 +17,10 @@ peft-wrapped) and adds its own next-token loss as one more "head" with shift 1. 
 ``lm_loss="kl"`` (self-distillation) that term is KL(teacher || backbone) instead of the
 cross-entropy: the teacher is the same peft backbone run once more with its adapters disabled, under
 ``torch.no_grad`` (no second copy of the weights); its logits are computed chunk by chunk inside the
-fused loss, beside the student's, and never materialized whole.
+fused loss, beside the student's, and never materialized whole. With ``head_targets="backbone"``
+head k (shift s = k + 2) learns KL(backbone || head k) instead: the teacher is the backbone's own
+next-token distribution at position t + s - 1 of this very forward (detached, so it follows the
+backbone as it trains), which predicts the same token as the head does from position t.
 
 Packed sequences: with ``segment_ids`` and no ``position_ids``, positions restart at 0 in every
 segment. Attention is kept inside each segment: without an ``attention_mask``, transformers detects
@@ -41,7 +44,7 @@ from torch import nn
 
 from medusa_liger.heads.config import MedusaConfig, check_loss_weight
 from medusa_liger.heads.modules import MedusaHeads
-from medusa_liger.kernels import MultiHeadLossOutput, multi_head_linear_cross_entropy
+from medusa_liger.kernels import MultiHeadLossOutput, Teacher, multi_head_linear_cross_entropy
 from medusa_liger.kernels.head_by_head import head_by_head_linear_cross_entropy
 
 
@@ -308,16 +311,20 @@ class MedusaModel(nn.Module):
             shifts = cfg.head_shifts()
             head_weights = cfg.head_weights()
             teacher = None
+            if cfg.head_targets == "backbone":
+                # The backbone's prediction of head k's token is its own output s_k - 1 positions on.
+                teacher = [Teacher(hidden.detach(), lm_weight, lm_bias, offset=s - 1) for s in shifts]
             if joint:
                 # The backbone's own next-token loss is one more head: shift 1, weight lm_loss_weight.
                 head_inputs = [lambda x: x, *head_inputs]
                 weights = [lm_weight, *weights]
                 shifts = [1, *shifts]
                 head_weights = [float(cfg.lm_loss_weight), *head_weights]
-                if teacher_hidden is not None:
-                    # Self-distillation: the backbone's term learns the adapters-off distribution
-                    # (the lm_head itself carries no adapter, so its weight is the teacher's too).
-                    teacher = [(teacher_hidden, lm_weight, lm_bias), *[None] * heads.num_heads]
+                # Self-distillation: the backbone's term learns the adapters-off distribution (the
+                # lm_head itself carries no adapter, so its weight is the teacher's too).
+                lm_teacher = None if teacher_hidden is None else Teacher(teacher_hidden, lm_weight, lm_bias)
+                if teacher is not None or lm_teacher is not None:
+                    teacher = [lm_teacher, *(teacher or [None] * heads.num_heads)]
             # A bias exists only in shared mode (checked at construction), where every entry is the same.
             bias = None if lm_bias is None else [lm_bias] * len(weights)
             if cfg.head_by_head:

@@ -9,12 +9,13 @@ from medusa_liger.kernels.fused_linear_cross_entropy import (
     multi_head_linear_cross_entropy,
 )
 from medusa_liger.kernels.head_by_head import head_by_head_linear_cross_entropy
-from medusa_liger.kernels.reference import MultiHeadLossOutput, multi_head_linear_cross_entropy_reference
+from medusa_liger.kernels.reference import MultiHeadLossOutput, Teacher, multi_head_linear_cross_entropy_reference
 from medusa_liger.kernels.utils import force_backend, use_triton
 
 __all__ = [
     "MultiHeadLinearCrossEntropy",
     "MultiHeadLossOutput",
+    "Teacher",
     "cross_entropy",
     "force_backend",
     "head_by_head_linear_cross_entropy",

@@ -23,9 +23,11 @@ device when it is 1, see scale.py):
 
 Soft targets (``teacher``): head k may learn a teacher's distribution instead of its labels,
 loss_k = reduce_n KL(softmax(u_n) || softmax(y_n)) with teacher logits u = h'_k W'_k^T (+ b'_k, same
-softcap) computed chunk by chunk beside Z into a second buffer (kl_divergence.py's row kernel; the
-labels then only decide which rows count and the accuracy). Medusa-2's self-distillation: the
-backbone learns the original model's distribution (teacher = the backbone with its LoRA adapters off).
+softcap) of row n + offset_k, computed chunk by chunk beside Z into a second buffer (kl_divergence.py's
+row kernel; the labels then only decide which rows count and the accuracy). Medusa-2's
+self-distillation: the backbone learns the original model's distribution (teacher = the backbone with
+its LoRA adapters off); Medusa heads can learn the backbone's own distribution of their token (the
+backbone's row t + shift - 1) instead of the token in the data.
 
 FLOPs: 2NHV (logits) + 2NHV (dh) + 2NHV (dW, only for a trainable projection) per head. Memory
 beyond the outputs: one [C, V] logit chunk, one weight-gradient accumulator at a time (none when
@@ -66,7 +68,7 @@ from medusa_liger.kernels.chunking import mm_into as _mm_into
 from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
 from medusa_liger.kernels.head_inputs import as_head_weights, region, sources
 from medusa_liger.kernels.kl_divergence import kl_rows
-from medusa_liger.kernels.reference import MultiHeadLossOutput
+from medusa_liger.kernels.reference import MultiHeadLossOutput, Teacher
 from medusa_liger.kernels.scale import scale_
 from medusa_liger.kernels.utils import check_float, check_labels, check_same_device
 
@@ -105,9 +107,8 @@ class _Plan:
     compute_dtype: torch.dtype
     chunk_size: int | None
     skip_ignored: bool
-    # Per head: None (hard labels) or the teacher's (hidden [B, T, H], weight [V, H], bias [V] or None),
-    # detached.
-    teacher: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]
+    # Per head: None (hard labels) or its Teacher (detached tensors).
+    teacher: list[Teacher | None]
 
 
 class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
@@ -213,9 +214,9 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                 h_k = region(hid_srcs[hi], hsub).reshape(N, H)
                 teacher_k = plan.teacher[k]
                 if teacher_k is not None:
-                    t_h = teacher_k[0].reshape(N, H)
+                    t_h = teacher_k.hidden.reshape(N, H)
                     # The teacher's weight is often the student's (self-distillation): reuse its cast.
-                    t_w = w_k if _same_tensor(teacher_k[1], region(w_srcs[wi], wsub)) else teacher_k[1].to(cdt)
+                    t_w = w_k if _same_tensor(teacher_k.weight, region(w_srcs[wi], wsub)) else teacher_k.weight.to(cdt)
                 gh_k = None if hid_grads[hi] is None else region(hid_grads[hi], hsub).reshape(N, H)
                 h_accumulate = (hi, hsub) in hid_written
                 hid_written.add((hi, hsub))
@@ -237,10 +238,16 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                                 **opts)
                     else:
                         u = teacher_buf[: r1 - r0]
-                        _mm_into(u, (t_h[r0:r1] if ids is None else t_h.index_select(0, ids)).to(cdt), t_w.t(),
-                                 accumulate=False, rows_per_call=GEMM_ROWS["logits"])
+                        if teacher_k.offset == 0:
+                            t_c = t_h[r0:r1] if ids is None else t_h.index_select(0, ids)
+                        else:
+                            # Row n reads teacher row n + offset; rows clamped at the end have no valid
+                            # target (offset < shift), so they only need to stay in bounds.
+                            t_ids = torch.arange(r0, r1, device=dev) if ids is None else ids
+                            t_c = t_h.index_select(0, (t_ids + teacher_k.offset).clamp_(max=N - 1))
+                        _mm_into(u, t_c.to(cdt), t_w.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
                         kl_rows(z, u, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k],
-                                segment_ids=seg_flat, bias=b_k, teacher_bias=teacher_k[2], scale=scale[k : k + 1],
+                                segment_ids=seg_flat, bias=b_k, teacher_bias=teacher_k.bias, scale=scale[k : k + 1],
                                 loss=row_loss[k, r0:r1],
                                 correct=correct[k, r0:r1], ignore_index=plan.ignore_index, z_loss=plan.z_loss,
                                 softcap=plan.softcap, write_grad=any_grad, row_ids=ids)
@@ -330,7 +337,7 @@ def multi_head_linear_cross_entropy(
     accum_dtype: torch.dtype | None = torch.float32,
     chunk_size: int | None = None,
     skip_ignored: bool = False,
-    teacher: Sequence[tuple[torch.Tensor, ...] | None] | None = None,
+    teacher: Sequence[Teacher | tuple | None] | None = None,
 ) -> MultiHeadLossOutput:
     """Every Medusa head's loss in one chunked op (see the module docstring for the math).
 
@@ -348,12 +355,13 @@ def multi_head_linear_cross_entropy(
     skip_ignored: run the GEMMs only on each head's rows with a valid target (gathered), so ignored
              targets (prompt tokens of chat data, padding) cost nothing. Same results; costs one
              host-device sync per call (the row counts), so it cannot be captured in a CUDA graph.
-    teacher: None, or one entry per head: None (that head learns its labels) or a tuple
-             (teacher_hidden [B, T, H], teacher_weight [V, H]) or (..., teacher_bias [V]): that
-             head's loss is then KL(teacher || head) at every position with a valid target (labels,
-             shift and segments decide which positions count, and the accuracy is still against the
-             labels), with teacher logits softcap(teacher_hidden @ teacher_weight^T + teacher_bias).
-             Constants: no gradient flows to them. Not with label_smoothing.
+    teacher: None, or one entry per head: None (that head learns its labels), a ``Teacher``
+             (hidden [B, T, H], weight [V, H], bias [V] or None, offset) or a (hidden, weight[, bias])
+             tuple (offset 0): that head's loss is then KL(teacher || head) at every position t with a
+             valid target (labels, shift and segments decide which positions count, and the accuracy
+             is still against the labels), the teacher's logits softcap(hidden @ weight^T + bias) taken
+             at position t + offset (0 <= offset < shift). Constants: no gradient flows to them. Not
+             with label_smoothing.
     Returns MultiHeadLossOutput(loss (differentiable), head_losses, head_accuracy, head_tokens).
     """
     if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:
@@ -401,7 +409,7 @@ def multi_head_linear_cross_entropy(
     check_labels("labels", labels, V, ignore_index, check_values=not labels.is_cuda)
     labels = labels.contiguous() if labels.dtype == torch.int64 else labels.long()
     hw = as_head_weights(head_weights, K, labels.device)
-    teacher = check_teacher(teacher, K, (B, T, H), (V, H), labels.device, label_smoothing)
+    teacher = check_teacher(teacher, shifts, (B, T, H), (V, H), labels.device, label_smoothing)
 
     # Compute dtype: autocast's when active (the GEMMs then run in it), else the inputs' common one.
     dev_type = labels.device.type
@@ -428,27 +436,28 @@ def multi_head_linear_cross_entropy(
                                head_tokens=head_tokens)
 
 
-def check_teacher(teacher, K: int, hidden_shape: tuple[int, ...], weight_shape: tuple[int, ...],
-                  device: torch.device, label_smoothing: float) -> list[tuple | None]:
-    """The ``teacher`` argument as K entries of None or detached (hidden, weight, bias or None);
-    ValueError naming what is wrong otherwise."""
+def check_teacher(teacher, shifts: list[int], hidden_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+                  device: torch.device, label_smoothing: float) -> list[Teacher | None]:
+    """The ``teacher`` argument as one ``Teacher`` (detached tensors) or None per head; ValueError
+    naming what is wrong otherwise."""
+    K = len(shifts)
     if teacher is None:
         return [None] * K
     if not isinstance(teacher, (list, tuple)) or len(teacher) != K:
-        raise ValueError(f"teacher must be None or a list of len(shifts) = {K} entries (None or a "
+        raise ValueError(f"teacher must be None or a list of len(shifts) = {K} entries (None, a Teacher or a "
                          f"(hidden, weight[, bias]) tuple), got {type(teacher).__name__}")
-    checked: list[tuple | None] = []
+    checked: list[Teacher | None] = []
     for k, entry in enumerate(teacher):
         if entry is None:
             checked.append(None)
             continue
-        if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3):
-            raise ValueError(f"teacher[{k}] must be None or a (hidden, weight[, bias]) tuple of tensors")
-        if len(entry) == 2 or entry[2] is None:
-            entry = (entry[0], entry[1], None)
-        parts = [("hidden", entry[0], hidden_shape), ("weight", entry[1], weight_shape)]
-        if entry[2] is not None:
-            parts.append(("bias", entry[2], weight_shape[:1]))
+        if isinstance(entry, (list, tuple)) and len(entry) in (2, 3):
+            entry = Teacher(*entry)
+        if not isinstance(entry, Teacher):
+            raise ValueError(f"teacher[{k}] must be None, a Teacher or a (hidden, weight[, bias]) tuple of tensors")
+        parts = [("hidden", entry.hidden, hidden_shape), ("weight", entry.weight, weight_shape)]
+        if entry.bias is not None:
+            parts.append(("bias", entry.bias, weight_shape[:1]))
         for name, t, shape in parts:
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"teacher[{k}] {name} must be a tensor, got {type(t).__name__}")
@@ -457,7 +466,12 @@ def check_teacher(teacher, K: int, hidden_shape: tuple[int, ...], weight_shape: 
                 raise ValueError(f"teacher[{k}] {name} must have shape {list(shape)}, got {list(t.shape)}")
             if t.device != device:
                 raise ValueError(f"teacher[{k}] {name} is on {t.device} but labels is on {device}")
-        checked.append((entry[0].detach(), entry[1].detach(), None if entry[2] is None else entry[2].detach().contiguous()))
+        offset = entry.offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < max(shifts[k], 1):
+            raise ValueError(f"teacher[{k}] offset must be an int in [0, shift = {shifts[k]}) (0 when the shift is 0), "
+                             f"got {offset!r}")
+        checked.append(Teacher(entry.hidden.detach(), entry.weight.detach(),
+                               None if entry.bias is None else entry.bias.detach().contiguous(), offset))
     if any(t is not None for t in checked) and float(label_smoothing) != 0.0:
         raise ValueError(f"label_smoothing must be 0 with a teacher (it smooths hard labels), got {label_smoothing}")
     return checked

@@ -83,7 +83,7 @@ def head_by_head_linear_cross_entropy(
     *,
     params: Sequence[torch.Tensor],
     bias: Sequence[torch.Tensor | None] | None = None,
-    teacher: Sequence[tuple[torch.Tensor, ...] | None] | None = None,
+    teacher: Sequence[flce.Teacher | tuple | None] | None = None,
     **options,
 ) -> MultiHeadLossOutput:
     """``multi_head_linear_cross_entropy`` of heads that transform ``hidden`` first, one head at a time.
@@ -93,7 +93,7 @@ def head_by_head_linear_cross_entropy(
                   identity for the backbone's own lm_head).
     weight:       K projection weights [V, H'] (may repeat one tensor); bias: None or K [V] or None.
     params:       every tensor the heads read that may need a gradient (see the module docstring).
-    teacher:      None or K entries: None, or head k's teacher (hidden [B, T, H'], weight [V, H'][, bias]),
+    teacher:      None or K entries: None, or head k's ``Teacher`` or (hidden [B, T, H'], weight [V, H'][, bias]),
                   whose distribution head k then learns (KL); see ``multi_head_linear_cross_entropy``.
     labels, shifts, head_weights (K floats) and ``options`` (ignore_index, segment_ids, reduction,
     accum_dtype, skip_ignored, ...): as in ``multi_head_linear_cross_entropy``.

@@ -10,7 +10,7 @@ This is the definition the fused op must match, written the plain way: for each 
     loss = sum_k head_weights[k] * loss_k
 
 With a teacher for head k, CE(logits_k, target_k) becomes KL(softmax(teacher logits) || softmax(logits_k))
-at the positions whose target is valid.
+at the positions whose target is valid, the teacher's logits read ``offset`` positions further on.
 
 It is used by the tests (in float64) and as the "naive PyTorch" baseline in the benchmarks. It costs
 K x B x T x V memory, which is exactly what the fused op exists to avoid.
@@ -22,6 +22,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class Teacher:
+    """Soft targets of one head: the distribution softcap(hidden @ weight^T + bias) of a teacher.
+
+    hidden: [B, T, H] (or a detached view of the student's own hidden states), weight: [V, H],
+    bias: [V] or None. All constants: no gradient flows to them.
+    offset: the head's row at position t learns the teacher's row at position t + offset of the same
+            sequence (0 <= offset < the head's shift). A Medusa head with shift s learning the
+            backbone's own next-token distribution of the same token uses offset s - 1.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    offset: int = 0
 
 
 @dataclass
@@ -84,14 +101,14 @@ def multi_head_linear_cross_entropy_reference(
     segment_ids: torch.Tensor | None = None,
     reduction: str = "mean",
     compute_dtype: torch.dtype = torch.float32,
-    teacher: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    teacher: Sequence[Teacher | tuple | None] | None = None,
 ) -> MultiHeadLossOutput:
     """Materialized-logits version of ``multi_head_linear_cross_entropy`` (see module docstring).
 
     hidden: [K, B, T, H], [B, T, H] (read by every head) or a list of K [B, T, H] tensors.
     weight: [V, H] shared, [K, V, H] or a list of K [V, H] tensors.
     bias:   None, [V], [K, V] or a list of K [V] tensors.
-    teacher: None or per head None / (teacher_hidden [B, T, H], teacher_weight [V, H][, teacher_bias [V]]).
+    teacher: None or per head None, a ``Teacher`` or a (hidden, weight[, bias]) tuple.
     """
     K = len(shifts)
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 4:
@@ -110,7 +127,8 @@ def multi_head_linear_cross_entropy_reference(
         head_weights = [1.0] * K
     head_weights = torch.as_tensor(head_weights, dtype=compute_dtype, device=labels.device)
 
-    teachers = [None] * K if teacher is None else list(teacher)
+    teachers = [t if t is None or isinstance(t, Teacher) else Teacher(*t)
+                for t in ([None] * K if teacher is None else teacher)]
 
     def head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         logits = h.to(compute_dtype) @ w.to(compute_dtype).T
@@ -136,9 +154,11 @@ def multi_head_linear_cross_entropy_reference(
             if label_smoothing > 0:  # guarded: 0 * inf would turn rows with -inf logits into NaN
                 row_loss = row_loss + label_smoothing * (lse - logits.mean(dim=-1))
         else:
-            t_h, t_w, *t_b = teachers[k]
-            t_b = t_b[0] if t_b and t_b[0] is not None else None
-            t_logits = head_logits(t_h, t_w, t_b).detach()  # a constant
+            t = teachers[k]
+            t_logits = head_logits(t.hidden, t.weight, t.bias).detach()  # a constant
+            # Position t reads the teacher's position t + offset; the rows this wraps around have no
+            # valid target (offset < shift).
+            t_logits = t_logits.roll(-t.offset, dims=1)
             log_p = torch.log_softmax(t_logits.reshape(logits.shape), dim=-1)
             p = log_p.exp()
             # p log(p / q), 0 where p is 0 (the product would be 0 * -inf there).

@@ -54,6 +54,9 @@ class HeadsConfig:
     skip_ignored_targets: bool = True
     # The loss takes each head's gradients before the next head runs: one head's activations alive.
     head_by_head: bool = True
+    # What head k learns: "labels", the data's token k + 2 ahead; "backbone", the backbone's own
+    # distribution of that token (KL; its output k + 1 positions on, from the same forward, detached).
+    targets: Literal["labels", "backbone"] = "labels"
 
 
 @dataclass
