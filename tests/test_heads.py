@@ -329,12 +329,10 @@ def test_bf16_forward_and_backward_on_cpu():
     assert torch.isfinite(out.loss) and model.heads.blocks[1][0].linear.weight.grad.dtype == torch.bfloat16
 
 
-def test_triton_path_end_to_end_matches_torch_path():
-    """One run through the Triton kernels (the interpreter on CPU, compiled on a GPU) against the
-    PyTorch path, on the device under test (Triton cannot read CPU tensors without the interpreter)."""
-    cfg = MedusaConfig(num_heads=2, mode="joint", shared_lm_head=False)
-    model = MedusaModel.from_backbone(tiny_llama().to(DEVICE), cfg)
-    randomize_heads(model)
+def assert_triton_path_matches_torch_path(model: MedusaModel) -> None:
+    """One forward + backward of ``model`` (on DEVICE) through the Triton kernels (the interpreter on
+    CPU, compiled on a GPU) against a copy through the PyTorch path: the losses and every gradient.
+    On the device under test: Triton cannot read CPU tensors without the interpreter."""
     other = copy.deepcopy(model)
     ids, labels = (t.to(DEVICE) for t in batch(B=1, T=9))
     with force_backend("triton"):
@@ -344,8 +342,20 @@ def test_triton_path_end_to_end_matches_torch_path():
         ref = other(ids, labels=labels)
     ref.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=1e-5)
-    for (name, a), (_, b) in zip(model.heads.named_parameters(), other.heads.named_parameters()):
+    torch.testing.assert_close(out.head_losses, ref.head_losses, rtol=1e-4, atol=1e-5)
+    if out.lm_loss is not None:
+        torch.testing.assert_close(out.lm_loss, ref.lm_loss, rtol=1e-4, atol=1e-5)
+    trained = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+    assert trained and len(trained) == len([q for q in other.parameters() if q.grad is not None])
+    for (name, a), b in zip(trained, [q for q in other.parameters() if q.grad is not None]):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_triton_path_end_to_end_matches_torch_path():
+    cfg = MedusaConfig(num_heads=2, mode="joint", shared_lm_head=False)
+    model = MedusaModel.from_backbone(tiny_llama().to(DEVICE), cfg)
+    randomize_heads(model)
+    assert_triton_path_matches_torch_path(model)
 
 
 @pytest.mark.gpu

@@ -25,7 +25,13 @@ from medusa_liger.kernels import fused_linear_cross_entropy as flce
 from medusa_liger.kernels.kl_divergence import kl_rows
 from medusa_liger.kernels.reference import multi_head_linear_cross_entropy_reference as reference
 from tests.test_heads import V as TINY_V
-from tests.test_heads import batch, naive_medusa_loss, randomize_heads, tiny_llama
+from tests.test_heads import (
+    assert_triton_path_matches_torch_path,
+    batch,
+    naive_medusa_loss,
+    randomize_heads,
+    tiny_llama,
+)
 from tests.utils import DEVICE, DTYPES, HAS_CUDA, REL_NORM_TOLERANCES, assert_rel_close, poison_, rel_norm_error
 
 BACKENDS = ["torch", "triton"]
@@ -261,6 +267,14 @@ def _lora_model(head_by_head: bool, lm_loss: str = "kl") -> MedusaModel:
     return MedusaModel.from_backbone(backbone, cfg)
 
 
+def _perturb_adapters(model: MedusaModel, std: float = 0.2) -> None:
+    """Move LoRA's B off zero, so the backbone leaves its adapters-off self (its teacher)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+
+
 def _naive_distill_loss(model: MedusaModel, ids, labels):
     """The definition: the heads' naive loss with the backbone's CE swapped for KL(adapters off || on)
     at every position t whose label t + 1 is valid, averaged over those positions."""
@@ -286,10 +300,7 @@ def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_hea
         start = model(ids, labels=labels)
     # LoRA starts as the identity (B = 0): the student is its teacher, bit for bit.
     assert start.lm_loss.abs() < 1e-6
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    _perturb_adapters(model)
     other = copy.deepcopy(model)
     with force_backend("torch"):
         out = model(ids, labels=labels)
@@ -307,25 +318,14 @@ def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_hea
 
 
 def test_self_distillation_through_the_triton_path():
-    """The same model once through the Triton kernels (interpreter on CPU) against the PyTorch path."""
+    """Both kinds of soft targets at once (the backbone's KL and the heads' backbone targets), once
+    through the Triton kernels (the interpreter on CPU) against the PyTorch path."""
     pytest.importorskip("peft")
     model = _lora_model(True).to(DEVICE)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    other = copy.deepcopy(model)
-    ids, labels = (t.to(DEVICE) for t in batch(B=1, T=9))
-    with force_backend("triton"):
-        out = model(ids, labels=labels)
-    out.loss.backward()
-    with force_backend("torch"):
-        ref = other(ids, labels=labels)
-    ref.loss.backward()
-    torch.testing.assert_close(out.lm_loss, ref.lm_loss, rtol=1e-4, atol=1e-5)
-    for (name, p), q in zip(model.named_parameters(), other.parameters()):
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+    model.config.head_targets = "backbone"
+    _perturb_adapters(model)
+    randomize_heads(model)
+    assert_triton_path_matches_torch_path(model)
 
 
 def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
@@ -446,23 +446,26 @@ def test_a_self_distillation_run_trains(tmp_path):
     assert abs(rows[0]["lm_loss"]) < 1e-5 and all(0 <= r["lm_loss"] < 0.5 for r in rows)
 
 
-@pytest.mark.gpu
-def test_cuda_bf16_self_distillation_matches_fp32():
-    assert HAS_CUDA
-    pytest.importorskip("peft")
-    model = _lora_model(True).to(DEVICE)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+def _bf16_autocast_and_fp32_runs(model: MedusaModel, ids: torch.Tensor):
+    """(output under bf16 autocast on the Triton path, an fp32 copy made first, its output on the
+    PyTorch path), both after backward."""
     fp32 = copy.deepcopy(model)
-    ids = torch.randint(0, TINY_V, (2, 64), device=DEVICE)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(ids)
     out.loss.backward()
     with force_backend("torch"):
         ref = fp32(ids)
     ref.loss.backward()
+    return out, fp32, ref
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_self_distillation_matches_fp32():
+    assert HAS_CUDA
+    pytest.importorskip("peft")
+    model = _lora_model(True).to(DEVICE)
+    _perturb_adapters(model)
+    out, fp32, ref = _bf16_autocast_and_fp32_runs(model, torch.randint(0, TINY_V, (2, 64), device=DEVICE))
     torch.testing.assert_close(out.lm_loss.float(), ref.lm_loss.float(), rtol=5e-2, atol=2e-3)
     for (name, p), q in zip(model.named_parameters(), fp32.parameters()):
         if p.grad is not None and "lora_B" in name:
@@ -475,14 +478,7 @@ def test_cuda_bf16_backbone_targets_match_fp32():
     cfg = MedusaConfig(num_heads=3, mode="heads", head_targets="backbone")
     model = MedusaModel.from_backbone(tiny_llama(hidden=128, vocab=1000).to(DEVICE), cfg)
     randomize_heads(model)
-    fp32 = copy.deepcopy(model)
-    ids = torch.randint(0, 1000, (2, 64), device=DEVICE)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model(ids)
-    out.loss.backward()
-    with force_backend("torch"):
-        ref = fp32(ids)
-    ref.loss.backward()
+    out, fp32, ref = _bf16_autocast_and_fp32_runs(model, torch.randint(0, 1000, (2, 64), device=DEVICE))
     torch.testing.assert_close(out.head_losses, ref.head_losses, rtol=5e-2, atol=5e-3)
     for (name, p), q in zip(model.heads.named_parameters(), fp32.heads.parameters()):
         # q - p of two close distributions: bf16 logits lose more of it than of a one-hot gradient.

@@ -93,6 +93,26 @@ if triton is not None:
         return tl.where(mask, x, other)
 
     @triton.jit
+    def online_logsumexp(m, d, y):
+        """One block y of an online log-sum-exp: the running max m and sum d = sum exp(x - m) of the
+        blocks so far, updated; returns (m, d, the block's max)."""
+        block_max = tl.max(y, 0)
+        m_new = tl.maximum(m, block_max)
+        # Safe max: while every value so far is -inf (masked or padded vocabulary, a -inf bias),
+        # m_new is -inf and exp(-inf - -inf) would be NaN; shifting by 0 instead gives exp(-inf) = 0
+        # for both the old sum and the block.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(y - m_safe), 0)
+        return m_new, d, block_max
+
+    @triton.jit
+    def running_argmax(best, best_idx, y, block_max, start):
+        """The first argmax over the blocks so far, with block y (its max block_max) at column start."""
+        # Strictly greater keeps the first maximum, like torch.argmax.
+        block_idx = start + tl.argmax(y, 0)
+        return tl.maximum(best, block_max), tl.where(block_max > best, block_idx, best_idx)
+
+    @triton.jit
     def row_target(pid, labels_ptr, segment_ptr, row_ids_ptr, row_start, seq_len, shift, n_cols, ignore_index,
                    HAS_SEGMENTS: tl.constexpr, HAS_ROW_IDS: tl.constexpr):
         """(target, valid) of chunk row ``pid``: global row n = row_ids[pid] if given, else
@@ -142,21 +162,11 @@ if triton is not None:
                 mask = cols < n_cols
                 y = load_row_block(row_ptr, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
                                     PASS1_EVICT)
-                block_max = tl.max(y, 0)
-                m_new = tl.maximum(m, block_max)
-                # Safe max: while every logit so far is -inf (masked or padded vocabulary, a -inf
-                # bias), m_new is -inf and exp(-inf - -inf) would be NaN; shifting by 0 instead
-                # gives exp(-inf) = 0 for both the old sum and the block.
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(y - m_safe), 0)
-                m = m_new
+                m, d, block_max = online_logsumexp(m, d, y)
                 if HAS_SMOOTHING:
                     sum_y += tl.sum(tl.where(mask, y, 0.0), 0)
                 if STORE_CORRECT:
-                    # Strictly greater keeps the first maximum, like torch.argmax.
-                    block_idx = start + tl.argmax(y, 0)
-                    best_idx = tl.where(block_max > best, block_idx, best_idx)
-                    best = tl.maximum(best, block_max)
+                    best, best_idx = running_argmax(best, best_idx, y, block_max, start)
             lse = m + tl.log(d)  # an all -inf row: -inf + log(0) = -inf, as torch.logsumexp
             # Target logit: one scalar load (column 0 exists, so an ignored row reads in bounds).
             y_t = tl.load(row_ptr + target).to(tl.float32)

@@ -36,7 +36,7 @@ try:
     import triton
     import triton.language as tl
 
-    from medusa_liger.kernels.cross_entropy import load_row_block, row_target
+    from medusa_liger.kernels.cross_entropy import load_row_block, online_logsumexp, row_target, running_argmax
 except ImportError:  # pragma: no cover - CPU installs without triton use the PyTorch path
     triton = None
 
@@ -76,13 +76,9 @@ if triton is not None:
                                PASS1_EVICT)
             u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
                                HAS_SOFTCAP, PASS1_EVICT)
-            # Student: safe max as in cross_entropy.py (an all -inf prefix shifts by 0, not by -inf).
-            block_max = tl.max(y, 0)
-            m_new = tl.maximum(m, block_max)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(y - m_safe), 0)
-            m = m_new
-            # Teacher: the same, and the numerator rescaled alongside its sum. Columns with weight 0
+            m, d, block_max = online_logsumexp(m, d, y)
+            # Teacher: the same online sum (cross_entropy.online_logsumexp, written out: the numerator is
+            # rescaled alongside it). Columns with weight 0
             # (u = -inf, masked columns) are dropped before multiplying, so -inf * 0 never makes NaN;
             # an infinite numerator (student -inf under teacher mass) stays infinite.
             m_t_new = tl.maximum(m_t, tl.max(u, 0))
@@ -95,10 +91,7 @@ if triton is not None:
             numer += tl.sum(e * (tl.where(mass, u, 0.0) - tl.where(mass, y, 0.0)), 0)
             m_t = m_t_new
             if STORE_CORRECT:
-                # Strictly greater keeps the first maximum, like torch.argmax.
-                block_idx = start + tl.argmax(y, 0)
-                best_idx = tl.where(block_max > best, block_idx, best_idx)
-                best = tl.maximum(best, block_max)
+                best, best_idx = running_argmax(best, best_idx, y, block_max, start)
         lse = m + tl.log(d)
         lse_t = m_t + tl.log(d_t)
         loss = numer / d_t - lse_t + lse + z_loss * lse * lse
