@@ -199,20 +199,24 @@ def test_fsdp_ranks_match_one_process_and_resume(tmp_path):
     assert compared(tmp_path / "resumed") == compared(tmp_path / "fsdp")[2:]
 
 
-def test_fsdp_lora_self_distillation_matches_one_process(tmp_path):
-    # Medusa-2 with LoRA and the backbone's term distilled (train.lm_loss=kl): each step runs the
-    # FSDP-sharded backbone twice, once with its adapters off under no_grad (the teacher). Two ranks
-    # against one process with grad_accum 2. LoRA dropout is off: its masks come from each rank's own
-    # random stream, so with dropout the runs differ by design.
+@pytest.mark.parametrize("lora", [True, False])
+def test_fsdp_self_distillation_matches_one_process(tmp_path, lora):
+    # Medusa-2 with the backbone's term distilled (train.lm_loss=kl): each step runs the FSDP-sharded
+    # backbone and, under no_grad, its teacher: the same backbone with its LoRA adapters off, or a
+    # frozen copy that FSDP shards like the backbone (full Medusa-2). Two ranks against one process
+    # with grad_accum 2. LoRA dropout is off: its masks come from each rank's own random stream, so
+    # with dropout the runs differ by design.
     pytest.importorskip("peft")
-    extra = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "train.lm_loss=kl"]
+    extra = ["train.lm_loss=kl"]
+    if lora:
+        extra += ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0"]
     sharded = launch(tmp_path / "fsdp", "train.fsdp=true", *extra)
     with force_backend("torch"):
         train(load_config(TINY, [*RUN, f"output_dir={tmp_path / 'single'}", "train.grad_accum=2", *extra]))
     finish(sharded)
     runs = compared(tmp_path / "fsdp"), compared(tmp_path / "single")
     _close(*runs)
-    assert runs[0][1]["lm_loss"] == 0.0 and runs[0][-1]["lm_loss"] > 0.0  # the adapters start as the identity
+    assert runs[0][1]["lm_loss"] == 0.0 and runs[0][-1]["lm_loss"] > 0.0  # the student starts as its teacher
 
 
 def test_fsdp_helpers_without_a_process_group(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Soft targets: the KL row kernel, the fused loss's ``teacher`` option, and Medusa-2 self-distillation
-(``lm_loss="kl"``: the backbone learns the distribution of itself with its LoRA adapters off).
+(``lm_loss="kl"``: the backbone learns the distribution of its original self: with its LoRA adapters
+off, or a frozen copy when it trains whole).
 
 Everything is checked against float64 autograd on materialized logits: the row kernel on both
 backends, the fused op (loss, per-head metrics, every gradient, none to the teacher) with and without
@@ -317,6 +318,71 @@ def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_hea
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
+def _full_model(head_by_head: bool) -> MedusaModel:
+    """Full Medusa-2 (the whole backbone trains) with a frozen copy of the backbone as the teacher."""
+    cfg = MedusaConfig(num_heads=2, mode="joint", lm_loss="kl", head_by_head=head_by_head)
+    model = MedusaModel.from_backbone(tiny_llama(), cfg)
+    model.add_frozen_teacher()
+    return model
+
+
+def _perturb_backbone(model: MedusaModel, std: float = 0.05) -> None:
+    """Move the trained backbone off its frozen copy, as training would."""
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if name.endswith("weight") and p.dim() == 2:
+                p.add_(torch.randn_like(p) * std)
+
+
+def _naive_frozen_teacher_loss(model: MedusaModel, ids, labels):
+    """The definition with a frozen copy: KL(copy || backbone) on the full logits of both."""
+    total, _, lm_ce = naive_medusa_loss(model, ids, labels)
+    with torch.no_grad():
+        teacher = model.teacher(input_ids=ids).logits[:, :-1].double()
+    student = model.backbone(input_ids=ids).logits[:, :-1].double()
+    log_p, log_q = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
+    rows = (log_p.exp() * (log_p - log_q)).sum(-1)
+    kl = rows[labels[:, 1:] != -100].mean()
+    return total - model.config.lm_loss_weight * lm_ce + model.config.lm_loss_weight * kl, kl
+
+
+@pytest.mark.parametrize("head_by_head", [True, False])
+def test_frozen_teacher_starts_at_zero_and_matches_the_definition(head_by_head):
+    model = _full_model(head_by_head)
+    model.train()
+    assert not model.teacher.training and not any(p.requires_grad for p in model.teacher.parameters())
+    randomize_heads(model)
+    ids, labels = batch()
+    with force_backend("torch"):
+        start = model(ids, labels=labels)
+    assert start.lm_loss.abs() < 1e-6  # the copy is the backbone, bit for bit
+    _perturb_backbone(model)
+    frozen = {name: p.clone() for name, p in model.teacher.named_parameters()}
+    other = copy.deepcopy(model)
+    with force_backend("torch"):
+        out = model(ids, labels=labels)
+    out.loss.backward()
+    expected, kl = _naive_frozen_teacher_loss(other, ids, labels)
+    expected.backward()
+    assert kl > 1e-3, "the perturbed backbone should have moved off its frozen copy"
+    torch.testing.assert_close(out.lm_loss.double(), kl, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), expected.double(), rtol=1e-4, atol=1e-6)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("backbone.") for n, _ in trained) and not any(n.startswith("teacher.") for n, _ in trained)
+    for (name, p), q in zip(trained, [q for q in other.parameters() if q.requires_grad]):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+    for name, p in model.teacher.named_parameters():
+        assert p.grad is None and torch.equal(p, frozen[name]), name
+
+
+def test_frozen_teacher_through_the_triton_path():
+    model = _full_model(True).to(DEVICE)
+    _perturb_backbone(model)
+    randomize_heads(model)
+    assert_triton_path_matches_torch_path(model)
+
+
 def test_self_distillation_through_the_triton_path():
     """Both kinds of soft targets at once (the backbone's KL and the heads' backbone targets), once
     through the Triton kernels (the interpreter on CPU) against the PyTorch path."""
@@ -419,13 +485,28 @@ def test_heads_mode_ignores_lm_loss():
     assert out.lm_loss is None and calls == [False]
 
 
-def test_train_config_needs_joint_lora_for_kl(tmp_path):
+def test_train_config_needs_joint_mode_for_kl(tmp_path):
     from tests.train_helpers import short_config
 
     with pytest.raises(ValueError, match="train.lm_loss"):
-        short_config(tmp_path, "train.lm_loss=kl")
-    cfg = short_config(tmp_path, "train.lm_loss=kl", "lora.enabled=true")
-    assert cfg.train.lm_loss == "kl"
+        short_config(tmp_path, "train.lm_loss=kl", "train.mode=heads")
+    for extra in ([], ["lora.enabled=true"]):
+        assert short_config(tmp_path, "train.lm_loss=kl", *extra).train.lm_loss == "kl"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_build_keeps_a_frozen_teacher_only_without_lora(tmp_path, lora):
+    pytest.importorskip("peft")
+    from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone, trainable_parameters
+    from medusa_liger.train.data import load_examples
+    from tests.train_helpers import short_config
+
+    cfg = short_config(tmp_path, "train.lm_loss=kl", f"lora.enabled={str(lora).lower()}")
+    _, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    model = build_medusa(cfg, backbone)
+    assert (model.teacher is None) == lora
+    assert build_medusa(cfg, backbone, teacher=False).teacher is None
+    assert not any(name.startswith("teacher.") for name in trainable_parameters(model))
 
 
 def test_a_self_distillation_run_trains(tmp_path):
@@ -444,6 +525,30 @@ def test_a_self_distillation_run_trains(tmp_path):
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "lm_loss" in r]
     assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert abs(rows[0]["lm_loss"]) < 1e-5 and all(0 <= r["lm_loss"] < 0.5 for r in rows)
+
+
+def test_a_full_self_distillation_run_resumes_exactly(tmp_path, monkeypatch):
+    """Full Medusa-2 with lm_loss=kl (a frozen copy as teacher): the KL starts at 0 and grows as the
+    backbone trains; a run killed after its step-2 checkpoint and resumed logs the same losses as a
+    straight run (the teacher is rebuilt from the weights as loaded, never from a checkpoint, which
+    holds none of it)."""
+    from safetensors.torch import load_file
+
+    from medusa_liger.train.logging import read_metrics
+    from medusa_liger.train.loop import train
+    from tests.train_helpers import losses, short_config, train_killed_at
+
+    extra = ["train.lm_loss=kl", "train.steps=4", "logging.every=1", "checkpoint.every=2", "export.formats=[medusa]",
+             "data.eval_fraction=0.0"]
+    with force_backend("torch"):
+        train(short_config(tmp_path / "straight", *extra))
+        train_killed_at(3, short_config(tmp_path / "killed", *extra), monkeypatch)
+        train(short_config(tmp_path / "killed", *extra, "train.resume=auto"))
+    rows = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert rows[0]["lm_loss"] == 0.0 and rows[-1]["lm_loss"] > 0.0
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    saved = load_file(tmp_path / "straight" / "checkpoints" / "step-000004" / "trainable.safetensors")
+    assert any(name.startswith("backbone.") for name in saved) and not any(name.startswith("teacher.") for name in saved)
 
 
 def _bf16_autocast_and_fp32_runs(model: MedusaModel, ids: torch.Tensor):
@@ -469,6 +574,19 @@ def test_cuda_bf16_self_distillation_matches_fp32():
     torch.testing.assert_close(out.lm_loss.float(), ref.lm_loss.float(), rtol=5e-2, atol=2e-3)
     for (name, p), q in zip(model.named_parameters(), fp32.parameters()):
         if p.grad is not None and "lora_B" in name:
+            assert_rel_close(p.grad.float(), q.grad.float(), torch.bfloat16, name)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_frozen_teacher_matches_fp32():
+    assert HAS_CUDA
+    model = _full_model(True).to(DEVICE)
+    _perturb_backbone(model)
+    out, fp32, ref = _bf16_autocast_and_fp32_runs(model, torch.randint(0, TINY_V, (2, 64), device=DEVICE))
+    assert ref.lm_loss > 1e-3
+    torch.testing.assert_close(out.lm_loss.float(), ref.lm_loss.float(), rtol=5e-2, atol=2e-3)
+    for (name, p), q in zip(model.named_parameters(), fp32.parameters()):
+        if p.grad is not None and name.startswith("backbone.") and "proj" in name:
             assert_rel_close(p.grad.float(), q.grad.float(), torch.bfloat16, name)
 
 

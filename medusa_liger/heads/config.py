@@ -7,8 +7,8 @@ The training objective of ``MedusaModel`` is
 where ``L_k`` is the cross-entropy of head ``k`` (0-based) against the token ``k + 2`` positions
 ahead and ``L_lm`` is the backbone's own next-token loss (shift 1): the cross-entropy against the
 labels (``lm_loss="ce"``) or, for Medusa-2's self-distillation (``lm_loss="kl"``), the KL divergence
-from the original backbone's next-token distribution (the backbone with its LoRA adapters off), which
-keeps the backbone's outputs where they were while it learns to serve the heads. With
+from the original backbone's next-token distribution (the backbone with its LoRA adapters off, or a
+frozen copy of it), which keeps the backbone's outputs where they were while it learns to serve the heads. With
 ``head_targets="backbone"`` each ``L_k`` is the KL divergence from the backbone's own distribution
 of the head's token (its output at position t + k + 1) instead of the cross-entropy against the
 data's token: the heads learn what the backbone would write, from any text.
@@ -50,7 +50,8 @@ class MedusaConfig:
                        forward, so a joint run may switch to "heads" for a warm-up and back.
     lm_loss_weight:    weight of the backbone's next-token loss in ``joint`` mode (>= 0).
     lm_loss:           that loss: "ce" (against the labels) or "kl" (KL divergence from the
-                       backbone with its LoRA adapters off; needs a peft-wrapped backbone).
+                       original backbone: a peft backbone with its adapters off, or the frozen
+                       copy ``MedusaModel.add_frozen_teacher`` keeps of one that trains whole).
     head_targets:      "labels" (head k learns the data's token k + 2 ahead) or "backbone" (the
                        backbone's own distribution of that token, read at position t + k + 1 of the
                        same forward, detached: one more [.., V] logits GEMM per head, no extra

@@ -15,9 +15,10 @@ Modes: ``heads`` (Medusa-1) runs the backbone frozen under ``torch.no_grad`` and
 ``joint`` (Medusa-2) lets the backbone train (all of it, or only its LoRA adapters when it is
 peft-wrapped) and adds its own next-token loss as one more "head" with shift 1. With
 ``lm_loss="kl"`` (self-distillation) that term is KL(teacher || backbone) instead of the
-cross-entropy: the teacher is the same peft backbone run once more with its adapters disabled, under
-``torch.no_grad`` (no second copy of the weights); its logits are computed chunk by chunk inside the
-fused loss, beside the student's, and never materialized whole. With ``head_targets="backbone"``
+cross-entropy, where the teacher is the original backbone run once more under ``torch.no_grad``: a
+peft backbone with its adapters disabled (no second copy of the weights), or, for a backbone that
+trains whole, the frozen copy ``add_frozen_teacher`` keeps (one more copy of its weights). Its logits
+are computed chunk by chunk inside the fused loss, beside the student's, never materialized whole. With ``head_targets="backbone"``
 head k (shift s = k + 2) learns KL(backbone || head k) instead: the teacher is the backbone's own
 next-token distribution at position t + s - 1 of this very forward (detached, so it follows the
 backbone as it trains), which predicts the same token as the head does from position t.
@@ -144,6 +145,8 @@ class MedusaModel(nn.Module):
             # Medusa-1: the backbone is a fixed feature extractor (no grads, no dropout).
             backbone.requires_grad_(False)
             backbone.eval()
+        # lm_loss="kl" of a backbone without adapters: a frozen copy of the original (add_frozen_teacher).
+        self.teacher: nn.Module | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -192,6 +195,22 @@ class MedusaModel(nn.Module):
         return save_heads(self, directory, format=format, dtype=dtype, save_backbone=save_backbone,
                           base_model_name_or_path=base_model_name_or_path)
 
+    def add_frozen_teacher(self) -> nn.Module:
+        """Keep a frozen copy of the backbone, as it is now, as the teacher of ``lm_loss="kl"``.
+
+        For a backbone that trains whole (full Medusa-2), whose original weights are otherwise gone
+        after the first step. It costs one more copy of the backbone's weights in their dtype (a
+        submodule, so ``.to()`` moves it and FSDP shards it like the backbone) and is never trained,
+        checkpointed or exported; call it before training, on the weights the backbone starts from.
+        A peft backbone needs none: its adapters-off self is the original.
+        """
+        import copy
+
+        teacher = copy.deepcopy(self.backbone)
+        teacher.requires_grad_(False)
+        self.teacher = teacher.eval()
+        return self.teacher
+
     # ------------------------------------------------------------------ properties
     @property
     def lm_head(self) -> nn.Linear:
@@ -211,6 +230,8 @@ class MedusaModel(nn.Module):
         super().train(mode)
         if self.config.mode == "heads":
             self.backbone.eval()  # frozen backbone: keep dropout off whatever the wrapper's mode
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher's distribution is a fixed target: no dropout
         return self
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
@@ -235,8 +256,9 @@ class MedusaModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids [B, T] -> the backbone decoder's last hidden state [B, T, H] (final norm applied).
 
-        In ``heads`` mode this runs under ``torch.no_grad``. ``teacher``: the original backbone's
-        (a peft backbone with its adapters disabled), always under ``torch.no_grad``.
+        In ``heads`` mode this runs under ``torch.no_grad``. ``teacher``: the original backbone's,
+        always under ``torch.no_grad``: the frozen copy of ``add_frozen_teacher`` if there is one,
+        else the peft backbone with its adapters disabled.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
@@ -248,14 +270,17 @@ class MedusaModel(nn.Module):
                 position_ids = segment_position_ids(segment_ids)
             if attention_mask is not None:
                 attention_mask = _attention_mask_for(self.backbone, packed_causal_mask(segment_ids, attention_mask))
-        if teacher and not callable(getattr(self.backbone, "disable_adapter", None)):
+        copy_teacher = teacher and self.teacher is not None
+        if teacher and not copy_teacher and not callable(getattr(self.backbone, "disable_adapter", None)):
             raise ValueError(
-                "lm_loss='kl' distills from the backbone with its LoRA adapters off, so the backbone must be "
-                f"peft-wrapped (lora.enabled in training configs); got {type(self.backbone).__name__}"
+                "lm_loss='kl' distills from the original backbone: wrap the backbone in LoRA adapters "
+                "(peft; lora.enabled in training configs), whose adapters-off self is the teacher, or keep "
+                f"a frozen copy with MedusaModel.add_frozen_teacher(); got a {type(self.backbone).__name__} "
+                "without either"
             )
-        decoder = self.backbone.get_decoder()
+        decoder = (self.teacher if copy_teacher else self.backbone).get_decoder()
         grad = torch.is_grad_enabled() and self.config.mode == "joint" and not teacher
-        adapters_off = self.backbone.disable_adapter() if teacher else contextlib.nullcontext()
+        adapters_off = self.backbone.disable_adapter() if teacher and not copy_teacher else contextlib.nullcontext()
         with torch.set_grad_enabled(grad), adapters_off:
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False, return_dict=True)
@@ -320,9 +345,14 @@ class MedusaModel(nn.Module):
                 weights = [lm_weight, *weights]
                 shifts = [1, *shifts]
                 head_weights = [float(cfg.lm_loss_weight), *head_weights]
-                # Self-distillation: the backbone's term learns the adapters-off distribution (the
-                # lm_head itself carries no adapter, so its weight is the teacher's too).
-                lm_teacher = None if teacher_hidden is None else Teacher(teacher_hidden, lm_weight, lm_bias)
+                # Self-distillation: the backbone's term learns the original's distribution: the
+                # frozen copy's lm_head, or the peft backbone's own (the lm_head carries no adapter).
+                lm_teacher = None
+                if teacher_hidden is not None:
+                    source = lm_head if self.teacher is None else _lm_head_of(self.teacher)
+                    source_bias = getattr(source, "bias", None)
+                    lm_teacher = Teacher(teacher_hidden, source.weight.detach(),
+                                         None if source_bias is None else source_bias.detach())
                 if teacher is not None or lm_teacher is not None:
                     teacher = [lm_teacher, *(teacher or [None] * heads.num_heads)]
             # A bias exists only in shared mode (checked at construction), where every entry is the same.

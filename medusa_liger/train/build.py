@@ -115,9 +115,12 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
     return tokenizer, backbone
 
 
-def build_medusa(cfg: Config, backbone):
+def build_medusa(cfg: Config, backbone, teacher: bool = True):
     """``MedusaModel`` over ``backbone`` in ``train.mode`` (joint mode starts in "heads" when a
     heads-only stage comes first; the loop switches it), its heads in ``master_dtype(cfg)``.
+
+    ``train.lm_loss: kl`` without LoRA keeps a frozen copy of ``backbone`` as it is here (the weights
+    as loaded, before any step or resume) as the teacher; ``teacher=False`` skips it (for exports).
 
     The heads start in the lm_head's dtype (per-head projections copy it) and are then cast: a
     bf16 -> fp32 cast is exact, so an fp32 head starts at exactly the backbone's prediction. The
@@ -135,6 +138,8 @@ def build_medusa(cfg: Config, backbone):
     )
     model = MedusaModel.from_backbone(backbone, medusa_cfg)
     model.heads.to(master_dtype(cfg))
+    if teacher and cfg.train.lm_loss == "kl" and not cfg.lora.enabled:
+        model.add_frozen_teacher()  # before gradient checkpointing: the teacher runs under no_grad
     if cfg.model.gradient_checkpointing:
         # MedusaModel's method picks the transformers version's (non-deprecated) name of the switch.
         model.gradient_checkpointing_enable()

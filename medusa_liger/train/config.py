@@ -110,9 +110,10 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     heads_only_steps: int = 0  # joint mode: first stage that trains only the heads
     lm_loss_weight: float = 1.0
-    # Joint mode: the backbone's own loss, "ce" against the labels or "kl" from the original backbone
-    # (its LoRA adapters off; needs lora.enabled): Medusa-2's self-distillation. One more backbone
-    # forward per step, under no_grad.
+    # Joint mode: the backbone's own loss, "ce" against the labels or "kl" from the original backbone:
+    # Medusa-2's self-distillation. One more backbone forward per step, under no_grad. With lora.enabled
+    # the teacher is the backbone with its adapters off; without, a frozen copy of the backbone as
+    # loaded (one more copy of its weights in model.dtype, sharded like it under train.fsdp).
     lm_loss: Literal["ce", "kl"] = "ce"
     heads_lambda: LambdaConfig = field(default_factory=LambdaConfig)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -286,9 +287,8 @@ def validate(cfg: Config) -> Config:
     _require(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", cfg.lora.dropout, "in [0, 1)")
     _require(not (cfg.lora.enabled and t.mode != "joint"), "lora.enabled", cfg.lora.enabled,
              "false unless train.mode is 'joint' (LoRA trains the backbone)")
-    _require(t.lm_loss == "ce" or (t.mode == "joint" and cfg.lora.enabled), "train.lm_loss", t.lm_loss,
-             "'ce' unless train.mode is 'joint' with lora.enabled ('kl' distills from the backbone with its "
-             "adapters off)")
+    _require(t.lm_loss == "ce" or t.mode == "joint", "train.lm_loss", t.lm_loss,
+             "'ce' unless train.mode is 'joint' ('kl' is the backbone's loss, which only joint mode trains)")
     _require(len(d.paths) >= 1, "data.paths", d.paths, "a non-empty list of files or hub dataset names")
     _require(d.seq_len >= h.num_heads + 2, "data.seq_len", d.seq_len, f">= heads.num_heads + 2 = {h.num_heads + 2}")
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "in [0, 1)")
