@@ -48,6 +48,18 @@ def _tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr)
 
 
 @triton.jit
+def _store_tile_stats(out, rows, cols, tn, stats_ptr, M, N, BN: tl.constexpr):
+    """Each row's max and sum of exp(x - max) over one logits tile ``out`` [BM, BN] (the rounded
+    logits, what a gradient pass would read; columns past N at -inf) -> stats[row, tn, 0:2]."""
+    x = tl.where(cols[None, :] < N, out.to(tl.float32), float("-inf"))
+    row_max = tl.max(x, axis=1)
+    row_sum = tl.sum(tl.exp2((x - row_max[:, None]) * 1.4426950408889634), axis=1)
+    base = stats_ptr + (rows * tl.cdiv(N, BN) + tn) * 2
+    tl.store(base, row_max, mask=rows < M)
+    tl.store(base + 1, row_sum, mask=rows < M)
+
+
+@triton.jit
 def logits_gemm_kernel(a_ptr, w_ptr, c_ptr, stats_ptr, M, N, K,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                        WITH_STATS: tl.constexpr):
@@ -69,14 +81,7 @@ def logits_gemm_kernel(a_ptr, w_ptr, c_ptr, stats_ptr, M, N, K,
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     tl.store(c_ptr + rows[:, None] * N + cols[None, :], out, mask=inside)
     if WITH_STATS:
-        # Stats of the rounded logits (what the gradient pass will read), columns past V at -inf.
-        x = tl.where(cols[None, :] < N, out.to(tl.float32), float("-inf"))
-        row_max = tl.max(x, axis=1)
-        row_sum = tl.sum(tl.exp2((x - row_max[:, None]) * 1.4426950408889634), axis=1)
-        tiles_n = tl.cdiv(N, BN)
-        base = stats_ptr + (rows * tiles_n + tn) * 2
-        tl.store(base, row_max, mask=rows < M)
-        tl.store(base + 1, row_sum, mask=rows < M)
+        _store_tile_stats(out, rows, cols, tn, stats_ptr, M, N, BN)
 
 
 @triton.jit
@@ -143,14 +148,7 @@ def persistent_logits_stats_kernel(a_desc, w_desc, c_desc, stats_ptr, M, N, K,
             acc = tl.dot(a_desc.load([tm * BM, k]), w_desc.load([tn * BN, k]).T, acc)
         out = acc.to(tl.bfloat16)
         c_desc.store([tm * BM, tn * BN], out)
-        rows = tm * BM + tl.arange(0, BM)
-        cols = tn * BN + tl.arange(0, BN)
-        x = tl.where(cols[None, :] < N, out.to(tl.float32), float("-inf"))
-        row_max = tl.max(x, axis=1)
-        row_sum = tl.sum(tl.exp2((x - row_max[:, None]) * 1.4426950408889634), axis=1)
-        base = stats_ptr + (rows * tiles_n + tn) * 2
-        tl.store(base, row_max, mask=rows < M)
-        tl.store(base + 1, row_sum, mask=rows < M)
+        _store_tile_stats(out, tm * BM + tl.arange(0, BM), tn * BN + tl.arange(0, BN), tn, stats_ptr, M, N, BN)
 
 
 @triton.jit
@@ -185,30 +183,36 @@ def persistent_grad_kernel(g_desc, w_desc, out_desc, lse_ptr, label_ptr, scale_p
         out_desc.store([tm * BM, tn * BN], acc.to(tl.bfloat16))
 
 
-def run_persistent_stats(a, w, c, stats, cfg):
+def _launch_persistent(kernel, operands, cfg, *args, **constexprs):
+    """One program per SM; ``operands``: (tensor, block shape) pairs, passed as TMA descriptors first."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     BM, BN, BK, stages, warps = cfg
-    M, K = a.shape
-    N = w.shape[0]
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    persistent_logits_stats_kernel[(sms,)](
-        TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(w, [BN, BK]),
-        TensorDescriptor.from_tensor(c, [BM, BN]), stats, M, N, K, BM=BM, BN=BN, BK=BK, GROUP=8, NUM_SMS=sms,
-        num_stages=stages, num_warps=warps)
+    descriptors = [TensorDescriptor.from_tensor(t, [{"BM": BM, "BN": BN, "BK": BK}[d] for d in block])
+                   for t, block in operands]
+    sms = torch.cuda.get_device_properties(operands[0][0].device).multi_processor_count
+    kernel[(sms,)](*descriptors, *args, BM=BM, BN=BN, BK=BK, GROUP=8, NUM_SMS=sms, num_stages=stages,
+                   num_warps=warps, **constexprs)
+
+
+def run_persistent(a, w, c, cfg, warp_specialize):
+    """c[M, N] = a[M, K] @ w[N, K]^T."""
+    _launch_persistent(persistent_logits_kernel, [(a, "BM BK".split()), (w, "BN BK".split()), (c, "BM BN".split())],
+                       cfg, a.shape[0], w.shape[0], a.shape[1], WARP_SPECIALIZE=warp_specialize)
+
+
+def run_persistent_stats(a, w, c, stats, cfg):
+    """As ``run_persistent``, plus each tile's row statistics into ``stats``."""
+    _launch_persistent(persistent_logits_stats_kernel, [(a, "BM BK".split()), (w, "BN BK".split()),
+                                                        (c, "BM BN".split())],
+                       cfg, stats, a.shape[0], w.shape[0], a.shape[1])
 
 
 def run_persistent_grad(g, w, out, lse, labels, scale, cfg, prologue, row_scale=False):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    BM, BN, BK, stages, warps = cfg
-    M, K = g.shape
-    N = w.shape[1]
-    sms = torch.cuda.get_device_properties(g.device).multi_processor_count
-    persistent_grad_kernel[(sms,)](
-        TensorDescriptor.from_tensor(g, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN]),
-        TensorDescriptor.from_tensor(out, [BM, BN]), lse, labels, scale, M, N, K, BM=BM, BN=BN, BK=BK, GROUP=8,
-        NUM_SMS=sms, SOFTMAX_PROLOGUE=prologue, ROW_SCALE_PROLOGUE=row_scale, num_stages=stages, num_warps=warps)
+    """out[M, H] = g[M, V] @ w[V, H], with the operand rewrites of ``persistent_grad_kernel``."""
+    _launch_persistent(persistent_grad_kernel, [(g, "BM BK".split()), (w, "BK BN".split()), (out, "BM BN".split())],
+                       cfg, lse, labels, scale, g.shape[0], w.shape[1], g.shape[1],
+                       SOFTMAX_PROLOGUE=prologue, ROW_SCALE_PROLOGUE=row_scale)
 
 
 CONFIGS = [  # BM, BN, BK, stages, warps
@@ -244,20 +248,6 @@ def run_grad(g, w, out, lse, labels, scale, cfg, prologue):
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     grad_gemm_kernel[grid](g, w, out, lse, labels, scale, M, N, K, BM=BM, BN=BN, BK=BK, GROUP=8,
                            SOFTMAX_PROLOGUE=prologue, num_stages=stages, num_warps=warps)
-
-
-def run_persistent(a, w, c, cfg, warp_specialize):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    BM, BN, BK, stages, warps = cfg
-    M, K = a.shape
-    N = w.shape[0]
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
-    w_desc = TensorDescriptor.from_tensor(w, [BN, BK])
-    c_desc = TensorDescriptor.from_tensor(c, [BM, BN])
-    persistent_logits_kernel[(sms,)](a_desc, w_desc, c_desc, M, N, K, BM=BM, BN=BN, BK=BK, GROUP=8, NUM_SMS=sms,
-                                     WARP_SPECIALIZE=warp_specialize, num_stages=stages, num_warps=warps)
 
 
 def check(M: int, H: int, V: int, configs) -> None:

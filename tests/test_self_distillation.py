@@ -277,11 +277,16 @@ def _perturb_adapters(model: MedusaModel, std: float = 0.2) -> None:
 
 
 def _naive_distill_loss(model: MedusaModel, ids, labels):
-    """The definition: the heads' naive loss with the backbone's CE swapped for KL(adapters off || on)
-    at every position t whose label t + 1 is valid, averaged over those positions."""
+    """The definition: the heads' naive loss with the backbone's CE swapped for KL(original || backbone)
+    at every position t whose label t + 1 is valid, averaged over those positions. The original is the
+    frozen copy when the model keeps one, else the backbone with its adapters off."""
     total, _, lm_ce = naive_medusa_loss(model, ids, labels)
-    with torch.no_grad(), model.backbone.disable_adapter():
-        teacher = model.backbone(input_ids=ids).logits[:, :-1].double()
+    with torch.no_grad():
+        if model.teacher is not None:
+            teacher = model.teacher(input_ids=ids).logits[:, :-1].double()
+        else:
+            with model.backbone.disable_adapter():
+                teacher = model.backbone(input_ids=ids).logits[:, :-1].double()
     student = model.backbone(input_ids=ids).logits[:, :-1].double()
     log_p, log_q = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
     rows = (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -290,32 +295,37 @@ def _naive_distill_loss(model: MedusaModel, ids, labels):
     return total - model.config.lm_loss_weight * lm_ce + model.config.lm_loss_weight * kl, kl
 
 
-@pytest.mark.parametrize("head_by_head", [True, False])
-def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_head):
-    pytest.importorskip("peft")
-    model = _lora_model(head_by_head)
+def _assert_distillation_matches_the_definition(model: MedusaModel, move_off_teacher) -> list[str]:
+    """The backbone's KL is exactly 0 while the student is its teacher; after ``move_off_teacher``
+    the loss, the KL and every gradient equal the definition's. Returns the trained parameters' names."""
     model.train()
     randomize_heads(model)
     ids, labels = batch()
     with force_backend("torch"):
         start = model(ids, labels=labels)
-    # LoRA starts as the identity (B = 0): the student is its teacher, bit for bit.
-    assert start.lm_loss.abs() < 1e-6
-    _perturb_adapters(model)
+    assert start.lm_loss.abs() < 1e-6  # LoRA starts as the identity (B = 0); a copy is its original
+    move_off_teacher(model)
     other = copy.deepcopy(model)
     with force_backend("torch"):
         out = model(ids, labels=labels)
     out.loss.backward()
     expected, kl = _naive_distill_loss(other, ids, labels)
     expected.backward()
-    assert kl > 1e-3, "the perturbed adapters should move the student off its teacher"
+    assert kl > 1e-3, "the student should have moved off its teacher"
     torch.testing.assert_close(out.lm_loss.double(), kl, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.loss.double(), expected.double(), rtol=1e-4, atol=1e-6)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert any("lora_" in n for n, _ in trained)
     for (name, p), q in zip(trained, [q for q in other.parameters() if q.requires_grad]):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+    return [name for name, _ in trained]
+
+
+@pytest.mark.parametrize("head_by_head", [True, False])
+def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_head):
+    pytest.importorskip("peft")
+    trained = _assert_distillation_matches_the_definition(_lora_model(head_by_head), _perturb_adapters)
+    assert any("lora_" in name for name in trained)
 
 
 def _full_model(head_by_head: bool) -> MedusaModel:
@@ -334,44 +344,14 @@ def _perturb_backbone(model: MedusaModel, std: float = 0.05) -> None:
                 p.add_(torch.randn_like(p) * std)
 
 
-def _naive_frozen_teacher_loss(model: MedusaModel, ids, labels):
-    """The definition with a frozen copy: KL(copy || backbone) on the full logits of both."""
-    total, _, lm_ce = naive_medusa_loss(model, ids, labels)
-    with torch.no_grad():
-        teacher = model.teacher(input_ids=ids).logits[:, :-1].double()
-    student = model.backbone(input_ids=ids).logits[:, :-1].double()
-    log_p, log_q = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
-    rows = (log_p.exp() * (log_p - log_q)).sum(-1)
-    kl = rows[labels[:, 1:] != -100].mean()
-    return total - model.config.lm_loss_weight * lm_ce + model.config.lm_loss_weight * kl, kl
-
-
 @pytest.mark.parametrize("head_by_head", [True, False])
 def test_frozen_teacher_starts_at_zero_and_matches_the_definition(head_by_head):
     model = _full_model(head_by_head)
-    model.train()
-    assert not model.teacher.training and not any(p.requires_grad for p in model.teacher.parameters())
-    randomize_heads(model)
-    ids, labels = batch()
-    with force_backend("torch"):
-        start = model(ids, labels=labels)
-    assert start.lm_loss.abs() < 1e-6  # the copy is the backbone, bit for bit
-    _perturb_backbone(model)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
     frozen = {name: p.clone() for name, p in model.teacher.named_parameters()}
-    other = copy.deepcopy(model)
-    with force_backend("torch"):
-        out = model(ids, labels=labels)
-    out.loss.backward()
-    expected, kl = _naive_frozen_teacher_loss(other, ids, labels)
-    expected.backward()
-    assert kl > 1e-3, "the perturbed backbone should have moved off its frozen copy"
-    torch.testing.assert_close(out.lm_loss.double(), kl, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(out.loss.double(), expected.double(), rtol=1e-4, atol=1e-6)
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert any(n.startswith("backbone.") for n, _ in trained) and not any(n.startswith("teacher.") for n, _ in trained)
-    for (name, p), q in zip(trained, [q for q in other.parameters() if q.requires_grad]):
-        assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+    trained = _assert_distillation_matches_the_definition(model, _perturb_backbone)
+    assert not model.teacher.training  # train() keeps the teacher in eval mode
+    assert any(n.startswith("backbone.") for n in trained) and not any(n.startswith("teacher.") for n in trained)
     for name, p in model.teacher.named_parameters():
         assert p.grad is None and torch.equal(p, frozen[name]), name
 
