@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, installed or not
 
-from benchmarks.common import CUDA, DEVICE, DTYPE, env_info  # noqa: E402  (sets TRITON_INTERPRET on CPU)
+from benchmarks.common import CUDA, DEVICE, DTYPE, bench, write_table  # noqa: E402  (sets TRITON_INTERPRET on CPU)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -197,20 +197,20 @@ def _launch_persistent(kernel, operands, cfg, *args, **constexprs):
 
 def run_persistent(a, w, c, cfg, warp_specialize):
     """c[M, N] = a[M, K] @ w[N, K]^T."""
-    _launch_persistent(persistent_logits_kernel, [(a, "BM BK".split()), (w, "BN BK".split()), (c, "BM BN".split())],
+    _launch_persistent(persistent_logits_kernel, [(a, ("BM", "BK")), (w, ("BN", "BK")), (c, ("BM", "BN"))],
                        cfg, a.shape[0], w.shape[0], a.shape[1], WARP_SPECIALIZE=warp_specialize)
 
 
 def run_persistent_stats(a, w, c, stats, cfg):
     """As ``run_persistent``, plus each tile's row statistics into ``stats``."""
-    _launch_persistent(persistent_logits_stats_kernel, [(a, "BM BK".split()), (w, "BN BK".split()),
-                                                        (c, "BM BN".split())],
+    _launch_persistent(persistent_logits_stats_kernel, [(a, ("BM", "BK")), (w, ("BN", "BK")),
+                                                        (c, ("BM", "BN"))],
                        cfg, stats, a.shape[0], w.shape[0], a.shape[1])
 
 
 def run_persistent_grad(g, w, out, lse, labels, scale, cfg, prologue, row_scale=False):
     """out[M, H] = g[M, V] @ w[V, H], with the operand rewrites of ``persistent_grad_kernel``."""
-    _launch_persistent(persistent_grad_kernel, [(g, "BM BK".split()), (w, "BK BN".split()), (out, "BM BN".split())],
+    _launch_persistent(persistent_grad_kernel, [(g, ("BM", "BK")), (w, ("BK", "BN")), (out, ("BM", "BN"))],
                        cfg, lse, labels, scale, g.shape[0], w.shape[1], g.shape[1],
                        SOFTMAX_PROLOGUE=prologue, ROW_SCALE_PROLOGUE=row_scale)
 
@@ -223,10 +223,9 @@ CONFIGS = [  # BM, BN, BK, stages, warps
     (128, 128, 128, 3, 8),
 ]
 QUICK_CONFIGS = [(32, 32, 32, 1, 4), (16, 64, 16, 1, 4)]
-# --persistent: the TMA kernels only (runs 51-52), over the configurations that compiled and led in run 50.
+# --persistent: the TMA kernels only (runs 51-53), over the configurations that compiled and led in run 50.
 PERSISTENT_CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (256, 128, 64, 3, 8), (64, 256, 64, 4, 4),
                       (128, 256, 32, 4, 8)]
-PERSISTENT = False
 
 
 def run_logits(a, w, c, stats, cfg, with_stats):
@@ -250,8 +249,9 @@ def run_grad(g, w, out, lse, labels, scale, cfg, prologue):
                            SOFTMAX_PROLOGUE=prologue, num_stages=stages, num_warps=warps)
 
 
-def check(M: int, H: int, V: int, configs) -> None:
-    """Every variant against torch on (M, H, V): logits, stats, both gradient GEMMs."""
+def check(M: int, H: int, V: int, configs, persistent: bool = False) -> None:
+    """Every variant against torch on (M, H, V): logits, stats, both gradient GEMMs (``persistent``:
+    the TMA kernels too, which need a GPU)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(M, H, generator=g).to(DEVICE, DTYPE)
     w = (torch.randn(V, H, generator=g) / H**0.5).to(DEVICE, DTYPE)
@@ -272,7 +272,7 @@ def check(M: int, H: int, V: int, configs) -> None:
         torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
         run_grad(grad.to(DTYPE), w, out, lse, labels, scale, cfg, False)
         torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
-        if CUDA and PERSISTENT:
+        if persistent:
             c2 = torch.full_like(c, float("nan"))
             stats.fill_(float("nan"))
             run_persistent_stats(a, w, c2, stats, cfg)
@@ -286,9 +286,9 @@ def check(M: int, H: int, V: int, configs) -> None:
     print(f"checked M={M} H={H} V={V}: {len(configs)} configs")
 
 
-def bench(M: int, H: int, V: int) -> list[str]:
-    from triton.testing import do_bench
-
+def measure(M: int, H: int, V: int, persistent: bool) -> list[list[str]]:
+    """Table rows: cuBLAS, then each variant x configuration (the persistent TMA ones, fused and not,
+    with ``persistent``; else the pointer-based kernels and the plain persistent logits GEMM)."""
     a = torch.randn(M, H, device=DEVICE, dtype=DTYPE)
     w = torch.randn(V, H, device=DEVICE, dtype=DTYPE) / H**0.5
     c = torch.empty(M, V, device=DEVICE, dtype=DTYPE)
@@ -298,21 +298,21 @@ def bench(M: int, H: int, V: int) -> list[str]:
     lse = torch.zeros(M, device=DEVICE)
     flop = 2.0 * M * H * V
 
-    def rate(fn) -> tuple[float, float]:
-        ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
-        return ms, flop / ms / 1e9
+    def row(gemm: str, name: str, cfg: object, fn, base_ms: float | None = None) -> tuple[list[str], float]:
+        ms = bench(fn, warmup=50, rep=300)
+        ratio = 1.0 if base_ms is None else base_ms / ms
+        return [gemm, name, str(cfg), f"{ms:.3f}", f"{flop / ms / 1e9:.0f}", f"{ratio:.2f}"], ms
 
-    lines = ["| GEMM | variant | config (BM, BN, BK, stages, warps) | median ms | TFLOP/s | vs cuBLAS |", "|---|---|---|---|---|---|"]
-    base_l = rate(lambda: torch.mm(a, w.T, out=c))
-    base_g = rate(lambda: torch.mm(c, w, out=out))
-    lines.append(f"| logits [M,H]x[H,V] | cuBLAS (torch.mm) | - | {base_l[0]:.3f} | {base_l[1]:.0f} | 1.00 |")
-    lines.append(f"| dh [M,V]x[V,H] | cuBLAS (torch.mm) | - | {base_g[0]:.3f} | {base_g[1]:.0f} | 1.00 |")
+    rows = []
+    cublas_logits, base_l = row("logits [M,H]x[H,V]", "cuBLAS (torch.mm)", "-", lambda: torch.mm(a, w.T, out=c))
+    cublas_dh, base_g = row("dh [M,V]x[V,H]", "cuBLAS (torch.mm)", "-", lambda: torch.mm(c, w, out=out))
+    rows += [cublas_logits, cublas_dh]
     # Realistic logits for the fused gradient: the row statistics of what the logits GEMM wrote.
     torch.mm(a, w.T, out=c)
     lse.copy_(torch.logsumexp(c.float(), dim=1))
-    for cfg in CONFIGS if not PERSISTENT else PERSISTENT_CONFIGS:
+    for cfg in PERSISTENT_CONFIGS if persistent else CONFIGS:
         stats = torch.empty(M, triton.cdiv(V, cfg[1]), 2, device=DEVICE)
-        variants = [] if PERSISTENT else [
+        pointer_based = [
             ("logits", "Triton", lambda: run_logits(a, w, c, stats, cfg, False), base_l),
             ("logits", "Triton + row stats epilogue", lambda: run_logits(a, w, c, stats, cfg, True), base_l),
             ("logits", "Triton persistent TMA", lambda: run_persistent(a, w, c, cfg, False), base_l),
@@ -320,7 +320,7 @@ def bench(M: int, H: int, V: int) -> list[str]:
             ("dh", "Triton", lambda: run_grad(c, w, out, lse, labels, scale, cfg, False), base_g),
             ("dh", "Triton + softmax-gradient prologue", lambda: run_grad(c, w, out, lse, labels, scale, cfg, True), base_g),
         ]
-        variants += [
+        fused_persistent = [
             ("logits", "Triton persistent TMA", lambda: run_persistent(a, w, c, cfg, False), base_l),
             ("logits", "Triton persistent TMA + row stats epilogue", lambda: run_persistent_stats(a, w, c, stats, cfg), base_l),
             ("dh", "Triton persistent TMA", lambda: run_persistent_grad(c, w, out, lse, labels, scale, cfg, False), base_g),
@@ -328,15 +328,14 @@ def bench(M: int, H: int, V: int) -> list[str]:
              lambda: run_persistent_grad(c, w, out, lse, labels, scale, cfg, True), base_g),
             ("dh", "Triton persistent TMA + row-scale prologue (no exp)",
              lambda: run_persistent_grad(c, w, out, lse, labels, scale, cfg, False, True), base_g),
-        ] if PERSISTENT else []
-        for gemm, name, fn, base in variants:
+        ]
+        for gemm, name, fn, base in fused_persistent if persistent else pointer_based:
             try:
-                ms, tflops = rate(fn)
-                lines.append(f"| {gemm} | {name} | {cfg} | {ms:.3f} | {tflops:.0f} | {base[0] / ms:.2f} |")
+                rows.append(row(gemm, name, cfg, fn, base)[0])
             except Exception as exc:  # a config this Triton/card cannot compile (shared memory, features)
-                lines.append(f"| {gemm} | {name} | {cfg} | failed: {type(exc).__name__}: {str(exc)[:80]} | | |")
-            print(lines[-1], flush=True)
-    return lines
+                rows.append([gemm, name, str(cfg), f"failed: {type(exc).__name__}: {str(exc)[:80]}", "", ""])
+            print("| " + " | ".join(rows[-1]) + " |", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -344,22 +343,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes (the CPU interpreter): correctness only")
     parser.add_argument("--persistent", action="store_true", help="only the persistent TMA kernels, fused and not")
     args = parser.parse_args()
-    global PERSISTENT
-    PERSISTENT = args.persistent
     if args.quick or not CUDA:
         check(37, 64, 123, QUICK_CONFIGS)
         return
-    check(300, 256, 1024, PERSISTENT_CONFIGS if PERSISTENT else CONFIGS)  # 1024: whole TMA tiles
-    env = env_info()
-    lines = bench(4096, 4096, 128256)
-    table = "\n".join([f"- {k}: {v}" for k, v in env.items()] + ["", *lines])
-    print(table)
-    out = Path(__file__).resolve().parent / "results" / "triton_gemm_probe_h100.md"
-    import os
-
-    if os.environ.get("OUT"):
-        out = Path(os.environ["OUT"]) / f"triton_gemm_probe{'_persistent' if PERSISTENT else ''}_h100.md"
-    out.write_text("# Triton GEMMs with the row work fused, against cuBLAS (M=4096, H=4096, V=128256, bf16)\n\n" + table + "\n")
+    configs = PERSISTENT_CONFIGS if args.persistent else CONFIGS
+    check(300, 256, 1024, configs, persistent=args.persistent)  # 1024: whole TMA tiles
+    write_table(f"triton_gemm_probe{'_persistent' if args.persistent else ''}",
+                "Triton GEMMs with the row work fused, against cuBLAS (M=4096, H=4096, V=128256, bf16)",
+                ["GEMM", "variant", "config (BM, BN, BK, stages, warps)", "median ms", "TFLOP/s", "vs cuBLAS"],
+                measure(4096, 4096, 128256, args.persistent))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ where ``L_k`` is the cross-entropy of head ``k`` (0-based) against the token ``k
 ahead and ``L_lm`` is the backbone's own next-token loss (shift 1): the cross-entropy against the
 labels (``lm_loss="ce"``) or, for Medusa-2's self-distillation (``lm_loss="kl"``), the KL divergence
 from the original backbone's next-token distribution (the backbone with its LoRA adapters off, or a
-frozen copy of it), which keeps the backbone's outputs where they were while it learns to serve the heads. With
-``head_targets="backbone"`` each ``L_k`` is the KL divergence from the backbone's own distribution
+frozen copy of it), which keeps the backbone's outputs where they were while it learns to serve the
+heads. With ``head_targets="backbone"`` each ``L_k`` is the KL divergence from the backbone's own distribution
 of the head's token (its output at position t + k + 1) instead of the cross-entropy against the
 data's token: the heads learn what the backbone would write, from any text.
 

@@ -18,10 +18,11 @@ peft-wrapped) and adds its own next-token loss as one more "head" with shift 1. 
 cross-entropy, where the teacher is the original backbone run once more under ``torch.no_grad``: a
 peft backbone with its adapters disabled (no second copy of the weights), or, for a backbone that
 trains whole, the frozen copy ``add_frozen_teacher`` keeps (one more copy of its weights). Its logits
-are computed chunk by chunk inside the fused loss, beside the student's, never materialized whole. With ``head_targets="backbone"``
-head k (shift s = k + 2) learns KL(backbone || head k) instead: the teacher is the backbone's own
-next-token distribution at position t + s - 1 of this very forward (detached, so it follows the
-backbone as it trains), which predicts the same token as the head does from position t.
+are computed chunk by chunk inside the fused loss, beside the student's, never materialized whole.
+With ``head_targets="backbone"`` head k (shift s = k + 2) learns KL(backbone || head k) instead: the
+teacher is the backbone's own next-token distribution at position t + s - 1 of this very forward
+(detached, so it follows the backbone as it trains), which predicts the same token as the head does
+from position t.
 
 Packed sequences: with ``segment_ids`` and no ``position_ids``, positions restart at 0 in every
 segment. Attention is kept inside each segment: without an ``attention_mask``, transformers detects
@@ -270,18 +271,19 @@ class MedusaModel(nn.Module):
                 position_ids = segment_position_ids(segment_ids)
             if attention_mask is not None:
                 attention_mask = _attention_mask_for(self.backbone, packed_causal_mask(segment_ids, attention_mask))
-        copy_teacher = teacher and self.teacher is not None
-        if teacher and not copy_teacher and not callable(getattr(self.backbone, "disable_adapter", None)):
+        frozen_copy = teacher and self.teacher is not None
+        adapters_off = teacher and not frozen_copy
+        if adapters_off and not callable(getattr(self.backbone, "disable_adapter", None)):
             raise ValueError(
                 "lm_loss='kl' distills from the original backbone: wrap the backbone in LoRA adapters "
                 "(peft; lora.enabled in training configs), whose adapters-off self is the teacher, or keep "
                 f"a frozen copy with MedusaModel.add_frozen_teacher(); got a {type(self.backbone).__name__} "
                 "without either"
             )
-        decoder = (self.teacher if copy_teacher else self.backbone).get_decoder()
+        decoder = (self.teacher if frozen_copy else self.backbone).get_decoder()
         grad = torch.is_grad_enabled() and self.config.mode == "joint" and not teacher
-        adapters_off = self.backbone.disable_adapter() if teacher and not copy_teacher else contextlib.nullcontext()
-        with torch.set_grad_enabled(grad), adapters_off:
+        adapters = self.backbone.disable_adapter() if adapters_off else contextlib.nullcontext()
+        with torch.set_grad_enabled(grad), adapters:
             out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False, return_dict=True)
         return out.last_hidden_state
@@ -350,9 +352,7 @@ class MedusaModel(nn.Module):
                 lm_teacher = None
                 if teacher_hidden is not None:
                     source = lm_head if self.teacher is None else _lm_head_of(self.teacher)
-                    source_bias = getattr(source, "bias", None)
-                    lm_teacher = Teacher(teacher_hidden, source.weight.detach(),
-                                         None if source_bias is None else source_bias.detach())
+                    lm_teacher = Teacher(teacher_hidden, source.weight, getattr(source, "bias", None))
                 if teacher is not None or lm_teacher is not None:
                     teacher = [lm_teacher, *(teacher or [None] * heads.num_heads)]
             # A bias exists only in shared mode (checked at construction), where every entry is the same.

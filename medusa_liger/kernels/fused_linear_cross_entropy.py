@@ -26,8 +26,8 @@ loss_k = reduce_n KL(softmax(u_n) || softmax(y_n)) with teacher logits u = h'_k 
 softcap) of row n + offset_k, computed chunk by chunk beside Z into a second buffer (kl_divergence.py's
 row kernel; the labels then only decide which rows count and the accuracy). Medusa-2's
 self-distillation: the backbone learns the original model's distribution (teacher = the backbone with
-its LoRA adapters off, or a frozen copy of it); Medusa heads can learn the backbone's own distribution of their token (the
-backbone's row t + shift - 1) instead of the token in the data.
+its LoRA adapters off, or a frozen copy of it); Medusa heads can learn the backbone's own distribution
+of their token (the backbone's row t + shift - 1) instead of the token in the data.
 
 FLOPs: 2NHV (logits) + 2NHV (dh) + 2NHV (dW, only for a trainable projection) per head. Memory
 beyond the outputs: one [C, V] logit chunk, one weight-gradient accumulator at a time (none when

@@ -3,8 +3,8 @@
 ``train.fsdp: true`` under ``torchrun``: every decoder layer of the backbone (the classes the
 transformers model names in ``_no_split_modules``) becomes one FSDP unit, the Medusa heads another,
 and the rest of the MedusaModel (embeddings, final norm, lm_head) the root unit. A frozen teacher copy
-(``lm_loss: kl`` without LoRA) is split the same way: its layers are units, the rest joins the root. Each rank stores
-1/world_size of every parameter, of its gradient and of its AdamW state; a layer's full weights exist
+(``lm_loss: kl`` without LoRA) is split the same way: its layers are units, the rest joins the root.
+Each rank stores 1/world_size of every parameter, of its gradient and of its AdamW state; a layer's full weights exist
 only while it runs (all-gathered before, freed after). The heads and the root stay whole from
 forward to backward (FSDP2 never reshards the root after forward; the heads are told not to), so
 the fused multi-head loss reads the heads' and the lm_head's full weights as before and hands back
