@@ -41,8 +41,9 @@ sys.path.insert(0, str(_HERE.parent))
 
 from benchmarks import common  # noqa: E402
 
+from medusa_liger.kernels import exp_operand  # noqa: E402
 from medusa_liger.kernels import head_by_head_linear_cross_entropy, multi_head_linear_cross_entropy  # noqa: E402
-from medusa_liger.kernels.chunking import GEMM_ROWS, mm_into, plan_chunk_rows  # noqa: E402
+from medusa_liger.kernels.chunking import DEFAULT_CHUNK_BYTES, GEMM_ROWS, mm_into, plan_chunk_rows  # noqa: E402
 from medusa_liger.kernels.fused_linear_cross_entropy import default_chunk_rows  # noqa: E402
 from medusa_liger.kernels.reference import shifted_targets  # noqa: E402
 
@@ -152,6 +153,20 @@ def make_ours_head_by_head(accum_dtype: torch.dtype) -> Callable[[Problem], torc
     return ours
 
 
+def with_row_kernel(fn: Callable[[Problem], torch.Tensor]) -> Callable[[Problem], torch.Tensor]:
+    """``fn`` with the exp-operand chunk path off: every chunk through the row kernel (the design
+    before kernels/exp_operand.py), for a comparison in the same run."""
+
+    def run(p: Problem) -> torch.Tensor:
+        previous, exp_operand.ENABLED = exp_operand.ENABLED, False
+        try:
+            return fn(p)
+        finally:
+            exp_operand.ENABLED = previous
+
+    return run
+
+
 def gemms_alone(accum_dtype: torch.dtype) -> Callable[[Problem], None]:
     """ours' GEMMs with nothing else: the ResBlocks forward and backward, and per head and chunk (the
     op's own chunk plan) the logits, hidden-gradient and weight-gradient GEMMs, back to back, with no
@@ -160,7 +175,11 @@ def gemms_alone(accum_dtype: torch.dtype) -> Callable[[Problem], None]:
     def run(p: Problem) -> None:
         trainable = p.weights[0].requires_grad
         fp32_acc = trainable and accum_dtype == torch.float32
-        chunk = plan_chunk_rows(p.N, p.V, p.x.dtype, trainable, DEVICE, p.V * p.H * 4 if fp32_acc else 0)
+        # The op's plan: frozen projections take the larger chunk on the exp-operand path.
+        exp_path = exp_operand.supported(p.x.dtype, DEVICE, teacher=False, bias=False, label_smoothing=0.0,
+                                         z_loss=0.0, softcap=None)
+        chunk = plan_chunk_rows(p.N, p.V, p.x.dtype, trainable, DEVICE, p.V * p.H * 4 if fp32_acc else 0,
+                                DEFAULT_CHUNK_BYTES if exp_path and not trainable else None)
         z = torch.empty(chunk, p.V, device=DEVICE, dtype=p.x.dtype)
         dh = torch.empty(p.N, p.H, device=DEVICE, dtype=p.x.dtype)
         single = p.N <= chunk  # the op then writes the gradient with one GEMM
@@ -225,11 +244,16 @@ def target_notes(results: dict, token_counts: list[int]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke test")
+    parser.add_argument("--only", default="", help="run only the methods whose name contains this text "
+                        "(a quick comparison; the table then lacks the baselines)")
+    parser.add_argument("--sizes", default="", help="comma-separated token counts instead of the issue's")
     args = parser.parse_args()
     if args.quick:
         K, H, V, token_counts, T = 5, 64, 512, [256], 128
     else:
         K, H, V, token_counts, T = 5, 4096, 128256, [4096, 16384], 4096
+    if args.sizes:
+        token_counts = [int(n) for n in args.sizes.split(",")]
     dtype = torch.bfloat16 if CUDA else torch.float32
     rate = common.matmul_tflops(torch.bfloat16) if CUDA else float("nan")
     methods: dict[str, Callable | None] = {
@@ -241,9 +265,12 @@ def main() -> None:
         "ours bf16 acc, skip_ignored": make_ours(torch.bfloat16, skip_ignored=True),
         "ours head by head, fp32 acc": make_ours_head_by_head(torch.float32),
         "ours head by head, bf16 acc": make_ours_head_by_head(torch.bfloat16),
+        "ours head by head, fp32 acc, row kernel": with_row_kernel(make_ours_head_by_head(torch.float32)),
+        "ours head by head, bf16 acc, row kernel": with_row_kernel(make_ours_head_by_head(torch.bfloat16)),
         "ours' GEMMs alone, fp32 acc": gemms_alone(torch.float32),
         "ours' GEMMs alone, bf16 acc": gemms_alone(torch.bfloat16),
     }
+    methods = {name: fn for name, fn in methods.items() if args.only in name}
     rows, results = [], {}
     settings = (("(a) per-head trainable", False, False, token_counts),
                 ("(b) shared frozen", True, False, token_counts),
@@ -288,6 +315,10 @@ def main() -> None:
         "ours head by head (the Medusa model's default, heads.head_by_head): one head at a time, its ResBlock's "
         "backward run right after its loss inside forward, so one head's activations and hidden-state gradient "
         "are alive instead of K (kernels/head_by_head.py); the same FLOPs.",
+        "On this card every 'ours' column runs the exp-operand chunk path (kernels/exp_operand.py: the logits "
+        "GEMM's epilogue writes exp(x - target logit) and its row sums, so no row kernel runs; frozen projections "
+        "take 4096-row chunks there); the 'row kernel' columns run the same op with that path off (cuBLAS logits, "
+        "the row kernel, cuBLAS dh and dW), in this run. \"ours' GEMMs alone\" stays cuBLAS on the op's chunk plan.",
         "(c): the labels of (a) with alternating 512-token spans ignored (masked prompts of chat data), so half "
         "the targets are ignored; skip_ignored runs the GEMMs on each head's valid rows only (one host sync per "
         "call). The matmul floor and GEMMs-alone columns still count every row.",

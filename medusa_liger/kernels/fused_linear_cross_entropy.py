@@ -21,6 +21,11 @@ device when it is 1, see scale.py):
             db_k  += column sums of Z            if the bias needs grad
         after the last head using W_k: cast its accumulator into W_k's gradient and free it
 
+On an H100-class GPU (TMA, bf16), chunks with hard labels and no bias, smoothing, z-loss or softcap take
+exp_operand.py's path instead: the logits GEMM's epilogue writes E = exp(Z - target logit) and its row
+sums, the gradient is E with a per-row scale (dh in a Triton GEMM's epilogue, dW on the rows of h_c),
+and no row kernel runs; frozen projections then take DEFAULT_CHUNK_BYTES chunks.
+
 Soft targets (``teacher``): head k may learn a teacher's distribution instead of its labels,
 loss_k = reduce_n KL(softmax(u_n) || softmax(y_n)) with teacher logits u = h'_k W'_k^T (+ b'_k, same
 softcap) of row n + offset_k, computed chunk by chunk beside Z into a second buffer (kl_divergence.py's
@@ -65,6 +70,7 @@ from medusa_liger.kernels.chunking import (  # noqa: F401
 )
 from medusa_liger.kernels.chunking import GEMM_ROWS
 from medusa_liger.kernels.chunking import mm_into as _mm_into
+from medusa_liger.kernels import exp_operand
 from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
 from medusa_liger.kernels.head_inputs import as_head_weights, region, sources
 from medusa_liger.kernels.kl_divergence import kl_rows
@@ -181,6 +187,12 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
             budget = None
             if any(t is not None for t in plan.teacher):
                 budget = (DEFAULT_CHUNK_BYTES if any(w_need) else FROZEN_CHUNK_BYTES) // 2
+            elif not any(w_need) and exp_operand.supported(
+                    cdt, dev, teacher=False, bias=bool(b_srcs), label_smoothing=plan.label_smoothing,
+                    z_loss=plan.z_loss, softcap=plan.softcap):
+                # Frozen projections on the exp-operand path: 4096-row chunks (at V = 128256) beat
+                # 2048 there, 262 vs 266 ms at (b) N=16384 (NOTES.md run 58); the row kernel prefers 2048.
+                budget = DEFAULT_CHUNK_BYTES
             chunk = plan_chunk_rows(max(max(kept), 1), V, cdt, any(w_need), dev, reserved, budget)
         logits_buf = torch.empty(chunk, V, dtype=cdt, device=dev)
         teacher_buf = (torch.empty(chunk, V, dtype=cdt, device=dev)
@@ -224,12 +236,29 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                 if plan.bias_heads is not None:
                     bi, bsub = plan.bias_heads[k]
                     b_k = region(b_srcs[bi], bsub)
+                # Hard labels without extras on a TMA device: the row work moves into the GEMMs.
+                fast = exp_operand.eligible(logits_buf, w_k, teacher=teacher_k is not None, bias=b_k is not None,
+                                            label_smoothing=plan.label_smoothing, z_loss=plan.z_loss,
+                                            softcap=plan.softcap) and (gh_k is None or gh_k.is_contiguous())
                 for r0 in range(0, kept[k], chunk):
                     r1 = min(kept[k], r0 + chunk)
                     # This chunk's global rows: r0..r1, or the gathered valid rows of head k.
                     ids = None if rows_of is None else rows_of[k, r0:r1]
                     h_c = (h_k[r0:r1] if ids is None else h_k.index_select(0, ids)).to(cdt)
                     z = logits_buf[: r1 - r0]
+                    if fast:
+                        target_c, valid_c = row_targets(labels_flat, seg_flat, T, plan.shifts[k], r0, r1 - r0,
+                                                        plan.ignore_index, V, ids)
+                        dh_c = None
+                        if gh_k is not None:
+                            dh_c = gh_k[r0:r1] if ids is None else _dh_buffer(dh_bufs, gh_k.dtype, chunk, H, dev)[: r1 - r0]
+                        exp_operand.exp_operand_chunk(
+                            z, h_c, w_k, target_c, valid_c, scale[k : k + 1], row_loss[k, r0:r1], correct[k, r0:r1],
+                            dh_c, h_accumulate and ids is None, w_acc if w_need[wi] else None, w_written)
+                        if ids is not None and gh_k is not None:
+                            (gh_k.index_add_ if h_accumulate else gh_k.index_copy_)(0, ids, dh_c)
+                        w_written = w_written or w_need[wi]
+                        continue
                     _mm_into(z, h_c, w_k.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
                     if teacher_k is None:
                         ce_rows(z, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
@@ -255,9 +284,7 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                     if gh_k is not None and ids is None:
                         _mm_into(gh_k[r0:r1], z, w_k, accumulate=h_accumulate, rows_per_call=GEMM_ROWS["dh"])
                     elif gh_k is not None:
-                        if gh_k.dtype not in dh_bufs:
-                            dh_bufs[gh_k.dtype] = torch.empty(chunk, H, dtype=gh_k.dtype, device=dev)
-                        dh_c = dh_bufs[gh_k.dtype][: r1 - r0]
+                        dh_c = _dh_buffer(dh_bufs, gh_k.dtype, chunk, H, dev)[: r1 - r0]
                         _mm_into(dh_c, z, w_k, accumulate=False, rows_per_call=GEMM_ROWS["dh"])
                         (gh_k.index_add_ if h_accumulate else gh_k.index_copy_)(0, ids, dh_c)
                     if w_need[wi]:
@@ -293,6 +320,14 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         return (None, *scaled_forward_grads(ctx, grad_loss, "multi_head_linear_cross_entropy"))
+
+
+def _dh_buffer(buffers: dict[torch.dtype, torch.Tensor], dtype: torch.dtype, rows: int, H: int,
+               device: torch.device) -> torch.Tensor:
+    """The [rows, H] buffer of ``dtype`` where gathered rows' hidden gradients land, made once."""
+    if dtype not in buffers:
+        buffers[dtype] = torch.empty(rows, H, dtype=dtype, device=device)
+    return buffers[dtype]
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

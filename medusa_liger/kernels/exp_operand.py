@@ -1,0 +1,272 @@
+"""One chunk of the fused cross-entropy with the row work inside the logits GEMM (Hopper, TMA).
+
+The plain chunk step (fused_linear_cross_entropy.py) runs a row kernel between the GEMMs: three
+passes over the [C, V] logits for the log-sum-exp and the gradient. That kernel cannot run beside
+cuBLAS's GEMMs, and building the gradient inside the dh GEMM's operand costs that GEMM half its speed
+(benchmarks/results/triton_gemm_probe_h100.md). Here the logits GEMM's epilogue writes an operand
+that needs no log-sum-exp: with c_i the target logit of row i (computed first, one dot product),
+
+    E_ij = exp(x_ij - c_i)   (j != t_i)        x = h W^T, never stored
+    Z_i  = sum_{j != t_i} E_ij                 per-tile partial sums from the epilogue
+    E_it = -Z_i                                written after the GEMM
+    P_ij = E_ij / (1 + Z_i),   P_it - 1 = -Z_i / (1 + Z_i),   loss_i = lse_i - x_it = log(1 + Z_i)
+
+so the gradient g = s (P - onehot) is the row-scaled operand  g_i = r_i E_i,  r_i = s_i / (1 + Z_i):
+
+    dh (+)= r * (E @ W)      a Triton GEMM whose epilogue scales the rows (the operand is untouched)
+    dW (+)= E^T @ (r * h)    cuBLAS, on the rows of h scaled first ([C, H], small)
+
+No pass over the logits remains outside the GEMMs, the small gradients of confident rows keep their
+digits (no exp(x - lse) - 1), and top-1 accuracy is "no other logit reaches the target's" (the
+epilogue's row max). The shift fails only when a row's largest logit exceeds its target's by more
+than ~88 (exp overflows): rows past OVERFLOW_MARGIN are recomputed by a device-side kernel with the
+row max as shift (slow, one GEMV per such row, and no host sync), so the general formulas use
+
+    e_t = exp(x_t - c),   r = s / (e_t + Z),   loss = (c - x_t) + log(e_t + Z).
+
+Scope: hard labels without label smoothing, z-loss, softcap or bias, bf16 on CUDA devices with TMA
+(compute capability 9.0+) or fp32 in the Triton interpreter; ``eligible`` says when, and the chunk
+loop falls back to the row kernel otherwise. MEDUSA_LIGER_EXP_OPERAND=0 turns the path off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from medusa_liger.kernels.chunking import mm_into
+from medusa_liger.kernels.utils import next_power_of_2, triton_interpreter_enabled, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - no triton, or one without tensor descriptors
+    triton = None
+
+ENABLED = os.environ.get("MEDUSA_LIGER_EXP_OPERAND", "1") != "0"
+# Rows whose max logit exceeds the target's by more are recomputed with the max as shift: exp(64) and
+# the GEMM sums of such terms stay far from fp32/bf16 overflow (3.4e38 = exp(88.7)).
+OVERFLOW_MARGIN = 64.0
+# (BM, BN, BK, stages, warps): the persistent TMA configuration that matched cuBLAS on an H100
+# (triton_gemm_probe_h100.md); small tiles in the interpreter.
+GPU_TILES = (128, 256, 64, 3, 8)
+INTERPRETER_TILES = (16, 32, 16, 1, 4)
+_LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_of(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+        """Tile index -> (tile row, tile column), GROUP tile rows at a time (L2 reuse of W's tiles)."""
+        tiles_n = tl.cdiv(N, BN)
+        per_group = GROUP * tiles_n
+        first_m = (tile // per_group) * GROUP
+        size = tl.minimum(tl.cdiv(M, BM) - first_m, GROUP)
+        return first_m + (tile % per_group) % size, (tile % per_group) // size
+
+    @triton.jit
+    def _target_logit_kernel(h_ptr, w_ptr, target_ptr, out_ptr, H, BLOCK_H: tl.constexpr):
+        """out[i] = h[i] . w[t_i] in fp32 (+inf where t_i < 0: the row is ignored)."""
+        row = tl.program_id(0)
+        t = tl.load(target_ptr + row)
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        w_row = w_ptr + tl.maximum(t, 0).to(tl.int64) * H  # an ignored row reads row 0 (in bounds)
+        for k in range(0, H, BLOCK_H):
+            ks = k + tl.arange(0, BLOCK_H)
+            h = tl.load(h_ptr + row.to(tl.int64) * H + ks, mask=ks < H, other=0.0).to(tl.float32)
+            acc += h * tl.load(w_row + ks, mask=ks < H, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row, tl.where(t >= 0, tl.sum(acc, axis=0), float("inf")))
+
+    @triton.jit
+    def _exp_logits_kernel(h_desc, w_desc, e_desc, shift_ptr, target_ptr, row_max_ptr, tile_sum_ptr,
+                           M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                           NUM_PROGRAMS: tl.constexpr):
+        """E = exp(h W^T - shift) with the target column at 0, persistent over TMA descriptors.
+
+        Epilogue per tile: E (bf16/fp32 store; the descriptor clips columns past V), each row's sum of
+        E into tile_sum[row, tile column], and its largest non-target logit into row_max (atomic max:
+        order-independent, so the result is deterministic). Ignored rows carry shift = +inf: E = 0.
+        """
+        tiles_n = tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tiles_n, NUM_PROGRAMS, flatten=True):
+            tm, tn = _tile_of(tile, M, N, BM, BN, 8)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                acc = tl.dot(h_desc.load([tm * BM, k]), w_desc.load([tn * BN, k]).T, acc)
+            rows = tm * BM + tl.arange(0, BM)
+            cols = tn * BN + tl.arange(0, BN)
+            in_rows = rows < M
+            shift2 = tl.load(shift_ptr + rows, mask=in_rows, other=float("inf")) * 1.4426950408889634
+            target = tl.load(target_ptr + rows, mask=in_rows, other=-1)
+            # The target column and columns past V at -inf: exp gives 0 and they never win the max.
+            x = tl.where((cols[None, :] == target[:, None]) | (cols[None, :] >= N), float("-inf"), acc)
+            e = tl.exp2(x * 1.4426950408889634 - shift2[:, None])
+            e_desc.store([tm * BM, tn * BN], e.to(e_desc.dtype))
+            tl.store(tile_sum_ptr + rows * tiles_n + tn, tl.sum(e, axis=1), mask=in_rows)
+            tl.atomic_max(row_max_ptr + rows, tl.max(x, axis=1), mask=in_rows)
+
+    @triton.jit
+    def _overflow_rows_kernel(h_ptr, w_ptr, e_ptr, shift_ptr, row_max_ptr, tile_sum_ptr, target_ptr,
+                              V, H, tiles_n, margin, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Recompute E for a row whose max logit exceeds its shift by more than ``margin``, with the
+        max as shift (a GEMV over W, fp32); every other row returns at once (a branch on the device)."""
+        row = tl.program_id(0)
+        m = tl.load(row_max_ptr + row)
+        if tl.load(target_ptr + row) >= 0 and m - tl.load(shift_ptr + row) > margin:
+            t = tl.load(target_ptr + row)
+            total = tl.zeros((BLOCK_V,), dtype=tl.float32)
+            for v in range(0, V, BLOCK_V):
+                vs = v + tl.arange(0, BLOCK_V)
+                x = tl.zeros((BLOCK_V,), dtype=tl.float32)
+                for k in range(0, H, BLOCK_H):
+                    ks = k + tl.arange(0, BLOCK_H)
+                    h = tl.load(h_ptr + row.to(tl.int64) * H + ks, mask=ks < H, other=0.0).to(tl.float32)
+                    w = tl.load(w_ptr + vs.to(tl.int64)[:, None] * H + ks[None, :],
+                                mask=(vs[:, None] < V) & (ks[None, :] < H), other=0.0).to(tl.float32)
+                    x += tl.sum(w * h[None, :], axis=1)
+                e = tl.where((vs == t) | (vs >= V), 0.0, tl.exp2((x - m) * 1.4426950408889634))
+                tl.store(e_ptr + row.to(tl.int64) * V + vs, e.to(e_ptr.dtype.element_ty), mask=vs < V)
+                total += e
+            # The row's sum now sits in its first tile's slot; the others are cleared.
+            for j in range(0, tiles_n, BLOCK_V):
+                js = j + tl.arange(0, BLOCK_V)
+                tl.store(tile_sum_ptr + row.to(tl.int64) * tiles_n + js, tl.where(js == 0, tl.sum(total, axis=0), 0.0),
+                         mask=js < tiles_n)
+            tl.store(shift_ptr + row, m)
+
+    @triton.jit
+    def _row_scaled_gemm_kernel(e_desc, w_desc, out_desc, r_ptr, M, N, K,
+                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                NUM_PROGRAMS: tl.constexpr, ACCUMULATE: tl.constexpr):
+        """out[M, N] (+)= r[:, None] * (E[M, K] @ W[K, N]), persistent over TMA descriptors: the row
+        scale is applied to the fp32 accumulator in the epilogue, the operands stream untouched."""
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), NUM_PROGRAMS, flatten=True):
+            tm, tn = _tile_of(tile, M, N, BM, BN, 8)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                acc = tl.dot(e_desc.load([tm * BM, k]), w_desc.load([k, tn * BN]), acc)
+            rows = tm * BM + tl.arange(0, BM)
+            acc = acc * tl.load(r_ptr + rows, mask=rows < M, other=0.0)[:, None]
+            if ACCUMULATE:
+                acc += out_desc.load([tm * BM, tn * BN]).to(tl.float32)
+            out_desc.store([tm * BM, tn * BN], acc.to(out_desc.dtype))
+
+
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    # TMA descriptors: contiguous rows, 16-byte aligned base and row stride.
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+               for t in tensors)
+
+
+def supported(dtype: torch.dtype, device: torch.device, *, teacher: bool, bias: bool, label_smoothing: float,
+              z_loss: float, softcap: float | None) -> bool:
+    """Whether the path handles chunks of these options, dtype and device (before any buffer exists)."""
+    if not (ENABLED and triton is not None and use_triton(torch.empty(0, device=device))):
+        return False
+    if teacher or bias or label_smoothing != 0.0 or z_loss != 0.0 or softcap is not None:
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return triton_interpreter_enabled() and dtype == torch.float32
+
+
+def eligible(logits_buf: torch.Tensor, weight: torch.Tensor, **options) -> bool:
+    """``supported`` for the buffer's dtype and device, and TMA-ready operands (``options``: as there)."""
+    return (supported(logits_buf.dtype, logits_buf.device, **options) and weight.dtype == logits_buf.dtype
+            and _tma_ready(logits_buf, weight))
+
+
+def _programs(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _tiles(device: torch.device) -> tuple[int, int, int, int, int]:
+    return GPU_TILES if device.type == "cuda" else INTERPRETER_TILES
+
+
+def target_logits(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """x_t [C] fp32: h[i] . w[target[i]] (h [C, H], w [V, H] contiguous; target [C] int32, -1: ignored
+    row, whose value is +inf so that its E row is 0)."""
+    out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+    _target_logit_kernel[(h.shape[0],)](h, w, target, out, h.shape[1], BLOCK_H=min(1024, next_power_of_2(h.shape[1])))
+    return out
+
+
+def exp_logits(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, shift: torch.Tensor,
+               e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E = exp(h w^T - shift) into ``e`` [C, V], the target column at 0; returns (row max of the
+    non-target logits [C], per-tile row sums of E [C, cdiv(V, BN)]), both fp32."""
+    (C, H), V = h.shape, w.shape[0]
+    BM, BN, BK, stages, warps = _tiles(h.device)
+    programs = _programs(h.device)
+    row_max = torch.full((C,), float("-inf"), device=h.device)
+    tile_sum = torch.empty(C, triton.cdiv(V, BN), device=h.device)
+    descriptors = [TensorDescriptor.from_tensor(h, [BM, BK]), TensorDescriptor.from_tensor(w, [BN, BK]),
+                   TensorDescriptor.from_tensor(e, [BM, BN])]
+    _exp_logits_kernel[(programs,)](*descriptors, shift, target, row_max, tile_sum, C, V, H, BM=BM, BN=BN, BK=BK,
+                                    NUM_PROGRAMS=programs, num_stages=stages, num_warps=warps)
+    return row_max, tile_sum
+
+
+def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out [C, H] (+)= r[:, None] * (e [C, V] @ w [V, H]), r [C] fp32, in a persistent TMA GEMM."""
+    if not _tma_ready(out):
+        raise ValueError("row_scaled_gemm: out must be contiguous with 16-byte aligned rows")
+    BM, BN, BK, stages, warps = _tiles(e.device)
+    programs = _programs(e.device)
+    descriptors = [TensorDescriptor.from_tensor(e, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN]),
+                   TensorDescriptor.from_tensor(out, [BM, BN])]
+    _row_scaled_gemm_kernel[(programs,)](*descriptors, r, e.shape[0], w.shape[1], e.shape[1], BM=BM, BN=BN, BK=BK,
+                                         NUM_PROGRAMS=programs, ACCUMULATE=accumulate, num_stages=stages,
+                                         num_warps=warps)
+
+
+def exp_operand_chunk(
+    e: torch.Tensor, h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+    scale: torch.Tensor, row_loss: torch.Tensor, correct: torch.Tensor,
+    dh: torch.Tensor | None, dh_accumulate: bool, w_acc: torch.Tensor | None, w_accumulate: bool,
+) -> None:
+    """One chunk: loss, accuracy and every gradient, through the shifted-exponential operand.
+
+    e:      [C, V] buffer for E (compute dtype, contiguous), overwritten
+    h, w:   the chunk's hidden states [C, H] and the projection [V, H] (compute dtype)
+    target, valid: [C] int64 targets (any value where not valid) and bool mask (cross_entropy.row_targets)
+    scale:  one-element fp32 tensor, the head's gradient factor s
+    row_loss, correct: [C] outputs (fp32 loss, int32 0/1)
+    dh:     [C, H] hidden gradient, written (or added to with ``dh_accumulate``); None: not needed
+    w_acc:  [V, H] weight-gradient accumulator, written (or added to with ``w_accumulate``); None: frozen
+    """
+    C, H = h.shape
+    V = w.shape[0]
+    h = h.contiguous()
+    t = torch.where(valid, target, -1).to(torch.int32)
+    # Step 1: the target logits; they are the shift (+inf on ignored rows).
+    x_t = target_logits(h, w, t)
+    shift = x_t.clone()
+    # Step 2: E and its statistics in the logits GEMM's epilogue.
+    row_max, tile_sum = exp_logits(h, w, t, shift, e)
+    # Step 3: rows whose max overflowed the shift are redone with the max as shift (usually none).
+    _overflow_rows_kernel[(C,)](h, w, e, shift, row_max, tile_sum, t, V, H, tile_sum.shape[1], OVERFLOW_MARGIN,
+                                BLOCK_V=64, BLOCK_H=min(256, next_power_of_2(H)))
+    # Step 4: per-row results. For a normal row shift == x_t, so e_t = 1 and the loss is log1p(Z).
+    z = tile_sum.sum(1)
+    normal = shift == x_t
+    e_t = torch.where(normal, 1.0, torch.exp(x_t - shift))
+    denom = e_t + z
+    loss = torch.where(normal, torch.log1p(z), (shift - x_t) + torch.log(denom))
+    row_loss.copy_(torch.where(valid, loss, 0.0))
+    correct.copy_(valid & (row_max < x_t))
+    r = torch.where(valid, scale.reshape(()).float() / denom, 0.0)  # ignored rows: 0 (their E row is 0)
+    # Step 5: the target column, E_it = -Z_i (ignored rows write 0 over their zero column 0).
+    e.scatter_(1, t.clamp(min=0).long()[:, None], torch.where(valid, -z, 0.0).to(e.dtype)[:, None])
+    # Step 6: dW (+)= E^T (r h), before dh: the scaled rows may borrow dh's storage, not yet written.
+    if w_acc is not None:
+        borrow = dh is not None and not dh_accumulate and dh.dtype == h.dtype and dh.is_contiguous()
+        h_scaled = dh if borrow else torch.empty_like(h)
+        torch.mul(h, r[:, None], out=h_scaled)
+        mm_into(w_acc, e.t(), h_scaled, accumulate=w_accumulate)
+    # Step 7: dh (+)= r * (E @ W), the scale in the GEMM's epilogue.
+    if dh is not None:
+        row_scaled_gemm(e, w, r, dh, dh_accumulate)

@@ -1,0 +1,179 @@
+"""The fused loss's shifted-exponential chunk path (kernels/exp_operand.py) against the fp64 reference:
+every gradient, accuracy, ignored and overflowing rows, and when the path is taken."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from medusa_liger.kernels import exp_operand, force_backend, multi_head_linear_cross_entropy
+from medusa_liger.kernels.reference import multi_head_linear_cross_entropy_reference as reference
+from tests.flce_helpers import TOL, _compare, _run
+from tests.utils import DEVICE, HAS_CUDA
+
+# The path runs in the interpreter on CPU tensors (fp32) and on TMA GPUs in bf16; CPU tests need the first.
+interpreter_only = pytest.mark.skipif(HAS_CUDA, reason="fp32 problems take the row kernel on the GPU")
+OPTIONS = dict(bias=None, segment_ids=None, label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean")
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """Counts the chunks that went through the path."""
+    calls = []
+    original = exp_operand.exp_operand_chunk
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(exp_operand, "exp_operand_chunk", counted)
+    return calls
+
+
+def _eligible_problem(seed: int, dtype=torch.float32, device=DEVICE):
+    """A random problem the path accepts: H and V multiples of 8, hard labels, no bias or extras."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    K, B, T = rng.randint(1, 4), rng.randint(1, 3), rng.choice([7, 13, 21])
+    H, V = rng.choice([8, 24]), rng.choice([40, 136, 264])
+
+    def leaf(*shape, scale=1.0, grad=True):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_(grad)
+
+    hidden = rng.choice([lambda: leaf(B, T, H), lambda: leaf(K, B, T, H),
+                         lambda: [leaf(B, T, H, grad=rng.random() < 0.8) for _ in range(K)]])()
+    weight = rng.choice([lambda: leaf(V, H, scale=0.7), lambda: leaf(K, V, H, scale=0.7),
+                         lambda: leaf(V, H, scale=0.7, grad=False)])()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.2] = -100
+    options = dict(OPTIONS, reduction=rng.choice(["mean", "sum"]))
+    if rng.random() < 0.5:
+        options["segment_ids"] = torch.cumsum((torch.rand(B, T, generator=g) < 0.25).long(), dim=1).to(device)
+    shifts = [rng.choice([0, 1, 2, 3, T + 1]) for _ in range(K)]
+    head_weights = [0.8**k for k in range(K)] if rng.random() < 0.5 else None
+    return hidden, weight, labels.to(device), shifts, head_weights, options
+
+
+def _reference(hidden, weight, labels, shifts, head_weights, options):
+    def f64(x):
+        if isinstance(x, list):
+            return [f64(t) for t in x]
+        return x.detach().double().requires_grad_(x.requires_grad)
+
+    return _run(reference, f64(hidden), f64(weight), labels, shifts, head_weights, options,
+                compute_dtype=torch.float64)
+
+
+@interpreter_only
+@pytest.mark.parametrize("skip_ignored", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_matches_reference(seed, skip_ignored, taken):
+    problem = _eligible_problem(seed)
+    ref, ref_grads = _reference(*problem)
+    with force_backend("triton"):
+        out, grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=16, skip_ignored=skip_ignored)
+    # (skip_ignored runs no chunk at all for heads without a valid target)
+    assert taken or (skip_ignored and int(ref.head_tokens.sum()) == 0), "the exp-operand path was not taken"
+    _compare(out, [g.double() for g in grads], ref, ref_grads, TOL["triton"])
+
+
+def _planted(max_above_target: float, device=DEVICE, dtype=torch.float32):
+    """One head, one row per case: logits of 0 except a chosen column. Row 0: another column
+    ``max_above_target`` above the target's (the shift overflows past 88); row 1: the target column
+    far above the rest (a confident row, P_t - 1 ~ -4e-5); row 2: an ordinary row."""
+    H, V = 8, 40
+    w = torch.zeros(V, H)
+    w[: H] = torch.eye(H)
+    h = torch.zeros(1, 3, H)
+    h[0, 0, 1] = max_above_target  # logit max_above_target at column 1; the target (column 5) at 0
+    h[0, 1, 2] = 14.0  # the target (column 2) at 14, the other 39 columns at 0
+    h[0, 2] = torch.randn(H)
+    labels = torch.tensor([[5, 2, 7]])
+    return h.to(device, dtype).requires_grad_(), w.to(device, dtype).requires_grad_(), labels.to(device)
+
+
+@interpreter_only
+@pytest.mark.parametrize("max_above_target", [70.0, 120.0])
+def test_overflowing_and_confident_rows(max_above_target, taken):
+    h, w, labels = _planted(max_above_target)
+    ref, ref_grads = _reference(h, w, labels, [0], None, OPTIONS)
+    with force_backend("triton"):
+        out, grads = _run(multi_head_linear_cross_entropy, h, w, labels, [0], None, OPTIONS)
+    assert taken
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
+    _compare(out, [g.double() for g in grads], ref, ref_grads, TOL["triton"])
+    # The confident row's small gradient keeps its digits (no exp(x - lse) - 1 cancellation), checked
+    # against plain fp64 autograd: P_t - 1 = -39 e^-14 / (1 + 39 e^-14) there.
+    h64 = h.detach().double().requires_grad_()
+    loss = torch.nn.functional.cross_entropy((h64 @ w.detach().double().T)[0], labels[0])
+    (loss * 1.5).backward()
+    err = (grads[0][0, 1].double() - h64.grad[0, 1]).norm() / h64.grad[0, 1].norm()
+    assert err < 1e-5, f"confident row: relative error {err:.2e}"
+
+
+@interpreter_only
+def test_all_targets_ignored_give_zero(taken):
+    h, w, labels, shifts, _, options = _eligible_problem(1)
+    labels = torch.full_like(labels, -100)
+    with force_backend("triton"):
+        out, grads = _run(multi_head_linear_cross_entropy, h, w, labels, shifts, None, options, chunk_size=16)
+    assert taken
+    assert float(out.loss) == 0.0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@interpreter_only
+def test_same_result_as_the_row_kernel_path(monkeypatch):
+    problem = _eligible_problem(3)
+    with force_backend("triton"):
+        fast, fast_grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=16)
+        monkeypatch.setattr(exp_operand, "ENABLED", False)
+        rows, row_grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=16)
+    torch.testing.assert_close(fast.loss, rows.loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast.head_tokens, rows.head_tokens)
+    for a, b in zip(fast_grads, row_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["ok", "disabled", "odd_vocab", "fp64", "bias", "softcap", "smoothing",
+                                  "z_loss", "teacher"])
+def test_eligibility(case, monkeypatch):
+    if DEVICE.type == "cuda" and case == "ok":
+        pytest.skip("fp32 on the GPU takes the row kernel (the path is bf16 there)")
+    V = 37 if case == "odd_vocab" else 40
+    dtype = torch.float64 if case == "fp64" else torch.float32
+    buf, w = torch.empty(16, V, dtype=dtype, device=DEVICE), torch.empty(V, 8, dtype=dtype, device=DEVICE)
+    if case == "disabled":
+        monkeypatch.setattr(exp_operand, "ENABLED", False)
+    options = dict(teacher=case == "teacher", bias=case == "bias", label_smoothing=0.1 if case == "smoothing" else 0.0,
+                   z_loss=1e-3 if case == "z_loss" else 0.0, softcap=3.0 if case == "softcap" else None)
+    with force_backend("triton"):
+        assert exp_operand.eligible(buf, w, **options) == (case == "ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0), reason="needs TMA (sm90+)")
+@pytest.mark.parametrize("seed", range(3))
+def test_gpu_bf16_matches_reference_and_the_row_kernel(seed, taken, monkeypatch):
+    problem = _eligible_problem(seed, dtype=torch.bfloat16)
+    ref, ref_grads = _reference(*problem)
+    out, grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=16)
+    assert taken
+    _compare(out, [g.double() for g in grads], ref, ref_grads, 3e-2, acc_slack=0.1 * max(1, int(ref.head_tokens.max())))
+    monkeypatch.setattr(exp_operand, "ENABLED", False)
+    rows, row_grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=16)
+    for i, (a, b) in enumerate(zip(grads, row_grads)):
+        err = float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))  # 0 when both are 0
+        assert err < 5e-2, f"gradient {i}: {err:.2e} from the row kernel's"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0), reason="needs TMA (sm90+)")
+@pytest.mark.parametrize("max_above_target", [70.0, 120.0])
+def test_gpu_bf16_overflowing_rows(max_above_target, taken):
+    h, w, labels = _planted(max_above_target, dtype=torch.bfloat16)
+    ref, ref_grads = _reference(h, w, labels, [0], None, OPTIONS)
+    out, grads = _run(multi_head_linear_cross_entropy, h, w, labels, [0], None, OPTIONS)
+    assert taken
+    _compare(out, [g.double() for g in grads], ref, ref_grads, 3e-2)
