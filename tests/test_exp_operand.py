@@ -177,3 +177,20 @@ def test_gpu_bf16_overflowing_rows(max_above_target, taken):
     out, grads = _run(multi_head_linear_cross_entropy, h, w, labels, [0], None, OPTIONS)
     assert taken
     _compare(out, [g.double() for g in grads], ref, ref_grads, 3e-2)
+
+
+@interpreter_only
+def test_hidden_off_a_16_byte_boundary(taken):
+    # A view one element into its storage cannot back a TMA descriptor: the path copies it.
+    g = torch.Generator().manual_seed(5)
+    B, T, H, V = 2, 9, 8, 40
+    base = torch.randn(1 + B * T * H, generator=g).requires_grad_()
+    hidden = base[1:].view(B, T, H)
+    weight = torch.randn(V, H, generator=g).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    ref, ref_grads = _reference(hidden.detach().clone().requires_grad_(), weight, labels, [1], None, OPTIONS)
+    with force_backend("triton"):
+        out = multi_head_linear_cross_entropy(hidden, weight, labels, [1], None)
+        (out.loss * 1.5).backward()
+    assert taken
+    _compare(out, [base.grad[1:].view(B, T, H).double(), weight.grad.double()], ref, ref_grads, TOL["triton"])

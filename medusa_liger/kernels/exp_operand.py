@@ -53,7 +53,7 @@ OVERFLOW_MARGIN = 64.0
 # (triton_gemm_probe_h100.md); small tiles in the interpreter.
 GPU_TILES = (128, 256, 64, 3, 8)
 INTERPRETER_TILES = (16, 32, 16, 1, 4)
-_LOG2E = 1.4426950408889634
+# The kernels take exp(x) as exp2(x * 1.4426950408889634), log2(e): one multiply-add per element.
 
 if triton is not None:
 
@@ -240,7 +240,8 @@ def exp_operand_chunk(
     """
     C, H = h.shape
     V = w.shape[0]
-    h = h.contiguous()
+    if not _tma_ready(h):  # a view off a 16-byte boundary, or strided: a fresh contiguous copy
+        h = h.clone(memory_format=torch.contiguous_format)
     t = torch.where(valid, target, -1).to(torch.int32)
     # Step 1: the target logits; they are the shift (+inf on ignored rows).
     x_t = target_logits(h, w, t)
