@@ -44,6 +44,10 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - no triton, or one without tensor descriptors
     triton = None
+# Host-side tensor descriptors and tl.range(..., flatten=True) in persistent kernels: Triton 3.4+
+# (tested on 3.6 on an H100 and 3.9 in the interpreter); older versions take the row kernel.
+if triton is not None and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 4):
+    triton = None
 
 ENABLED = os.environ.get("MEDUSA_LIGER_EXP_OPERAND", "1") != "0"
 # Rows whose max logit exceeds the target's by more are recomputed with the max as shift: exp(64) and
