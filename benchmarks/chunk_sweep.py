@@ -28,6 +28,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.medusa_loss import CUDA, Problem, make_ours, measure  # noqa: E402
 
 from medusa_liger.kernels.chunking import plan_chunk_rows  # noqa: E402
+from medusa_liger.kernels.fused_linear_cross_entropy import chunk_budget  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +51,9 @@ def main() -> None:
         sizes = [None] + [c for c in chunks if c < N] + [N]
         for mode in modes:
             default = plan_chunk_rows(N, V, dtype, not frozen, common.DEVICE,
-                                      V * H * 4 if mode == "fp32" and not frozen else 0)
+                                      V * H * 4 if mode == "fp32" and not frozen else 0,
+                                      chunk_budget(not frozen, False, dtype, common.DEVICE, bias=False,
+                                                   label_smoothing=0.0, z_loss=0.0, softcap=None))
             cells: dict[int | None, list[tuple[float, float]]] = {c: [] for c in sizes}
             for _ in range(2):  # two interleaved rounds
                 for c in sizes:

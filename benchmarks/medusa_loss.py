@@ -43,8 +43,8 @@ from benchmarks import common  # noqa: E402
 
 from medusa_liger.kernels import exp_operand  # noqa: E402
 from medusa_liger.kernels import head_by_head_linear_cross_entropy, multi_head_linear_cross_entropy  # noqa: E402
-from medusa_liger.kernels.chunking import DEFAULT_CHUNK_BYTES, GEMM_ROWS, mm_into, plan_chunk_rows  # noqa: E402
-from medusa_liger.kernels.fused_linear_cross_entropy import default_chunk_rows  # noqa: E402
+from medusa_liger.kernels.chunking import GEMM_ROWS, mm_into, plan_chunk_rows  # noqa: E402
+from medusa_liger.kernels.fused_linear_cross_entropy import chunk_budget, default_chunk_rows  # noqa: E402
 from medusa_liger.kernels.reference import shifted_targets  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -175,11 +175,9 @@ def gemms_alone(accum_dtype: torch.dtype) -> Callable[[Problem], None]:
     def run(p: Problem) -> None:
         trainable = p.weights[0].requires_grad
         fp32_acc = trainable and accum_dtype == torch.float32
-        # The op's plan: frozen projections take the larger chunk on the exp-operand path.
-        exp_path = exp_operand.supported(p.x.dtype, DEVICE, teacher=False, bias=False, label_smoothing=0.0,
-                                         z_loss=0.0, softcap=None)
-        chunk = plan_chunk_rows(p.N, p.V, p.x.dtype, trainable, DEVICE, p.V * p.H * 4 if fp32_acc else 0,
-                                DEFAULT_CHUNK_BYTES if exp_path and not trainable else None)
+        budget = chunk_budget(trainable, False, p.x.dtype, DEVICE, bias=False, label_smoothing=0.0, z_loss=0.0,
+                              softcap=None)
+        chunk = plan_chunk_rows(p.N, p.V, p.x.dtype, trainable, DEVICE, p.V * p.H * 4 if fp32_acc else 0, budget)
         z = torch.empty(chunk, p.V, device=DEVICE, dtype=p.x.dtype)
         dh = torch.empty(p.N, p.H, device=DEVICE, dtype=p.x.dtype)
         single = p.N <= chunk  # the op then writes the gradient with one GEMM

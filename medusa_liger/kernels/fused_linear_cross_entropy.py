@@ -145,9 +145,10 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         opts = dict(ignore_index=plan.ignore_index, label_smoothing=plan.label_smoothing,
                     z_loss=plan.z_loss, softcap=plan.softcap)
 
-        # Valid-target counts and per-head gradient factors, on the device (no sync).
-        valid = torch.stack([row_targets(labels_flat, seg_flat, T, s, 0, N, plan.ignore_index, V)[1]
-                             for s in plan.shifts])
+        # Each head's targets (0 where invalid) and valid mask [K, N], its valid-target count and
+        # gradient factor, on the device (no sync).
+        targets, valid = (torch.stack(x) for x in zip(*[
+            row_targets(labels_flat, seg_flat, T, s, 0, N, plan.ignore_index, V) for s in plan.shifts]))
         counts = valid.sum(1)
         hw = head_weights.to(sdt)
         denom = counts.clamp(min=1).to(sdt)
@@ -183,16 +184,9 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             reserved = max([V * H * torch.empty((), dtype=acc_dtype(t)).element_size()
                             for j, t in enumerate(w_srcs) if w_need[j] and acc_dtype(t) != t.dtype], default=0)
-            # A teacher's logits take a second [C, V] buffer: half the rows per chunk, same bytes.
-            budget = None
-            if any(t is not None for t in plan.teacher):
-                budget = (DEFAULT_CHUNK_BYTES if any(w_need) else FROZEN_CHUNK_BYTES) // 2
-            elif not any(w_need) and exp_operand.supported(
-                    cdt, dev, teacher=False, bias=bool(b_srcs), label_smoothing=plan.label_smoothing,
-                    z_loss=plan.z_loss, softcap=plan.softcap):
-                # Frozen projections on the exp-operand path: 4096-row chunks (at V = 128256) beat
-                # 2048 there, 262 vs 266 ms at (b) N=16384 (NOTES.md run 58); the row kernel prefers 2048.
-                budget = DEFAULT_CHUNK_BYTES
+            budget = chunk_budget(any(w_need), any(t is not None for t in plan.teacher), cdt, dev,
+                                  bias=bool(b_srcs), label_smoothing=plan.label_smoothing, z_loss=plan.z_loss,
+                                  softcap=plan.softcap)
             chunk = plan_chunk_rows(max(max(kept), 1), V, cdt, any(w_need), dev, reserved, budget)
         logits_buf = torch.empty(chunk, V, dtype=cdt, device=dev)
         teacher_buf = (torch.empty(chunk, V, dtype=cdt, device=dev)
@@ -246,52 +240,52 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                     ids = None if rows_of is None else rows_of[k, r0:r1]
                     h_c = (h_k[r0:r1] if ids is None else h_k.index_select(0, ids)).to(cdt)
                     z = logits_buf[: r1 - r0]
-                    if fast:
-                        target_c, valid_c = row_targets(labels_flat, seg_flat, T, plan.shifts[k], r0, r1 - r0,
-                                                        plan.ignore_index, V, ids)
-                        dh_c = None
-                        if gh_k is not None:
-                            dh_c = gh_k[r0:r1] if ids is None else _dh_buffer(dh_bufs, gh_k.dtype, chunk, H, dev)[: r1 - r0]
-                        exp_operand.exp_operand_chunk(
-                            z, h_c, w_k, target_c, valid_c, scale[k : k + 1], row_loss[k, r0:r1], correct[k, r0:r1],
-                            dh_c, h_accumulate and ids is None, w_acc if w_need[wi] else None, w_written)
-                        if ids is not None and gh_k is not None:
-                            (gh_k.index_add_ if h_accumulate else gh_k.index_copy_)(0, ids, dh_c)
-                        w_written = w_written or w_need[wi]
-                        continue
-                    _mm_into(z, h_c, w_k.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
-                    if teacher_k is None:
-                        ce_rows(z, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k], segment_ids=seg_flat,
-                                bias=b_k, scale=scale[k : k + 1], lse=lse_buf[: r1 - r0], loss=row_loss[k, r0:r1],
-                                correct=correct[k, r0:r1], compute_lse=True, write_grad=any_grad, row_ids=ids,
-                                **opts)
-                    else:
-                        u = teacher_buf[: r1 - r0]
-                        if teacher_k.offset == 0:
-                            t_c = t_h[r0:r1] if ids is None else t_h.index_select(0, ids)
-                        else:
-                            # Row n reads teacher row n + offset; rows clamped at the end have no valid
-                            # target (offset < shift), so they only need to stay in bounds.
-                            t_ids = torch.arange(r0, r1, device=dev) if ids is None else ids
-                            t_c = t_h.index_select(0, (t_ids + teacher_k.offset).clamp_(max=N - 1))
-                        _mm_into(u, t_c.to(cdt), t_w.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
-                        kl_rows(z, u, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k],
-                                segment_ids=seg_flat, bias=b_k, teacher_bias=teacher_k.bias, scale=scale[k : k + 1],
-                                loss=row_loss[k, r0:r1],
-                                correct=correct[k, r0:r1], ignore_index=plan.ignore_index, z_loss=plan.z_loss,
-                                softcap=plan.softcap, write_grad=any_grad, row_ids=ids)
-                    # z now holds scale_k * dloss/dz for the chunk.
+                    # The chunk's hidden gradient lands in its rows of gh_k, or (gathered rows) in a
+                    # buffer scattered to them below.
+                    dh_c = None
                     if gh_k is not None and ids is None:
-                        _mm_into(gh_k[r0:r1], z, w_k, accumulate=h_accumulate, rows_per_call=GEMM_ROWS["dh"])
+                        dh_c = gh_k[r0:r1]
                     elif gh_k is not None:
                         dh_c = _dh_buffer(dh_bufs, gh_k.dtype, chunk, H, dev)[: r1 - r0]
-                        _mm_into(dh_c, z, w_k, accumulate=False, rows_per_call=GEMM_ROWS["dh"])
+                    dh_accumulate = h_accumulate and ids is None
+                    if fast:
+                        target_c, valid_c = ((x[k, r0:r1] if ids is None else x[k].index_select(0, ids))
+                                             for x in (targets, valid))
+                        exp_operand.exp_operand_chunk(
+                            z, h_c, w_k, target_c, valid_c, scale[k : k + 1], row_loss[k, r0:r1], correct[k, r0:r1],
+                            dh_c, dh_accumulate, w_acc if w_need[wi] else None, w_written)
+                    else:
+                        _mm_into(z, h_c, w_k.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
+                        if teacher_k is None:
+                            ce_rows(z, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k],
+                                    segment_ids=seg_flat, bias=b_k, scale=scale[k : k + 1], lse=lse_buf[: r1 - r0],
+                                    loss=row_loss[k, r0:r1], correct=correct[k, r0:r1], compute_lse=True,
+                                    write_grad=any_grad, row_ids=ids, **opts)
+                        else:
+                            u = teacher_buf[: r1 - r0]
+                            if teacher_k.offset == 0:
+                                t_c = t_h[r0:r1] if ids is None else t_h.index_select(0, ids)
+                            else:
+                                # Row n reads teacher row n + offset; rows clamped at the end have no
+                                # valid target (offset < shift), so they only need to stay in bounds.
+                                t_ids = torch.arange(r0, r1, device=dev) if ids is None else ids
+                                t_c = t_h.index_select(0, (t_ids + teacher_k.offset).clamp_(max=N - 1))
+                            _mm_into(u, t_c.to(cdt), t_w.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
+                            kl_rows(z, u, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k],
+                                    segment_ids=seg_flat, bias=b_k, teacher_bias=teacher_k.bias,
+                                    scale=scale[k : k + 1], loss=row_loss[k, r0:r1], correct=correct[k, r0:r1],
+                                    ignore_index=plan.ignore_index, z_loss=plan.z_loss, softcap=plan.softcap,
+                                    write_grad=any_grad, row_ids=ids)
+                        # z now holds scale_k * dloss/dz for the chunk.
+                        if dh_c is not None:
+                            _mm_into(dh_c, z, w_k, accumulate=dh_accumulate, rows_per_call=GEMM_ROWS["dh"])
+                        if w_need[wi]:
+                            _mm_into(w_acc, z.t(), h_c, accumulate=w_written, rows_per_call=GEMM_ROWS["dw"])
+                        if b_k is not None and b_need[bi]:
+                            region(b_grads[bi], bsub).add_(z.sum(0, dtype=sdt))
+                    if dh_c is not None and ids is not None:
                         (gh_k.index_add_ if h_accumulate else gh_k.index_copy_)(0, ids, dh_c)
-                    if w_need[wi]:
-                        _mm_into(w_acc, z.t(), h_c, accumulate=w_written, rows_per_call=GEMM_ROWS["dw"])
-                        w_written = True
-                    if b_k is not None and b_need[bi]:
-                        region(b_grads[bi], bsub).add_(z.sum(0, dtype=sdt))
+                    w_written = w_written or w_need[wi]
                 if last_of_group:
                     if w_need[wi] and not w_written:
                         w_acc.zero_()  # every head of the group skipped all its rows
@@ -320,6 +314,21 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         return (None, *scaled_forward_grads(ctx, grad_loss, "multi_head_linear_cross_entropy"))
+
+
+def chunk_budget(weight_grad: bool, teacher: bool, dtype: torch.dtype, device: torch.device, *, bias: bool,
+                 label_smoothing: float, z_loss: float, softcap: float | None) -> int | None:
+    """Byte budget of the op's logit chunk, or None for chunking's default (DEFAULT_CHUNK_BYTES with a
+    weight gradient, FROZEN_CHUNK_BYTES without)."""
+    if teacher:
+        # A teacher's logits take a second [C, V] buffer: half the rows per chunk, same bytes.
+        return (DEFAULT_CHUNK_BYTES if weight_grad else FROZEN_CHUNK_BYTES) // 2
+    if not weight_grad and exp_operand.supported(dtype, device, teacher=False, bias=bias,
+                                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap):
+        # Frozen projections on the exp-operand path: 4096-row chunks (at V = 128256) beat 2048
+        # there, 262 vs 266 ms at (b) N=16384 (NOTES.md run 58); the row kernel prefers 2048.
+        return DEFAULT_CHUNK_BYTES
+    return None
 
 
 def _dh_buffer(buffers: dict[torch.dtype, torch.Tensor], dtype: torch.dtype, rows: int, H: int,
