@@ -32,19 +32,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from medusa_liger.kernels.exp_operand import _tile_of  # noqa: E402  (program id -> tile, grouped rows)
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
-    """Program id -> (tile row, tile column) in groups of GROUP tile rows (L2 reuse of W's tiles)."""
-    tiles_m = tl.cdiv(M, BM)
-    tiles_n = tl.cdiv(N, BN)
-    per_group = GROUP * tiles_n
-    group = pid // per_group
-    first_m = group * GROUP
-    size = tl.minimum(tiles_m - first_m, GROUP)
-    return first_m + (pid % per_group) % size, (pid % per_group) // size
 
 
 @triton.jit

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import torch
 
-from medusa_liger.kernels.utils import check_float, check_labels, check_shape, next_power_of_2, use_triton
+from medusa_liger.kernels.utils import (
+    check_float, check_labels, check_shape, multiprocessors, next_power_of_2, use_triton,
+)
 
 try:
     import triton
@@ -55,13 +57,6 @@ PERSISTENT_PROGRAMS_PER_SM = 0
 # evict-first (never read again here). Bit-identical results; on an H100 the one-launch row kernel
 # runs 4.5-5.7% faster with them at 2048-4096 rows of V = 128256 (results/tune_row_kernel_h100.md).
 L2_HINTS = True
-_CPU_MULTIPROCESSORS = 4  # the interpreter's stand-in, so CPU tests run the striding loop
-
-
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _CPU_MULTIPROCESSORS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def launch_config(n_cols: int, device: torch.device) -> tuple[int, int]:
@@ -329,7 +324,7 @@ def ce_rows(
     pass2_evict = "evict_first" if L2_HINTS else ""
     programs = rows
     if PERSISTENT_PROGRAMS_PER_SM > 0:
-        programs = min(rows, PERSISTENT_PROGRAMS_PER_SM * _multiprocessors(logits.device))
+        programs = min(rows, PERSISTENT_PROGRAMS_PER_SM * multiprocessors(logits.device))
     dummy = lse
     ce_row_kernel[(programs,)](
         logits, logits.stride(0), labels,

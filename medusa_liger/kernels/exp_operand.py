@@ -36,7 +36,7 @@ import os
 import torch
 
 from medusa_liger.kernels.chunking import mm_into
-from medusa_liger.kernels.utils import next_power_of_2, triton_interpreter_enabled, use_triton
+from medusa_liger.kernels.utils import multiprocessors, next_power_of_2, triton_interpreter_enabled, use_triton
 
 try:
     import triton
@@ -182,10 +182,6 @@ def eligible(logits_buf: torch.Tensor, weight: torch.Tensor, **options) -> bool:
             and _tma_ready(logits_buf, weight))
 
 
-def _programs(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _tiles(device: torch.device) -> tuple[int, int, int, int, int]:
     return GPU_TILES if device.type == "cuda" else INTERPRETER_TILES
 
@@ -204,7 +200,7 @@ def exp_logits(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, shift: to
     non-target logits [C], per-tile row sums of E [C, cdiv(V, BN)]), both fp32."""
     (C, H), V = h.shape, w.shape[0]
     BM, BN, BK, stages, warps = _tiles(h.device)
-    programs = _programs(h.device)
+    programs = multiprocessors(h.device)
     row_max = torch.full((C,), float("-inf"), device=h.device)
     tile_sum = torch.empty(C, triton.cdiv(V, BN), device=h.device)
     descriptors = [TensorDescriptor.from_tensor(h, [BM, BK]), TensorDescriptor.from_tensor(w, [BN, BK]),
@@ -219,7 +215,7 @@ def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torc
     if not _tma_ready(out):
         raise ValueError("row_scaled_gemm: out must be contiguous with 16-byte aligned rows")
     BM, BN, BK, stages, warps = _tiles(e.device)
-    programs = _programs(e.device)
+    programs = multiprocessors(e.device)
     descriptors = [TensorDescriptor.from_tensor(e, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN]),
                    TensorDescriptor.from_tensor(out, [BM, BN])]
     _row_scaled_gemm_kernel[(programs,)](*descriptors, r, e.shape[0], w.shape[1], e.shape[1], BM=BM, BN=BN, BK=BK,

@@ -61,6 +61,19 @@ def force_backend(backend: Backend | None) -> Iterator[None]:
         _forced_backend = previous
 
 
+# The interpreter's stand-in for a GPU's multiprocessor count: small, so CPU tests run the striding
+# loops of persistent kernels.
+CPU_MULTIPROCESSORS = 4
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessor (SM) count, the grid of a persistent kernel; CPU_MULTIPROCESSORS on
+    the CPU (the Triton interpreter)."""
+    if device.type != "cuda":
+        return CPU_MULTIPROCESSORS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (n >= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())
