@@ -194,3 +194,29 @@ def test_hidden_off_a_16_byte_boundary(taken):
         (out.loss * 1.5).backward()
     assert taken
     _compare(out, [base.grad[1:].view(B, T, H).double(), weight.grad.double()], ref, ref_grads, TOL["triton"])
+
+
+# Every GEMM option the configuration table offers (kernels/exp_operand.GemmConfig), one change each.
+CONFIG_CHANGES = [dict(logits=dict(subtile=True)), dict(logits=dict(warp_specialize=True, subtile=True)),
+                  dict(dh=dict(warp_specialize=True)), dict(logits=dict(group=1), dh=dict(group=2))]
+
+
+@pytest.mark.parametrize("change", CONFIG_CHANGES, ids=lambda c: str(c).replace(" ", ""))
+def test_gemm_configurations(change, taken, monkeypatch):
+    if HAS_CUDA and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs TMA (sm90+)")
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    base = exp_operand.GPU_TILES if HAS_CUDA else dict.fromkeys(("logits", "dh"), exp_operand.INTERPRETER_TILES)
+    changed = {gemm: cfg._replace(**change.get(gemm, {})) for gemm, cfg in base.items()}
+    if HAS_CUDA:
+        monkeypatch.setattr(exp_operand, "GPU_TILES", changed)
+    else:
+        monkeypatch.setattr(exp_operand, "_tiles", lambda gemm, device: changed[gemm])
+    problem = _eligible_problem(11, dtype=dtype)  # 4 heads, V = 264: several tiles, a partial one
+    ref, ref_grads = _reference(*problem)
+    with force_backend("triton"):
+        out, grads = _run(multi_head_linear_cross_entropy, *problem, chunk_size=16)
+    assert taken
+    tol = 3e-2 if HAS_CUDA else TOL["triton"]
+    _compare(out, [g.double() for g in grads], ref, ref_grads, tol,
+             **(dict(acc_slack=0.1 * max(1, int(ref.head_tokens.max()))) if HAS_CUDA else {}))

@@ -32,6 +32,7 @@ loop falls back to the row kernel otherwise. MEDUSA_LIGER_EXP_OPERAND=0 turns th
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -53,10 +54,25 @@ ENABLED = os.environ.get("MEDUSA_LIGER_EXP_OPERAND", "1") != "0"
 # Rows whose max logit exceeds the target's by more are recomputed with the max as shift: exp(64) and
 # the GEMM sums of such terms stay far from fp32/bf16 overflow (3.4e38 = exp(88.7)).
 OVERFLOW_MARGIN = 64.0
-# (BM, BN, BK, stages, warps): the persistent TMA configuration that matched cuBLAS on an H100
-# (triton_gemm_probe_h100.md); small tiles in the interpreter.
-GPU_TILES = (128, 256, 64, 3, 8)
-INTERPRETER_TILES = (16, 32, 16, 1, 4)
+
+
+class GemmConfig(NamedTuple):
+    """Launch configuration of one of the path's persistent TMA GEMMs."""
+
+    bm: int  # tile rows
+    bn: int  # tile columns
+    bk: int  # reduction step
+    stages: int  # pipeline depth (shared-memory buffers per operand)
+    warps: int
+    group: int  # tile rows visited together (_tile_of): their tiles share the other operand's in L2
+    subtile: bool = False  # logits GEMM: the epilogue in two column halves (half the store buffer's memory)
+    warp_specialize: bool = False  # producer/consumer warps (Triton's tl.range warp_specialize)
+
+
+# The configuration that matched cuBLAS on an H100 (triton_gemm_probe_h100.md, exp_operand_tiles_h100.md);
+# small tiles in the interpreter.
+GPU_TILES = {"logits": GemmConfig(128, 256, 64, 3, 8, 8), "dh": GemmConfig(128, 256, 64, 3, 8, 8)}
+INTERPRETER_TILES = GemmConfig(16, 32, 16, 1, 4, 8)
 # The kernels take exp(x) as exp2(x * 1.4426950408889634), log2(e): one multiply-add per element.
 
 if triton is not None:
@@ -71,45 +87,68 @@ if triton is not None:
         return first_m + (tile % per_group) % size, (tile % per_group) // size
 
     @triton.jit
-    def _target_logit_kernel(h_ptr, w_ptr, target_ptr, out_ptr, H, BLOCK_H: tl.constexpr):
-        """out[i] = h[i] . w[t_i] in fp32 (+inf where t_i < 0: the row is ignored)."""
+    def _target_logit_kernel(h_ptr, w_ptr, target_ptr, valid_ptr, t_ptr, x_t_ptr, shift_ptr, row_max_ptr, H,
+                             BLOCK_H: tl.constexpr):
+        """Per row: t = target where valid else -1 (int32), x_t = h . w[t] in fp32 and the shift (both
+        +inf on an ignored row, so that its E row is 0), and the row max's start value -inf."""
         row = tl.program_id(0)
-        t = tl.load(target_ptr + row)
+        t = tl.where(tl.load(valid_ptr + row) != 0, tl.load(target_ptr + row), -1)
         acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
         w_row = w_ptr + tl.maximum(t, 0).to(tl.int64) * H  # an ignored row reads row 0 (in bounds)
         for k in range(0, H, BLOCK_H):
             ks = k + tl.arange(0, BLOCK_H)
             h = tl.load(h_ptr + row.to(tl.int64) * H + ks, mask=ks < H, other=0.0).to(tl.float32)
             acc += h * tl.load(w_row + ks, mask=ks < H, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row, tl.where(t >= 0, tl.sum(acc, axis=0), float("inf")))
+        x_t = tl.where(t >= 0, tl.sum(acc, axis=0), float("inf"))
+        tl.store(t_ptr + row, t.to(tl.int32))
+        tl.store(x_t_ptr + row, x_t)
+        tl.store(shift_ptr + row, x_t)
+        tl.store(row_max_ptr + row, float("-inf"))
+
+    @triton.jit
+    def _exp_store(acc, row0, col0, shift2, target, N, e_desc, BN_PART: tl.constexpr):
+        """The epilogue on acc = logits[row0:, col0:col0 + BN_PART]: stores E, returns its row sums and
+        the rows' largest non-target logit."""
+        cols = col0 + tl.arange(0, BN_PART)
+        # The target column and columns past V at -inf: exp gives 0 and they never win the max.
+        x = tl.where((cols[None, :] == target[:, None]) | (cols[None, :] >= N), float("-inf"), acc)
+        e = tl.exp2(x * 1.4426950408889634 - shift2[:, None])
+        e_desc.store([row0, col0], e.to(e_desc.dtype))
+        return tl.sum(e, axis=1), tl.max(x, axis=1)
 
     @triton.jit
     def _exp_logits_kernel(h_desc, w_desc, e_desc, shift_ptr, target_ptr, row_max_ptr, tile_sum_ptr,
                            M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                           GROUP: tl.constexpr, SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                            NUM_PROGRAMS: tl.constexpr):
         """E = exp(h W^T - shift) with the target column at 0, persistent over TMA descriptors.
 
         Epilogue per tile: E (bf16/fp32 store; the descriptor clips columns past V), each row's sum of
         E into tile_sum[row, tile column], and its largest non-target logit into row_max (atomic max:
         order-independent, so the result is deterministic). Ignored rows carry shift = +inf: E = 0.
+        SUBTILE: the epilogue in two column halves, so its store buffer takes half the shared memory.
         """
         tiles_n = tl.cdiv(N, BN)
-        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tiles_n, NUM_PROGRAMS, flatten=True):
-            tm, tn = _tile_of(tile, M, N, BM, BN, 8)
+        # Hopper's warp specialization needs the loop nest kept (not flattened).
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tiles_n, NUM_PROGRAMS, flatten=not WARP_SPECIALIZE,
+                             warp_specialize=WARP_SPECIALIZE):
+            tm, tn = _tile_of(tile, M, N, BM, BN, GROUP)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
                 acc = tl.dot(h_desc.load([tm * BM, k]), w_desc.load([tn * BN, k]).T, acc)
             rows = tm * BM + tl.arange(0, BM)
-            cols = tn * BN + tl.arange(0, BN)
             in_rows = rows < M
             shift2 = tl.load(shift_ptr + rows, mask=in_rows, other=float("inf")) * 1.4426950408889634
             target = tl.load(target_ptr + rows, mask=in_rows, other=-1)
-            # The target column and columns past V at -inf: exp gives 0 and they never win the max.
-            x = tl.where((cols[None, :] == target[:, None]) | (cols[None, :] >= N), float("-inf"), acc)
-            e = tl.exp2(x * 1.4426950408889634 - shift2[:, None])
-            e_desc.store([tm * BM, tn * BN], e.to(e_desc.dtype))
-            tl.store(tile_sum_ptr + rows * tiles_n + tn, tl.sum(e, axis=1), mask=in_rows)
-            tl.atomic_max(row_max_ptr + rows, tl.max(x, axis=1), mask=in_rows)
+            if SUBTILE:
+                left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+                sum_l, max_l = _exp_store(left, tm * BM, tn * BN, shift2, target, N, e_desc, BN // 2)
+                sum_r, max_r = _exp_store(right, tm * BM, tn * BN + BN // 2, shift2, target, N, e_desc, BN // 2)
+                row_sum, row_max = sum_l + sum_r, tl.maximum(max_l, max_r)
+            else:
+                row_sum, row_max = _exp_store(acc, tm * BM, tn * BN, shift2, target, N, e_desc, BN)
+            tl.store(tile_sum_ptr + rows * tiles_n + tn, row_sum, mask=in_rows)
+            tl.atomic_max(row_max_ptr + rows, row_max, mask=in_rows)
 
     @triton.jit
     def _overflow_rows_kernel(h_ptr, w_ptr, e_ptr, shift_ptr, row_max_ptr, tile_sum_ptr, target_ptr,
@@ -141,13 +180,54 @@ if triton is not None:
             tl.store(shift_ptr + row, m)
 
     @triton.jit
+    def _row_results_kernel(e_ptr, t_ptr, x_t_ptr, shift_ptr, row_max_ptr, tile_sum_ptr, scale_ptr,
+                            loss_ptr, correct_ptr, r_ptr, C, V, tiles_n,
+                            BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Per row, from the epilogue's statistics: loss, top-1 hit and gradient scale, and E_it = -Z.
+
+        Z = sum of the row's tile sums; e_t = exp(x_t - shift) (1 unless the row overflowed);
+        loss = (shift - x_t) + log(e_t + Z), which is log1p(Z) when shift == x_t;
+        correct = no other logit reaches the target's; r = s / (e_t + Z). Ignored rows (t < 0) get
+        0 everywhere and keep their all-zero E row.
+        """
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        in_rows = rows < C
+        # Step 1: Z, the sum of the row's per-tile sums.
+        z = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for j in range(0, tiles_n, BLOCK_T):
+            js = j + tl.arange(0, BLOCK_T)
+            sums = tl.load(tile_sum_ptr + rows[:, None] * tiles_n + js[None, :],
+                           mask=in_rows[:, None] & (js[None, :] < tiles_n), other=0.0)
+            z += tl.sum(sums, axis=1)
+        t = tl.load(t_ptr + rows, mask=in_rows, other=-1)
+        valid = t >= 0
+        x_t = tl.load(x_t_ptr + rows, mask=valid, other=0.0)
+        shift = tl.load(shift_ptr + rows, mask=valid, other=0.0)
+        # Step 2: the loss. log1p(Z) without libdevice: log(u) * Z / (u - 1) with u = 1 + Z rounded
+        # (exact to fp32 rounding, also for the tiny Z of confident rows, where log(u) alone is not).
+        normal = shift == x_t
+        e_t = tl.where(normal, 1.0, tl.exp(x_t - shift))
+        denom = e_t + z
+        u = 1.0 + z
+        log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
+        loss = tl.where(normal, log1p_z, (shift - x_t) + tl.log(denom))
+        tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=in_rows)
+        # Step 3: top-1 accuracy and the gradient's row scale.
+        row_max = tl.load(row_max_ptr + rows, mask=valid, other=0.0)
+        tl.store(correct_ptr + rows, (valid & (row_max < x_t)).to(tl.int32), mask=in_rows)
+        tl.store(r_ptr + rows, tl.where(valid, tl.load(scale_ptr) / denom, 0.0), mask=in_rows)
+        # Step 4: the target column of E, -Z (the gradient there is r * -Z = s (P_t - 1)).
+        tl.store(e_ptr + rows.to(tl.int64) * V + t, (-z).to(e_ptr.dtype.element_ty), mask=in_rows & valid)
+
+    @triton.jit
     def _row_scaled_gemm_kernel(e_desc, w_desc, out_desc, r_ptr, M, N, K,
-                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                NUM_PROGRAMS: tl.constexpr, ACCUMULATE: tl.constexpr):
+                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+                                WARP_SPECIALIZE: tl.constexpr, NUM_PROGRAMS: tl.constexpr, ACCUMULATE: tl.constexpr):
         """out[M, N] (+)= r[:, None] * (E[M, K] @ W[K, N]), persistent over TMA descriptors: the row
         scale is applied to the fp32 accumulator in the epilogue, the operands stream untouched."""
-        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), NUM_PROGRAMS, flatten=True):
-            tm, tn = _tile_of(tile, M, N, BM, BN, 8)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), NUM_PROGRAMS,
+                             flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
+            tm, tn = _tile_of(tile, M, N, BM, BN, GROUP)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
                 acc = tl.dot(e_desc.load([tm * BM, k]), w_desc.load([k, tn * BN]), acc)
@@ -182,45 +262,55 @@ def eligible(logits_buf: torch.Tensor, weight: torch.Tensor, **options) -> bool:
             and _tma_ready(logits_buf, weight))
 
 
-def _tiles(device: torch.device) -> tuple[int, int, int, int, int]:
-    return GPU_TILES if device.type == "cuda" else INTERPRETER_TILES
+def _tiles(gemm: str, device: torch.device) -> GemmConfig:
+    return GPU_TILES[gemm] if device.type == "cuda" else INTERPRETER_TILES
 
 
-def target_logits(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """x_t [C] fp32: h[i] . w[target[i]] (h [C, H], w [V, H] contiguous; target [C] int32, -1: ignored
-    row, whose value is +inf so that its E row is 0)."""
-    out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
-    _target_logit_kernel[(h.shape[0],)](h, w, target, out, h.shape[1], BLOCK_H=min(1024, next_power_of_2(h.shape[1])))
-    return out
+def target_logits(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
+                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows' shifts, from h [C, H], w [V, H] (contiguous), target [C] int64 and valid [C] bool.
+
+    Returns (t [C] int32: target, -1 on ignored rows; x_t [C] fp32: h[i] . w[t_i], +inf on ignored
+    rows so that their E row is 0; shift: a copy of x_t for ``exp_logits``; row_max: -inf, the start
+    of ``exp_logits``' running max)."""
+    C = h.shape[0]
+    t = torch.empty(C, device=h.device, dtype=torch.int32)
+    x_t, shift, row_max = torch.empty(3, C, device=h.device, dtype=torch.float32)
+    _target_logit_kernel[(C,)](h, w, target, valid, t, x_t, shift, row_max, h.shape[1],
+                               BLOCK_H=min(1024, next_power_of_2(h.shape[1])))
+    return t, x_t, shift, row_max
 
 
-def exp_logits(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, shift: torch.Tensor,
-               e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E = exp(h w^T - shift) into ``e`` [C, V], the target column at 0; returns (row max of the
-    non-target logits [C], per-tile row sums of E [C, cdiv(V, BN)]), both fp32."""
+def exp_logits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, shift: torch.Tensor, e: torch.Tensor,
+               row_max: torch.Tensor) -> torch.Tensor:
+    """E = exp(h w^T - shift) into ``e`` [C, V], the target column at 0, and ``row_max`` [C] fp32
+    (start: -inf) raised to each row's largest non-target logit; returns the per-tile row sums of E
+    [C, cdiv(V, BN)] fp32."""
     (C, H), V = h.shape, w.shape[0]
-    BM, BN, BK, stages, warps = _tiles(h.device)
+    cfg = _tiles("logits", h.device)
     programs = multiprocessors(h.device)
-    row_max = torch.full((C,), float("-inf"), device=h.device)
-    tile_sum = torch.empty(C, triton.cdiv(V, BN), device=h.device)
-    descriptors = [TensorDescriptor.from_tensor(h, [BM, BK]), TensorDescriptor.from_tensor(w, [BN, BK]),
-                   TensorDescriptor.from_tensor(e, [BM, BN])]
-    _exp_logits_kernel[(programs,)](*descriptors, shift, target, row_max, tile_sum, C, V, H, BM=BM, BN=BN, BK=BK,
-                                    NUM_PROGRAMS=programs, num_stages=stages, num_warps=warps)
-    return row_max, tile_sum
+    tile_sum = torch.empty(C, triton.cdiv(V, cfg.bn), device=h.device)
+    descriptors = [TensorDescriptor.from_tensor(h, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bn, cfg.bk]),
+                   TensorDescriptor.from_tensor(e, [cfg.bm, cfg.bn // 2 if cfg.subtile else cfg.bn])]
+    _exp_logits_kernel[(programs,)](*descriptors, shift, t, row_max, tile_sum, C, V, H, BM=cfg.bm, BN=cfg.bn,
+                                    BK=cfg.bk, GROUP=cfg.group, SUBTILE=cfg.subtile,
+                                    WARP_SPECIALIZE=cfg.warp_specialize, NUM_PROGRAMS=programs,
+                                    num_stages=cfg.stages, num_warps=cfg.warps)
+    return tile_sum
 
 
 def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """out [C, H] (+)= r[:, None] * (e [C, V] @ w [V, H]), r [C] fp32, in a persistent TMA GEMM."""
     if not _tma_ready(out):
         raise ValueError("row_scaled_gemm: out must be contiguous with 16-byte aligned rows")
-    BM, BN, BK, stages, warps = _tiles(e.device)
+    cfg = _tiles("dh", e.device)
     programs = multiprocessors(e.device)
-    descriptors = [TensorDescriptor.from_tensor(e, [BM, BK]), TensorDescriptor.from_tensor(w, [BK, BN]),
-                   TensorDescriptor.from_tensor(out, [BM, BN])]
-    _row_scaled_gemm_kernel[(programs,)](*descriptors, r, e.shape[0], w.shape[1], e.shape[1], BM=BM, BN=BN, BK=BK,
-                                         NUM_PROGRAMS=programs, ACCUMULATE=accumulate, num_stages=stages,
-                                         num_warps=warps)
+    descriptors = [TensorDescriptor.from_tensor(e, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bk, cfg.bn]),
+                   TensorDescriptor.from_tensor(out, [cfg.bm, cfg.bn])]
+    _row_scaled_gemm_kernel[(programs,)](*descriptors, r, e.shape[0], w.shape[1], e.shape[1], BM=cfg.bm, BN=cfg.bn,
+                                         BK=cfg.bk, GROUP=cfg.group, WARP_SPECIALIZE=cfg.warp_specialize,
+                                         NUM_PROGRAMS=programs, ACCUMULATE=accumulate, num_stages=cfg.stages,
+                                         num_warps=cfg.warps)
 
 
 def exp_operand_chunk(
@@ -242,32 +332,24 @@ def exp_operand_chunk(
     V = w.shape[0]
     if not _tma_ready(h):  # a view off a 16-byte boundary, or strided: a fresh contiguous copy
         h = h.clone(memory_format=torch.contiguous_format)
-    t = torch.where(valid, target, -1).to(torch.int32)
     # Step 1: the target logits; they are the shift (+inf on ignored rows).
-    x_t = target_logits(h, w, t)
-    shift = x_t.clone()
+    t, x_t, shift, row_max = target_logits(h, w, target, valid)
     # Step 2: E and its statistics in the logits GEMM's epilogue.
-    row_max, tile_sum = exp_logits(h, w, t, shift, e)
+    tile_sum = exp_logits(h, w, t, shift, e, row_max)
     # Step 3: rows whose max overflowed the shift are redone with the max as shift (usually none).
     _overflow_rows_kernel[(C,)](h, w, e, shift, row_max, tile_sum, t, V, H, tile_sum.shape[1], OVERFLOW_MARGIN,
                                 BLOCK_V=64, BLOCK_H=min(256, next_power_of_2(H)))
-    # Step 4: per-row results. For a normal row shift == x_t, so e_t = 1 and the loss is log1p(Z).
-    z = tile_sum.sum(1)
-    normal = shift == x_t
-    e_t = torch.where(normal, 1.0, torch.exp(x_t - shift))
-    denom = e_t + z
-    loss = torch.where(normal, torch.log1p(z), (shift - x_t) + torch.log(denom))
-    row_loss.copy_(torch.where(valid, loss, 0.0))
-    correct.copy_(valid & (row_max < x_t))
-    r = torch.where(valid, scale.reshape(()).float() / denom, 0.0)  # ignored rows: 0 (their E row is 0)
-    # Step 5: the target column, E_it = -Z_i (ignored rows write 0 over their zero column 0).
-    e.scatter_(1, t.clamp(min=0).long()[:, None], torch.where(valid, -z, 0.0).to(e.dtype)[:, None])
-    # Step 6: dW (+)= E^T (r h), before dh: the scaled rows may borrow dh's storage, not yet written.
+    # Step 4: per-row loss, accuracy and gradient scale r; E's target column becomes -Z.
+    r = torch.empty(C, device=h.device, dtype=torch.float32)
+    block_r = 16
+    _row_results_kernel[(triton.cdiv(C, block_r),)](e, t, x_t, shift, row_max, tile_sum, scale, row_loss, correct, r,
+                                                    C, V, tile_sum.shape[1], BLOCK_R=block_r, BLOCK_T=128)
+    # Step 5: dW (+)= E^T (r h), before dh: the scaled rows may borrow dh's storage, not yet written.
     if w_acc is not None:
         borrow = dh is not None and not dh_accumulate and dh.dtype == h.dtype and dh.is_contiguous()
         h_scaled = dh if borrow else torch.empty_like(h)
         torch.mul(h, r[:, None], out=h_scaled)
         mm_into(w_acc, e.t(), h_scaled, accumulate=w_accumulate)
-    # Step 7: dh (+)= r * (E @ W), the scale in the GEMM's epilogue.
+    # Step 6: dh (+)= r * (E @ W), the scale in the GEMM's epilogue.
     if dh is not None:
         row_scaled_gemm(e, w, r, dh, dh_accumulate)

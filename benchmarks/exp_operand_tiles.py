@@ -1,0 +1,138 @@
+"""Tile configurations of the exp-operand GEMMs under sustained load (H100).
+
+A Medusa-loss step of setting (b) runs its two big GEMMs back to back for ~250 ms, long enough for
+the card to sit at its power cap with lowered clocks; a single-chunk do_bench (exp_operand_probe.py)
+measures bursts instead. Here each measurement is one step's worth of frozen chunks (K=5 heads x
+N/C chunks of C=4096 rows, H=4096, V=128256, bf16) through the library's exp-operand chunk, with one
+GEMM's tile configuration (kernels/exp_operand.GPU_TILES) changed at a time, against cuBLAS's two
+GEMMs alone on the same chunks. Rounds are interleaved, so drift hits every configuration alike.
+
+    python benchmarks/exp_operand_tiles.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, installed or not
+
+from benchmarks.common import write_table  # noqa: E402
+
+import torch  # noqa: E402
+from medusa_liger.kernels import exp_operand  # noqa: E402
+from medusa_liger.kernels.chunking import mm_into  # noqa: E402
+
+K, N, C, H, V = 5, 16384, 4096, 4096, 128256
+BASE = dict(exp_operand.GPU_TILES)
+# Changes from BASE, one GEMM's configuration at a time (fields of exp_operand.GemmConfig).
+VARIANTS = [
+    dict(logits=dict(group=4)),
+    dict(logits=dict(subtile=True)),
+    dict(logits=dict(subtile=True, stages=4)),
+    dict(logits=dict(subtile=True, stages=4, group=4)),
+    dict(logits=dict(subtile=True, bk=128, stages=2)),
+    dict(dh=dict(group=4)),
+    dict(logits=dict(warp_specialize=True)),
+    dict(logits=dict(warp_specialize=True, subtile=True)),
+    dict(logits=dict(warp_specialize=True, subtile=True, stages=4)),
+    dict(dh=dict(warp_specialize=True)),
+    dict(dh=dict(warp_specialize=True, stages=4)),
+    dict(logits=dict(warp_specialize=True, warps=4, bn=128, stages=4)),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--variants", default="", help="comma-separated indices into VARIANTS (default: all)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("exp_operand_tiles.py needs a CUDA device")
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(N, H, generator=g).to(dev, dtype)
+    w = (torch.randn(V, H, generator=g) * H**-0.5).to(dev, dtype)
+    target = torch.randint(0, V, (N,), generator=g).to(dev)
+    valid = torch.ones(N, dtype=torch.bool, device=dev)
+    scale = torch.full((1,), 1.0 / N, device=dev)
+    e = torch.empty(C, V, device=dev, dtype=dtype)
+    dh = torch.empty(N, H, device=dev, dtype=dtype)
+    loss, correct = torch.empty(N, device=dev), torch.empty(N, device=dev, dtype=torch.int32)
+
+    def ours() -> None:
+        for _ in range(K):
+            for r0 in range(0, N, C):
+                exp_operand.exp_operand_chunk(e, h[r0 : r0 + C], w, target[r0 : r0 + C], valid[r0 : r0 + C], scale,
+                                              loss[r0 : r0 + C], correct[r0 : r0 + C], dh[r0 : r0 + C], False, None,
+                                              False)
+
+    def cublas() -> None:
+        for _ in range(K):
+            for r0 in range(0, N, C):
+                mm_into(e, h[r0 : r0 + C], w.t(), accumulate=False)
+                mm_into(dh[r0 : r0 + C], e, w, accumulate=False)
+
+    def with_tiles(change):
+        def run() -> None:
+            exp_operand.GPU_TILES = {gemm: cfg._replace(**change.get(gemm, {})) for gemm, cfg in BASE.items()}
+            try:
+                ours()
+            finally:
+                exp_operand.GPU_TILES = dict(BASE)
+        return run
+
+    base = f"ours, base {BASE}"
+    cases = {"cuBLAS logits + dh GEMMs alone": cublas, base: with_tiles({})}
+    chosen = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
+    cases.update({f"ours, {change}": with_tiles(change) for change in chosen})
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    expected = None
+    for name, fn in list(cases.items()):  # compile and warm; drop what fails to build or computes wrong
+        try:
+            fn()
+            torch.cuda.synchronize()
+            if name == base:
+                expected = loss.clone(), dh.clone()
+            elif expected is not None and not (torch.allclose(loss, expected[0], rtol=1e-3, atol=1e-5)
+                                               and torch.allclose(dh.float(), expected[1].float(), rtol=2e-2, atol=1e-6)):
+                raise AssertionError("results differ from the base configuration's")
+        except Exception as exc:
+            print(f"{name}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            times[name] = []
+            del cases[name]
+    order = list(cases.items())
+    for _ in range(args.rounds):
+        random.shuffle(order)  # no case always follows the same one
+        for name, fn in order:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end))
+    base_ms = statistics.median(times[base])
+    rows = []
+    for name, ts in times.items():
+        if not ts:
+            rows.append([name, "failed to build", "", ""])
+            continue
+        ms = statistics.median(ts)
+        quartiles = statistics.quantiles(ts, n=4)
+        rows.append([name, f"{ms:.1f}", f"{quartiles[0]:.1f} - {quartiles[2]:.1f}", f"{base_ms / ms:.3f}"])
+        print(rows[-1], flush=True)
+    write_table("exp_operand_tiles", f"Exp-operand GEMM tiles under sustained load: (b) frozen, {K} heads x "
+                f"{N // C} chunks of {C} rows, H={H}, V={V}, bf16",
+                ["pipeline", f"median ms ({args.rounds} interleaved rounds)", "interquartile range", "speed vs base"], rows,
+                ["Variants: fields of kernels/exp_operand.GemmConfig changed from the base; subtile: the logits "
+                 "epilogue in two column halves (half the store buffer's shared memory, so room for a 4th stage); "
+                 "warp_specialize: Triton's producer/consumer warps. Each row is one step's worth of chunks (~250 ms of "
+                 "GEMMs), so the card runs at its power cap as in the real step."])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Where the time of one Medusa-loss step goes, kernel by kernel (GPU, torch.profiler).
+
+For one setting of benchmarks/medusa_loss.py it profiles a few forward+backward steps of each
+method and reports, per method: the step's wall time (CUDA events), the summed kernel time, the time
+the GPU sat idle between kernels (wall - kernels), and the kernels grouped by name with their time
+per step. Comparing ours head by head with "ours' GEMMs alone" (cuBLAS on the same chunk plan) says
+whether the difference is in the GEMMs themselves, in the small kernels between them, or in gaps.
+
+    python benchmarks/trace_medusa_loss.py --setting b --tokens 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.medusa_loss import Problem, gemms_alone, make_ours_head_by_head, with_row_kernel  # noqa: E402
+
+
+def timed_steps(step, n: int) -> tuple[float, dict[str, float]]:
+    """Median ms of ``n`` steps (CUDA events), and the SM clock / power sampled meanwhile (if NVML is there)."""
+    samples: dict[str, list[float]] = collections.defaultdict(list)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                samples["sm clock MHz"].append(torch.cuda.clock_rate())
+                samples["power W"].append(torch.cuda.power_draw() / 1000)
+            except Exception:  # no NVML (pynvml) on this machine: no telemetry
+                return
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    done.set()
+    sampler.join()
+    return statistics.median(times), {k: statistics.median(v) for k, v in samples.items() if v}
+
+
+def kernel_table(step, n: int) -> tuple[float, list[tuple[str, int, float]]]:
+    """(kernel ms per step, [(kernel name, launches per step, ms per step)]) over ``n`` profiled steps."""
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    per_name: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.time_range.elapsed_us() > 0:
+            name = event.name[:90]
+            per_name[name][0] += 1
+            per_name[name][1] += event.time_range.elapsed_us() / 1e3  # us -> ms
+    rows = sorted(((name, count // n, ms / n) for name, (count, ms) in per_name.items()), key=lambda r: -r[2])
+    return sum(r[2] for r in rows), rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=("a", "b"), default="b")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--acc", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=14)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("trace_medusa_loss.py needs a CUDA device")
+    K, H, V, T = 5, 4096, 128256, 4096
+    acc = torch.float32 if args.acc == "fp32" else torch.bfloat16
+    p = Problem(K, args.tokens // T, T, H, V, torch.bfloat16, shared_frozen=args.setting == "b")
+    methods = {
+        "ours head by head": make_ours_head_by_head(acc),
+        "ours head by head, row kernel": with_row_kernel(make_ours_head_by_head(acc)),
+        "ours' GEMMs alone": gemms_alone(acc),
+    }
+    info = common.env_info()
+    print(f"# setting ({args.setting}) N={args.tokens} {args.acc} acc; {info['card']}; torch {info['torch']}; "
+          f"triton {info['triton']}; {info['date']}")
+    for name, fn in methods.items():
+        def step(fn=fn) -> None:
+            p.clear_grads()
+            loss = fn(p)
+            if loss is not None:
+                loss.backward()
+
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        wall, telemetry = timed_steps(step, args.steps)
+        kernels_ms, rows = kernel_table(step, 3)
+        p.clear_grads()
+        common.free_memory()
+        extra = "".join(f", {k} {v:.0f}" for k, v in telemetry.items())
+        print(f"\n## {name}: wall {wall:.1f} ms, kernels {kernels_ms:.1f} ms, idle {wall - kernels_ms:.1f} ms{extra}")
+        print("| kernel | launches/step | ms/step |\n|---|---|---|")
+        for kname, count, ms in rows[: args.top]:
+            print(f"| {kname} | {count} | {ms:.2f} |")
+        rest = rows[args.top:]
+        print(f"| ({len(rest)} other kernels) | {sum(r[1] for r in rest)} | {sum(r[2] for r in rest):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
