@@ -24,6 +24,8 @@ for stage in "$@"; do
     patching)    timeout 300 python3 benchmarks/patching.py 2>&1 | tee "$OUT/bench_patching.log" | tail -40 || status=1 ;;
     self_distill) timeout 300 python3 benchmarks/self_distill_loss.py 2>&1 | tee "$OUT/bench_self_distill.log" | tail -20 || status=1 ;;
     profile)     timeout 300 python3 benchmarks/profile_medusa_loss.py 2>&1 | tee "$OUT/bench_profile.log" | tail -30 || status=1 ;;
+    trace)       for s in a b; do timeout 200 python3 benchmarks/trace_medusa_loss.py --setting $s 2>&1 | tail -60 || status=1; done ;;
+    tiles)       timeout 400 python3 benchmarks/exp_operand_tiles.py --rounds 21 2>&1 | tee "$OUT/bench_tiles.log" | tail -20 || status=1 ;;
     gemm_split)  timeout 420 python3 benchmarks/gemm_split_sweep.py 2>&1 | tee "$OUT/bench_gemm_split.log" | tail -40 || status=1 ;;
     chunk_sweep) timeout 420 python3 benchmarks/chunk_sweep.py 2>&1 | tee "$OUT/bench_chunk_sweep.log" | tail -40 || status=1 ;;
     tune_row)    timeout 420 python3 benchmarks/tune_row_kernel.py 2>&1 | tee "$OUT/bench_tune_row.log" | tail -70 || status=1 ;;

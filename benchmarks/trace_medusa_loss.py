@@ -7,12 +7,16 @@ per step. Comparing ours head by head with "ours' GEMMs alone" (cuBLAS on the sa
 whether the difference is in the GEMMs themselves, in the small kernels between them, or in gaps.
 
     python benchmarks/trace_medusa_loss.py --setting b --tokens 16384
+
+Writes benchmarks/results/trace_medusa_loss_<setting>_<card>.md (and a copy under $OUT).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
+import shutil
 import statistics
 import sys
 import threading
@@ -26,6 +30,11 @@ sys.path.insert(0, str(_HERE.parent))
 
 from benchmarks import common  # noqa: E402
 from benchmarks.medusa_loss import Problem, gemms_alone, make_ours_head_by_head, with_row_kernel  # noqa: E402
+
+
+NOTE = ("wall: median of the timed steps (CUDA events); kernels: summed kernel time per step over 3 profiled "
+        "steps run right after (the power-capped card's clocks drift between the two, so 'idle' can come out "
+        "negative); sm clock and power: NVML samples during the timed steps.")
 
 
 def timed_steps(step, n: int) -> tuple[float, dict[str, float]]:
@@ -93,8 +102,15 @@ def main() -> None:
         "ours' GEMMs alone": gemms_alone(acc),
     }
     info = common.env_info()
-    print(f"# setting ({args.setting}) N={args.tokens} {args.acc} acc; {info['card']}; torch {info['torch']}; "
+    lines: list[str] = []
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    emit(f"# setting ({args.setting}) N={args.tokens} {args.acc} acc; {info['card']}; torch {info['torch']}; "
           f"triton {info['triton']}; {info['date']}")
+    emit(NOTE)
     for name, fn in methods.items():
         def step(fn=fn) -> None:
             p.clear_grads()
@@ -110,12 +126,18 @@ def main() -> None:
         p.clear_grads()
         common.free_memory()
         extra = "".join(f", {k} {v:.0f}" for k, v in telemetry.items())
-        print(f"\n## {name}: wall {wall:.1f} ms, kernels {kernels_ms:.1f} ms, idle {wall - kernels_ms:.1f} ms{extra}")
-        print("| kernel | launches/step | ms/step |\n|---|---|---|")
+        emit(f"\n## {name}: wall {wall:.1f} ms, kernels {kernels_ms:.1f} ms, idle {wall - kernels_ms:.1f} ms{extra}")
+        emit("| kernel | launches/step | ms/step |\n|---|---|---|")
         for kname, count, ms in rows[: args.top]:
-            print(f"| {kname} | {count} | {ms:.2f} |")
+            emit(f"| {kname} | {count} | {ms:.2f} |")
         rest = rows[args.top:]
-        print(f"| ({len(rest)} other kernels) | {sum(r[1] for r in rest)} | {sum(r[2] for r in rest):.2f} |")
+        emit(f"| ({len(rest)} other kernels) | {sum(r[1] for r in rest)} | {sum(r[2] for r in rest):.2f} |")
+
+
+    name = f"trace_medusa_loss_{args.setting}_{common.card_slug()}.md"
+    (common.RESULTS_DIR / name).write_text("\n".join(lines) + "\n")
+    if os.environ.get("OUT"):
+        shutil.copy(common.RESULTS_DIR / name, Path(os.environ["OUT"]) / name)
 
 
 if __name__ == "__main__":
