@@ -181,9 +181,11 @@ if triton is not None:
 
     @triton.jit
     def _row_results_kernel(e_ptr, t_ptr, x_t_ptr, shift_ptr, row_max_ptr, tile_sum_ptr, scale_ptr,
-                            loss_ptr, correct_ptr, r_ptr, C, V, tiles_n,
-                            BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
-        """Per row, from the epilogue's statistics: loss, top-1 hit and gradient scale, and E_it = -Z.
+                            loss_ptr, correct_ptr, r_ptr, h_ptr, h_scaled_ptr, C, V, H, tiles_n,
+                            BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SCALE_H: tl.constexpr,
+                            BLOCK_H: tl.constexpr):
+        """Per row, from the epilogue's statistics: loss, top-1 hit and gradient scale, and E_it = -Z;
+        with SCALE_H also the dW GEMM's operand h_scaled = r * h (rounded once from fp32).
 
         Z = sum of the row's tile sums; e_t = exp(x_t - shift) (1 unless the row overflowed);
         loss = (shift - x_t) + log(e_t + Z), which is log1p(Z) when shift == x_t;
@@ -215,9 +217,18 @@ if triton is not None:
         # Step 3: top-1 accuracy and the gradient's row scale.
         row_max = tl.load(row_max_ptr + rows, mask=valid, other=0.0)
         tl.store(correct_ptr + rows, (valid & (row_max < x_t)).to(tl.int32), mask=in_rows)
-        tl.store(r_ptr + rows, tl.where(valid, tl.load(scale_ptr) / denom, 0.0), mask=in_rows)
+        r = tl.where(valid, tl.load(scale_ptr) / denom, 0.0)
+        tl.store(r_ptr + rows, r, mask=in_rows)
         # Step 4: the target column of E, -Z (the gradient there is r * -Z = s (P_t - 1)).
         tl.store(e_ptr + rows.to(tl.int64) * V + t, (-z).to(e_ptr.dtype.element_ty), mask=in_rows & valid)
+        # Step 5: the rows of h scaled by r, the dW GEMM's second operand.
+        if SCALE_H:
+            for k in range(0, H, BLOCK_H):
+                ks = k + tl.arange(0, BLOCK_H)
+                offsets = rows.to(tl.int64)[:, None] * H + ks[None, :]
+                mask = in_rows[:, None] & (ks[None, :] < H)
+                h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                tl.store(h_scaled_ptr + offsets, (h * r[:, None]).to(h_scaled_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _row_scaled_gemm_kernel(e_desc, w_desc, out_desc, r_ptr, M, N, K,
@@ -339,16 +350,20 @@ def exp_operand_chunk(
     # Step 3: rows whose max overflowed the shift are redone with the max as shift (usually none).
     _overflow_rows_kernel[(C,)](h, w, e, shift, row_max, tile_sum, t, V, H, tile_sum.shape[1], OVERFLOW_MARGIN,
                                 BLOCK_V=64, BLOCK_H=min(256, next_power_of_2(H)))
-    # Step 4: per-row loss, accuracy and gradient scale r; E's target column becomes -Z.
+    # Step 4: per-row loss, accuracy and gradient scale r; E's target column becomes -Z; and for dW the
+    # rows of h scaled by r, which may borrow dh's storage (dh is written after dW's GEMM reads them).
     r = torch.empty(C, device=h.device, dtype=torch.float32)
-    block_r = 16
-    _row_results_kernel[(triton.cdiv(C, block_r),)](e, t, x_t, shift, row_max, tile_sum, scale, row_loss, correct, r,
-                                                    C, V, tile_sum.shape[1], BLOCK_R=block_r, BLOCK_T=128)
-    # Step 5: dW (+)= E^T (r h), before dh: the scaled rows may borrow dh's storage, not yet written.
+    h_scaled = None
     if w_acc is not None:
         borrow = dh is not None and not dh_accumulate and dh.dtype == h.dtype and dh.is_contiguous()
         h_scaled = dh if borrow else torch.empty_like(h)
-        torch.mul(h, r[:, None], out=h_scaled)
+    block_r = 16
+    _row_results_kernel[(triton.cdiv(C, block_r),)](
+        e, t, x_t, shift, row_max, tile_sum, scale, row_loss, correct, r, h, h if h_scaled is None else h_scaled,
+        C, V, H, tile_sum.shape[1], BLOCK_R=block_r, BLOCK_T=128, SCALE_H=h_scaled is not None,
+        BLOCK_H=min(256, next_power_of_2(H)))
+    # Step 5: dW (+)= E^T (r h).
+    if w_acc is not None:
         mm_into(w_acc, e.t(), h_scaled, accumulate=w_accumulate)
     # Step 6: dh (+)= r * (E @ W), the scale in the GEMM's epilogue.
     if dh is not None:
