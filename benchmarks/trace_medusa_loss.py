@@ -8,7 +8,7 @@ whether the difference is in the GEMMs themselves, in the small kernels between 
 
     python benchmarks/trace_medusa_loss.py --setting b --tokens 16384
 
-Writes benchmarks/results/trace_medusa_loss_<setting>_<card>.md (and a copy under $OUT).
+Writes benchmarks/results/trace_medusa_loss_<setting>_<acc>_<card>.md (and a copy under $OUT).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main() -> None:
         emit(f"| ({len(rest)} other kernels) | {sum(r[1] for r in rest)} | {sum(r[2] for r in rest):.2f} |")
 
 
-    name = f"trace_medusa_loss_{args.setting}_{common.card_slug()}.md"
+    name = f"trace_medusa_loss_{args.setting}_{args.acc}_{common.card_slug()}.md"
     (common.RESULTS_DIR / name).write_text("\n".join(lines) + "\n")
     if os.environ.get("OUT"):
         shutil.copy(common.RESULTS_DIR / name, Path(os.environ["OUT"]) / name)
