@@ -88,6 +88,16 @@ if triton is not None:
         return tl.where(mask, x, other)
 
     @triton.jit
+    def load_target_logit(row_ptr, bias_ptr, target, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        # y_t in fp32, one scalar load (column 0 exists, so an ignored row's target 0 is in bounds).
+        y_t = tl.load(row_ptr + target).to(tl.float32)
+        if HAS_BIAS:
+            y_t += tl.load(bias_ptr + target).to(tl.float32)
+        if HAS_SOFTCAP:
+            y_t = softcap * _tanh(y_t / softcap)
+        return y_t
+
+    @triton.jit
     def online_logsumexp(m, d, y):
         """One block y of an online log-sum-exp: the running max m and sum d = sum exp(x - m) of the
         blocks so far, updated; returns (m, d, the block's max)."""
@@ -163,12 +173,7 @@ if triton is not None:
                 if STORE_CORRECT:
                     best, best_idx = running_argmax(best, best_idx, y, block_max, start)
             lse = m + tl.log(d)  # an all -inf row: -inf + log(0) = -inf, as torch.logsumexp
-            # Target logit: one scalar load (column 0 exists, so an ignored row reads in bounds).
-            y_t = tl.load(row_ptr + target).to(tl.float32)
-            if HAS_BIAS:
-                y_t += tl.load(bias_ptr + target).to(tl.float32)
-            if HAS_SOFTCAP:
-                y_t = softcap * _tanh(y_t / softcap)
+            y_t = load_target_logit(row_ptr, bias_ptr, target, softcap, HAS_BIAS, HAS_SOFTCAP)
             loss = (1.0 - label_smoothing) * (lse - y_t) + label_smoothing * (lse - sum_y / n_cols)
             loss += z_loss * lse * lse
             tl.store(lse_ptr + pid, lse)
@@ -185,18 +190,33 @@ if triton is not None:
             # lse is finite unless the whole row is -inf (NaN then, as in F.cross_entropy; an
             # ignored row is zeroed by the where below): exp(-inf - lse) = 0 needs no safe shift.
             p_scale = 1.0 + 2.0 * z_loss * lse
+            # The target column is written last, from the other columns' probability mass
+            # p_other = sum_{j != t} P_j = 1 - P_t: P_t - 1 formed as exp(y_t - lse) - 1 would keep
+            # only the digits that the rounded lse leaves (~1e-2 relative on a row with P_t ~ 1 - 1e-4).
+            y_t = load_target_logit(row_ptr, bias_ptr, target, softcap, HAS_BIAS, HAS_SOFTCAP)
+            p_other = 0.0
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
+                others = mask & (cols != target)
                 y = load_row_block(row_ptr, bias_ptr, cols, mask, 0.0, softcap, HAS_BIAS, HAS_SOFTCAP,
                                     PASS2_EVICT)
-                g = tl.exp(y - lse) * p_scale - label_smoothing / n_cols
-                g = tl.where(cols == target, g - (1.0 - label_smoothing), g)
+                p = tl.exp(y - lse)
+                p_other += tl.sum(tl.where(others, p, 0.0), 0)
+                g = p * p_scale - label_smoothing / n_cols
                 if HAS_SOFTCAP:
                     c = y / softcap
                     g = g * (1.0 - c * c)
                 g = tl.where(valid, g * scale, 0.0)
-                tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=mask, eviction_policy=PASS2_EVICT)
+                tl.store(row_ptr + cols, g.to(logits_ptr.dtype.element_ty), mask=others,
+                         eviction_policy=PASS2_EVICT)
+            # d/dy_t = P_t p_scale - (1 - eps) - eps / V, rewritten with P_t = 1 - p_other.
+            g_t = -p_scale * p_other + (p_scale - 1.0) + label_smoothing * (1.0 - 1.0 / n_cols)
+            if HAS_SOFTCAP:
+                c_t = y_t / softcap
+                g_t = g_t * (1.0 - c_t * c_t)
+            g_t = tl.where(valid, g_t * scale, 0.0)
+            tl.store(row_ptr + target, g_t.to(logits_ptr.dtype.element_ty))
 
     @triton.jit
     def ce_row_kernel(
@@ -271,8 +291,12 @@ def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias,
     else:
         lse_rows = lse.to(work)
     if write_grad:
-        g = torch.exp(y - lse_rows[:, None]) * (1.0 + 2.0 * z_loss * lse_rows[:, None]) - label_smoothing / V
-        g.scatter_add_(1, target[:, None], torch.full((rows, 1), label_smoothing - 1.0, dtype=work, device=g.device))
+        p = torch.exp(y - lse_rows[:, None])
+        p_scale = 1.0 + 2.0 * z_loss * lse_rows[:, None]
+        g = p * p_scale - label_smoothing / V
+        # The target column from the other columns' mass 1 - P_t, as the kernel does (precise for P_t ~ 1).
+        p_other = p.scatter(1, target[:, None], 0.0).sum(-1, keepdim=True)
+        g.scatter_(1, target[:, None], -p_scale * p_other + (p_scale - 1.0) + label_smoothing * (1.0 - 1.0 / V))
         if softcap is not None:
             g = g * (1.0 - (y / softcap).square())
         factor = scale.to(work).reshape(-1, 1).expand(rows, 1)
