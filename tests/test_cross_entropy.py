@@ -278,28 +278,3 @@ def test_neg_inf_logits_with_label_smoothing_match_torch(backend):
         out.sum().backward()
     assert torch.equal(out.isinf(), ref.isinf()) and out[-1] == 0
     assert_close(xx.grad, ref_x.grad, torch.float32, "grad")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("options", [{}, {"z_loss": 1e-3, "label_smoothing": 0.1, "softcap": 30.0}],
-                         ids=["plain", "zloss-smoothing-softcap"])
-def test_confident_row_keeps_its_small_target_gradient(backend, options):
-    # Row 0: the target logit 14 above 299 zeros, so P_t - 1 ~ -2.5e-4. Formed as exp(y_t - lse) - 1
-    # from an fp32 lse it keeps ~2 digits; from the other columns' mass it keeps fp32's.
-    V = 300
-    x = torch.zeros(2, V, device=DEVICE)
-    x[0, 5] = 14.0
-    x[1] = torch.randn(V, device=DEVICE)
-    labels = torch.tensor([5, 7], device=DEVICE)
-    ref_x = x.double().requires_grad_()
-    ref_rows = reference(ref_x, labels, reduction="none", **options)[0]
-    ref_rows.sum().backward()
-    xx = x.clone().requires_grad_()
-    with force_backend(backend):
-        rows = cross_entropy(xx, labels, reduction="none", **options)
-        rows.sum().backward()
-    rel = ((xx.grad.double() - ref_x.grad).norm(dim=1) / ref_x.grad.norm(dim=1)).max()
-    assert rel < 1e-5, f"relative gradient error {float(rel):.2e}"
-    # The loss too (-log P_t ~ 2.5e-4 on row 0, without smoothing; lse - y_t keeps ~2 digits there).
-    rel_loss = ((rows.double() - ref_rows.detach()).abs() / ref_rows.detach().abs()).max()
-    assert rel_loss < 1e-5, f"relative loss error {float(rel_loss):.2e}"

@@ -88,24 +88,6 @@ if triton is not None:
         return tl.where(mask, x, other)
 
     @triton.jit
-    def log1p(x):
-        """log(1 + x) to fp32 rounding for x > -1, also where 1 + x rounds to 1, without libdevice
-        (the interpreter has none): log(u) * x / (u - 1) with u = 1 + x rounded."""
-        u = 1.0 + x
-        exact = u == 1.0
-        return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
-
-    @triton.jit
-    def load_target_logit(row_ptr, bias_ptr, target, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-        # y_t in fp32, one scalar load (column 0 exists, so an ignored row's target 0 is in bounds).
-        y_t = tl.load(row_ptr + target).to(tl.float32)
-        if HAS_BIAS:
-            y_t += tl.load(bias_ptr + target).to(tl.float32)
-        if HAS_SOFTCAP:
-            y_t = softcap * _tanh(y_t / softcap)
-        return y_t
-
-    @triton.jit
     def online_logsumexp(m, d, y):
         """One block y of an online log-sum-exp: the running max m and sum d = sum exp(x - m) of the
         blocks so far, updated; returns (m, d, the block's max)."""
@@ -117,17 +99,6 @@ if triton is not None:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(y - m_safe), 0)
         return m_new, d, block_max
-
-    @triton.jit
-    def online_logsumexp_split(m, d, d_other, y, other):
-        """online_logsumexp that also keeps d_other, the running sum over the columns where ``other``
-        holds (the same shift m, one exp per element); returns (m, d, d_other, the block's max)."""
-        block_max = tl.max(y, 0)
-        m_new = tl.maximum(m, block_max)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in online_logsumexp
-        rescale = tl.exp(m - m_safe)
-        e = tl.exp(y - m_safe)
-        return m_new, d * rescale + tl.sum(e, 0), d_other * rescale + tl.sum(tl.where(other, e, 0.0), 0), block_max
 
     @triton.jit
     def running_argmax(best, best_idx, y, block_max, start):
@@ -160,10 +131,10 @@ if triton is not None:
     @triton.jit
     def _ce_row(
         pid, logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
-        lse_ptr, p_other_ptr, loss_ptr, correct_ptr, row_ids_ptr,
+        lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-        COMPUTE_LSE: tl.constexpr, STORE_P_OTHER: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
         HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PASS1_EVICT: tl.constexpr, PASS2_EVICT: tl.constexpr,
     ):
         """Row ``pid`` (int64) of the logits; global row n = row_ids[pid] if given, else row_start + pid.
@@ -174,12 +145,10 @@ if triton is not None:
                                    ignore_index, HAS_SEGMENTS, HAS_ROW_IDS)
 
         if COMPUTE_LSE:
-            # Pass 1: online log-sum-exp (running max m, running sum d rescaled when m grows), the
-            # same sum over the non-target columns (d_other), the sum of y (label smoothing) and the
-            # first argmax (accuracy).
+            # Pass 1: online log-sum-exp (running max m, running sum d rescaled when m grows),
+            # plus the sum of y (label smoothing) and the first argmax (accuracy).
             m = float("-inf")
             d = 0.0
-            d_other = 0.0
             sum_y = 0.0
             best = float("-inf")
             best_idx = 0
@@ -188,29 +157,26 @@ if triton is not None:
                 mask = cols < n_cols
                 y = load_row_block(row_ptr, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
                                     PASS1_EVICT)
-                m, d, d_other, block_max = online_logsumexp_split(m, d, d_other, y, cols != target)
+                m, d, block_max = online_logsumexp(m, d, y)
                 if HAS_SMOOTHING:
                     sum_y += tl.sum(tl.where(mask, y, 0.0), 0)
                 if STORE_CORRECT:
                     best, best_idx = running_argmax(best, best_idx, y, block_max, start)
             lse = m + tl.log(d)  # an all -inf row: -inf + log(0) = -inf, as torch.logsumexp
-            # 1 - P_t from the other columns' mass: a confident row's P_t - 1 and -log P_t keep
-            # fp32's digits (lse - y_t and exp(y_t - lse) - 1 keep only what the rounded lse leaves).
-            p_other = d_other / d
-            y_t = load_target_logit(row_ptr, bias_ptr, target, softcap, HAS_BIAS, HAS_SOFTCAP)
-            # -log P_t = -log1p(-p_other) while P_t > 1/2; below, lse - y_t (no cancellation there).
-            neg_log_p_t = tl.where(p_other < 0.5, -log1p(-tl.minimum(p_other, 0.5)), lse - y_t)
-            loss = (1.0 - label_smoothing) * neg_log_p_t + label_smoothing * (lse - sum_y / n_cols)
+            # Target logit: one scalar load (column 0 exists, so an ignored row reads in bounds).
+            y_t = tl.load(row_ptr + target).to(tl.float32)
+            if HAS_BIAS:
+                y_t += tl.load(bias_ptr + target).to(tl.float32)
+            if HAS_SOFTCAP:
+                y_t = softcap * _tanh(y_t / softcap)
+            loss = (1.0 - label_smoothing) * (lse - y_t) + label_smoothing * (lse - sum_y / n_cols)
             loss += z_loss * lse * lse
             tl.store(lse_ptr + pid, lse)
-            if STORE_P_OTHER:
-                tl.store(p_other_ptr + pid, p_other)
             tl.store(loss_ptr + pid, tl.where(valid, loss, 0.0))
             if STORE_CORRECT:
                 tl.store(correct_ptr + pid, (valid & (best_idx == target)).to(tl.int32))
         else:
             lse = tl.load(lse_ptr + pid).to(tl.float32)
-            p_other = tl.load(p_other_ptr + pid).to(tl.float32)
 
         if WRITE_GRAD:
             # Pass 2: overwrite the row with d(loss)/d(x) times the row's factor (0 if ignored).
@@ -219,15 +185,13 @@ if triton is not None:
             # lse is finite unless the whole row is -inf (NaN then, as in F.cross_entropy; an
             # ignored row is zeroed by the where below): exp(-inf - lse) = 0 needs no safe shift.
             p_scale = 1.0 + 2.0 * z_loss * lse
-            # d/dy_t = P_t p_scale - (1 - eps) - eps / V, written with P_t = 1 - p_other.
-            g_target = -p_scale * p_other + (p_scale - 1.0) + label_smoothing * (1.0 - 1.0 / n_cols)
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
                 y = load_row_block(row_ptr, bias_ptr, cols, mask, 0.0, softcap, HAS_BIAS, HAS_SOFTCAP,
                                     PASS2_EVICT)
                 g = tl.exp(y - lse) * p_scale - label_smoothing / n_cols
-                g = tl.where(cols == target, g_target, g)
+                g = tl.where(cols == target, g - (1.0 - label_smoothing), g)
                 if HAS_SOFTCAP:
                     c = y / softcap
                     g = g * (1.0 - c * c)
@@ -237,10 +201,10 @@ if triton is not None:
     @triton.jit
     def ce_row_kernel(
         logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
-        lse_ptr, p_other_ptr, loss_ptr, correct_ptr, row_ids_ptr,
+        lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
         n_rows, row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-        COMPUTE_LSE: tl.constexpr, STORE_P_OTHER: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
         HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PERSISTENT: tl.constexpr, PASS1_EVICT: tl.constexpr,
         PASS2_EVICT: tl.constexpr,
     ):
@@ -249,15 +213,15 @@ if triton is not None:
         if PERSISTENT:
             for pid in range(tl.program_id(0), n_rows, tl.num_programs(0)):
                 _ce_row(tl.cast(pid, tl.int64), logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr,
-                        scale_ptr, scale_stride, lse_ptr, p_other_ptr, loss_ptr, correct_ptr, row_ids_ptr,
+                        scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
                         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
-                        HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_P_OTHER, STORE_CORRECT,
+                        HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
                         WRITE_GRAD, HAS_ROW_IDS, BLOCK, PASS1_EVICT, PASS2_EVICT)
         else:
             _ce_row(tl.program_id(0).to(tl.int64), logits_ptr, logits_row_stride, labels_ptr, segment_ptr,
-                    bias_ptr, scale_ptr, scale_stride, lse_ptr, p_other_ptr, loss_ptr, correct_ptr, row_ids_ptr,
+                    bias_ptr, scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
                     row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
-                    HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_P_OTHER, STORE_CORRECT,
+                    HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
                     WRITE_GRAD, HAS_ROW_IDS, BLOCK, PASS1_EVICT, PASS2_EVICT)
 
 
@@ -282,7 +246,7 @@ def row_targets(
     return torch.where(valid, target, torch.zeros_like(target)), valid
 
 
-def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias, scale, lse, p_other, loss,
+def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias, scale, lse, loss,
                 correct, ignore_index, label_smoothing, z_loss, softcap, compute_lse, write_grad, row_ids):
     """The kernel's math in PyTorch (same arguments as ``ce_rows``), on a bounded number of rows."""
     rows, V = logits.shape
@@ -296,28 +260,19 @@ def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias,
     if compute_lse:
         lse_rows = torch.logsumexp(y, dim=-1)
         y_t = y.gather(1, target[:, None]).squeeze(1)
-        # 1 - P_t from the other columns' mass, and -log P_t from it where P_t is large (the kernel's rule).
-        other_rows = torch.exp(y - lse_rows[:, None]).scatter(1, target[:, None], 0.0).sum(-1)
-        neg_log_p_t = torch.where(other_rows < 0.5, -torch.log1p(-other_rows), lse_rows - y_t)
-        row_loss = (1.0 - label_smoothing) * neg_log_p_t
+        row_loss = (1.0 - label_smoothing) * (lse_rows - y_t)
         if label_smoothing > 0.0:  # skipped at 0: 0 * (lse - mean y) is NaN when a logit is -inf
             row_loss = row_loss + label_smoothing * (lse_rows - y.mean(-1))
         row_loss = row_loss + z_loss * lse_rows.square()
         lse.copy_(lse_rows)
-        if p_other is not None:
-            p_other.copy_(other_rows)
         loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))
         if correct is not None:
             correct.copy_((y.argmax(-1) == target) & valid)
     else:
         lse_rows = lse.to(work)
-        other_rows = p_other.to(work)
     if write_grad:
-        p_scale = 1.0 + 2.0 * z_loss * lse_rows[:, None]
-        g = torch.exp(y - lse_rows[:, None]) * p_scale - label_smoothing / V
-        # d/dy_t = P_t p_scale - (1 - eps) - eps / V, written with P_t = 1 - p_other.
-        g_target = -p_scale * other_rows[:, None] + (p_scale - 1.0) + label_smoothing * (1.0 - 1.0 / V)
-        g.scatter_(1, target[:, None], g_target)
+        g = torch.exp(y - lse_rows[:, None]) * (1.0 + 2.0 * z_loss * lse_rows[:, None]) - label_smoothing / V
+        g.scatter_add_(1, target[:, None], torch.full((rows, 1), label_smoothing - 1.0, dtype=work, device=g.device))
         if softcap is not None:
             g = g * (1.0 - (y / softcap).square())
         factor = scale.to(work).reshape(-1, 1).expand(rows, 1)
@@ -327,9 +282,8 @@ def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias,
 def ce_rows(
     logits: torch.Tensor, labels: torch.Tensor, *, row_start: int = 0, seq_len: int | None = None,
     shift: int = 0, segment_ids: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None, lse: torch.Tensor, p_other: torch.Tensor | None = None,
-    loss: torch.Tensor | None = None, correct: torch.Tensor | None = None, ignore_index: int = -100,
-    label_smoothing: float = 0.0,
+    scale: torch.Tensor | None = None, lse: torch.Tensor, loss: torch.Tensor | None = None,
+    correct: torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
     z_loss: float = 0.0, softcap: float | None = None, compute_lse: bool = True, write_grad: bool = False,
     row_ids: torch.Tensor | None = None,
 ) -> None:
@@ -339,9 +293,6 @@ def ce_rows(
     seq_len: T (rows never look past the end of their sequence); default labels.numel().
     scale:   fp32 factor for the gradient, 1 element (all rows) or [rows]; needed if write_grad.
     lse:     [rows] float, written if compute_lse else read. loss/correct: [rows] outputs.
-    p_other: [rows] fp32, 1 - P_t (the probability of the other columns; what keeps a confident
-             row's gradient precise): written if compute_lse, read by a pass 2 without pass 1
-             (``compute_lse=False, write_grad=True``), where it is required.
     row_ids: optional int64 [rows]: the global row of each logits row (gathered rows), instead of
              row_start + i.
     """
@@ -351,8 +302,6 @@ def ce_rows(
         raise ValueError("ce_rows: loss (a [rows] output) is required when compute_lse=True")
     if write_grad and scale is None:
         raise ValueError("ce_rows: scale (1 or [rows] elements) is required when write_grad=True")
-    if write_grad and not compute_lse and p_other is None:
-        raise ValueError("ce_rows: p_other (pass 1's [rows] output) is required when compute_lse=False")
     if rows == 0:
         return
     if not use_triton(logits):
@@ -362,8 +311,7 @@ def ce_rows(
             _rows_torch(
                 logits[r0:r1], labels, row_start=row_start + r0, seq_len=seq_len, shift=shift,
                 segment_ids=segment_ids, bias=bias, scale=scale[r0:r1] if per_row else scale,
-                lse=lse[r0:r1], p_other=None if p_other is None else p_other[r0:r1],
-                loss=None if loss is None else loss[r0:r1],
+                lse=lse[r0:r1], loss=None if loss is None else loss[r0:r1],
                 correct=None if correct is None else correct[r0:r1], ignore_index=ignore_index,
                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                 compute_lse=compute_lse, write_grad=write_grad,
@@ -382,15 +330,13 @@ def ce_rows(
         logits, logits.stride(0), labels,
         dummy if segment_ids is None else segment_ids, dummy if bias is None else bias,
         dummy if scale is None else scale, 0 if scale is None or scale.numel() == 1 else 1,
-        lse, dummy if p_other is None else p_other, dummy if loss is None else loss,
-        dummy if correct is None else correct,
+        lse, dummy if loss is None else loss, dummy if correct is None else correct,
         dummy if row_ids is None else row_ids,
         rows, row_start, seq_len, shift, V, ignore_index, float(label_smoothing), float(z_loss),
         1.0 if softcap is None else float(softcap),
         HAS_BIAS=bias is not None, HAS_SEGMENTS=segment_ids is not None, HAS_SOFTCAP=softcap is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
-        COMPUTE_LSE=compute_lse, STORE_P_OTHER=compute_lse and p_other is not None,
-        STORE_CORRECT=correct is not None, WRITE_GRAD=write_grad,
+        COMPUTE_LSE=compute_lse, STORE_CORRECT=correct is not None, WRITE_GRAD=write_grad,
         HAS_ROW_IDS=row_ids is not None, BLOCK=block, PERSISTENT=programs < rows,
         PASS1_EVICT=pass1_evict, PASS2_EVICT=pass2_evict, num_warps=num_warps,
     )
@@ -415,9 +361,10 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap, reduction):
         N, V = logits.shape
         out_dtype = torch.promote_types(logits.dtype, torch.float32)
-        lse, p_other, row_loss = (torch.empty(N, dtype=out_dtype, device=logits.device) for _ in range(3))
+        lse = torch.empty(N, dtype=out_dtype, device=logits.device)
+        row_loss = torch.empty(N, dtype=out_dtype, device=logits.device)
         opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-        ce_rows(logits, labels, lse=lse, p_other=p_other, loss=row_loss, compute_lse=True, **opts)
+        ce_rows(logits, labels, lse=lse, loss=row_loss, compute_lse=True, **opts)
         # Valid rows counted on the device (the kernel's rule), so "mean" needs no host sync.
         _, valid = row_targets(labels, None, N, 0, 0, N, ignore_index, V)
         count = valid.sum().to(out_dtype)
@@ -427,21 +374,20 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = row_loss.sum()
         else:
             loss = row_loss
-        ctx.save_for_backward(logits, labels, lse, p_other, count)
+        ctx.save_for_backward(logits, labels, lse, count)
         ctx.opts, ctx.reduction = opts, reduction
         ctx.mark_non_differentiable(lse)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        logits, labels, lse, p_other, count = ctx.saved_tensors
+        logits, labels, lse, count = ctx.saved_tensors
         if ctx.reduction == "mean":
             scale = (grad_loss.to(count.dtype) / count.clamp(min=1)).reshape(1)
         else:
             scale = grad_loss.to(count.dtype).contiguous().reshape(-1)
         # The gradient replaces the logits (documented): no second [N, V] buffer.
-        ce_rows(logits, labels, scale=scale, lse=lse, p_other=p_other, compute_lse=False, write_grad=True,
-                **ctx.opts)
+        ce_rows(logits, labels, scale=scale, lse=lse, compute_lse=False, write_grad=True, **ctx.opts)
         return logits, None, None, None, None, None, None
 
 

@@ -49,8 +49,6 @@ except ImportError:  # pragma: no cover - no triton, or one without tensor descr
 # (tested on 3.6 on an H100 and 3.9 in the interpreter); older versions take the row kernel.
 if triton is not None and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 4):
     triton = None
-if triton is not None:
-    from medusa_liger.kernels.cross_entropy import log1p
 
 ENABLED = os.environ.get("MEDUSA_LIGER_EXP_OPERAND", "1") != "0"
 # Rows whose max logit exceeds the target's by more are recomputed with the max as shift: exp(64) and
@@ -207,11 +205,14 @@ if triton is not None:
         valid = t >= 0
         x_t = tl.load(x_t_ptr + rows, mask=valid, other=0.0)
         shift = tl.load(shift_ptr + rows, mask=valid, other=0.0)
-        # Step 2: the loss; log1p keeps the tiny Z of confident rows, where log(1 + Z) would not.
+        # Step 2: the loss. log1p(Z) without libdevice: log(u) * Z / (u - 1) with u = 1 + Z rounded
+        # (exact to fp32 rounding, also for the tiny Z of confident rows, where log(u) alone is not).
         normal = shift == x_t
         e_t = tl.where(normal, 1.0, tl.exp(x_t - shift))
         denom = e_t + z
-        loss = tl.where(normal, log1p(z), (shift - x_t) + tl.log(denom))
+        u = 1.0 + z
+        log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
+        loss = tl.where(normal, log1p_z, (shift - x_t) + tl.log(denom))
         tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=in_rows)
         # Step 3: top-1 accuracy and the gradient's row scale.
         row_max = tl.load(row_max_ptr + rows, mask=valid, other=0.0)
