@@ -24,6 +24,10 @@ row max as shift (slow, one GEMV per such row, and no host sync), so the general
 
     e_t = exp(x_t - c),   r = s / (e_t + Z),   loss = (c - x_t) + log(e_t + Z).
 
+A chunk is six launches (``exp_operand_chunk``): the target logits, the exp-epilogue logits GEMM,
+the overflow check, one row-results kernel (loss, accuracy, r, E_it, and r * h for dW), then the dW
+and dh GEMMs. The GEMMs' tiles are ``GemmConfig``s in ``GPU_TILES``.
+
 Scope: hard labels without label smoothing, z-loss, softcap or bias, bf16 on CUDA devices with TMA
 (compute capability 9.0+, Triton 3.4+) or fp32 in the Triton interpreter; ``eligible`` says when, and the chunk
 loop falls back to the row kernel otherwise. MEDUSA_LIGER_EXP_OPERAND=0 turns the path off.
