@@ -220,3 +220,11 @@ def test_gemm_configurations(change, taken, monkeypatch):
     tol = 3e-2 if HAS_CUDA else TOL["triton"]
     _compare(out, [g.double() for g in grads], ref, ref_grads, tol,
              **(dict(acc_slack=0.1 * max(1, int(ref.head_tokens.max()))) if HAS_CUDA else {}))
+
+
+@interpreter_only
+def test_subtiled_dh_configuration_is_refused(monkeypatch):
+    # Only the logits epilogue has halves; a dh configuration asking for them must not be ignored.
+    monkeypatch.setattr(exp_operand, "_tiles", lambda gemm, device: exp_operand.INTERPRETER_TILES._replace(subtile=True))
+    with pytest.raises(ValueError, match="subtile"):
+        exp_operand.row_scaled_gemm(torch.zeros(16, 32), torch.zeros(32, 8), torch.zeros(16), torch.zeros(16, 8), False)

@@ -319,6 +319,8 @@ def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torc
     if not _tma_ready(out):
         raise ValueError("row_scaled_gemm: out must be contiguous with 16-byte aligned rows")
     cfg = _tiles("dh", e.device)
+    if cfg.subtile:  # the dh epilogue has no halves (its output is [C, H], small)
+        raise ValueError("GPU_TILES['dh'].subtile must be False: only the logits epilogue is subtiled")
     programs = multiprocessors(e.device)
     descriptors = [TensorDescriptor.from_tensor(e, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bk, cfg.bn]),
                    TensorDescriptor.from_tensor(out, [cfg.bm, cfg.bn])]
