@@ -152,7 +152,9 @@ if triton is not None:
             else:
                 row_sum, row_max = _exp_store(acc, tm * BM, tn * BN, shift2, target, N, e_desc, BN)
             tl.store(tile_sum_ptr + rows * tiles_n + tn, row_sum, mask=in_rows)
-            tl.atomic_max(row_max_ptr + rows, row_max, mask=in_rows)
+            # Relaxed: the next kernel reads row_max; the default acq_rel puts a GPU-wide memory barrier
+            # (waiting for the tile_sum stores) and an L1 invalidation around every tile's atomics.
+            tl.atomic_max(row_max_ptr + rows, row_max, mask=in_rows, sem="relaxed")
 
     @triton.jit
     def _overflow_rows_kernel(h_ptr, w_ptr, e_ptr, shift_ptr, row_max_ptr, tile_sum_ptr, target_ptr,
