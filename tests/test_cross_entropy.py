@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from medusa_liger.kernels.cross_entropy import ce_rows, cross_entropy
 from medusa_liger.kernels.utils import force_backend
-from tests.utils import DEVICE, DTYPES, HAS_CUDA, assert_close
+from tests.utils import DEVICE, DTYPES, HAS_CUDA, VOCABS, assert_close
 
 BACKENDS = ["triton", "torch"]
 SHAPES = [(1, 5), (3, 123), (9, 1100)]  # 1100 > the interpreter's block: the online loop runs 3 blocks
@@ -157,9 +157,10 @@ def test_gpu_out_of_range_labels_are_ignored():
 
 
 @pytest.mark.gpu
-def test_gpu_llama_vocab_bf16():
-    x = torch.randn(64, 128256, device="cuda", dtype=torch.bfloat16)
-    labels = _labels(64, 128256)
+@pytest.mark.parametrize("vocab", list(VOCABS.values()), ids=list(VOCABS))
+def test_gpu_real_vocab_bf16(vocab):
+    x = torch.randn(64, vocab, device="cuda", dtype=torch.bfloat16)
+    labels = _labels(64, vocab)
     ref_x = x.double().requires_grad_()
     ref, _ = reference(ref_x, labels, label_smoothing=0.1)
     ref.backward()

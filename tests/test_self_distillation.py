@@ -33,7 +33,8 @@ from tests.test_heads import (
     randomize_heads,
     tiny_llama,
 )
-from tests.utils import DEVICE, DTYPES, HAS_CUDA, REL_NORM_TOLERANCES, assert_rel_close, poison_, rel_norm_error
+from tests.utils import (DEVICE, DTYPES, HAS_CUDA, REL_NORM_TOLERANCES, VOCABS, assert_rel_close, poison_,
+                         rel_norm_error)
 
 BACKENDS = ["torch", "triton"]
 
@@ -61,6 +62,16 @@ def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid,
 @pytest.mark.parametrize("V", [123, 1100])  # one block, and several blocks on either backend
 @pytest.mark.parametrize("bias, softcap, z_loss", [(False, None, 0.0), (True, 4.0, 0.01)])
 def test_kl_rows_match_fp64(backend, dtype, V, bias, softcap, z_loss):
+    _check_kl_rows(backend, dtype, V, bias, softcap, z_loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", list(VOCABS.values()), ids=list(VOCABS))
+def test_gpu_kl_rows_at_real_vocab_sizes(vocab):
+    _check_kl_rows("triton", torch.bfloat16, vocab, False, None, 0.0)
+
+
+def _check_kl_rows(backend, dtype, V, bias, softcap, z_loss):
     rows, T = 6, 6
     student = (torch.randn(rows, V, device=DEVICE) * 3).to(dtype)
     teacher = (torch.randn(rows, V, device=DEVICE) * 3).to(dtype)

@@ -14,6 +14,10 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # fp32 everywhere; fp16/bf16 only on the GPU (the interpreter has no bf16 arithmetic).
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32]
 
+# Real models' vocabulary sizes. Each is its own set of Triton specializations (V, and V over a tile,
+# divisible by 16 or not); Triton 3.6 once failed to compile a kernel at V = 32768 only.
+VOCABS = {"llama2": 32000, "mistral": 32768, "gpt2": 50257, "llama3": 128256, "nemo": 131072, "qwen2": 151936}
+
 # Tolerances per dtype, in one place: (atol, rtol) for elementwise checks of outputs and gradients
 # against a float64 reference evaluated on the same (rounded) inputs.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {

@@ -200,13 +200,15 @@ if triton is not None:
         """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         in_rows = rows < C
-        # Step 1: Z, the sum of the row's per-tile sums.
-        z = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        # Step 1: Z, the sum of the row's per-tile sums, added up per lane and reduced once after the
+        # loop. (A reduction inside the loop crashes Triton 3.6's thread-locality pass when tiles_n is a
+        # multiple of 16, e.g. V = 32768.)
+        z_parts = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
         for j in range(0, tiles_n, BLOCK_T):
             js = j + tl.arange(0, BLOCK_T)
-            sums = tl.load(tile_sum_ptr + rows[:, None] * tiles_n + js[None, :],
-                           mask=in_rows[:, None] & (js[None, :] < tiles_n), other=0.0)
-            z += tl.sum(sums, axis=1)
+            z_parts += tl.load(tile_sum_ptr + rows[:, None] * tiles_n + js[None, :],
+                               mask=in_rows[:, None] & (js[None, :] < tiles_n), other=0.0)
+        z = tl.sum(z_parts, axis=1)
         t = tl.load(t_ptr + rows, mask=in_rows, other=-1)
         valid = t >= 0
         x_t = tl.load(x_t_ptr + rows, mask=valid, other=0.0)
