@@ -6,13 +6,18 @@ measures bursts instead. Here each measurement is one step's worth of frozen chu
 N/C chunks of C=4096 rows, H=4096, V=128256, bf16) through the library's exp-operand chunk, with one
 GEMM's tile configuration (kernels/exp_operand.GPU_TILES) changed at a time, against cuBLAS's two
 GEMMs alone on the same chunks. Rounds are interleaved, so drift hits every configuration alike.
+``--compare`` times other versions of kernels/exp_operand.py (e.g. the one before a change) beside
+this one, on the same chunks and base tiles.
 
     python benchmarks/exp_operand_tiles.py
+    git show HEAD~1:medusa_liger/kernels/exp_operand.py > /tmp/before.py
+    python benchmarks/exp_operand_tiles.py --variants= --compare /tmp/before.py
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import statistics
 import sys
@@ -48,7 +53,10 @@ VARIANTS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--variants", default="", help="comma-separated indices into VARIANTS (default: all)")
+    parser.add_argument("--variants", default=None, help="comma-separated indices into VARIANTS (default: all; "
+                        "empty: none)")
+    parser.add_argument("--compare", action="append", default=[], metavar="PATH",
+                        help="another exp_operand.py to time with the base tiles (repeatable)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("exp_operand_tiles.py needs a CUDA device")
@@ -63,12 +71,11 @@ def main() -> None:
     dh = torch.empty(N, H, device=dev, dtype=dtype)
     loss, correct = torch.empty(N, device=dev), torch.empty(N, device=dev, dtype=torch.int32)
 
-    def ours() -> None:
+    def ours(module=exp_operand) -> None:
         for _ in range(K):
             for r0 in range(0, N, C):
-                exp_operand.exp_operand_chunk(e, h[r0 : r0 + C], w, target[r0 : r0 + C], valid[r0 : r0 + C], scale,
-                                              loss[r0 : r0 + C], correct[r0 : r0 + C], dh[r0 : r0 + C], False, None,
-                                              False)
+                module.exp_operand_chunk(e, h[r0 : r0 + C], w, target[r0 : r0 + C], valid[r0 : r0 + C], scale,
+                                         loss[r0 : r0 + C], correct[r0 : r0 + C], dh[r0 : r0 + C], False, None, False)
 
     def cublas() -> None:
         for _ in range(K):
@@ -87,8 +94,14 @@ def main() -> None:
 
     base = f"ours, base {BASE}"
     cases = {"cuBLAS logits + dh GEMMs alone": cublas, base: with_tiles({})}
-    chosen = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
+    chosen = VARIANTS if args.variants is None else [VARIANTS[int(i)] for i in args.variants.split(",") if i]
     cases.update({f"ours, {change}": with_tiles(change) for change in chosen})
+    for path in args.compare:
+        spec = importlib.util.spec_from_file_location(f"exp_operand_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.GPU_TILES = dict(BASE)
+        cases[f"ours with {path}, base tiles"] = lambda module=module: ours(module)
     times: dict[str, list[float]] = {name: [] for name in cases}
     expected = None
     for name, fn in list(cases.items()):  # compile and warm; drop what fails to build or computes wrong
@@ -125,10 +138,12 @@ def main() -> None:
         quartiles = statistics.quantiles(ts, n=4)
         rows.append([name, f"{ms:.1f}", f"{quartiles[0]:.1f} - {quartiles[2]:.1f}", f"{base_ms / ms:.3f}"])
         print(rows[-1], flush=True)
-    write_table("exp_operand_tiles", f"Exp-operand GEMM tiles under sustained load: (b) frozen, {K} heads x "
+    # A comparison of versions alone gets its own table, beside the tile sweep's.
+    write_table("exp_operand_tiles" if chosen else "exp_operand_compare", f"Exp-operand GEMM tiles under sustained load: (b) frozen, {K} heads x "
                 f"{N // C} chunks of {C} rows, H={H}, V={V}, bf16",
                 ["pipeline", f"median ms ({args.rounds} interleaved rounds)", "interquartile range", "speed vs base"], rows,
-                ["Variants: fields of kernels/exp_operand.GemmConfig changed from the base; subtile: the logits "
+                ["Variants: fields of kernels/exp_operand.GemmConfig changed from the base; 'ours with PATH': "
+                 "another version of kernels/exp_operand.py (--compare); subtile: the logits "
                  "epilogue in two column halves (half the store buffer's shared memory, so room for a 4th stage); "
                  "warp_specialize: Triton's producer/consumer warps. Each row is one step's worth of chunks (~250 ms of "
                  "GEMMs), so the card runs at its power cap as in the real step."])
