@@ -11,7 +11,7 @@ from medusa_liger.kernels.reference import (
     multi_head_linear_cross_entropy_reference as reference,
 )
 from tests.flce_helpers import _compare, _problem, _run
-from tests.utils import VOCABS
+from tests.utils import MODEL_SHAPES, VOCABS
 
 
 @pytest.mark.gpu
@@ -116,6 +116,17 @@ def test_gpu_skip_ignored_matches_all_rows_and_refuses_graph_capture(accum_dtype
 @pytest.mark.parametrize("vocab", list(VOCABS.values()), ids=list(VOCABS))
 def test_gpu_real_vocab_sizes(vocab, frozen, path, monkeypatch):
     """Every chunk path compiles and agrees with the reference at real models' vocabulary sizes."""
+    _check_model_size(vocab, 128, frozen, path, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["exp operand", "row kernel"])
+@pytest.mark.parametrize("model", list(MODEL_SHAPES))
+def test_gpu_real_hidden_sizes(model, path, monkeypatch):
+    _check_model_size(VOCABS["mistral"], MODEL_SHAPES[model][0], False, path, monkeypatch)
+
+
+def _check_model_size(vocab, hidden, frozen, path, monkeypatch):
     chunks = []
     if path == "row kernel":
         monkeypatch.setattr(exp_operand, "ENABLED", False)
@@ -123,8 +134,8 @@ def test_gpu_real_vocab_sizes(vocab, frozen, path, monkeypatch):
         original = exp_operand.exp_operand_chunk
         monkeypatch.setattr(exp_operand, "exp_operand_chunk", lambda *a: chunks.append(a[0].shape) or original(*a))
     g = torch.Generator(device="cuda").manual_seed(vocab)
-    h = torch.randn(2, 2, 48, 128, device="cuda", generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(vocab, 128, device="cuda", generator=g) * 0.2).bfloat16().requires_grad_(not frozen)
+    h = torch.randn(2, 2, 48, hidden, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=g) * 2.3 / hidden**0.5).bfloat16().requires_grad_(not frozen)
     labels = torch.randint(0, vocab, (2, 48), device="cuda", generator=g)
     problem = (h, w, labels, [1, 2], None, dict(bias=None))
     ref, ref_grads = _run(reference, *problem)

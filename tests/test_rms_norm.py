@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from medusa_liger.kernels.rms_norm import RMSNorm, rms_norm
 from medusa_liger.kernels.utils import force_backend
-from tests.utils import DEVICE, DTYPES, assert_close, poisoned_allocations
+from tests.utils import DEVICE, DTYPES, MODEL_SHAPES, assert_close, poisoned_allocations
 
 BACKENDS = ["triton", "torch"]
 # (40, 300): several row blocks per backward program, so the dweight partial rows are exercised.
@@ -111,3 +111,10 @@ def test_rms_norm_bad_inputs():
 @pytest.mark.gpu
 def test_rms_norm_gpu_bf16_mid_size():
     _check((4096, 4096), torch.bfloat16, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", list(MODEL_SHAPES))
+def test_rms_norm_gpu_bf16_model_sizes(model):
+    hidden = MODEL_SHAPES[model][0]
+    _check((2, 37, hidden), torch.bfloat16, "triton")

@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_
 
 from medusa_liger.kernels.rope import RoPEFunction, apply_rotary_pos_emb, default_config
 from medusa_liger.kernels.utils import force_backend
-from tests.utils import poisoned_allocations, DEVICE, DTYPES, assert_close
+from tests.utils import DEVICE, DTYPES, MODEL_SHAPES, assert_close, poisoned_allocations
 
 BACKENDS = ["triton", "torch"]
 # (batch, n_q, n_kv, seq_len, head_dim): one token, GQA, odd sizes, a Llama-like head dim.
@@ -62,6 +62,16 @@ def test_rope_matches_hf(shape, dtype, hf_layout, backend):
     q, k = _make_qk(*shape, dtype, hf_layout)
     cos, sin = _hf_cos_sin(batch, seq_len, head_dim, dtype)
     _check(q, k, cos, sin, dtype, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hf_layout", [False, True])
+@pytest.mark.parametrize("model", list(MODEL_SHAPES))
+def test_rope_gpu_bf16_model_sizes(model, hf_layout):
+    _, _, n_q, n_kv, head_dim = MODEL_SHAPES[model]
+    q, k = _make_qk(2, n_q, n_kv, 37, head_dim, torch.bfloat16, hf_layout)
+    cos, sin = _hf_cos_sin(2, 37, head_dim, torch.bfloat16)
+    _check(q, k, cos, sin, torch.bfloat16, "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

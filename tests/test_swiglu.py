@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from medusa_liger.kernels.swiglu import SwiGLUMLP, swiglu
 from medusa_liger.kernels.utils import force_backend
-from tests.utils import poisoned_allocations, DEVICE, DTYPES, assert_close, assert_rel_close
+from tests.utils import DEVICE, DTYPES, MODEL_SHAPES, assert_close, assert_rel_close, poisoned_allocations
 
 BACKENDS = ["triton", "torch"]
 SHAPES = [(1, 64), (3, 123), (2, 5, 96), (4, 1000), (2, 5000)]
@@ -110,3 +110,10 @@ def test_swiglu_bad_inputs():
 @pytest.mark.parametrize("inplace_backward", [False, True])
 def test_swiglu_gpu_bf16_mid_size(inplace_backward):
     _check((4096, 4096), torch.bfloat16, "triton", inplace_backward)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", list(MODEL_SHAPES))
+def test_swiglu_gpu_bf16_model_sizes(model):
+    intermediate = MODEL_SHAPES[model][1]
+    _check((2, 37, intermediate), torch.bfloat16, "triton", inplace_backward=False)

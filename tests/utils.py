@@ -18,6 +18,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.
 # divisible by 16 or not); Triton 3.6 once failed to compile a kernel at V = 32768 only.
 VOCABS = {"llama2": 32000, "mistral": 32768, "gpt2": 50257, "llama3": 128256, "nemo": 131072, "qwen2": 151936}
 
+# Real models' layer shapes (hidden, intermediate, query heads, key/value heads, head dim): the patched
+# kernels' specializations at the sizes users run (Llama 3.2 1B / 3 8B / 3 70B, Qwen2 0.5B / 7B, Qwen3 4B).
+MODEL_SHAPES = {"llama3.2-1b": (2048, 8192, 32, 8, 64), "llama3-8b": (4096, 14336, 32, 8, 128),
+                "llama3-70b": (8192, 28672, 64, 8, 128), "qwen2-0.5b": (896, 4864, 14, 2, 64),
+                "qwen2-7b": (3584, 18944, 28, 4, 128), "qwen3-4b": (2560, 9728, 32, 8, 128)}
+
 # Tolerances per dtype, in one place: (atol, rtol) for elementwise checks of outputs and gradients
 # against a float64 reference evaluated on the same (rounded) inputs.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
