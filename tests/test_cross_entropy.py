@@ -148,6 +148,32 @@ def test_out_of_range_labels_are_ignored_rows_in_the_row_op(backend):
     assert (x[1].abs().sum() > 0) and loss[1] > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 30.0}],
+                         ids=["plain", "smoothing-zloss-softcap"])
+def test_one_launch_keeps_the_digits_of_confident_rows_target_gradient(backend, options):
+    """P_t within 1e-4 .. 1e-8 of 1, both passes in one launch (as the fused multi-head loss runs
+    them): the gradient at the target, -(1 - P_t) for plain rows, must come from the other columns'
+    mass. exp(y_t - lse) - 1 loses it to lse's rounding (1e-2 .. 1 relative)."""
+    N, V = 6, 1100  # three of the interpreter's blocks; the targets fall in any of them
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, V, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    x[torch.arange(N), labels] = torch.tensor([16.0, 18.0, 20.0, 22.0, 24.0, 17.0])
+    x, labels = x.to(DEVICE), labels.to(DEVICE)
+    ref_x = x.double().requires_grad_()
+    ref, _ = reference(ref_x, labels, reduction="sum", **options)
+    ref.backward()
+    grad = x.clone()
+    lse, loss = torch.empty(N, device=DEVICE), torch.empty(N, device=DEVICE)
+    with force_backend(backend):
+        ce_rows(grad, labels, scale=torch.ones(1, device=DEVICE), lse=lse, loss=loss, write_grad=True, **options)
+    rows = torch.arange(N, device=DEVICE)
+    expected = ref_x.grad[rows, labels]
+    err = ((grad[rows, labels].double() - expected).abs() / expected.abs()).max().item()
+    assert err < 1e-4, f"target-column gradient {err:.1e} relative off"
+
+
 @pytest.mark.gpu
 def test_gpu_out_of_range_labels_are_ignored():
     x = torch.randn(3, 40, device="cuda", requires_grad=True)
