@@ -77,9 +77,10 @@ class GemmConfig(NamedTuple):
 # small tiles in the interpreter.
 GPU_TILES = {"logits": GemmConfig(128, 256, 64, 3, 8, 8), "dh": GemmConfig(128, 256, 64, 3, 8, 8)}
 INTERPRETER_TILES = GemmConfig(16, 32, 16, 1, 4, 8)
-# The kernels take exp(x) as exp2(x * 1.4426950408889634), log2(e): one multiply-add per element.
 
 if triton is not None:
+    # The kernels take exp(x) as exp2(x * LOG2E): one multiply-add per element.
+    LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
     def _tile_of(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
@@ -116,7 +117,7 @@ if triton is not None:
         cols = col0 + tl.arange(0, BN_PART)
         # The target column and columns past V at -inf: exp gives 0 and they never win the max.
         x = tl.where((cols[None, :] == target[:, None]) | (cols[None, :] >= N), float("-inf"), acc)
-        e = tl.exp2(x * 1.4426950408889634 - shift2[:, None])
+        e = tl.exp2(x * LOG2E - shift2[:, None])
         e_desc.store([row0, col0], e.to(e_desc.dtype))
         return tl.sum(e, axis=1), tl.max(x, axis=1)
 
@@ -142,7 +143,7 @@ if triton is not None:
                 acc = tl.dot(h_desc.load([tm * BM, k]), w_desc.load([tn * BN, k]).T, acc)
             rows = tm * BM + tl.arange(0, BM)
             in_rows = rows < M
-            shift2 = tl.load(shift_ptr + rows, mask=in_rows, other=float("inf")) * 1.4426950408889634
+            shift2 = tl.load(shift_ptr + rows, mask=in_rows, other=float("inf")) * LOG2E
             target = tl.load(target_ptr + rows, mask=in_rows, other=-1)
             if SUBTILE:
                 left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
@@ -175,7 +176,7 @@ if triton is not None:
                     w = tl.load(w_ptr + vs.to(tl.int64)[:, None] * H + ks[None, :],
                                 mask=(vs[:, None] < V) & (ks[None, :] < H), other=0.0).to(tl.float32)
                     x += tl.sum(w * h[None, :], axis=1)
-                e = tl.where((vs == t) | (vs >= V), 0.0, tl.exp2((x - m) * 1.4426950408889634))
+                e = tl.where((vs == t) | (vs >= V), 0.0, tl.exp2((x - m) * LOG2E))
                 tl.store(e_ptr + row.to(tl.int64) * V + vs, e.to(e_ptr.dtype.element_ty), mask=vs < V)
                 total += e
             # The row's sum now sits in its first tile's slot; the others are cleared.
