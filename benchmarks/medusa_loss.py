@@ -21,7 +21,7 @@ interleaved rounds (``--target-rounds``): at the largest token count of (a) and 
 methods and "ours' GEMMs alone" are re-timed in shuffled order, round after round, so the card's drift
 (up to 10% between minutes on an H100) hits them alike; the verdict takes the median over the rounds.
 
-    python benchmarks/medusa_loss.py           # H100: about 6-7 minutes
+    python benchmarks/medusa_loss.py           # H100: about 5-6 minutes
     python benchmarks/medusa_loss.py --quick   # small shapes, a smoke test (also on CPU)
 """
 
@@ -31,6 +31,7 @@ import argparse
 import random
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -236,17 +237,37 @@ TARGETS = {(setting, N, f"ours{way} {acc} acc"): limits
                                              ("(b)", 16384, "fp32"): (260, 1.5), ("(b)", 16384, "bf16"): (260, 1.5)}.items()}
 
 
-def interleaved_rounds(p: Problem, methods: dict[str, Callable], rounds: int, reps: int) -> dict[str, list[float]]:
-    """Each method's do_bench median in ``rounds`` rounds, the methods in a fresh random order each round."""
+def interleaved_rounds(p: Problem, methods: dict[str, Callable], rounds: int) -> dict[str, list[float]]:
+    """Each method's time for one step (ms), in ``rounds`` rounds with the methods in a fresh random
+    order each round, after one warm step each. One step is 60-400 ms here, long enough to time
+    alone with CUDA events; do_bench's own warm-up and estimate runs would cost 5-10 steps a round."""
     steps = {name: training_step(p, fn) for name, fn in methods.items()}
+    for step in steps.values():
+        step()
+    p.clear_grads()
     times: dict[str, list[float]] = {name: [] for name in steps}
     order = list(steps.items())
     for _ in range(rounds):
         random.shuffle(order)
         for name, step in order:
-            times[name].append(common.bench(step, warmup=1, rep=reps))
+            times[name].append(time_one_step(step))
             p.clear_grads()
     return times
+
+
+def time_one_step(step: Callable[[], None]) -> float:
+    """Milliseconds of one call of ``step`` (CUDA events on the GPU, the wall clock on the CPU)."""
+    if not CUDA:
+        start = time.perf_counter()
+        step()
+        return (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
 
 
 def target_notes(results: dict, token_counts: list[int], rounds: dict) -> list[str]:
@@ -276,7 +297,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the methods whose name contains this text "
                         "(a quick comparison; the table then lacks the baselines)")
     parser.add_argument("--sizes", default="", help="comma-separated token counts instead of the issue's")
-    parser.add_argument("--target-rounds", type=int, default=5,
+    parser.add_argument("--target-rounds", type=int, default=9,
                         help="interleaved rounds of the target methods at the largest token count of (a) and (b) "
                         "(0: none; the verdicts then use the table's single medians)")
     args = parser.parse_args()
@@ -335,7 +356,7 @@ def main() -> None:
             chosen = {name: fn for name, fn in methods.items() if fn is not None and (
                 (key, N, name) in TARGETS or name.startswith("ours' GEMMs alone"))}
             if args.target_rounds > 0 and key in ("(a)", "(b)") and N == token_counts[-1] and chosen:
-                for name, ts in interleaved_rounds(p, chosen, args.target_rounds, 1000).items():
+                for name, ts in interleaved_rounds(p, chosen, args.target_rounds).items():
                     rounds[key, N, name] = ts
                     print(setting, N, name, "rounds:", " ".join(f"{t:.1f}" for t in ts), flush=True)
                 common.free_memory()
