@@ -307,18 +307,18 @@ def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias,
         lse_rows = lse.to(work)
     if write_grad:
         p_scale = 1.0 + 2.0 * z_loss * lse_rows
+        p = torch.exp(y - lse_rows[:, None])  # one [rows, V] temporary, worked in place from here
         if compute_lse:
-            # The kernel's one-launch rule: 1 - P_t as the non-target mass over the total. One [rows, V]
-            # temporary, worked in place: e = exp(y - max), its target column set apart, then p = e / d.
-            e = torch.exp(y - y.amax(-1, keepdim=True).nan_to_num(neginf=0.0))
-            d = e.sum(-1, keepdim=True)
-            e.scatter_(1, target[:, None], 0.0)
-            rest = e.sum(-1) / d.squeeze(1)
-            g = e.div_(d).mul_(p_scale[:, None]).sub_(label_smoothing / V)
+            # The kernel's one-launch rule: 1 - P_t as the non-target mass over the total (the ratio
+            # cancels lse's rounding, which a difference with 1 would keep).
+            total = p.sum(-1)
+            p.scatter_(1, target[:, None], 0.0)
+            rest = p.sum(-1) / total
+        g = p.mul_(p_scale[:, None]).sub_(label_smoothing / V)
+        if compute_lse:
             g_t = (p_scale - 1.0) - rest * p_scale + label_smoothing * (1.0 - 1.0 / V)
             g.scatter_(1, target[:, None], g_t[:, None])
         else:
-            g = torch.exp(y - lse_rows[:, None]) * p_scale[:, None] - label_smoothing / V
             g.scatter_add_(1, target[:, None], torch.full((rows, 1), label_smoothing - 1.0, dtype=work,
                                                           device=g.device))
         if softcap is not None:
