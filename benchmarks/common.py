@@ -99,6 +99,51 @@ def bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def time_once(fn: Callable[[], object]) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events on the GPU (for calls long enough to time alone,
+    tens of ms and up), the wall clock on the CPU."""
+    if not CUDA:
+        import time
+
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def interleaved_rounds(cases: dict[str, Callable[[], object]], rounds: int,
+                       timer: Callable[[Callable[[], object]], float] = time_once) -> dict[str, list[float]]:
+    """``timer(case)`` for every case, ``rounds`` times, in a fresh random order each round, so that
+    the card's drift (up to 10% between minutes on an H100) hits every case alike and no case always
+    follows the same one. Returns {name: [ms per round]}."""
+    import random
+
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases.items())
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name, fn in order:
+            times[name].append(timer(fn))
+    return times
+
+
+def load_module_file(path: str | Path, name: str):
+    """Import the Python file at ``path`` as module ``name`` (another version of one of our modules,
+    timed beside the current one)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def chunk_operands(C: int, H: int, V: int, dtype: torch.dtype) -> SimpleNamespace:
     """The fused loss's per-chunk operands on DEVICE: hidden h [C, H], projection w [V, H], logits
     z [C, V], hidden gradient dh [C, H], and zeroed weight-gradient accumulators acc32 (fp32) and

@@ -15,26 +15,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
-import random
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, installed or not
 
-from benchmarks.common import bench, write_table  # noqa: E402
+from benchmarks.common import bench, interleaved_rounds, load_module_file, write_table  # noqa: E402
 
 import torch  # noqa: E402
 
 V = 128256
-
-
-def load(path: str):
-    spec = importlib.util.spec_from_file_location(f"cross_entropy_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cases(module, name: str) -> dict[str, callable]:
@@ -67,13 +58,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("cross_entropy_compare.py needs a CUDA device")
     current = importlib.import_module("medusa_liger.kernels.cross_entropy")
-    runs = {**cases(current, "this version"), **cases(load(args.before), f"{args.before}")}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs.items())
-    for _ in range(args.rounds):
-        random.shuffle(order)
-        for name, fn in order:
-            times[name].append(bench(fn, warmup=25, rep=200))
+    before = load_module_file(args.before, f"cross_entropy_{Path(args.before).stem}")
+    runs = {**cases(current, "this version"), **cases(before, f"{args.before}")}
+    times = interleaved_rounds(runs, args.rounds, timer=lambda fn: bench(fn, warmup=25, rep=200))
     rows = []
     for name, ts in times.items():
         rows.append([name, f"{statistics.median(ts):.3f}", f"{min(ts):.3f} - {max(ts):.3f}"])

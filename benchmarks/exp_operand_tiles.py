@@ -17,15 +17,13 @@ this one, on the same chunks and base tiles.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import random
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, installed or not
 
-from benchmarks.common import write_table  # noqa: E402
+from benchmarks.common import interleaved_rounds, load_module_file, write_table  # noqa: E402
 
 import torch  # noqa: E402
 from medusa_liger.kernels import exp_operand  # noqa: E402
@@ -97,12 +95,10 @@ def main() -> None:
     chosen = VARIANTS if args.variants is None else [VARIANTS[int(i)] for i in args.variants.split(",") if i]
     cases.update({f"ours, {change}": with_tiles(change) for change in chosen})
     for path in args.compare:
-        spec = importlib.util.spec_from_file_location(f"exp_operand_{Path(path).stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_module_file(path, f"exp_operand_{Path(path).stem}")
         module.GPU_TILES = dict(BASE)
         cases[f"ours with {path}, base tiles"] = lambda module=module: ours(module)
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)  # the table keeps this order, failed cases included
     expected = None
     for name, fn in list(cases.items()):  # compile and warm; drop what fails to build or computes wrong
         try:
@@ -115,19 +111,9 @@ def main() -> None:
                 raise AssertionError("results differ from the base configuration's")
         except Exception as exc:
             print(f"{name}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-            times[name] = []
             del cases[name]
-    order = list(cases.items())
-    for _ in range(args.rounds):
-        random.shuffle(order)  # no case always follows the same one
-        for name, fn in order:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times[name].append(start.elapsed_time(end))
+    measured = interleaved_rounds(cases, args.rounds)
+    times = {name: measured.get(name, []) for name in names}
     base_ms = statistics.median(times[base])
     rows = []
     for name, ts in times.items():

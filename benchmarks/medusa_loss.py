@@ -28,10 +28,8 @@ methods and "ours' GEMMs alone" are re-timed in shuffled order, round after roun
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -237,37 +235,16 @@ TARGETS = {(setting, N, f"ours{way} {acc} acc"): limits
                                              ("(b)", 16384, "fp32"): (260, 1.5), ("(b)", 16384, "bf16"): (260, 1.5)}.items()}
 
 
-def interleaved_rounds(p: Problem, methods: dict[str, Callable], rounds: int) -> dict[str, list[float]]:
-    """Each method's time for one step (ms), in ``rounds`` rounds with the methods in a fresh random
-    order each round, after one warm step each. One step is 60-400 ms here, long enough to time
-    alone with CUDA events; do_bench's own warm-up and estimate runs would cost 5-10 steps a round."""
+def target_rounds(p: Problem, methods: dict[str, Callable], rounds: int) -> dict[str, list[float]]:
+    """Each method's time for one step (ms) in ``rounds`` interleaved rounds, after one warm step
+    each. One step is 60-400 ms here, long enough to time alone with CUDA events; do_bench's own
+    warm-up and estimate runs would cost 5-10 steps a round."""
     steps = {name: training_step(p, fn) for name, fn in methods.items()}
     for step in steps.values():
         step()
+    times = common.interleaved_rounds(steps, rounds)
     p.clear_grads()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps.items())
-    for _ in range(rounds):
-        random.shuffle(order)
-        for name, step in order:
-            times[name].append(time_one_step(step))
-            p.clear_grads()
     return times
-
-
-def time_one_step(step: Callable[[], None]) -> float:
-    """Milliseconds of one call of ``step`` (CUDA events on the GPU, the wall clock on the CPU)."""
-    if not CUDA:
-        start = time.perf_counter()
-        step()
-        return (time.perf_counter() - start) * 1e3
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
 
 
 def target_notes(results: dict, token_counts: list[int], rounds: dict) -> list[str]:
@@ -356,7 +333,7 @@ def main() -> None:
             chosen = {name: fn for name, fn in methods.items() if fn is not None and (
                 (key, N, name) in TARGETS or name.startswith("ours' GEMMs alone"))}
             if args.target_rounds > 0 and key in ("(a)", "(b)") and N == token_counts[-1] and chosen:
-                for name, ts in interleaved_rounds(p, chosen, args.target_rounds).items():
+                for name, ts in target_rounds(p, chosen, args.target_rounds).items():
                     rounds[key, N, name] = ts
                     print(setting, N, name, "rounds:", " ".join(f"{t:.1f}" for t in ts), flush=True)
                 common.free_memory()
