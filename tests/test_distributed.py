@@ -50,15 +50,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(output_dir: Path, *extra: str, nproc: int = 2, options: list[str] = RUN) -> subprocess.Popen:
-    """``torchrun --nproc_per_node 2 -m medusa_liger train`` (on the CPU over gloo with the default
-    ``options``), started in the background."""
+def torchrun(*program: str, nproc: int = 2) -> subprocess.Popen:
+    """``torchrun --nproc_per_node nproc *program`` on this machine, started in the background."""
     env = {**os.environ, "TRITON_INTERPRET": "0",  # CPU tensors take the kernels' PyTorch path
            "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-               "-m", "medusa_liger", "train", str(TINY), *options, f"output_dir={output_dir}", *extra]
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *program]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def launch(output_dir: Path, *extra: str, nproc: int = 2, options: list[str] = RUN) -> subprocess.Popen:
+    """``torchrun --nproc_per_node 2 -m medusa_liger train`` (on the CPU over gloo with the default
+    ``options``), started in the background."""
+    return torchrun("-m", "medusa_liger", "train", str(TINY), *options, f"output_dir={output_dir}", *extra, nproc=nproc)
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -103,6 +107,44 @@ def test_helpers_are_the_identity_without_a_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE must be an integer"):
         distributed.env_world_size()
+
+
+# Every rank: join the group, take a ZeRO-1 step and an FSDP2 step, importing torch's modules where
+# the training code does, then leave. Leaving must free the group and with it gloo's worker threads:
+# one still holding the last reference to a finished collective's tensors aborts the process if it
+# drops them while the interpreter shuts down (SIGABRT after a run that finished).
+GROUP_LIFETIME = """
+import os, torch
+from medusa_liger.train import distributed
+threads = lambda: sorted(os.listdir("/proc/self/task"))
+before = threads()
+with distributed.setup(torch.device("cpu")):
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    optimizer = distributed.sharded_optimizer([{"params": params}], torch.optim.AdamW, lr=1e-3)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    distributed.consolidate_optimizer(optimizer)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    mesh = init_device_mesh("cpu", (2,))
+    for module in [*model, model]:
+        fully_shard(module, mesh=mesh)
+    model(torch.randn(2, 4)).sum().backward()
+    whole = model[0].weight.full_tensor()  # as checkpoints gather FSDP's shards
+    del optimizer, whole, params, model, mesh, module
+    assert len(threads()) > len(before)  # gloo's threads, while the group lives
+print("threads left:", len(set(threads()) - set(before)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_leaving_setup_frees_the_group_and_its_threads(tmp_path):
+    script = tmp_path / "group_lifetime.py"
+    script.write_text(GROUP_LIFETIME)
+    output = finish(torchrun(str(script)))
+    assert output.count("threads left: 0") == 2, output
 
 
 def test_two_ranks_match_one_process_with_accumulation_and_resume(tmp_path):

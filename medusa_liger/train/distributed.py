@@ -29,7 +29,11 @@ the trainable parameters per step. The updates are the same as unsharded.
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
+import importlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -41,6 +45,15 @@ import torch.distributed as dist
 TIMEOUT = timedelta(minutes=60)
 # Gradients are summed in flat buckets of at most this many elements (one collective per bucket).
 BUCKET_NUMEL = 32 * 1024 * 1024
+# torch.distributed modules this package uses once the group exists (ZeRO-1, FSDP2, DTensor, DCP).
+# Some define functions with ``group=dist.group.WORLD`` as a default argument: imported after
+# ``init_process_group`` they keep the live group forever, so ``destroy_process_group`` cannot free
+# it and gloo's worker threads outlive the interpreter (a worker that drops its last tensor during
+# shutdown then aborts the process: SIGABRT, "terminate called without an active exception", after a
+# run that finished). Imported before the group exists, those defaults are ``None``.
+DISTRIBUTED_MODULES = ("torch.distributed.optim", "torch.distributed.fsdp", "torch.distributed.tensor",
+                       "torch.distributed.tensor.debug", "torch.distributed.device_mesh",
+                       "torch.distributed.checkpoint.state_dict")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -209,6 +222,8 @@ def setup(device: torch.device) -> Iterator[torch.device]:
     device = training_device(device)
     created = False
     if not dist.is_initialized():
+        for module in DISTRIBUTED_MODULES:  # before the group exists (see DISTRIBUTED_MODULES)
+            importlib.import_module(module)
         for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise ValueError(f"WORLD_SIZE is set but {name} is not: launch with torchrun")
@@ -222,7 +237,33 @@ def setup(device: torch.device) -> Iterator[torch.device]:
         yield device
     finally:
         if created:
+            _release_group_references()
             dist.destroy_process_group()
+
+
+# (module, function) emptying torch.distributed caches that are not functools caches: DTensor's
+# sharding propagation in C++ (the fast path) and its dict of redistribution planners.
+UNCACHED_BY_FUNCTOOLS = (("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+                         ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"))
+
+
+def _release_group_references() -> None:
+    """Drop what would keep the process group alive after ``destroy_process_group`` (see
+    ``DISTRIBUTED_MODULES`` for why gloo's threads must not outlive the interpreter): objects of the
+    finished run that sit in reference cycles (FSDP2's modules and states), and torch.distributed's
+    caches, whose keys hold device meshes (FSDP2's parameters are DTensors) and, through them, the
+    group. Emptying a cache only costs a recomputation, and nothing is computed after this."""
+    gc.collect()  # the run's cycles first: fewer objects to look through below
+    for obj in gc.get_objects():  # functools caches: DTensor's topology, transforms, sharding rules
+        if type(obj) is functools._lru_cache_wrapper and \
+                str(getattr(obj, "__module__", "")).startswith("torch.distributed"):
+            obj.cache_clear()
+    for module, name in UNCACHED_BY_FUNCTOOLS:  # torch's private helpers; one a version lacks is skipped
+        clear = getattr(sys.modules.get(module), name, None)
+        if clear is not None:
+            with contextlib.suppress(AttributeError, RuntimeError):
+                clear()
+    gc.collect()  # what the caches alone kept, some of it in cycles (a planner and its own caches)
 
 
 @contextlib.contextmanager
