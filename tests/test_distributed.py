@@ -114,7 +114,7 @@ def test_helpers_are_the_identity_without_a_process_group(monkeypatch):
 # one still holding the last reference to a finished collective's tensors aborts the process if it
 # drops them while the interpreter shuts down (SIGABRT after a run that finished).
 GROUP_LIFETIME = """
-import os, torch
+import os, sys, torch
 from medusa_liger.train import distributed
 threads = lambda: sorted(os.listdir("/proc/self/task"))
 before = threads()
@@ -135,7 +135,9 @@ with distributed.setup(torch.device("cpu")):
     whole = model[0].weight.full_tensor()  # as checkpoints gather FSDP's shards
     del optimizer, whole, params, model, mesh, module
     assert len(threads()) > len(before)  # gloo's threads, while the group lives
-print("threads left:", len(set(threads()) - set(before)))
+left = len(set(threads()) - set(before))
+with open(os.path.join(sys.argv[1], "threads-left-rank" + os.environ["RANK"]), "w") as f:
+    f.write(str(left))
 """
 
 
@@ -143,8 +145,8 @@ print("threads left:", len(set(threads()) - set(before)))
 def test_leaving_setup_frees_the_group_and_its_threads(tmp_path):
     script = tmp_path / "group_lifetime.py"
     script.write_text(GROUP_LIFETIME)
-    output = finish(torchrun(str(script)))
-    assert output.count("threads left: 0") == 2, output
+    finish(torchrun(str(script), str(tmp_path)))
+    assert [(tmp_path / f"threads-left-rank{r}").read_text() for r in range(2)] == ["0", "0"]
 
 
 def test_two_ranks_match_one_process_with_accumulation_and_resume(tmp_path):
