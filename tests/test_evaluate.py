@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from medusa_liger.heads import MedusaConfig, MedusaModel
-from medusa_liger.inference.evaluate import evaluate_heads, head_rank_hits, load_prompts
+from medusa_liger.inference.evaluate import (
+    evaluate_heads,
+    head_rank_hits,
+    load_prompts,
+    ratio_interval,
+    student_t_975,
+)
 from medusa_liger.inference.generate import greedy_generate
 from medusa_liger.inference.tree import expected_acceleration, normalize_tree
 from medusa_liger.kernels.utils import force_backend
@@ -84,6 +90,46 @@ def test_evaluate_writes_report_tree_heatmap(tmp_path):
     assert measured["greedy_match_rate"] == 1.0
     assert measured["medusa"]["new_tokens"] == measured["greedy"]["new_tokens"] == 36
     assert measured["acceleration_rate"] == pytest.approx(36 / measured["medusa"]["steps"])
+    low, high = measured["acceleration_rate_ci95"]
+    assert low <= measured["acceleration_rate"] <= high
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622),
+                                          (15, 2.1314), (30, 2.0423), (39, 2.0227), (1000, 1.9623)])
+def test_student_t_quantile_matches_the_tables(df, quantile):
+    assert student_t_975(df) == pytest.approx(quantile, rel=0.008 if df == 3 else 0.003)
+
+
+def test_ratio_interval_by_hand():
+    # R = 60 / 20 = 3; residuals t - R s = -5, 5, 0; variance 50 / (3 * 2) / (20 / 3)^2 = 0.1875;
+    # t quantile for 2 degrees of freedom 4.3027.
+    low, high = ratio_interval([10, 20, 30], [5, 5, 10])
+    assert (low + high) / 2 == pytest.approx(3.0) and (high - low) / 2 == pytest.approx(4.3027 * 0.1875**0.5, rel=1e-4)
+    assert ratio_interval([4, 8, 12], [2, 4, 6]) == (2.0, 2.0)  # every prompt at the same rate
+    assert ratio_interval([3], [1]) is None  # one prompt: no spread to measure
+    with pytest.raises(ValueError, match="same length"):
+        ratio_interval([1, 2], [1])
+    with pytest.raises(ValueError, match="denominators must sum to more than 0"):
+        ratio_interval([0, 0], [0, 0])
+    with pytest.raises(ValueError, match="df must be an integer >= 1"):
+        student_t_975(0)
+
+
+@pytest.mark.parametrize("prompts", [10, 40])
+def test_ratio_interval_covers_the_true_rate_95_percent_of_the_time(prompts):
+    # 4000 evaluations of `prompts` prompts each: every prompt decodes 20-60 steps at its own rate
+    # around 2.2 tokens/step, so the rate over infinitely many prompts is 2.2. The interval must hold
+    # it in about 95% of the evaluations (standard error of that share: 0.0034); with the normal
+    # quantile instead of Student's t, 10 prompts would be covered about 92% of the time.
+    g = torch.Generator().manual_seed(0)
+    trials = 4000
+    steps = torch.randint(20, 61, (trials, prompts), generator=g).double()
+    tokens = steps * (2.2 + 0.3 * torch.randn(trials, prompts, generator=g, dtype=torch.float64))
+    covered = 0
+    for t, s in zip(tokens.tolist(), steps.tolist()):
+        low, high = ratio_interval(t, s)
+        covered += low <= 2.2 <= high
+    assert 0.935 <= covered / trials <= 0.965
 
 
 def test_evaluate_trained_heads_accelerate(tmp_path):
@@ -176,7 +222,8 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     assert report["num_prompts"] == 2 and report["tree"]["requested_size"] == 5 and report["num_heads"] == 2
     assert report["heads"].endswith("heads_medusa") and report["backbone"].endswith("backbone")
     assert (out_dir / "tree.json").is_file() and (out_dir / "head_accuracy.png").is_file()
-    assert "measured: acceleration" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "measured: acceleration" in out and "(95% interval over 2 prompts: " in out
     # Without --prompts, a run directory's held-out prompts (eval_prompts.jsonl) are the default.
     (tmp_path / "run" / "eval_prompts.jsonl").write_text('{"input_ids": [3, 4, 5]}\n{"input_ids": [6, 7]}\n')
     code = main(["eval", str(tmp_path / "run"), "--max-new-tokens", "4", "--tree-size", "3", "--device", "cpu"])

@@ -188,7 +188,10 @@ def run(args: argparse.Namespace) -> int:
     print("head top-1 accuracy: " + ", ".join(f"head{k} (t+{k + 2}) {a:.3f}" for k, a in enumerate(acc["top1"])))
     print(f"tree: {tree['size']} nodes, depth {tree['max_depth']}, "
           f"estimated acceleration {tree['estimated_acceleration']:.2f}")
-    print(f"measured: acceleration {measured['acceleration_rate']:.2f} tokens/step, speedup "
+    interval = measured["acceleration_rate_ci95"]
+    spread = "" if interval is None else \
+        f" (95% interval over {report['num_prompts']} prompts: {interval[0]:.2f}-{interval[1]:.2f})"
+    print(f"measured: acceleration {measured['acceleration_rate']:.2f} tokens/step{spread}, speedup "
           f"{measured['speedup']:.2f}x ({measured['medusa']['tokens_per_s']:.1f} vs "
           f"{measured['greedy']['tokens_per_s']:.1f} tokens/s), identical to greedy on "
           f"{measured['greedy_match_rate']:.0%} of prompts")
