@@ -9,11 +9,14 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import importlib
+import importlib.util
 import os
 import platform
+import random
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -85,15 +88,8 @@ def bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
     do_bench also clears the L2 cache between calls.
     """
     if not torch.cuda.is_available():
-        import time
-
         fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[1]
+        return sorted(time_once(fn) for _ in range(3))[1]
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
@@ -103,8 +99,6 @@ def time_once(fn: Callable[[], object]) -> float:
     """Milliseconds of one call of ``fn``: CUDA events on the GPU (for calls long enough to time alone,
     tens of ms and up), the wall clock on the CPU."""
     if not CUDA:
-        import time
-
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
@@ -122,8 +116,6 @@ def interleaved_rounds(cases: dict[str, Callable[[], object]], rounds: int,
     """``timer(case)`` for every case, ``rounds`` times, in a fresh random order each round, so that
     the card's drift (up to 10% between minutes on an H100) hits every case alike and no case always
     follows the same one. Returns {name: [ms per round]}."""
-    import random
-
     times: dict[str, list[float]] = {name: [] for name in cases}
     order = list(cases.items())
     for _ in range(rounds):
@@ -136,8 +128,6 @@ def interleaved_rounds(cases: dict[str, Callable[[], object]], rounds: int,
 def load_module_file(path: str | Path, name: str):
     """Import the Python file at ``path`` as module ``name`` (another version of one of our modules,
     timed beside the current one)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

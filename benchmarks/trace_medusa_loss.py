@@ -53,14 +53,7 @@ def timed_steps(step, n: int) -> tuple[float, dict[str, float]]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [common.time_once(step) for _ in range(n)]
     done.set()
     sampler.join()
     return statistics.median(times), {k: statistics.median(v) for k, v in samples.items() if v}
