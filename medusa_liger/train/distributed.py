@@ -29,7 +29,6 @@ the trainable parameters per step. The updates are the same as unsharded.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import importlib
 import os
@@ -52,8 +51,7 @@ BUCKET_NUMEL = 32 * 1024 * 1024
 # shutdown then aborts the process: SIGABRT, "terminate called without an active exception", after a
 # run that finished). Imported before the group exists, those defaults are ``None``.
 DISTRIBUTED_MODULES = ("torch.distributed.optim", "torch.distributed.fsdp", "torch.distributed.tensor",
-                       "torch.distributed.tensor.debug", "torch.distributed.device_mesh",
-                       "torch.distributed.checkpoint.state_dict")
+                       "torch.distributed.device_mesh", "torch.distributed.checkpoint.state_dict")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -242,29 +240,23 @@ def setup(device: torch.device) -> Iterator[torch.device]:
             dist.destroy_process_group()
 
 
-# (module, function) emptying torch.distributed caches that are not functools caches: DTensor's
-# sharding propagation in C++ (the fast path) and its dict of redistribution planners.
-UNCACHED_BY_FUNCTOOLS = (("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
-                         ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"))
-
-
 def _release_group_references() -> None:
     """Drop what would keep the process group alive after ``destroy_process_group`` (see
-    ``DISTRIBUTED_MODULES`` for why gloo's threads must not outlive the interpreter): objects of the
-    finished run that sit in reference cycles (FSDP2's modules and states), and torch.distributed's
-    caches, whose keys hold device meshes (FSDP2's parameters are DTensors) and, through them, the
-    group. Emptying a cache only costs a recomputation, and nothing is computed after this."""
-    gc.collect()  # the run's cycles first: fewer objects to look through below
-    for obj in gc.get_objects():  # functools caches: DTensor's topology, transforms, sharding rules
-        if type(obj) is functools._lru_cache_wrapper and \
-                str(getattr(obj, "__module__", "")).startswith("torch.distributed"):
-            obj.cache_clear()
-    for module, name in UNCACHED_BY_FUNCTOOLS:  # torch's private helpers; one a version lacks is skipped
-        clear = getattr(sys.modules.get(module), name, None)
-        if clear is not None:
-            with contextlib.suppress(AttributeError, RuntimeError):
-                clear()
-    gc.collect()  # what the caches alone kept, some of it in cycles (a planner and its own caches)
+    ``DISTRIBUTED_MODULES`` for why gloo's threads must not outlive the interpreter).
+
+    Two kinds of holders are left once the run's objects are gone. The finished run's reference
+    cycles (FSDP2's modules, states and parameter groups hold the group directly): collected here.
+    And device meshes that outlive the run: torch.distributed's caches key on them (DTensor's
+    sharding propagation in Python and C++, its redistribution planners, mesh topology), and torch
+    2.11's C++ OpSchema post-init leaks a reference to the strategies of every schema built during
+    sharding propagation (FSDP2's first ``detach`` of a sharded parameter builds one), whose specs hold
+    a mesh that nothing can release. A mesh holds its groups in ``_pg_registry`` (torch 2.11-2.13);
+    emptying it lets the group go, whatever still holds the mesh. Nothing runs on a mesh after this."""
+    gc.collect()
+    mesh_type = getattr(sys.modules.get("torch.distributed.device_mesh"), "DeviceMesh", None)
+    for obj in gc.get_objects() if mesh_type is not None else ():
+        if isinstance(obj, mesh_type) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
 
 
 @contextlib.contextmanager
