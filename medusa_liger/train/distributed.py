@@ -255,7 +255,7 @@ def _release_group_references() -> None:
     gc.collect()
     mesh_type = getattr(sys.modules.get("torch.distributed.device_mesh"), "DeviceMesh", None)
     for obj in gc.get_objects() if mesh_type is not None else ():
-        if isinstance(obj, mesh_type) and isinstance(getattr(obj, "_pg_registry", None), dict):
+        if issubclass(type(obj), mesh_type) and isinstance(getattr(obj, "_pg_registry", None), dict):
             obj._pg_registry.clear()
 
 
