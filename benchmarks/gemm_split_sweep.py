@@ -65,13 +65,12 @@ def sustained_tflops(n: int, seconds: float) -> tuple[float, float]:
     flop = 2 * n**3
     one = common.bench(lambda: torch.mm(a, b, out=c))
     calls = max(1, int(seconds * 1e3 / one))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        torch.mm(a, b, out=c)
-    end.record()
-    torch.cuda.synchronize()
-    loop_ms = start.elapsed_time(end) / calls
+
+    def back_to_back() -> None:
+        for _ in range(calls):
+            torch.mm(a, b, out=c)
+
+    loop_ms = common.time_once(back_to_back) / calls
     del a, b, c
     common.free_memory()
     return flop / one / 1e9, flop / loop_ms / 1e9

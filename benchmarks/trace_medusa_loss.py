@@ -29,7 +29,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.medusa_loss import Problem, gemms_alone, make_ours_head_by_head, with_row_kernel  # noqa: E402
+from benchmarks.medusa_loss import (  # noqa: E402
+    Problem, gemms_alone, make_ours_head_by_head, training_step, with_row_kernel)
 
 
 NOTE = ("wall: median of the timed steps (CUDA events); kernels: summed kernel time per step over 3 profiled "
@@ -105,12 +106,7 @@ def main() -> None:
           f"triton {info['triton']}; {info['date']}")
     emit(NOTE)
     for name, fn in methods.items():
-        def step(fn=fn) -> None:
-            p.clear_grads()
-            loss = fn(p)
-            if loss is not None:
-                loss.backward()
-
+        step = training_step(p, fn)
         for _ in range(2):
             step()
         torch.cuda.synchronize()
