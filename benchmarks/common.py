@@ -7,6 +7,7 @@ baselines measured in the same run: absolute times drift between machines, ratio
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import importlib
 import importlib.util
@@ -156,6 +157,20 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def frees_memory(fn: Callable) -> Callable:
+    """Decorator: ``free_memory()`` once ``fn`` has returned, so the tensors its locals held (and the
+    closures that timed them) are gone before the next measurement allocates."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            free_memory()
+
+    return wrapper
+
+
 def peak_extra_memory_gib(fn: Callable[[], object]) -> float:
     """Peak CUDA memory allocated while ``fn`` runs, minus what was allocated before it (GiB)."""
     if not torch.cuda.is_available():
@@ -169,6 +184,7 @@ def peak_extra_memory_gib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
+@frees_memory
 def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     if not torch.cuda.is_available():
@@ -176,11 +192,10 @@ def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
     src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
-    del src, dst
-    torch.cuda.empty_cache()
     return 2 * n_bytes / (ms * 1e-3) / 1e9
 
 
+@frees_memory
 def matmul_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
     """Rate of an n x n x n matrix product on random data, in TFLOP/s (the matmul ceiling)."""
     if not torch.cuda.is_available():
@@ -189,8 +204,6 @@ def matmul_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float:
     b = torch.randn(n, n, dtype=dtype, device="cuda")
     out = torch.empty(n, n, dtype=dtype, device="cuda")
     ms = bench(lambda: torch.mm(a, b, out=out))
-    del a, b, out
-    torch.cuda.empty_cache()
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 

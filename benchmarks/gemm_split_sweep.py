@@ -41,6 +41,7 @@ def set_backend(name: str) -> None:
         torch.backends.cuda.preferred_blas_library(name)
 
 
+@common.frees_memory
 def products(C: int, H: int, V: int, dtype: torch.dtype, splits: list[int], rep: int) -> dict[tuple[str, int], float]:
     """Median ms of each product at chunk C, whole (split 1) and in `split` calls."""
     o = common.chunk_operands(C, H, V, dtype)
@@ -48,15 +49,14 @@ def products(C: int, H: int, V: int, dtype: torch.dtype, splits: list[int], rep:
     ms = {}
     for split in splits:
         r_tok, r_voc = -(-C // split), -(-V // split)
-        ms[("logits", split)] = common.bench(lambda: chunking.mm_into(z, h, w.t(), False, r_tok), rep=rep)
-        ms[("dh", split)] = common.bench(lambda: chunking.mm_into(dh, z, w, False, r_tok), rep=rep)
-        ms[("dW fp32 +=", split)] = common.bench(lambda: chunking.mm_into(acc32, z.t(), h, True, r_voc), rep=rep)
-        ms[("dW bf16 +=", split)] = common.bench(lambda: chunking.mm_into(acc16, z.t(), h, True, r_voc), rep=rep)
-    del o, h, w, z, dh, acc32, acc16
-    common.free_memory()
+        ms[("logits", split)] = common.bench(lambda r=r_tok: chunking.mm_into(z, h, w.t(), False, r), rep=rep)
+        ms[("dh", split)] = common.bench(lambda r=r_tok: chunking.mm_into(dh, z, w, False, r), rep=rep)
+        ms[("dW fp32 +=", split)] = common.bench(lambda r=r_voc: chunking.mm_into(acc32, z.t(), h, True, r), rep=rep)
+        ms[("dW bf16 +=", split)] = common.bench(lambda r=r_voc: chunking.mm_into(acc16, z.t(), h, True, r), rep=rep)
     return ms
 
 
+@common.frees_memory
 def sustained_tflops(n: int, seconds: float) -> tuple[float, float]:
     """bf16 n^3 GEMM rate: (median of do_bench, back-to-back over ~`seconds`)."""
     a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
@@ -71,8 +71,6 @@ def sustained_tflops(n: int, seconds: float) -> tuple[float, float]:
             torch.mm(a, b, out=c)
 
     loop_ms = common.time_once(back_to_back) / calls
-    del a, b, c
-    common.free_memory()
     return flop / one / 1e9, flop / loop_ms / 1e9
 
 

@@ -47,6 +47,7 @@ PERSISTENT = (1, 2, 4)  # row-kernel programs per SM tried besides one program p
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
+@common.frees_memory
 def components(C: int, H: int, V: int, dtype: torch.dtype, rep: int) -> dict[str, float]:
     """Median ms of each per-chunk piece at chunk size C (fresh buffers, freed afterwards)."""
     o = common.chunk_operands(C, H, V, dtype)
@@ -86,11 +87,10 @@ def components(C: int, H: int, V: int, dtype: torch.dtype, rep: int) -> dict[str
             ms[f"row p{k}"] = float("nan")
         finally:
             CE.PERSISTENT_PROGRAMS_PER_SM = default
-    del o, h, w, z, dh, acc32, acc16, saved
-    common.free_memory()
     return ms
 
 
+@common.frees_memory
 def once_per_weight(H: int, V: int, dtype: torch.dtype, rep: int) -> dict[str, float]:
     """The per-projection passes: accumulator cast into the gradient, and backward's grad_output scale."""
     acc = torch.randn(V, H, device=DEVICE, dtype=torch.float32)
@@ -98,11 +98,10 @@ def once_per_weight(H: int, V: int, dtype: torch.dtype, rep: int) -> dict[str, f
     g_out = torch.full((), 0.5, device=DEVICE, dtype=torch.float32)  # not 1: scale_ skips a factor of 1
     ms = {"cast fp32->bf16": common.bench(lambda: grad.copy_(acc), rep=rep),
           "scale by grad_output": common.bench(lambda: scale_(grad, g_out), rep=rep)}
-    del acc, grad
-    common.free_memory()
     return ms
 
 
+@common.frees_memory
 def whole_op(N: int, H: int, V: int, dtype: torch.dtype, chunk: int, accum: torch.dtype, trainable: bool,
              rep: int) -> tuple[float, float]:
     """(median ms, peak extra GiB) of forward+backward of one head over N tokens; grads freed per call."""
@@ -118,8 +117,6 @@ def whole_op(N: int, H: int, V: int, dtype: torch.dtype, chunk: int, accum: torc
     hidden.grad = w.grad = None
     gib = common.peak_extra_memory_gib(step)
     ms = common.bench(step, warmup=1, rep=rep)
-    del hidden, w, labels
-    common.free_memory()
     return ms, gib
 
 
@@ -147,12 +144,12 @@ def main() -> None:
         n_chunks = -(-N // C)
         flop = 2 * C * H * V
 
-        def tf(key: str) -> str:
+        def tf(key: str, part: dict = part, flop: int = flop) -> str:
             return f"{part[key]:.2f} ({flop / part[key] / 1e9:.0f})"
 
         row_bytes = 3 * C * V * torch.empty((), dtype=dtype).element_size()
 
-        def row(key: str) -> str:
+        def row(key: str, part: dict = part, row_bytes: int = row_bytes) -> str:
             return f"{part[key]:.2f} ({row_bytes / part[key] / 1e6:.0f})" if part[key] > 0 else "-"
 
         # Predicted op time over N tokens = chunks x per-chunk pieces (+ once-per-weight passes).

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, installed or not
@@ -303,21 +304,21 @@ def measure(M: int, H: int, V: int, persistent: bool) -> list[list[str]]:
     for cfg in PERSISTENT_CONFIGS if persistent else CONFIGS:
         stats = torch.empty(M, triton.cdiv(V, cfg[1]), 2, device=DEVICE)
         pointer_based = [
-            ("logits", "Triton", lambda: run_logits(a, w, c, stats, cfg, False), base_l),
-            ("logits", "Triton + row stats epilogue", lambda: run_logits(a, w, c, stats, cfg, True), base_l),
-            ("logits", "Triton persistent TMA", lambda: run_persistent(a, w, c, cfg, False), base_l),
-            ("logits", "Triton persistent TMA, warp-specialized", lambda: run_persistent(a, w, c, cfg, True), base_l),
-            ("dh", "Triton", lambda: run_grad(c, w, out, lse, labels, scale, cfg, False), base_g),
-            ("dh", "Triton + softmax-gradient prologue", lambda: run_grad(c, w, out, lse, labels, scale, cfg, True), base_g),
+            ("logits", "Triton", partial(run_logits, a, w, c, stats, cfg, False), base_l),
+            ("logits", "Triton + row stats epilogue", partial(run_logits, a, w, c, stats, cfg, True), base_l),
+            ("logits", "Triton persistent TMA", partial(run_persistent, a, w, c, cfg, False), base_l),
+            ("logits", "Triton persistent TMA, warp-specialized", partial(run_persistent, a, w, c, cfg, True), base_l),
+            ("dh", "Triton", partial(run_grad, c, w, out, lse, labels, scale, cfg, False), base_g),
+            ("dh", "Triton + softmax-gradient prologue", partial(run_grad, c, w, out, lse, labels, scale, cfg, True), base_g),
         ]
         fused_persistent = [
-            ("logits", "Triton persistent TMA", lambda: run_persistent(a, w, c, cfg, False), base_l),
-            ("logits", "Triton persistent TMA + row stats epilogue", lambda: run_persistent_stats(a, w, c, stats, cfg), base_l),
-            ("dh", "Triton persistent TMA", lambda: run_persistent_grad(c, w, out, lse, labels, scale, cfg, False), base_g),
+            ("logits", "Triton persistent TMA", partial(run_persistent, a, w, c, cfg, False), base_l),
+            ("logits", "Triton persistent TMA + row stats epilogue", partial(run_persistent_stats, a, w, c, stats, cfg), base_l),
+            ("dh", "Triton persistent TMA", partial(run_persistent_grad, c, w, out, lse, labels, scale, cfg, False), base_g),
             ("dh", "Triton persistent TMA + softmax-gradient prologue",
-             lambda: run_persistent_grad(c, w, out, lse, labels, scale, cfg, True), base_g),
+             partial(run_persistent_grad, c, w, out, lse, labels, scale, cfg, True), base_g),
             ("dh", "Triton persistent TMA + row-scale prologue (no exp)",
-             lambda: run_persistent_grad(c, w, out, lse, labels, scale, cfg, False, True), base_g),
+             partial(run_persistent_grad, c, w, out, lse, labels, scale, cfg, False, True), base_g),
         ]
         for gemm, name, fn, base in fused_persistent if persistent else pointer_based:
             try:

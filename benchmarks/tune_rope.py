@@ -152,7 +152,7 @@ def measure(forward, master_sets: list, ref: list, n_bytes: int, copy_gbs: float
         message = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")
         return {"ms": float("inf"), "status": "error: " + message[:160]}
     finally:
-        del sets
+        sets.clear()  # the copies go before the next implementation allocates its own
         if CUDA:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
