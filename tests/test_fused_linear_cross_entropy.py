@@ -92,6 +92,32 @@ def test_skip_ignored_computes_only_valid_rows_and_handles_heads_without_any(mon
     assert torch.equal(grads[1][2], torch.zeros_like(grads[1][2]))
 
 
+def test_skip_ignored_takes_known_counts_and_checks_them():
+    """skip_ignored may carry each head's valid-target count (valid_target_counts, read once for
+    several calls): the same results as True; counts that disagree with the labels fail (an
+    asynchronous device assert, raised at once on CPU) and malformed ones are refused by name."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 11, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(29, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 29, (2, 11), generator=g)
+    labels[0, 3:8] = -100
+    segment_ids = torch.tensor([[1] * 6 + [2] * 5, [1] * 11])
+    shifts = [1, 3]
+    counts = flce.valid_target_counts(labels, shifts, 29, segment_ids=segment_ids)
+    problem = (h, w, labels, shifts, [1.0, 0.5], dict(bias=None, segment_ids=segment_ids))
+    with force_backend("torch"):
+        want, want_grads = _run(multi_head_linear_cross_entropy, *problem, skip_ignored=True, chunk_size=4)
+        out, grads = _run(multi_head_linear_cross_entropy, *problem, skip_ignored=counts, chunk_size=4)
+        assert counts == want.head_tokens.tolist()
+        _compare(out, grads, want, want_grads, TOL["torch"])
+        with pytest.raises(RuntimeError, match="valid-target counts do not match"):
+            multi_head_linear_cross_entropy(h, w, labels, shifts, segment_ids=segment_ids,
+                                            skip_ignored=[counts[0], counts[1] - 1])
+        for bad in ([counts[0]], [-1, 0], [0, 23], "yes"):
+            with pytest.raises(ValueError, match="skip_ignored must be"):
+                multi_head_linear_cross_entropy(h, w, labels, shifts, skip_ignored=bad)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("pattern", ["leading_block", "scattered", "all_but_target"])
 def test_neg_inf_bias_masks_the_vocabulary(backend, pattern):

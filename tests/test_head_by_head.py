@@ -15,6 +15,7 @@ from medusa_liger.kernels import (
     head_by_head_linear_cross_entropy,
     multi_head_linear_cross_entropy,
 )
+from medusa_liger.kernels import fused_linear_cross_entropy as flce
 from medusa_liger.kernels.fused_linear_cross_entropy import reentrant_backward
 from tests.test_generate import tiny_backbone
 from tests.utils import DEVICE, assert_rel_close
@@ -128,6 +129,39 @@ def test_backward_twice_raises_and_frozen_inputs_give_no_graph():
             p.requires_grad_(False)
         frozen = head_by_head_linear_cross_entropy(x, head_inputs, [w, w], labels, [1, 2], params=[*params, w])
     assert not frozen.loss.requires_grad and torch.allclose(frozen.loss, out.loss)
+
+
+def test_skip_ignored_reads_every_heads_row_count_in_one_sync(monkeypatch):
+    """Head by head with skip_ignored: the K row counts are read once (valid_target_counts) and each
+    head's call gets its own, so K calls cost one host sync; results equal the all-heads op's."""
+    torch.manual_seed(3)
+    B, T, H, V, K = 2, 13, 8, 37, 3
+    x = torch.randn(B, T, H, device=DEVICE, requires_grad=True)
+    head_inputs, block_params = residual_heads(K, H, torch.float32)
+    weights = [torch.randn(V, H, device=DEVICE, requires_grad=True) for _ in range(K)]
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    labels[:, :5] = -100
+    segment_ids = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    segment_ids[0, 9:] = 2
+    args = (labels, [2, 3, 4], [1.0, 0.8, 0.64])
+    wanted = [x, *block_params, *weights]
+    counted, plans = [], []
+    original_counts, original_apply = flce.valid_target_counts, flce.MultiHeadLinearCrossEntropyFunction.apply
+    monkeypatch.setattr(flce, "valid_target_counts", lambda *a, **k: counted.append(original_counts(*a, **k)) or counted[-1])
+    monkeypatch.setattr(flce.MultiHeadLinearCrossEntropyFunction, "apply",
+                        lambda plan, *a: (plans.append(plan), original_apply(plan, *a))[1])
+    ref = multi_head_linear_cross_entropy([f(x) for f in head_inputs], weights, *args, segment_ids=segment_ids)
+    ref_grads = all_grads(ref.loss, wanted)
+    plans.clear()
+    out = head_by_head_linear_cross_entropy(x, head_inputs, weights, *args, params=[*block_params, *weights],
+                                            segment_ids=segment_ids, skip_ignored=True)
+    grads = all_grads(out.loss, wanted)
+    assert counted == [ref.head_tokens.tolist()]  # one read, of every head's count
+    assert [p.known_counts for p in plans] == [[c] for c in counted[0]] and all(p.skip_ignored for p in plans)
+    assert_rel_close(out.loss, ref.loss, torch.float32, "loss")
+    assert torch.equal(out.head_tokens, ref.head_tokens) and torch.equal(out.head_accuracy, ref.head_accuracy)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_rel_close(g, r, torch.float32, f"gradient {i}")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -113,6 +113,8 @@ class _Plan:
     compute_dtype: torch.dtype
     chunk_size: int | None
     skip_ignored: bool
+    # skip_ignored with each head's valid-target count already on the host (no sync in forward).
+    known_counts: list[int] | None
     # Per head: None (hard labels) or its Teacher (detached tensors).
     teacher: list[Teacher | None]
 
@@ -157,7 +159,12 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         # Rows each head computes: all N, or (skip_ignored) its valid rows, gathered. Their number
         # is the op's one host sync; a stable sort puts each head's valid rows first, in order.
         if plan.skip_ignored:
-            kept = counts.tolist()
+            if plan.known_counts is None:
+                kept = counts.tolist()
+            else:  # the caller's counts, checked on the device (an asynchronous assert: no sync)
+                kept = plan.known_counts
+                torch._assert_async((counts == torch.tensor(kept, device=dev)).all(),
+                                    "skip_ignored: the given valid-target counts do not match the labels")
             rows_of = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
         else:
             kept, rows_of = [N] * K, None
@@ -364,6 +371,21 @@ def scaled_forward_grads(ctx, grad_loss: torch.Tensor, op: str) -> list[torch.Te
 # torch.compile runs this op eagerly (a graph break): its chunk loop and Triton launches are already
 # the fused form, and it never synchronizes, so CUDA graphs can still capture it.
 @torch.compiler.disable
+def valid_target_counts(labels: torch.Tensor, shifts: Sequence[int], vocab_size: int, *, ignore_index: int = -100,
+                        segment_ids: torch.Tensor | None = None) -> list[int]:
+    """Each head's number of valid targets (the rule of ``multi_head_linear_cross_entropy``), read to
+    the host in one sync: pass them as ``skip_ignored`` to several calls over the same labels.
+
+    labels: [B, T] integer ids, NOT shifted; shifts: K ints >= 0; segment_ids: None or [B, T]."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ValueError("labels must be a [B, T] integer tensor")
+    B, T = labels.shape
+    flat = labels.reshape(-1)
+    seg = None if segment_ids is None else segment_ids.reshape(-1)
+    valid = torch.stack([row_targets(flat, seg, T, int(s), 0, B * T, ignore_index, vocab_size)[1] for s in shifts])
+    return valid.sum(1).tolist()
+
+
 def multi_head_linear_cross_entropy(
     hidden: torch.Tensor | Sequence[torch.Tensor],
     weight: torch.Tensor | Sequence[torch.Tensor],
@@ -380,7 +402,7 @@ def multi_head_linear_cross_entropy(
     reduction: str = "mean",
     accum_dtype: torch.dtype | None = torch.float32,
     chunk_size: int | None = None,
-    skip_ignored: bool = False,
+    skip_ignored: bool | Sequence[int] = False,
     teacher: Sequence[Teacher | tuple | None] | None = None,
 ) -> MultiHeadLossOutput:
     """Every Medusa head's loss in one chunked op (see the module docstring for the math).
@@ -399,6 +421,8 @@ def multi_head_linear_cross_entropy(
     skip_ignored: run the GEMMs only on each head's rows with a valid target (gathered), so ignored
              targets (prompt tokens of chat data, padding) cost nothing. Same results; costs one
              host-device sync per call (the row counts), so it cannot be captured in a CUDA graph.
+             Or each head's count of valid targets, when the caller has them (``valid_target_counts``:
+             one sync for several calls over the same labels); checked on the device, without a sync.
     teacher: None, or one entry per head: None (that head learns its labels), a ``Teacher``
              (hidden [B, T, H], weight [V, H], bias [V] or None, offset) or a (hidden, weight[, bias])
              tuple (offset 0): that head's loss is then KL(teacher || head) at every position t with a
@@ -427,8 +451,15 @@ def multi_head_linear_cross_entropy(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
+    known_counts = None
+    if isinstance(skip_ignored, (list, tuple)):
+        known_counts = [int(c) for c in skip_ignored]
+        if len(known_counts) != K or any(not 0 <= c <= labels.numel() for c in known_counts):
+            raise ValueError(f"skip_ignored must be a bool or {K} valid-target counts in [0, B*T], got {skip_ignored!r}")
+    elif not isinstance(skip_ignored, bool):
+        raise ValueError(f"skip_ignored must be a bool or a list of {K} valid-target counts, got {skip_ignored!r}")
     if skip_ignored and labels.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise ValueError("skip_ignored=True reads the row counts on the host: it cannot run inside CUDA graph "
+        raise ValueError("skip_ignored gathers rows by counts read on the host: it cannot run inside CUDA graph "
                          "capture (use skip_ignored=False there)")
 
     hid_srcs, hid_heads = sources("hidden", hidden, K, 3)
@@ -471,7 +502,8 @@ def multi_head_linear_cross_entropy(
         needs_grad=[False, False, grad_on and hw.requires_grad] + [grad_on and t.requires_grad for t in tensors],
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         softcap=None if softcap is None else float(softcap), reduction=reduction, accum_dtype=accum_dtype,
-        compute_dtype=compute_dtype, chunk_size=chunk_size, skip_ignored=bool(skip_ignored), teacher=teacher,
+        compute_dtype=compute_dtype, chunk_size=chunk_size, skip_ignored=bool(skip_ignored),
+        known_counts=known_counts, teacher=teacher,
     )
     loss, head_losses, head_accuracy, head_tokens = MultiHeadLinearCrossEntropyFunction.apply(
         plan, labels, segment_ids, hw, *tensors

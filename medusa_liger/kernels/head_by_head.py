@@ -96,7 +96,8 @@ def head_by_head_linear_cross_entropy(
     teacher:      None or K entries: None, or head k's ``Teacher`` or (hidden [B, T, H'], weight [V, H'][, bias]),
                   whose distribution head k then learns (KL); see ``multi_head_linear_cross_entropy``.
     labels, shifts, head_weights (K floats) and ``options`` (ignore_index, segment_ids, reduction,
-    accum_dtype, skip_ignored, ...): as in ``multi_head_linear_cross_entropy``.
+    accum_dtype, skip_ignored, ...): as in ``multi_head_linear_cross_entropy``; with skip_ignored, the
+    heads' row counts are read in one host sync for all K heads.
     Returns the same ``MultiHeadLossOutput``: ``loss`` is differentiable with respect to ``hidden`` and
     ``params``.
     """
@@ -117,10 +118,24 @@ def head_by_head_linear_cross_entropy(
     if any(not isinstance(p, torch.Tensor) for p in unique):
         raise ValueError("params must be tensors")
 
+    # skip_ignored: every head's row count read in one host sync here, instead of one per head.
+    # (Inputs the op would refuse are left to its own checks and messages.) Counts given by the
+    # caller, one per head, go to their heads.
+    skip_ignored = options.get("skip_ignored")
+    counts = list(skip_ignored) if isinstance(skip_ignored, (list, tuple)) and len(skip_ignored) == K else None
+    segment_ids = options.get("segment_ids")
+    if (skip_ignored is True and isinstance(labels, torch.Tensor) and labels.dim() == 2
+            and isinstance(weight[0], torch.Tensor) and weight[0].dim() == 2
+            and (segment_ids is None or (isinstance(segment_ids, torch.Tensor) and segment_ids.shape == labels.shape))
+            and not (labels.is_cuda and torch.cuda.is_current_stream_capturing())):
+        counts = flce.valid_target_counts(labels, shifts, weight[0].shape[0], segment_ids=segment_ids,
+                                          ignore_index=options.get("ignore_index", -100))
+
     def run_head(k: int, x: torch.Tensor) -> MultiHeadLossOutput:
+        head_options = options if counts is None else {**options, "skip_ignored": [counts[k]]}
         return flce.multi_head_linear_cross_entropy(
             [head_inputs[k](x)], [weight[k]], labels, [shifts[k]], [head_weights[k]],
-            bias=None if bias[k] is None else [bias[k]], teacher=[teacher[k]], **options)
+            bias=None if bias[k] is None else [bias[k]], teacher=[teacher[k]], **head_options)
 
     loss, head_losses, head_accuracy, head_tokens = HeadByHeadLinearCrossEntropy.apply(
         run_head, K, hidden, *unique)
