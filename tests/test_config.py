@@ -75,11 +75,20 @@ def test_defaults_without_a_file():
         ("data.eval_fraction=1.0", "data.eval_fraction"),
         ("export.formats=[onnx]", "export.formats[0]"),
         ("train.device=tpu", "train.device"),
+        ("train.kl_temperature=2", "train.kl_temperature"),  # no KL term to apply it to
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=re.escape(key)):
         load_config(ROOT / "configs" / "tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_kl_temperature_must_be_positive(value):
+    with pytest.raises(ValueError, match="train.kl_temperature must be a finite number > 0"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["heads.targets=backbone", f"train.kl_temperature={value}"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["heads.targets=backbone", "train.kl_temperature=2"])
+    assert cfg.train.kl_temperature == 2.0
 
 
 def test_lora_needs_joint_mode():

@@ -39,17 +39,18 @@ from tests.utils import (DEVICE, DTYPES, HAS_CUDA, REL_NORM_TOLERANCES, VOCABS, 
 BACKENDS = ["torch", "triton"]
 
 
-def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid, factor):
-    """(row losses, d(factor * sum of row losses)/d student) in float64 autograd."""
+def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid, factor, temperature=1.0):
+    """(row losses, d(factor * sum of row losses)/d student) in float64 autograd; at a temperature tau,
+    tau^2 KL of the distributions of logits / tau."""
     x = student.double().requires_grad_()
     y, u = x, teacher.double()
     if bias is not None:
         y, u = y + bias.double(), u + teacher_bias.double()
     if softcap is not None:
         y, u = softcap * torch.tanh(y / softcap), softcap * torch.tanh(u / softcap)
-    log_q, log_p = torch.log_softmax(y, -1), torch.log_softmax(u, -1)
+    log_q, log_p = torch.log_softmax(y / temperature, -1), torch.log_softmax(u / temperature, -1)
     p = log_p.exp()
-    rows = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    rows = temperature**2 * torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
     rows = rows + z_loss * torch.logsumexp(y, -1).square()
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     (grad,) = torch.autograd.grad(factor * rows.sum(), x)
@@ -60,9 +61,10 @@ def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [123, 1100])  # one block, and several blocks on either backend
-@pytest.mark.parametrize("bias, softcap, z_loss", [(False, None, 0.0), (True, 4.0, 0.01)])
-def test_kl_rows_match_fp64(backend, dtype, V, bias, softcap, z_loss):
-    _check_kl_rows(backend, dtype, V, bias, softcap, z_loss)
+@pytest.mark.parametrize("bias, softcap, z_loss, temperature",
+                         [(False, None, 0.0, 1.0), (True, 4.0, 0.01, 1.0), (True, 4.0, 0.0, 2.5), (False, None, 0.0, 0.5)])
+def test_kl_rows_match_fp64(backend, dtype, V, bias, softcap, z_loss, temperature):
+    _check_kl_rows(backend, dtype, V, bias, softcap, z_loss, temperature)
 
 
 @pytest.mark.gpu
@@ -71,7 +73,7 @@ def test_gpu_kl_rows_at_real_vocab_sizes(vocab):
     _check_kl_rows("triton", torch.bfloat16, vocab, False, None, 0.0)
 
 
-def _check_kl_rows(backend, dtype, V, bias, softcap, z_loss):
+def _check_kl_rows(backend, dtype, V, bias, softcap, z_loss, temperature=1.0):
     rows, T = 6, 6
     student = (torch.randn(rows, V, device=DEVICE) * 3).to(dtype)
     teacher = (torch.randn(rows, V, device=DEVICE) * 3).to(dtype)
@@ -84,13 +86,13 @@ def _check_kl_rows(backend, dtype, V, bias, softcap, z_loss):
     # Shift 1 over one sequence of T = rows: row 2's target is ignored, and the last row's is past the end.
     valid = torch.ones(rows, dtype=torch.bool, device=DEVICE)
     valid[2], valid[5] = False, False
-    ref_loss, ref_grad = _kl_definition(student, teacher, b, tb, softcap, z_loss, valid, 0.5)
+    ref_loss, ref_grad = _kl_definition(student, teacher, b, tb, softcap, z_loss, valid, 0.5, temperature)
     loss = poison_(torch.empty(rows, device=DEVICE))
     correct = torch.full((rows,), -1, dtype=torch.int32, device=DEVICE)
     grad = student.clone()
     with force_backend(backend):
         kl_rows(grad, teacher.clone(), labels, shift=1, bias=b, teacher_bias=tb, scale=torch.tensor([0.5], device=DEVICE),
-                loss=loss, correct=correct, z_loss=z_loss, softcap=softcap, write_grad=True)
+                loss=loss, correct=correct, z_loss=z_loss, softcap=softcap, temperature=temperature, write_grad=True)
     assert_rel_close(loss, ref_loss, dtype, "row losses")
     assert_rel_close(grad, ref_grad, dtype, "gradient")
     assert (grad[~valid] == 0).all() and (loss[~valid] == 0).all()
@@ -175,6 +177,45 @@ def test_teacher_heads_match_the_reference(backend, shared_hidden, skip_ignored,
     assert teacher[0][0].grad is None and teacher[0][1].grad is None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("skip_ignored", [False, True])
+def test_teacher_temperatures_match_the_reference(backend, skip_ignored):
+    """Per-teacher temperatures (2.0 on head 0, 0.7 on head 2): tau^2 KL at logits / tau, every gradient."""
+    hidden, weight, bias, labels, segments, teacher = _distill_problem(True)
+    teacher = [Teacher(*teacher[0], temperature=2.0), None, Teacher(teacher[2].hidden, teacher[2].weight,
+                                                                     offset=2, temperature=0.7)]
+    options = dict(bias=bias, segment_ids=segments, softcap=6.0)
+    args = (hidden, weight, labels, [1, 2, 3], [1.0, 0.5, 0.25])
+    ref = reference(*args, teacher=teacher, compute_dtype=torch.float64, **options)
+    ref_grads = torch.autograd.grad(ref.loss, [hidden, weight, bias])
+    t0 = teacher[0]
+    plain = reference(*args, teacher=[Teacher(t0.hidden, t0.weight, t0.bias), None, None],
+                      compute_dtype=torch.float64, **options)
+    assert abs(float(plain.head_losses[0]) - float(ref.head_losses[0])) > 1e-3, "the temperature should matter"
+    with force_backend(backend):
+        out = multi_head_linear_cross_entropy(*args, teacher=teacher, chunk_size=7, skip_ignored=skip_ignored,
+                                              **options)
+    grads = torch.autograd.grad(out.loss, [hidden, weight, bias])
+    work = torch.float64 if backend == "torch" else torch.float32
+    assert_rel_close(out.head_losses.double(), ref.head_losses.double(), work, "head_losses")
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert_rel_close(g, r, work, name)
+
+
+def test_teacher_temperature_gradcheck():
+    """float64 gradcheck of the PyTorch path at a teacher temperature of 1.7."""
+    hidden, weight, bias, labels, segments, teacher = _distill_problem(True, device=torch.device("cpu"))
+    hidden, weight = (t.detach()[..., :5].clone().requires_grad_() for t in (hidden, weight))
+    teacher = [Teacher(teacher[0][0][..., :5].clone(), teacher[0][1][..., :5].clone(), temperature=1.7), None, None]
+
+    def f(h, w):
+        return multi_head_linear_cross_entropy(h, w, labels, [1, 2, 3], [1.0, 0.5, 0.25], segment_ids=segments,
+                                               chunk_size=4, teacher=teacher).loss
+
+    with force_backend("torch"), flce.reentrant_backward():
+        assert torch.autograd.gradcheck(f, (hidden, weight), eps=1e-6, atol=1e-7)
+
+
 def test_teacher_gradcheck():
     """float64 gradcheck of the PyTorch path with teachers on two of three heads."""
     hidden, weight, bias, labels, segments, teacher = _distill_problem(True, device=torch.device("cpu"))
@@ -240,12 +281,24 @@ def test_head_by_head_passes_the_teacher_through(backend):
      ([None, None, (torch.zeros(2, 11, 16), torch.zeros(37, 16), torch.zeros(36))], "teacher\\[2\\] bias"),
      ([None, None, Teacher(torch.zeros(2, 11, 16), torch.zeros(37, 16), offset=3)], "offset must be an int in \\[0, "),
      ([None, None, Teacher(torch.zeros(2, 11, 16), torch.zeros(37, 16), offset=-1)], "offset"),
-     ([None, None, [torch.zeros(2, 11, 16)]], "teacher\\[2\\] must be None, a Teacher")],
+     ([None, None, [torch.zeros(2, 11, 16)]], "teacher\\[2\\] must be None, a Teacher"),
+     *[([None, None, Teacher(torch.zeros(2, 11, 16), torch.zeros(37, 16), temperature=tau)],
+        "teacher\\[2\\] temperature must be a finite number > 0") for tau in (0.0, -1.0, float("nan"), float("inf"), True)]],
 )
 def test_bad_teacher_raises(teacher, match):
     h, w = torch.randn(2, 11, 16), torch.randn(37, 16)
     with pytest.raises(ValueError, match=match):
         multi_head_linear_cross_entropy(h, w, torch.zeros(2, 11, dtype=torch.long), [1, 2, 3], teacher=teacher)
+
+
+def test_teacher_temperature_refuses_z_loss():
+    h, w = torch.randn(2, 11, 16), torch.randn(37, 16)
+    with pytest.raises(ValueError, match="z_loss must be 0 with a teacher temperature"):
+        multi_head_linear_cross_entropy(h, w, torch.zeros(2, 11, dtype=torch.long), [1],
+                                        teacher=[Teacher(h, w, temperature=2.0)], z_loss=1e-4)
+    with pytest.raises(ValueError, match="temperature"):
+        kl_rows(torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), loss=torch.zeros(2),
+                temperature=0.0)
 
 
 def test_teacher_refuses_label_smoothing():
@@ -270,12 +323,13 @@ def test_teacher_halves_the_rows_per_chunk(monkeypatch):
 
 
 # --------------------------------------------------------------------------------- model
-def _lora_model(head_by_head: bool, lm_loss: str = "kl") -> MedusaModel:
+def _lora_model(head_by_head: bool, lm_loss: str = "kl", kl_temperature: float = 1.0) -> MedusaModel:
     from peft import LoraConfig, get_peft_model
 
     backbone = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                        lora_dropout=0.0))
-    cfg = MedusaConfig(num_heads=2, mode="joint", lm_loss=lm_loss, head_by_head=head_by_head)
+    cfg = MedusaConfig(num_heads=2, mode="joint", lm_loss=lm_loss, head_by_head=head_by_head,
+                       kl_temperature=kl_temperature)
     return MedusaModel.from_backbone(backbone, cfg)
 
 
@@ -290,7 +344,8 @@ def _perturb_adapters(model: MedusaModel, std: float = 0.2) -> None:
 def _naive_distill_loss(model: MedusaModel, ids, labels):
     """The definition: the heads' naive loss with the backbone's CE swapped for KL(original || backbone)
     at every position t whose label t + 1 is valid, averaged over those positions. The original is the
-    frozen copy when the model keeps one, else the backbone with its adapters off."""
+    frozen copy when the model keeps one, else the backbone with its adapters off. At kl_temperature
+    tau: tau^2 KL of both distributions at logits / tau."""
     total, _, lm_ce = naive_medusa_loss(model, ids, labels)
     with torch.no_grad():
         if model.teacher is not None:
@@ -299,8 +354,9 @@ def _naive_distill_loss(model: MedusaModel, ids, labels):
             with model.backbone.disable_adapter():
                 teacher = model.backbone(input_ids=ids).logits[:, :-1].double()
     student = model.backbone(input_ids=ids).logits[:, :-1].double()
-    log_p, log_q = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
-    rows = (log_p.exp() * (log_p - log_q)).sum(-1)
+    tau = model.config.kl_temperature
+    log_p, log_q = torch.log_softmax(teacher / tau, -1), torch.log_softmax(student / tau, -1)
+    rows = tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
     valid = labels[:, 1:] != -100
     kl = rows[valid].mean()
     return total - model.config.lm_loss_weight * lm_ce + model.config.lm_loss_weight * kl, kl
@@ -332,10 +388,11 @@ def _assert_distillation_matches_the_definition(model: MedusaModel, move_off_tea
     return [name for name, _ in trained]
 
 
-@pytest.mark.parametrize("head_by_head", [True, False])
-def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_head):
+@pytest.mark.parametrize(("head_by_head", "tau"), [(True, 1.0), (False, 1.0), (True, 0.5)])
+def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_head, tau):
     pytest.importorskip("peft")
-    trained = _assert_distillation_matches_the_definition(_lora_model(head_by_head), _perturb_adapters)
+    trained = _assert_distillation_matches_the_definition(_lora_model(head_by_head, kl_temperature=tau),
+                                                          _perturb_adapters)
     assert any("lora_" in name for name in trained)
 
 
@@ -388,8 +445,10 @@ def test_self_distillation_through_the_triton_path():
 def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
     """The definition of head_targets="backbone": head k (shift s) learns KL(p || q_k) where p is the
     backbone's own next-token distribution at position t + s - 1 (the same token), averaged over
-    the positions whose label t + s is valid; the rest as in naive_medusa_loss."""
+    the positions whose label t + s is valid; the rest as in naive_medusa_loss. At kl_temperature
+    tau: tau^2 KL of both distributions at logits / tau."""
     cfg = model.config
+    tau = cfg.kl_temperature
     total, _, lm_ce = naive_medusa_loss(model, ids, labels)
     out = model.backbone(input_ids=ids, output_hidden_states=True)
     hidden, backbone_logits = out.hidden_states[-1], out.logits.detach().double()
@@ -401,9 +460,9 @@ def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
         for block in model.heads.blocks[k]:
             z = z + torch.nn.functional.silu(z @ block.linear.weight.T + block.linear.bias)
         proj = model.lm_head.weight if cfg.shared_lm_head else model.heads.lm_heads[k].weight
-        log_q = torch.log_softmax((z @ proj.T)[:, :-s].double(), -1)
-        log_p = torch.log_softmax(backbone_logits[:, s - 1 : -1], -1)
-        rows = (log_p.exp() * (log_p - log_q)).sum(-1)
+        log_q = torch.log_softmax((z @ proj.T)[:, :-s].double() / tau, -1)
+        log_p = torch.log_softmax(backbone_logits[:, s - 1 : -1] / tau, -1)
+        rows = tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
         losses.append(rows[labels[:, s:] != -100].mean())
         total = total + cfg.heads_loss_weight * cfg.decay**k * losses[-1]
     return total, torch.stack(losses)
@@ -411,10 +470,10 @@ def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
 
 @pytest.mark.parametrize("mode", ["heads", "joint"])
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("head_by_head", [True, False])
-def test_heads_learn_the_backbones_own_distribution(mode, shared, head_by_head):
+@pytest.mark.parametrize(("head_by_head", "tau"), [(True, 1.0), (False, 1.0), (True, 2.0)])
+def test_heads_learn_the_backbones_own_distribution(mode, shared, head_by_head, tau):
     cfg = MedusaConfig(num_heads=2, mode=mode, shared_lm_head=shared, head_targets="backbone",
-                       head_by_head=head_by_head)
+                       head_by_head=head_by_head, kl_temperature=tau)
     model = MedusaModel.from_backbone(tiny_llama(), cfg)
     model.train()
     randomize_heads(model)

@@ -56,6 +56,8 @@ class MedusaConfig:
                        backbone's own distribution of that token, read at position t + k + 1 of the
                        same forward, detached: one more [.., V] logits GEMM per head, no extra
                        backbone pass).
+    kl_temperature:    tau > 0 of the KL terms (``lm_loss="kl"``, ``head_targets="backbone"``): both
+                       distributions at logits / tau, the divergence times tau^2; 1: plain KL.
     heads_loss_weight: lambda, multiplying every head weight; None -> 1.0 ("heads"), 0.2 ("joint").
     ignore_index:      label value that contributes no loss.
     skip_ignored_targets: the fused loss runs its GEMMs only on rows with a valid target (masked
@@ -73,6 +75,7 @@ class MedusaConfig:
     lm_loss_weight: float = 1.0
     lm_loss: LmLoss = "ce"
     head_targets: HeadTargets = "labels"
+    kl_temperature: float = 1.0
     heads_loss_weight: float | None = None
     ignore_index: int = -100
     skip_ignored_targets: bool = True
@@ -104,6 +107,8 @@ class MedusaConfig:
         if self.head_targets not in HEAD_TARGETS:
             raise ValueError(f"head_targets must be one of {HEAD_TARGETS}, got {self.head_targets!r}")
         check_loss_weight("heads_loss_weight", self.heads_loss_weight)
+        if not (check_loss_weight("kl_temperature", self.kl_temperature) > 0):
+            raise ValueError(f"kl_temperature must be a finite number > 0, got {self.kl_temperature!r}")
         if not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")
 

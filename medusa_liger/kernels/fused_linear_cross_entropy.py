@@ -54,6 +54,7 @@ Backward can run only once per forward (the gradients are handed to autograd, no
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -282,7 +283,7 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                                     segment_ids=seg_flat, bias=b_k, teacher_bias=teacher_k.bias,
                                     scale=scale[k : k + 1], loss=row_loss[k, r0:r1], correct=correct[k, r0:r1],
                                     ignore_index=plan.ignore_index, z_loss=plan.z_loss, softcap=plan.softcap,
-                                    write_grad=any_grad, row_ids=ids)
+                                    temperature=teacher_k.temperature, write_grad=any_grad, row_ids=ids)
                         # z now holds scale_k * dloss/dz for the chunk.
                         if dh_c is not None:
                             _mm_into(dh_c, z, w_k, accumulate=dh_accumulate, rows_per_call=GEMM_ROWS["dh"])
@@ -424,8 +425,9 @@ def multi_head_linear_cross_entropy(
              Or each head's count of valid targets, when the caller has them (``valid_target_counts``:
              one sync for several calls over the same labels); checked on the device, without a sync.
     teacher: None, or one entry per head: None (that head learns its labels), a ``Teacher``
-             (hidden [B, T, H], weight [V, H], bias [V] or None, offset) or a (hidden, weight[, bias])
-             tuple (offset 0): that head's loss is then KL(teacher || head) at every position t with a
+             (hidden [B, T, H], weight [V, H], bias [V] or None, offset, temperature) or a (hidden,
+             weight[, bias]) tuple (offset 0, temperature 1): that head's loss is then KL(teacher || head)
+             (at temperature tau: tau^2 KL of both distributions at logits / tau) at every position t with a
              valid target (labels, shift and segments decide which positions count, and the accuracy
              is still against the labels), the teacher's logits softcap(hidden @ weight^T + bias) taken
              at position t + offset (0 <= offset < shift). Constants: no gradient flows to them. Not
@@ -484,7 +486,7 @@ def multi_head_linear_cross_entropy(
     check_labels("labels", labels, V, ignore_index, check_values=not labels.is_cuda)
     labels = labels.contiguous() if labels.dtype == torch.int64 else labels.long()
     hw = as_head_weights(head_weights, K, labels.device)
-    teacher = check_teacher(teacher, shifts, (B, T, H), (V, H), labels.device, label_smoothing)
+    teacher = check_teacher(teacher, shifts, (B, T, H), (V, H), labels.device, label_smoothing, z_loss)
 
     # Compute dtype: autocast's when active (the GEMMs then run in it), else the inputs' common one.
     dev_type = labels.device.type
@@ -513,7 +515,7 @@ def multi_head_linear_cross_entropy(
 
 
 def check_teacher(teacher, shifts: list[int], hidden_shape: tuple[int, ...], weight_shape: tuple[int, ...],
-                  device: torch.device, label_smoothing: float) -> list[Teacher | None]:
+                  device: torch.device, label_smoothing: float, z_loss: float = 0.0) -> list[Teacher | None]:
     """The ``teacher`` argument as one ``Teacher`` (detached tensors) or None per head; ValueError
     naming what is wrong otherwise."""
     K = len(shifts)
@@ -546,8 +548,14 @@ def check_teacher(teacher, shifts: list[int], hidden_shape: tuple[int, ...], wei
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < max(shifts[k], 1):
             raise ValueError(f"teacher[{k}] offset must be an int in [0, shift = {shifts[k]}) (0 when the shift is 0), "
                              f"got {offset!r}")
+        tau = entry.temperature
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"teacher[{k}] temperature must be a finite number > 0, got {tau!r}")
+        if tau != 1 and float(z_loss) != 0.0:
+            raise ValueError(f"z_loss must be 0 with a teacher temperature other than 1 (teacher[{k}]: {tau}), "
+                             f"got {z_loss}")
         checked.append(Teacher(entry.hidden.detach(), entry.weight.detach(),
-                               None if entry.bias is None else entry.bias.detach().contiguous(), offset))
+                               None if entry.bias is None else entry.bias.detach().contiguous(), offset, float(tau)))
     if any(t is not None for t in checked) and float(label_smoothing) != 0.0:
         raise ValueError(f"label_smoothing must be 0 with a teacher (it smooths hard labels), got {label_smoothing}")
     return checked

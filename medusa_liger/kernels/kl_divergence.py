@@ -11,6 +11,9 @@ the end of the sequence, across a segment boundary) and whether its top-1 is cor
     dloss/dx = dloss/dy * (1 - (y / cap)^2)                  (softcap chain rule; 1 without softcap)
     correct  = argmax_j y_j == t
 
+At a temperature tau != 1 (no z-loss then), y and u above are the capped logits divided by tau, the
+loss is tau^2 KL(p || q) and dloss/dy (w.r.t. the undivided logits) is tau (q - p): Hinton's scaling.
+
 KL(p || q) is the cross-entropy against the soft targets p minus the teacher's entropy, a constant:
 the gradient is that of soft-target cross-entropy, and the loss is 0 when the student equals the
 teacher. Columns where the teacher has probability 0 (u_j = -inf) add nothing; a student -inf where
@@ -26,6 +29,8 @@ One Triton row kernel, two passes over the row, as cross_entropy.py's:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -49,7 +54,7 @@ if triton is not None:
     def kl_row_kernel(
         student_ptr, student_row_stride, teacher_ptr, teacher_row_stride, labels_ptr, segment_ptr, bias_ptr,
         teacher_bias_ptr, scale_ptr, loss_ptr, correct_ptr, row_ids_ptr,
-        row_start, seq_len, shift, n_cols, ignore_index, z_loss, softcap,
+        row_start, seq_len, shift, n_cols, ignore_index, z_loss, softcap, temperature,
         HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
         BLOCK: tl.constexpr, PASS1_EVICT: tl.constexpr, PASS2_EVICT: tl.constexpr,
@@ -72,10 +77,11 @@ if triton is not None:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
+            # Both rows divided by the temperature (exact for 1; -inf stays -inf).
             y = load_row_block(y_row, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
-                               PASS1_EVICT)
+                               PASS1_EVICT) / temperature
             u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
-                               HAS_SOFTCAP, PASS1_EVICT)
+                               HAS_SOFTCAP, PASS1_EVICT) / temperature
             m, d, block_max = online_logsumexp(m, d, y)
             # Teacher: the same online sum (cross_entropy.online_logsumexp, written out: the numerator is
             # rescaled alongside it). Columns with weight 0
@@ -94,14 +100,14 @@ if triton is not None:
                 best, best_idx = running_argmax(best, best_idx, y, block_max, start)
         lse = m + tl.log(d)
         lse_t = m_t + tl.log(d_t)
-        loss = numer / d_t - lse_t + lse + z_loss * lse * lse
+        loss = temperature * temperature * (numer / d_t - lse_t + lse) + z_loss * lse * lse
         tl.store(loss_ptr + pid, tl.where(valid, loss, 0.0))
         if STORE_CORRECT:
             tl.store(correct_ptr + pid, (valid & (best_idx == target)).to(tl.int32))
 
         if WRITE_GRAD:
-            # Pass 2: the student row <- (q * (1 + 2 z lse) - p) * factor (0 for an ignored row).
-            scale = tl.load(scale_ptr).to(tl.float32)
+            # Pass 2: the student row <- tau (q * (1 + 2 z lse) - p) * factor (0 for an ignored row).
+            scale = tl.load(scale_ptr).to(tl.float32) * temperature
             scale = tl.where(valid, scale, 0.0)
             q_scale = 1.0 + 2.0 * z_loss * lse
             for start in range(0, n_cols, BLOCK):
@@ -110,7 +116,7 @@ if triton is not None:
                 y = load_row_block(y_row, bias_ptr, cols, mask, 0.0, softcap, HAS_BIAS, HAS_SOFTCAP, PASS2_EVICT)
                 u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
                                    HAS_SOFTCAP, PASS2_EVICT)
-                g = tl.exp(y - lse) * q_scale - tl.exp(u - lse_t)
+                g = tl.exp(y / temperature - lse) * q_scale - tl.exp(u / temperature - lse_t)
                 if HAS_SOFTCAP:
                     c = y / softcap
                     g = g * (1.0 - c * c)
@@ -119,7 +125,7 @@ if triton is not None:
 
 
 def _kl_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segment_ids, bias, teacher_bias, scale,
-                   loss, correct, ignore_index, z_loss, softcap, write_grad, row_ids):
+                   loss, correct, ignore_index, z_loss, softcap, temperature, write_grad, row_ids):
     """The kernel's math in PyTorch (same arguments as ``kl_rows``), on a bounded number of rows."""
     rows, V = student.shape
     target, valid = row_targets(labels, segment_ids, seq_len, shift, row_start, rows, ignore_index, V, row_ids)
@@ -131,17 +137,18 @@ def _kl_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segme
         u = u + teacher_bias.to(work)
     if softcap is not None:
         y, u = softcap * torch.tanh(y / softcap), softcap * torch.tanh(u / softcap)
-    lse = torch.logsumexp(y, dim=-1, keepdim=True)
-    log_p = u - torch.logsumexp(u, dim=-1, keepdim=True)
+    y_t, u_t = y / temperature, u / temperature
+    lse = torch.logsumexp(y_t, dim=-1, keepdim=True)
+    log_p = u_t - torch.logsumexp(u_t, dim=-1, keepdim=True)
     p = log_p.exp()
     # p log(p / q) is 0 where p is 0 (the product itself would be 0 * -inf = NaN there).
-    kl = torch.where(p > 0, p * (log_p - (y - lse)), torch.zeros_like(p)).sum(-1)
-    row_loss = kl + z_loss * lse.squeeze(1).square()
+    kl = torch.where(p > 0, p * (log_p - (y_t - lse)), torch.zeros_like(p)).sum(-1)
+    row_loss = temperature**2 * kl + z_loss * lse.squeeze(1).square()
     loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))
     if correct is not None:
         correct.copy_((y.argmax(-1) == target) & valid)
     if write_grad:
-        g = torch.exp(y - lse) * (1.0 + 2.0 * z_loss * lse) - p
+        g = temperature * (torch.exp(y_t - lse) * (1.0 + 2.0 * z_loss * lse) - p)
         if softcap is not None:
             g = g * (1.0 - (y / softcap).square())
         student.copy_(torch.where(valid[:, None], g * scale.to(work).reshape(1, 1), torch.zeros_like(g)))
@@ -153,7 +160,8 @@ def kl_rows(
     bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None, loss: torch.Tensor,
     correct: torch.Tensor | None = None, ignore_index: int = -100, z_loss: float = 0.0,
-    softcap: float | None = None, write_grad: bool = False, row_ids: torch.Tensor | None = None,
+    softcap: float | None = None, temperature: float = 1.0, write_grad: bool = False,
+    row_ids: torch.Tensor | None = None,
 ) -> None:
     """Run the row computation on ``student`` [rows, V] against ``teacher`` [rows, V], in place.
 
@@ -162,6 +170,7 @@ def kl_rows(
              ``row_ids[i]``); they decide which rows count and the accuracy, not the loss.
     bias, teacher_bias: optional [V] biases added to the student's and the teacher's logits.
     scale:   one fp32 element, the gradient's factor; needed if ``write_grad``.
+    temperature: tau > 0 dividing both rows' logits (loss times tau^2); with tau != 1, z_loss must be 0.
     loss:    [rows] output (0 for ignored rows). correct: optional [rows] int32 output.
     The other arguments are ``cross_entropy.ce_rows``'s.
     """
@@ -169,6 +178,10 @@ def kl_rows(
     if teacher.shape != student.shape:
         raise ValueError(f"kl_rows: teacher must have the student's shape {list(student.shape)}, "
                          f"got {list(teacher.shape)}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"kl_rows: temperature must be a finite number > 0, got {temperature!r}")
+    if temperature != 1.0 and z_loss != 0.0:
+        raise ValueError(f"kl_rows: z_loss must be 0 at a temperature other than 1, got z_loss={z_loss}")
     if write_grad and (scale is None or scale.numel() != 1):
         raise ValueError("kl_rows: scale (one element) is required when write_grad=True")
     seq_len = labels.numel() if seq_len is None else seq_len
@@ -181,7 +194,7 @@ def kl_rows(
                 student[r0:r1], teacher[r0:r1], labels, row_start=row_start + r0, seq_len=seq_len, shift=shift,
                 segment_ids=segment_ids, bias=bias, teacher_bias=teacher_bias, scale=scale, loss=loss[r0:r1],
                 correct=None if correct is None else correct[r0:r1], ignore_index=ignore_index,
-                z_loss=z_loss, softcap=softcap, write_grad=write_grad,
+                z_loss=z_loss, softcap=softcap, temperature=float(temperature), write_grad=write_grad,
                 row_ids=None if row_ids is None else row_ids[r0:r1],
             )
         return
@@ -197,7 +210,7 @@ def kl_rows(
         dummy if teacher_bias is None else teacher_bias, dummy if scale is None else scale, loss, dummy if correct is None else correct,
         dummy if row_ids is None else row_ids,
         row_start, seq_len, shift, V, ignore_index, float(z_loss), 1.0 if softcap is None else float(softcap),
-        HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher_bias is not None, HAS_SEGMENTS=segment_ids is not None,
+        float(temperature), HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher_bias is not None, HAS_SEGMENTS=segment_ids is not None,
         HAS_SOFTCAP=softcap is not None, STORE_CORRECT=correct is not None, WRITE_GRAD=write_grad, HAS_ROW_IDS=row_ids is not None,
         BLOCK=block, PASS1_EVICT=pass1_evict, PASS2_EVICT=pass2_evict, num_warps=num_warps,
     )

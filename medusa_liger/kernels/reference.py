@@ -10,7 +10,11 @@ This is the definition the fused op must match, written the plain way: for each 
     loss = sum_k head_weights[k] * loss_k
 
 With a teacher for head k, CE(logits_k, target_k) becomes KL(softmax(teacher logits) || softmax(logits_k))
-at the positions whose target is valid, the teacher's logits read ``offset`` positions further on.
+at the positions whose target is valid, the teacher's logits read ``offset`` positions further on. At a
+teacher temperature tau both sets of logits are divided by tau and the divergence is multiplied by
+tau^2 (Hinton et al.'s scaling, which keeps the gradient's size about the same as tau changes):
+
+    loss_k = tau^2 KL(softmax(teacher logits / tau) || softmax(logits_k / tau))
 
 It is used by the tests (in float64) and as the "naive PyTorch" baseline in the benchmarks. It costs
 K x B x T x V memory, which is exactly what the fused op exists to avoid.
@@ -33,12 +37,15 @@ class Teacher:
     offset: the head's row at position t learns the teacher's row at position t + offset of the same
             sequence (0 <= offset < the head's shift). A Medusa head with shift s learning the
             backbone's own next-token distribution of the same token uses offset s - 1.
+    temperature: tau > 0: the head learns softmax(teacher logits / tau) through its own logits / tau,
+            the divergence times tau^2 (1: plain KL).
     """
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     offset: int = 0
+    temperature: float = 1.0
 
 
 @dataclass
@@ -159,10 +166,12 @@ def multi_head_linear_cross_entropy_reference(
             # Position t reads the teacher's position t + offset; the rows this wraps around have no
             # valid target (offset < shift).
             t_logits = t_logits.roll(-t.offset, dims=1)
-            log_p = torch.log_softmax(t_logits.reshape(logits.shape), dim=-1)
+            tau = float(t.temperature)
+            log_p = torch.log_softmax(t_logits.reshape(logits.shape) / tau, dim=-1)
             p = log_p.exp()
+            log_q = torch.log_softmax(logits / tau, dim=-1)
             # p log(p / q), 0 where p is 0 (the product would be 0 * -inf there).
-            row_loss = torch.where(p > 0, p * (log_p - (logits - lse[:, None])), torch.zeros_like(p)).sum(-1)
+            row_loss = tau**2 * torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
         row_loss = row_loss + z_loss * lse.square()
         row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
         total = row_loss.sum()

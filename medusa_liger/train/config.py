@@ -11,6 +11,7 @@ impossible value raises ``ValueError`` naming the dotted key, the value found an
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,6 +116,9 @@ class TrainConfig:
     # the teacher is the backbone with its adapters off; without, a frozen copy of the backbone as
     # loaded (one more copy of its weights in model.dtype, sharded like it under train.fsdp).
     lm_loss: Literal["ce", "kl"] = "ce"
+    # Temperature tau of every KL term (lm_loss: kl, heads.targets: backbone): both distributions at
+    # logits / tau, the divergence times tau^2 (Hinton's scaling); 1: plain KL.
+    kl_temperature: float = 1.0
     heads_lambda: LambdaConfig = field(default_factory=LambdaConfig)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     # Dtype of the parameters built here and trained: the Medusa heads and the LoRA adapters (their
@@ -289,6 +293,10 @@ def validate(cfg: Config) -> Config:
              "false unless train.mode is 'joint' (LoRA trains the backbone)")
     _require(t.lm_loss == "ce" or t.mode == "joint", "train.lm_loss", t.lm_loss,
              "'ce' unless train.mode is 'joint' ('kl' is the backbone's loss, which only joint mode trains)")
+    _require(math.isfinite(t.kl_temperature) and t.kl_temperature > 0, "train.kl_temperature", t.kl_temperature,
+             "a finite number > 0")
+    _require(t.kl_temperature == 1.0 or t.lm_loss == "kl" or h.targets == "backbone", "train.kl_temperature",
+             t.kl_temperature, "1.0 unless train.lm_loss is 'kl' or heads.targets is 'backbone' (no KL term else)")
     _require(len(d.paths) >= 1, "data.paths", d.paths, "a non-empty list of files or hub dataset names")
     _require(d.seq_len >= h.num_heads + 2, "data.seq_len", d.seq_len, f">= heads.num_heads + 2 = {h.num_heads + 2}")
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "in [0, 1)")
