@@ -220,7 +220,8 @@ if triton is not None:
         e_t = tl.where(normal, 1.0, tl.exp(x_t - shift))
         denom = e_t + z
         u = 1.0 + z
-        log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
+        # (The divisor is kept off 0 where its branch is not taken: no 0/0 even in unused lanes.)
+        log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / tl.where(u == 1.0, 1.0, u - 1.0)))
         loss = tl.where(normal, log1p_z, (shift - x_t) + tl.log(denom))
         tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=in_rows)
         # Step 3: top-1 accuracy and the gradient's row scale.
