@@ -71,6 +71,10 @@ class GemmConfig(NamedTuple):
     group: int  # tile rows visited together (_tile_of): their tiles share the other operand's in L2
     subtile: bool = False  # logits GEMM: the epilogue in two column halves (half the store buffer's memory)
     warp_specialize: bool = False  # producer/consumer warps (Triton's tl.range warp_specialize)
+    # dh GEMM: the tiles of the partial last wave (tiles % programs) are shared out by K-loop
+    # iterations, evenly over every program (stream-K), their fp32 partial sums added atomically into
+    # a zeroed workspace that a second launch scales into the output; the other tiles run as before.
+    stream_k: bool = False
 
 
 # The configuration that matched cuBLAS on an H100 (triton_gemm_probe_h100.md, exp_operand_tiles_h100.md);
@@ -241,12 +245,18 @@ if triton is not None:
                 tl.store(h_scaled_ptr + offsets, (h * r[:, None]).to(h_scaled_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _row_scaled_gemm_kernel(e_desc, w_desc, out_desc, r_ptr, M, N, K,
+    def _row_scaled_gemm_kernel(e_desc, w_desc, out_desc, r_ptr, ws_ptr, dp_tiles, M, N, K,
                                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                                WARP_SPECIALIZE: tl.constexpr, NUM_PROGRAMS: tl.constexpr, ACCUMULATE: tl.constexpr):
+                                WARP_SPECIALIZE: tl.constexpr, NUM_PROGRAMS: tl.constexpr, ACCUMULATE: tl.constexpr,
+                                STREAM_K: tl.constexpr):
         """out[M, N] (+)= r[:, None] * (E[M, K] @ W[K, N]), persistent over TMA descriptors: the row
-        scale is applied to the fp32 accumulator in the epilogue, the operands stream untouched."""
-        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), NUM_PROGRAMS,
+        scale is applied to the fp32 accumulator in the epilogue, the operands stream untouched.
+        With STREAM_K, the first ``dp_tiles`` tiles (whole waves) run so, and the rest by K-loop
+        iterations split evenly over the programs, each piece's partial sum (row-scaled: the scale is
+        linear) added to its tile's fp32 workspace ``ws`` [tiles - dp_tiles, BM, BN], zeroed before;
+        ``_stream_k_fixup_kernel`` then writes those tiles."""
+        tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), dp_tiles, NUM_PROGRAMS,
                              flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
             tm, tn = _tile_of(tile, M, N, BM, BN, GROUP)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -257,6 +267,39 @@ if triton is not None:
             if ACCUMULATE:
                 acc += out_desc.load([tm * BM, tn * BN]).to(tl.float32)
             out_desc.store([tm * BM, tn * BN], acc.to(out_desc.dtype))
+        if STREAM_K:
+            # Iterations [it, end) of the flattened (stream-K tile, k step) space are this program's.
+            k_steps = tl.cdiv(K, BK)
+            total = (tiles - dp_tiles) * k_steps
+            it = tl.program_id(0) * total // NUM_PROGRAMS
+            end = (tl.program_id(0) + 1) * total // NUM_PROGRAMS
+            while it < end:
+                local = it // k_steps
+                k_first = it - local * k_steps
+                k_last = tl.minimum(k_steps, k_first + (end - it))
+                tm, tn = _tile_of(dp_tiles + local, M, N, BM, BN, GROUP)
+                acc = tl.zeros((BM, BN), dtype=tl.float32)
+                for ks in range(k_first, k_last):
+                    acc = tl.dot(e_desc.load([tm * BM, ks * BK]), w_desc.load([ks * BK, tn * BN]), acc)
+                rows = tm * BM + tl.arange(0, BM)
+                acc = acc * tl.load(r_ptr + rows, mask=rows < M, other=0.0)[:, None]
+                # Relaxed: the fixup launch, not a flag, orders these additions before their reads.
+                offsets = (local.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN
+                           + tl.arange(0, BN)[None, :])
+                tl.atomic_add(ws_ptr + offsets, acc, sem="relaxed")
+                it += k_last - k_first
+
+    @triton.jit
+    def _stream_k_fixup_kernel(ws_ptr, out_desc, dp_tiles, M, N, BM: tl.constexpr, BN: tl.constexpr,
+                               GROUP: tl.constexpr, ACCUMULATE: tl.constexpr):
+        """One program per stream-K tile: out (+)= its summed workspace tile (already row-scaled)."""
+        local = tl.program_id(0)
+        tm, tn = _tile_of(dp_tiles + local, M, N, BM, BN, GROUP)
+        offsets = local.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        acc = tl.load(ws_ptr + offsets)
+        if ACCUMULATE:
+            acc += out_desc.load([tm * BM, tn * BN]).to(tl.float32)
+        out_desc.store([tm * BM, tn * BN], acc.to(out_desc.dtype))
 
 
 def _tma_ready(*tensors: torch.Tensor) -> bool:
@@ -328,12 +371,21 @@ def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torc
     if cfg.subtile:  # the dh epilogue has no halves (its output is [C, H], small)
         raise ValueError("GPU_TILES['dh'].subtile must be False: only the logits epilogue is subtiled")
     programs = multiprocessors(e.device)
+    (M, K), N = e.shape, w.shape[1]
+    tiles = triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn)
+    # Stream-K: the tiles past the last whole wave (all of them when there are fewer than programs).
+    stream_k_tiles = tiles % programs if cfg.stream_k else 0
+    ws = torch.zeros(stream_k_tiles, cfg.bm, cfg.bn, device=e.device) if stream_k_tiles else r
     descriptors = [TensorDescriptor.from_tensor(e, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bk, cfg.bn]),
                    TensorDescriptor.from_tensor(out, [cfg.bm, cfg.bn])]
-    _row_scaled_gemm_kernel[(programs,)](*descriptors, r, e.shape[0], w.shape[1], e.shape[1], BM=cfg.bm, BN=cfg.bn,
+    _row_scaled_gemm_kernel[(programs,)](*descriptors, r, ws, tiles - stream_k_tiles, M, N, K, BM=cfg.bm, BN=cfg.bn,
                                          BK=cfg.bk, GROUP=cfg.group, WARP_SPECIALIZE=cfg.warp_specialize,
-                                         NUM_PROGRAMS=programs, ACCUMULATE=accumulate, num_stages=cfg.stages,
-                                         num_warps=cfg.warps)
+                                         NUM_PROGRAMS=programs, ACCUMULATE=accumulate,
+                                         STREAM_K=stream_k_tiles > 0, num_stages=cfg.stages, num_warps=cfg.warps)
+    if stream_k_tiles:
+        _stream_k_fixup_kernel[(stream_k_tiles,)](ws, descriptors[2], tiles - stream_k_tiles, M, N, BM=cfg.bm,
+                                                  BN=cfg.bn, GROUP=cfg.group, ACCUMULATE=accumulate,
+                                                  num_warps=cfg.warps)
 
 
 def exp_operand_chunk(
