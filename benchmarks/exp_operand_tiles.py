@@ -45,8 +45,7 @@ VARIANTS = [
     dict(dh=dict(warp_specialize=True)),
     dict(dh=dict(warp_specialize=True, stages=4)),
     dict(logits=dict(warp_specialize=True, warps=4, bn=128, stages=4)),
-    dict(dh=dict(stream_k=True)),
-    dict(dh=dict(stream_k=False)),
+    dict(dh=dict(cublas=True)),
 ]
 
 

@@ -13,7 +13,8 @@ that needs no log-sum-exp: with c_i the target logit of row i (computed first, o
 
 so the gradient g = s (P - onehot) is the row-scaled operand  g_i = r_i E_i,  r_i = s_i / (1 + Z_i):
 
-    dh (+)= r * (E @ W)      a Triton GEMM whose epilogue scales the rows (the operand is untouched)
+    dh (+)= r * (E @ W)      cuBLAS's GEMM, then one pass over [C, H] scaling the rows (or a Triton
+                             GEMM with the scale in its epilogue: GemmConfig.cublas=False)
     dW (+)= E^T @ (r * h)    cuBLAS, on the rows of h scaled first ([C, H], small)
 
 No pass over the logits remains outside the GEMMs, the small gradients of confident rows keep their
@@ -24,9 +25,9 @@ row max as shift (slow, one GEMV per such row, and no host sync), so the general
 
     e_t = exp(x_t - c),   r = s / (e_t + Z),   loss = (c - x_t) + log(e_t + Z).
 
-A chunk is six launches (``exp_operand_chunk``): the target logits, the exp-epilogue logits GEMM,
+A chunk is seven launches (``exp_operand_chunk``): the target logits, the exp-epilogue logits GEMM,
 the overflow check, one row-results kernel (loss, accuracy, r, E_it, and r * h for dW), then the dW
-and dh GEMMs. The GEMMs' tiles are ``GemmConfig``s in ``GPU_TILES``.
+GEMM and the dh GEMM with its row scale. The GEMMs' tiles are ``GemmConfig``s in ``GPU_TILES``.
 
 Scope: hard labels without label smoothing, z-loss, softcap or bias, bf16 on CUDA devices with TMA
 (compute capability 9.0+, Triton 3.4+) or fp32 in the Triton interpreter; ``eligible`` says when, and the chunk
@@ -71,15 +72,14 @@ class GemmConfig(NamedTuple):
     group: int  # tile rows visited together (_tile_of): their tiles share the other operand's in L2
     subtile: bool = False  # logits GEMM: the epilogue in two column halves (half the store buffer's memory)
     warp_specialize: bool = False  # producer/consumer warps (Triton's tl.range warp_specialize)
-    # dh GEMM: the tiles of the partial last wave (tiles % programs) are shared out by K-loop
-    # iterations, evenly over every program (stream-K), their fp32 partial sums added atomically into
-    # a zeroed workspace that a second launch scales into the output; the other tiles run as before.
-    stream_k: bool = False
+    # dh only: cuBLAS's GEMM into the output, then one pass scaling its rows (the other fields unused).
+    cublas: bool = False
 
 
 # The configuration that matched cuBLAS on an H100 (triton_gemm_probe_h100.md, exp_operand_tiles_h100.md);
-# small tiles in the interpreter.
-GPU_TILES = {"logits": GemmConfig(128, 256, 64, 3, 8, 8), "dh": GemmConfig(128, 256, 64, 3, 8, 8)}
+# small tiles in the interpreter. dh: cuBLAS and a row-scale pass, 2% faster than the Triton GEMM over a
+# (b) step's chunks under sustained load (exp_operand_tiles_h100.md, dh_wave_probe_h100.md).
+GPU_TILES = {"logits": GemmConfig(128, 256, 64, 3, 8, 8), "dh": GemmConfig(128, 256, 64, 3, 8, 8, cublas=True)}
 INTERPRETER_TILES = GemmConfig(16, 32, 16, 1, 4, 8)
 
 if triton is not None:
@@ -245,18 +245,12 @@ if triton is not None:
                 tl.store(h_scaled_ptr + offsets, (h * r[:, None]).to(h_scaled_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _row_scaled_gemm_kernel(e_desc, w_desc, out_desc, r_ptr, ws_ptr, dp_tiles, M, N, K,
+    def _row_scaled_gemm_kernel(e_desc, w_desc, out_desc, r_ptr, out_ptr, stride_out, M, N, K,
                                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                                WARP_SPECIALIZE: tl.constexpr, NUM_PROGRAMS: tl.constexpr, ACCUMULATE: tl.constexpr,
-                                STREAM_K: tl.constexpr):
+                                WARP_SPECIALIZE: tl.constexpr, NUM_PROGRAMS: tl.constexpr, ACCUMULATE: tl.constexpr):
         """out[M, N] (+)= r[:, None] * (E[M, K] @ W[K, N]), persistent over TMA descriptors: the row
-        scale is applied to the fp32 accumulator in the epilogue, the operands stream untouched.
-        With STREAM_K, the first ``dp_tiles`` tiles (whole waves) run so, and the rest by K-loop
-        iterations split evenly over the programs, each piece's partial sum (row-scaled: the scale is
-        linear) added to its tile's fp32 workspace ``ws`` [tiles - dp_tiles, BM, BN], zeroed before;
-        ``_stream_k_fixup_kernel`` then writes those tiles."""
-        tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
-        for tile in tl.range(tl.program_id(0), dp_tiles, NUM_PROGRAMS,
+        scale is applied to the fp32 accumulator in the epilogue, the operands stream untouched."""
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), NUM_PROGRAMS,
                              flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
             tm, tn = _tile_of(tile, M, N, BM, BN, GROUP)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -265,41 +259,28 @@ if triton is not None:
             rows = tm * BM + tl.arange(0, BM)
             acc = acc * tl.load(r_ptr + rows, mask=rows < M, other=0.0)[:, None]
             if ACCUMULATE:
-                acc += out_desc.load([tm * BM, tn * BN]).to(tl.float32)
+                # Through registers, not a TMA load: a shared-memory buffer for the tile here would
+                # not fit beside the pipeline's (278 KB > 227 KB on an H100).
+                cols = tn * BN + tl.arange(0, BN)
+                offsets = rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+                acc += tl.load(out_ptr + offsets, mask=(rows < M)[:, None] & (cols < N)[None, :],
+                               other=0.0).to(tl.float32)
             out_desc.store([tm * BM, tn * BN], acc.to(out_desc.dtype))
-        if STREAM_K:
-            # Iterations [it, end) of the flattened (stream-K tile, k step) space are this program's.
-            k_steps = tl.cdiv(K, BK)
-            total = (tiles - dp_tiles) * k_steps
-            it = tl.program_id(0) * total // NUM_PROGRAMS
-            end = (tl.program_id(0) + 1) * total // NUM_PROGRAMS
-            while it < end:
-                local = it // k_steps
-                k_first = it - local * k_steps
-                k_last = tl.minimum(k_steps, k_first + (end - it))
-                tm, tn = _tile_of(dp_tiles + local, M, N, BM, BN, GROUP)
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-                for ks in range(k_first, k_last):
-                    acc = tl.dot(e_desc.load([tm * BM, ks * BK]), w_desc.load([ks * BK, tn * BN]), acc)
-                rows = tm * BM + tl.arange(0, BM)
-                acc = acc * tl.load(r_ptr + rows, mask=rows < M, other=0.0)[:, None]
-                # Relaxed: the fixup launch, not a flag, orders these additions before their reads.
-                offsets = (local.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN
-                           + tl.arange(0, BN)[None, :])
-                tl.atomic_add(ws_ptr + offsets, acc, sem="relaxed")
-                it += k_last - k_first
+
 
     @triton.jit
-    def _stream_k_fixup_kernel(ws_ptr, out_desc, dp_tiles, M, N, BM: tl.constexpr, BN: tl.constexpr,
-                               GROUP: tl.constexpr, ACCUMULATE: tl.constexpr):
-        """One program per stream-K tile: out (+)= its summed workspace tile (already row-scaled)."""
-        local = tl.program_id(0)
-        tm, tn = _tile_of(dp_tiles + local, M, N, BM, BN, GROUP)
-        offsets = local.to(tl.int64) * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        acc = tl.load(ws_ptr + offsets)
+    def _row_scale_kernel(x_ptr, r_ptr, out_ptr, M, N, stride_x, stride_out, ACCUMULATE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out[M, N] (+)= r[:, None] * x in fp32, rounded once (x may be out itself)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = x * tl.load(r_ptr + rows, mask=rows < M, other=0.0)[:, None]
         if ACCUMULATE:
-            acc += out_desc.load([tm * BM, tn * BN]).to(tl.float32)
-        out_desc.store([tm * BM, tn * BN], acc.to(out_desc.dtype))
+            y += tl.load(out_ptr + rows64 * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _tma_ready(*tensors: torch.Tensor) -> bool:
@@ -352,6 +333,8 @@ def exp_logits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, shift: torch.T
     [C, cdiv(V, BN)] fp32."""
     (C, H), V = h.shape, w.shape[0]
     cfg = _tiles("logits", h.device)
+    if cfg.cublas:  # the epilogue is the point of this GEMM
+        raise ValueError("GPU_TILES['logits'].cublas must be False: E comes from the logits GEMM's epilogue")
     programs = multiprocessors(h.device)
     tile_sum = torch.empty(C, triton.cdiv(V, cfg.bn), device=h.device)
     descriptors = [TensorDescriptor.from_tensor(h, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bn, cfg.bk]),
@@ -370,22 +353,24 @@ def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torc
     cfg = _tiles("dh", e.device)
     if cfg.subtile:  # the dh epilogue has no halves (its output is [C, H], small)
         raise ValueError("GPU_TILES['dh'].subtile must be False: only the logits epilogue is subtiled")
+    if cfg.cublas:
+        # cuBLAS's product (rounded to the operands' dtype), then its rows scaled (and added) in one pass.
+        product = out if not accumulate and out.dtype == e.dtype else torch.empty(out.shape, dtype=e.dtype,
+                                                                                    device=out.device)
+        torch.mm(e, w, out=product)
+        block_m, block_n = 16, min(1024, next_power_of_2(out.shape[1]))
+        grid = (triton.cdiv(out.shape[0], block_m), triton.cdiv(out.shape[1], block_n))
+        _row_scale_kernel[grid](product, r, out, out.shape[0], out.shape[1], product.stride(0), out.stride(0),
+                                ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8)
+        return
     programs = multiprocessors(e.device)
-    (M, K), N = e.shape, w.shape[1]
-    tiles = triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn)
-    # Stream-K: the tiles past the last whole wave (all of them when there are fewer than programs).
-    stream_k_tiles = tiles % programs if cfg.stream_k else 0
-    ws = torch.zeros(stream_k_tiles, cfg.bm, cfg.bn, device=e.device) if stream_k_tiles else r
     descriptors = [TensorDescriptor.from_tensor(e, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bk, cfg.bn]),
                    TensorDescriptor.from_tensor(out, [cfg.bm, cfg.bn])]
-    _row_scaled_gemm_kernel[(programs,)](*descriptors, r, ws, tiles - stream_k_tiles, M, N, K, BM=cfg.bm, BN=cfg.bn,
+    _row_scaled_gemm_kernel[(programs,)](*descriptors, r, out, out.stride(0), e.shape[0], w.shape[1], e.shape[1],
+                                         BM=cfg.bm, BN=cfg.bn,
                                          BK=cfg.bk, GROUP=cfg.group, WARP_SPECIALIZE=cfg.warp_specialize,
-                                         NUM_PROGRAMS=programs, ACCUMULATE=accumulate,
-                                         STREAM_K=stream_k_tiles > 0, num_stages=cfg.stages, num_warps=cfg.warps)
-    if stream_k_tiles:
-        _stream_k_fixup_kernel[(stream_k_tiles,)](ws, descriptors[2], tiles - stream_k_tiles, M, N, BM=cfg.bm,
-                                                  BN=cfg.bn, GROUP=cfg.group, ACCUMULATE=accumulate,
-                                                  num_warps=cfg.warps)
+                                         NUM_PROGRAMS=programs, ACCUMULATE=accumulate, num_stages=cfg.stages,
+                                         num_warps=cfg.warps)
 
 
 def exp_operand_chunk(
@@ -429,6 +414,6 @@ def exp_operand_chunk(
     # Step 5: dW (+)= E^T (r h).
     if w_acc is not None:
         mm_into(w_acc, e.t(), h_scaled, accumulate=w_accumulate)
-    # Step 6: dh (+)= r * (E @ W), the scale in the GEMM's epilogue.
+    # Step 6: dh (+)= r * (E @ W): cuBLAS then a row-scale pass, or the scale in a Triton GEMM's epilogue.
     if dh is not None:
         row_scaled_gemm(e, w, r, dh, dh_accumulate)
