@@ -14,7 +14,8 @@ that needs no log-sum-exp: with c_i the target logit of row i (computed first, o
 so the gradient g = s (P - onehot) is the row-scaled operand  g_i = r_i E_i,  r_i = s_i / (1 + Z_i):
 
     dh (+)= r * (E @ W)      cuBLAS's GEMM, then one pass over [C, H] scaling the rows (or a Triton
-                             GEMM with the scale in its epilogue: GemmConfig.cublas=False)
+                             GEMM with the scale in its epilogue: GemmConfig.cublas=False, when it
+                             writes dh rather than adding to it)
     dW (+)= E^T @ (r * h)    cuBLAS, on the rows of h scaled first ([C, H], small)
 
 No pass over the logits remains outside the GEMMs, the small gradients of confident rows keep their
@@ -245,10 +246,10 @@ if triton is not None:
                 tl.store(h_scaled_ptr + offsets, (h * r[:, None]).to(h_scaled_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _row_scaled_gemm_kernel(e_desc, w_desc, out_desc, r_ptr, out_ptr, stride_out, M, N, K,
+    def _row_scaled_gemm_kernel(e_desc, w_desc, out_desc, r_ptr, M, N, K,
                                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                                WARP_SPECIALIZE: tl.constexpr, NUM_PROGRAMS: tl.constexpr, ACCUMULATE: tl.constexpr):
-        """out[M, N] (+)= r[:, None] * (E[M, K] @ W[K, N]), persistent over TMA descriptors: the row
+                                WARP_SPECIALIZE: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+        """out[M, N] = r[:, None] * (E[M, K] @ W[K, N]), persistent over TMA descriptors: the row
         scale is applied to the fp32 accumulator in the epilogue, the operands stream untouched."""
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * tl.cdiv(N, BN), NUM_PROGRAMS,
                              flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
@@ -258,13 +259,6 @@ if triton is not None:
                 acc = tl.dot(e_desc.load([tm * BM, k]), w_desc.load([k, tn * BN]), acc)
             rows = tm * BM + tl.arange(0, BM)
             acc = acc * tl.load(r_ptr + rows, mask=rows < M, other=0.0)[:, None]
-            if ACCUMULATE:
-                # Through registers, not a TMA load: a shared-memory buffer for the tile here would
-                # not fit beside the pipeline's (278 KB > 227 KB on an H100).
-                cols = tn * BN + tl.arange(0, BN)
-                offsets = rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
-                acc += tl.load(out_ptr + offsets, mask=(rows < M)[:, None] & (cols < N)[None, :],
-                               other=0.0).to(tl.float32)
             out_desc.store([tm * BM, tn * BN], acc.to(out_desc.dtype))
 
 
@@ -347,14 +341,17 @@ def exp_logits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, shift: torch.T
 
 
 def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """out [C, H] (+)= r[:, None] * (e [C, V] @ w [V, H]), r [C] fp32, in a persistent TMA GEMM."""
+    """out [C, H] (+)= r[:, None] * (e [C, V] @ w [V, H]), r [C] fp32: cuBLAS's GEMM and a row-scale pass
+    (``GemmConfig.cublas``, and always when accumulating), or a persistent TMA GEMM scaling in its epilogue."""
     if not _tma_ready(out):
         raise ValueError("row_scaled_gemm: out must be contiguous with 16-byte aligned rows")
     cfg = _tiles("dh", e.device)
     if cfg.subtile:  # the dh epilogue has no halves (its output is [C, H], small)
         raise ValueError("GPU_TILES['dh'].subtile must be False: only the logits epilogue is subtiled")
-    if cfg.cublas:
+    if cfg.cublas or accumulate:
         # cuBLAS's product (rounded to the operands' dtype), then its rows scaled (and added) in one pass.
+        # Accumulation always goes this way: reading the output tile in the Triton GEMM's epilogue
+        # needs more shared memory than an H100 has beside its pipeline (246-279 KB > 227 KB).
         product = out if not accumulate and out.dtype == e.dtype else torch.empty(out.shape, dtype=e.dtype,
                                                                                     device=out.device)
         torch.mm(e, w, out=product)
@@ -366,11 +363,9 @@ def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torc
     programs = multiprocessors(e.device)
     descriptors = [TensorDescriptor.from_tensor(e, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bk, cfg.bn]),
                    TensorDescriptor.from_tensor(out, [cfg.bm, cfg.bn])]
-    _row_scaled_gemm_kernel[(programs,)](*descriptors, r, out, out.stride(0), e.shape[0], w.shape[1], e.shape[1],
-                                         BM=cfg.bm, BN=cfg.bn,
+    _row_scaled_gemm_kernel[(programs,)](*descriptors, r, e.shape[0], w.shape[1], e.shape[1], BM=cfg.bm, BN=cfg.bn,
                                          BK=cfg.bk, GROUP=cfg.group, WARP_SPECIALIZE=cfg.warp_specialize,
-                                         NUM_PROGRAMS=programs, ACCUMULATE=accumulate, num_stages=cfg.stages,
-                                         num_warps=cfg.warps)
+                                         NUM_PROGRAMS=programs, num_stages=cfg.stages, num_warps=cfg.warps)
 
 
 def exp_operand_chunk(
