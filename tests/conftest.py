@@ -21,6 +21,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# pytest-xdist runs PYTEST_XDIST_WORKER_COUNT processes; each would start one torch thread per core,
+# and oversubscribed intra-op threads wait on each other (on CI's 2 cores, a 40 s end-to-end test took
+# 405 s beside a gradcheck). Each worker gets its share of the cores.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1 and "torch" in globals():
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 import pytest  # noqa: E402
 
 
