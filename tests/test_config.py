@@ -76,6 +76,8 @@ def test_defaults_without_a_file():
         ("export.formats=[onnx]", "export.formats[0]"),
         ("train.device=tpu", "train.device"),
         ("train.kl_temperature=2", "train.kl_temperature"),  # no KL term to apply it to
+        ("train.kl_direction=reverse", "train.kl_direction"),
+        ("train.kl_direction=sideways", "train.kl_direction"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -39,9 +39,10 @@ from tests.utils import (DEVICE, DTYPES, HAS_CUDA, REL_NORM_TOLERANCES, VOCABS, 
 BACKENDS = ["torch", "triton"]
 
 
-def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid, factor, temperature=1.0):
+def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid, factor, temperature=1.0,
+                   reverse=False):
     """(row losses, d(factor * sum of row losses)/d student) in float64 autograd; at a temperature tau,
-    tau^2 KL of the distributions of logits / tau."""
+    tau^2 KL of the distributions of logits / tau; reverse: KL(student || teacher)."""
     x = student.double().requires_grad_()
     y, u = x, teacher.double()
     if bias is not None:
@@ -50,7 +51,12 @@ def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid,
         y, u = softcap * torch.tanh(y / softcap), softcap * torch.tanh(u / softcap)
     log_q, log_p = torch.log_softmax(y / temperature, -1), torch.log_softmax(u / temperature, -1)
     p = log_p.exp()
-    rows = temperature**2 * torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    if reverse:  # (log q at 0 where q is 0, so that its gradient there is 0, not 0 * inf)
+        q = log_q.exp()
+        safe_log_q = torch.where(q > 0, log_q, torch.zeros_like(log_q))
+        rows = temperature**2 * torch.where(q > 0, q * (safe_log_q - log_p), torch.zeros_like(q)).sum(-1)
+    else:
+        rows = temperature**2 * torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
     rows = rows + z_loss * torch.logsumexp(y, -1).square()
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     (grad,) = torch.autograd.grad(factor * rows.sum(), x)
@@ -61,10 +67,12 @@ def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [123, 1100])  # one block, and several blocks on either backend
-@pytest.mark.parametrize("bias, softcap, z_loss, temperature",
-                         [(False, None, 0.0, 1.0), (True, 4.0, 0.01, 1.0), (True, 4.0, 0.0, 2.5), (False, None, 0.0, 0.5)])
-def test_kl_rows_match_fp64(backend, dtype, V, bias, softcap, z_loss, temperature):
-    _check_kl_rows(backend, dtype, V, bias, softcap, z_loss, temperature)
+@pytest.mark.parametrize("bias, softcap, z_loss, temperature, reverse",
+                         [(False, None, 0.0, 1.0, False), (True, 4.0, 0.01, 1.0, False), (True, 4.0, 0.0, 2.5, False),
+                          (False, None, 0.0, 0.5, False), (False, None, 0.0, 1.0, True), (True, 4.0, 0.01, 1.0, True),
+                          (False, None, 0.0, 2.0, True)])
+def test_kl_rows_match_fp64(backend, dtype, V, bias, softcap, z_loss, temperature, reverse):
+    _check_kl_rows(backend, dtype, V, bias, softcap, z_loss, temperature, reverse)
 
 
 @pytest.mark.gpu
@@ -73,11 +81,13 @@ def test_gpu_kl_rows_at_real_vocab_sizes(vocab):
     _check_kl_rows("triton", torch.bfloat16, vocab, False, None, 0.0)
 
 
-def _check_kl_rows(backend, dtype, V, bias, softcap, z_loss, temperature=1.0):
+def _check_kl_rows(backend, dtype, V, bias, softcap, z_loss, temperature=1.0, reverse=False):
     rows, T = 6, 6
     student = (torch.randn(rows, V, device=DEVICE) * 3).to(dtype)
     teacher = (torch.randn(rows, V, device=DEVICE) * 3).to(dtype)
-    teacher[1, : V // 2] = float("-inf")  # columns the teacher rules out add nothing
+    # Columns the distribution the divergence weighs by rules out add nothing (the teacher's forward,
+    # the student's reversed).
+    (student if reverse else teacher)[1, : V // 2] = float("-inf")
     b = torch.randn(V, device=DEVICE) if bias else None
     tb = torch.randn(V, device=DEVICE) if bias else None
     labels = torch.randint(0, V, (T,), device=DEVICE)
@@ -86,13 +96,14 @@ def _check_kl_rows(backend, dtype, V, bias, softcap, z_loss, temperature=1.0):
     # Shift 1 over one sequence of T = rows: row 2's target is ignored, and the last row's is past the end.
     valid = torch.ones(rows, dtype=torch.bool, device=DEVICE)
     valid[2], valid[5] = False, False
-    ref_loss, ref_grad = _kl_definition(student, teacher, b, tb, softcap, z_loss, valid, 0.5, temperature)
+    ref_loss, ref_grad = _kl_definition(student, teacher, b, tb, softcap, z_loss, valid, 0.5, temperature, reverse)
     loss = poison_(torch.empty(rows, device=DEVICE))
     correct = torch.full((rows,), -1, dtype=torch.int32, device=DEVICE)
     grad = student.clone()
     with force_backend(backend):
         kl_rows(grad, teacher.clone(), labels, shift=1, bias=b, teacher_bias=tb, scale=torch.tensor([0.5], device=DEVICE),
-                loss=loss, correct=correct, z_loss=z_loss, softcap=softcap, temperature=temperature, write_grad=True)
+                loss=loss, correct=correct, z_loss=z_loss, softcap=softcap, temperature=temperature, reverse=reverse,
+                write_grad=True)
     assert_rel_close(loss, ref_loss, dtype, "row losses")
     assert_rel_close(grad, ref_grad, dtype, "gradient")
     assert (grad[~valid] == 0).all() and (loss[~valid] == 0).all()
@@ -102,23 +113,26 @@ def _check_kl_rows(backend, dtype, V, bias, softcap, z_loss, temperature=1.0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_kl_of_a_student_equal_to_its_teacher_is_zero(backend):
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kl_of_a_student_equal_to_its_teacher_is_zero(backend, reverse):
     logits = torch.randn(4, 300, device=DEVICE) * 5
     loss = torch.empty(4, device=DEVICE)
     grad = logits.clone()
     with force_backend(backend):
         kl_rows(grad, logits, torch.arange(4, device=DEVICE), scale=torch.ones(1, device=DEVICE), loss=loss,
-                write_grad=True)
+                reverse=reverse, write_grad=True)
     assert loss.abs().max() < 1e-5 and grad.abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_student_minus_inf_under_teacher_mass_is_infinite_not_nan(backend):
+@pytest.mark.parametrize("reverse", [False, True])
+def test_minus_inf_under_the_other_ones_mass_is_infinite_not_nan(backend, reverse):
+    """Forward: a student -inf where the teacher has mass; reversed: a teacher -inf under the student's."""
     student, teacher = torch.randn(2, 64, device=DEVICE), torch.randn(2, 64, device=DEVICE)
-    student[0, 5] = float("-inf")
+    (teacher if reverse else student)[0, 5] = float("-inf")
     loss = torch.empty(2, device=DEVICE)
     with force_backend(backend):
-        kl_rows(student, teacher, torch.zeros(2, dtype=torch.long, device=DEVICE), loss=loss)
+        kl_rows(student, teacher, torch.zeros(2, dtype=torch.long, device=DEVICE), loss=loss, reverse=reverse)
     assert loss[0] == float("inf") and torch.isfinite(loss[1])
 
 
@@ -178,18 +192,19 @@ def test_teacher_heads_match_the_reference(backend, shared_hidden, skip_ignored,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("skip_ignored", [False, True])
-def test_teacher_temperatures_match_the_reference(backend, skip_ignored):
-    """Per-teacher temperatures (2.0 on head 0, 0.7 on head 2): tau^2 KL at logits / tau, every gradient."""
+@pytest.mark.parametrize(("skip_ignored", "reverse"), [(False, False), (True, False), (False, True), (True, True)])
+def test_teacher_temperatures_match_the_reference(backend, skip_ignored, reverse):
+    """Per-teacher temperatures (2.0 on head 0, 0.7 on head 2): tau^2 KL at logits / tau, forward or
+    reversed, every gradient."""
     hidden, weight, bias, labels, segments, teacher = _distill_problem(True)
-    teacher = [Teacher(*teacher[0], temperature=2.0), None, Teacher(teacher[2].hidden, teacher[2].weight,
-                                                                     offset=2, temperature=0.7)]
+    teacher = [Teacher(*teacher[0], temperature=2.0, reverse=reverse), None,
+               Teacher(teacher[2].hidden, teacher[2].weight, offset=2, temperature=0.7, reverse=reverse)]
     options = dict(bias=bias, segment_ids=segments, softcap=6.0)
     args = (hidden, weight, labels, [1, 2, 3], [1.0, 0.5, 0.25])
     ref = reference(*args, teacher=teacher, compute_dtype=torch.float64, **options)
     ref_grads = torch.autograd.grad(ref.loss, [hidden, weight, bias])
     t0 = teacher[0]
-    plain = reference(*args, teacher=[Teacher(t0.hidden, t0.weight, t0.bias), None, None],
+    plain = reference(*args, teacher=[Teacher(t0.hidden, t0.weight, t0.bias, reverse=reverse), None, None],
                       compute_dtype=torch.float64, **options)
     assert abs(float(plain.head_losses[0]) - float(ref.head_losses[0])) > 1e-3, "the temperature should matter"
     with force_backend(backend):
@@ -202,16 +217,17 @@ def test_teacher_temperatures_match_the_reference(backend, skip_ignored):
         assert_rel_close(g, r, work, name)
 
 
-def test_teacher_temperature_gradcheck():
-    """float64 gradcheck of the PyTorch path at a teacher temperature of 1.7 (two heads, one with a
-    teacher, on a problem small enough to perturb every input)."""
+@pytest.mark.parametrize("reverse", [False, True])
+def test_teacher_temperature_gradcheck(reverse):
+    """float64 gradcheck of the PyTorch path at a teacher temperature of 1.7, forward and reversed (two
+    heads, one with a teacher, on a problem small enough to perturb every input)."""
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(1, 6, 3, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(2, 11, 3, dtype=torch.float64, generator=g, requires_grad=True)
     labels = torch.randint(0, 11, (1, 6), generator=g)
     labels[0, 4] = -100
     teacher = [Teacher(torch.randn(1, 6, 3, dtype=torch.float64, generator=g),
-                       torch.randn(11, 3, dtype=torch.float64, generator=g), temperature=1.7), None]
+                       torch.randn(11, 3, dtype=torch.float64, generator=g), temperature=1.7, reverse=reverse), None]
 
     def f(h, w):
         return multi_head_linear_cross_entropy(h, w, labels, [1, 2], [1.0, 0.5], chunk_size=4, teacher=teacher).loss
@@ -287,7 +303,8 @@ def test_head_by_head_passes_the_teacher_through(backend):
      ([None, None, Teacher(torch.zeros(2, 11, 16), torch.zeros(37, 16), offset=-1)], "offset"),
      ([None, None, [torch.zeros(2, 11, 16)]], "teacher\\[2\\] must be None, a Teacher"),
      *[([None, None, Teacher(torch.zeros(2, 11, 16), torch.zeros(37, 16), temperature=tau)],
-        "teacher\\[2\\] temperature must be a finite number > 0") for tau in (0.0, -1.0, float("nan"), float("inf"), True)]],
+        "teacher\\[2\\] temperature must be a finite number > 0") for tau in (0.0, -1.0, float("nan"), float("inf"), True)],
+     ([None, None, Teacher(torch.zeros(2, 11, 16), torch.zeros(37, 16), reverse="yes")], "teacher\\[2\\] reverse must be")],
 )
 def test_bad_teacher_raises(teacher, match):
     h, w = torch.randn(2, 11, 16), torch.randn(37, 16)
@@ -327,13 +344,14 @@ def test_teacher_halves_the_rows_per_chunk(monkeypatch):
 
 
 # --------------------------------------------------------------------------------- model
-def _lora_model(head_by_head: bool, lm_loss: str = "kl", kl_temperature: float = 1.0) -> MedusaModel:
+def _lora_model(head_by_head: bool, lm_loss: str = "kl", kl_temperature: float = 1.0,
+                kl_direction: str = "forward") -> MedusaModel:
     from peft import LoraConfig, get_peft_model
 
     backbone = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                        lora_dropout=0.0))
     cfg = MedusaConfig(num_heads=2, mode="joint", lm_loss=lm_loss, head_by_head=head_by_head,
-                       kl_temperature=kl_temperature)
+                       kl_temperature=kl_temperature, kl_direction=kl_direction)
     return MedusaModel.from_backbone(backbone, cfg)
 
 
@@ -360,6 +378,8 @@ def _naive_distill_loss(model: MedusaModel, ids, labels):
     student = model.backbone(input_ids=ids).logits[:, :-1].double()
     tau = model.config.kl_temperature
     log_p, log_q = torch.log_softmax(teacher / tau, -1), torch.log_softmax(student / tau, -1)
+    if model.config.kl_direction == "reverse":
+        log_p, log_q = log_q, log_p
     rows = tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
     valid = labels[:, 1:] != -100
     kl = rows[valid].mean()
@@ -392,11 +412,12 @@ def _assert_distillation_matches_the_definition(model: MedusaModel, move_off_tea
     return [name for name, _ in trained]
 
 
-@pytest.mark.parametrize(("head_by_head", "tau"), [(True, 1.0), (False, 1.0), (True, 0.5)])
-def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_head, tau):
+@pytest.mark.parametrize(("head_by_head", "tau", "direction"),
+                         [(True, 1.0, "forward"), (False, 1.0, "forward"), (True, 0.5, "forward"), (True, 1.0, "reverse")])
+def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_head, tau, direction):
     pytest.importorskip("peft")
-    trained = _assert_distillation_matches_the_definition(_lora_model(head_by_head, kl_temperature=tau),
-                                                          _perturb_adapters)
+    model = _lora_model(head_by_head, kl_temperature=tau, kl_direction=direction)
+    trained = _assert_distillation_matches_the_definition(model, _perturb_adapters)
     assert any("lora_" in name for name in trained)
 
 
@@ -450,7 +471,7 @@ def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
     """The definition of head_targets="backbone": head k (shift s) learns KL(p || q_k) where p is the
     backbone's own next-token distribution at position t + s - 1 (the same token), averaged over
     the positions whose label t + s is valid; the rest as in naive_medusa_loss. At kl_temperature
-    tau: tau^2 KL of both distributions at logits / tau."""
+    tau: tau^2 KL of both distributions at logits / tau; kl_direction "reverse": KL(q_k || p)."""
     cfg = model.config
     tau = cfg.kl_temperature
     total, _, lm_ce = naive_medusa_loss(model, ids, labels)
@@ -466,7 +487,10 @@ def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
         proj = model.lm_head.weight if cfg.shared_lm_head else model.heads.lm_heads[k].weight
         log_q = torch.log_softmax((z @ proj.T)[:, :-s].double() / tau, -1)
         log_p = torch.log_softmax(backbone_logits[:, s - 1 : -1] / tau, -1)
-        rows = tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
+        if cfg.kl_direction == "reverse":
+            rows = tau**2 * (log_q.exp() * (log_q - log_p)).sum(-1)
+        else:
+            rows = tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
         losses.append(rows[labels[:, s:] != -100].mean())
         total = total + cfg.heads_loss_weight * cfg.decay**k * losses[-1]
     return total, torch.stack(losses)
@@ -474,10 +498,11 @@ def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
 
 @pytest.mark.parametrize("mode", ["heads", "joint"])
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize(("head_by_head", "tau"), [(True, 1.0), (False, 1.0), (True, 2.0)])
-def test_heads_learn_the_backbones_own_distribution(mode, shared, head_by_head, tau):
+@pytest.mark.parametrize(("head_by_head", "tau", "direction"),
+                         [(True, 1.0, "forward"), (False, 1.0, "forward"), (True, 2.0, "forward"), (True, 1.0, "reverse")])
+def test_heads_learn_the_backbones_own_distribution(mode, shared, head_by_head, tau, direction):
     cfg = MedusaConfig(num_heads=2, mode=mode, shared_lm_head=shared, head_targets="backbone",
-                       head_by_head=head_by_head, kl_temperature=tau)
+                       head_by_head=head_by_head, kl_temperature=tau, kl_direction=direction)
     model = MedusaModel.from_backbone(tiny_llama(), cfg)
     model.train()
     randomize_heads(model)

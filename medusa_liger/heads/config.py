@@ -32,6 +32,8 @@ LmLoss = Literal["ce", "kl"]
 LM_LOSSES: tuple[str, ...] = ("ce", "kl")
 HeadTargets = Literal["labels", "backbone"]
 HEAD_TARGETS: tuple[str, ...] = ("labels", "backbone")
+KlDirection = Literal["forward", "reverse"]
+KL_DIRECTIONS: tuple[str, ...] = ("forward", "reverse")
 
 # Default lambda per mode when ``heads_loss_weight`` is left as None.
 DEFAULT_HEADS_LOSS_WEIGHT: dict[str, float] = {"heads": 1.0, "joint": 0.2}
@@ -58,6 +60,8 @@ class MedusaConfig:
                        backbone pass).
     kl_temperature:    tau > 0 of the KL terms (``lm_loss="kl"``, ``head_targets="backbone"``): both
                        distributions at logits / tau, the divergence times tau^2; 1: plain KL.
+    kl_direction:      "forward", KL(teacher || student) (mass-covering), or "reverse",
+                       KL(student || teacher) (mode-seeking), for those same terms.
     heads_loss_weight: lambda, multiplying every head weight; None -> 1.0 ("heads"), 0.2 ("joint").
     ignore_index:      label value that contributes no loss.
     skip_ignored_targets: the fused loss runs its GEMMs only on rows with a valid target (masked
@@ -76,6 +80,7 @@ class MedusaConfig:
     lm_loss: LmLoss = "ce"
     head_targets: HeadTargets = "labels"
     kl_temperature: float = 1.0
+    kl_direction: KlDirection = "forward"
     heads_loss_weight: float | None = None
     ignore_index: int = -100
     skip_ignored_targets: bool = True
@@ -109,6 +114,8 @@ class MedusaConfig:
         check_loss_weight("heads_loss_weight", self.heads_loss_weight)
         if not (check_loss_weight("kl_temperature", self.kl_temperature) > 0):
             raise ValueError(f"kl_temperature must be a finite number > 0, got {self.kl_temperature!r}")
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, got {self.kl_direction!r}")
         if not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")
 

@@ -283,7 +283,8 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                                     segment_ids=seg_flat, bias=b_k, teacher_bias=teacher_k.bias,
                                     scale=scale[k : k + 1], loss=row_loss[k, r0:r1], correct=correct[k, r0:r1],
                                     ignore_index=plan.ignore_index, z_loss=plan.z_loss, softcap=plan.softcap,
-                                    temperature=teacher_k.temperature, write_grad=any_grad, row_ids=ids)
+                                    temperature=teacher_k.temperature, reverse=teacher_k.reverse,
+                                    write_grad=any_grad, row_ids=ids)
                         # z now holds scale_k * dloss/dz for the chunk.
                         if dh_c is not None:
                             _mm_into(dh_c, z, w_k, accumulate=dh_accumulate, rows_per_call=GEMM_ROWS["dh"])
@@ -425,9 +426,10 @@ def multi_head_linear_cross_entropy(
              Or each head's count of valid targets, when the caller has them (``valid_target_counts``:
              one sync for several calls over the same labels); checked on the device, without a sync.
     teacher: None, or one entry per head: None (that head learns its labels), a ``Teacher``
-             (hidden [B, T, H], weight [V, H], bias [V] or None, offset, temperature) or a (hidden,
+             (hidden [B, T, H], weight [V, H], bias [V] or None, offset, temperature, reverse) or a (hidden,
              weight[, bias]) tuple (offset 0, temperature 1): that head's loss is then KL(teacher || head)
-             (at temperature tau: tau^2 KL of both distributions at logits / tau) at every position t with a
+             (reverse: KL(head || teacher); at temperature tau: tau^2 KL of both distributions at logits /
+             tau) at every position t with a
              valid target (labels, shift and segments decide which positions count, and the accuracy
              is still against the labels), the teacher's logits softcap(hidden @ weight^T + bias) taken
              at position t + offset (0 <= offset < shift). Constants: no gradient flows to them. Not
@@ -554,8 +556,11 @@ def check_teacher(teacher, shifts: list[int], hidden_shape: tuple[int, ...], wei
         if tau != 1 and float(z_loss) != 0.0:
             raise ValueError(f"z_loss must be 0 with a teacher temperature other than 1 (teacher[{k}]: {tau}), "
                              f"got {z_loss}")
+        if not isinstance(entry.reverse, bool):
+            raise ValueError(f"teacher[{k}] reverse must be True or False, got {entry.reverse!r}")
         checked.append(Teacher(entry.hidden.detach(), entry.weight.detach(),
-                               None if entry.bias is None else entry.bias.detach().contiguous(), offset, float(tau)))
+                               None if entry.bias is None else entry.bias.detach().contiguous(), offset, float(tau),
+                               entry.reverse))
     if any(t is not None for t in checked) and float(label_smoothing) != 0.0:
         raise ValueError(f"label_smoothing must be 0 with a teacher (it smooths hard labels), got {label_smoothing}")
     return checked

@@ -14,6 +14,13 @@ the end of the sequence, across a segment boundary) and whether its top-1 is cor
 At a temperature tau != 1 (no z-loss then), y and u above are the capped logits divided by tau, the
 loss is tau^2 KL(p || q) and dloss/dy (w.r.t. the undivided logits) is tau (q - p): Hinton's scaling.
 
+``reverse=True`` takes the other direction, KL(q || p), which is mode-seeking: the student puts its
+mass on the teacher's likeliest tokens rather than covering all of them (for draft heads judged by
+acceptance, either may be the better target; DistillSpec, Zhou et al. 2023):
+
+    loss_n   = KL(q || p) + z * lse_y^2 = sum_j q_j (y_j - lse_y - u_j + lse_u) + z * lse_y^2
+    dloss/dy = q * (log q - log p - KL(q || p) + 2 z lse_y)          (0 where q_j = 0)
+
 KL(p || q) is the cross-entropy against the soft targets p minus the teacher's entropy, a constant:
 the gradient is that of soft-target cross-entropy, and the loss is 0 when the student equals the
 teacher. Columns where the teacher has probability 0 (u_j = -inf) add nothing; a student -inf where
@@ -23,7 +30,8 @@ One Triton row kernel, two passes over the row, as cross_entropy.py's:
   pass 1 reads the student and the teacher row once: the online log-sum-exp of y (running max m,
          running sum d), of u (m', d'), and the numerator A = sum_j exp(u_j - m') (u_j - y_j),
          rescaled with d' whenever m' grows; then KL = A / d' - lse_u + lse_y (a p-weighted mean
-         of u - y, minus the log-normalizers);
+         of u - y, minus the log-normalizers); reversed, A = sum_j exp(y_j - m) (y_j - u_j) on the
+         student's running max, and KL = A / d - lse_y + lse_u;
   pass 2 (optional) re-reads both rows and overwrites the student row with the gradient times the
          row's factor (read from device memory: no host sync). The teacher row is only read.
 """
@@ -55,7 +63,7 @@ if triton is not None:
         student_ptr, student_row_stride, teacher_ptr, teacher_row_stride, labels_ptr, segment_ptr, bias_ptr,
         teacher_bias_ptr, scale_ptr, loss_ptr, correct_ptr, row_ids_ptr,
         row_start, seq_len, shift, n_cols, ignore_index, z_loss, softcap, temperature,
-        HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_ROW_IDS: tl.constexpr,
         BLOCK: tl.constexpr, PASS1_EVICT: tl.constexpr, PASS2_EVICT: tl.constexpr,
     ):
@@ -82,31 +90,47 @@ if triton is not None:
                                PASS1_EVICT) / temperature
             u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
                                HAS_SOFTCAP, PASS1_EVICT) / temperature
+            if REVERSE:
+                # The numerator weighs y - u by the student's exp, rescaled with the student's max.
+                # Columns with student weight 0 are dropped before multiplying (no -inf * 0 = NaN); a
+                # teacher -inf under student mass makes it (and the divergence) +inf.
+                m_new = tl.maximum(m, tl.max(y, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                e = tl.exp(y - m_safe)
+                numer = tl.where(numer == float("inf"), numer, numer * tl.exp(m - m_safe))
+                mass = e > 0.0
+                numer += tl.sum(e * (tl.where(mass, y, 0.0) - tl.where(mass, u, 0.0)), 0)
             m, d, block_max = online_logsumexp(m, d, y)
-            # Teacher: the same online sum (cross_entropy.online_logsumexp, written out: the numerator is
-            # rescaled alongside it). Columns with weight 0
+            # Teacher: the same online sum (cross_entropy.online_logsumexp, written out: the forward
+            # numerator is rescaled alongside it). Columns with weight 0
             # (u = -inf, masked columns) are dropped before multiplying, so -inf * 0 never makes NaN;
             # an infinite numerator (student -inf under teacher mass) stays infinite.
             m_t_new = tl.maximum(m_t, tl.max(u, 0))
             m_t_safe = tl.where(m_t_new == float("-inf"), 0.0, m_t_new)
             rescale = tl.exp(m_t - m_t_safe)
-            e = tl.exp(u - m_t_safe)
-            d_t = d_t * rescale + tl.sum(e, 0)
-            numer = tl.where(numer == float("inf"), numer, numer * rescale)
-            mass = e > 0.0
-            numer += tl.sum(e * (tl.where(mass, u, 0.0) - tl.where(mass, y, 0.0)), 0)
+            e_t = tl.exp(u - m_t_safe)
+            d_t = d_t * rescale + tl.sum(e_t, 0)
+            if not REVERSE:
+                numer = tl.where(numer == float("inf"), numer, numer * rescale)
+                mass_t = e_t > 0.0
+                numer += tl.sum(e_t * (tl.where(mass_t, u, 0.0) - tl.where(mass_t, y, 0.0)), 0)
             m_t = m_t_new
             if STORE_CORRECT:
                 best, best_idx = running_argmax(best, best_idx, y, block_max, start)
         lse = m + tl.log(d)
         lse_t = m_t + tl.log(d_t)
-        loss = temperature * temperature * (numer / d_t - lse_t + lse) + z_loss * lse * lse
+        if REVERSE:
+            kl = numer / d - lse + lse_t
+        else:
+            kl = numer / d_t - lse_t + lse
+        loss = temperature * temperature * kl + z_loss * lse * lse
         tl.store(loss_ptr + pid, tl.where(valid, loss, 0.0))
         if STORE_CORRECT:
             tl.store(correct_ptr + pid, (valid & (best_idx == target)).to(tl.int32))
 
         if WRITE_GRAD:
-            # Pass 2: the student row <- tau (q * (1 + 2 z lse) - p) * factor (0 for an ignored row).
+            # Pass 2: the student row <- tau (q * (1 + 2 z lse) - p) * factor (0 for an ignored row), or
+            # reversed, tau q (log q - log p - KL + 2 z lse) * factor.
             scale = tl.load(scale_ptr).to(tl.float32) * temperature
             scale = tl.where(valid, scale, 0.0)
             q_scale = 1.0 + 2.0 * z_loss * lse
@@ -116,7 +140,16 @@ if triton is not None:
                 y = load_row_block(y_row, bias_ptr, cols, mask, 0.0, softcap, HAS_BIAS, HAS_SOFTCAP, PASS2_EVICT)
                 u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
                                    HAS_SOFTCAP, PASS2_EVICT)
-                g = tl.exp(y / temperature - lse) * q_scale - tl.exp(u / temperature - lse_t)
+                if REVERSE:
+                    log_q = y / temperature - lse
+                    q = tl.exp(log_q)
+                    # Where q is 0 (and past the row's end) the logs are read as 0, so no lane, used or
+                    # not, computes 0 * inf.
+                    alive = (q > 0.0) & mask
+                    log_ratio = tl.where(alive, log_q, 0.0) - tl.where(alive, u / temperature - lse_t, 0.0)
+                    g = q * (log_ratio - kl + 2.0 * z_loss * lse)
+                else:
+                    g = tl.exp(y / temperature - lse) * q_scale - tl.exp(u / temperature - lse_t)
                 if HAS_SOFTCAP:
                     c = y / softcap
                     g = g * (1.0 - c * c)
@@ -125,7 +158,7 @@ if triton is not None:
 
 
 def _kl_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segment_ids, bias, teacher_bias, scale,
-                   loss, correct, ignore_index, z_loss, softcap, temperature, write_grad, row_ids):
+                   loss, correct, ignore_index, z_loss, softcap, temperature, reverse, write_grad, row_ids):
     """The kernel's math in PyTorch (same arguments as ``kl_rows``), on a bounded number of rows."""
     rows, V = student.shape
     target, valid = row_targets(labels, segment_ids, seq_len, shift, row_start, rows, ignore_index, V, row_ids)
@@ -140,15 +173,24 @@ def _kl_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segme
     y_t, u_t = y / temperature, u / temperature
     lse = torch.logsumexp(y_t, dim=-1, keepdim=True)
     log_p = u_t - torch.logsumexp(u_t, dim=-1, keepdim=True)
-    p = log_p.exp()
-    # p log(p / q) is 0 where p is 0 (the product itself would be 0 * -inf = NaN there).
-    kl = torch.where(p > 0, p * (log_p - (y_t - lse)), torch.zeros_like(p)).sum(-1)
+    log_q = y_t - lse
+    p, q = log_p.exp(), log_q.exp()
+    # p log(p / q) is 0 where p is 0 (the product itself would be 0 * -inf = NaN there); reversed, the same
+    # with q.
+    if reverse:
+        kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)
+    else:
+        kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
     row_loss = temperature**2 * kl + z_loss * lse.squeeze(1).square()
     loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))
     if correct is not None:
         correct.copy_((y.argmax(-1) == target) & valid)
     if write_grad:
-        g = temperature * (torch.exp(y_t - lse) * (1.0 + 2.0 * z_loss * lse) - p)
+        if reverse:
+            inner = log_q - log_p - kl[:, None] + 2.0 * z_loss * lse
+            g = temperature * torch.where(q > 0, q * inner, torch.zeros_like(q))
+        else:
+            g = temperature * (q * (1.0 + 2.0 * z_loss * lse) - p)
         if softcap is not None:
             g = g * (1.0 - (y / softcap).square())
         student.copy_(torch.where(valid[:, None], g * scale.to(work).reshape(1, 1), torch.zeros_like(g)))
@@ -160,7 +202,7 @@ def kl_rows(
     bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None, loss: torch.Tensor,
     correct: torch.Tensor | None = None, ignore_index: int = -100, z_loss: float = 0.0,
-    softcap: float | None = None, temperature: float = 1.0, write_grad: bool = False,
+    softcap: float | None = None, temperature: float = 1.0, reverse: bool = False, write_grad: bool = False,
     row_ids: torch.Tensor | None = None,
 ) -> None:
     """Run the row computation on ``student`` [rows, V] against ``teacher`` [rows, V], in place.
@@ -171,6 +213,7 @@ def kl_rows(
     bias, teacher_bias: optional [V] biases added to the student's and the teacher's logits.
     scale:   one fp32 element, the gradient's factor; needed if ``write_grad``.
     temperature: tau > 0 dividing both rows' logits (loss times tau^2); with tau != 1, z_loss must be 0.
+    reverse: KL(student || teacher) instead of KL(teacher || student).
     loss:    [rows] output (0 for ignored rows). correct: optional [rows] int32 output.
     The other arguments are ``cross_entropy.ce_rows``'s.
     """
@@ -194,7 +237,8 @@ def kl_rows(
                 student[r0:r1], teacher[r0:r1], labels, row_start=row_start + r0, seq_len=seq_len, shift=shift,
                 segment_ids=segment_ids, bias=bias, teacher_bias=teacher_bias, scale=scale, loss=loss[r0:r1],
                 correct=None if correct is None else correct[r0:r1], ignore_index=ignore_index,
-                z_loss=z_loss, softcap=softcap, temperature=float(temperature), write_grad=write_grad,
+                z_loss=z_loss, softcap=softcap, temperature=float(temperature), reverse=bool(reverse),
+                write_grad=write_grad,
                 row_ids=None if row_ids is None else row_ids[r0:r1],
             )
         return
@@ -210,7 +254,7 @@ def kl_rows(
         dummy if teacher_bias is None else teacher_bias, dummy if scale is None else scale, loss, dummy if correct is None else correct,
         dummy if row_ids is None else row_ids,
         row_start, seq_len, shift, V, ignore_index, float(z_loss), 1.0 if softcap is None else float(softcap),
-        float(temperature), HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher_bias is not None, HAS_SEGMENTS=segment_ids is not None,
+        float(temperature), REVERSE=bool(reverse), HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher_bias is not None, HAS_SEGMENTS=segment_ids is not None,
         HAS_SOFTCAP=softcap is not None, STORE_CORRECT=correct is not None, WRITE_GRAD=write_grad, HAS_ROW_IDS=row_ids is not None,
         BLOCK=block, PASS1_EVICT=pass1_evict, PASS2_EVICT=pass2_evict, num_warps=num_warps,
     )

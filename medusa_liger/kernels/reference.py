@@ -16,6 +16,8 @@ tau^2 (Hinton et al.'s scaling, which keeps the gradient's size about the same a
 
     loss_k = tau^2 KL(softmax(teacher logits / tau) || softmax(logits_k / tau))
 
+and a reversed teacher swaps the two distributions: tau^2 KL(softmax(logits_k / tau) || softmax(teacher ...)).
+
 It is used by the tests (in float64) and as the "naive PyTorch" baseline in the benchmarks. It costs
 K x B x T x V memory, which is exactly what the fused op exists to avoid.
 """
@@ -39,6 +41,7 @@ class Teacher:
             backbone's own next-token distribution of the same token uses offset s - 1.
     temperature: tau > 0: the head learns softmax(teacher logits / tau) through its own logits / tau,
             the divergence times tau^2 (1: plain KL).
+    reverse: False: KL(teacher || head) (mass-covering); True: KL(head || teacher) (mode-seeking).
     """
 
     hidden: torch.Tensor
@@ -46,6 +49,7 @@ class Teacher:
     bias: torch.Tensor | None = None
     offset: int = 0
     temperature: float = 1.0
+    reverse: bool = False
 
 
 @dataclass
@@ -170,8 +174,13 @@ def multi_head_linear_cross_entropy_reference(
             log_p = torch.log_softmax(t_logits.reshape(logits.shape) / tau, dim=-1)
             p = log_p.exp()
             log_q = torch.log_softmax(logits / tau, dim=-1)
-            # p log(p / q), 0 where p is 0 (the product would be 0 * -inf there).
-            row_loss = tau**2 * torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+            # p log(p / q), 0 where p is 0 (the product would be 0 * -inf there); reversed, q log(q / p).
+            if t.reverse:  # (log q read as 0 where q is 0: its gradient there is then 0, not 0 * inf)
+                q = log_q.exp()
+                safe_log_q = torch.where(q > 0, log_q, torch.zeros_like(log_q))
+                row_loss = tau**2 * torch.where(q > 0, q * (safe_log_q - log_p), torch.zeros_like(q)).sum(-1)
+            else:
+                row_loss = tau**2 * torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
         row_loss = row_loss + z_loss * lse.square()
         row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
         total = row_loss.sum()

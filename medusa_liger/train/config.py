@@ -119,6 +119,9 @@ class TrainConfig:
     # Temperature tau of every KL term (lm_loss: kl, heads.targets: backbone): both distributions at
     # logits / tau, the divergence times tau^2 (Hinton's scaling); 1: plain KL.
     kl_temperature: float = 1.0
+    # Direction of those KL terms: "forward", KL(teacher || student), mass-covering; "reverse",
+    # KL(student || teacher), mode-seeking (the student concentrates on the teacher's likeliest tokens).
+    kl_direction: Literal["forward", "reverse"] = "forward"
     heads_lambda: LambdaConfig = field(default_factory=LambdaConfig)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     # Dtype of the parameters built here and trained: the Medusa heads and the LoRA adapters (their
@@ -297,6 +300,8 @@ def validate(cfg: Config) -> Config:
              "a finite number > 0")
     _require(t.kl_temperature == 1.0 or t.lm_loss == "kl" or h.targets == "backbone", "train.kl_temperature",
              t.kl_temperature, "1.0 unless train.lm_loss is 'kl' or heads.targets is 'backbone' (no KL term else)")
+    _require(t.kl_direction == "forward" or t.lm_loss == "kl" or h.targets == "backbone", "train.kl_direction",
+             t.kl_direction, "'forward' unless train.lm_loss is 'kl' or heads.targets is 'backbone' (no KL term else)")
     _require(len(d.paths) >= 1, "data.paths", d.paths, "a non-empty list of files or hub dataset names")
     _require(d.seq_len >= h.num_heads + 2, "data.seq_len", d.seq_len, f">= heads.num_heads + 2 = {h.num_heads + 2}")
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "in [0, 1)")
