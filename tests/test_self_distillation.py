@@ -132,8 +132,12 @@ def test_minus_inf_under_the_other_ones_mass_is_infinite_not_nan(backend, revers
     (teacher if reverse else student)[0, 5] = float("-inf")
     loss = torch.empty(2, device=DEVICE)
     with force_backend(backend):
-        kl_rows(student, teacher, torch.zeros(2, dtype=torch.long, device=DEVICE), loss=loss, reverse=reverse)
+        kl_rows(student, teacher, torch.zeros(2, dtype=torch.long, device=DEVICE), loss=loss, reverse=reverse,
+                scale=torch.ones(1, device=DEVICE), write_grad=True)
     assert loss[0] == float("inf") and torch.isfinite(loss[1])
+    assert not student.isnan().any() and torch.isfinite(student[1]).all()  # the gradients, written in place
+    if reverse:  # +inf pushes the student off the column the teacher rules out; the rest stays finite
+        assert student[0, 5] == float("inf") and torch.isfinite(student[0, :5]).all()
 
 
 # ------------------------------------------------------------------------------ fused op

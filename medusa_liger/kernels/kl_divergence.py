@@ -21,6 +21,9 @@ acceptance, either may be the better target; DistillSpec, Zhou et al. 2023):
     loss_n   = KL(q || p) + z * lse_y^2 = sum_j q_j (y_j - lse_y - u_j + lse_u) + z * lse_y^2
     dloss/dy = q * (log q - log p - KL(q || p) + 2 z lse_y)          (0 where q_j = 0)
 
+A teacher -inf where the student has mass makes this divergence +inf; that row's gradient is then +inf
+on those columns (KL taken as 0 in the formula), finite elsewhere, never NaN.
+
 KL(p || q) is the cross-entropy against the soft targets p minus the teacher's entropy, a constant:
 the gradient is that of soft-target cross-entropy, and the loss is 0 when the student equals the
 teacher. Columns where the teacher has probability 0 (u_j = -inf) add nothing; a student -inf where
@@ -147,7 +150,9 @@ if triton is not None:
                     # not, computes 0 * inf.
                     alive = (q > 0.0) & mask
                     log_ratio = tl.where(alive, log_q, 0.0) - tl.where(alive, u / temperature - lse_t, 0.0)
-                    g = q * (log_ratio - kl + 2.0 * z_loss * lse)
+                    # An infinite divergence (teacher -inf under student mass) leaves +inf on those
+                    # columns and finite values elsewhere, never inf - inf.
+                    g = q * (log_ratio - tl.where(kl == float("inf"), 0.0, kl) + 2.0 * z_loss * lse)
                 else:
                     g = tl.exp(y / temperature - lse) * q_scale - tl.exp(u / temperature - lse_t)
                 if HAS_SOFTCAP:
@@ -187,7 +192,8 @@ def _kl_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segme
         correct.copy_((y.argmax(-1) == target) & valid)
     if write_grad:
         if reverse:
-            inner = log_q - log_p - kl[:, None] + 2.0 * z_loss * lse
+            finite_kl = torch.where(kl == float("inf"), torch.zeros_like(kl), kl)  # as the kernel: no inf - inf
+            inner = log_q - log_p - finite_kl[:, None] + 2.0 * z_loss * lse
             g = temperature * torch.where(q > 0, q * inner, torch.zeros_like(q))
         else:
             g = temperature * (q * (1.0 + 2.0 * z_loss * lse) - p)
