@@ -54,7 +54,6 @@ Backward can run only once per forward (the gradients are handed to autograd, no
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -73,7 +72,7 @@ from medusa_liger.kernels.chunking import GEMM_ROWS
 from medusa_liger.kernels.chunking import mm_into as _mm_into
 from medusa_liger.kernels import exp_operand
 from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
-from medusa_liger.kernels.head_inputs import as_head_weights, region, sources
+from medusa_liger.kernels.head_inputs import as_head_weights, check_teacher, region, sources
 from medusa_liger.kernels.kl_divergence import kl_rows
 from medusa_liger.kernels.reference import MultiHeadLossOutput, Teacher
 from medusa_liger.kernels.scale import scale_
@@ -514,56 +513,6 @@ def multi_head_linear_cross_entropy(
     )
     return MultiHeadLossOutput(loss=loss, head_losses=head_losses, head_accuracy=head_accuracy,
                                head_tokens=head_tokens)
-
-
-def check_teacher(teacher, shifts: list[int], hidden_shape: tuple[int, ...], weight_shape: tuple[int, ...],
-                  device: torch.device, label_smoothing: float, z_loss: float = 0.0) -> list[Teacher | None]:
-    """The ``teacher`` argument as one ``Teacher`` (detached tensors) or None per head; ValueError
-    naming what is wrong otherwise."""
-    K = len(shifts)
-    if teacher is None:
-        return [None] * K
-    if not isinstance(teacher, (list, tuple)) or len(teacher) != K:
-        raise ValueError(f"teacher must be None or a list of len(shifts) = {K} entries (None, a Teacher or a "
-                         f"(hidden, weight[, bias]) tuple), got {type(teacher).__name__}")
-    checked: list[Teacher | None] = []
-    for k, entry in enumerate(teacher):
-        if entry is None:
-            checked.append(None)
-            continue
-        if isinstance(entry, (list, tuple)) and len(entry) in (2, 3):
-            entry = Teacher(*entry)
-        if not isinstance(entry, Teacher):
-            raise ValueError(f"teacher[{k}] must be None, a Teacher or a (hidden, weight[, bias]) tuple of tensors")
-        parts = [("hidden", entry.hidden, hidden_shape), ("weight", entry.weight, weight_shape)]
-        if entry.bias is not None:
-            parts.append(("bias", entry.bias, weight_shape[:1]))
-        for name, t, shape in parts:
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"teacher[{k}] {name} must be a tensor, got {type(t).__name__}")
-            check_float(f"teacher[{k}] {name}", t)
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"teacher[{k}] {name} must have shape {list(shape)}, got {list(t.shape)}")
-            if t.device != device:
-                raise ValueError(f"teacher[{k}] {name} is on {t.device} but labels is on {device}")
-        offset = entry.offset
-        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < max(shifts[k], 1):
-            raise ValueError(f"teacher[{k}] offset must be an int in [0, shift = {shifts[k]}) (0 when the shift is 0), "
-                             f"got {offset!r}")
-        tau = entry.temperature
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
-            raise ValueError(f"teacher[{k}] temperature must be a finite number > 0, got {tau!r}")
-        if tau != 1 and float(z_loss) != 0.0:
-            raise ValueError(f"z_loss must be 0 with a teacher temperature other than 1 (teacher[{k}]: {tau}), "
-                             f"got {z_loss}")
-        if not isinstance(entry.reverse, bool):
-            raise ValueError(f"teacher[{k}] reverse must be True or False, got {entry.reverse!r}")
-        checked.append(Teacher(entry.hidden.detach(), entry.weight.detach(),
-                               None if entry.bias is None else entry.bias.detach().contiguous(), offset, float(tau),
-                               entry.reverse))
-    if any(t is not None for t in checked) and float(label_smoothing) != 0.0:
-        raise ValueError(f"label_smoothing must be 0 with a teacher (it smooths hard labels), got {label_smoothing}")
-    return checked
 
 
 class MultiHeadLinearCrossEntropy(nn.Module):

@@ -1,4 +1,4 @@
-"""Parsing of the fused multi-head loss's per-head arguments (hidden, weight, bias, head_weights).
+"""Parsing of the fused multi-head loss's per-head arguments (hidden, weight, bias, head_weights, teacher).
 
 Each of hidden, weight and bias is one tensor shared by every head, one tensor stacked over the K
 heads, or a list of K tensors in which the same tensor may repeat (its gradient then accumulates
@@ -8,7 +8,12 @@ per head, which tensor and which slice of it the head reads.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from medusa_liger.kernels.reference import Teacher
+from medusa_liger.kernels.utils import check_float
 
 
 def sources(name: str, x, K: int, single_dim: int) -> tuple[list[torch.Tensor], list[tuple[int, int | None]]]:
@@ -70,3 +75,53 @@ def as_head_weights(head_weights, K: int, device: torch.device) -> torch.Tensor:
     for k, value in enumerate(values):
         out[k].fill_(value)
     return out
+
+
+def check_teacher(teacher, shifts: list[int], hidden_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+                  device: torch.device, label_smoothing: float, z_loss: float = 0.0) -> list[Teacher | None]:
+    """The ``teacher`` argument as one ``Teacher`` (detached tensors) or None per head; ValueError
+    naming what is wrong otherwise."""
+    K = len(shifts)
+    if teacher is None:
+        return [None] * K
+    if not isinstance(teacher, (list, tuple)) or len(teacher) != K:
+        raise ValueError(f"teacher must be None or a list of len(shifts) = {K} entries (None, a Teacher or a "
+                         f"(hidden, weight[, bias]) tuple), got {type(teacher).__name__}")
+    checked: list[Teacher | None] = []
+    for k, entry in enumerate(teacher):
+        if entry is None:
+            checked.append(None)
+            continue
+        if isinstance(entry, (list, tuple)) and len(entry) in (2, 3):
+            entry = Teacher(*entry)
+        if not isinstance(entry, Teacher):
+            raise ValueError(f"teacher[{k}] must be None, a Teacher or a (hidden, weight[, bias]) tuple of tensors")
+        parts = [("hidden", entry.hidden, hidden_shape), ("weight", entry.weight, weight_shape)]
+        if entry.bias is not None:
+            parts.append(("bias", entry.bias, weight_shape[:1]))
+        for name, t, shape in parts:
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"teacher[{k}] {name} must be a tensor, got {type(t).__name__}")
+            check_float(f"teacher[{k}] {name}", t)
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"teacher[{k}] {name} must have shape {list(shape)}, got {list(t.shape)}")
+            if t.device != device:
+                raise ValueError(f"teacher[{k}] {name} is on {t.device} but labels is on {device}")
+        offset = entry.offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < max(shifts[k], 1):
+            raise ValueError(f"teacher[{k}] offset must be an int in [0, shift = {shifts[k]}) (0 when the shift is 0), "
+                             f"got {offset!r}")
+        tau = entry.temperature
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"teacher[{k}] temperature must be a finite number > 0, got {tau!r}")
+        if tau != 1 and float(z_loss) != 0.0:
+            raise ValueError(f"z_loss must be 0 with a teacher temperature other than 1 (teacher[{k}]: {tau}), "
+                             f"got {z_loss}")
+        if not isinstance(entry.reverse, bool):
+            raise ValueError(f"teacher[{k}] reverse must be True or False, got {entry.reverse!r}")
+        checked.append(Teacher(entry.hidden.detach(), entry.weight.detach(),
+                               None if entry.bias is None else entry.bias.detach().contiguous(), offset, float(tau),
+                               entry.reverse))
+    if any(t is not None for t in checked) and float(label_smoothing) != 0.0:
+        raise ValueError(f"label_smoothing must be 0 with a teacher (it smooths hard labels), got {label_smoothing}")
+    return checked
