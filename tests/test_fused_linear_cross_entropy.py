@@ -185,3 +185,25 @@ def test_default_chunks_match_reference(monkeypatch):
         out, grads = _run(multi_head_linear_cross_entropy, *problem)
     assert rows == [5] * 5 + [1] + [5] * 5 + [1]  # 26 rows in chunks of at most 5
     _compare(out, grads, ref, ref_grads, TOL["torch"])
+
+
+def test_torch_compile_calls_the_op_eagerly():
+    """torch.compile steps over the op (``torch.compiler.disable``): its chunk loop is already fused,
+    and Dynamo must not trace into it; compiled, the caller still gets the same loss and gradient."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 7, 8, generator=g, requires_grad=True)
+    w = torch.randn(13, 8, generator=g)
+    labels = torch.randint(0, 13, (1, 7), generator=g)
+
+    def f(x):
+        return multi_head_linear_cross_entropy(x * 2, w, labels, [1, 2]).loss + 1
+
+    with force_backend("torch"):
+        reasons = [str(b.reason) for b in torch._dynamo.explain(f)(h).break_reasons]
+        assert any("disable" in r for r in reasons), reasons
+        want = torch.autograd.grad(f(h), h)[0]
+        torch._dynamo.reset()
+        got = torch.autograd.grad(torch.compile(f, backend="eager")(h), h)[0]
+    torch.testing.assert_close(got, want)

@@ -369,9 +369,6 @@ def scaled_forward_grads(ctx, grad_loss: torch.Tensor, op: str) -> list[torch.Te
     return [None if g is None else scale_(g, grad_loss) for g in grads]
 
 
-# torch.compile runs this op eagerly (a graph break): its chunk loop and Triton launches are already
-# the fused form, and it never synchronizes, so CUDA graphs can still capture it.
-@torch.compiler.disable
 def valid_target_counts(labels: torch.Tensor, shifts: Sequence[int], vocab_size: int, *, ignore_index: int = -100,
                         segment_ids: torch.Tensor | None = None) -> list[int]:
     """Each head's number of valid targets (the rule of ``multi_head_linear_cross_entropy``), read to
@@ -387,6 +384,9 @@ def valid_target_counts(labels: torch.Tensor, shifts: Sequence[int], vocab_size:
     return valid.sum(1).tolist()
 
 
+# torch.compile runs this op eagerly (a graph break): its chunk loop and Triton launches are already
+# the fused form, and it never synchronizes, so CUDA graphs can still capture it.
+@torch.compiler.disable
 def multi_head_linear_cross_entropy(
     hidden: torch.Tensor | Sequence[torch.Tensor],
     weight: torch.Tensor | Sequence[torch.Tensor],
