@@ -42,7 +42,6 @@ def back_to_back(fn, calls: int):
     return run
 
 
-@common.frees_memory
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run")
@@ -65,14 +64,14 @@ def main() -> None:
     r = torch.rand(max(chunks), device=common.DEVICE) / V
     out = torch.empty(max(chunks), H, device=common.DEVICE, dtype=dtype)
     cases, calls = {}, {}
-    tiles = dict(exp_operand.GPU_TILES)
+    gpu_tiles = dict(exp_operand.GPU_TILES)
 
     def ours(C: int, cublas: bool) -> None:
-        exp_operand.GPU_TILES = {**tiles, "dh": tiles["dh"]._replace(cublas=cublas)}
+        exp_operand.GPU_TILES = {**gpu_tiles, "dh": gpu_tiles["dh"]._replace(cublas=cublas)}
         try:
             exp_operand.row_scaled_gemm(e[:C], w, r[:C], out[:C], False)
         finally:
-            exp_operand.GPU_TILES = tiles
+            exp_operand.GPU_TILES = gpu_tiles
 
     names = ("ours Triton", "ours cuBLAS + row scale", "cuBLAS alone")
     for C in chunks:
@@ -84,8 +83,8 @@ def main() -> None:
     times = common.interleaved_rounds(cases, rounds)
     rows = []
     for C in chunks:
-        tiles = -(-C // cfg.bm) * -(-H // cfg.bn)
-        cells = [C, tiles, f"{tiles / sms:.2f}"]
+        tile_count = -(-C // cfg.bm) * -(-H // cfg.bn)
+        cells = [C, tile_count, f"{tile_count / sms:.2f}"]
         for name in names:
             ms = statistics.median(times[(name, C)]) / calls[(name, C)]
             cells += [f"{ms:.3f}", f"{2 * C * H * V / (ms * 1e-3) / 1e12:.0f}"]
