@@ -113,6 +113,10 @@ def test_skip_ignored_takes_known_counts_and_checks_them():
         with pytest.raises(RuntimeError, match="valid-target counts do not match"):
             multi_head_linear_cross_entropy(h, w, labels, shifts, segment_ids=segment_ids,
                                             skip_ignored=[counts[0], counts[1] - 1])
+        with pytest.raises(ValueError, match="labels must be a"):
+            flce.valid_target_counts(labels[0], shifts, 29)
+        with pytest.raises(ValueError, match="segment_ids must have the shape"):
+            flce.valid_target_counts(labels, shifts, 29, segment_ids=segment_ids[:, :5])
         for bad in ([counts[0]], [-1, 0], [0, 23], "yes"):
             with pytest.raises(ValueError, match="skip_ignored must be"):
                 multi_head_linear_cross_entropy(h, w, labels, shifts, skip_ignored=bad)

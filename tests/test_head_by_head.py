@@ -168,6 +168,7 @@ def test_skip_ignored_reads_every_heads_row_count_in_one_sync(monkeypatch):
     ({"shifts": [1]}, "shifts must have one entry per head"),
     ({"head_weights": [1.0, torch.tensor(0.5)]}, "head_weights must be 2 floats"),
     ({"bias": [None]}, "bias must have one entry per head"),
+    ({"skip_ignored": True, "segment_ids": torch.zeros(1, 4, dtype=torch.long)}, "segment_ids must have the shape"),
 ])
 def test_bad_arguments(kwargs, message):
     head_inputs, params = residual_heads(2, 4, torch.float32, device="cpu")

@@ -377,6 +377,11 @@ def valid_target_counts(labels: torch.Tensor, shifts: Sequence[int], vocab_size:
     labels: [B, T] integer ids, NOT shifted; shifts: K ints >= 0; segment_ids: None or [B, T]."""
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError("labels must be a [B, T] integer tensor")
+    if segment_ids is not None and (not isinstance(segment_ids, torch.Tensor) or segment_ids.shape != labels.shape):
+        raise ValueError(f"segment_ids must have the shape of labels {list(labels.shape)}")
+    if labels.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError("skip_ignored gathers rows by counts read on the host: it cannot run inside CUDA graph "
+                         "capture (use skip_ignored=False there)")
     B, T = labels.shape
     flat = labels.reshape(-1)
     seg = None if segment_ids is None else segment_ids.reshape(-1)

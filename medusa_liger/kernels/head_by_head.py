@@ -119,16 +119,11 @@ def head_by_head_linear_cross_entropy(
         raise ValueError("params must be tensors")
 
     # skip_ignored: every head's row count read in one host sync here, instead of one per head.
-    # (Inputs the op would refuse are left to its own checks and messages.) Counts given by the
-    # caller, one per head, go to their heads.
+    # Counts given by the caller, one per head, go to their heads.
     skip_ignored = options.get("skip_ignored")
     counts = list(skip_ignored) if isinstance(skip_ignored, (list, tuple)) and len(skip_ignored) == K else None
-    segment_ids = options.get("segment_ids")
-    if (skip_ignored is True and isinstance(labels, torch.Tensor) and labels.dim() == 2
-            and isinstance(weight[0], torch.Tensor) and weight[0].dim() == 2
-            and (segment_ids is None or (isinstance(segment_ids, torch.Tensor) and segment_ids.shape == labels.shape))
-            and not (labels.is_cuda and torch.cuda.is_current_stream_capturing())):
-        counts = flce.valid_target_counts(labels, shifts, weight[0].shape[0], segment_ids=segment_ids,
+    if skip_ignored is True and isinstance(weight[0], torch.Tensor):  # (a bad weight: the op's message)
+        counts = flce.valid_target_counts(labels, shifts, weight[0].shape[-2], segment_ids=options.get("segment_ids"),
                                           ignore_index=options.get("ignore_index", -100))
 
     def run_head(k: int, x: torch.Tensor) -> MultiHeadLossOutput:
