@@ -62,6 +62,15 @@ _TORCH_ROWS_PER_STEP = 2048  # rows per step of the PyTorch path (bounds its fp3
 if triton is not None:
 
     @triton.jit
+    def _add_weighted_gap(numer, rescale, e, a, b):
+        """numer * rescale + sum_j e_j (a_j - b_j): the divergence's numerator, online. Columns of
+        weight e_j = 0 are dropped before multiplying, so -inf * 0 never makes NaN; an infinite
+        numerator (an a_j or b_j of -inf under weight) stays infinite."""
+        numer = tl.where(numer == float("inf"), numer, numer * rescale)
+        mass = e > 0.0
+        return numer + tl.sum(e * (tl.where(mass, a, 0.0) - tl.where(mass, b, 0.0)), 0)
+
+    @triton.jit
     def kl_row_kernel(
         student_ptr, student_row_stride, teacher_ptr, teacher_row_stride, labels_ptr, segment_ptr, bias_ptr,
         teacher_bias_ptr, scale_ptr, loss_ptr, correct_ptr, row_ids_ptr,
@@ -94,29 +103,22 @@ if triton is not None:
             u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
                                HAS_SOFTCAP, PASS1_EVICT) / temperature
             if REVERSE:
-                # The numerator weighs y - u by the student's exp, rescaled with the student's max.
-                # Columns with student weight 0 are dropped before multiplying (no -inf * 0 = NaN); a
-                # teacher -inf under student mass makes it (and the divergence) +inf.
+                # The numerator weighs y - u by the student's exp, rescaled with the student's max (a
+                # teacher -inf under student mass makes it, and the divergence, +inf).
                 m_new = tl.maximum(m, tl.max(y, 0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                e = tl.exp(y - m_safe)
-                numer = tl.where(numer == float("inf"), numer, numer * tl.exp(m - m_safe))
-                mass = e > 0.0
-                numer += tl.sum(e * (tl.where(mass, y, 0.0) - tl.where(mass, u, 0.0)), 0)
+                numer = _add_weighted_gap(numer, tl.exp(m - m_safe), tl.exp(y - m_safe), y, u)
             m, d, block_max = online_logsumexp(m, d, y)
             # Teacher: the same online sum (cross_entropy.online_logsumexp, written out: the forward
-            # numerator is rescaled alongside it). Columns with weight 0
-            # (u = -inf, masked columns) are dropped before multiplying, so -inf * 0 never makes NaN;
-            # an infinite numerator (student -inf under teacher mass) stays infinite.
+            # numerator, u - y weighed by the teacher's exp, is rescaled alongside it; masked columns
+            # have u = -inf, weight 0).
             m_t_new = tl.maximum(m_t, tl.max(u, 0))
             m_t_safe = tl.where(m_t_new == float("-inf"), 0.0, m_t_new)
             rescale = tl.exp(m_t - m_t_safe)
             e_t = tl.exp(u - m_t_safe)
             d_t = d_t * rescale + tl.sum(e_t, 0)
             if not REVERSE:
-                numer = tl.where(numer == float("inf"), numer, numer * rescale)
-                mass_t = e_t > 0.0
-                numer += tl.sum(e_t * (tl.where(mass_t, u, 0.0) - tl.where(mass_t, y, 0.0)), 0)
+                numer = _add_weighted_gap(numer, rescale, e_t, u, y)
             m_t = m_t_new
             if STORE_CORRECT:
                 best, best_idx = running_argmax(best, best_idx, y, block_max, start)
