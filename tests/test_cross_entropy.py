@@ -151,10 +151,12 @@ def test_out_of_range_labels_are_ignored_rows_in_the_row_op(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 30.0}],
                          ids=["plain", "smoothing-zloss-softcap"])
-def test_one_launch_keeps_the_digits_of_confident_rows_target_gradient(backend, options):
-    """P_t within 1e-4 .. 1e-8 of 1, both passes in one launch (as the fused multi-head loss runs
-    them): the gradient at the target, -(1 - P_t) for plain rows, must come from the other columns'
-    mass. exp(y_t - lse) - 1 loses it to lse's rounding (1e-2 .. 1 relative)."""
+@pytest.mark.parametrize("launches", ["one launch", "cross_entropy forward + backward"])
+def test_confident_rows_keep_the_digits_of_their_target_gradient(backend, options, launches):
+    """P_t within 1e-4 .. 1e-8 of 1: the gradient at the target, -(1 - P_t) for plain rows, must come
+    from the other columns' mass, both with the two passes in one launch (as the fused multi-head loss
+    runs them) and in cross_entropy's forward and backward (1 - P_t saved between them).
+    exp(y_t - lse) - 1 loses it to lse's rounding (1e-2 .. 1 relative)."""
     N, V = 6, 1100  # three of the interpreter's blocks; the targets fall in any of them
     g = torch.Generator().manual_seed(7)
     x = torch.randn(N, V, generator=g)
@@ -165,9 +167,15 @@ def test_one_launch_keeps_the_digits_of_confident_rows_target_gradient(backend, 
     ref, _ = reference(ref_x, labels, reduction="sum", **options)
     ref.backward()
     grad = x.clone()
-    lse, loss = torch.empty(N, device=DEVICE), torch.empty(N, device=DEVICE)
     with force_backend(backend):
-        ce_rows(grad, labels, scale=torch.ones(1, device=DEVICE), lse=lse, loss=loss, write_grad=True, **options)
+        if launches == "one launch":
+            lse, loss = torch.empty(N, device=DEVICE), torch.empty(N, device=DEVICE)
+            ce_rows(grad, labels, scale=torch.ones(1, device=DEVICE), lse=lse, loss=loss, write_grad=True,
+                    **options)
+        else:
+            grad.requires_grad_()
+            cross_entropy(grad, labels, reduction="sum", **options).backward()
+            grad = grad.grad
     rows = torch.arange(N, device=DEVICE)
     expected = ref_x.grad[rows, labels]
     err = ((grad[rows, labels].double() - expected).abs() / expected.abs()).max().item()

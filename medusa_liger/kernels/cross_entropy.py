@@ -23,10 +23,11 @@ factor read from device memory. ``cross_entropy`` runs pass 1 in forward and pas
 (factor = grad_output / count), so the logits cross memory three times in all and no second
 [N, V] buffer exists. The fused multi-head loss runs both passes in one launch per chunk, with the
 target read straight from un-shifted [B, T] labels (``row_start``, ``seq_len``, ``shift``,
-``segment_ids``) and the factor head_weight[k] / count[k]. In one launch, pass 1 also sums the
-non-target part of d, and the target column's gradient is formed with 1 - P_t = rest / d: a confident
-row (P_t ~ 1 - 1e-4) keeps the digits that exp(y_t - lse) - 1 loses to lse's rounding (~1e-2
-relative). ``cross_entropy``'s backward has only lse and keeps the latter.
+``segment_ids``) and the factor head_weight[k] / count[k]. Pass 1 also sums the non-target part of
+d, and the target column's gradient is formed with 1 - P_t = rest / d: a confident row (P_t ~ 1 -
+1e-4) keeps the digits that exp(y_t - lse) - 1 loses to lse's rounding (~1e-2 relative). In one
+launch rest / d stays in registers; ``cross_entropy`` saves it per row (``target_miss``, one fp32
+per row beside lse) from forward for backward.
 
 IMPORTANT: when the logits require grad, backward OVERWRITES the logits tensor with its gradient
 (Liger does the same in forward; here the logits stay intact until backward). So run backward once
@@ -154,15 +155,17 @@ if triton is not None:
     @triton.jit
     def _ce_row(
         pid, logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
-        lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
+        lse_ptr, loss_ptr, correct_ptr, row_ids_ptr, miss_ptr,
         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PASS1_EVICT: tl.constexpr, PASS2_EVICT: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr, HAS_MISS: tl.constexpr, BLOCK: tl.constexpr, PASS1_EVICT: tl.constexpr,
+        PASS2_EVICT: tl.constexpr,
     ):
         """Row ``pid`` (int64) of the logits; global row n = row_ids[pid] if given, else row_start + pid.
-        PASS1_EVICT / PASS2_EVICT: the L2 eviction policies of pass 1's loads and pass 2's loads and
-        stores ("" for the default)."""
+        HAS_MISS: 1 - P_t of the row is stored at miss_ptr by pass 1 (COMPUTE_LSE) or read from it by
+        pass 2 (not COMPUTE_LSE). PASS1_EVICT / PASS2_EVICT: the L2 eviction policies of pass 1's loads
+        and pass 2's loads and stores ("" for the default)."""
         row_ptr = logits_ptr + pid * logits_row_stride
         target, valid = row_target(pid, labels_ptr, segment_ptr, row_ids_ptr, row_start, seq_len, shift, n_cols,
                                    ignore_index, HAS_SEGMENTS, HAS_ROW_IDS)
@@ -170,7 +173,8 @@ if triton is not None:
         if COMPUTE_LSE:
             # Pass 1: online log-sum-exp (running max m, running sum d rescaled when m grows),
             # plus the sum of y (label smoothing) and the first argmax (accuracy). With pass 2 in
-            # the same launch, also the non-target part of d (rest), for pass 2's target column.
+            # the same launch or a saved miss, also the non-target part of d (rest), for pass 2's
+            # target column.
             m = float("-inf")
             d = 0.0
             rest = 0.0
@@ -182,7 +186,7 @@ if triton is not None:
                 mask = cols < n_cols
                 y = load_row_block(row_ptr, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
                                     PASS1_EVICT)
-                if WRITE_GRAD:
+                if WRITE_GRAD or HAS_MISS:
                     m, d, rest, block_max = online_logsumexp_rest(m, d, rest, y, cols, target, start, BLOCK)
                 else:
                     m, d, block_max = online_logsumexp(m, d, y)
@@ -201,10 +205,15 @@ if triton is not None:
             loss += z_loss * lse * lse
             tl.store(lse_ptr + pid, lse)
             tl.store(loss_ptr + pid, tl.where(valid, loss, 0.0))
+            miss = rest / d  # 1 - P_t without cancellation
+            if HAS_MISS:
+                tl.store(miss_ptr + pid, miss)
             if STORE_CORRECT:
                 tl.store(correct_ptr + pid, (valid & (best_idx == target)).to(tl.int32))
         else:
             lse = tl.load(lse_ptr + pid).to(tl.float32)
+            if HAS_MISS:
+                miss = tl.load(miss_ptr + pid).to(tl.float32)
 
         if WRITE_GRAD:
             # Pass 2: overwrite the row with d(loss)/d(x) times the row's factor (0 if ignored).
@@ -213,17 +222,17 @@ if triton is not None:
             # lse is finite unless the whole row is -inf (NaN then, as in F.cross_entropy; an
             # ignored row is zeroed by the where below): exp(-inf - lse) = 0 needs no safe shift.
             p_scale = 1.0 + 2.0 * z_loss * lse
-            if COMPUTE_LSE:
+            if COMPUTE_LSE or HAS_MISS:
                 # The target column, P_t p_scale - eps / V - (1 - eps), written with 1 - P_t = rest / d
                 # from pass 1 (measured cost: 7% of this one-launch kernel on an H100, run 83).
-                g_t = (p_scale - 1.0) - (rest / d) * p_scale + label_smoothing * (1.0 - 1.0 / n_cols)
+                g_t = (p_scale - 1.0) - miss * p_scale + label_smoothing * (1.0 - 1.0 / n_cols)
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
                 y = load_row_block(row_ptr, bias_ptr, cols, mask, 0.0, softcap, HAS_BIAS, HAS_SOFTCAP,
                                     PASS2_EVICT)
                 g = tl.exp(y - lse) * p_scale - label_smoothing / n_cols
-                if COMPUTE_LSE:
+                if COMPUTE_LSE or HAS_MISS:
                     g = tl.where(cols == target, g_t, g)
                 else:
                     g = tl.where(cols == target, g - (1.0 - label_smoothing), g)
@@ -236,28 +245,28 @@ if triton is not None:
     @triton.jit
     def ce_row_kernel(
         logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr, scale_ptr, scale_stride,
-        lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
+        lse_ptr, loss_ptr, correct_ptr, row_ids_ptr, miss_ptr,
         n_rows, row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
         HAS_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
         COMPUTE_LSE: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PERSISTENT: tl.constexpr, PASS1_EVICT: tl.constexpr,
-        PASS2_EVICT: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr, HAS_MISS: tl.constexpr, BLOCK: tl.constexpr, PERSISTENT: tl.constexpr,
+        PASS1_EVICT: tl.constexpr, PASS2_EVICT: tl.constexpr,
     ):
         """One program per row, or (PERSISTENT) a grid of few programs striding over the rows, so
         fewer rows are in flight and pass 2's re-read of a row can still find it in L2."""
         if PERSISTENT:
             for pid in range(tl.program_id(0), n_rows, tl.num_programs(0)):
                 _ce_row(tl.cast(pid, tl.int64), logits_ptr, logits_row_stride, labels_ptr, segment_ptr, bias_ptr,
-                        scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
+                        scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr, miss_ptr,
                         row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
                         HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
-                        WRITE_GRAD, HAS_ROW_IDS, BLOCK, PASS1_EVICT, PASS2_EVICT)
+                        WRITE_GRAD, HAS_ROW_IDS, HAS_MISS, BLOCK, PASS1_EVICT, PASS2_EVICT)
         else:
             _ce_row(tl.program_id(0).to(tl.int64), logits_ptr, logits_row_stride, labels_ptr, segment_ptr,
-                    bias_ptr, scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr,
+                    bias_ptr, scale_ptr, scale_stride, lse_ptr, loss_ptr, correct_ptr, row_ids_ptr, miss_ptr,
                     row_start, seq_len, shift, n_cols, ignore_index, label_smoothing, z_loss, softcap,
                     HAS_BIAS, HAS_SEGMENTS, HAS_SOFTCAP, HAS_SMOOTHING, COMPUTE_LSE, STORE_CORRECT,
-                    WRITE_GRAD, HAS_ROW_IDS, BLOCK, PASS1_EVICT, PASS2_EVICT)
+                    WRITE_GRAD, HAS_ROW_IDS, HAS_MISS, BLOCK, PASS1_EVICT, PASS2_EVICT)
 
 
 def row_targets(
@@ -282,7 +291,8 @@ def row_targets(
 
 
 def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias, scale, lse, loss,
-                correct, ignore_index, label_smoothing, z_loss, softcap, compute_lse, write_grad, row_ids):
+                correct, ignore_index, label_smoothing, z_loss, softcap, compute_lse, write_grad, row_ids,
+                target_miss):
     """The kernel's math in PyTorch (same arguments as ``ce_rows``), on a bounded number of rows."""
     rows, V = logits.shape
     target, valid = row_targets(labels, segment_ids, seq_len, shift, row_start, rows, ignore_index, V, row_ids)
@@ -303,20 +313,21 @@ def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias,
         loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))
         if correct is not None:
             correct.copy_((y.argmax(-1) == target) & valid)
+        if target_miss is not None:
+            target_miss.copy_(_target_miss(torch.exp(y - lse_rows[:, None]), target))
     else:
         lse_rows = lse.to(work)
     if write_grad:
         p_scale = 1.0 + 2.0 * z_loss * lse_rows
         p = torch.exp(y - lse_rows[:, None])  # one [rows, V] temporary, worked in place from here
+        precise_target = compute_lse or target_miss is not None
         if compute_lse:
-            # The kernel's one-launch rule: 1 - P_t as the non-target mass over the total (the ratio
-            # cancels lse's rounding, which a difference with 1 would keep).
-            total = p.sum(-1)
-            p.scatter_(1, target[:, None], 0.0)
-            rest = p.sum(-1) / total
+            miss = _target_miss(p, target)
+        elif target_miss is not None:
+            miss = target_miss.to(work)
         g = p.mul_(p_scale[:, None]).sub_(label_smoothing / V)
-        if compute_lse:
-            g_t = (p_scale - 1.0) - rest * p_scale + label_smoothing * (1.0 - 1.0 / V)
+        if precise_target:
+            g_t = (p_scale - 1.0) - miss * p_scale + label_smoothing * (1.0 - 1.0 / V)
             g.scatter_(1, target[:, None], g_t[:, None])
         else:
             g.scatter_add_(1, target[:, None], torch.full((rows, 1), label_smoothing - 1.0, dtype=work,
@@ -327,13 +338,22 @@ def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias,
         logits.copy_(torch.where(valid[:, None], g * factor, torch.zeros_like(g)))
 
 
+def _target_miss(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - P_t of each row of p = exp(y - lse) [rows, V], as the kernel forms it: the non-target mass
+    over the total (the ratio cancels lse's rounding, which a difference with 1 would keep).
+    Zeroes p's target column in place (callers overwrite it or drop p)."""
+    total = p.sum(-1)
+    p.scatter_(1, target[:, None], 0.0)
+    return p.sum(-1) / total
+
+
 def ce_rows(
     logits: torch.Tensor, labels: torch.Tensor, *, row_start: int = 0, seq_len: int | None = None,
     shift: int = 0, segment_ids: torch.Tensor | None = None, bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None, lse: torch.Tensor, loss: torch.Tensor | None = None,
     correct: torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
     z_loss: float = 0.0, softcap: float | None = None, compute_lse: bool = True, write_grad: bool = False,
-    row_ids: torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None, target_miss: torch.Tensor | None = None,
 ) -> None:
     """Run the row computation on ``logits`` [rows, V] (last dim contiguous), in place.
 
@@ -343,6 +363,9 @@ def ce_rows(
     lse:     [rows] float, written if compute_lse else read. loss/correct: [rows] outputs.
     row_ids: optional int64 [rows]: the global row of each logits row (gathered rows), instead of
              row_start + i.
+    target_miss: optional fp32 [rows], 1 - P_t of each row: written with lse (compute_lse), read by a
+             later gradient pass (compute_lse=False, write_grad) for a target column that keeps a
+             confident row's digits; without it that pass uses exp(y_t - lse) - 1.
     """
     rows, V = logits.shape
     seq_len = labels.numel() if seq_len is None else seq_len
@@ -364,6 +387,7 @@ def ce_rows(
                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                 compute_lse=compute_lse, write_grad=write_grad,
                 row_ids=None if row_ids is None else row_ids[r0:r1],
+                target_miss=None if target_miss is None else target_miss[r0:r1],
             )
         return
     block, num_warps = launch_config(V, logits.device)
@@ -379,13 +403,13 @@ def ce_rows(
         dummy if segment_ids is None else segment_ids, dummy if bias is None else bias,
         dummy if scale is None else scale, 0 if scale is None or scale.numel() == 1 else 1,
         lse, dummy if loss is None else loss, dummy if correct is None else correct,
-        dummy if row_ids is None else row_ids,
+        dummy if row_ids is None else row_ids, dummy if target_miss is None else target_miss,
         rows, row_start, seq_len, shift, V, ignore_index, float(label_smoothing), float(z_loss),
         1.0 if softcap is None else float(softcap),
         HAS_BIAS=bias is not None, HAS_SEGMENTS=segment_ids is not None, HAS_SOFTCAP=softcap is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         COMPUTE_LSE=compute_lse, STORE_CORRECT=correct is not None, WRITE_GRAD=write_grad,
-        HAS_ROW_IDS=row_ids is not None, BLOCK=block, PERSISTENT=programs < rows,
+        HAS_ROW_IDS=row_ids is not None, HAS_MISS=target_miss is not None, BLOCK=block, PERSISTENT=programs < rows,
         PASS1_EVICT=pass1_evict, PASS2_EVICT=pass2_evict, num_warps=num_warps,
     )
 
@@ -403,7 +427,7 @@ def check_ce_options(ignore_index: int, label_smoothing: float, z_loss: float, s
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Forward: pass 1 (lse, row losses). Backward: pass 2 over the saved logits, in place."""
+    """Forward: pass 1 (lse, 1 - P_t, row losses). Backward: pass 2 over the saved logits, in place."""
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, label_smoothing, z_loss, softcap, reduction):
@@ -411,8 +435,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         out_dtype = torch.promote_types(logits.dtype, torch.float32)
         lse = torch.empty(N, dtype=out_dtype, device=logits.device)
         row_loss = torch.empty(N, dtype=out_dtype, device=logits.device)
+        # 1 - P_t per row, for backward's target column (N floats beside lse; see the module docstring).
+        target_miss = torch.empty(N, dtype=out_dtype, device=logits.device)
         opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-        ce_rows(logits, labels, lse=lse, loss=row_loss, compute_lse=True, **opts)
+        ce_rows(logits, labels, lse=lse, loss=row_loss, compute_lse=True, target_miss=target_miss, **opts)
         # Valid rows counted on the device (the kernel's rule), so "mean" needs no host sync.
         _, valid = row_targets(labels, None, N, 0, 0, N, ignore_index, V)
         count = valid.sum().to(out_dtype)
@@ -422,20 +448,21 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = row_loss.sum()
         else:
             loss = row_loss
-        ctx.save_for_backward(logits, labels, lse, count)
+        ctx.save_for_backward(logits, labels, lse, target_miss, count)
         ctx.opts, ctx.reduction = opts, reduction
         ctx.mark_non_differentiable(lse)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        logits, labels, lse, count = ctx.saved_tensors
+        logits, labels, lse, target_miss, count = ctx.saved_tensors
         if ctx.reduction == "mean":
             scale = (grad_loss.to(count.dtype) / count.clamp(min=1)).reshape(1)
         else:
             scale = grad_loss.to(count.dtype).contiguous().reshape(-1)
         # The gradient replaces the logits (documented): no second [N, V] buffer.
-        ce_rows(logits, labels, scale=scale, lse=lse, compute_lse=False, write_grad=True, **ctx.opts)
+        ce_rows(logits, labels, scale=scale, lse=lse, compute_lse=False, write_grad=True, target_miss=target_miss,
+                **ctx.opts)
         return logits, None, None, None, None, None, None
 
 
