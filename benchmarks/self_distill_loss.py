@@ -9,7 +9,11 @@ V = 128256, in the same run:
 * liger: liger-kernel 0.8.5 LigerFusedLinearJSDLoss with beta=0 (its forward KL(teacher || student)),
   weight_soft_loss=1, weight_hard_loss=0 (the chunked loss; it compiles its chunk function);
 * ours: multi_head_linear_cross_entropy with teacher=[(h', W)] (kernels/kl_divergence.py's row kernel);
-* ours, hard labels: the same op's cross-entropy on the labels, for the cost of distilling instead.
+* ours, hard labels: the same op's cross-entropy on the labels, for the cost of distilling instead;
+* the generalized JSD at beta = 0.5 (beta KL(teacher || m) + (1 - beta) KL(student || m), m the
+  mixture): Liger's LigerFusedLinearJSDLoss(beta=0.5) and ours, Teacher(..., jsd_beta=0.5)
+  (kernels/jsd.py's row kernel); their loss values are compared once per size (the same definition
+  and the same mean over valid tokens).
 
 Reported: median ms, peak memory beyond the inputs (GiB), and the matmul floor as a fraction of the
 time: 6NHV FLOP (student logits, teacher logits, hidden gradient) for the KL columns, 4NHV for the
@@ -37,7 +41,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 from benchmarks import common  # noqa: E402
 
-from medusa_liger.kernels import multi_head_linear_cross_entropy  # noqa: E402
+from medusa_liger.kernels import Teacher, multi_head_linear_cross_entropy  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -67,11 +71,11 @@ def naive(p: Problem) -> torch.Tensor:
     return (rows * valid).sum() / valid.sum()
 
 
-def make_liger() -> Callable[[Problem], torch.Tensor] | None:
+def make_liger(beta: float) -> Callable[[Problem], torch.Tensor] | None:
     module = common.optional_import("liger_kernel.chunked_loss")
     if module is None:
         return None
-    jsd = module.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0)
+    jsd = module.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta)
 
     def liger(p: Problem) -> torch.Tensor:
         return jsd(p.student, p.weight, p.teacher, p.weight, p.targets)
@@ -83,6 +87,12 @@ def ours(p: Problem) -> torch.Tensor:
     h = p.student.view(1, p.N, p.H)
     return multi_head_linear_cross_entropy(h, p.weight, p.labels, [1],
                                            teacher=[(p.teacher.view(1, p.N, p.H), p.weight)]).loss
+
+
+def ours_jsd(p: Problem) -> torch.Tensor:
+    h = p.student.view(1, p.N, p.H)
+    teacher = Teacher(p.teacher.view(1, p.N, p.H), p.weight, jsd_beta=0.5)
+    return multi_head_linear_cross_entropy(h, p.weight, p.labels, [1], teacher=[teacher]).loss
 
 
 def ours_hard_labels(p: Problem) -> torch.Tensor:
@@ -107,13 +117,20 @@ def main() -> None:
     H, V, token_counts = (64, 512, [256]) if args.quick else (4096, 128256, [4096, 16384])
     dtype = torch.bfloat16 if CUDA else torch.float32
     rate = common.matmul_tflops(torch.bfloat16) if CUDA else float("nan")
-    methods = {"naive": naive, "liger JSD beta=0": make_liger(), "ours": ours, "ours, hard labels (CE)": ours_hard_labels}
-    rows = []
+    methods = {"naive": naive, "liger JSD beta=0": make_liger(0.0), "ours": ours, "ours, hard labels (CE)": ours_hard_labels,
+               "liger JSD beta=0.5": make_liger(0.5), "ours JSD beta=0.5": ours_jsd}
+    rows, agreement = [], []
     for N in token_counts:
         # Liger compiles its chunk function; a fresh compile per size, as a training run of one size gets
         # (recompiling for the second size inside one process failed in torch 2.11's guard code).
         torch._dynamo.reset()
         p = Problem(N, H, V, dtype)
+        if methods["liger JSD beta=0.5"] is not None:
+            with torch.no_grad():
+                theirs, mine = (float(methods[m](p)) for m in ("liger JSD beta=0.5", "ours JSD beta=0.5"))
+            agreement.append(f"N={N}: ours {mine:.6g}, liger {theirs:.6g} (relative difference "
+                             f"{abs(mine - theirs) / abs(theirs):.1e})")
+            print("JSD values,", agreement[-1], flush=True)
         row: list[object] = [N]
         for name, fn in methods.items():
             if fn is None:
@@ -137,8 +154,9 @@ def main() -> None:
     notes = [
         f"H={H}, V={V}, {str(dtype).replace('torch.', '')}; one frozen lm_head shared by student and teacher, "
         f"student hidden state trainable; bf16 matmul rate measured in this run: {rate:.0f} TFLOP/s.",
-        "Cells: median ms of forward+backward / peak memory beyond the inputs / matmul floor (6NHV for KL: "
-        "student logits, teacher logits, hidden gradient; 4NHV for CE) as a fraction of the time.",
+        "Cells: median ms of forward+backward / peak memory beyond the inputs / matmul floor (6NHV for KL and "
+        "JSD: student logits, teacher logits, hidden gradient; 4NHV for CE) as a fraction of the time.",
+        *(["JSD beta=0.5 loss values, the same inputs: " + "; ".join(agreement) + "."] if agreement else []),
     ]
     common.write_table("self_distill_loss_h100" if not args.quick else "self_distill_loss_quick",
                        "Self-distillation loss (KL to the adapters-off backbone): forward+backward",

@@ -78,6 +78,7 @@ def test_defaults_without_a_file():
         ("train.kl_temperature=2", "train.kl_temperature"),  # no KL term to apply it to
         ("train.kl_direction=reverse", "train.kl_direction"),
         ("train.kl_direction=sideways", "train.kl_direction"),
+        ("train.jsd_beta=0.5", "train.jsd_beta"),            # no divergence term to apply it to
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -91,6 +92,19 @@ def test_kl_temperature_must_be_positive(value):
         load_config(ROOT / "configs" / "tiny.yaml", ["heads.targets=backbone", f"train.kl_temperature={value}"])
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["heads.targets=backbone", "train.kl_temperature=2"])
     assert cfg.train.kl_temperature == 2.0
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.jsd_beta=0"], "train.jsd_beta must be null or a number in (0, 1)"),
+    (["train.jsd_beta=1.0"], "train.jsd_beta must be null or a number in (0, 1)"),
+    (["train.jsd_beta=true"], "train.jsd_beta must be"),
+    (["train.jsd_beta=0.5", "train.kl_direction=reverse"], "train.kl_direction must be 'forward' with train.jsd_beta"),
+])
+def test_jsd_beta_is_checked(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(ROOT / "configs" / "tiny.yaml", ["heads.targets=backbone", *overrides])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["heads.targets=backbone", "train.jsd_beta=0.5"])
+    assert cfg.train.jsd_beta == 0.5
 
 
 def test_lora_needs_joint_mode():

@@ -11,6 +11,7 @@ definition written here from the backbone's full forward with and without its ad
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -348,14 +349,35 @@ def test_teacher_halves_the_rows_per_chunk(monkeypatch):
 
 
 # --------------------------------------------------------------------------------- model
+JSD_BETA = 0.3  # the "jsd" direction of the model-level tests below
+
+
+def _divergence_config(direction: str) -> dict:
+    """MedusaConfig's fields for a test's direction: "forward", "reverse" or "jsd" (beta JSD_BETA)."""
+    return {"kl_direction": "forward", "jsd_beta": JSD_BETA} if direction == "jsd" else {"kl_direction": direction}
+
+
+def _divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, cfg: MedusaConfig) -> torch.Tensor:
+    """The definition of the configured divergence of teacher log_p from student log_q, per row (finite
+    logits): KL(p || q), reversed KL(q || p), or with jsd_beta b, b KL(p || m) + (1 - b) KL(q || m) for
+    the mixture m = b p + (1 - b) q."""
+    if cfg.jsd_beta is not None:
+        b = cfg.jsd_beta
+        log_m = torch.logaddexp(math.log(b) + log_p, math.log(1 - b) + log_q)
+        return (b * log_p.exp() * (log_p - log_m) + (1 - b) * log_q.exp() * (log_q - log_m)).sum(-1)
+    if cfg.kl_direction == "reverse":
+        log_p, log_q = log_q, log_p
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def _lora_model(head_by_head: bool, lm_loss: str = "kl", kl_temperature: float = 1.0,
-                kl_direction: str = "forward") -> MedusaModel:
+                direction: str = "forward") -> MedusaModel:
     from peft import LoraConfig, get_peft_model
 
     backbone = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                        lora_dropout=0.0))
     cfg = MedusaConfig(num_heads=2, mode="joint", lm_loss=lm_loss, head_by_head=head_by_head,
-                       kl_temperature=kl_temperature, kl_direction=kl_direction)
+                       kl_temperature=kl_temperature, **_divergence_config(direction))
     return MedusaModel.from_backbone(backbone, cfg)
 
 
@@ -382,9 +404,7 @@ def _naive_distill_loss(model: MedusaModel, ids, labels):
     student = model.backbone(input_ids=ids).logits[:, :-1].double()
     tau = model.config.kl_temperature
     log_p, log_q = torch.log_softmax(teacher / tau, -1), torch.log_softmax(student / tau, -1)
-    if model.config.kl_direction == "reverse":
-        log_p, log_q = log_q, log_p
-    rows = tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
+    rows = tau**2 * _divergence_rows(log_p, log_q, model.config)
     valid = labels[:, 1:] != -100
     kl = rows[valid].mean()
     return total - model.config.lm_loss_weight * lm_ce + model.config.lm_loss_weight * kl, kl
@@ -417,10 +437,11 @@ def _assert_distillation_matches_the_definition(model: MedusaModel, move_off_tea
 
 
 @pytest.mark.parametrize(("head_by_head", "tau", "direction"),
-                         [(True, 1.0, "forward"), (False, 1.0, "forward"), (True, 0.5, "forward"), (True, 1.0, "reverse")])
+                         [(True, 1.0, "forward"), (False, 1.0, "forward"), (True, 0.5, "forward"), (True, 1.0, "reverse"),
+                          (True, 1.0, "jsd"), (False, 2.0, "jsd")])
 def test_self_distillation_starts_at_zero_and_matches_the_definition(head_by_head, tau, direction):
     pytest.importorskip("peft")
-    model = _lora_model(head_by_head, kl_temperature=tau, kl_direction=direction)
+    model = _lora_model(head_by_head, kl_temperature=tau, direction=direction)
     trained = _assert_distillation_matches_the_definition(model, _perturb_adapters)
     assert any("lora_" in name for name in trained)
 
@@ -475,7 +496,8 @@ def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
     """The definition of head_targets="backbone": head k (shift s) learns KL(p || q_k) where p is the
     backbone's own next-token distribution at position t + s - 1 (the same token), averaged over
     the positions whose label t + s is valid; the rest as in naive_medusa_loss. At kl_temperature
-    tau: tau^2 KL of both distributions at logits / tau; kl_direction "reverse": KL(q_k || p)."""
+    tau: tau^2 KL of both distributions at logits / tau; kl_direction "reverse": KL(q_k || p); with
+    jsd_beta, the generalized JSD (_divergence_rows)."""
     cfg = model.config
     tau = cfg.kl_temperature
     total, _, lm_ce = naive_medusa_loss(model, ids, labels)
@@ -491,10 +513,7 @@ def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
         proj = model.lm_head.weight if cfg.shared_lm_head else model.heads.lm_heads[k].weight
         log_q = torch.log_softmax((z @ proj.T)[:, :-s].double() / tau, -1)
         log_p = torch.log_softmax(backbone_logits[:, s - 1 : -1] / tau, -1)
-        if cfg.kl_direction == "reverse":
-            rows = tau**2 * (log_q.exp() * (log_q - log_p)).sum(-1)
-        else:
-            rows = tau**2 * (log_p.exp() * (log_p - log_q)).sum(-1)
+        rows = tau**2 * _divergence_rows(log_p, log_q, cfg)
         losses.append(rows[labels[:, s:] != -100].mean())
         total = total + cfg.heads_loss_weight * cfg.decay**k * losses[-1]
     return total, torch.stack(losses)
@@ -503,10 +522,11 @@ def _naive_backbone_targets_loss(model: MedusaModel, ids, labels):
 @pytest.mark.parametrize("mode", ["heads", "joint"])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize(("head_by_head", "tau", "direction"),
-                         [(True, 1.0, "forward"), (False, 1.0, "forward"), (True, 2.0, "forward"), (True, 1.0, "reverse")])
+                         [(True, 1.0, "forward"), (False, 1.0, "forward"), (True, 2.0, "forward"), (True, 1.0, "reverse"),
+                          (True, 1.0, "jsd"), (False, 0.5, "jsd")])
 def test_heads_learn_the_backbones_own_distribution(mode, shared, head_by_head, tau, direction):
     cfg = MedusaConfig(num_heads=2, mode=mode, shared_lm_head=shared, head_targets="backbone",
-                       head_by_head=head_by_head, kl_temperature=tau, kl_direction=direction)
+                       head_by_head=head_by_head, kl_temperature=tau, **_divergence_config(direction))
     model = MedusaModel.from_backbone(tiny_llama(), cfg)
     model.train()
     randomize_heads(model)
@@ -525,7 +545,8 @@ def test_heads_learn_the_backbones_own_distribution(mode, shared, head_by_head, 
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
-def test_a_medusa1_run_with_backbone_targets_trains(tmp_path):
+@pytest.mark.parametrize("divergence", [[], ["train.jsd_beta=0.5"]], ids=["kl", "jsd"])
+def test_a_medusa1_run_with_backbone_targets_trains(tmp_path, divergence):
     from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone
     from medusa_liger.train.data import load_examples
     from medusa_liger.train.logging import read_metrics
@@ -533,9 +554,10 @@ def test_a_medusa1_run_with_backbone_targets_trains(tmp_path):
     from tests.train_helpers import short_config
 
     cfg = short_config(tmp_path, "train.mode=heads", "heads.targets=backbone", "train.steps=3", "logging.every=1",
-                       "checkpoint.every=0", "export.formats=[medusa]", "data.eval_fraction=0.0")
+                       "checkpoint.every=0", "export.formats=[medusa]", "data.eval_fraction=0.0", *divergence)
     _, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
-    assert build_medusa(cfg, backbone).config.head_targets == "backbone"
+    medusa = build_medusa(cfg, backbone)
+    assert medusa.config.head_targets == "backbone" and medusa.config.jsd_beta == cfg.train.jsd_beta
     with force_backend("torch"):
         train(cfg)
     rows = read_metrics(tmp_path / "metrics.jsonl")

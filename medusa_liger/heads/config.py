@@ -26,6 +26,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from medusa_liger.kernels.jsd import check_jsd_beta
+
 Mode = Literal["heads", "joint"]
 MODES: tuple[str, ...] = ("heads", "joint")
 LmLoss = Literal["ce", "kl"]
@@ -62,6 +64,9 @@ class MedusaConfig:
                        distributions at logits / tau, the divergence times tau^2; 1: plain KL.
     kl_direction:      "forward", KL(teacher || student) (mass-covering), or "reverse",
                        KL(student || teacher) (mode-seeking), for those same terms.
+    jsd_beta:          None (those terms are KLs), or beta in (0, 1): they are the generalized
+                       Jensen-Shannon divergence beta KL(teacher || m) + (1 - beta) KL(student || m),
+                       m = beta teacher + (1 - beta) student (kernels/jsd.py; kl_direction "forward").
     heads_loss_weight: lambda, multiplying every head weight; None -> 1.0 ("heads"), 0.2 ("joint").
     ignore_index:      label value that contributes no loss.
     skip_ignored_targets: the fused loss runs its GEMMs only on rows with a valid target (masked
@@ -81,6 +86,7 @@ class MedusaConfig:
     head_targets: HeadTargets = "labels"
     kl_temperature: float = 1.0
     kl_direction: KlDirection = "forward"
+    jsd_beta: float | None = None
     heads_loss_weight: float | None = None
     ignore_index: int = -100
     skip_ignored_targets: bool = True
@@ -116,6 +122,11 @@ class MedusaConfig:
             raise ValueError(f"kl_temperature must be a finite number > 0, got {self.kl_temperature!r}")
         if self.kl_direction not in KL_DIRECTIONS:
             raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, got {self.kl_direction!r}")
+        if self.jsd_beta is not None:
+            self.jsd_beta = check_jsd_beta("jsd_beta", self.jsd_beta)
+            if self.kl_direction != "forward":
+                raise ValueError(f"kl_direction must be 'forward' with jsd_beta (the JSD has no direction), "
+                                 f"got {self.kl_direction!r}")
         if not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")
 

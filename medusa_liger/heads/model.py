@@ -337,11 +337,12 @@ class MedusaModel(nn.Module):
             weights = heads.projection_weights(lm_weight)
             shifts = cfg.head_shifts()
             head_weights = cfg.head_weights()
-            teacher, tau, reverse = None, float(cfg.kl_temperature), cfg.kl_direction == "reverse"
+            teacher = None
+            divergence = dict(temperature=float(cfg.kl_temperature), reverse=cfg.kl_direction == "reverse",
+                              jsd_beta=cfg.jsd_beta)
             if cfg.head_targets == "backbone":
                 # The backbone's prediction of head k's token is its own output s_k - 1 positions on.
-                teacher = [Teacher(hidden.detach(), lm_weight, lm_bias, offset=s - 1, temperature=tau, reverse=reverse)
-                           for s in shifts]
+                teacher = [Teacher(hidden.detach(), lm_weight, lm_bias, offset=s - 1, **divergence) for s in shifts]
             if joint:
                 # The backbone's own next-token loss is one more head: shift 1, weight lm_loss_weight.
                 head_inputs = [lambda x: x, *head_inputs]
@@ -353,8 +354,7 @@ class MedusaModel(nn.Module):
                 lm_teacher = None
                 if teacher_hidden is not None:
                     source = lm_head if self.teacher is None else _lm_head_of(self.teacher)
-                    lm_teacher = Teacher(teacher_hidden, source.weight, getattr(source, "bias", None), temperature=tau,
-                                         reverse=reverse)
+                    lm_teacher = Teacher(teacher_hidden, source.weight, getattr(source, "bias", None), **divergence)
                 if teacher is not None or lm_teacher is not None:
                     teacher = [lm_teacher, *(teacher or [None] * heads.num_heads)]
             # A bias exists only in shared mode (checked at construction), where every entry is the same.

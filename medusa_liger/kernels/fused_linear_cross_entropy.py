@@ -73,6 +73,7 @@ from medusa_liger.kernels.chunking import mm_into as _mm_into
 from medusa_liger.kernels import exp_operand
 from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
 from medusa_liger.kernels.head_inputs import as_head_weights, check_teacher, region, sources
+from medusa_liger.kernels.jsd import jsd_rows
 from medusa_liger.kernels.kl_divergence import kl_rows
 from medusa_liger.kernels.reference import MultiHeadLossOutput, Teacher
 from medusa_liger.kernels.scale import scale_
@@ -278,12 +279,15 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                                 t_ids = torch.arange(r0, r1, device=dev) if ids is None else ids
                                 t_c = t_h.index_select(0, (t_ids + teacher_k.offset).clamp_(max=N - 1))
                             _mm_into(u, t_c.to(cdt), t_w.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
-                            kl_rows(z, u, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k],
-                                    segment_ids=seg_flat, bias=b_k, teacher_bias=teacher_k.bias,
-                                    scale=scale[k : k + 1], loss=row_loss[k, r0:r1], correct=correct[k, r0:r1],
-                                    ignore_index=plan.ignore_index, z_loss=plan.z_loss, softcap=plan.softcap,
-                                    temperature=teacher_k.temperature, reverse=teacher_k.reverse,
-                                    write_grad=any_grad, row_ids=ids)
+                            # KL in either direction, or the generalized JSD: the same row arguments.
+                            divergence = dict(reverse=teacher_k.reverse) if teacher_k.jsd_beta is None else \
+                                dict(beta=teacher_k.jsd_beta)
+                            (kl_rows if teacher_k.jsd_beta is None else jsd_rows)(
+                                z, u, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k],
+                                segment_ids=seg_flat, bias=b_k, teacher_bias=teacher_k.bias,
+                                scale=scale[k : k + 1], loss=row_loss[k, r0:r1], correct=correct[k, r0:r1],
+                                ignore_index=plan.ignore_index, z_loss=plan.z_loss, softcap=plan.softcap,
+                                temperature=teacher_k.temperature, write_grad=any_grad, row_ids=ids, **divergence)
                         # z now holds scale_k * dloss/dz for the chunk.
                         if dh_c is not None:
                             _mm_into(dh_c, z, w_k, accumulate=dh_accumulate, rows_per_call=GEMM_ROWS["dh"])
@@ -430,10 +434,11 @@ def multi_head_linear_cross_entropy(
              Or each head's count of valid targets, when the caller has them (``valid_target_counts``:
              one sync for several calls over the same labels); checked on the device, without a sync.
     teacher: None, or one entry per head: None (that head learns its labels), a ``Teacher``
-             (hidden [B, T, H], weight [V, H], bias [V] or None, offset, temperature, reverse) or a (hidden,
-             weight[, bias]) tuple (offset 0, temperature 1): that head's loss is then KL(teacher || head)
-             (reverse: KL(head || teacher); at temperature tau: tau^2 KL of both distributions at logits /
-             tau) at every position t with a
+             (hidden [B, T, H], weight [V, H], bias [V] or None, offset, temperature, reverse, jsd_beta) or
+             a (hidden, weight[, bias]) tuple (offset 0, temperature 1): that head's loss is then KL(teacher
+             || head) (reverse: KL(head || teacher); jsd_beta: the generalized Jensen-Shannon divergence,
+             kernels/jsd.py; at temperature tau: tau^2 times the divergence of both distributions at
+             logits / tau) at every position t with a
              valid target (labels, shift and segments decide which positions count, and the accuracy
              is still against the labels), the teacher's logits softcap(hidden @ weight^T + bias) taken
              at position t + offset (0 <= offset < shift). Constants: no gradient flows to them. Not

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from medusa_liger.kernels.jsd import check_jsd_beta
 from medusa_liger.kernels.reference import Teacher
 from medusa_liger.kernels.utils import check_float
 
@@ -119,9 +120,15 @@ def check_teacher(teacher, shifts: list[int], hidden_shape: tuple[int, ...], wei
                              f"got {z_loss}")
         if not isinstance(entry.reverse, bool):
             raise ValueError(f"teacher[{k}] reverse must be True or False, got {entry.reverse!r}")
+        beta = entry.jsd_beta
+        if beta is not None:
+            beta = check_jsd_beta(f"teacher[{k}] jsd_beta", beta)
+            if entry.reverse:
+                raise ValueError(f"teacher[{k}] reverse must be False with jsd_beta (the divergence is the "
+                                 f"generalized JSD), got reverse=True")
         checked.append(Teacher(entry.hidden.detach(), entry.weight.detach(),
                                None if entry.bias is None else entry.bias.detach().contiguous(), offset, float(tau),
-                               entry.reverse))
+                               entry.reverse, beta))
     if any(t is not None for t in checked) and float(label_smoothing) != 0.0:
         raise ValueError(f"label_smoothing must be 0 with a teacher (it smooths hard labels), got {label_smoothing}")
     return checked

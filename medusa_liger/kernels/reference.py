@@ -17,6 +17,10 @@ tau^2 (Hinton et al.'s scaling, which keeps the gradient's size about the same a
     loss_k = tau^2 KL(softmax(teacher logits / tau) || softmax(logits_k / tau))
 
 and a reversed teacher swaps the two distributions: tau^2 KL(softmax(logits_k / tau) || softmax(teacher ...)).
+A teacher with ``jsd_beta`` = beta takes the generalized Jensen-Shannon divergence instead, with
+p = softmax(teacher logits / tau), q = softmax(logits_k / tau) and m = beta p + (1 - beta) q:
+
+    loss_k = tau^2 (beta KL(p || m) + (1 - beta) KL(q || m))
 
 It is used by the tests (in float64) and as the "naive PyTorch" baseline in the benchmarks. It costs
 K x B x T x V memory, which is exactly what the fused op exists to avoid.
@@ -24,6 +28,7 @@ K x B x T x V memory, which is exactly what the fused op exists to avoid.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +47,9 @@ class Teacher:
     temperature: tau > 0: the head learns softmax(teacher logits / tau) through its own logits / tau,
             the divergence times tau^2 (1: plain KL).
     reverse: False: KL(teacher || head) (mass-covering); True: KL(head || teacher) (mode-seeking).
+    jsd_beta: None for a KL; beta in (0, 1) for the generalized Jensen-Shannon divergence
+            beta KL(teacher || m) + (1 - beta) KL(head || m), m = beta teacher + (1 - beta) head
+            (1/2: the symmetric JSD; reverse must then be False).
     """
 
     hidden: torch.Tensor
@@ -50,6 +58,7 @@ class Teacher:
     offset: int = 0
     temperature: float = 1.0
     reverse: bool = False
+    jsd_beta: float | None = None
 
 
 @dataclass
@@ -87,6 +96,23 @@ def shifted_targets(
             crosses = segment_ids[:, : T - shift] != segment_ids[:, shift:]
             target[:, : T - shift][crosses] = ignore_index
     return target
+
+
+def _generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per row: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, from log-probabilities.
+
+    A term whose weight (p_j or q_j) is 0 adds 0, and its logs are replaced before any arithmetic, so
+    autograd never multiplies 0 by an infinite or NaN derivative there (the double-where rule)."""
+    alive_p, alive_q = log_p.exp() > 0, log_q.exp() > 0
+    safe_p = torch.where(alive_p, log_p, torch.zeros_like(log_p))
+    safe_q = torch.where(alive_q, log_q, torch.zeros_like(log_q))
+    # log m where either side has mass (its -inf side then adds exp(-inf) = 0 to the mixture).
+    log_m = torch.logaddexp(math.log(beta) + torch.where(alive_p, log_p, torch.full_like(log_p, -math.inf)),
+                            math.log1p(-beta) + torch.where(alive_q, log_q, torch.full_like(log_q, -math.inf)))
+    safe_m = torch.where(alive_p | alive_q, log_m, torch.zeros_like(log_m))
+    kl_pm = torch.where(alive_p, safe_p.exp() * (safe_p - safe_m), torch.zeros_like(safe_p)).sum(-1)
+    kl_qm = torch.where(alive_q, safe_q.exp() * (safe_q - safe_m), torch.zeros_like(safe_q)).sum(-1)
+    return beta * kl_pm + (1.0 - beta) * kl_qm
 
 
 def _as_list(x, count: int) -> list:
@@ -175,7 +201,9 @@ def multi_head_linear_cross_entropy_reference(
             p = log_p.exp()
             log_q = torch.log_softmax(logits / tau, dim=-1)
             # p log(p / q), 0 where p is 0 (the product would be 0 * -inf there); reversed, q log(q / p).
-            if t.reverse:  # (log q read as 0 where q is 0: its gradient there is then 0, not 0 * inf)
+            if t.jsd_beta is not None:
+                row_loss = tau**2 * _generalized_jsd(log_p, log_q, float(t.jsd_beta))
+            elif t.reverse:  # (log q read as 0 where q is 0: its gradient there is then 0, not 0 * inf)
                 q = log_q.exp()
                 safe_log_q = torch.where(q > 0, log_q, torch.zeros_like(log_q))
                 row_loss = tau**2 * torch.where(q > 0, q * (safe_log_q - log_p), torch.zeros_like(q)).sum(-1)

@@ -122,6 +122,10 @@ class TrainConfig:
     # Direction of those KL terms: "forward", KL(teacher || student), mass-covering; "reverse",
     # KL(student || teacher), mode-seeking (the student concentrates on the teacher's likeliest tokens).
     kl_direction: Literal["forward", "reverse"] = "forward"
+    # beta in (0, 1) turns those terms into the generalized Jensen-Shannon divergence
+    # beta KL(teacher || m) + (1 - beta) KL(student || m), m = beta teacher + (1 - beta) student
+    # (0.5: symmetric JSD; bounded, between the two KL directions); null: KL (kl_direction).
+    jsd_beta: float | None = None
     heads_lambda: LambdaConfig = field(default_factory=LambdaConfig)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     # Dtype of the parameters built here and trained: the Medusa heads and the LoRA adapters (their
@@ -302,6 +306,12 @@ def validate(cfg: Config) -> Config:
              t.kl_temperature, "1.0 unless train.lm_loss is 'kl' or heads.targets is 'backbone' (no KL term else)")
     _require(t.kl_direction == "forward" or t.lm_loss == "kl" or h.targets == "backbone", "train.kl_direction",
              t.kl_direction, "'forward' unless train.lm_loss is 'kl' or heads.targets is 'backbone' (no KL term else)")
+    _require(t.jsd_beta is None or (not isinstance(t.jsd_beta, bool) and 0.0 < t.jsd_beta < 1.0), "train.jsd_beta",
+             t.jsd_beta, "null or a number in (0, 1) (0 and 1 give a zero divergence: use train.kl_direction)")
+    _require(t.jsd_beta is None or t.lm_loss == "kl" or h.targets == "backbone", "train.jsd_beta", t.jsd_beta,
+             "null unless train.lm_loss is 'kl' or heads.targets is 'backbone' (no divergence term else)")
+    _require(t.jsd_beta is None or t.kl_direction == "forward", "train.kl_direction", t.kl_direction,
+             "'forward' with train.jsd_beta (the JSD has no direction)")
     _require(len(d.paths) >= 1, "data.paths", d.paths, "a non-empty list of files or hub dataset names")
     _require(d.seq_len >= h.num_heads + 2, "data.seq_len", d.seq_len, f">= heads.num_heads + 2 = {h.num_heads + 2}")
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "in [0, 1)")
