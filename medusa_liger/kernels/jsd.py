@@ -86,10 +86,11 @@ if triton is not None:
         row_start, seq_len, shift, n_cols, ignore_index, z_loss, softcap, temperature, beta,
         HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, STORE_CORRECT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, EVICT_KEEP: tl.constexpr, EVICT_LAST_READ: tl.constexpr,
+        HAS_ROW_IDS: tl.constexpr, BLOCK: tl.constexpr, PASS1_EVICT: tl.constexpr, PASS2_EVICT: tl.constexpr,
+        PASS3_EVICT: tl.constexpr,
     ):
-        """One program per row (int64 offsets). EVICT_KEEP: the L2 policy of the passes that another
-        pass follows; EVICT_LAST_READ: of the last pass's loads and stores ("" for the default)."""
+        """One program per row (int64 offsets). PASS*_EVICT: the L2 eviction policy of each pass's loads
+        (and pass 3's stores): keep the rows while another pass follows ("" for the default)."""
         pid = tl.program_id(0).to(tl.int64)
         y_row = student_ptr + pid * student_row_stride
         u_row = teacher_ptr + pid * teacher_row_stride
@@ -107,9 +108,9 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             y = load_row_block(y_row, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
-                               EVICT_KEEP) / temperature
+                               PASS1_EVICT) / temperature
             u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
-                               HAS_SOFTCAP, EVICT_KEEP) / temperature
+                               HAS_SOFTCAP, PASS1_EVICT) / temperature
             m, d, block_max = online_logsumexp(m, d, y)
             m_t, d_t, _ = online_logsumexp(m_t, d_t, u)
             if STORE_CORRECT:
@@ -120,14 +121,13 @@ if triton is not None:
         # Pass 2: beta KL(p || m) + (1 - beta) KL(q || m), and KL(q || m) alone for the gradient.
         kl_pm = 0.0
         kl_qm = 0.0
-        pass2_evict = EVICT_KEEP if WRITE_GRAD else EVICT_LAST_READ
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             y = load_row_block(y_row, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
-                               pass2_evict) / temperature
+                               PASS2_EVICT) / temperature
             u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
-                               HAS_SOFTCAP, pass2_evict) / temperature
+                               HAS_SOFTCAP, PASS2_EVICT) / temperature
             q, p, gap_q, gap_p = _mixture_gaps(y, u, lse, lse_t, beta)
             kl_qm += tl.sum(tl.where(q > 0.0, q * gap_q, 0.0), 0)
             kl_pm += tl.sum(tl.where(p > 0.0, p * gap_p, 0.0), 0)
@@ -144,16 +144,16 @@ if triton is not None:
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
                 y_capped = load_row_block(y_row, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
-                                          EVICT_LAST_READ)
+                                          PASS3_EVICT)
                 u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
-                                   HAS_SOFTCAP, EVICT_LAST_READ) / temperature
+                                   HAS_SOFTCAP, PASS3_EVICT) / temperature
                 q, p, gap_q, gap_p = _mixture_gaps(y_capped / temperature, u, lse, lse_t, beta)
                 g = tl.where(q > 0.0, q * (temperature * (1.0 - beta) * (gap_q - kl_qm) + 2.0 * z_loss * lse), 0.0)
                 if HAS_SOFTCAP:
                     c = tl.where(mask, y_capped, 0.0) / softcap
                     g = g * (1.0 - c * c)
                 g = tl.where(valid, g * scale, 0.0)
-                tl.store(y_row + cols, g.to(student_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT_LAST_READ)
+                tl.store(y_row + cols, g.to(student_ptr.dtype.element_ty), mask=mask, eviction_policy=PASS3_EVICT)
 
 
 def _jsd_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segment_ids, bias, teacher_bias, scale,
@@ -252,6 +252,8 @@ def jsd_rows(
     # Two rows per block in registers, as in the KL kernel: half the cross-entropy kernel's block.
     block, num_warps = launch_config(V, student.device)
     block = max(16, block // 2) if student.is_cuda else block
+    # L2 hints: every pass but the last keeps the rows (evict-last); the last reader lets them go.
+    keep, last = ("evict_last", "evict_first") if L2_HINTS else ("", "")
     dummy = loss
     jsd_row_kernel[(rows,)](
         student, student.stride(0), teacher, teacher.stride(0), labels,
@@ -262,6 +264,6 @@ def jsd_rows(
         float(temperature), beta,
         HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher_bias is not None, HAS_SEGMENTS=segment_ids is not None,
         HAS_SOFTCAP=softcap is not None, STORE_CORRECT=correct is not None, WRITE_GRAD=write_grad,
-        HAS_ROW_IDS=row_ids is not None, BLOCK=block, EVICT_KEEP="evict_last" if L2_HINTS else "",
-        EVICT_LAST_READ="evict_first" if L2_HINTS else "", num_warps=num_warps,
+        HAS_ROW_IDS=row_ids is not None, BLOCK=block, PASS1_EVICT=keep, PASS2_EVICT=keep if write_grad else last,
+        PASS3_EVICT=last, num_warps=num_warps,
     )
