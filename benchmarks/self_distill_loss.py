@@ -12,8 +12,8 @@ V = 128256, in the same run:
 * ours, hard labels: the same op's cross-entropy on the labels, for the cost of distilling instead;
 * the generalized JSD at beta = 0.5 (beta KL(teacher || m) + (1 - beta) KL(student || m), m the
   mixture): Liger's LigerFusedLinearJSDLoss(beta=0.5) and ours, Teacher(..., jsd_beta=0.5)
-  (kernels/jsd.py's row kernel); their loss values are compared once per size (the same definition
-  and the same mean over valid tokens).
+  (kernels/jsd.py's row kernel); their loss values are compared once per size with the float64 value
+  from the same bf16 logits (the same definition and the same mean over valid tokens).
 
 Reported: median ms, peak memory beyond the inputs (GiB), and the matmul floor as a fraction of the
 time: 6NHV FLOP (student logits, teacher logits, hidden gradient) for the KL columns, 4NHV for the
@@ -26,6 +26,7 @@ cross-entropy column, at the bf16 matmul rate measured in the same run.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +96,20 @@ def ours_jsd(p: Problem) -> torch.Tensor:
     return multi_head_linear_cross_entropy(h, p.weight, p.labels, [1], teacher=[teacher]).loss
 
 
+def jsd_fp64(p: Problem, beta: float, rows_per_step: int = 512) -> float:
+    """The mean JSD over the valid rows in float64, from the bf16 logits both implementations' GEMMs
+    produce: the value an exact loss on those logits gives."""
+    total, count = 0.0, 0
+    for r0 in range(0, p.N, rows_per_step):
+        valid = p.targets[r0 : r0 + rows_per_step] != -100
+        log_q, log_p = (torch.log_softmax((h[r0 : r0 + rows_per_step] @ p.weight.t()).double(), -1)
+                        for h in (p.student.detach(), p.teacher))
+        log_m = torch.logaddexp(math.log(beta) + log_p, math.log(1 - beta) + log_q)
+        rows = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+        total, count = total + float(rows[valid].sum()), count + int(valid.sum())
+    return total / count
+
+
 def ours_hard_labels(p: Problem) -> torch.Tensor:
     return multi_head_linear_cross_entropy(p.student.view(1, p.N, p.H), p.weight, p.labels, [1]).loss
 
@@ -128,8 +143,9 @@ def main() -> None:
         if methods["liger JSD beta=0.5"] is not None:
             with torch.no_grad():
                 theirs, mine = (float(methods[m](p)) for m in ("liger JSD beta=0.5", "ours JSD beta=0.5"))
-            agreement.append(f"N={N}: ours {mine:.6g}, liger {theirs:.6g} (relative difference "
-                             f"{abs(mine - theirs) / abs(theirs):.1e})")
+                exact = jsd_fp64(p, 0.5)
+            agreement.append(f"N={N}: fp64 {exact:.6g}, ours {mine:.6g} (relative error {abs(mine - exact) / exact:.1e}), "
+                             f"liger {theirs:.6g} ({abs(theirs - exact) / exact:.1e})")
             print("JSD values,", agreement[-1], flush=True)
         row: list[object] = [N]
         for name, fn in methods.items():
@@ -156,7 +172,8 @@ def main() -> None:
         f"student hidden state trainable; bf16 matmul rate measured in this run: {rate:.0f} TFLOP/s.",
         "Cells: median ms of forward+backward / peak memory beyond the inputs / matmul floor (6NHV for KL and "
         "JSD: student logits, teacher logits, hidden gradient; 4NHV for CE) as a fraction of the time.",
-        *(["JSD beta=0.5 loss values, the same inputs: " + "; ".join(agreement) + "."] if agreement else []),
+        *(["JSD beta=0.5 loss values on the same inputs, against float64 from the same bf16 logits: "
+           + "; ".join(agreement) + "."] if agreement else []),
     ]
     common.write_table("self_distill_loss_h100" if not args.quick else "self_distill_loss_quick",
                        "Self-distillation loss (KL to the adapters-off backbone): forward+backward",
