@@ -17,7 +17,7 @@ from medusa_liger.kernels import Teacher, force_backend, multi_head_linear_cross
 from medusa_liger.kernels import fused_linear_cross_entropy as flce
 from medusa_liger.kernels.jsd import jsd_rows
 from medusa_liger.kernels.reference import multi_head_linear_cross_entropy_reference as reference
-from tests.test_self_distillation import _distill_problem
+from tests.test_self_distillation import _distill_problem, capped_pair
 from tests.utils import DEVICE, DTYPES, HAS_CUDA, VOCABS, assert_rel_close, poison_
 
 BACKENDS = ["torch", "triton"]
@@ -25,12 +25,7 @@ BACKENDS = ["torch", "triton"]
 
 def _jsd_definition(student, teacher, beta, bias, teacher_bias, softcap, z_loss, valid, factor, temperature=1.0):
     """(row losses, d(factor * sum of row losses)/d student) in float64 autograd."""
-    x = student.double().requires_grad_()
-    y, u = x, teacher.double()
-    if bias is not None:
-        y, u = y + bias.double(), u + teacher_bias.double()
-    if softcap is not None:
-        y, u = softcap * torch.tanh(y / softcap), softcap * torch.tanh(u / softcap)
+    x, y, u = capped_pair(student, teacher, bias, teacher_bias, softcap)
     log_q, log_p = torch.log_softmax(y / temperature, -1), torch.log_softmax(u / temperature, -1)
     alive_q, alive_p = log_q > -math.inf, log_p > -math.inf
     minus_inf = torch.full_like(log_q, -math.inf)

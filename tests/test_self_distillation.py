@@ -40,16 +40,22 @@ from tests.utils import (DEVICE, DTYPES, HAS_CUDA, REL_NORM_TOLERANCES, VOCABS, 
 BACKENDS = ["torch", "triton"]
 
 
-def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid, factor, temperature=1.0,
-                   reverse=False):
-    """(row losses, d(factor * sum of row losses)/d student) in float64 autograd; at a temperature tau,
-    tau^2 KL of the distributions of logits / tau; reverse: KL(student || teacher)."""
+def capped_pair(student, teacher, bias, teacher_bias, softcap):
+    """(x, y, u): the student's logits as a float64 leaf x, and both rows plus their biases, soft-capped."""
     x = student.double().requires_grad_()
     y, u = x, teacher.double()
     if bias is not None:
         y, u = y + bias.double(), u + teacher_bias.double()
     if softcap is not None:
         y, u = softcap * torch.tanh(y / softcap), softcap * torch.tanh(u / softcap)
+    return x, y, u
+
+
+def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid, factor, temperature=1.0,
+                   reverse=False):
+    """(row losses, d(factor * sum of row losses)/d student) in float64 autograd; at a temperature tau,
+    tau^2 KL of the distributions of logits / tau; reverse: KL(student || teacher)."""
+    x, y, u = capped_pair(student, teacher, bias, teacher_bias, softcap)
     log_q, log_p = torch.log_softmax(y / temperature, -1), torch.log_softmax(u / temperature, -1)
     p = log_p.exp()
     if reverse:  # (log q at 0 where q is 0, so that its gradient there is 0, not 0 * inf)

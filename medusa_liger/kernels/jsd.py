@@ -35,22 +35,22 @@ both normalizers before its first use, and the gradient needs KL(q || m) of the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from medusa_liger.kernels.cross_entropy import L2_HINTS, launch_config, row_targets
+from medusa_liger.kernels.cross_entropy import L2_HINTS, row_targets
+from medusa_liger.kernels.kl_divergence import (
+    check_teacher_rows, logit_pair_torch, pair_launch_config, run_torch_rows,
+)
 from medusa_liger.kernels.utils import use_triton
 
 try:
     import triton
     import triton.language as tl
 
-    from medusa_liger.kernels.cross_entropy import load_row_block, online_logsumexp, row_target, running_argmax
+    from medusa_liger.kernels.cross_entropy import online_logsumexp, row_target, running_argmax
+    from medusa_liger.kernels.kl_divergence import load_logit_pair
 except ImportError:  # pragma: no cover - CPU installs without triton use the PyTorch path
     triton = None
-
-_TORCH_ROWS_PER_STEP = 2048  # rows per step of the PyTorch path (bounds its fp32 temporaries)
 
 
 if triton is not None:
@@ -107,10 +107,8 @@ if triton is not None:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            y = load_row_block(y_row, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
-                               PASS1_EVICT) / temperature
-            u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
-                               HAS_SOFTCAP, PASS1_EVICT) / temperature
+            y, u = load_logit_pair(y_row, u_row, bias_ptr, teacher_bias_ptr, cols, mask, softcap, temperature,
+                                   HAS_BIAS, HAS_TEACHER_BIAS, HAS_SOFTCAP, PASS1_EVICT)
             m, d, block_max = online_logsumexp(m, d, y)
             m_t, d_t, _ = online_logsumexp(m_t, d_t, u)
             if STORE_CORRECT:
@@ -124,10 +122,8 @@ if triton is not None:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            y = load_row_block(y_row, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
-                               PASS2_EVICT) / temperature
-            u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
-                               HAS_SOFTCAP, PASS2_EVICT) / temperature
+            y, u = load_logit_pair(y_row, u_row, bias_ptr, teacher_bias_ptr, cols, mask, softcap, temperature,
+                                   HAS_BIAS, HAS_TEACHER_BIAS, HAS_SOFTCAP, PASS2_EVICT)
             q, p, gap_q, gap_p = _mixture_gaps(y, u, lse, lse_t, beta)
             kl_qm += tl.sum(tl.where(q > 0.0, q * gap_q, 0.0), 0)
             kl_pm += tl.sum(tl.where(p > 0.0, p * gap_p, 0.0), 0)
@@ -143,14 +139,12 @@ if triton is not None:
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
-                y_capped = load_row_block(y_row, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
-                                          PASS3_EVICT)
-                u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
-                                   HAS_SOFTCAP, PASS3_EVICT) / temperature
-                q, p, gap_q, gap_p = _mixture_gaps(y_capped / temperature, u, lse, lse_t, beta)
+                y, u = load_logit_pair(y_row, u_row, bias_ptr, teacher_bias_ptr, cols, mask, softcap, temperature,
+                                       HAS_BIAS, HAS_TEACHER_BIAS, HAS_SOFTCAP, PASS3_EVICT)
+                q, p, gap_q, gap_p = _mixture_gaps(y, u, lse, lse_t, beta)
                 g = tl.where(q > 0.0, q * (temperature * (1.0 - beta) * (gap_q - kl_qm) + 2.0 * z_loss * lse), 0.0)
-                if HAS_SOFTCAP:
-                    c = tl.where(mask, y_capped, 0.0) / softcap
+                if HAS_SOFTCAP:  # the capped logit is y * tau
+                    c = tl.where(mask, y, 0.0) * temperature / softcap
                     g = g * (1.0 - c * c)
                 g = tl.where(valid, g * scale, 0.0)
                 tl.store(y_row + cols, g.to(student_ptr.dtype.element_ty), mask=mask, eviction_policy=PASS3_EVICT)
@@ -161,14 +155,8 @@ def _jsd_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segm
     """The kernel's math in PyTorch (same arguments as ``jsd_rows``), on a bounded number of rows."""
     rows, V = student.shape
     target, valid = row_targets(labels, segment_ids, seq_len, shift, row_start, rows, ignore_index, V, row_ids)
-    work = torch.float64 if student.dtype == torch.float64 else torch.float32
-    y, u = student.to(work), teacher.to(work)
-    if bias is not None:
-        y = y + bias.to(work)
-    if teacher_bias is not None:
-        u = u + teacher_bias.to(work)
-    if softcap is not None:
-        y, u = softcap * torch.tanh(y / softcap), softcap * torch.tanh(u / softcap)
+    y, u = logit_pair_torch(student, teacher, bias, teacher_bias, softcap)
+    work = y.dtype
     lse = torch.logsumexp(y / temperature, dim=-1, keepdim=True)
     log_q = y / temperature - lse
     log_p = u / temperature - torch.logsumexp(u / temperature, dim=-1, keepdim=True)
@@ -226,32 +214,17 @@ def jsd_rows(
     """
     rows, V = student.shape
     beta = check_jsd_beta("jsd_rows: beta", beta)
-    if teacher.shape != student.shape:
-        raise ValueError(f"jsd_rows: teacher must have the student's shape {list(student.shape)}, "
-                         f"got {list(teacher.shape)}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"jsd_rows: temperature must be a finite number > 0, got {temperature!r}")
-    if temperature != 1.0 and z_loss != 0.0:
-        raise ValueError(f"jsd_rows: z_loss must be 0 at a temperature other than 1, got z_loss={z_loss}")
-    if write_grad and (scale is None or scale.numel() != 1):
-        raise ValueError("jsd_rows: scale (one element) is required when write_grad=True")
+    check_teacher_rows("jsd_rows", student, teacher, temperature, z_loss, write_grad, scale)
     seq_len = labels.numel() if seq_len is None else seq_len
     if rows == 0:
         return
     if not use_triton(student):
-        for r0 in range(0, rows, _TORCH_ROWS_PER_STEP):
-            r1 = min(rows, r0 + _TORCH_ROWS_PER_STEP)
-            _jsd_rows_torch(
-                student[r0:r1], teacher[r0:r1], labels, row_start=row_start + r0, seq_len=seq_len, shift=shift,
-                segment_ids=segment_ids, bias=bias, teacher_bias=teacher_bias, scale=scale, loss=loss[r0:r1],
-                correct=None if correct is None else correct[r0:r1], ignore_index=ignore_index, z_loss=z_loss,
-                softcap=softcap, temperature=float(temperature), beta=beta, write_grad=write_grad,
-                row_ids=None if row_ids is None else row_ids[r0:r1],
-            )
+        run_torch_rows(_jsd_rows_torch, student, teacher, labels=labels, row_start=row_start, seq_len=seq_len,
+                       shift=shift, segment_ids=segment_ids, bias=bias, teacher_bias=teacher_bias, scale=scale,
+                       loss=loss, correct=correct, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap,
+                       temperature=float(temperature), beta=beta, write_grad=write_grad, row_ids=row_ids)
         return
-    # Two rows per block in registers, as in the KL kernel: half the cross-entropy kernel's block.
-    block, num_warps = launch_config(V, student.device)
-    block = max(16, block // 2) if student.is_cuda else block
+    block, num_warps = pair_launch_config(V, student.device)
     # L2 hints: every pass but the last keeps the rows (evict-last); the last reader lets them go.
     keep, last = ("evict_last", "evict_first") if L2_HINTS else ("", "")
     dummy = loss

@@ -71,6 +71,17 @@ if triton is not None:
         return numer + tl.sum(e * (tl.where(mass, a, 0.0) - tl.where(mass, b, 0.0)), 0)
 
     @triton.jit
+    def load_logit_pair(y_row, u_row, bias_ptr, teacher_bias_ptr, cols, mask, softcap, temperature,
+                        HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                        EVICT: tl.constexpr):
+        """One block of the student's and the teacher's rows in fp32, each plus its bias, soft-capped and
+        divided by the temperature (exact for 1; -inf stays -inf); masked columns are -inf."""
+        y = load_row_block(y_row, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP, EVICT)
+        u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
+                           HAS_SOFTCAP, EVICT)
+        return y / temperature, u / temperature
+
+    @triton.jit
     def kl_row_kernel(
         student_ptr, student_row_stride, teacher_ptr, teacher_row_stride, labels_ptr, segment_ptr, bias_ptr,
         teacher_bias_ptr, scale_ptr, loss_ptr, correct_ptr, row_ids_ptr,
@@ -97,11 +108,8 @@ if triton is not None:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            # Both rows divided by the temperature (exact for 1; -inf stays -inf).
-            y = load_row_block(y_row, bias_ptr, cols, mask, float("-inf"), softcap, HAS_BIAS, HAS_SOFTCAP,
-                               PASS1_EVICT) / temperature
-            u = load_row_block(u_row, teacher_bias_ptr, cols, mask, float("-inf"), softcap, HAS_TEACHER_BIAS,
-                               HAS_SOFTCAP, PASS1_EVICT) / temperature
+            y, u = load_logit_pair(y_row, u_row, bias_ptr, teacher_bias_ptr, cols, mask, softcap, temperature,
+                                   HAS_BIAS, HAS_TEACHER_BIAS, HAS_SOFTCAP, PASS1_EVICT)
             if REVERSE:
                 # The numerator weighs y - u by the student's exp, rescaled with the student's max (a
                 # teacher -inf under student mass makes it, and the divergence, +inf).
@@ -164,11 +172,9 @@ if triton is not None:
                 tl.store(y_row + cols, g.to(student_ptr.dtype.element_ty), mask=mask, eviction_policy=PASS2_EVICT)
 
 
-def _kl_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segment_ids, bias, teacher_bias, scale,
-                   loss, correct, ignore_index, z_loss, softcap, temperature, reverse, write_grad, row_ids):
-    """The kernel's math in PyTorch (same arguments as ``kl_rows``), on a bounded number of rows."""
-    rows, V = student.shape
-    target, valid = row_targets(labels, segment_ids, seq_len, shift, row_start, rows, ignore_index, V, row_ids)
+def logit_pair_torch(student: torch.Tensor, teacher: torch.Tensor, bias: torch.Tensor | None,
+                     teacher_bias: torch.Tensor | None, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch paths' (y, u): both rows in fp32 (fp64 for fp64), each plus its bias, soft-capped."""
     work = torch.float64 if student.dtype == torch.float64 else torch.float32
     y, u = student.to(work), teacher.to(work)
     if bias is not None:
@@ -177,6 +183,15 @@ def _kl_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segme
         u = u + teacher_bias.to(work)
     if softcap is not None:
         y, u = softcap * torch.tanh(y / softcap), softcap * torch.tanh(u / softcap)
+    return y, u
+
+
+def _kl_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segment_ids, bias, teacher_bias, scale,
+                   loss, correct, ignore_index, z_loss, softcap, temperature, reverse, write_grad, row_ids):
+    """The kernel's math in PyTorch (same arguments as ``kl_rows``), on a bounded number of rows."""
+    rows, V = student.shape
+    target, valid = row_targets(labels, segment_ids, seq_len, shift, row_start, rows, ignore_index, V, row_ids)
+    y, u = logit_pair_torch(student, teacher, bias, teacher_bias, softcap)
     y_t, u_t = y / temperature, u / temperature
     lse = torch.logsumexp(y_t, dim=-1, keepdim=True)
     log_p = u_t - torch.logsumexp(u_t, dim=-1, keepdim=True)
@@ -201,7 +216,39 @@ def _kl_rows_torch(student, teacher, labels, *, row_start, seq_len, shift, segme
             g = temperature * (q * (1.0 + 2.0 * z_loss * lse) - p)
         if softcap is not None:
             g = g * (1.0 - (y / softcap).square())
-        student.copy_(torch.where(valid[:, None], g * scale.to(work).reshape(1, 1), torch.zeros_like(g)))
+        student.copy_(torch.where(valid[:, None], g * scale.to(y.dtype).reshape(1, 1), torch.zeros_like(g)))
+
+
+def check_teacher_rows(op: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float, z_loss: float,
+                       write_grad: bool, scale: torch.Tensor | None) -> None:
+    """ValueError, naming ``op``, for the arguments a teacher-row op (KL, JSD) refuses."""
+    if teacher.shape != student.shape:
+        raise ValueError(f"{op}: teacher must have the student's shape {list(student.shape)}, "
+                         f"got {list(teacher.shape)}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+    if temperature != 1.0 and z_loss != 0.0:
+        raise ValueError(f"{op}: z_loss must be 0 at a temperature other than 1, got z_loss={z_loss}")
+    if write_grad and (scale is None or scale.numel() != 1):
+        raise ValueError(f"{op}: scale (one element) is required when write_grad=True")
+
+
+def run_torch_rows(rows_torch, student: torch.Tensor, teacher: torch.Tensor, *, row_start: int, loss: torch.Tensor,
+                   correct: torch.Tensor | None, row_ids: torch.Tensor | None, **options) -> None:
+    """``rows_torch`` (a PyTorch path) over the rows, _TORCH_ROWS_PER_STEP at a time (bounds its fp32
+    temporaries); ``options``: its other arguments, the same for every step."""
+    for r0 in range(0, student.shape[0], _TORCH_ROWS_PER_STEP):
+        r1 = min(student.shape[0], r0 + _TORCH_ROWS_PER_STEP)
+        rows_torch(student[r0:r1], teacher[r0:r1], row_start=row_start + r0, loss=loss[r0:r1],
+                   correct=None if correct is None else correct[r0:r1],
+                   row_ids=None if row_ids is None else row_ids[r0:r1], **options)
+
+
+def pair_launch_config(n_cols: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK, num_warps) of a teacher-row kernel: two rows per block in registers, so half the
+    cross-entropy kernel's block on the GPU."""
+    block, num_warps = launch_config(n_cols, device)
+    return (max(16, block // 2) if device.type == "cuda" else block), num_warps
 
 
 def kl_rows(
@@ -226,33 +273,17 @@ def kl_rows(
     The other arguments are ``cross_entropy.ce_rows``'s.
     """
     rows, V = student.shape
-    if teacher.shape != student.shape:
-        raise ValueError(f"kl_rows: teacher must have the student's shape {list(student.shape)}, "
-                         f"got {list(teacher.shape)}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"kl_rows: temperature must be a finite number > 0, got {temperature!r}")
-    if temperature != 1.0 and z_loss != 0.0:
-        raise ValueError(f"kl_rows: z_loss must be 0 at a temperature other than 1, got z_loss={z_loss}")
-    if write_grad and (scale is None or scale.numel() != 1):
-        raise ValueError("kl_rows: scale (one element) is required when write_grad=True")
+    check_teacher_rows("kl_rows", student, teacher, temperature, z_loss, write_grad, scale)
     seq_len = labels.numel() if seq_len is None else seq_len
     if rows == 0:
         return
     if not use_triton(student):
-        for r0 in range(0, rows, _TORCH_ROWS_PER_STEP):
-            r1 = min(rows, r0 + _TORCH_ROWS_PER_STEP)
-            _kl_rows_torch(
-                student[r0:r1], teacher[r0:r1], labels, row_start=row_start + r0, seq_len=seq_len, shift=shift,
-                segment_ids=segment_ids, bias=bias, teacher_bias=teacher_bias, scale=scale, loss=loss[r0:r1],
-                correct=None if correct is None else correct[r0:r1], ignore_index=ignore_index,
-                z_loss=z_loss, softcap=softcap, temperature=float(temperature), reverse=bool(reverse),
-                write_grad=write_grad,
-                row_ids=None if row_ids is None else row_ids[r0:r1],
-            )
+        run_torch_rows(_kl_rows_torch, student, teacher, labels=labels, row_start=row_start, seq_len=seq_len,
+                       shift=shift, segment_ids=segment_ids, bias=bias, teacher_bias=teacher_bias, scale=scale,
+                       loss=loss, correct=correct, ignore_index=ignore_index, z_loss=z_loss, softcap=softcap,
+                       temperature=float(temperature), reverse=bool(reverse), write_grad=write_grad, row_ids=row_ids)
         return
-    # Two rows per block in registers: half the cross-entropy kernel's block.
-    block, num_warps = launch_config(V, student.device)
-    block = max(16, block // 2) if student.is_cuda else block
+    block, num_warps = pair_launch_config(V, student.device)
     pass1_evict = "evict_last" if L2_HINTS and write_grad else ""
     pass2_evict = "evict_first" if L2_HINTS else ""
     dummy = loss
