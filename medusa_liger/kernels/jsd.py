@@ -12,9 +12,10 @@ p = softmax(u) (the teacher, a constant) and beta in (0, 1):
 then subtracts the q-weighted mean.) This is the generalized JSD of on-policy distillation (GKD,
 Agarwal et al. 2024; DistillSpec, Zhou et al. 2023); beta = 1/2 is the symmetric Jensen-Shannon
 divergence. As beta -> 0 or 1 the divergence itself goes to 0, so the endpoints are refused here;
-kl_divergence.py has the two KL directions that other libraries put there. It is bounded (at most
--log beta or -log(1 - beta) per row), so no -inf logit of either side makes it infinite. z-loss is
-for tau = 1 only, as with the KL. Ignored rows (the rule of cross_entropy.py) have loss 0, gradient 0.
+kl_divergence.py has the two KL directions that other libraries put there. It is bounded: at most
+-beta log(beta) - (1 - beta) log(1 - beta) <= log 2 per row (times tau^2), reached when the two
+supports are disjoint, so no -inf logit of either side makes it infinite. z-loss is for tau = 1 only,
+as with the KL. Ignored rows (the rule of cross_entropy.py) have loss 0, gradient 0.
 
 The mixture is taken without leaving log space and without cancellation: with dlt = log p - log q,
 
