@@ -46,6 +46,12 @@ VARIANTS = [
     dict(dh=dict(warp_specialize=True, stages=4)),
     dict(logits=dict(warp_specialize=True, warps=4, bn=128, stages=4)),
     dict(dh=dict(cublas=True)),
+    # Two CTAs an SM (13-16): one CTA's MUFU-bound epilogue beside the other's MMAs (the epilogue costs
+    # ~3% of the logits GEMM when it runs alone: benchmarks/NOTES.md, run 103).
+    dict(logits=dict(bn=128, warps=4, stages=2, programs_per_sm=2)),
+    dict(logits=dict(bn=128, warps=4, stages=3, subtile=True, programs_per_sm=2)),
+    dict(logits=dict(bn=128, warps=8, stages=2, programs_per_sm=2)),
+    dict(logits=dict(bm=64, warps=4, stages=2, subtile=True, programs_per_sm=2)),
 ]
 
 

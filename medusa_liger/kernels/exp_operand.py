@@ -75,6 +75,9 @@ class GemmConfig(NamedTuple):
     warp_specialize: bool = False  # producer/consumer warps (Triton's tl.range warp_specialize)
     # dh only: cuBLAS's GEMM into the output, then one pass scaling its rows (the other fields unused).
     cublas: bool = False
+    # Persistent programs per SM: 2 lets two CTAs share an SM (when their shared memory and registers
+    # fit), so one's epilogue can run beside the other's MMAs.
+    programs_per_sm: int = 1
 
 
 # The configuration that matched cuBLAS on an H100 (triton_gemm_probe_h100.md, exp_operand_tiles_h100.md);
@@ -329,7 +332,7 @@ def exp_logits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, shift: torch.T
     cfg = _tiles("logits", h.device)
     if cfg.cublas:  # the epilogue is the point of this GEMM
         raise ValueError("GPU_TILES['logits'].cublas must be False: E comes from the logits GEMM's epilogue")
-    programs = multiprocessors(h.device)
+    programs = multiprocessors(h.device) * cfg.programs_per_sm
     tile_sum = torch.empty(C, triton.cdiv(V, cfg.bn), device=h.device)
     descriptors = [TensorDescriptor.from_tensor(h, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bn, cfg.bk]),
                    TensorDescriptor.from_tensor(e, [cfg.bm, cfg.bn // 2 if cfg.subtile else cfg.bn])]
@@ -360,7 +363,7 @@ def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torc
         _row_scale_kernel[grid](product, r, out, out.shape[0], out.shape[1], product.stride(0), out.stride(0),
                                 ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8)
         return
-    programs = multiprocessors(e.device)
+    programs = multiprocessors(e.device) * cfg.programs_per_sm
     descriptors = [TensorDescriptor.from_tensor(e, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bk, cfg.bn]),
                    TensorDescriptor.from_tensor(out, [cfg.bm, cfg.bn])]
     _row_scaled_gemm_kernel[(programs,)](*descriptors, r, e.shape[0], w.shape[1], e.shape[1], BM=cfg.bm, BN=cfg.bn,
