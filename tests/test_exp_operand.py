@@ -201,7 +201,8 @@ def test_hidden_off_a_16_byte_boundary(taken):
 # Every GEMM option the configuration table offers (kernels/exp_operand.GemmConfig), one change each.
 CONFIG_CHANGES = [dict(logits=dict(subtile=True)), dict(logits=dict(warp_specialize=True, subtile=True)),
                   dict(dh=dict(warp_specialize=True)), dict(logits=dict(group=1), dh=dict(group=2)),
-                  dict(dh=dict(cublas=True)), dict(dh=dict(cublas=False))]
+                  dict(dh=dict(cublas=True)), dict(dh=dict(cublas=False)),
+                  dict(logits=dict(programs_per_sm=2), dh=dict(cublas=False, programs_per_sm=2))]
 
 
 @pytest.mark.parametrize("change", CONFIG_CHANGES, ids=lambda c: str(c).replace(" ", ""))
