@@ -1,8 +1,10 @@
 """The generalized Jensen-Shannon divergence: the JSD row kernel (kernels/jsd.py) on both backends, and
 the fused loss's ``Teacher(jsd_beta=...)``, against float64 autograd on materialized logits.
 
-The definition used here is written independently of the kernel: log m by torch.logaddexp, every
-term masked where its weight is 0 (so autograd never sees 0 * inf).
+The definition is the reference's (``reference.generalized_jsd``), written independently of the kernel:
+log m by torch.logaddexp, every term masked where its weight is 0 (so autograd never sees 0 * inf).
+The closed-form bound and the exact zero below, and the model-level definitions in
+test_self_distillation.py, check that definition itself.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from medusa_liger.heads import MedusaConfig
 from medusa_liger.kernels import Teacher, force_backend, multi_head_linear_cross_entropy
 from medusa_liger.kernels import fused_linear_cross_entropy as flce
 from medusa_liger.kernels.jsd import jsd_rows
+from medusa_liger.kernels.reference import generalized_jsd
 from medusa_liger.kernels.reference import multi_head_linear_cross_entropy_reference as reference
 from tests.test_self_distillation import _distill_problem, capped_pair
 from tests.utils import DEVICE, DTYPES, HAS_CUDA, VOCABS, assert_rel_close, poison_
@@ -27,16 +30,7 @@ def _jsd_definition(student, teacher, beta, bias, teacher_bias, softcap, z_loss,
     """(row losses, d(factor * sum of row losses)/d student) in float64 autograd."""
     x, y, u = capped_pair(student, teacher, bias, teacher_bias, softcap)
     log_q, log_p = torch.log_softmax(y / temperature, -1), torch.log_softmax(u / temperature, -1)
-    alive_q, alive_p = log_q > -math.inf, log_p > -math.inf
-    minus_inf = torch.full_like(log_q, -math.inf)
-    log_m = torch.logaddexp(math.log(beta) + torch.where(alive_p, log_p, minus_inf),
-                            math.log(1 - beta) + torch.where(alive_q, log_q, minus_inf))
-    safe = [torch.where(alive, t, torch.zeros_like(t)) for alive, t in
-            ((alive_p, log_p), (alive_q, log_q), (alive_p | alive_q, log_m))]
-    safe_p, safe_q, safe_m = safe
-    kl_pm = torch.where(alive_p, safe_p.exp() * (safe_p - safe_m), torch.zeros_like(safe_p)).sum(-1)
-    kl_qm = torch.where(alive_q, safe_q.exp() * (safe_q - safe_m), torch.zeros_like(safe_q)).sum(-1)
-    rows = temperature**2 * (beta * kl_pm + (1 - beta) * kl_qm) + z_loss * torch.logsumexp(y, -1).square()
+    rows = temperature**2 * generalized_jsd(log_p, log_q, beta) + z_loss * torch.logsumexp(y, -1).square()
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     (grad,) = torch.autograd.grad(factor * rows.sum(), x)
     return rows.detach(), grad

@@ -280,9 +280,10 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                                 t_c = t_h.index_select(0, (t_ids + teacher_k.offset).clamp_(max=N - 1))
                             _mm_into(u, t_c.to(cdt), t_w.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
                             # KL in either direction, or the generalized JSD: the same row arguments.
-                            divergence = dict(reverse=teacher_k.reverse) if teacher_k.jsd_beta is None else \
-                                dict(beta=teacher_k.jsd_beta)
-                            (kl_rows if teacher_k.jsd_beta is None else jsd_rows)(
+                            divergence_rows, divergence = ((kl_rows, dict(reverse=teacher_k.reverse))
+                                                           if teacher_k.jsd_beta is None else
+                                                           (jsd_rows, dict(beta=teacher_k.jsd_beta)))
+                            divergence_rows(
                                 z, u, labels_flat, row_start=r0, seq_len=T, shift=plan.shifts[k],
                                 segment_ids=seg_flat, bias=b_k, teacher_bias=teacher_k.bias,
                                 scale=scale[k : k + 1], loss=row_loss[k, r0:r1], correct=correct[k, r0:r1],

@@ -98,7 +98,7 @@ def shifted_targets(
     return target
 
 
-def _generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
     """Per row: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, from log-probabilities.
 
     A term whose weight (p_j or q_j) is 0 adds 0, and its logs are replaced before any arithmetic, so
@@ -202,7 +202,7 @@ def multi_head_linear_cross_entropy_reference(
             log_q = torch.log_softmax(logits / tau, dim=-1)
             # p log(p / q), 0 where p is 0 (the product would be 0 * -inf there); reversed, q log(q / p).
             if t.jsd_beta is not None:
-                row_loss = tau**2 * _generalized_jsd(log_p, log_q, float(t.jsd_beta))
+                row_loss = tau**2 * generalized_jsd(log_p, log_q, float(t.jsd_beta))
             elif t.reverse:  # (log q read as 0 where q is 0: its gradient there is then 0, not 0 * inf)
                 q = log_q.exp()
                 safe_log_q = torch.where(q > 0, log_q, torch.zeros_like(log_q))
