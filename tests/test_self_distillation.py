@@ -25,6 +25,7 @@ from medusa_liger.kernels import (
 )
 from medusa_liger.kernels import fused_linear_cross_entropy as flce
 from medusa_liger.kernels.kl_divergence import kl_rows
+from medusa_liger.kernels.reference import generalized_jsd
 from medusa_liger.kernels.reference import multi_head_linear_cross_entropy_reference as reference
 from tests.test_heads import V as TINY_V
 from tests.test_heads import (
@@ -40,25 +41,22 @@ from tests.utils import (DEVICE, DTYPES, HAS_CUDA, REL_NORM_TOLERANCES, VOCABS, 
 BACKENDS = ["torch", "triton"]
 
 
-def capped_pair(student, teacher, bias, teacher_bias, softcap):
-    """(x, y, u): the student's logits as a float64 leaf x, and both rows plus their biases, soft-capped."""
+def divergence_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid, factor, temperature=1.0,
+                          reverse=False, jsd_beta=None):
+    """(row losses, d(factor * sum of row losses)/d student) in float64 autograd; at a temperature tau,
+    tau^2 times the divergence of the distributions of logits / tau: KL(teacher || student), reversed
+    KL(student || teacher), or with jsd_beta the generalized JSD (reference.generalized_jsd)."""
     x = student.double().requires_grad_()
     y, u = x, teacher.double()
     if bias is not None:
         y, u = y + bias.double(), u + teacher_bias.double()
     if softcap is not None:
         y, u = softcap * torch.tanh(y / softcap), softcap * torch.tanh(u / softcap)
-    return x, y, u
-
-
-def _kl_definition(student, teacher, bias, teacher_bias, softcap, z_loss, valid, factor, temperature=1.0,
-                   reverse=False):
-    """(row losses, d(factor * sum of row losses)/d student) in float64 autograd; at a temperature tau,
-    tau^2 KL of the distributions of logits / tau; reverse: KL(student || teacher)."""
-    x, y, u = capped_pair(student, teacher, bias, teacher_bias, softcap)
     log_q, log_p = torch.log_softmax(y / temperature, -1), torch.log_softmax(u / temperature, -1)
     p = log_p.exp()
-    if reverse:  # (log q at 0 where q is 0, so that its gradient there is 0, not 0 * inf)
+    if jsd_beta is not None:
+        rows = temperature**2 * generalized_jsd(log_p, log_q, jsd_beta)
+    elif reverse:  # (log q at 0 where q is 0, so that its gradient there is 0, not 0 * inf)
         q = log_q.exp()
         safe_log_q = torch.where(q > 0, log_q, torch.zeros_like(log_q))
         rows = temperature**2 * torch.where(q > 0, q * (safe_log_q - log_p), torch.zeros_like(q)).sum(-1)
@@ -103,7 +101,8 @@ def _check_kl_rows(backend, dtype, V, bias, softcap, z_loss, temperature=1.0, re
     # Shift 1 over one sequence of T = rows: row 2's target is ignored, and the last row's is past the end.
     valid = torch.ones(rows, dtype=torch.bool, device=DEVICE)
     valid[2], valid[5] = False, False
-    ref_loss, ref_grad = _kl_definition(student, teacher, b, tb, softcap, z_loss, valid, 0.5, temperature, reverse)
+    ref_loss, ref_grad = divergence_definition(student, teacher, b, tb, softcap, z_loss, valid, 0.5, temperature,
+                                                reverse)
     loss = poison_(torch.empty(rows, device=DEVICE))
     correct = torch.full((rows,), -1, dtype=torch.int32, device=DEVICE)
     grad = student.clone()
@@ -212,12 +211,20 @@ def test_teacher_temperatures_match_the_reference(backend, skip_ignored, reverse
                Teacher(teacher[2].hidden, teacher[2].weight, offset=2, temperature=0.7, reverse=reverse)]
     options = dict(bias=bias, segment_ids=segments, softcap=6.0)
     args = (hidden, weight, labels, [1, 2, 3], [1.0, 0.5, 0.25])
-    ref = reference(*args, teacher=teacher, compute_dtype=torch.float64, **options)
-    ref_grads = torch.autograd.grad(ref.loss, [hidden, weight, bias])
     t0 = teacher[0]
     plain = reference(*args, teacher=[Teacher(t0.hidden, t0.weight, t0.bias, reverse=reverse), None, None],
                       compute_dtype=torch.float64, **options)
+    _, ref = assert_teachers_match_the_reference(backend, skip_ignored, args, teacher, options)
     assert abs(float(plain.head_losses[0]) - float(ref.head_losses[0])) > 1e-3, "the temperature should matter"
+
+
+def assert_teachers_match_the_reference(backend, skip_ignored, args, teacher, options):
+    """The fused op with ``teacher`` on ``backend`` against the fp64 reference: head losses and the
+    gradients of hidden, weight and bias (``args`` = (hidden, weight, labels, shifts, head_weights),
+    ``options`` holding bias). Returns the reference's output."""
+    hidden, weight, bias = args[0], args[1], options["bias"]
+    ref = reference(*args, teacher=teacher, compute_dtype=torch.float64, **options)
+    ref_grads = torch.autograd.grad(ref.loss, [hidden, weight, bias])
     with force_backend(backend):
         out = multi_head_linear_cross_entropy(*args, teacher=teacher, chunk_size=7, skip_ignored=skip_ignored,
                                               **options)
@@ -226,19 +233,23 @@ def test_teacher_temperatures_match_the_reference(backend, skip_ignored, reverse
     assert_rel_close(out.head_losses.double(), ref.head_losses.double(), work, "head_losses")
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert_rel_close(g, r, work, name)
+    return out, ref
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_teacher_temperature_gradcheck(reverse):
-    """float64 gradcheck of the PyTorch path at a teacher temperature of 1.7, forward and reversed (two
-    heads, one with a teacher, on a problem small enough to perturb every input)."""
+@pytest.mark.parametrize(("temperature", "divergence"),
+                         [(1.7, dict(reverse=False)), (1.7, dict(reverse=True)), (0.8, dict(jsd_beta=0.4))],
+                         ids=["forward", "reverse", "jsd"])
+def test_teacher_temperature_gradcheck(temperature, divergence):
+    """float64 gradcheck of the PyTorch path at a teacher temperature, KL forward and reversed and the
+    generalized JSD (two heads, one with a teacher, on a problem small enough to perturb every input)."""
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(1, 6, 3, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(2, 11, 3, dtype=torch.float64, generator=g, requires_grad=True)
     labels = torch.randint(0, 11, (1, 6), generator=g)
     labels[0, 4] = -100
     teacher = [Teacher(torch.randn(1, 6, 3, dtype=torch.float64, generator=g),
-                       torch.randn(11, 3, dtype=torch.float64, generator=g), temperature=1.7, reverse=reverse), None]
+                       torch.randn(11, 3, dtype=torch.float64, generator=g), temperature=temperature, **divergence),
+               None]
 
     def f(h, w):
         return multi_head_linear_cross_entropy(h, w, labels, [1, 2], [1.0, 0.5], chunk_size=4, teacher=teacher).loss
