@@ -66,6 +66,7 @@ class Shared:
     c_bufs: gl.shared_memory_descriptor
     ready: gl.shared_memory_descriptor
     empty: gl.shared_memory_descriptor
+    turn: gl.shared_memory_descriptor
     shift_ptr: gl.tensor
     target_ptr: gl.tensor
     row_max_ptr: gl.tensor
@@ -77,7 +78,7 @@ class Shared:
     EXP: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, shift_ptr, target_ptr,
+    def __init__(self, a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, shift_ptr, target_ptr,
                  row_max_ptr, tile_sum_ptr, M, N, K, GROUP, EXP):
         self.a_desc = a_desc
         self.b_desc = b_desc
@@ -87,6 +88,7 @@ class Shared:
         self.c_bufs = c_bufs
         self.ready = ready
         self.empty = empty
+        self.turn = turn
         self.shift_ptr = shift_ptr
         self.target_ptr = target_ptr
         self.row_max_ptr = row_max_ptr
@@ -150,6 +152,12 @@ def _consumer(s, WHICH: gl.constexpr):
         tile = first + i * programs
         tm, tn = _tile_of(tile, s.M, s.N, BM, BN, s.GROUP)
         acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
+        # Mainloops take turns: tile i's starts once tile i - 1's last MMA is issued (by the other
+        # consumer). Then every earlier step has been loaded, so each ready barrier's phase parity
+        # below is unambiguous (a consumer could otherwise wait two phases ahead of a stage), and
+        # the tensor cores run one mainloop at a time while the other consumer runs its epilogue.
+        # Consumer 0's first wait passes on the fresh barrier (parity 1).
+        mbarrier.wait(s.turn.index(WHICH), ((i // 2) & 1) ^ (1 - WHICH))
         step = i * k_steps
         for kk in range(k_steps):
             stage = step % STAGES
@@ -160,6 +168,7 @@ def _consumer(s, WHICH: gl.constexpr):
             acc = warpgroup_mma_wait(1, deps=(acc, ))
             mbarrier.arrive(s.empty.index((step + STAGES - 1) % STAGES), count=1, pred=kk > 0)
             step += 1
+        mbarrier.arrive(s.turn.index(1 - WHICH), count=1)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(s.empty.index((step + STAGES - 1) % STAGES), count=1)
 
@@ -202,10 +211,13 @@ def pingpong_kernel(a_desc, b_desc, c_desc, shift_ptr, target_ptr, row_max_ptr, 
     c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    s = Shared(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, shift_ptr, target_ptr, row_max_ptr,
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    s = Shared(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, shift_ptr, target_ptr, row_max_ptr,
                tile_sum_ptr, M, N, K, GROUP, EXP)
     gl.warp_specialize([
         (_consumer, (s, 0)),
