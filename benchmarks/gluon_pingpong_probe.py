@@ -296,18 +296,31 @@ def check(quick: bool) -> list[str]:
     return lines
 
 
-def timed_rounds(methods: dict, rounds: int, calls: int) -> dict[str, list[float]]:
-    times = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, fn in methods.items():
+def timed_rounds(methods: dict, rounds: int, calls: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per method and round: ms per call (CUDA events over ``calls`` calls) and the SM clock (MHz)
+    sampled while they run. Each round starts at another method, so no method always follows the same one."""
+    import time
+
+    names = list(methods)
+    times = {name: [] for name in names}
+    clocks = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = methods[name]
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for i in range(calls):
                 fn(i)
             end.record()
+            while not end.query():  # the calls run for ~100 ms: sample the clock meanwhile
+                try:
+                    clocks[name].append(torch.cuda.clock_rate())
+                except Exception:  # noqa: BLE001 - no NVML here: no clocks
+                    pass
+                time.sleep(0.01)
             end.synchronize()
             times[name].append(start.elapsed_time(end) / calls)
-    return times
+    return times, clocks
 
 
 def main() -> None:
@@ -348,12 +361,12 @@ def main() -> None:
     methods = {
         "cuBLAS mm (plain)": lambda i: torch.mm(hs[i % 4], w.T, out=out),
         "Triton exp (library)": triton_exp,
-        "Gluon ping-pong plain, group 16": gluon(group=16),
-        "Gluon ping-pong exp, group 16": gluon(exp=True, group=16),
-        "Gluon ping-pong exp, group 32": gluon(exp=True, group=32),
-        "Gluon ping-pong exp, group 16, 2 wgmma groups in flight": gluon(exp=True, group=16, mma_depth=2),
-        "Gluon ping-pong exp, group 32, 2 wgmma groups in flight": gluon(exp=True, group=32, mma_depth=2),
-        "Gluon ping-pong plain, group 16, 2 wgmma groups in flight": gluon(group=16, mma_depth=2),
+        "Gluon plain": gluon(),
+        "Gluon exp": gluon(exp=True),
+        "Gluon exp, group 16": gluon(exp=True, group=16),
+        "Gluon plain, BK 32, 8 stages, 2 in flight": gluon(bk=32, stages=8, mma_depth=2),
+        "Gluon exp, BK 32, 8 stages, 2 in flight": gluon(exp=True, bk=32, stages=8, mma_depth=2),
+        "Gluon exp, BK 32, 8 stages, 3 in flight": gluon(exp=True, bk=32, stages=8, mma_depth=3),
     }
     for name, fn in list(methods.items()):  # compile, and drop what fails to
         try:
@@ -363,15 +376,17 @@ def main() -> None:
             print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:300]}")
             del methods[name]
     timed_rounds(methods, 1, args.calls)  # to the power cap
-    times = timed_rounds(methods, args.rounds, args.calls)
+    times, clocks = timed_rounds(methods, args.rounds, args.calls)
     flop = 2 * M * N * K
     base = statistics.median(times["cuBLAS mm (plain)"])
-    print(f"\n{args.rounds} interleaved rounds of {args.calls} calls, [{M}, {K}] x [{N}, {K}]^T bf16")
-    print("| method | median ms / call | TFLOP/s | vs cuBLAS |")
-    print("|---|---|---|---|")
+    print(f"\n{args.rounds} interleaved rounds of {args.calls} calls, [{M}, {K}] x [{N}, {K}]^T bf16; "
+          "Mcycles: median ms x median SM clock")
+    print("| method | median ms / call | TFLOP/s | vs cuBLAS | SM clock MHz | Mcycles / call |")
+    print("|---|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"| {name} | {med:.3f} | {flop / med / 1e9:.0f} | {med / base:.3f} |")
+        clock = statistics.median(clocks[name]) if clocks[name] else float("nan")
+        print(f"| {name} | {med:.3f} | {flop / med / 1e9:.0f} | {med / base:.3f} | {clock:.0f} | {med * clock / 1e3:.2f} |")
 
 
 if __name__ == "__main__":
