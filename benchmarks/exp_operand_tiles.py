@@ -52,6 +52,10 @@ VARIANTS = [
     dict(logits=dict(bn=128, warps=4, stages=3, subtile=True, programs_per_sm=2)),
     dict(logits=dict(bn=128, warps=8, stages=2, programs_per_sm=2)),
     dict(logits=dict(bm=64, warps=4, stages=2, subtile=True, programs_per_sm=2)),
+    # The ping-pong Gluon logits GEMM (17-18): two consumer warpgroups alternating 128 x 128 tiles,
+    # so one's epilogue runs beside the other's MMAs (kernels/exp_operand_gluon.py).
+    dict(logits=dict(gluon=True, bn=128, stages=4, group=8)),
+    dict(logits=dict(gluon=True, bn=128, stages=4, group=16)),
 ]
 
 

@@ -202,7 +202,10 @@ def test_hidden_off_a_16_byte_boundary(taken):
 CONFIG_CHANGES = [dict(logits=dict(subtile=True)), dict(logits=dict(warp_specialize=True, subtile=True)),
                   dict(dh=dict(warp_specialize=True)), dict(logits=dict(group=1), dh=dict(group=2)),
                   dict(dh=dict(cublas=True)), dict(dh=dict(cublas=False)),
-                  dict(logits=dict(programs_per_sm=2), dh=dict(cublas=False, programs_per_sm=2))]
+                  dict(logits=dict(programs_per_sm=2), dh=dict(cublas=False, programs_per_sm=2)),
+                  # The ping-pong Gluon logits GEMM: compiled for the GPU only (no interpreter).
+                  pytest.param(dict(logits=dict(gluon=True, bn=128, stages=4)), marks=pytest.mark.gpu),
+                  pytest.param(dict(logits=dict(gluon=True, bn=128, stages=2, group=1)), marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("change", CONFIG_CHANGES, ids=lambda c: str(c).replace(" ", ""))

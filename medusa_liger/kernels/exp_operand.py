@@ -78,6 +78,9 @@ class GemmConfig(NamedTuple):
     # Persistent programs per SM: 2 lets two CTAs share an SM (when their shared memory and registers
     # fit), so one's epilogue can run beside the other's MMAs.
     programs_per_sm: int = 1
+    # logits only: the ping-pong Gluon kernel (exp_operand_gluon.py; bm, bn, bk, stages, group used)
+    # instead of the Triton one. Off: not faster so far (benchmarks/NOTES.md, runs 108-112).
+    gluon: bool = False
 
 
 # The configuration that matched cuBLAS on an H100 (triton_gemm_probe_h100.md, exp_operand_tiles_h100.md);
@@ -332,6 +335,11 @@ def exp_logits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, shift: torch.T
     cfg = _tiles("logits", h.device)
     if cfg.cublas:  # the epilogue is the point of this GEMM
         raise ValueError("GPU_TILES['logits'].cublas must be False: E comes from the logits GEMM's epilogue")
+    if cfg.gluon:
+        from medusa_liger.kernels import exp_operand_gluon
+
+        return exp_operand_gluon.exp_logits(h, w, t, shift, e, row_max, bm=cfg.bm, bn=cfg.bn, bk=cfg.bk,
+                                            stages=cfg.stages, group=cfg.group)
     programs = multiprocessors(h.device) * cfg.programs_per_sm
     tile_sum = torch.empty(C, triton.cdiv(V, cfg.bn), device=h.device)
     descriptors = [TensorDescriptor.from_tensor(h, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bn, cfg.bk]),
