@@ -39,10 +39,7 @@ from medusa_liger.kernels import exp_operand_gluon  # noqa: E402
 
 def pingpong(a, b, c, *, exp=False, shift=None, target=None, row_max=None, **tiles):
     """c = a @ b.T, or (exp) E and the tile sums (the library's Gluon kernel)."""
-    if exp:
-        return exp_operand_gluon.exp_logits(a, b, target, shift, c, row_max, **tiles)
-    exp_operand_gluon._launch(a, b, c, exp=False, **tiles)
-    return None
+    return exp_operand_gluon._launch(a, b, c, exp=exp, shift=shift, target=target, row_max=row_max, **tiles)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,6 +110,67 @@ def timed_rounds(methods: dict, rounds: int, calls: int) -> tuple[dict[str, list
     return times, clocks
 
 
+def step_rounds(rounds: int) -> None:
+    """A (b) step's GEMMs (5 heads x 4 chunks: logits GEMM, then cuBLAS's dh = E @ W), with the logits
+    GEMM by each kernel, in interleaved rounds of whole steps (~250 ms: the card at its power cap)."""
+    from benchmarks.common import interleaved_rounds
+    from medusa_liger.kernels import exp_operand
+    from medusa_liger.kernels.chunking import mm_into
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    w = (torch.randn(N, K, device="cuda", generator=g) * K**-0.5).bfloat16()
+    hs = [torch.randn(M, K, device="cuda", generator=g).bfloat16() for _ in range(4)]
+    e = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    dh = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, N, (M,), device="cuda", generator=g)
+    valid = torch.ones(M, device="cuda", dtype=torch.bool)
+    shifts = [exp_operand.target_logits(h, w, target, valid) for h in hs]
+
+    def step(logits):
+        def run():
+            for _ in range(5):
+                for c in range(4):
+                    logits(c)
+                    mm_into(dh, e, w, accumulate=False)
+        return run
+
+    def triton_exp(c):
+        t, _, shift, row_max = shifts[c]
+        exp_operand.exp_logits(hs[c], w, t, shift, e, row_max)
+
+    def gluon(**kw):
+        def run(c):
+            t, _, shift, row_max = shifts[c]
+            pingpong(hs[c], w, e, shift=shift, target=t, row_max=row_max, **kw)
+        return run
+
+    cases = {
+        "cuBLAS logits": step(lambda c: mm_into(e, hs[c], w.t(), accumulate=False)),
+        "Triton exp logits (library)": step(triton_exp),
+        "Gluon plain logits": step(gluon()),
+        "Gluon exp logits": step(gluon(exp=True)),
+        "Gluon exp logits without the row statistics": step(gluon(exp=True, stats=False)),
+        "Gluon plain logits, 64 x 256 tiles, 3 stages": step(gluon(bm=64, bn=256, stages=3)),
+        "Gluon exp logits, 64 x 256 tiles, 3 stages": step(gluon(exp=True, bm=64, bn=256, stages=3)),
+    }
+    for name, fn in list(cases.items()):
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - a probe reports and goes on
+            print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:300]}")
+            del cases[name]
+    times = interleaved_rounds(cases, rounds)
+    base = statistics.median(times["cuBLAS logits"])
+    print(f"\n{rounds} interleaved rounds of whole (b) steps' GEMMs (20 x logits [{M}, {K}] x [{N}, {K}]^T, "
+          "then cuBLAS dh = E @ W), bf16")
+    print("| logits GEMM | median ms / step | interquartile range | vs cuBLAS logits |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        print(f"| {name} | {statistics.median(ts):.1f} | {q[0]:.1f} - {q[2]:.1f} | {statistics.median(ts) / base:.3f} |")
+
+
 def main() -> None:
     from medusa_liger.kernels import exp_operand
 
@@ -120,12 +178,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--step", action="store_true", help="whole (b) steps' GEMMs instead of single calls")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}; torch {torch.__version__}; triton {triton.__version__}")
     for line in check(args.quick):
         print(line)
     if args.quick:
+        return
+    if args.step:
+        step_rounds(args.rounds)
         return
     g = torch.Generator(device="cuda").manual_seed(1)
     w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).bfloat16()

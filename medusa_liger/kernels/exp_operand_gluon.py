@@ -70,10 +70,12 @@ if gluon is not None:
         GROUP: gl.constexpr
         EXP: gl.constexpr
         MMA_DEPTH: gl.constexpr
+        STATS: gl.constexpr
 
         @gluon.constexpr_function
         def __init__(self, a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, shift_ptr, target_ptr,
-                     row_max_ptr, tile_sum_ptr, M, N, K, GROUP, EXP, MMA_DEPTH):
+                     row_max_ptr, tile_sum_ptr, M, N, K, GROUP, EXP, MMA_DEPTH,
+                     STATS):
             self.a_desc = a_desc
             self.b_desc = b_desc
             self.c_desc = c_desc
@@ -93,6 +95,7 @@ if gluon is not None:
             self.GROUP = gl.constexpr(GROUP)
             self.EXP = gl.constexpr(EXP)
             self.MMA_DEPTH = gl.constexpr(MMA_DEPTH)
+            self.STATS = gl.constexpr(STATS)
 
     @gluon.jit
     def _tile_of(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP: gl.constexpr):
@@ -182,8 +185,9 @@ if gluon is not None:
                 c_buf.store(e.to(s.c_desc.dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(s.c_desc, [tm * BM, tn * BN], c_buf)
-                gl.store(s.tile_sum_ptr + rows * tiles_n + tn, gl.sum(e, axis=1), mask=in_rows)
-                gl.atomic_max(s.row_max_ptr + rows, gl.max(x, axis=1), mask=in_rows, sem="relaxed")
+                if s.STATS:  # off only to measure what the statistics cost
+                    gl.store(s.tile_sum_ptr + rows * tiles_n + tn, gl.sum(e, axis=1), mask=in_rows)
+                    gl.atomic_max(s.row_max_ptr + rows, gl.max(x, axis=1), mask=in_rows, sem="relaxed")
             else:
                 tma.store_wait(0)
                 c_buf.store(acc.to(s.c_desc.dtype))
@@ -198,7 +202,8 @@ if gluon is not None:
     @gluon.jit
     def _pingpong_kernel(a_desc, b_desc, c_desc, shift_ptr, target_ptr, row_max_ptr, tile_sum_ptr, M, N, K,
                         STAGES: gl.constexpr, GROUP: gl.constexpr, EXP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                        PRODUCER_REGS: gl.constexpr, MMA_DEPTH: gl.constexpr):
+                        PRODUCER_REGS: gl.constexpr, MMA_DEPTH: gl.constexpr,
+                         STATS: gl.constexpr):
         """C = A @ B^T (A [M, K], B [N, K], both K-major), or the exp epilogue's E, tile sums and row max."""
         dtype: gl.constexpr = a_desc.dtype
         a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
@@ -213,7 +218,7 @@ if gluon is not None:
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         s = _Shared(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, shift_ptr, target_ptr, row_max_ptr,
-                   tile_sum_ptr, M, N, K, GROUP, EXP, MMA_DEPTH)
+                   tile_sum_ptr, M, N, K, GROUP, EXP, MMA_DEPTH, STATS)
         gl.warp_specialize([
             (_consumer, (s, 0)),
             (_consumer_1, (s, )),
@@ -240,7 +245,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, **tiles) -> None:
 def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, exp: bool, shift=None, target=None,
             row_max=None, bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, group: int = 8,
             mma_depth: int = 1, consumer_regs: int = 232, producer_regs: int = 40,
-            programs: int | None = None) -> torch.Tensor | None:
+            programs: int | None = None, stats: bool = True) -> torch.Tensor | None:
     M, K = a.shape
     N = b.shape[0]
     gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[a.dtype]
@@ -257,5 +262,6 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, exp: bool, shi
     # reallocated to consumer_regs (the worker consumer), producer_regs and the rest (the default one).
     _pingpong_kernel[(programs,)](a_desc, b_desc, c_desc, shift, target, row_max, tile_sum, M, N, K,
                                   STAGES=stages, GROUP=group, EXP=exp, CONSUMER_REGS=consumer_regs,
-                                  PRODUCER_REGS=producer_regs, MMA_DEPTH=mma_depth, num_warps=4, maxnreg=168)
+                                  PRODUCER_REGS=producer_regs, MMA_DEPTH=mma_depth, STATS=stats, num_warps=4,
+                                  maxnreg=168)
     return tile_sum if exp else None
