@@ -171,6 +171,46 @@ def step_rounds(rounds: int) -> None:
         print(f"| {name} | {statistics.median(ts):.1f} | {q[0]:.1f} - {q[2]:.1f} | {statistics.median(ts) / base:.3f} |")
 
 
+def trace_schedule() -> None:
+    """Each consumer's timeline from the SM's cycle counter (exp_operand_gluon's TRACE switch), for the
+    plain and the exp epilogue on one chunk after the card has warmed: medians over programs and tiles."""
+    from medusa_liger.kernels import exp_operand
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w = (torch.randn(N, K, device="cuda", generator=g) * K**-0.5).bfloat16()
+    h = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    e = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    t, _, shift, row_max = exp_operand.target_logits(h, w, torch.randint(0, N, (M,), device="cuda", generator=g),
+                                                     torch.ones(M, device="cuda", dtype=torch.bool))
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    print("\n| epilogue | mainloop (first to last MMA issued) | handoff (last MMA issued to the next tile's first) "
+          "| MMA drain | epilogue | consumer's wait for its turn | cycles per tile |")
+    print("|---|---|---|---|---|---|---|")
+    for exp in (False, True):
+        trace = torch.zeros(programs, 64, 4, dtype=torch.int64, device="cuda")
+        for _ in range(30):  # ~200 ms of the same GEMM first: clocks at the power cap
+            pingpong(h, w, e, exp=exp, shift=shift, target=t, row_max=row_max)
+        pingpong(h, w, e, exp=exp, shift=shift, target=t, row_max=row_max, trace=trace)
+        torch.cuda.synchronize()
+        tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+        cols = {k: [] for k in ("main", "handoff", "drain", "epi", "wait", "period")}
+        for p in range(programs):
+            n = min(64, len(range(p, tiles, programs)))
+            tr = trace[p, :n].tolist()
+            for i in range(1, n - 2):
+                s0, i0, d0, e0 = tr[i]
+                cols["main"].append(i0 - s0)
+                cols["handoff"].append(tr[i + 1][0] - i0)
+                cols["drain"].append(d0 - i0)
+                cols["epi"].append(e0 - d0)
+                cols["wait"].append(tr[i + 2][0] - e0)
+                cols["period"].append(tr[i + 1][0] - s0)
+        med = {k: statistics.median(v) for k, v in cols.items()}
+        print(f"| {'exp' if exp else 'plain'} | {med['main']:.0f} | {med['handoff']:.0f} | {med['drain']:.0f} | "
+              f"{med['epi']:.0f} | {med['wait']:.0f} | {med['period']:.0f} |")
+    print("A 128 x 128 x 4096 tile is 32768 cycles of MMAs at 2048 bf16 FMAs a cycle.")
+
+
 def main() -> None:
     from medusa_liger.kernels import exp_operand
 
@@ -179,12 +219,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--step", action="store_true", help="whole (b) steps' GEMMs instead of single calls")
+    parser.add_argument("--trace", action="store_true", help="the consumers' timelines (cycle counter)")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}; torch {torch.__version__}; triton {triton.__version__}")
     for line in check(args.quick):
         print(line)
     if args.quick:
+        return
+    if args.trace:
+        trace_schedule()
         return
     if args.step:
         step_rounds(args.rounds)

@@ -71,11 +71,13 @@ if gluon is not None:
         EXP: gl.constexpr
         MMA_DEPTH: gl.constexpr
         STATS: gl.constexpr
+        trace_ptr: gl.tensor
+        TRACE: gl.constexpr
 
         @gluon.constexpr_function
         def __init__(self, a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, shift_ptr, target_ptr,
                      row_max_ptr, tile_sum_ptr, M, N, K, GROUP, EXP, MMA_DEPTH,
-                     STATS):
+                     STATS, trace_ptr, TRACE):
             self.a_desc = a_desc
             self.b_desc = b_desc
             self.c_desc = c_desc
@@ -96,6 +98,8 @@ if gluon is not None:
             self.EXP = gl.constexpr(EXP)
             self.MMA_DEPTH = gl.constexpr(MMA_DEPTH)
             self.STATS = gl.constexpr(STATS)
+            self.trace_ptr = trace_ptr
+            self.TRACE = gl.constexpr(TRACE)
 
     @gluon.jit
     def _tile_of(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP: gl.constexpr):
@@ -106,6 +110,18 @@ if gluon is not None:
         first_m = (tile // per_group) * GROUP
         size = gl.minimum(gl.cdiv(M, BM) - first_m, GROUP)
         return first_m + (tile % per_group) % size, (tile % per_group) // size
+
+    @gluon.jit
+    def _clock():
+        """The SM's cycle counter (both consumers of a program read the same one)."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _trace(s, i, point: gl.constexpr):
+        """TRACE only: trace[program, local tile i, point] = the SM's clock (64 tiles x 4 points a program)."""
+        if s.TRACE:
+            slot = (gl.program_id(0) * 64 + i) * 4 + point
+            gl.store(s.trace_ptr + slot, _clock(), mask=i < 64)
 
     @gluon.jit
     def _producer(s):
@@ -155,6 +171,7 @@ if gluon is not None:
             # the tensor cores run one mainloop at a time while the other consumer runs its epilogue.
             # Consumer 0's first wait passes on the fresh barrier (parity 1).
             mbarrier.wait(s.turn.index(WHICH), ((i // 2) & 1) ^ (1 - WHICH))
+            _trace(s, i, 0)  # the mainloop starts
             step = i * k_steps
             for kk in range(k_steps):
                 stage = step % STAGES
@@ -167,7 +184,9 @@ if gluon is not None:
                 mbarrier.arrive(s.empty.index((step + STAGES - MMA_DEPTH) % STAGES), count=1, pred=kk >= MMA_DEPTH)
                 step += 1
             mbarrier.arrive(s.turn.index(1 - WHICH), count=1)
+            _trace(s, i, 1)  # its last MMA is issued
             acc = warpgroup_mma_wait(0, deps=(acc, ))
+            _trace(s, i, 2)  # its MMAs are done: the epilogue starts
             for d in gl.static_range(MMA_DEPTH):  # the tile's last steps (those it has)
                 mbarrier.arrive(s.empty.index((step + STAGES - MMA_DEPTH + d) % STAGES), count=1,
                                 pred=k_steps >= MMA_DEPTH - d)
@@ -193,6 +212,7 @@ if gluon is not None:
                 c_buf.store(acc.to(s.c_desc.dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(s.c_desc, [tm * BM, tn * BN], c_buf)
+            _trace(s, i, 3)  # the epilogue is done (its store in flight)
         tma.store_wait(0)
 
     @gluon.jit
@@ -203,7 +223,7 @@ if gluon is not None:
     def _pingpong_kernel(a_desc, b_desc, c_desc, shift_ptr, target_ptr, row_max_ptr, tile_sum_ptr, M, N, K,
                         STAGES: gl.constexpr, GROUP: gl.constexpr, EXP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                         PRODUCER_REGS: gl.constexpr, MMA_DEPTH: gl.constexpr,
-                         STATS: gl.constexpr):
+                         STATS: gl.constexpr, trace_ptr, TRACE: gl.constexpr):
         """C = A @ B^T (A [M, K], B [N, K], both K-major), or the exp epilogue's E, tile sums and row max."""
         dtype: gl.constexpr = a_desc.dtype
         a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
@@ -218,7 +238,8 @@ if gluon is not None:
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         s = _Shared(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, shift_ptr, target_ptr, row_max_ptr,
-                   tile_sum_ptr, M, N, K, GROUP, EXP, MMA_DEPTH, STATS)
+                   tile_sum_ptr, M, N, K, GROUP, EXP, MMA_DEPTH, STATS,
+                    trace_ptr, TRACE)
         gl.warp_specialize([
             (_consumer, (s, 0)),
             (_consumer_1, (s, )),
@@ -245,7 +266,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, **tiles) -> None:
 def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, exp: bool, shift=None, target=None,
             row_max=None, bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, group: int = 8,
             mma_depth: int = 1, consumer_regs: int = 232, producer_regs: int = 40,
-            programs: int | None = None, stats: bool = True) -> torch.Tensor | None:
+            programs: int | None = None, stats: bool = True, trace: torch.Tensor | None = None) -> torch.Tensor | None:
     M, K = a.shape
     N = b.shape[0]
     gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[a.dtype]
@@ -260,8 +281,11 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, exp: bool, shi
         programs = torch.cuda.get_device_properties(a.device).multi_processor_count
     # 4 + 4 + 1 warps run as 3 warpgroups: 168 registers each at launch (3 x 128 x 168 <= 64K), then
     # reallocated to consumer_regs (the worker consumer), producer_regs and the rest (the default one).
+    if trace is not None and trace.numel() < programs * 64 * 4:
+        raise ValueError(f"trace must hold [programs={programs}, 64, 4] int64, got shape {list(trace.shape)}")
     _pingpong_kernel[(programs,)](a_desc, b_desc, c_desc, shift, target, row_max, tile_sum, M, N, K,
                                   STAGES=stages, GROUP=group, EXP=exp, CONSUMER_REGS=consumer_regs,
-                                  PRODUCER_REGS=producer_regs, MMA_DEPTH=mma_depth, STATS=stats, num_warps=4,
-                                  maxnreg=168)
+                                  PRODUCER_REGS=producer_regs, MMA_DEPTH=mma_depth, STATS=stats,
+                                  trace_ptr=tile_sum if trace is None else trace, TRACE=trace is not None,
+                                  num_warps=4, maxnreg=168)
     return tile_sum if exp else None
