@@ -79,7 +79,7 @@ class GemmConfig(NamedTuple):
     # fit), so one's epilogue can run beside the other's MMAs.
     programs_per_sm: int = 1
     # logits only: the ping-pong Gluon kernel (exp_operand_gluon.py; bm, bn, bk, stages, group used)
-    # instead of the Triton one. Off: not faster so far (benchmarks/NOTES.md, runs 108-112).
+    # instead of the Triton one. Off: 1.6-2.2% slower (benchmarks/NOTES.md, runs 108-117).
     gluon: bool = False
 
 
