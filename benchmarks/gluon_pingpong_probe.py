@@ -10,19 +10,18 @@ partitions. This kernel has three:
     consumer 0 (4 warps): the program's even tiles: wgmma mainloop, then the epilogue
     consumer 1 (4 warps): the odd tiles
 
-Each consumer owns a whole BM x BN tile (its own accumulator in registers). The ring is filled in
-tile order, so consumer 1's first stages arrive only as consumer 0's last ones are consumed: the
-two mainloops alternate on the tensor cores, and each epilogue runs beside the other consumer's
-mainloop (ping-pong, as in CUTLASS's and FlashAttention-3's Hopper kernels).
+Each consumer owns a whole BM x BN tile (its own accumulator in registers). The two mainloops take
+turns on the tensor cores, and each epilogue runs beside the other consumer's mainloop (ping-pong,
+as in CUTLASS's and FlashAttention-3's Hopper kernels).
 
-Measured here on [4096, 4096] x [128256, 4096]^T (one chunk of the Medusa loss, bf16): this
-kernel with a plain bf16 store and with the exp epilogue, the library's Triton exp kernel, and
-cuBLAS, in interleaved rounds of loops long enough to reach the power cap. Correctness is checked
-against torch first.
+Measured here (after checks against torch and the library's Triton kernel): whole (b) steps' GEMMs
+with the logits GEMM by cuBLAS, the Triton exp kernel and this one (plain and exp), in interleaved
+rounds long enough for the power cap (single-call rounds were too noisy to rank kernels 1-3% apart);
+or, with --trace, each consumer's timeline from the SM's cycle counter. The kernel lives in
+kernels/exp_operand_gluon.py; results in results/exp_operand_gluon_h100.md and NOTES.md, runs 108-117.
 
-    python benchmarks/gluon_pingpong_probe.py [--quick]
+    python benchmarks/gluon_pingpong_probe.py [--quick] [--trace] [--rounds 15]
 """
-
 
 import argparse
 import statistics
@@ -81,33 +80,6 @@ def check(quick: bool) -> list[str]:
                          f"row sums {s_err:.2e}, row max equal {same_max}")
             lines[-1] += "" if e_err < 2e-2 and s_err < 1e-2 and same_max else "  FAILED"
     return lines
-
-
-def timed_rounds(methods: dict, rounds: int, calls: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Per method and round: ms per call (CUDA events over ``calls`` calls) and the SM clock (MHz)
-    sampled while they run. Each round starts at another method, so no method always follows the same one."""
-    import time
-
-    names = list(methods)
-    times = {name: [] for name in names}
-    clocks = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn = methods[name]
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for i in range(calls):
-                fn(i)
-            end.record()
-            while not end.query():  # the calls run for ~100 ms: sample the clock meanwhile
-                try:
-                    clocks[name].append(torch.cuda.clock_rate())
-                except Exception:  # noqa: BLE001 - no NVML here: no clocks
-                    pass
-                time.sleep(0.01)
-            end.synchronize()
-            times[name].append(start.elapsed_time(end) / calls)
-    return times, clocks
 
 
 def step_rounds(rounds: int) -> None:
@@ -212,14 +184,11 @@ def trace_schedule() -> None:
 
 
 def main() -> None:
-    from medusa_liger.kernels import exp_operand
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--step", action="store_true", help="whole (b) steps' GEMMs instead of single calls")
-    parser.add_argument("--trace", action="store_true", help="the consumers' timelines (cycle counter)")
+    parser.add_argument("--quick", action="store_true", help="the correctness checks on small shapes only")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--trace", action="store_true", help="the consumers' timelines (cycle counter) instead "
+                        "of the step rounds")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}; torch {torch.__version__}; triton {triton.__version__}")
@@ -229,58 +198,8 @@ def main() -> None:
         return
     if args.trace:
         trace_schedule()
-        return
-    if args.step:
+    else:
         step_rounds(args.rounds)
-        return
-    g = torch.Generator(device="cuda").manual_seed(1)
-    w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).bfloat16()
-    hs = [torch.randn(M, K, device="cuda", generator=g).bfloat16() for _ in range(4)]
-    out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    target = torch.randint(0, N, (M,), device="cuda", generator=g)
-    valid = torch.ones(M, device="cuda", dtype=torch.bool)
-    shifts = [exp_operand.target_logits(h, w, target, valid) for h in hs]
-
-    def triton_exp(i):
-        t, _, shift, row_max = shifts[i % 4]
-        exp_operand.exp_logits(hs[i % 4], w, t, shift, out, row_max)
-
-    def gluon(**kw):
-        def run(i):
-            t, _, shift, row_max = shifts[i % 4]
-            if kw.get("exp"):
-                pingpong(hs[i % 4], w, out, shift=shift, target=t, row_max=row_max, **kw)
-            else:
-                pingpong(hs[i % 4], w, out, **kw)
-        return run
-
-    methods = {
-        "cuBLAS mm (plain)": lambda i: torch.mm(hs[i % 4], w.T, out=out),
-        "Triton exp (library)": triton_exp,
-        "Gluon plain": gluon(),
-        "Gluon exp": gluon(exp=True),
-        "Gluon plain, BK 128, 2 stages": gluon(bk=128, stages=2),
-        "Gluon exp, BK 128, 2 stages": gluon(exp=True, bk=128, stages=2),
-    }
-    for name, fn in list(methods.items()):  # compile, and drop what fails to
-        try:
-            fn(0)
-            torch.cuda.synchronize()
-        except Exception as exc:  # noqa: BLE001 - a probe reports and goes on
-            print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:300]}")
-            del methods[name]
-    timed_rounds(methods, 1, args.calls)  # to the power cap
-    times, clocks = timed_rounds(methods, args.rounds, args.calls)
-    flop = 2 * M * N * K
-    base = statistics.median(times["cuBLAS mm (plain)"])
-    print(f"\n{args.rounds} interleaved rounds of {args.calls} calls, [{M}, {K}] x [{N}, {K}]^T bf16; "
-          "Mcycles: median ms x median SM clock")
-    print("| method | median ms / call | TFLOP/s | vs cuBLAS | SM clock MHz | Mcycles / call |")
-    print("|---|---|---|---|---|---|")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        clock = statistics.median(clocks[name]) if clocks[name] else float("nan")
-        print(f"| {name} | {med:.3f} | {flop / med / 1e9:.0f} | {med / base:.3f} | {clock:.0f} | {med * clock / 1e3:.2f} |")
 
 
 if __name__ == "__main__":

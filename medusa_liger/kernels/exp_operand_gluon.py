@@ -52,6 +52,9 @@ except ImportError:  # pragma: no cover - no triton, or one without Gluon's Hopp
 # No ``from __future__ import annotations`` here: Gluon aggregates check their fields' annotated types.
 
 if gluon is not None:
+    # The Triton kernel's tile order (a Gluon kernel may call a Triton function of scalars).
+    from medusa_liger.kernels.exp_operand import _tile_of
+
     LOG2E = gl.constexpr(1.4426950408889634)
 
     @gluon.constexpr_function
@@ -112,16 +115,6 @@ if gluon is not None:
             self.STATS = gl.constexpr(STATS)
             self.trace_ptr = trace_ptr
             self.TRACE = gl.constexpr(TRACE)
-
-    @gluon.jit
-    def _tile_of(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP: gl.constexpr):
-        """Tile index -> (tile row, tile column), GROUP tile rows at a time (their B tiles shared in L2).
-        exp_operand._tile_of's order, in Gluon (a Gluon kernel calls Gluon functions only)."""
-        tiles_n = gl.cdiv(N, BN)
-        per_group = GROUP * tiles_n
-        first_m = (tile // per_group) * GROUP
-        size = gl.minimum(gl.cdiv(M, BM) - first_m, GROUP)
-        return first_m + (tile % per_group) % size, (tile % per_group) // size
 
     @gluon.jit
     def _clock():
