@@ -122,29 +122,15 @@ if triton is not None:
         tl.store(row_max_ptr + row, float("-inf"))
 
     @triton.jit
-    def _exp_store(acc, row0, col0, shift2, target, N, e_desc, BN_PART: tl.constexpr, MASK: tl.constexpr):
+    def _exp_store(acc, row0, col0, shift2, target, N, e_desc, BN_PART: tl.constexpr):
         """The epilogue on acc = logits[row0:, col0:col0 + BN_PART]: stores E, returns its row sums and
-        the rows' largest non-target logit. MASK: some row's target or a column past V lies in the tile."""
-        if MASK:
-            cols = col0 + tl.arange(0, BN_PART)
-            # The target column and columns past V at -inf: exp gives 0 and they never win the max.
-            x = tl.where((cols[None, :] == target[:, None]) | (cols[None, :] >= N), float("-inf"), acc)
-        else:
-            x = acc
+        the rows' largest non-target logit."""
+        cols = col0 + tl.arange(0, BN_PART)
+        # The target column and columns past V at -inf: exp gives 0 and they never win the max.
+        x = tl.where((cols[None, :] == target[:, None]) | (cols[None, :] >= N), float("-inf"), acc)
         e = tl.exp2(x * LOG2E - shift2[:, None])
         e_desc.store([row0, col0], e.to(e_desc.dtype))
         return tl.sum(e, axis=1), tl.max(x, axis=1)
-
-    @triton.jit
-    def _exp_epilogue(acc, row0, col0, shift2, target, N, e_desc, BM: tl.constexpr, BN: tl.constexpr,
-                      SUBTILE: tl.constexpr, MASK: tl.constexpr):
-        """``_exp_store`` on the whole tile, or (SUBTILE) on its two column halves in turn."""
-        if SUBTILE:
-            left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-            sum_l, max_l = _exp_store(left, row0, col0, shift2, target, N, e_desc, BN // 2, MASK)
-            sum_r, max_r = _exp_store(right, row0, col0 + BN // 2, shift2, target, N, e_desc, BN // 2, MASK)
-            return sum_l + sum_r, tl.maximum(max_l, max_r)
-        return _exp_store(acc, row0, col0, shift2, target, N, e_desc, BN, MASK)
 
     @triton.jit
     def _exp_logits_kernel(h_desc, w_desc, e_desc, shift_ptr, target_ptr, row_max_ptr, tile_sum_ptr,
@@ -170,16 +156,13 @@ if triton is not None:
             in_rows = rows < M
             shift2 = tl.load(shift_ptr + rows, mask=in_rows, other=float("inf")) * LOG2E
             target = tl.load(target_ptr + rows, mask=in_rows, other=-1)
-            # Most tiles hold no row's target (a row's target lies in one of V / BN column tiles) and no
-            # column past V: their epilogue skips the per-element mask, a third of its instructions
-            # (under the power cap, every instruction costs clock even where it hides under MMAs).
-            col0 = tn * BN
-            in_tile = (target >= col0) & (target < col0 + BN)
-            if (tl.max(in_tile.to(tl.int32), axis=0) > 0) | (col0 + BN > N):
-                row_sum, row_max = _exp_epilogue(acc, tm * BM, col0, shift2, target, N, e_desc, BM, BN, SUBTILE, True)
+            if SUBTILE:
+                left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+                sum_l, max_l = _exp_store(left, tm * BM, tn * BN, shift2, target, N, e_desc, BN // 2)
+                sum_r, max_r = _exp_store(right, tm * BM, tn * BN + BN // 2, shift2, target, N, e_desc, BN // 2)
+                row_sum, row_max = sum_l + sum_r, tl.maximum(max_l, max_r)
             else:
-                row_sum, row_max = _exp_epilogue(acc, tm * BM, col0, shift2, target, N, e_desc, BM, BN, SUBTILE,
-                                                 False)
+                row_sum, row_max = _exp_store(acc, tm * BM, tn * BN, shift2, target, N, e_desc, BN)
             tl.store(tile_sum_ptr + rows * tiles_n + tn, row_sum, mask=in_rows)
             # Relaxed: the next kernel reads row_max; the default acq_rel puts a GPU-wide memory barrier
             # (waiting for the tile_sum stores) and an L1 invalidation around every tile's atomics.
