@@ -285,3 +285,20 @@ def test_row_scaled_gemm_matches_torch(accumulate, cublas, monkeypatch):
         tol = (3e-2 if cublas else 2e-2) if dtype == torch.bfloat16 else 1e-5  # cuBLAS: two roundings
         torch.testing.assert_close(out[1:-1].double(), want, rtol=tol, atol=tol * want.abs().max().item())
         assert torch.equal(out[0], base[0]) and torch.equal(out[-1], base[-1])
+
+
+def test_gluon_gemm_refuses_what_it_cannot_run():
+    """The ping-pong Gluon GEMM (opt-in) names what is wrong instead of failing inside the launch."""
+    from medusa_liger.kernels import exp_operand_gluon
+
+    if exp_operand_gluon.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    a, b, c = torch.zeros(8, 16), torch.zeros(4, 16), torch.zeros(8, 4)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        exp_operand_gluon.matmul(a, b, c)
+    if HAS_CUDA:
+        bf = dict(device="cuda", dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="all be bf16 or all fp16"):
+            exp_operand_gluon.matmul(a.cuda(), b.to(**bf), c.to(**bf))
+        with pytest.raises(ValueError, match=r"expected a \[M, K\]"):
+            exp_operand_gluon.matmul(a.to(**bf), b.to(**bf), torch.zeros(8, 5, **bf))

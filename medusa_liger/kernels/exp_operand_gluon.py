@@ -257,8 +257,6 @@ def exp_logits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, shift: torch.T
                mma_depth: int = 1) -> torch.Tensor:
     """``exp_operand.exp_logits`` by this kernel: E into ``e`` [C, V] (bf16), ``row_max`` raised in
     place; returns the per-tile row sums [C, cdiv(V, bn)] fp32. h [C, H] and w [V, H]: contiguous bf16."""
-    if gluon is None:
-        raise RuntimeError("the Gluon exp-operand GEMM needs Triton 3.5+ with triton.experimental.gluon")
     return _launch(h, w, e, exp=True, shift=shift, target=t, row_max=row_max, bm=bm, bn=bn, bk=bk,
                    stages=stages, group=group, mma_depth=mma_depth)
 
@@ -272,6 +270,15 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, exp: bool, shi
             row_max=None, bm: int = 128, bn: int = 128, bk: int = 64, stages: int = 4, group: int = 8,
             mma_depth: int = 1, consumer_regs: int = 232, producer_regs: int = 40,
             programs: int | None = None, stats: bool = True, trace: torch.Tensor | None = None) -> torch.Tensor | None:
+    if gluon is None:
+        raise RuntimeError("the Gluon exp-operand GEMM needs Triton 3.5+ with triton.experimental.gluon")
+    if not all(x.is_cuda for x in (a, b, c)):  # Gluon has no interpreter mode
+        raise ValueError(f"the Gluon GEMM runs on CUDA tensors only, got {a.device}, {b.device}, {c.device}")
+    if a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype or c.dtype != a.dtype:
+        raise ValueError(f"a, b and c must all be bf16 or all fp16, got {a.dtype}, {b.dtype}, {c.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or tuple(c.shape) != (a.shape[0], b.shape[0]):
+        raise ValueError(f"expected a [M, K], b [N, K] and c [M, N], got {list(a.shape)}, {list(b.shape)}, "
+                         f"{list(c.shape)}")
     M, K = a.shape
     N = b.shape[0]
     gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[a.dtype]
