@@ -5,12 +5,13 @@
     out.stats.acceleration_rate, out.speedup, out.matches_greedy
     report = evaluate_run("runs/tiny", max_new_tokens=64)   # what `medusa-liger eval runs/tiny` does
 
-``tree``: candidate trees (``medusa_choices``) and tree search; ``generate``: tree decoding;
-``evaluate``: the head accuracy table, tree search and measured speedup; ``cli``: loading a run
-and ``medusa-liger eval``; ``distill``: self-distillation data (``medusa-liger distill``). Medusa
-decoding takes batch size 1 only.
+``tree``: candidate trees (``medusa_choices``) and tree search; ``generate``: tree decoding of one
+sequence; ``batched``: of several at once (``medusa_generate_batch``); ``evaluate``: the head
+accuracy table, tree search and measured speedup; ``cli``: loading a run and ``medusa-liger eval``;
+``distill``: self-distillation data (``medusa-liger distill``).
 """
 
+from medusa_liger.inference.batched import BatchedMedusaDecoder, medusa_generate_batch
 from medusa_liger.inference.cli import evaluate_run, load_causal_lm, load_medusa
 from medusa_liger.inference.distill import DistillSettings, DistillSummary, self_distill
 from medusa_liger.inference.evaluate import evaluate_heads, head_rank_hits, load_prompts
@@ -32,6 +33,7 @@ from medusa_liger.inference.tree import (
 )
 
 __all__ = [
+    "BatchedMedusaDecoder",
     "DecodeStats",
     "DistillSettings",
     "DistillSummary",
@@ -51,5 +53,6 @@ __all__ = [
     "load_medusa",
     "load_prompts",
     "medusa_generate",
+    "medusa_generate_batch",
     "self_distill",
 ]

@@ -72,8 +72,10 @@ class BackboneRunner:
         return logits
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[H] hidden state of one position -> [K, V] float32 logits of every Medusa head."""
-        return self.medusa.head_logits(hidden.view(1, 1, -1))[:, 0, 0].float()
+        """[..., H] hidden states -> [..., K, V] float32 logits of every Medusa head ([H] -> [K, V])."""
+        flat = hidden.reshape(1, -1, hidden.shape[-1])
+        logits = self.medusa.head_logits(flat)[:, 0].float()  # [K, n, V]
+        return logits.movedim(0, 1).reshape(*hidden.shape[:-1], *logits.shape[::2])
 
     def sliding_window(self) -> int | None:
         """The uniform sliding window of every layer, or None for full attention."""

@@ -1,0 +1,207 @@
+"""Medusa tree decoding of a batch of prompts: one verification forward per step for all of them.
+
+Each sequence accepts its own number of tokens a step, so the sequences drift apart: sequence b has
+emitted ``next_pos[b]`` tokens (prompt included) while the cache holds as many slots for every
+sequence. The batch keeps, per sequence and cache slot, the position of the token in that slot
+(``slot_pos``, -1 for an empty slot), and builds every mask from it:
+
+* prefill: prompts are left-padded to the longest; a pad slot is empty, and token i of a prompt
+  sees the prompt's tokens at positions <= its own;
+* step: the tree's N nodes of sequence b sit at positions ``next_pos[b] + depth`` and see the
+  sequence's non-empty slots and their own ancestors (with a sliding window w, only keys at
+  positions > position - w, as for one sequence);
+* after the step, sequence b's a_b accepted nodes are gathered into the slots after the old ones,
+  the slots up to the longest accepted path stay empty for the others, and the cache is cropped
+  there. A finished sequence leaves the batch (its rows of the cache are dropped).
+
+Greedy acceptance stays lossless per sequence: each decodes the tokens plain greedy decoding would,
+in the steps batch-1 Medusa decoding would take (``medusa_generate``), up to float rounding of the
+padded batch. Typical acceptance draws from one generator for the whole batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from medusa_liger.inference.backbone import check_generation_inputs
+from medusa_liger.inference.generate import (
+    Acceptance,
+    DecodeStats,
+    GenerationResult,
+    MedusaDecoder,
+    _eos_set,
+    _finish,
+    _sync,
+)
+from medusa_liger.inference.tree import TreeBuffers
+
+
+class BatchedMedusaDecoder(MedusaDecoder):
+    """``MedusaDecoder`` over B sequences: ``prefill(prompts)``, then ``step(remaining)`` repeatedly,
+    ``keep(rows)`` to drop finished sequences. Same options as ``MedusaDecoder``.
+
+    State: ``cache`` ([B, ..., S, ...] per layer), ``slot_pos`` [B, S] (the position of each slot's
+    token, -1: empty), ``next_pos`` [B] (tokens so far, prompt included), ``base_logits`` [B, V] and
+    ``head_logits`` [B, K, V] of each sequence's last token.
+    """
+
+    def _mask(self, key_pos: torch.Tensor, query_pos: torch.Tensor, tree: torch.Tensor | None) -> torch.Tensor:
+        """[B, 1, Q, S (+ Q)] additive mask for queries at ``query_pos`` [B, Q] over the slots at
+        ``key_pos`` [B, S] (-1: empty) and, with ``tree`` [Q, Q] (the ancestor mask), over the queries."""
+        allowed = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= query_pos[:, :, None])
+        if self.window is not None:
+            allowed &= key_pos[:, None, :] > query_pos[:, :, None] - self.window
+        if tree is not None:
+            own = tree[None].expand(query_pos.shape[0], -1, -1)
+            if self.window is not None:
+                own = own & (query_pos[:, None, :] > query_pos[:, :, None] - self.window)
+            allowed = torch.cat([allowed, own], dim=-1)
+        dtype = self.runner.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[torch.Tensor]) -> None:
+        """Run the prompts (1-D token id tensors, any lengths) through the backbone, left-padded."""
+        device = self.runner.device
+        lengths = torch.tensor([p.numel() for p in prompts], device=device)
+        T = int(lengths.max())
+        ids = torch.zeros(len(prompts), T, dtype=torch.long, device=device)  # pad id 0: never attended to
+        for b, p in enumerate(prompts):
+            ids[b, T - p.numel():] = p.reshape(-1).to(device)
+        slot_pos = torch.arange(T, device=device)[None] - (T - lengths)[:, None]
+        self.slot_pos = slot_pos.masked_fill(slot_pos < 0, -1)
+        mask = self._mask(self.slot_pos, self.slot_pos, None)
+        # A pad query sees nothing; let it see itself so its (ignored) softmax row is not all -inf.
+        mask.diagonal(dim1=-2, dim2=-1).zero_()
+        self.cache = self.runner.new_cache()
+        hidden = self.runner.hidden(ids, self.cache, self.slot_pos.clamp(min=0), mask)
+        self.next_pos = lengths
+        self._set_last(hidden[:, -1], self.runner.logits(hidden[:, -1]))
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these sequences (indices into the current batch), in this order."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.runner.device)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        self.slot_pos, self.next_pos = self.slot_pos[index], self.next_pos[index]
+        self.base_logits, self.head_logits = self.base_logits[index], self.head_logits[index]
+
+    def _roots(self) -> torch.Tensor:
+        if self.acceptance == "greedy":
+            return self.base_logits.argmax(-1)
+        return torch.multinomial(self._probs(self.base_logits), 1, generator=self.generator)[:, 0]
+
+    def _keep_paths(self, paths: list[torch.Tensor], buf: TreeBuffers) -> None:
+        """Gather each sequence's accepted nodes into the slots after the old ones; crop the rest."""
+        S = self.slot_pos.shape[1]
+        n = torch.tensor([p.numel() for p in paths], device=self.runner.device)
+        width = int(n.max())
+        index = torch.stack([torch.cat([p, p[-1:].expand(width - p.numel())]) for p in paths]) + S  # [B, width]
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)  # [B, heads, S + N, D]
+                picked = t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+                t[:, :, S:S + width] = picked  # gather copied: overlapping slots are safe
+        if buf.num_nodes > width:
+            self.cache.crop(-(buf.num_nodes - width))
+        offsets = torch.arange(width, device=n.device)
+        new_pos = torch.where(offsets[None] < n[:, None], self.next_pos[:, None] + offsets[None], -1)
+        self.slot_pos = torch.cat([self.slot_pos, new_pos], dim=1)
+        self.next_pos = self.next_pos + n
+
+    @torch.no_grad()
+    def step(self, remaining: Sequence[int]) -> list[list[int]]:
+        """Emit between 1 and ``remaining[b]`` tokens for every sequence b with one forward.
+
+        With every ``remaining`` at 1 only the roots are emitted and no forward runs: use it only as
+        the last step.
+        """
+        if self.cache is None:
+            raise RuntimeError("call prefill(prompts) before step()")
+        roots = self._roots()  # [B]
+        most = max(remaining)
+        if most == 1:
+            return [[int(r)] for r in roots.tolist()]
+        buf = self.buffers(most - 1)
+        flat = [roots[:, None]]
+        for k, top in enumerate(buf.top_k):
+            if top:
+                flat.append(torch.topk(self.head_logits[:, k], top, dim=-1).indices)
+        tokens = torch.cat(flat, dim=1)[:, buf.candidate_index]  # [B, N]
+        query_pos = self.next_pos[:, None] + buf.depth[None]  # [B, N]
+        mask = self._mask(self.slot_pos, query_pos, buf.ancestor_mask)
+        hidden = self.runner.hidden(tokens, self.cache, query_pos, mask)  # [B, N, H]
+        logits = self.runner.logits(hidden)  # [B, N, V]
+        paths = [self._accept(buf, tokens[b], logits[b]) for b in range(tokens.shape[0])]
+        self._keep_paths(paths, buf)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        last = torch.stack([p[-1] for p in paths])
+        self._set_last(hidden[rows, last], logits[rows, last])
+        return [tokens[b, p].tolist() for b, p in enumerate(paths)]
+
+
+@torch.no_grad()
+def medusa_generate_batch(
+    model: nn.Module,
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    tree: list[list[int]] | None = None,
+    *,
+    acceptance: Acceptance = "greedy",
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+) -> list[GenerationResult]:
+    """``medusa_generate`` for several prompts at once: one verification forward per step for all.
+
+    prompts: token id tensors of shape [T] or [1, T] (lengths may differ). Returns one
+    ``GenerationResult`` per prompt, in order: its sequence [1, T + new], and its own steps and
+    tokens per step; ``wall_time_s`` is the whole batch's (shared). Options as ``medusa_generate``.
+    """
+    if isinstance(prompts, torch.Tensor) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token id tensors ([T] or [1, T] each)")
+    decoder = BatchedMedusaDecoder(
+        model, tree, acceptance=acceptance, posterior_threshold=posterior_threshold,
+        posterior_alpha=posterior_alpha, temperature=temperature, seed=seed,
+    )
+    flat = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, torch.Tensor) or p.dim() not in (1, 2) or (p.dim() == 2 and p.shape[0] != 1):
+            raise ValueError(f"prompts[{i}] must be a token id tensor of shape [T] or [1, T], got "
+                             f"{list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+        check_generation_inputs(decoder.runner, p.reshape(1, -1), max_new_tokens)
+        flat.append(p.reshape(-1))
+    eos = _eos_set(eos_token_id)
+    device = decoder.runner.device
+    _sync(device)
+    start = time.perf_counter()
+    decoder.prefill(flat)
+    tokens: list[list[int]] = [[] for _ in flat]
+    per_step: list[list[int]] = [[] for _ in flat]
+    active = list(range(len(flat)))
+    while active:
+        emitted = decoder.step([max_new_tokens - len(tokens[b]) for b in active])
+        still = []
+        for row, (b, new) in enumerate(zip(active, emitted)):
+            kept, done = _finish(tokens[b], new, eos, max_new_tokens)
+            per_step[b].append(len(kept))
+            if not done:
+                still.append(row)
+        if len(still) < len(active):
+            active = [active[row] for row in still]
+            if active:
+                decoder.keep(still)
+    _sync(device)
+    wall = time.perf_counter() - start
+    results = []
+    for p, toks, steps in zip(flat, tokens, per_step):
+        sequence = torch.cat([p.to(device), torch.tensor(toks, device=device, dtype=p.dtype)])[None]
+        results.append(GenerationResult(sequence, p.numel(), DecodeStats(len(toks), len(steps), wall, steps)))
+    return results

@@ -1,0 +1,138 @@
+"""Batched Medusa decoding: every sequence decodes what it decodes alone, in as many steps.
+
+The reference for each prompt is batch-1 Medusa decoding (``medusa_generate``, itself checked
+against plain greedy decoding in test_generate.py): greedy acceptance makes both deterministic, and
+a sequence accepts the same nodes whatever else is in the batch, so tokens and tokens-per-step
+must match exactly. Prompts have different lengths (left padding), and the chain-trained model
+accepts long paths while the random one rejects most, so the batch's sequences drift apart in both
+directions at every step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from medusa_liger.inference import BatchedMedusaDecoder, medusa_generate, medusa_generate_batch
+from medusa_liger.kernels.utils import force_backend
+# The same fixtures as test_generate.py: one intra-op thread, and the chain-trained model.
+from tests.test_generate import _one_thread, trained  # noqa: F401 - fixtures used by name
+from tests.test_generate import TREES, chain_batch, randomize_heads_, tiny_medusa
+
+
+def varied_prompts(n: int, seed: int, vocab: int = 128) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+
+def assert_matches_one_by_one(model, prompts, max_new_tokens, tree=None, **kwargs) -> list[int]:
+    """Batched == batch-1 per prompt (tokens and tokens per step); returns the per-step counts."""
+    batch = medusa_generate_batch(model, prompts, max_new_tokens, tree, **kwargs)
+    assert len(batch) == len(prompts)
+    counts = []
+    for p, got in zip(prompts, batch):
+        want = medusa_generate(model, p.reshape(1, -1), max_new_tokens, tree, **kwargs)
+        assert got.prompt_length == p.numel()
+        assert got.sequences.tolist() == want.sequences.tolist(), f"prompt {p.tolist()}"
+        assert got.stats.tokens_per_step == want.stats.tokens_per_step
+        assert got.stats.steps == want.stats.steps and got.stats.new_tokens == want.stats.new_tokens
+        counts += got.stats.tokens_per_step
+    return counts
+
+
+@pytest.mark.parametrize("tree", sorted(TREES))
+def test_random_heads_batch_matches_batch_one(tree):
+    with force_backend("torch"):
+        assert_matches_one_by_one(tiny_medusa(), varied_prompts(5, seed=1), 24, TREES[tree])
+
+
+@pytest.mark.parametrize("noise", [0.0, 2.0])
+def test_trained_heads_batch_matches_batch_one_at_every_acceptance_length(trained, noise):
+    model, perm = trained
+    # Noisy heads (as in test_generate.py) accept paths of every length, so sequences drift apart.
+    model = randomize_heads_(copy.deepcopy(model), noise, seed=5) if noise else model
+    g = torch.Generator().manual_seed(5)
+    prompts = [chain_batch(perm, g, 1, n, 0.5)[0] for n in (3, 9, 1, 16, 5)]
+    with force_backend("torch"):
+        counts = assert_matches_one_by_one(model, prompts, 40)
+    if noise:
+        assert len(set(counts)) >= 3  # several acceptance lengths within the batch's steps
+    else:
+        assert max(counts) == 5  # whole paths (the default tree's depth 4, plus the root)
+
+
+def test_eos_and_budget_finish_sequences_independently(trained):
+    model, perm = trained
+    g = torch.Generator().manual_seed(2)
+    prompts = [chain_batch(perm, g, 1, 4, 0.0)[0] for _ in range(3)]
+    eos = int(perm[perm[prompts[1][-1]]])  # the second prompt's chain reaches it after two tokens
+    with force_backend("torch"):
+        out = medusa_generate_batch(model, prompts, 30, eos_token_id=eos)
+        assert_matches_one_by_one(model, prompts, 30, eos_token_id=eos)
+        for budget in (1, 2, 5):
+            assert_matches_one_by_one(model, prompts, budget)
+    assert out[1].new_tokens.tolist()[-1] == eos and out[1].stats.new_tokens <= 2
+
+
+def test_sliding_window_backbone():
+    """A window shorter than the decode: masks come from slot positions, so empty slots never count."""
+    with force_backend("torch"):
+        model = tiny_medusa("mistral", sliding_window=8, attn="eager")
+        assert_matches_one_by_one(model, varied_prompts(4, seed=3), 20, TREES["mixed"])
+
+
+def test_typical_acceptance():
+    with force_backend("torch"):
+        model = tiny_medusa()
+        prompts = varied_prompts(3, seed=4)
+        # Temperature 0 makes typical acceptance greedy.
+        assert_matches_one_by_one(model, prompts, 16, acceptance="typical", temperature=0.0)
+        a = medusa_generate_batch(model, prompts, 16, acceptance="typical", temperature=0.7, seed=9)
+        b = medusa_generate_batch(model, prompts, 16, acceptance="typical", temperature=0.7, seed=9)
+    assert [r.sequences.tolist() for r in a] == [r.sequences.tolist() for r in b]
+    assert all(r.stats.new_tokens == 16 for r in a)
+
+
+def test_decoder_state_follows_the_batch():
+    """After a step, every sequence's slots hold exactly its tokens' positions; keep() drops rows."""
+    with force_backend("torch"):
+        model = tiny_medusa()
+        decoder = BatchedMedusaDecoder(model, TREES["mixed"])
+        prompts = varied_prompts(3, seed=6)
+        decoder.prefill(prompts)
+        emitted = decoder.step([10, 10, 10])
+        for b, p in enumerate(prompts):
+            pos = decoder.slot_pos[b]
+            assert sorted(pos[pos >= 0].tolist()) == list(range(p.numel() + len(emitted[b])))
+            assert int(decoder.next_pos[b]) == p.numel() + len(emitted[b])
+        assert decoder.cache.get_seq_length() == decoder.slot_pos.shape[1]
+        decoder.keep([2, 0])
+        assert decoder.slot_pos.shape[0] == decoder.cache.layers[0].keys.shape[0] == 2
+        assert decoder.base_logits.shape[0] == decoder.head_logits.shape[0] == 2
+
+
+def test_bad_prompts_are_refused():
+    model = tiny_medusa()
+    with pytest.raises(ValueError, match="non-empty list"):
+        medusa_generate_batch(model, [], 4)
+    with pytest.raises(ValueError, match="non-empty list"):
+        medusa_generate_batch(model, torch.zeros(2, 3, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match=r"prompts\[1\] must be a token id tensor"):
+        medusa_generate_batch(model, [torch.zeros(3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)], 4)
+    with pytest.raises(ValueError, match="empty"):
+        medusa_generate_batch(model, [torch.zeros(0, dtype=torch.long)], 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_batched_decoding(trained, dtype):
+    model = copy.deepcopy(trained[0]).to("cuda", dtype)
+    g = torch.Generator().manual_seed(2)
+    prompts = [chain_batch(trained[1], g, 1, n, 0.5)[0] for n in (6, 2, 11, 6)]
+    results = medusa_generate_batch(model, prompts, 48)
+    assert all(r.sequences.is_cuda and r.stats.new_tokens == 48 for r in results)
+    assert all(r.stats.acceleration_rate > 2 for r in results)
+    if dtype == torch.float32:  # exact up to rounding; bf16 batches may flip near-ties
+        assert_matches_one_by_one(model, prompts, 48)
