@@ -143,6 +143,22 @@ def test_evaluate_trained_heads_accelerate(tmp_path):
     assert report["measured"]["greedy_match_rate"] == 1.0
 
 
+def test_evaluate_batched_measurement_matches_one_prompt_at_a_time(tmp_path):
+    """Batched decoding accepts what single-stream decoding accepts: the same tokens and steps."""
+    model, perm = train_chain_medusa(num_heads=3, steps=80)
+    g = torch.Generator().manual_seed(1)
+    prompts = [chain_batch(perm, g, 1, n, 0.3)[0].tolist() for n in (4, 2, 7, 3, 5)]
+    report = evaluate_heads(model, prompts, tmp_path, max_new_tokens=24, tree_size=12, top_k=3, batch_size=2)
+    single, batched = report["measured"], report["measured_batched"]
+    assert batched["batch_size"] == 2
+    assert batched["medusa"]["new_tokens"] == single["medusa"]["new_tokens"] == batched["greedy"]["new_tokens"]
+    assert batched["medusa"]["steps"] == single["medusa"]["steps"]
+    assert batched["greedy"]["steps"] == batched["greedy"]["new_tokens"]  # greedy: one token a step
+    assert batched["acceleration_rate"] == pytest.approx(single["acceleration_rate"]) and batched["acceleration_rate"] > 1.5
+    assert batched["greedy_match_rate"] == 1.0 and batched["speedup"] > 0
+    assert "measured_batched" not in evaluate_heads(model, prompts[:2], tmp_path, max_new_tokens=4, tree_size=4)
+
+
 def test_evaluate_bad_input(tmp_path):
     model = random_medusa(64)
     with pytest.raises(ValueError, match="prompts"):
@@ -151,6 +167,8 @@ def test_evaluate_bad_input(tmp_path):
         evaluate_heads(model, [[1]], tmp_path, top_k=0)
     with pytest.raises(ValueError, match="tree_size"):
         evaluate_heads(model, [[1]], tmp_path, tree_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_heads(model, [[1]], tmp_path, batch_size=0)
     with pytest.raises(ValueError, match="empty"):
         evaluate_heads(model, [[]], tmp_path, max_new_tokens=4)
 
@@ -215,15 +233,17 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def f(x):\nThe assert statement\n")
     code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2",
-                 "--max-new-tokens", "8", "--tree-size", "5", "--top-k", "3", "--device", "cpu"])
+                 "--max-new-tokens", "8", "--tree-size", "5", "--top-k", "3", "--device", "cpu", "--batch-size", "2"])
     assert code == 0, capsys.readouterr().err
     out_dir = tmp_path / "run" / "eval"
     report = json.loads((out_dir / "report.json").read_text())
     assert report["num_prompts"] == 2 and report["tree"]["requested_size"] == 5 and report["num_heads"] == 2
+    assert report["measured_batched"]["batch_size"] == 2
     assert report["heads"].endswith("heads_medusa") and report["backbone"].endswith("backbone")
     assert (out_dir / "tree.json").is_file() and (out_dir / "head_accuracy.png").is_file()
     out = capsys.readouterr().out
     assert "measured: acceleration" in out and "(95% interval over 2 prompts: " in out
+    assert "measured at batch 2: acceleration" in out
     # Without --prompts, a run directory's held-out prompts (eval_prompts.jsonl) are the default.
     (tmp_path / "run" / "eval_prompts.jsonl").write_text('{"input_ids": [3, 4, 5]}\n{"input_ids": [6, 7]}\n')
     code = main(["eval", str(tmp_path / "run"), "--max-new-tokens", "4", "--tree-size", "3", "--device", "cpu"])

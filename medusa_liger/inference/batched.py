@@ -89,7 +89,9 @@ class BatchedMedusaDecoder(MedusaDecoder):
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
         self.slot_pos, self.next_pos = self.slot_pos[index], self.next_pos[index]
-        self.base_logits, self.head_logits = self.base_logits[index], self.head_logits[index]
+        self.base_logits = self.base_logits[index]
+        if self.head_logits is not None:
+            self.head_logits = self.head_logits[index]
 
     def _roots(self) -> torch.Tensor:
         if self.acceptance == "greedy":

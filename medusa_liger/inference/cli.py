@@ -118,6 +118,7 @@ def evaluate_run(
     device: str | None = None,
     dtype: str = "auto",
     attn_implementation: str = "sdpa",
+    batch_size: int = 1,
 ) -> dict[str, Any]:
     """Evaluate the heads of a training run (or explicit paths) and return the report dict.
 
@@ -146,7 +147,7 @@ def evaluate_run(
     eos = tokenizer.eos_token_id
     return evaluate_heads(
         model, prompt_ids, output_dir, max_new_tokens=max_new_tokens, tree_size=tree_size, top_k=top_k,
-        eos_token_id=eos,
+        eos_token_id=eos, batch_size=batch_size,
         metadata={"backbone": backbone_path, "heads": str(heads_dir), "prompts": prompts_source},
     )
 
@@ -171,6 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
                         help="attention implementation (both take Medusa's tree mask)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="also measure Medusa against greedy over batches of this many prompts (> 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
             prompts_split=args.prompts_split, output_dir=args.output,
             num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, tree_size=args.tree_size,
             top_k=args.top_k, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+            batch_size=args.batch_size,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"medusa-liger eval: error: {error}", file=sys.stderr)
@@ -195,5 +199,11 @@ def run(args: argparse.Namespace) -> int:
           f"{measured['speedup']:.2f}x ({measured['medusa']['tokens_per_s']:.1f} vs "
           f"{measured['greedy']['tokens_per_s']:.1f} tokens/s), identical to greedy on "
           f"{measured['greedy_match_rate']:.0%} of prompts")
+    batched = report.get("measured_batched")
+    if batched:
+        print(f"measured at batch {batched['batch_size']}: acceleration {batched['acceleration_rate']:.2f} "
+              f"tokens/step, speedup {batched['speedup']:.2f}x ({batched['medusa']['tokens_per_s']:.1f} vs "
+              f"{batched['greedy']['tokens_per_s']:.1f} tokens/s), identical to greedy on "
+              f"{batched['greedy_match_rate']:.0%} of prompts")
     print(f"wrote {report['files']['report']}, {report['files']['tree']}, {report['files']['heatmap']}")
     return 0

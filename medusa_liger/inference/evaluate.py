@@ -11,7 +11,10 @@
    acceleration rate = new tokens / decoding steps, speedup = greedy wall time / Medusa wall time,
    and how many prompts decoded identically (greedy Medusa is lossless up to float rounding). The
    acceleration rate comes with a 95% interval over prompts (``ratio_interval``): a few prompts give
-   a noisy number, and the interval says how noisy.
+   a noisy number, and the interval says how noisy. One prompt at a time (the single-stream
+   speedup); with ``batch_size`` B > 1 also ``measured_batched``: both decodings over batches of B
+   prompts (``medusa_generate_batch``; greedy as the empty tree), so the speedup at batch B, where
+   the verification forward's extra tokens are no longer free.
 
 Outputs in ``output_dir``: ``report.json``, ``tree.json`` (the ``medusa_choices`` list) and
 ``head_accuracy.png`` (heatmap of the cumulative table).
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medusa_liger.inference.batched import medusa_generate_batch
 from medusa_liger.inference.generate import greedy_generate, medusa_generate
 from medusa_liger.inference.tree import (
     DEFAULT_TOP_K,
@@ -233,12 +237,14 @@ def evaluate_heads(
     top_k: int = DEFAULT_TOP_K,
     eos_token_id: int | list[int] | None = None,
     warmup: bool = True,
+    batch_size: int = 1,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Accuracy table, tree search and measured speedup of ``model`` (a MedusaModel) on ``prompts``.
 
     prompts: token id lists. Writes report.json, tree.json and head_accuracy.png to ``output_dir``
-    and returns the report dict (``metadata`` is merged into it).
+    and returns the report dict (``metadata`` is merged into it). batch_size > 1 adds the
+    ``measured_batched`` section (see the module docstring).
     """
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
@@ -246,6 +252,8 @@ def evaluate_heads(
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if not isinstance(tree_size, int) or tree_size < 1:
         raise ValueError(f"tree_size must be an integer >= 1, got {tree_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     vocab = model.lm_head.weight.shape[0]
     top_k = min(top_k, vocab)
     device = model.lm_head.weight.device
@@ -310,6 +318,9 @@ def evaluate_heads(
             "per_prompt_acceleration": [r.stats.acceleration_rate for r in runs],
         },
     }
+    if batch_size > 1:
+        report["measured_batched"] = measure_batched(model, [ids[0] for ids in inputs], max_new_tokens, tree,
+                                                     batch_size, eos_token_id, warmup)
     if metadata:
         report.update(metadata)
     files = {
@@ -322,3 +333,35 @@ def evaluate_heads(
     report["files"] = {name: str(p) for name, p in files.items()}
     files["report"].write_text(json.dumps(report, indent=2))
     return report
+
+
+def measure_batched(model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
+                    tree: list[list[int]], batch_size: int, eos_token_id=None, warmup: bool = True) -> dict[str, Any]:
+    """Medusa (``tree``) and plain greedy (the empty tree) decoding over batches of ``batch_size``
+    prompts: tokens, steps, wall time and throughput of each, speedup = greedy time / Medusa time,
+    and the share of prompts whose Medusa output equals the greedy one."""
+    batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    if warmup:  # one-time costs (kernels, allocator growth) at this batch size
+        for t in (tree, []):
+            medusa_generate_batch(model, batches[0], min(8, max_new_tokens), t, eos_token_id=eos_token_id)
+    medusa, greedy = ([r for b in batches for r in medusa_generate_batch(model, b, max_new_tokens, t,
+                                                                        eos_token_id=eos_token_id)]
+                      for t in (tree, []))
+
+    def totals(results: list) -> dict[str, float]:
+        # A batch's wall time is shared by its prompts: count it once per batch.
+        wall = sum(results[i].stats.wall_time_s for i in range(0, len(results), batch_size))
+        tokens = sum(r.stats.new_tokens for r in results)
+        return {"new_tokens": tokens, "steps": sum(r.stats.steps for r in results), "wall_time_s": wall,
+                "tokens_per_s": tokens / max(wall, 1e-12)}
+
+    m, g = totals(medusa), totals(greedy)
+    return {
+        "batch_size": batch_size,
+        "acceleration_rate": m["new_tokens"] / max(m["steps"], 1),
+        "speedup": g["wall_time_s"] / max(m["wall_time_s"], 1e-12),
+        "medusa": m,
+        "greedy": g,
+        "greedy_match_rate": sum(a.sequences.tolist() == b.sequences.tolist() for a, b in zip(medusa, greedy))
+        / len(medusa),
+    }

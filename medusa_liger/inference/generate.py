@@ -210,6 +210,7 @@ class MedusaDecoder:
         if full.top_k and max(full.top_k) > vocab:
             raise ValueError(f"tree uses rank {max(full.top_k) - 1} but the vocabulary has only {vocab} tokens")
         self.max_depth = max((len(p) for p in self.tree), default=0)
+        self.uses_heads = self.max_depth > 0
         self._buffers: dict[int, TreeBuffers] = {self.max_depth: full.to(self.runner.device)}
         # temperature 0 makes typical acceptance greedy (as in the Medusa reference implementation).
         self.acceptance = "greedy" if temperature == 0 else acceptance
@@ -236,7 +237,8 @@ class MedusaDecoder:
 
     def _set_last(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
         self.base_logits = logits  # [V]: the backbone's next-token logits
-        self.head_logits = self.runner.head_logits(hidden)  # [K, V]: the heads' guesses further ahead
+        # [K, V]: the heads' guesses further ahead; an empty tree (plain greedy) reads none of them.
+        self.head_logits = self.runner.head_logits(hidden) if self.uses_heads else None
 
     def buffers(self, max_depth: int) -> TreeBuffers:
         """The tree cut to ``max_depth`` (so no node lies past the token budget), on the device."""
@@ -309,9 +311,9 @@ class MedusaDecoder:
             return [int(root)]
         # Candidate tokens: [root, head 0 top-k_0, head 1 top-k_1, ...], gathered into node order.
         flat = [root]
-        for k, logits in zip(buf.top_k, self.head_logits):
-            if k:
-                flat.append(torch.topk(logits, k).indices)
+        for k, top in enumerate(buf.top_k):
+            if top:
+                flat.append(torch.topk(self.head_logits[k], top).indices)
         tokens = torch.cat(flat)[buf.candidate_index]  # [N]
         mask = buf.attention_mask(self.past_length, self.runner.dtype, self.window)
         hidden = self.runner.hidden(tokens[None], self.cache, buf.position_ids(self.past_length), mask)[0]
