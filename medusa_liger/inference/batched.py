@@ -46,7 +46,7 @@ class BatchedMedusaDecoder(MedusaDecoder):
 
     State: ``cache`` ([B, ..., S, ...] per layer), ``slot_pos`` [B, S] (the position of each slot's
     token, -1: empty), ``next_pos`` [B] (tokens so far, prompt included), ``base_logits`` [B, V] and
-    ``head_logits`` [B, K, V] of each sequence's last token.
+    ``head_logits`` [B, K, V] (None for the empty tree) of each sequence's last token.
     """
 
     def _mask(self, key_pos: torch.Tensor, query_pos: torch.Tensor, tree: torch.Tensor | None) -> torch.Tensor:
