@@ -140,7 +140,8 @@ def step_rounds(rounds: int) -> None:
     print("|---|---|---|---|")
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
-        print(f"| {name} | {statistics.median(ts):.1f} | {q[0]:.1f} - {q[2]:.1f} | {statistics.median(ts) / base:.3f} |")
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.1f} | {q[0]:.1f} - {q[2]:.1f} | {med / base:.3f} |")
 
 
 def trace_schedule() -> None:

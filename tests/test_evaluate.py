@@ -154,7 +154,8 @@ def test_evaluate_batched_measurement_matches_one_prompt_at_a_time(tmp_path):
     assert batched["medusa"]["new_tokens"] == single["medusa"]["new_tokens"] == batched["greedy"]["new_tokens"]
     assert batched["medusa"]["steps"] == single["medusa"]["steps"]
     assert batched["greedy"]["steps"] == batched["greedy"]["new_tokens"]  # greedy: one token a step
-    assert batched["acceleration_rate"] == pytest.approx(single["acceleration_rate"]) and batched["acceleration_rate"] > 1.5
+    assert batched["acceleration_rate"] == pytest.approx(single["acceleration_rate"])
+    assert batched["acceleration_rate"] > 1.5
     assert batched["greedy_match_rate"] == 1.0 and batched["speedup"] > 0
     assert "measured_batched" not in evaluate_heads(model, prompts[:2], tmp_path, max_new_tokens=4, tree_size=4)
 

@@ -186,7 +186,8 @@ if gluon is not None:
                 # Keep MMA_DEPTH wgmma groups in flight; the one issued MMA_DEPTH steps ago is done, so its
                 # stage goes back to the producer.
                 acc = warpgroup_mma_wait(MMA_DEPTH, deps=(acc, ))
-                mbarrier.arrive(s.empty.index((step + STAGES - MMA_DEPTH) % STAGES), count=1, pred=kk >= MMA_DEPTH)
+                mbarrier.arrive(s.empty.index((step + STAGES - MMA_DEPTH) % STAGES), count=1,
+                                pred=kk >= MMA_DEPTH)
                 step += 1
             mbarrier.arrive(s.turn.index(1 - WHICH), count=1)
             _trace(s, i, 1)  # its last MMA is issued
@@ -226,9 +227,9 @@ if gluon is not None:
 
     @gluon.jit
     def _pingpong_kernel(a_desc, b_desc, c_desc, shift_ptr, target_ptr, row_max_ptr, tile_sum_ptr, M, N, K,
-                        STAGES: gl.constexpr, GROUP: gl.constexpr, EXP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                        PRODUCER_REGS: gl.constexpr, MMA_DEPTH: gl.constexpr,
-                         STATS: gl.constexpr, trace_ptr, TRACE: gl.constexpr):
+                         STAGES: gl.constexpr, GROUP: gl.constexpr, EXP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         PRODUCER_REGS: gl.constexpr, MMA_DEPTH: gl.constexpr, STATS: gl.constexpr, trace_ptr,
+                         TRACE: gl.constexpr):
         """C = A @ B^T (A [M, K], B [N, K], both K-major), or the exp epilogue's E, tile sums and row max."""
         dtype: gl.constexpr = a_desc.dtype
         a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
@@ -242,9 +243,8 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=1)
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
-        s = _Shared(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, shift_ptr, target_ptr, row_max_ptr,
-                   tile_sum_ptr, M, N, K, GROUP, EXP, MMA_DEPTH, STATS,
-                    trace_ptr, TRACE)
+        s = _Shared(a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, shift_ptr, target_ptr,
+                    row_max_ptr, tile_sum_ptr, M, N, K, GROUP, EXP, MMA_DEPTH, STATS, trace_ptr, TRACE)
         gl.warp_specialize([
             (_consumer, (s, 0)),
             (_consumer_1, (s, )),
