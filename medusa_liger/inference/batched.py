@@ -69,7 +69,7 @@ class BatchedMedusaDecoder(MedusaDecoder):
         """Run the prompts (1-D token id tensors, any lengths) through the backbone, left-padded."""
         device = self.runner.device
         lengths = torch.tensor([p.numel() for p in prompts], device=device)
-        T = int(lengths.max())
+        T = max(p.numel() for p in prompts)  # from the host's list: no device read
         ids = torch.zeros(len(prompts), T, dtype=torch.long, device=device)  # pad id 0: never attended to
         for b, p in enumerate(prompts):
             ids[b, T - p.numel():] = p.reshape(-1).to(device)
@@ -102,7 +102,7 @@ class BatchedMedusaDecoder(MedusaDecoder):
         """Gather each sequence's accepted nodes into the slots after the old ones; crop the rest."""
         S = self.slot_pos.shape[1]
         n = torch.tensor([p.numel() for p in paths], device=self.runner.device)
-        width = int(n.max())
+        width = max(p.numel() for p in paths)  # from the host's list: no device read
         index = torch.stack([torch.cat([p, p[-1:].expand(width - p.numel())]) for p in paths]) + S  # [B, width]
         for layer in self.cache.layers:
             for name in ("keys", "values"):
