@@ -27,13 +27,15 @@ def varied_prompts(n: int, seed: int, vocab: int = 128) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g) for _ in range(n)]
 
 
-def assert_matches_one_by_one(model, prompts, max_new_tokens, tree=None, **kwargs) -> list[int]:
-    """Batched == batch-1 per prompt (tokens and tokens per step); returns the per-step counts."""
-    batch = medusa_generate_batch(model, prompts, max_new_tokens, tree, **kwargs)
+def assert_matches_one_by_one(model, prompts, max_new_tokens, tree=None, seeds=None, **kwargs) -> list[int]:
+    """Batched == batch-1 per prompt (tokens and tokens per step); returns the per-step counts.
+    seeds: the batch's ``seed`` argument, and the seed of each prompt decoded alone."""
+    batch = medusa_generate_batch(model, prompts, max_new_tokens, tree, seed=seeds, **kwargs)
     assert len(batch) == len(prompts)
     counts = []
-    for p, got in zip(prompts, batch):
-        want = medusa_generate(model, p.reshape(1, -1), max_new_tokens, tree, **kwargs)
+    for b, (p, got) in enumerate(zip(prompts, batch)):
+        seed = None if seeds is None else (seeds + b if isinstance(seeds, int) else seeds[b])
+        want = medusa_generate(model, p.reshape(1, -1), max_new_tokens, tree, seed=seed, **kwargs)
         assert got.prompt_length == p.numel()
         assert got.sequences.tolist() == want.sequences.tolist(), f"prompt {p.tolist()}"
         assert got.stats.tokens_per_step == want.stats.tokens_per_step
@@ -93,6 +95,33 @@ def test_typical_acceptance():
         b = medusa_generate_batch(model, prompts, 16, acceptance="typical", temperature=0.7, seed=9)
     assert [r.sequences.tolist() for r in a] == [r.sequences.tolist() for r in b]
     assert all(r.stats.new_tokens == 16 for r in a)
+
+
+@pytest.mark.parametrize("seeds", [9, [5, 1, 5, 30]])
+def test_typical_acceptance_samples_what_each_sequence_samples_alone(trained, seeds):
+    """Each sequence has its own generator: with seed s + b (or seeds[b]) it draws what batch-1
+    decoding with that seed draws, whatever the others accept or when they finish."""
+    model, perm = trained
+    model = randomize_heads_(copy.deepcopy(model), 1.0, seed=3)  # accepts some nodes, rejects others
+    g = torch.Generator().manual_seed(8)
+    prompts = [chain_batch(perm, g, 1, n, 0.5)[0] for n in (3, 9, 1, 6)]
+    with force_backend("torch"):
+        counts = assert_matches_one_by_one(model, prompts, 24, seeds=seeds, acceptance="typical", temperature=1.5,
+                                           eos_token_id=int(perm[0]))
+        # Another seed draws other tokens: the test can tell generators apart.
+        other = medusa_generate_batch(model, prompts, 24, seed=123, acceptance="typical", temperature=1.5)
+        same = medusa_generate_batch(model, prompts, 24, seed=seeds, acceptance="typical", temperature=1.5)
+    assert len(set(counts)) >= 3  # sequences accept different lengths, so their draws interleave
+    assert all(a.sequences.tolist() != b.sequences.tolist() for a, b in zip(other, same))
+
+
+def test_seeds_must_match_the_prompts():
+    model = tiny_medusa()
+    prompts = varied_prompts(2, seed=1)
+    with pytest.raises(ValueError, match="2 prompts"):
+        medusa_generate_batch(model, prompts, 4, acceptance="typical", temperature=0.5, seed=[1, 2, 3])
+    with pytest.raises(ValueError, match="seed must be"):
+        medusa_generate_batch(model, prompts, 4, acceptance="typical", temperature=0.5, seed="7")
 
 
 def test_decoder_state_follows_the_batch():

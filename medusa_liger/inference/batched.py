@@ -16,7 +16,8 @@ sequence. The batch keeps, per sequence and cache slot, the position of the toke
 
 Greedy acceptance stays lossless per sequence: each decodes the tokens plain greedy decoding would,
 in the steps batch-1 Medusa decoding would take (``medusa_generate``), up to float rounding of the
-padded batch. Typical acceptance draws from one generator for the whole batch.
+padded batch. So does typical acceptance: sequence b samples from its own generator (seeded with
+``seed + b``, or ``seeds[b]``), as ``medusa_generate`` with that seed would.
 """
 
 from __future__ import annotations
@@ -40,14 +41,29 @@ from medusa_liger.inference.generate import (
 from medusa_liger.inference.tree import TreeBuffers
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class BatchedMedusaDecoder(MedusaDecoder):
     """``MedusaDecoder`` over B sequences: ``prefill(prompts)``, then ``step(remaining)`` repeatedly,
-    ``keep(rows)`` to drop finished sequences. Same options as ``MedusaDecoder``.
+    ``keep(rows)`` to drop finished sequences. Same options as ``MedusaDecoder``, except ``seed``:
+    an int (sequence b's generator gets ``seed + b``), one int per prompt, or None (torch's default
+    generator).
 
     State: ``cache`` ([B, ..., S, ...] per layer), ``slot_pos`` [B, S] (the position of each slot's
     token, -1: empty), ``next_pos`` [B] (tokens so far, prompt included), ``base_logits`` [B, V] and
-    ``head_logits`` [B, K, V] (None for the empty tree) of each sequence's last token.
+    ``head_logits`` [B, K, V] (None for the empty tree) of each sequence's last token, and
+    ``generators`` (one per sequence, or None each).
     """
+
+    def __init__(self, model: nn.Module, tree: list[list[int]] | None = None, *,
+                 seed: int | Sequence[int] | None = None, **options) -> None:
+        super().__init__(model, tree, **options)
+        if not (seed is None or _is_int(seed) or (isinstance(seed, Sequence) and all(_is_int(s) for s in seed))):
+            raise ValueError(f"seed must be None, an int or a list of ints (one per prompt), got {seed!r}")
+        self.seeds = seed
+        self.generators: list[torch.Generator | None] = []
 
     def _mask(self, key_pos: torch.Tensor, query_pos: torch.Tensor, tree: torch.Tensor | None) -> torch.Tensor:
         """[B, 1, Q, S (+ Q)] additive mask for queries at ``query_pos`` [B, Q] over the slots at
@@ -81,7 +97,17 @@ class BatchedMedusaDecoder(MedusaDecoder):
         self.cache = self.runner.new_cache()
         hidden = self.runner.hidden(ids, self.cache, self.slot_pos.clamp(min=0), mask)
         self.next_pos = lengths
+        self.generators = self._new_generators(len(prompts))
         self._set_last(hidden[:, -1], self.runner.logits(hidden[:, -1]))
+
+    def _new_generators(self, batch: int) -> list[torch.Generator | None]:
+        """One generator per sequence, seeded as ``medusa_generate``'s would be for it alone."""
+        if self.seeds is None:
+            return [None] * batch
+        seeds = [self.seeds + b for b in range(batch)] if _is_int(self.seeds) else list(self.seeds)
+        if len(seeds) != batch:
+            raise ValueError(f"seed holds {len(seeds)} seeds for {batch} prompts; pass one per prompt or one int")
+        return [torch.Generator(device=self.runner.device).manual_seed(int(s)) for s in seeds]
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only these sequences (indices into the current batch), in this order."""
@@ -90,13 +116,16 @@ class BatchedMedusaDecoder(MedusaDecoder):
             layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
         self.slot_pos, self.next_pos = self.slot_pos[index], self.next_pos[index]
         self.base_logits = self.base_logits[index]
+        self.generators = [self.generators[r] for r in rows]
         if self.head_logits is not None:
             self.head_logits = self.head_logits[index]
 
     def _roots(self) -> torch.Tensor:
         if self.acceptance == "greedy":
             return self.base_logits.argmax(-1)
-        return torch.multinomial(self._probs(self.base_logits), 1, generator=self.generator)[:, 0]
+        # Row by row, each from its sequence's generator: the draws batch-1 decoding would make.
+        probs = self._probs(self.base_logits)
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
 
     def _keep_paths(self, paths: list[torch.Tensor], buf: TreeBuffers) -> None:
         """Gather each sequence's accepted nodes into the slots after the old ones; crop the rest."""
@@ -158,14 +187,16 @@ def medusa_generate_batch(
     posterior_threshold: float = 0.09,
     posterior_alpha: float = 0.3,
     temperature: float = 0.0,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     eos_token_id: int | list[int] | None = None,
 ) -> list[GenerationResult]:
     """``medusa_generate`` for several prompts at once: one verification forward per step for all.
 
     prompts: token id tensors of shape [T] or [1, T] (lengths may differ). Returns one
     ``GenerationResult`` per prompt, in order: its sequence [1, T + new], and its own steps and
-    tokens per step; ``wall_time_s`` is the whole batch's (shared). Options as ``medusa_generate``.
+    tokens per step; ``wall_time_s`` is the whole batch's (shared). Options as ``medusa_generate``,
+    except ``seed`` (typical acceptance): an int gives prompt b the seed ``seed + b``, a list one
+    seed per prompt; prompt b then decodes what ``medusa_generate`` with its seed decodes.
     """
     if isinstance(prompts, torch.Tensor) or not prompts:
         raise ValueError("prompts must be a non-empty list of token id tensors ([T] or [1, T] each)")

@@ -167,6 +167,19 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
 # ---------------------------------------------------------------------------------------------
 
 
+def check_acceptance(acceptance: str, temperature: float, posterior_threshold: float, posterior_alpha: float) -> None:
+    """ValueError naming the first bad acceptance option (see ``medusa_generate``)."""
+    if acceptance not in ("greedy", "typical"):
+        raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
+    if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(posterior_threshold, (int, float)) and 0 < posterior_threshold <= 1):
+        raise ValueError(f"posterior_threshold (epsilon) must be in (0, 1], got {posterior_threshold!r}")
+    if not (isinstance(posterior_alpha, (int, float)) and posterior_alpha > 0 and math.isfinite(posterior_alpha)):
+        raise ValueError(f"posterior_alpha must be a finite number > 0, got {posterior_alpha!r}")
+
+
+
 class MedusaDecoder:
     """Step-by-step Medusa decoding of one sequence: ``prefill(prompt)``, then ``step()`` repeatedly.
 
@@ -194,14 +207,7 @@ class MedusaDecoder:
                 f"the backbone's attention implementation is {attn!r}, which does not take the custom 4-D tree "
                 f"mask; load it with attn_implementation in {MASK_ATTENTION_IMPLEMENTATIONS}"
             )
-        if acceptance not in ("greedy", "typical"):
-            raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
-        if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if not 0 < posterior_threshold <= 1:
-            raise ValueError(f"posterior_threshold (epsilon) must be in (0, 1], got {posterior_threshold!r}")
-        if not posterior_alpha > 0:
-            raise ValueError(f"posterior_alpha must be > 0, got {posterior_alpha!r}")
+        check_acceptance(acceptance, temperature, posterior_threshold, posterior_alpha)
         num_heads = self.runner.num_heads
         self.tree = default_tree(num_heads) if tree is None else [list(p) for p in tree]
         # Validates the tree against the number of heads (ValueError naming the missing head).
