@@ -15,7 +15,7 @@ from medusa_liger.inference.evaluate import (
     ratio_interval,
     student_t_975,
 )
-from medusa_liger.inference.generate import greedy_generate
+from medusa_liger.inference.generate import greedy_generate, medusa_generate
 from medusa_liger.inference.tree import expected_acceleration, normalize_tree
 from medusa_liger.kernels.utils import force_backend
 from tests.test_generate import chain_batch, randomize_heads_, tiny_backbone, train_chain_medusa
@@ -160,6 +160,34 @@ def test_evaluate_batched_measurement_matches_one_prompt_at_a_time(tmp_path):
     assert "measured_batched" not in evaluate_heads(model, prompts[:2], tmp_path, max_new_tokens=4, tree_size=4)
 
 
+def test_evaluate_typical_acceptance_against_plain_sampling(tmp_path):
+    """Typical acceptance samples: the baseline is plain sampling (one token a step), prompt i draws
+    from seed + i in every decoding, so batched decoding accepts what single-stream decoding does
+    and a second evaluation repeats the first."""
+    model, perm = train_chain_medusa(num_heads=3, steps=80)
+    g = torch.Generator().manual_seed(1)
+    prompts = [chain_batch(perm, g, 1, n, 0.3)[0].tolist() for n in (4, 2, 7, 3, 5)]
+    options = dict(max_new_tokens=24, tree_size=12, top_k=3, batch_size=2, acceptance="typical", temperature=1.0)
+    report = evaluate_heads(model, prompts, tmp_path, seed=4, **options)
+    assert report["decoding"] == {"acceptance": "typical", "temperature": 1.0, "posterior_threshold": 0.09,
+                                  "posterior_alpha": 0.3, "seed": 4}
+    single, batched = report["measured"], report["measured_batched"]
+    for section in (single, batched):
+        assert "greedy" not in section and "greedy_match_rate" not in section
+        assert section["sampling"]["steps"] == section["sampling"]["new_tokens"] == 5 * 24  # no EOS given
+        assert section["medusa"]["new_tokens"] == 5 * 24 and section["speedup"] > 0
+    assert batched["medusa"]["steps"] == single["medusa"]["steps"]
+    assert single["acceleration_rate"] > 1.5
+    again = evaluate_heads(model, prompts, tmp_path, seed=4, **options)
+    assert again["measured"]["per_prompt_acceleration"] == single["per_prompt_acceleration"]
+    # The single-stream decodings are medusa_generate's with seed + i.
+    tree = report["tree"]["paths"]
+    for i in (0, 3):
+        want = medusa_generate(model, torch.tensor([prompts[i]]), 24, tree, acceptance="typical", temperature=1.0,
+                               seed=4 + i)
+        assert single["per_prompt_acceleration"][i] == want.stats.acceleration_rate
+
+
 def test_evaluate_bad_input(tmp_path):
     model = random_medusa(64)
     with pytest.raises(ValueError, match="prompts"):
@@ -170,6 +198,14 @@ def test_evaluate_bad_input(tmp_path):
         evaluate_heads(model, [[1]], tmp_path, tree_size=0)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate_heads(model, [[1]], tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="acceptance must be"):
+        evaluate_heads(model, [[1]], tmp_path, acceptance="beam")
+    with pytest.raises(ValueError, match="temperature 0 is greedy"):
+        evaluate_heads(model, [[1]], tmp_path, acceptance="typical", temperature=0.0)
+    with pytest.raises(ValueError, match="posterior_alpha"):
+        evaluate_heads(model, [[1]], tmp_path, acceptance="typical", posterior_alpha=float("inf"))
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        evaluate_heads(model, [[1]], tmp_path, acceptance="typical", seed=1.5)
     with pytest.raises(ValueError, match="empty"):
         evaluate_heads(model, [[]], tmp_path, max_new_tokens=4)
 
@@ -244,7 +280,17 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     assert (out_dir / "tree.json").is_file() and (out_dir / "head_accuracy.png").is_file()
     out = capsys.readouterr().out
     assert "measured: acceleration" in out and "(95% interval over 2 prompts: " in out
-    assert "measured at batch 2: acceleration" in out
+    assert "measured at batch 2: acceleration" in out and "tokens/s of plain greedy), identical to greedy" in out
+    # Typical acceptance: sampling against plain sampling.
+    code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens",
+                 "6", "--tree-size", "4", "--device", "cpu", "--acceptance", "typical", "--temperature", "0.9",
+                 "--seed", "3", "--batch-size", "2"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["decoding"]["temperature"] == 0.9 and report["decoding"]["seed"] == 3
+    out = capsys.readouterr().out
+    assert "measured (typical acceptance at temperature 0.9): acceleration" in out
+    assert "tokens/s of plain sampling)" in out and "identical to greedy" not in out
     # Without --prompts, a run directory's held-out prompts (eval_prompts.jsonl) are the default.
     (tmp_path / "run" / "eval_prompts.jsonl").write_text('{"input_ids": [3, 4, 5]}\n{"input_ids": [6, 7]}\n')
     code = main(["eval", str(tmp_path / "run"), "--max-new-tokens", "4", "--tree-size", "3", "--device", "cpu"])

@@ -20,8 +20,10 @@ from medusa_liger.heads.export import (  # one table of dtype names for every CL
     parse_dtype,
 )
 from medusa_liger.inference.evaluate import (
+    BASELINE,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_PROMPTS,
+    DEFAULT_TEMPERATURE,
     default_prompts_file,
     evaluate_heads,
     load_prompts,
@@ -119,6 +121,11 @@ def evaluate_run(
     dtype: str = "auto",
     attn_implementation: str = "sdpa",
     batch_size: int = 1,
+    acceptance: str = "greedy",
+    temperature: float = DEFAULT_TEMPERATURE,
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate the heads of a training run (or explicit paths) and return the report dict.
 
@@ -147,7 +154,8 @@ def evaluate_run(
     eos = tokenizer.eos_token_id
     return evaluate_heads(
         model, prompt_ids, output_dir, max_new_tokens=max_new_tokens, tree_size=tree_size, top_k=top_k,
-        eos_token_id=eos, batch_size=batch_size,
+        eos_token_id=eos, batch_size=batch_size, acceptance=acceptance, temperature=temperature,
+        posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha, seed=seed,
         metadata={"backbone": backbone_path, "heads": str(heads_dir), "prompts": prompts_source},
     )
 
@@ -174,6 +182,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention implementation (both take Medusa's tree mask)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="also measure Medusa against greedy over batches of this many prompts (> 1)")
+    parser.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"],
+                        help="greedy: lossless, against plain greedy decoding; typical: sampling at --temperature "
+                             "with typical acceptance, against plain sampling")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help="sampling temperature of --acceptance typical")
+    parser.add_argument("--posterior-threshold", type=float, default=0.09,
+                        help="typical acceptance's epsilon (the largest probability a candidate must reach)")
+    parser.add_argument("--posterior-alpha", type=float, default=0.3,
+                        help="typical acceptance's entropy factor (threshold alpha * exp(-entropy) below epsilon)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of --acceptance typical (prompt i: seed + i)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -183,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
             prompts_split=args.prompts_split, output_dir=args.output,
             num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, tree_size=args.tree_size,
             top_k=args.top_k, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, acceptance=args.acceptance, temperature=args.temperature,
+            posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha, seed=args.seed,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"medusa-liger eval: error: {error}", file=sys.stderr)
@@ -195,15 +214,24 @@ def run(args: argparse.Namespace) -> int:
     interval = measured["acceleration_rate_ci95"]
     spread = "" if interval is None else \
         f" (95% interval over {report['num_prompts']} prompts: {interval[0]:.2f}-{interval[1]:.2f})"
-    print(f"measured: acceleration {measured['acceleration_rate']:.2f} tokens/step{spread}, speedup "
-          f"{measured['speedup']:.2f}x ({measured['medusa']['tokens_per_s']:.1f} vs "
-          f"{measured['greedy']['tokens_per_s']:.1f} tokens/s), identical to greedy on "
-          f"{measured['greedy_match_rate']:.0%} of prompts")
+    decoding = report["decoding"]
+    how = "" if decoding["acceptance"] == "greedy" else \
+        f" (typical acceptance at temperature {decoding['temperature']:g})"
+    print(f"measured{how}: acceleration {measured['acceleration_rate']:.2f} tokens/step{spread}, "
+          f"{_speedup(measured, decoding['acceptance'])}")
     batched = report.get("measured_batched")
     if batched:
         print(f"measured at batch {batched['batch_size']}: acceleration {batched['acceleration_rate']:.2f} "
-              f"tokens/step, speedup {batched['speedup']:.2f}x ({batched['medusa']['tokens_per_s']:.1f} vs "
-              f"{batched['greedy']['tokens_per_s']:.1f} tokens/s), identical to greedy on "
-              f"{batched['greedy_match_rate']:.0%} of prompts")
+              f"tokens/step, {_speedup(batched, decoding['acceptance'])}")
     print(f"wrote {report['files']['report']}, {report['files']['tree']}, {report['files']['heatmap']}")
     return 0
+
+
+def _speedup(measured: dict[str, Any], acceptance: str) -> str:
+    """'speedup 1.80x (a vs b tokens/s), ...' for a measured section of the report."""
+    baseline = BASELINE[acceptance]
+    text = (f"speedup {measured['speedup']:.2f}x ({measured['medusa']['tokens_per_s']:.1f} vs "
+            f"{measured[baseline]['tokens_per_s']:.1f} tokens/s of plain {baseline})")
+    if "greedy_match_rate" in measured:
+        text += f", identical to greedy on {measured['greedy_match_rate']:.0%} of prompts"
+    return text

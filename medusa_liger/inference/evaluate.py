@@ -14,7 +14,10 @@
    a noisy number, and the interval says how noisy. One prompt at a time (the single-stream
    speedup); with ``batch_size`` B > 1 also ``measured_batched``: both decodings over batches of B
    prompts (``medusa_generate_batch``; greedy as the empty tree), so the speedup at batch B, where
-   the verification forward's extra tokens are no longer free.
+   the verification forward's extra tokens are no longer free. With ``acceptance="typical"`` both
+   measurements sample at ``temperature`` instead: Medusa with typical acceptance against plain
+   sampling (the empty tree), prompt i drawing from seed ``seed + i`` in every decoding (the tree
+   still comes from the greedy accuracy table).
 
 Outputs in ``output_dir``: ``report.json``, ``tree.json`` (the ``medusa_choices`` list) and
 ``head_accuracy.png`` (heatmap of the cumulative table).
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from medusa_liger.inference.batched import medusa_generate_batch
-from medusa_liger.inference.generate import greedy_generate, medusa_generate
+from medusa_liger.inference.generate import Acceptance, check_acceptance, greedy_generate, medusa_generate
 from medusa_liger.inference.tree import (
     DEFAULT_TOP_K,
     DEFAULT_TREE_SIZE,
@@ -51,6 +54,8 @@ from medusa_liger.records import (
 SCORE_CHUNK = 64
 DEFAULT_NUM_PROMPTS = 16
 DEFAULT_MAX_NEW_TOKENS = 128
+# Sampling temperature of the typical-acceptance measurement (the Medusa paper's chat setting).
+DEFAULT_TEMPERATURE = 0.7
 # The standard normal distribution's 97.5% quantile (a two-sided 95% interval).
 Z_975 = 1.959964
 
@@ -238,13 +243,20 @@ def evaluate_heads(
     eos_token_id: int | list[int] | None = None,
     warmup: bool = True,
     batch_size: int = 1,
+    acceptance: Acceptance = "greedy",
+    temperature: float = DEFAULT_TEMPERATURE,
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    seed: int = 0,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Accuracy table, tree search and measured speedup of ``model`` (a MedusaModel) on ``prompts``.
 
     prompts: token id lists. Writes report.json, tree.json and head_accuracy.png to ``output_dir``
     and returns the report dict (``metadata`` is merged into it). batch_size > 1 adds the
-    ``measured_batched`` section (see the module docstring).
+    ``measured_batched`` section. acceptance "typical" measures sampling at ``temperature`` (> 0)
+    with typical acceptance (``posterior_threshold``, ``posterior_alpha``; see ``medusa_generate``)
+    against plain sampling, prompt i from seed ``seed + i`` (see the module docstring).
     """
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
@@ -254,6 +266,13 @@ def evaluate_heads(
         raise ValueError(f"tree_size must be an integer >= 1, got {tree_size!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_acceptance(acceptance, temperature, posterior_threshold, posterior_alpha)
+    sampling = acceptance == "typical"
+    if sampling and temperature == 0:
+        raise ValueError("typical acceptance at temperature 0 is greedy acceptance: pass a temperature > 0 "
+                         "or acceptance='greedy'")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     vocab = model.lm_head.weight.shape[0]
     top_k = min(top_k, vocab)
     device = model.lm_head.weight.device
@@ -277,17 +296,33 @@ def evaluate_heads(
     # 2. The tree with the highest expected acceptance for that table.
     tree, estimated = greedy_tree_search(per_rank, tree_size)
 
-    # 3. Measured: Medusa with that tree vs plain greedy, on the same prompts.
+    # 3. Measured: Medusa with that tree vs plain greedy decoding (or, typical: plain sampling, the
+    # empty tree), on the same prompts.
+    options = dict(acceptance="typical", temperature=temperature, posterior_threshold=posterior_threshold,
+                   posterior_alpha=posterior_alpha) if sampling else {}
     if warmup:  # first calls pay one-time costs (kernel loading, allocator growth)
         medusa_generate(model, inputs[0], min(8, max_new_tokens), tree, eos_token_id=eos_token_id,
-                        compare_greedy=True)
-    runs = [medusa_generate(model, ids, max_new_tokens, tree, eos_token_id=eos_token_id, compare_greedy=True)
-            for ids in inputs]
-    medusa_tokens = sum(r.stats.new_tokens for r in runs)
-    medusa_steps = sum(r.stats.steps for r in runs)
-    medusa_time = sum(r.stats.wall_time_s for r in runs)
-    greedy_tokens = sum(r.greedy.stats.new_tokens for r in runs)
-    greedy_time = sum(r.greedy.stats.wall_time_s for r in runs)
+                        compare_greedy=not sampling, seed=seed if sampling else None, **options)
+
+    def decode(i: int, ids: torch.Tensor, t: list[list[int]]):
+        return medusa_generate(model, ids, max_new_tokens, t, eos_token_id=eos_token_id, compare_greedy=not sampling,
+                               seed=seed + i if sampling else None, **options)
+
+    runs = [decode(i, ids, tree) for i, ids in enumerate(inputs)]
+    baselines = [decode(i, ids, []) for i, ids in enumerate(inputs)] if sampling else [r.greedy for r in runs]
+    medusa = _totals(runs, sum(r.stats.wall_time_s for r in runs))
+    baseline = _totals(baselines, sum(r.stats.wall_time_s for r in baselines))
+    measured: dict[str, Any] = {
+        "acceleration_rate": medusa["new_tokens"] / max(medusa["steps"], 1),
+        "acceleration_rate_ci95": ratio_interval([r.stats.new_tokens for r in runs],
+                                                 [r.stats.steps for r in runs]) if medusa["steps"] else None,
+        "speedup": baseline["wall_time_s"] / max(medusa["wall_time_s"], 1e-12),
+        "medusa": medusa,
+        BASELINE[acceptance]: baseline,
+    }
+    if not sampling:
+        measured["greedy_match_rate"] = sum(bool(r.matches_greedy) for r in runs) / len(runs)
+    measured["per_prompt_acceleration"] = [r.stats.acceleration_rate for r in runs]
 
     report: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -305,22 +340,12 @@ def evaluate_heads(
         },
         "tree": {"size": len(tree), "requested_size": tree_size, "paths": tree,
                  "max_depth": max((len(p) for p in tree), default=0), "estimated_acceleration": estimated},
-        "measured": {
-            "acceleration_rate": medusa_tokens / max(medusa_steps, 1),
-            "acceleration_rate_ci95": ratio_interval([r.stats.new_tokens for r in runs],
-                                                     [r.stats.steps for r in runs]) if medusa_steps else None,
-            "speedup": greedy_time / max(medusa_time, 1e-12),
-            "medusa": {"new_tokens": medusa_tokens, "steps": medusa_steps, "wall_time_s": medusa_time,
-                       "tokens_per_s": medusa_tokens / max(medusa_time, 1e-12)},
-            "greedy": {"new_tokens": greedy_tokens, "steps": greedy_tokens, "wall_time_s": greedy_time,
-                       "tokens_per_s": greedy_tokens / max(greedy_time, 1e-12)},
-            "greedy_match_rate": sum(bool(r.matches_greedy) for r in runs) / len(runs),
-            "per_prompt_acceleration": [r.stats.acceleration_rate for r in runs],
-        },
+        "decoding": dict(options, seed=seed) if sampling else {"acceptance": "greedy"},
+        "measured": measured,
     }
     if batch_size > 1:
         report["measured_batched"] = measure_batched(model, [ids[0] for ids in inputs], max_new_tokens, tree,
-                                                     batch_size, eos_token_id, warmup)
+                                                     batch_size, eos_token_id, warmup, seed=seed, **options)
     if metadata:
         report.update(metadata)
     files = {
@@ -335,33 +360,46 @@ def evaluate_heads(
     return report
 
 
+# The plain decoding each acceptance is measured against: its key in the report.
+BASELINE = {"greedy": "greedy", "typical": "sampling"}
+
+
+def _totals(results: Sequence, wall_time_s: float) -> dict[str, float]:
+    """New tokens, decoding steps, the given wall time and throughput of some decodings."""
+    tokens = sum(r.stats.new_tokens for r in results)
+    return {"new_tokens": tokens, "steps": sum(r.stats.steps for r in results), "wall_time_s": wall_time_s,
+            "tokens_per_s": tokens / max(wall_time_s, 1e-12)}
+
+
 def measure_batched(model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
-                    tree: list[list[int]], batch_size: int, eos_token_id=None, warmup: bool = True) -> dict[str, Any]:
-    """Medusa (``tree``) and plain greedy (the empty tree) decoding over batches of ``batch_size``
-    prompts: tokens, steps, wall time and throughput of each, speedup = greedy time / Medusa time,
-    and the share of prompts whose Medusa output equals the greedy one."""
-    batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+                    tree: list[list[int]], batch_size: int, eos_token_id=None, warmup: bool = True, *,
+                    seed: int = 0, **options) -> dict[str, Any]:
+    """Medusa (``tree``) and plain (the empty tree) decoding over batches of ``batch_size`` prompts:
+    tokens, steps, wall time and throughput of each, speedup = plain time / Medusa time, and (greedy)
+    the share of prompts whose Medusa output equals the greedy one. ``options``: the acceptance
+    options of ``medusa_generate_batch``; typical acceptance draws prompt i from seed ``seed + i``."""
+    acceptance = options.get("acceptance", "greedy")
+    starts = range(0, len(prompts), batch_size)
+
+    def decode(start: int, t: list[list[int]], budget: int = max_new_tokens):
+        batch = list(prompts[start:start + batch_size])
+        return medusa_generate_batch(model, batch, budget, t, eos_token_id=eos_token_id,
+                                     seed=seed + start if acceptance == "typical" else None, **options)
+
     if warmup:  # one-time costs (kernels, allocator growth) at this batch size
         for t in (tree, []):
-            medusa_generate_batch(model, batches[0], min(8, max_new_tokens), t, eos_token_id=eos_token_id)
-    medusa, greedy = ([r for b in batches for r in medusa_generate_batch(model, b, max_new_tokens, t,
-                                                                        eos_token_id=eos_token_id)]
-                      for t in (tree, []))
-
-    def totals(results: list) -> dict[str, float]:
-        # A batch's wall time is shared by its prompts: count it once per batch.
-        wall = sum(results[i].stats.wall_time_s for i in range(0, len(results), batch_size))
-        tokens = sum(r.stats.new_tokens for r in results)
-        return {"new_tokens": tokens, "steps": sum(r.stats.steps for r in results), "wall_time_s": wall,
-                "tokens_per_s": tokens / max(wall, 1e-12)}
-
-    m, g = totals(medusa), totals(greedy)
-    return {
+            decode(0, t, min(8, max_new_tokens))
+    medusa, plain = ([r for start in starts for r in decode(start, t)] for t in (tree, []))
+    # A batch's wall time is shared by its prompts: count it once per batch.
+    m, p = (_totals(results, sum(results[i].stats.wall_time_s for i in starts)) for results in (medusa, plain))
+    report = {
         "batch_size": batch_size,
         "acceleration_rate": m["new_tokens"] / max(m["steps"], 1),
-        "speedup": g["wall_time_s"] / max(m["wall_time_s"], 1e-12),
+        "speedup": p["wall_time_s"] / max(m["wall_time_s"], 1e-12),
         "medusa": m,
-        "greedy": g,
-        "greedy_match_rate": sum(a.sequences.tolist() == b.sequences.tolist() for a, b in zip(medusa, greedy))
-        / len(medusa),
+        BASELINE[acceptance]: p,
     }
+    if acceptance == "greedy":
+        report["greedy_match_rate"] = sum(a.sequences.tolist() == b.sequences.tolist()
+                                          for a, b in zip(medusa, plain)) / len(medusa)
+    return report
