@@ -30,7 +30,15 @@ A chunk is seven launches (``exp_operand_chunk``): the target logits, the exp-ep
 the overflow check, one row-results kernel (loss, accuracy, r, E_it, and r * h for dW), then the dW
 GEMM and the dh GEMM with its row scale. The GEMMs' tiles are ``GemmConfig``s in ``GPU_TILES``.
 
-Scope: hard labels without label smoothing, z-loss, softcap or bias, bf16 on CUDA devices with TMA
+Label smoothing eps (PyTorch's: loss = (1 - eps)(lse - x_t) + eps (lse - mean_j x_j)) keeps the
+operand and adds a term that is the same for every column of a row, u_i = s_i eps / V:
+
+    g_i = r_i E_i - u_i 1,   E_it = eps (e_t + Z) - Z,   loss = (lse - x_t) + eps (x_t - mean_i)
+    dh  -= u w_sum           w_sum = sum_j W_j (fp32, one pass over W per projection), in the row scale
+    dW  -= 1 q^T             q = sum_i u_i h_i over the chunks, applied once after the last
+    mean_i = h_i . w_sum / V  in the target-logit kernel
+
+Scope: hard labels without z-loss, softcap or bias, bf16 on CUDA devices with TMA
 (compute capability 9.0+, Triton 3.4+) or fp32 in the Triton interpreter; ``eligible`` says when, and the chunk
 loop falls back to the row kernel otherwise. MEDUSA_LIGER_EXP_OPERAND=0 turns the path off.
 """
@@ -103,23 +111,29 @@ if triton is not None:
         return first_m + (tile % per_group) % size, (tile % per_group) // size
 
     @triton.jit
-    def _target_logit_kernel(h_ptr, w_ptr, target_ptr, valid_ptr, t_ptr, x_t_ptr, shift_ptr, row_max_ptr, H,
-                             BLOCK_H: tl.constexpr):
+    def _target_logit_kernel(h_ptr, w_ptr, target_ptr, valid_ptr, t_ptr, x_t_ptr, shift_ptr, row_max_ptr,
+                             w_sum_ptr, mean_ptr, H, V, BLOCK_H: tl.constexpr, SMOOTH: tl.constexpr):
         """Per row: t = target where valid else -1 (int32), x_t = h . w[t] in fp32 and the shift (both
-        +inf on an ignored row, so that its E row is 0), and the row max's start value -inf."""
+        +inf on an ignored row, so that its E row is 0), and the row max's start value -inf. SMOOTH:
+        also the row's mean logit h . w_sum / V (0 on an ignored row)."""
         row = tl.program_id(0)
         t = tl.where(tl.load(valid_ptr + row) != 0, tl.load(target_ptr + row), -1)
         acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        acc_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
         w_row = w_ptr + tl.maximum(t, 0).to(tl.int64) * H  # an ignored row reads row 0 (in bounds)
         for k in range(0, H, BLOCK_H):
             ks = k + tl.arange(0, BLOCK_H)
             h = tl.load(h_ptr + row.to(tl.int64) * H + ks, mask=ks < H, other=0.0).to(tl.float32)
             acc += h * tl.load(w_row + ks, mask=ks < H, other=0.0).to(tl.float32)
+            if SMOOTH:
+                acc_sum += h * tl.load(w_sum_ptr + ks, mask=ks < H, other=0.0)
         x_t = tl.where(t >= 0, tl.sum(acc, axis=0), float("inf"))
         tl.store(t_ptr + row, t.to(tl.int32))
         tl.store(x_t_ptr + row, x_t)
         tl.store(shift_ptr + row, x_t)
         tl.store(row_max_ptr + row, float("-inf"))
+        if SMOOTH:
+            tl.store(mean_ptr + row, tl.where(t >= 0, tl.sum(acc_sum, axis=0) / V, 0.0))
 
     @triton.jit
     def _exp_store(acc, row0, col0, shift2, target, N, e_desc, BN_PART: tl.constexpr):
@@ -199,16 +213,18 @@ if triton is not None:
 
     @triton.jit
     def _row_results_kernel(e_ptr, t_ptr, x_t_ptr, shift_ptr, row_max_ptr, tile_sum_ptr, scale_ptr,
-                            loss_ptr, correct_ptr, r_ptr, h_ptr, h_scaled_ptr, C, V, H, tiles_n,
+                            loss_ptr, correct_ptr, r_ptr, h_ptr, h_scaled_ptr, mean_ptr, u_ptr, eps, C, V, H, tiles_n,
                             BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SCALE_H: tl.constexpr,
-                            BLOCK_H: tl.constexpr):
+                            BLOCK_H: tl.constexpr, SMOOTH: tl.constexpr):
         """Per row, from the epilogue's statistics: loss, top-1 hit and gradient scale, and E_it = -Z;
         with SCALE_H also the dW GEMM's operand h_scaled = r * h (rounded once from fp32).
 
         Z = sum of the row's tile sums; e_t = exp(x_t - shift) (1 unless the row overflowed);
         loss = (shift - x_t) + log(e_t + Z), which is log1p(Z) when shift == x_t;
         correct = no other logit reaches the target's; r = s / (e_t + Z). Ignored rows (t < 0) get
-        0 everywhere and keep their all-zero E row.
+        0 everywhere and keep their all-zero E row. SMOOTH (label smoothing ``eps``, the row's mean
+        logit in ``mean``): loss += eps (x_t - mean), E_it = eps (e_t + Z) - Z, and u = s eps / V,
+        the gradient's part common to every column.
         """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         in_rows = rows < C
@@ -234,14 +250,21 @@ if triton is not None:
         # (The divisor is kept off 0 where its branch is not taken: no 0/0 even in unused lanes.)
         log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / tl.where(u == 1.0, 1.0, u - 1.0)))
         loss = tl.where(normal, log1p_z, (shift - x_t) + tl.log(denom))
+        if SMOOTH:
+            loss += eps * (x_t - tl.load(mean_ptr + rows, mask=valid, other=0.0))
         tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=in_rows)
         # Step 3: top-1 accuracy and the gradient's row scale.
         row_max = tl.load(row_max_ptr + rows, mask=valid, other=0.0)
         tl.store(correct_ptr + rows, (valid & (row_max < x_t)).to(tl.int32), mask=in_rows)
         r = tl.where(valid, tl.load(scale_ptr) / denom, 0.0)
         tl.store(r_ptr + rows, r, mask=in_rows)
-        # Step 4: the target column of E, -Z (the gradient there is r * -Z = s (P_t - 1)).
-        tl.store(e_ptr + rows.to(tl.int64) * V + t, (-z).to(e_ptr.dtype.element_ty), mask=in_rows & valid)
+        # Step 4: the target column of E, -Z (the gradient there is r * -Z = s (P_t - 1)); with
+        # smoothing eps (e_t + Z) - Z, so that r E_it - u = s (P_t - (1 - eps) - eps / V).
+        e_target = -z
+        if SMOOTH:
+            e_target += eps * denom
+            tl.store(u_ptr + rows, tl.where(valid, tl.load(scale_ptr) * eps / V, 0.0), mask=in_rows)
+        tl.store(e_ptr + rows.to(tl.int64) * V + t, e_target.to(e_ptr.dtype.element_ty), mask=in_rows & valid)
         # Step 5: the rows of h scaled by r, the dW GEMM's second operand.
         if SCALE_H:
             for k in range(0, H, BLOCK_H):
@@ -269,15 +292,19 @@ if triton is not None:
 
 
     @triton.jit
-    def _row_scale_kernel(x_ptr, r_ptr, out_ptr, M, N, stride_x, stride_out, ACCUMULATE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """out[M, N] (+)= r[:, None] * x in fp32, rounded once (x may be out itself)."""
+    def _row_scale_kernel(x_ptr, r_ptr, u_ptr, v_ptr, out_ptr, M, N, stride_x, stride_out, ACCUMULATE: tl.constexpr,
+                          RANK1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out[M, N] (+)= r[:, None] * x (RANK1: - u[:, None] * v[None, :]) in fp32, rounded once (x may
+        be out itself)."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rows < M)[:, None] & (cols < N)[None, :]
         rows64 = rows.to(tl.int64)[:, None]
         x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = x * tl.load(r_ptr + rows, mask=rows < M, other=0.0)[:, None]
+        if RANK1:
+            y -= tl.load(u_ptr + rows, mask=rows < M, other=0.0)[:, None] * tl.load(v_ptr + cols, mask=cols < N,
+                                                                                      other=0.0)[None, :]
         if ACCUMULATE:
             y += tl.load(out_ptr + rows64 * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows64 * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -294,7 +321,7 @@ def supported(dtype: torch.dtype, device: torch.device, *, teacher: bool, bias: 
     """Whether the path handles chunks of these options, dtype and device (before any buffer exists)."""
     if not (ENABLED and triton is not None and use_triton(torch.empty(0, device=device))):
         return False
-    if teacher or bias or label_smoothing != 0.0 or z_loss != 0.0 or softcap is not None:
+    if teacher or bias or z_loss != 0.0 or softcap is not None:
         return False
     if device.type == "cuda":
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
@@ -311,19 +338,20 @@ def _tiles(gemm: str, device: torch.device) -> GemmConfig:
     return GPU_TILES[gemm] if device.type == "cuda" else INTERPRETER_TILES
 
 
-def target_logits(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
-                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def target_logits(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                  w_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The rows' shifts, from h [C, H], w [V, H] (contiguous), target [C] int64 and valid [C] bool.
 
     Returns (t [C] int32: target, -1 on ignored rows; x_t [C] fp32: h[i] . w[t_i], +inf on ignored
     rows so that their E row is 0; shift: a copy of x_t for ``exp_logits``; row_max: -inf, the start
-    of ``exp_logits``' running max)."""
-    C = h.shape[0]
+    of ``exp_logits``' running max; mean [C] fp32: h[i] . w_sum / V, the mean logit, when ``w_sum``
+    [H] fp32 (the column sums of w) is given, else None)."""
+    C, H = h.shape
     t = torch.empty(C, device=h.device, dtype=torch.int32)
-    x_t, shift, row_max = torch.empty(3, C, device=h.device, dtype=torch.float32)
-    _target_logit_kernel[(C,)](h, w, target, valid, t, x_t, shift, row_max, h.shape[1],
-                               BLOCK_H=min(1024, next_power_of_2(h.shape[1])))
-    return t, x_t, shift, row_max
+    x_t, shift, row_max, mean = torch.empty(4, C, device=h.device, dtype=torch.float32)
+    _target_logit_kernel[(C,)](h, w, target, valid, t, x_t, shift, row_max, x_t if w_sum is None else w_sum, mean,
+                               H, w.shape[0], BLOCK_H=min(1024, next_power_of_2(H)), SMOOTH=w_sum is not None)
+    return t, x_t, shift, row_max, (None if w_sum is None else mean)
 
 
 def exp_logits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, shift: torch.Tensor, e: torch.Tensor,
@@ -351,15 +379,17 @@ def exp_logits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, shift: torch.T
     return tile_sum
 
 
-def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """out [C, H] (+)= r[:, None] * (e [C, V] @ w [V, H]), r [C] fp32: cuBLAS's GEMM and a row-scale pass
-    (``GemmConfig.cublas``, and always when accumulating), or a persistent TMA GEMM scaling in its epilogue."""
+def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torch.Tensor, accumulate: bool,
+                    rank1: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """out [C, H] (+)= r[:, None] * (e [C, V] @ w [V, H]) (- u[:, None] * v[None, :] with rank1 = (u [C],
+    v [H]), fp32), r [C] fp32: cuBLAS's GEMM and a row-scale pass (``GemmConfig.cublas``, and always
+    when accumulating or with a rank-1 term), or a persistent TMA GEMM scaling in its epilogue."""
     if not _tma_ready(out):
         raise ValueError("row_scaled_gemm: out must be contiguous with 16-byte aligned rows")
     cfg = _tiles("dh", e.device)
     if cfg.subtile:  # the dh epilogue has no halves (its output is [C, H], small)
         raise ValueError("GPU_TILES['dh'].subtile must be False: only the logits epilogue is subtiled")
-    if cfg.cublas or accumulate:
+    if cfg.cublas or accumulate or rank1 is not None:
         # cuBLAS's product (rounded to the operands' dtype), then its rows scaled (and added) in one pass.
         # Accumulation always goes this way: reading the output tile in the Triton GEMM's epilogue
         # needs more shared memory than an H100 has beside its pipeline (246-279 KB > 227 KB).
@@ -368,8 +398,10 @@ def row_scaled_gemm(e: torch.Tensor, w: torch.Tensor, r: torch.Tensor, out: torc
         torch.mm(e, w, out=product)
         block_m, block_n = 16, min(1024, next_power_of_2(out.shape[1]))
         grid = (triton.cdiv(out.shape[0], block_m), triton.cdiv(out.shape[1], block_n))
-        _row_scale_kernel[grid](product, r, out, out.shape[0], out.shape[1], product.stride(0), out.stride(0),
-                                ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8)
+        u, v = (r, r) if rank1 is None else rank1
+        _row_scale_kernel[grid](product, r, u, v, out, out.shape[0], out.shape[1], product.stride(0), out.stride(0),
+                                ACCUMULATE=accumulate, RANK1=rank1 is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                                num_warps=8)
         return
     programs = multiprocessors(e.device) * cfg.programs_per_sm
     descriptors = [TensorDescriptor.from_tensor(e, [cfg.bm, cfg.bk]), TensorDescriptor.from_tensor(w, [cfg.bk, cfg.bn]),
@@ -383,6 +415,7 @@ def exp_operand_chunk(
     e: torch.Tensor, h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
     scale: torch.Tensor, row_loss: torch.Tensor, correct: torch.Tensor,
     dh: torch.Tensor | None, dh_accumulate: bool, w_acc: torch.Tensor | None, w_accumulate: bool,
+    smoothing: float = 0.0, w_sum: torch.Tensor | None = None, w_common: torch.Tensor | None = None,
 ) -> None:
     """One chunk: loss, accuracy and every gradient, through the shifted-exponential operand.
 
@@ -393,13 +426,19 @@ def exp_operand_chunk(
     row_loss, correct: [C] outputs (fp32 loss, int32 0/1)
     dh:     [C, H] hidden gradient, written (or added to with ``dh_accumulate``); None: not needed
     w_acc:  [V, H] weight-gradient accumulator, written (or added to with ``w_accumulate``); None: frozen
+    smoothing: label smoothing eps; with eps > 0, ``w_sum`` [H] fp32 holds w's column sums and, when w
+            trains, ``w_common`` [H] fp32 collects q = sum_i u_i h_i: the caller subtracts it from
+            every row of the weight gradient after the last chunk (the accumulator lacks it)
     """
     C, H = h.shape
     V = w.shape[0]
+    smooth = smoothing != 0.0
+    if smooth and (w_sum is None or (w_acc is not None and w_common is None)):
+        raise ValueError("exp_operand_chunk: label smoothing needs w_sum, and w_common when the weight trains")
     if not _tma_ready(h):  # a view off a 16-byte boundary, or strided: a fresh contiguous copy
         h = h.clone(memory_format=torch.contiguous_format)
-    # Step 1: the target logits; they are the shift (+inf on ignored rows).
-    t, x_t, shift, row_max = target_logits(h, w, target, valid)
+    # Step 1: the target logits; they are the shift (+inf on ignored rows). Smoothing: the mean logits.
+    t, x_t, shift, row_max, mean = target_logits(h, w, target, valid, w_sum if smooth else None)
     # Step 2: E and its statistics in the logits GEMM's epilogue.
     tile_sum = exp_logits(h, w, t, shift, e, row_max)
     # Step 3: rows whose max overflowed the shift are redone with the max as shift (usually none).
@@ -408,6 +447,7 @@ def exp_operand_chunk(
     # Step 4: per-row loss, accuracy and gradient scale r; E's target column becomes -Z; and for dW the
     # rows of h scaled by r, which may borrow dh's storage (dh is written after dW's GEMM reads them).
     r = torch.empty(C, device=h.device, dtype=torch.float32)
+    u = torch.empty(C, device=h.device, dtype=torch.float32) if smooth else None
     h_scaled = None
     if w_acc is not None:
         borrow = dh is not None and not dh_accumulate and dh.dtype == h.dtype and dh.is_contiguous()
@@ -415,11 +455,18 @@ def exp_operand_chunk(
     block_r = 16
     _row_results_kernel[(triton.cdiv(C, block_r),)](
         e, t, x_t, shift, row_max, tile_sum, scale, row_loss, correct, r, h, h if h_scaled is None else h_scaled,
-        C, V, H, tile_sum.shape[1], BLOCK_R=block_r, BLOCK_T=128, SCALE_H=h_scaled is not None,
-        BLOCK_H=min(256, next_power_of_2(H)))
-    # Step 5: dW (+)= E^T (r h).
+        x_t if mean is None else mean, r if u is None else u, float(smoothing), C, V, H, tile_sum.shape[1],
+        BLOCK_R=block_r, BLOCK_T=128, SCALE_H=h_scaled is not None, BLOCK_H=min(256, next_power_of_2(H)),
+        SMOOTH=smooth)
+    # Step 5: dW (+)= E^T (r h); smoothing: q += sum_i u_i h_i, with u_i = s eps / V on valid rows
+    # (the valid rows of h summed in fp32 by a [1, C] x [C, H] product, then scaled).
     if w_acc is not None:
         mm_into(w_acc, e.t(), h_scaled, accumulate=w_accumulate)
-    # Step 6: dh (+)= r * (E @ W): cuBLAS then a row-scale pass, or the scale in a Triton GEMM's epilogue.
+        if smooth:
+            valid_sum = torch.empty(1, H, device=h.device, dtype=torch.float32)
+            mm_into(valid_sum, valid.to(h.dtype)[None], h, accumulate=False)
+            w_common.add_(valid_sum[0] * (scale * (smoothing / V)))
+    # Step 6: dh (+)= r * (E @ W) (- u w_sum): cuBLAS then a row-scale pass, or the scale in a Triton
+    # GEMM's epilogue.
     if dh is not None:
-        row_scaled_gemm(e, w, r, dh, dh_accumulate)
+        row_scaled_gemm(e, w, r, dh, dh_accumulate, None if u is None else (u, w_sum))

@@ -21,10 +21,12 @@ device when it is 1, see scale.py):
             db_k  += column sums of Z            if the bias needs grad
         after the last head using W_k: cast its accumulator into W_k's gradient and free it
 
-On an H100-class GPU (TMA, bf16), chunks with hard labels and no bias, smoothing, z-loss or softcap take
+On an H100-class GPU (TMA, bf16), chunks with hard labels and no bias, z-loss or softcap take
 exp_operand.py's path instead: the logits GEMM's epilogue writes E = exp(Z - target logit) and its row
 sums, the gradient is E with a per-row scale (dh in a Triton GEMM's epilogue, dW on the rows of h_c),
-and no row kernel runs; frozen projections then take DEFAULT_CHUNK_BYTES chunks.
+and no row kernel runs; frozen projections then take DEFAULT_CHUNK_BYTES chunks. Label smoothing
+adds a term common to every column of a row there, which the op subtracts from dW's rows after the
+group's last chunk.
 
 Soft targets (``teacher``): head k may learn a teacher's distribution instead of its labels,
 loss_k = reduce_n KL(softmax(u_n) || softmax(y_n)) with teacher logits u = h'_k W'_k^T (+ b'_k, same
@@ -207,6 +209,7 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         order = sorted(range(K), key=lambda k: plan.weight_heads.index(plan.weight_heads[k]))
         hid_written: set = set()
         w_acc, w_written = None, False
+        smoothing = plan.label_smoothing
         with torch.autocast(device_type=dev.type, enabled=False):
             for pos, k in enumerate(order):
                 wi, wsub = plan.weight_heads[k]
@@ -215,6 +218,9 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                 last_of_group = pos == K - 1 or plan.weight_heads[order[pos + 1]] != (wi, wsub)
                 if first_of_group:
                     w_k = region(w_srcs[wi], wsub).to(cdt)  # one cast per group (a no-op if cdt)
+                    # The exp-operand path's label-smoothing terms: W's column sums and (trained W) the
+                    # part of the weight gradient common to every row, made by the group's first fast head.
+                    w_sum = w_common = None
                     if w_need[wi]:
                         # A single dW GEMM (one head, one chunk) accumulates in fp32 inside cuBLAS
                         # and can write the gradient directly; otherwise accumulate in acc_dtype
@@ -242,6 +248,9 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                 fast = exp_operand.eligible(logits_buf, w_k, teacher=teacher_k is not None, bias=b_k is not None,
                                             label_smoothing=plan.label_smoothing, z_loss=plan.z_loss,
                                             softcap=plan.softcap) and (gh_k is None or gh_k.is_contiguous())
+                if fast and smoothing and w_sum is None:
+                    w_sum = torch.sum(w_k, dim=0, dtype=torch.float32)
+                    w_common = torch.zeros(H, dtype=torch.float32, device=dev) if w_need[wi] else None
                 for r0 in range(0, kept[k], chunk):
                     r1 = min(kept[k], r0 + chunk)
                     # This chunk's global rows: r0..r1, or the gathered valid rows of head k.
@@ -261,7 +270,7 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                                              for x in (targets, valid))
                         exp_operand.exp_operand_chunk(
                             z, h_c, w_k, target_c, valid_c, scale[k : k + 1], row_loss[k, r0:r1], correct[k, r0:r1],
-                            dh_c, dh_accumulate, w_acc if w_need[wi] else None, w_written)
+                            dh_c, dh_accumulate, w_acc if w_need[wi] else None, w_written, smoothing, w_sum, w_common)
                     else:
                         _mm_into(z, h_c, w_k.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
                         if teacher_k is None:
@@ -303,8 +312,14 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                     if w_need[wi] and not w_written:
                         w_acc.zero_()  # every head of the group skipped all its rows
                     if w_need[wi] and not acc_is_grad:
-                        region(w_grads[wi], wsub).copy_(w_acc)  # the one cast to the parameter dtype
-                    w_acc = w_k = None  # free the accumulator before the next group's
+                        # The one cast to the parameter dtype (minus the smoothing term q in every row).
+                        if w_common is None:
+                            region(w_grads[wi], wsub).copy_(w_acc)
+                        else:
+                            torch.sub(w_acc, w_common, out=region(w_grads[wi], wsub))
+                    elif w_common is not None:
+                        w_acc.sub_(w_common)
+                    w_acc = w_k = w_sum = w_common = None  # free the accumulator before the next group's
                 t_h = t_w = None
 
         head_losses = row_loss.sum(1)
