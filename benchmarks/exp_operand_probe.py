@@ -55,7 +55,7 @@ def target_shift(h, w, target):
     """(valid [M], target as int32 with -1 where ignored, shift [M] fp32: the target logit, +inf
     where ignored), as the library's path computes them."""
     valid = target >= 0
-    t, _, shift, _ = target_logits(h, w, target, valid)
+    t, _, shift, _, _ = target_logits(h, w, target, valid)
     return valid, t, shift
 
 

@@ -65,7 +65,7 @@ def check(quick: bool) -> list[str]:
         lines[-1] += "" if err < 1e-2 else "  FAILED"
         target = torch.randint(0, n, (m,), device="cuda", generator=g)
         valid = torch.rand(m, device="cuda", generator=g) > 0.1
-        t, x_t, shift, row_max = exp_operand.target_logits(a, b, target, valid)
+        t, x_t, shift, row_max, _ = exp_operand.target_logits(a, b, target, valid)
         e_ref = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         rm_ref = row_max.clone()
         sums_ref = exp_operand.exp_logits(a, b, t, shift.clone(), e_ref, rm_ref).sum(1)
@@ -107,12 +107,12 @@ def step_rounds(rounds: int) -> None:
         return run
 
     def triton_exp(c):
-        t, _, shift, row_max = shifts[c]
+        t, _, shift, row_max, _ = shifts[c]
         exp_operand.exp_logits(hs[c], w, t, shift, e, row_max)
 
     def gluon(**kw):
         def run(c):
-            t, _, shift, row_max = shifts[c]
+            t, _, shift, row_max, _ = shifts[c]
             pingpong(hs[c], w, e, shift=shift, target=t, row_max=row_max, **kw)
         return run
 
@@ -153,7 +153,7 @@ def trace_schedule() -> None:
     w = (torch.randn(N, K, device="cuda", generator=g) * K**-0.5).bfloat16()
     h = torch.randn(M, K, device="cuda", generator=g).bfloat16()
     e = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    t, _, shift, row_max = exp_operand.target_logits(h, w, torch.randint(0, N, (M,), device="cuda", generator=g),
+    t, _, shift, row_max, _ = exp_operand.target_logits(h, w, torch.randint(0, N, (M,), device="cuda", generator=g),
                                                      torch.ones(M, device="cuda", dtype=torch.bool))
     programs = torch.cuda.get_device_properties(0).multi_processor_count
     print("\n| epilogue | mainloop (first to last MMA issued) | handoff (last MMA issued to the next tile's first) "
