@@ -316,13 +316,17 @@ def test_cli_eval_errors(tmp_path, capsys):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("acceptance", ["greedy", "typical"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_evaluate_speedup(tmp_path, dtype):
+def test_gpu_evaluate_speedup(tmp_path, dtype, acceptance):
     model, perm = train_chain_medusa(num_heads=3, steps=80)
     model = model.to("cuda", dtype)
     g = torch.Generator().manual_seed(0)
     prompts = [chain_batch(perm, g, 1, 4, 0.0)[0].tolist() for _ in range(4)]
-    report = evaluate_heads(model, prompts, tmp_path, max_new_tokens=64, tree_size=16, top_k=3)
+    report = evaluate_heads(model, prompts, tmp_path, max_new_tokens=64, tree_size=16, top_k=3, batch_size=2,
+                            acceptance=acceptance)
+    baseline = "greedy" if acceptance == "greedy" else "sampling"
+    assert report["measured_batched"][baseline]["steps"] == report["measured_batched"][baseline]["new_tokens"]
     assert report["device"].startswith("cuda")
     assert report["measured"]["acceleration_rate"] > 2.0
     # Wall-clock speedup on a tiny model is launch- and host-bound (a Medusa step does more host work

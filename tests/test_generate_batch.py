@@ -165,3 +165,13 @@ def test_gpu_batched_decoding(trained, dtype):
     assert all(r.stats.acceleration_rate > 2 for r in results)
     if dtype == torch.float32:  # exact up to rounding; bf16 batches may flip near-ties
         assert_matches_one_by_one(model, prompts, 48)
+
+
+@pytest.mark.gpu
+def test_gpu_batched_typical_acceptance(trained):
+    # CUDA generators: each sequence draws from its own, as batch-1 decoding with its seed does (fp32).
+    model = randomize_heads_(copy.deepcopy(trained[0]), 1.0, seed=3).to("cuda")
+    g = torch.Generator().manual_seed(8)
+    prompts = [chain_batch(trained[1], g, 1, n, 0.5)[0] for n in (3, 9, 1, 6)]
+    counts = assert_matches_one_by_one(model, prompts, 24, seeds=11, acceptance="typical", temperature=1.5)
+    assert len(set(counts)) >= 2
