@@ -188,6 +188,30 @@ def test_evaluate_typical_acceptance_against_plain_sampling(tmp_path):
         assert single["per_prompt_acceleration"][i] == want.stats.acceleration_rate
 
 
+def test_evaluate_a_given_tree(tmp_path):
+    """A given tree (the serving engine's medusa_choices) is measured as it is, scored by the table;
+    ranks beyond top_k widen the table so the estimate covers every node."""
+    model, perm = train_chain_medusa(num_heads=3, steps=80)
+    g = torch.Generator().manual_seed(0)
+    prompts = [chain_batch(perm, g, 1, 4, 0.0)[0].tolist() for _ in range(3)]
+    given = [[1], [0], [0, 0], [0, 0, 0], [5]]
+    report = evaluate_heads(model, prompts, tmp_path, max_new_tokens=30, top_k=3, tree=given)
+    tree = report["tree"]
+    assert tree["source"] == "given" and tree["requested_size"] is None
+    assert tree["paths"] == [[0], [1], [5], [0, 0], [0, 0, 0]]  # node order
+    assert report["top_k"] == 6
+    per_rank = torch.tensor(report["head_accuracy"]["per_rank"])
+    assert tree["estimated_acceleration"] == pytest.approx(expected_acceleration(given, per_rank))
+    assert report["measured"]["acceleration_rate"] > 2.0 and report["measured"]["greedy_match_rate"] == 1.0
+    assert json.loads((tmp_path / "tree.json").read_text()) == tree["paths"]
+    searched = evaluate_heads(model, prompts, tmp_path, max_new_tokens=30, top_k=3, tree_size=5)
+    assert searched["tree"]["source"] == "search" and searched["tree"]["requested_size"] == 5
+    with pytest.raises(ValueError, match="needs head 3"):
+        evaluate_heads(model, prompts, tmp_path, tree=[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="parent"):
+        evaluate_heads(model, prompts, tmp_path, tree=[[0, 1]])
+
+
 def test_evaluate_bad_input(tmp_path):
     model = random_medusa(64)
     with pytest.raises(ValueError, match="prompts"):
@@ -291,6 +315,18 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     out = capsys.readouterr().out
     assert "measured (typical acceptance at temperature 0.9): acceleration" in out
     assert "tokens/s of plain sampling)" in out and "identical to greedy" not in out
+    # A given tree: the one this evaluation wrote, measured again.
+    given = json.loads((out_dir / "tree.json").read_text())
+    code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens",
+                 "6", "--device", "cpu", "--tree", str(out_dir / "tree.json")])
+    assert code == 0, capsys.readouterr().err
+    assert "tree (given): " in capsys.readouterr().out
+    assert json.loads((out_dir / "report.json").read_text())["tree"]["paths"] == given
+    for bad, message in (("nowhere.json", "does not exist"), ("bad.json", "is not JSON"), ("dict.json", "list of paths")):
+        if bad != "nowhere.json":
+            (tmp_path / bad).write_text("{" if bad == "bad.json" else '{"a": 1}')
+        assert main(["eval", str(tmp_path / "run"), "--tree", str(tmp_path / bad), "--device", "cpu"]) == 2
+        assert message in capsys.readouterr().err
     # Without --prompts, a run directory's held-out prompts (eval_prompts.jsonl) are the default.
     (tmp_path / "run" / "eval_prompts.jsonl").write_text('{"input_ids": [3, 4, 5]}\n{"input_ids": [6, 7]}\n')
     code = main(["eval", str(tmp_path / "run"), "--max-new-tokens", "4", "--tree-size", "3", "--device", "cpu"])

@@ -9,6 +9,7 @@ From Python: ``evaluate_run(run_dir=..., output_dir=...) -> report dict`` (same 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -126,14 +127,20 @@ def evaluate_run(
     posterior_threshold: float = 0.09,
     posterior_alpha: float = 0.3,
     seed: int = 0,
+    tree: str | Path | list[list[int]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the heads of a training run (or explicit paths) and return the report dict.
+
+    tree: a ``medusa_choices`` list, or a JSON file holding one (e.g. an earlier eval's tree.json),
+    to measure instead of searching a tree of ``tree_size`` nodes.
 
     output_dir defaults to ``{run_dir}/eval`` (``eval`` without a run directory); prompts (a file or
     a hub dataset name, with ``prompts_split``) to the run's held-out documents
     (``{run_dir}/eval_prompts.jsonl``, written when ``data.eval_fraction`` > 0), else to the shipped
     ``medusa_liger/data/pydoc_chat.jsonl`` (training data of the tiny default: an optimistic number).
     """
+    if isinstance(tree, (str, Path)):
+        tree = load_tree(tree)
     backbone_path, heads_dir = resolve_paths(run_dir, backbone, heads)
     if output_dir is None:
         output_dir = Path(run_dir) / "eval" if run_dir is not None else Path("eval")
@@ -155,9 +162,23 @@ def evaluate_run(
     return evaluate_heads(
         model, prompt_ids, output_dir, max_new_tokens=max_new_tokens, tree_size=tree_size, top_k=top_k,
         eos_token_id=eos, batch_size=batch_size, acceptance=acceptance, temperature=temperature,
-        posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha, seed=seed,
+        posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha, seed=seed, tree=tree,
         metadata={"backbone": backbone_path, "heads": str(heads_dir), "prompts": prompts_source},
     )
+
+
+def load_tree(path: str | Path) -> list[list[int]]:
+    """The ``medusa_choices`` list in a JSON file (checked against the model when it is used)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tree file {str(path)!r} does not exist")
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"tree file {str(path)!r} is not JSON: {error}") from None
+    if not isinstance(tree, list):
+        raise ValueError(f"tree file {str(path)!r} must hold a list of paths (lists of ranks), got {type(tree).__name__}")
+    return tree
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +195,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="prompts to use (first N)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="tokens per prompt")
     parser.add_argument("--tree-size", type=int, default=DEFAULT_TREE_SIZE, help="nodes of the searched tree")
+    parser.add_argument("--tree", default=None,
+                        help="measure this tree instead: a JSON file with a medusa_choices list (e.g. an earlier "
+                             "eval's tree.json, or the one your serving engine uses); --tree-size is then unused")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="ranks per head in the accuracy table")
     parser.add_argument("--output", default=None, help="output directory (default: RUN_DIR/eval)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -203,13 +227,14 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
             batch_size=args.batch_size, acceptance=args.acceptance, temperature=args.temperature,
             posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha, seed=args.seed,
+            tree=args.tree,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"medusa-liger eval: error: {error}", file=sys.stderr)
         return 2
     acc, tree, measured = report["head_accuracy"], report["tree"], report["measured"]
     print("head top-1 accuracy: " + ", ".join(f"head{k} (t+{k + 2}) {a:.3f}" for k, a in enumerate(acc["top1"])))
-    print(f"tree: {tree['size']} nodes, depth {tree['max_depth']}, "
+    print(f"tree{' (given)' if tree['source'] == 'given' else ''}: {tree['size']} nodes, depth {tree['max_depth']}, "
           f"estimated acceleration {tree['estimated_acceleration']:.2f}")
     interval = measured["acceleration_rate_ci95"]
     spread = "" if interval is None else \

@@ -5,7 +5,8 @@
    guesses at t are scored against ``s[t + k + 2]``, over every t from the last prompt token on
    whose target lies in the continuation. That gives per-rank accuracies ``p_k(r)`` (the guess of
    rank r is right) and the cumulative top-r table ``acc[k, r] = sum_{r' <= r} p_k(r')``.
-2. Tree search: ``tree.greedy_tree_search(p, size)`` (default 63 nodes), with its expected
+2. Tree search: ``tree.greedy_tree_search(p, size)`` (default 63 nodes), or a given tree (the
+   ``medusa_choices`` a serving engine will use) scored by ``tree.expected_acceleration``; with its expected
    acceleration ``1 + sum_nodes prod_j p_{j-1}(r_j)``.
 3. Measurement: Medusa decoding with that tree and plain greedy decoding of the same prompts;
    acceleration rate = new tokens / decoding steps, speedup = greedy wall time / Medusa wall time,
@@ -40,7 +41,9 @@ from medusa_liger.inference.generate import Acceptance, check_acceptance, greedy
 from medusa_liger.inference.tree import (
     DEFAULT_TOP_K,
     DEFAULT_TREE_SIZE,
+    expected_acceleration,
     greedy_tree_search,
+    normalize_tree,
 )
 from medusa_liger.records import (
     chat_prompt_ids,
@@ -248,6 +251,7 @@ def evaluate_heads(
     posterior_threshold: float = 0.09,
     posterior_alpha: float = 0.3,
     seed: int = 0,
+    tree: Sequence[Sequence[int]] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Accuracy table, tree search and measured speedup of ``model`` (a MedusaModel) on ``prompts``.
@@ -256,7 +260,9 @@ def evaluate_heads(
     and returns the report dict (``metadata`` is merged into it). batch_size > 1 adds the
     ``measured_batched`` section. acceptance "typical" measures sampling at ``temperature`` (> 0)
     with typical acceptance (``posterior_threshold``, ``posterior_alpha``; see ``medusa_generate``)
-    against plain sampling, prompt i from seed ``seed + i`` (see the module docstring).
+    against plain sampling, prompt i from seed ``seed + i`` (see the module docstring). ``tree``: measure
+    these ``medusa_choices`` paths instead of searching a tree of ``tree_size`` nodes (the accuracy
+    table then reaches at least the tree's deepest rank, so its estimate covers every node).
     """
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
@@ -273,7 +279,14 @@ def evaluate_heads(
                          "or acceptance='greedy'")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    K = int(model.heads.num_heads)
     vocab = model.lm_head.weight.shape[0]
+    given = None if tree is None else [list(p) for p in normalize_tree(tree, K)]
+    if given is not None:
+        deepest_rank = max((max(p) for p in given), default=-1)
+        if deepest_rank >= vocab:
+            raise ValueError(f"tree uses rank {deepest_rank} but the vocabulary has only {vocab} tokens")
+        top_k = max(top_k, deepest_rank + 1)
     top_k = min(top_k, vocab)
     device = model.lm_head.weight.device
     model.eval()
@@ -282,7 +295,6 @@ def evaluate_heads(
     inputs = [torch.tensor([list(p)], dtype=torch.long, device=device) for p in prompts]
 
     # 1. Greedy continuations, and every head's rank hits on them.
-    K = int(model.heads.num_heads)
     hits = torch.zeros(K, top_k, dtype=torch.long)
     counts = torch.zeros(K, dtype=torch.long)
     for ids in inputs:
@@ -293,8 +305,11 @@ def evaluate_heads(
     per_rank = hits.double() / counts.clamp(min=1)[:, None].double()
     cumulative = per_rank.cumsum(dim=1)
 
-    # 2. The tree with the highest expected acceptance for that table.
-    tree, estimated = greedy_tree_search(per_rank, tree_size)
+    # 2. The tree with the highest expected acceptance for that table (or the given one, scored by it).
+    if given is None:
+        tree, estimated = greedy_tree_search(per_rank, tree_size)
+    else:
+        tree, estimated = given, expected_acceleration(given, per_rank)
 
     # 3. Measured: Medusa with that tree vs plain greedy decoding (or, typical: plain sampling, the
     # empty tree), on the same prompts.
@@ -338,7 +353,8 @@ def evaluate_heads(
             "top1": cumulative[:, 0].tolist(),
             "scored_positions": counts.tolist(),
         },
-        "tree": {"size": len(tree), "requested_size": tree_size, "paths": tree,
+        "tree": {"size": len(tree), "source": "search" if given is None else "given",
+                 "requested_size": tree_size if given is None else None, "paths": tree,
                  "max_depth": max((len(p) for p in tree), default=0), "estimated_acceleration": estimated},
         "decoding": dict(options, seed=seed) if sampling else {"acceptance": "greedy"},
         "measured": measured,
