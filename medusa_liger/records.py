@@ -71,6 +71,18 @@ def skip_or_fail(message: str, on_error: str, skipped: list[str]) -> None:
     skipped.append(message)
 
 
+def load_json_list(path: Path, must: str) -> list:
+    """The list a JSON file holds; ValueError naming the file (and line) when it is malformed, or
+    ``"{path}: {must}, got <type>"`` when it holds something else."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: malformed JSON: {error.msg}") from None
+    if not isinstance(loaded, list):
+        raise ValueError(f"{path}: {must}, got {type(loaded).__name__}")
+    return loaded
+
+
 def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str]) -> Iterator[tuple[str, Any]]:
     """(where, record) for every record of one source; malformed lines are failed or skipped."""
     local = resolve_path(path)
@@ -90,12 +102,7 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str]) -
             yield f"{path}[{split}] row {i}", record
         return
     if local.suffix == ".json":
-        try:
-            loaded = json.loads(local.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{local}:{error.lineno}: malformed JSON: {error.msg}") from None
-        if not isinstance(loaded, list):
-            raise ValueError(f"{local}: a .json data file must hold a list of records, got {type(loaded).__name__}")
+        loaded = load_json_list(local, "a .json data file must hold a list of records")
         for i, record in enumerate(loaded):
             yield f"{local} record {i}", record
         return

@@ -322,7 +322,7 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     assert code == 0, capsys.readouterr().err
     assert "tree (given): " in capsys.readouterr().out
     assert json.loads((out_dir / "report.json").read_text())["tree"]["paths"] == given
-    for bad, message in (("nowhere.json", "does not exist"), ("bad.json", "is not JSON"), ("dict.json", "list of paths")):
+    for bad, message in (("nowhere.json", "does not exist"), ("bad.json", "malformed JSON"), ("dict.json", "list of paths")):
         if bad != "nowhere.json":
             (tmp_path / bad).write_text("{" if bad == "bad.json" else '{"a": 1}')
         assert main(["eval", str(tmp_path / "run"), "--tree", str(tmp_path / bad), "--device", "cpu"]) == 2

@@ -9,7 +9,6 @@ From Python: ``evaluate_run(run_dir=..., output_dir=...) -> report dict`` (same 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from medusa_liger.inference.evaluate import (
     load_prompts,
 )
 from medusa_liger.inference.tree import DEFAULT_TOP_K, DEFAULT_TREE_SIZE
+from medusa_liger.records import load_json_list
 from medusa_liger.run_layout import (
     EVAL_PROMPTS_FILE,
     FINAL_DIR,
@@ -172,13 +172,7 @@ def load_tree(path: str | Path) -> list[list[int]]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"tree file {str(path)!r} does not exist")
-    try:
-        tree = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"tree file {str(path)!r} is not JSON: {error}") from None
-    if not isinstance(tree, list):
-        raise ValueError(f"tree file {str(path)!r} must hold a list of paths (lists of ranks), got {type(tree).__name__}")
-    return tree
+    return load_json_list(path, "a tree file must hold a list of paths (lists of ranks)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
