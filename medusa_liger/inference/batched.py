@@ -125,7 +125,7 @@ class BatchedMedusaDecoder(MedusaDecoder):
             return self.base_logits.argmax(-1)
         # Row by row, each from its sequence's generator: the draws batch-1 decoding would make.
         probs = self._probs(self.base_logits)
-        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators, strict=True)])
 
     def _keep_paths(self, paths: list[torch.Tensor], buf: TreeBuffers) -> None:
         """Gather each sequence's accepted nodes into the slots after the old ones; crop the rest."""
