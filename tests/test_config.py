@@ -107,6 +107,20 @@ def test_jsd_beta_is_checked(overrides, message):
     assert cfg.train.jsd_beta == 0.5
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.label_smoothing=1.0"], "train.label_smoothing must be a number in [0, 1)"),
+    (["train.label_smoothing=-0.1"], "train.label_smoothing must be a number in [0, 1)"),
+    (["train.label_smoothing=nan"], "train.label_smoothing must be a number in [0, 1)"),
+    (["train.label_smoothing=0.1", "heads.targets=backbone"], "train.label_smoothing must be 0 unless"),
+    (["train.label_smoothing=0.1", "train.mode=joint", "train.lm_loss=kl"], "train.label_smoothing must be 0 unless"),
+])
+def test_label_smoothing_is_checked(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.label_smoothing=0.1"])
+    assert cfg.train.label_smoothing == 0.1
+
+
 def test_lora_needs_joint_mode():
     with pytest.raises(ValueError, match="lora.enabled"):
         config_from_dict({"lora": {"enabled": True}, "train": {"mode": "heads"}})

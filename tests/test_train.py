@@ -303,3 +303,12 @@ def test_eval_prompts_are_the_tokens_before_each_held_out_documents_first_target
     records = [json.loads(line) for line in path.read_text().splitlines()]
     # Doc 2 has no target: its whole text is the prompt; doc 3 has none before its first target.
     assert records == [{"input_ids": [10, 11]}, {"input_ids": [20, 21, 22]}, {"input_ids": [32, 33, 34]}]
+
+
+def test_label_smoothing_reaches_the_model(tmp_path):
+    cfg = short_config(tmp_path, "train.label_smoothing=0.15", "logging.wandb=disabled")
+    from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone
+    from medusa_liger.train.data import load_examples
+
+    _, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    assert build_medusa(cfg, backbone).config.label_smoothing == 0.15

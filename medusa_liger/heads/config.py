@@ -67,6 +67,9 @@ class MedusaConfig:
     jsd_beta:          None (those terms are KLs), or beta in (0, 1): they are the generalized
                        Jensen-Shannon divergence beta KL(teacher || m) + (1 - beta) KL(student || m),
                        m = beta teacher + (1 - beta) student (kernels/jsd.py; kl_direction "forward").
+    label_smoothing:   eps in [0, 1) of the cross-entropy terms (PyTorch's: the target gets
+                       1 - eps + eps / V, every other token eps / V); needs head_targets "labels"
+                       and lm_loss "ce" (a KL term has no labels to smooth).
     heads_loss_weight: lambda, multiplying every head weight; None -> 1.0 ("heads"), 0.2 ("joint").
     ignore_index:      label value that contributes no loss.
     skip_ignored_targets: the fused loss runs its GEMMs only on rows with a valid target (masked
@@ -87,6 +90,7 @@ class MedusaConfig:
     kl_temperature: float = 1.0
     kl_direction: KlDirection = "forward"
     jsd_beta: float | None = None
+    label_smoothing: float = 0.0
     heads_loss_weight: float | None = None
     ignore_index: int = -100
     skip_ignored_targets: bool = True
@@ -129,6 +133,11 @@ class MedusaConfig:
                                  f"got {self.kl_direction!r}")
         if not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")
+        if not (check_loss_weight("label_smoothing", self.label_smoothing) < 1.0):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.label_smoothing and (self.head_targets != "labels" or self.lm_loss != "ce"):
+            raise ValueError("label_smoothing must be 0 unless head_targets is 'labels' and lm_loss is 'ce' "
+                             f"(it smooths labels; a KL term has none), got {self.label_smoothing!r}")
 
     def head_weights(self) -> list[float]:
         """Loss weight of each Medusa head: ``heads_loss_weight * decay**k`` for k = 0..K-1."""

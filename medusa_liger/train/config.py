@@ -126,6 +126,9 @@ class TrainConfig:
     # beta KL(teacher || m) + (1 - beta) KL(student || m), m = beta teacher + (1 - beta) student
     # (0.5: symmetric JSD; bounded, between the two KL directions); null: KL (kl_direction).
     jsd_beta: float | None = None
+    # Label smoothing eps in [0, 1) of the cross-entropy terms (heads.targets: labels, lm_loss: ce), as
+    # PyTorch's: the target weighs 1 - eps + eps / V, every other token eps / V.
+    label_smoothing: float = 0.0
     heads_lambda: LambdaConfig = field(default_factory=LambdaConfig)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     # Dtype of the parameters built here and trained: the Medusa heads and the LoRA adapters (their
@@ -312,6 +315,11 @@ def validate(cfg: Config) -> Config:
              "null unless train.lm_loss is 'kl' or heads.targets is 'backbone' (no divergence term else)")
     _require(t.jsd_beta is None or t.kl_direction == "forward", "train.kl_direction", t.kl_direction,
              "'forward' with train.jsd_beta (the JSD has no direction)")
+    _require(math.isfinite(t.label_smoothing) and 0.0 <= t.label_smoothing < 1.0, "train.label_smoothing",
+             t.label_smoothing, "a number in [0, 1)")
+    _require(t.label_smoothing == 0.0 or (t.lm_loss == "ce" and h.targets == "labels"), "train.label_smoothing",
+             t.label_smoothing, "0 unless train.lm_loss is 'ce' and heads.targets is 'labels' (KL terms have no "
+             "labels)")
     _require(len(d.paths) >= 1, "data.paths", d.paths, "a non-empty list of files or hub dataset names")
     _require(d.seq_len >= h.num_heads + 2, "data.seq_len", d.seq_len, f">= heads.num_heads + 2 = {h.num_heads + 2}")
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "in [0, 1)")
