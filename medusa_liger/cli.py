@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from medusa_liger import __version__
+
 # subcommand -> (module providing add_arguments/run, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("medusa_liger.train.cli", "train Medusa heads (and optionally the backbone) from a YAML config"),
@@ -25,6 +27,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medusa-liger", description="Train and evaluate Medusa heads with fused Triton kernels."
     )
+    parser.add_argument("--version", action="version", version=f"medusa-liger {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)

@@ -157,6 +157,19 @@ def test_cli_reports_config_errors(capsys):
     assert "steps: 7" in capsys.readouterr().out
 
 
+def test_cli_version_is_the_packages(capsys):
+    import importlib.metadata
+
+    import medusa_liger
+    from medusa_liger.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"medusa-liger {medusa_liger.__version__}"
+    assert importlib.metadata.version("medusa-liger") == medusa_liger.__version__  # one source: pyproject reads it
+
+
 def test_resume_must_be_none_auto_or_a_checkpoint_directory(tmp_path):
     tiny = ROOT / "configs" / "tiny.yaml"
     for value in ("none", "auto"):
