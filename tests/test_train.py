@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,26 @@ def test_label_smoothing_reaches_the_model(tmp_path):
 
     _, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
     assert build_medusa(cfg, backbone).config.label_smoothing == 0.15
+
+
+def test_periodic_held_out_evaluation_leaves_training_unchanged(tmp_path):
+    """train.eval_every logs eval/... with the step's metrics (the last step's come in the summary),
+    draws the held-out rows only, and changes no training step: losses equal a run without it."""
+    extra = ["train.steps=5", "checkpoint.every=0", "export.formats=[medusa]"]
+    plain = train(short_config(tmp_path / "plain", *extra))
+    evaluated = train(short_config(tmp_path / "evaluated", *extra, "train.eval_every=2"))
+    records = read_metrics(tmp_path / "evaluated" / "metrics.jsonl")
+    assert [r["step"] for r in records if "eval/acc/head0" in r] == [2, 4]
+    assert all(0.0 <= r["eval/acc/head2"] <= 1.0 and r["eval/loss/head0"] > 0 for r in records if "eval/loss/head0" in r)
+    assert losses(tmp_path / "evaluated") == losses(tmp_path / "plain")
+    assert evaluated.summary["eval/acc/head0"] == plain.summary["eval/acc/head0"]
+    assert (tmp_path / "evaluated" / "plot.png").is_file()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.eval_every=-1"], "train.eval_every must be >= 0"),
+    (["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every must be 0 unless data.eval_fraction > 0"),
+])
+def test_eval_every_is_checked(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        short_config(tmp_path, *overrides)

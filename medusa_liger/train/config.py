@@ -109,6 +109,9 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak
     max_grad_norm: float | None = 1.0
+    # Evaluate the held-out rows (data.eval_fraction) every this many optimizer steps, logged with the
+    # step's metrics as eval/...; 0: only once, at the end (the run's summary has that one either way).
+    eval_every: int = 0
     heads_only_steps: int = 0  # joint mode: first stage that trains only the heads
     lm_loss_weight: float = 1.0
     # Joint mode: the backbone's own loss, "ce" against the labels or "kl" from the original backbone:
@@ -326,6 +329,9 @@ def validate(cfg: Config) -> Config:
     _require(d.max_examples is None or d.max_examples >= 1, "data.max_examples", d.max_examples, ">= 1 or null")
     _require(d.num_proc >= 1, "data.num_proc", d.num_proc, ">= 1")
     _require(t.steps >= 1, "train.steps", t.steps, ">= 1")
+    _require(t.eval_every >= 0, "train.eval_every", t.eval_every, ">= 0 (0: evaluate only at the end)")
+    _require(t.eval_every == 0 or d.eval_fraction > 0, "train.eval_every", t.eval_every,
+             "0 unless data.eval_fraction > 0 (no held-out rows to evaluate)")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, ">= 1")
     _require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, ">= 1")
     _require(t.lr >= 0, "train.lr", t.lr, ">= 0")

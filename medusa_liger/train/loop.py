@@ -358,8 +358,15 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             metrics.update({"tokens_per_s": metrics["tokens"] / seconds, "epoch": loader.epoch, "stage": stage})
             if device.type == "cuda":  # the allocator's own counter: a host read, no device sync
                 metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            logger.log(step + 1, metrics)
             done = step + 1
+            # Held-out metrics along the way (every rank evaluates: FSDP gathers in lockstep); the last
+            # step's come once, after the loop. Evaluation draws no random numbers, so resuming stays exact.
+            every = cfg.train.eval_every
+            if eval_data is not None and every and done % every == 0 and done < cfg.train.steps:
+                metrics.update(evaluate(model, eval_data, cfg.train.micro_batch_size, device, amp))
+                logger.write(f"step {done}: held-out top-1 " + ", ".join(
+                    f"head{k} {metrics[f'eval/acc/head{k}']:.4f}" for k in range(cfg.heads.num_heads)))
+            logger.log(done, metrics)
             if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
                 rng_states = distributed.all_gather_objects(rng_state())  # each rank resumes its own streams
                 # Whole tensors on rank 0: gathered where sharded (collectives: every rank takes part).

@@ -1,4 +1,5 @@
-"""A PNG of a run's curves: losses (left) and each Medusa head's top-1 accuracy (right) per step.
+"""A PNG of a run's curves: losses (left) and each Medusa head's top-1 accuracy (right) per step,
+with the held-out evaluations along the way (``train.eval_every``) as markers.
 
 Reads the records of ``metrics.jsonl`` (see ``logging.py``); uses matplotlib's non-interactive
 ``Agg`` backend, so it works on a machine without a display.
@@ -19,6 +20,13 @@ def _smooth(values: list[float], window: int) -> list[float]:
             total -= values[i - window]
         out.append(total / min(i + 1, window))
     return out
+
+
+def _held_out(ax, records: list[dict[str, Any]], key: str, color: str) -> None:
+    """The held-out values of ``key`` (``train.eval_every``) as markers in the training curve's color."""
+    points = [(r["step"], r[key]) for r in records if key in r]
+    if points:
+        ax.plot(*zip(*points), linestyle="none", marker="o", markersize=4, color=color)
 
 
 def plot_metrics(records: list[dict[str, Any]], path: str | Path, baseline: float | None = None,
@@ -43,7 +51,9 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, baseline: floa
             ax_loss.plot(steps, _smooth([r[key] for r in records], window), label=label)
     head_keys = sorted((k for k in records[-1] if k.startswith("loss/head")), key=lambda k: int(k.rsplit("head", 1)[1]))
     for key in head_keys:
-        ax_loss.plot(steps, _smooth([r[key] for r in records], window), label=key.replace("loss/", ""), alpha=0.7)
+        smoothed = _smooth([r[key] for r in records], window)
+        line, = ax_loss.plot(steps, smoothed, label=key.replace("loss/", ""), alpha=0.7)
+        _held_out(ax_loss, records, "eval/" + key, line.get_color())
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.set_title("loss")
@@ -53,7 +63,8 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, baseline: floa
         ax_acc.plot(steps, _smooth([r["acc/lm"] for r in records], window), label="backbone (t+1)", color="black")
     for key in sorted((k for k in records[-1] if k.startswith("acc/head")), key=lambda k: int(k.rsplit("head", 1)[1])):
         k = int(key.rsplit("head", 1)[1])
-        ax_acc.plot(steps, _smooth([r[key] for r in records], window), label=f"head {k} (t+{k + 2})")
+        line, = ax_acc.plot(steps, _smooth([r[key] for r in records], window), label=f"head {k} (t+{k + 2})")
+        _held_out(ax_acc, records, "eval/" + key, line.get_color())
     if baseline is not None:
         ax_acc.axhline(baseline, linestyle="--", color="gray", label="most common token")
     ax_acc.set_xlabel("step")
