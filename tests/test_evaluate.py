@@ -141,6 +141,11 @@ def test_evaluate_trained_heads_accelerate(tmp_path):
     assert report["tree"]["estimated_acceleration"] > 2.0
     assert report["measured"]["acceleration_rate"] > 2.0
     assert report["measured"]["greedy_match_rate"] == 1.0
+    # The histogram counts every step once, by the tokens it emitted.
+    histogram = {int(n): c for n, c in report["measured"]["tokens_per_step_histogram"].items()}
+    assert sum(histogram.values()) == report["measured"]["medusa"]["steps"]
+    assert sum(n * c for n, c in histogram.items()) == report["measured"]["medusa"]["new_tokens"]
+    assert max(histogram) <= report["tree"]["max_depth"] + 1 and max(histogram) > 1
 
 
 def test_evaluate_batched_measurement_matches_one_prompt_at_a_time(tmp_path):
@@ -305,6 +310,7 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     out = capsys.readouterr().out
     assert "measured: acceleration" in out and "(95% interval over 2 prompts: " in out
     assert "measured at batch 2: acceleration" in out and "tokens/s of plain greedy), identical to greedy" in out
+    assert "tokens per step: 1: " in out
     # Typical acceptance: sampling against plain sampling.
     code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens",
                  "6", "--tree-size", "4", "--device", "cpu", "--acceptance", "typical", "--temperature", "0.9",

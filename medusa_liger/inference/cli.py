@@ -238,6 +238,9 @@ def run(args: argparse.Namespace) -> int:
         f" (typical acceptance at temperature {decoding['temperature']:g})"
     print(f"measured{how}: acceleration {measured['acceleration_rate']:.2f} tokens/step{spread}, "
           f"{_speedup(measured, decoding['acceptance'])}")
+    histogram = measured["tokens_per_step_histogram"]
+    steps = sum(histogram.values())
+    print("tokens per step: " + ", ".join(f"{n}: {count / steps:.0%}" for n, count in histogram.items()))
     batched = report.get("measured_batched")
     if batched:
         print(f"measured at batch {batched['batch_size']}: acceleration {batched['acceleration_rate']:.2f} "

@@ -338,6 +338,7 @@ def evaluate_heads(
     if not sampling:
         measured["greedy_match_rate"] = sum(bool(r.matches_greedy) for r in runs) / len(runs)
     measured["per_prompt_acceleration"] = [r.stats.acceleration_rate for r in runs]
+    measured["tokens_per_step_histogram"] = tokens_per_step_histogram(runs)
 
     report: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -374,6 +375,16 @@ def evaluate_heads(
     report["files"] = {name: str(p) for name, p in files.items()}
     files["report"].write_text(json.dumps(report, indent=2))
     return report
+
+
+def tokens_per_step_histogram(results: Sequence) -> dict[str, int]:
+    """{"n": how many decoding steps emitted n tokens} over ``results`` (n = 1 .. the tree's depth + 1;
+    a step cut short by the token budget or EOS counts what it emitted): where the tree's length goes."""
+    counts: dict[int, int] = {}
+    for r in results:
+        for n in r.stats.tokens_per_step:
+            counts[n] = counts.get(n, 0) + 1
+    return {str(n): counts[n] for n in sorted(counts)}
 
 
 # The plain decoding each acceptance is measured against: its key in the report.
