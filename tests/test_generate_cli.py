@@ -1,0 +1,57 @@
+"""``medusa-liger generate``: one prompt through Medusa decoding from a saved run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medusa_liger.cli import main
+from medusa_liger.inference.generate import greedy_generate
+from medusa_liger.inference.generate_cli import generate_reply, prompt_ids
+# The evaluation tests' fixtures: one intra-op thread, the PyTorch kernels, the tiny tokenizer.
+from tests.test_evaluate import TOKENIZER_VOCAB, _one_thread, random_medusa, tokenizer  # noqa: F401
+
+
+@pytest.fixture
+def run_dir(tmp_path, tokenizer):  # noqa: F811 - the fixture imported above
+    """A training run's final layout: the backbone (with the tokenizer) and the heads."""
+    model = random_medusa(TOKENIZER_VOCAB, num_heads=2, seed=2)
+    final = tmp_path / "run" / "final"
+    model.backbone.save_pretrained(final / "backbone")
+    tokenizer.save_pretrained(final / "backbone")
+    model.save_heads(final / "heads_medusa", format="medusa")
+    return tmp_path / "run"
+
+
+def test_reply_is_the_greedy_continuation_of_the_chat_prompt(tokenizer):  # noqa: F811
+    model = random_medusa(TOKENIZER_VOCAB, num_heads=2, seed=2)
+    reply, out = generate_reply(model, tokenizer, "def f(x):", max_new_tokens=12, compare_greedy=True)
+    ids = prompt_ids(tokenizer, "def f(x):", raw=False)
+    assert out.sequences[0, : len(ids)].tolist() == ids  # the chat-rendered prompt, then the reply
+    want = greedy_generate(model, torch.tensor([ids]), 12, tokenizer.eos_token_id)
+    assert out.sequences.tolist() == want.sequences.tolist() and out.matches_greedy
+    assert reply == tokenizer.decode(want.new_tokens.tolist(), skip_special_tokens=True)
+    raw = prompt_ids(tokenizer, "def f(x):", raw=True)
+    assert raw == tokenizer("def f(x):")["input_ids"] and raw != ids
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        prompt_ids(tokenizer, "", raw=False)
+
+
+def test_cli(run_dir, capsys):
+    args = ["generate", str(run_dir), "--prompt", "The assert statement", "--max-new-tokens", "10", "--device", "cpu"]
+    assert main([*args, "--compare-greedy"]) == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out.strip() and "tokens/step" in err and "the same reply" in err
+    # Typical acceptance samples from --seed: the same seed gives the same reply.
+    typical = [*args, "--acceptance", "typical", "--temperature", "1.5", "--seed", "4"]
+    replies = []
+    for _ in range(2):
+        assert main(typical) == 0, capsys.readouterr().err
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1]
+    # Errors name what is wrong and exit with 2.
+    for bad, message in (([*typical, "--compare-greedy"], "--compare-greedy compares greedy"),
+                         (["generate", str(run_dir / "nowhere"), "--prompt", "x"], "not a directory"),
+                         ([*args, "--tree", str(run_dir / "none.json")], "does not exist")):
+        assert main(bad) == 2
+        assert message in capsys.readouterr().err
