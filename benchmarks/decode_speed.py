@@ -69,7 +69,8 @@ def main() -> None:
     model = build(shape, dtype, device, num_heads)
     trees = {f"{size} nodes": default_tree(num_heads, size) for size in (16, 63)}
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, shape["vocab_size"], (int(n),), generator=g) for n in torch.randint(64, 256, (16,), generator=g)]
+    lengths = torch.randint(64, 256, (16,), generator=g).tolist()
+    prompts = [torch.randint(0, shape["vocab_size"], (n,), generator=g) for n in lengths]
 
     rows = []
     for B in batches:
