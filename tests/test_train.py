@@ -329,10 +329,13 @@ def test_periodic_held_out_evaluation_leaves_training_unchanged(tmp_path):
     assert (tmp_path / "evaluated" / "plot.png").is_file()
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["train.eval_every=-1"], "train.eval_every must be >= 0"),
-    (["train.eval_every=10", "data.eval_fraction=0"], "train.eval_every must be 0 unless data.eval_fraction > 0"),
-])
-def test_eval_every_is_checked(tmp_path, overrides, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        short_config(tmp_path, *overrides)
+def test_eval_every_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("train.eval_every must be >= 0")):
+        short_config(tmp_path, "train.eval_every=-1")
+
+
+def test_eval_every_without_held_out_rows_says_so(tmp_path, capsys):
+    train(short_config(tmp_path, "train.steps=2", "train.eval_every=1", "data.eval_fraction=0",
+                       "checkpoint.every=0", "export.formats=[medusa]"))
+    assert "train.eval_every=1: no held-out rows to evaluate" in capsys.readouterr().out
+    assert not any(k.startswith("eval/") for r in read_metrics(tmp_path / "metrics.jsonl") for k in r)

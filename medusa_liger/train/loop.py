@@ -343,6 +343,9 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                      + (f" x {world} ranks" if world > 1 else "")
                      + (f"; resumed from {resume_dir}" if resume_dir is not None else ""))
         logger.write(precision_line(cfg, amp))
+        if cfg.train.eval_every and eval_data is None:
+            logger.write(f"train.eval_every={cfg.train.eval_every}: no held-out rows to evaluate "
+                         "(data.eval_fraction=0)")
         if fsdp_units:
             logger.write(f"model, gradients and optimizer state sharded over {world} ranks "
                          f"(FSDP2: {fsdp_units} decoder-layer units, the heads and the root)")
