@@ -7,16 +7,17 @@ step the heads must buy before Medusa decoding is faster (its break-even acceler
 Random heads accept almost nothing, so every Medusa step emits about one token and its time is the
 cost of a verification step: the backbone forward over the tree's nodes plus the decoder's own work
 (candidates, masks, acceptance, the KV cache's gather). Per batch size B: milliseconds per step of
-plain decoding (Medusa's decoder with the empty tree; at B = 1 also ``greedy_generate``, the plain HF
-loop) and of Medusa decoding with trees of several sizes; break-even = Medusa step / plain step: the
-acceleration (tokens per step, from ``medusa-liger eval``) above which the heads win at that batch
-size. The backbone runs eagerly through Hugging Face (sdpa attention), as ``medusa-liger eval`` runs
+plain decoding (Medusa's decoder with the empty tree; at B = 1 also ``greedy_generate``, the plain
+loop over the HF backbone) and of Medusa decoding with trees of several sizes, in interleaved
+rounds; break-even = Medusa step / plain step: the acceleration (tokens per step, from
+``medusa-liger eval``) above which the heads win at that batch size. The backbone runs eagerly through Hugging Face (sdpa attention), as ``medusa-liger eval`` runs
 it; a serving engine's graphs and kernels make both steps cheaper.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per batch size (median)")
     args = parser.parse_args()
     device = torch.device("cuda" if common.CUDA else "cpu")
     dtype = torch.bfloat16 if common.CUDA else torch.float32
@@ -75,19 +77,21 @@ def main() -> None:
     rows = []
     for B in batches:
         batch = prompts[:B]
-        medusa_generate_batch(model, batch, 8, trees["63 nodes"])  # warm-up: kernels, allocator
-        medusa_generate_batch(model, batch, 8, [])
-        plain = min(ms_per_step(medusa_generate_batch(model, batch, tokens, [])) for _ in range(3))
-        row = [B, f"{plain:.1f}"]
+        # Every way of decoding this batch, timed in interleaved rounds (the card's and host's drift
+        # hits them alike) after a warm-up call each (kernels, allocator); medians.
+        cases = {"plain": lambda b=batch: ms_per_step(medusa_generate_batch(model, b, tokens, []))}
         if B == 1:
-            greedy_generate(model, batch[0][None], 8)
-            hf = min(greedy_generate(model, batch[0][None], tokens).stats.wall_time_s * 1e3 / tokens for _ in range(3))
-            row.append(f"{hf:.1f}")
-        else:
-            row.append("")
-        for tree in trees.values():
-            step = min(ms_per_step(medusa_generate_batch(model, batch, tokens, tree)) for _ in range(3))
-            row += [f"{step:.1f}", f"{step / plain:.2f}"]
+            cases["greedy_generate"] = lambda b=batch: (greedy_generate(model, b[0][None], tokens).stats.wall_time_s
+                                                        * 1e3 / tokens)
+        for name, tree in trees.items():
+            cases[name] = lambda b=batch, t=tree: ms_per_step(medusa_generate_batch(model, b, tokens, t))
+        for case in cases.values():
+            case()
+        times = common.interleaved_rounds(cases, args.rounds, timer=lambda case: case())
+        median = {name: statistics.median(t) for name, t in times.items()}
+        row = [B, f"{median['plain']:.1f}", f"{median['greedy_generate']:.1f}" if B == 1 else ""]
+        for name in trees:
+            row += [f"{median[name]:.1f}", f"{median[name] / median['plain']:.2f}"]
         rows.append(row)
     header = ["batch", "plain step ms (empty tree)", "greedy_generate step ms"]
     for name in trees:
@@ -95,7 +99,7 @@ def main() -> None:
     layers = shape["num_hidden_layers"]
     notes = [f"Llama shape: hidden {shape['hidden_size']}, {layers} layers, vocab {shape['vocab_size']}; "
              f"{num_heads} random heads; {str(dtype).replace('torch.', '')}; prompts of 64-255 tokens, "
-             f"{tokens} new tokens each; best of 3 runs.",
+             f"{tokens} new tokens each; median of {args.rounds} interleaved rounds.",
              "break-even: the Medusa step's time over the plain step's, the tokens per step (acceleration, "
              "from `medusa-liger eval`) above which Medusa decoding is faster at that batch size."]
     common.write_table("decode_speed" + ("_quick" if args.quick else "") + "_h100",

@@ -132,12 +132,13 @@ class BatchedMedusaDecoder(MedusaDecoder):
         S = self.slot_pos.shape[1]
         n = torch.tensor([p.numel() for p in paths], device=self.runner.device)
         width = max(p.numel() for p in paths)  # from the host's list: no device read
-        index = torch.stack([torch.cat([p, p[-1:].expand(width - p.numel())]) for p in paths]) + S  # [B, width]
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name)  # [B, heads, S + N, D]
-                picked = t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
-                t[:, :, S:S + width] = picked  # gather copied: overlapping slots are safe
+        if width > 1:  # else every sequence kept its root alone, already in slot S: nothing moves
+            index = torch.stack([torch.cat([p, p[-1:].expand(width - p.numel())]) for p in paths]) + S  # [B, width]
+            for layer in self.cache.layers:
+                for name in ("keys", "values"):
+                    t = getattr(layer, name)  # [B, heads, S + N, D]
+                    picked = t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+                    t[:, :, S:S + width] = picked  # gather copied: overlapping slots are safe
         if buf.num_nodes > width:
             self.cache.crop(-(buf.num_nodes - width))
         offsets = torch.arange(width, device=n.device)

@@ -293,11 +293,12 @@ class MedusaDecoder:
     def _keep_path(self, path: torch.Tensor, num_nodes: int) -> None:
         """Move the accepted nodes' keys/values to the slots after the past, crop the other nodes."""
         n, past = path.numel(), self.past_length
-        src = past + path
-        for layer in self.cache.layers:
-            # index_select copies, so overlapping source and destination slots are safe.
-            layer.keys[..., past : past + n, :] = layer.keys.index_select(-2, src)
-            layer.values[..., past : past + n, :] = layer.values.index_select(-2, src)
+        if n > 1:  # the root (node 0) is already in slot ``past``: alone, it needs no move
+            src = past + path
+            for layer in self.cache.layers:
+                # index_select copies, so overlapping source and destination slots are safe.
+                layer.keys[..., past : past + n, :] = layer.keys.index_select(-2, src)
+                layer.values[..., past : past + n, :] = layer.values.index_select(-2, src)
         if num_nodes > n:
             self.cache.crop(-(num_nodes - n))  # negative: remove that many (same in 5.17 and 5.2x)
         self.past_length = past + n
