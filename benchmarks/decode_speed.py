@@ -10,8 +10,9 @@ cost of a verification step: the backbone forward over the tree's nodes plus the
 plain decoding (Medusa's decoder with the empty tree; at B = 1 also ``greedy_generate``, the plain
 loop over the HF backbone) and of Medusa decoding with trees of several sizes, in interleaved
 rounds; break-even = Medusa step / plain step: the acceleration (tokens per step, from
-``medusa-liger eval``) above which the heads win at that batch size. The backbone runs eagerly through Hugging Face (sdpa attention), as ``medusa-liger eval`` runs
-it; a serving engine's graphs and kernels make both steps cheaper.
+``medusa-liger eval``) above which the heads win at that batch size. The backbone runs eagerly
+through Hugging Face (sdpa attention), as ``medusa-liger eval`` runs it; a serving engine's graphs
+and kernels make both steps cheaper.
 """
 
 from __future__ import annotations
