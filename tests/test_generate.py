@@ -286,3 +286,23 @@ def test_gpu_decoding(trained, dtype):
     assert all(r.stats.acceleration_rate > 2 for r in runs)
     if dtype == torch.float32:  # exact up to rounding; bf16 trees may flip near-ties
         assert all(r.matches_greedy for r in runs)
+
+
+def test_decoding_forwards_run_without_cudnn_attention():
+    """Decoding brings a new key length every step, for which cuDNN's attention would build a new
+    plan: the runner's forwards exclude that backend (and leave the global choice as it was)."""
+    from medusa_liger.inference.backbone import BackboneRunner
+
+    model = tiny_medusa()
+    runner = BackboneRunner(model)
+    seen = []
+    hook = runner.decoder.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.backends.cuda.cudnn_sdp_enabled(),
+                                          torch.backends.cuda.flash_sdp_enabled())))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        greedy_generate(model, torch.tensor([[1, 2, 3]]), 3)
+    finally:
+        hook.remove()
+    assert seen and all(cudnn is False and flash is True for cudnn, flash in seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

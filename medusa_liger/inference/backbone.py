@@ -6,14 +6,31 @@ bare causal LM (peft-wrapped or not); the cache argument's name (``cache`` in tr
 the sliding window a backbone may use. The cache is a ``DynamicCache`` built without the config,
 so every layer keeps every token as ``[B, n_kv, S, D]`` tensors in ``cache.layers[i].keys/values``
 (the same in 5.17 and 5.2x), which Medusa decoding gathers and crops by index.
+
+Its forwards run under ``decode_attention()``: PyTorch's scaled-dot-product attention without its
+cuDNN backend, which builds an execution plan for every new key length (milliseconds of host time
+per layer) when decoding brings a new length at every step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 from torch import nn
+
+
+def decode_attention() -> contextlib.AbstractContextManager:
+    """Context for decoding forwards: SDPA may use the flash, memory-efficient or math kernels, not
+    cuDNN's. On an H100 (torch 2.11) cuDNN's attention took ~5 ms of host time per call for each key
+    length it had not seen, and a decoding step always has a new one: a Llama-3-8B-shaped step went
+    from 40 to 25 ms without it (benchmarks/NOTES.md, run 129). Training keeps the default choice."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch without the backend selector
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class BackboneRunner:
@@ -54,14 +71,15 @@ class BackboneRunner:
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [1, T] at position_ids [1, T] -> last hidden state [1, T, H]; appends T entries to
         ``cache``. attention_mask: None (the model's causal mask) or a 4-D additive [1, 1, T, S + T]."""
-        out = self.decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            return_dict=True,
-            **{self.cache_kwarg: cache},
-        )
+        with decode_attention():
+            out = self.decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                return_dict=True,
+                **{self.cache_kwarg: cache},
+            )
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medusa_liger.inference.backbone import decode_attention
 from medusa_liger.records import chat_prompt_ids, chat_template_for, text_prompt_ids
 
 Messages = list[dict[str, str]]
@@ -119,8 +120,9 @@ class LocalBackend:
         for row, prompt in enumerate(prompts):  # left padding: every prompt ends at column width - 1
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                  generation_config=self.config)
+        with decode_attention():  # no cuDNN attention: it plans anew for every step's key length
+            out = self.model.generate(input_ids=input_ids.to(self.device),
+                                      attention_mask=attention_mask.to(self.device), generation_config=self.config)
         results = []
         for row in out[:, width:].tolist():
             stop = next((j for j, token in enumerate(row) if token in self.eos), None)
