@@ -41,6 +41,7 @@ from medusa_liger.inference.generate import Acceptance, check_acceptance, greedy
 from medusa_liger.inference.tree import (
     DEFAULT_TOP_K,
     DEFAULT_TREE_SIZE,
+    check_ranks_fit,
     expected_acceleration,
     greedy_tree_search,
     normalize_tree,
@@ -283,10 +284,7 @@ def evaluate_heads(
     vocab = model.lm_head.weight.shape[0]
     given = None if tree is None else [list(p) for p in normalize_tree(tree, K)]
     if given is not None:
-        deepest_rank = max((max(p) for p in given), default=-1)
-        if deepest_rank >= vocab:
-            raise ValueError(f"tree uses rank {deepest_rank} but the vocabulary has only {vocab} tokens")
-        top_k = max(top_k, deepest_rank + 1)
+        top_k = max(top_k, check_ranks_fit(given, vocab) + 1)
     top_k = min(top_k, vocab)
     device = model.lm_head.weight.device
     model.eval()
@@ -325,18 +323,10 @@ def evaluate_heads(
 
     runs = [decode(i, ids, tree) for i, ids in enumerate(inputs)]
     baselines = [decode(i, ids, []) for i, ids in enumerate(inputs)] if sampling else [r.greedy for r in runs]
-    medusa = _totals(runs, sum(r.stats.wall_time_s for r in runs))
-    baseline = _totals(baselines, sum(r.stats.wall_time_s for r in baselines))
-    measured: dict[str, Any] = {
-        "acceleration_rate": medusa["new_tokens"] / max(medusa["steps"], 1),
-        "acceleration_rate_ci95": ratio_interval([r.stats.new_tokens for r in runs],
-                                                 [r.stats.steps for r in runs]) if medusa["steps"] else None,
-        "speedup": baseline["wall_time_s"] / max(medusa["wall_time_s"], 1e-12),
-        "medusa": medusa,
-        BASELINE[acceptance]: baseline,
-    }
-    if not sampling:
-        measured["greedy_match_rate"] = sum(bool(r.matches_greedy) for r in runs) / len(runs)
+    measured = _comparison(runs, baselines, sum(r.stats.wall_time_s for r in runs),
+                           sum(r.stats.wall_time_s for r in baselines), acceptance)
+    measured["acceleration_rate_ci95"] = ratio_interval(
+        [r.stats.new_tokens for r in runs], [r.stats.steps for r in runs]) if measured["medusa"]["steps"] else None
     measured["per_prompt_acceleration"] = [r.stats.acceleration_rate for r in runs]
     measured["tokens_per_step_histogram"] = tokens_per_step_histogram(runs)
 
@@ -398,6 +388,21 @@ def _totals(results: Sequence, wall_time_s: float) -> dict[str, float]:
             "tokens_per_s": tokens / max(wall_time_s, 1e-12)}
 
 
+def _comparison(medusa: Sequence, plain: Sequence, medusa_wall_s: float, plain_wall_s: float,
+                acceptance: str) -> dict[str, Any]:
+    """Medusa decodings against the plain ones of the same prompts (in order): acceleration rate,
+    speedup, each side's totals (the plain side under ``BASELINE[acceptance]``) and, greedy, the share
+    of prompts whose two outputs are identical."""
+    m, p = _totals(medusa, medusa_wall_s), _totals(plain, plain_wall_s)
+    section: dict[str, Any] = {"acceleration_rate": m["new_tokens"] / max(m["steps"], 1),
+                               "speedup": p["wall_time_s"] / max(m["wall_time_s"], 1e-12),
+                               "medusa": m, BASELINE[acceptance]: p}
+    if acceptance == "greedy":
+        section["greedy_match_rate"] = sum(a.sequences.tolist() == b.sequences.tolist()
+                                           for a, b in zip(medusa, plain, strict=True)) / len(medusa)
+    return section
+
+
 def measure_batched(model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
                     tree: list[list[int]], batch_size: int, eos_token_id=None, warmup: bool = True, *,
                     seed: int = 0, **options) -> dict[str, Any]:
@@ -418,15 +423,5 @@ def measure_batched(model: nn.Module, prompts: Sequence[torch.Tensor], max_new_t
             decode(0, t, min(8, max_new_tokens))
     medusa, plain = ([r for start in starts for r in decode(start, t)] for t in (tree, []))
     # A batch's wall time is shared by its prompts: count it once per batch.
-    m, p = (_totals(results, sum(results[i].stats.wall_time_s for i in starts)) for results in (medusa, plain))
-    report = {
-        "batch_size": batch_size,
-        "acceleration_rate": m["new_tokens"] / max(m["steps"], 1),
-        "speedup": p["wall_time_s"] / max(m["wall_time_s"], 1e-12),
-        "medusa": m,
-        BASELINE[acceptance]: p,
-    }
-    if acceptance == "greedy":
-        report["greedy_match_rate"] = sum(a.sequences.tolist() == b.sequences.tolist()
-                                          for a, b in zip(medusa, plain)) / len(medusa)
-    return report
+    walls = (sum(results[i].stats.wall_time_s for i in starts) for results in (medusa, plain))
+    return {"batch_size": batch_size, **_comparison(medusa, plain, *walls, acceptance)}

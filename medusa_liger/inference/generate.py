@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from medusa_liger.inference.backbone import BackboneRunner, check_generation_inputs
-from medusa_liger.inference.tree import TreeBuffers, build_tree_buffers, default_tree, truncate_tree
+from medusa_liger.inference.tree import TreeBuffers, build_tree_buffers, check_ranks_fit, default_tree, truncate_tree
 
 Acceptance = Literal["greedy", "typical"]
 MASK_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -179,7 +179,6 @@ def check_acceptance(acceptance: str, temperature: float, posterior_threshold: f
         raise ValueError(f"posterior_alpha must be a finite number > 0, got {posterior_alpha!r}")
 
 
-
 class MedusaDecoder:
     """Step-by-step Medusa decoding of one sequence: ``prefill(prompt)``, then ``step()`` repeatedly.
 
@@ -212,9 +211,7 @@ class MedusaDecoder:
         self.tree = default_tree(num_heads) if tree is None else [list(p) for p in tree]
         # Validates the tree against the number of heads (ValueError naming the missing head).
         full = build_tree_buffers(self.tree, num_heads)
-        vocab = self.runner.lm_head.weight.shape[0]
-        if full.top_k and max(full.top_k) > vocab:
-            raise ValueError(f"tree uses rank {max(full.top_k) - 1} but the vocabulary has only {vocab} tokens")
+        check_ranks_fit(self.tree, self.runner.lm_head.weight.shape[0])
         self.max_depth = max((len(p) for p in self.tree), default=0)
         self.uses_heads = self.max_depth > 0
         self._buffers: dict[int, TreeBuffers] = {self.max_depth: full.to(self.runner.device)}

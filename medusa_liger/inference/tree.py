@@ -75,6 +75,15 @@ def normalize_tree(tree: Sequence[Sequence[int]], num_heads: int | None = None, 
     return sorted(paths, key=lambda p: (len(p), p))
 
 
+def check_ranks_fit(tree: Sequence[Sequence[int]], vocab: int) -> int:
+    """The deepest rank ``tree``'s paths use (-1 for the empty tree); ValueError when a vocabulary of
+    ``vocab`` tokens has no token of that rank."""
+    deepest = max((max(p) for p in tree), default=-1)
+    if deepest >= vocab:
+        raise ValueError(f"tree uses rank {deepest} but the vocabulary has only {vocab} tokens")
+    return deepest
+
+
 def truncate_tree(tree: Sequence[Sequence[int]], max_depth: int) -> MedusaChoices:
     """The paths of ``tree`` no deeper than ``max_depth`` (still closed under prefixes)."""
     return [list(p) for p in tree if len(p) <= max_depth]
