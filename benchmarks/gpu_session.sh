@@ -22,6 +22,7 @@ for stage in "$@"; do
     kernels)     timeout 300 python3 benchmarks/kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 || status=1 ;;
     medusa_loss) timeout 570 python3 benchmarks/medusa_loss.py 2>&1 | tee "$OUT/bench_medusa_loss.log" | tail -40 || status=1 ;;
     patching)    timeout 300 python3 benchmarks/patching.py 2>&1 | tee "$OUT/bench_patching.log" | tail -40 || status=1 ;;
+    loss_options) timeout 400 python3 benchmarks/loss_options_path.py 2>&1 | tee "$OUT/bench_loss_options.log" | tail -20 || status=1 ;;
     self_distill) timeout 300 python3 benchmarks/self_distill_loss.py 2>&1 | tee "$OUT/bench_self_distill.log" | tail -20 || status=1 ;;
     profile)     timeout 300 python3 benchmarks/profile_medusa_loss.py 2>&1 | tee "$OUT/bench_profile.log" | tail -30 || status=1 ;;
     trace)       for s in a b; do timeout 200 python3 benchmarks/trace_medusa_loss.py --setting $s 2>&1 | tail -60 || status=1; done ;;

@@ -33,9 +33,9 @@ def taken(monkeypatch):
 
 
 def _eligible_problem(seed: int, dtype=torch.float32, device=DEVICE, vocab: int | None = None,
-                     smoothing: float | None = None):
-    """A random problem the path accepts: H and V multiples of 8, hard labels, no bias or extras
-    but label smoothing (``vocab``, ``smoothing``: these instead of random ones)."""
+                     smoothing: float | None = None, z_loss: float | None = None):
+    """A random problem the path accepts: H and V multiples of 8, hard labels, no bias or softcap,
+    random label smoothing and z-loss (``vocab``, ``smoothing``, ``z_loss``: these instead of random ones)."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     K, B, T = rng.randint(1, 4), rng.randint(1, 3), rng.choice([7, 13, 21])
@@ -58,6 +58,7 @@ def _eligible_problem(seed: int, dtype=torch.float32, device=DEVICE, vocab: int 
         options["segment_ids"] = torch.cumsum((torch.rand(B, T, generator=g) < 0.25).long(), dim=1).to(device)
     shifts = [rng.choice([0, 1, 2, 3, T + 1]) for _ in range(K)]
     head_weights = [0.8**k for k in range(K)] if rng.random() < 0.5 else None
+    options["z_loss"] = rng.choice([0.0, 0.0, 1e-3, 0.2]) if z_loss is None else z_loss
     return hidden, weight, labels.to(device), shifts, head_weights, options
 
 
@@ -100,22 +101,53 @@ def _planted(max_above_target: float, device=DEVICE, dtype=torch.float32):
 
 
 @interpreter_only
+@pytest.mark.parametrize("z_loss", [0.0, 0.05])
 @pytest.mark.parametrize("max_above_target", [70.0, 120.0])
-def test_overflowing_and_confident_rows(max_above_target, taken):
+def test_overflowing_and_confident_rows(max_above_target, z_loss, taken):
     h, w, labels = _planted(max_above_target)
-    ref, ref_grads = _reference(h, w, labels, [0], None, OPTIONS)
+    options = dict(OPTIONS, z_loss=z_loss)
+    ref, ref_grads = _reference(h, w, labels, [0], None, options)
     with force_backend("triton"):
-        out, grads = _run(multi_head_linear_cross_entropy, h, w, labels, [0], None, OPTIONS)
+        out, grads = _run(multi_head_linear_cross_entropy, h, w, labels, [0], None, options)
     assert taken
     assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
     _compare(out, [g.double() for g in grads], ref, ref_grads, TOL["triton"])
     # The confident row's small gradient keeps its digits (no exp(x - lse) - 1 cancellation), checked
     # against plain fp64 autograd: P_t - 1 = -39 e^-14 / (1 + 39 e^-14) there.
     h64 = h.detach().double().requires_grad_()
-    loss = torch.nn.functional.cross_entropy((h64 @ w.detach().double().T)[0], labels[0])
+    logits = (h64 @ w.detach().double().T)[0]
+    loss = torch.nn.functional.cross_entropy(logits, labels[0]) + z_loss * logits.logsumexp(-1).square().mean()
     (loss * 1.5).backward()
     err = (grads[0][0, 1].double() - h64.grad[0, 1]).norm() / h64.grad[0, 1].norm()
     assert err < 1e-5, f"confident row: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("lse_offset", [0.0, 1e-5, -1e-5, 0.5, -3.0])
+def test_z_loss_where_it_cancels_the_softmax_gradient(lse_offset, smoothing, taken):
+    """z-loss scales a row's probabilities' gradient by a = 1 + 2 z lse, which the path divides E_it
+    by: rows with lse at and around -1 / (2 z) (a ~ 0: the row is rescaled instead) and past it
+    (a < 0) stay finite and match fp64."""
+    if HAS_CUDA and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs TMA (sm90+)")
+    z, H, V = 0.5, 8, 40
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(V, H, generator=g) * 0.1
+    w[:, 0] = 1.0  # h[..., 0] adds the same amount to every logit: it sets lse
+    h = torch.randn(1, 4, H, generator=g) * 0.5
+    with torch.no_grad():
+        lse = (h @ w.T).logsumexp(-1)
+        h[..., 0] += -1.0 / (2 * z) + lse_offset - lse  # lse = -1 / (2 z) + lse_offset
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32  # (bf16 rounding moves lse by ~1e-2)
+    h, w = h.to(DEVICE, dtype).requires_grad_(), w.to(DEVICE, dtype).requires_grad_()
+    labels = torch.tensor([[3, 17, 0, 39]], device=DEVICE)
+    options = dict(OPTIONS, z_loss=z, label_smoothing=smoothing)
+    ref, ref_grads = _reference(h, w, labels, [0], None, options)
+    with force_backend("triton"):
+        out, grads = _run(multi_head_linear_cross_entropy, h, w, labels, [0], None, options)
+    assert taken
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
+    _compare(out, [g.double() for g in grads], ref, ref_grads, 3e-2 if HAS_CUDA else TOL["triton"])
 
 
 @interpreter_only
@@ -144,7 +176,7 @@ def test_same_result_as_the_row_kernel_path(monkeypatch):
 @pytest.mark.parametrize("case", ["ok", "smoothing", "disabled", "odd_vocab", "fp64", "bias", "softcap",
                                   "z_loss", "teacher"])
 def test_eligibility(case, monkeypatch):
-    if DEVICE.type == "cuda" and case in ("ok", "smoothing"):
+    if DEVICE.type == "cuda" and case in ("ok", "smoothing", "z_loss"):
         pytest.skip("fp32 on the GPU takes the row kernel (the path is bf16 there)")
     V = 37 if case == "odd_vocab" else 40
     dtype = torch.float64 if case == "fp64" else torch.float32
@@ -154,7 +186,7 @@ def test_eligibility(case, monkeypatch):
     options = dict(teacher=case == "teacher", bias=case == "bias", label_smoothing=0.1 if case == "smoothing" else 0.0,
                    z_loss=1e-3 if case == "z_loss" else 0.0, softcap=3.0 if case == "softcap" else None)
     with force_backend("triton"):
-        assert exp_operand.eligible(buf, w, **options) == (case in ("ok", "smoothing"))
+        assert exp_operand.eligible(buf, w, **options) == (case in ("ok", "smoothing", "z_loss"))
 
 
 @pytest.mark.gpu

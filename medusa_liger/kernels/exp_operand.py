@@ -28,7 +28,7 @@ row max as shift (slow, one GEMV per such row, and no host sync), so the general
 
 A chunk is seven launches (``exp_operand_chunk``): the target logits, the exp-epilogue logits GEMM,
 the overflow check, one row-results kernel (loss, accuracy, r, E_it, and r * h for dW), then the dW
-GEMM and the dh GEMM with its row scale. The GEMMs' tiles are ``GemmConfig``s in ``GPU_TILES``.
+GEMM and the dh GEMM with its row scale (z-loss: an eighth, rescaling the rows noted below). The GEMMs' tiles are ``GemmConfig``s in ``GPU_TILES``.
 
 Label smoothing eps (PyTorch's: loss = (1 - eps)(lse - x_t) + eps (lse - mean_j x_j)) keeps the
 operand and adds a term that is the same for every column of a row, u_i = s_i eps / V:
@@ -38,7 +38,18 @@ operand and adds a term that is the same for every column of a row, u_i = s_i ep
     dW  -= 1 q^T             q = sum_i u_i h_i over the chunks, applied once after the last
     mean_i = h_i . w_sum / V  in the target-logit kernel
 
-Scope: hard labels without z-loss, softcap or bias, bf16 on CUDA devices with TMA
+A z-loss z lse^2 (lse = x_t + loss, the row's log-sum-exp) scales every probability's gradient by
+a = 1 + 2 z lse (the row kernel's p_scale), so it moves into the row scale and the target column:
+
+    r_i = s_i a_i / (e_t + Z),   E_it = (eps (e_t + Z) - Z + 2 z lse e_t) / a_i,   loss += z lse^2
+
+which is r E_it - u = s (a P_t - (1 - eps) - eps / V). The numerator keeps the -Z of the plain case
+(no e_t - (e_t + Z) cancellation on confident rows). Where |a| < 1/2 (lse < -1 / (4 z): all logits
+far below 0) the division could overflow, so such a row is rescaled instead: E_i *= a / (e_t + Z),
+r = s, E_it = (eps (e_t + Z) - Z + 2 z lse e_t) / (e_t + Z) (a device-side branch per row, like the
+overflow check: a pass over the row only where it is taken).
+
+Scope: hard labels without softcap or bias, bf16 on CUDA devices with TMA
 (compute capability 9.0+, Triton 3.4+) or fp32 in the Triton interpreter; ``eligible`` says when, and the chunk
 loop falls back to the row kernel otherwise. MEDUSA_LIGER_EXP_OPERAND=0 turns the path off.
 """
@@ -68,6 +79,9 @@ ENABLED = os.environ.get("MEDUSA_LIGER_EXP_OPERAND", "1") != "0"
 # Rows whose max logit exceeds the target's by more are recomputed with the max as shift: exp(64) and
 # the GEMM sums of such terms stay far from fp32/bf16 overflow (3.4e38 = exp(88.7)).
 OVERFLOW_MARGIN = 64.0
+# z-loss: rows with |1 + 2 z lse| below this are rescaled rather than divided by it (at most a
+# factor 2 on E_it's magnitude, as without z-loss).
+Z_LOSS_MIN_SCALE = 0.5
 
 
 class GemmConfig(NamedTuple):
@@ -213,9 +227,10 @@ if triton is not None:
 
     @triton.jit
     def _row_results_kernel(e_ptr, t_ptr, x_t_ptr, shift_ptr, row_max_ptr, tile_sum_ptr, scale_ptr,
-                            loss_ptr, correct_ptr, r_ptr, h_ptr, h_scaled_ptr, mean_ptr, u_ptr, eps, C, V, H, tiles_n,
-                            BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SCALE_H: tl.constexpr,
-                            BLOCK_H: tl.constexpr, SMOOTH: tl.constexpr):
+                            loss_ptr, correct_ptr, r_ptr, h_ptr, h_scaled_ptr, mean_ptr, u_ptr, eps, z_loss,
+                            rescale_ptr, C, V, H, tiles_n, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SCALE_H: tl.constexpr,
+                            BLOCK_H: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
+                            MIN_SCALE: tl.constexpr):
         """Per row, from the epilogue's statistics: loss, top-1 hit and gradient scale, and E_it = -Z;
         with SCALE_H also the dW GEMM's operand h_scaled = r * h (rounded once from fp32).
 
@@ -224,7 +239,9 @@ if triton is not None:
         correct = no other logit reaches the target's; r = s / (e_t + Z). Ignored rows (t < 0) get
         0 everywhere and keep their all-zero E row. SMOOTH (label smoothing ``eps``, the row's mean
         logit in ``mean``): loss += eps (x_t - mean), E_it = eps (e_t + Z) - Z, and u = s eps / V,
-        the gradient's part common to every column.
+        the gradient's part common to every column. ZLOSS (``z_loss``): loss += z lse^2, r and E_it
+        as in the module docstring, and rescale = a / (e_t + Z) on rows with |a| < MIN_SCALE, else 1
+        (``_rescale_rows_kernel`` then scales those rows of E).
         """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         in_rows = rows < C
@@ -250,20 +267,32 @@ if triton is not None:
         # (The divisor is kept off 0 where its branch is not taken: no 0/0 even in unused lanes.)
         log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / tl.where(u == 1.0, 1.0, u - 1.0)))
         loss = tl.where(normal, log1p_z, (shift - x_t) + tl.log(denom))
+        lse = x_t + loss
         if SMOOTH:
             loss += eps * (x_t - tl.load(mean_ptr + rows, mask=valid, other=0.0))
+        if ZLOSS:
+            loss += z_loss * lse * lse
         tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=in_rows)
-        # Step 3: top-1 accuracy and the gradient's row scale.
+        # Step 3: top-1 accuracy and the gradient's row scale (z-loss: times a = 1 + 2 z lse).
         row_max = tl.load(row_max_ptr + rows, mask=valid, other=0.0)
         tl.store(correct_ptr + rows, (valid & (row_max < x_t)).to(tl.int32), mask=in_rows)
         r = tl.where(valid, tl.load(scale_ptr) / denom, 0.0)
+        if ZLOSS:
+            a = 1.0 + 2.0 * z_loss * lse
+            small = valid & (tl.abs(a) < MIN_SCALE)
+            # A small a: E's row is rescaled by a / (e_t + Z) (below), so r is s and E_it's divisor e_t + Z.
+            r = tl.where(small, tl.load(scale_ptr), r * a)
+            tl.store(rescale_ptr + rows, tl.where(small, a / denom, 1.0), mask=in_rows)
         tl.store(r_ptr + rows, r, mask=in_rows)
         # Step 4: the target column of E, -Z (the gradient there is r * -Z = s (P_t - 1)); with
-        # smoothing eps (e_t + Z) - Z, so that r E_it - u = s (P_t - (1 - eps) - eps / V).
+        # smoothing eps (e_t + Z) - Z, so that r E_it - u = s (P_t - (1 - eps) - eps / V); z-loss
+        # adds 2 z lse e_t and divides by a, so that r E_it - u = s (a P_t - (1 - eps) - eps / V).
         e_target = -z
         if SMOOTH:
             e_target += eps * denom
             tl.store(u_ptr + rows, tl.where(valid, tl.load(scale_ptr) * eps / V, 0.0), mask=in_rows)
+        if ZLOSS:
+            e_target = (e_target + 2.0 * z_loss * lse * e_t) / tl.where(small, denom, a)
         tl.store(e_ptr + rows.to(tl.int64) * V + t, e_target.to(e_ptr.dtype.element_ty), mask=in_rows & valid)
         # Step 5: the rows of h scaled by r, the dW GEMM's second operand.
         if SCALE_H:
@@ -273,6 +302,20 @@ if triton is not None:
                 mask = in_rows[:, None] & (ks[None, :] < H)
                 h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
                 tl.store(h_scaled_ptr + offsets, (h * r[:, None]).to(h_scaled_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rescale_rows_kernel(e_ptr, rescale_ptr, t_ptr, V, BLOCK_V: tl.constexpr):
+        """E[row, j] *= rescale[row] for j != t (z-loss rows with a small a); rows with rescale 1
+        return at once (a branch on the device)."""
+        row = tl.program_id(0)
+        f = tl.load(rescale_ptr + row)
+        if f != 1.0:
+            t = tl.load(t_ptr + row)
+            for v in range(0, V, BLOCK_V):
+                vs = v + tl.arange(0, BLOCK_V)
+                mask = (vs < V) & (vs != t)
+                e = tl.load(e_ptr + row.to(tl.int64) * V + vs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(e_ptr + row.to(tl.int64) * V + vs, (e * f).to(e_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _row_scaled_gemm_kernel(e_desc, w_desc, out_desc, r_ptr, M, N, K,
@@ -321,7 +364,7 @@ def supported(dtype: torch.dtype, device: torch.device, *, teacher: bool, bias: 
     """Whether the path handles chunks of these options, dtype and device (before any buffer exists)."""
     if not (ENABLED and triton is not None and use_triton(torch.empty(0, device=device))):
         return False
-    if teacher or bias or z_loss != 0.0 or softcap is not None:
+    if teacher or bias or softcap is not None:
         return False
     if device.type == "cuda":
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
@@ -416,6 +459,7 @@ def exp_operand_chunk(
     scale: torch.Tensor, row_loss: torch.Tensor, correct: torch.Tensor,
     dh: torch.Tensor | None, dh_accumulate: bool, w_acc: torch.Tensor | None, w_accumulate: bool,
     smoothing: float = 0.0, w_sum: torch.Tensor | None = None, w_common: torch.Tensor | None = None,
+    z_loss: float = 0.0,
 ) -> None:
     """One chunk: loss, accuracy and every gradient, through the shifted-exponential operand.
 
@@ -429,6 +473,7 @@ def exp_operand_chunk(
     smoothing: label smoothing eps; with eps > 0, ``w_sum`` [H] fp32 holds w's column sums and, when w
             trains, ``w_common`` [H] fp32 collects q = sum_i u_i h_i: the caller subtracts it from
             every row of the weight gradient after the last chunk (the accumulator lacks it)
+    z_loss: the z-loss factor z (loss += z lse^2 per valid row)
     """
     C, H = h.shape
     V = w.shape[0]
@@ -444,7 +489,8 @@ def exp_operand_chunk(
     # Step 3: rows whose max overflowed the shift are redone with the max as shift (usually none).
     _overflow_rows_kernel[(C,)](h, w, e, shift, row_max, tile_sum, t, V, H, tile_sum.shape[1], OVERFLOW_MARGIN,
                                 BLOCK_V=64, BLOCK_H=min(256, next_power_of_2(H)))
-    # Step 4: per-row loss, accuracy and gradient scale r; E's target column becomes -Z; and for dW the
+    # Step 4: per-row loss (z-loss included), accuracy and gradient scale r; E's target column becomes
+    # -Z (plus the smoothing and z-loss terms); and for dW the
     # rows of h scaled by r, which may borrow dh's storage (dh is written after dW's GEMM reads them).
     r = torch.empty(C, device=h.device, dtype=torch.float32)
     u = torch.empty(C, device=h.device, dtype=torch.float32) if smooth else None
@@ -452,12 +498,16 @@ def exp_operand_chunk(
     if w_acc is not None:
         borrow = dh is not None and not dh_accumulate and dh.dtype == h.dtype and dh.is_contiguous()
         h_scaled = dh if borrow else torch.empty_like(h)
+    rescale = torch.empty(C, device=h.device, dtype=torch.float32) if z_loss != 0.0 else None
     block_r = 16
     _row_results_kernel[(triton.cdiv(C, block_r),)](
         e, t, x_t, shift, row_max, tile_sum, scale, row_loss, correct, r, h, h if h_scaled is None else h_scaled,
-        x_t if mean is None else mean, r if u is None else u, float(smoothing), C, V, H, tile_sum.shape[1],
-        BLOCK_R=block_r, BLOCK_T=128, SCALE_H=h_scaled is not None, BLOCK_H=min(256, next_power_of_2(H)),
-        SMOOTH=smooth)
+        x_t if mean is None else mean, r if u is None else u, float(smoothing), float(z_loss),
+        r if rescale is None else rescale, C, V, H, tile_sum.shape[1], BLOCK_R=block_r, BLOCK_T=128,
+        SCALE_H=h_scaled is not None, BLOCK_H=min(256, next_power_of_2(H)), SMOOTH=smooth, ZLOSS=rescale is not None,
+        MIN_SCALE=Z_LOSS_MIN_SCALE)
+    if rescale is not None:  # z-loss rows with a small a (usually none)
+        _rescale_rows_kernel[(C,)](e, rescale, t, V, BLOCK_V=1024)
     # Step 5: dW (+)= E^T (r h); smoothing: q += sum_i u_i h_i, with u_i = s eps / V on valid rows
     # (the valid rows of h summed in fp32 by a [1, C] x [C, H] product, then scaled).
     if w_acc is not None:

@@ -21,12 +21,12 @@ device when it is 1, see scale.py):
             db_k  += column sums of Z            if the bias needs grad
         after the last head using W_k: cast its accumulator into W_k's gradient and free it
 
-On an H100-class GPU (TMA, bf16), chunks with hard labels and no bias, z-loss or softcap take
+On an H100-class GPU (TMA, bf16), chunks with hard labels and no bias or softcap take
 exp_operand.py's path instead: the logits GEMM's epilogue writes E = exp(Z - target logit) and its row
 sums, the gradient is E with a per-row scale (dh in a Triton GEMM's epilogue, dW on the rows of h_c),
 and no row kernel runs; frozen projections then take DEFAULT_CHUNK_BYTES chunks. Label smoothing
 adds a term common to every column of a row there, which the op subtracts from dW's rows after the
-group's last chunk.
+group's last chunk; z-loss scales each row's gradient there and changes its target column.
 
 Soft targets (``teacher``): head k may learn a teacher's distribution instead of its labels,
 loss_k = reduce_n KL(softmax(u_n) || softmax(y_n)) with teacher logits u = h'_k W'_k^T (+ b'_k, same
@@ -244,7 +244,7 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                 if plan.bias_heads is not None:
                     bi, bsub = plan.bias_heads[k]
                     b_k = region(b_srcs[bi], bsub)
-                # Hard labels without extras on a TMA device: the row work moves into the GEMMs.
+                # Hard labels without bias or softcap on a TMA device: the row work moves into the GEMMs.
                 fast = exp_operand.eligible(logits_buf, w_k, teacher=teacher_k is not None, bias=b_k is not None,
                                             label_smoothing=plan.label_smoothing, z_loss=plan.z_loss,
                                             softcap=plan.softcap) and (gh_k is None or gh_k.is_contiguous())
@@ -270,7 +270,8 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
                                              for x in (targets, valid))
                         exp_operand.exp_operand_chunk(
                             z, h_c, w_k, target_c, valid_c, scale[k : k + 1], row_loss[k, r0:r1], correct[k, r0:r1],
-                            dh_c, dh_accumulate, w_acc if w_need[wi] else None, w_written, smoothing, w_sum, w_common)
+                            dh_c, dh_accumulate, w_acc if w_need[wi] else None, w_written, smoothing, w_sum, w_common,
+                            plan.z_loss)
                     else:
                         _mm_into(z, h_c, w_k.t(), accumulate=False, rows_per_call=GEMM_ROWS["logits"])
                         if teacher_k is None:
