@@ -113,12 +113,17 @@ def test_jsd_beta_is_checked(overrides, message):
     (["train.label_smoothing=nan"], "train.label_smoothing must be a number in [0, 1)"),
     (["train.label_smoothing=0.1", "heads.targets=backbone"], "train.label_smoothing must be 0 unless"),
     (["train.label_smoothing=0.1", "train.mode=joint", "train.lm_loss=kl"], "train.label_smoothing must be 0 unless"),
+    (["train.z_loss=-1e-4"], "train.z_loss must be a number >= 0"),
+    (["train.z_loss=inf"], "train.z_loss must be a number >= 0"),
+    (["train.z_loss=1e-4", "heads.targets=backbone", "train.kl_temperature=2"], "train.z_loss must be 0 unless"),
 ])
-def test_label_smoothing_is_checked(overrides, message):
+def test_label_smoothing_and_z_loss_are_checked(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(ROOT / "configs" / "tiny.yaml", overrides)
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.label_smoothing=0.1"])
-    assert cfg.train.label_smoothing == 0.1
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.label_smoothing=0.1", "train.z_loss=1e-4"])
+    assert (cfg.train.label_smoothing, cfg.train.z_loss) == (0.1, 1e-4)
+    # z-loss with a divergence at temperature 1 is allowed (the kernels take it there).
+    load_config(ROOT / "configs" / "tiny.yaml", ["heads.targets=backbone", "train.z_loss=1e-4"])
 
 
 def test_lora_needs_joint_mode():

@@ -43,7 +43,11 @@ def randomize_heads(model: MedusaModel, std: float = 0.05) -> None:
 def naive_medusa_loss(model: MedusaModel, input_ids, labels):
     """The definition: full-logits backbone forward, explicit heads, shifted CE, decay weights."""
     cfg, lm = model.config, model.lm_head
-    ce = dict(ignore_index=-100, label_smoothing=cfg.label_smoothing)
+    def ce(logits, targets):  # with the z-loss z * lse^2, averaged over the valid targets
+        loss = F.cross_entropy(logits, targets, ignore_index=-100, label_smoothing=cfg.label_smoothing)
+        valid = targets != -100
+        return loss + cfg.z_loss * logits.logsumexp(-1)[valid].square().sum() / valid.sum()
+
     out = model.backbone(input_ids=input_ids, output_hidden_states=True)
     hidden = out.hidden_states[-1]  # after the final norm: what the lm_head reads
     total, losses = 0.0, []
@@ -54,12 +58,12 @@ def naive_medusa_loss(model: MedusaModel, input_ids, labels):
         proj = lm.weight if cfg.shared_lm_head else model.heads.lm_heads[k].weight
         logits = z @ proj.T
         s = k + 2
-        loss_k = F.cross_entropy(logits[:, :-s].reshape(-1, V).float(), labels[:, s:].reshape(-1), **ce)
+        loss_k = ce(logits[:, :-s].reshape(-1, V).float(), labels[:, s:].reshape(-1))
         losses.append(loss_k)
         total = total + cfg.heads_loss_weight * cfg.decay**k * loss_k
     lm_loss = None
     if cfg.mode == "joint":
-        lm_loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1), **ce)
+        lm_loss = ce(out.logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1))
         total = total + cfg.lm_loss_weight * lm_loss
     return total, torch.stack(losses), lm_loss
 
@@ -82,7 +86,11 @@ def batch(B=2, T=13, seed=1):
      ({"skip_ignored_targets": 1}, "skip_ignored_targets"), ({"label_smoothing": 1.0}, "label_smoothing"),
      ({"label_smoothing": -0.1}, "label_smoothing"), ({"label_smoothing": 0.1, "head_targets": "backbone"},
                                                       "label_smoothing must be 0 unless"),
-     ({"label_smoothing": 0.1, "mode": "joint", "lm_loss": "kl"}, "label_smoothing must be 0 unless")],
+     ({"label_smoothing": 0.1, "mode": "joint", "lm_loss": "kl"}, "label_smoothing must be 0 unless"),
+     ({"z_loss": -1e-4}, "z_loss must be a finite number >= 0"), ({"z_loss": "x"}, "z_loss must be a number"),
+     ({"z_loss": 1e-4, "head_targets": "backbone", "kl_temperature": 2.0}, "z_loss must be 0 unless kl_temperature"),
+     ({"z_loss": 1e-4, "mode": "joint", "lm_loss": "kl", "kl_temperature": 0.5},
+      "z_loss must be 0 unless kl_temperature")],
 )
 def test_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -128,12 +136,13 @@ def test_zero_init_heads_predict_like_the_backbone(shared):
 
 
 # ------------------------------------------------------------------------------------ loss
-@pytest.mark.parametrize(("skip", "smoothing"), [(True, 0.0), (False, 0.0), (True, 0.2)])
+@pytest.mark.parametrize(("skip", "smoothing", "z_loss"), [(True, 0.0, 0.0), (False, 0.0, 0.0), (True, 0.2, 0.0),
+                                                         (False, 0.1, 0.05)])
 @pytest.mark.parametrize("mode", ["heads", "joint"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_loss_and_gradients_match_naive_medusa_loss(mode, shared, skip, smoothing):
+def test_loss_and_gradients_match_naive_medusa_loss(mode, shared, skip, smoothing, z_loss):
     cfg = MedusaConfig(num_heads=3, num_layers=2, shared_lm_head=shared, mode=mode, decay=0.7, lm_loss_weight=0.9,
-                       skip_ignored_targets=skip, label_smoothing=smoothing)
+                       skip_ignored_targets=skip, label_smoothing=smoothing, z_loss=z_loss)
     model = MedusaModel.from_backbone(tiny_llama(), cfg)
     randomize_heads(model)
     model.train()

@@ -306,13 +306,14 @@ def test_eval_prompts_are_the_tokens_before_each_held_out_documents_first_target
     assert records == [{"input_ids": [10, 11]}, {"input_ids": [20, 21, 22]}, {"input_ids": [32, 33, 34]}]
 
 
-def test_label_smoothing_reaches_the_model(tmp_path):
-    cfg = short_config(tmp_path, "train.label_smoothing=0.15", "logging.wandb=disabled")
+def test_label_smoothing_and_z_loss_reach_the_model(tmp_path):
+    cfg = short_config(tmp_path, "train.label_smoothing=0.15", "train.z_loss=1e-4", "logging.wandb=disabled")
     from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone
     from medusa_liger.train.data import load_examples
 
     _, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
-    assert build_medusa(cfg, backbone).config.label_smoothing == 0.15
+    config = build_medusa(cfg, backbone).config
+    assert (config.label_smoothing, config.z_loss) == (0.15, 1e-4)
 
 
 def test_periodic_held_out_evaluation_leaves_training_unchanged(tmp_path):

@@ -70,6 +70,9 @@ class MedusaConfig:
     label_smoothing:   eps in [0, 1) of the cross-entropy terms (PyTorch's: the target gets
                        1 - eps + eps / V, every other token eps / V); needs head_targets "labels"
                        and lm_loss "ce" (a KL term has no labels to smooth).
+    z_loss:            z >= 0: every loss term adds z * lse^2 per target (lse: the log-sum-exp of
+                       the head's logits; PaLM's 1e-4 keeps the logits from drifting); with KL terms
+                       only at kl_temperature 1.
     heads_loss_weight: lambda, multiplying every head weight; None -> 1.0 ("heads"), 0.2 ("joint").
     ignore_index:      label value that contributes no loss.
     skip_ignored_targets: the fused loss runs its GEMMs only on rows with a valid target (masked
@@ -91,6 +94,7 @@ class MedusaConfig:
     kl_direction: KlDirection = "forward"
     jsd_beta: float | None = None
     label_smoothing: float = 0.0
+    z_loss: float = 0.0
     heads_loss_weight: float | None = None
     ignore_index: int = -100
     skip_ignored_targets: bool = True
@@ -138,6 +142,11 @@ class MedusaConfig:
         if self.label_smoothing and (self.head_targets != "labels" or self.lm_loss != "ce"):
             raise ValueError("label_smoothing must be 0 unless head_targets is 'labels' and lm_loss is 'ce' "
                              f"(it smooths labels; a KL term has none), got {self.label_smoothing!r}")
+        check_loss_weight("z_loss", self.z_loss)
+        divergence = self.head_targets == "backbone" or (self.mode == "joint" and self.lm_loss == "kl")
+        if self.z_loss and divergence and self.kl_temperature != 1.0:
+            raise ValueError(f"z_loss must be 0 unless kl_temperature is 1 when a loss term is a divergence, "
+                             f"got {self.z_loss!r}")
 
     def head_weights(self) -> list[float]:
         """Loss weight of each Medusa head: ``heads_loss_weight * decay**k`` for k = 0..K-1."""

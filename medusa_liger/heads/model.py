@@ -329,7 +329,8 @@ class MedusaModel(nn.Module):
             lm_weight = lm_weight.detach()
             lm_bias = None if lm_bias is None else lm_bias.detach()
         options = {"ignore_index": cfg.ignore_index, "segment_ids": segment_ids,
-                   "skip_ignored": cfg.skip_ignored_targets, "label_smoothing": float(cfg.label_smoothing)}
+                   "skip_ignored": cfg.skip_ignored_targets, "label_smoothing": float(cfg.label_smoothing),
+                   "z_loss": float(cfg.z_loss)}
 
         def loss(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:  # run inside the heads' call (FSDP)
             heads = self.heads

@@ -134,6 +134,7 @@ def build_medusa(cfg: Config, backbone, teacher: bool = True):
         decay=cfg.heads.decay, mode=cfg.train.mode, lm_loss_weight=cfg.train.lm_loss_weight,
         lm_loss=cfg.train.lm_loss, head_targets=cfg.heads.targets, kl_temperature=cfg.train.kl_temperature,
         kl_direction=cfg.train.kl_direction, jsd_beta=cfg.train.jsd_beta, label_smoothing=cfg.train.label_smoothing,
+        z_loss=cfg.train.z_loss,
         skip_ignored_targets=cfg.heads.skip_ignored_targets, head_by_head=cfg.heads.head_by_head,
         heads_loss_weight=cfg.train.heads_lambda.value if cfg.train.mode == "joint" else None,
     )

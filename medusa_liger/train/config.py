@@ -133,6 +133,9 @@ class TrainConfig:
     # Label smoothing eps in [0, 1) of the cross-entropy terms (heads.targets: labels, lm_loss: ce), as
     # PyTorch's: the target weighs 1 - eps + eps / V, every other token eps / V.
     label_smoothing: float = 0.0
+    # z-loss factor z >= 0: every loss term adds z * lse^2 per target (PaLM: 1e-4); with KL terms only
+    # at kl_temperature 1.
+    z_loss: float = 0.0
     heads_lambda: LambdaConfig = field(default_factory=LambdaConfig)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     # Dtype of the parameters built here and trained: the Medusa heads and the LoRA adapters (their
@@ -324,6 +327,9 @@ def validate(cfg: Config) -> Config:
     _require(t.label_smoothing == 0.0 or (t.lm_loss == "ce" and h.targets == "labels"), "train.label_smoothing",
              t.label_smoothing, "0 unless train.lm_loss is 'ce' and heads.targets is 'labels' (KL terms have no "
              "labels)")
+    _require(math.isfinite(t.z_loss) and t.z_loss >= 0.0, "train.z_loss", t.z_loss, "a number >= 0")
+    _require(t.z_loss == 0.0 or t.kl_temperature == 1.0 or not (t.lm_loss == "kl" or h.targets == "backbone"),
+             "train.z_loss", t.z_loss, "0 unless train.kl_temperature is 1 when a loss term is a divergence")
     _require(len(d.paths) >= 1, "data.paths", d.paths, "a non-empty list of files or hub dataset names")
     _require(d.seq_len >= h.num_heads + 2, "data.seq_len", d.seq_len, f">= heads.num_heads + 2 = {h.num_heads + 2}")
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", d.eval_fraction, "in [0, 1)")
