@@ -28,7 +28,8 @@ row max as shift (slow, one GEMV per such row, and no host sync), so the general
 
 A chunk is seven launches (``exp_operand_chunk``): the target logits, the exp-epilogue logits GEMM,
 the overflow check, one row-results kernel (loss, accuracy, r, E_it, and r * h for dW), then the dW
-GEMM and the dh GEMM with its row scale (z-loss: an eighth, rescaling the rows noted below). The GEMMs' tiles are ``GemmConfig``s in ``GPU_TILES``.
+GEMM and the dh GEMM with its row scale (z-loss: an eighth, rescaling the rows noted below). The
+GEMMs' tiles are ``GemmConfig``s in ``GPU_TILES``.
 
 Label smoothing eps (PyTorch's: loss = (1 - eps)(lse - x_t) + eps (lse - mean_j x_j)) keeps the
 operand and adds a term that is the same for every column of a row, u_i = s_i eps / V:
@@ -228,9 +229,9 @@ if triton is not None:
     @triton.jit
     def _row_results_kernel(e_ptr, t_ptr, x_t_ptr, shift_ptr, row_max_ptr, tile_sum_ptr, scale_ptr,
                             loss_ptr, correct_ptr, r_ptr, h_ptr, h_scaled_ptr, mean_ptr, u_ptr, eps, z_loss,
-                            rescale_ptr, C, V, H, tiles_n, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SCALE_H: tl.constexpr,
-                            BLOCK_H: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr,
-                            MIN_SCALE: tl.constexpr):
+                            rescale_ptr, C, V, H, tiles_n, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                            SCALE_H: tl.constexpr, BLOCK_H: tl.constexpr, SMOOTH: tl.constexpr,
+                            ZLOSS: tl.constexpr, MIN_SCALE: tl.constexpr):
         """Per row, from the epilogue's statistics: loss, top-1 hit and gradient scale, and E_it = -Z;
         with SCALE_H also the dW GEMM's operand h_scaled = r * h (rounded once from fp32).
 
