@@ -72,20 +72,23 @@ def main() -> None:
     model = build(shape, dtype, device, num_heads)
     trees = {f"{size} nodes": default_tree(num_heads, size) for size in (16, 63)}
     g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(64, 256, (16,), generator=g).tolist()
-    prompts = [torch.randint(0, shape["vocab_size"], (n,), generator=g) for n in lengths]
+
+    def fresh_prompts(B: int) -> list[torch.Tensor]:
+        """B new prompts of 64-255 tokens: every call decodes at key lengths it has not seen in that
+        order, as real decoding does (per-length caches, such as cuDNN attention's plans, cannot help)."""
+        return [torch.randint(0, shape["vocab_size"], (int(n),), generator=g)
+                for n in torch.randint(64, 256, (B,), generator=g)]
 
     rows = []
     for B in batches:
-        batch = prompts[:B]
-        # Every way of decoding this batch, timed in interleaved rounds (the card's and host's drift
-        # hits them alike) after a warm-up call each (kernels, allocator); medians.
-        cases = {"plain": lambda b=batch: ms_per_step(medusa_generate_batch(model, b, tokens, []))}
+        # Every way of decoding a batch of B prompts, timed in interleaved rounds (the card's and host's
+        # drift hits them alike) after a warm-up call each (kernels, allocator); medians.
+        cases = {"plain": lambda B=B: ms_per_step(medusa_generate_batch(model, fresh_prompts(B), tokens, []))}
         if B == 1:
-            cases["greedy_generate"] = lambda b=batch: (greedy_generate(model, b[0][None], tokens).stats.wall_time_s
-                                                        * 1e3 / tokens)
+            cases["greedy_generate"] = lambda: (greedy_generate(model, fresh_prompts(1)[0][None], tokens)
+                                                .stats.wall_time_s * 1e3 / tokens)
         for name, tree in trees.items():
-            cases[name] = lambda b=batch, t=tree: ms_per_step(medusa_generate_batch(model, b, tokens, t))
+            cases[name] = lambda B=B, t=tree: ms_per_step(medusa_generate_batch(model, fresh_prompts(B), tokens, t))
         for case in cases.values():
             case()
         times = common.interleaved_rounds(cases, args.rounds, timer=lambda case: case())
@@ -99,8 +102,8 @@ def main() -> None:
         header += [f"Medusa step ms, {name}", f"break-even tokens/step, {name}"]
     layers = shape["num_hidden_layers"]
     notes = [f"Llama shape: hidden {shape['hidden_size']}, {layers} layers, vocab {shape['vocab_size']}; "
-             f"{num_heads} random heads; {str(dtype).replace('torch.', '')}; prompts of 64-255 tokens, "
-             f"{tokens} new tokens each; median of {args.rounds} interleaved rounds.",
+             f"{num_heads} random heads; {str(dtype).replace('torch.', '')}; new prompts of 64-255 tokens at "
+             f"every call, {tokens} new tokens each; median of {args.rounds} interleaved rounds.",
              "break-even: the Medusa step's time over the plain step's, the tokens per step (acceleration, "
              "from `medusa-liger eval`) above which Medusa decoding is faster at that batch size."]
     common.write_table("decode_speed" + ("_quick" if args.quick else "") + "_h100",
