@@ -207,11 +207,13 @@ def test_gpu_bf16_matches_reference_and_the_row_kernel(seed, taken, monkeypatch)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0), reason="needs TMA (sm90+)")
+@pytest.mark.parametrize("z_loss", [0.0, 0.05])
 @pytest.mark.parametrize("max_above_target", [70.0, 120.0])
-def test_gpu_bf16_overflowing_rows(max_above_target, taken):
+def test_gpu_bf16_overflowing_rows(max_above_target, z_loss, taken):
     h, w, labels = _planted(max_above_target, dtype=torch.bfloat16)
-    ref, ref_grads = _reference(h, w, labels, [0], None, OPTIONS)
-    out, grads = _run(multi_head_linear_cross_entropy, h, w, labels, [0], None, OPTIONS)
+    options = dict(OPTIONS, z_loss=z_loss)
+    ref, ref_grads = _reference(h, w, labels, [0], None, options)
+    out, grads = _run(multi_head_linear_cross_entropy, h, w, labels, [0], None, options)
     assert taken
     _compare(out, [g.double() for g in grads], ref, ref_grads, 3e-2)
 
