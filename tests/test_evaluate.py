@@ -11,12 +11,18 @@ from medusa_liger.heads import MedusaConfig, MedusaModel
 from medusa_liger.inference.evaluate import (
     evaluate_heads,
     head_rank_hits,
+    head_ranks,
     load_prompts,
     ratio_interval,
     student_t_975,
 )
 from medusa_liger.inference.generate import greedy_generate, medusa_generate
-from medusa_liger.inference.tree import expected_acceleration, normalize_tree
+from medusa_liger.inference.tree import (
+    DEFAULT_PRIOR_STRENGTH,
+    conditional_expected_acceleration,
+    expected_acceleration,
+    normalize_tree,
+)
 from medusa_liger.kernels.utils import force_backend
 from tests.test_generate import chain_batch, randomize_heads_, tiny_backbone, train_chain_medusa
 
@@ -51,6 +57,7 @@ def test_head_rank_hits_brute_force():
     seq = greedy_generate(model, ids, 20).sequences
     top_k = 7
     hits, counts = head_rank_hits(model, seq, 5, top_k)
+    ranks = head_ranks(model, seq, 5, top_k)
     with torch.no_grad():
         logits = model.head_logits(model.hidden_states(seq))[:, 0]  # [K, S, V]
     want_hits = torch.zeros(3, top_k, dtype=torch.long)
@@ -64,8 +71,11 @@ def test_head_rank_hits_brute_force():
             target = int(seq[0, t + k + 2])
             if target in ranked:
                 want_hits[k, ranked.index(target)] += 1
+            assert int(ranks[t - 4, k]) == (ranked.index(target) if target in ranked else top_k)
     assert torch.equal(counts, want_counts) and counts.tolist() == [20 - 1 - k for k in range(3)]
     assert torch.equal(hits, want_hits)
+    # Positions whose deeper heads' targets lie past the end: -1 there.
+    assert ranks.shape == (20 - 1, 3) and ranks[-1].tolist()[1:] == [-1, -1] and int(ranks[-2, 2]) == -1
 
 
 def test_evaluate_writes_report_tree_heatmap(tmp_path):
@@ -85,7 +95,13 @@ def test_evaluate_writes_report_tree_heatmap(tmp_path):
     table = torch.tensor(report["head_accuracy"]["cumulative_top_k"])
     assert table.shape == (3, 4) and (table.diff(dim=1) >= 0).all() and (table <= 1 + 1e-9).all()
     per_rank = torch.tensor(report["head_accuracy"]["per_rank"])
-    assert report["tree"]["estimated_acceleration"] == pytest.approx(expected_acceleration(tree, per_rank))
+    independent = expected_acceleration(tree, per_rank)
+    assert report["tree"]["estimated_acceleration_independent"] == pytest.approx(independent)
+    assert report["tree"]["estimate"] == "conditional" and report["tree"]["prior_strength"] == DEFAULT_PRIOR_STRENGTH
+    # The conditional estimate from the same ranks head_ranks gives.
+    ranks = torch.cat([head_ranks(model, greedy_generate(model, torch.tensor([p]), 12).sequences, len(p), 4)
+                       for p in prompts])
+    assert report["tree"]["estimated_acceleration"] == pytest.approx(conditional_expected_acceleration(tree, ranks, 4))
     measured = report["measured"]
     assert measured["greedy_match_rate"] == 1.0
     assert measured["medusa"]["new_tokens"] == measured["greedy"]["new_tokens"] == 36
@@ -206,8 +222,12 @@ def test_evaluate_a_given_tree(tmp_path):
     assert tree["paths"] == [[0], [1], [5], [0, 0], [0, 0, 0]]  # node order
     assert report["top_k"] == 6
     per_rank = torch.tensor(report["head_accuracy"]["per_rank"])
-    assert tree["estimated_acceleration"] == pytest.approx(expected_acceleration(given, per_rank))
+    assert tree["estimated_acceleration_independent"] == pytest.approx(expected_acceleration(given, per_rank))
     assert report["measured"]["acceleration_rate"] > 2.0 and report["measured"]["greedy_match_rate"] == 1.0
+    independent = evaluate_heads(model, prompts, tmp_path / "independent", max_new_tokens=30, top_k=3, tree=given,
+                                 tree_search="independent")["tree"]
+    assert independent["estimate"] == "independent" and independent["prior_strength"] is None
+    assert independent["estimated_acceleration"] == pytest.approx(expected_acceleration(given, per_rank))
     assert json.loads((tmp_path / "tree.json").read_text()) == tree["paths"]
     searched = evaluate_heads(model, prompts, tmp_path, max_new_tokens=30, top_k=3, tree_size=5)
     assert searched["tree"]["source"] == "search" and searched["tree"]["requested_size"] == 5
@@ -237,6 +257,11 @@ def test_evaluate_bad_input(tmp_path):
         evaluate_heads(model, [[1]], tmp_path, acceptance="typical", seed=1.5)
     with pytest.raises(ValueError, match="empty"):
         evaluate_heads(model, [[]], tmp_path, max_new_tokens=4)
+    with pytest.raises(ValueError, match="tree_search must be one of"):
+        evaluate_heads(model, [[1]], tmp_path, tree_search="beam")
+    for strength in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="prior_strength must be a finite number >= 0"):
+            evaluate_heads(model, [[1]], tmp_path, prior_strength=strength)
 
 
 def test_load_prompts_formats(tmp_path, tokenizer):
@@ -311,6 +336,20 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     assert "measured: acceleration" in out and "(95% interval over 2 prompts: " in out
     assert "measured at batch 2: acceleration" in out and "tokens/s of plain greedy), identical to greedy" in out
     assert "tokens per step: 1: " in out
+    assert "(conditional; independent heads: " in out
+    # The Medusa paper's independent estimate instead.
+    code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens",
+                 "6", "--tree-size", "4", "--device", "cpu", "--tree-search", "independent"])
+    assert code == 0, capsys.readouterr().err
+    tree = json.loads((out_dir / "report.json").read_text())["tree"]
+    assert tree["estimate"] == "independent"
+    assert tree["estimated_acceleration"] == tree["estimated_acceleration_independent"]
+    assert "(independent; independent heads: " in capsys.readouterr().out
+    code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens",
+                 "6", "--tree-size", "4", "--device", "cpu", "--prior-strength", "0"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out_dir / "report.json").read_text())["tree"]["prior_strength"] == 0.0
+    capsys.readouterr()
     # Typical acceptance: sampling against plain sampling.
     code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens",
                  "6", "--tree-size", "4", "--device", "cpu", "--acceptance", "typical", "--temperature", "0.9",

@@ -11,10 +11,13 @@ import torch
 from medusa_liger.inference.tree import (
     DEFAULT_TREE_SIZE,
     build_tree_buffers,
+    conditional_expected_acceleration,
+    conditional_tree_search,
     default_tree,
     expected_acceleration,
     greedy_tree_search,
     normalize_tree,
+    rank_accuracy_of,
     truncate_tree,
 )
 
@@ -189,3 +192,84 @@ def test_default_tree(num_heads):
     assert max(len(p) for p in tree) == num_heads or num_heads > 4
     with pytest.raises(ValueError, match="num_heads"):
         default_tree(0)
+
+
+# ----------------------------------------------------------------------- conditional tree search
+def random_ranks(seed: int, positions: int, num_heads: int, top_k: int, ends: bool) -> torch.Tensor:
+    """A joint rank table with correlated heads (a position's heads share an easiness), misses
+    (top_k) and, with ``ends``, positions near the end of the text whose deeper heads have no target (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    easy = torch.rand(positions, 1, generator=g)
+    ranks = (torch.rand(positions, num_heads, generator=g) * (1.5 - easy) * top_k).long().clamp(max=top_k)
+    if ends:
+        cut = torch.randint(1, num_heads + 1, (positions,), generator=g)
+        ranks[torch.arange(num_heads)[None, :] >= cut[:, None]] = -1
+    return ranks
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_conditional_estimate_without_prior_is_the_empirical_acceptance(seed):
+    # With a = 0 and a target for every head, P(path) telescopes to the share of positions whose
+    # first heads' ranks are the path: the estimate is 1 + the mean number of tree nodes a position's
+    # ranks accept, which brute force counts.
+    ranks = random_ranks(seed, 300, 3, 4, ends=False)
+    tree = random_tree(seed, 12, 3, 4)
+    accepted = sum(sum(row[: len(p)] == p for p in tree) for row in ranks.tolist())
+    assert conditional_expected_acceleration(tree, ranks, 4, 0.0) == pytest.approx(1 + accepted / 300)
+    searched, estimate = conditional_tree_search(ranks, 12, 4, 0.0)
+    assert conditional_expected_acceleration(searched, ranks, 4, 0.0) == pytest.approx(estimate)
+    assert estimate >= 1 + accepted / 300 - 1e-12  # at least as good as the random tree, by its own estimate
+
+
+@pytest.mark.parametrize("ends", [False, True])
+def test_conditional_estimate_tends_to_the_independent_one(ends):
+    # A prior of many pseudo-positions outweighs the counts: each q_d(r | path) tends to p_d(r).
+    ranks = random_ranks(1, 200, 4, 5, ends=ends)
+    tree = random_tree(1, 20, 4, 5)
+    independent = expected_acceleration(tree, rank_accuracy_of(ranks, 5))
+    assert conditional_expected_acceleration(tree, ranks, 5, 1e12) == pytest.approx(independent, rel=1e-9)
+    (tree_c, estimate_c), (tree_i, estimate_i) = (conditional_tree_search(ranks, 20, 5, 1e12),
+                                                  greedy_tree_search(rank_accuracy_of(ranks, 5), 20))
+    assert tree_c == tree_i and estimate_c == pytest.approx(estimate_i, rel=1e-9)
+
+
+def test_conditional_search_follows_heads_that_are_right_together():
+    # Half the positions: every head's top guess is right; 30%: only head 0's second guess. Each head
+    # alone is right half the time, so the product puts [0, 0, 0] at 1/8; together they are right half
+    # the time, and the conditional search goes deep.
+    ranks = torch.tensor([[0, 0, 0]] * 50 + [[1, 2, 2]] * 30 + [[2, 2, 2]] * 20)
+    p = rank_accuracy_of(ranks, 2)
+    assert p.tolist() == [[0.5, 0.3], [0.5, 0.0], [0.5, 0.0]]
+    independent, estimate = greedy_tree_search(p, 3)
+    assert independent == [[0], [1], [0, 0]] and estimate == pytest.approx(2.05)
+    tree, estimate = conditional_tree_search(ranks, 3, 2, 0.0)
+    assert tree == [[0], [0, 0], [0, 0, 0]] and estimate == pytest.approx(2.5)
+    assert conditional_expected_acceleration(independent, ranks, 2, 0.0) == pytest.approx(2.3)  # < 2.5
+    # The prior pulls toward the product: 10 pseudo-positions, q([0] -> 0) = (50 + 10 * 0.5) / 60.
+    _, estimate = conditional_tree_search(ranks, 3, 2, 10.0)
+    q = (50 + 5) / 60
+    assert estimate == pytest.approx(1 + (50 + 5) / 110 * (1 + q + q * q))
+
+
+def test_positions_without_a_target_count_only_where_they_have_one():
+    # Head 1 has a target at 2 of the 4 positions where head 0's top guess was right; it was right at
+    # one: q_1(0 | [0]) = 1/2, not 1/4.
+    ranks = torch.tensor([[0, 0], [0, 1], [0, -1], [0, -1], [1, -1]])
+    assert conditional_expected_acceleration([[0], [0, 0]], ranks, 2, 0.0) == pytest.approx(1 + 0.8 + 0.8 * 0.5)
+    assert rank_accuracy_of(ranks, 2).tolist() == [[0.8, 0.2], [0.5, 0.5]]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(ranks=torch.tensor([[0, 5]])), r"ranks must lie in \[-1, top_k=4\]"),
+    (dict(ranks=torch.tensor([[0, -2]])), r"ranks must lie in"),
+    (dict(ranks=torch.tensor([[0.0, 1.0]])), "ranks must be an integer"),
+    (dict(ranks=torch.tensor([0, 1])), "ranks must be an integer"),
+    (dict(prior_strength=-1.0), "prior_strength must be a finite number >= 0"),
+    (dict(prior_strength=float("inf")), "prior_strength must be a finite number >= 0"),
+    (dict(size=0), "size must be an integer >= 1"),
+    (dict(top_k=0), "top_k must be an integer >= 1"),
+])
+def test_conditional_search_refuses_bad_input(bad, message):
+    args = dict(ranks=torch.tensor([[0, 1], [4, -1]]), size=3, top_k=4, prior_strength=1.0) | bad
+    with pytest.raises(ValueError, match=message):
+        conditional_tree_search(**args)

@@ -14,7 +14,7 @@ accuracy table, tree search and measured speedup; ``cli``: loading a run and ``m
 from medusa_liger.inference.batched import BatchedMedusaDecoder, medusa_generate_batch
 from medusa_liger.inference.cli import evaluate_run, load_causal_lm, load_medusa
 from medusa_liger.inference.distill import DistillSettings, DistillSummary, self_distill
-from medusa_liger.inference.evaluate import evaluate_heads, head_rank_hits, load_prompts
+from medusa_liger.inference.evaluate import evaluate_heads, head_rank_hits, head_ranks, load_prompts
 
 from medusa_liger.inference.generate import (
     DecodeStats,
@@ -27,6 +27,8 @@ from medusa_liger.inference.generate import (
 from medusa_liger.inference.tree import (
     TreeBuffers,
     build_tree_buffers,
+    conditional_expected_acceleration,
+    conditional_tree_search,
     default_tree,
     expected_acceleration,
     greedy_tree_search,
@@ -42,6 +44,8 @@ __all__ = [
     "MedusaGenerateOutput",
     "TreeBuffers",
     "build_tree_buffers",
+    "conditional_expected_acceleration",
+    "conditional_tree_search",
     "default_tree",
     "evaluate_heads",
     "evaluate_run",
@@ -49,6 +53,7 @@ __all__ = [
     "greedy_generate",
     "greedy_tree_search",
     "head_rank_hits",
+    "head_ranks",
     "load_causal_lm",
     "load_medusa",
     "load_prompts",

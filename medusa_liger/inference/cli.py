@@ -28,7 +28,7 @@ from medusa_liger.inference.evaluate import (
     evaluate_heads,
     load_prompts,
 )
-from medusa_liger.inference.tree import DEFAULT_TOP_K, DEFAULT_TREE_SIZE
+from medusa_liger.inference.tree import DEFAULT_PRIOR_STRENGTH, DEFAULT_TOP_K, DEFAULT_TREE_SIZE, TREE_SEARCHES
 from medusa_liger.records import load_json_list
 from medusa_liger.run_layout import (
     EVAL_PROMPTS_FILE,
@@ -128,11 +128,14 @@ def evaluate_run(
     posterior_alpha: float = 0.3,
     seed: int = 0,
     tree: str | Path | list[list[int]] | None = None,
+    tree_search: str = "conditional",
+    prior_strength: float = DEFAULT_PRIOR_STRENGTH,
 ) -> dict[str, Any]:
     """Evaluate the heads of a training run (or explicit paths) and return the report dict.
 
     tree: a ``medusa_choices`` list, or a JSON file holding one (e.g. an earlier eval's tree.json),
-    to measure instead of searching a tree of ``tree_size`` nodes.
+    to measure instead of searching a tree of ``tree_size`` nodes. tree_search, prior_strength: the
+    estimate the tree is searched (or the given one scored) by (``evaluate_heads``).
 
     output_dir defaults to ``{run_dir}/eval`` (``eval`` without a run directory); prompts (a file or
     a hub dataset name, with ``prompts_split``) to the run's held-out documents
@@ -163,6 +166,7 @@ def evaluate_run(
         model, prompt_ids, output_dir, max_new_tokens=max_new_tokens, tree_size=tree_size, top_k=top_k,
         eos_token_id=eos, batch_size=batch_size, acceptance=acceptance, temperature=temperature,
         posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha, seed=seed, tree=tree,
+        tree_search=tree_search, prior_strength=prior_strength,
         metadata={"backbone": backbone_path, "heads": str(heads_dir), "prompts": prompts_source},
     )
 
@@ -192,6 +196,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree", default=None,
                         help="measure this tree instead: a JSON file with a medusa_choices list (e.g. an earlier "
                              "eval's tree.json, or the one your serving engine uses); --tree-size is then unused")
+    parser.add_argument("--tree-search", default="conditional", choices=TREE_SEARCHES,
+                        help="how a path's acceptance is estimated: conditional (from the heads' joint ranks on the "
+                             "prompts: heads tend to be right together) or independent (the Medusa paper's product "
+                             "of per-head accuracies)")
+    parser.add_argument("--prior-strength", type=float, default=DEFAULT_PRIOR_STRENGTH,
+                        help="conditional search: pseudo-positions of the independent estimate behind each "
+                             "conditional one (rare paths lean on it)")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="ranks per head in the accuracy table")
     parser.add_argument("--output", default=None, help="output directory (default: RUN_DIR/eval)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -221,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
             batch_size=args.batch_size, acceptance=args.acceptance, temperature=args.temperature,
             posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha, seed=args.seed,
-            tree=args.tree,
+            tree=args.tree, tree_search=args.tree_search, prior_strength=args.prior_strength,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"medusa-liger eval: error: {error}", file=sys.stderr)
@@ -229,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
     acc, tree, measured = report["head_accuracy"], report["tree"], report["measured"]
     print("head top-1 accuracy: " + ", ".join(f"head{k} (t+{k + 2}) {a:.3f}" for k, a in enumerate(acc["top1"])))
     print(f"tree{' (given)' if tree['source'] == 'given' else ''}: {tree['size']} nodes, depth {tree['max_depth']}, "
-          f"estimated acceleration {tree['estimated_acceleration']:.2f}")
+          f"estimated acceleration {tree['estimated_acceleration']:.2f} ({tree['estimate']}; independent heads: "
+          f"{tree['estimated_acceleration_independent']:.2f})")
     interval = measured["acceleration_rate_ci95"]
     spread = "" if interval is None else \
         f" (95% interval over {report['num_prompts']} prompts: {interval[0]:.2f}-{interval[1]:.2f})"

@@ -5,9 +5,11 @@
    guesses at t are scored against ``s[t + k + 2]``, over every t from the last prompt token on
    whose target lies in the continuation. That gives per-rank accuracies ``p_k(r)`` (the guess of
    rank r is right) and the cumulative top-r table ``acc[k, r] = sum_{r' <= r} p_k(r')``.
-2. Tree search: ``tree.greedy_tree_search(p, size)`` (default 63 nodes), or a given tree (the
-   ``medusa_choices`` a serving engine will use) scored by ``tree.expected_acceleration``; with its expected
-   acceleration ``1 + sum_nodes prod_j p_{j-1}(r_j)``.
+2. Tree search (default 63 nodes): ``tree.conditional_tree_search`` on the heads' joint ranks at every
+   scored position (the heads are right together more often than independent heads would be), or
+   with ``tree_search="independent"`` the Medusa paper's ``tree.greedy_tree_search(p, size)`` with the
+   expected acceleration ``1 + sum_nodes prod_j p_{j-1}(r_j)``; or a given tree (the ``medusa_choices``
+   a serving engine will use) scored by the same estimate.
 3. Measurement: Medusa decoding with that tree and plain greedy decoding of the same prompts;
    acceleration rate = new tokens / decoding steps, speedup = greedy wall time / Medusa wall time,
    and how many prompts decoded identically (greedy Medusa is lossless up to float rounding). The
@@ -39,9 +41,13 @@ from torch import nn
 from medusa_liger.inference.batched import medusa_generate_batch
 from medusa_liger.inference.generate import Acceptance, check_acceptance, greedy_generate, medusa_generate
 from medusa_liger.inference.tree import (
+    DEFAULT_PRIOR_STRENGTH,
     DEFAULT_TOP_K,
     DEFAULT_TREE_SIZE,
+    TREE_SEARCHES,
     check_ranks_fit,
+    conditional_expected_acceleration,
+    conditional_tree_search,
     expected_acceleration,
     greedy_tree_search,
     normalize_tree,
@@ -177,22 +183,20 @@ def load_prompts(source: str | Path, tokenizer, num_prompts: int | None = None, 
 
 
 @torch.no_grad()
-def head_rank_hits(
-    model: nn.Module, sequence: torch.Tensor, prompt_length: int, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score every head on one greedy continuation.
+def head_ranks(model: nn.Module, sequence: torch.Tensor, prompt_length: int, top_k: int) -> torch.Tensor:
+    """Every head's rank of the right token at every scored position of one greedy continuation.
 
-    sequence [1, S]: prompt (``prompt_length`` tokens) + greedy continuation. Returns ``hits``
-    [K, top_k] (times head k's rank-r guess was the token k + 2 ahead) and ``counts`` [K] (scored
-    positions of head k).
+    sequence [1, S]: prompt (``prompt_length`` tokens) + greedy continuation. Returns ``ranks``
+    [P, K] int64 over the positions t from the last prompt token on whose head-0 target ``t + 2``
+    lies in the sequence: the rank of ``sequence[t + k + 2]`` among head k's top ``top_k`` guesses
+    at t, ``top_k`` where it is not among them, -1 where ``t + k + 2`` is past the end.
     """
     S = sequence.shape[1]
     K = int(model.heads.num_heads)
-    hits = torch.zeros(K, top_k, dtype=torch.long)
-    counts = torch.zeros(K, dtype=torch.long)
     first = prompt_length - 1  # the last prompt token's hidden state guesses the continuation
     if S - first < 3:
-        return hits, counts  # no position has a target two tokens ahead
+        return torch.empty(0, K, dtype=torch.long)  # no position has a target two tokens ahead
+    ranks = torch.full((S - 2 - first, K), -1, dtype=torch.long)
     hidden = model.hidden_states(sequence)  # [1, S, H]
     for start in range(first, S - 2, SCORE_CHUNK):
         stop = min(start + SCORE_CHUNK, S - 2)
@@ -202,10 +206,24 @@ def head_rank_hits(
             n = max(0, min(stop, S - k - 2) - start)
             if n == 0:
                 continue
-            targets = sequence[0, start + k + 2 : start + k + 2 + n]
-            hits[k] += (guesses[k, :n] == targets[:, None]).sum(0).cpu()
-            counts[k] += n
-    return hits, counts
+            right = (guesses[k, :n] == sequence[0, start + k + 2 : start + k + 2 + n, None]).cpu()  # [n, R]
+            rank = torch.where(right.any(1), right.int().argmax(1), top_k)
+            ranks[start - first : start - first + n, k] = rank
+    return ranks
+
+
+def head_rank_hits(
+    model: nn.Module, sequence: torch.Tensor, prompt_length: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``head_ranks`` counted per head: ``hits`` [K, top_k] (times head k's rank-r guess was the
+    token k + 2 ahead) and ``counts`` [K] (scored positions of head k)."""
+    ranks = head_ranks(model, sequence, prompt_length, top_k)
+    return _rank_hits(ranks, top_k)
+
+
+def _rank_hits(ranks: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    hits = torch.stack([(ranks == r).sum(0) for r in range(top_k)], dim=1)
+    return hits, (ranks >= 0).sum(0)
 
 
 def accuracy_heatmap(cumulative: torch.Tensor, path: str | Path) -> Path:
@@ -253,6 +271,8 @@ def evaluate_heads(
     posterior_alpha: float = 0.3,
     seed: int = 0,
     tree: Sequence[Sequence[int]] | None = None,
+    tree_search: str = "conditional",
+    prior_strength: float = DEFAULT_PRIOR_STRENGTH,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Accuracy table, tree search and measured speedup of ``model`` (a MedusaModel) on ``prompts``.
@@ -264,6 +284,8 @@ def evaluate_heads(
     against plain sampling, prompt i from seed ``seed + i`` (see the module docstring). ``tree``: measure
     these ``medusa_choices`` paths instead of searching a tree of ``tree_size`` nodes (the accuracy
     table then reaches at least the tree's deepest rank, so its estimate covers every node).
+    ``tree_search``: "conditional" (the heads' joint ranks, ``prior_strength`` pseudo-positions of the
+    independent estimate behind each conditional one) or "independent" (the Medusa paper's product).
     """
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
@@ -280,6 +302,11 @@ def evaluate_heads(
                          "or acceptance='greedy'")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    if tree_search not in TREE_SEARCHES:
+        raise ValueError(f"tree_search must be one of {TREE_SEARCHES}, got {tree_search!r}")
+    if not (isinstance(prior_strength, (int, float)) and not isinstance(prior_strength, bool)
+            and 0.0 <= prior_strength < float("inf")):
+        raise ValueError(f"prior_strength must be a finite number >= 0, got {prior_strength!r}")
     K = int(model.heads.num_heads)
     vocab = model.lm_head.weight.shape[0]
     given = None if tree is None else [list(p) for p in normalize_tree(tree, K)]
@@ -292,19 +319,21 @@ def evaluate_heads(
     output_dir.mkdir(parents=True, exist_ok=True)
     inputs = [torch.tensor([list(p)], dtype=torch.long, device=device) for p in prompts]
 
-    # 1. Greedy continuations, and every head's rank hits on them.
-    hits = torch.zeros(K, top_k, dtype=torch.long)
-    counts = torch.zeros(K, dtype=torch.long)
-    for ids in inputs:
-        greedy = greedy_generate(model, ids, max_new_tokens, eos_token_id)
-        h, c = head_rank_hits(model, greedy.sequences, ids.shape[1], top_k)
-        hits += h
-        counts += c
+    # 1. Greedy continuations, and every head's rank of the right token at every position of them.
+    ranks = torch.cat([head_ranks(model, greedy_generate(model, ids, max_new_tokens, eos_token_id).sequences,
+                                  ids.shape[1], top_k) for ids in inputs])
+    hits, counts = _rank_hits(ranks, top_k)
     per_rank = hits.double() / counts.clamp(min=1)[:, None].double()
     cumulative = per_rank.cumsum(dim=1)
 
-    # 2. The tree with the highest expected acceptance for that table (or the given one, scored by it).
-    if given is None:
+    # 2. The tree with the highest expected acceptance under the chosen estimate (or the given one,
+    # scored by it); the independent product's estimate of the same tree beside it.
+    if tree_search == "conditional":
+        if given is None:
+            tree, estimated = conditional_tree_search(ranks, tree_size, top_k, prior_strength)
+        else:
+            tree, estimated = given, conditional_expected_acceleration(given, ranks, top_k, prior_strength)
+    elif given is None:
         tree, estimated = greedy_tree_search(per_rank, tree_size)
     else:
         tree, estimated = given, expected_acceleration(given, per_rank)
@@ -346,7 +375,9 @@ def evaluate_heads(
         },
         "tree": {"size": len(tree), "source": "search" if given is None else "given",
                  "requested_size": tree_size if given is None else None, "paths": tree,
-                 "max_depth": max((len(p) for p in tree), default=0), "estimated_acceleration": estimated},
+                 "max_depth": max((len(p) for p in tree), default=0), "estimated_acceleration": estimated,
+                 "estimate": tree_search, "prior_strength": prior_strength if tree_search == "conditional" else None,
+                 "estimated_acceleration_independent": expected_acceleration(tree, per_rank)},
         "decoding": dict(options, seed=seed) if sampling else {"acceptance": "greedy"},
         "measured": measured,
     }

@@ -21,6 +21,20 @@ Tree search (the Medusa paper's greedy sparse tree): with ``p_k(r)`` the probabi
 and a tree accepts ``sum_nodes P(node)`` tokens in expectation on top of the root, so its expected
 acceleration (tokens per step) is ``1 + sum_nodes P(node)``. Adding nodes one by one, always the
 not-yet-chosen child of the current tree with the highest ``P``, builds a tree of a given size.
+
+That product treats the heads as independent, and they are not: at a position where head 0 guesses
+right, head 1 is more often right too (the text is predictable there), so deep paths are accepted
+more often than the product says. The conditional search (``conditional_tree_search``) reads the
+heads' joint ranks instead, a table ``ranks[t, k]`` of the rank of head k's right token at each
+scored position t, and chains conditional probabilities
+
+    P(path + [r]) = P(path) q_d(r | path),
+    q_d(r | path) = (n(path + [r]) + a p_d(r)) / (m(path) + a)
+
+with ``n(path)`` the positions whose first heads' ranks are ``path``, ``m(path)`` those of them
+where head d (d = len(path)) has a target, and ``a`` pseudo-positions of the independent estimate
+``p_d(r)`` (backoff: rare paths lean on the product, frequent ones on their own counts). It grows
+the tree the same way. With ``a = 0`` it is the empirical mean of accepted tokens per position.
 """
 
 from __future__ import annotations
@@ -44,6 +58,9 @@ DEFAULT_TOP_K = 10
 PRIOR_TOP1 = 0.6
 PRIOR_HEAD_DECAY = 0.7
 PRIOR_RANK_DECAY = 0.5
+# Pseudo-positions of the independent estimate behind each conditional one (``conditional_tree_search``).
+DEFAULT_PRIOR_STRENGTH = 20.0
+TREE_SEARCHES = ("conditional", "independent")
 
 
 def normalize_tree(tree: Sequence[Sequence[int]], num_heads: int | None = None, *, name: str = "tree") -> list[Path]:
@@ -203,15 +220,45 @@ def build_tree_buffers(tree: Sequence[Sequence[int]], num_heads: int | None = No
     )
 
 
+def _grow(child_value, num_heads: int, ranks: int, size: int) -> tuple[MedusaChoices, float]:
+    """The greedy search shared by both estimates: ``child_value(path, P(path), r)`` is P(path + (r,))."""
+    frontier: dict[Path, float] = {(r,): child_value((), 1.0, r) for r in range(ranks)}
+    chosen: list[Path] = []
+    expected = 1.0
+    while frontier and len(chosen) < size:
+        path = min(frontier, key=lambda p: (-frontier[p], len(p), p))
+        value = frontier.pop(path)
+        if value <= 0.0:
+            break
+        chosen.append(path)
+        expected += value
+        if len(path) < num_heads:
+            for r in range(ranks):
+                frontier[path + (r,)] = child_value(path, value, r)
+    return [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))], expected
+
+
+def _tree_value(tree: Sequence[Sequence[int]], child_value, num_heads: int, ranks: int, what: str) -> float:
+    """1 + sum of P(node) over ``tree``'s nodes (parents come first in normalize_tree's order)."""
+    value: dict[Path, float] = {(): 1.0}
+    for path in normalize_tree(tree, num_heads):
+        if max(path) >= ranks:
+            raise ValueError(f"tree path {list(path)} uses a rank beyond the {ranks} in {what}")
+        value[path] = child_value(path[:-1], value[path[:-1]], path[-1])
+    return 1.0 + sum(v for p, v in value.items() if p)
+
+
+def _check_rank_accuracy(rank_accuracy: torch.Tensor) -> list[list[float]]:
+    if rank_accuracy.ndim != 2 or rank_accuracy.shape[0] < 1 or rank_accuracy.shape[1] < 1:
+        raise ValueError(f"rank_accuracy must be a [num_heads, top_k] table, got shape {list(rank_accuracy.shape)}")
+    return rank_accuracy.double().clamp(0.0, 1.0).tolist()
+
+
 def expected_acceleration(tree: Sequence[Sequence[int]], rank_accuracy: torch.Tensor) -> float:
     """``1 + sum_nodes prod_j p_{j-1}(r_j)`` for ``rank_accuracy`` [K, R] (per-rank, not cumulative)."""
-    acc = rank_accuracy.double()
-    total = 1.0
-    for path in normalize_tree(tree, acc.shape[0]):
-        if max(path) >= acc.shape[1]:
-            raise ValueError(f"tree path {list(path)} uses a rank beyond the {acc.shape[1]} in rank_accuracy")
-        total += float(torch.prod(torch.stack([acc[d, r] for d, r in enumerate(path)])))
-    return total
+    acc = _check_rank_accuracy(rank_accuracy)
+    return _tree_value(tree, lambda path, value, r: value * acc[len(path)][r], len(acc), len(acc[0]),
+                       "rank_accuracy")
 
 
 def greedy_tree_search(rank_accuracy: torch.Tensor, size: int) -> tuple[MedusaChoices, float]:
@@ -225,27 +272,78 @@ def greedy_tree_search(rank_accuracy: torch.Tensor, size: int) -> tuple[MedusaCh
     node (sum_{d<=K} R^d of them) is in the tree, or when the best remaining node has expected
     acceptance 0 (it would cost attention and compute and never be accepted).
     """
-    if rank_accuracy.ndim != 2 or rank_accuracy.shape[0] < 1 or rank_accuracy.shape[1] < 1:
-        raise ValueError(f"rank_accuracy must be a [num_heads, top_k] table, got shape {list(rank_accuracy.shape)}")
-    if not isinstance(size, int) or size < 1:
+    acc = _check_rank_accuracy(rank_accuracy)
+    _check_size(size)
+    return _grow(lambda path, value, r: value * acc[len(path)][r], len(acc), len(acc[0]), size)
+
+
+def _check_size(size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be an integer >= 1, got {size!r}")
-    acc = rank_accuracy.double().clamp(0.0, 1.0).tolist()
-    num_heads, ranks = len(acc), len(acc[0])
-    # Frontier: path -> probability that the whole path is accepted.
-    frontier: dict[Path, float] = {(r,): acc[0][r] for r in range(ranks)}
-    chosen: list[Path] = []
-    expected = 1.0
-    while frontier and len(chosen) < size:
-        path = min(frontier, key=lambda p: (-frontier[p], len(p), p))
-        value = frontier.pop(path)
-        if value <= 0.0:
-            break
-        chosen.append(path)
-        expected += value
-        if len(path) < num_heads:
-            for r in range(ranks):
-                frontier[path + (r,)] = value * acc[len(path)][r]
-    return [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))], expected
+
+
+def rank_accuracy_of(ranks: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[K, top_k] fp64 per-rank accuracy from a joint rank table ``ranks`` [P, K] (see
+    ``conditional_tree_search``): the share of head k's scored positions where its rank-r guess is right."""
+    _check_ranks(ranks, top_k)
+    scored = (ranks >= 0).sum(0).clamp(min=1).double()  # [K]
+    hits = torch.stack([(ranks == r).sum(0) for r in range(top_k)], dim=1).double()  # [K, top_k]
+    return hits / scored[:, None]
+
+
+def _check_ranks(ranks: torch.Tensor, top_k: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if ranks.ndim != 2 or ranks.shape[1] < 1 or ranks.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ranks must be an integer [positions, num_heads] table, got {ranks.dtype} "
+                         f"of shape {list(ranks.shape)}")
+    if ranks.numel() and (int(ranks.min()) < -1 or int(ranks.max()) > top_k):
+        raise ValueError(f"ranks must lie in [-1, top_k={top_k}] (-1: no target, top_k: not in the top k)")
+
+
+def _conditional_value(ranks: torch.Tensor, top_k: int, prior_strength: float):
+    """``child_value`` of the conditional estimate (module docstring) for a joint rank table."""
+    if not (float(prior_strength) >= 0.0 and float(prior_strength) != float("inf")):
+        raise ValueError(f"prior_strength must be a finite number >= 0, got {prior_strength!r}")
+    acc = rank_accuracy_of(ranks, top_k).tolist()
+    # Counts of every prefix: with a target for the next head (m) and ending in a guessed rank (n).
+    with_next: dict[Path, int] = {}
+    ending: dict[Path, int] = {}
+    for row in ranks.tolist():
+        for d, r in enumerate(row):
+            if r < 0:  # no target for this head (nor for any deeper one: theirs lie further on)
+                break
+            prefix = tuple(row[:d])
+            with_next[prefix] = with_next.get(prefix, 0) + 1
+            if r >= top_k:
+                break
+            ending[prefix + (r,)] = ending.get(prefix + (r,), 0) + 1
+    a = float(prior_strength)
+
+    def child_value(path: Path, value: float, r: int) -> float:
+        m, prior = with_next.get(path, 0), acc[len(path)][r]
+        q = prior if m + a == 0 else (ending.get(path + (r,), 0) + a * prior) / (m + a)
+        return value * q
+    return child_value
+
+
+def conditional_tree_search(ranks: torch.Tensor, size: int, top_k: int,
+                            prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> tuple[MedusaChoices, float]:
+    """``greedy_tree_search`` on the heads' joint ranks: (tree, expected acceleration).
+
+    ranks: [P, K] integers, for each scored position the rank (0..top_k-1) of the right token among
+    head k's guesses, top_k where it is not among the top ``top_k``, -1 where head k has no target
+    there (past the end of the text). prior_strength: ``a`` of the module docstring.
+    """
+    _check_size(size)
+    value = _conditional_value(ranks, top_k, prior_strength)
+    return _grow(value, ranks.shape[1], top_k, size)
+
+
+def conditional_expected_acceleration(tree: Sequence[Sequence[int]], ranks: torch.Tensor, top_k: int,
+                                      prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> float:
+    """``tree``'s expected acceleration under the conditional estimate (``conditional_tree_search``)."""
+    return _tree_value(tree, _conditional_value(ranks, top_k, prior_strength), ranks.shape[1], top_k, "ranks")
 
 
 def prior_rank_accuracy(num_heads: int, top_k: int = DEFAULT_TOP_K) -> torch.Tensor:
