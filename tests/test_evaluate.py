@@ -20,6 +20,7 @@ from medusa_liger.inference.generate import greedy_generate, medusa_generate
 from medusa_liger.inference.tree import (
     DEFAULT_PRIOR_STRENGTH,
     conditional_expected_acceleration,
+    conditional_tree_search,
     expected_acceleration,
     normalize_tree,
 )
@@ -102,6 +103,11 @@ def test_evaluate_writes_report_tree_heatmap(tmp_path):
     ranks = torch.cat([head_ranks(model, greedy_generate(model, torch.tensor([p]), 12).sequences, len(p), 4)
                        for p in prompts])
     assert report["tree"]["estimated_acceleration"] == pytest.approx(conditional_expected_acceleration(tree, ranks, 4))
+    # The searched tree at other sizes; the requested one is this tree.
+    by_size = report["tree"]["estimated_acceleration_by_size"]
+    assert list(by_size) == ["4", "8", "9", "16", "32", "63", "128"]
+    assert by_size["9"] == pytest.approx(report["tree"]["estimated_acceleration"])
+    assert by_size["4"] == pytest.approx(conditional_tree_search(ranks, 4, 4)[1])
     measured = report["measured"]
     assert measured["greedy_match_rate"] == 1.0
     assert measured["medusa"]["new_tokens"] == measured["greedy"]["new_tokens"] == 36
@@ -337,6 +343,7 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     assert "measured at batch 2: acceleration" in out and "tokens/s of plain greedy), identical to greedy" in out
     assert "tokens per step: 1: " in out
     assert "(conditional; independent heads: " in out
+    assert "estimated acceleration of the searched tree by size: 4: " in out
     # The Medusa paper's independent estimate instead.
     code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens",
                  "6", "--tree-size", "4", "--device", "cpu", "--tree-search", "independent"])

@@ -10,6 +10,7 @@ import torch
 
 from medusa_liger.inference.tree import (
     DEFAULT_TREE_SIZE,
+    acceleration_by_size,
     build_tree_buffers,
     conditional_expected_acceleration,
     conditional_tree_search,
@@ -273,3 +274,22 @@ def test_conditional_search_refuses_bad_input(bad, message):
     args = dict(ranks=torch.tensor([[0, 1], [4, -1]]), size=3, top_k=4, prior_strength=1.0) | bad
     with pytest.raises(ValueError, match=message):
         conditional_tree_search(**args)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_acceleration_by_size_is_each_sizes_search(conditional):
+    ranks = random_ranks(2, 200, 3, 4, ends=True)
+    sizes = [1, 3, 10, 40, 100]  # 100: more than the 4 + 16 + 64 possible nodes, the search stops early
+    if conditional:
+        curve = acceleration_by_size(sizes, ranks=ranks, top_k=4, prior_strength=5.0)
+        each = {n: conditional_tree_search(ranks, n, 4, 5.0)[1] for n in sizes}
+    else:
+        p = rank_accuracy_of(ranks, 4)
+        curve = acceleration_by_size(sizes, rank_accuracy=p)
+        each = {n: greedy_tree_search(p, n)[1] for n in sizes}
+    assert list(curve) == sizes and curve == pytest.approx(each)
+    assert all(a <= b for a, b in zip(list(curve.values()), list(curve.values())[1:]))
+    with pytest.raises(ValueError, match="exactly one of ranks"):
+        acceleration_by_size(sizes)
+    with pytest.raises(ValueError, match="size must be an integer >= 1"):
+        acceleration_by_size([0], ranks=ranks, top_k=4)

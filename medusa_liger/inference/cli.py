@@ -242,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"tree{' (given)' if tree['source'] == 'given' else ''}: {tree['size']} nodes, depth {tree['max_depth']}, "
           f"estimated acceleration {tree['estimated_acceleration']:.2f} ({tree['estimate']}; independent heads: "
           f"{tree['estimated_acceleration_independent']:.2f})")
+    print("estimated acceleration of the searched tree by size: "
+          + ", ".join(f"{n}: {a:.2f}" for n, a in tree["estimated_acceleration_by_size"].items()))
     interval = measured["acceleration_rate_ci95"]
     spread = "" if interval is None else \
         f" (95% interval over {report['num_prompts']} prompts: {interval[0]:.2f}-{interval[1]:.2f})"

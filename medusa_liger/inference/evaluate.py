@@ -45,6 +45,7 @@ from medusa_liger.inference.tree import (
     DEFAULT_TOP_K,
     DEFAULT_TREE_SIZE,
     TREE_SEARCHES,
+    acceleration_by_size,
     check_ranks_fit,
     conditional_expected_acceleration,
     conditional_tree_search,
@@ -60,6 +61,8 @@ from medusa_liger.records import (
     text_prompt_ids,
 )
 
+# Tree sizes whose searched tree's estimate the report lists beside the chosen size's.
+CURVE_SIZES = (4, 8, 16, 32, 63, 128)
 # Positions scored per head_logits call (bounds the [K, n, V] logits in memory for big vocabularies).
 SCORE_CHUNK = 64
 DEFAULT_NUM_PROMPTS = 16
@@ -327,7 +330,11 @@ def evaluate_heads(
     cumulative = per_rank.cumsum(dim=1)
 
     # 2. The tree with the highest expected acceptance under the chosen estimate (or the given one,
-    # scored by it); the independent product's estimate of the same tree beside it.
+    # scored by it); the independent product's estimate of the same tree beside it; and the searched
+    # tree's estimate at other sizes (to weigh against a bigger tree's cost per step).
+    estimate_by = dict(ranks=ranks, top_k=top_k, prior_strength=prior_strength) if tree_search == "conditional" \
+        else dict(rank_accuracy=per_rank)
+    by_size = acceleration_by_size(sorted({*CURVE_SIZES, tree_size}), **estimate_by)
     if tree_search == "conditional":
         if given is None:
             tree, estimated = conditional_tree_search(ranks, tree_size, top_k, prior_strength)
@@ -377,7 +384,8 @@ def evaluate_heads(
                  "requested_size": tree_size if given is None else None, "paths": tree,
                  "max_depth": max((len(p) for p in tree), default=0), "estimated_acceleration": estimated,
                  "estimate": tree_search, "prior_strength": prior_strength if tree_search == "conditional" else None,
-                 "estimated_acceleration_independent": expected_acceleration(tree, per_rank)},
+                 "estimated_acceleration_independent": expected_acceleration(tree, per_rank),
+                 "estimated_acceleration_by_size": {str(n): a for n, a in by_size.items()}},
         "decoding": dict(options, seed=seed) if sampling else {"acceptance": "greedy"},
         "measured": measured,
     }

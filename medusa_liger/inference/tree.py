@@ -220,8 +220,10 @@ def build_tree_buffers(tree: Sequence[Sequence[int]], num_heads: int | None = No
     )
 
 
-def _grow(child_value, num_heads: int, ranks: int, size: int) -> tuple[MedusaChoices, float]:
-    """The greedy search shared by both estimates: ``child_value(path, P(path), r)`` is P(path + (r,))."""
+def _grow(child_value, num_heads: int, ranks: int, size: int,
+          gains: list[float] | None = None) -> tuple[MedusaChoices, float]:
+    """The greedy search shared by both estimates: ``child_value(path, P(path), r)`` is P(path + (r,)).
+    ``gains``: receives each chosen node's P in the order the search took them."""
     frontier: dict[Path, float] = {(r,): child_value((), 1.0, r) for r in range(ranks)}
     chosen: list[Path] = []
     expected = 1.0
@@ -232,6 +234,8 @@ def _grow(child_value, num_heads: int, ranks: int, size: int) -> tuple[MedusaCho
             break
         chosen.append(path)
         expected += value
+        if gains is not None:
+            gains.append(value)
         if len(path) < num_heads:
             for r in range(ranks):
                 frontier[path + (r,)] = child_value(path, value, r)
@@ -338,6 +342,30 @@ def conditional_tree_search(ranks: torch.Tensor, size: int, top_k: int,
     _check_size(size)
     value = _conditional_value(ranks, top_k, prior_strength)
     return _grow(value, ranks.shape[1], top_k, size)
+
+
+def acceleration_by_size(sizes: Sequence[int], *, ranks: torch.Tensor | None = None,
+                         rank_accuracy: torch.Tensor | None = None, top_k: int = DEFAULT_TOP_K,
+                         prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> dict[int, float]:
+    """The expected acceleration of the searched tree of each size in ``sizes``: conditional on
+    ``ranks`` [P, K] (``conditional_tree_search``), or independent on ``rank_accuracy`` [K, R]
+    (``greedy_tree_search``). The search adds nodes in a fixed order, so the tree of size n is the
+    first n nodes of the largest one: one search gives every size. For choosing a size: a bigger tree
+    accepts more but costs more per step once its nodes no longer ride free in the forward (large
+    batches; benchmarks/decode_speed.py)."""
+    if not sizes:
+        raise ValueError("sizes must hold at least one size")
+    for size in sizes:
+        _check_size(size)
+    if (ranks is None) == (rank_accuracy is None):
+        raise ValueError("pass exactly one of ranks (conditional estimate) and rank_accuracy (independent)")
+    gains: list[float] = []
+    if ranks is not None:
+        _grow(_conditional_value(ranks, top_k, prior_strength), ranks.shape[1], top_k, max(sizes), gains)
+    else:
+        acc = _check_rank_accuracy(rank_accuracy)
+        _grow(lambda path, value, r: value * acc[len(path)][r], len(acc), len(acc[0]), max(sizes), gains)
+    return {n: 1.0 + sum(gains[:n]) for n in sorted(set(sizes))}
 
 
 def conditional_expected_acceleration(tree: Sequence[Sequence[int]], ranks: torch.Tensor, top_k: int,
