@@ -26,6 +26,7 @@ from medusa_liger.inference.generate import (
 )
 from medusa_liger.inference.tree import (
     TreeBuffers,
+    acceleration_by_size,
     build_tree_buffers,
     conditional_expected_acceleration,
     conditional_tree_search,
@@ -43,6 +44,7 @@ __all__ = [
     "MedusaDecoder",
     "MedusaGenerateOutput",
     "TreeBuffers",
+    "acceleration_by_size",
     "build_tree_buffers",
     "conditional_expected_acceleration",
     "conditional_tree_search",
