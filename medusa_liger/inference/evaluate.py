@@ -52,6 +52,7 @@ from medusa_liger.inference.tree import (
     expected_acceleration,
     greedy_tree_search,
     normalize_tree,
+    rank_accuracy_of,
 )
 from medusa_liger.records import (
     chat_prompt_ids,
@@ -221,12 +222,7 @@ def head_rank_hits(
     """``head_ranks`` counted per head: ``hits`` [K, top_k] (times head k's rank-r guess was the
     token k + 2 ahead) and ``counts`` [K] (scored positions of head k)."""
     ranks = head_ranks(model, sequence, prompt_length, top_k)
-    return _rank_hits(ranks, top_k)
-
-
-def _rank_hits(ranks: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    hits = torch.stack([(ranks == r).sum(0) for r in range(top_k)], dim=1)
-    return hits, (ranks >= 0).sum(0)
+    return torch.stack([(ranks == r).sum(0) for r in range(top_k)], dim=1), (ranks >= 0).sum(0)
 
 
 def accuracy_heatmap(cumulative: torch.Tensor, path: str | Path) -> Path:
@@ -325,8 +321,8 @@ def evaluate_heads(
     # 1. Greedy continuations, and every head's rank of the right token at every position of them.
     ranks = torch.cat([head_ranks(model, greedy_generate(model, ids, max_new_tokens, eos_token_id).sequences,
                                   ids.shape[1], top_k) for ids in inputs])
-    hits, counts = _rank_hits(ranks, top_k)
-    per_rank = hits.double() / counts.clamp(min=1)[:, None].double()
+    counts = (ranks >= 0).sum(0)
+    per_rank = rank_accuracy_of(ranks, top_k)
     cumulative = per_rank.cumsum(dim=1)
 
     # 2. The tree with the highest expected acceptance under the chosen estimate (or the given one,
