@@ -2,7 +2,7 @@
 (``greedy_tree_search``) or the heads' joint ranks (``conditional_tree_search``), measured on prompts
 the search did not see.
 
-    python benchmarks/tree_search_compare.py runs/tiny [runs/tiny5 ...] [--prompts 70 --tree-size 63]
+    python benchmarks/tree_search_compare.py runs/tiny [runs/tiny5 ...] [--prompts 70 --tree-sizes 16 63]
 
 For each trained run: the held-out prompts (``eval_prompts.jsonl``) plus the first ``--prompts`` of the
 shipped conversations, each decoded greedily and ranked by every head (``head_ranks``); two folds
@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="training run directories (final/backbone, final/heads_*)")
     parser.add_argument("--prompts", type=int, default=70, help="shipped conversations added to the held-out prompts")
-    parser.add_argument("--tree-size", type=int, default=63)
+    parser.add_argument("--tree-sizes", type=int, nargs="+", default=[16, 63])
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--prior-strengths", type=float, nargs="+", default=[5.0, 20.0, 50.0])
@@ -62,25 +62,26 @@ def main() -> None:
                             args.top_k) for ids in inputs]
         folds = [list(range(0, len(inputs), 2)), list(range(1, len(inputs), 2))]
         searches = {"independent (product)":
-                    lambda r: greedy_tree_search(rank_accuracy_of(r, args.top_k), args.tree_size)}
+                    lambda r, n: greedy_tree_search(rank_accuracy_of(r, args.top_k), n)}
         for a in args.prior_strengths:
-            searches[f"conditional, a = {a:g}"] = lambda r, a=a: conditional_tree_search(r, args.tree_size, args.top_k, a)
-        for name, search in searches.items():
-            cells = []
-            for f, test in ((0, folds[1]), (1, folds[0])):
-                tree, estimate = search(torch.cat([ranks[i] for i in folds[f]]))
-                measured = tokens_per_step(model, [inputs[i] for i in test], tree, args.max_new_tokens)
-                cells.append((estimate, measured, max(map(len, tree))))
-            rows.append([run, model.heads.num_heads, name,
-                         *[f"{e:.3f} / **{m:.3f}** (depth {d})" for e, m, d in cells],
-                         f"{sum(m for _, m, _ in cells) / 2:.3f}"])
+            searches[f"conditional, a = {a:g}"] = lambda r, n, a=a: conditional_tree_search(r, n, args.top_k, a)
+        for size in args.tree_sizes:
+            for name, search in searches.items():
+                cells = []
+                for f, test in ((0, folds[1]), (1, folds[0])):
+                    tree, estimate = search(torch.cat([ranks[i] for i in folds[f]]), size)
+                    measured = tokens_per_step(model, [inputs[i] for i in test], tree, args.max_new_tokens)
+                    cells.append((estimate, measured, max(map(len, tree))))
+                rows.append([run, model.heads.num_heads, size, name,
+                             *[f"{e:.3f} / **{m:.3f}** (depth {d})" for e, m, d in cells],
+                             f"{sum(m for _, m, _ in cells) / 2:.3f}"])
         notes.append(f"{run}: {len(inputs)} prompts ({sum(len(r) for r in ranks)} scored positions), "
                      f"{args.max_new_tokens} new tokens each")
     notes.append(f"Cells: the searched tree's estimated / **measured** tokens per step on the other fold "
-                 f"({args.tree_size}-node trees, top {args.top_k} ranks per head); a: the conditional "
+                 f"(top {args.top_k} ranks per head); a: the conditional "
                  "search's prior strength (pseudo-positions of the product behind each conditional estimate).")
     common.write_table("tree_search_compare_cpu", "Tree search: independent heads vs joint ranks (cross-fitted)",
-                       ["run", "heads", "search", "fold 0 -> 1", "fold 1 -> 0", "mean measured"], rows, notes)
+                       ["run", "heads", "nodes", "search", "fold 0 -> 1", "fold 1 -> 0", "mean measured"], rows, notes)
 
 
 if __name__ == "__main__":
