@@ -26,8 +26,9 @@ sys.path.insert(0, str(_HERE.parent))
 
 from benchmarks import common  # noqa: E402
 from medusa_liger.inference.cli import load_medusa, resolve_paths  # noqa: E402
-from medusa_liger.inference.evaluate import default_prompts_file, head_ranks, load_prompts  # noqa: E402
+from medusa_liger.inference.evaluate import head_ranks  # noqa: E402
 from medusa_liger.inference.generate import greedy_generate, medusa_generate  # noqa: E402
+from medusa_liger.inference.prompts import default_prompts_file, load_prompts  # noqa: E402
 from medusa_liger.inference.tree import conditional_tree_search, greedy_tree_search, rank_accuracy_of  # noqa: E402
 
 

@@ -12,11 +12,11 @@ from medusa_liger.inference.evaluate import (
     evaluate_heads,
     head_rank_hits,
     head_ranks,
-    load_prompts,
     ratio_interval,
     student_t_975,
 )
 from medusa_liger.inference.generate import greedy_generate, medusa_generate
+from medusa_liger.inference.prompts import load_prompts
 from medusa_liger.inference.tree import (
     DEFAULT_PRIOR_STRENGTH,
     conditional_expected_acceleration,

@@ -6,16 +6,15 @@
     report = evaluate_run("runs/tiny", max_new_tokens=64)   # what `medusa-liger eval runs/tiny` does
 
 ``tree``: candidate trees (``medusa_choices``) and tree search; ``generate``: tree decoding of one
-sequence; ``batched``: of several at once (``medusa_generate_batch``); ``evaluate``: the head
-accuracy table, tree search and measured speedup; ``cli``: loading a run and ``medusa-liger eval``;
+sequence; ``batched``: of several at once (``medusa_generate_batch``); ``prompts``: prompt files and
+datasets as token ids; ``evaluate``: the head accuracy table, tree search and measured speedup; ``cli``: loading a run and ``medusa-liger eval``;
 ``distill``: self-distillation data (``medusa-liger distill``).
 """
 
 from medusa_liger.inference.batched import BatchedMedusaDecoder, medusa_generate_batch
 from medusa_liger.inference.cli import evaluate_run, load_causal_lm, load_medusa
 from medusa_liger.inference.distill import DistillSettings, DistillSummary, self_distill
-from medusa_liger.inference.evaluate import evaluate_heads, head_rank_hits, head_ranks, load_prompts
-
+from medusa_liger.inference.evaluate import evaluate_heads, head_rank_hits, head_ranks
 from medusa_liger.inference.generate import (
     DecodeStats,
     GenerationResult,
@@ -24,6 +23,7 @@ from medusa_liger.inference.generate import (
     greedy_generate,
     medusa_generate,
 )
+from medusa_liger.inference.prompts import load_prompts
 from medusa_liger.inference.tree import (
     TreeBuffers,
     acceleration_by_size,

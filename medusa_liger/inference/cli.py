@@ -24,10 +24,9 @@ from medusa_liger.inference.evaluate import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_PROMPTS,
     DEFAULT_TEMPERATURE,
-    default_prompts_file,
     evaluate_heads,
-    load_prompts,
 )
+from medusa_liger.inference.prompts import default_prompts_file, load_prompts
 from medusa_liger.inference.tree import DEFAULT_PRIOR_STRENGTH, DEFAULT_TOP_K, DEFAULT_TREE_SIZE, TREE_SEARCHES
 from medusa_liger.records import load_json_list
 from medusa_liger.run_layout import (

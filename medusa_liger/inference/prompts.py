@@ -1,0 +1,91 @@
+"""Prompts for evaluation and decoding: files, hub datasets, or a run's held-out token ids.
+
+``load_prompts`` turns JSON/JSONL records (``prompt``, ``input_ids``, OpenAI ``messages``, ShareGPT
+``conversations``, ``text``), plain text files (one prompt a line) or hub datasets into token id
+lists: conversations are rendered with the tokenizer's chat template up to their first assistant
+turn, the reply the model is then asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medusa_liger.records import (
+    chat_prompt_ids,
+    chat_template_for,
+    iter_raw_records,
+    normalize,
+    text_prompt_ids,
+)
+
+
+def default_prompts_file() -> Path:
+    """The shipped conversation data (pass your own held-out file for an unbiased number)."""
+    return Path(__file__).resolve().parent.parent / "data" / "pydoc_chat.jsonl"
+
+
+def _render_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation up to (not including) its first assistant turn, ready for the reply."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    if first == 0:
+        raise ValueError("a conversation starting with an assistant turn has no prompt")
+    return chat_prompt_ids(tokenizer, messages[:first], chat_template_for(tokenizer, "auto"))
+
+
+def _records(source: str, split: str):
+    """(where, record) of a JSON/JSONL file or hub dataset, through the shared record reader."""
+    skipped: list[str] = []  # "skip" mode collects the reader's messages; any is fatal here
+    for where, record in iter_raw_records(source, split, "skip", skipped):
+        if skipped:
+            break
+        yield where, record
+    if skipped:
+        raise ValueError(skipped[0])
+
+
+def _record_prompt(tokenizer, where: str, record: Any) -> list[int]:
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+        return tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+    if isinstance(record, dict) and "input_ids" in record:  # already tokenized (a run's eval_prompts.jsonl)
+        ids = record["input_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"{where}: input_ids must be a list of token ids (integers >= 0)")
+        return ids
+    example = normalize(where, record, "auto", "all")
+    if example.text is not None:
+        return text_prompt_ids(tokenizer, example.text)
+    return _render_messages(tokenizer, example.messages)
+
+
+def load_prompts(source: str | Path, tokenizer, num_prompts: int | None = None, split: str = "train") -> list[list[int]]:
+    """Token ids of up to ``num_prompts`` prompts (the first ones) from a file or a hub dataset.
+
+    ``.jsonl``/``.json`` files and hub datasets (``split``; needs ``datasets``): records
+    ``{"prompt": str}`` (tokenized as is), ``{"input_ids": [int, ...]}`` (token ids, used as they are:
+    a training run's held-out ``eval_prompts.jsonl``), OpenAI ``messages`` or ShareGPT ``conversations``
+    (rendered with the chat template up to the first assistant turn) or ``{"text": str}`` (its
+    first ``records.TEXT_PROMPT_TOKENS`` tokens). Any other local file: one prompt per non-empty line.
+    """
+    if num_prompts is not None and (not isinstance(num_prompts, int) or num_prompts < 1):
+        raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
+    source = str(source)
+    path = Path(source).expanduser()
+    looks_local = path.suffix in (".json", ".jsonl", ".txt") or source.startswith((".", "/", "~"))
+    if not path.is_file() and looks_local:  # anything else is taken for a hub dataset name
+        raise ValueError(f"prompts file {source!r} does not exist")
+    if path.is_file() and path.suffix not in (".json", ".jsonl"):
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        numbered = ((f"{source}:{i}", {"prompt": line}) for i, line in enumerate(lines, 1))
+    else:
+        numbered = _records(source, split)
+    prompts: list[list[int]] = []
+    for where, record in numbered:
+        ids = _record_prompt(tokenizer, where, record)
+        if ids:
+            prompts.append(ids)
+        if num_prompts is not None and len(prompts) >= num_prompts:
+            break
+    if not prompts:
+        raise ValueError(f"prompts {source!r} hold no usable prompt")
+    return prompts
