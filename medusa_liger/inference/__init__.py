@@ -25,6 +25,7 @@ from medusa_liger.inference.generate import (
 )
 from medusa_liger.inference.prompts import load_prompts
 from medusa_liger.inference.tree import (
+    PathEstimate,
     TreeBuffers,
     acceleration_by_size,
     build_tree_buffers,
@@ -43,6 +44,7 @@ __all__ = [
     "GenerationResult",
     "MedusaDecoder",
     "MedusaGenerateOutput",
+    "PathEstimate",
     "TreeBuffers",
     "acceleration_by_size",
     "build_tree_buffers",

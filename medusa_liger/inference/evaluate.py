@@ -45,14 +45,12 @@ from medusa_liger.inference.tree import (
     DEFAULT_TOP_K,
     DEFAULT_TREE_SIZE,
     TREE_SEARCHES,
-    acceleration_by_size,
+    PathEstimate,
+    check_prior_strength,
     check_ranks_fit,
-    conditional_expected_acceleration,
-    conditional_tree_search,
-    expected_acceleration,
-    greedy_tree_search,
     normalize_tree,
     rank_accuracy_of,
+    rank_hits,
 )
 
 # Tree sizes whose searched tree's estimate the report lists beside the chosen size's.
@@ -143,8 +141,7 @@ def head_rank_hits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``head_ranks`` counted per head: ``hits`` [K, top_k] (times head k's rank-r guess was the
     token k + 2 ahead) and ``counts`` [K] (scored positions of head k)."""
-    ranks = head_ranks(model, sequence, prompt_length, top_k)
-    return torch.stack([(ranks == r).sum(0) for r in range(top_k)], dim=1), (ranks >= 0).sum(0)
+    return rank_hits(head_ranks(model, sequence, prompt_length, top_k), top_k)
 
 
 def accuracy_heatmap(cumulative: torch.Tensor, path: str | Path) -> Path:
@@ -225,9 +222,7 @@ def evaluate_heads(
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if tree_search not in TREE_SEARCHES:
         raise ValueError(f"tree_search must be one of {TREE_SEARCHES}, got {tree_search!r}")
-    if not (isinstance(prior_strength, (int, float)) and not isinstance(prior_strength, bool)
-            and 0.0 <= prior_strength < float("inf")):
-        raise ValueError(f"prior_strength must be a finite number >= 0, got {prior_strength!r}")
+    check_prior_strength(prior_strength)  # before the decoding, which takes long
     K = int(model.heads.num_heads)
     vocab = model.lm_head.weight.shape[0]
     given = None if tree is None else [list(p) for p in normalize_tree(tree, K)]
@@ -250,18 +245,10 @@ def evaluate_heads(
     # 2. The tree with the highest expected acceptance under the chosen estimate (or the given one,
     # scored by it); the independent product's estimate of the same tree beside it; and the searched
     # tree's estimate at other sizes (to weigh against a bigger tree's cost per step).
-    estimate_by = dict(ranks=ranks, top_k=top_k, prior_strength=prior_strength) if tree_search == "conditional" \
-        else dict(rank_accuracy=per_rank)
-    by_size = acceleration_by_size(sorted({*CURVE_SIZES, tree_size}), **estimate_by)
-    if tree_search == "conditional":
-        if given is None:
-            tree, estimated = conditional_tree_search(ranks, tree_size, top_k, prior_strength)
-        else:
-            tree, estimated = given, conditional_expected_acceleration(given, ranks, top_k, prior_strength)
-    elif given is None:
-        tree, estimated = greedy_tree_search(per_rank, tree_size)
-    else:
-        tree, estimated = given, expected_acceleration(given, per_rank)
+    independent = PathEstimate.independent(per_rank)
+    estimate = PathEstimate.conditional(ranks, top_k, prior_strength) if tree_search == "conditional" else independent
+    searched = estimate.search_sizes(sorted({*CURVE_SIZES, tree_size}))
+    tree, estimated = searched[tree_size] if given is None else (given, estimate.value(given))
 
     # 3. Measured: Medusa with that tree vs plain greedy decoding (or, typical: plain sampling, the
     # empty tree), on the same prompts.
@@ -302,8 +289,8 @@ def evaluate_heads(
                  "requested_size": tree_size if given is None else None, "paths": tree,
                  "max_depth": max((len(p) for p in tree), default=0), "estimated_acceleration": estimated,
                  "estimate": tree_search, "prior_strength": prior_strength if tree_search == "conditional" else None,
-                 "estimated_acceleration_independent": expected_acceleration(tree, per_rank),
-                 "estimated_acceleration_by_size": {str(n): a for n, a in by_size.items()}},
+                 "estimated_acceleration_independent": independent.value(tree),
+                 "estimated_acceleration_by_size": {str(n): a for n, (_, a) in searched.items()}},
         "decoding": dict(options, seed=seed) if sampling else {"acceptance": "greedy"},
         "measured": measured,
     }

@@ -220,79 +220,135 @@ def build_tree_buffers(tree: Sequence[Sequence[int]], num_heads: int | None = No
     )
 
 
-def _grow(child_value, num_heads: int, ranks: int, size: int,
-          gains: list[float] | None = None) -> tuple[MedusaChoices, float]:
-    """The greedy search shared by both estimates: ``child_value(path, P(path), r)`` is P(path + (r,)).
-    ``gains``: receives each chosen node's P in the order the search took them."""
-    frontier: dict[Path, float] = {(r,): child_value((), 1.0, r) for r in range(ranks)}
-    chosen: list[Path] = []
-    expected = 1.0
-    while frontier and len(chosen) < size:
-        path = min(frontier, key=lambda p: (-frontier[p], len(p), p))
-        value = frontier.pop(path)
-        if value <= 0.0:
-            break
-        chosen.append(path)
-        expected += value
-        if gains is not None:
-            gains.append(value)
-        if len(path) < num_heads:
-            for r in range(ranks):
-                frontier[path + (r,)] = child_value(path, value, r)
-    return [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))], expected
+def check_prior_strength(prior_strength: float) -> float:
+    """``prior_strength`` as a float; ValueError unless it is a finite number >= 0."""
+    if (isinstance(prior_strength, bool) or not isinstance(prior_strength, (int, float))
+            or not 0.0 <= prior_strength < float("inf")):
+        raise ValueError(f"prior_strength must be a finite number >= 0, got {prior_strength!r}")
+    return float(prior_strength)
 
 
-def _tree_value(tree: Sequence[Sequence[int]], child_value, num_heads: int, ranks: int, what: str) -> float:
-    """1 + sum of P(node) over ``tree``'s nodes (parents come first in normalize_tree's order)."""
-    value: dict[Path, float] = {(): 1.0}
-    for path in normalize_tree(tree, num_heads):
-        if max(path) >= ranks:
-            raise ValueError(f"tree path {list(path)} uses a rank beyond the {ranks} in {what}")
-        value[path] = child_value(path[:-1], value[path[:-1]], path[-1])
-    return 1.0 + sum(v for p, v in value.items() if p)
+class PathEstimate:
+    """One estimate of how often a tree path is accepted, and the tree search and scoring on it.
 
+    ``child_value(path, P(path), r)`` gives P(path + (r,)): ``independent`` multiplies by head
+    len(path)'s per-rank accuracy (the Medusa paper's product), ``conditional`` by the conditional
+    probability from the heads' joint ranks (module docstring). Both search, score and size trees alike.
+    """
 
-def _check_rank_accuracy(rank_accuracy: torch.Tensor) -> list[list[float]]:
-    if rank_accuracy.ndim != 2 or rank_accuracy.shape[0] < 1 or rank_accuracy.shape[1] < 1:
-        raise ValueError(f"rank_accuracy must be a [num_heads, top_k] table, got shape {list(rank_accuracy.shape)}")
-    return rank_accuracy.double().clamp(0.0, 1.0).tolist()
+    def __init__(self, child_value, num_heads: int, ranks: int, source: str):
+        self.child_value, self.num_heads, self.ranks, self.source = child_value, num_heads, ranks, source
+
+    @classmethod
+    def independent(cls, rank_accuracy: torch.Tensor) -> PathEstimate:
+        """The product over ``rank_accuracy`` [K, R] (per rank, not cumulative)."""
+        if rank_accuracy.ndim != 2 or rank_accuracy.shape[0] < 1 or rank_accuracy.shape[1] < 1:
+            raise ValueError(f"rank_accuracy must be a [num_heads, top_k] table, got shape "
+                             f"{list(rank_accuracy.shape)}")
+        acc = rank_accuracy.double().clamp(0.0, 1.0).tolist()
+        return cls(lambda path, value, r: value * acc[len(path)][r], len(acc), len(acc[0]), "rank_accuracy")
+
+    @classmethod
+    def conditional(cls, ranks: torch.Tensor, top_k: int,
+                    prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> PathEstimate:
+        """The chained conditional probabilities of the joint rank table ``ranks`` [P, K] (see
+        ``conditional_tree_search``), ``prior_strength`` pseudo-positions of the product behind each."""
+        a = check_prior_strength(prior_strength)
+        acc = rank_accuracy_of(ranks, top_k).tolist()
+        # Counts of every prefix: with a target for the next head (m) and ending in a guessed rank (n).
+        with_next: dict[Path, int] = {}
+        ending: dict[Path, int] = {}
+        for row in ranks.tolist():
+            for d, r in enumerate(row):
+                if r < 0:  # no target for this head (nor for any deeper one: theirs lie further on)
+                    break
+                prefix = tuple(row[:d])
+                with_next[prefix] = with_next.get(prefix, 0) + 1
+                if r >= top_k:
+                    break
+                ending[prefix + (r,)] = ending.get(prefix + (r,), 0) + 1
+
+        def child_value(path: Path, value: float, r: int) -> float:
+            m, prior = with_next.get(path, 0), acc[len(path)][r]
+            q = prior if m + a == 0 else (ending.get(path + (r,), 0) + a * prior) / (m + a)
+            return value * q
+        return cls(child_value, ranks.shape[1], top_k, "ranks")
+
+    def search_sizes(self, sizes: Sequence[int]) -> dict[int, tuple[MedusaChoices, float]]:
+        """(tree, expected acceleration) of the greedy search for each size in ``sizes``, ascending.
+
+        The frontier holds every child of the current tree (rank 0..R-1 one level deeper, up to depth
+        K); each round moves its highest-valued node into the tree. Ties go to the shallower, then
+        lexicographically smaller path, so the result is deterministic. Stops early when every
+        possible node is in the tree, or when the best remaining node has expected acceptance 0 (it
+        would cost attention and compute and never be accepted). Nodes join in a fixed order, so the
+        tree of size n is the first n nodes of the largest one: one search gives every size.
+        """
+        if not sizes:
+            raise ValueError("sizes must hold at least one size")
+        for size in sizes:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"size must be an integer >= 1, got {size!r}")
+        frontier: dict[Path, float] = {(r,): self.child_value((), 1.0, r) for r in range(self.ranks)}
+        taken: list[tuple[Path, float]] = []  # (node, P(node)) in the order the search took them
+        while frontier and len(taken) < max(sizes):
+            path = min(frontier, key=lambda p: (-frontier[p], len(p), p))
+            value = frontier.pop(path)
+            if value <= 0.0:
+                break
+            taken.append((path, value))
+            if len(path) < self.num_heads:
+                for r in range(self.ranks):
+                    frontier[path + (r,)] = self.child_value(path, value, r)
+        results = {}
+        for n in sorted(set(sizes)):
+            expected = 1.0
+            for _, value in taken[:n]:
+                expected += value
+            results[n] = [list(p) for p, _ in sorted(taken[:n], key=lambda t: (len(t[0]), t[0]))], expected
+        return results
+
+    def search(self, size: int) -> tuple[MedusaChoices, float]:
+        """(tree, expected acceleration) of the greedy search for a ``size``-node tree."""
+        return self.search_sizes([size])[size]
+
+    def value(self, tree: Sequence[Sequence[int]]) -> float:
+        """``tree``'s expected acceleration, 1 + sum of P(node) (parents first in normalize_tree's order)."""
+        value: dict[Path, float] = {(): 1.0}
+        for path in normalize_tree(tree, self.num_heads):
+            if max(path) >= self.ranks:
+                raise ValueError(f"tree path {list(path)} uses a rank beyond the {self.ranks} in {self.source}")
+            value[path] = self.child_value(path[:-1], value[path[:-1]], path[-1])
+        return 1.0 + sum(v for p, v in value.items() if p)
 
 
 def expected_acceleration(tree: Sequence[Sequence[int]], rank_accuracy: torch.Tensor) -> float:
     """``1 + sum_nodes prod_j p_{j-1}(r_j)`` for ``rank_accuracy`` [K, R] (per-rank, not cumulative)."""
-    acc = _check_rank_accuracy(rank_accuracy)
-    return _tree_value(tree, lambda path, value, r: value * acc[len(path)][r], len(acc), len(acc[0]),
-                       "rank_accuracy")
+    return PathEstimate.independent(rank_accuracy).value(tree)
 
 
 def greedy_tree_search(rank_accuracy: torch.Tensor, size: int) -> tuple[MedusaChoices, float]:
     """Grow a ``size``-node tree greedily by expected acceptance; returns (tree, expected acceleration).
 
     rank_accuracy: [K, R] float, probability that head k's rank-r token is the right one (per rank:
-    a cumulative top-k table ``c`` converts with ``p[:, r] = c[:, r] - c[:, r - 1]``).
-    The frontier holds every child of the current tree (rank 0..R-1 one level deeper, up to depth
-    K); each round moves its highest-valued node into the tree. Ties go to the shallower, then
-    lexicographically smaller path, so the result is deterministic. Stops early when every possible
-    node (sum_{d<=K} R^d of them) is in the tree, or when the best remaining node has expected
-    acceptance 0 (it would cost attention and compute and never be accepted).
+    a cumulative top-k table ``c`` converts with ``p[:, r] = c[:, r] - c[:, r - 1]``). The search:
+    ``PathEstimate.search_sizes``.
     """
-    acc = _check_rank_accuracy(rank_accuracy)
-    _check_size(size)
-    return _grow(lambda path, value, r: value * acc[len(path)][r], len(acc), len(acc[0]), size)
+    return PathEstimate.independent(rank_accuracy).search(size)
 
 
-def _check_size(size: int) -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be an integer >= 1, got {size!r}")
+def rank_hits(ranks: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a joint rank table ``ranks`` [P, K] (see ``conditional_tree_search``): ``hits`` [K, top_k]
+    (positions where head k's rank-r guess was right) and ``scored`` [K] (positions with a target for head k)."""
+    _check_ranks(ranks, top_k)
+    return torch.stack([(ranks == r).sum(0) for r in range(top_k)], dim=1), (ranks >= 0).sum(0)
 
 
 def rank_accuracy_of(ranks: torch.Tensor, top_k: int) -> torch.Tensor:
     """[K, top_k] fp64 per-rank accuracy from a joint rank table ``ranks`` [P, K] (see
     ``conditional_tree_search``): the share of head k's scored positions where its rank-r guess is right."""
-    _check_ranks(ranks, top_k)
-    scored = (ranks >= 0).sum(0).clamp(min=1).double()  # [K]
-    hits = torch.stack([(ranks == r).sum(0) for r in range(top_k)], dim=1).double()  # [K, top_k]
-    return hits / scored[:, None]
+    hits, scored = rank_hits(ranks, top_k)
+    return hits.double() / scored.clamp(min=1).double()[:, None]
 
 
 def _check_ranks(ranks: torch.Tensor, top_k: int) -> None:
@@ -305,32 +361,6 @@ def _check_ranks(ranks: torch.Tensor, top_k: int) -> None:
         raise ValueError(f"ranks must lie in [-1, top_k={top_k}] (-1: no target, top_k: not in the top k)")
 
 
-def _conditional_value(ranks: torch.Tensor, top_k: int, prior_strength: float):
-    """``child_value`` of the conditional estimate (module docstring) for a joint rank table."""
-    if not (float(prior_strength) >= 0.0 and float(prior_strength) != float("inf")):
-        raise ValueError(f"prior_strength must be a finite number >= 0, got {prior_strength!r}")
-    acc = rank_accuracy_of(ranks, top_k).tolist()
-    # Counts of every prefix: with a target for the next head (m) and ending in a guessed rank (n).
-    with_next: dict[Path, int] = {}
-    ending: dict[Path, int] = {}
-    for row in ranks.tolist():
-        for d, r in enumerate(row):
-            if r < 0:  # no target for this head (nor for any deeper one: theirs lie further on)
-                break
-            prefix = tuple(row[:d])
-            with_next[prefix] = with_next.get(prefix, 0) + 1
-            if r >= top_k:
-                break
-            ending[prefix + (r,)] = ending.get(prefix + (r,), 0) + 1
-    a = float(prior_strength)
-
-    def child_value(path: Path, value: float, r: int) -> float:
-        m, prior = with_next.get(path, 0), acc[len(path)][r]
-        q = prior if m + a == 0 else (ending.get(path + (r,), 0) + a * prior) / (m + a)
-        return value * q
-    return child_value
-
-
 def conditional_tree_search(ranks: torch.Tensor, size: int, top_k: int,
                             prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> tuple[MedusaChoices, float]:
     """``greedy_tree_search`` on the heads' joint ranks: (tree, expected acceleration).
@@ -339,9 +369,7 @@ def conditional_tree_search(ranks: torch.Tensor, size: int, top_k: int,
     head k's guesses, top_k where it is not among the top ``top_k``, -1 where head k has no target
     there (past the end of the text). prior_strength: ``a`` of the module docstring.
     """
-    _check_size(size)
-    value = _conditional_value(ranks, top_k, prior_strength)
-    return _grow(value, ranks.shape[1], top_k, size)
+    return PathEstimate.conditional(ranks, top_k, prior_strength).search(size)
 
 
 def acceleration_by_size(sizes: Sequence[int], *, ranks: torch.Tensor | None = None,
@@ -349,29 +377,20 @@ def acceleration_by_size(sizes: Sequence[int], *, ranks: torch.Tensor | None = N
                          prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> dict[int, float]:
     """The expected acceleration of the searched tree of each size in ``sizes``: conditional on
     ``ranks`` [P, K] (``conditional_tree_search``), or independent on ``rank_accuracy`` [K, R]
-    (``greedy_tree_search``). The search adds nodes in a fixed order, so the tree of size n is the
-    first n nodes of the largest one: one search gives every size. For choosing a size: a bigger tree
-    accepts more but costs more per step once its nodes no longer ride free in the forward (large
-    batches; benchmarks/decode_speed.py)."""
-    if not sizes:
-        raise ValueError("sizes must hold at least one size")
-    for size in sizes:
-        _check_size(size)
+    (``greedy_tree_search``), from one search (``PathEstimate.search_sizes``). For choosing a size:
+    a bigger tree accepts more but costs more per step once its nodes no longer ride free in the
+    forward (large batches; benchmarks/decode_speed.py)."""
     if (ranks is None) == (rank_accuracy is None):
         raise ValueError("pass exactly one of ranks (conditional estimate) and rank_accuracy (independent)")
-    gains: list[float] = []
-    if ranks is not None:
-        _grow(_conditional_value(ranks, top_k, prior_strength), ranks.shape[1], top_k, max(sizes), gains)
-    else:
-        acc = _check_rank_accuracy(rank_accuracy)
-        _grow(lambda path, value, r: value * acc[len(path)][r], len(acc), len(acc[0]), max(sizes), gains)
-    return {n: 1.0 + sum(gains[:n]) for n in sorted(set(sizes))}
+    estimate = (PathEstimate.conditional(ranks, top_k, prior_strength) if ranks is not None
+                else PathEstimate.independent(rank_accuracy))
+    return {n: expected for n, (_, expected) in estimate.search_sizes(sizes).items()}
 
 
 def conditional_expected_acceleration(tree: Sequence[Sequence[int]], ranks: torch.Tensor, top_k: int,
                                       prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> float:
     """``tree``'s expected acceleration under the conditional estimate (``conditional_tree_search``)."""
-    return _tree_value(tree, _conditional_value(ranks, top_k, prior_strength), ranks.shape[1], top_k, "ranks")
+    return PathEstimate.conditional(ranks, top_k, prior_strength).value(tree)
 
 
 def prior_rank_accuracy(num_heads: int, top_k: int = DEFAULT_TOP_K) -> torch.Tensor:
