@@ -94,6 +94,25 @@ def test_patch_twice_and_unpatch_restore_everything():
     assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
 
 
+def test_unpatch_model_warns_while_the_module_patch_still_reaches_it():
+    # The README's sequence: patch("llama"), build, patch(model), unpatch(model). The fused loss is
+    # LlamaForCausalLM.forward itself, so only unpatch("llama") takes it out; unpatch(model) says so.
+    reference = build("llama")  # built before the module patch: plain HF classes
+    medusa_liger.patch("llama")
+    model = medusa_liger.patch(build("llama", state=reference.state_dict()))
+    with pytest.warns(UserWarning, match=r"still patched \(fused_loss, rms_norm, rope, swiglu\).*unpatch\('llama'\)"):
+        medusa_liger.unpatch(model)
+    ids, labels = batch()
+    with force_backend("torch"):
+        assert model(input_ids=ids, labels=labels).logits is None  # the class-level fused loss, still
+    medusa_liger.unpatch("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left to warn about
+        medusa_liger.unpatch(model)
+    got, want = model(input_ids=ids, labels=labels), reference(input_ids=ids, labels=labels)
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
+
+
 def test_rope_stays_while_any_patched_model_needs_it():
     mod = FAMILIES["mistral"].modeling_module()
     hf_rope = originals("mistral")["apply_rotary_pos_emb"]

@@ -173,6 +173,15 @@ def _unpatch_model(model: nn.Module) -> None:
             for root in roots:
                 state.rope_models.discard(root)
             _sync_rope(family(model_type))
+            if state.module_pieces:
+                # The module route's pieces reach this model through its classes (the fused loss is
+                # LlamaForCausalLM.forward itself): only unpatch(model_type) takes those out.
+                warnings.warn(
+                    f"unpatch(model): the {model_type!r} modeling module is still patched "
+                    f"({', '.join(sorted(state.module_pieces))}) by patch({model_type!r}), which this model "
+                    f"still uses (its fused loss among them); call medusa_liger.unpatch({model_type!r}) too",
+                    stacklevel=3,
+                )
 
 
 def _check_target(target: object) -> None:
