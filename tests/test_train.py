@@ -30,6 +30,8 @@ def test_tiny_run_end_to_end(tmp_path):
     out = Path(cfg.output_dir)
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 21))
+    # The final held-out evaluation is in the last step's record (and the summary), like the others.
+    assert records[-1]["eval/acc/head0"] == result.summary["eval/acc/head0"]
     assert {"loss", "lm_loss", "acc/lm", "acc/head0", "acc/head2", "tokens_per_s", "lr/heads"} <= set(records[0])
     first, last = sum(losses(out)[:3]) / 3, sum(losses(out)[-3:]) / 3
     assert last < first - 1.0, (first, last)  # the loss falls
@@ -87,6 +89,35 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
     assert len(losses(tmp_path / "killed")) == 5
     train(short_config(tmp_path / "killed", *extra, "train.resume=auto"))
     assert losses(tmp_path / "killed") == expected  # bit-exact, steps 1..8, no duplicates
+
+
+def test_resume_with_other_heads_is_refused_clearly_and_keeps_the_runs_config(tmp_path, capsys):
+    from medusa_liger.cli import main as medusa_liger_main
+    from medusa_liger.train.config import save_config
+
+    extra = ["train.steps=3", "checkpoint.every=3", "export.formats=[medusa]", "data.eval_fraction=0.0"]
+    cfg = short_config(tmp_path / "run", *extra)
+    train(cfg)
+    config_file = tmp_path / "run.yaml"
+    save_config(cfg, config_file)
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    assert medusa_liger_main(["train", str(config_file), "heads.num_heads=4", "train.steps=6",
+                              "train.resume=auto"]) == 2
+    error = capsys.readouterr().err
+    assert "resume error" in error and "heads.num_heads=3 there, 4 now" in error, error
+    assert (tmp_path / "run" / "config.yaml").read_text() == before  # still the checkpoints' config
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000003"]
+
+
+def test_too_little_data_for_a_micro_batch_is_a_data_error(tmp_path, capsys):
+    from medusa_liger.cli import main as medusa_liger_main
+    from medusa_liger.train.config import save_config
+
+    config_file = tmp_path / "run.yaml"
+    save_config(short_config(tmp_path / "run", "train.micro_batch_size=100000"), config_file)
+    assert medusa_liger_main(["train", str(config_file)]) == 2
+    error = capsys.readouterr().err
+    assert "data error" in error and "micro_batch_size" in error, error
 
 
 @pytest.mark.parametrize("out_of_vocab", [False, pytest.param(True, marks=pytest.mark.gpu)])
@@ -317,13 +348,13 @@ def test_label_smoothing_and_z_loss_reach_the_model(tmp_path):
 
 
 def test_periodic_held_out_evaluation_leaves_training_unchanged(tmp_path):
-    """train.eval_every logs eval/... with the step's metrics (the last step's come in the summary),
+    """train.eval_every logs eval/... with the step's metrics (the last step's too, also in the summary),
     draws the held-out rows only, and changes no training step: losses equal a run without it."""
     extra = ["train.steps=5", "checkpoint.every=0", "export.formats=[medusa]"]
     plain = train(short_config(tmp_path / "plain", *extra))
     evaluated = train(short_config(tmp_path / "evaluated", *extra, "train.eval_every=2"))
     records = read_metrics(tmp_path / "evaluated" / "metrics.jsonl")
-    assert [r["step"] for r in records if "eval/acc/head0" in r] == [2, 4]
+    assert [r["step"] for r in records if "eval/acc/head0" in r] == [2, 4, 5]
     assert all(0.0 <= r["eval/acc/head2"] <= 1.0 and r["eval/loss/head0"] > 0 for r in records if "eval/loss/head0" in r)
     assert losses(tmp_path / "evaluated") == losses(tmp_path / "plain")
     assert evaluated.summary["eval/acc/head0"] == plain.summary["eval/acc/head0"]

@@ -143,6 +143,26 @@ def save_checkpoint(
     return final
 
 
+class ResumeError(ValueError):
+    """A checkpoint this run cannot continue from (other heads, other trainable parameters)."""
+
+
+# The heads settings that shape the trainable tensors, by their config key: a resume must keep them.
+_HEADS_SHAPE_KEYS = {"num_heads": "heads.num_heads", "num_layers": "heads.num_layers",
+                     "shared_lm_head": "heads.shared_lm_head"}
+
+
+def check_resume_heads(saved: Any, current: Any, directory: str | Path) -> None:
+    """Raise ResumeError unless the checkpoint's heads (``saved``, a MedusaConfig) have the shape of
+    this run's (``current``): the same number of heads, blocks per head and projection sharing."""
+    changed = [f"{key}={getattr(saved, field)} there, {getattr(current, field)} now"
+               for field, key in _HEADS_SHAPE_KEYS.items() if getattr(saved, field) != getattr(current, field)]
+    if changed:
+        raise ResumeError(f"train.resume: checkpoint {str(directory)!r} was trained with other heads "
+                          f"({'; '.join(changed)}); keep those settings to resume, or start another run "
+                          "(another name=..., or train.resume=none to start this one afresh)")
+
+
 def load_checkpoint(
     directory: str | Path,
     named_params: dict[str, torch.Tensor],
@@ -153,23 +173,27 @@ def load_checkpoint(
     """Restore parameters, optimizer, scheduler and RNG (``rank``'s) from ``directory``; return its trainer state."""
     directory = Path(directory)
     if not (directory / STATE_FILE).is_file():
-        raise ValueError(f"train.resume: {str(directory)!r} is not a complete checkpoint (no {STATE_FILE})")
+        raise ResumeError(f"train.resume: {str(directory)!r} is not a complete checkpoint (no {STATE_FILE})")
     tensors = load_file(str(directory / "trainable.safetensors"))
     missing = sorted(set(named_params) - set(tensors))
     unexpected = sorted(set(tensors) - set(named_params))
     if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {str(directory)!r} does not match this model: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise ResumeError(
+            f"train.resume: checkpoint {str(directory)!r} does not match this model (was it trained with other "
+            f"train.mode or lora settings?): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     with torch.no_grad():
         for name, param in named_params.items():
             if tuple(tensors[name].shape) != tuple(param.shape):
-                raise ValueError(
-                    f"checkpoint {name} has shape {list(tensors[name].shape)}, model has {list(param.shape)}")
+                raise ResumeError(
+                    f"train.resume: checkpoint {name} has shape {list(tensors[name].shape)}, model has {list(param.shape)}")
             fsdp.copy_full_(param, tensors[name])  # this rank's shard where FSDP shards the parameter
     optimizer_state = torch.load(directory / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer_state, optimizer))
+    try:
+        optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer_state, optimizer))
+    except ValueError as error:  # torch's message names parameter groups, not settings
+        raise ResumeError(f"train.resume: the optimizer state of {str(directory)!r} does not fit this run's "
+                          f"parameters (other heads, mode or lora settings?): {error}") from error
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
     rng_path = directory / rng_file(rank)
     set_rng_state(torch.load(rng_path if rng_path.is_file() else directory / rng_file(0), weights_only=False))

@@ -17,7 +17,7 @@ import yaml
 
 EPILOG = """examples:
   medusa-liger train configs/tiny.yaml
-  medusa-liger train configs/tiny.yaml train.steps=200 train.lr=1e-3 heads.num_heads=4
+  medusa-liger train configs/tiny.yaml name=tiny4 train.steps=200 train.lr=1e-3 heads.num_heads=4
   medusa-liger train configs/llama3-8b-medusa1.yaml data.paths=[my_chats.jsonl] train.resume=auto
 
 data parallel over 8 GPUs (each rank reads its own rows; rank 0 logs, checkpoints and exports):
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         yaml.safe_dump(cfg.to_dict(), sys.stdout, sort_keys=False)
         return 0
+    from medusa_liger.train.checkpoint import ResumeError
     from medusa_liger.train.data import DataError
     from medusa_liger.train.loop import train
 
@@ -55,5 +56,8 @@ def run(args: argparse.Namespace) -> int:
         train(cfg)
     except DataError as error:  # unusable data files: the user's input, reported without a traceback
         print(f"medusa-liger train: data error: {error}", file=sys.stderr)
+        return 2
+    except ResumeError as error:  # a checkpoint this config cannot continue from, likewise
+        print(f"medusa-liger train: resume error: {error}", file=sys.stderr)
         return 2
     return 0  # any other exception is a bug (or a failure mid-run): it propagates with its traceback

@@ -73,6 +73,7 @@ from medusa_liger.train.build import (
     trainable_parameters,
 )
 from medusa_liger.train.checkpoint import (
+    check_resume_heads,
     delete_old_checkpoints,
     find_resume_checkpoint,
     load_checkpoint,
@@ -279,7 +280,6 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     main = distributed.is_main()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / CONFIG_FILE)
     amp = autocast_dtype(cfg, device)
 
     # Data and model (the tiny tokenizer is trained on the same examples the run trains on).
@@ -300,8 +300,9 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
     with data_errors():
         train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
-    loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed,
-                          rank=distributed.rank(), world_size=distributed.world_size())
+    with data_errors():  # e.g. fewer packed rows than a micro-batch
+        loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed,
+                              rank=distributed.rank(), world_size=distributed.world_size())
     model = build_medusa(cfg, backbone)
     if cfg.train.fsdp:  # every rank's shards filled from rank 0's tensors
         fsdp_units = fsdp.shard_model(model, device)
@@ -322,13 +323,17 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     other_params = {name: p for name, p in params.items() if not name.startswith("heads.")}
 
     if resume_dir is not None:
+        saved_heads = read_heads(resume_dir / CHECKPOINT_HEADS_DIR)
+        check_resume_heads(saved_heads.config, model.config, resume_dir)  # a clear error before any state loads
         state = load_checkpoint(resume_dir, other_params, optimizer, scheduler, rank=distributed.rank())
         with torch.no_grad():
-            fsdp.load_module_(model.heads, read_heads(resume_dir / CHECKPOINT_HEADS_DIR).tensors)
+            fsdp.load_module_(model.heads, saved_heads.tensors)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         loader.load_state_dict(state["data"])
     elif ckpt_root.is_dir() and main:  # a fresh start: another run's checkpoints go (with a warning)
         delete_old_checkpoints(ckpt_root)
+    if main:  # only now: a resume refused above leaves the run's config.yaml as its checkpoints were made
+        save_config(cfg, out / CONFIG_FILE)
     _, baseline = most_common_target_frequency(train_data, 2)
 
     logger = MetricsLogger(out, cfg.train.steps, start_step, wandb_mode=cfg.logging.wandb,
@@ -362,13 +367,16 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             if device.type == "cuda":  # the allocator's own counter: a host read, no device sync
                 metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             done = step + 1
-            # Held-out metrics along the way (every rank evaluates: FSDP gathers in lockstep); the last
-            # step's come once, after the loop. Evaluation draws no random numbers, so resuming stays exact.
-            every = cfg.train.eval_every
-            if eval_data is not None and every and done % every == 0 and done < cfg.train.steps:
+            # Held-out metrics along the way and at the last step, in that step's record (every rank
+            # evaluates: FSDP gathers in lockstep). Evaluation draws no random numbers, so resuming stays exact.
+            last = done == cfg.train.steps
+            if eval_data is not None and (last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)):
+                if last:
+                    _set_stage(model, cfg, done)  # the finished model's stage (joint: with its lm metrics)
                 metrics.update(evaluate(model, eval_data, cfg.train.micro_batch_size, device, amp))
-                logger.write(f"step {done}: held-out top-1 " + ", ".join(
-                    f"head{k} {metrics[f'eval/acc/head{k}']:.4f}" for k in range(cfg.heads.num_heads)))
+                if not last:  # the last one is in the summary
+                    logger.write(f"step {done}: held-out top-1 " + ", ".join(
+                        f"head{k} {metrics[f'eval/acc/head{k}']:.4f}" for k in range(cfg.heads.num_heads)))
             logger.log(done, metrics)
             if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
                 rng_states = distributed.all_gather_objects(rng_state())  # each rank resumes its own streams
@@ -387,7 +395,12 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 distributed.barrier()  # the checkpoint is complete before any rank goes on
         _set_stage(model, cfg, cfg.train.steps)
         model.eval()
-        eval_metrics = {} if eval_data is None else evaluate(model, eval_data, cfg.train.micro_batch_size, device, amp)
+        if eval_data is None:
+            eval_metrics = {}
+        elif start_step < cfg.train.steps:  # the loop's last step evaluated the finished model
+            eval_metrics = {key: value for key, value in metrics.items() if key.startswith("eval/")}
+        else:  # resumed from the last checkpoint: nothing left to train
+            eval_metrics = evaluate(model, eval_data, cfg.train.micro_batch_size, device, amp)
         final, summary, paths = out / FINAL_DIR, {}, {}
         if fsdp_units:  # exports read a plain copy that rank 0 builds on the CPU
             optimizer.state.clear()  # no step follows: free the sharded AdamW state first
