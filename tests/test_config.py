@@ -12,6 +12,7 @@ from medusa_liger.train.config import Config, apply_overrides, config_from_dict,
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+TINY = ROOT / "configs" / "tiny.yaml"
 
 
 def test_shipped_configs_load_and_validate():
@@ -48,6 +49,19 @@ def test_overrides_are_typed_and_nested():
     assert cfg.train.max_grad_norm is None
 
 
+def test_override_spellings_users_type():
+    cfg = load_config(TINY, ["model.dtype=bf16", "export.dtype=fp16", "train.master_dtype=fp32",
+                             "data.paths=medusa_liger/data/pydoc_text.jsonl"])
+    assert (cfg.model.dtype, cfg.export.dtype, cfg.train.master_dtype) == ("bfloat16", "float16", "float32")
+    assert cfg.data.paths == ["medusa_liger/data/pydoc_text.jsonl"]  # one path, no [...] needed
+    with pytest.raises(ValueError, match=r"logging.wandb must be one of .* got False \(YAML reads yes/no/on/off"):
+        load_config(TINY, ["logging.wandb=off"])
+    with pytest.raises(ValueError, match=r"train.resume must be a string, got True \(YAML reads"):
+        load_config(TINY, ["train.resume=yes"])
+    with pytest.raises(ValueError, match=r"model.dtype must be one of .* got 'bf8'$"):
+        load_config(TINY, ["model.dtype=bf8"])
+
+
 def test_defaults_without_a_file():
     cfg = load_config(None)
     assert isinstance(cfg, Config) and cfg.output_dir == str(Path("runs") / "run")
@@ -63,7 +77,7 @@ def test_defaults_without_a_file():
         ("heads.num_heads=2.5", "heads.num_heads"),         # float for int
         ("heads.shared_lm_head=maybe", "heads.shared_lm_head"),
         ("train.mode=medusa3", "train.mode"),               # not one of the choices
-        ("data.paths=file.jsonl", "data.paths"),            # a string where a list is expected
+        ("export.formats=onnx", "export.formats[0]"),       # one item, not one of the choices
         ("train.betas=[0.9]", "train.betas"),
         ("heads.num_heads=0", "heads.num_heads"),           # impossible values
         ("train.steps=0", "train.steps"),

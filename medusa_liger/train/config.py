@@ -212,8 +212,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(key: str, value: Any, tp: Any) -> Any:
-    """``value`` checked against (and lightly coerced to) the annotation ``tp``; ValueError names key."""
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def _yaml_bool_hint(value: Any) -> str:
+    """YAML reads yes/no/on/off as booleans: say so where a string was expected and one came."""
+    return " (YAML reads yes/no/on/off as true/false: quote a string, e.g. key='off')" if isinstance(value, bool) else ""
+
+
+def _convert(key: str, value: Any, tp: Any, one_item_lists: bool = True) -> Any:
+    """``value`` checked against (and lightly coerced to) the annotation ``tp``; ValueError names key.
+    ``one_item_lists``: a string stands for a one-item list of strings (off inside unions, where
+    ``str | list[str]`` keeps a string as it is)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -222,18 +232,23 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
-                return _convert(key, value, option)
+                return _convert(key, value, option, one_item_lists=False)
             except ValueError:
                 continue
         raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        options = typing.get_args(tp)
+        if isinstance(value, str) and DTYPE_ALIASES.get(value) in options:
+            return DTYPE_ALIASES[value]  # bf16 -> bfloat16, as the CLIs' --dtype accepts
+        if value not in options:
+            raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}{_yaml_bool_hint(value)}")
         return value
     if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if one_item_lists and item_type is str and isinstance(value, str):
+            value = [value]  # data.paths=chats.jsonl: one item
         if not isinstance(value, list):
             raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}")
-        (item_type,) = typing.get_args(tp)
         return [_convert(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
     if tp is type(None):
         if value is not None:
@@ -259,7 +274,7 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}")
+            raise ValueError(f"{key} must be a string, got {value!r}{_yaml_bool_hint(value)}")
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in the schema, not input
 
