@@ -78,6 +78,8 @@ def test_defaults_without_a_file():
         ("heads.shared_lm_head=maybe", "heads.shared_lm_head"),
         ("train.mode=medusa3", "train.mode"),               # not one of the choices
         ("export.formats=onnx", "export.formats[0]"),       # one item, not one of the choices
+        ("model.name_or_path=runs/tiny/final/backbon", "model.name_or_path"),  # a local path, not there
+        ("model.name_or_path=./no-such-model", "model.name_or_path"),
         ("train.betas=[0.9]", "train.betas"),
         ("heads.num_heads=0", "heads.num_heads"),           # impossible values
         ("train.steps=0", "train.steps"),

@@ -315,7 +315,11 @@ def validate(cfg: Config) -> Config:
              f"a divisor of num_attention_heads={m.num_attention_heads}")
     _require(m.intermediate_size >= 1, "model.tiny.intermediate_size", m.intermediate_size, ">= 1")
     _require(m.vocab_size >= 300, "model.tiny.vocab_size", m.vocab_size, ">= 300 (256 bytes + merges + specials)")
-    if cfg.model.name_or_path == "tiny":
+    name = cfg.model.name_or_path
+    if name != "tiny" and (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # a hub id is org/name
+        _require(Path(name).expanduser().is_dir(), "model.name_or_path", name,
+                 "'tiny', a hub name (org/name) or an existing directory")
+    if name == "tiny":
         _require(m.max_position_embeddings >= d.seq_len, "model.tiny.max_position_embeddings",
                  m.max_position_embeddings, f">= data.seq_len={d.seq_len}")
     _require(cfg.lora.r >= 1, "lora.r", cfg.lora.r, ">= 1")

@@ -113,8 +113,9 @@ def format_summary(summary: dict[str, Any], paths: dict[str, Path], num_heads: i
     if "eval/acc/head0" in summary:
         accs = ", ".join(f"head{k} {fmt(summary[f'eval/acc/head{k}'])}" for k in range(num_heads))
         lines.append(f"held-out top-1 accuracy: {accs} "
-                     f"(most common token: {fmt(summary['eval/most_common_token_frequency'])})")
-    lines.append(f"baseline, head0 always predicting the most common token: "
+                     f"(head0 always predicting the most common token there: "
+                     f"{fmt(summary['eval/most_common_token_frequency'])})")
+    lines.append(f"baseline on the training rows, head0 always predicting the most common token: "
                  f"{fmt(summary['most_common_token_frequency'])}")
     lines.extend(f"{name}: {path}" for name, path in paths.items())
     return "\n".join(lines)
