@@ -194,7 +194,7 @@ def test_cli_exports_master_heads_in_the_recorded_serving_dtype(tmp_path):
     assert {t.dtype for t in load_file(str(tmp_path / "kept" / weights)).values()} == {torch.float32}
 
 
-def test_cli_reads_the_training_loops_final_layout(tmp_path):
+def test_cli_reads_the_training_loops_final_layout(tmp_path, capsys):
     """final/heads_medusa/ with the (jointly trained) backbone beside it in final/backbone/."""
     from medusa_liger.heads.export import write_backbone
 
@@ -208,6 +208,11 @@ def test_cli_reads_the_training_loops_final_layout(tmp_path):
     assert torch.equal(tensors["lm_heads.0.weight"], model.lm_head.weight.detach().to(torch.bfloat16))
     loaded = MedusaModel.from_pretrained(tmp_path / "out")
     assert loaded.lm_head.weight.dtype == torch.bfloat16 and loaded.config.mode == "joint"
+    # The run's directory itself (as eval and generate take it) finds final/ inside.
+    assert run_cli("--checkpoint", str(tmp_path), "--output", str(tmp_path / "run"), "--format", "medusa") == 0
+    assert "heads in the medusa format and the backbone" in capsys.readouterr().out
+    assert (tmp_path / "run" / "backbone" / "config.json").is_file()
+    assert_same_heads(model, MedusaModel.from_pretrained(tmp_path / "run"))
     assert run_cli("--checkpoint", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")) == 1
 
 

@@ -7,8 +7,8 @@ Without ``--dtype`` the heads are written in the serving dtype recorded when the
 backbone's; a training checkpoint's heads are fp32 master weights), or as saved where none is recorded.
 
 ``--checkpoint`` is a heads directory in either format (what ``MedusaModel.save_heads`` writes), or
-a run's directory holding one in ``heads/`` or ``heads_medusa/``/``heads_vllm/`` (the training loop's
-final output). A ``backbone/`` directory in or beside it (joint training) is exported with the heads. ``--backbone`` names the base model to check the heads against; it is
+a directory holding one in ``heads/`` (a training checkpoint), ``heads_medusa/``/``heads_vllm/`` (the
+training loop's final output) or ``final/heads_medusa/`` (a run's directory). A ``backbone/`` directory in or beside it (joint training) is exported with the heads. ``--backbone`` names the base model to check the heads against; it is
 needed for the vllm format in shared mode, which stores the backbone's lm_head. With ``both``, the
 formats go to ``OUTPUT/medusa`` and ``OUTPUT/vllm``.
 """
@@ -36,15 +36,17 @@ from medusa_liger.heads.export import (
     write_backbone,
     write_heads,
 )
-from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, final_heads_dir
+from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, FINAL_DIR, final_heads_dir
 
 EXPORT_FORMATS = ("medusa", "vllm", "both")
 EXPORT_DTYPES = tuple(DTYPES)  # bf16 / bfloat16, fp16 / float16, fp32 / float32 alike
 
 
 # Where a heads directory may sit inside a run's directory: the directory itself, a checkpoint's
-# ``heads/``, or the ``heads_<format>/`` directories the training loop writes in its final output.
-HEADS_SUBDIRS = ("", CHECKPOINT_HEADS_DIR, *(final_heads_dir(format) for format in FORMATS))
+# ``heads/``, or the ``heads_<format>/`` directories the training loop writes in its final output
+# (given that output, or the run's directory).
+HEADS_SUBDIRS = ("", CHECKPOINT_HEADS_DIR, *(final_heads_dir(format) for format in FORMATS),
+                 *(f"{FINAL_DIR}/{final_heads_dir(format)}" for format in FORMATS))
 
 
 def find_heads_dir(checkpoint_dir: str | Path) -> Path:
@@ -76,7 +78,8 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
     """
     heads_dir = find_heads_dir(checkpoint_dir)
     ckpt = read_heads(heads_dir)
-    saved = next((d for d in (heads_dir / BACKBONE_SUBDIR, Path(checkpoint_dir) / BACKBONE_SUBDIR) if d.is_dir()), None)
+    beside = heads_dir.parent if heads_dir != Path(checkpoint_dir) else heads_dir  # the run's final/, a checkpoint
+    saved = next((d for d in (heads_dir / BACKBONE_SUBDIR, beside / BACKBONE_SUBDIR) if d.is_dir()), None)
     source = backbone if backbone is not None else saved
     if source is not None:
         model = load_backbone(source)
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"medusa-liger export: error: {error}", file=sys.stderr)
         return 1
-    for path in written:
-        print(f"wrote {path}")
+    for path, format in zip(written, formats, strict=True):
+        with_backbone = " and the backbone" if (path / BACKBONE_SUBDIR).is_dir() else ""
+        print(f"wrote {path}: heads in the {format} format{with_backbone}")
     return 0
