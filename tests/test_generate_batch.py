@@ -51,7 +51,7 @@ def test_random_heads_batch_matches_batch_one(tree):
 
 
 @pytest.mark.parametrize("noise", [0.0, 2.0])
-def test_trained_heads_batch_matches_batch_one_at_every_acceptance_length(trained, noise):
+def test_trained_heads_batch_matches_batch_one_at_every_acceptance_length(trained, noise):  # noqa: F811
     model, perm = trained
     # Noisy heads (as in test_generate.py) accept paths of every length, so sequences drift apart.
     model = randomize_heads_(copy.deepcopy(model), noise, seed=5) if noise else model
@@ -65,7 +65,7 @@ def test_trained_heads_batch_matches_batch_one_at_every_acceptance_length(traine
         assert max(counts) == 5  # whole paths (the default tree's depth 4, plus the root)
 
 
-def test_eos_and_budget_finish_sequences_independently(trained):
+def test_eos_and_budget_finish_sequences_independently(trained):  # noqa: F811
     model, perm = trained
     g = torch.Generator().manual_seed(2)
     prompts = [chain_batch(perm, g, 1, 4, 0.0)[0] for _ in range(3)]
@@ -98,7 +98,7 @@ def test_typical_acceptance():
 
 
 @pytest.mark.parametrize("seeds", [9, [5, 1, 5, 30]])
-def test_typical_acceptance_samples_what_each_sequence_samples_alone(trained, seeds):
+def test_typical_acceptance_samples_what_each_sequence_samples_alone(trained, seeds):  # noqa: F811
     """Each sequence has its own generator: with seed s + b (or seeds[b]) it draws what batch-1
     decoding with that seed draws, whatever the others accept or when they finish."""
     model, perm = trained
@@ -156,7 +156,7 @@ def test_bad_prompts_are_refused():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_batched_decoding(trained, dtype):
+def test_gpu_batched_decoding(trained, dtype):  # noqa: F811
     model = copy.deepcopy(trained[0]).to("cuda", dtype)
     g = torch.Generator().manual_seed(2)
     prompts = [chain_batch(trained[1], g, 1, n, 0.5)[0] for n in (6, 2, 11, 6)]
@@ -168,7 +168,7 @@ def test_gpu_batched_decoding(trained, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_batched_typical_acceptance(trained):
+def test_gpu_batched_typical_acceptance(trained):  # noqa: F811
     # CUDA generators: each sequence draws from its own, as batch-1 decoding with its seed does (fp32).
     model = randomize_heads_(copy.deepcopy(trained[0]), 1.0, seed=3).to("cuda")
     g = torch.Generator().manual_seed(8)

@@ -49,9 +49,11 @@ def test_cli(run_dir, capsys):
         assert main(typical) == 0, capsys.readouterr().err
         replies.append(capsys.readouterr().out)
     assert replies[0] == replies[1]
-    # Errors name what is wrong and exit with 2.
-    for bad, message in (([*typical, "--compare-greedy"], "--compare-greedy compares greedy"),
-                         (["generate", str(run_dir / "nowhere"), "--prompt", "x"], "not a directory"),
+    # Errors name what is wrong and exit with 2 (flags that do not go together: a usage error).
+    with pytest.raises(SystemExit) as exit_info:
+        main([*typical, "--compare-greedy"])
+    assert exit_info.value.code == 2 and "--compare-greedy compares greedy" in capsys.readouterr().err
+    for bad, message in ((["generate", str(run_dir / "nowhere"), "--prompt", "x"], "not a directory"),
                          ([*args, "--tree", str(run_dir / "none.json")], "does not exist")):
         assert main(bad) == 2
         assert message in capsys.readouterr().err

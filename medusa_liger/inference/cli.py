@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,17 @@ from medusa_liger.heads.export import (  # one table of dtype names for every CL
     DTYPES,
     parse_dtype,
 )
+from medusa_liger.inference import cli_args
+from medusa_liger.inference.cli_args import POSITIVE_INT, Given, number
 from medusa_liger.inference.evaluate import (
     BASELINE,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_NUM_PROMPTS,
     DEFAULT_TEMPERATURE,
+    ROUGH_INTERVAL_PROMPTS,
     evaluate_heads,
 )
-from medusa_liger.inference.prompts import default_prompts_file, load_prompts
+from medusa_liger.inference.prompts import check_prompts_source, default_prompts_file, load_prompts
 from medusa_liger.inference.tree import DEFAULT_PRIOR_STRENGTH, DEFAULT_TOP_K, DEFAULT_TREE_SIZE, TREE_SEARCHES
 from medusa_liger.records import load_json_list
 from medusa_liger.run_layout import (
@@ -143,16 +147,27 @@ def evaluate_run(
     """
     if isinstance(tree, (str, Path)):
         tree = load_tree(tree)
+    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+        raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
+    if prompts is not None:  # a missing file fails before the model loads
+        try:
+            check_prompts_source(prompts)
+        except ValueError as error:
+            raise ValueError(f"--prompts: {error}") from None
     backbone_path, heads_dir = resolve_paths(run_dir, backbone, heads)
     if output_dir is None:
         output_dir = Path(run_dir) / "eval" if run_dir is not None else Path("eval")
     model, tokenizer = load_medusa(backbone_path, heads_dir, device=device, dtype=dtype,
                                    attn_implementation=attn_implementation)
+    given_prompts = prompts is not None
     if prompts is None:
         held_out = None if run_dir is None else Path(run_dir) / EVAL_PROMPTS_FILE
         prompts = held_out if held_out is not None and held_out.is_file() else default_prompts_file()
     prompts_source = str(prompts)
-    prompt_ids = load_prompts(prompts_source, tokenizer, num_prompts, split=prompts_split)
+    try:
+        prompt_ids = load_prompts(prompts_source, tokenizer, num_prompts, split=prompts_split)
+    except ValueError as error:  # name the argument a user passed
+        raise ValueError(f"--prompts: {error}" if given_prompts else str(error)) from error
     # Keep prompts that leave room for the continuation inside the model's context.
     limit = getattr(model.backbone.config, "max_position_embeddings", None)
     if limit is not None:
@@ -178,7 +193,12 @@ def load_tree(path: str | Path) -> list[list[int]]:
     return load_json_list(path, "a tree file must hold a list of paths (lists of ranks)")
 
 
+# Flags that only --acceptance typical reads (greedy decoding would ignore them).
+TYPICAL_FLAGS = ("--temperature", "--posterior-threshold", "--posterior-alpha", "--seed")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli_args.setup(parser)
     parser.add_argument("run_dir", nargs="?", default=None,
                         help="training output directory (uses final/backbone and final/heads_medusa)")
     parser.add_argument("--backbone", default=None, help="backbone checkpoint (HF directory or hub name)")
@@ -188,10 +208,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a text file with one prompt a line, or a hub dataset name (default: RUN_DIR/"
                              f"{EVAL_PROMPTS_FILE}, the run's held-out documents, else the shipped pydoc_chat.jsonl)")
     parser.add_argument("--prompts-split", default="train",
-                        help="split of a hub dataset given as --prompts (use one the heads did not train on)")
-    parser.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS, help="prompts to use (first N)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="tokens per prompt")
-    parser.add_argument("--tree-size", type=int, default=DEFAULT_TREE_SIZE, help="nodes of the searched tree")
+                        help="split of a hub dataset given as --prompts: train by default, but pick one the "
+                             "heads did not train on (e.g. test) for an unbiased number")
+    parser.add_argument("--num-prompts", type=POSITIVE_INT, default=DEFAULT_NUM_PROMPTS,
+                        help="prompts to use (first N)")
+    parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=DEFAULT_MAX_NEW_TOKENS, help="tokens per prompt")
+    parser.add_argument("--tree-size", type=POSITIVE_INT, default=DEFAULT_TREE_SIZE, help="nodes of the searched tree")
     parser.add_argument("--tree", default=None,
                         help="measure this tree instead: a JSON file with a medusa_choices list (e.g. an earlier "
                              "eval's tree.json, or the one your serving engine uses); --tree-size is then unused")
@@ -199,30 +221,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how a path's acceptance is estimated: conditional (from the heads' joint ranks on the "
                              "prompts: heads tend to be right together) or independent (the Medusa paper's product "
                              "of per-head accuracies)")
-    parser.add_argument("--prior-strength", type=float, default=DEFAULT_PRIOR_STRENGTH,
-                        help="conditional search: pseudo-positions of the independent estimate behind each "
-                             "conditional one (rare paths lean on it)")
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="ranks per head in the accuracy table")
+    parser.add_argument("--prior-strength", type=number(float, minimum=0), default=DEFAULT_PRIOR_STRENGTH,
+                        action=Given, help="conditional search: pseudo-positions of the independent estimate behind "
+                                           "each conditional one (rare paths lean on it)")
+    parser.add_argument("--top-k", type=POSITIVE_INT, default=DEFAULT_TOP_K,
+                        help="ranks per head in the accuracy table")
     parser.add_argument("--output", default=None, help="output directory (default: RUN_DIR/eval)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
                         help="attention implementation (both take Medusa's tree mask)")
-    parser.add_argument("--batch-size", type=int, default=1,
-                        help="also measure Medusa against greedy over batches of this many prompts (> 1)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=1,
+                        help="also measure Medusa against greedy over batches of this many prompts (> 1; at most "
+                             "the number of prompts)")
     parser.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"],
                         help="greedy: lossless, against plain greedy decoding; typical: sampling at --temperature "
                              "with typical acceptance, against plain sampling")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+    parser.add_argument("--temperature", type=number(float, above=0), default=DEFAULT_TEMPERATURE, action=Given,
                         help="sampling temperature of --acceptance typical")
-    parser.add_argument("--posterior-threshold", type=float, default=0.09,
+    parser.add_argument("--posterior-threshold", type=number(float, above=0, maximum=1), default=0.09, action=Given,
                         help="typical acceptance's epsilon (the largest probability a candidate must reach)")
-    parser.add_argument("--posterior-alpha", type=float, default=0.3,
+    parser.add_argument("--posterior-alpha", type=number(float, above=0), default=0.3, action=Given,
                         help="typical acceptance's entropy factor (threshold alpha * exp(-entropy) below epsilon)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed of --acceptance typical (prompt i: seed + i)")
+    parser.add_argument("--seed", type=int, default=0, action=Given,
+                        help="sampling seed of --acceptance typical (prompt i: seed + i)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Usage errors the parser cannot see flag by flag, before anything loads."""
+    cli_args.check_needs(args, TYPICAL_FLAGS, "--acceptance typical", args.acceptance == "typical")
+    cli_args.check_needs(args, ["--prior-strength"], "--tree-search conditional", args.tree_search == "conditional")
+    if args.prompts is not None:
+        try:
+            check_prompts_source(args.prompts)
+        except ValueError as error:
+            cli_args.error(args, f"--prompts: {error}")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     try:
         report = evaluate_run(
             args.run_dir, backbone=args.backbone, heads=args.heads, prompts=args.prompts,
@@ -241,25 +278,39 @@ def run(args: argparse.Namespace) -> int:
     print(f"tree{' (given)' if tree['source'] == 'given' else ''}: {tree['size']} nodes, depth {tree['max_depth']}, "
           f"estimated acceleration {tree['estimated_acceleration']:.2f} ({tree['estimate']}; independent heads: "
           f"{tree['estimated_acceleration_independent']:.2f})")
-    print("estimated acceleration of the searched tree by size: "
+    searched = "the searched tree by size" if tree["source"] == "search" else \
+        "searched trees by size (for comparison with the given tree)"
+    print(f"estimated acceleration of {searched}: "
           + ", ".join(f"{n}: {a:.2f}" for n, a in tree["estimated_acceleration_by_size"].items()))
-    interval = measured["acceleration_rate_ci95"]
-    spread = "" if interval is None else \
-        f" (95% interval over {report['num_prompts']} prompts: {interval[0]:.2f}-{interval[1]:.2f})"
-    decoding = report["decoding"]
-    how = "" if decoding["acceptance"] == "greedy" else \
-        f" (typical acceptance at temperature {decoding['temperature']:g})"
-    print(f"measured{how}: acceleration {measured['acceleration_rate']:.2f} tokens/step{spread}, "
-          f"{_speedup(measured, decoding['acceptance'])}")
+    print(f"measured{_how(report['decoding'])}: acceleration {measured['acceleration_rate']:.2f} tokens/step"
+          f"{interval_text(measured['acceleration_rate_ci95'], report['num_prompts'])}, "
+          f"{_speedup(measured, report['decoding']['acceptance'])}")
     histogram = measured["tokens_per_step_histogram"]
     steps = sum(histogram.values())
     print("tokens per step: " + ", ".join(f"{n}: {count / steps:.0%}" for n, count in histogram.items()))
     batched = report.get("measured_batched")
     if batched:
-        print(f"measured at batch {batched['batch_size']}: acceleration {batched['acceleration_rate']:.2f} "
-              f"tokens/step, {_speedup(batched, decoding['acceptance'])}")
+        fewer = "" if batched["batch_size"] == batched["requested_batch_size"] else \
+            f" (--batch-size {batched['requested_batch_size']}, but only {report['num_prompts']} prompts)"
+        print(f"measured at batch {batched['batch_size']}{fewer}: acceleration {batched['acceleration_rate']:.2f} "
+              f"tokens/step, {_speedup(batched, report['decoding']['acceptance'])}")
     print(f"wrote {report['files']['report']}, {report['files']['tree']}, {report['files']['heatmap']}")
     return 0
+
+
+def _how(decoding: dict[str, Any]) -> str:
+    """'' (greedy) or ' (typical acceptance at temperature T)'."""
+    if decoding["acceptance"] == "greedy":
+        return ""
+    return f" (typical acceptance at temperature {decoding['temperature']:g})"
+
+
+def interval_text(interval: Sequence[float] | None, num_prompts: int) -> str:
+    """' (95% interval over N prompts: A to B)', marked rough below ROUGH_INTERVAL_PROMPTS prompts."""
+    if interval is None:
+        return ""
+    rough = f", rough with fewer than {ROUGH_INTERVAL_PROMPTS}" if num_prompts < ROUGH_INTERVAL_PROMPTS else ""
+    return f" (95% interval over {num_prompts} prompts{rough}: {interval[0]:.2f} to {interval[1]:.2f})"
 
 
 def _speedup(measured: dict[str, Any], acceptance: str) -> str:

@@ -119,6 +119,8 @@ def parse_shard(text: str) -> tuple[int, int]:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
         raise ValueError(f"--shard must look like I/N (e.g. 0/8), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard I/N needs 0 <= I < N, got {text!r}")
     return index, count
 
 
@@ -305,7 +307,9 @@ def self_distill(
 
 def add_arguments(parser) -> None:
     from medusa_liger.heads.export import DTYPES
+    from medusa_liger.inference.cli_args import POSITIVE_INT, number, setup
 
+    setup(parser)
     defaults = DistillSettings()
     engine = parser.add_mutually_exclusive_group(required=True)
     engine.add_argument("--backbone", help="causal LM to answer with, in this process (HF directory or hub name)")
@@ -315,27 +319,31 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="train", help="split of a hub dataset")
     parser.add_argument("--output", required=True, help="JSONL file to write (resumed when it exists)")
     parser.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming it")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens per answer at most")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling when temperature > 0")
+    parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=defaults.max_new_tokens,
+                        help="tokens per answer at most")
+    parser.add_argument("--temperature", type=number(float, minimum=0), default=defaults.temperature,
+                        help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-p", type=number(float, above=0, maximum=1), default=defaults.top_p,
+                        help="nucleus sampling when temperature > 0")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
     parser.add_argument("--turns", choices=TURNS, default=defaults.turns,
                         help="regenerate every assistant turn (all) or keep conversations up to their first (first)")
     parser.add_argument("--chat-template", choices=["auto", "builtin"], default=defaults.chat_template,
                         help="the tokenizer's own chat template (auto) or medusa-liger's built-in one")
-    parser.add_argument("--text-prompt-tokens", type=int, default=defaults.text_prompt_tokens,
+    parser.add_argument("--text-prompt-tokens", type=POSITIVE_INT, default=defaults.text_prompt_tokens,
                         help="leading tokens of a text record kept as its prompt")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompts per generate call")
-    parser.add_argument("--block-records", type=int, default=defaults.block_records,
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=defaults.batch_size,
+                        help="prompts per generate call")
+    parser.add_argument("--block-records", type=POSITIVE_INT, default=defaults.block_records,
                         help="records generated between writes to the output (the unit of a resume)")
-    parser.add_argument("--num-records", type=int, default=None, help="use only the first N records")
+    parser.add_argument("--num-records", type=POSITIVE_INT, default=None, help="use only the first N records")
     parser.add_argument("--shard", default="0/1", help="I/N: this process takes records I, I+N, I+2N, ...")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
     parser.add_argument("--server-model", default=None, help="served model name (default: the first the server lists)")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                         help="bearer token for the server (default: $OPENAI_API_KEY)")
-    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight to the server")
+    parser.add_argument("--concurrency", type=POSITIVE_INT, default=64, help="requests in flight to the server")
 
 
 def run(args) -> int:

@@ -14,10 +14,12 @@
    acceleration rate = new tokens / decoding steps, speedup = greedy wall time / Medusa wall time,
    and how many prompts decoded identically (greedy Medusa is lossless up to float rounding). The
    acceleration rate comes with a 95% interval over prompts (``ratio_interval``): a few prompts give
-   a noisy number, and the interval says how noisy. One prompt at a time (the single-stream
-   speedup); with ``batch_size`` B > 1 also ``measured_batched``: both decodings over batches of B
-   prompts (``medusa_generate_batch``; greedy as the empty tree), so the speedup at batch B, where
-   the verification forward's extra tokens are no longer free. With ``acceptance="typical"`` both
+   a noisy number, and the interval says how noisy (its ends clamped to the 1 to depth + 1 tokens a
+   step can emit; below ``ROUGH_INTERVAL_PROMPTS`` prompts it is rough). One prompt at a time (the
+   single-stream speedup); with ``batch_size`` B > 1 also ``measured_batched``: both decodings over
+   batches of B prompts (``medusa_generate_batch``; greedy as the empty tree; B at most the number
+   of prompts: its ``batch_size`` is the one used), so the speedup at batch B, where the
+   verification forward's extra tokens are no longer free. With ``acceptance="typical"`` both
    measurements sample at ``temperature`` instead: Medusa with typical acceptance against plain
    sampling (the empty tree), prompt i drawing from seed ``seed + i`` in every decoding (the tree
    still comes from the greedy accuracy table).
@@ -61,6 +63,8 @@ DEFAULT_NUM_PROMPTS = 16
 DEFAULT_MAX_NEW_TOKENS = 128
 # Sampling temperature of the typical-acceptance measurement (the Medusa paper's chat setting).
 DEFAULT_TEMPERATURE = 0.7
+# Below this many prompts the acceleration rate's interval is rough (the CLI says so).
+ROUGH_INTERVAL_PROMPTS = 5
 # The standard normal distribution's 97.5% quantile (a two-sided 95% interval).
 Z_975 = 1.959964
 
@@ -266,8 +270,12 @@ def evaluate_heads(
     baselines = [decode(i, ids, []) for i, ids in enumerate(inputs)] if sampling else [r.greedy for r in runs]
     measured = _comparison(runs, baselines, sum(r.stats.wall_time_s for r in runs),
                            sum(r.stats.wall_time_s for r in baselines), acceptance)
-    measured["acceleration_rate_ci95"] = ratio_interval(
-        [r.stats.new_tokens for r in runs], [r.stats.steps for r in runs]) if measured["medusa"]["steps"] else None
+    interval = ratio_interval([r.stats.new_tokens for r in runs], [r.stats.steps for r in runs]) \
+        if measured["medusa"]["steps"] else None
+    # A step emits 1 to depth + 1 tokens: the normal approximation's ends can fall outside (few prompts).
+    depth = max((len(p) for p in tree), default=0)
+    measured["acceleration_rate_ci95"] = None if interval is None else \
+        tuple(min(max(end, 1.0), depth + 1.0) for end in interval)
     measured["per_prompt_acceleration"] = [r.stats.acceleration_rate for r in runs]
     measured["tokens_per_step_histogram"] = tokens_per_step_histogram(runs)
 
@@ -294,9 +302,11 @@ def evaluate_heads(
         "decoding": dict(options, seed=seed) if sampling else {"acceptance": "greedy"},
         "measured": measured,
     }
-    if batch_size > 1:
+    if batch_size > 1:  # batches of at most as many prompts as there are
+        used = min(batch_size, len(inputs))
         report["measured_batched"] = measure_batched(model, [ids[0] for ids in inputs], max_new_tokens, tree,
-                                                     batch_size, eos_token_id, warmup, seed=seed, **options)
+                                                     used, eos_token_id, warmup, seed=seed, **options)
+        report["measured_batched"]["requested_batch_size"] = batch_size
     if metadata:
         report.update(metadata)
     files = {

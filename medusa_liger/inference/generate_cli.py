@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from medusa_liger.heads.export import DTYPES
+from medusa_liger.inference import cli_args
 from medusa_liger.inference.cli import load_medusa, load_tree, resolve_paths
+from medusa_liger.inference.cli_args import POSITIVE_INT, Given, number
 from medusa_liger.inference.evaluate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 from medusa_liger.inference.generate import MedusaGenerateOutput, medusa_generate
 from medusa_liger.records import chat_prompt_ids, chat_template_for, text_prompt_ids
@@ -44,32 +46,45 @@ def generate_reply(model, tokenizer, prompt: str, *, raw: bool = False, max_new_
     return tokenizer.decode(out.new_tokens.tolist(), skip_special_tokens=True), out
 
 
+# Flags that only --acceptance typical reads (greedy decoding would ignore them).
+TYPICAL_FLAGS = ("--temperature", "--seed")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli_args.setup(parser)
     parser.add_argument("run_dir", nargs="?", default=None,
                         help="training output directory (uses final/backbone and final/heads_medusa)")
     parser.add_argument("--backbone", default=None, help="backbone checkpoint (HF directory or hub name)")
     parser.add_argument("--heads", default=None, help="heads directory written by save_heads (either format)")
     parser.add_argument("--prompt", required=True, help="the user's message")
     parser.add_argument("--raw", action="store_true", help="tokenize the prompt as it is (no chat template)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="tokens to generate at most")
+    parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=DEFAULT_MAX_NEW_TOKENS,
+                        help="tokens to generate at most")
     parser.add_argument("--tree", default=None,
                         help="JSON file with the medusa_choices tree (e.g. an eval's tree.json); default: a "
                              "generic tree for the number of heads")
     parser.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"],
                         help="greedy (lossless) or typical acceptance, sampling at --temperature")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                        help="sampling temperature of --acceptance typical")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed of --acceptance typical")
+    parser.add_argument("--temperature", type=number(float, minimum=0), default=DEFAULT_TEMPERATURE, action=Given,
+                        help="sampling temperature of --acceptance typical (0: greedy)")
+    parser.add_argument("--seed", type=int, default=0, action=Given, help="sampling seed of --acceptance typical")
     parser.add_argument("--compare-greedy", action="store_true",
                         help="also decode with plain greedy decoding: its speed, and whether the replies agree")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Usage errors the parser cannot see flag by flag, before anything loads."""
+    typical = args.acceptance == "typical"
+    if args.compare_greedy and typical:
+        cli_args.error(args, "--compare-greedy compares greedy decodings: use it with --acceptance greedy")
+    cli_args.check_needs(args, TYPICAL_FLAGS, "--acceptance typical", typical)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     try:
-        if args.compare_greedy and args.acceptance != "greedy":
-            raise ValueError("--compare-greedy compares greedy decodings: use it with --acceptance greedy")
         tree = None if args.tree is None else load_tree(args.tree)
         backbone, heads = resolve_paths(args.run_dir, args.backbone, args.heads)
         model, tokenizer = load_medusa(backbone, heads, device=args.device, dtype=args.dtype)

@@ -33,13 +33,40 @@ def _render_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return chat_prompt_ids(tokenizer, messages[:first], chat_template_for(tokenizer, "auto"))
 
 
+PROMPT_FILE_SUFFIXES = (".json", ".jsonl", ".txt")
+# The shared record reader's prefix (the training config key), replaced by what a prompts source is.
+_READER_PREFIX = "data.paths: "
+
+
+def looks_like_path(source: str | Path) -> bool:
+    """Whether ``source`` means a local file rather than a hub dataset (``name`` or ``owner/name``):
+    a .json/.jsonl/.txt suffix, a leading ``.``, ``/`` or ``~``, a backslash, more than one ``/``,
+    or ``dir/name`` where ``dir`` is a local directory."""
+    source = str(source)
+    parts = source.split("/")
+    return (Path(source).suffix in PROMPT_FILE_SUFFIXES or source.startswith((".", "/", "~")) or "\\" in source
+            or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir()))
+
+
+def check_prompts_source(source: str | Path) -> None:
+    """Fail fast (before any model or hub access) on a local-looking prompts path that does not exist."""
+    if looks_like_path(source) and not Path(str(source)).expanduser().exists():
+        raise ValueError(f"no such file: {str(source)!r}")
+
+
 def _records(source: str, split: str):
     """(where, record) of a JSON/JSONL file or hub dataset, through the shared record reader."""
     skipped: list[str] = []  # "skip" mode collects the reader's messages; any is fatal here
-    for where, record in iter_raw_records(source, split, "skip", skipped):
-        if skipped:
-            break
-        yield where, record
+    try:
+        for where, record in iter_raw_records(source, split, "skip", skipped):
+            if skipped:
+                break
+            yield where, record
+    except ValueError as error:
+        message = str(error).removeprefix(_READER_PREFIX)
+        if message.startswith("could not load dataset"):
+            message = f"not a local file, and {message.replace('could not load', 'could not load hub', 1)}"
+        raise ValueError(message) from error
     if skipped:
         raise ValueError(skipped[0])
 
@@ -71,9 +98,8 @@ def load_prompts(source: str | Path, tokenizer, num_prompts: int | None = None, 
         raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
     source = str(source)
     path = Path(source).expanduser()
-    looks_local = path.suffix in (".json", ".jsonl", ".txt") or source.startswith((".", "/", "~"))
-    if not path.is_file() and looks_local:  # anything else is taken for a hub dataset name
-        raise ValueError(f"prompts file {source!r} does not exist")
+    if not path.exists() and looks_like_path(source):  # anything else is taken for a hub dataset name
+        raise ValueError(f"no such file: prompts file {source!r} does not exist")
     if path.is_file() and path.suffix not in (".json", ".jsonl"):
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         numbered = ((f"{source}:{i}", {"prompt": line}) for i, line in enumerate(lines, 1))
