@@ -211,7 +211,7 @@ def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> 
         return set()
     if not settings_file.is_file() or json.loads(settings_file.read_text()) != identity:
         raise ValueError(f"output {str(output)!r} exists and was not written by this command with these "
-                         f"settings ({settings_file.name}); pass another output or overwrite=True (--overwrite)")
+                         f"settings ({settings_file.name}); pass another output or --overwrite (overwrite=True in Python)")
     data = output.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]  # a line without its newline was cut by an interruption
     if len(complete) != len(data):
