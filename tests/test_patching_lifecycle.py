@@ -120,7 +120,8 @@ def test_rope_stays_while_any_patched_model_needs_it():
     medusa_liger.unpatch(first)
     assert mod.apply_rotary_pos_emb is not hf_rope  # `second` still uses it
     medusa_liger.patch("mistral", rms_norm=False, swiglu=False, fused_loss=False)
-    medusa_liger.unpatch(second)
+    with pytest.warns(UserWarning, match=r"still patched \(rope\)"):
+        medusa_liger.unpatch(second)
     assert mod.apply_rotary_pos_emb is not hf_rope  # the module patch still holds it
     medusa_liger.unpatch("mistral")
     assert mod.apply_rotary_pos_emb is hf_rope

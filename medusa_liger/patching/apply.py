@@ -179,7 +179,7 @@ def _unpatch_model(model: nn.Module) -> None:
                 warnings.warn(
                     f"unpatch(model): the {model_type!r} modeling module is still patched "
                     f"({', '.join(sorted(state.module_pieces))}) by patch({model_type!r}), which this model "
-                    f"still uses (its fused loss among them); call medusa_liger.unpatch({model_type!r}) too",
+                    f"still uses; call medusa_liger.unpatch({model_type!r}) too",
                     stacklevel=3,
                 )
 
