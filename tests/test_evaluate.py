@@ -318,17 +318,25 @@ def test_load_prompts_errors(tmp_path, tokenizer):
         load_prompts("nobody-xyz/no-such-dataset", tokenizer)
 
 
-def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
-    from medusa_liger.cli import main
-    from medusa_liger.inference.cli import evaluate_run
-
+def write_run(tmp_path, tokenizer, prompt_lines: str):
+    """A run directory's final/ (backbone, tokenizer, medusa heads of a random 2-head model) under
+    tmp_path/run, and a prompts file with ``prompt_lines``: (model, prompts path)."""
     model = random_medusa(TOKENIZER_VOCAB, num_heads=2, seed=2)
     final = tmp_path / "run" / "final"
     model.backbone.save_pretrained(final / "backbone")
     tokenizer.save_pretrained(final / "backbone")
     model.save_heads(final / "heads_medusa", format="medusa")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("def f(x):\nThe assert statement\n")
+    prompts.write_text(prompt_lines)
+    return model, prompts
+
+
+def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
+    from medusa_liger.cli import main
+    from medusa_liger.inference.cli import evaluate_run
+
+    model, prompts = write_run(tmp_path, tokenizer, "def f(x):\nThe assert statement\n")
+    final = tmp_path / "run" / "final"
     code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2",
                  "--max-new-tokens", "8", "--tree-size", "5", "--top-k", "3", "--device", "cpu", "--batch-size", "2"])
     assert code == 0, capsys.readouterr().err

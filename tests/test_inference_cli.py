@@ -14,7 +14,7 @@ from medusa_liger.inference.evaluate import evaluate_heads
 from medusa_liger.inference.prompts import load_prompts, looks_like_path
 
 # The evaluation tests' fixtures: one intra-op thread, the PyTorch kernels, the tiny tokenizer.
-from tests.test_evaluate import TOKENIZER_VOCAB, _one_thread, random_medusa, tokenizer  # noqa: F401
+from tests.test_evaluate import _one_thread, random_medusa, tokenizer, write_run  # noqa: F401
 
 
 def usage_error(argv: list[str], capsys) -> str:
@@ -133,13 +133,7 @@ def test_report_clamps_the_interval_and_states_the_batch_size_used(tmp_path, mon
 
 
 def test_cli_prints_the_batch_used_and_labels_the_by_size_line_of_a_given_tree(tmp_path, tokenizer, capsys):  # noqa: F811
-    model = random_medusa(TOKENIZER_VOCAB, num_heads=2, seed=2)
-    final = tmp_path / "run" / "final"
-    model.backbone.save_pretrained(final / "backbone")
-    tokenizer.save_pretrained(final / "backbone")
-    model.save_heads(final / "heads_medusa", format="medusa")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("def f(x):\nThe assert statement\nfor i in\n")
+    model, prompts = write_run(tmp_path, tokenizer, "def f(x):\nThe assert statement\nfor i in\n")
     (tmp_path / "tree.json").write_text("[[0], [1], [0, 0]]")
     code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--max-new-tokens", "6", "--device", "cpu",
                  "--batch-size", "16", "--tree", str(tmp_path / "tree.json")])
