@@ -60,8 +60,16 @@ def resolve_path(path: str) -> Path | None:
     return None
 
 
-def _looks_local(path: str) -> bool:
-    return path.endswith((".json", ".jsonl")) or path.startswith((".", "/", "~")) or Path(path).exists()
+LOCAL_FILE_SUFFIXES = (".json", ".jsonl", ".txt")
+
+
+def looks_like_local_path(name: str | Path) -> bool:
+    """Whether ``name`` can only be a local path, never a hub name (``name`` or ``owner/name``): a
+    .json/.jsonl/.txt suffix, a leading ``.``, ``/`` or ``~``, a backslash, or more than one ``/``.
+    Data, prompts and model names all go by it, so a mistyped path fails as a missing file."""
+    name = str(name)
+    return (Path(name).suffix in LOCAL_FILE_SUFFIXES or name.startswith((".", "/", "~")) or "\\" in name
+            or name.count("/") > 1)
 
 
 def skip_or_fail(message: str, on_error: str, skipped: list[str]) -> None:
@@ -86,7 +94,7 @@ def load_json_list(path: Path, must: str) -> list:
 def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str]) -> Iterator[tuple[str, Any]]:
     """(where, record) for every record of one source; malformed lines are failed or skipped."""
     local = resolve_path(path)
-    if local is None and _looks_local(path):
+    if local is None and (looks_like_local_path(path) or Path(path).exists()):
         raise ValueError(f"data.paths: file {path!r} does not exist")
     if local is None:
         # A hub dataset name: needs `datasets` (and network unless it is cached).

@@ -199,6 +199,10 @@ def test_invalid_record_skip_or_fail(tmp_path):
 def test_missing_file_and_empty_dataset(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_examples(data_cfg([tmp_path / "missing.jsonl"]))
+    # Names no hub dataset can have are missing files too, not hub lookups (records.looks_like_local_path).
+    for name in ("runs/data/chats", "notes.txt", "data\\chats"):
+        with pytest.raises(ValueError, match="does not exist"):
+            load_examples(data_cfg([name]))
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(ValueError, match="empty dataset"):
         load_examples(data_cfg([empty]))

@@ -30,7 +30,7 @@ from medusa_liger.inference.evaluate import (
     ROUGH_INTERVAL_PROMPTS,
     evaluate_heads,
 )
-from medusa_liger.inference.prompts import check_prompts_source, default_prompts_file, load_prompts
+from medusa_liger.inference.prompts import check_num_prompts, check_prompts_source, default_prompts_file, load_prompts
 from medusa_liger.inference.tree import DEFAULT_PRIOR_STRENGTH, DEFAULT_TOP_K, DEFAULT_TREE_SIZE, TREE_SEARCHES
 from medusa_liger.records import load_json_list
 from medusa_liger.run_layout import (
@@ -147,8 +147,7 @@ def evaluate_run(
     """
     if isinstance(tree, (str, Path)):
         tree = load_tree(tree)
-    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
-        raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
+    check_num_prompts(num_prompts)  # before the model loads (load_prompts checks it again, for its own callers)
     if prompts is not None:  # a missing file fails before the model loads
         try:
             check_prompts_source(prompts)

@@ -295,7 +295,7 @@ def evaluate_heads(
         },
         "tree": {"size": len(tree), "source": "search" if given is None else "given",
                  "requested_size": tree_size if given is None else None, "paths": tree,
-                 "max_depth": max((len(p) for p in tree), default=0), "estimated_acceleration": estimated,
+                 "max_depth": depth, "estimated_acceleration": estimated,
                  "estimate": tree_search, "prior_strength": prior_strength if tree_search == "conditional" else None,
                  "estimated_acceleration_independent": independent.value(tree),
                  "estimated_acceleration_by_size": {str(n): a for n, (_, a) in searched.items()}},

@@ -15,6 +15,7 @@ from medusa_liger.records import (
     chat_prompt_ids,
     chat_template_for,
     iter_raw_records,
+    looks_like_local_path,
     normalize,
     text_prompt_ids,
 )
@@ -33,24 +34,31 @@ def _render_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return chat_prompt_ids(tokenizer, messages[:first], chat_template_for(tokenizer, "auto"))
 
 
-PROMPT_FILE_SUFFIXES = (".json", ".jsonl", ".txt")
 # The shared record reader's prefix (the training config key), replaced by what a prompts source is.
 _READER_PREFIX = "data.paths: "
 
 
 def looks_like_path(source: str | Path) -> bool:
-    """Whether ``source`` means a local file rather than a hub dataset (``name`` or ``owner/name``):
-    a .json/.jsonl/.txt suffix, a leading ``.``, ``/`` or ``~``, a backslash, more than one ``/``,
+    """Whether ``source`` means a local file rather than a hub dataset: ``records.looks_like_local_path``,
     or ``dir/name`` where ``dir`` is a local directory."""
-    source = str(source)
-    parts = source.split("/")
-    return (Path(source).suffix in PROMPT_FILE_SUFFIXES or source.startswith((".", "/", "~")) or "\\" in source
-            or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir()))
+    parts = str(source).split("/")
+    return looks_like_local_path(source) or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
+
+
+def check_num_prompts(num_prompts: int) -> None:
+    """Raise unless ``num_prompts`` is an integer >= 1 (a bool is not one)."""
+    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+        raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
+
+
+def is_missing_file(source: str | Path) -> bool:
+    """A local-looking prompts path (``looks_like_path``) that does not exist."""
+    return looks_like_path(source) and not Path(str(source)).expanduser().exists()
 
 
 def check_prompts_source(source: str | Path) -> None:
     """Fail fast (before any model or hub access) on a local-looking prompts path that does not exist."""
-    if looks_like_path(source) and not Path(str(source)).expanduser().exists():
+    if is_missing_file(source):
         raise ValueError(f"no such file: {str(source)!r}")
 
 
@@ -94,11 +102,11 @@ def load_prompts(source: str | Path, tokenizer, num_prompts: int | None = None, 
     (rendered with the chat template up to the first assistant turn) or ``{"text": str}`` (its
     first ``records.TEXT_PROMPT_TOKENS`` tokens). Any other local file: one prompt per non-empty line.
     """
-    if num_prompts is not None and (not isinstance(num_prompts, int) or num_prompts < 1):
-        raise ValueError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
+    if num_prompts is not None:
+        check_num_prompts(num_prompts)
     source = str(source)
     path = Path(source).expanduser()
-    if not path.exists() and looks_like_path(source):  # anything else is taken for a hub dataset name
+    if is_missing_file(source):  # anything else is taken for a hub dataset name
         raise ValueError(f"no such file: prompts file {source!r} does not exist")
     if path.is_file() and path.suffix not in (".json", ".jsonl"):
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

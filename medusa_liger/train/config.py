@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from medusa_liger.records import looks_like_local_path
+
 
 @dataclass
 class TinyModelConfig:
@@ -316,7 +318,7 @@ def validate(cfg: Config) -> Config:
     _require(m.intermediate_size >= 1, "model.tiny.intermediate_size", m.intermediate_size, ">= 1")
     _require(m.vocab_size >= 300, "model.tiny.vocab_size", m.vocab_size, ">= 300 (256 bytes + merges + specials)")
     name = cfg.model.name_or_path
-    if name != "tiny" and (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # a hub id is org/name
+    if name != "tiny" and looks_like_local_path(name):  # a hub id is name or org/name
         _require(Path(name).expanduser().is_dir(), "model.name_or_path", name,
                  "'tiny', a hub name (org/name) or an existing directory")
     if name == "tiny":

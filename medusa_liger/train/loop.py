@@ -298,9 +298,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples, on_meta=cfg.train.fsdp and not main)
     with distributed.main_first(), data_errors():
         data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
-    with data_errors():
+    with data_errors():  # also: fewer packed rows than a micro-batch
         train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
-    with data_errors():  # e.g. fewer packed rows than a micro-batch
         loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed,
                               rank=distributed.rank(), world_size=distributed.world_size())
     model = build_medusa(cfg, backbone)
