@@ -39,17 +39,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medusa_liger.dtype_names import DTYPE_NAMES
 from medusa_liger.heads.config import MedusaConfig
 
 FORMATS: tuple[str, ...] = ("medusa", "vllm")
 FORMAT_VERSION = 1
 WEIGHT_FILES = {"medusa": "medusa_lm_head.safetensors", "vllm": "model.safetensors"}
 BACKBONE_SUBDIR = "backbone"
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from medusa_liger.dtype_names import DTYPE_NAMES
 from medusa_liger.records import looks_like_local_path
 
 
@@ -214,9 +215,6 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-
-
 def _yaml_bool_hint(value: Any) -> str:
     """YAML reads yes/no/on/off as booleans: say so where a string was expected and one came."""
     return " (YAML reads yes/no/on/off as true/false: quote a string, e.g. key='off')" if isinstance(value, bool) else ""
@@ -240,8 +238,8 @@ def _convert(key: str, value: Any, tp: Any, one_item_lists: bool = True) -> Any:
         raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         options = typing.get_args(tp)
-        if isinstance(value, str) and DTYPE_ALIASES.get(value) in options:
-            return DTYPE_ALIASES[value]  # bf16 -> bfloat16, as the CLIs' --dtype accepts
+        if isinstance(value, str) and DTYPE_NAMES.get(value) in options:
+            return DTYPE_NAMES[value]  # bf16 -> bfloat16, as the CLIs' --dtype accepts
         if value not in options:
             raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}{_yaml_bool_hint(value)}")
         return value
