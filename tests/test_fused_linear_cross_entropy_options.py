@@ -146,6 +146,26 @@ def test_head_weights_as_a_list_of_tensors_stay_on_the_device(monkeypatch):
         flce.as_head_weights([torch.tensor(1.0), 0.5], 2, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("hw_dtype", [torch.float32, torch.float64])
+def test_trainable_head_weights_get_the_head_losses_and_leave_them_alone(hw_dtype, backend):
+    """d loss / d head_weights[k] = loss_k; backward scales that gradient in place, which must not reach
+    the returned head_losses (an fp32 head_weights tensor once shared their memory)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 1, 7, 8, generator=g).to(DEVICE).requires_grad_()
+    w = (torch.randn(37, 8, generator=g) / 3).to(DEVICE)
+    labels = torch.randint(0, 37, (1, 7), generator=g).to(DEVICE)
+    hw = torch.tensor([1.0, 0.5], dtype=hw_dtype, device=DEVICE, requires_grad=True)
+    with force_backend(backend):
+        out = multi_head_linear_cross_entropy(h, w, labels, [1, 2], hw)
+    head_losses = out.head_losses.clone()
+    (out.loss * -2.0).backward()
+    assert torch.equal(out.head_losses, head_losses)
+    torch.testing.assert_close(hw.grad, (-2.0 * head_losses).to(hw_dtype))
+    hw.grad.zero_()  # what an optimizer's zero_grad does
+    assert torch.equal(out.head_losses, head_losses)
+
+
 def test_module_wrapper():
     module = MultiHeadLinearCrossEntropy([2, 3], [1.0, 0.8], label_smoothing=0.1)
     h = torch.randn(2, 6, 8, dtype=torch.float64)

@@ -329,8 +329,9 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         loss = (hw * head_losses).sum()
         head_accuracy = (correct.sum(1).to(torch.float32) / counts.clamp(min=1).to(torch.float32))
 
-        # d loss / d head_weights[k] = loss_k (when head_weights is a tensor that requires grad).
-        grads = [None, None, head_losses.detach().to(head_weights.dtype) if plan.needs_grad[2] else None]
+        # d loss / d head_weights[k] = loss_k (when head_weights is a tensor that requires grad): a copy,
+        # since backward scales it in place and the returned head_losses must not change with it.
+        grads = [None, None, head_losses.detach().to(head_weights.dtype, copy=True) if plan.needs_grad[2] else None]
         grads += [None if g is None else g.to(t.dtype) for g, t in zip(hid_grads, hid_srcs)]
         grads += w_grads
         grads += [None if g is None else g.to(t.dtype) for g, t in zip(b_grads, b_srcs)]
