@@ -85,6 +85,24 @@ def test_sliding_window_backbone():
         assert_matches_one_by_one(model, varied_prompts(4, seed=3), 20, TREES["mixed"])
 
 
+def test_nodes_past_a_sequence_budget_stay_at_its_last_position():
+    """One tree serves the batch, so a sequence near its budget gets nodes past it. Past
+    max_position_embeddings a dynamic RoPE rescales its frequencies from the batch's largest position
+    for every sequence, so those nodes must sit no further than the sequence's last position."""
+    rope = {"rope_type": "dynamic", "factor": 32.0, "rope_theta": 10000.0}
+    with force_backend("torch"):
+        model = tiny_medusa(max_position_embeddings=12, rope_parameters=rope, attn="eager").double()
+        near_the_limit, short = varied_prompts(2, seed=4)[0][:1].repeat(10), varied_prompts(1, seed=5)[0][:3]
+        batched = BatchedMedusaDecoder(model)
+        batched.prefill([near_the_limit, short])
+        got = batched.step([2, 10])  # 10 + 2 = 12 positions for the first; the tree reaches 3 + 4
+        for b, (prompt, remaining) in enumerate([(near_the_limit, 2), (short, 10)]):
+            alone = BatchedMedusaDecoder(model)
+            alone.prefill([prompt])
+            assert got[b] == alone.step([remaining])[0]
+            torch.testing.assert_close(batched.base_logits[b], alone.base_logits[0], rtol=1e-9, atol=1e-9)
+
+
 def test_typical_acceptance():
     with force_backend("torch"):
         model = tiny_medusa()

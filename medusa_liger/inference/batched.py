@@ -7,7 +7,8 @@ sequence. The batch keeps, per sequence and cache slot, the position of the toke
 
 * prefill: prompts are left-padded to the longest; a pad slot is empty, and token i of a prompt
   sees the prompt's tokens at positions <= its own;
-* step: the tree's N nodes of sequence b sit at positions ``next_pos[b] + depth`` and see the
+* step: the tree's N nodes of sequence b sit at positions ``next_pos[b] + depth`` (at most its
+  last position ``next_pos[b] + remaining[b] - 1``, as its batch-1 tree would) and see the
   sequence's non-empty slots and their own ancestors (with a sliding window w, only keys at
   positions > position - w, as for one sequence);
 * after the step, sequence b's a_b accepted nodes are gathered into the slots after the old ones,
@@ -165,7 +166,12 @@ class BatchedMedusaDecoder(MedusaDecoder):
             if top:
                 flat.append(torch.topk(self.head_logits[:, k], top, dim=-1).indices)
         tokens = torch.cat(flat, dim=1)[:, buf.candidate_index]  # [B, N]
-        query_pos = self.next_pos[:, None] + buf.depth[None]  # [B, N]
+        # One tree serves every sequence, so a sequence with fewer tokens left than the batch's most
+        # gets nodes past its own budget: it can never emit their tokens, and they sit at its last
+        # position instead of past it (past max_position_embeddings, a dynamic RoPE would rescale
+        # its frequencies from the batch's largest position for every sequence).
+        last_pos = self.next_pos + torch.tensor(remaining, device=self.next_pos.device) - 1  # [B]
+        query_pos = torch.minimum(self.next_pos[:, None] + buf.depth[None], last_pos[:, None])  # [B, N]
         mask = self._mask(self.slot_pos, query_pos, buf.ancestor_mask)
         hidden = self.runner.hidden(tokens, self.cache, query_pos, mask)  # [B, N, H]
         logits = self.runner.logits(hidden)  # [B, N, V]

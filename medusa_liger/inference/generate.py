@@ -52,7 +52,9 @@ class DecodeStats:
 
     @property
     def acceleration_rate(self) -> float:
-        """Mean tokens emitted per decoding step (per backbone forward after the prompt)."""
+        """Mean tokens emitted per decoding step. A step emits one token in plain greedy decoding, and
+        the root plus its accepted path in Medusa decoding, where each step runs one verification
+        forward (except a last step with a single token left, which emits the pending root alone)."""
         return self.new_tokens / self.steps if self.steps else 0.0
 
     @property

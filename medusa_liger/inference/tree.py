@@ -34,7 +34,9 @@ scored position t, and chains conditional probabilities
 with ``n(path)`` the positions whose first heads' ranks are ``path``, ``m(path)`` those of them
 where head d (d = len(path)) has a target, and ``a`` pseudo-positions of the independent estimate
 ``p_d(r)`` (backoff: rare paths lean on the product, frequent ones on their own counts). It grows
-the tree the same way. With ``a = 0`` it is the empirical mean of accepted tokens per position.
+the tree the same way. With ``a = 0``, and a target for every head at every scored position, it is
+the empirical mean of accepted tokens per position (near a text's end the later heads have no
+target, and those positions drop out of the later factors' denominators only).
 """
 
 from __future__ import annotations
