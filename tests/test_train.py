@@ -91,6 +91,19 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
     assert losses(tmp_path / "killed") == expected  # bit-exact, steps 1..8, no duplicates
 
 
+def test_resume_takes_this_runs_schedule_and_rates(tmp_path, capsys):
+    """Extending a run (more steps) or changing its rate on resume: the checkpoint's optimizer and
+    scheduler state bring back the old schedule, which must not win over the config (it did)."""
+    extra = ["checkpoint.every=4", "export.formats=[medusa]", "data.eval_fraction=0.0", "train.warmup_steps=2"]
+    train(short_config(tmp_path / "run", "train.steps=4", *extra))
+    capsys.readouterr()
+    train(short_config(tmp_path / "run", "train.steps=8", "train.heads_lr=0.01", "train.resume=auto", *extra))
+    assert "resuming at step 4 with train.steps 4 -> 8, train.heads_lr" in capsys.readouterr().err
+    train(short_config(tmp_path / "straight", "train.steps=8", "train.heads_lr=0.01", *extra))
+    resumed, straight = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("run", "straight"))
+    assert [r["lr/heads"] for r in resumed[4:]] == [r["lr/heads"] for r in straight[4:]]
+
+
 def test_resume_with_other_heads_is_refused_clearly_and_keeps_the_runs_config(tmp_path, capsys):
     from medusa_liger.cli import main as medusa_liger_main
     from medusa_liger.train.config import save_config

@@ -210,6 +210,44 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.opti
     )
 
 
+# GroupSchedule's fields and the optimizer groups' hyperparameters, by the config key that sets them.
+SCHEDULE_KEYS = {"total": "train.steps", "warmup": "train.warmup_steps", "min_ratio": "train.min_lr_ratio",
+                 "offset": "train.heads_only_steps"}
+
+
+def reapply_schedule(cfg: Config, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[str]:
+    """After a resume, this run's learning rates, weight decay, betas and schedule, from the
+    checkpoint's step on.
+
+    ``load_state_dict`` of the optimizer and the scheduler brings back the checkpoint's own (its
+    groups' hyperparameters, its schedules' total and warmup steps), so a resume that extends a run
+    (``train.steps``) or changes a rate would otherwise keep the old ones while config.yaml says the
+    new. The Adam moments and the step count stay the checkpoint's. Returns the changed settings as
+    ``"train.steps 4 -> 8"`` (none when the config is the checkpoint's: the rates are then those
+    ``LambdaLR`` computed, bit for bit)."""
+    changed: dict[str, str] = {}
+
+    def note(key: str, old, new) -> None:
+        if old != new:
+            changed.setdefault(key, f"{key} {old} -> {new}")
+
+    for i, group in enumerate(optimizer.param_groups):
+        kind = group["kind"]
+        lr = cfg.train.heads_lr if kind == "heads" else cfg.train.lr
+        decay = 0.0 if group["name"].endswith("_no_decay") else cfg.train.weight_decay
+        schedule = GroupSchedule(kind, cfg)
+        for field, key in SCHEDULE_KEYS.items():
+            note(key, getattr(scheduler.lr_lambdas[i], field), getattr(schedule, field))
+        note("train.heads_lr" if kind == "heads" else "train.lr", scheduler.base_lrs[i], lr)
+        note("train.weight_decay", group["weight_decay"], decay)
+        note("train.betas", list(group["betas"]), list(cfg.train.betas))
+        scheduler.lr_lambdas[i], scheduler.base_lrs[i] = schedule, lr
+        group.update(initial_lr=lr, weight_decay=decay, betas=tuple(cfg.train.betas), lr=lr * schedule(scheduler.last_epoch))
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return list(changed.values())
+
+
 def heads_lambda(cfg: Config, step: int) -> float:
     """lambda (weight of the heads loss in joint mode) at optimizer step ``step`` (0-based)."""
     lam = cfg.train.heads_lambda

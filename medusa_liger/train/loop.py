@@ -43,6 +43,7 @@ and names the deleted steps in a warning.
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ from medusa_liger.train.build import (
     build_tokenizer_and_backbone,
     heads_lambda,
     precision_line,
+    reapply_schedule,
     resolve_device,
     trainable_parameters,
 )
@@ -325,6 +327,10 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         saved_heads = read_heads(resume_dir / CHECKPOINT_HEADS_DIR)
         check_resume_heads(saved_heads.config, model.config, resume_dir)  # a clear error before any state loads
         state = load_checkpoint(resume_dir, other_params, optimizer, scheduler, rank=distributed.rank())
+        changed = reapply_schedule(cfg, optimizer, scheduler)  # this config's rates and schedule, not the checkpoint's
+        if changed and main:
+            print(f"note: resuming at step {int(state['step'])} with {', '.join(changed)} (from here on)",
+                  file=sys.stderr, flush=True)
         with torch.no_grad():
             fsdp.load_module_(model.heads, saved_heads.tensors)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
