@@ -212,6 +212,8 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
+    if tp is float:
+        return "a finite number"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -264,14 +266,18 @@ def _convert(key: str, value: Any, tp: Any, one_item_lists: bool = True) -> Any:
         return value
     if tp is float:
         # YAML reads "1e-3" (no dot) as a string; accept numeric strings for floats.
+        number = None
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        return float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        # No setting means anything at inf or nan (a rate, a weight): it would train NaNs to the end.
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a string, got {value!r}{_yaml_bool_hint(value)}")
