@@ -104,6 +104,19 @@ def test_resume_takes_this_runs_schedule_and_rates(tmp_path, capsys):
     assert [r["lr/heads"] for r in resumed[4:]] == [r["lr/heads"] for r in straight[4:]]
 
 
+def test_resume_from_an_older_checkpoint_abandons_the_later_ones_at_once(tmp_path, monkeypatch, capsys):
+    """A resume from step 2 of 6 abandons steps 4 and 6; killed before its first save, the run must
+    not leave them for train.resume=auto to pick (they used to go only at that save)."""
+    extra = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=3", "export.formats=[medusa]",
+             "data.eval_fraction=0.0"]
+    out = tmp_path / "run"
+    train(short_config(out, *extra))
+    capsys.readouterr()
+    train_killed_at(3, short_config(out, *extra, f"train.resume={out / 'checkpoints' / 'step-000002'}"), monkeypatch)
+    assert "abandons the later checkpoints step-000004, step-000006" in capsys.readouterr().err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+
+
 def test_resume_with_other_heads_is_refused_clearly_and_keeps_the_runs_config(tmp_path, capsys):
     from medusa_liger.cli import main as medusa_liger_main
     from medusa_liger.train.config import save_config

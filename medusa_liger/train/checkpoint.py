@@ -20,8 +20,10 @@ removed by the next save. Replacing an existing step renames the old one aside f
 complete copy of that step exists at every moment.
 
 Pruning: saving step s first deletes checkpoints with a step above s (the abandoned branch of a run
-resumed from an older checkpoint, which ``train.resume=auto`` must never pick), then keeps the
-newest ``keep``, so the checkpoint just written always survives.
+resumed from an older checkpoint, which ``train.resume=auto`` must never pick; the loop already
+deletes them when it resumes from one of its own older checkpoints, so a kill before the first
+save cannot bring them back), then keeps the newest ``keep``, so the checkpoint just written always
+survives.
 
 Data parallel: only rank 0 calls ``save_checkpoint`` (the replicas are identical; the loop gathers
 every rank's RNG states and passes them in), and every rank calls ``load_checkpoint`` with its rank.
@@ -134,13 +136,19 @@ def save_checkpoint(
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    # Steps above this one belong to an abandoned branch (this run resumed from an older checkpoint).
-    for path in list_checkpoints(root):
-        if int(STEP_DIR.match(path.name).group(1)) > step:
-            shutil.rmtree(path, ignore_errors=True)
+    drop_later_checkpoints(root, step)
     for path in list_checkpoints(root)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def drop_later_checkpoints(root: str | Path, step: int) -> list[str]:
+    """Delete the checkpoints under ``root`` with a step above ``step``: the abandoned branch of a run
+    resumed from an older checkpoint, which ``train.resume=auto`` must never pick. Returns their names."""
+    later = [path for path in list_checkpoints(root) if int(STEP_DIR.match(path.name).group(1)) > step]
+    for path in later:
+        shutil.rmtree(path, ignore_errors=True)
+    return [path.name for path in later]
 
 
 class ResumeError(ValueError):

@@ -77,6 +77,7 @@ from medusa_liger.train.build import (
 from medusa_liger.train.checkpoint import (
     check_resume_heads,
     delete_old_checkpoints,
+    drop_later_checkpoints,
     find_resume_checkpoint,
     load_checkpoint,
     rng_state,
@@ -335,6 +336,11 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             fsdp.load_module_(model.heads, saved_heads.tensors)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         loader.load_state_dict(state["data"])
+        if main and resume_dir.resolve().parent == ckpt_root.resolve():
+            dropped = drop_later_checkpoints(ckpt_root, start_step)  # resumed from an older one of its own
+            if dropped:
+                print(f"warning: resuming from step {start_step} abandons the later checkpoints {', '.join(dropped)} "
+                      f"(deleted)", file=sys.stderr, flush=True)
     elif ckpt_root.is_dir() and main:  # a fresh start: another run's checkpoints go (with a warning)
         delete_old_checkpoints(ckpt_root)
     if main:  # only now: a resume refused above leaves the run's config.yaml as its checkpoints were made
