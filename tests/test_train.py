@@ -117,6 +117,17 @@ def test_resume_from_an_older_checkpoint_abandons_the_later_ones_at_once(tmp_pat
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
 
 
+def test_lora_targets_the_backbone_lacks_are_a_config_error(tmp_path, capsys):
+    from medusa_liger.cli import main as medusa_liger_main
+    from medusa_liger.train.config import save_config
+
+    config_file = tmp_path / "run.yaml"
+    save_config(short_config(tmp_path / "run", "train.steps=1"), config_file)
+    assert medusa_liger_main(["train", str(config_file), "train.mode=joint", "lora.enabled=true",
+                              "lora.target_modules=[nope_proj]"]) == 2  # not peft's traceback
+    assert "config error: lora.target_modules=['nope_proj']" in capsys.readouterr().err
+
+
 def test_resume_with_other_heads_is_refused_clearly_and_keeps_the_runs_config(tmp_path, capsys):
     from medusa_liger.cli import main as medusa_liger_main
     from medusa_liger.train.config import save_config

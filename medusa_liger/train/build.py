@@ -25,7 +25,7 @@ import torch
 
 from medusa_liger.heads.export import DTYPES  # one table of dtype names (the config allows three of them)
 from medusa_liger.train import distributed
-from medusa_liger.train.config import Config
+from medusa_liger.train.config import Config, ConfigError
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -110,7 +110,10 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
         # peft would upcast only bf16/fp16 adapters to fp32; cast to train.master_dtype explicitly instead.
-        backbone = get_peft_model(backbone, lora, autocast_adapter_dtype=False)
+        try:
+            backbone = get_peft_model(backbone, lora, autocast_adapter_dtype=False)
+        except ValueError as error:  # e.g. target modules the backbone does not have
+            raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {error}") from error
         cast_adapters(backbone, master_dtype(cfg))
     return tokenizer, backbone
 

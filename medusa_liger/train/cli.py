@@ -49,11 +49,15 @@ def run(args: argparse.Namespace) -> int:
         yaml.safe_dump(cfg.to_dict(), sys.stdout, sort_keys=False)
         return 0
     from medusa_liger.train.checkpoint import ResumeError
+    from medusa_liger.train.config import ConfigError
     from medusa_liger.train.data import DataError
     from medusa_liger.train.loop import train
 
     try:
         train(cfg)
+    except ConfigError as error:  # a setting that does not fit the model found at run time
+        print(f"medusa-liger train: config error: {error}", file=sys.stderr)
+        return 2
     except DataError as error:  # unusable data files: the user's input, reported without a traceback
         print(f"medusa-liger train: data error: {error}", file=sys.stderr)
         return 2

@@ -24,6 +24,11 @@ from medusa_liger.dtype_names import DTYPE_NAMES
 from medusa_liger.records import looks_like_local_path
 
 
+class ConfigError(ValueError):
+    """A setting that passed validation but does not fit what the run finds (e.g. LoRA target modules
+    the backbone does not have): ``medusa-liger train`` reports it as a config error, exit 2."""
+
+
 @dataclass
 class TinyModelConfig:
     """Shape of the tiny Llama-architecture backbone built from scratch (``model.name_or_path: tiny``)."""
