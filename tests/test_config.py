@@ -151,6 +151,13 @@ def test_non_finite_numbers_are_refused_naming_the_key(key, value):
         load_config(ROOT / "configs" / "tiny.yaml", ["train.mode=joint", "lora.enabled=true", f"{key}={value}"])
 
 
+def test_output_dir_under_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="output_dir must be a directory or a path that can become one"):
+        load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={tmp_path / 'file' / 'run'}"])
+    assert load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={tmp_path / 'new' / 'run'}"])
+
+
 def test_lora_needs_joint_mode():
     with pytest.raises(ValueError, match="lora.enabled"):
         config_from_dict({"lora": {"enabled": True}, "train": {"mode": "heads"}})

@@ -456,6 +456,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = config_from_dict(values)
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / cfg.name)
+    # A run directory that cannot be made (a file on its path) fails here, not after the model loads.
+    existing = next((p for p in (Path(cfg.output_dir).expanduser(), *Path(cfg.output_dir).expanduser().parents)
+                     if p.exists()), None)
+    _require(existing is None or existing.is_dir(), "output_dir", cfg.output_dir,
+             f"a directory or a path that can become one ({str(existing)!r} is not a directory)")
     return cfg
 
 
