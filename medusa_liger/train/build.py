@@ -162,6 +162,12 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def group_settings(cfg: Config, kind: str, decay: bool) -> dict[str, float]:
+    """The learning rate and weight decay of an optimizer group: heads or backbone, with or without decay."""
+    return {"lr": cfg.train.heads_lr if kind == "heads" else cfg.train.lr,
+            "weight_decay": cfg.train.weight_decay if decay else 0.0}
+
+
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     """AdamW over groups heads/backbone x decay/no_decay (empty groups left out); its state sharded
     over the ranks (``distributed.sharded_optimizer``) with ``train.shard_optimizer`` under torchrun."""
@@ -169,13 +175,9 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     for name, param in trainable_parameters(model).items():
         kind = "heads" if _is_head_param(name) else "backbone"
         groups.setdefault((kind, param.dim() >= 2), []).append(param)
-    param_groups = []
-    for (kind, decay), params in sorted(groups.items()):
-        param_groups.append({
-            "params": params, "name": f"{kind}{'' if decay else '_no_decay'}", "kind": kind,
-            "lr": cfg.train.heads_lr if kind == "heads" else cfg.train.lr,
-            "weight_decay": cfg.train.weight_decay if decay else 0.0,
-        })
+    param_groups = [{"params": params, "name": f"{kind}{'' if decay else '_no_decay'}", "kind": kind,
+                     **group_settings(cfg, kind, decay)}
+                    for (kind, decay), params in sorted(groups.items())]
     if not param_groups:
         raise ValueError("nothing to train: no parameter requires a gradient")
     options = dict(betas=tuple(cfg.train.betas), fused=False, foreach=None)
@@ -237,8 +239,8 @@ def reapply_schedule(cfg: Config, optimizer: torch.optim.Optimizer,
 
     for i, group in enumerate(optimizer.param_groups):
         kind = group["kind"]
-        lr = cfg.train.heads_lr if kind == "heads" else cfg.train.lr
-        decay = 0.0 if group["name"].endswith("_no_decay") else cfg.train.weight_decay
+        settings = group_settings(cfg, kind, decay=not group["name"].endswith("_no_decay"))
+        lr, decay = settings["lr"], settings["weight_decay"]
         schedule = GroupSchedule(kind, cfg)
         for field, key in SCHEDULE_KEYS.items():
             note(key, getattr(scheduler.lr_lambdas[i], field), getattr(schedule, field))

@@ -328,14 +328,14 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         saved_heads = read_heads(resume_dir / CHECKPOINT_HEADS_DIR)
         check_resume_heads(saved_heads.config, model.config, resume_dir)  # a clear error before any state loads
         state = load_checkpoint(resume_dir, other_params, optimizer, scheduler, rank=distributed.rank())
-        changed = reapply_schedule(cfg, optimizer, scheduler)  # this config's rates and schedule, not the checkpoint's
-        if changed and main:
-            print(f"note: resuming at step {int(state['step'])} with {', '.join(changed)} (from here on)",
-                  file=sys.stderr, flush=True)
         with torch.no_grad():
             fsdp.load_module_(model.heads, saved_heads.tensors)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         loader.load_state_dict(state["data"])
+        changed = reapply_schedule(cfg, optimizer, scheduler)  # this config's rates and schedule, not the checkpoint's
+        if changed and main:
+            print(f"note: resuming at step {start_step} with {', '.join(changed)} (from here on)",
+                  file=sys.stderr, flush=True)
         if main and resume_dir.resolve().parent == ckpt_root.resolve():
             dropped = drop_later_checkpoints(ckpt_root, start_step)  # resumed from an older one of its own
             if dropped:
