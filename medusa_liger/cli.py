@@ -16,7 +16,7 @@ from medusa_liger import __version__
 # subcommand -> (module providing add_arguments/run, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("medusa_liger.train.cli", "train Medusa heads (and optionally the backbone) from a YAML config"),
-    "export": ("medusa_liger.heads.cli", "export trained heads in the formats serving engines read"),
+    "export": ("medusa_liger.train.export_cli", "export trained heads in the formats serving engines read"),
     "eval": ("medusa_liger.inference.cli", "measure head accuracy, search a tree, time Medusa decoding"),
     "generate": ("medusa_liger.inference.generate_cli", "answer a prompt with Medusa decoding: reply, tokens/step"),
     "distill": ("medusa_liger.inference.distill", "regenerate a dataset's answers with the backbone (self-distillation)"),

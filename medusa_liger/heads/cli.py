@@ -10,7 +10,8 @@ backbone's; a training checkpoint's heads are fp32 master weights), or as saved 
 a directory holding one in ``heads/`` (a training checkpoint), ``heads_medusa/``/``heads_vllm/`` (the
 training loop's final output) or ``final/heads_medusa/`` (a run's directory). A ``backbone/`` directory in or beside it (joint training) is exported with the heads. ``--backbone`` names the base model to check the heads against; it is
 needed for the vllm format in shared mode, which stores the backbone's lm_head. With ``both``, the
-formats go to ``OUTPUT/medusa`` and ``OUTPUT/vllm``.
+formats go to ``OUTPUT/medusa`` and ``OUTPUT/vllm``. The command runs through ``train/export_cli.py``,
+which also exports the trained backbone of a joint run's training checkpoint.
 """
 
 from __future__ import annotations
@@ -68,18 +69,20 @@ def find_heads_dir(checkpoint_dir: str | Path) -> Path:
     )
 
 
-def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = None) -> tuple[HeadsCheckpoint, Path | None]:
+def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = None,
+                    saved_backbone: Path | None = None) -> tuple[HeadsCheckpoint, Path | None]:
     """Heads to export, and the directory of a saved backbone to export with them (joint training).
 
     With ``backbone`` (a path or hub name), the heads are checked against it and its lm_head is
-    attached (vLLM needs it in shared mode); it is not re-exported. Without it, a ``backbone/``
-    directory inside the heads directory or beside it (the training loop's final layout) is used
-    for both and is exported too.
+    attached (vLLM needs it in shared mode); it is not re-exported. Without it, ``saved_backbone``
+    (a joint run's checkpoint's backbone, rebuilt and saved by ``train/export_cli.py``), else a
+    ``backbone/`` directory inside the heads directory or beside it (the training loop's final
+    layout), is used for both and is exported too.
     """
     heads_dir = find_heads_dir(checkpoint_dir)
     ckpt = read_heads(heads_dir)
     beside = heads_dir.parent if heads_dir != Path(checkpoint_dir) else heads_dir  # the run's final/, a checkpoint
-    saved = next((d for d in (heads_dir / BACKBONE_SUBDIR, beside / BACKBONE_SUBDIR) if d.is_dir()), None)
+    saved = saved_backbone or next((d for d in (heads_dir / BACKBONE_SUBDIR, beside / BACKBONE_SUBDIR) if d.is_dir()), None)
     source = backbone if backbone is not None else saved
     if source is not None:
         model = load_backbone(source)
@@ -89,13 +92,15 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, formats: list[str],
-                      dtype: torch.dtype | str | None = None, backbone: str | Path | None = None) -> list[Path]:
+                      dtype: torch.dtype | str | None = None, backbone: str | Path | None = None,
+                      saved_backbone: Path | None = None) -> list[Path]:
     """Write the heads of ``checkpoint_dir`` in each of ``formats`` (one subdirectory per format when
-    there are several) and copy a jointly trained backbone beside each. Returns the written dirs."""
+    there are several) and copy a jointly trained backbone beside each (``load_for_export`` says
+    which). Returns the written dirs."""
     for format in formats:
         check_format(format)
     dtype = parse_dtype(dtype)
-    ckpt, backbone_dir = load_for_export(checkpoint_dir, backbone)
+    ckpt, backbone_dir = load_for_export(checkpoint_dir, backbone, saved_backbone)
     # Heads default to the serving dtype recorded when they were saved (a training checkpoint holds
     # fp32 master heads); files without it (other tools) keep their own dtype.
     heads_dtype = dtype if dtype is not None else ckpt.serving_dtype
@@ -123,11 +128,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=None, help="base model path or name to check the heads against")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Export; returns 0 on success, 1 with a one-line error on bad input."""
+def run(args: argparse.Namespace, saved_backbone: Path | None = None) -> int:
+    """Export (with ``saved_backbone``, see ``load_for_export``); 0 on success, 1 with a one-line
+    error on bad input."""
     formats = ["medusa", "vllm"] if args.format == "both" else [args.format]
     try:
-        written = export_checkpoint(args.checkpoint, args.output, formats, dtype=args.dtype, backbone=args.backbone)
+        written = export_checkpoint(args.checkpoint, args.output, formats, dtype=args.dtype, backbone=args.backbone,
+                                    saved_backbone=saved_backbone)
     except (ValueError, FileNotFoundError) as error:
         print(f"medusa-liger export: error: {error}", file=sys.stderr)
         return 1

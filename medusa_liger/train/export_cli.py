@@ -1,0 +1,104 @@
+"""``medusa-liger export``: the heads export (``heads/cli.py``) plus a joint run's trained backbone.
+
+A training checkpoint (``RUN_DIR/checkpoints/step-N/``) of a joint run (Medusa-2) holds the heads in
+``heads/`` and the backbone's trained tensors (all of them, or the LoRA adapters) in
+``trainable.safetensors``, not a servable backbone: those heads were trained on that backbone and
+are wrong on the base model. Here such a backbone is rebuilt the way the run built it (from the
+run's ``config.yaml``: the base model, LoRA wrapping, patching), the checkpoint's tensors are loaded
+into it, and it is exported beside the heads (LoRA merged), as the run's own final export does. The
+heads module cannot do this itself: it knows heads and files, not training runs (heads <- train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from medusa_liger.heads import cli as heads_cli
+from medusa_liger.run_layout import CONFIG_FILE
+
+TRAINABLE_FILE = "trainable.safetensors"  # written by train/checkpoint.py's save_checkpoint
+BACKBONE_PREFIX = "backbone."  # MedusaModel.backbone: the prefix of the backbone's tensors in that file
+
+
+def trained_backbone_tensors(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The backbone's tensors a training checkpoint holds (names relative to the backbone); empty
+    when ``checkpoint_dir`` is no training checkpoint or its run trained only the heads."""
+    path = Path(checkpoint_dir) / TRAINABLE_FILE
+    if not path.is_file():
+        return {}
+    return {name.removeprefix(BACKBONE_PREFIX): tensor for name, tensor in load_file(str(path)).items()
+            if name.startswith(BACKBONE_PREFIX)}
+
+
+def rebuild_backbone(checkpoint_dir: str | Path, tensors: dict[str, torch.Tensor]):
+    """(backbone, tokenizer, cfg): the run's backbone as its config builds it, ``tensors`` loaded.
+
+    Raises ValueError when the run's config.yaml is missing (the checkpoint was moved out of its run)
+    or when ``tensors`` do not fit the backbone that config builds.
+    """
+    from medusa_liger.train.build import build_tokenizer_and_backbone
+    from medusa_liger.train.config import load_config
+    from medusa_liger.train.data import data_errors, load_examples
+
+    checkpoint_dir = Path(checkpoint_dir)
+    run_dir = checkpoint_dir.parent.parent  # RUN_DIR/checkpoints/step-N
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{checkpoint_dir} holds a trained backbone ({TRAINABLE_FILE}) but its run's {CONFIG_FILE} "
+                         f"is not at {config_path}: export it from inside its run directory, or pass --backbone")
+    # The run's directory wherever it is now (the tiny model's tokenizer is cached there).
+    cfg = load_config(config_path, [f"output_dir={run_dir}"])
+    with data_errors():
+        tokenizer, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    params = dict(backbone.named_parameters())
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    trained = set(tensors) & set(params)
+    if unexpected or (missing and not cfg.lora.enabled):  # LoRA trains only the adapters
+        raise ValueError(f"{checkpoint_dir}/{TRAINABLE_FILE} does not fit the backbone {run_dir / CONFIG_FILE} builds: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name in trained:
+            if tensors[name].shape != params[name].shape:
+                raise ValueError(f"{checkpoint_dir}/{TRAINABLE_FILE}: {name} has shape {list(tensors[name].shape)}, "
+                                 f"the backbone's is {list(params[name].shape)}")
+            params[name].copy_(tensors[name])
+    return backbone, tokenizer, cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    heads_cli.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; a joint run's training checkpoint brings its trained backbone. 0, or 1 on bad input."""
+    from medusa_liger.heads.export import write_backbone
+    from medusa_liger.train.build import export_dtype
+    from medusa_liger.train.data import DataError
+
+    tensors = trained_backbone_tensors(args.checkpoint)
+    if not tensors:
+        return heads_cli.run(args)
+    if args.backbone is not None:
+        print(f"warning: {args.checkpoint} trained the backbone too; --backbone {args.backbone} is used instead "
+              f"of it, and its heads may not fit that model", file=sys.stderr)
+        return heads_cli.run(args)
+    try:
+        backbone, tokenizer, cfg = rebuild_backbone(args.checkpoint, tensors)
+    except (ValueError, FileNotFoundError, DataError) as error:
+        print(f"medusa-liger export: error: {error}", file=sys.stderr)
+        return 1
+    # The rebuilt backbone goes through a saved copy, as a run's final/backbone does: the heads
+    # export checks the heads against it and copies it (cast to --dtype if given) beside them.
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-backbone-") as scratch:
+        write_backbone(backbone, scratch, export_dtype(cfg))
+        tokenizer.save_pretrained(scratch)
+        del backbone
+        return heads_cli.run(args, saved_backbone=Path(scratch))
