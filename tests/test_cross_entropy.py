@@ -215,8 +215,33 @@ def test_bad_inputs():
         cross_entropy(x, torch.zeros(3, dtype=torch.long, device=DEVICE), reduction="max")
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(x, torch.zeros(3, dtype=torch.long, device=DEVICE), label_smoothing=1.5)
-    with pytest.raises(ValueError, match="softcap"):
-        cross_entropy(x, torch.zeros(3, dtype=torch.long, device=DEVICE), softcap=0.0)
+    labels = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    for softcap in (0.0, float("inf"), float("nan")):  # inf * tanh(x / inf) would be NaN
+        with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
+            cross_entropy(x, labels, softcap=softcap)
+    for z_loss in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="z_loss must be a finite number >= 0"):
+            cross_entropy(x, labels, z_loss=z_loss)
+    with pytest.raises(ValueError, match=r"V >= 1"):
+        cross_entropy(torch.randn(3, 0, device=DEVICE), torch.full((3,), -100, device=DEVICE))
+    with pytest.raises(ValueError, match="labels must be a torch.Tensor, got list"):
+        cross_entropy(x, [0, 1, 2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_sharing_memory_get_their_own_gradients(backend):
+    """Logits whose rows overlap in memory (one row expanded, row stride 0) cannot hold the
+    in-place gradient: they are copied first, and each row gets its own gradient."""
+    row = torch.randn(1, 7, device=DEVICE, requires_grad=True)
+    labels = torch.tensor([0, 3, 6, -100], device=DEVICE)
+    with force_backend(backend):
+        loss = cross_entropy(row.expand(4, 7), labels)
+        loss.backward()
+    ref_row = row.detach().double().requires_grad_()
+    ref, _ = reference(ref_row.expand(4, 7), labels)
+    ref.backward()
+    assert_close(loss, ref, torch.float32, "loss")
+    assert_close(row.grad, ref_row.grad, torch.float32, "grad")
 
 
 @pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[-1]], ids=["plain", "all"])

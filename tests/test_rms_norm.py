@@ -101,8 +101,11 @@ def test_rms_norm_bad_inputs():
         rms_norm(x, torch.ones(7))
     with pytest.raises(ValueError, match="x must be"):
         rms_norm(torch.ones(2, 8, dtype=torch.int64), torch.ones(8))
-    with pytest.raises(ValueError, match="eps"):
-        rms_norm(x, torch.ones(8), eps=-1.0)
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number"):
+            rms_norm(x, torch.ones(8), eps=eps)
+    with pytest.raises(ValueError, match="offset must be a finite number"):
+        rms_norm(x, torch.ones(8), offset=float("nan"))
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="weight is on"):
             rms_norm(x.cuda(), torch.ones(8))
@@ -118,3 +121,35 @@ def test_rms_norm_gpu_bf16_mid_size():
 def test_rms_norm_gpu_bf16_model_sizes(model):
     hidden = MODEL_SHAPES[model][0]
     _check((2, 37, hidden), torch.bfloat16, "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_layout", ["strided", "expanded"])
+def test_rms_norm_weight_of_any_strides(weight_layout, backend):
+    """A weight that is a strided column of a matrix, or one value expanded to [H] (stride 0), is
+    read at its own strides (the kernels read a unit-stride copy); its gradient is a plain [H]."""
+    x = torch.randn(5, 9, device=DEVICE).requires_grad_()
+    if weight_layout == "strided":
+        base = torch.randn(9, 2, device=DEVICE).requires_grad_()
+        weight = base[:, 0]
+    else:
+        base = torch.randn(1, device=DEVICE).requires_grad_()
+        weight = base.expand(9)
+    dy = torch.randn(5, 9, device=DEVICE)
+    with force_backend(backend), poisoned_allocations():
+        y = rms_norm(x, weight)
+        y.backward(dy)
+    y_ref, dx_ref, dw_ref = _reference(x, weight.detach(), 1e-6, 0.0, dy)
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(x.grad, dx_ref, torch.float32, "dx")
+    dbase_ref = torch.stack([dw_ref, torch.zeros_like(dw_ref)], 1) if weight_layout == "strided" else dw_ref.sum(0, keepdim=True)
+    assert_close(base.grad, dbase_ref, torch.float32, "dweight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_zero_width_rows(backend):
+    x, weight = torch.randn(3, 0, device=DEVICE).requires_grad_(), torch.ones(0, device=DEVICE).requires_grad_()
+    with force_backend(backend):
+        y = rms_norm(x, weight)
+        y.sum().backward()
+    assert y.shape == (3, 0) and x.grad.shape == (3, 0) and weight.grad.shape == (0,)

@@ -224,3 +224,31 @@ def test_rope_gpu_bf16_mid_size():
     q, k = _make_qk(2, 32, 8, 512, 128, torch.bfloat16, hf_layout=True)
     cos, sin = _hf_cos_sin(2, 512, 128, torch.bfloat16)
     _check(q, k, cos, sin, torch.bfloat16, "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layouts", ["sin_transposed", "sin_expanded", "cos_expanded"])
+def test_rope_cos_and_sin_with_different_strides(layouts, backend):
+    """cos and sin laid out differently (the kernel reads both with one set of strides: they are
+    made alike first); an expanded [1, T, D] table has batch stride 0 and a small storage."""
+    q, k = _make_qk(3, 4, 2, 5, 8, torch.float32, hf_layout=True)
+    cos, sin = torch.randn(3, 5, 8, device=DEVICE), torch.randn(3, 5, 8, device=DEVICE)
+    if layouts == "sin_transposed":
+        sin = sin.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layouts == "sin_expanded":
+        sin = sin[:1].expand(3, 5, 8)
+    else:
+        cos = cos[:1].expand(3, 5, 8)
+    _check(q, k, cos, sin, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_output_dtype_promotes_with_sin_too(backend):
+    """HF computes q * cos + rotate_half(q) * sin: an fp32 sin makes fp16 q's output fp32."""
+    q, k = _make_qk(2, 2, 1, 3, 8, torch.float16, hf_layout=False)
+    cos, sin = _hf_cos_sin(2, 3, 8, torch.float16)
+    with force_backend(backend):
+        q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin.float())
+    q_ref, k_ref = hf_apply_rotary_pos_emb(q.detach(), k.detach(), cos, sin.float())
+    assert q_out.dtype == q_ref.dtype == torch.float32 and k_out.dtype == k_ref.dtype == torch.float32
+    assert_close(q_out, q_ref.double(), torch.float16, "q_embed")

@@ -42,6 +42,10 @@ def test_scale_rejects_a_factor_that_is_not_one_element_on_the_device():
     x = torch.ones(4, device=DEVICE)
     with pytest.raises(ValueError, match="factor"):
         scale_(x, torch.ones(2, device=DEVICE))
+    with pytest.raises(ValueError, match="factor must be a one-element tensor on .*, got float"):
+        scale_(x, 2.0)
+    with pytest.raises(ValueError, match="x must be float32"):
+        scale_(torch.ones(4, dtype=torch.int64, device=DEVICE), torch.ones((), device=DEVICE))
     if DEVICE.type == "cuda":
         with pytest.raises(ValueError, match="factor"):
             scale_(x, torch.ones(()))

@@ -93,6 +93,36 @@ def test_swiglu_mlp_matches_llama_mlp():
     assert_rel_close(w_grad, hf.gate_proj.weight.grad, torch.float32, "mlp dgate_proj.weight")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aliasing", ["same_buffer", "expanded_rows"])
+def test_swiglu_inplace_backward_falls_back_when_elements_share_memory(aliasing, backend):
+    """inplace_backward writes dgate over gate and dup over up: when gate and up are one buffer,
+    or rows of an expand() share memory, the gradients go to new buffers instead."""
+    if aliasing == "same_buffer":
+        base = torch.randn(3, 9, device=DEVICE, requires_grad=True)
+        gate = up = base * 1.0  # one non-leaf buffer
+    else:
+        base = torch.randn(1, 9, device=DEVICE, requires_grad=True)
+        gate, up = base.expand(3, 9), torch.randn(3, 9, device=DEVICE)
+    dy = torch.randn(3, 9, device=DEVICE)
+    with force_backend(backend):
+        swiglu(gate, up, inplace_backward=True).backward(dy)
+    ref_base = base.detach().double().requires_grad_()
+    ref_gate = ref_base * 1.0 if aliasing == "same_buffer" else ref_base.expand(3, 9)
+    ref_up = ref_gate if aliasing == "same_buffer" else up.double()
+    (torch.nn.functional.silu(ref_gate) * ref_up).backward(dy.double())
+    assert_close(base.grad, ref_base.grad, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swiglu_zero_width_rows(backend):
+    gate, up = (torch.randn(3, 0, device=DEVICE).requires_grad_() for _ in range(2))
+    with force_backend(backend):
+        y = swiglu(gate, up)
+        y.sum().backward()
+    assert y.shape == (3, 0) and gate.grad.shape == up.grad.shape == (3, 0)
+
+
 def test_swiglu_bad_inputs():
     gate = torch.randn(2, 8)
     with pytest.raises(ValueError, match="up must have gate's shape"):

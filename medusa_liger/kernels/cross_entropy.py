@@ -39,6 +39,8 @@ allowed) they are treated as ignored rows and never read out of bounds.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from medusa_liger.kernels.utils import (
@@ -420,10 +422,10 @@ def check_ce_options(ignore_index: int, label_smoothing: float, z_loss: float, s
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not float(softcap) > 0.0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if not 0.0 <= float(z_loss) < math.inf:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is not None and not 0.0 < float(softcap) < math.inf:  # inf * tanh(x / inf) is NaN
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -485,8 +487,8 @@ def cross_entropy(
     row, ignored ones included; not differentiable). Backward overwrites ``logits`` with its gradient.
     """
     check_float("logits", logits)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape [N, V], got {list(logits.shape)}")
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must have shape [N, V] with V >= 1, got {list(logits.shape)}")
     check_shape("labels", labels, [logits.shape[0]])
     if labels.device != logits.device:
         raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
@@ -494,7 +496,8 @@ def cross_entropy(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
     check_labels("labels", labels, logits.shape[1], ignore_index, check_values=not logits.is_cuda)
-    if logits.stride(-1) != 1:
+    N, V = logits.shape
+    if logits.stride(-1) != 1 or (N > 1 and logits.stride(0) < V):  # backward writes every row's own gradient
         logits = logits.contiguous()
     labels = labels.contiguous() if labels.dtype == torch.int64 else labels.long()
     loss, lse = CrossEntropyFunction.apply(

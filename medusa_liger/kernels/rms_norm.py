@@ -23,6 +23,7 @@ fp32 partial row into a ``[programs, H]`` buffer, which one small ``sum(0)`` fin
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -139,6 +140,7 @@ def rms_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward. x [..., H], weight [H] -> (y [..., H], rstd [rows] fp32)."""
+    weight = weight.contiguous()  # the kernel reads it at unit stride
     n_cols = x.shape[-1]
     x2 = _as_rows(x, n_cols)
     n_rows = x2.shape[0]
@@ -157,6 +159,7 @@ def rms_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward. dy, x [..., H] -> (dx [..., H] in x.dtype, dweight [H] in weight.dtype)."""
+    weight = weight.contiguous()  # the kernel reads it at unit stride
     n_cols = x.shape[-1]
     x2, dy2 = _as_rows(x, n_cols), _as_rows(dy, n_cols)
     n_rows = x2.shape[0]
@@ -226,9 +229,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     ``utils.use_triton(x)`` says so, else the plain PyTorch version.
     """
     _check_inputs(x, weight)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if use_triton(x):
+    if not (isinstance(eps, (int, float)) and 0 <= eps < math.inf):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not (isinstance(offset, (int, float)) and math.isfinite(offset)):
+        raise ValueError(f"offset must be a finite number, got {offset!r}")
+    if use_triton(x) and x.shape[-1] > 0:  # (zero-width rows: nothing to launch, the torch path is exact)
         return RMSNormFunction.apply(x, weight, float(eps), float(offset))
     return rms_norm_torch(x, weight, eps, offset)
 

@@ -199,7 +199,8 @@ def rope_launch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate (or, with ``backward``, un-rotate) q [B, n_q, T, D] and k [B, n_kv, T, D] out of place.
 
-    cos/sin are [B|1, T, D] with unit last stride. Outputs keep the inputs' memory layout.
+    cos/sin are [B|1, T, D] with unit last stride (copied when their strides differ). Outputs keep
+    the inputs' memory layout.
     ``config`` overrides the tuned launch parameters (benchmarks/tune_rope.py sweeps them):
     ``heads`` and ``block_t`` (tile = heads x positions, powers of two), ``num_warps``,
     ``heads_fastest`` (program order), ``evict`` (evict-first hint on q/k loads) and ``shared_cs``
@@ -217,6 +218,9 @@ def rope_launch(
     n_groups = n_q_groups + triton.cdiv(n_kv, heads)
     n_t_blocks = triton.cdiv(seq_len, block_t)
     cs_sb, cs_st = _cos_sin_strides(cos)
+    if _cos_sin_strides(sin) != (cs_sb, cs_st):  # the kernel reads both tables with one set of strides
+        cos, sin = cos.contiguous(), sin.contiguous()
+        cs_sb, cs_st = _cos_sin_strides(cos)
     if batch * seq_len > 0:
         _rope_kernel[(batch * n_t_blocks * n_groups,)](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
@@ -237,10 +241,11 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 config: dict | None = None):
-        # HF's output dtype: q * cos promotes (cos usually already has q's dtype).
+        # HF's output dtype: q * cos + rotate_half(q) * sin promotes (cos and sin usually have q's dtype).
+        cs_dtype = torch.promote_types(cos.dtype, sin.dtype)
         q_out, k_out = rope_launch(
             q, k, cos, sin, backward=False,
-            q_dtype=torch.promote_types(q.dtype, cos.dtype), k_dtype=torch.promote_types(k.dtype, cos.dtype),
+            q_dtype=torch.promote_types(q.dtype, cs_dtype), k_dtype=torch.promote_types(k.dtype, cs_dtype),
             config=config,
         )
         ctx.save_for_backward(cos, sin)

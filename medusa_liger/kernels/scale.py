@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from medusa_liger.kernels.utils import use_triton
+from medusa_liger.kernels.utils import check_float, use_triton
 
 try:
     import triton
@@ -43,9 +43,11 @@ if triton is not None:
 def scale_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """x *= factor in place and return x. x: any float tensor; factor: a one-element float tensor on
     x's device. Contiguous x runs the Triton kernel (the PyTorch product otherwise)."""
-    if factor.numel() != 1 or factor.device != x.device:
-        raise ValueError(f"factor must be a one-element tensor on {x.device}, got {list(factor.shape)} "
-                         f"on {factor.device}")
+    check_float("x", x)
+    if not isinstance(factor, torch.Tensor) or factor.numel() != 1 or factor.device != x.device:
+        raise ValueError(f"factor must be a one-element tensor on {x.device}, got "
+                         + (f"{list(factor.shape)} on {factor.device}" if isinstance(factor, torch.Tensor)
+                            else type(factor).__name__))
     if x.numel() == 0:
         return x
     if not (use_triton(x) and x.is_contiguous() and x.dtype != torch.float64):

@@ -106,8 +106,10 @@ def swiglu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: (dgate, dup); with ``inplace`` they are written over gate's and up's storage."""
     a, b, dc2 = _as_rows(gate), _as_rows(up), _as_rows(dc)
-    # In place only when the row views share gate's/up's storage (no copy was needed).
-    inplace = inplace and a.data_ptr() == gate.data_ptr() and b.data_ptr() == up.data_ptr()
+    # In place only when the row views share gate's/up's storage (no copy was needed) and every
+    # element has its own memory: not gate and up in one buffer, no rows overlapping (an expand()).
+    inplace = (inplace and a.data_ptr() == gate.data_ptr() and b.data_ptr() == up.data_ptr()
+               and a.data_ptr() != b.data_ptr() and all(r.shape[0] <= 1 or r.stride(0) >= r.shape[1] for r in (a, b)))
     da = a if inplace else torch.empty(a.shape, dtype=gate.dtype, device=gate.device)
     db = b if inplace else torch.empty(b.shape, dtype=up.dtype, device=up.device)
     if a.numel() > 0:
@@ -156,7 +158,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
     if up.dtype != gate.dtype:
         raise ValueError(f"up must have gate's dtype {gate.dtype}, got {up.dtype}")
     check_same_device(gate=gate, up=up)
-    if use_triton(gate):
+    if use_triton(gate) and gate.shape[-1] > 0:  # (zero-width rows: nothing to launch)
         return SwiGLUFunction.apply(gate, up, bool(inplace_backward))
     return swiglu_torch(gate, up)
 

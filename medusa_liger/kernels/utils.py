@@ -121,7 +121,9 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 
 def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None]) -> None:
-    """Raise ValueError unless ``tensor.shape`` matches ``expected`` (None matches any size)."""
+    """Raise ValueError unless ``tensor`` is a tensor whose shape matches ``expected`` (None: any size)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     shape = tuple(tensor.shape)
     ok = len(shape) == len(expected) and all(e is None or e == s for s, e in zip(shape, expected))
     if not ok:
