@@ -213,14 +213,14 @@ def test_cli_reads_the_training_loops_final_layout(tmp_path, capsys):
     assert "heads in the medusa format and the backbone" in capsys.readouterr().out
     assert (tmp_path / "run" / "backbone" / "config.json").is_file()
     assert_same_heads(model, MedusaModel.from_pretrained(tmp_path / "run"))
-    assert run_cli("--checkpoint", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")) == 1
+    assert run_cli("--checkpoint", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")) == 2
 
 
 def test_cli_shared_vllm_needs_the_backbone(tmp_path, capsys):
     model = make_model(shared=True)
     model.backbone.save_pretrained(str(tmp_path / "base"))
     model.save_heads(tmp_path / "heads", format="medusa")
-    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o1"), "--format", "vllm") == 1
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o1"), "--format", "vllm") == 2
     assert "backbone" in capsys.readouterr().err
     assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o2"), "--format", "vllm",
                    "--backbone", str(tmp_path / "base")) == 0
@@ -273,3 +273,122 @@ def test_missing_or_unexpected_tensors(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="blocks.1.layers.1.bias"):
         read_heads(tmp_path)
+
+
+def test_every_heads_tensor_shape_is_checked(tmp_path):
+    """Not only the first head's: a serving engine builds every head at hidden and vocab size."""
+    make_model(shared=False).save_heads(tmp_path, format="medusa")
+    tensors = load_file(str(tmp_path / "medusa_lm_head.safetensors"))
+    save_file(dict(tensors, **{f"2.{L}.weight": torch.zeros(V - 3, H)}), str(tmp_path / "medusa_lm_head.safetensors"))
+    with pytest.raises(ValueError, match=rf"lm_heads.2.weight has shape \[{V - 3}, {H}\], expected \[{V}, {H}\]"):
+        read_heads(tmp_path)
+    save_file(dict(tensors, **{"1.0.linear.weight": torch.zeros(H, H // 2)}), str(tmp_path / "medusa_lm_head.safetensors"))
+    with pytest.raises(ValueError, match=r"blocks.1.0.linear.weight has shape"):
+        read_heads(tmp_path)
+
+
+def test_float64_heads_round_trip(tmp_path):
+    model = make_model(shared=False, backbone=tiny_llama().double())
+    model.save_heads(tmp_path / "h", format="medusa")
+    assert read_heads(tmp_path / "h").serving_dtype == torch.float64
+    assert_same_heads(model, MedusaModel.from_pretrained(tmp_path / "h", backbone=model.backbone))
+    assert run_cli("--checkpoint", str(tmp_path / "h"), "--output", str(tmp_path / "o"), "--format", "vllm") == 0
+    assert {t.dtype for t in load_file(str(tmp_path / "o" / "model.safetensors")).values()} == {torch.float64}
+
+
+def test_heads_whose_layers_share_memory_export(tmp_path):
+    """FasterDecoding builds a head as Sequential(*[ResBlock] * L, Linear): its L blocks are one
+    module, so its medusa_lm_head.pt holds layers sharing storage, which safetensors refuses."""
+    block = torch.nn.Linear(H, H)
+    state = {}
+    for h in range(K):
+        for l in range(L):
+            state[f"{h}.{l}.linear.weight"], state[f"{h}.{l}.linear.bias"] = block.weight.data, block.bias.data
+        state[f"{h}.{L}.weight"] = torch.randn(V, H)
+    torch.save(state, tmp_path / "medusa_lm_head.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": K, "medusa_num_layers": L}))
+    assert run_cli("--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), "--format", "both") == 0
+    out = load_file(str(tmp_path / "o" / "vllm" / "model.safetensors"))
+    assert torch.equal(out[f"blocks.2.layers.{L - 1}.weight"], block.weight.data)
+
+
+def test_shared_vllm_export_refuses_an_lm_head_bias(tmp_path):
+    """vLLM's Medusa lm_heads have no bias: it would serve every head without the backbone's."""
+    backbone = tiny_llama()
+    backbone.lm_head.bias = torch.nn.Parameter(torch.randn(V))
+    model = make_model(shared=True, backbone=backbone)
+    with pytest.raises(ValueError, match="lm_head has a bias"):
+        model.save_heads(tmp_path / "v", format="vllm")
+    model.save_heads(tmp_path / "m", format="medusa")  # the medusa format keeps using the backbone's lm_head
+
+
+def test_bf16_stored_lm_head_is_no_false_alarm(tmp_path, recwarn):
+    model = make_model(shared=True)
+    model.save_heads(tmp_path, format="vllm", dtype="bf16")
+    MedusaModel.from_pretrained(tmp_path, backbone=model.backbone)
+    assert not [w for w in recwarn if "differs" in str(w.message)]
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    with pytest.warns(UserWarning, match="differs from the backbone's"):
+        MedusaModel.from_pretrained(tmp_path, backbone=model.backbone)
+
+
+def test_backbone_logit_transforms_are_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=V)
+    config.final_logit_softcapping = 30.0  # Gemma 2's; our losses are hidden @ lm_head.T without it
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        MedusaModel.from_backbone(LlamaForCausalLM(config), MedusaConfig(num_heads=1))
+
+
+def test_cli_export_is_all_or_nothing_and_overwrites_only_when_asked(tmp_path, capsys):
+    model = make_model(shared=True)
+    model.save_heads(tmp_path / "heads", format="medusa")
+    # Shared vllm needs a backbone: --format both fails in vllm after medusa, and leaves nothing.
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--format", "both") == 2
+    assert not (tmp_path / "o").exists() and [p.name for p in tmp_path.iterdir()] == ["heads"]
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--format", "medusa") == 0
+    capsys.readouterr()
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--format", "medusa") == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    (tmp_path / "o" / "backbone").mkdir()  # a stale earlier export's backbone goes with --overwrite
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--format", "medusa",
+                   "--overwrite") == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "medusa_lm_head.safetensors"]
+    assert "and the backbone" not in capsys.readouterr().out
+    (tmp_path / "o" / "notes.txt").write_text("mine")  # not an export's file: never replaced
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--overwrite") == 2
+    assert "files no export writes" in capsys.readouterr().err
+    for output in (tmp_path / "heads", tmp_path):  # the source itself, or a directory holding it
+        assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(output), "--overwrite") == 2
+        assert "which this export reads" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "file")) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "p"), "--format", "vllm",
+                   "--backbone", str(tmp_path / "no_such_dir")) == 2
+    assert "backbone directory" in capsys.readouterr().err  # a mistyped path, not the hub's "Repo id must be ..."
+    (tmp_path / "heads" / "medusa_lm_head.safetensors").write_bytes(b"\x00" * 7)  # truncated
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "q")) == 2
+
+
+def test_cli_dtype_keeps_the_backbones_tokenizer_and_names_the_copy(tmp_path):
+    """--dtype rewrites the saved backbone; its tokenizer files come along, and the heads'
+    base_model_name_or_path names the exported copy (the trained backbone), not the base model."""
+    from medusa_liger.heads.export import write_backbone
+
+    model = make_model(shared=False, mode="joint")
+    model.save_heads(tmp_path / "final" / "heads_medusa", format="medusa", save_backbone=False,
+                     base_model_name_or_path="org/base")
+    write_backbone(model.backbone, tmp_path / "final" / "backbone")
+    (tmp_path / "final" / "backbone" / "tokenizer.json").write_text("{}")
+    (tmp_path / "final" / "backbone" / "chat_template.jinja").write_text("{{ messages }}")
+    # The heads directory itself: its backbone/ sits beside it.
+    assert run_cli("--checkpoint", str(tmp_path / "final" / "heads_medusa"), "--output", str(tmp_path / "o"),
+                   "--format", "medusa", "--dtype", "bf16") == 0
+    names = {p.name for p in (tmp_path / "o" / "backbone").iterdir()}
+    assert {"tokenizer.json", "chat_template.jinja", "config.json"} <= names
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "o" / "backbone").resolve())

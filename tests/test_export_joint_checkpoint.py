@@ -40,6 +40,11 @@ def test_joint_checkpoint_exports_the_backbone_it_trained(tmp_path, lora, capsys
     assert (tmp_path / "out" / "backbone" / "tokenizer.json").is_file()
     heads = _weights(tmp_path / "out")
     assert all(torch.equal(heads[k], v) for k, v in _weights(run / "final" / "heads_medusa").items())
+    # The checkpoint's heads/ directory names the same checkpoint.
+    assert medusa_liger_main(["export", "--checkpoint", str(step / "heads"), "--output", str(tmp_path / "out2"),
+                              "--format", "medusa"]) == 0
+    exported = _weights(tmp_path / "out2" / "backbone")
+    assert all(torch.equal(exported[k], final[k]) for k in final)
     assert not list(tmp_path.glob(".out-backbone-*"))  # the scratch copy is gone
 
 
@@ -47,7 +52,7 @@ def test_joint_checkpoint_moved_out_of_its_run_is_a_clear_error(tmp_path, capsys
     run = _train_joint(tmp_path)
     moved = tmp_path / "elsewhere" / "step-000003"
     shutil.copytree(run / "checkpoints" / "step-000003", moved)
-    assert medusa_liger_main(["export", "--checkpoint", str(moved), "--output", str(tmp_path / "out")]) == 1
+    assert medusa_liger_main(["export", "--checkpoint", str(moved), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "trained backbone" in err and "config.yaml" in err and "--backbone" in err
     # Naming the backbone instead exports the heads against it, with a warning.

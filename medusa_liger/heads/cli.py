@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from medusa_liger.heads.export import (
     BACKBONE_SUBDIR,
@@ -81,40 +83,96 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
     """
     heads_dir = find_heads_dir(checkpoint_dir)
     ckpt = read_heads(heads_dir)
-    beside = heads_dir.parent if heads_dir != Path(checkpoint_dir) else heads_dir  # the run's final/, a checkpoint
-    saved = saved_backbone or next((d for d in (heads_dir / BACKBONE_SUBDIR, beside / BACKBONE_SUBDIR) if d.is_dir()), None)
+    saved = saved_backbone or next(
+        (d for d in (heads_dir / BACKBONE_SUBDIR, heads_dir.parent / BACKBONE_SUBDIR) if d.is_dir()), None)
     source = backbone if backbone is not None else saved
     if source is not None:
         model = load_backbone(source)
         check_backbone_matches(ckpt, model, heads_dir)
-        ckpt.lm_head_weight = model.get_output_embeddings().weight.detach()
+        lm_head = model.get_output_embeddings()
+        ckpt.lm_head_weight = lm_head.weight.detach()
+        ckpt.lm_head_bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias.detach()
     return ckpt, (saved if backbone is None else None)
+
+
+# What an export directory holds (what --overwrite may replace): heads files, a backbone, per-format dirs.
+EXPORT_ENTRIES = {"config.json", "medusa_lm_head.safetensors", "medusa_lm_head.pt", "model.safetensors",
+                  BACKBONE_SUBDIR, *FORMATS}
+
+
+def check_output_dir(output_dir: Path, sources: list[Path], overwrite: bool) -> None:
+    """Refuse an output that is a file, is or holds a source being read, or (without ``overwrite``)
+    is a non-empty directory; ``overwrite`` replaces only what an export writes."""
+    output = output_dir.resolve()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output {output_dir} is a file, not a directory")
+    for source in sources:
+        if output == source.resolve() or output in source.resolve().parents:
+            raise ValueError(f"--output {output_dir} is or holds {source}, which this export reads: choose another directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        found = sorted(p.name for p in output_dir.iterdir())
+        if not overwrite:
+            raise ValueError(f"--output {output_dir} is not empty ({found[:6]}): pass --overwrite to replace the export "
+                             f"there, or choose a new directory")
+        if not set(found) <= EXPORT_ENTRIES:
+            raise ValueError(f"--output {output_dir} holds files no export writes ({sorted(set(found) - EXPORT_ENTRIES)[:6]}); "
+                             f"--overwrite replaces only an earlier export: choose a new directory")
+
+
+def _copy_backbone(backbone_dir: Path, target: Path, dtype: torch.dtype | None) -> None:
+    """The saved backbone with its tokenizer files; cast (rewritten) when ``dtype`` is given."""
+    if dtype is None:
+        shutil.copytree(backbone_dir, target)
+        return
+    write_backbone(load_backbone(backbone_dir), target, dtype)
+    written = {p.name for p in target.iterdir()}
+    for path in backbone_dir.iterdir():  # the tokenizer and chat template: everything but the weights
+        if path.is_file() and path.name not in written and not path.name.endswith((".safetensors", ".bin", ".index.json")):
+            shutil.copy2(path, target / path.name)
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, formats: list[str],
                       dtype: torch.dtype | str | None = None, backbone: str | Path | None = None,
-                      saved_backbone: Path | None = None) -> list[Path]:
+                      saved_backbone: Path | None = None, overwrite: bool = False) -> list[Path]:
     """Write the heads of ``checkpoint_dir`` in each of ``formats`` (one subdirectory per format when
     there are several) and copy a jointly trained backbone beside each (``load_for_export`` says
-    which). Returns the written dirs."""
+    which; the heads' ``base_model_name_or_path`` then names that copy). Returns the written dirs.
+
+    All or nothing: everything is written to a scratch directory beside ``output_dir``, which then
+    takes its place (an earlier export there, with ``overwrite``, is removed only after that).
+    """
     for format in formats:
         check_format(format)
     dtype = parse_dtype(dtype)
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, [Path(checkpoint_dir), *([saved_backbone] if saved_backbone else [])], overwrite)
     ckpt, backbone_dir = load_for_export(checkpoint_dir, backbone, saved_backbone)
+    if backbone_dir is not None:
+        check_output_dir(output_dir, [backbone_dir], overwrite)
     # Heads default to the serving dtype recorded when they were saved (a training checkpoint holds
     # fp32 master heads); files without it (other tools) keep their own dtype.
     heads_dtype = dtype if dtype is not None else ckpt.serving_dtype
-    output_dir = Path(output_dir)
-    written = []
-    for format in formats:
-        target = output_dir / format if len(formats) > 1 else output_dir
-        write_heads(ckpt, target, format, heads_dtype)
-        if backbone_dir is not None:
-            if dtype is None:
-                shutil.copytree(backbone_dir, target / BACKBONE_SUBDIR, dirs_exist_ok=True)
-            else:
-                write_backbone(load_backbone(backbone_dir), target / BACKBONE_SUBDIR, dtype)
-        written.append(target)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-export-"))
+    try:
+        written = []
+        for format in formats:
+            sub = Path(format) if len(formats) > 1 else Path()
+            if backbone_dir is not None:
+                _copy_backbone(backbone_dir, scratch / sub / BACKBONE_SUBDIR, dtype)
+                ckpt.base_model_name_or_path = str((output_dir / sub / BACKBONE_SUBDIR).resolve())
+            write_heads(ckpt, scratch / sub, format, heads_dtype)
+            written.append(output_dir / sub)
+        old = None
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}-old-{scratch.name}")
+            output_dir.rename(old)
+        scratch.rename(output_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     return written
 
 
@@ -126,18 +184,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cast the weights (default: heads in the backbone's dtype recorded at save time, "
                              "else as saved; a saved backbone as saved)")
     parser.add_argument("--backbone", default=None, help="base model path or name to check the heads against")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
 
 
 def run(args: argparse.Namespace, saved_backbone: Path | None = None) -> int:
-    """Export (with ``saved_backbone``, see ``load_for_export``); 0 on success, 1 with a one-line
-    error on bad input."""
+    """Export (with ``saved_backbone``, see ``load_for_export``); 0 on success, 2 with a one-line
+    error on bad input (as every medusa-liger command)."""
     formats = ["medusa", "vllm"] if args.format == "both" else [args.format]
     try:
         written = export_checkpoint(args.checkpoint, args.output, formats, dtype=args.dtype, backbone=args.backbone,
-                                    saved_backbone=saved_backbone)
-    except (ValueError, FileNotFoundError) as error:
+                                    saved_backbone=saved_backbone, overwrite=args.overwrite)
+    except (ValueError, OSError, SafetensorError) as error:  # bad paths, files or arguments: said in one line
         print(f"medusa-liger export: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     for path, format in zip(written, formats, strict=True):
         with_backbone = " and the backbone" if (path / BACKBONE_SUBDIR).is_dir() else ""
         print(f"wrote {path}: heads in the {format} format{with_backbone}")

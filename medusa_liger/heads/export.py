@@ -55,6 +55,7 @@ class HeadsCheckpoint:
 
     tensors:        the ``MedusaHeads`` state dict: blocks.{h}.{l}.linear.{weight,bias}, lm_heads.{h}.weight
     lm_head_weight: the backbone's lm_head [V, H] where known (needed by vLLM in shared mode)
+    lm_head_bias:   its bias [V] where it has one (shared mode only: per-head projections refuse it)
     serving_dtype:  the backbone's dtype when the heads were saved (what ``medusa-liger export`` casts
                     to by default: training checkpoints hold fp32 master heads), None if unknown
     """
@@ -64,16 +65,21 @@ class HeadsCheckpoint:
     vocab_size: int
     tensors: dict[str, torch.Tensor]
     lm_head_weight: torch.Tensor | None = None
+    lm_head_bias: torch.Tensor | None = None  # the backbone's, where it has one (vLLM's lm_heads have none)
     base_model_name_or_path: str | None = None
     format: str | None = None
     serving_dtype: torch.dtype | None = None
 
 
+# What heads may be stored in: the names' dtypes, and float64 (a float64 model's own, never a flag's).
+STORED_DTYPES = (*dict.fromkeys(DTYPES.values()), torch.float64)
+
+
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """None, a torch float dtype, or one of the names in ``DTYPES`` -> torch dtype (or None)."""
     if dtype is None or isinstance(dtype, torch.dtype):
-        if isinstance(dtype, torch.dtype) and dtype not in set(DTYPES.values()):
-            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        if isinstance(dtype, torch.dtype) and dtype not in STORED_DTYPES:
+            raise ValueError(f"dtype must be bfloat16, float16, float32 or float64, got {dtype}")
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
@@ -102,6 +108,9 @@ def _to_format(ckpt: HeadsCheckpoint, format: str) -> dict[str, torch.Tensor]:
     if cfg.shared_lm_head and format == "vllm":
         if ckpt.lm_head_weight is None:
             raise ValueError("vllm format in shared mode needs the backbone's lm_head weight (pass a backbone)")
+        if ckpt.lm_head_bias is not None:  # vLLM would serve every head without it, silently
+            raise ValueError("the backbone's lm_head has a bias, which vLLM's Medusa lm_heads do not have: "
+                             "export the medusa format")
         out["lm_heads.0.weight"] = ckpt.lm_head_weight
     return out
 
@@ -159,6 +168,7 @@ def checkpoint_of(model: nn.Module, base_model_name_or_path: str | None = None) 
         vocab_size=model.heads.vocab_size,
         tensors={k: v.detach() for k, v in model.heads.state_dict().items()},
         lm_head_weight=lm_weight,
+        lm_head_bias=None if getattr(model.lm_head, "bias", None) is None else model.lm_head.bias.detach(),
         base_model_name_or_path=name,
         serving_dtype=lm_weight.dtype,  # the backbone's own weight, never a trainable master copy
     )
@@ -171,6 +181,13 @@ def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v if dtype is None else v.to(dtype)).detach().cpu().contiguous() for k, v in _to_format(ckpt, format).items()}
+    # safetensors refuses tensors that share memory: FasterDecoding's [ResBlock] * L heads repeat
+    # one block, so its files load with layers aliasing each other. Each gets its own copy here.
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensors[key] = tensor.clone()
+        seen.add(tensors[key].untyped_storage().data_ptr())
     saved_dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     cfg = ckpt.config
     if format == "medusa":
@@ -236,6 +253,9 @@ def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", 
     directory = write_heads(checkpoint_of(model, base_model_name_or_path), directory, format, dtype)
     if save_backbone is None:
         save_backbone = model.config.mode == "joint"
+    if not save_backbone and (directory / BACKBONE_SUBDIR).is_dir():
+        warnings.warn(f"{directory} still holds {BACKBONE_SUBDIR}/ from an earlier save, which from_pretrained pairs "
+                      f"with these heads; remove it unless it is their backbone", stacklevel=3)
     if save_backbone:
         write_backbone(model.backbone, directory / BACKBONE_SUBDIR, dtype)
     return directory
@@ -302,6 +322,12 @@ def read_heads(directory: str | Path) -> HeadsCheckpoint:
     for name, found, expected in (("hidden_size", config.get("hidden_size"), hidden), ("vocab_size", config.get("vocab_size"), vocab)):
         if found is not None and expected is not None and found != expected:
             raise ValueError(f"{directory}/config.json says {name}={found} but its tensors have {name}={expected}")
+    # Every head's tensors, not only the first's: a serving engine builds each at these shapes.
+    for key, tensor in tensors.items():
+        expected_shape = [hidden] if key.endswith("bias") else [vocab if key.startswith("lm_heads") else hidden, hidden]
+        if list(tensor.shape) != expected_shape:
+            raise ValueError(f"{directory}: tensor {key} has shape {list(tensor.shape)}, expected {expected_shape} "
+                             f"(hidden_size={hidden}, vocab_size={vocab})")
     ours = config.get("medusa_liger", {})
     if ours.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise ValueError(f"{directory} was written by a newer medusa-liger (format_version "
@@ -311,7 +337,7 @@ def read_heads(directory: str | Path) -> HeadsCheckpoint:
     return HeadsCheckpoint(
         config=MedusaConfig.from_dict(values), hidden_size=hidden, vocab_size=vocab, tensors=tensors,
         lm_head_weight=original, base_model_name_or_path=config.get("base_model_name_or_path"), format=format,
-        serving_dtype=None if serving is None else parse_dtype(serving),
+        serving_dtype=None if serving is None else parse_dtype(getattr(torch, str(serving), serving)),
     )
 
 
@@ -327,6 +353,10 @@ def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None) -> n
     """``AutoModelForCausalLM.from_pretrained(path)`` in the saved dtype (or ``dtype``)."""
     from transformers import AutoModelForCausalLM
 
+    from medusa_liger.records import looks_like_local_path
+
+    if looks_like_local_path(path) and not Path(path).expanduser().is_dir():  # not hub's "Repo id must be ..."
+        raise FileNotFoundError(f"backbone directory {path} does not exist")
     dtype = parse_dtype(dtype)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
 
@@ -350,8 +380,9 @@ def load_pretrained(cls: type, directory: str | Path, backbone: nn.Module | str 
     model = cls.from_backbone(backbone, config)
     model.heads.load_state_dict(ckpt.tensors, strict=True)
     if ckpt.lm_head_weight is not None:
-        lm = model.lm_head.weight
-        if not torch.equal(ckpt.lm_head_weight.to(device=lm.device, dtype=lm.dtype), lm.detach()):
+        lm, stored = model.lm_head.weight, ckpt.lm_head_weight
+        # Compared in the stored dtype: an fp32 backbone's lm_head exported in bf16 is the same one.
+        if not torch.equal(stored.to(lm.device), lm.detach().to(stored.dtype)):
             warnings.warn(f"the lm_head stored in {directory} (original_lm_head) differs from the backbone's; "
                           "the backbone's is used", stacklevel=3)
     return model

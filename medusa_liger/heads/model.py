@@ -137,6 +137,12 @@ class MedusaModel(nn.Module):
                 f"heads have hidden_size={heads.hidden_size}, vocab_size={heads.vocab_size} but the backbone's "
                 f"lm_head expects hidden_size={hidden}, vocab_size={vocab}"
             )
+        backbone_config = getattr(backbone, "config", None)
+        for key, plain in (("final_logit_softcapping", None), ("logits_scaling", 1.0)):
+            value = getattr(backbone_config, key, plain)
+            if value not in (plain, None):  # the heads' and lm losses are hidden @ lm_head.T, without it
+                raise ValueError(f"the backbone's config has {key}={value}, a transform of its logits that "
+                                 f"medusa-liger's losses do not apply; supported backbones have {key}={plain}")
         if not config.shared_lm_head and getattr(lm_head, "bias", None) is not None:
             raise ValueError(
                 "the backbone's lm_head has a bias, which per-head projections (bias=False, the format serving "

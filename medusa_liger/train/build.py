@@ -142,6 +142,9 @@ def build_medusa(cfg: Config, backbone, teacher: bool = True):
         heads_loss_weight=cfg.train.heads_lambda.value if cfg.train.mode == "joint" else None,
     )
     model = MedusaModel.from_backbone(backbone, medusa_cfg)
+    if "vllm" in cfg.export.formats and getattr(model.lm_head, "bias", None) is not None:  # said now, not at the end
+        raise ConfigError("export.formats includes vllm, but the backbone's lm_head has a bias, which vLLM's Medusa "
+                          "lm_heads do not have: export only the medusa format (export.formats=[medusa])")
     model.heads.to(master_dtype(cfg))
     if teacher and cfg.train.lm_loss == "kl" and not cfg.lora.enabled:
         model.add_frozen_teacher()  # before gradient checkpointing: the teacher runs under no_grad

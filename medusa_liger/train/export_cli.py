@@ -20,18 +20,25 @@ import torch
 from safetensors.torch import load_file
 
 from medusa_liger.heads import cli as heads_cli
-from medusa_liger.run_layout import CONFIG_FILE
+from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, CONFIG_FILE
 
 TRAINABLE_FILE = "trainable.safetensors"  # written by train/checkpoint.py's save_checkpoint
 BACKBONE_PREFIX = "backbone."  # MedusaModel.backbone: the prefix of the backbone's tensors in that file
 
 
+def training_checkpoint_of(path: str | Path) -> Path | None:
+    """The training checkpoint (``step-N/``) that ``path`` is, or whose ``heads/`` it is; else None."""
+    path = Path(path)
+    for candidate in (path, path.parent if path.name == CHECKPOINT_HEADS_DIR else None):
+        if candidate is not None and (candidate / TRAINABLE_FILE).is_file():
+            return candidate
+    return None
+
+
 def trained_backbone_tensors(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """The backbone's tensors a training checkpoint holds (names relative to the backbone); empty
-    when ``checkpoint_dir`` is no training checkpoint or its run trained only the heads."""
+    when its run trained only the heads."""
     path = Path(checkpoint_dir) / TRAINABLE_FILE
-    if not path.is_file():
-        return {}
     return {name.removeprefix(BACKBONE_PREFIX): tensor for name, tensor in load_file(str(path)).items()
             if name.startswith(BACKBONE_PREFIX)}
 
@@ -76,12 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export; a joint run's training checkpoint brings its trained backbone. 0, or 1 on bad input."""
+    """Export; a joint run's training checkpoint brings its trained backbone. 0, or 2 on bad input."""
     from medusa_liger.heads.export import write_backbone
     from medusa_liger.train.build import export_dtype
     from medusa_liger.train.data import DataError
 
-    tensors = trained_backbone_tensors(args.checkpoint)
+    step_dir = training_checkpoint_of(args.checkpoint)
+    tensors = trained_backbone_tensors(step_dir) if step_dir is not None else {}
     if not tensors:
         return heads_cli.run(args)
     if args.backbone is not None:
@@ -89,10 +97,11 @@ def run(args: argparse.Namespace) -> int:
               f"of it, and its heads may not fit that model", file=sys.stderr)
         return heads_cli.run(args)
     try:
-        backbone, tokenizer, cfg = rebuild_backbone(args.checkpoint, tensors)
-    except (ValueError, FileNotFoundError, DataError) as error:
+        heads_cli.check_output_dir(Path(args.output), [step_dir], args.overwrite)  # before the rebuild's wait
+        backbone, tokenizer, cfg = rebuild_backbone(step_dir, tensors)
+    except (ValueError, OSError, DataError) as error:
         print(f"medusa-liger export: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     # The rebuilt backbone goes through a saved copy, as a run's final/backbone does: the heads
     # export checks the heads against it and copies it (cast to --dtype if given) beside them.
     output = Path(args.output)
