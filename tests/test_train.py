@@ -408,3 +408,17 @@ def test_eval_every_without_held_out_rows_says_so(tmp_path, capsys):
                        "checkpoint.every=0", "export.formats=[medusa]"))
     assert "train.eval_every=1: no held-out rows to evaluate" in capsys.readouterr().out
     assert not any(k.startswith("eval/") for r in read_metrics(tmp_path / "metrics.jsonl") for k in r)
+
+
+def test_vllm_export_of_an_lm_head_with_bias_is_refused_before_training():
+    """vLLM's Medusa lm_heads have no bias: said when the model is built, not after the last step."""
+    from medusa_liger.train.build import build_medusa
+    from medusa_liger.train.config import ConfigError
+    from tests.test_heads import V, tiny_llama
+
+    backbone = tiny_llama()
+    backbone.lm_head.bias = torch.nn.Parameter(torch.zeros(V))
+    cfg = load_config(TINY, ["heads.shared_lm_head=true"])
+    with pytest.raises(ConfigError, match=r"export.formats includes vllm.*export.formats=\[medusa\]"):
+        build_medusa(cfg, backbone)
+    build_medusa(load_config(TINY, ["heads.shared_lm_head=true", "export.formats=[medusa]"]), backbone)
