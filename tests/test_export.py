@@ -392,3 +392,21 @@ def test_cli_dtype_keeps_the_backbones_tokenizer_and_names_the_copy(tmp_path):
     assert {"tokenizer.json", "chat_template.jinja", "config.json"} <= names
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["base_model_name_or_path"] == str((tmp_path / "o" / "backbone").resolve())
+
+
+def test_exported_weights_are_readable_by_a_serving_user(tmp_path):
+    """safetensors 0.8 writes 0600; an export is for a serving engine, often another user."""
+    import os
+    import stat
+
+    from medusa_liger.heads.export import write_backbone
+
+    umask = os.umask(0o022)
+    try:
+        model = make_model(shared=False)
+        model.save_heads(tmp_path / "h", format="vllm")
+        write_backbone(model.backbone, tmp_path / "b")
+    finally:
+        os.umask(umask)
+    for path in [tmp_path / "h" / "model.safetensors", *(tmp_path / "b").glob("*.safetensors")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,14 @@ def checkpoint_of(model: nn.Module, base_model_name_or_path: str | None = None) 
     )
 
 
+def readable_by_others(path: Path) -> None:
+    """Give ``path`` the permissions the umask allows (0644 under 022). safetensors 0.8 writes its
+    files 0600, which a serving engine running as another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype: torch.dtype | str | None = None) -> Path:
     """Write ``ckpt`` in ``format`` ("medusa" | "vllm") to ``directory``, cast to ``dtype`` if given."""
     check_format(format)
@@ -215,6 +224,7 @@ def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype
     if ckpt.serving_dtype is not None:
         config["medusa_liger"]["serving_dtype"] = str(ckpt.serving_dtype).removeprefix("torch.")
     save_file(tensors, str(directory / WEIGHT_FILES[format]), metadata={"format": "pt"})
+    readable_by_others(directory / WEIGHT_FILES[format])
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
@@ -234,6 +244,8 @@ def write_backbone(backbone: nn.Module, directory: str | Path, dtype: torch.dtyp
     if dtype is not None:
         state_dict = {k: v.to(dtype) for k, v in model.state_dict().items()}
     model.save_pretrained(str(directory), state_dict=state_dict)
+    for path in directory.glob("*.safetensors"):
+        readable_by_others(path)
     if dtype is not None:
         # save_pretrained records the parameters' dtype; record the one written instead.
         path = directory / "config.json"
