@@ -237,3 +237,67 @@ def test_cli_reports_data_errors_but_lets_bugs_raise(tmp_path, capsys, monkeypat
     monkeypatch.setattr(loop, "train", buggy_train)
     with pytest.raises(ValueError, match="a bug in the middle"):
         cli.run(parser.parse_args([str(ROOT / "configs" / "tiny.yaml"), f"output_dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize("override", ["data.paths=[a.jsonl", "name=@foo", "train.lr={"])
+def test_malformed_yaml_override_is_a_config_error_naming_it(override):
+    # Used to escape as a yaml.parser.ParserError / ScannerError traceback.
+    with pytest.raises(ValueError, match=re.escape(f"override {override!r}: the value of {override.split('=')[0]} "
+                                                   "is not valid YAML")):
+        load_config(TINY, [override])
+
+
+def test_malformed_yaml_file_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain:\n  lr: [1\n  steps: 3\n")
+    with pytest.raises(ValueError, match=re.escape(f"config file {str(bad)!r} is not valid YAML") + ".* at line 4"):
+        load_config(bad)
+
+
+def test_a_config_directory_is_said_to_be_one(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\n")
+    with pytest.raises(ValueError, match=re.escape(f"{str(tmp_path)!r} is a directory: give a YAML file (e.g. ")
+                       + ".*a.yaml"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("device", ["cudafoo", "cuda:x", "cuda:-1", "cuda:1:2", "gpu", "CPU"])
+def test_device_is_validated_fully(device):
+    # Only startswith("cuda") was checked: cudafoo and cuda:x passed, then torch.device raised.
+    with pytest.raises(ValueError, match=re.escape(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got "
+                                                   f"{device!r}")):
+        load_config(TINY, [f"train.device={device}"])
+    for good in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):  # availability is resolve_device's check, at startup
+        assert load_config(TINY, [f"train.device={good}"]).train.device == good
+
+
+def test_tilde_is_expanded_once_in_every_path_key(tmp_path, monkeypatch):
+    # Validation expanded ~ but the run used it literally (output_dir=~/run made ./~/run).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "bb").mkdir()
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "trainer_state.json").write_text("{}")
+    cfg = load_config(TINY, ["output_dir=~/run", "data.paths=[~/a.jsonl, org/dataset]", "data.cache_dir=~/cache",
+                             "model.name_or_path=~/bb", "train.resume=~/ck"])
+    assert cfg.output_dir == str(tmp_path / "run")
+    assert cfg.data.paths == [str(tmp_path / "a.jsonl"), "org/dataset"]
+    assert cfg.data.cache_dir == str(tmp_path / "cache")
+    assert cfg.model.name_or_path == str(tmp_path / "bb")
+    assert cfg.train.resume == str(tmp_path / "ck")
+    defaults = load_config(TINY)
+    assert (defaults.model.name_or_path, defaults.train.resume, defaults.data.cache_dir) == ("tiny", "none", None)
+
+
+@pytest.mark.parametrize("value", ["eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
+                                   "null", "kernels-community/flash-attn2"])
+def test_attn_implementation_takes_what_transformers_takes(value):
+    expected = None if value == "null" else value
+    assert load_config(TINY, [f"model.attn_implementation={value}"]).model.attn_implementation == expected
+
+
+@pytest.mark.parametrize("value", ["foo", "flash_attention", "SDPA", "a/b/c"])
+def test_attn_implementation_typos_stop_at_config_time(value):
+    # Was ignored by the tiny backbone (exit 0) and a ValueError traceback after loading a real one.
+    with pytest.raises(ValueError, match=r"model\.attn_implementation must be null, one of eager, sdpa.* got "
+                       + re.escape(repr(value))):
+        load_config(TINY, [f"model.attn_implementation={value}"])

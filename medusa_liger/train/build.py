@@ -33,8 +33,13 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.train.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(cfg.train.device)
+    # ConfigErrors: the command reports them in one line, before any data or model loads.
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {cfg.train.device!r} but CUDA is not available")
+        raise ConfigError(f"train.device={cfg.train.device} but CUDA is not available here: use train.device=cpu "
+                          "(or auto)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={cfg.train.device} but there are only {torch.cuda.device_count()} CUDA "
+                          f"device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -84,7 +89,7 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
         tokenizer = train_tokenizer(texts, cfg.model.tiny.vocab_size, Path(cfg.output_dir) / "tokenizer")
         torch.manual_seed(cfg.train.seed)  # the random init depends on the seed only
         with where:
-            backbone = build_tiny_backbone(cfg.model.tiny, tokenizer, dtype)
+            backbone = build_tiny_backbone(cfg.model.tiny, tokenizer, dtype, cfg.model.attn_implementation)
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

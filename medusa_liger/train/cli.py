@@ -11,6 +11,7 @@ Data-parallel training: launch the same command under ``torchrun`` (one process 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -31,9 +32,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("config", help="YAML config file (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    # default=[]: without one, argparse lists a "*" positional as required when none is given.
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dotted overrides of config keys, e.g. train.lr=1e-3 logging.wandb=disabled")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _parse_intermixed(parser)
+
+
+def _parse_intermixed(parser: argparse.ArgumentParser) -> None:
+    """Let flags and overrides come in any order (``CONFIG --print-config train.steps=5``): plain
+    argparse fills the positionals at the first run of them and calls anything after a flag
+    unrecognized. The top-level parser hands this subparser its arguments through parse_known_args."""
+    plain = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        parser.parse_known_args = plain  # the intermixed parse calls parse_known_args itself
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            parser.parse_known_args = parse_known_args
+
+    parser.parse_known_args = parse_known_args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"medusa-liger train: config error: {error}", file=sys.stderr)
         return 2
     if args.print_config:
-        yaml.safe_dump(cfg.to_dict(), sys.stdout, sort_keys=False)
+        try:
+            yaml.safe_dump(cfg.to_dict(), sys.stdout, sort_keys=False)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `--print-config | head`: the reader has what it wanted
+            # Python flushes stdout again at exit: point it at devnull so that flush cannot fail too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     from medusa_liger.train.checkpoint import ResumeError
     from medusa_liger.train.config import ConfigError

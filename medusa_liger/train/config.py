@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +24,14 @@ import yaml
 
 from medusa_liger.dtype_names import DTYPE_NAMES
 from medusa_liger.records import looks_like_local_path
+
+
+# What transformers takes as attn_implementation (besides a hub kernel, "org/name[@rev][:fn]"), checked
+# here so a typo stops before the model loads (the tiny backbone would otherwise fail only once built).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
+                        "flash_attention_4", "paged|eager")
+HUB_KERNEL = re.compile(r"[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?")  # transformers' is_kernel pattern
+DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")  # what resolve_device turns into a torch.device
 
 
 class ConfigError(ValueError):
@@ -49,7 +59,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
     patch: bool = False  # swap in the fused kernels (medusa_liger.patching)
     gradient_checkpointing: bool = False
-    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"
+    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2"; null: transformers' default
     trust_remote_code: bool = False
 
 
@@ -328,8 +338,12 @@ def validate(cfg: Config) -> Config:
     _require(m.vocab_size >= 300, "model.tiny.vocab_size", m.vocab_size, ">= 300 (256 bytes + merges + specials)")
     name = cfg.model.name_or_path
     if name != "tiny" and looks_like_local_path(name):  # a hub id is name or org/name
-        _require(Path(name).expanduser().is_dir(), "model.name_or_path", name,
+        _require(Path(name).is_dir(), "model.name_or_path", name,
                  "'tiny', a hub name (org/name) or an existing directory")
+    attn = cfg.model.attn_implementation
+    _require(attn is None or attn in ATTN_IMPLEMENTATIONS or HUB_KERNEL.fullmatch(attn) is not None,
+             "model.attn_implementation", attn,
+             f"null, one of {', '.join(ATTN_IMPLEMENTATIONS)} or a hub kernel (org/name)")
     if name == "tiny":
         _require(m.max_position_embeddings >= d.seq_len, "model.tiny.max_position_embeddings",
                  m.max_position_embeddings, f">= data.seq_len={d.seq_len}")
@@ -384,8 +398,7 @@ def validate(cfg: Config) -> Config:
     _require(t.lm_loss_weight >= 0, "train.lm_loss_weight", t.lm_loss_weight, ">= 0")
     _require(t.heads_lambda.value >= 0, "train.heads_lambda.value", t.heads_lambda.value, ">= 0")
     _require(t.heads_lambda.ramp_steps >= 0, "train.heads_lambda.ramp_steps", t.heads_lambda.ramp_steps, ">= 0")
-    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
-             "'auto', 'cpu' or 'cuda[:N]'")
+    _require(DEVICE.fullmatch(t.device) is not None, "train.device", t.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
     _require(t.threads is None or t.threads >= 1, "train.threads", t.threads, ">= 1 or null")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, ">= 1")
@@ -406,6 +419,13 @@ def validate(cfg: Config) -> Config:
 # ----------------------------------------------------------------------------------------------
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The one-line gist of a YAML syntax error (its str() spans several lines)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b.c=value"`` -> (["a", "b", "c"], YAML-parsed value)."""
     if "=" not in text:
@@ -414,7 +434,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ValueError(f"override {text!r} has an empty key part")
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return parts, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        hint = "close its brackets" if raw.lstrip()[:1] in "[{" else f"quote a string: {key.strip()}=\"'{raw}'\""
+        raise ValueError(f"override {text!r}: the value of {key.strip()} is not valid YAML "
+                         f"({_yaml_problem(error)}); {hint}") from None
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -433,7 +458,20 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """A validated Config from a nested dict (unknown keys, types and ranges all checked)."""
-    return validate(_build(Config, values))
+    return validate(_expand_home(_build(Config, values)))
+
+
+def _expand_home(cfg: Config) -> Config:
+    """``~`` expanded once, in every path-valued key, so what is validated is what the run opens
+    (nothing else expands it: ``output_dir=~/run`` would make a directory named ``~``). A hub name
+    never starts with ``~``, so model and data names pass unchanged."""
+    home = os.path.expanduser
+    cfg.output_dir = cfg.output_dir and home(cfg.output_dir)
+    cfg.model.name_or_path = home(cfg.model.name_or_path)
+    cfg.data.paths = [home(p) for p in cfg.data.paths]
+    cfg.data.cache_dir = cfg.data.cache_dir and home(cfg.data.cache_dir)
+    cfg.train.resume = home(cfg.train.resume)
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -444,10 +482,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            examples = ", ".join(str(p) for p in sorted(path.glob("*.yaml"))[:3]) or "a .yaml file"
+            raise ValueError(f"config file {str(path)!r} is a directory: give a YAML file (e.g. {examples})")
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        with path.open(encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
+        try:
+            with path.open(encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {str(path)!r} must hold a YAML mapping at the top level")
         values = loaded or {}
@@ -457,8 +501,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / cfg.name)
     # A run directory that cannot be made (a file on its path) fails here, not after the model loads.
-    existing = next((p for p in (Path(cfg.output_dir).expanduser(), *Path(cfg.output_dir).expanduser().parents)
-                     if p.exists()), None)
+    existing = next((p for p in (Path(cfg.output_dir), *Path(cfg.output_dir).parents) if p.exists()), None)
     _require(existing is None or existing.is_dir(), "output_dir", cfg.output_dir,
              f"a directory or a path that can become one ({str(existing)!r} is not a directory)")
     return cfg

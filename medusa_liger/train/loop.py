@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ from medusa_liger.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from medusa_liger.train.config import Config, save_config
+from medusa_liger.train.config import Config, ConfigError, save_config
 from medusa_liger.train.data import IGNORE_INDEX, data_errors, load_examples
 from medusa_liger.train.finish import finish_run, format_summary
 from medusa_liger.train.logging import MetricsLogger, NullLogger
@@ -271,8 +272,39 @@ def train(cfg: Config) -> TrainResult:
     (under ``torchrun`` every rank calls this; only rank 0's result has a summary and paths)."""
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
+    check_wandb_login(cfg)
     with distributed.setup(resolve_device(cfg)) as device:
         return _train(cfg, device)
+
+
+def check_wandb_login(cfg: Config) -> None:
+    """``logging.wandb: online`` needs credentials: said now, not by wandb.init after the data and the
+    model loaded. Without wandb installed the logger warns and trains on, so nothing to check then."""
+    if cfg.logging.wandb != "online":
+        return
+    try:
+        import wandb
+    except ImportError:
+        return
+    if not wandb.login(prompt=False, verify=False):  # reads WANDB_API_KEY, the settings and .netrc only
+        raise ConfigError("logging.wandb=online but wandb has no API key: run `wandb login` or set WANDB_API_KEY, "
+                          "or use logging.wandb=offline (or disabled)")
+
+
+@contextmanager
+def model_errors(cfg: Config) -> Iterator[None]:
+    """Failures to load ``model.name_or_path`` (a mistyped hub name, a model not cached offline) or to
+    use ``model.attn_implementation`` with it, as ConfigErrors naming the key: the user's input, not bugs."""
+    try:
+        yield
+    except OSError as error:
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path} cannot be loaded: "
+                          f"{' '.join(str(error).split())}") from error
+    except (ImportError, ValueError) as error:
+        attn = cfg.model.attn_implementation  # transformers' errors about it name "attention"
+        if isinstance(error, ConfigError) or attn is None or "attention" not in str(error).lower():
+            raise  # already said (e.g. lora.target_modules), or not about attention: a bug, with its traceback
+        raise ConfigError(f"model.attn_implementation={attn}: {' '.join(str(error).split())}") from error
 
 
 def _train(cfg: Config, device: torch.device) -> TrainResult:
@@ -298,7 +330,9 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     # Rank 0 first fills the caches (the tiny tokenizer, the packed rows) that the other ranks then read.
     with distributed.main_first() if cfg.model.name_or_path == "tiny" else nullcontext():
         # Sharded, only rank 0 reads the weights; the others build the architecture on the meta device.
-        tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples, on_meta=cfg.train.fsdp and not main)
+        # (The tiny backbone is built here, not loaded: its errors are data or disk errors, not the name's.)
+        with model_errors(cfg) if cfg.model.name_or_path != "tiny" else nullcontext():
+            tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples, on_meta=cfg.train.fsdp and not main)
     with distributed.main_first(), data_errors():
         data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
     with data_errors():  # also: fewer packed rows than a micro-batch

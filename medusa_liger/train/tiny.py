@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medusa_liger.records import BUILTIN_CHAT_TEMPLATE
-from medusa_liger.train.config import TinyModelConfig
+from medusa_liger.train.config import ConfigError, TinyModelConfig
 
 # Role markers and the end-of-turn token are single special tokens, so the chat template renders
 # to the same ids whatever text surrounds them.
@@ -78,8 +78,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | Path
     return tokenizer
 
 
-def build_tiny_backbone(shape: TinyModelConfig, tokenizer, dtype: torch.dtype = torch.float32):
-    """A randomly initialized ``LlamaForCausalLM`` of ``shape`` sized to ``tokenizer``'s vocabulary.
+def build_tiny_backbone(shape: TinyModelConfig, tokenizer, dtype: torch.dtype = torch.float32,
+                        attn_implementation: str | None = None):
+    """A randomly initialized ``LlamaForCausalLM`` of ``shape`` sized to ``tokenizer``'s vocabulary,
+    with ``attn_implementation`` (``model.attn_implementation``; None: transformers' default, sdpa).
 
     Initialization draws from torch's global RNG: seed it first for a reproducible model.
     """
@@ -97,5 +99,11 @@ def build_tiny_backbone(shape: TinyModelConfig, tokenizer, dtype: torch.dtype = 
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        attn_implementation=attn_implementation,
     )
-    return LlamaForCausalLM(config).to(dtype)
+    try:
+        return LlamaForCausalLM(config).to(dtype)
+    except (ImportError, ValueError) as error:  # e.g. flash_attention_2 without its package, or on the CPU
+        if attn_implementation is None:
+            raise
+        raise ConfigError(f"model.attn_implementation={attn_implementation}: {' '.join(str(error).split())}") from error

@@ -1,0 +1,142 @@
+"""`medusa-liger train` on the user's mistakes: one line naming the key, exit 2, no traceback, and as
+early as it can be said (before the data and the model load)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medusa_liger.cli import main
+from medusa_liger.train import loop
+from medusa_liger.train.config import ConfigError, load_config
+from tests.train_helpers import SHORT
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if the run gets as far as loading the data or the model."""
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the error should have stopped the run before loading the data and the model")
+
+    monkeypatch.setattr(loop, "build_tokenizer_and_backbone", loading)
+    monkeypatch.setattr(loop, "load_examples", loading)
+
+
+def config_error(capsys, *argv: str) -> str:
+    """The one stderr line of `medusa-liger train ARGV`, which must exit 2 with a config error."""
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medusa-liger train: config error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_flags_and_overrides_mix_in_any_order(capsys):
+    # An override after --print-config was "unrecognized arguments".
+    for argv in ([TINY, "--print-config", "train.steps=5", "heads.num_heads=2"],
+                 ["--print-config", TINY, "train.steps=5", "heads.num_heads=2"],
+                 [TINY, "train.steps=5", "--print-config", "heads.num_heads=2"]):
+        assert main(["train", *argv]) == 0
+        out = capsys.readouterr().out
+        assert "steps: 5" in out and "num_heads: 2" in out
+
+
+def test_usage_shows_overrides_as_optional(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "config [KEY=VALUE ...]" in err
+    assert err.rstrip().endswith("the following arguments are required: config")  # not ", KEY=VALUE"
+
+
+@pytest.mark.parametrize("override", ["data.paths=[a.jsonl", "name=@foo", "train.lr={"])
+def test_malformed_yaml_override(capsys, override):
+    assert f"override {override!r}" in config_error(capsys, TINY, override, "--print-config")
+
+
+def test_config_file_with_a_yaml_syntax_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: {\n")
+    assert "is not valid YAML" in config_error(capsys, str(bad))
+
+
+def test_a_config_directory(capsys):
+    assert "is a directory" in config_error(capsys, str(ROOT / "configs"))
+
+
+def test_cuda_without_cuda_is_a_config_error_at_startup(capsys, monkeypatch, no_loading):
+    # Was a ValueError traceback from resolve_device.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "train.device=cuda but CUDA is not available" in config_error(capsys, TINY, "train.device=cuda",
+                                                                          "logging.wandb=disabled")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert "train.device=cuda:2 but there are only 2 CUDA device(s)" in config_error(
+        capsys, TINY, "train.device=cuda:2", "logging.wandb=disabled")
+
+
+def test_unloadable_model_name_is_a_config_error(tmp_path, capsys):
+    # Offline (conftest) with nothing cached, like a typo: an OSError traceback from from_pretrained before.
+    err = config_error(capsys, TINY, "model.name_or_path=someorg/somemodel", f"output_dir={tmp_path}",
+                       "logging.wandb=disabled")
+    assert "model.name_or_path=someorg/somemodel cannot be loaded" in err
+
+
+def test_model_errors_name_the_key():
+    cfg = load_config(TINY, ["model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match="model.name_or_path=tiny cannot be loaded: no such model"):
+        with loop.model_errors(cfg):
+            raise OSError("no such\nmodel")
+    with pytest.raises(ConfigError, match="model.attn_implementation=flash_attention_2: FlashAttention2 has"):
+        with loop.model_errors(cfg):
+            raise ImportError("FlashAttention2 has been toggled on, but it cannot be used")
+    with pytest.raises(ValueError, match="a bug") as error:  # not about attention: a bug, left as it is
+        with loop.model_errors(cfg):
+            raise ValueError("a bug")
+    assert not isinstance(error.value, ConfigError)
+    with pytest.raises(ConfigError, match="^lora.target_modules"):  # said already: not re-labelled as attention's
+        with loop.model_errors(cfg):
+            raise ConfigError("lora.target_modules=[attention]: no attention module")
+
+
+def test_wandb_online_without_an_api_key_fails_before_loading(tmp_path, capsys, monkeypatch, no_loading):
+    wandb = pytest.importorskip("wandb")
+    calls = []
+    monkeypatch.setattr(wandb, "login", lambda **kwargs: calls.append(kwargs) or False)
+    err = config_error(capsys, TINY, "logging.wandb=online", f"output_dir={tmp_path}")
+    assert "logging.wandb=online but wandb has no API key" in err
+    assert calls == [{"prompt": False, "verify": False}]  # never a prompt, never the network
+
+
+def test_tiny_backbone_takes_attn_implementation(tmp_path):
+    from medusa_liger.train.build import build_tokenizer_and_backbone
+    from medusa_liger.train.data import load_examples
+
+    cfg = load_config(TINY, [*SHORT, f"output_dir={tmp_path}", "model.attn_implementation=eager"])
+    _, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    assert backbone.config._attn_implementation == "eager"  # was silently the default (sdpa)
+    if torch.cuda.is_available():
+        return
+    cfg.model.attn_implementation = "flash_attention_2"  # valid, but not on this machine
+    with pytest.raises(ConfigError, match="model.attn_implementation=flash_attention_2: "):
+        build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+
+
+def test_print_config_into_a_closed_pipe():
+    # `--print-config | head` gave a BrokenPipeError traceback.
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "medusa_liger", "train", TINY, "--print-config"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, timeout=120)
+    os.close(write)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
