@@ -91,21 +91,23 @@ def load_json_list(path: Path, must: str) -> list:
     return loaded
 
 
-def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str]) -> Iterator[tuple[str, Any]]:
-    """(where, record) for every record of one source; malformed lines are failed or skipped."""
+def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
+                     key: str = "data.paths") -> Iterator[tuple[str, Any]]:
+    """(where, record) for every record of one source; malformed lines are failed or skipped.
+    Errors about the source itself name ``key`` (the config key or flag that gave it)."""
     local = resolve_path(path)
     if local is None and (looks_like_local_path(path) or Path(path).exists()):
-        raise ValueError(f"data.paths: file {path!r} does not exist")
+        raise ValueError(f"{key}: file {path!r} does not exist")
     if local is None:
         # A hub dataset name: needs `datasets` (and network unless it is cached).
         try:
             import datasets
         except ImportError:
-            raise ValueError(f"data.paths: {path!r} is not a local file and `datasets` is not installed") from None
+            raise ValueError(f"{key}: {path!r} is not a local file and `datasets` is not installed") from None
         try:
             dataset = datasets.load_dataset(path, split=split)
         except Exception as error:  # noqa: BLE001 - surface the loader's reason with the name
-            raise ValueError(f"data.paths: could not load dataset {path!r} split {split!r}: {error}") from error
+            raise ValueError(f"{key}: could not load dataset {path!r} split {split!r}: {error}") from error
         for i, record in enumerate(dataset):
             yield f"{path}[{split}] row {i}", record
         return

@@ -66,6 +66,9 @@ def test_generate_usage_errors_name_the_flag_before_loading(tmp_path, capsys, fl
     (["--temperature", "-0.5"], "argument --temperature: must be a number >= 0"),
     (["--top-p", "0"], "argument --top-p: must be a number > 0 and <= 1"),
     (["--concurrency", "0"], "argument --concurrency: must be an integer >= 1"),
+    # Greedy decoding ignores them: refused, as eval/generate refuse their sampling flags without sampling.
+    (["--top-p", "0.9"], "--top-p needs --temperature > 0"),
+    (["--seed", "3"], "--seed needs --temperature > 0"),
 ])
 def test_distill_usage_errors_name_the_flag_before_loading(tmp_path, capsys, flags, message):
     argv = ["distill", "--backbone", str(tmp_path / "nowhere"), "--data", "d.jsonl", "--output", "o.jsonl", *flags]

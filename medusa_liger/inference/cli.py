@@ -9,6 +9,7 @@ From Python: ``evaluate_run(run_dir=..., output_dir=...) -> report dict`` (same 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +32,16 @@ from medusa_liger.inference.evaluate import (
     evaluate_heads,
 )
 from medusa_liger.inference.prompts import check_num_prompts, check_prompts_source, default_prompts_file, load_prompts
-from medusa_liger.inference.tree import DEFAULT_PRIOR_STRENGTH, DEFAULT_TOP_K, DEFAULT_TREE_SIZE, TREE_SEARCHES
-from medusa_liger.records import load_json_list
+from medusa_liger.inference.tree import (
+    DEFAULT_PRIOR_STRENGTH,
+    DEFAULT_TOP_K,
+    DEFAULT_TREE_SIZE,
+    TREE_SEARCHES,
+    normalize_tree,
+)
+from medusa_liger.records import load_json_list, looks_like_local_path
 from medusa_liger.run_layout import (
+    CHECKPOINTS_DIR,
     EVAL_PROMPTS_FILE,
     FINAL_DIR,
     FINAL_HEADS_PREFIX,
@@ -70,28 +78,96 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
         elif (heads / BACKBONE_SUBDIR).is_dir():
             backbone = heads / BACKBONE_SUBDIR
         else:
-            backbone = read_heads(heads).base_model_name_or_path
-            if not backbone:
-                raise ValueError(f"no backbone found for {heads}: pass --backbone PATH")
+            ckpt = read_heads(heads)
+            backbone = ckpt.base_model_name_or_path
+            # Only a hub name or an existing directory can be loaded from what the heads record.
+            if not backbone or backbone == TINY_MODEL or (looks_like_local_path(backbone)
+                                                          and not Path(backbone).expanduser().is_dir()):
+                raise ValueError(_no_backbone_found(heads, backbone, ckpt.config.mode))
     return str(backbone), heads
+
+
+# What the heads of a run on the built-in tiny model record as their base model (train's model.name_or_path).
+TINY_MODEL = "tiny"
+
+
+def _no_backbone_found(heads: Path, recorded: str | None, mode: str) -> str:
+    """Why no backbone goes with ``heads`` (nothing beside them, nothing loadable recorded), and what to pass."""
+    from medusa_liger.heads.export import BACKBONE_SUBDIR
+
+    if not recorded:
+        why = "they record no base model"
+    elif recorded == TINY_MODEL:
+        why = "they record base model 'tiny' (the tiny model a training run builds, not a hub name)"
+    else:
+        why = f"they record base model {recorded!r}, a directory that does not exist"
+    message = f"no backbone found for heads {str(heads)!r}: {why}; pass --backbone PATH"
+    step = heads.parent
+    if step.parent.name == CHECKPOINTS_DIR:  # RUN_DIR/checkpoints/step-N/heads
+        exported = step.parent.parent / FINAL_DIR / BACKBONE_SUBDIR
+        if exported.is_dir():
+            message += f", e.g. {exported}"
+        if mode == "joint":  # the backbone trained too: the final one is not the one these heads saw
+            message += (f" (these heads trained with their step's backbone: `medusa-liger export --checkpoint "
+                        f"{step} --output DIR` writes it)")
+    return message
+
+
+class BackboneLoadError(ValueError):
+    """The backbone is neither a local directory nor a hub model that loads (the CLIs name --backbone)."""
+
+
+def error_text(error: Exception, backbone: str | None) -> str:
+    """A failed command's message; a backbone that did not load names --backbone (given, or to pass)."""
+    if isinstance(error, BackboneLoadError):
+        return f"--backbone: {error}" if backbone is not None else f"{error}; pass --backbone PATH"
+    return str(error)
+
+
+def check_backbone(backbone: str | Path) -> None:
+    """BackboneLoadError for a local-looking backbone path (``records.looks_like_local_path``) that
+    is not a directory: the hub would reject it with a message about repo ids."""
+    if looks_like_local_path(backbone) and not Path(backbone).expanduser().is_dir():
+        raise BackboneLoadError(f"backbone directory {str(backbone)!r} does not exist")
+
+
+def is_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: str = "auto",
                    attn_implementation: str = "sdpa"):
     """(causal LM in eval mode on ``device``, tokenizer) for a backbone path or hub name.
 
-    dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU.
+    dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU. A backbone that cannot be found or
+    loaded is a BackboneLoadError naming it (transformers raises OSError, for a path a misleading one).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = cli_args.parse_device(device) if device is not None else \
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except ValueError as error:
+        raise ValueError(f"device: {error}") from None
+    check_backbone(backbone)
     if dtype == "auto":
         torch_dtype = "auto" if device.type == "cuda" else torch.float32
     else:
         torch_dtype = parse_dtype(dtype)
-    causal_lm = AutoModelForCausalLM.from_pretrained(str(backbone), dtype=torch_dtype,
-                                                     attn_implementation=attn_implementation)
-    return causal_lm.to(device).eval(), AutoTokenizer.from_pretrained(str(backbone))
+    try:
+        causal_lm = AutoModelForCausalLM.from_pretrained(str(backbone), dtype=torch_dtype,
+                                                         attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(str(backbone))
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0]
+        if Path(backbone).expanduser().is_dir():
+            raise BackboneLoadError(f"backbone {str(backbone)!r} could not be loaded: {reason}") from error
+        offline = " (HF_HUB_OFFLINE is set: only models in the local cache load)" if is_offline() else ""
+        raise BackboneLoadError(f"backbone {str(backbone)!r} is not a local directory, and no hub model of that "
+                                f"name could be loaded{offline}: {reason}") from error
+    return causal_lm.to(device).eval(), tokenizer
 
 
 def load_medusa(backbone: str, heads: str | Path, *, device: str | None = None, dtype: str = "auto",
@@ -153,9 +229,12 @@ def evaluate_run(
             check_prompts_source(prompts)
         except ValueError as error:
             raise ValueError(f"--prompts: {error}") from None
-    backbone_path, heads_dir = resolve_paths(run_dir, backbone, heads)
     if output_dir is None:
         output_dir = Path(run_dir) / "eval" if run_dir is not None else Path("eval")
+    check_output_dir(output_dir, "--output")  # before the evaluation, not when its report is written
+    if backbone is not None:
+        check_backbone(backbone)
+    backbone_path, heads_dir = resolve_paths(run_dir, backbone, heads)
     model, tokenizer = load_medusa(backbone_path, heads_dir, device=device, dtype=dtype,
                                    attn_implementation=attn_implementation)
     given_prompts = prompts is not None
@@ -185,11 +264,31 @@ def evaluate_run(
 
 
 def load_tree(path: str | Path) -> list[list[int]]:
-    """The ``medusa_choices`` list in a JSON file (checked against the model when it is used)."""
+    """The ``medusa_choices`` list in a JSON file, its paths checked (against the model when it is used);
+    errors name --tree, the flag of eval and generate."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"tree file {str(path)!r} does not exist")
-    return load_json_list(path, "a tree file must hold a list of paths (lists of ranks)")
+        raise ValueError(f"--tree: tree file {str(path)!r} does not exist")
+    try:
+        tree = load_json_list(path, "a tree file must hold a list of paths (lists of ranks)")
+    except ValueError as error:
+        raise ValueError(f"--tree: {error}") from None
+    try:  # here, not at decoding: a flat [0, 1] would fail there as a TypeError, after the model loaded
+        normalize_tree(tree)
+    except ValueError as error:
+        raise ValueError(f"--tree: {path}: {error} (a tree is a list of paths, e.g. [[0], [1], [0, 0]])") from None
+    return tree
+
+
+def check_output_dir(path: str | Path, name: str) -> None:
+    """ValueError naming ``name`` when a file stands where the directory ``path`` (or a parent) must be."""
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if existing.is_dir():
+                return
+            where = "is a file" if existing == path else f"cannot be a directory: {str(existing)!r} is a file"
+            raise ValueError(f"{name}: {str(path)!r} {where}; pass a directory")
 
 
 # Flags that only --acceptance typical reads (greedy decoding would ignore them).
@@ -226,7 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=POSITIVE_INT, default=DEFAULT_TOP_K,
                         help="ranks per head in the accuracy table")
     parser.add_argument("--output", default=None, help="output directory (default: RUN_DIR/eval)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--device", type=cli_args.device, default=None,
+                        help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
                         help="attention implementation (both take Medusa's tree mask)")
@@ -270,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
             tree=args.tree, tree_search=args.tree_search, prior_strength=args.prior_strength,
         )
     except (ValueError, FileNotFoundError) as error:
-        print(f"medusa-liger eval: error: {error}", file=sys.stderr)
+        print(f"medusa-liger eval: error: {error_text(error, args.backbone)}", file=sys.stderr)
         return 2
     acc, tree, measured = report["head_accuracy"], report["tree"], report["measured"]
     print("head top-1 accuracy: " + ", ".join(f"head{k} (t+{k + 2}) {a:.3f}" for k, a in enumerate(acc["top1"])))

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from medusa_liger.inference.distill_backends import Answer, LocalBackend, ServerBackend
-from medusa_liger.records import TEXT_PROMPT_TOKENS, iter_raw_records, normalize
+from medusa_liger.records import TEXT_PROMPT_TOKENS, iter_raw_records, looks_like_local_path, normalize, resolve_path
 
 TURNS = ("all", "first")
 
@@ -124,10 +124,20 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def check_source(source: str | Path) -> None:
+    """Fail fast (before any model loads or output is written) on a local-looking source that is no file."""
+    if resolve_path(str(source)) is not None:
+        return
+    if Path(source).expanduser().is_dir():
+        raise ValueError(f"--data: {str(source)!r} is a directory; pass a JSONL/JSON file or a hub dataset name")
+    if looks_like_local_path(source):
+        raise ValueError(f"--data: no such file: {str(source)!r}")
+
+
 def _source_records(source: str, split: str, settings: DistillSettings, skipped: list[str],
                     texts: bool) -> Iterator[_Pending]:
     """This shard's records, normalized into conversations to regenerate or documents to continue."""
-    for i, (where, record) in enumerate(iter_raw_records(source, split, "skip", skipped)):
+    for i, (where, record) in enumerate(iter_raw_records(source, split, "skip", skipped, key="--data")):
         if settings.num_records is not None and i >= settings.num_records:
             return
         if i % settings.shard[1] != settings.shard[0]:
@@ -201,14 +211,13 @@ def _settings_path(output: Path) -> Path:
     return output.with_name(output.name + ".settings.json")
 
 
-def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> set[int]:
-    """Ids already written to ``output`` (a resume), after cutting any half-written last line."""
+def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> set[int] | None:
+    """Ids already written to ``output`` (a resume), after cutting any half-written last line; None
+    when the output starts afresh (``_start_output`` creates it with the first record)."""
     settings_file = _settings_path(output)
     if overwrite or not output.exists():
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text("")
-        settings_file.write_text(json.dumps(identity, indent=2) + "\n")
-        return set()
+        return None
     if not settings_file.is_file() or json.loads(settings_file.read_text()) != identity:
         raise ValueError(f"output {str(output)!r} exists and was not written by this command with these "
                          f"settings ({settings_file.name}); pass another output or --overwrite (overwrite=True in Python)")
@@ -218,6 +227,12 @@ def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> 
         with output.open("r+b") as f:
             f.truncate(len(complete))
     return {json.loads(line)["id"] for line in complete.decode("utf-8").splitlines() if line.strip()}
+
+
+def _start_output(output: Path, identity: dict[str, Any]) -> None:
+    """An empty ``output`` and, beside it, the settings a resume must match."""
+    output.write_text("")
+    _settings_path(output).write_text(json.dumps(identity, indent=2) + "\n")
 
 
 def self_distill(
@@ -247,6 +262,7 @@ def self_distill(
 
     settings = settings or DistillSettings()
     output = Path(output)
+    check_source(source)
     metadata = dict(metadata or {})
     if (model is None) == (server is None):
         raise ValueError("pass either model and tokenizer (generation in this process) or server (the URL of "
@@ -264,6 +280,9 @@ def self_distill(
     for free in ("num_records", "batch_size", "block_records"):
         del identity[free]
     done = _prepare_output(output, identity, overwrite)
+    # A fresh output (and its settings) appears with the first record written: a run that writes
+    # none (a bad source, an error, no usable record) leaves no file that would refuse the next run.
+    fresh, done = done is None, done or set()
     summary = DistillSummary(resumed=len(done))
     started = time.perf_counter()
     bar = tqdm(desc="distill", unit="record", disable=not progress, dynamic_ncols=True)
@@ -271,19 +290,21 @@ def self_distill(
     records = _source_records(str(source), split, settings, summary.skipped, backend.supports_text)
 
     def flush() -> None:
-        nonlocal block
+        nonlocal block, fresh
         # One seed per block, from the block's first record: a resumed run samples what the first would have.
         torch.manual_seed(settings.seed * 1_000_003 + block[0].id)
         _run_block(backend, block, summary)
-        with output.open("a", encoding="utf-8") as f:
-            for record in block:
-                if record.dropped is not None:
-                    summary.skipped.append(record.dropped)
-                else:
-                    f.write(_output_line(record))
-                    summary.records += 1
-            f.flush()
-            os.fsync(f.fileno())
+        summary.skipped.extend(record.dropped for record in block if record.dropped is not None)
+        kept = [record for record in block if record.dropped is None]
+        if kept and fresh:
+            _start_output(output, identity)
+            fresh = False
+        if kept:
+            with output.open("a", encoding="utf-8") as f:
+                f.writelines(_output_line(record) for record in kept)
+                f.flush()
+                os.fsync(f.fileno())
+            summary.records += len(kept)
         bar.update(len(block))
         elapsed = time.perf_counter() - started
         bar.set_postfix(tokens_per_s=f"{summary.new_tokens / max(elapsed, 1e-9):.0f}", skipped=len(summary.skipped))
@@ -307,7 +328,7 @@ def self_distill(
 
 def add_arguments(parser) -> None:
     from medusa_liger.heads.export import DTYPES
-    from medusa_liger.inference.cli_args import POSITIVE_INT, number, setup
+    from medusa_liger.inference.cli_args import POSITIVE_INT, Given, device, number, setup
 
     setup(parser)
     defaults = DistillSettings()
@@ -323,9 +344,10 @@ def add_arguments(parser) -> None:
                         help="tokens per answer at most")
     parser.add_argument("--temperature", type=number(float, minimum=0), default=defaults.temperature,
                         help="sampling temperature; 0 = greedy")
-    parser.add_argument("--top-p", type=number(float, above=0, maximum=1), default=defaults.top_p,
+    parser.add_argument("--top-p", type=number(float, above=0, maximum=1), default=defaults.top_p, action=Given,
                         help="nucleus sampling when temperature > 0")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
+    parser.add_argument("--seed", type=int, default=defaults.seed, action=Given,
+                        help="sampling seed when temperature > 0")
     parser.add_argument("--turns", choices=TURNS, default=defaults.turns,
                         help="regenerate every assistant turn (all) or keep conversations up to their first (first)")
     parser.add_argument("--chat-template", choices=["auto", "builtin"], default=defaults.chat_template,
@@ -338,7 +360,7 @@ def add_arguments(parser) -> None:
                         help="records generated between writes to the output (the unit of a resume)")
     parser.add_argument("--num-records", type=POSITIVE_INT, default=None, help="use only the first N records")
     parser.add_argument("--shard", default="0/1", help="I/N: this process takes records I, I+N, I+2N, ...")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--device", type=device, default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
     parser.add_argument("--server-model", default=None, help="served model name (default: the first the server lists)")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
@@ -346,11 +368,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--concurrency", type=POSITIVE_INT, default=64, help="requests in flight to the server")
 
 
+# Flags that only sampling reads (greedy decoding would ignore them), as eval/generate refuse theirs.
+SAMPLING_FLAGS = ("--top-p", "--seed")
+
+
 def run(args) -> int:
     import sys
 
-    from medusa_liger.inference.cli import load_causal_lm
+    from medusa_liger.inference.cli import error_text, load_causal_lm
+    from medusa_liger.inference.cli_args import check_needs
 
+    check_needs(args, SAMPLING_FLAGS, "--temperature > 0", args.temperature > 0)
     try:
         settings = DistillSettings(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -358,6 +386,7 @@ def run(args) -> int:
             batch_size=args.batch_size, block_records=args.block_records, shard=parse_shard(args.shard),
             num_records=args.num_records,
         )
+        check_source(args.data)  # before the model loads (self_distill checks it again, for its own callers)
         common = {"split": args.split, "overwrite": args.overwrite}
         if args.server:
             summary = self_distill(args.data, args.output, settings, server=args.server, server_model=args.server_model,
@@ -367,7 +396,7 @@ def run(args) -> int:
             summary = self_distill(args.data, args.output, settings, model=model, tokenizer=tokenizer,
                                    metadata={"backbone": str(args.backbone)}, **common)
     except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"medusa-liger distill: error: {error}", file=sys.stderr)
+        print(f"medusa-liger distill: error: {error_text(error, args.backbone)}", file=sys.stderr)
         return 2
     print(f"wrote {summary.records} records to {args.output} ({summary.resumed} were already there): "
           f"{summary.generations} generations, {summary.new_tokens} new tokens in {summary.seconds:.1f} s "

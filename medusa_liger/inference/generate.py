@@ -35,7 +35,14 @@ import torch
 from torch import nn
 
 from medusa_liger.inference.backbone import BackboneRunner, check_generation_inputs
-from medusa_liger.inference.tree import TreeBuffers, build_tree_buffers, check_ranks_fit, default_tree, truncate_tree
+from medusa_liger.inference.tree import (
+    TreeBuffers,
+    build_tree_buffers,
+    check_ranks_fit,
+    default_tree,
+    normalize_tree,
+    truncate_tree,
+)
 
 Acceptance = Literal["greedy", "typical"]
 MASK_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -210,8 +217,11 @@ class MedusaDecoder:
             )
         check_acceptance(acceptance, temperature, posterior_threshold, posterior_alpha)
         num_heads = self.runner.num_heads
+        # Validates the tree against the number of heads (ValueError naming the missing head), before
+        # anything iterates its paths (a flat [0, 1] would be a TypeError there).
+        if tree is not None:
+            normalize_tree(tree, num_heads)
         self.tree = default_tree(num_heads) if tree is None else [list(p) for p in tree]
-        # Validates the tree against the number of heads (ValueError naming the missing head).
         full = build_tree_buffers(self.tree, num_heads)
         check_ranks_fit(self.tree, self.runner.lm_head.weight.shape[0])
         self.max_depth = max((len(p) for p in self.tree), default=0)

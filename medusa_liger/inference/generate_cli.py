@@ -18,7 +18,7 @@ import torch
 
 from medusa_liger.heads.export import DTYPES
 from medusa_liger.inference import cli_args
-from medusa_liger.inference.cli import load_medusa, load_tree, resolve_paths
+from medusa_liger.inference.cli import check_backbone, error_text, load_medusa, load_tree, resolve_paths
 from medusa_liger.inference.cli_args import POSITIVE_INT, Given, number
 from medusa_liger.inference.evaluate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 from medusa_liger.inference.generate import MedusaGenerateOutput, medusa_generate
@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, action=Given, help="sampling seed of --acceptance typical")
     parser.add_argument("--compare-greedy", action="store_true",
                         help="also decode with plain greedy decoding: its speed, and whether the replies agree")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--device", type=cli_args.device, default=None,
+                        help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
 
 
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     try:
         tree = None if args.tree is None else load_tree(args.tree)
+        if args.backbone is not None:  # a missing directory fails before anything loads
+            check_backbone(args.backbone)
         backbone, heads = resolve_paths(args.run_dir, args.backbone, args.heads)
         model, tokenizer = load_medusa(backbone, heads, device=args.device, dtype=args.dtype)
         options = {} if args.acceptance == "greedy" else dict(acceptance="typical", temperature=args.temperature,
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         reply, out = generate_reply(model, tokenizer, args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
                                     tree=tree, compare_greedy=args.compare_greedy, **options)
     except (ValueError, FileNotFoundError) as error:
-        print(f"medusa-liger generate: error: {error}", file=sys.stderr)
+        print(f"medusa-liger generate: error: {error_text(error, args.backbone)}", file=sys.stderr)
         return 2
     print(reply)
     stats = out.stats

@@ -1,0 +1,186 @@
+"""eval/generate/distill errors a user meets first: a bad --device, a backbone that is not there, heads
+with no backbone beside them, a malformed --tree, a missing --data, a file as eval's --output. Each is
+one ``medusa-liger <cmd>: error:`` line naming the flag, exit status 2, found before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medusa_liger.cli import main
+from medusa_liger.heads import MedusaConfig, MedusaModel
+from medusa_liger.inference import distill
+from medusa_liger.inference.cli import load_causal_lm, resolve_paths
+from medusa_liger.inference.cli_args import parse_device
+from medusa_liger.inference.distill import DistillSettings, self_distill
+from medusa_liger.inference.generate import medusa_generate
+
+# The evaluation tests' fixtures: one intra-op thread, the PyTorch kernels, the tiny tokenizer.
+from tests.test_evaluate import TOKENIZER_VOCAB, _one_thread, random_medusa, tokenizer, write_run  # noqa: F401
+from tests.test_generate import tiny_backbone
+
+
+def error_of(argv: list[str], capsys) -> str:
+    """The error ``argv`` exits with (status 2, returned or raised by argparse), without a traceback."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+COMMANDS = {  # each command with arguments that would load a model (a missing one: nothing may load)
+    "eval": ["eval", "nowhere"],
+    "generate": ["generate", "nowhere", "--prompt", "hi"],
+    "distill": ["distill", "--backbone", "nowhere/backbone", "--data", "d.jsonl", "--output", "o.jsonl"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_device_is_checked_before_anything_loads(command, capsys, monkeypatch):
+    argv = COMMANDS[command]
+    assert "argument --device: must be cpu, cuda or cuda:N, got 'foo'" in error_of([*argv, "--device", "foo"], capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "got 'cuda', but CUDA is not available on this machine: use cpu" in \
+        error_of([*argv, "--device", "cuda"], capsys)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "got 'cuda:1', but this machine has 1 CUDA device(s): cuda:0 to cuda:0" in \
+        error_of([*argv, "--device", "cuda:1"], capsys)
+
+
+def test_parse_device_and_load_causal_lm_refuse_unknown_devices(tmp_path):
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device: must be cpu, cuda or cuda:N, got 'tpu'"):
+        load_causal_lm(tmp_path, device="tpu")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_missing_backbone_directory_names_the_flag(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"prompt": "hi"}\n')
+    argv = {"eval": ["eval", "--heads", "h"], "generate": ["generate", "--heads", "h", "--prompt", "hi"],
+            "distill": ["distill", "--data", "d.jsonl", "--output", "o.jsonl"]}[command]
+    err = error_of([*argv, "--backbone", str(tmp_path / "nope")], capsys)
+    assert f"--backbone: backbone directory '{tmp_path / 'nope'}' does not exist" in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_hub_backbone_that_does_not_load_names_the_flag(command, tmp_path, tokenizer, capsys, monkeypatch):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_run(tmp_path, tokenizer, "def f(x):\n")
+    heads = str(tmp_path / "run" / "final" / "heads_medusa")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "hi"}\n')
+    argv = {"eval": ["eval", "--heads", heads, "--output", str(tmp_path / "eval")],
+            "generate": ["generate", "--heads", heads, "--prompt", "hi"],
+            "distill": ["distill", "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "o.jsonl")]}[command]
+    err = error_of([*argv, "--backbone", "org/typo", "--device", "cpu"], capsys)
+    assert ("--backbone: backbone 'org/typo' is not a local directory, and no hub model of that name could be "
+            "loaded (HF_HUB_OFFLINE is set: only models in the local cache load): We couldn't connect") in err
+    assert "Check your connection" not in err  # one line
+
+
+def _checkpoint_heads(tmp_path, base_model: str, mode: str = "heads"):
+    """A run's RUN/checkpoints/step-000010/heads recording ``base_model``, and its final/backbone."""
+    model = MedusaModel.from_backbone(tiny_backbone(vocab=TOKENIZER_VOCAB, seed=2), MedusaConfig(num_heads=2, mode=mode))
+    run = tmp_path / "run"
+    model.backbone.save_pretrained(run / "final" / "backbone")
+    heads = run / "checkpoints" / "step-000010" / "heads"
+    model.save_heads(heads, save_backbone=False, base_model_name_or_path=base_model)
+    return run, heads
+
+
+def test_checkpoint_heads_of_the_tiny_model_ask_for_a_backbone(tmp_path, capsys):
+    run, heads = _checkpoint_heads(tmp_path, "tiny", mode="joint")
+    err = error_of(["generate", "--heads", str(heads), "--prompt", "hi"], capsys)
+    assert (f"no backbone found for heads '{heads}': they record base model 'tiny' (the tiny model a training run "
+            f"builds, not a hub name); pass --backbone PATH, e.g. {run / 'final' / 'backbone'}") in err
+    # A joint run's checkpoint heads trained with that step's backbone, which export rebuilds.
+    assert f"medusa-liger export --checkpoint {heads.parent} --output DIR" in err
+    assert "no backbone found" in error_of(["eval", "--heads", str(heads)], capsys)
+
+
+def test_heads_recording_a_directory_that_is_gone_ask_for_a_backbone(tmp_path):
+    _, heads = _checkpoint_heads(tmp_path, str(tmp_path / "moved" / "backbone"))
+    with pytest.raises(ValueError, match="a directory that does not exist; pass --backbone PATH, e.g. ") as info:
+        resolve_paths(None, None, heads)
+    assert "medusa-liger export" not in str(info.value)  # heads-only training: the final backbone is theirs
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_a_flat_tree_is_refused_before_anything_loads(command, tmp_path, capsys):
+    flat = tmp_path / "flat.json"
+    flat.write_text("[0, 1]")
+    err = error_of([*COMMANDS[command], "--tree", str(flat)], capsys)
+    assert f"--tree: {flat}: tree paths must be non-empty lists of ranks, got 0" in err
+
+
+def test_medusa_generate_refuses_a_flat_tree():
+    model = random_medusa(64, num_heads=2)
+    with pytest.raises(ValueError, match="tree paths must be non-empty lists of ranks, got 0"):
+        medusa_generate(model, torch.tensor([[1, 2, 3]]), 4, [0, 1])
+
+
+def test_distill_missing_data_names_the_flag_before_loading_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = error_of(["distill", "--backbone", "nowhere/backbone", "--data", "missing.jsonl", "--output", "o.jsonl"],
+                   capsys)
+    assert "--data: no such file: 'missing.jsonl'" in err and "data.paths" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_distill_names_data_in_the_record_readers_errors(monkeypatch):
+    """The shared record reader names the key or flag that gave the source: --data for distill."""
+    from medusa_liger.records import iter_raw_records
+
+    with pytest.raises(ValueError, match="^data.paths: file '/no/such.jsonl' does not exist"):
+        list(iter_raw_records("/no/such.jsonl", "train", "fail", []))
+    seen = {}
+
+    def reader(*args, **kwargs):
+        seen.update(kwargs)
+        return iter(())
+
+    monkeypatch.setattr(distill, "iter_raw_records", reader)
+    list(distill._source_records("org/ds", "train", DistillSettings(), [], texts=False))
+    assert seen == {"key": "--data"}
+
+
+def test_distill_that_writes_no_record_leaves_no_output(tokenizer, tmp_path):  # noqa: F811
+    model = tiny_backbone(vocab=len(tokenizer), seed=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"neither": 1}\n')
+    output = tmp_path / "o.jsonl"
+    with pytest.raises(ValueError, match="gave no record to distill"):
+        self_distill(bad, output, model=model, tokenizer=tokenizer, progress=False)
+    assert not output.exists() and not (tmp_path / "o.jsonl.settings.json").exists()
+    # So the right data is taken without --overwrite; an existing output is replaced only by a new record.
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "def f(x):"}) + "\n")
+    assert self_distill(good, output, DistillSettings(max_new_tokens=3), model=model, tokenizer=tokenizer,
+                        progress=False).records == 1
+    with pytest.raises(ValueError, match="gave no record to distill"):
+        self_distill(bad, output, model=model, tokenizer=tokenizer, overwrite=True, progress=False)
+    assert len(output.read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("output", "message"), [
+    ("taken", "--output: '{tmp}/taken' is a file; pass a directory"),
+    ("taken/eval", "--output: '{tmp}/taken/eval' cannot be a directory: '{tmp}/taken' is a file"),
+])
+def test_eval_output_that_is_a_file_is_refused_before_anything_loads(tmp_path, capsys, output, message):
+    (tmp_path / "taken").write_text("")
+    err = error_of([*COMMANDS["eval"], "--output", str(tmp_path / output)], capsys)
+    assert message.format(tmp=tmp_path) in err
