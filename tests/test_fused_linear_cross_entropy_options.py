@@ -193,9 +193,52 @@ def test_bad_inputs():
         (dict(shifts=[1, -1]), "shifts"),
         (dict(reduction="none"), "reduction"),
         (dict(segment_ids=torch.zeros(2, 5, dtype=torch.long)), "segment_ids"),
+        (dict(shifts=[1.9, 2]), "shifts"),                         # not silently 1
+        (dict(shifts=[True, 2]), "shifts"),
+        (dict(chunk_size=True), "chunk_size"),
+        (dict(head_weights=[1.0, float("nan")]), "head_weights must be finite"),
+        (dict(head_weights=[float("inf"), 1.0]), "head_weights must be finite"),
+        (dict(softcap=float("inf")), "softcap"),
+        (dict(z_loss=float("nan")), "z_loss"),
     ]
     for change, name in cases:
         args = dict(hidden=h, weight=w, labels=labels, shifts=[1, 2])
         args.update(change)
         with pytest.raises(ValueError, match=name):
             f(**args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layout", ["strided", "stacked_transposed", "expanded_scalar"])
+def test_bias_of_any_strides(layout, backend):
+    """The row kernels read a head's bias at unit stride: a column of a matrix, a [V, K] matrix
+    transposed, or one value expanded to [V] (stride 0, a one-element storage) is copied first."""
+    K, B, T, H, V = 2, 2, 5, 8, 37
+    hidden = torch.randn(B, T, H, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    if layout == "strided":
+        base = torch.randn(V, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        bias = base[:, 1]
+    elif layout == "stacked_transposed":
+        base = torch.randn(V, K, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        bias = base.t()
+    else:
+        base = torch.randn(1, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        bias = base.expand(V)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (hidden, weight, base)]
+    views = {"strided": lambda b: b[:, 1], "stacked_transposed": lambda b: b.t(), "expanded_scalar": lambda b: b.expand(V)}
+    with force_backend(backend):
+        out = multi_head_linear_cross_entropy(inputs[0], inputs[1], labels, [1, 2], bias=views[layout](inputs[2]))
+        out.loss.backward()
+    ref = reference(hidden, weight, labels, [1, 2], bias=bias)
+    ref.loss.backward()
+    tol = torch.float32  # the row statistics are fp32 on both paths
+    assert_rel_close(out.loss, ref.loss, tol, "loss")
+    assert_rel_close(inputs[0].grad, hidden.grad, tol, "dhidden")
+    assert_rel_close(inputs[1].grad, weight.grad, tol, "dweight")
+    if layout == "expanded_scalar":  # one value added to every logit: its gradient is exactly 0
+        assert inputs[2].grad.abs().max() < 1e-5
+    else:
+        assert_rel_close(inputs[2].grad, base.grad, tol, "dbias")

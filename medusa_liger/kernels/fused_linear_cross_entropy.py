@@ -56,6 +56,7 @@ Backward can run only once per forward (the gradients are handed to autograd, no
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -465,9 +466,9 @@ def multi_head_linear_cross_entropy(
     """
     if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:
         raise ValueError(f"shifts must be a non-empty list of ints >= 0, got {shifts!r}")
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shifts):
+        raise ValueError(f"shifts must be ints >= 0, got {shifts!r}")  # 1.9 would silently become 1
     shifts = [int(s) for s in shifts]
-    if any(s < 0 for s in shifts):
-        raise ValueError(f"shifts must be ints >= 0, got {shifts}")
     K = len(shifts)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError("labels must be a [B, T] integer tensor")
@@ -479,7 +480,7 @@ def multi_head_linear_cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if accum_dtype is not None and accum_dtype not in _ACCUM_DTYPES:
         raise ValueError(f"accum_dtype must be None or one of {_ACCUM_DTYPES}, got {accum_dtype}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
     known_counts = None
@@ -503,6 +504,9 @@ def multi_head_linear_cross_entropy(
             if tuple(t.shape[-len(tail):]) != tail:
                 raise ValueError(f"{name} must end in shape {list(tail)} (labels [B, T], weight [V, H]), "
                                  f"got {list(t.shape)}")
+    # The row kernels read a head's bias at unit stride (the GEMMs take any strides): a strided or
+    # expanded [V] is copied (autograd routes the gradient back through the copy).
+    b_srcs = [b if b.stride(-1) == 1 or V == 1 else b.contiguous() for b in b_srcs]
     if segment_ids is not None:
         if not isinstance(segment_ids, torch.Tensor) or segment_ids.shape != labels.shape:
             raise ValueError(f"segment_ids must have the shape of labels {list(labels.shape)}")

@@ -71,6 +71,8 @@ def as_head_weights(head_weights, K: int, device: torch.device) -> torch.Tensor:
             raise ValueError(f"head_weights tensors must be on {device} (the labels' device)")
         return torch.stack([w.reshape(()).to(torch.float64) for w in values])
     values = [float(w) for w in values]
+    if not all(math.isfinite(w) for w in values):  # (tensor weights are not read on the host: no sync)
+        raise ValueError(f"head_weights must be finite numbers, got {values}")
     # Filled on the device value by value: a host-to-device copy of a list would synchronize.
     out = torch.empty(K, dtype=torch.float64, device=device)
     for k, value in enumerate(values):
