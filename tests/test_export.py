@@ -410,3 +410,36 @@ def test_exported_weights_are_readable_by_a_serving_user(tmp_path):
         os.umask(umask)
     for path in [tmp_path / "h" / "model.safetensors", *(tmp_path / "b").glob("*.safetensors")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_cli_never_writes_over_the_heads_it_reads_nor_the_current_directory(tmp_path, capsys, monkeypatch):
+    model = make_model(shared=False)
+    model.save_heads(tmp_path / "ckpt" / "heads", format="medusa")  # found inside --checkpoint
+    assert run_cli("--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "ckpt" / "heads"),
+                   "--overwrite", "--dtype", "bf16") == 2
+    assert "which this export reads" in capsys.readouterr().err
+    assert {t.dtype for t in load_file(str(tmp_path / "ckpt" / "heads" / "medusa_lm_head.safetensors")).values()} \
+        == {torch.float32}
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert run_cli("--checkpoint", str(tmp_path / "ckpt"), "--output", ".") == 2
+    assert "current directory" in capsys.readouterr().err
+    (tmp_path / "ckpt" / "heads" / "medusa_lm_head.safetensors").write_bytes(b"\x00" * 7)  # truncated
+    assert run_cli("--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "o")) == 2
+    assert "medusa_lm_head.safetensors is not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_cli_output_filled_by_another_process_meanwhile_is_not_replaced(tmp_path, monkeypatch, capsys):
+    model = make_model(shared=False)
+    model.save_heads(tmp_path / "heads", format="medusa")
+    real_write_heads = export_cli.write_heads
+
+    def write_heads_while_someone_writes_the_output(*args, **kwargs):
+        (tmp_path / "o").mkdir(exist_ok=True)
+        (tmp_path / "o" / "notes.txt").write_text("theirs")
+        return real_write_heads(*args, **kwargs)
+
+    monkeypatch.setattr(export_cli, "write_heads", write_heads_while_someone_writes_the_output)
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o")) == 2
+    assert (tmp_path / "o" / "notes.txt").read_text() == "theirs" and "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heads", "o"]  # no scratch left behind

@@ -60,3 +60,14 @@ def test_joint_checkpoint_moved_out_of_its_run_is_a_clear_error(tmp_path, capsys
                               "--format", "medusa", "--backbone", str(run / "final" / "backbone")]) == 0
     assert "trained the backbone too" in capsys.readouterr().err
     assert not (tmp_path / "out" / "backbone").exists()
+
+
+def test_joint_checkpoint_errors_are_one_line(tmp_path, capsys):
+    run = _train_joint(tmp_path)
+    step = run / "checkpoints" / "step-000003"
+    assert medusa_liger_main(["export", "--checkpoint", str(step), "--output", str(step / "heads"), "--overwrite"]) == 2
+    assert "which this export reads" in capsys.readouterr().err
+    trainable = step / "trainable.safetensors"
+    trainable.write_bytes(trainable.read_bytes()[:1000])  # a truncated copy
+    assert medusa_liger_main(["export", "--checkpoint", str(step), "--output", str(tmp_path / "o")]) == 2
+    assert "trainable.safetensors is not a readable safetensors file" in capsys.readouterr().err

@@ -106,6 +106,8 @@ def check_output_dir(output_dir: Path, sources: list[Path], overwrite: bool) -> 
     output = output_dir.resolve()
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output {output_dir} is a file, not a directory")
+    if output == Path.cwd().resolve() or output in Path.cwd().resolve().parents:  # it is moved into place
+        raise ValueError(f"--output {output_dir} is the current directory or holds it: name a new directory")
     for source in sources:
         if output == source.resolve() or output in source.resolve().parents:
             raise ValueError(f"--output {output_dir} is or holds {source}, which this export reads: choose another directory")
@@ -144,11 +146,14 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
     for format in formats:
         check_format(format)
     dtype = parse_dtype(dtype)
-    output_dir = Path(output_dir)
-    check_output_dir(output_dir, [Path(checkpoint_dir), *([saved_backbone] if saved_backbone else [])], overwrite)
+    checkpoint_dir, output_dir = Path(checkpoint_dir).expanduser(), Path(output_dir).expanduser()
+    # Never write over what is read: the directory given, the heads found in it, a saved backbone.
+    sources = [checkpoint_dir, find_heads_dir(checkpoint_dir), *([saved_backbone] if saved_backbone else [])]
+    check_output_dir(output_dir, sources, overwrite)
     ckpt, backbone_dir = load_for_export(checkpoint_dir, backbone, saved_backbone)
     if backbone_dir is not None:
-        check_output_dir(output_dir, [backbone_dir], overwrite)
+        sources.append(backbone_dir)
+        check_output_dir(output_dir, sources, overwrite)
     # Heads default to the serving dtype recorded when they were saved (a training checkpoint holds
     # fp32 master heads); files without it (other tools) keep their own dtype.
     heads_dtype = dtype if dtype is not None else ckpt.serving_dtype
@@ -163,6 +168,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
                 ckpt.base_model_name_or_path = str((output_dir / sub / BACKBONE_SUBDIR).resolve())
             write_heads(ckpt, scratch / sub, format, heads_dtype)
             written.append(output_dir / sub)
+        check_output_dir(output_dir, sources, overwrite)  # again: another process may have written there meanwhile
         old = None
         if output_dir.exists():
             old = output_dir.with_name(f".{output_dir.name}-old-{scratch.name}")

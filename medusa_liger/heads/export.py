@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -300,7 +301,10 @@ def _read_config(directory: Path) -> dict[str, Any]:
 def _read_weights(directory: Path, format: str) -> dict[str, torch.Tensor]:
     path = directory / WEIGHT_FILES[format]
     if path.is_file():
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:  # e.g. a truncated copy: name the file
+            raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
     legacy = directory / "medusa_lm_head.pt"  # older FasterDecoding checkpoints
     if format == "medusa" and legacy.is_file():
         return torch.load(str(legacy), map_location="cpu", weights_only=True)

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from medusa_liger.heads import cli as heads_cli
@@ -39,8 +40,11 @@ def trained_backbone_tensors(checkpoint_dir: str | Path) -> dict[str, torch.Tens
     """The backbone's tensors a training checkpoint holds (names relative to the backbone); empty
     when its run trained only the heads."""
     path = Path(checkpoint_dir) / TRAINABLE_FILE
-    return {name.removeprefix(BACKBONE_PREFIX): tensor for name, tensor in load_file(str(path)).items()
-            if name.startswith(BACKBONE_PREFIX)}
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as error:  # e.g. a truncated copy: name the file
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    return {name.removeprefix(BACKBONE_PREFIX): t for name, t in tensors.items() if name.startswith(BACKBONE_PREFIX)}
 
 
 def rebuild_backbone(checkpoint_dir: str | Path, tensors: dict[str, torch.Tensor]):
@@ -88,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
     from medusa_liger.train.build import export_dtype
     from medusa_liger.train.data import DataError
 
-    step_dir = training_checkpoint_of(args.checkpoint)
-    tensors = trained_backbone_tensors(step_dir) if step_dir is not None else {}
+    step_dir = training_checkpoint_of(Path(args.checkpoint).expanduser())
+    try:
+        tensors = trained_backbone_tensors(step_dir) if step_dir is not None else {}
+    except ValueError as error:
+        print(f"medusa-liger export: error: {error}", file=sys.stderr)
+        return 2
     if not tensors:
         return heads_cli.run(args)
     if args.backbone is not None:
@@ -97,14 +105,15 @@ def run(args: argparse.Namespace) -> int:
               f"of it, and its heads may not fit that model", file=sys.stderr)
         return heads_cli.run(args)
     try:
-        heads_cli.check_output_dir(Path(args.output), [step_dir], args.overwrite)  # before the rebuild's wait
+        heads_cli.check_output_dir(Path(args.output).expanduser(), [step_dir, step_dir / CHECKPOINT_HEADS_DIR],
+                                   args.overwrite)  # before the rebuild's wait
         backbone, tokenizer, cfg = rebuild_backbone(step_dir, tensors)
     except (ValueError, OSError, DataError) as error:
         print(f"medusa-liger export: error: {error}", file=sys.stderr)
         return 2
     # The rebuilt backbone goes through a saved copy, as a run's final/backbone does: the heads
     # export checks the heads against it and copies it (cast to --dtype if given) beside them.
-    output = Path(args.output)
+    output = Path(args.output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-backbone-") as scratch:
         write_backbone(backbone, scratch, export_dtype(cfg))
