@@ -184,3 +184,19 @@ def test_eval_output_that_is_a_file_is_refused_before_anything_loads(tmp_path, c
     (tmp_path / "taken").write_text("")
     err = error_of([*COMMANDS["eval"], "--output", str(tmp_path / output)], capsys)
     assert message.format(tmp=tmp_path) in err
+
+
+def test_run_directory_mistakes_say_what_to_pass(tmp_path, capsys):
+    """A run without final/ (stopped early), and a backbone directory that is no model."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"has no final/ .*medusa-liger export --checkpoint"):
+        resolve_paths(tmp_path / "run", None, None)
+    assert main(["generate", "--heads", str(tmp_path), "--backbone", str(tmp_path / "run"), "--prompt", "hi"]) == 2
+    assert "not a Hugging Face model directory (no config.json)" in capsys.readouterr().err
+
+
+def test_distill_output_that_is_a_directory_is_refused_before_loading(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    assert main(["distill", "--backbone", str(tmp_path / "nope"), "--data", str(data), "--output", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

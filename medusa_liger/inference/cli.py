@@ -65,9 +65,16 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
     if heads is None:
         if final is None:
             raise ValueError("pass a run directory or --heads PATH (a directory written by save_heads)")
+        if not final.is_dir() and list(Path(run_dir).glob(FINAL_HEADS_PREFIX + "*")):
+            final = Path(run_dir)  # the run's final/ itself was given
         found = sorted(final.glob(FINAL_HEADS_PREFIX + "*"), key=lambda p: p.name != final_heads_dir("medusa"))
+        if not found and (Path(run_dir) / "config.json").is_file():
+            found = [Path(run_dir)]  # a heads directory (an export) was given as the run
         if not found:
-            raise ValueError(f"{final} holds no heads_* directory; pass --heads PATH")
+            where = f"{final} holds no heads_* directory" if final.is_dir() else \
+                f"{run_dir} has no {FINAL_DIR}/ (a run stopped before its end?)"
+            raise ValueError(f"{where}; pass --heads PATH, or export a checkpoint first (medusa-liger export "
+                             f"--checkpoint {Path(run_dir) / CHECKPOINTS_DIR}/step-N --output DIR)")
         heads = found[0]
     heads = Path(heads)
     if not heads.is_dir():
@@ -127,8 +134,12 @@ def error_text(error: Exception, backbone: str | None) -> str:
 def check_backbone(backbone: str | Path) -> None:
     """BackboneLoadError for a local-looking backbone path (``records.looks_like_local_path``) that
     is not a directory: the hub would reject it with a message about repo ids."""
-    if looks_like_local_path(backbone) and not Path(backbone).expanduser().is_dir():
+    path = Path(backbone).expanduser()
+    if looks_like_local_path(backbone) and not path.is_dir():
         raise BackboneLoadError(f"backbone directory {str(backbone)!r} does not exist")
+    if path.is_dir() and not (path / "config.json").is_file():  # e.g. a run's directory, not its final/backbone
+        raise BackboneLoadError(f"{str(backbone)!r} is not a Hugging Face model directory (no config.json); a run's "
+                                f"backbone is in RUN_DIR/{FINAL_DIR}/backbone")
 
 
 def is_offline() -> bool:

@@ -146,8 +146,8 @@ def _source_records(source: str, split: str, settings: DistillSettings, skipped:
             record = {"messages": [{"role": "user", "content": record["prompt"]}]}
         try:
             example = normalize(where, record, "auto", "all")
-        except ValueError as error:
-            skipped.append(str(error))
+        except ValueError as error:  # (the training reader's keys; distill also takes {"prompt": ...})
+            skipped.append(str(error).replace("'conversations', 'text'", "'conversations', 'text', 'prompt'"))
             continue
         if example.text is not None:
             if texts:
@@ -215,6 +215,8 @@ def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> 
     """Ids already written to ``output`` (a resume), after cutting any half-written last line; None
     when the output starts afresh (``_start_output`` creates it with the first record)."""
     settings_file = _settings_path(output)
+    if output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a directory; pass a JSONL file path")
     if overwrite or not output.exists():
         output.parent.mkdir(parents=True, exist_ok=True)
         return None
@@ -387,6 +389,8 @@ def run(args) -> int:
             num_records=args.num_records,
         )
         check_source(args.data)  # before the model loads (self_distill checks it again, for its own callers)
+        if Path(args.output).is_dir():
+            raise ValueError(f"--output {args.output!r} is a directory; pass a JSONL file path")
         common = {"split": args.split, "overwrite": args.overwrite}
         if args.server:
             summary = self_distill(args.data, args.output, settings, server=args.server, server_model=args.server_model,
