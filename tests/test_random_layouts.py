@@ -55,6 +55,15 @@ SMALL = [pytest.param(seed, torch.float32, False, backend, id=f"cpu-{backend}-{s
 LARGE = [pytest.param(seed, dtype, True, "triton", marks=pytest.mark.gpu, id=f"gpu-{str(dtype)[6:]}-{seed}")
          for seed in range(16) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
 CASES = pytest.mark.parametrize(("seed", "dtype", "large", "backend"), SMALL + LARGE)
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    """The large cases' fp64 references reserve tens of GiB in this worker's caching allocator;
+    hand them back after each case, since the suite's other workers share the GPU."""
+    yield
+    if HAS_CUDA:
+        torch.cuda.empty_cache()
 ANY = ("contiguous", "transposed", "row_slice", "col_step", "expand_rows", "expand_one")
 
 
