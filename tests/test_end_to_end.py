@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from medusa_liger.inference import evaluate_run
 from medusa_liger.kernels import force_backend
@@ -23,7 +24,7 @@ def test_tiny_default_heads_accelerate_decoding(tmp_path):
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
         [f"output_dir={tmp_path}", "train.steps=150", "logging.wandb=disabled", "logging.progress=false",
-         "checkpoint.every=1000", "train.threads=2"],
+         "checkpoint.every=1000", f"train.threads={torch.get_num_threads()}"],  # this worker's share (conftest)
     )
     with force_backend("torch"):  # model-level run: the kernel tests cover the Triton path
         train(cfg)

@@ -21,7 +21,10 @@ SHORT = [
     "model.tiny.num_key_value_heads=2", "model.tiny.intermediate_size=128", "model.tiny.vocab_size=400",
     "data.seq_len=64", "data.max_examples=40", "data.eval_fraction=0.1", "train.micro_batch_size=4",
     "train.warmup_steps=2", "train.lr=3e-3", "train.heads_lr=3e-3", "logging.wandb=disabled",
-    "logging.progress=false", "train.threads=2",
+    "logging.progress=false",
+    # The threads conftest gave this worker (its share of the cores): more would oversubscribe them
+    # beside the other workers, where intra-op threads spin waiting for each other.
+    f"train.threads={torch.get_num_threads()}",
 ]
 
 
