@@ -33,6 +33,7 @@ from medusa_liger.heads.export import (
     check_backbone_matches,
     check_format,
     detect_format,
+    lm_head_bias_of,
     load_backbone,
     parse_dtype,
     read_heads,
@@ -91,7 +92,7 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
         check_backbone_matches(ckpt, model, heads_dir)
         lm_head = model.get_output_embeddings()
         ckpt.lm_head_weight = lm_head.weight.detach()
-        ckpt.lm_head_bias = None if getattr(lm_head, "bias", None) is None else lm_head.bias.detach()
+        ckpt.lm_head_bias = lm_head_bias_of(lm_head)
     return ckpt, (saved if backbone is None else None)
 
 

@@ -170,7 +170,7 @@ def checkpoint_of(model: nn.Module, base_model_name_or_path: str | None = None) 
         vocab_size=model.heads.vocab_size,
         tensors={k: v.detach() for k, v in model.heads.state_dict().items()},
         lm_head_weight=lm_weight,
-        lm_head_bias=None if getattr(model.lm_head, "bias", None) is None else model.lm_head.bias.detach(),
+        lm_head_bias=lm_head_bias_of(model.lm_head),
         base_model_name_or_path=name,
         serving_dtype=lm_weight.dtype,  # the backbone's own weight, never a trainable master copy
     )
@@ -365,14 +365,32 @@ def check_backbone_matches(ckpt: HeadsCheckpoint, backbone: nn.Module, where: st
             raise ValueError(f"heads checkpoint {where} has {name}={found} but the backbone expects {name}={expected}")
 
 
+def check_backbone_path(path: str | Path) -> None:
+    """Say what is wrong with a backbone path before transformers does: a local-looking path
+    (``records.looks_like_local_path``) that does not exist (the hub would answer about repo ids), or a
+    directory without config.json (e.g. a run's directory). Hub names pass."""
+    from medusa_liger.records import looks_like_local_path
+    from medusa_liger.run_layout import FINAL_DIR
+
+    directory = Path(path).expanduser()
+    if looks_like_local_path(path) and not directory.is_dir():
+        raise FileNotFoundError(f"backbone directory {str(path)!r} does not exist")
+    if directory.is_dir() and not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a Hugging Face model directory (no config.json); a run's "
+                                f"backbone is in RUN_DIR/{FINAL_DIR}/{BACKBONE_SUBDIR}")
+
+
+def lm_head_bias_of(lm_head: nn.Module) -> torch.Tensor | None:
+    """An output projection's bias, detached, or None (most causal LMs' lm_head has none)."""
+    bias = getattr(lm_head, "bias", None)
+    return None if bias is None else bias.detach()
+
+
 def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path)`` in the saved dtype (or ``dtype``)."""
     from transformers import AutoModelForCausalLM
 
-    from medusa_liger.records import looks_like_local_path
-
-    if looks_like_local_path(path) and not Path(path).expanduser().is_dir():  # not hub's "Repo id must be ..."
-        raise FileNotFoundError(f"backbone directory {path} does not exist")
+    check_backbone_path(path)
     dtype = parse_dtype(dtype)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
 

@@ -132,14 +132,13 @@ def error_text(error: Exception, backbone: str | None) -> str:
 
 
 def check_backbone(backbone: str | Path) -> None:
-    """BackboneLoadError for a local-looking backbone path (``records.looks_like_local_path``) that
-    is not a directory: the hub would reject it with a message about repo ids."""
-    path = Path(backbone).expanduser()
-    if looks_like_local_path(backbone) and not path.is_dir():
-        raise BackboneLoadError(f"backbone directory {str(backbone)!r} does not exist")
-    if path.is_dir() and not (path / "config.json").is_file():  # e.g. a run's directory, not its final/backbone
-        raise BackboneLoadError(f"{str(backbone)!r} is not a Hugging Face model directory (no config.json); a run's "
-                                f"backbone is in RUN_DIR/{FINAL_DIR}/backbone")
+    """BackboneLoadError for a backbone path that cannot be a model (``export.check_backbone_path``)."""
+    from medusa_liger.heads.export import check_backbone_path
+
+    try:
+        check_backbone_path(backbone)
+    except FileNotFoundError as error:
+        raise BackboneLoadError(str(error)) from None
 
 
 def is_offline() -> bool:
