@@ -5,6 +5,7 @@ one ``medusa-liger <cmd>: error:`` line naming the flag, exit status 2, found be
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +201,22 @@ def test_distill_output_that_is_a_directory_is_refused_before_loading(tmp_path, 
     data.write_text(json.dumps({"prompt": "hi"}) + "\n")
     assert main(["distill", "--backbone", str(tmp_path / "nope"), "--data", str(data), "--output", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_train_and_the_inference_commands_share_one_device_check(monkeypatch):
+    # train.device and --device were parsed by two copies (a regex + resolve_device, and parse_device).
+    from medusa_liger.devices import is_device_name
+    from medusa_liger.devices import parse_device as shared
+    from medusa_liger.train.build import resolve_device
+    from medusa_liger.train.config import ConfigError, load_config
+
+    assert parse_device is shared
+    assert parse_device("auto", allow_auto=True).type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="must be cpu, cuda or cuda:N, got 'auto'"):
+        parse_device("auto")
+    assert not is_device_name(None) and not is_device_name("cuda:") and is_device_name("cuda:7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", ["train.device=cuda:3"])
+    with pytest.raises(ConfigError, match=r"train.device: got 'cuda:3', but this machine has 1 CUDA device\(s\)"):
+        resolve_device(cfg)

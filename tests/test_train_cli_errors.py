@@ -76,11 +76,11 @@ def test_a_config_directory(capsys):
 def test_cuda_without_cuda_is_a_config_error_at_startup(capsys, monkeypatch, no_loading):
     # Was a ValueError traceback from resolve_device.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "train.device=cuda but CUDA is not available" in config_error(capsys, TINY, "train.device=cuda",
-                                                                          "logging.wandb=disabled")
+    assert "train.device: got 'cuda', but CUDA is not available on this machine: use cpu or auto" in config_error(
+        capsys, TINY, "train.device=cuda", "logging.wandb=disabled")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert "train.device=cuda:2 but there are only 2 CUDA device(s)" in config_error(
+    assert "train.device: got 'cuda:2', but this machine has 2 CUDA device(s): cuda:0 to cuda:1" in config_error(
         capsys, TINY, "train.device=cuda:2", "logging.wandb=disabled")
 
 

@@ -11,7 +11,7 @@ import argparse
 import math
 from collections.abc import Callable, Iterable
 
-import torch
+from medusa_liger.devices import parse_device
 
 # Namespace attributes: the flags given on the command line, and the parser (for its error()).
 _GIVEN = "_given_flags"
@@ -85,24 +85,6 @@ def number(kind: type = int, *, minimum: float | None = None, maximum: float | N
 
 
 POSITIVE_INT = number(int, minimum=1)
-
-
-def parse_device(text: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` as a torch.device; ValueError for any other name or a CUDA
-    device this machine does not have (torch would fail only at the first transfer, with a traceback)."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"must be cpu, cuda or cuda:N, got {text!r}")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"got {text!r}, but CUDA is not available on this machine: use cpu")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"got {text!r}, but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
-    return device
 
 
 def device(text: str) -> str:

@@ -23,24 +23,19 @@ from pathlib import Path
 
 import torch
 
+from medusa_liger.devices import parse_device
 from medusa_liger.heads.export import DTYPES  # one table of dtype names (the config allows three of them)
 from medusa_liger.train import distributed
 from medusa_liger.train.config import Config, ConfigError
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    """``train.device``; ``auto`` is CUDA when available, else CPU."""
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(cfg.train.device)
-    # ConfigErrors: the command reports them in one line, before any data or model loads.
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={cfg.train.device} but CUDA is not available here: use train.device=cpu "
-                          "(or auto)")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"train.device={cfg.train.device} but there are only {torch.cuda.device_count()} CUDA "
-                          f"device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return device
+    """``train.device``; ``auto`` is CUDA when available, else CPU. A device this machine lacks is a
+    ConfigError, which the command reports in one line, before any data or model loads."""
+    try:
+        return parse_device(cfg.train.device, allow_auto=True)
+    except ValueError as error:
+        raise ConfigError(f"train.device: {error}") from None
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from medusa_liger.devices import is_device_name
 from medusa_liger.dtype_names import DTYPE_NAMES
 from medusa_liger.records import looks_like_local_path
 
@@ -31,7 +32,6 @@ from medusa_liger.records import looks_like_local_path
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
                         "flash_attention_4", "paged|eager")
 HUB_KERNEL = re.compile(r"[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?")  # transformers' is_kernel pattern
-DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")  # what resolve_device turns into a torch.device
 
 
 class ConfigError(ValueError):
@@ -398,7 +398,7 @@ def validate(cfg: Config) -> Config:
     _require(t.lm_loss_weight >= 0, "train.lm_loss_weight", t.lm_loss_weight, ">= 0")
     _require(t.heads_lambda.value >= 0, "train.heads_lambda.value", t.heads_lambda.value, ">= 0")
     _require(t.heads_lambda.ramp_steps >= 0, "train.heads_lambda.ramp_steps", t.heads_lambda.ramp_steps, ">= 0")
-    _require(DEVICE.fullmatch(t.device) is not None, "train.device", t.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _require(is_device_name(t.device, allow_auto=True), "train.device", t.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
     _require(t.threads is None or t.threads >= 1, "train.threads", t.threads, ">= 1 or null")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, ">= 1")
