@@ -25,25 +25,39 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (all of them when ``command`` is None)."""
+    return _build_parsers(command)[0]
+
+
+def _build_parsers(command: str | None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """(top-level parser, subcommand name -> its parser)."""
     parser = argparse.ArgumentParser(
         prog="medusa-liger", description="Train and evaluate Medusa heads with fused Triton kernels."
     )
     parser.add_argument("--version", action="version", version=f"medusa-liger {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    sub_parsers = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if command in (None, name):
             importlib.import_module(module_name).add_arguments(sub_parser)
         sub_parser.set_defaults(_module=module_name)
-    return parser
+        sub_parsers[name] = sub_parser
+    return parser, sub_parsers
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Import only the subcommand being run: `medusa-liger --help` needs none of torch or transformers.
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
+    parser, sub_parsers = _build_parsers(command)
+    if command:
+        # The subcommand's own parser reads the rest, flags and positionals in any order
+        # (`train CONFIG --print-config train.steps=5`): through the top-level parser, argparse fills
+        # the positionals at their first run and calls anything after a flag unrecognized.
+        args = sub_parsers[command].parse_intermixed_args(argv[1:])
+        args.command = command
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -36,23 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dotted overrides of config keys, e.g. train.lr=1e-3 logging.wandb=disabled")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    _parse_intermixed(parser)
-
-
-def _parse_intermixed(parser: argparse.ArgumentParser) -> None:
-    """Let flags and overrides come in any order (``CONFIG --print-config train.steps=5``): plain
-    argparse fills the positionals at the first run of them and calls anything after a flag
-    unrecognized. The top-level parser hands this subparser its arguments through parse_known_args."""
-    plain = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        parser.parse_known_args = plain  # the intermixed parse calls parse_known_args itself
-        try:
-            return parser.parse_known_intermixed_args(args, namespace)
-        finally:
-            parser.parse_known_args = parse_known_args
-
-    parser.parse_known_args = parse_known_args
 
 
 def run(args: argparse.Namespace) -> int:
