@@ -128,15 +128,18 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
             yield f"{local}:{lineno}", record
 
 
-def normalize(where: str, record: Any, fmt: str, loss_on: str) -> Example:
-    """Validate one record and convert it to an Example (roles mapped to system/user/assistant)."""
+def normalize(where: str, record: Any, fmt: str, loss_on: str, *, other_keys: tuple[str, ...] = ()) -> Example:
+    """Validate one record and convert it to an Example (roles mapped to system/user/assistant).
+    ``other_keys``: keys the caller accepts besides these formats' (and converted before), named in the
+    message about a record that has none of them."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     if fmt == "auto":
         fmt = next((f for f, key in (("openai", "messages"), ("sharegpt", "conversations"), ("text", "text"))
                     if key in record), "")
         if not fmt:
-            raise ValueError(f"{where}: record has none of the keys 'messages', 'conversations', 'text'")
+            keys = ", ".join(repr(k) for k in ("messages", "conversations", "text", *other_keys))
+            raise ValueError(f"{where}: record has none of the keys {keys}")
     key = {"openai": "messages", "sharegpt": "conversations", "text": "text"}[fmt]
     if key not in record:
         raise ValueError(f"{where}: data.format={fmt} expects the key {key!r}, found {sorted(record)}")

@@ -79,6 +79,7 @@ def test_greedy_distill_regenerates_every_turn_from_its_own_history(model, token
     assert len(summary.skipped) == 3 and summary.records == 5 and summary.resumed == 0
     assert "source.jsonl:5: malformed JSON" in " ".join(summary.skipped)
     assert any("starts with an assistant turn" in s for s in summary.skipped)
+    assert any("none of the keys 'messages', 'conversations', 'text', 'prompt'" in s for s in summary.skipped)
     assert summary.generations == 2 + 1 + 1 + 1 + 1
 
     def chat_ids(messages):

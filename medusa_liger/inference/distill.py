@@ -145,9 +145,9 @@ def _source_records(source: str, split: str, settings: DistillSettings, skipped:
         if isinstance(record, dict) and isinstance(record.get("prompt"), str) and "messages" not in record:
             record = {"messages": [{"role": "user", "content": record["prompt"]}]}
         try:
-            example = normalize(where, record, "auto", "all")
-        except ValueError as error:  # (the training reader's keys; distill also takes {"prompt": ...})
-            skipped.append(str(error).replace("'conversations', 'text'", "'conversations', 'text', 'prompt'"))
+            example = normalize(where, record, "auto", "all", other_keys=("prompt",))
+        except ValueError as error:
+            skipped.append(str(error))
             continue
         if example.text is not None:
             if texts:
