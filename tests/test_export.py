@@ -443,3 +443,32 @@ def test_cli_output_filled_by_another_process_meanwhile_is_not_replaced(tmp_path
     assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o")) == 2
     assert (tmp_path / "o" / "notes.txt").read_text() == "theirs" and "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heads", "o"]  # no scratch left behind
+
+
+@pytest.mark.parametrize("layout", ["sharded", "bin"])
+def test_vllm_heads_written_by_other_tools_read_back(tmp_path, layout):
+    """vLLM loads any checkpoint layout; heads on the hub come as pytorch_model.bin or sharded
+    safetensors, which only a single model.safetensors was read from before."""
+    model = make_model(shared=False)
+    model.save_heads(tmp_path / "h", format="vllm")
+    tensors = load_file(str(tmp_path / "h" / "model.safetensors"))
+    (tmp_path / "h" / "model.safetensors").unlink()
+    if layout == "bin":
+        torch.save(tensors, tmp_path / "h" / "pytorch_model.bin")
+    else:
+        names = sorted(tensors)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for file, keys in shards.items():
+            save_file({k: tensors[k].contiguous() for k in keys}, str(tmp_path / "h" / file))
+        weight_map = {k: file for file, keys in shards.items() for k in keys}
+        index = tmp_path / "h" / "model.safetensors.index.json"
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_same_heads(model, MedusaModel.from_pretrained(tmp_path / "h", backbone=model.backbone))
+    if layout == "sharded":  # a shard gone, or a tensor the index names that no shard holds: named
+        weight_map["blocks.0.missing"] = "model-00001-of-00002.safetensors"
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(ValueError, match=r"lists tensors its shards do not hold: \['blocks.0.missing'\]"):
+            read_heads(tmp_path / "h")
+        (tmp_path / "h" / "model-00002-of-00002.safetensors").unlink()
+        with pytest.raises(FileNotFoundError, match="names the shard model-00002-of-00002.safetensors"):
+            read_heads(tmp_path / "h")

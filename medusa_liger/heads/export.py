@@ -298,15 +298,44 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:  # e.g. a truncated copy: name the file
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded safetensors checkpoint (``*.safetensors.index.json``'s weight_map
+    names each tensor's file), checked against the index so a missing shard or tensor is an error."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{index_path} is not a safetensors index (a JSON object with 'weight_map'): {error}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"{index_path} names the shard {shard}, which is not in {index_path.parent}")
+        tensors.update(_load_safetensors(shard_path))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise ValueError(f"{index_path} lists tensors its shards do not hold: {missing[:5]}")
+    return {name: tensors[name] for name in weight_map}
+
+
 def _read_weights(directory: Path, format: str) -> dict[str, torch.Tensor]:
+    """The heads' tensors: the format's weight file, or what other tools write instead (a sharded
+    ``model.safetensors.index.json`` or a ``pytorch_model.bin`` for vllm, like the hub's vLLM Medusa
+    heads; FasterDecoding's older ``medusa_lm_head.pt``)."""
     path = directory / WEIGHT_FILES[format]
     if path.is_file():
-        try:
-            return load_file(str(path))
-        except SafetensorError as error:  # e.g. a truncated copy: name the file
-            raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
-    legacy = directory / "medusa_lm_head.pt"  # older FasterDecoding checkpoints
-    if format == "medusa" and legacy.is_file():
+        return _load_safetensors(path)
+    index = directory / (WEIGHT_FILES[format] + ".index.json")
+    if index.is_file():
+        return _read_sharded(index)
+    legacy = directory / {"medusa": "medusa_lm_head.pt", "vllm": "pytorch_model.bin"}[format]
+    if legacy.is_file():
         return torch.load(str(legacy), map_location="cpu", weights_only=True)
     found = sorted(p.name for p in directory.iterdir())
     raise FileNotFoundError(f"expected weights file {path} for the {format} format, found only {found}")
