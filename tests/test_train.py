@@ -422,3 +422,18 @@ def test_vllm_export_of_an_lm_head_with_bias_is_refused_before_training():
     with pytest.raises(ConfigError, match=r"export.formats includes vllm.*export.formats=\[medusa\]"):
         build_medusa(cfg, backbone)
     build_medusa(load_config(TINY, ["heads.shared_lm_head=true", "export.formats=[medusa]"]), backbone)
+
+
+def test_checkpoint_files_all_follow_the_umask(tmp_path):
+    # trainable.safetensors was 0600 (safetensors 0.8) beside 0644 .pt files: a resume or export by
+    # another user could read the optimizer state but not the weights.
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = _save_tiny_checkpoint(tmp_path, 1)
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir() if p.is_file()}
+    assert "trainable.safetensors" in modes and set(modes.values()) == {0o644}, modes

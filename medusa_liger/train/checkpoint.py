@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from medusa_liger.heads.export import readable_by_others
 from medusa_liger.train import distributed, fsdp
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -119,6 +120,7 @@ def save_checkpoint(
     # safetensors refuses shared or non-contiguous storage: store detached contiguous copies.
     save_file({name: p.detach().contiguous().cpu() for name, p in named_params.items()},
               str(tmp / "trainable.safetensors"))
+    readable_by_others(tmp / "trainable.safetensors")  # 0600 from safetensors; the .pt files follow the umask
     torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     for r, state in enumerate(rng_states or [rng_state()]):
