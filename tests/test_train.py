@@ -437,3 +437,24 @@ def test_checkpoint_files_all_follow_the_umask(tmp_path):
         os.umask(umask)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir() if p.is_file()}
     assert "trainable.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_resume_and_export_check_every_tensor_before_copying_any(tmp_path):
+    # One check for load_checkpoint and export's rebuild_backbone (two copies before, neither tested).
+    from medusa_liger.train.checkpoint import ResumeError, copy_into, load_checkpoint
+
+    path = _save_tiny_checkpoint(tmp_path, 1)
+    for params, match in (({"w": torch.nn.Parameter(torch.zeros(4))}, r"w has shape \[3\], the model's is \[4\]"),
+                          ({"v": torch.nn.Parameter(torch.zeros(3))}, r"missing \['v'\], unexpected \['w'\]")):
+        optimizer = torch.optim.SGD(params.values(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        with pytest.raises(ResumeError, match="does not match this model .*: " + match):
+            load_checkpoint(path, params, optimizer, scheduler)
+    a, b = torch.zeros(2), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"run: b has shape \[2\], the model's is \[3\]"):
+        copy_into({"a": a, "b": b}, {"a": torch.ones(2), "b": torch.ones(2)}, "run")
+    assert not a.any()  # nothing copied when any tensor does not fit
+    with pytest.raises(ValueError, match=r"run: missing \['b'\], unexpected \[\]"):
+        copy_into({"a": a, "b": b}, {"a": torch.ones(2)}, "run")
+    copy_into({"a": a, "b": b}, {"a": torch.ones(2)}, "run", allow_missing=True)  # LoRA: adapters only
+    assert a.eq(1).all() and not b.any()

@@ -173,6 +173,26 @@ def check_resume_heads(saved: Any, current: Any, directory: str | Path) -> None:
                           "(another name=..., or train.resume=none to start this one afresh)")
 
 
+def copy_into(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str, *,
+              allow_missing: bool = False, error: type[ValueError] = ValueError) -> None:
+    """Copy each of ``tensors`` into the parameter of its name (under FSDP, this rank's shard of it).
+
+    Every name and shape is checked before anything is copied: ``error`` starting with ``what`` when a
+    parameter has no tensor (unless ``allow_missing``: a LoRA run's checkpoint holds only the
+    adapters), a tensor has no parameter, or shapes differ.
+    """
+    missing = [] if allow_missing else sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise error(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise error(f"{what}: {name} has shape {list(tensor.shape)}, the model's is {list(params[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            fsdp.copy_full_(params[name], tensor)
+
+
 def load_checkpoint(
     directory: str | Path,
     named_params: dict[str, torch.Tensor],
@@ -185,19 +205,8 @@ def load_checkpoint(
     if not (directory / STATE_FILE).is_file():
         raise ResumeError(f"train.resume: {str(directory)!r} is not a complete checkpoint (no {STATE_FILE})")
     tensors = load_file(str(directory / "trainable.safetensors"))
-    missing = sorted(set(named_params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(named_params))
-    if missing or unexpected:
-        raise ResumeError(
-            f"train.resume: checkpoint {str(directory)!r} does not match this model (was it trained with other "
-            f"train.mode or lora settings?): missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    with torch.no_grad():
-        for name, param in named_params.items():
-            if tuple(tensors[name].shape) != tuple(param.shape):
-                raise ResumeError(
-                    f"train.resume: checkpoint {name} has shape {list(tensors[name].shape)}, model has {list(param.shape)}")
-            fsdp.copy_full_(param, tensors[name])  # this rank's shard where FSDP shards the parameter
+    copy_into(named_params, tensors, f"train.resume: checkpoint {str(directory)!r} does not match this model (was it "
+              "trained with other train.mode or lora settings?)", error=ResumeError)
     optimizer_state = torch.load(directory / "optimizer.pt", weights_only=False)
     try:
         optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer_state, optimizer))

@@ -54,6 +54,7 @@ def rebuild_backbone(checkpoint_dir: str | Path, tensors: dict[str, torch.Tensor
     or when ``tensors`` do not fit the backbone that config builds.
     """
     from medusa_liger.train.build import build_tokenizer_and_backbone
+    from medusa_liger.train.checkpoint import copy_into
     from medusa_liger.train.config import load_config
     from medusa_liger.train.data import data_errors, load_examples
 
@@ -67,18 +68,9 @@ def rebuild_backbone(checkpoint_dir: str | Path, tensors: dict[str, torch.Tensor
     cfg = load_config(config_path, [f"output_dir={run_dir}"])
     with data_errors():
         tokenizer, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
-    params = dict(backbone.named_parameters())
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    trained = set(tensors) & set(params)
-    if unexpected or (missing and not cfg.lora.enabled):  # LoRA trains only the adapters
-        raise ValueError(f"{checkpoint_dir}/{TRAINABLE_FILE} does not fit the backbone {run_dir / CONFIG_FILE} builds: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for name in trained:
-            if tensors[name].shape != params[name].shape:
-                raise ValueError(f"{checkpoint_dir}/{TRAINABLE_FILE}: {name} has shape {list(tensors[name].shape)}, "
-                                 f"the backbone's is {list(params[name].shape)}")
-            params[name].copy_(tensors[name])
+    copy_into(dict(backbone.named_parameters()), tensors,
+              f"{checkpoint_dir}/{TRAINABLE_FILE} does not fit the backbone {config_path} builds",
+              allow_missing=cfg.lora.enabled)  # LoRA trains only the adapters
     return backbone, tokenizer, cfg
 
 
