@@ -157,7 +157,10 @@ def normalize(where: str, record: Any, fmt: str, loss_on: str, *, other_keys: tu
         if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
             raise ValueError(f"{where}: turn {j} must be an object with {role_key!r} and {content_key!r}")
         raw_role, content = turn[role_key], turn[content_key]
-        role = SHAREGPT_ROLES.get(raw_role) if fmt == "sharegpt" else (raw_role if raw_role in OPENAI_ROLES else None)
+        if not isinstance(raw_role, str):  # (a list or dict role is not hashable: no table lookup)
+            role = None
+        else:
+            role = SHAREGPT_ROLES.get(raw_role) if fmt == "sharegpt" else (raw_role if raw_role in OPENAI_ROLES else None)
         if role is None:
             allowed = sorted(SHAREGPT_ROLES) if fmt == "sharegpt" else list(OPENAI_ROLES)
             raise ValueError(f"{where}: turn {j} has {role_key}={raw_role!r}; expected one of {allowed}")

@@ -257,3 +257,49 @@ def test_split_eval_holds_out_rows():
     assert len(train) == 18 and len(held) == 2
     assert not set(held.input_ids[:, 0].tolist()) & set(train.input_ids[:, 0].tolist())
     assert split_eval(data, 0.0, seed=0)[1] is None
+
+
+def test_loss_on_all_needs_no_prefix_renders(tokenizer):
+    # The prefix check ran with loss_on=all too, so its own advice ("or data.loss_on=all") failed.
+    template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    example = Example("conv.jsonl:3", messages=CHAT)
+    ids, labels = tokenize_example(example, tokenizer, template, "all")
+    assert ids and labels == ids
+    with pytest.raises(ValueError, match="data.loss_on=all"):
+        tokenize_example(example, tokenizer, template, "assistant")
+
+
+def test_a_leading_assistant_turn_is_context_not_a_target(tokenizer):
+    # transformers 5 refuses to render the empty conversation before it: the whole build stopped.
+    messages = [{"role": "assistant", "content": "Hello!"}, *CHAT[1:]]
+    text, spans = render_conversation(tokenizer, messages, BUILTIN_CHAT_TEMPLATE)
+    assert "Hello!" in text and [text[a:b] for a, b in spans] == ["It does nothing.<|end|>\n",
+                                                                  "It leaves the loop.<|end|>\n"]
+
+
+def test_a_template_that_raises_names_the_record(tokenizer, tmp_path):
+    template = "{% for m in messages %}{% if loop.index0 % 2 == 1 and m['role'] == 'user' %}" \
+               "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"}]
+    with pytest.raises(ValueError, match="conv.jsonl:7: the chat template rejected this conversation: "
+                                         "roles must alternate"):
+        tokenize_example(Example("conv.jsonl:7", messages=messages), tokenizer, template, "assistant")
+
+
+def test_max_examples_caps_over_all_files(tmp_path):
+    # The cap only left the inner loop: each later file still added one record.
+    paths = []
+    for f in range(3):
+        paths.append(tmp_path / f"{f}.jsonl")
+        paths[-1].write_text("".join(json.dumps({"text": f"doc {f}.{i}"}) + "\n" for i in range(5)))
+    assert [e.text for e in load_examples(data_cfg(paths, max_examples=2))] == ["doc 0.0", "doc 0.1"]
+    assert [e.text for e in load_examples(data_cfg(paths, max_examples=6))][-1] == "doc 1.0"
+
+
+@pytest.mark.parametrize("role", [["human"], {"a": 1}])
+def test_an_unhashable_role_is_a_located_error(role):
+    for fmt, key, turn in (("sharegpt", "conversations", {"from": role, "value": "a"}),
+                           ("openai", "messages", {"role": role, "content": "a"})):
+        with pytest.raises(ValueError, match="f.jsonl:2: turn 0"):
+            normalize("f.jsonl:2", {key: [turn]}, fmt, "assistant")

@@ -60,6 +60,8 @@ def load_examples(data_cfg) -> list[Example]:
     examples: list[Example] = []
     skipped: list[str] = []
     for path in data_cfg.paths:
+        if data_cfg.max_examples is not None and len(examples) >= data_cfg.max_examples:
+            break  # (the cap counts over all files, not per file)
         for where, record in iter_raw_records(path, data_cfg.split, data_cfg.on_error, skipped):
             try:
                 examples.append(normalize(where, record, data_cfg.format, data_cfg.loss_on))
@@ -79,28 +81,37 @@ def load_examples(data_cfg) -> list[Example]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _render(tokenizer, messages, template: str, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+def _render(tokenizer, messages, template: str, add_generation_prompt: bool, where: str = "") -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as error:  # e.g. a template's raise_exception("roles must alternate")
+        raise ValueError(f"{where}: the chat template rejected this conversation: {error}") from None
 
 
-def render_conversation(tokenizer, messages, template: str, where: str = "") -> tuple[str, list[tuple[int, int]]]:
-    """(text, assistant character spans) of one conversation (see module docstring)."""
-    full = _render(tokenizer, messages, template, False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+def render_conversation(tokenizer, messages, template: str, where: str = "",
+                        spans: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    """(text, assistant character spans) of one conversation (see module docstring); no spans
+    (and no prefix renders) with ``spans=False``."""
+    full = _render(tokenizer, messages, template, False, where)
+    found = []
+    for i, message in enumerate(messages if spans else []):
+        # A leading assistant turn answers no prompt (FastChat drops it): context, never a target.
+        # (transformers 5 also refuses to render the empty conversation before it.)
+        if message["role"] != "assistant" or i == 0:
             continue
-        prefix = _render(tokenizer, messages[:i], template, True) if i else _render(tokenizer, [], template, True)
-        upto = _render(tokenizer, messages[: i + 1], template, False)
+        prefix = _render(tokenizer, messages[:i], template, True, where)
+        upto = _render(tokenizer, messages[: i + 1], template, False, where)
         if not (full.startswith(upto) and upto.startswith(prefix)):
             raise ValueError(
                 f"{where}: the chat template does not render prefixes of a conversation as prefixes of it, "
                 "so assistant tokens cannot be located; use data.chat_template=builtin or data.loss_on=all"
             )
-        spans.append((len(prefix), len(upto)))
-    return full, spans
+        found.append((len(prefix), len(upto)))
+    return full, found
 
 
 def tokenize_example(example: Example, tokenizer, template: str, loss_on: str) -> tuple[list[int], list[int]]:
@@ -112,7 +123,7 @@ def tokenize_example(example: Example, tokenizer, template: str, loss_on: str) -
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
         return ids, list(ids)
-    text, spans = render_conversation(tokenizer, example.messages, template, example.where)
+    text, spans = render_conversation(tokenizer, example.messages, template, example.where, spans=loss_on != "all")
     # The template already holds any BOS/EOS it wants, so no special tokens are added here.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoding["input_ids"]
