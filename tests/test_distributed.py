@@ -23,7 +23,7 @@ from medusa_liger.heads.export import read_heads
 from medusa_liger.kernels import force_backend
 from medusa_liger.train import distributed, fsdp
 from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone
-from medusa_liger.train.config import load_config
+from medusa_liger.train.config import ConfigError, load_config
 from medusa_liger.train.data import load_examples
 from medusa_liger.train.finish import format_summary
 from medusa_liger.train.logging import read_metrics
@@ -281,7 +281,8 @@ def test_fsdp_helpers_without_a_process_group(tmp_path, monkeypatch):
     assert fsdp.decoder_layer_classes(model) == {"LlamaDecoderLayer"}
     with pytest.raises(ValueError, match="train.fsdp needs several processes"):
         fsdp.shard_model(model, torch.device("cpu"))
-    with pytest.raises(ValueError, match="train.fsdp needs several processes"):
+    # A ConfigError: the command prints it in one line (exit 2), not a traceback (a ValueError did).
+    with pytest.raises(ConfigError, match="train.fsdp needs several processes"):
         train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fsdp=True)))
     # Unsharded tensors pass through: whole tensors are the tensors themselves.
     w = model.heads.state_dict()

@@ -117,6 +117,35 @@ def test_resume_from_an_older_checkpoint_abandons_the_later_ones_at_once(tmp_pat
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
 
 
+def test_a_resume_past_train_steps_is_refused_and_leaves_the_run_as_it_was(tmp_path):
+    # It was accepted: nothing trained, yet config.yaml and the summary said steps: 4 for a 6-step model.
+    from medusa_liger.train.checkpoint import ResumeError
+
+    extra = ["checkpoint.every=3", "export.formats=[medusa]", "data.eval_fraction=0.0"]
+    out = tmp_path / "run"
+    train(short_config(out, "train.steps=6", *extra))
+    config_before = (out / "config.yaml").read_text()
+    with pytest.raises(ResumeError, match=r"is at step 6, past train.steps=4"):
+        train(short_config(out, "train.steps=4", "train.resume=auto", *extra))
+    assert (out / "config.yaml").read_text() == config_before
+
+
+def test_a_resume_from_another_runs_checkpoint_drops_this_directorys_old_run(tmp_path, monkeypatch, capsys):
+    # The directory's own (third-run) checkpoints survived, for train.resume=auto to pick next time,
+    # and its metrics.jsonl kept that run's first records before the resumed ones.
+    extra = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=3", "export.formats=[medusa]",
+             "data.eval_fraction=0.0"]
+    source, target = tmp_path / "source", tmp_path / "target"
+    train(short_config(source, *extra))
+    train(short_config(target, *extra, "train.seed=7"))
+    capsys.readouterr()
+    train_killed_at(3, short_config(target, *extra, f"train.resume={source / 'checkpoints' / 'step-000002'}"),
+                    monkeypatch)
+    assert "resuming from another run's checkpoint" in capsys.readouterr().err
+    assert not (target / "checkpoints").exists() or not any((target / "checkpoints").iterdir())
+    assert [r["step"] for r in read_metrics(target / "metrics.jsonl")] == [3]
+
+
 def test_lora_targets_the_backbone_lacks_are_a_config_error(tmp_path, capsys):
     from medusa_liger.cli import main as medusa_liger_main
     from medusa_liger.train.config import save_config

@@ -232,7 +232,8 @@ def find_resume_checkpoint(resume: str, root: str | Path) -> Path | None:
     return path
 
 
-def delete_old_checkpoints(ckpt_root: str | Path) -> None:
+def delete_old_checkpoints(ckpt_root: str | Path, why: str = "train.resume=none starts a fresh run",
+                           hint: str = " (pass train.resume=auto to continue from the newest)") -> None:
     """Delete ``ckpt_root`` at a fresh start, saying which steps go (on stderr).
 
     Older checkpoints belong to another run: they must not outlive this run's (via keep-pruning by
@@ -242,7 +243,6 @@ def delete_old_checkpoints(ckpt_root: str | Path) -> None:
     ckpt_root = Path(ckpt_root)
     steps = [path.name for path in list_checkpoints(ckpt_root)]
     if steps:  # (with train.resume=auto a fresh start means there was no complete checkpoint)
-        print(f"warning: train.resume=none starts a fresh run: deleting the old checkpoints "
-              f"{', '.join(steps)} in {ckpt_root} (pass train.resume=auto to continue from the newest)",
+        print(f"warning: {why}: deleting the old checkpoints {', '.join(steps)} in {ckpt_root}{hint}",
               file=sys.stderr, flush=True)
     shutil.rmtree(ckpt_root)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from medusa_liger.train import distributed
+from medusa_liger.train.config import ConfigError
 
 
 def _dtensor_class():
@@ -54,7 +55,7 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[str]:
 def require_processes() -> None:
     """Raise unless this process is one of several under torchrun (FSDP shards over the others)."""
     if not distributed.is_distributed():
-        raise ValueError("train.fsdp needs several processes: launch with torchrun --nproc_per_node N (N > 1)")
+        raise ConfigError("train.fsdp needs several processes: launch with torchrun --nproc_per_node N (N > 1)")
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> int:

@@ -61,6 +61,7 @@ from medusa_liger.run_layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     FINAL_DIR,
+    METRICS_FILE,
 )
 from medusa_liger.train import distributed, fsdp
 from medusa_liger.train.build import (
@@ -76,6 +77,7 @@ from medusa_liger.train.build import (
     trainable_parameters,
 )
 from medusa_liger.train.checkpoint import (
+    ResumeError,
     check_resume_heads,
     delete_old_checkpoints,
     drop_later_checkpoints,
@@ -365,6 +367,10 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         with torch.no_grad():
             fsdp.load_module_(model.heads, saved_heads.tensors)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
+        if start_step > cfg.train.steps:  # before save_config: the run's config.yaml stays as it was
+            raise ResumeError(f"train.resume: checkpoint {str(resume_dir)!r} is at step {start_step}, past "
+                              f"train.steps={cfg.train.steps}: nothing is left to train (give train.steps >= "
+                              f"{start_step})")
         loader.load_state_dict(state["data"])
         changed = reapply_schedule(cfg, optimizer, scheduler)  # this config's rates and schedule, not the checkpoint's
         if changed and main:
@@ -375,6 +381,12 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             if dropped:
                 print(f"warning: resuming from step {start_step} abandons the later checkpoints {', '.join(dropped)} "
                       f"(deleted)", file=sys.stderr, flush=True)
+        elif main:  # another run's checkpoint: this directory's own checkpoints and metrics are of a third run
+            if ckpt_root.is_dir():
+                delete_old_checkpoints(ckpt_root, why=f"resuming from another run's checkpoint {resume_dir}",
+                                       hint="")
+            if (out / METRICS_FILE).is_file():
+                (out / METRICS_FILE).unlink()  # (else its first records would be the old run's)
     elif ckpt_root.is_dir() and main:  # a fresh start: another run's checkpoints go (with a warning)
         delete_old_checkpoints(ckpt_root)
     if main:  # only now: a resume refused above leaves the run's config.yaml as its checkpoints were made
