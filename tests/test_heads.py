@@ -405,3 +405,10 @@ def test_cuda_autocast_packed_batch_runs_through_sdpa():
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(out.lm_loss)
     assert all(torch.isfinite(p.grad).all() for p in model.heads.parameters())
+
+
+@pytest.mark.parametrize("decay", ["abc", None, [0.8], 0.0, 1.5, float("nan")])
+def test_a_bad_decay_is_named(decay):
+    # "abc" gave "could not convert string to float", None a bare TypeError.
+    with pytest.raises(ValueError, match="decay must be"):
+        MedusaConfig(num_heads=2, decay=decay)

@@ -118,7 +118,7 @@ class MedusaConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not (0.0 < float(self.decay) <= 1.0):
+        if not (0.0 < check_loss_weight("decay", self.decay) <= 1.0):
             raise ValueError(f"decay must be in (0, 1], got {self.decay!r}")
         check_loss_weight("lm_loss_weight", self.lm_loss_weight)
         if self.lm_loss not in LM_LOSSES:
