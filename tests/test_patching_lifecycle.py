@@ -339,3 +339,30 @@ def test_gpu_bf16_convergence(model_type):
     assert want[-1] < want[0]
     for step, (g, w) in enumerate(zip(got, want)):
         assert abs(g - w) <= BF16_CURVE_ABS + 0.02 * abs(w), f"step {step}: patched {g} vs HF {w}"
+
+
+def test_reentrant_backward_twice_matches_hf_on_the_triton_path():
+    # The patched MLP always asked SwiGLU for its in-place backward, which overwrote the saved
+    # activations: inside reentrant_backward() the second backward's gradients were silently wrong.
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import medusa_liger
+    from medusa_liger.kernels.fused_linear_cross_entropy import reentrant_backward
+    from medusa_liger.kernels.utils import force_backend
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    hf = LlamaForCausalLM(config).float()
+    ours = copy.deepcopy(hf)
+    medusa_liger.patch(ours)
+    ids = torch.randint(0, 64, (2, 7))
+    for model, backend in ((hf, "torch"), (ours, "triton")):
+        with force_backend(backend), reentrant_backward():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward(retain_graph=True)
+            loss.backward()
+    for (name, a), b in zip(hf.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)

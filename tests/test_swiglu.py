@@ -147,3 +147,26 @@ def test_swiglu_gpu_bf16_mid_size(inplace_backward):
 def test_swiglu_gpu_bf16_model_sizes(model):
     intermediate = MODEL_SHAPES[model][1]
     _check((2, 37, intermediate), torch.bfloat16, "triton", inplace_backward=False)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_second_backward_after_an_inplace_one_raises(backend):
+    # It read the gradients written over gate/up as activations: silently wrong second gradients.
+    a = torch.randn(3, 5, 16, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, 5, 16, device=DEVICE, requires_grad=True)
+    with force_backend(backend):
+        c = swiglu(a * 1.0, b * 1.0, inplace_backward=True)
+        c.sum().backward(retain_graph=True)
+        first = (a.grad.clone(), b.grad.clone())
+        expected = torch.autograd.grad(swiglu(a * 1.0, b * 1.0).sum(), (a, b))
+        assert_close(first[0], expected[0], torch.float32)
+        assert_close(first[1], expected[1], torch.float32)
+        wrote_in_place = True
+        try:
+            c.sum().backward()
+        except RuntimeError as error:
+            assert "modified by an inplace operation" in str(error)
+        else:  # a backend that did not write in place must give the right (doubled) gradients
+            wrote_in_place = False
+            assert_close(a.grad, 2 * expected[0], torch.float32)
+    assert wrote_in_place or backend == "torch"

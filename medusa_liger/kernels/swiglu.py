@@ -135,6 +135,12 @@ class SwiGLUFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         # Returning the saved buffers as gradients: detach so autograd treats them as plain tensors.
         dgate, dup = swiglu_backward(dc, gate.detach(), up.detach(), ctx.inplace_backward)
+        # Gradients written over the saved buffers: bump their versions, so a second backward through
+        # this graph (retain_graph=True) raises autograd's "modified by an inplace operation" error
+        # instead of reading gradients as activations.
+        for saved, grad in ((gate, dgate), (up, dup)):
+            if grad.data_ptr() == saved.data_ptr():
+                torch.autograd.graph.increment_version(saved)
         return dgate, dup, None
 
 

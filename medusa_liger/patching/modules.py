@@ -16,7 +16,6 @@ the patch is setting ``__class__`` back. The kernels are imported on first use, 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -27,9 +26,20 @@ from torch import nn
 ORIGINAL_ATTR = "_medusa_liger_original"
 
 
-@functools.cache
+_KERNELS: SimpleNamespace | None = None
+
+
 def kernels() -> SimpleNamespace:
-    """The fused ops, imported once (first patch, or first call of a patched forward)."""
+    """The fused ops, imported once (first patch, or first call of a patched forward). A global,
+    not functools.cache: torch.compile traces a global read, but breaks the graph at a cached call."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _import_kernels()
+    return _KERNELS
+
+
+def _import_kernels() -> SimpleNamespace:
+    from medusa_liger.kernels import fused_linear_cross_entropy as loss_module
     from medusa_liger.kernels.fused_linear_cross_entropy import multi_head_linear_cross_entropy
     from medusa_liger.kernels.rms_norm import rms_norm
     from medusa_liger.kernels.rope import apply_rotary_pos_emb
@@ -40,6 +50,7 @@ def kernels() -> SimpleNamespace:
         rope=apply_rotary_pos_emb,
         swiglu=swiglu,
         multi_head_linear_cross_entropy=multi_head_linear_cross_entropy,
+        loss_module=loss_module,  # its reentrant_backward() flag, read at call time
     )
 
 
@@ -62,7 +73,9 @@ def swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return getattr(type(self), ORIGINAL_ATTR).forward(self, x)
     # The projections' outputs feed only the activation, so its backward may overwrite them with
     # their gradients (saves two [..., intermediate] buffers per layer during the backward).
-    return self.down_proj(kernels().swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True))
+    # In place saves a buffer, unless the graph may be backpropagated twice (reentrant_backward()).
+    inplace = not kernels().loss_module._reentrant
+    return self.down_proj(kernels().swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=inplace))
 
 
 def apply_rotary_pos_emb(
