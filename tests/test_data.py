@@ -303,3 +303,18 @@ def test_an_unhashable_role_is_a_located_error(role):
                            ("openai", "messages", {"role": role, "content": "a"})):
         with pytest.raises(ValueError, match="f.jsonl:2: turn 0"):
             normalize("f.jsonl:2", {key: [turn]}, fmt, "assistant")
+
+
+def test_the_cache_key_covers_the_special_tokens(tokenizer):
+    # Same tokenizer.json, another EOS (a base model vs its instruct version) read stale cached rows.
+    from medusa_liger.train.packing import _data_fingerprint
+
+    cfg = data_cfg([])
+    other = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token=tokenizer.bos_token,
+                                bos_token=tokenizer.bos_token, pad_token=tokenizer.pad_token,
+                                chat_template=tokenizer.chat_template)
+    assert _data_fingerprint(cfg, tokenizer) != _data_fingerprint(cfg, other)
+    same = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token=tokenizer.eos_token,
+                               bos_token=tokenizer.bos_token, pad_token=tokenizer.pad_token,
+                               chat_template=tokenizer.chat_template)
+    assert _data_fingerprint(cfg, tokenizer) == _data_fingerprint(cfg, same)

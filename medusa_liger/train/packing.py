@@ -118,6 +118,10 @@ def _data_fingerprint(data_cfg, tokenizer) -> str:
             digest.update(hashlib.sha256(local.read_bytes()).digest())
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
     digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    # Which tokens play BOS/EOS/PAD (the template renders them, documents get them, rows are padded
+    # with PAD) is not in the backend's serialization: a base model and its instruct version differ here.
+    digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
+                              tokenizer.pad_token_id]).encode())
     return digest.hexdigest()[:20]
 
 
