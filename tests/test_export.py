@@ -472,3 +472,19 @@ def test_vllm_heads_written_by_other_tools_read_back(tmp_path, layout):
         (tmp_path / "h" / "model-00002-of-00002.safetensors").unlink()
         with pytest.raises(FileNotFoundError, match="names the shard model-00002-of-00002.safetensors"):
             read_heads(tmp_path / "h")
+
+
+def test_python_api_joint_save_names_its_written_backbone(tmp_path):
+    # save_heads wrote DIR/backbone but config.json still named the untrained base model.
+    model = make_model(shared=False, mode="joint")
+    for format in ("medusa", "vllm"):
+        model.save_heads(tmp_path / format, format=format)
+        config = json.loads((tmp_path / format / "config.json").read_text())
+        assert config["base_model_name_or_path"] == str((tmp_path / format / "backbone").resolve())
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"medusa_num_heads": 2, "medusa_num_layers": 1, "medusa_liger": 3}'])
+def test_a_broken_heads_config_is_a_named_error(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="config.json"):
+        read_heads(tmp_path)

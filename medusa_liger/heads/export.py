@@ -263,9 +263,13 @@ def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", 
     """``MedusaModel.save_heads``: heads in ``format``, plus the merged backbone when ``save_backbone``
     (default: in joint mode) in ``directory/backbone``."""
     check_format(format)
-    directory = write_heads(checkpoint_of(model, base_model_name_or_path), directory, format, dtype)
     if save_backbone is None:
         save_backbone = model.config.mode == "joint"
+    if save_backbone and base_model_name_or_path is None:
+        # Engines load the model config.json names: the trained copy, not the base it started from
+        # (as the export command and the trainer write it). Its tokenizer is the caller's to save there.
+        base_model_name_or_path = str((Path(directory) / BACKBONE_SUBDIR).resolve())
+    directory = write_heads(checkpoint_of(model, base_model_name_or_path), directory, format, dtype)
     if not save_backbone and (directory / BACKBONE_SUBDIR).is_dir():
         warnings.warn(f"{directory} still holds {BACKBONE_SUBDIR}/ from an earlier save, which from_pretrained pairs "
                       f"with these heads; remove it unless it is their backbone", stacklevel=3)
@@ -295,7 +299,15 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         found = sorted(p.name for p in directory.iterdir())
         raise FileNotFoundError(f"expected {path} (a Medusa heads config), found only {found}")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if not isinstance(config.get("medusa_liger", {}), dict):  # our own entry, read by read_heads
+        raise ValueError(f"{path}: 'medusa_liger' must be an object, got {type(config['medusa_liger']).__name__}")
+    return config
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -347,7 +359,7 @@ def read_heads(directory: str | Path) -> HeadsCheckpoint:
     format = detect_format(directory)
     config = _read_config(directory)
     if format == "medusa":
-        num_heads, num_layers, has_bias = config["medusa_num_heads"], config["medusa_num_layers"], True
+        num_heads, num_layers, has_bias = config["medusa_num_heads"], config.get("medusa_num_layers", 1), True  # FasterDecoding's default
     else:
         num_heads, num_layers = config["num_heads"], config.get("num_hidden_layers", 1)
         has_bias = bool(config.get("medusa_fc_bias", False))
