@@ -28,6 +28,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from medusa_liger.kernels.utils import (
     check_float,
@@ -198,6 +199,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a Triton kernel: create_graph=True must raise, not give wrong 2nd-order grads
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_backward(dy, x, weight, rstd, ctx.offset)

@@ -34,6 +34,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from medusa_liger.kernels.utils import check_float, check_same_device, next_power_of_2, use_triton
 
@@ -254,6 +255,7 @@ class RoPEFunction(torch.autograd.Function):
         return q_out, k_out
 
     @staticmethod
+    @once_differentiable  # a Triton kernel: create_graph=True must raise, not give wrong 2nd-order grads
     def backward(ctx, dq_out: torch.Tensor, dk_out: torch.Tensor):
         # Autograd materializes a missing output gradient as zeros, so both are tensors here.
         cos, sin = ctx.saved_tensors

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from medusa_liger.kernels.utils import check_float, check_same_device, next_power_of_2, use_triton
 
@@ -131,6 +132,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_forward(gate, up)
 
     @staticmethod
+    @once_differentiable  # a Triton kernel: create_graph=True must raise, not give wrong 2nd-order grads
     def backward(ctx, dc: torch.Tensor):
         gate, up = ctx.saved_tensors
         # Returning the saved buffers as gradients: detach so autograd treats them as plain tensors.
