@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -279,3 +280,18 @@ def test_distill_on_gpu(tokenizer, source, tmp_path, dtype):
     # The same settings again: everything is already there.
     again = self_distill(source, tmp_path / "out.jsonl", settings, model=model, tokenizer=tokenizer, progress=False)
     assert again.resumed == 5 and again.records == 0 and len(read_lines(tmp_path / "out.jsonl")) == 5
+
+
+def test_the_models_shipped_generation_options_do_not_shape_greedy_answers(model, tokenizer, source, tmp_path):
+    # generate() filled options our config left unset (no_repeat_ngram_size, suppress_tokens) from
+    # model.generation_config: "greedy" answers were not the backbone's greedy answers.
+    settings = DistillSettings(max_new_tokens=10, batch_size=3, block_records=2, text_prompt_tokens=12)
+    self_distill(source, tmp_path / "plain.jsonl", settings, model=model, tokenizer=tokenizer, progress=False)
+    shipped = model.generation_config
+    model.generation_config = copy.deepcopy(shipped)
+    model.generation_config.no_repeat_ngram_size = 1
+    try:
+        self_distill(source, tmp_path / "shipped.jsonl", settings, model=model, tokenizer=tokenizer, progress=False)
+    finally:
+        model.generation_config = shipped
+    assert read_lines(tmp_path / "shipped.jsonl") == read_lines(tmp_path / "plain.jsonl")

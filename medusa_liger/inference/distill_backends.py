@@ -120,9 +120,17 @@ class LocalBackend:
         for row, prompt in enumerate(prompts):  # left padding: every prompt ends at column width - 1
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
-        with decode_attention():  # no cuDNN attention: it plans anew for every step's key length
-            out = self.model.generate(input_ids=input_ids.to(self.device),
-                                      attention_mask=attention_mask.to(self.device), generation_config=self.config)
+        # generate() fills every option our config leaves unset from the model's own generation config
+        # (no_repeat_ngram_size, suppress_tokens, min_p, bad_words_ids, ...): a blank one stands in for it.
+        from transformers import GenerationConfig
+
+        shipped, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        try:
+            with decode_attention():  # no cuDNN attention: it plans anew for every step's key length
+                out = self.model.generate(input_ids=input_ids.to(self.device),
+                                          attention_mask=attention_mask.to(self.device), generation_config=self.config)
+        finally:
+            self.model.generation_config = shipped
         results = []
         for row in out[:, width:].tolist():
             stop = next((j for j, token in enumerate(row) if token in self.eos), None)
