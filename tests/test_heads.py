@@ -412,3 +412,14 @@ def test_a_bad_decay_is_named(decay):
     # "abc" gave "could not convert string to float", None a bare TypeError.
     with pytest.raises(ValueError, match="decay must be"):
         MedusaConfig(num_heads=2, decay=decay)
+
+
+def test_a_peft_adapter_on_lm_head_is_refused():
+    # Its .weight is the base weight: every loss silently ignored the adapter, which never trained.
+    from peft import LoraConfig, get_peft_model
+
+    backbone = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match=r"\(lm_head\) carries a peft adapter"):
+        MedusaModel.from_backbone(backbone, MedusaConfig(num_heads=2, mode="joint"))
+    backbone = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    MedusaModel.from_backbone(backbone, MedusaConfig(num_heads=2, mode="joint"))  # other targets are fine

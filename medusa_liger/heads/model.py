@@ -119,6 +119,12 @@ def _lm_head_of(backbone: nn.Module) -> nn.Linear:
             f"backbone must be a causal LM with an output projection (get_output_embeddings()), "
             f"got {type(backbone).__name__} without one"
         )
+    if hasattr(head, "base_layer"):  # a peft tuner layer: its .weight is the base weight, without the adapter
+        raise ValueError(
+            "the backbone's output projection (lm_head) carries a peft adapter, which Medusa's fused losses "
+            "would never apply nor train (they read lm_head.weight); leave lm_head out of the adapter's "
+            "target_modules (lora.target_modules)"
+        )
     return head
 
 

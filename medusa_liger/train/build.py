@@ -141,6 +141,9 @@ def build_medusa(cfg: Config, backbone, teacher: bool = True):
         skip_ignored_targets=cfg.heads.skip_ignored_targets, head_by_head=cfg.heads.head_by_head,
         heads_loss_weight=cfg.train.heads_lambda.value if cfg.train.mode == "joint" else None,
     )
+    if hasattr(backbone.get_output_embeddings(), "base_layer"):  # (MedusaModel's own check, said with the key)
+        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules} puts an adapter on lm_head, which the "
+                          "fused losses read as a plain weight: it would never train; leave lm_head out")
     model = MedusaModel.from_backbone(backbone, medusa_cfg)
     if "vllm" in cfg.export.formats and getattr(model.lm_head, "bias", None) is not None:  # said now, not at the end
         raise ConfigError("export.formats includes vllm, but the backbone's lm_head has a bias, which vLLM's Medusa "
