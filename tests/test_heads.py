@@ -423,3 +423,16 @@ def test_a_peft_adapter_on_lm_head_is_refused():
         MedusaModel.from_backbone(backbone, MedusaConfig(num_heads=2, mode="joint"))
     backbone = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     MedusaModel.from_backbone(backbone, MedusaConfig(num_heads=2, mode="joint"))  # other targets are fine
+
+
+def test_a_segment_id_that_comes_back_starts_a_new_document():
+    # Positions restarted at every change, but the attention mask and the loss compared ids: a third
+    # document reusing the first's id attended to it, and targets crossed the second.
+    model = MedusaModel.from_backbone(tiny_llama(), MedusaConfig(num_heads=3))
+    ids = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(0))
+    reused, distinct = torch.tensor([[1, 1, 1, 2, 2, 1, 1, 1]]), torch.tensor([[1, 1, 1, 2, 2, 3, 3, 3]])
+    with torch.no_grad():
+        for mask in (None, torch.ones_like(ids)):
+            torch.testing.assert_close(model.hidden_states(ids, mask, segment_ids=reused),
+                                       model.hidden_states(ids, mask, segment_ids=distinct))
+        assert model(ids, segment_ids=reused).head_tokens.tolist() == [2, 0, 0]

@@ -81,6 +81,15 @@ def segment_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
     return index - start_index
 
 
+def segment_runs(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids [B, T] -> [B, T] int64 numbering each row's runs of equal ids 0, 1, 2, ...: a
+    document is a run, so an id that comes back after another (``[1, 1, 2, 1]``) starts a new one in
+    the attention mask and the loss alike, as it does in ``segment_position_ids``."""
+    starts = torch.zeros(segment_ids.shape, dtype=torch.long, device=segment_ids.device)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts.cumsum(dim=1)
+
+
 def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean 4-D mask [B, 1, T, T]: True where query t may attend key s.
 
@@ -279,6 +288,7 @@ class MedusaModel(nn.Module):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, got {list(t.shape)}")
         if segment_ids is not None:
+            segment_ids = segment_runs(segment_ids)
             if position_ids is None:
                 position_ids = segment_position_ids(segment_ids)
             if attention_mask is not None:
@@ -327,6 +337,8 @@ class MedusaModel(nn.Module):
             raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
         check_loss_weight("heads_loss_weight", cfg.heads_loss_weight)
 
+        if segment_ids is not None and segment_ids.shape == input_ids.shape:  # (hidden_states names a bad shape)
+            segment_ids = segment_runs(segment_ids)
         hidden = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids, position_ids=position_ids)
         joint = cfg.mode == "joint"
         teacher_hidden = None
