@@ -124,13 +124,16 @@ class LocalBackend:
         # (no_repeat_ngram_size, suppress_tokens, min_p, bad_words_ids, ...): a blank one stands in for it.
         from transformers import GenerationConfig
 
-        shipped, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        shipped = getattr(self.model, "generation_config", None)
+        if shipped is not None:
+            self.model.generation_config = GenerationConfig()
         try:
             with decode_attention():  # no cuDNN attention: it plans anew for every step's key length
                 out = self.model.generate(input_ids=input_ids.to(self.device),
                                           attention_mask=attention_mask.to(self.device), generation_config=self.config)
         finally:
-            self.model.generation_config = shipped
+            if shipped is not None:
+                self.model.generation_config = shipped
         results = []
         for row in out[:, width:].tolist():
             stop = next((j for j, token in enumerate(row) if token in self.eos), None)
