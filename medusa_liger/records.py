@@ -86,6 +86,10 @@ def load_json_list(path: Path, must: str) -> list:
         loaded = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: malformed JSON: {error.msg}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except (ValueError, RecursionError) as error:  # a number past int's digit limit, nesting too deep
+        raise ValueError(f"{path}: malformed JSON: {error}") from None
     if not isinstance(loaded, list):
         raise ValueError(f"{path}: {must}, got {type(loaded).__name__}")
     return loaded
@@ -116,14 +120,23 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
         for i, record in enumerate(loaded):
             yield f"{local} record {i}", record
         return
-    with local.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with local.open("rb") as f:  # (decoded line by line: a bad byte is that line's error, with its number)
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                skip_or_fail(f"{local}:{lineno}: not UTF-8 text (column {error.start + 1}: {error.reason})",
+                             on_error, skipped)
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 skip_or_fail(f"{local}:{lineno}: malformed JSON line: {error.msg}", on_error, skipped)
+                continue
+            except (ValueError, RecursionError) as error:  # a number past int's digit limit, nesting too deep
+                skip_or_fail(f"{local}:{lineno}: malformed JSON line: {error}", on_error, skipped)
                 continue
             yield f"{local}:{lineno}", record
 

@@ -318,3 +318,18 @@ def test_the_cache_key_covers_the_special_tokens(tokenizer):
                                bos_token=tokenizer.bos_token, pad_token=tokenizer.pad_token,
                                chat_template=tokenizer.chat_template)
     assert _data_fingerprint(cfg, tokenizer) == _data_fingerprint(cfg, same)
+
+
+def test_bad_bytes_and_odd_json_are_errors_of_their_line(tmp_path):
+    # A non-UTF-8 byte stopped the whole file with a buffer offset and no line; on_error=skip did not help.
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n{"n": ' + b"9" * 5000 + b'}\n' + b"[" * 100000
+                     + b'\n{"text": "end"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not UTF-8 text"):
+        load_examples(data_cfg([path]))
+    with pytest.warns(UserWarning, match="skipped 3 bad records"):
+        assert [e.text for e in load_examples(data_cfg([path], on_error="skip"))] == ["ok", "end"]
+    bad_json = tmp_path / "d.json"
+    bad_json.write_bytes(b'[{"text": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=r"d.json: not UTF-8 text"):
+        load_examples(data_cfg([bad_json]))
