@@ -35,7 +35,7 @@ from tests.patching_helpers import (
     originals,
     results,
 )
-from tests.utils import rel_norm_error
+from tests.utils import DEVICE, rel_norm_error
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -355,10 +355,10 @@ def test_reentrant_backward_twice_matches_hf_on_the_triton_path():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
-    hf = LlamaForCausalLM(config).float()
+    hf = LlamaForCausalLM(config).float().to(DEVICE)
     ours = copy.deepcopy(hf)
     medusa_liger.patch(ours)
-    ids = torch.randint(0, 64, (2, 7))
+    ids = torch.randint(0, 64, (2, 7), device=DEVICE)
     for model, backend in ((hf, "torch"), (ours, "triton")):
         with force_backend(backend), reentrant_backward():
             loss = model(input_ids=ids, labels=ids).loss
@@ -375,9 +375,9 @@ def test_second_order_gradients_through_triton_kernels_raise():
     from medusa_liger.kernels.swiglu import swiglu
     from medusa_liger.kernels.utils import force_backend
 
-    x = torch.randn(2, 3, 4, 8, requires_grad=True)
-    cos, sin = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
-    ops = (lambda: rms_norm(x, torch.ones(8), 1e-6), lambda: swiglu(x * 1.0, x * 2.0),
+    x = torch.randn(2, 3, 4, 8, device=DEVICE, requires_grad=True)
+    cos, sin = torch.randn(2, 4, 8, device=DEVICE), torch.randn(2, 4, 8, device=DEVICE)
+    ops = (lambda: rms_norm(x, torch.ones(8, device=DEVICE), 1e-6), lambda: swiglu(x * 1.0, x * 2.0),
            lambda: apply_rotary_pos_emb(x, x * 1.0, cos, sin)[0])
     with force_backend("triton"):
         for op in ops:
