@@ -382,7 +382,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 print(f"warning: resuming from step {start_step} abandons the later checkpoints {', '.join(dropped)} "
                       f"(deleted)", file=sys.stderr, flush=True)
         elif main:  # another run's checkpoint: this directory's own checkpoints and metrics are of a third run
-            if ckpt_root.is_dir():
+            if ckpt_root.is_dir() and ckpt_root.resolve() not in resume_dir.resolve().parents:  # never the source
                 delete_old_checkpoints(ckpt_root, why=f"resuming from another run's checkpoint {resume_dir}",
                                        hint="")
             if (out / METRICS_FILE).is_file():
