@@ -132,11 +132,9 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as error:
-                skip_or_fail(f"{local}:{lineno}: malformed JSON line: {error.msg}", on_error, skipped)
-                continue
-            except (ValueError, RecursionError) as error:  # a number past int's digit limit, nesting too deep
-                skip_or_fail(f"{local}:{lineno}: malformed JSON line: {error}", on_error, skipped)
+            except (ValueError, RecursionError) as error:  # also a number past int's digit limit, nesting too deep
+                reason = error.msg if isinstance(error, json.JSONDecodeError) else error
+                skip_or_fail(f"{local}:{lineno}: malformed JSON line: {reason}", on_error, skipped)
                 continue
             yield f"{local}:{lineno}", record
 

@@ -121,6 +121,11 @@ def _attention_mask_for(backbone: nn.Module, allowed: torch.Tensor) -> torch.Ten
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def carries_peft_adapter(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a peft tuner layer (LoRA, ...), whose ``.weight`` is the base weight alone."""
+    return hasattr(module, "base_layer")
+
+
 def _lm_head_of(backbone: nn.Module) -> nn.Linear:
     head = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
@@ -128,7 +133,7 @@ def _lm_head_of(backbone: nn.Module) -> nn.Linear:
             f"backbone must be a causal LM with an output projection (get_output_embeddings()), "
             f"got {type(backbone).__name__} without one"
         )
-    if hasattr(head, "base_layer"):  # a peft tuner layer: its .weight is the base weight, without the adapter
+    if carries_peft_adapter(head):
         raise ValueError(
             "the backbone's output projection (lm_head) carries a peft adapter, which Medusa's fused losses "
             "would never apply nor train (they read lm_head.weight); leave lm_head out of the adapter's "

@@ -74,8 +74,9 @@ def swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # The projections' outputs feed only the activation, so its backward may overwrite them with
     # their gradients (saves two [..., intermediate] buffers per layer during the backward).
     # In place saves a buffer, unless the graph may be backpropagated twice (reentrant_backward()).
-    inplace = not kernels().loss_module._reentrant
-    return self.down_proj(kernels().swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=inplace))
+    ops = kernels()
+    inplace = not ops.loss_module._reentrant
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=inplace))
 
 
 def apply_rotary_pos_emb(

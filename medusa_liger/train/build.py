@@ -131,6 +131,7 @@ def build_medusa(cfg: Config, backbone, teacher: bool = True):
     autocast dtype (or the inputs' promoted one) and returns each gradient in its parameter's dtype.
     """
     from medusa_liger.heads import MedusaConfig, MedusaModel
+    from medusa_liger.heads.model import carries_peft_adapter
 
     medusa_cfg = MedusaConfig(
         num_heads=cfg.heads.num_heads, num_layers=cfg.heads.num_layers, shared_lm_head=cfg.heads.shared_lm_head,
@@ -141,7 +142,7 @@ def build_medusa(cfg: Config, backbone, teacher: bool = True):
         skip_ignored_targets=cfg.heads.skip_ignored_targets, head_by_head=cfg.heads.head_by_head,
         heads_loss_weight=cfg.train.heads_lambda.value if cfg.train.mode == "joint" else None,
     )
-    if hasattr(backbone.get_output_embeddings(), "base_layer"):  # (MedusaModel's own check, said with the key)
+    if carries_peft_adapter(backbone.get_output_embeddings()):  # (MedusaModel's own check, said with the key)
         raise ConfigError(f"lora.target_modules={cfg.lora.target_modules} puts an adapter on lm_head, which the "
                           "fused losses read as a plain weight: it would never train; leave lm_head out")
     model = MedusaModel.from_backbone(backbone, medusa_cfg)
