@@ -15,11 +15,12 @@ import copy
 import pytest
 import torch
 
+from medusa_liger.heads import MedusaConfig, MedusaModel
 from medusa_liger.inference import BatchedMedusaDecoder, medusa_generate, medusa_generate_batch
 from medusa_liger.kernels.utils import force_backend
 # The same fixtures as test_generate.py: one intra-op thread, and the chain-trained model.
 from tests.test_generate import _one_thread, trained  # noqa: F401 - fixtures used by name
-from tests.test_generate import TREES, chain_batch, randomize_heads_, tiny_medusa
+from tests.test_generate import TREES, chain_batch, randomize_heads_, tiny_backbone, tiny_medusa
 
 
 def varied_prompts(n: int, seed: int, vocab: int = 128) -> list[torch.Tensor]:
@@ -131,6 +132,33 @@ def test_typical_acceptance_samples_what_each_sequence_samples_alone(trained, se
         same = medusa_generate_batch(model, prompts, 24, seed=seeds, acceptance="typical", temperature=1.5)
     assert len(set(counts)) >= 3  # sequences accept different lengths, so their draws interleave
     assert all(a.sequences.tolist() != b.sequences.tolist() for a, b in zip(other, same))
+
+
+@pytest.mark.parametrize("budget", [2, 3])
+def test_typical_acceptance_near_a_budget_picks_what_the_cut_tree_picks(budget):
+    """A sequence with fewer tokens left than the batch's most sees the batch's deeper tree; typical
+    acceptance ranks equally long paths by likelihood, so a node past its budget must not take part,
+    or it picks another path than its batch-1 tree (cut to its budget) does."""
+    tree = [[0], [1], [2], [0, 0], [1, 0], [2, 0], [0, 0, 0], [1, 0, 0], [2, 0, 0]]
+    options = dict(acceptance="typical", temperature=3.0)
+    prompts = varied_prompts(40, seed=6)
+    mismatched = 0
+    with force_backend("torch"):
+        # Heads near their init (the backbone's own guess) accept deep paths often.
+        model = MedusaModel.from_backbone(tiny_backbone(), MedusaConfig(num_heads=3))
+        model = randomize_heads_(model, 1.0, seed=2).eval()
+        for i in range(0, len(prompts), 2):
+            near, far = prompts[i], prompts[i + 1]
+            batched = BatchedMedusaDecoder(model, tree, seed=[i, i + 1], **options)
+            batched.prefill([near, far])
+            got = batched.step([budget, 10])[0][:budget]
+            alone = medusa_generate(model, near[None], budget, tree, seed=i, **options).new_tokens.tolist()
+            assert got == alone, f"prompt {near.tolist()}"
+            # Without the budget the batch's tree accepts deeper paths: the test can tell them apart.
+            unlimited = BatchedMedusaDecoder(model, tree, seed=[i, i + 1], **options)
+            unlimited.prefill([near, far])
+            mismatched += unlimited.step([10, 10])[0][:budget] != alone
+    assert mismatched
 
 
 def test_seeds_must_match_the_prompts():

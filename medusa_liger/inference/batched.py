@@ -175,7 +175,9 @@ class BatchedMedusaDecoder(MedusaDecoder):
         mask = self._mask(self.slot_pos, query_pos, buf.ancestor_mask)
         hidden = self.runner.hidden(tokens, self.cache, query_pos, mask)  # [B, N, H]
         logits = self.runner.logits(hidden)  # [B, N, V]
-        paths = [self._accept(buf, tokens[b], logits[b]) for b in range(tokens.shape[0])]
+        # Sequence b accepts nodes up to depth remaining[b] - 1 only: the paths its batch-1 tree
+        # (cut to its own budget) offers, so it picks what that tree would.
+        paths = [self._accept(buf, tokens[b], logits[b], remaining[b] - 1) for b in range(tokens.shape[0])]
         self._keep_paths(paths, buf)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         last = torch.stack([p[-1] for p in paths])

@@ -272,12 +272,20 @@ class MedusaDecoder:
             return self.base_logits.argmax().view(1)
         return torch.multinomial(self._probs(self.base_logits), 1, generator=self.generator)
 
-    def _accept(self, buf: TreeBuffers, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Node indices root..last accepted node of the best root-to-leaf path."""
+    def _accept(self, buf: TreeBuffers, tokens: torch.Tensor, logits: torch.Tensor,
+                max_depth: int | None = None) -> torch.Tensor:
+        """Node indices root..last accepted node of the best root-to-leaf path.
+
+        max_depth: accept no node deeper than this (the tree cut there would offer the same paths).
+        """
         retrieve = buf.retrieve_indices  # [P, D + 1], -1 padded
-        if retrieve.shape[1] == 1:
+        if retrieve.shape[1] == 1 or max_depth == 0:
             return retrieve[0, :1]
         valid = retrieve[:, 1:] >= 0
+        if max_depth is not None:
+            # Typical acceptance ranks equally long paths by likelihood: a deeper node the cut tree
+            # lacks could make another path win over the nodes that tree would accept.
+            valid[:, max_depth:] = False
         child = tokens[retrieve[:, 1:].clamp(min=0)]  # [P, D] candidate tokens after the root
         parent = retrieve[:, :-1].clamp(min=0)  # [P, D] the node whose logits judge them
         if self.acceptance == "greedy":
