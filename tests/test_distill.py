@@ -228,6 +228,36 @@ def test_prompts_beyond_the_context_keep_what_fits(tokenizer, tmp_path):
     assert len(summary.skipped) == 1 and "exceed the model's context" in summary.skipped[0]
 
 
+def test_a_resume_past_a_dropped_record_writes_the_straight_runs_file(tokenizer, tmp_path):
+    """A record dropped for length is never in the output: the resume must still cut the blocks (and
+    seed them) as the uninterrupted run did, not start a block at the dropped record."""
+    model = tiny_backbone(vocab=len(tokenizer), seed=1, max_position_embeddings=48)
+    prompts = ["What is assert?", "The assert statement checks a condition. " * 8, "for i in", "x", "pass", "range"]
+    source = tmp_path / "source.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    settings = dict(max_new_tokens=12, batch_size=2, block_records=2, temperature=1.0, seed=7)
+    straight, resumed = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
+    whole = self_distill(source, straight, DistillSettings(**settings), model=model, tokenizer=tokenizer, progress=False)
+    assert whole.records == 5 and len(whole.skipped) == 1 and "source.jsonl:2" in whole.skipped[0]
+    dropped = read_lines(tmp_path / "straight.dropped.jsonl")
+    assert [(r["id"], r["source"]) for r in dropped] == [(1, f"{source}:2")]
+    assert "exceed the model's context" in dropped[0]["reason"]
+
+    self_distill(source, resumed, DistillSettings(**settings, num_records=4), model=model, tokenizer=tokenizer,
+                 progress=False)  # "interrupted" after two blocks
+    again = self_distill(source, resumed, DistillSettings(**settings), model=model, tokenizer=tokenizer, progress=False)
+    assert again.resumed == 3 and again.records == 2 and again.skipped == [] and again.generations == 2
+    assert resumed.read_text() == straight.read_text()
+
+    # Killed between two lines of the last block: the block is generated again whole (same batch, same
+    # draws) and only its missing record written.
+    lines = straight.read_text().splitlines(keepends=True)
+    resumed.write_text("".join(lines[:-1]))
+    again = self_distill(source, resumed, DistillSettings(**settings), model=model, tokenizer=tokenizer, progress=False)
+    assert again.records == 1 and again.generations == 2
+    assert resumed.read_text() == straight.read_text()
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("max_new_tokens", 0), ("temperature", -1.0), ("temperature", float("nan")), ("top_p", 0.0),
     ("turns", "last"), ("chat_template", "mine"), ("batch_size", 1.5), ("shard", (2, 2)), ("num_records", 0),

@@ -27,9 +27,10 @@ Records out: one JSON line per input record, in input order, ``{"id": i, "source
 [...]}`` (or ``"text"``), which ``medusa-liger train`` reads as OpenAI-format conversations.
 
 Work is never lost: records are generated in blocks of ``block_records`` and each finished block is
-appended to the output and synced to disk. Run the same command again after an interruption and it
-continues after the last complete block (a settings file beside the output refuses a resume with
-other settings). ``shard=(i, n)`` keeps the records whose index is ``i`` modulo ``n``, so ``n``
+appended to the output and synced to disk (the records it drops, with why, to ``<output>.dropped.jsonl``).
+Run the same command again after an interruption and it continues after the last complete block (a
+settings file beside the output refuses a resume with other settings); blocks are cut from the whole
+source and seeded by their first record, so the resumed file is the one an uninterrupted run writes. ``shard=(i, n)`` keeps the records whose index is ``i`` modulo ``n``, so ``n``
 processes (one per GPU) can split a dataset and their outputs be trained on together.
 """
 
@@ -211,9 +212,32 @@ def _settings_path(output: Path) -> Path:
     return output.with_name(output.name + ".settings.json")
 
 
-def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> set[int] | None:
-    """Ids already written to ``output`` (a resume), after cutting any half-written last line; None
-    when the output starts afresh (``_start_output`` creates it with the first record)."""
+def _dropped_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".dropped.jsonl")
+
+
+def _written_ids(path: Path) -> set[int]:
+    """The ids of ``path``'s JSON lines (none if it is missing), after cutting a half-written last line."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]  # a line without its newline was cut by an interruption
+    if len(complete) != len(data):
+        with path.open("r+b") as f:
+            f.truncate(len(complete))
+    return {json.loads(line)["id"] for line in complete.decode("utf-8").splitlines() if line.strip()}
+
+
+def _append_synced(path: Path, lines: list[str]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> tuple[set[int], set[int]] | None:
+    """The ids already written to ``output`` and to its dropped file (a resume); None when the output
+    starts afresh (``_start_output`` creates it with the first record)."""
     settings_file = _settings_path(output)
     if output.is_dir():
         raise ValueError(f"--output {str(output)!r} is a directory; pass a JSONL file path")
@@ -223,17 +247,13 @@ def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> 
     if not settings_file.is_file() or json.loads(settings_file.read_text()) != identity:
         raise ValueError(f"output {str(output)!r} exists and was not written by this command with these "
                          f"settings ({settings_file.name}); pass another output or --overwrite (overwrite=True in Python)")
-    data = output.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]  # a line without its newline was cut by an interruption
-    if len(complete) != len(data):
-        with output.open("r+b") as f:
-            f.truncate(len(complete))
-    return {json.loads(line)["id"] for line in complete.decode("utf-8").splitlines() if line.strip()}
+    return _written_ids(output), _written_ids(_dropped_path(output))
 
 
 def _start_output(output: Path, identity: dict[str, Any]) -> None:
-    """An empty ``output`` and, beside it, the settings a resume must match."""
+    """An empty ``output`` and dropped file and, beside them, the settings a resume must match."""
     output.write_text("")
+    _dropped_path(output).write_text("")
     _settings_path(output).write_text(json.dumps(identity, indent=2) + "\n")
 
 
@@ -281,10 +301,11 @@ def self_distill(
                 **metadata}
     for free in ("num_records", "batch_size", "block_records"):
         del identity[free]
-    done = _prepare_output(output, identity, overwrite)
+    previous = _prepare_output(output, identity, overwrite)
     # A fresh output (and its settings) appears with the first record written: a run that writes
     # none (a bad source, an error, no usable record) leaves no file that would refuse the next run.
-    fresh, done = done is None, done or set()
+    fresh = previous is None
+    done, dropped = previous or (set(), set())  # ids written, ids dropped (for length) by earlier calls
     summary = DistillSummary(resumed=len(done))
     started = time.perf_counter()
     bar = tqdm(desc="distill", unit="record", disable=not progress, dynamic_ncols=True)
@@ -293,19 +314,27 @@ def self_distill(
 
     def flush() -> None:
         nonlocal block, fresh
-        # One seed per block, from the block's first record: a resumed run samples what the first would have.
+        if all(record.id in done or record.id in dropped for record in block):
+            bar.update(len(block))  # written (or dropped) by an earlier call
+            block = []
+            return
+        # Blocks are cut from the whole source, not from what is left of it, and seeded by their first
+        # record: a resumed run forms and samples the blocks an uninterrupted run would. A block only
+        # partly written (killed between its lines) is generated again whole, for the same reason.
         torch.manual_seed(settings.seed * 1_000_003 + block[0].id)
         _run_block(backend, block, summary)
-        summary.skipped.extend(record.dropped for record in block if record.dropped is not None)
-        kept = [record for record in block if record.dropped is None]
+        kept = [record for record in block if record.dropped is None and record.id not in done]
+        lost = [record for record in block if record.dropped is not None and record.id not in dropped]
+        summary.skipped.extend(record.dropped for record in lost)
         if kept and fresh:
             _start_output(output, identity)
             fresh = False
+        if lost and not fresh:  # a dropped record is remembered once the output exists; until then it is redone
+            # Dropped first: once the block's records are written, a resume finds the block complete.
+            _append_synced(_dropped_path(output), [json.dumps({"id": r.id, "source": r.where, "reason": r.dropped},
+                                                              ensure_ascii=False) + "\n" for r in lost])
         if kept:
-            with output.open("a", encoding="utf-8") as f:
-                f.writelines(_output_line(record) for record in kept)
-                f.flush()
-                os.fsync(f.fileno())
+            _append_synced(output, [_output_line(record) for record in kept])
             summary.records += len(kept)
         bar.update(len(block))
         elapsed = time.perf_counter() - started
@@ -313,8 +342,6 @@ def self_distill(
         block = []
 
     for record in records:
-        if record.id in done:
-            continue
         block.append(record)
         if len(block) == settings.block_records:
             flush()
@@ -340,7 +367,8 @@ def add_arguments(parser) -> None:
                                          "e.g. http://localhost:8000/v1")
     parser.add_argument("--data", required=True, help="JSONL/JSON file or hub dataset of conversations, prompts or texts")
     parser.add_argument("--split", default="train", help="split of a hub dataset")
-    parser.add_argument("--output", required=True, help="JSONL file to write (resumed when it exists)")
+    parser.add_argument("--output", required=True, help="JSONL file to write (resumed when it exists); records dropped for "
+                        "length are listed in <stem>.dropped.jsonl beside it")
     parser.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming it")
     parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=defaults.max_new_tokens,
                         help="tokens per answer at most")
