@@ -104,6 +104,23 @@ def test_resume_takes_this_runs_schedule_and_rates(tmp_path, capsys):
     assert [r["lr/heads"] for r in resumed[4:]] == [r["lr/heads"] for r in straight[4:]]
 
 
+def test_resume_says_which_loss_settings_it_changes(tmp_path, capsys):
+    """Another loss on resume (a curriculum) is allowed, but said, as other rates are: it used to pass
+    silently, so a typo'd override changed the objective of a long run unnoticed."""
+    extra = ["checkpoint.every=2", "export.formats=[medusa]", "data.eval_fraction=0.0"]
+    train(short_config(tmp_path / "run", "train.steps=2", *extra))
+    capsys.readouterr()
+    train(short_config(tmp_path / "run", "train.steps=4", "train.resume=auto", "heads.decay=0.5",
+                       "heads.targets=backbone", "train.heads_lambda.value=0.7", *extra))
+    err = capsys.readouterr().err
+    assert ("resuming at step 2 with train.steps 2 -> 4, heads.decay 0.8 -> 0.5, heads.targets labels -> backbone, "
+            "train.heads_lambda.value 0.2 -> 0.7 (from here on)") in err
+    # The same settings again (from step 4): nothing to say.
+    train(short_config(tmp_path / "run", "train.steps=6", "train.resume=auto", "heads.decay=0.5",
+                       "heads.targets=backbone", "train.heads_lambda.value=0.7", *extra))
+    assert "resuming at step 4 with train.steps 4 -> 6 (from here on)" in capsys.readouterr().err
+
+
 def test_resume_from_an_older_checkpoint_abandons_the_later_ones_at_once(tmp_path, monkeypatch, capsys):
     """A resume from step 2 of 6 abandons steps 4 and 6; killed before its first save, the run must
     not leave them for train.resume=auto to pick (they used to go only at that save)."""

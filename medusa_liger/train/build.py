@@ -260,6 +260,32 @@ def reapply_schedule(cfg: Config, optimizer: torch.optim.Optimizer,
     return list(changed.values())
 
 
+def objective_settings(cfg: Config) -> dict[str, object]:
+    """The settings that define the training loss, by config key: checkpoints keep them so that a
+    resume can say which of them it changes (as ``reapply_schedule`` does for the rates)."""
+    t = cfg.train
+    settings: dict[str, object] = {
+        "heads.decay": cfg.heads.decay, "heads.targets": cfg.heads.targets, "train.kl_temperature": t.kl_temperature,
+        "train.kl_direction": t.kl_direction, "train.jsd_beta": t.jsd_beta,
+        "train.label_smoothing": t.label_smoothing, "train.z_loss": t.z_loss,
+    }
+    if t.mode == "joint":  # the backbone's term and lambda weigh nothing in heads mode
+        settings.update({"train.lm_loss": t.lm_loss, "train.lm_loss_weight": t.lm_loss_weight,
+                         "train.heads_lambda.value": t.heads_lambda.value,
+                         "train.heads_lambda.schedule": t.heads_lambda.schedule,
+                         "train.heads_lambda.ramp_steps": t.heads_lambda.ramp_steps})
+    return settings
+
+
+def objective_changes(saved: dict[str, object] | None, cfg: Config) -> list[str]:
+    """``"heads.decay 0.8 -> 0.5"`` for each loss setting of this run that differs from the
+    checkpoint's ``saved`` ones (none for a checkpoint written before they were kept)."""
+    if not saved:
+        return []
+    return [f"{key} {saved[key]} -> {value}" for key, value in objective_settings(cfg).items()
+            if key in saved and saved[key] != value]
+
+
 def heads_lambda(cfg: Config, step: int) -> float:
     """lambda (weight of the heads loss in joint mode) at optimizer step ``step`` (0-based)."""
     lam = cfg.train.heads_lambda

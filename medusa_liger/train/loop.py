@@ -71,6 +71,8 @@ from medusa_liger.train.build import (
     build_scheduler,
     build_tokenizer_and_backbone,
     heads_lambda,
+    objective_changes,
+    objective_settings,
     precision_line,
     reapply_schedule,
     resolve_device,
@@ -373,6 +375,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                               f"{start_step})")
         loader.load_state_dict(state["data"])
         changed = reapply_schedule(cfg, optimizer, scheduler)  # this config's rates and schedule, not the checkpoint's
+        changed += objective_changes(state.get("objective"), cfg)  # a new loss is allowed (a curriculum), and said
         if changed and main:
             print(f"note: resuming at step {start_step} with {', '.join(changed)} (from here on)",
                   file=sys.stderr, flush=True)
@@ -445,7 +448,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 if main:
                     save_checkpoint(ckpt_root, done, trained, optimizer_state, scheduler,
                                     {"data": loader.state_dict(), "wandb_id": logger.wandb_id,
-                                     "world_size": world}, cfg.checkpoint.keep,
+                                     "world_size": world, "objective": objective_settings(cfg)}, cfg.checkpoint.keep,
                                     write_extra=lambda d, h=heads: write_heads(h, d / CHECKPOINT_HEADS_DIR, "medusa"),
                                     rng_states=rng_states)
                 del heads, trained, optimizer_state
