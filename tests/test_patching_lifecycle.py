@@ -203,6 +203,28 @@ def test_save_pretrained_round_trip(tmp_path):
     assert all(torch.equal(state[k], loaded[k]) for k in state)
 
 
+def test_an_offloaded_lm_head_is_left_to_hf(tmp_path):
+    """accelerate's big-model loading puts an offloaded lm_head's weight on the meta device and moves it
+    in only inside the head's forward: the fused loss, which reads the weight itself, must not run
+    (it crashed on the meta weight)."""
+    pytest.importorskip("accelerate")
+    build("llama").save_pretrained(tmp_path / "m")  # (untied: the head is a module of its own)
+    ids, labels = batch()
+
+    def load(**offload):
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "m", **offload)
+
+    offload = {"device_map": {"model": "cpu", "lm_head": "disk"}, "offload_folder": tmp_path / "offload"}
+    with force_backend("torch"):
+        want = load(**offload)(input_ids=ids, labels=labels).loss
+        medusa_liger.patch("llama")
+        model = load(**offload)
+        assert model.lm_head.weight.device.type == "meta" and hasattr(model.lm_head, "_hf_hook")
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, want, rtol=1e-5, atol=1e-6)
+        # The patched backbone still runs: only the loss went to HF's forward.
+        assert count_patched(model) == count_patched(load()) > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Optional dependencies: HF `kernels` absent or present; no Triton needed to import
 # ---------------------------------------------------------------------------------------------

@@ -122,7 +122,12 @@ def _can_fuse(model: nn.Module) -> bool:
     if "_loss_function" in model.__dict__ or getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
         return False
     head = model.get_output_embeddings()
-    return type(head) is nn.Linear and head.weight.is_floating_point()
+    if type(head) is not nn.Linear or not head.weight.is_floating_point():
+        return False
+    # accelerate's big-model loading (device_map with "cpu"/"disk" offload) moves the weight in only
+    # inside the head's own forward, through the hook it installs; the fused loss reads the weight
+    # directly, so it would find it on the meta device (or off the execution device).
+    return getattr(head, "_hf_hook", None) is None and head.weight.device.type != "meta"
 
 
 def make_fused_forward(original: Callable) -> Callable:
