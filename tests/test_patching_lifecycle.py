@@ -225,6 +225,38 @@ def test_an_offloaded_lm_head_is_left_to_hf(tmp_path):
         assert count_patched(model) == count_patched(load()) > 0
 
 
+@pytest.mark.parametrize("route", ["instance", "module"])
+def test_a_patched_model_pickles_deep_copies_and_loads_elsewhere(tmp_path, route):
+    """torch.save of a model patched in place failed: pickle looked its classes up by name and found
+    HF's. Loaded (here or in a process that patched nothing) or deep-copied, it is patched as before."""
+    reference = build("qwen3")
+    ids, labels = batch()
+    with force_backend("torch"):
+        want = results(reference, ids, labels)
+        if route == "instance":
+            model = medusa_liger.patch(build("qwen3", state=reference.state_dict()))
+        else:
+            medusa_liger.patch("qwen3")
+            model = build("qwen3", state=reference.state_dict())
+        patched = count_patched(model)
+        assert patched > 0
+        torch.save(model, tmp_path / "model.pt")
+        for copy_ in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+            assert count_patched(copy_) == patched
+            assert_results_agree(results(copy_, ids, labels), want)
+    # A process that patched nothing loads it patched too.
+    script = f"""
+import torch
+from tests.patching_helpers import count_patched
+model = torch.load({str(tmp_path / "model.pt")!r}, weights_only=False)
+print(count_patched(model))
+"""
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == str(patched), proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Optional dependencies: HF `kernels` absent or present; no Triton needed to import
 # ---------------------------------------------------------------------------------------------

@@ -86,14 +86,13 @@ def _class_swaps(spec: FamilySpec, pieces: set[str]) -> dict[type, type]:
     if "rms_norm" in pieces:
         for name in spec.rms_norm:
             original = _original(spec, name)
-            swaps[original] = modules.patched_class(original, modules.rms_norm_forward)
+            swaps[original] = modules.patched_class(original, "rms_norm")
     if "swiglu" in pieces:
         original = _original(spec, spec.mlp)
-        swaps[original] = modules.patched_class(original, modules.swiglu_mlp_forward)
+        swaps[original] = modules.patched_class(original, "swiglu")
     if "fused_loss" in pieces:
         original = _original(spec, spec.causal_lm)
-        # make_fused_forward unwraps a forward already fused in place by the module route.
-        swaps[original] = modules.patched_class(original, make_fused_forward(original.__dict__["forward"]))
+        swaps[original] = modules.patched_class(original, "fused_loss")
     return swaps
 
 

@@ -16,6 +16,7 @@ the patch is setting ``__class__`` back. The kernels are imported on first use, 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -95,12 +96,36 @@ apply_rotary_pos_emb._medusa_liger = True  # type: ignore[attr-defined]
 _SUBCLASSES: dict[type, type] = {}
 
 
-def patched_class(original: type, forward: Callable) -> type:
-    """The subclass of ``original`` whose ``forward`` is ``forward`` (same name and module)."""
+def _fused_forward(kind: str, original: type) -> Callable:
+    """The forward a patched subclass of ``original`` gets for the patch piece ``kind``."""
+    if kind == "rms_norm":
+        return rms_norm_forward
+    if kind == "swiglu":
+        return swiglu_mlp_forward
+    if kind == "fused_loss":
+        from medusa_liger.patching.causal_lm import make_fused_forward  # (it imports this module)
+
+        # make_fused_forward unwraps a forward already fused in place by the module route.
+        return make_fused_forward(original.__dict__["forward"])
+    raise ValueError(f"kind must be 'rms_norm', 'swiglu' or 'fused_loss', got {kind!r}")
+
+
+def patched_class(original: type, kind: str) -> type:
+    """The subclass of ``original`` whose ``forward`` is the fused one of the patch piece ``kind``
+    ("rms_norm", "swiglu" or "fused_loss"), with the same name and module."""
     if original in _SUBCLASSES:
         return _SUBCLASSES[original]
+
+    def __reduce_ex__(self, protocol):
+        # pickle finds a class by module and name, which lead to the HF class, not to this one: an
+        # instance is stored as the HF class's name and the piece, and rebuilt patched on load (by
+        # torch.save/load, multiprocessing, and copy.deepcopy, which keeps it patched).
+        reduced = nn.Module.__reduce_ex__(self, protocol)  # (constructor, (cls, ...), state, ...)
+        return (_rebuild_patched, (original.__module__, original.__qualname__, kind), *reduced[2:])
+
     namespace = {
-        "forward": forward,
+        "forward": _fused_forward(kind, original),
+        "__reduce_ex__": __reduce_ex__,
         ORIGINAL_ATTR: original,
         # The same name, qualname and module: save_pretrained writes `architectures` from the
         # class name, HF's weight init matches norms by name, and annotations resolve as before.
@@ -111,6 +136,15 @@ def patched_class(original: type, forward: Callable) -> type:
     subclass = type(original.__name__, (original,), namespace)
     _SUBCLASSES[original] = subclass
     return subclass
+
+
+def _rebuild_patched(module: str, qualname: str, kind: str) -> nn.Module:
+    """An empty instance of the patched subclass of the HF class ``module.qualname`` (unpickling)."""
+    cls = importlib.import_module(module)
+    for name in qualname.split("."):
+        cls = getattr(cls, name)
+    subclass = patched_class(original_class(cls), kind)  # the module route may have put one there
+    return subclass.__new__(subclass)
 
 
 def is_patched_class(cls: type) -> bool:
