@@ -420,6 +420,25 @@ def test_eval_prompts_are_the_tokens_before_each_held_out_documents_first_target
     assert records == [{"input_ids": [10, 11]}, {"input_ids": [20, 21, 22]}, {"input_ids": [32, 33, 34]}]
 
 
+def test_eval_prompts_leave_out_later_pieces_of_a_split_document(tmp_path):
+    """A later piece of a split conversation starts mid-document (here mid user turn, so it has a
+    prompt-like run of untrained tokens): it was written as a held-out prompt, a fragment."""
+    from medusa_liger.train.finish import write_eval_prompts
+    from medusa_liger.train.packing import pack
+
+    # prompt 1 2 3, answer 4 5, then a second user turn 6 7 8 9 and its answer 10 11 (seq_len 5: pieces
+    # 1..5, 6..10 and 11, which is dropped: no target after its first token)
+    ids = list(range(1, 12))
+    labels = [-100, -100, -100, 4, 5, -100, -100, -100, -100, 10, 11]
+    data = pack([(ids, labels), ([20, 21, 22], [-100, 21, 22])], seq_len=5, long_examples="split", pad_id=0)
+    assert data.continued.tolist() == [[False] * 5, [True] * 5, [False] * 5]
+    path = write_eval_prompts(data, tmp_path / "eval_prompts.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records == [{"input_ids": [1, 2, 3]}]  # not 6 7 8 9; nor 20 (a one-token prompt is too short)
+    # select() (the eval split) keeps the marks with their rows.
+    assert torch.equal(data.select(torch.tensor([2, 1])).continued, data.continued[[2, 1]])
+
+
 def test_label_smoothing_and_z_loss_reach_the_model(tmp_path):
     cfg = short_config(tmp_path, "train.label_smoothing=0.15", "train.z_loss=1e-4", "logging.wandb=disabled")
     from medusa_liger.train.build import build_medusa, build_tokenizer_and_backbone

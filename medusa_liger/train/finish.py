@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from medusa_liger.heads.export import BACKBONE_SUBDIR, write_backbone
 from medusa_liger.run_layout import (
     CONFIG_FILE,
@@ -55,15 +57,18 @@ def write_eval_prompts(data: PackedData, path: Path) -> Path:
 
     Each segment of a held-out row is a document the heads never trained on. Its prompt is every
     token before its first target (the context a served model would get before it answers). Segments
-    that start with a target, such as later pieces of a split document, have no prompt and are
-    left out.
+    that start with a target have no prompt and are left out, as are later pieces of a split
+    document (``data.continued``): they start mid-document, mid-turn, which no served prompt does.
     """
     lines = []
-    for ids, labels, segments in zip(data.input_ids, data.labels, data.segment_ids):
+    continued = data.continued if data.continued is not None else torch.zeros_like(data.segment_ids, dtype=torch.bool)
+    for ids, labels, segments, later in zip(data.input_ids, data.labels, data.segment_ids, continued):
         for segment in segments.unique().tolist():
             if segment == 0:  # padding
                 continue
             where = (segments == segment).nonzero().squeeze(1)
+            if later[where[0]]:
+                continue
             targets = (labels[where] != IGNORE_INDEX).nonzero()
             start = int(targets[0]) if len(targets) else len(where)
             if start >= 2:

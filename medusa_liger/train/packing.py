@@ -38,22 +38,26 @@ from medusa_liger.kernels.reference import shifted_targets
 from medusa_liger.records import resolve_path
 from medusa_liger.train.data import IGNORE_INDEX, load_examples, tokenize_examples
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: PackedData.continued
 
 
 @dataclass
 class PackedData:
-    """Packed rows, all [N, seq_len]: input_ids, labels (-100 = no target), segment_ids (0 = padding)."""
+    """Packed rows, all [N, seq_len]: input_ids, labels (-100 = no target), segment_ids (0 = padding),
+    and ``continued`` (bool; True on the tokens of a segment that is a later piece of a split
+    example, which starts mid-document; None: no segment is)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     segment_ids: torch.Tensor
+    continued: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, index: torch.Tensor) -> PackedData:
-        return PackedData(self.input_ids[index], self.labels[index], self.segment_ids[index])
+        continued = None if self.continued is None else self.continued[index]
+        return PackedData(self.input_ids[index], self.labels[index], self.segment_ids[index], continued)
 
 
 def pack(
@@ -64,16 +68,16 @@ def pack(
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     if long_examples not in ("truncate", "split"):
         raise ValueError(f"long_examples must be 'truncate' or 'split', got {long_examples!r}")
-    pieces: list[tuple[list[int], list[int]]] = []
+    pieces: list[tuple[list[int], list[int], bool]] = []  # (ids, labels, a later piece of its example)
     for ids, labels in examples:
         starts = range(0, len(ids), seq_len) if long_examples == "split" else [0]
         for start in starts:
             piece_ids, piece_labels = ids[start : start + seq_len], labels[start : start + seq_len]
             # A piece needs a target after its first token to contribute anything.
             if any(label != IGNORE_INDEX for label in piece_labels[1:]):
-                pieces.append((piece_ids, piece_labels))
+                pieces.append((piece_ids, piece_labels, start > 0))
 
-    rows: list[list[tuple[list[int], list[int]]]] = []
+    rows: list[list[tuple[list[int], list[int], bool]]] = []
     used = seq_len  # forces a new row for the first piece
     for piece in pieces:
         if used + len(piece[0]) > seq_len:
@@ -85,15 +89,17 @@ def pack(
     input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     segment_ids = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    continued = torch.zeros((len(rows), seq_len), dtype=torch.bool)
     for r, row in enumerate(rows):
         offset = 0
-        for segment, (piece_ids, piece_labels) in enumerate(row, start=1):
+        for segment, (piece_ids, piece_labels, later) in enumerate(row, start=1):
             end = offset + len(piece_ids)
             input_ids[r, offset:end] = torch.tensor(piece_ids)
             labels[r, offset:end] = torch.tensor(piece_labels)
             segment_ids[r, offset:end] = segment
+            continued[r, offset:end] = later
             offset = end
-    return PackedData(input_ids, labels, segment_ids)
+    return PackedData(input_ids, labels, segment_ids, continued)
 
 
 def most_common_target_frequency(data: PackedData, shift: int) -> tuple[int, float]:
