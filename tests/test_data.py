@@ -320,6 +320,20 @@ def test_the_cache_key_covers_the_special_tokens(tokenizer):
     assert _data_fingerprint(cfg, tokenizer) == _data_fingerprint(cfg, same)
 
 
+def test_a_lone_surrogate_escape_is_an_error_of_its_line(tmp_path, tokenizer):
+    # Valid JSON, but no text a tokenizer can encode: it was a TypeError from deep inside tokenization.
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "a\\ud800b"}\n'
+                    '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udc00"}]}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: 'text' is not valid Unicode text: a lone surrogate '\\ud800' at "
+                                         r"character 1"):
+        load_examples(data_cfg([path]))
+    with pytest.warns(UserWarning, match="skipped 2 bad records"):
+        examples = load_examples(data_cfg([path], on_error="skip"))
+    assert [e.text for e in examples] == ["ok"]
+    assert tokenize_examples(examples, tokenizer, data_cfg([path]))  # what is left tokenizes
+
+
 def test_bad_bytes_and_odd_json_are_errors_of_their_line(tmp_path):
     # A non-UTF-8 byte stopped the whole file with a buffer offset and no line; on_error=skip did not help.
     path = tmp_path / "d.jsonl"
