@@ -324,8 +324,12 @@ def test_bad_inputs_raise_clear_errors():
         model(ids, labels=labels[:, :-1])
     with pytest.raises(ValueError, match="input_ids"):
         model(ids[0])
-    with pytest.raises(ValueError, match="segment_ids"):
-        model(ids, segment_ids=torch.zeros(2, 5, dtype=torch.long))
+    for name in ("attention_mask", "segment_ids", "position_ids"):
+        bad = torch.zeros(ids.shape[0], 5, dtype=torch.long)
+        with pytest.raises(ValueError, match=rf"{name} must have the shape of input_ids"):
+            model(ids, **{name: bad})  # (attention_mask was a broadcast error from the default labels)
+        with pytest.raises(ValueError, match=rf"{name} must have the shape of input_ids"):
+            model.hidden_states(ids, **{name: bad})
     with pytest.raises(ValueError, match="config"):
         MedusaModel.from_backbone(tiny_llama(), {"num_heads": 2})
     with pytest.raises(ValueError, match="backbone"):

@@ -90,6 +90,15 @@ def segment_runs(segment_ids: torch.Tensor) -> torch.Tensor:
     return starts.cumsum(dim=1)
 
 
+def _check_batch_shapes(input_ids: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """input_ids must be [B, T] and every other given tensor of its shape (a ValueError naming it)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
+    for name, t in others.items():
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, got {list(t.shape)}")
+
+
 def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean 4-D mask [B, 1, T, T]: True where query t may attend key s.
 
@@ -287,13 +296,14 @@ class MedusaModel(nn.Module):
         always under ``torch.no_grad``: the frozen copy of ``add_frozen_teacher`` if there is one,
         else the peft backbone with its adapters disabled.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
-        for name, t in (("attention_mask", attention_mask), ("segment_ids", segment_ids), ("position_ids", position_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, got {list(t.shape)}")
+        _check_batch_shapes(input_ids, attention_mask=attention_mask, segment_ids=segment_ids, position_ids=position_ids)
+        runs = None if segment_ids is None else segment_runs(segment_ids)
+        return self._hidden(input_ids, attention_mask, runs, position_ids, teacher)
+
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
+                position_ids: torch.Tensor | None, teacher: bool = False) -> torch.Tensor:
+        """``hidden_states`` of checked inputs, ``segment_ids`` already numbered by ``segment_runs``."""
         if segment_ids is not None:
-            segment_ids = segment_runs(segment_ids)
             if position_ids is None:
                 position_ids = segment_position_ids(segment_ids)
             if attention_mask is not None:
@@ -334,22 +344,21 @@ class MedusaModel(nn.Module):
         ``input_ids`` with padding (attention_mask == 0) ignored.
         """
         cfg = self.config
+        _check_batch_shapes(input_ids, attention_mask=attention_mask, labels=labels, segment_ids=segment_ids,
+                            position_ids=position_ids)
         if labels is None:
             labels = input_ids
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, cfg.ignore_index)
-        elif labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
         check_loss_weight("heads_loss_weight", cfg.heads_loss_weight)
 
-        if segment_ids is not None and segment_ids.shape == input_ids.shape:  # (hidden_states names a bad shape)
-            segment_ids = segment_runs(segment_ids)
-        hidden = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids, position_ids=position_ids)
+        # Documents are runs of equal ids: numbered once for the mask, the positions and the loss.
+        segment_ids = None if segment_ids is None else segment_runs(segment_ids)
+        hidden = self._hidden(input_ids, attention_mask, segment_ids, position_ids)
         joint = cfg.mode == "joint"
         teacher_hidden = None
         if joint and cfg.lm_loss == "kl":
-            teacher_hidden = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids,
-                                                position_ids=position_ids, teacher=True)
+            teacher_hidden = self._hidden(input_ids, attention_mask, segment_ids, position_ids, teacher=True)
         lm_head = self.lm_head
         lm_weight, lm_bias = lm_head.weight, getattr(lm_head, "bias", None)
         if not joint:
