@@ -118,7 +118,13 @@ def test_resume_says_which_loss_settings_it_changes(tmp_path, capsys):
     # The same settings again (from step 4): nothing to say.
     train(short_config(tmp_path / "run", "train.steps=6", "train.resume=auto", "heads.decay=0.5",
                        "heads.targets=backbone", "train.heads_lambda.value=0.7", *extra))
-    assert "resuming at step 4 with train.steps 4 -> 6 (from here on)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming at step 4 with train.steps 4 -> 6 (from here on)" in err
+    # logging.progress=false (short_config) turns transformers' bars off for the run, and back on after it.
+    from transformers.utils import logging as hf_logging
+
+    assert "Writing model shards" not in err and "it/s" not in err
+    assert hf_logging.is_progress_bar_enabled()
 
 
 def test_resume_from_an_older_checkpoint_abandons_the_later_ones_at_once(tmp_path, monkeypatch, capsys):

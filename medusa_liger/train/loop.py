@@ -277,8 +277,24 @@ def train(cfg: Config) -> TrainResult:
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     check_wandb_login(cfg)
-    with distributed.setup(resolve_device(cfg)) as device:
+    with distributed.setup(resolve_device(cfg)) as device, hf_progress_bars(cfg.logging.progress):
         return _train(cfg, device)
+
+
+@contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """With ``logging.progress`` off, transformers' own bars (loading weights, writing shards) are off
+    too for the run, then as they were: such a run writes no bar to its log."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before:
+            hf_logging.enable_progress_bar()
 
 
 def check_wandb_login(cfg: Config) -> None:
