@@ -27,11 +27,12 @@ Records out: one JSON line per input record, in input order, ``{"id": i, "source
 [...]}`` (or ``"text"``), which ``medusa-liger train`` reads as OpenAI-format conversations.
 
 Work is never lost: records are generated in blocks of ``block_records`` and each finished block is
-appended to the output and synced to disk (the records it drops, with why, to ``<output>.dropped.jsonl``).
-Run the same command again after an interruption and it continues after the last complete block (a
-settings file beside the output refuses a resume with other settings); blocks are cut from the whole
-source and seeded by their first record, so the resumed file is the one an uninterrupted run writes. ``shard=(i, n)`` keeps the records whose index is ``i`` modulo ``n``, so ``n``
-processes (one per GPU) can split a dataset and their outputs be trained on together.
+appended to the output and synced to disk (the records it drops for length, with why, to
+``<output stem>.dropped.jsonl``). Run the same command again after an interruption and it continues
+after the last complete block (a settings file beside the output refuses a resume with other
+settings); blocks are cut from the whole source and seeded by their first record, so the resumed file
+is the one an uninterrupted run writes. ``shard=(i, n)`` keeps the records whose index is ``i`` modulo
+``n``, so ``n`` processes (one per GPU) can split a dataset and their outputs be trained on together.
 """
 
 from __future__ import annotations
