@@ -237,7 +237,8 @@ def test_a_resume_past_a_dropped_record_writes_the_straight_runs_file(tokenizer,
     source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     settings = dict(max_new_tokens=12, batch_size=2, block_records=2, temperature=1.0, seed=7)
     straight, resumed = tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
-    whole = self_distill(source, straight, DistillSettings(**settings), model=model, tokenizer=tokenizer, progress=False)
+    whole = self_distill(source, straight, DistillSettings(**settings), model=model, tokenizer=tokenizer,
+                         progress=False)
     assert whole.records == 5 and len(whole.skipped) == 1 and "source.jsonl:2" in whole.skipped[0]
     dropped = read_lines(tmp_path / "straight.dropped.jsonl")
     assert [(r["id"], r["source"]) for r in dropped] == [(1, f"{source}:2")]

@@ -296,7 +296,8 @@ class MedusaModel(nn.Module):
         always under ``torch.no_grad``: the frozen copy of ``add_frozen_teacher`` if there is one,
         else the peft backbone with its adapters disabled.
         """
-        _check_batch_shapes(input_ids, attention_mask=attention_mask, segment_ids=segment_ids, position_ids=position_ids)
+        _check_batch_shapes(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
+                            position_ids=position_ids)
         runs = None if segment_ids is None else segment_runs(segment_ids)
         return self._hidden(input_ids, attention_mask, runs, position_ids, teacher)
 

@@ -368,8 +368,8 @@ def add_arguments(parser) -> None:
                                          "e.g. http://localhost:8000/v1")
     parser.add_argument("--data", required=True, help="JSONL/JSON file or hub dataset of conversations, prompts or texts")
     parser.add_argument("--split", default="train", help="split of a hub dataset")
-    parser.add_argument("--output", required=True, help="JSONL file to write (resumed when it exists); records dropped for "
-                        "length are listed in <stem>.dropped.jsonl beside it")
+    parser.add_argument("--output", required=True, help="JSONL file to write (resumed when it exists); records "
+                        "dropped for length are listed in <stem>.dropped.jsonl beside it")
     parser.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming it")
     parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=defaults.max_new_tokens,
                         help="tokens per answer at most")
