@@ -259,9 +259,30 @@ def test_a_resume_past_a_dropped_record_writes_the_straight_runs_file(tokenizer,
     assert resumed.read_text() == straight.read_text()
 
 
+def test_resume_edge_cases(tokenizer, tmp_path):
+    """Records dropped before the output existed are listed once it does (a no-op rerun listed them
+    again); a raw U+2028 inside a written line is no line break for the resume (str.splitlines split
+    there); any integer seed is taken (a large one overflowed torch.manual_seed)."""
+    model = tiny_backbone(vocab=len(tokenizer), seed=1, max_position_embeddings=48)
+    source = tmp_path / "source.jsonl"
+    records = [{"prompt": "The assert statement checks a condition. " * 8}, {"prompt": "one\u2028two"}, {"prompt": "x"}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    settings = DistillSettings(max_new_tokens=8, block_records=1, temperature=1.0, seed=2**62)
+    first = self_distill(source, out, settings, model=model, tokenizer=tokenizer, progress=False)
+    assert first.records == 2 and len(first.skipped) == 1
+    assert "\u2028" in out.read_text(encoding="utf-8")  # written raw (ensure_ascii=False)
+    listed = (tmp_path / "out.dropped.jsonl").read_text()
+    assert [r["id"] for r in read_lines(tmp_path / "out.dropped.jsonl")] == [0]
+    again = self_distill(source, out, settings, model=model, tokenizer=tokenizer, progress=False)
+    assert (again.resumed, again.records, again.generations, again.skipped) == (2, 0, 0, [])
+    assert (tmp_path / "out.dropped.jsonl").read_text() == listed
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("max_new_tokens", 0), ("temperature", -1.0), ("temperature", float("nan")), ("top_p", 0.0),
     ("turns", "last"), ("chat_template", "mine"), ("batch_size", 1.5), ("shard", (2, 2)), ("num_records", 0),
+    ("seed", 1.5), ("seed", True),
 ])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

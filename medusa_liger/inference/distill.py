@@ -71,6 +71,8 @@ class DistillSettings:
     num_records: int | None = None  # the first N records of the source (before sharding)
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for name in ("max_new_tokens", "text_prompt_tokens", "batch_size", "block_records"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -226,7 +228,9 @@ def _written_ids(path: Path) -> set[int]:
     if len(complete) != len(data):
         with path.open("r+b") as f:
             f.truncate(len(complete))
-    return {json.loads(line)["id"] for line in complete.decode("utf-8").splitlines() if line.strip()}
+    # "\n" only: str.splitlines() would also split inside a line at a raw U+2028 or U+0085, which
+    # json.dumps(ensure_ascii=False) writes as they are.
+    return {json.loads(line)["id"] for line in complete.decode("utf-8").split("\n") if line.strip()}
 
 
 def _append_synced(path: Path, lines: list[str]) -> None:
@@ -311,10 +315,11 @@ def self_distill(
     started = time.perf_counter()
     bar = tqdm(desc="distill", unit="record", disable=not progress, dynamic_ncols=True)
     block: list[_Pending] = []
+    unlisted: list[_Pending] = []  # dropped before the output (and its dropped file) existed
     records = _source_records(str(source), split, settings, summary.skipped, backend.supports_text)
 
     def flush() -> None:
-        nonlocal block, fresh
+        nonlocal block, fresh, unlisted
         if all(record.id in done or record.id in dropped for record in block):
             bar.update(len(block))  # written (or dropped) by an earlier call
             block = []
@@ -322,7 +327,7 @@ def self_distill(
         # Blocks are cut from the whole source, not from what is left of it, and seeded by their first
         # record: a resumed run forms and samples the blocks an uninterrupted run would. A block only
         # partly written (killed between its lines) is generated again whole, for the same reason.
-        torch.manual_seed(settings.seed * 1_000_003 + block[0].id)
+        torch.manual_seed((settings.seed * 1_000_003 + block[0].id) % 2**63)  # (any int seed: in torch's range)
         _run_block(backend, block, summary)
         kept = [record for record in block if record.dropped is None and record.id not in done]
         lost = [record for record in block if record.dropped is not None and record.id not in dropped]
@@ -330,10 +335,13 @@ def self_distill(
         if kept and fresh:
             _start_output(output, identity)
             fresh = False
-        if lost and not fresh:  # a dropped record is remembered once the output exists; until then it is redone
-            # Dropped first: once the block's records are written, a resume finds the block complete.
+        # A dropped record is listed once the output exists (until then, held back), before the block's
+        # records are written: a resume that finds them all finds the block complete.
+        unlisted += lost
+        if unlisted and not fresh:
             _append_synced(_dropped_path(output), [json.dumps({"id": r.id, "source": r.where, "reason": r.dropped},
-                                                              ensure_ascii=False) + "\n" for r in lost])
+                                                              ensure_ascii=False) + "\n" for r in unlisted])
+            unlisted = []
         if kept:
             _append_synced(output, [_output_line(record) for record in kept])
             summary.records += len(kept)
