@@ -161,6 +161,29 @@ def test_typical_acceptance_near_a_budget_picks_what_the_cut_tree_picks(budget):
     assert mismatched
 
 
+def test_a_float64_model_decides_on_float64_logits():
+    """Logits were rounded to fp32 for every model: two head-0 logits 8e-9 apart tied or not depending
+    on 1e-16 differences between the padded batch and batch-1 forwards, and the candidates swapped."""
+    model = MedusaModel.from_backbone(tiny_backbone("qwen3", vocab=32, attn="eager", seed=804), MedusaConfig(num_heads=5))
+    model = randomize_heads_(model, 0.05, seed=398).eval().double()
+    prompts = [[4, 10, 9, 11, 14, 21, 19, 16, 5, 24, 9, 27, 21, 4, 31, 10],
+               [22, 29, 21, 28, 17, 6, 2, 3, 28, 30, 14, 26, 27, 31, 1, 22, 11, 27, 9, 19],
+               [29, 7, 5, 17, 18, 20, 16, 13, 3, 21, 16, 23, 27, 1, 5, 28, 18, 19, 11, 13, 11], [5, 9, 28, 29, 9, 20],
+               [1, 2, 25, 2, 5], [26, 27, 11, 4, 25, 18, 29], [25, 3, 14, 19, 8, 29, 5, 2, 29, 14, 17, 31, 26, 29, 18],
+               [26, 15, 18, 30, 5, 7, 12, 1, 30, 0, 28]]
+    tree = [[5, 5], [3, 3], [5, 2, 3], [1, 0, 2, 5], [5, 2, 3, 5], [3], [5], [0, 3, 2, 0], [0, 3, 2], [3, 0, 0],
+            [0, 3], [5, 1], [1], [1, 2, 1], [5, 2], [1, 1], [3, 1, 1, 3], [0, 1], [1, 0, 2, 5, 1], [1, 1, 1, 0],
+            [3, 1, 0], [3, 0], [0], [1, 2, 1, 0], [3, 3, 0], [3, 1, 1], [1, 1, 1, 0, 0], [5, 5, 0], [5, 1, 1, 0],
+            [0, 0], [1, 0, 3], [1, 0], [1, 1, 1], [1, 2], [5, 1, 1], [3, 1], [5, 5, 0, 0], [1, 0, 2]]
+    options = dict(acceptance="typical", temperature=3.0, posterior_threshold=0.01, posterior_alpha=0.3,
+                   eos_token_id=[17])
+    with force_backend("torch"):
+        decoder = BatchedMedusaDecoder(model, tree)
+        decoder.prefill([torch.tensor(prompts[0])])
+        assert decoder.base_logits.dtype == decoder.head_logits.dtype == torch.float64
+        assert_matches_one_by_one(model, [torch.tensor(p) for p in prompts], 20, tree, seeds=46, **options)
+
+
 def test_seeds_must_match_the_prompts():
     model = tiny_medusa()
     prompts = varied_prompts(2, seed=1)

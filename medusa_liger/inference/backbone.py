@@ -83,16 +83,16 @@ class BackboneRunner:
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> next-token logits [..., V] in float32."""
-        logits = self.lm_head(hidden).float()
+        """[..., H] -> next-token logits [..., V] in float32 (float64 for a float64 model)."""
+        logits = _at_least_fp32(self.lm_head(hidden))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] hidden states -> [..., K, V] float32 logits of every Medusa head ([H] -> [K, V])."""
+        """[..., H] hidden states -> [..., K, V] float32 (float64) logits of every Medusa head ([H] -> [K, V])."""
         flat = hidden.reshape(1, -1, hidden.shape[-1])
-        logits = self.medusa.head_logits(flat)[:, 0].float()  # [K, n, V]
+        logits = _at_least_fp32(self.medusa.head_logits(flat)[:, 0])  # [K, n, V]
         return logits.movedim(0, 1).reshape(*hidden.shape[:-1], *logits.shape[::2])
 
     def sliding_window(self) -> int | None:
@@ -141,3 +141,7 @@ def check_generation_inputs(runner: BackboneRunner, input_ids: torch.Tensor, max
     return T
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    # bf16/fp16 logits decide in fp32; a float64 model's keep their digits (rounding them to fp32 can
+    # tie two candidates that differ by 1e-8, and a tie breaks differently in a padded batch).
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
