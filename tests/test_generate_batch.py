@@ -104,6 +104,23 @@ def test_nodes_past_a_sequence_budget_stay_at_its_last_position():
             torch.testing.assert_close(batched.base_logits[b], alone.base_logits[0], rtol=1e-9, atol=1e-9)
 
 
+def test_longrope_decodes_one_prompt_at_a_time():
+    """longrope picks its frequencies from the batch's largest position: a short prompt next to one past
+    the original context decoded other tokens than alone."""
+    import warnings
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+            "long_factor": [4.0 + i for i in range(8)], "short_factor": [1.0] * 8}
+    with force_backend("torch"):
+        model = tiny_medusa(rope_parameters=rope, attn="eager").double()
+        prompts = [varied_prompts(1, seed=s)[0][:3] for s in range(3)] + [torch.arange(20) % 100]
+        with pytest.warns(UserWarning, match="rope_type 'longrope' .* decoded one at a time"):
+            assert_matches_one_by_one(model, prompts, 12, TREES["mixed"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no sequence can pass 16 positions: one batch
+            assert_matches_one_by_one(model, prompts[:3], 8, TREES["mixed"])
+
+
 def test_typical_acceptance():
     with force_backend("torch"):
         model = tiny_medusa()

@@ -19,11 +19,17 @@ Greedy acceptance stays lossless per sequence: each decodes the tokens plain gre
 in the steps batch-1 Medusa decoding would take (``medusa_generate``), up to float rounding of the
 padded batch. So does typical acceptance: sequence b samples from its own generator (seeded with
 ``seed + b``, or ``seeds[b]``), as ``medusa_generate`` with that seed would.
+
+One RoPE breaks this: HF's "longrope" picks its frequencies from the largest position in the whole
+forward, so a sequence past the original context would change every other's. ``medusa_generate_batch``
+then decodes the prompts one at a time (with a warning), unless no sequence can get that far. ("dynamic"
+changes only past max_position_embeddings, where no sequence goes, nor any tree node: see ``step``.)
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +50,17 @@ from medusa_liger.inference.tree import TreeBuffers
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def batch_dependent_rope(config) -> tuple[str, int] | None:
+    """(rope_type, positions) of a RoPE whose frequencies follow the largest position of the whole
+    forward, the same for every sequence in it (HF's "longrope": long factors past the original
+    context), with the number of positions up to which they do not change; None for any other RoPE."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if not isinstance(params, dict) or params.get("rope_type") != "longrope":
+        return None
+    original = params.get("original_max_position_embeddings") or config.max_position_embeddings
+    return "longrope", int(original)
 
 
 class BatchedMedusaDecoder(MedusaDecoder):
@@ -220,6 +237,19 @@ def medusa_generate_batch(
                              f"{list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
         check_generation_inputs(decoder.runner, p.reshape(1, -1), max_new_tokens)
         flat.append(p.reshape(-1))
+    rope = batch_dependent_rope(decoder.runner.config)
+    if rope is not None and len(flat) > 1 and max(p.numel() for p in flat) + max_new_tokens > rope[1]:
+        warnings.warn(f"the backbone's rope_type {rope[0]!r} picks its frequencies from the largest position in "
+                      f"the batch, and a sequence here can pass {rope[1]} positions: the prompts are decoded one "
+                      "at a time, so that each decodes what it decodes alone (their times are not a batch's)",
+                      stacklevel=3)  # (the caller's line, past torch.no_grad's wrapper)
+        if seed is not None and not _is_int(seed) and len(seed) != len(flat):
+            raise ValueError(f"seed holds {len(seed)} seeds for {len(flat)} prompts; pass one per prompt or one int")
+        seeds = [None if seed is None else (seed + b if _is_int(seed) else seed[b]) for b in range(len(flat))]
+        return [medusa_generate_batch(model, [p], max_new_tokens, tree, acceptance=acceptance,
+                                      posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha,
+                                      temperature=temperature, seed=None if s is None else [s],
+                                      eos_token_id=eos_token_id)[0] for p, s in zip(flat, seeds)]
     eos = _eos_set(eos_token_id)
     device = decoder.runner.device
     _sync(device)
