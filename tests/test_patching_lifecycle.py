@@ -257,6 +257,45 @@ print(count_patched(model))
     assert proc.returncode == 0 and proc.stdout.split()[-1] == str(patched), proc.stderr[-3000:]
 
 
+def test_copies_keep_their_classes_under_the_module_route():
+    """Under patch("llama") pickle found the fused subclass under an HF class's name: an HF-class model
+    (built before, or unpatched) could not be saved, and a user's subclass of the fused class came back
+    as the fused class itself (its own forward lost)."""
+    import pickle
+
+    ids, _ = batch()
+    plain = build("llama")
+    medusa_liger.patch("llama")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm  # the fused subclass now
+
+    class ScaledNorm(LlamaRMSNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    norm = ScaledNorm(8)
+    x = torch.randn(2, 8)
+    with force_backend("torch"):
+        want = plain(input_ids=ids).logits
+        for copy_ in (pickle.loads(pickle.dumps(plain)), copy.deepcopy(plain)):
+            assert count_patched(copy_) == 0
+            torch.testing.assert_close(copy_(input_ids=ids).logits, want)  # (RoPE: within tolerance)
+        copied = copy.deepcopy(norm)  # (a local class cannot be pickled by name; deepcopy took the same path)
+        assert type(copied) is ScaledNorm
+        torch.testing.assert_close(copied(x), norm(x))
+
+
+def test_unpatch_reaches_a_forward_an_accelerate_hook_holds():
+    """A hook added after the patch keeps the bound fused forward (``_old_forward``): unpatch(model)
+    restored the classes, yet the fused loss still ran."""
+    accelerate = pytest.importorskip("accelerate")
+    ids, labels = batch()
+    with force_backend("torch"):
+        model, _ = accelerate.cpu_offload_with_hook(medusa_liger.patch(build("llama")), execution_device="cpu")
+        assert model(input_ids=ids, labels=labels).logits is None  # fused: no logits
+        medusa_liger.unpatch(model)
+        assert model(input_ids=ids, labels=labels).logits is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # Optional dependencies: HF `kernels` absent or present; no Triton needed to import
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ replaced on the instance (``kernelize`` / ``use_kernels=True``) is left as it is
 
 from __future__ import annotations
 
+import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -164,8 +165,13 @@ def _patch_model(model: nn.Module, pieces: set[str]) -> None:
 
 def _unpatch_model(model: nn.Module) -> None:
     for module in model.modules():
-        if modules.is_patched_class(type(module)):
-            module.__class__ = modules.original_class(type(module))
+        patched = type(module)
+        if modules.is_patched_class(patched):
+            module.__class__ = modules.original_class(patched)
+            # An accelerate hook added after the patch keeps the forward it wraps, bound: the fused one.
+            wrapped = module.__dict__.get("_old_forward")
+            if getattr(wrapped, "__func__", None) is patched.__dict__["forward"]:
+                module._old_forward = types.MethodType(type(module).forward, module)
     for model_type, roots in _family_roots(model).items():
         if model_type in supported_model_types():
             state = _state(family(model_type))
@@ -210,6 +216,11 @@ def patch(
         fused_loss: the causal-LM loss through the fused linear cross-entropy (no logits).
 
     Returns ``target``. Raises ValueError for an unsupported model type, naming the supported ones.
+
+    A patched model pickles (``torch.save``, ``copy.deepcopy``, multiprocessing) and loads with its
+    fused modules: norms, MLPs and, patched in place, the loss. The fused RoPE and the module route's
+    loss belong to the modeling module, not to the model: in another process, or after ``unpatch`` of
+    the original, call ``patch(loaded_model)`` (idempotent) to have them too.
     """
     options = {"rms_norm": rms_norm, "rope": rope, "swiglu": swiglu, "fused_loss": fused_loss}
     for name, value in options.items():

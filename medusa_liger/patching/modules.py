@@ -16,6 +16,7 @@ the patch is setting ``__class__`` back. The kernels are imported on first use, 
 
 from __future__ import annotations
 
+import copyreg
 import importlib
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -121,7 +122,9 @@ def patched_class(original: type, kind: str) -> type:
         # instance is stored as the HF class's name and the piece, and rebuilt patched on load (by
         # torch.save/load, multiprocessing, and copy.deepcopy, which keeps it patched).
         reduced = nn.Module.__reduce_ex__(self, protocol)  # (constructor, (cls, ...), state, ...)
-        return (_rebuild_patched, (original.__module__, original.__qualname__, kind), *reduced[2:])
+        if not is_patched_class(type(self)):  # a user's subclass of it: pickled by its own name
+            return reduced
+        return (_rebuild, (original.__module__, original.__qualname__, kind), *reduced[2:])
 
     namespace = {
         "forward": _fused_forward(kind, original),
@@ -135,16 +138,28 @@ def patched_class(original: type, kind: str) -> type:
     }
     subclass = type(original.__name__, (original,), namespace)
     _SUBCLASSES[original] = subclass
+    # While the module route has the subclass under the HF class's name, pickle could not store an
+    # instance of the HF class itself (built before, or unpatched): it is stored by name, like ours.
+    copyreg.pickle(original, _reduce_hf_instance)
     return subclass
 
 
-def _rebuild_patched(module: str, qualname: str, kind: str) -> nn.Module:
-    """An empty instance of the patched subclass of the HF class ``module.qualname`` (unpickling)."""
+def _reduce_hf_instance(module: nn.Module) -> tuple:
+    reduced = nn.Module.__reduce_ex__(module, 2)
+    cls = type(module)
+    return (_rebuild, (cls.__module__, cls.__qualname__, None), *reduced[2:])
+
+
+def _rebuild(module: str, qualname: str, kind: str | None) -> nn.Module:
+    """An empty instance of the HF class ``module.qualname`` (kind None) or of its patched subclass
+    for the piece ``kind``: what pickle stores of either calls this on load."""
     cls = importlib.import_module(module)
     for name in qualname.split("."):
         cls = getattr(cls, name)
-    subclass = patched_class(original_class(cls), kind)  # the module route may have put one there
-    return subclass.__new__(subclass)
+    cls = original_class(cls)  # the module route may have put the subclass there
+    if kind is not None:
+        cls = patched_class(cls, kind)
+    return cls.__new__(cls)
 
 
 def is_patched_class(cls: type) -> bool:
