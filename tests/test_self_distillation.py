@@ -599,8 +599,8 @@ def test_heads_mode_ignores_lm_loss():
     model.config.mode = "heads"
     model.config.lm_loss = "kl"
     calls = []
-    original = model.hidden_states
-    model.hidden_states = lambda *a, **k: calls.append(k.get("teacher", False)) or original(*a, **k)
+    original = model._hidden  # (forward's backbone pass, hidden_states' body)
+    model._hidden = lambda *a, **k: calls.append(k.get("teacher", False)) or original(*a, **k)
     ids, labels = batch()
     with force_backend("torch"):
         out = model(ids, labels=labels)
