@@ -279,6 +279,32 @@ def test_resume_edge_cases(tokenizer, tmp_path):
     assert (tmp_path / "out.dropped.jsonl").read_text() == listed
 
 
+@pytest.mark.parametrize("kill_at", [1, 2, 3])
+def test_a_kill_while_the_output_starts_leaves_a_run_that_starts_afresh(model, tokenizer, source, tmp_path,
+                                                                        monkeypatch, kill_at):
+    """Killed between the files _start_output writes: the output (empty, without settings) refused
+    every later run; under --overwrite, an old output could be resumed under the new settings."""
+    settings = DistillSettings(max_new_tokens=4)
+    straight = tmp_path / "straight.jsonl"
+    self_distill(source, straight, settings, model=model, tokenizer=tokenizer, progress=False)
+    out = tmp_path / "out.jsonl"
+    self_distill(source, out, DistillSettings(max_new_tokens=2), model=model, tokenizer=tokenizer, progress=False)
+    real_write_text, calls = Path.write_text, []
+
+    def dying_write_text(self, *args, **kwargs):
+        calls.append(self.name)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", dying_write_text)
+    with pytest.raises(KeyboardInterrupt):
+        self_distill(source, out, settings, model=model, tokenizer=tokenizer, overwrite=True, progress=False)
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    summary = self_distill(source, out, settings, model=model, tokenizer=tokenizer, progress=False)
+    assert summary.resumed == 0 and out.read_text() == straight.read_text()
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("max_new_tokens", 0), ("temperature", -1.0), ("temperature", float("nan")), ("top_p", 0.0),
     ("turns", "last"), ("chat_template", "mine"), ("batch_size", 1.5), ("shard", (2, 2)), ("num_records", 0),

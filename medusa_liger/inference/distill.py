@@ -31,7 +31,10 @@ appended to the output and synced to disk (the records it drops for length, with
 ``<output stem>.dropped.jsonl``). Run the same command again after an interruption and it continues
 after the last complete block (a settings file beside the output refuses a resume with other
 settings); blocks are cut from the whole source and seeded by their first record, so the resumed file
-is the one an uninterrupted run writes. ``shard=(i, n)`` keeps the records whose index is ``i`` modulo
+is the one an uninterrupted run writes. (With sampling, that holds for the same ``num_records``,
+``block_records`` and ``batch_size``, which may change between runs: they change how records are
+batched, and so what is drawn. A run extended with a larger ``num_records`` matches when the shorter
+one ended on a block boundary.) ``shard=(i, n)`` keeps the records whose index is ``i`` modulo
 ``n``, so ``n`` processes (one per GPU) can split a dataset and their outputs be trained on together.
 """
 
@@ -257,9 +260,13 @@ def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> 
 
 def _start_output(output: Path, identity: dict[str, Any]) -> None:
     """An empty ``output`` and dropped file and, beside them, the settings a resume must match."""
-    output.write_text("")
-    _dropped_path(output).write_text("")
+    # The output last: a kill before it leaves no output, so the next run starts afresh (not refused by
+    # a settings file it does not match, nor resuming an old output under new settings).
+    output.unlink(missing_ok=True)
+    _dropped_path(output).unlink(missing_ok=True)
     _settings_path(output).write_text(json.dumps(identity, indent=2) + "\n")
+    _dropped_path(output).write_text("")
+    output.write_text("")
 
 
 def self_distill(
