@@ -139,7 +139,7 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
             yield f"{local}:{lineno}", record
 
 
-def _check_unicode(where: str, what: str, text: str) -> None:
+def check_unicode(where: str, what: str, text: str) -> None:
     """JSON may escape half of a UTF-16 surrogate pair ("\\ud800"), which no tokenizer can encode."""
     try:
         text.encode("utf-8")
@@ -166,7 +166,7 @@ def normalize(where: str, record: Any, fmt: str, loss_on: str, *, other_keys: tu
     if fmt == "text":
         if not isinstance(record["text"], str) or not record["text"]:
             raise ValueError(f"{where}: 'text' must be a non-empty string")
-        _check_unicode(where, "'text'", record["text"])
+        check_unicode(where, "'text'", record["text"])
         return Example(where, text=record["text"])
 
     turns = record[key]
@@ -187,7 +187,7 @@ def normalize(where: str, record: Any, fmt: str, loss_on: str, *, other_keys: tu
             raise ValueError(f"{where}: turn {j} has {role_key}={raw_role!r}; expected one of {allowed}")
         if not isinstance(content, str):
             raise ValueError(f"{where}: turn {j} {content_key!r} must be a string")
-        _check_unicode(where, f"turn {j} {content_key!r}", content)
+        check_unicode(where, f"turn {j} {content_key!r}", content)
         messages.append({"role": role, "content": content})
     if loss_on == "assistant" and not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: conversation has no assistant turn (nothing to learn with data.loss_on=assistant)")

@@ -316,6 +316,10 @@ def test_load_prompts_errors(tmp_path, tokenizer):
         load_prompts(ids, tokenizer)
     with pytest.raises(ValueError, match="no-such-dataset"):  # a hub name, offline in tests
         load_prompts("nobody-xyz/no-such-dataset", tokenizer)
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"prompt": "ok"}\n{"prompt": "a\\ud800b"}\n')  # (a TypeError from the tokenizer)
+    with pytest.raises(ValueError, match=r"surrogate.jsonl:2: 'prompt' is not valid Unicode text: a lone surrogate"):
+        load_prompts(surrogate, tokenizer)
 
 
 def write_run(tmp_path, tokenizer, prompt_lines: str):

@@ -14,6 +14,7 @@ from typing import Any
 from medusa_liger.records import (
     chat_prompt_ids,
     chat_template_for,
+    check_unicode,
     iter_raw_records,
     looks_like_local_path,
     normalize,
@@ -81,6 +82,7 @@ def _records(source: str, split: str):
 
 def _record_prompt(tokenizer, where: str, record: Any) -> list[int]:
     if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+        check_unicode(where, "'prompt'", record["prompt"])
         return tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
     if isinstance(record, dict) and "input_ids" in record:  # already tokenized (a run's eval_prompts.jsonl)
         ids = record["input_ids"]
