@@ -257,6 +257,27 @@ def test_split_eval_holds_out_rows():
     assert len(train) == 18 and len(held) == 2
     assert not set(held.input_ids[:, 0].tolist()) & set(train.input_ids[:, 0].tolist())
     assert split_eval(data, 0.0, seed=0)[1] is None
+    # Rows of whole documents: the rows torch.randperm draws first, as before documents were grouped.
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    assert held.input_ids[:, 0].tolist() == sorted(order[:2].add(1).tolist())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_eval_keeps_a_split_document_on_one_side(seed):
+    """A document split over rows had pieces held out and pieces trained on (its held-out prompt's
+    answer among the training rows)."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for doc in range(12):  # documents of 1-4 rows of 4 tokens; ids tell documents apart
+        n = 4 * int(torch.randint(1, 5, (1,), generator=g))
+        examples.append(([100 * doc + i for i in range(n)], [100 * doc + i for i in range(n)]))
+    data = pack(examples, seq_len=4, long_examples="split", pad_id=0)
+    train, held = split_eval(data, 0.25, seed=seed)
+    docs = [{int(x) // 100 for x in part.input_ids.flatten()} for part in (train, held)]
+    assert docs[0] and docs[1] and not docs[0] & docs[1]
+    assert len(train) + len(held) == len(data) and 0 < len(held) <= max(round(0.25 * len(data)), 4)
+    with pytest.raises(ValueError, match="one document"):
+        split_eval(pack([(list(range(12)), list(range(12)))], 4, "split", 0), 0.3, seed=0)
 
 
 def test_loss_on_all_needs_no_prefix_renders(tokenizer):

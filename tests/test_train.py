@@ -441,6 +441,9 @@ def test_eval_prompts_leave_out_later_pieces_of_a_split_document(tmp_path):
     path = write_eval_prompts(data, tmp_path / "eval_prompts.jsonl")
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records == [{"input_ids": [1, 2, 3]}]  # not 6 7 8 9; nor 20 (a one-token prompt is too short)
+    # No prompt at all (text data, loss_on=all): no file, and an older one goes (eval then uses its own).
+    no_prompt = pack([([5, 6, 7], [5, 6, 7])], seq_len=5, long_examples="split", pad_id=0)
+    assert write_eval_prompts(no_prompt, path) is None and not path.exists()
     # select() (the eval split) keeps the marks with their rows.
     assert torch.equal(data.select(torch.tensor([2, 1])).continued, data.continued[[2, 1]])
 

@@ -228,7 +228,7 @@ def evaluate_run(
 
     output_dir defaults to ``{run_dir}/eval`` (``eval`` without a run directory); prompts (a file or
     a hub dataset name, with ``prompts_split``) to the run's held-out documents
-    (``{run_dir}/eval_prompts.jsonl``, written when ``data.eval_fraction`` > 0), else to the shipped
+    (``{run_dir}/eval_prompts.jsonl``, written when ``data.eval_fraction`` > 0 holds out prompts), else to the shipped
     ``medusa_liger/data/pydoc_chat.jsonl`` (training data of the tiny default: an optimistic number).
     """
     if isinstance(tree, (str, Path)):

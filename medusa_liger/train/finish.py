@@ -52,13 +52,15 @@ def _mean_of_last(records: list[dict], key: str, count: int) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def write_eval_prompts(data: PackedData, path: Path) -> Path:
+def write_eval_prompts(data: PackedData, path: Path) -> Path | None:
     """The prompts of the held-out documents, as token ids, one JSON record per line.
 
     Each segment of a held-out row is a document the heads never trained on. Its prompt is every
     token before its first target (the context a served model would get before it answers). Segments
     that start with a target have no prompt and are left out, as are later pieces of a split
     document (``data.continued``): they start mid-document, mid-turn, which no served prompt does.
+    Without any prompt (text data, ``loss_on=all``) no file is written (an older one is removed), so
+    ``medusa-liger eval`` falls back to its shipped prompts; returns the path written, or None.
     """
     lines = []
     continued = data.continued if data.continued is not None else torch.zeros_like(data.segment_ids, dtype=torch.bool)
@@ -73,6 +75,9 @@ def write_eval_prompts(data: PackedData, path: Path) -> Path:
             start = int(targets[0]) if len(targets) else len(where)
             if start >= 2:
                 lines.append(json.dumps({"input_ids": ids[where[:start]].tolist()}))
+    if not lines:
+        path.unlink(missing_ok=True)
+        return None
     path.write_text("".join(line + "\n" for line in lines))
     return path
 
@@ -91,7 +96,9 @@ def finish_run(cfg: Config, model, tokenizer, logger, eval_data, *, eval_metrics
     if eval_data is not None:
         summary.update(eval_metrics)
         summary["eval/most_common_token_frequency"] = most_common_target_frequency(eval_data, 2)[1]
-        paths["eval_prompts"] = write_eval_prompts(eval_data, out / EVAL_PROMPTS_FILE)
+        prompts = write_eval_prompts(eval_data, out / EVAL_PROMPTS_FILE)
+        if prompts is not None:
+            paths["eval_prompts"] = prompts
 
     paths.update(export_final(model, tokenizer, cfg, final))
     from medusa_liger.train.plot import plot_metrics

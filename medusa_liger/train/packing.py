@@ -155,14 +155,37 @@ def build_packed_data(data_cfg, tokenizer, cache_dir: str | Path | None, example
 
 
 def split_eval(data: PackedData, fraction: float, seed: int) -> tuple[PackedData, PackedData | None]:
-    """(train, eval) rows: ``fraction`` of the rows, drawn with ``seed``, are held out (at least 1)."""
+    """(train, eval) rows: ``fraction`` of the rows, drawn with ``seed``, are held out (at least 1).
+
+    A document split over consecutive rows (``long_examples="split"``) goes wholly to one side: a
+    held-out piece whose other pieces trained would not be held out. Rows are drawn in groups (a row
+    with its continuation rows; alone otherwise), each taken if it still fits in ``fraction`` of the
+    rows (the first one drawn in any case), until they are filled.
+    """
     if fraction <= 0:
         return data, None
     n_eval = max(1, round(len(data) * fraction))
     if n_eval >= len(data):
         raise ValueError(f"data.eval_fraction={fraction} leaves no training rows out of {len(data)}")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    return data.select(order[n_eval:].sort().values), data.select(order[:n_eval].sort().values)
+    # Row r starts a group unless its first token continues the document the row before ends with.
+    starts = torch.ones(len(data), dtype=torch.long)
+    if data.continued is not None:
+        starts[1:] = (~data.continued[1:, 0]).long()
+    group = starts.cumsum(0) - 1  # [N]
+    sizes = torch.bincount(group).tolist()
+    order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed))
+    taken, count = [], 0
+    for g in order.tolist():
+        if count + sizes[g] <= n_eval or not taken:
+            taken.append(g)
+            count += sizes[g]
+        if count >= n_eval:
+            break
+    held_out = torch.isin(group, torch.tensor(taken))
+    if held_out.all():
+        raise ValueError(f"data.eval_fraction={fraction} leaves no training rows out of {len(data)}: one document "
+                         "split by data.long_examples=split fills them all")
+    return data.select(torch.nonzero(~held_out).squeeze(1)), data.select(torch.nonzero(held_out).squeeze(1))
 
 
 class PackedLoader:
