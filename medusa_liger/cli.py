@@ -61,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was saved stays saved
+        hint = {"train": "rerun with train.resume=auto to continue from the last checkpoint",
+                "distill": "run the same command again to continue after the last written block"}
+        print(f"medusa-liger {args.command}: interrupted" + (f"; {hint[args.command]}" if args.command in hint else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

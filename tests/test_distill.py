@@ -342,6 +342,31 @@ def test_cli_writes_and_resumes(model, tokenizer, source, tmp_path, capsys):
     assert "wrote 2 records" in capsys.readouterr().out and len(read_lines(tmp_path / "o.jsonl")) == 5
     assert main([*args, "--shard", "1"]) == 2
     assert "--shard must look like I/N" in capsys.readouterr().err
+    # The source as output: refused even with --overwrite (it replaced the dataset with the answers).
+    before = source.read_bytes()
+    same = ["distill", "--backbone", str(backbone), "--data", str(source), "--output", str(source), "--overwrite",
+            "--max-new-tokens", "4", "--device", "cpu"]
+    assert main(same) == 2
+    assert "would write over the source" in capsys.readouterr().err and source.read_bytes() == before
+
+
+def test_ctrl_c_is_one_line_with_how_to_continue(model, tokenizer, source, tmp_path, capsys, monkeypatch):
+    from medusa_liger.cli import main
+
+    backbone = tmp_path / "backbone"
+    model.save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "_run_block", interrupted)
+    args = ["distill", "--backbone", str(backbone), "--data", str(source), "--output", str(tmp_path / "o.jsonl"),
+            "--max-new-tokens", "4", "--device", "cpu"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "medusa-liger distill: interrupted; run the same command again to continue" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.gpu

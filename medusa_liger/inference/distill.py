@@ -297,6 +297,11 @@ def self_distill(
     settings = settings or DistillSettings()
     output = Path(output)
     check_source(source)
+    local_source = resolve_path(str(source))
+    for path in (output, _dropped_path(output), _settings_path(output)):
+        if local_source is not None and path.exists() and path.resolve() == local_source.resolve():
+            raise ValueError(f"--output {str(output)!r} would write over the source {str(source)!r} "
+                             f"({path.name}); pass another output path")
     metadata = dict(metadata or {})
     if (model is None) == (server is None):
         raise ValueError("pass either model and tokenizer (generation in this process) or server (the URL of "
