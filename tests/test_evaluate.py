@@ -363,7 +363,10 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     tree = json.loads((out_dir / "report.json").read_text())["tree"]
     assert tree["estimate"] == "independent"
     assert tree["estimated_acceleration"] == tree["estimated_acceleration_independent"]
-    assert "(independent; independent heads: " in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "(independent; independent heads: " in captured.out
+    # It replaced the first evaluation's report, and said so (it did silently).
+    assert f"note: {str(out_dir)!r} holds an earlier evaluation (report.json), which this one replaces" in captured.err
     code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens",
                  "6", "--tree-size", "4", "--device", "cpu", "--prior-strength", "0"])
     assert code == 0, capsys.readouterr().err

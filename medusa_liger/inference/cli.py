@@ -242,6 +242,9 @@ def evaluate_run(
     if output_dir is None:
         output_dir = Path(run_dir) / "eval" if run_dir is not None else Path("eval")
     check_output_dir(output_dir, "--output")  # before the evaluation, not when its report is written
+    if (Path(output_dir) / "report.json").is_file():  # said up front: an earlier evaluation is replaced
+        print(f"note: {str(output_dir)!r} holds an earlier evaluation (report.json), which this one replaces "
+              "(pass another --output to keep both)", file=sys.stderr)
     if backbone is not None:
         check_backbone(backbone)
     backbone_path, heads_dir = resolve_paths(run_dir, backbone, heads)
