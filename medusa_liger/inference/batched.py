@@ -52,6 +52,16 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def per_prompt_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int | None]:
+    """Prompt b's seed: ``seed + b`` for an int, ``seed[b]`` for a list (one per prompt), None for None."""
+    if seed is None:
+        return [None] * batch
+    seeds = [seed + b for b in range(batch)] if _is_int(seed) else list(seed)
+    if len(seeds) != batch:
+        raise ValueError(f"seed holds {len(seeds)} seeds for {batch} prompts; pass one per prompt or one int")
+    return seeds
+
+
 def batch_dependent_rope(config) -> tuple[str, int] | None:
     """(rope_type, positions) of a RoPE whose frequencies follow the largest position of the whole
     forward, the same for every sequence in it (HF's "longrope": long factors past the original
@@ -120,12 +130,8 @@ class BatchedMedusaDecoder(MedusaDecoder):
 
     def _new_generators(self, batch: int) -> list[torch.Generator | None]:
         """One generator per sequence, seeded as ``medusa_generate``'s would be for it alone."""
-        if self.seeds is None:
-            return [None] * batch
-        seeds = [self.seeds + b for b in range(batch)] if _is_int(self.seeds) else list(self.seeds)
-        if len(seeds) != batch:
-            raise ValueError(f"seed holds {len(seeds)} seeds for {batch} prompts; pass one per prompt or one int")
-        return [torch.Generator(device=self.runner.device).manual_seed(int(s)) for s in seeds]
+        return [None if s is None else torch.Generator(device=self.runner.device).manual_seed(int(s))
+                for s in per_prompt_seeds(self.seeds, batch)]
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only these sequences (indices into the current batch), in this order."""
@@ -243,13 +249,10 @@ def medusa_generate_batch(
                       f"the batch, and a sequence here can pass {rope[1]} positions: the prompts are decoded one "
                       "at a time, so that each decodes what it decodes alone (their times are not a batch's)",
                       stacklevel=3)  # (the caller's line, past torch.no_grad's wrapper)
-        if seed is not None and not _is_int(seed) and len(seed) != len(flat):
-            raise ValueError(f"seed holds {len(seed)} seeds for {len(flat)} prompts; pass one per prompt or one int")
-        seeds = [None if seed is None else (seed + b if _is_int(seed) else seed[b]) for b in range(len(flat))]
         return [medusa_generate_batch(model, [p], max_new_tokens, tree, acceptance=acceptance,
                                       posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha,
                                       temperature=temperature, seed=None if s is None else [s],
-                                      eos_token_id=eos_token_id)[0] for p, s in zip(flat, seeds)]
+                                      eos_token_id=eos_token_id)[0] for p, s in zip(flat, per_prompt_seeds(seed, len(flat)))]
     eos = _eos_set(eos_token_id)
     device = decoder.runner.device
     _sync(device)

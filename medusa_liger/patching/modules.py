@@ -121,10 +121,9 @@ def patched_class(original: type, kind: str) -> type:
         # pickle finds a class by module and name, which lead to the HF class, not to this one: an
         # instance is stored as the HF class's name and the piece, and rebuilt patched on load (by
         # torch.save/load, multiprocessing, and copy.deepcopy, which keeps it patched).
-        reduced = nn.Module.__reduce_ex__(self, protocol)  # (constructor, (cls, ...), state, ...)
         if not is_patched_class(type(self)):  # a user's subclass of it: pickled by its own name
-            return reduced
-        return (_rebuild, (original.__module__, original.__qualname__, kind), *reduced[2:])
+            return nn.Module.__reduce_ex__(self, protocol)
+        return _reduce_by_name(self, original, kind)
 
     namespace = {
         "forward": _fused_forward(kind, original),
@@ -145,9 +144,13 @@ def patched_class(original: type, kind: str) -> type:
 
 
 def _reduce_hf_instance(module: nn.Module) -> tuple:
-    reduced = nn.Module.__reduce_ex__(module, 2)
-    cls = type(module)
-    return (_rebuild, (cls.__module__, cls.__qualname__, None), *reduced[2:])
+    return _reduce_by_name(module, type(module), None)
+
+
+def _reduce_by_name(module: nn.Module, original: type, kind: str | None) -> tuple:
+    """What pickle stores of ``module``: ``_rebuild`` with its HF class's name and patch piece, and its state."""
+    reduced = nn.Module.__reduce_ex__(module, 2)  # (constructor, (cls, ...), state, ...)
+    return (_rebuild, (original.__module__, original.__qualname__, kind), *reduced[2:])
 
 
 def _rebuild(module: str, qualname: str, kind: str | None) -> nn.Module:
