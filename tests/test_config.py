@@ -275,6 +275,7 @@ def test_tilde_is_expanded_once_in_every_path_key(tmp_path, monkeypatch):
     # Validation expanded ~ but the run used it literally (output_dir=~/run made ./~/run).
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "bb").mkdir()
+    (tmp_path / "bb" / "config.json").write_text('{"model_type": "llama"}')  # a model directory
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "trainer_state.json").write_text("{}")
     cfg = load_config(TINY, ["output_dir=~/run", "data.paths=[~/a.jsonl, org/dataset]", "data.cache_dir=~/cache",

@@ -93,6 +93,66 @@ def test_a_hub_backbone_that_does_not_load_names_the_flag(command, tmp_path, tok
     assert "Check your connection" not in err  # one line
 
 
+def _no_model_may_load(monkeypatch):
+    """Fail the test if transformers or the hub is asked for a model (a path mistake must be said first)."""
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM
+
+    def called(*args, **kwargs):
+        raise AssertionError("a model was loaded, or the hub asked, for a path mistake")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", called)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+
+
+BACKBONE_MISTAKES = {  # a --backbone given -> what the error says
+    "typo": ("runs/nope", "--backbone: backbone directory 'runs/nope' does not exist (runs/ holds ['prompts.txt', 'run']); for "
+                          "the hub model 'runs/nope', download it first (`hf download runs/nope`)"),
+    "heads": ("runs/run/final/heads_medusa", "--backbone: 'runs/run/final/heads_medusa' holds Medusa heads, not a "
+                                             "backbone: pass the base model they were trained on"),
+    "no_model_type": ("runs/run/final/odd", "--backbone: 'runs/run/final/odd' is not a transformers model: its "
+                                            "config.json names no model_type"),
+}
+
+
+@pytest.mark.parametrize("mistake", BACKBONE_MISTAKES)
+@pytest.mark.parametrize("command", [*COMMANDS, "export"])
+def test_backbone_path_mistakes_are_said_before_the_hub_is_asked(command, mistake, tmp_path, tokenizer,  # noqa: F811
+                                                                 capsys, monkeypatch):
+    """A mistyped relative path looked like a hub name (owner/name): a minute of hub retries offline, then
+    an error about repo ids; heads or a non-model directory as --backbone: transformers' paragraphs."""
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "runs", tokenizer, "def f(x):\n")
+    (tmp_path / "runs" / "run" / "final" / "odd").mkdir()
+    (tmp_path / "runs" / "run" / "final" / "odd" / "config.json").write_text('{"hidden_size": 8}')
+    (tmp_path / "d.jsonl").write_text('{"prompt": "hi"}\n')
+    _no_model_may_load(monkeypatch)
+    capsys.readouterr()  # the progress bars of writing the run
+    heads = "runs/run/final/heads_medusa"
+    argv = {"eval": ["eval", "--heads", heads, "--output", "eval"], "generate": ["generate", "--heads", heads, "--prompt", "hi"],
+            "distill": ["distill", "--data", "d.jsonl", "--output", "o.jsonl"],
+            "export": ["export", "--checkpoint", heads, "--output", "exported"]}[command]
+    backbone, message = BACKBONE_MISTAKES[mistake]
+    err = error_of([*argv, "--backbone", backbone], capsys)
+    assert message in err and err.count("\n") == 1, err
+    assert not any(Path(name).exists() for name in ("o.jsonl", "exported", "eval"))
+
+
+def test_a_cached_hub_model_beside_a_same_named_local_directory_still_loads(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from medusa_liger.heads.export import BackboneLoadError, check_backbone_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Qwen").mkdir()
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    with pytest.raises(BackboneLoadError, match="download it first"):
+        check_backbone_path("Qwen/Qwen3-0.6B")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: "/cache/config.json")
+    check_backbone_path("Qwen/Qwen3-0.6B")  # in the cache: a hub name
+    check_backbone_path("org/model")  # no local org/: a hub name, left to the hub
+
+
 def _checkpoint_heads(tmp_path, base_model: str, mode: str = "heads"):
     """A run's RUN/checkpoints/step-000010/heads recording ``base_model``, and its final/backbone."""
     model = MedusaModel.from_backbone(tiny_backbone(vocab=TOKENIZER_VOCAB, seed=2), MedusaConfig(num_heads=2, mode=mode))

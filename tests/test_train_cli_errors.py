@@ -91,6 +91,21 @@ def test_unloadable_model_name_is_a_config_error(tmp_path, capsys):
     assert "model.name_or_path=someorg/somemodel cannot be loaded" in err
 
 
+def test_model_path_mistakes_are_config_errors_before_anything_loads(tmp_path, capsys, monkeypatch):
+    """runs/nope (runs/ exists) went to the hub as a repo id; heads as the model failed in transformers."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    (tmp_path / "runs" / "heads").mkdir(parents=True)
+    (tmp_path / "runs" / "heads" / "config.json").write_text('{"medusa_num_heads": 2}')
+    for name, message in (("runs/nope", "backbone directory 'runs/nope' does not exist (runs/ holds ['heads'])"),
+                          ("runs/heads", "'runs/heads' holds Medusa heads, not a backbone")):
+        err = config_error(capsys, TINY, f"model.name_or_path={name}", "logging.wandb=disabled")
+        assert f"model.name_or_path must be 'tiny', a hub name (org/name) or a model directory, got {name!r}: " \
+               f"{message}" in err
+
+
 def test_model_errors_name_the_key():
     cfg = load_config(TINY, ["model.attn_implementation=flash_attention_2"])
     with pytest.raises(ConfigError, match="model.name_or_path=tiny cannot be loaded: no such model"):

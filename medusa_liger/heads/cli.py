@@ -29,6 +29,7 @@ from medusa_liger.heads.export import (
     BACKBONE_SUBDIR,
     DTYPES,
     FORMATS,
+    BackboneLoadError,
     HeadsCheckpoint,
     check_backbone_matches,
     check_format,
@@ -88,7 +89,10 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
         (d for d in (heads_dir / BACKBONE_SUBDIR, heads_dir.parent / BACKBONE_SUBDIR) if d.is_dir()), None)
     source = backbone if backbone is not None else saved
     if source is not None:
-        model = load_backbone(source)
+        try:
+            model = load_backbone(source)
+        except BackboneLoadError as error:
+            raise BackboneLoadError(f"--backbone: {error}" if backbone is not None else str(error)) from error
         check_backbone_matches(ckpt, model, heads_dir)
         lm_head = model.get_output_embeddings()
         ckpt.lm_head_weight = lm_head.weight.detach()

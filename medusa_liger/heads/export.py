@@ -406,19 +406,78 @@ def check_backbone_matches(ckpt: HeadsCheckpoint, backbone: nn.Module, where: st
             raise ValueError(f"heads checkpoint {where} has {name}={found} but the backbone expects {name}={expected}")
 
 
+class BackboneLoadError(ValueError, FileNotFoundError):
+    """A backbone that is no model directory and no hub model that loads (the CLIs name the flag)."""
+
+
 def check_backbone_path(path: str | Path) -> None:
-    """Say what is wrong with a backbone path before transformers does: a local-looking path
-    (``records.looks_like_local_path``) that does not exist (the hub would answer about repo ids), or a
-    directory without config.json (e.g. a run's directory). Hub names pass."""
+    """Say what is wrong with a backbone path before transformers does (BackboneLoadError):
+
+    - a local-looking path (``records.looks_like_local_path``) that does not exist (the hub would
+      answer about repo ids);
+    - ``owner/name`` where ``owner/`` is a local directory but ``owner/name`` is not, and no hub model
+      of that name is in the local cache: a mistyped path (the hub would be asked, offline after a
+      minute of retries);
+    - a directory without config.json (e.g. a run's directory), with Medusa heads in it, or whose
+      config.json names no ``model_type``.
+
+    Hub names pass.
+    """
     from medusa_liger.records import looks_like_local_path
     from medusa_liger.run_layout import FINAL_DIR
 
+    name = str(path)
     directory = Path(path).expanduser()
-    if looks_like_local_path(path) and not directory.is_dir():
-        raise FileNotFoundError(f"backbone directory {str(path)!r} does not exist")
-    if directory.is_dir() and not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a Hugging Face model directory (no config.json); a run's "
-                                f"backbone is in RUN_DIR/{FINAL_DIR}/{BACKBONE_SUBDIR}")
+    run_backbone = f"a run's backbone is in RUN_DIR/{FINAL_DIR}/{BACKBONE_SUBDIR}"
+    if not directory.is_dir():
+        if looks_like_local_path(path):
+            raise BackboneLoadError(f"backbone directory {name!r} does not exist")
+        owner = Path(name.split("/")[0]) if "/" in name else None
+        if owner is not None and owner.is_dir() and not _in_hub_cache(name):
+            held = sorted(p.name for p in owner.iterdir() if not p.name.startswith("."))
+            raise BackboneLoadError(
+                f"backbone directory {name!r} does not exist ({owner}/ holds {held[:8]}); for the hub model "
+                f"{name!r}, download it first (`hf download {name}`) or run from another directory")
+        return
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise BackboneLoadError(f"{name!r} is not a Hugging Face model directory (no config.json); {run_backbone}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return  # transformers says what is wrong with the file
+    if isinstance(config, dict) and ("medusa_num_heads" in config or config.get("model_type") == "medusa"):
+        raise BackboneLoadError(f"{name!r} holds Medusa heads, not a backbone: pass the base model they were "
+                                f"trained on ({run_backbone})")
+    if isinstance(config, dict) and not config.get("model_type"):
+        raise BackboneLoadError(f"{name!r} is not a transformers model: its config.json names no model_type")
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the hub model ``name`` has a config.json in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an invalid repo id, or an older huggingface_hub: not cached
+        return False
+
+
+def backbone_load_error(path: str | Path, error: Exception) -> BackboneLoadError:
+    """The one-line BackboneLoadError for transformers' error loading the backbone at ``path``
+    (its messages run to paragraphs of upgrade advice, and a path's OSError talks about repo ids)."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if Path(path).expanduser().is_dir():
+        return BackboneLoadError(f"backbone {str(path)!r} could not be loaded: {reason}")
+    offline = " (HF_HUB_OFFLINE is set: only models in the local cache load)" if is_offline() else ""
+    return BackboneLoadError(f"backbone {str(path)!r} is not a local directory, and no hub model of that name "
+                             f"could be loaded{offline}: {reason}")
+
+
+def is_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def lm_head_bias_of(lm_head: nn.Module) -> torch.Tensor | None:
@@ -433,7 +492,10 @@ def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None) -> n
 
     check_backbone_path(path)
     dtype = parse_dtype(dtype)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
+    except (OSError, ValueError) as error:
+        raise backbone_load_error(path, error) from error
 
 
 def load_pretrained(cls: type, directory: str | Path, backbone: nn.Module | str | None = None, **overrides: Any):

@@ -19,6 +19,9 @@ import torch
 
 from medusa_liger.heads.export import (  # one table of dtype names for every CLI
     DTYPES,
+    BackboneLoadError,
+    backbone_load_error,
+    check_backbone_path,
     parse_dtype,
 )
 from medusa_liger.inference import cli_args
@@ -120,31 +123,11 @@ def _no_backbone_found(heads: Path, recorded: str | None, mode: str) -> str:
     return message
 
 
-class BackboneLoadError(ValueError):
-    """The backbone is neither a local directory nor a hub model that loads (the CLIs name --backbone)."""
-
-
 def error_text(error: Exception, backbone: str | None) -> str:
     """A failed command's message; a backbone that did not load names --backbone (given, or to pass)."""
     if isinstance(error, BackboneLoadError):
         return f"--backbone: {error}" if backbone is not None else f"{error}; pass --backbone PATH"
     return str(error)
-
-
-def check_backbone(backbone: str | Path) -> None:
-    """BackboneLoadError for a backbone path that cannot be a model (``export.check_backbone_path``)."""
-    from medusa_liger.heads.export import check_backbone_path
-
-    try:
-        check_backbone_path(backbone)
-    except FileNotFoundError as error:
-        raise BackboneLoadError(str(error)) from None
-
-
-def is_offline() -> bool:
-    """Whether the Hugging Face hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
-    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: str = "auto",
@@ -161,7 +144,7 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
     except ValueError as error:
         raise ValueError(f"device: {error}") from None
-    check_backbone(backbone)
+    check_backbone_path(backbone)
     if dtype == "auto":
         torch_dtype = "auto" if device.type == "cuda" else torch.float32
     else:
@@ -170,13 +153,8 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
         causal_lm = AutoModelForCausalLM.from_pretrained(str(backbone), dtype=torch_dtype,
                                                          attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(str(backbone))
-    except OSError as error:
-        reason = str(error).strip().splitlines()[0]
-        if Path(backbone).expanduser().is_dir():
-            raise BackboneLoadError(f"backbone {str(backbone)!r} could not be loaded: {reason}") from error
-        offline = " (HF_HUB_OFFLINE is set: only models in the local cache load)" if is_offline() else ""
-        raise BackboneLoadError(f"backbone {str(backbone)!r} is not a local directory, and no hub model of that "
-                                f"name could be loaded{offline}: {reason}") from error
+    except (OSError, ValueError) as error:
+        raise backbone_load_error(backbone, error) from error
     return causal_lm.to(device).eval(), tokenizer
 
 
@@ -246,7 +224,7 @@ def evaluate_run(
         print(f"note: {str(output_dir)!r} holds an earlier evaluation (report.json), which this one replaces "
               "(pass another --output to keep both)", file=sys.stderr)
     if backbone is not None:
-        check_backbone(backbone)
+        check_backbone_path(backbone)
     backbone_path, heads_dir = resolve_paths(run_dir, backbone, heads)
     model, tokenizer = load_medusa(backbone_path, heads_dir, device=device, dtype=dtype,
                                    attn_implementation=attn_implementation)

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from medusa_liger.heads.export import DTYPES
+from medusa_liger.heads.export import DTYPES, check_backbone_path
 from medusa_liger.inference import cli_args
-from medusa_liger.inference.cli import check_backbone, error_text, load_medusa, load_tree, resolve_paths
+from medusa_liger.inference.cli import error_text, load_medusa, load_tree, resolve_paths
 from medusa_liger.inference.cli_args import POSITIVE_INT, Given, number
 from medusa_liger.inference.evaluate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 from medusa_liger.inference.generate import MedusaGenerateOutput, medusa_generate
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         tree = None if args.tree is None else load_tree(args.tree)
         if args.backbone is not None:  # a missing directory fails before anything loads
-            check_backbone(args.backbone)
+            check_backbone_path(args.backbone)
         backbone, heads = resolve_paths(args.run_dir, args.backbone, args.heads)
         model, tokenizer = load_medusa(backbone, heads, device=args.device, dtype=args.dtype)
         options = {} if args.acceptance == "greedy" else dict(acceptance="typical", temperature=args.temperature,

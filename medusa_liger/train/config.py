@@ -24,7 +24,6 @@ import yaml
 
 from medusa_liger.devices import is_device_name
 from medusa_liger.dtype_names import DTYPE_NAMES
-from medusa_liger.records import looks_like_local_path
 
 
 # What transformers takes as attn_implementation (besides a hub kernel, "org/name[@rev][:fn]"), checked
@@ -337,9 +336,14 @@ def validate(cfg: Config) -> Config:
     _require(m.intermediate_size >= 1, "model.tiny.intermediate_size", m.intermediate_size, ">= 1")
     _require(m.vocab_size >= 300, "model.tiny.vocab_size", m.vocab_size, ">= 300 (256 bytes + merges + specials)")
     name = cfg.model.name_or_path
-    if name != "tiny" and looks_like_local_path(name):  # a hub id is name or org/name
-        _require(Path(name).is_dir(), "model.name_or_path", name,
-                 "'tiny', a hub name (org/name) or an existing directory")
+    if name != "tiny":  # a missing or non-model directory, said before the data loads (hub names pass)
+        from medusa_liger.heads.export import BackboneLoadError, check_backbone_path
+
+        try:
+            check_backbone_path(name)
+        except BackboneLoadError as error:
+            raise ValueError(f"model.name_or_path must be 'tiny', a hub name (org/name) or a model directory, "
+                             f"got {name!r}: {error}") from None
     attn = cfg.model.attn_implementation
     _require(attn is None or attn in ATTN_IMPLEMENTATIONS or HUB_KERNEL.fullmatch(attn) is not None,
              "model.attn_implementation", attn,
