@@ -42,6 +42,9 @@ def usage_error(argv: list[str], capsys) -> str:
     (["--prompts", "held_out/v1/prompts"], "--prompts: no such file: 'held_out/v1/prompts'"),
     (["--prompts", "my_prompts.jsonl"], "--prompts: no such file"),
     (["--prompts", "./my_prompts"], "--prompts: no such file"),
+    # Flags the evaluation would ignore: refused.
+    (["--tree", "t.json", "--tree-size", "7"], "--tree-size sizes the searched tree: with --tree, the given tree"),
+    (["--prompts-split", "test"], "--prompts-split needs --prompts naming a hub dataset"),
 ])
 def test_eval_usage_errors_name_the_flag_before_loading(tmp_path, capsys, flags, message):
     # The run directory does not exist: the error has to come before anything loads.
@@ -69,10 +72,35 @@ def test_generate_usage_errors_name_the_flag_before_loading(tmp_path, capsys, fl
     # Greedy decoding ignores them: refused, as eval/generate refuse their sampling flags without sampling.
     (["--top-p", "0.9"], "--top-p needs --temperature > 0"),
     (["--seed", "3"], "--seed needs --temperature > 0"),
+    # What only the other engine reads, and a split of a local file: refused rather than ignored.
+    (["--concurrency", "4"], "--concurrency needs --server"),
+    (["--api-key", "k"], "--api-key needs --server"),
+    (["--server-model", "m"], "--server-model needs --server"),
+    (["--split", "test"], "--split needs --data naming a hub dataset"),
 ])
 def test_distill_usage_errors_name_the_flag_before_loading(tmp_path, capsys, flags, message):
     argv = ["distill", "--backbone", str(tmp_path / "nowhere"), "--data", "d.jsonl", "--output", "o.jsonl", *flags]
     assert message in usage_error(argv, capsys)
+
+
+@pytest.mark.parametrize("flags", [["--device", "cpu"], ["--dtype", "fp32"], ["--batch-size", "8"],
+                                   ["--chat-template", "builtin"], ["--text-prompt-tokens", "16"]])
+def test_distill_refuses_model_flags_with_a_server(capsys, flags):
+    argv = ["distill", "--server", "http://localhost:1/v1", "--data", "d.jsonl", "--output", "o.jsonl", *flags]
+    assert f"{flags[0]} needs --backbone (a model in this process)" in usage_error(argv, capsys)
+
+
+def test_splits_of_local_files_are_refused(tmp_path, capsys, monkeypatch):
+    """--prompts-split / --split pick a hub dataset's split: with a local file they were silently unused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("hi\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chat").write_text('{"prompt": "hi"}\n')  # no suffix: local because it exists
+    for prompts in ("p.txt", "data/chat"):
+        assert "--prompts-split needs --prompts naming a hub dataset" in usage_error(
+            ["eval", "nowhere", "--prompts", prompts, "--prompts-split", "test"], capsys)
+        assert "--split needs --data naming a hub dataset" in usage_error(
+            ["distill", "--backbone", "nowhere", "--data", prompts, "--output", "o.jsonl", "--split", "test"], capsys)
 
 
 def test_distill_temperature_samples_without_other_flags_and_shard_ranges_are_checked(tmp_path, capsys):
@@ -85,7 +113,7 @@ def test_distill_temperature_samples_without_other_flags_and_shard_ranges_are_ch
 
 @pytest.mark.parametrize(("command", "default"), [
     ("eval", "prompts to use (first N) (default: 16)"), ("generate", "(default: 0.7)"),
-    ("distill", "prompts per generate call (default: 32)"),
+    ("distill", "prompts per generate call (--backbone; a server takes --concurrency) (default: 32)"),
 ])
 def test_help_shows_defaults(capsys, command, default):
     with pytest.raises(SystemExit) as exit_info:

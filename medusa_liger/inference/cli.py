@@ -9,7 +9,6 @@ From Python: ``evaluate_run(run_dir=..., output_dir=...) -> report dict`` (same 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,13 @@ from medusa_liger.inference.evaluate import (
     ROUGH_INTERVAL_PROMPTS,
     evaluate_heads,
 )
-from medusa_liger.inference.prompts import check_num_prompts, check_prompts_source, default_prompts_file, load_prompts
+from medusa_liger.inference.prompts import (
+    check_num_prompts,
+    check_prompts_source,
+    default_prompts_file,
+    load_prompts,
+    looks_like_path,
+)
 from medusa_liger.inference.tree import (
     DEFAULT_PRIOR_STRENGTH,
     DEFAULT_TOP_K,
@@ -296,13 +301,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out prompts: JSONL/JSON (prompt, input_ids, messages, conversations or text), "
                              "a text file with one prompt a line, or a hub dataset name (default: RUN_DIR/"
                              f"{EVAL_PROMPTS_FILE}, the run's held-out documents, else the shipped pydoc_chat.jsonl)")
-    parser.add_argument("--prompts-split", default="train",
+    parser.add_argument("--prompts-split", default="train", action=Given,
                         help="split of a hub dataset given as --prompts: train by default, but pick one the "
                              "heads did not train on (e.g. test) for an unbiased number")
     parser.add_argument("--num-prompts", type=POSITIVE_INT, default=DEFAULT_NUM_PROMPTS,
                         help="prompts to use (first N)")
     parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=DEFAULT_MAX_NEW_TOKENS, help="tokens per prompt")
-    parser.add_argument("--tree-size", type=POSITIVE_INT, default=DEFAULT_TREE_SIZE, help="nodes of the searched tree")
+    parser.add_argument("--tree-size", type=POSITIVE_INT, default=DEFAULT_TREE_SIZE, action=Given,
+                        help="nodes of the searched tree")
     parser.add_argument("--tree", default=None,
                         help="measure this tree instead: a JSON file with a medusa_choices list (e.g. an earlier "
                              "eval's tree.json, or the one your serving engine uses); --tree-size is then unused")
@@ -341,6 +347,11 @@ def check_args(args: argparse.Namespace) -> None:
     """Usage errors the parser cannot see flag by flag, before anything loads."""
     cli_args.check_needs(args, TYPICAL_FLAGS, "--acceptance typical", args.acceptance == "typical")
     cli_args.check_needs(args, ["--prior-strength"], "--tree-search conditional", args.tree_search == "conditional")
+    if args.tree is not None and cli_args.given(args, "--tree-size"):
+        cli_args.error(args, "--tree-size sizes the searched tree: with --tree, the given tree is measured as it is")
+    hub_prompts = (args.prompts is not None and not looks_like_path(args.prompts)
+                   and not Path(args.prompts).expanduser().exists())
+    cli_args.check_needs(args, ["--prompts-split"], "--prompts naming a hub dataset", hub_prompts)
     if args.prompts is not None:
         try:
             check_prompts_source(args.prompts)

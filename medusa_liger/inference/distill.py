@@ -387,7 +387,7 @@ def add_arguments(parser) -> None:
     engine.add_argument("--server", help="or an OpenAI-compatible server with the same weights (vllm serve ...), "
                                          "e.g. http://localhost:8000/v1")
     parser.add_argument("--data", required=True, help="JSONL/JSON file or hub dataset of conversations, prompts or texts")
-    parser.add_argument("--split", default="train", help="split of a hub dataset")
+    parser.add_argument("--split", default="train", action=Given, help="split of a hub dataset given as --data")
     parser.add_argument("--output", required=True, help="JSONL file to write (resumed when it exists); records "
                         "dropped for length are listed in <stem>.dropped.jsonl beside it")
     parser.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming it")
@@ -401,26 +401,33 @@ def add_arguments(parser) -> None:
                         help="sampling seed when temperature > 0")
     parser.add_argument("--turns", choices=TURNS, default=defaults.turns,
                         help="regenerate every assistant turn (all) or keep conversations up to their first (first)")
-    parser.add_argument("--chat-template", choices=["auto", "builtin"], default=defaults.chat_template,
+    parser.add_argument("--chat-template", choices=["auto", "builtin"], default=defaults.chat_template, action=Given,
                         help="the tokenizer's own chat template (auto) or medusa-liger's built-in one")
-    parser.add_argument("--text-prompt-tokens", type=POSITIVE_INT, default=defaults.text_prompt_tokens,
+    parser.add_argument("--text-prompt-tokens", type=POSITIVE_INT, default=defaults.text_prompt_tokens, action=Given,
                         help="leading tokens of a text record kept as its prompt")
-    parser.add_argument("--batch-size", type=POSITIVE_INT, default=defaults.batch_size,
-                        help="prompts per generate call")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=defaults.batch_size, action=Given,
+                        help="prompts per generate call (--backbone; a server takes --concurrency)")
     parser.add_argument("--block-records", type=POSITIVE_INT, default=defaults.block_records,
                         help="records generated between writes to the output (the unit of a resume)")
     parser.add_argument("--num-records", type=POSITIVE_INT, default=None, help="use only the first N records")
     parser.add_argument("--shard", default="0/1", help="I/N: this process takes records I, I+N, I+2N, ...")
-    parser.add_argument("--device", type=device, default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype")
-    parser.add_argument("--server-model", default=None, help="served model name (default: the first the server lists)")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+    parser.add_argument("--device", type=device, default=None, action=Given,
+                        help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], action=Given, help="model dtype")
+    parser.add_argument("--server-model", default=None, action=Given,
+                        help="served model name (default: the first the server lists)")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), action=Given,
                         help="bearer token for the server (default: $OPENAI_API_KEY)")
-    parser.add_argument("--concurrency", type=POSITIVE_INT, default=64, help="requests in flight to the server")
+    parser.add_argument("--concurrency", type=POSITIVE_INT, default=64, action=Given,
+                        help="requests in flight to the server")
 
 
 # Flags that only sampling reads (greedy decoding would ignore them), as eval/generate refuse theirs.
 SAMPLING_FLAGS = ("--top-p", "--seed")
+# Flags that only one engine reads: the model in this process, or the server (which applies its own
+# chat template and answers conversations only).
+BACKBONE_FLAGS = ("--device", "--dtype", "--batch-size", "--chat-template", "--text-prompt-tokens")
+SERVER_FLAGS = ("--server-model", "--api-key", "--concurrency")
 
 
 def run(args) -> int:
@@ -430,6 +437,10 @@ def run(args) -> int:
     from medusa_liger.inference.cli_args import check_needs
 
     check_needs(args, SAMPLING_FLAGS, "--temperature > 0", args.temperature > 0)
+    check_needs(args, BACKBONE_FLAGS, "--backbone (a model in this process)", args.backbone is not None)
+    check_needs(args, SERVER_FLAGS, "--server", args.server is not None)
+    hub_data = resolve_path(str(args.data)) is None and not looks_like_local_path(args.data)
+    check_needs(args, ["--split"], "--data naming a hub dataset", hub_data)
     try:
         settings = DistillSettings(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
