@@ -83,7 +83,7 @@ def load_json_list(path: Path, must: str) -> list:
     """The list a JSON file holds; ValueError naming the file (and line) when it is malformed, or
     ``"{path}: {must}, got <type>"`` when it holds something else."""
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        loaded = json.loads(path.read_text(encoding="utf-8-sig"))  # (-sig: a byte-order mark some editors write)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: malformed JSON: {error.msg}") from None
     except UnicodeDecodeError as error:
@@ -100,6 +100,9 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
     """(where, record) for every record of one source; malformed lines are failed or skipped.
     Errors about the source itself name ``key`` (the config key or flag that gave it)."""
     local = resolve_path(path)
+    if Path(path).expanduser().is_dir():
+        raise ValueError(f"{key}: {path!r} is a directory; pass its files one by one (it holds "
+                         f"{sorted(p.name for p in Path(path).expanduser().iterdir())[:8]}) or a hub dataset name")
     if local is None and (looks_like_local_path(path) or Path(path).exists()):
         raise ValueError(f"{key}: file {path!r} does not exist")
     if local is None:
@@ -123,7 +126,7 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
     with local.open("rb") as f:  # (decoded line by line: a bad byte is that line's error, with its number)
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark some editors write
             except UnicodeDecodeError as error:
                 skip_or_fail(f"{local}:{lineno}: not UTF-8 text (column {error.start + 1}: {error.reason})",
                              on_error, skipped)

@@ -212,6 +212,24 @@ def test_missing_file_and_empty_dataset(tmp_path):
         load_examples(data_cfg([listing]))
 
 
+def test_a_directory_source_is_named_as_one(tmp_path):
+    (tmp_path / "chats").mkdir()
+    (tmp_path / "chats" / "a.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"^data.paths: '.*chats' is a directory; pass its files one by one \(it "
+                                         r"holds \['a.jsonl'\]\)"):
+        load_examples(data_cfg([tmp_path / "chats"]))
+
+
+def test_a_byte_order_mark_is_no_malformed_first_record(tmp_path):
+    """Editors on Windows write UTF-8 with a byte-order mark: the first line was 'malformed JSON'."""
+    lines = tmp_path / "conv.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"messages": CHAT}) + "\n").encode() * 2)
+    listing = tmp_path / "conv.json"
+    listing.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"messages": CHAT}]).encode())
+    assert len(load_examples(data_cfg([lines]))) == 2
+    assert len(load_examples(data_cfg([listing]))) == 1
+
+
 # ------------------------------------------------------------------ cache, processes, loader
 
 

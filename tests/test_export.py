@@ -254,6 +254,8 @@ def test_missing_files_and_bad_arguments(tmp_path):
         MedusaModel.from_pretrained(tmp_path, backbone=model.backbone)
     with pytest.raises(ValueError, match="format must be one of"):
         model.save_heads(tmp_path / "x", format="gguf")
+    with pytest.raises(FileNotFoundError, match=r"--checkpoint .*config.json is a file; pass the directory holding"):
+        export_cli.find_heads_dir(tmp_path / "config.json")  # (it was "does not exist")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="not a Medusa heads config"):
         read_heads(tmp_path)

@@ -145,6 +145,28 @@ def test_prompt_paths_and_hub_names(tmp_path, tokenizer, monkeypatch):  # noqa: 
         evaluate_run(tmp_path / "nowhere", prompts="missing.jsonl")
 
 
+def test_prompts_that_are_no_prompts_file_are_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """A directory was 'does not exist' after the model loaded; a CSV was read a line per prompt, header too."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "held_out").mkdir()
+    (tmp_path / "prompts.csv").write_text("prompt,answer\nhi,there\n")
+    assert "--prompts: 'held_out' is a directory; pass a prompts file in it" in usage_error(
+        ["eval", "nowhere", "--prompts", "held_out"], capsys)
+    assert "--prompts: 'prompts.csv': a .csv file is not read; convert it to JSONL" in usage_error(
+        ["eval", "nowhere", "--prompts", "prompts.csv"], capsys)
+    with pytest.raises(ValueError, match="a .csv file is not read"):
+        load_prompts("prompts.csv", None)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path, tokenizer):  # noqa: F811
+    (tmp_path / "p.txt").write_bytes("\ufeffdef f(x):\nclass A:\n".encode())
+    (tmp_path / "p.jsonl").write_bytes("\ufeff".encode() + b'{"prompt": "def f(x):"}\n')
+    (tmp_path / "plain.txt").write_text("def f(x):\n")
+    expected = load_prompts(str(tmp_path / "plain.txt"), tokenizer)
+    assert load_prompts(str(tmp_path / "p.txt"), tokenizer, 1) == expected
+    assert load_prompts(str(tmp_path / "p.jsonl"), tokenizer) == expected
+
+
 def test_interval_text():
     assert interval_text(None, 1) == ""
     assert interval_text((1.0, 7.55), 3) == " (95% interval over 3 prompts, rough with fewer than 5: 1.00 to 7.55)"

@@ -57,6 +57,9 @@ HEADS_SUBDIRS = ("", CHECKPOINT_HEADS_DIR, *(final_heads_dir(format) for format 
 def find_heads_dir(checkpoint_dir: str | Path) -> Path:
     """The heads directory (config.json in either format) in or at ``checkpoint_dir``."""
     checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint_dir} is a file; pass the directory holding the heads "
+                                f"({checkpoint_dir.parent})")
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
     for sub in HEADS_SUBDIRS:

@@ -57,10 +57,21 @@ def is_missing_file(source: str | Path) -> bool:
     return looks_like_path(source) and not Path(str(source)).expanduser().exists()
 
 
+# Files that are not text a line per prompt (read as such, a CSV's header and columns became prompts).
+UNREAD_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".xlsx", ".gz", ".zip")
+
+
 def check_prompts_source(source: str | Path) -> None:
-    """Fail fast (before any model or hub access) on a local-looking prompts path that does not exist."""
+    """Fail fast (before any model or hub access) on a local-looking prompts path that does not exist,
+    a directory, or a table or archive (which would be read a line per prompt)."""
+    path = Path(str(source)).expanduser()
     if is_missing_file(source):
         raise ValueError(f"no such file: {str(source)!r}")
+    if path.is_dir():
+        raise ValueError(f"{str(source)!r} is a directory; pass a prompts file in it or a hub dataset name")
+    if path.is_file() and path.suffix.lower() in UNREAD_SUFFIXES:
+        raise ValueError(f"{str(source)!r}: a {path.suffix} file is not read; convert it to JSONL (a "
+                         '{"prompt": ...} record a line) or to a text file with one prompt a line')
 
 
 def _records(source: str, split: str):
@@ -110,8 +121,9 @@ def load_prompts(source: str | Path, tokenizer, num_prompts: int | None = None, 
     path = Path(source).expanduser()
     if is_missing_file(source):  # anything else is taken for a hub dataset name
         raise ValueError(f"no such file: prompts file {source!r} does not exist")
+    check_prompts_source(source)
     if path.is_file() and path.suffix not in (".json", ".jsonl"):
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         numbered = ((f"{source}:{i}", {"prompt": line}) for i, line in enumerate(lines, 1))
     else:
         numbered = _records(source, split)
