@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -191,8 +192,14 @@ def test_an_interrupted_run_resumes_to_the_straight_runs_file(model, tokenizer, 
     assert summary.resumed == 2 and summary.records == 3
     assert resumed.read_text() == straight.read_text()
 
-    with pytest.raises(ValueError, match="exists and was not written by this command with these settings"):
+    with pytest.raises(ValueError, match=r"exists and was written with other settings \(resumed.jsonl.settings.json: "
+                                         r"max_new_tokens 6 -> 7, seed 5 -> 0, temperature 1.0 -> 0.0, top_p 0.9 -> "
+                                         r"1.0\); a resume needs the same ones"):
         self_distill(source, resumed, DistillSettings(max_new_tokens=7), model=model, tokenizer=tokenizer, progress=False)
+    # With sampling, the batches and blocks shape the text too: another batch size is refused, named.
+    with pytest.raises(ValueError, match=r"settings.json: batch_size 2 -> 3\)"):
+        self_distill(source, resumed, dataclasses.replace(settings, batch_size=3), model=model, tokenizer=tokenizer,
+                     progress=False)
     summary = self_distill(source, resumed, DistillSettings(max_new_tokens=2), model=model, tokenizer=tokenizer,
                            overwrite=True, progress=False)
     assert summary.resumed == 0 and len(read_lines(resumed)) == 5
@@ -340,6 +347,14 @@ def test_cli_writes_and_resumes(model, tokenizer, source, tmp_path, capsys):
     assert "wrote 3 records" in capsys.readouterr().out
     assert main([*args[:-4], "--device", "cpu"]) == 0  # all records now: the first three are kept
     assert "wrote 2 records" in capsys.readouterr().out and len(read_lines(tmp_path / "o.jsonl")) == 5
+    # Fewer records than written: said, not silently ignored (the output is not cut); greedy decoding
+    # resumes with another batch size.
+    assert main([*args[:-4], "--num-records", "2", "--batch-size", "3", "--device", "cpu"]) == 0
+    assert "note: 3 records already in " in capsys.readouterr().out and len(read_lines(tmp_path / "o.jsonl")) == 5
+    missing = ["distill", "--backbone", str(backbone), "--data", str(source), "--output", str(source.parent / "x.jsonl")]
+    (source.parent / "x.jsonl").write_text("{}\n")
+    assert main(missing) == 2
+    assert "(no x.jsonl.settings.json beside it); pass another --output, or --overwrite" in capsys.readouterr().err
     assert main([*args, "--shard", "1"]) == 2
     assert "--shard must look like I/N" in capsys.readouterr().err
     # The source as output: refused even with --overwrite (it replaced the dataset with the answers).

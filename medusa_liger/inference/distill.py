@@ -106,6 +106,7 @@ class DistillSummary:
     truncated: int = 0  # generations that hit max_new_tokens before an end-of-sequence token
     new_tokens: int = 0
     seconds: float = 0.0
+    past_num_records: int = 0  # records already in the output past num_records (kept: the output is not cut)
 
 
 @dataclass
@@ -252,9 +253,21 @@ def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> 
     if overwrite or not output.exists():
         output.parent.mkdir(parents=True, exist_ok=True)
         return None
-    if not settings_file.is_file() or json.loads(settings_file.read_text()) != identity:
-        raise ValueError(f"output {str(output)!r} exists and was not written by this command with these "
-                         f"settings ({settings_file.name}); pass another output or --overwrite (overwrite=True in Python)")
+    if not settings_file.is_file():
+        raise ValueError(f"output {str(output)!r} exists and was not written by this command (no "
+                         f"{settings_file.name} beside it); pass another --output, or --overwrite to replace it")
+    written = json.loads(settings_file.read_text())
+    keys = sorted({*written, *identity}, key=str)
+    changed = [f"{key} {written[key]!r} -> {identity[key]!r}" for key in keys
+               if key in written and key in identity and written[key] != identity[key]]
+    # A key on one side only (batch_size and block_records are kept only when sampling): named when
+    # nothing else differs.
+    changed = changed or [f"{key} {written.get(key, 'unset')!r} -> {identity.get(key, 'unset')!r}" for key in keys
+                          if written.get(key) != identity.get(key)]
+    if changed:
+        raise ValueError(f"output {str(output)!r} exists and was written with other settings ({settings_file.name}: "
+                         f"{', '.join(changed)}); a resume needs the same ones: pass another --output, or "
+                         f"--overwrite to start it afresh")
     return _written_ids(output), _written_ids(_dropped_path(output))
 
 
@@ -313,10 +326,11 @@ def self_distill(
         raise ValueError("tokenizer is required with model")
     else:
         backend = LocalBackend(model, tokenizer, settings)
-    # What decides the text: a resume must match it. How many records and how they are batched may change.
+    # What decides the text: a resume must match it. How many records may change; how they are batched
+    # too, unless sampling (blocks are seeded by their first record, and a batch draws its tokens together).
     identity = {"source": str(source), "split": split, **asdict(settings), "shard": list(settings.shard),
                 **metadata}
-    for free in ("num_records", "batch_size", "block_records"):
+    for free in ("num_records", *(() if settings.temperature > 0 else ("batch_size", "block_records"))):
         del identity[free]
     previous = _prepare_output(output, identity, overwrite)
     # A fresh output (and its settings) appears with the first record written: a run that writes
@@ -324,6 +338,8 @@ def self_distill(
     fresh = previous is None
     done, dropped = previous or (set(), set())  # ids written, ids dropped (for length) by earlier calls
     summary = DistillSummary(resumed=len(done))
+    if settings.num_records is not None:  # a resume asking for fewer records does not cut the output
+        summary.past_num_records = sum(i >= settings.num_records for i in done)
     started = time.perf_counter()
     bar = tqdm(desc="distill", unit="record", disable=not progress, dynamic_ncols=True)
     block: list[_Pending] = []
@@ -468,4 +484,7 @@ def run(args) -> int:
           f"{summary.truncated} cut at --max-new-tokens, {len(summary.skipped)} records skipped")
     for reason in summary.skipped[:5]:
         print(f"  skipped: {reason}")
+    if summary.past_num_records:
+        print(f"note: {summary.past_num_records} records already in {args.output} lie past --num-records "
+              f"{args.num_records} (an earlier run asked for more); they stay in the output")
     return 0
