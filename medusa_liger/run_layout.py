@@ -5,6 +5,7 @@ evaluator and exporter that read them (so neither side imports the other):
     RUN_DIR/metrics.jsonl                 one record per logged step
     RUN_DIR/plot.png                      loss and accuracy curves
     RUN_DIR/eval_prompts.jsonl            prompts of the held-out documents (``medusa-liger eval`` reads them)
+    RUN_DIR/eval/                         ``medusa-liger eval RUN_DIR``'s report (its default output)
     RUN_DIR/checkpoints/step-N/           resumable checkpoints, the heads in step-N/heads/
     RUN_DIR/final/heads_<format>/         exported heads, one directory per format
     RUN_DIR/final/backbone/               the backbone, when exported (``heads.export.BACKBONE_SUBDIR``,
@@ -17,6 +18,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "plot.png"
 EVAL_PROMPTS_FILE = "eval_prompts.jsonl"
+EVAL_DIR = "eval"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_HEADS_DIR = "heads"  # in each checkpoint, in the medusa format (``medusa-liger export`` reads it)
 FINAL_DIR = "final"

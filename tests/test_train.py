@@ -366,6 +366,20 @@ def test_fresh_start_warns_which_old_checkpoints_it_deletes(tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_fresh_start_deletes_the_earlier_runs_evaluation_and_held_out_prompts(tmp_path, capsys):
+    """Both outlived the run they described: eval/ reported on replaced heads, and eval_prompts.jsonl (the
+    earlier run's held-out documents) was read by `medusa-liger eval RUN_DIR` though this run, holding
+    nothing out, trained on those documents."""
+    train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0"))
+    assert (tmp_path / "eval_prompts.jsonl").is_file()
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.json").write_text("{}")
+    capsys.readouterr()
+    train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0", "train.resume=none", "data.eval_fraction=0"))
+    assert f"warning: deleting {tmp_path / 'eval'}, the evaluation of an earlier run" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "eval_prompts.jsonl").exists()
+
+
 def test_gradient_checkpointing_is_enabled_without_deprecation_warnings(tmp_path):
     import warnings
 

@@ -50,6 +50,7 @@ from medusa_liger.inference.tree import (
 from medusa_liger.records import load_json_list, looks_like_local_path
 from medusa_liger.run_layout import (
     CHECKPOINTS_DIR,
+    EVAL_DIR,
     EVAL_PROMPTS_FILE,
     FINAL_DIR,
     FINAL_HEADS_PREFIX,
@@ -223,7 +224,7 @@ def evaluate_run(
         except ValueError as error:
             raise ValueError(f"--prompts: {error}") from None
     if output_dir is None:
-        output_dir = Path(run_dir) / "eval" if run_dir is not None else Path("eval")
+        output_dir = Path(run_dir) / EVAL_DIR if run_dir is not None else Path(EVAL_DIR)
     check_output_dir(output_dir, "--output")  # before the evaluation, not when its report is written
     if (Path(output_dir) / "report.json").is_file():  # said up front: an earlier evaluation is replaced
         print(f"note: {str(output_dir)!r} holds an earlier evaluation (report.json), which this one replaces "

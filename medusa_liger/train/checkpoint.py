@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medusa_liger.heads.export import readable_by_others
+from medusa_liger.run_layout import EVAL_DIR, EVAL_PROMPTS_FILE
 from medusa_liger.train import distributed, fsdp
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -230,6 +231,19 @@ def find_resume_checkpoint(resume: str, root: str | Path) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"train.resume: {resume!r} is not a checkpoint directory (expected {STATE_FILE} in it)")
     return path
+
+
+def delete_earlier_evaluation(run_dir: str | Path) -> None:
+    """Delete what describes an earlier run in ``run_dir`` at a fresh start (or a resume from another
+    run's checkpoint): its ``eval/`` report (with a warning: it described heads this run replaces) and
+    its held-out prompts (this run writes its own at its end; an earlier run's held-out documents may
+    be in this run's training data, which made ``medusa-liger eval RUN_DIR`` optimistic)."""
+    run_dir = Path(run_dir)
+    if (run_dir / EVAL_DIR).is_dir():
+        print(f"warning: deleting {run_dir / EVAL_DIR}, the evaluation of an earlier run in this directory (run "
+              f"`medusa-liger eval {run_dir}` again when this one ends)", file=sys.stderr, flush=True)
+        shutil.rmtree(run_dir / EVAL_DIR)
+    (run_dir / EVAL_PROMPTS_FILE).unlink(missing_ok=True)
 
 
 def delete_old_checkpoints(ckpt_root: str | Path, why: str = "train.resume=none starts a fresh run",

@@ -38,7 +38,7 @@ Outputs in ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``plot
 ``final/heads_<format>/`` per export format and, when the backbone trained or was built here,
 ``final/backbone/`` (LoRA merged, with the tokenizer; the heads' ``base_model_name_or_path``
 points at it). A fresh start (no checkpoint to resume) deletes an old ``checkpoints/`` directory
-and names the deleted steps in a warning.
+and names the deleted steps in a warning; an earlier run's ``eval/`` report and held-out prompts go too.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ from medusa_liger.train.build import (
 from medusa_liger.train.checkpoint import (
     ResumeError,
     check_resume_heads,
+    delete_earlier_evaluation,
     delete_old_checkpoints,
     drop_later_checkpoints,
     find_resume_checkpoint,
@@ -404,10 +405,13 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             if ckpt_root.is_dir() and ckpt_root.resolve() not in resume_dir.resolve().parents:  # never the source
                 delete_old_checkpoints(ckpt_root, why=f"resuming from another run's checkpoint {resume_dir}",
                                        hint="")
+            delete_earlier_evaluation(out)
             if (out / METRICS_FILE).is_file():
                 (out / METRICS_FILE).unlink()  # (else its first records would be the old run's)
-    elif ckpt_root.is_dir() and main:  # a fresh start: another run's checkpoints go (with a warning)
-        delete_old_checkpoints(ckpt_root)
+    elif main:  # a fresh start: another run's checkpoints and evaluation go (with a warning)
+        if ckpt_root.is_dir():
+            delete_old_checkpoints(ckpt_root)
+        delete_earlier_evaluation(out)
     if main:  # only now: a resume refused above leaves the run's config.yaml as its checkpoints were made
         save_config(cfg, out / CONFIG_FILE)
     _, baseline = most_common_target_frequency(train_data, 2)
