@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,33 @@ def test_stop_tokens_end_an_answer_and_padding_is_dropped(tokenizer):
     generate = LocalBackend(Scripted(), tokenizer, DistillSettings(max_new_tokens=4))
     assert generate.generate([[4, 4, 4], [4], [4, 4]]) == [([5, 6], True), ([5], True), ([5, 6, 8, 9], False)]
     assert generate.fits([1] * 60) and not generate.fits([1] * 61)
+
+
+def test_empty_answers_are_counted_and_warned_about(tokenizer, source, tmp_path, capsys, monkeypatch):
+    """A model that ends its turn at once wrote a file of empty answers, and the summary said all was well."""
+    from medusa_liger.cli import main
+    from medusa_liger.inference import cli as inference_cli
+
+    class Mute(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.config = type("C", (), {"max_position_embeddings": None})()
+
+        def generate(self, input_ids, attention_mask, generation_config):
+            return torch.cat([input_ids, torch.full_like(input_ids[:, :1], tokenizer.eos_token_id)], dim=1)
+
+    monkeypatch.setattr(inference_cli, "load_causal_lm", lambda *args, **kwargs: (Mute(), tokenizer))
+    assert main(["distill", "--backbone", "x", "--data", str(source), "--output", str(tmp_path / "o.jsonl")]) == 0
+    answers = [m["content"] for r in read_lines(tmp_path / "o.jsonl") for m in r.get("messages", ()) if m["role"] == "assistant"]
+    assert answers and not any(answers)
+    assert re.search(f"warning: {len(answers)} of \\d+ answers are empty", capsys.readouterr().err)
+    # Training on such a file says so too.
+    from medusa_liger.train.config import DataConfig
+    from medusa_liger.train.data import load_examples
+
+    with pytest.warns(UserWarning, match=f"{len(answers)} of {len(answers)} assistant turns in data.paths are empty"):
+        load_examples(DataConfig(paths=[str(tmp_path / "o.jsonl")]))
 
 
 def test_a_batch_out_of_gpu_memory_is_retried_in_halves(tokenizer):

@@ -104,6 +104,7 @@ class DistillSummary:
     skipped: list[str] = field(default_factory=list)  # one reason per record left out
     generations: int = 0  # answers or continuations generated
     truncated: int = 0  # generations that hit max_new_tokens before an end-of-sequence token
+    empty: int = 0  # generations with no text (the model ended its turn at once, or wrote only whitespace)
     new_tokens: int = 0
     seconds: float = 0.0
     past_num_records: int = 0  # records already in the output past num_records (kept: the output is not cut)
@@ -204,6 +205,7 @@ def _count(summary: DistillSummary, answer: Answer) -> None:
     summary.generations += 1
     summary.new_tokens += answer.new_tokens
     summary.truncated += not answer.stopped
+    summary.empty += not answer.text
 
 
 def _output_line(record: _Pending) -> str:
@@ -484,6 +486,10 @@ def run(args) -> int:
           f"{summary.truncated} cut at --max-new-tokens, {len(summary.skipped)} records skipped")
     for reason in summary.skipped[:5]:
         print(f"  skipped: {reason}")
+    if summary.empty:
+        print(f"warning: {summary.empty} of {summary.generations} answers are empty (the model ended its turn at "
+              "once): they teach the heads nothing; check the model and its chat template (--chat-template)",
+              file=sys.stderr)
     if summary.past_num_records:
         print(f"note: {summary.past_num_records} records already in {args.output} lie past --num-records "
               f"{args.num_records} (an earlier run asked for more); they stay in the output")

@@ -71,6 +71,11 @@ def load_examples(data_cfg) -> list[Example]:
                 break
     if skipped:
         warnings.warn(f"skipped {len(skipped)} bad records; first: {skipped[0]}", stacklevel=2)
+    answers = [m["content"] for e in examples for m in (e.messages or ()) if m["role"] == "assistant"]
+    empty = sum(not text.strip() for text in answers)
+    if empty > len(answers) // 2:  # a few are normal; most, a broken source (e.g. a failed distillation)
+        warnings.warn(f"{empty} of {len(answers)} assistant turns in data.paths are empty: the heads learn "
+                      "little but end-of-turn tokens from them", stacklevel=2)
     if not examples:
         raise ValueError(f"data.paths {data_cfg.paths} yielded no usable examples (empty dataset)")
     return examples
