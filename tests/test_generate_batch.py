@@ -119,6 +119,17 @@ def test_longrope_decodes_one_prompt_at_a_time():
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no sequence can pass 16 positions: one batch
             assert_matches_one_by_one(model, prompts[:3], 8, TREES["mixed"])
+        # The decoder used directly batches what it is given: said once the batch passes 16 positions.
+        decoder = BatchedMedusaDecoder(model, TREES["mixed"])
+        decoder.prefill([prompts[0], torch.arange(14) % 100])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            decoder.step([2, 2])  # positions up to 15
+        with pytest.warns(UserWarning, match="this batch passes 16 positions: its sequences now decode what"):
+            decoder.step([8, 8])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            decoder.step([4, 4])  # said once
 
 
 def test_typical_acceptance():

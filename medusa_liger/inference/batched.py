@@ -92,6 +92,7 @@ class BatchedMedusaDecoder(MedusaDecoder):
             raise ValueError(f"seed must be None, an int or a list of ints (one per prompt), got {seed!r}")
         self.seeds = seed
         self.generators: list[torch.Generator | None] = []
+        self._rope = batch_dependent_rope(self.runner.config)  # warned about once a batch passes its positions
 
     def _mask(self, key_pos: torch.Tensor, query_pos: torch.Tensor, tree: torch.Tensor | None) -> torch.Tensor:
         """[B, 1, Q, S (+ Q)] additive mask for queries at ``query_pos`` [B, Q] over the slots at
@@ -195,6 +196,12 @@ class BatchedMedusaDecoder(MedusaDecoder):
         # its frequencies from the batch's largest position for every sequence).
         last_pos = self.next_pos + torch.tensor(remaining, device=self.next_pos.device) - 1  # [B]
         query_pos = torch.minimum(self.next_pos[:, None] + buf.depth[None], last_pos[:, None])  # [B, N]
+        if self._rope is not None and tokens.shape[0] > 1 and int(query_pos.max()) >= self._rope[1]:
+            warnings.warn(f"the backbone's rope_type {self._rope[0]!r} picks its frequencies from the largest "
+                          f"position in the batch, and this batch passes {self._rope[1]} positions: its sequences "
+                          "now decode what they decode in this batch, not alone (medusa_generate_batch decodes "
+                          "such prompts one at a time)", stacklevel=2)
+            self._rope = None  # once
         mask = self._mask(self.slot_pos, query_pos, buf.ancestor_mask)
         hidden = self.runner.hidden(tokens, self.cache, query_pos, mask)  # [B, N, H]
         logits = self.runner.logits(hidden)  # [B, N, V]
