@@ -106,8 +106,6 @@ def _no_model_may_load(monkeypatch):
 
 
 BACKBONE_MISTAKES = {  # a --backbone given -> what the error says
-    "typo": ("runs/nope", "--backbone: backbone directory 'runs/nope' does not exist (runs/ holds ['prompts.txt', 'run']); for "
-                          "the hub model 'runs/nope', download it first (`hf download runs/nope`)"),
     "heads": ("runs/run/final/heads_medusa", "--backbone: 'runs/run/final/heads_medusa' holds Medusa heads, not a "
                                              "backbone: pass the base model they were trained on"),
     "no_model_type": ("runs/run/final/odd", "--backbone: 'runs/run/final/odd' is not a transformers model: its "
@@ -115,42 +113,86 @@ BACKBONE_MISTAKES = {  # a --backbone given -> what the error says
 }
 
 
-@pytest.mark.parametrize("mistake", BACKBONE_MISTAKES)
-@pytest.mark.parametrize("command", [*COMMANDS, "export"])
-def test_backbone_path_mistakes_are_said_before_the_hub_is_asked(command, mistake, tmp_path, tokenizer,  # noqa: F811
-                                                                 capsys, monkeypatch):
-    """A mistyped relative path looked like a hub name (owner/name): a minute of hub retries offline, then
-    an error about repo ids; heads or a non-model directory as --backbone: transformers' paragraphs."""
+def _argv_of(command: str) -> list[str]:
+    """``command`` over the heads of ``runs/run`` (written by ``_write_runs``), without --backbone."""
+    heads = "runs/run/final/heads_medusa"
+    return {"eval": ["eval", "--heads", heads, "--output", "eval"],
+            "generate": ["generate", "--heads", heads, "--prompt", "hi"],
+            "distill": ["distill", "--data", "d.jsonl", "--output", "o.jsonl"],
+            "export": ["export", "--checkpoint", heads, "--output", "exported"]}[command]
+
+
+def _write_runs(tmp_path, tokenizer, capsys, monkeypatch):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     write_run(tmp_path / "runs", tokenizer, "def f(x):\n")
     (tmp_path / "runs" / "run" / "final" / "odd").mkdir()
     (tmp_path / "runs" / "run" / "final" / "odd" / "config.json").write_text('{"hidden_size": 8}')
     (tmp_path / "d.jsonl").write_text('{"prompt": "hi"}\n')
-    _no_model_may_load(monkeypatch)
     capsys.readouterr()  # the progress bars of writing the run
-    heads = "runs/run/final/heads_medusa"
-    argv = {"eval": ["eval", "--heads", heads, "--output", "eval"], "generate": ["generate", "--heads", heads, "--prompt", "hi"],
-            "distill": ["distill", "--data", "d.jsonl", "--output", "o.jsonl"],
-            "export": ["export", "--checkpoint", heads, "--output", "exported"]}[command]
+
+
+@pytest.mark.parametrize("mistake", BACKBONE_MISTAKES)
+@pytest.mark.parametrize("command", [*COMMANDS, "export"])
+def test_backbone_path_mistakes_are_said_before_anything_loads(command, mistake, tmp_path, tokenizer,  # noqa: F811
+                                                               capsys, monkeypatch):
+    """Heads or a non-model directory as --backbone: transformers' paragraphs of upgrade advice."""
+    _write_runs(tmp_path, tokenizer, capsys, monkeypatch)
+    _no_model_may_load(monkeypatch)
     backbone, message = BACKBONE_MISTAKES[mistake]
-    err = error_of([*argv, "--backbone", backbone], capsys)
+    err = error_of([*_argv_of(command), "--backbone", backbone], capsys)
     assert message in err and err.count("\n") == 1, err
     assert not any(Path(name).exists() for name in ("o.jsonl", "exported", "eval"))
 
 
-def test_a_cached_hub_model_beside_a_same_named_local_directory_still_loads(tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", [*COMMANDS, "export"])
+def test_a_mistyped_path_that_reads_as_a_hub_name_is_noted_and_hinted(command, tmp_path, tokenizer,  # noqa: F811
+                                                                      capsys, monkeypatch):
+    """runs/nope (runs/ local) is a valid hub name: asked of the hub (a model may have that name), but said
+    first (offline the lookup takes a minute of retries) and hinted at in the hub's error."""
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _write_runs(tmp_path, tokenizer, capsys, monkeypatch)
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    err = error_of([*_argv_of(command), "--backbone", "runs/nope", "--device", "cpu"][:None if command != "export"
+                                                                                     else -2], capsys)
+    owner = "runs/ (holding ['prompts.txt', 'run'])"
+    assert f"note: 'runs/nope' is no local directory, though {owner} is one; asking the hub" in err
+    assert (f"--backbone: backbone 'runs/nope' is not a local directory ({owner} is a local directory: a mistyped "
+            "path?), and no hub model of that name could be loaded") in err and "We couldn't connect" in err
+
+
+def test_hub_names_beside_a_same_named_local_directory_pass(tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from medusa_liger.heads.export import BackboneLoadError, check_backbone_path
+    from medusa_liger.heads.export import check_backbone_path, note_hub_lookup
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "Qwen").mkdir()
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
-    with pytest.raises(BackboneLoadError, match="download it first"):
-        check_backbone_path("Qwen/Qwen3-0.6B")
+    (tmp_path / "Qwen" / "Qwen2-0.5B").mkdir(parents=True)
+    check_backbone_path("Qwen/Qwen3-0.6B")  # a hub model, though ./Qwen holds another one
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: "/cache/config.json")
-    check_backbone_path("Qwen/Qwen3-0.6B")  # in the cache: a hub name
-    check_backbone_path("org/model")  # no local org/: a hub name, left to the hub
+    note_hub_lookup("Qwen/Qwen3-0.6B")  # in the cache: loads at once, nothing to say
+    note_hub_lookup("org/model")  # no local org/
+    assert capsys.readouterr().err == ""
+
+
+def test_a_full_medusa2_model_is_a_backbone_and_tilde_paths_load(tmp_path, monkeypatch):
+    """A Medusa-2 full model records medusa_num_heads beside its model_type: it was refused as heads.
+    A ~ path passed the check (expanded) but reached from_pretrained unexpanded."""
+    from medusa_liger.heads.export import check_backbone_path, load_backbone
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tiny_backbone(vocab=TOKENIZER_VOCAB, seed=2).save_pretrained(tmp_path / "bb")
+    config = json.loads((tmp_path / "bb" / "config.json").read_text())
+    (tmp_path / "bb" / "config.json").write_text(json.dumps({**config, "medusa_num_heads": 3}))
+    check_backbone_path(tmp_path / "bb")
+    assert load_backbone("~/bb").config.vocab_size == TOKENIZER_VOCAB
 
 
 def _checkpoint_heads(tmp_path, base_model: str, mode: str = "heads"):

@@ -91,19 +91,27 @@ def test_unloadable_model_name_is_a_config_error(tmp_path, capsys):
     assert "model.name_or_path=someorg/somemodel cannot be loaded" in err
 
 
-def test_model_path_mistakes_are_config_errors_before_anything_loads(tmp_path, capsys, monkeypatch):
-    """runs/nope (runs/ exists) went to the hub as a repo id; heads as the model failed in transformers."""
+def test_model_path_mistakes_are_config_errors(tmp_path, capsys, monkeypatch):
+    """Heads as the model failed in transformers; runs/nope (runs/ exists) went to the hub unannounced."""
     import huggingface_hub
+    from transformers import AutoTokenizer
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.")
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
     (tmp_path / "runs" / "heads").mkdir(parents=True)
     (tmp_path / "runs" / "heads" / "config.json").write_text('{"medusa_num_heads": 2}')
-    for name, message in (("runs/nope", "backbone directory 'runs/nope' does not exist (runs/ holds ['heads'])"),
-                          ("runs/heads", "'runs/heads' holds Medusa heads, not a backbone")):
-        err = config_error(capsys, TINY, f"model.name_or_path={name}", "logging.wandb=disabled")
-        assert f"model.name_or_path must be 'tiny', a hub name (org/name) or a model directory, got {name!r}: " \
-               f"{message}" in err
+    err = config_error(capsys, TINY, "model.name_or_path=runs/heads", "logging.wandb=disabled")
+    assert ("model.name_or_path must be 'tiny', a hub name (org/name) or a model directory, got 'runs/heads': "
+            "'runs/heads' holds Medusa heads, not a backbone") in err
+    assert main(["train", TINY, "model.name_or_path=runs/nope", "logging.wandb=disabled", "output_dir=out"]) == 2
+    err = capsys.readouterr().err
+    assert "note: 'runs/nope' is no local directory, though runs/ (holding ['heads']) is one; asking the hub" in err
+    assert ("model.name_or_path=runs/nope cannot be loaded (runs/ (holding ['heads']) is a local directory: a "
+            "mistyped path?): We couldn't connect") in err
 
 
 def test_model_errors_name_the_key():

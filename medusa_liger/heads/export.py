@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,18 +412,10 @@ class BackboneLoadError(ValueError, FileNotFoundError):
 
 
 def check_backbone_path(path: str | Path) -> None:
-    """Say what is wrong with a backbone path before transformers does (BackboneLoadError):
-
-    - a local-looking path (``records.looks_like_local_path``) that does not exist (the hub would
-      answer about repo ids);
-    - ``owner/name`` where ``owner/`` is a local directory but ``owner/name`` is not, and no hub model
-      of that name is in the local cache: a mistyped path (the hub would be asked, offline after a
-      minute of retries);
-    - a directory without config.json (e.g. a run's directory), with Medusa heads in it, or whose
-      config.json names no ``model_type``.
-
-    Hub names pass.
-    """
+    """Say what is wrong with a backbone path before transformers does (BackboneLoadError): a
+    local-looking path (``records.looks_like_local_path``) that does not exist (the hub would answer
+    about repo ids); a directory without config.json (e.g. a run's directory), holding Medusa heads,
+    or whose config.json names no ``model_type``. Hub names pass."""
     from medusa_liger.records import looks_like_local_path
     from medusa_liger.run_layout import FINAL_DIR
 
@@ -431,13 +424,7 @@ def check_backbone_path(path: str | Path) -> None:
     run_backbone = f"a run's backbone is in RUN_DIR/{FINAL_DIR}/{BACKBONE_SUBDIR}"
     if not directory.is_dir():
         if looks_like_local_path(path):
-            raise BackboneLoadError(f"backbone directory {name!r} does not exist")
-        owner = Path(name.split("/")[0]) if "/" in name else None
-        if owner is not None and owner.is_dir() and not _in_hub_cache(name):
-            held = sorted(p.name for p in owner.iterdir() if not p.name.startswith("."))
-            raise BackboneLoadError(
-                f"backbone directory {name!r} does not exist ({owner}/ holds {held[:8]}); for the hub model "
-                f"{name!r}, download it first (`hf download {name}`) or run from another directory")
+            raise BackboneLoadError(f"backbone directory {name!r} does not exist{mistyped_path_hint(name)}")
         return
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -446,11 +433,43 @@ def check_backbone_path(path: str | Path) -> None:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, OSError):
         return  # transformers says what is wrong with the file
-    if isinstance(config, dict) and ("medusa_num_heads" in config or config.get("model_type") == "medusa"):
+    if not isinstance(config, dict):
+        return
+    # Heads in the vllm format have model_type "medusa"; in the medusa format, none (a full Medusa-2
+    # model records medusa_num_heads beside its own model_type: a backbone).
+    if config.get("model_type") == "medusa" or ("medusa_num_heads" in config and not config.get("model_type")):
         raise BackboneLoadError(f"{name!r} holds Medusa heads, not a backbone: pass the base model they were "
                                 f"trained on ({run_backbone})")
-    if isinstance(config, dict) and not config.get("model_type"):
+    if not config.get("model_type"):
         raise BackboneLoadError(f"{name!r} is not a transformers model: its config.json names no model_type")
+
+
+def _local_owner(name: str) -> str | None:
+    """'runs/ (holding [...])' when ``name``'s first part is a local directory but ``name`` is not
+    (a hub name ``owner/model`` that is likely a mistyped local path), else None."""
+    parts = name.split("/")
+    owner = Path(parts[0]).expanduser()
+    if len(parts) < 2 or not parts[0] or Path(name).expanduser().exists() or not owner.is_dir():
+        return None
+    try:
+        return f"{parts[0]}/ (holding {sorted(p.name for p in owner.iterdir() if not p.name.startswith('.'))[:8]})"
+    except OSError:  # not listable: named without its entries
+        return f"{parts[0]}/"
+
+
+def mistyped_path_hint(name: str | Path) -> str:
+    """' (runs/ (holding [...]) is a local directory: a mistyped path?)', or '' (``_local_owner``)."""
+    owner = _local_owner(str(name))
+    return "" if owner is None else f" ({owner} is a local directory: a mistyped path?)"
+
+
+def note_hub_lookup(name: str | Path) -> None:
+    """Print a note (stderr) before a name that looks like a mistyped local path is asked of the hub
+    (unless its model is in the local cache): offline, the lookup takes a minute to fail."""
+    owner = _local_owner(str(name))
+    if owner is not None and not _in_hub_cache(str(name)):
+        print(f"note: {str(name)!r} is no local directory, though {owner} is one; asking the hub for a model "
+              "of that name", file=sys.stderr, flush=True)
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -463,6 +482,12 @@ def _in_hub_cache(name: str) -> bool:
         return False
 
 
+def local_or_hub(path: str | Path) -> str:
+    """What to pass ``from_pretrained``: a local directory with ``~`` expanded, else the hub name."""
+    directory = Path(path).expanduser()
+    return str(directory) if directory.is_dir() else str(path)
+
+
 def backbone_load_error(path: str | Path, error: Exception) -> BackboneLoadError:
     """The one-line BackboneLoadError for transformers' error loading the backbone at ``path``
     (its messages run to paragraphs of upgrade advice, and a path's OSError talks about repo ids)."""
@@ -470,8 +495,8 @@ def backbone_load_error(path: str | Path, error: Exception) -> BackboneLoadError
     if Path(path).expanduser().is_dir():
         return BackboneLoadError(f"backbone {str(path)!r} could not be loaded: {reason}")
     offline = " (HF_HUB_OFFLINE is set: only models in the local cache load)" if is_offline() else ""
-    return BackboneLoadError(f"backbone {str(path)!r} is not a local directory, and no hub model of that name "
-                             f"could be loaded{offline}: {reason}")
+    return BackboneLoadError(f"backbone {str(path)!r} is not a local directory{mistyped_path_hint(path)}, and no "
+                             f"hub model of that name could be loaded{offline}: {reason}")
 
 
 def is_offline() -> bool:
@@ -492,8 +517,9 @@ def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None) -> n
 
     check_backbone_path(path)
     dtype = parse_dtype(dtype)
+    note_hub_lookup(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
+        return AutoModelForCausalLM.from_pretrained(local_or_hub(path), dtype=dtype if dtype is not None else "auto")
     except (OSError, ValueError) as error:
         raise backbone_load_error(path, error) from error
 

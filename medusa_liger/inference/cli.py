@@ -21,6 +21,8 @@ from medusa_liger.heads.export import (  # one table of dtype names for every CL
     BackboneLoadError,
     backbone_load_error,
     check_backbone_path,
+    local_or_hub,
+    note_hub_lookup,
     parse_dtype,
 )
 from medusa_liger.inference import cli_args
@@ -155,10 +157,11 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
         torch_dtype = "auto" if device.type == "cuda" else torch.float32
     else:
         torch_dtype = parse_dtype(dtype)
+    note_hub_lookup(backbone)
     try:
-        causal_lm = AutoModelForCausalLM.from_pretrained(str(backbone), dtype=torch_dtype,
+        causal_lm = AutoModelForCausalLM.from_pretrained(local_or_hub(backbone), dtype=torch_dtype,
                                                          attn_implementation=attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(str(backbone))
+        tokenizer = AutoTokenizer.from_pretrained(local_or_hub(backbone))
     except (OSError, ValueError) as error:
         raise backbone_load_error(backbone, error) from error
     return causal_lm.to(device).eval(), tokenizer

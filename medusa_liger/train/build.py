@@ -88,6 +88,10 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        from medusa_liger.heads.export import note_hub_lookup
+
+        if distributed.is_main():
+            note_hub_lookup(cfg.model.name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         kwargs = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
         if cfg.model.attn_implementation is not None:

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from medusa_liger.heads import MedusaConfig
-from medusa_liger.heads.export import read_heads, write_heads
+from medusa_liger.heads.export import mistyped_path_hint, read_heads, write_heads
 from medusa_liger.kernels.cross_entropy import row_targets
 from medusa_liger.run_layout import (
     CHECKPOINT_HEADS_DIR,
@@ -319,8 +319,8 @@ def model_errors(cfg: Config) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path} cannot be loaded: "
-                          f"{' '.join(str(error).split())}") from error
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path} cannot be loaded"
+                          f"{mistyped_path_hint(cfg.model.name_or_path)}: {' '.join(str(error).split())}") from error
     except (ImportError, ValueError) as error:
         attn = cfg.model.attn_implementation  # transformers' errors about it name "attention"
         if isinstance(error, ConfigError) or attn is None or "attention" not in str(error).lower():
