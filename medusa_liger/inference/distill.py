@@ -183,7 +183,7 @@ def _run_block(backend, block: list[_Pending], summary: DistillSummary) -> None:
         if answer is None:
             record.dropped = f"{record.where}: prompt + max_new_tokens exceed the model's context"
         else:
-            _count(summary, answer)
+            _count(summary, answer, text=True)
             record.text = answer.text
     while True:
         chats = [r for r in block if r.dropped is None and r.messages is not None and r.todo]
@@ -201,11 +201,13 @@ def _run_block(backend, block: list[_Pending], summary: DistillSummary) -> None:
                 record.dropped = f"{record.where}: prompt + max_new_tokens exceed the model's context"
 
 
-def _count(summary: DistillSummary, answer: Answer) -> None:
+def _count(summary: DistillSummary, answer: Answer, text: bool = False) -> None:
     summary.generations += 1
     summary.new_tokens += answer.new_tokens
     summary.truncated += not answer.stopped
-    summary.empty += not answer.text
+    # A text record's answer holds its prefix: empty when no token was generated (only local
+    # generation continues texts, and counts its tokens).
+    summary.empty += answer.new_tokens == 0 if text else not answer.text
 
 
 def _output_line(record: _Pending) -> str:
@@ -259,13 +261,11 @@ def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> 
         raise ValueError(f"output {str(output)!r} exists and was not written by this command (no "
                          f"{settings_file.name} beside it); pass another --output, or --overwrite to replace it")
     written = json.loads(settings_file.read_text())
-    keys = sorted({*written, *identity}, key=str)
-    changed = [f"{key} {written[key]!r} -> {identity[key]!r}" for key in keys
-               if key in written and key in identity and written[key] != identity[key]]
-    # A key on one side only (batch_size and block_records are kept only when sampling): named when
-    # nothing else differs.
-    changed = changed or [f"{key} {written.get(key, 'unset')!r} -> {identity.get(key, 'unset')!r}" for key in keys
-                          if written.get(key) != identity.get(key)]
+    # A key the settings file lacks (written before it was kept) matches its default; one it has
+    # that no longer decides the text (e.g. the split of a local file) is not compared.
+    defaults = asdict(DistillSettings())
+    changed = [f"{key} {written[key]!r} -> {value!r}" if key in written else f"{key} (default) -> {value!r}"
+               for key, value in identity.items() if written.get(key, defaults.get(key)) != value]
     if changed:
         raise ValueError(f"output {str(output)!r} exists and was written with other settings ({settings_file.name}: "
                          f"{', '.join(changed)}); a resume needs the same ones: pass another --output, or "
@@ -329,11 +329,20 @@ def self_distill(
     else:
         backend = LocalBackend(model, tokenizer, settings)
     # What decides the text: a resume must match it. How many records may change; how they are batched
-    # too, unless sampling (blocks are seeded by their first record, and a batch draws its tokens together).
+    # too, unless sampling in this process (blocks are seeded by their first record, and a batch draws
+    # its tokens together; a server gets the seed with each request). A local file has no split; a
+    # server applies its own chat template and takes no text records.
     identity = {"source": str(source), "split": split, **asdict(settings), "shard": list(settings.shard),
                 **metadata}
-    for free in ("num_records", *(() if settings.temperature > 0 else ("batch_size", "block_records"))):
-        del identity[free]
+    free = ["num_records"]
+    if settings.temperature == 0 or server is not None:
+        free += ["batch_size", "block_records"]
+    if server is not None:
+        free += ["chat_template", "text_prompt_tokens"]
+    if local_source is not None:
+        free.append("split")
+    for key in free:
+        del identity[key]
     previous = _prepare_output(output, identity, overwrite)
     # A fresh output (and its settings) appears with the first record written: a run that writes
     # none (a bad source, an error, no usable record) leaves no file that would refuse the next run.
@@ -488,8 +497,8 @@ def run(args) -> int:
         print(f"  skipped: {reason}")
     if summary.empty:
         print(f"warning: {summary.empty} of {summary.generations} answers are empty (the model ended its turn at "
-              "once): they teach the heads nothing; check the model and its chat template (--chat-template)",
-              file=sys.stderr)
+              "once, or wrote only whitespace): they teach the heads nothing; check the model and its chat template "
+              "(--chat-template)", file=sys.stderr)
     if summary.past_num_records:
         print(f"note: {summary.past_num_records} records already in {args.output} lie past --num-records "
               f"{args.num_records} (an earlier run asked for more); they stay in the output")
