@@ -101,8 +101,11 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
     Errors about the source itself name ``key`` (the config key or flag that gave it)."""
     local = resolve_path(path)
     if Path(path).expanduser().is_dir():
-        raise ValueError(f"{key}: {path!r} is a directory; pass its files one by one (it holds "
-                         f"{sorted(p.name for p in Path(path).expanduser().iterdir())[:8]}) or a hub dataset name")
+        try:
+            held = f" (it holds {sorted(p.name for p in Path(path).expanduser().iterdir())[:8]})"
+        except OSError:  # not listable
+            held = ""
+        raise ValueError(f"{key}: {path!r} is a directory; pass its files one by one{held} or a hub dataset name")
     if local is None and (looks_like_local_path(path) or Path(path).exists()):
         raise ValueError(f"{key}: file {path!r} does not exist")
     if local is None:

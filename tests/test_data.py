@@ -220,6 +220,17 @@ def test_a_directory_source_is_named_as_one(tmp_path):
         load_examples(data_cfg([tmp_path / "chats"]))
 
 
+def test_an_unlistable_directory_source_is_named_without_its_entries(tmp_path, monkeypatch):
+    (tmp_path / "chats").mkdir()
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    with pytest.raises(ValueError, match=r"'.*chats' is a directory; pass its files one by one or a hub dataset"):
+        load_examples(data_cfg([tmp_path / "chats"]))
+
+
 def test_a_byte_order_mark_is_no_malformed_first_record(tmp_path):
     """Editors on Windows write UTF-8 with a byte-order mark: the first line was 'malformed JSON'."""
     lines = tmp_path / "conv.jsonl"
