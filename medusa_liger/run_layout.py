@@ -19,6 +19,8 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "plot.png"
 EVAL_PROMPTS_FILE = "eval_prompts.jsonl"
 EVAL_DIR = "eval"
+# What an evaluation writes in its output directory, by role.
+EVAL_FILES = {"report": "report.json", "tree": "tree.json", "heatmap": "head_accuracy.png"}
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_HEADS_DIR = "heads"  # in each checkpoint, in the medusa format (``medusa-liger export`` reads it)
 FINAL_DIR = "final"

@@ -373,11 +373,26 @@ def test_a_fresh_start_deletes_the_earlier_runs_evaluation_and_held_out_prompts(
     train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0"))
     assert (tmp_path / "eval_prompts.jsonl").is_file()
     (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "report.json").write_text("{}")
+    for name in ("report.json", "tree.json", "head_accuracy.png"):
+        (tmp_path / "eval" / name).write_text("{}")
     capsys.readouterr()
-    train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0", "train.resume=none", "data.eval_fraction=0"))
-    assert f"warning: deleting {tmp_path / 'eval'}, the evaluation of an earlier run" in capsys.readouterr().err
+    fresh = ["train.steps=2", "checkpoint.every=0", "train.resume=none", "data.eval_fraction=0"]
+    train(short_config(tmp_path, *fresh))
+    assert f"warning: deleting the evaluation of an earlier run in {tmp_path / 'eval'}" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists() and not (tmp_path / "eval_prompts.jsonl").exists()
+    # Only an evaluation's own files go: eval/ may be the user's, or a link to elsewhere.
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-reports"
+    elsewhere.mkdir()
+    for name in ("report.json", "notes.md"):
+        (elsewhere / name).write_text("{}")
+    (tmp_path / "eval").symlink_to(elsewhere)
+    train(short_config(tmp_path, *fresh))
+    assert (tmp_path / "eval").is_symlink() and sorted(p.name for p in elsewhere.iterdir()) == ["notes.md"]
+    (tmp_path / "eval").unlink()
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "harness.py").write_text("")
+    train(short_config(tmp_path, *fresh))  # no report.json: not an evaluation, untouched
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["harness.py"]
 
 
 def test_gradient_checkpointing_is_enabled_without_deprecation_warnings(tmp_path):

@@ -54,6 +54,7 @@ from medusa_liger.inference.tree import (
     rank_accuracy_of,
     rank_hits,
 )
+from medusa_liger.run_layout import EVAL_FILES
 
 # Tree sizes whose searched tree's estimate the report lists beside the chosen size's.
 CURVE_SIZES = (4, 8, 16, 32, 63, 128)
@@ -309,11 +310,7 @@ def evaluate_heads(
         report["measured_batched"]["requested_batch_size"] = batch_size
     if metadata:
         report.update(metadata)
-    files = {
-        "report": output_dir / "report.json",
-        "tree": output_dir / "tree.json",
-        "heatmap": output_dir / "head_accuracy.png",
-    }
+    files = {role: output_dir / name for role, name in EVAL_FILES.items()}
     files["tree"].write_text(json.dumps(tree))
     accuracy_heatmap(cumulative.float(), files["heatmap"])
     report["files"] = {name: str(p) for name, p in files.items()}

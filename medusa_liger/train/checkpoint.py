@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medusa_liger.heads.export import readable_by_others
-from medusa_liger.run_layout import EVAL_DIR, EVAL_PROMPTS_FILE
+from medusa_liger.run_layout import EVAL_DIR, EVAL_FILES, EVAL_PROMPTS_FILE
 from medusa_liger.train import distributed, fsdp
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -235,14 +235,19 @@ def find_resume_checkpoint(resume: str, root: str | Path) -> Path | None:
 
 def delete_earlier_evaluation(run_dir: str | Path) -> None:
     """Delete what describes an earlier run in ``run_dir`` at a fresh start (or a resume from another
-    run's checkpoint): its ``eval/`` report (with a warning: it described heads this run replaces) and
+    run's checkpoint): the files of its ``eval/`` report (with a warning: they described heads this
+    run replaces; the directory goes too when nothing else is in it) and
     its held-out prompts (this run writes its own at its end; an earlier run's held-out documents may
     be in this run's training data, which made ``medusa-liger eval RUN_DIR`` optimistic)."""
     run_dir = Path(run_dir)
-    if (run_dir / EVAL_DIR).is_dir():
-        print(f"warning: deleting {run_dir / EVAL_DIR}, the evaluation of an earlier run in this directory (run "
-              f"`medusa-liger eval {run_dir}` again when this one ends)", file=sys.stderr, flush=True)
-        shutil.rmtree(run_dir / EVAL_DIR)
+    report = run_dir / EVAL_DIR
+    if (report / EVAL_FILES["report"]).is_file():  # only an evaluation's own files: eval/ may hold others
+        print(f"warning: deleting the evaluation of an earlier run in {report} ({', '.join(EVAL_FILES.values())}; "
+              f"run `medusa-liger eval {run_dir}` again when this one ends)", file=sys.stderr, flush=True)
+        for name in EVAL_FILES.values():
+            (report / name).unlink(missing_ok=True)
+        if not report.is_symlink() and not any(report.iterdir()):
+            report.rmdir()
     (run_dir / EVAL_PROMPTS_FILE).unlink(missing_ok=True)
 
 
