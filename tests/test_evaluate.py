@@ -401,6 +401,12 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     assert code == 0, capsys.readouterr().err
     report = json.loads((out_dir / "report.json").read_text())
     assert report["prompts"].endswith("eval_prompts.jsonl") and report["num_prompts"] == 2
+    # A run's final heads given alone: that run's held-out prompts and eval/ (not the shipped prompts,
+    # the tiny run's training data, and ./eval).
+    (tmp_path / "run" / "config.yaml").write_text("name: run\n")
+    report = evaluate_run(heads=final / "heads_medusa", max_new_tokens=4, tree_size=3)
+    assert report["prompts"] == str(tmp_path / "run" / "eval_prompts.jsonl")
+    assert report["files"]["report"] == str(out_dir / "report.json")
     # Explicit paths, from Python.
     again = evaluate_run(backbone=final / "backbone", heads=final / "heads_medusa", prompts=prompts,
                          output_dir=tmp_path / "explicit", num_prompts=1, max_new_tokens=6, tree_size=4, top_k=2)

@@ -52,6 +52,7 @@ from medusa_liger.inference.tree import (
 from medusa_liger.records import load_json_list, looks_like_local_path
 from medusa_liger.run_layout import (
     CHECKPOINTS_DIR,
+    CONFIG_FILE,
     EVAL_DIR,
     EVAL_PROMPTS_FILE,
     FINAL_DIR,
@@ -103,6 +104,16 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
                                                           and not Path(backbone).expanduser().is_dir()):
                 raise ValueError(_no_backbone_found(heads, backbone, ckpt.config.mode))
     return str(backbone), heads
+
+
+def run_of_final_heads(heads: str | Path) -> Path | None:
+    """RUN_DIR when ``heads`` is a training run's ``RUN_DIR/final/heads_*`` (beside the run's
+    config.yaml), else None."""
+    heads = Path(heads).expanduser()
+    run = heads.parent.parent
+    if heads.name.startswith(FINAL_HEADS_PREFIX) and heads.parent.name == FINAL_DIR and (run / CONFIG_FILE).is_file():
+        return run
+    return None
 
 
 # What the heads of a run on the built-in tiny model record as their base model (train's model.name_or_path).
@@ -213,13 +224,16 @@ def evaluate_run(
     to measure instead of searching a tree of ``tree_size`` nodes. tree_search, prior_strength: the
     estimate the tree is searched (or the given one scored) by (``evaluate_heads``).
 
-    output_dir defaults to ``{run_dir}/eval`` (``eval`` without a run directory); prompts (a file or
+    Heads given as a run's ``final/heads_*`` make that run the run directory (its held-out prompts,
+    its eval/, its final backbone unless one is given). output_dir defaults to ``{run_dir}/eval`` (``eval`` without a run directory); prompts (a file or
     a hub dataset name, with ``prompts_split``) to the run's held-out documents
     (``{run_dir}/eval_prompts.jsonl``, written when ``data.eval_fraction`` > 0 holds out prompts), else to the shipped
     ``medusa_liger/data/pydoc_chat.jsonl`` (training data of the tiny default: an optimistic number).
     """
     if isinstance(tree, (str, Path)):
         tree = load_tree(tree)
+    if run_dir is None and heads is not None:  # a run's final heads: its held-out prompts and eval/ by default
+        run_dir = run_of_final_heads(heads)
     check_num_prompts(num_prompts)  # before the model loads (load_prompts checks it again, for its own callers)
     if prompts is not None:  # a missing file fails before the model loads
         try:
@@ -300,7 +314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", default=None,
                         help="training output directory (uses final/backbone and final/heads_medusa)")
     parser.add_argument("--backbone", default=None, help="backbone checkpoint (HF directory or hub name)")
-    parser.add_argument("--heads", default=None, help="heads directory written by save_heads (either format)")
+    parser.add_argument("--heads", default=None, help="heads directory written by save_heads (either format); a "
+                                                      "run's RUN_DIR/final/heads_* makes RUN_DIR the run directory")
     parser.add_argument("--prompts", default=None,
                         help="held-out prompts: JSONL/JSON (prompt, input_ids, messages, conversations or text), "
                              "a text file with one prompt a line, or a hub dataset name (default: RUN_DIR/"
