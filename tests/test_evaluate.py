@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,9 +405,12 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     # A run's final heads given alone: that run's held-out prompts and eval/ (not the shipped prompts,
     # the tiny run's training data, and ./eval).
     (tmp_path / "run" / "config.yaml").write_text("name: run\n")
-    report = evaluate_run(heads=final / "heads_medusa", max_new_tokens=4, tree_size=3)
-    assert report["prompts"] == str(tmp_path / "run" / "eval_prompts.jsonl")
-    assert report["files"]["report"] == str(out_dir / "report.json")
+    model.save_heads(final / "heads_vllm", format="vllm")
+    for run_dir, heads in ((None, final / "heads_medusa"), (final / "heads_vllm", None), (final, None)):
+        report = evaluate_run(run_dir, heads=heads, max_new_tokens=4, tree_size=3)
+        assert report["prompts"] == str(tmp_path / "run" / "eval_prompts.jsonl")
+        assert report["files"]["report"] == str(out_dir / "report.json")
+        assert Path(report["heads"]).name == ("heads_vllm" if run_dir == final / "heads_vllm" else "heads_medusa")
     # Explicit paths, from Python.
     again = evaluate_run(backbone=final / "backbone", heads=final / "heads_medusa", prompts=prompts,
                          output_dir=tmp_path / "explicit", num_prompts=1, max_new_tokens=6, tree_size=4, top_k=2)

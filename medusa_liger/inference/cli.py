@@ -232,8 +232,14 @@ def evaluate_run(
     """
     if isinstance(tree, (str, Path)):
         tree = load_tree(tree)
-    if run_dir is None and heads is not None:  # a run's final heads: its held-out prompts and eval/ by default
+    # A run's final heads (given as --heads or as the run) or its final/: the run's held-out prompts and
+    # eval/ are the defaults (not the shipped prompts, nor an eval/ inside the run's exports).
+    if run_dir is None and heads is not None:
         run_dir = run_of_final_heads(heads)
+    elif run_dir is not None and heads is None and run_of_final_heads(run_dir) is not None:
+        run_dir, heads = run_of_final_heads(run_dir), run_dir
+    elif run_dir is not None and Path(run_dir).name == FINAL_DIR and (Path(run_dir).parent / CONFIG_FILE).is_file():
+        run_dir = Path(run_dir).parent
     check_num_prompts(num_prompts)  # before the model loads (load_prompts checks it again, for its own callers)
     if prompts is not None:  # a missing file fails before the model loads
         try:
