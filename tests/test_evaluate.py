@@ -338,7 +338,7 @@ def write_run(tmp_path, tokenizer, prompt_lines: str):
 
 def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     from medusa_liger.cli import main
-    from medusa_liger.inference.cli import evaluate_run
+    from medusa_liger.inference.cli import evaluate_run, resolve_paths
 
     model, prompts = write_run(tmp_path, tokenizer, "def f(x):\nThe assert statement\n")
     final = tmp_path / "run" / "final"
@@ -406,6 +406,8 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     # the tiny run's training data, and ./eval).
     (tmp_path / "run" / "config.yaml").write_text("name: run\n")
     model.save_heads(final / "heads_vllm", format="vllm")
+    # Heads in a run's final/ (recording no base model here) go with the backbone beside them.
+    assert resolve_paths(None, None, final / "heads_vllm") == (str(final / "backbone"), final / "heads_vllm")
     for run_dir, heads in ((None, final / "heads_medusa"), (final / "heads_vllm", None), (final, None)):
         report = evaluate_run(run_dir, heads=heads, max_new_tokens=4, tree_size=3)
         assert report["prompts"] == str(tmp_path / "run" / "eval_prompts.jsonl")

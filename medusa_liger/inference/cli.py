@@ -96,6 +96,8 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
             backbone = final / BACKBONE_SUBDIR
         elif (heads / BACKBONE_SUBDIR).is_dir():
             backbone = heads / BACKBONE_SUBDIR
+        elif heads.parent.name == FINAL_DIR and (heads.parent / BACKBONE_SUBDIR).is_dir():  # a run's final/
+            backbone = heads.parent / BACKBONE_SUBDIR
         else:
             ckpt = read_heads(heads)
             backbone = ckpt.base_model_name_or_path
