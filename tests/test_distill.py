@@ -223,8 +223,8 @@ def test_an_interrupted_run_resumes_to_the_straight_runs_file(model, tokenizer, 
     assert resumed.read_text() == straight.read_text()
 
     with pytest.raises(ValueError, match=r"exists and was written with other settings \(resumed.jsonl.settings.json: "
-                                         r"max_new_tokens 6 -> 7, temperature 1.0 -> 0.0, top_p 0.9 -> 1.0, seed 5 -> "
-                                         r"0\); a resume needs the same ones"):
+                                         r"max_new_tokens 6 -> 7, seed 5 -> 0, temperature 1.0 -> 0.0, top_p 0.9 -> "
+                                         r"1.0\); a resume needs the same ones"):
         self_distill(source, resumed, DistillSettings(max_new_tokens=7), model=model, tokenizer=tokenizer, progress=False)
     # With sampling, the batches and blocks shape the text too: another batch size is refused, named.
     with pytest.raises(ValueError, match=r"settings.json: batch_size 2 -> 3\)"):
@@ -236,8 +236,16 @@ def test_an_interrupted_run_resumes_to_the_straight_runs_file(model, tokenizer, 
     written = json.loads(settings_file.read_text())
     settings_file.write_text(json.dumps({**{k: v for k, v in written.items() if k not in ("batch_size", "block_records")},
                                          "split": "test"}))
-    with pytest.raises(ValueError, match=r"batch_size \(default\) -> 2, block_records \(default\) -> 2\)"):
+    with pytest.raises(ValueError, match=r"batch_size \(default\) 32 -> 2, block_records \(default\) 256 -> 2\)"):
         self_distill(source, resumed, settings, model=model, tokenizer=tokenizer, progress=False)
+    # What the file records beyond the settings (the model) must match from either side.
+    with pytest.raises(ValueError, match=r"settings.json: backbone 'b' -> 'unset', "):
+        settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "backbone": "b"}))
+        self_distill(source, resumed, settings, model=model, tokenizer=tokenizer, progress=False)
+    settings_file.write_text("[1]")
+    with pytest.raises(ValueError, match=r"is no settings file this command wrote \(\[1\]\)"):
+        self_distill(source, resumed, settings, model=model, tokenizer=tokenizer, progress=False)
+    settings_file.write_text(json.dumps({k: v for k, v in written.items() if k not in ("batch_size", "block_records")}))
     defaults = dataclasses.replace(settings, batch_size=DistillSettings().batch_size,
                                    block_records=DistillSettings().block_records)
     assert self_distill(source, resumed, defaults, model=model, tokenizer=tokenizer, progress=False).resumed == 5

@@ -260,12 +260,21 @@ def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> 
     if not settings_file.is_file():
         raise ValueError(f"output {str(output)!r} exists and was not written by this command (no "
                          f"{settings_file.name} beside it); pass another --output, or --overwrite to replace it")
-    written = json.loads(settings_file.read_text())
-    # A key the settings file lacks (written before it was kept) matches its default; one it has
-    # that no longer decides the text (e.g. the split of a local file) is not compared.
-    defaults = asdict(DistillSettings())
-    changed = [f"{key} {written[key]!r} -> {value!r}" if key in written else f"{key} (default) -> {value!r}"
-               for key, value in identity.items() if written.get(key, defaults.get(key)) != value]
+    try:
+        written = json.loads(settings_file.read_text())
+    except (ValueError, OSError) as error:
+        written = error
+    if not isinstance(written, dict):
+        raise ValueError(f"{settings_file} is no settings file this command wrote ({written}); pass another "
+                         "--output, or --overwrite to replace the output")
+    # A setting the file lacks (written before it was kept) matches its default; one it has that does
+    # not decide the text now (e.g. the split of a local file, batching when greedy) is not compared.
+    defaults = {key: value for key, value in asdict(DistillSettings()).items() if key in RESUME_FREE}
+    changed = []
+    for key in sorted({*written, *identity} - (RESUME_FREE - set(identity)), key=str):
+        old, new = written.get(key, defaults.get(key, "unset")), identity.get(key, "unset")
+        if old != new:
+            changed.append(f"{key} {'(default) ' if key not in written and key in defaults else ''}{old!r} -> {new!r}")
     if changed:
         raise ValueError(f"output {str(output)!r} exists and was written with other settings ({settings_file.name}: "
                          f"{', '.join(changed)}); a resume needs the same ones: pass another --output, or "
@@ -448,6 +457,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--concurrency", type=POSITIVE_INT, default=64, action=Given,
                         help="requests in flight to the server")
 
+
+# Settings a resume may change where they do not decide the text (see self_distill's identity);
+# missing from an older settings file, they match their defaults.
+RESUME_FREE = {"num_records", "batch_size", "block_records", "chat_template", "text_prompt_tokens", "split"}
 
 # Flags that only sampling reads (greedy decoding would ignore them), as eval/generate refuse theirs.
 SAMPLING_FLAGS = ("--top-p", "--seed")
