@@ -336,9 +336,9 @@ def write_run(tmp_path, tokenizer, prompt_lines: str):
     return model, prompts
 
 
-def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
+def test_cli_eval_run_dir(tmp_path, tokenizer, capsys, monkeypatch):
     from medusa_liger.cli import main
-    from medusa_liger.inference.cli import evaluate_run, resolve_paths
+    from medusa_liger.inference.cli import evaluate_run, resolve_paths, run_of_final_heads
 
     model, prompts = write_run(tmp_path, tokenizer, "def f(x):\nThe assert statement\n")
     final = tmp_path / "run" / "final"
@@ -406,8 +406,14 @@ def test_cli_eval_run_dir(tmp_path, tokenizer, capsys):
     # the tiny run's training data, and ./eval).
     (tmp_path / "run" / "config.yaml").write_text("name: run\n")
     model.save_heads(final / "heads_vllm", format="vllm")
-    # Heads in a run's final/ (recording no base model here) go with the backbone beside them.
+    # Heads in a run's final/ (recording no base model here) go with the backbone beside them, also
+    # given from inside final/ or through a link.
     assert resolve_paths(None, None, final / "heads_vllm") == (str(final / "backbone"), final / "heads_vllm")
+    (tmp_path / "link").symlink_to(final / "heads_vllm")
+    assert resolve_paths(None, None, tmp_path / "link")[0] == str(final / "backbone")
+    monkeypatch.chdir(final)
+    assert resolve_paths(None, None, "heads_vllm")[0] == str(final / "backbone")
+    assert run_of_final_heads("heads_vllm") == run_of_final_heads(tmp_path / "link") == tmp_path / "run"
     for run_dir, heads in ((None, final / "heads_medusa"), (final / "heads_vllm", None), (final, None)):
         report = evaluate_run(run_dir, heads=heads, max_new_tokens=4, tree_size=3)
         assert report["prompts"] == str(tmp_path / "run" / "eval_prompts.jsonl")

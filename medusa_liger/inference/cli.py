@@ -96,8 +96,8 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
             backbone = final / BACKBONE_SUBDIR
         elif (heads / BACKBONE_SUBDIR).is_dir():
             backbone = heads / BACKBONE_SUBDIR
-        elif heads.parent.name == FINAL_DIR and (heads.parent / BACKBONE_SUBDIR).is_dir():  # a run's final/
-            backbone = heads.parent / BACKBONE_SUBDIR
+        elif heads.resolve().parent.name == FINAL_DIR and (heads.resolve().parent / BACKBONE_SUBDIR).is_dir():
+            backbone = heads.resolve().parent / BACKBONE_SUBDIR  # a run's final/ (resolved: `.`, a link)
         else:
             ckpt = read_heads(heads)
             backbone = ckpt.base_model_name_or_path
@@ -110,8 +110,8 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
 
 def run_of_final_heads(heads: str | Path) -> Path | None:
     """RUN_DIR when ``heads`` is a training run's ``RUN_DIR/final/heads_*`` (beside the run's
-    config.yaml), else None."""
-    heads = Path(heads).expanduser()
+    config.yaml), else None. The path is resolved first: `.` inside final/, or a link to the heads."""
+    heads = Path(heads).expanduser().resolve()
     run = heads.parent.parent
     if heads.name.startswith(FINAL_HEADS_PREFIX) and heads.parent.name == FINAL_DIR and (run / CONFIG_FILE).is_file():
         return run
@@ -240,8 +240,9 @@ def evaluate_run(
         run_dir = run_of_final_heads(heads)
     elif run_dir is not None and heads is None and run_of_final_heads(run_dir) is not None:
         run_dir, heads = run_of_final_heads(run_dir), run_dir
-    elif run_dir is not None and Path(run_dir).name == FINAL_DIR and (Path(run_dir).parent / CONFIG_FILE).is_file():
-        run_dir = Path(run_dir).parent
+    elif run_dir is not None and (Path(run_dir).expanduser().resolve().name == FINAL_DIR
+                                  and (Path(run_dir).expanduser().resolve().parent / CONFIG_FILE).is_file()):
+        run_dir = Path(run_dir).expanduser().resolve().parent
     check_num_prompts(num_prompts)  # before the model loads (load_prompts checks it again, for its own callers)
     if prompts is not None:  # a missing file fails before the model loads
         try:
