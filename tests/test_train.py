@@ -391,7 +391,10 @@ def test_a_fresh_start_deletes_the_earlier_runs_evaluation_and_held_out_prompts(
     (tmp_path / "eval").unlink()
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "harness.py").write_text("")
-    train(short_config(tmp_path, *fresh))  # no report.json: not an evaluation, untouched
+    train(short_config(tmp_path, *fresh))  # no evaluation's file: untouched
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["harness.py"]
+    (tmp_path / "eval" / "tree.json").write_text("[]")  # an evaluation killed before its report.json
+    train(short_config(tmp_path, *fresh))
     assert [p.name for p in (tmp_path / "eval").iterdir()] == ["harness.py"]
 
 

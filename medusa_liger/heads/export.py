@@ -424,7 +424,7 @@ def check_backbone_path(path: str | Path) -> None:
     run_backbone = f"a run's backbone is in RUN_DIR/{FINAL_DIR}/{BACKBONE_SUBDIR}"
     if not directory.is_dir():
         if looks_like_local_path(path):
-            raise BackboneLoadError(f"backbone directory {name!r} does not exist{mistyped_path_hint(name)}")
+            raise BackboneLoadError(f"backbone directory {name!r} does not exist")
         return
     config_path = directory / "config.json"
     if not config_path.is_file():

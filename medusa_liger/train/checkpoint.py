@@ -241,7 +241,9 @@ def delete_earlier_evaluation(run_dir: str | Path) -> None:
     be in this run's training data, which made ``medusa-liger eval RUN_DIR`` optimistic)."""
     run_dir = Path(run_dir)
     report = run_dir / EVAL_DIR
-    if (report / EVAL_FILES["report"]).is_file():  # only an evaluation's own files: eval/ may hold others
+    # Only an evaluation's own files (eval/ may hold others); any of them, as an evaluation killed before
+    # its report.json leaves its tree.json.
+    if any((report / name).is_file() for name in EVAL_FILES.values()):
         print(f"warning: deleting the evaluation of an earlier run in {report} ({', '.join(EVAL_FILES.values())}; "
               f"run `medusa-liger eval {run_dir}` again when this one ends)", file=sys.stderr, flush=True)
         for name in EVAL_FILES.values():
