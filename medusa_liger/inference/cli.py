@@ -227,7 +227,9 @@ def evaluate_run(
     estimate the tree is searched (or the given one scored) by (``evaluate_heads``).
 
     Heads given as a run's ``final/heads_*`` make that run the run directory (its held-out prompts,
-    its eval/, its final backbone unless one is given). output_dir defaults to ``{run_dir}/eval`` (``eval`` without a run directory); prompts (a file or
+    its eval/, its final backbone unless one is given).
+
+    output_dir defaults to ``{run_dir}/eval`` (``eval`` without a run directory); prompts (a file or
     a hub dataset name, with ``prompts_split``) to the run's held-out documents
     (``{run_dir}/eval_prompts.jsonl``, written when ``data.eval_fraction`` > 0 holds out prompts), else to the shipped
     ``medusa_liger/data/pydoc_chat.jsonl`` (training data of the tiny default: an optimistic number).
