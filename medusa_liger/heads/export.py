@@ -511,15 +511,18 @@ def lm_head_bias_of(lm_head: nn.Module) -> torch.Tensor | None:
     return None if bias is None else bias.detach()
 
 
-def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path)`` in the saved dtype (or ``dtype``)."""
+def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None, **options: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` in the saved dtype (or ``dtype``); ``options``:
+    more of its keyword arguments (e.g. attn_implementation). A path that cannot be a model, or a
+    model that does not load, is a one-line BackboneLoadError."""
     from transformers import AutoModelForCausalLM
 
     check_backbone_path(path)
     dtype = parse_dtype(dtype)
     note_hub_lookup(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(local_or_hub(path), dtype=dtype if dtype is not None else "auto")
+        return AutoModelForCausalLM.from_pretrained(local_or_hub(path), dtype=dtype if dtype is not None else "auto",
+                                                    **options)
     except (OSError, ValueError) as error:
         raise backbone_load_error(path, error) from error
 

@@ -21,8 +21,8 @@ from medusa_liger.heads.export import (  # one table of dtype names for every CL
     BackboneLoadError,
     backbone_load_error,
     check_backbone_path,
+    load_backbone,
     local_or_hub,
-    note_hub_lookup,
     parse_dtype,
 )
 from medusa_liger.inference import cli_args
@@ -54,6 +54,7 @@ from medusa_liger.run_layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     EVAL_DIR,
+    EVAL_FILES,
     EVAL_PROMPTS_FILE,
     FINAL_DIR,
     FINAL_HEADS_PREFIX,
@@ -158,22 +159,19 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
     dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU. A backbone that cannot be found or
     loaded is a BackboneLoadError naming it (transformers raises OSError, for a path a misleading one).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         device = cli_args.parse_device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
     except ValueError as error:
         raise ValueError(f"device: {error}") from None
-    check_backbone_path(backbone)
-    if dtype == "auto":
-        torch_dtype = "auto" if device.type == "cuda" else torch.float32
+    if dtype == "auto":  # (None: the checkpoint's dtype)
+        torch_dtype = None if device.type == "cuda" else torch.float32
     else:
         torch_dtype = parse_dtype(dtype)
-    note_hub_lookup(backbone)
+    causal_lm = load_backbone(backbone, torch_dtype, attn_implementation=attn_implementation)
     try:
-        causal_lm = AutoModelForCausalLM.from_pretrained(local_or_hub(backbone), dtype=torch_dtype,
-                                                         attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(local_or_hub(backbone))
     except (OSError, ValueError) as error:
         raise backbone_load_error(backbone, error) from error
@@ -240,11 +238,12 @@ def evaluate_run(
     # eval/ are the defaults (not the shipped prompts, nor an eval/ inside the run's exports).
     if run_dir is None and heads is not None:
         run_dir = run_of_final_heads(heads)
-    elif run_dir is not None and heads is None and run_of_final_heads(run_dir) is not None:
-        run_dir, heads = run_of_final_heads(run_dir), run_dir
-    elif run_dir is not None and (Path(run_dir).expanduser().resolve().name == FINAL_DIR
-                                  and (Path(run_dir).expanduser().resolve().parent / CONFIG_FILE).is_file()):
-        run_dir = Path(run_dir).expanduser().resolve().parent
+    elif run_dir is not None and heads is None:
+        given, resolved = run_dir, Path(run_dir).expanduser().resolve()
+        if (run := run_of_final_heads(resolved)) is not None:
+            run_dir, heads = run, given
+        elif resolved.name == FINAL_DIR and (resolved.parent / CONFIG_FILE).is_file():
+            run_dir = resolved.parent
     check_num_prompts(num_prompts)  # before the model loads (load_prompts checks it again, for its own callers)
     if prompts is not None:  # a missing file fails before the model loads
         try:
@@ -254,7 +253,7 @@ def evaluate_run(
     if output_dir is None:
         output_dir = Path(run_dir) / EVAL_DIR if run_dir is not None else Path(EVAL_DIR)
     check_output_dir(output_dir, "--output")  # before the evaluation, not when its report is written
-    if (Path(output_dir) / "report.json").is_file():  # said up front: an earlier evaluation is replaced
+    if (Path(output_dir) / EVAL_FILES["report"]).is_file():  # said up front: an earlier evaluation is replaced
         print(f"note: {str(output_dir)!r} holds an earlier evaluation (report.json), which this one replaces "
               "(pass another --output to keep both)", file=sys.stderr)
     if backbone is not None:
