@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medusa_liger.run_layout import user_path
+
 # One turn per block: role marker, content, end-of-sequence token. Starts with BOS when the
 # tokenizer has one. The tiny tokenizer ships exactly this template with its role markers as
 # special tokens; any other tokenizer tokenizes the markers as text.
@@ -51,7 +53,7 @@ class Example:
 
 def resolve_path(path: str) -> Path | None:
     """A local file for ``path`` (as given, or relative to the installed package's parent), else None."""
-    candidate = Path(path).expanduser()
+    candidate = user_path(path)
     if candidate.is_file():
         return candidate
     package_root = Path(__file__).resolve().parents[1]  # holds medusa_liger/data when installed
@@ -100,9 +102,9 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
     """(where, record) for every record of one source; malformed lines are failed or skipped.
     Errors about the source itself name ``key`` (the config key or flag that gave it)."""
     local = resolve_path(path)
-    if Path(path).expanduser().is_dir():
+    if user_path(path).is_dir():
         try:
-            held = f" (it holds {sorted(p.name for p in Path(path).expanduser().iterdir())[:8]})"
+            held = f" (it holds {sorted(p.name for p in user_path(path).iterdir())[:8]})"
         except OSError:  # not listable
             held = ""
         raise ValueError(f"{key}: {path!r} is a directory; pass its files one by one{held} or a hub dataset name")

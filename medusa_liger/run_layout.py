@@ -14,6 +14,9 @@ evaluator and exporter that read them (so neither side imports the other):
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "plot.png"
@@ -30,3 +33,9 @@ FINAL_HEADS_PREFIX = "heads_"  # + format: final/heads_medusa, final/heads_vllm
 def final_heads_dir(format: str) -> str:
     """Name of the final export's heads directory for ``format`` ("medusa" or "vllm")."""
     return FINAL_HEADS_PREFIX + format
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """``path`` as the user typed it, ``~`` and ``~user`` expanded. An unknown ``~user`` is left as
+    is, so it fails later as a missing file; ``Path.expanduser`` raises RuntimeError instead."""
+    return Path(os.path.expanduser(path))

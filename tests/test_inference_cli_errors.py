@@ -195,6 +195,21 @@ def test_a_full_medusa2_model_is_a_backbone_and_tilde_paths_load(tmp_path, monke
     assert load_backbone("~/bb").config.vocab_size == TOKENIZER_VOCAB
 
 
+UNKNOWN_USER = "~medusa_liger_no_such_user"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--heads", f"{UNKNOWN_USER}/heads"], f"heads '{UNKNOWN_USER}/heads' is not a directory"),
+    (["eval", f"{UNKNOWN_USER}/run"], f"run_dir '{UNKNOWN_USER}/run' is not a directory"),
+    (["generate", "--heads", f"{UNKNOWN_USER}/heads", "--prompt", "hi"], "is not a directory"),
+    (["export", "--checkpoint", f"{UNKNOWN_USER}/ckpt", "--output", "out"], f"{UNKNOWN_USER}/ckpt does not exist"),
+])
+def test_a_path_under_an_unknown_users_home_is_a_missing_path(argv, message, tmp_path, capsys, monkeypatch):
+    """``Path.expanduser`` raises RuntimeError on ``~name`` of no user: it was the command's traceback."""
+    monkeypatch.chdir(tmp_path)
+    assert message in error_of(argv, capsys)
+
+
 def _checkpoint_heads(tmp_path, base_model: str, mode: str = "heads"):
     """A run's RUN/checkpoints/step-000010/heads recording ``base_model``, and its final/backbone."""
     model = MedusaModel.from_backbone(tiny_backbone(vocab=TOKENIZER_VOCAB, seed=2), MedusaConfig(num_heads=2, mode=mode))

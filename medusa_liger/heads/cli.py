@@ -41,7 +41,7 @@ from medusa_liger.heads.export import (
     write_backbone,
     write_heads,
 )
-from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, FINAL_DIR, final_heads_dir
+from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, FINAL_DIR, final_heads_dir, user_path
 
 EXPORT_FORMATS = ("medusa", "vllm", "both")
 EXPORT_DTYPES = tuple(DTYPES)  # bf16 / bfloat16, fp16 / float16, fp32 / float32 alike
@@ -154,7 +154,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
     for format in formats:
         check_format(format)
     dtype = parse_dtype(dtype)
-    checkpoint_dir, output_dir = Path(checkpoint_dir).expanduser(), Path(output_dir).expanduser()
+    checkpoint_dir, output_dir = user_path(checkpoint_dir), user_path(output_dir)
     # Never write over what is read: the directory given, the heads found in it, a saved backbone.
     sources = [checkpoint_dir, find_heads_dir(checkpoint_dir), *([saved_backbone] if saved_backbone else [])]
     check_output_dir(output_dir, sources, overwrite)

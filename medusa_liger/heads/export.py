@@ -44,6 +44,7 @@ from torch import nn
 
 from medusa_liger.dtype_names import DTYPE_NAMES
 from medusa_liger.heads.config import MedusaConfig
+from medusa_liger.run_layout import user_path
 
 FORMATS: tuple[str, ...] = ("medusa", "vllm")
 FORMAT_VERSION = 1
@@ -420,7 +421,7 @@ def check_backbone_path(path: str | Path) -> None:
     from medusa_liger.run_layout import FINAL_DIR
 
     name = str(path)
-    directory = Path(path).expanduser()
+    directory = user_path(path)
     run_backbone = f"a run's backbone is in RUN_DIR/{FINAL_DIR}/{BACKBONE_SUBDIR}"
     if not directory.is_dir():
         if looks_like_local_path(path):
@@ -448,8 +449,8 @@ def _local_owner(name: str) -> str | None:
     """'runs/ (holding [...])' when ``name``'s first part is a local directory but ``name`` is not
     (a hub name ``owner/model`` that is likely a mistyped local path), else None."""
     parts = name.split("/")
-    owner = Path(parts[0]).expanduser()
-    if len(parts) < 2 or not parts[0] or Path(name).expanduser().exists() or not owner.is_dir():
+    owner = user_path(parts[0])
+    if len(parts) < 2 or not parts[0] or user_path(name).exists() or not owner.is_dir():
         return None
     try:
         return f"{parts[0]}/ (holding {sorted(p.name for p in owner.iterdir() if not p.name.startswith('.'))[:8]})"
@@ -484,7 +485,7 @@ def _in_hub_cache(name: str) -> bool:
 
 def local_or_hub(path: str | Path) -> str:
     """What to pass ``from_pretrained``: a local directory with ``~`` expanded, else the hub name."""
-    directory = Path(path).expanduser()
+    directory = user_path(path)
     return str(directory) if directory.is_dir() else str(path)
 
 
@@ -492,7 +493,7 @@ def backbone_load_error(path: str | Path, error: Exception) -> BackboneLoadError
     """The one-line BackboneLoadError for transformers' error loading the backbone at ``path``
     (its messages run to paragraphs of upgrade advice, and a path's OSError talks about repo ids)."""
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if Path(path).expanduser().is_dir():
+    if user_path(path).is_dir():
         return BackboneLoadError(f"backbone {str(path)!r} could not be loaded: {reason}")
     offline = " (HF_HUB_OFFLINE is set: only models in the local cache load)" if is_offline() else ""
     return BackboneLoadError(f"backbone {str(path)!r} is not a local directory{mistyped_path_hint(path)}, and no "

@@ -59,6 +59,7 @@ from medusa_liger.run_layout import (
     FINAL_DIR,
     FINAL_HEADS_PREFIX,
     final_heads_dir,
+    user_path,
 )
 
 
@@ -104,7 +105,7 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
             backbone = ckpt.base_model_name_or_path
             # Only a hub name or an existing directory can be loaded from what the heads record.
             if not backbone or backbone == TINY_MODEL or (looks_like_local_path(backbone)
-                                                          and not Path(backbone).expanduser().is_dir()):
+                                                          and not user_path(backbone).is_dir()):
                 raise ValueError(_no_backbone_found(heads, backbone, ckpt.config.mode))
     return str(backbone), heads
 
@@ -112,7 +113,7 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
 def run_of_final_heads(heads: str | Path) -> Path | None:
     """RUN_DIR when ``heads`` is a training run's ``RUN_DIR/final/heads_*`` (beside the run's
     config.yaml), else None. The path is resolved first: `.` inside final/, or a link to the heads."""
-    heads = Path(heads).expanduser().resolve()
+    heads = user_path(heads).resolve()
     run = heads.parent.parent
     if heads.name.startswith(FINAL_HEADS_PREFIX) and heads.parent.name == FINAL_DIR and (run / CONFIG_FILE).is_file():
         return run
@@ -239,7 +240,7 @@ def evaluate_run(
     if run_dir is None and heads is not None:
         run_dir = run_of_final_heads(heads)
     elif run_dir is not None and heads is None:
-        given, resolved = run_dir, Path(run_dir).expanduser().resolve()
+        given, resolved = run_dir, user_path(run_dir).resolve()
         if (run := run_of_final_heads(resolved)) is not None:
             run_dir, heads = run, given
         elif resolved.name == FINAL_DIR and (resolved.parent / CONFIG_FILE).is_file():
@@ -379,7 +380,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.tree is not None and cli_args.given(args, "--tree-size"):
         cli_args.error(args, "--tree-size sizes the searched tree: with --tree, the given tree is measured as it is")
     hub_prompts = (args.prompts is not None and not looks_like_path(args.prompts)
-                   and not Path(args.prompts).expanduser().exists())
+                   and not user_path(args.prompts).exists())
     cli_args.check_needs(args, ["--prompts-split"], "--prompts naming a hub dataset", hub_prompts)
     if args.prompts is not None:
         try:

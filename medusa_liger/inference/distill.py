@@ -53,6 +53,7 @@ from torch import nn
 
 from medusa_liger.inference.distill_backends import Answer, LocalBackend, ServerBackend
 from medusa_liger.records import TEXT_PROMPT_TOKENS, iter_raw_records, looks_like_local_path, normalize, resolve_path
+from medusa_liger.run_layout import user_path
 
 TURNS = ("all", "first")
 
@@ -137,7 +138,7 @@ def check_source(source: str | Path) -> None:
     """Fail fast (before any model loads or output is written) on a local-looking source that is no file."""
     if resolve_path(str(source)) is not None:
         return
-    if Path(source).expanduser().is_dir():
+    if user_path(source).is_dir():
         raise ValueError(f"--data: {str(source)!r} is a directory; pass a JSONL/JSON file or a hub dataset name")
     if looks_like_local_path(source):
         raise ValueError(f"--data: no such file: {str(source)!r}")

@@ -20,6 +20,7 @@ from medusa_liger.records import (
     normalize,
     text_prompt_ids,
 )
+from medusa_liger.run_layout import user_path
 
 
 def default_prompts_file() -> Path:
@@ -43,7 +44,7 @@ def looks_like_path(source: str | Path) -> bool:
     """Whether ``source`` means a local file rather than a hub dataset: ``records.looks_like_local_path``,
     or ``dir/name`` where ``dir`` is a local directory."""
     parts = str(source).split("/")
-    return looks_like_local_path(source) or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
+    return looks_like_local_path(source) or (len(parts) == 2 and user_path(parts[0]).is_dir())
 
 
 def check_num_prompts(num_prompts: int) -> None:
@@ -54,7 +55,7 @@ def check_num_prompts(num_prompts: int) -> None:
 
 def is_missing_file(source: str | Path) -> bool:
     """A local-looking prompts path (``looks_like_path``) that does not exist."""
-    return looks_like_path(source) and not Path(str(source)).expanduser().exists()
+    return looks_like_path(source) and not user_path(str(source)).exists()
 
 
 # Files that are not text a line per prompt (read as such, a CSV's header and columns became prompts).
@@ -64,7 +65,7 @@ UNREAD_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".xlsx", ".gz", ".zip")
 def check_prompts_source(source: str | Path) -> None:
     """Fail fast (before any model or hub access) on a local-looking prompts path that does not exist,
     a directory, or a table or archive (which would be read a line per prompt)."""
-    path = Path(str(source)).expanduser()
+    path = user_path(str(source))
     if is_missing_file(source):
         raise ValueError(f"no such file: {str(source)!r}")
     if path.is_dir():
@@ -118,7 +119,7 @@ def load_prompts(source: str | Path, tokenizer, num_prompts: int | None = None, 
     if num_prompts is not None:
         check_num_prompts(num_prompts)
     source = str(source)
-    path = Path(source).expanduser()
+    path = user_path(source)
     if is_missing_file(source):  # anything else is taken for a hub dataset name
         raise ValueError(f"no such file: prompts file {source!r} does not exist")
     check_prompts_source(source)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from medusa_liger.heads import cli as heads_cli
-from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, CONFIG_FILE
+from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, CONFIG_FILE, user_path
 
 TRAINABLE_FILE = "trainable.safetensors"  # written by train/checkpoint.py's save_checkpoint
 BACKBONE_PREFIX = "backbone."  # MedusaModel.backbone: the prefix of the backbone's tensors in that file
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from medusa_liger.train.build import export_dtype
     from medusa_liger.train.data import DataError
 
-    step_dir = training_checkpoint_of(Path(args.checkpoint).expanduser())
+    step_dir = training_checkpoint_of(user_path(args.checkpoint))
     try:
         tensors = trained_backbone_tensors(step_dir) if step_dir is not None else {}
     except ValueError as error:
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
               f"of it, and its heads may not fit that model", file=sys.stderr)
         return heads_cli.run(args)
     try:
-        heads_cli.check_output_dir(Path(args.output).expanduser(), [step_dir, step_dir / CHECKPOINT_HEADS_DIR],
+        heads_cli.check_output_dir(user_path(args.output), [step_dir, step_dir / CHECKPOINT_HEADS_DIR],
                                    args.overwrite)  # before the rebuild's wait
         backbone, tokenizer, cfg = rebuild_backbone(step_dir, tensors)
     except (ValueError, OSError, DataError) as error:
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # The rebuilt backbone goes through a saved copy, as a run's final/backbone does: the heads
     # export checks the heads against it and copies it (cast to --dtype if given) beside them.
-    output = Path(args.output).expanduser()
+    output = user_path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-backbone-") as scratch:
         write_backbone(backbone, scratch, export_dtype(cfg))
