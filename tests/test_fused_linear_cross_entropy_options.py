@@ -200,12 +200,19 @@ def test_bad_inputs():
         (dict(head_weights=[float("inf"), 1.0]), "head_weights must be finite"),
         (dict(softcap=float("inf")), "softcap"),
         (dict(z_loss=float("nan")), "z_loss"),
+        (dict(weight=torch.randn(0, 6), labels=torch.full((2, 4), -100)), "weight must have a vocabulary of V >= 1"),
     ]
     for change, name in cases:
         args = dict(hidden=h, weight=w, labels=labels, shifts=[1, 2])
         args.update(change)
         with pytest.raises(ValueError, match=name):
             f(**args)
+    # The module wrapper refuses at construction what the function refuses (it made 1.9 a shift of 1).
+    for shifts in ([1.9, 2], [True, 2], [], 2):
+        with pytest.raises(ValueError, match="shifts"):
+            MultiHeadLinearCrossEntropy(shifts)
+    with pytest.raises(ValueError, match="head_weights must be finite"):
+        MultiHeadLinearCrossEntropy([1, 2], [1.0, float("nan")])(h, w, labels)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -153,11 +153,15 @@ def test_loss_options_match_hf():
         torch.testing.assert_close(got.loss, want.loss)
         with pytest.raises(ValueError, match="labels must have shape"):
             patched(input_ids=ids, labels=labels, logits_to_keep=7)
-        # shift_labels: already shifted targets (context-parallel style), no further shift.
+        # shift_labels: already shifted targets (context-parallel style), no further shift. HF reads
+        # them instead of labels (which must still be given: labels decide that there is a loss).
         shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-        got = patched(input_ids=ids, shift_labels=shift, labels=None)
+        got = patched(input_ids=ids, shift_labels=shift, labels=torch.zeros_like(labels))
         want = reference(input_ids=ids, labels=labels)
         torch.testing.assert_close(got.loss, want.loss)
+        alone, want = patched(input_ids=ids, shift_labels=shift), reference(input_ids=ids, shift_labels=shift)
+        assert alone.loss is None and want.loss is None
+        torch.testing.assert_close(alone.logits, want.logits)
         # return_dict=False gives HF's tuple layout (loss first, no logits), and no_grad works.
         with torch.no_grad():
             loss_tuple = patched(input_ids=ids, labels=labels, return_dict=False, use_cache=False)

@@ -56,7 +56,6 @@ Backward can run only once per forward (the gradients are handed to autograd, no
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -75,7 +74,7 @@ from medusa_liger.kernels.chunking import GEMM_ROWS
 from medusa_liger.kernels.chunking import mm_into as _mm_into
 from medusa_liger.kernels import exp_operand
 from medusa_liger.kernels.cross_entropy import ce_rows, check_ce_options, row_targets
-from medusa_liger.kernels.head_inputs import as_head_weights, check_teacher, region, sources
+from medusa_liger.kernels.head_inputs import as_head_weights, check_shifts, check_teacher, region, sources
 from medusa_liger.kernels.jsd import jsd_rows
 from medusa_liger.kernels.kl_divergence import kl_rows
 from medusa_liger.kernels.reference import MultiHeadLossOutput, Teacher
@@ -464,11 +463,7 @@ def multi_head_linear_cross_entropy(
              with label_smoothing.
     Returns MultiHeadLossOutput(loss (differentiable), head_losses, head_accuracy, head_tokens).
     """
-    if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:
-        raise ValueError(f"shifts must be a non-empty list of ints >= 0, got {shifts!r}")
-    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shifts):
-        raise ValueError(f"shifts must be ints >= 0, got {shifts!r}")  # 1.9 would silently become 1
-    shifts = [int(s) for s in shifts]
+    shifts = check_shifts(shifts)
     K = len(shifts)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError("labels must be a [B, T] integer tensor")
@@ -498,6 +493,8 @@ def multi_head_linear_cross_entropy(
     w_srcs, w_heads = sources("weight", weight, K, 2)
     b_srcs, b_heads = ([], None) if bias is None else sources("bias", bias, K, 1)
     V, H = w_srcs[0].shape[-2], w_srcs[0].shape[-1]
+    if V < 1:  # (the chunk budget divides by V)
+        raise ValueError(f"weight must have a vocabulary of V >= 1 rows, got shape {list(w_srcs[0].shape)}")
     for name, srcs, tail in (("hidden", hid_srcs, (B, T, H)), ("weight", w_srcs, (V, H)), ("bias", b_srcs, (V,))):
         for t in srcs:
             check_float(name, t)
@@ -565,8 +562,9 @@ class MultiHeadLinearCrossEntropy(nn.Module):
         skip_ignored: bool = False,
     ) -> None:
         super().__init__()
-        self.shifts = [int(s) for s in shifts]
-        self.head_weights = None if head_weights is None else [float(w) for w in head_weights]
+        self.shifts = check_shifts(shifts)  # here, not at the first call: int(1.9) would make it 1
+        self.head_weights = head_weights if head_weights is None or isinstance(head_weights, torch.Tensor) \
+            else list(head_weights)  # checked by each call, as the function's
         self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                             softcap=softcap, reduction=reduction, accum_dtype=accum_dtype, chunk_size=chunk_size,
                             skip_ignored=skip_ignored)

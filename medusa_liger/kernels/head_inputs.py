@@ -9,6 +9,7 @@ per head, which tensor and which slice of it the head reads.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -48,6 +49,15 @@ def sources(name: str, x, K: int, single_dim: int) -> tuple[list[torch.Tensor], 
 
 def region(src: torch.Tensor, sub: int | None) -> torch.Tensor:
     return src if sub is None else src[sub]
+
+
+def check_shifts(shifts) -> list[int]:
+    """``shifts`` as a list of ints, or a ValueError: a non-empty list or tuple of ints >= 0."""
+    if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:
+        raise ValueError(f"shifts must be a non-empty list of ints >= 0, got {shifts!r}")
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shifts):
+        raise ValueError(f"shifts must be ints >= 0, got {shifts!r}")  # 1.9 would silently become 1
+    return [int(s) for s in shifts]
 
 
 def as_head_weights(head_weights, K: int, device: torch.device) -> torch.Tensor:

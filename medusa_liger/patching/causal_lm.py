@@ -7,9 +7,10 @@ HF's ``*ForCausalLM.forward`` computes ``logits = lm_head(h)`` ([B, T, V]; 2 GiB
     loss = sum_{valid (b,t)} CE(h[b, t] @ W.T, target[b, t]) / N
     N    = num_items_in_batch if given (gradient accumulation: "sum" then divide), else #valid
 
-The patched forward keeps the decoder call as is and, when ``labels`` (or ``shift_labels``, already
-shifted) are given, computes the same loss through ``multi_head_linear_cross_entropy`` with one head
-and shift 1 (0 for ``shift_labels``), chunk by chunk, and returns ``logits=None``. Without labels it
+The patched forward keeps the decoder call as is and, when ``labels`` are given, computes the same
+loss through ``multi_head_linear_cross_entropy`` with one head and shift 1 (or shift 0 on
+``shift_labels``, already shifted targets, which HF reads instead of ``labels`` when both are given),
+chunk by chunk, and returns ``logits=None``. Without labels it
 *is* the original forward, so generation and evaluation see exactly HF's logits (with labels, in
 eval mode too, the loss is fused and ``logits`` is None: ask without labels for logits).
 ``logits_to_keep`` slices the hidden states the loss reads, as it slices the logits in HF; the
@@ -144,7 +145,7 @@ def make_fused_forward(original: Callable) -> Callable:
         extra = dict(arguments.pop(var_keyword, {})) if var_keyword else {}
         labels = arguments.pop("labels", None)
         shift_labels = extra.pop("shift_labels", None)
-        if (labels is None and shift_labels is None) or not _can_fuse(self):
+        if labels is None or not _can_fuse(self):  # shift_labels alone: HF computes no loss either
             return original(self, *args, **kwargs)
 
         arguments.pop("self")
