@@ -255,6 +255,7 @@ def test_typical_decoding_seeded(trained):
         ({"max_new_tokens": 250}, "max_position_embeddings"),
         ({"acceptance": "nucleus"}, "acceptance"),
         ({"temperature": -1.0}, "temperature"),
+        ({"temperature": 0.7}, "samples only with acceptance='typical'"),  # was ignored: decoded greedily
         ({"posterior_threshold": 0.0}, "posterior_threshold"),
         ({"tree": [[0], [1, 0]]}, "parent"),
         ({"tree": [[VOCAB]]}, "vocabulary"),

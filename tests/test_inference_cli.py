@@ -57,6 +57,8 @@ def test_eval_usage_errors_name_the_flag_before_loading(tmp_path, capsys, flags,
     (["--acceptance", "typical", "--compare-greedy"], "--compare-greedy compares greedy decodings"),
     (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1"),
     (["--acceptance", "typical", "--temperature", "-1"], "argument --temperature: must be a number >= 0"),
+    (["--posterior-alpha", "0.5"], "--posterior-alpha needs --acceptance typical"),
+    (["--acceptance", "typical", "--posterior-threshold", "1.5"], "argument --posterior-threshold: must be a number"),
 ])
 def test_generate_usage_errors_name_the_flag_before_loading(tmp_path, capsys, flags, message):
     assert message in usage_error(["generate", str(tmp_path / "nowhere"), "--prompt", "x", *flags], capsys)

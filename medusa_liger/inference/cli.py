@@ -316,10 +316,6 @@ def check_output_dir(path: str | Path, name: str) -> None:
             raise ValueError(f"{name}: {str(path)!r} {where}; pass a directory")
 
 
-# Flags that only --acceptance typical reads (greedy decoding would ignore them).
-TYPICAL_FLAGS = ("--temperature", "--posterior-threshold", "--posterior-alpha", "--seed")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_args.setup(parser)
     parser.add_argument("run_dir", nargs="?", default=None,
@@ -365,17 +361,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with typical acceptance, against plain sampling")
     parser.add_argument("--temperature", type=number(float, above=0), default=DEFAULT_TEMPERATURE, action=Given,
                         help="sampling temperature of --acceptance typical")
-    parser.add_argument("--posterior-threshold", type=number(float, above=0, maximum=1), default=0.09, action=Given,
-                        help="typical acceptance's epsilon (the largest probability a candidate must reach)")
-    parser.add_argument("--posterior-alpha", type=number(float, above=0), default=0.3, action=Given,
-                        help="typical acceptance's entropy factor (threshold alpha * exp(-entropy) below epsilon)")
+    cli_args.add_posterior_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, action=Given,
                         help="sampling seed of --acceptance typical (prompt i: seed + i)")
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Usage errors the parser cannot see flag by flag, before anything loads."""
-    cli_args.check_needs(args, TYPICAL_FLAGS, "--acceptance typical", args.acceptance == "typical")
+    cli_args.check_needs(args, cli_args.TYPICAL_FLAGS, "--acceptance typical", args.acceptance == "typical")
     cli_args.check_needs(args, ["--prior-strength"], "--tree-search conditional", args.tree_search == "conditional")
     if args.tree is not None and cli_args.given(args, "--tree-size"):
         cli_args.error(args, "--tree-size sizes the searched tree: with --tree, the given tree is measured as it is")

@@ -94,3 +94,16 @@ def device(text: str) -> str:
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+# Flags that only --acceptance typical reads (greedy decoding would ignore them).
+TYPICAL_FLAGS = ("--temperature", "--posterior-threshold", "--posterior-alpha", "--seed")
+
+
+def add_posterior_arguments(parser: argparse.ArgumentParser) -> None:
+    """Typical acceptance's thresholds (``medusa_generate``'s posterior_threshold / posterior_alpha);
+    the command refuses them without ``--acceptance typical`` (``check_needs``)."""
+    parser.add_argument("--posterior-threshold", type=number(float, above=0, maximum=1), default=0.09, action=Given,
+                        help="typical acceptance's epsilon (the largest probability a candidate must reach)")
+    parser.add_argument("--posterior-alpha", type=number(float, above=0), default=0.3, action=Given,
+                        help="typical acceptance's entropy factor (threshold alpha * exp(-entropy) below epsilon)")

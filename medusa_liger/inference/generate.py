@@ -216,6 +216,9 @@ class MedusaDecoder:
                 f"mask; load it with attn_implementation in {MASK_ATTENTION_IMPLEMENTATIONS}"
             )
         check_acceptance(acceptance, temperature, posterior_threshold, posterior_alpha)
+        if acceptance == "greedy" and temperature != 0:  # it would decode greedily all the same
+            raise ValueError(f"temperature={temperature!r} samples only with acceptance='typical'; greedy acceptance "
+                             "decodes at temperature 0")
         num_heads = self.runner.num_heads
         # Validates the tree against the number of heads (ValueError naming the missing head), before
         # anything iterates its paths (a flat [0, 1] would be a TypeError there).

@@ -39,15 +39,14 @@ def generate_reply(model, tokenizer, prompt: str, *, raw: bool = False, max_new_
                    tree: list[list[int]] | None = None, compare_greedy: bool = False,
                    **options: Any) -> tuple[str, MedusaGenerateOutput]:
     """(reply text, the decoding's output) of ``model`` (a MedusaModel) for one prompt; ``options``:
-    ``medusa_generate``'s acceptance options. Stops at the tokenizer's EOS token."""
+    ``medusa_generate``'s acceptance options. Stops at the tokenizer's EOS token. With ``compare_greedy``
+    a short warm-up of both decodings runs first, so neither timing pays the first call's costs."""
     ids = torch.tensor([prompt_ids(tokenizer, prompt, raw)], device=model.lm_head.weight.device)
+    if compare_greedy:  # first calls pay one-time costs (kernel loading, allocator growth): not in either timing
+        medusa_generate(model, ids, min(8, max_new_tokens), tree, compare_greedy=True, **options)
     out = medusa_generate(model, ids, max_new_tokens, tree, eos_token_id=tokenizer.eos_token_id,
                           compare_greedy=compare_greedy, **options)
     return tokenizer.decode(out.new_tokens.tolist(), skip_special_tokens=True), out
-
-
-# Flags that only --acceptance typical reads (greedy decoding would ignore them).
-TYPICAL_FLAGS = ("--temperature", "--seed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="greedy (lossless) or typical acceptance, sampling at --temperature")
     parser.add_argument("--temperature", type=number(float, minimum=0), default=DEFAULT_TEMPERATURE, action=Given,
                         help="sampling temperature of --acceptance typical (0: greedy)")
+    cli_args.add_posterior_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, action=Given, help="sampling seed of --acceptance typical")
     parser.add_argument("--compare-greedy", action="store_true",
                         help="also decode with plain greedy decoding: its speed, and whether the replies agree")
@@ -80,7 +80,7 @@ def check_args(args: argparse.Namespace) -> None:
     typical = args.acceptance == "typical"
     if args.compare_greedy and typical:
         cli_args.error(args, "--compare-greedy compares greedy decodings: use it with --acceptance greedy")
-    cli_args.check_needs(args, TYPICAL_FLAGS, "--acceptance typical", typical)
+    cli_args.check_needs(args, cli_args.TYPICAL_FLAGS, "--acceptance typical", typical)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
             check_backbone_path(args.backbone)
         backbone, heads = resolve_paths(args.run_dir, args.backbone, args.heads)
         model, tokenizer = load_medusa(backbone, heads, device=args.device, dtype=args.dtype)
-        options = {} if args.acceptance == "greedy" else dict(acceptance="typical", temperature=args.temperature,
-                                                               seed=args.seed)
+        options = {} if args.acceptance == "greedy" else dict(
+            acceptance="typical", temperature=args.temperature, seed=args.seed,
+            posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha)
         reply, out = generate_reply(model, tokenizer, args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
                                     tree=tree, compare_greedy=args.compare_greedy, **options)
     except (ValueError, FileNotFoundError) as error:
