@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from medusa_liger.kernels import force_backend
 from medusa_liger.train.config import load_config
@@ -183,3 +184,42 @@ def test_master_dtype_key_is_typed():
     assert load_config(TINY, ["train.master_dtype=auto"]).train.master_dtype == "auto"
     with pytest.raises(ValueError, match="train.master_dtype must be one of 'auto', 'float32'"):
         load_config(TINY, ["train.master_dtype=float64"])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.master_dtype=float16"], "train.master_dtype"),
+    (["model.dtype=float16", "train.master_dtype=auto"], "train.master_dtype"),
+    (["model.dtype=float16", "train.mode=joint"], "model.dtype"),
+])
+def test_float16_trained_weights_are_refused(overrides, key):
+    """AdamW's eps (1e-8) is 0 in float16: every weight turned NaN from step 2, and the run exported them."""
+    with pytest.raises(ValueError, match=f"{key} must be .*float16 weights do not train without loss scaling"):
+        load_config(TINY, overrides)
+    # A float16 backbone that stays frozen, or that trains through float32 LoRA adapters, is fine.
+    load_config(TINY, ["model.dtype=float16", "train.mode=heads"])
+    load_config(TINY, ["model.dtype=float16", "train.mode=joint", "lora.enabled=true"])
+
+
+def test_a_non_finite_loss_stops_before_the_update(tmp_path, monkeypatch, capsys):
+    """A NaN step used to update every weight to NaN; the run went on and exported them (exit 0)."""
+    from medusa_liger.cli import main
+    from medusa_liger.train import loop
+
+    original = loop.accumulate_gradients
+    calls = []
+
+    def nan_at_step_3(*args, **kwargs):
+        metrics = original(*args, **kwargs)
+        calls.append(1)
+        return {**metrics, "loss": float("nan")} if len(calls) == 3 else metrics
+
+    monkeypatch.setattr(loop, "accumulate_gradients", nan_at_step_3)
+    cfg = short_config(tmp_path, "train.steps=4", "checkpoint.every=2")
+    with pytest.raises(loop.DivergedError, match="step 3: the loss is nan and the gradient norm .*: stopped before"):
+        train(cfg)
+    assert not (tmp_path / "final").exists()
+    heads = load_file(tmp_path / "checkpoints" / "step-000002" / "heads" / "medusa_lm_head.safetensors")
+    assert all(torch.isfinite(t).all() for t in heads.values())
+    calls.clear()  # the command says it in one line, with exit status 1
+    assert main(["train", str(tmp_path / "config.yaml")]) == 1
+    assert "medusa-liger train: error: step 3: the loss is nan" in capsys.readouterr().err

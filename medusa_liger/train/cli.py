@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from medusa_liger.train.checkpoint import ResumeError
     from medusa_liger.train.config import ConfigError
     from medusa_liger.train.data import DataError
-    from medusa_liger.train.loop import train
+    from medusa_liger.train.loop import DivergedError, train
 
     try:
         train(cfg)
@@ -71,4 +71,7 @@ def run(args: argparse.Namespace) -> int:
     except ResumeError as error:  # a checkpoint this config cannot continue from, likewise
         print(f"medusa-liger train: resume error: {error}", file=sys.stderr)
         return 2
+    except DivergedError as error:  # said in one line: the traceback would only show the loop
+        print(f"medusa-liger train: error: {error}", file=sys.stderr)
+        return 1
     return 0  # any other exception is a bug (or a failure mid-run): it propagates with its traceback

@@ -404,6 +404,15 @@ def validate(cfg: Config) -> Config:
     _require(t.heads_lambda.ramp_steps >= 0, "train.heads_lambda.ramp_steps", t.heads_lambda.ramp_steps, ">= 0")
     _require(is_device_name(t.device, allow_auto=True), "train.device", t.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
     _require(t.threads is None or t.threads >= 1, "train.threads", t.threads, ">= 1 or null")
+    # float16 weights that train need loss scaling, which this trainer does not do: AdamW's eps (1e-8)
+    # is 0 in float16, so a zero gradient updates to 0/0 = NaN at the first step.
+    master = cfg.model.dtype if t.master_dtype == "auto" else t.master_dtype
+    _require(master != "float16", "train.master_dtype", t.master_dtype,
+             "float32 or bfloat16 (or auto with model.dtype not float16): float16 weights do not train without "
+             "loss scaling, which this trainer does not do")
+    _require(not (t.mode == "joint" and not cfg.lora.enabled and cfg.model.dtype == "float16"), "model.dtype",
+             cfg.model.dtype, "float32 or bfloat16 when the full backbone trains (train.mode=joint without LoRA): "
+             "float16 weights do not train without loss scaling, which this trainer does not do")
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, ">= 1")
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, ">= 1")

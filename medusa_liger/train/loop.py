@@ -43,6 +43,7 @@ and names the deleted steps in a warning; an earlier run's ``eval/`` report and 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -214,12 +215,23 @@ def accumulate_gradients(model, batches, device, amp=None) -> dict[str, Any]:
     return metrics
 
 
-def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, device, amp) -> dict[str, Any]:
-    """One optimizer step: accumulate, clip, AdamW, schedule, zero the gradients."""
+class DivergedError(RuntimeError):
+    """A step's loss or gradient norm is not finite: training stops before that step's update."""
+
+
+def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, device, amp, step: int) -> dict[str, Any]:
+    """One optimizer step (``step`` counts from 1): accumulate, clip, AdamW, schedule, zero the gradients."""
     metrics = accumulate_gradients(model, batches, device, amp)
     grad_norm = None
     if cfg.train.max_grad_norm is not None:
         grad_norm = fsdp.total_norm(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+    # Both are host numbers already (all-reduced: every rank stops alike). A NaN update would make
+    # every weight NaN, and the run would go on to export them.
+    if not math.isfinite(metrics["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
+        raise DivergedError(
+            f"step {step}: the loss is {metrics['loss']}{'' if grad_norm is None else f' and the gradient norm {grad_norm}'}"
+            ": stopped before this step's update (the checkpoints are as they were). Lower train.lr / "
+            "train.heads_lr, set train.max_grad_norm, or keep weights in float32 or bfloat16")
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
     optimizer.step()
     scheduler.step()
@@ -441,7 +453,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             step_start = time.perf_counter()
             stage = _set_stage(model, cfg, step)
             batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
-            metrics = _train_step(model, batches, optimizer, scheduler, list(params.values()), cfg, device, amp)
+            metrics = _train_step(model, batches, optimizer, scheduler, list(params.values()), cfg, device, amp,
+                                  step + 1)
             seconds = time.perf_counter() - step_start
             metrics.update({"tokens_per_s": metrics["tokens"] / seconds, "epoch": loader.epoch, "stage": stage})
             if device.type == "cuda":  # the allocator's own counter: a host read, no device sync
