@@ -302,3 +302,11 @@ def test_attn_implementation_typos_stop_at_config_time(value):
     with pytest.raises(ValueError, match=r"model\.attn_implementation must be null, one of eager, sdpa.* got "
                        + re.escape(repr(value))):
         load_config(TINY, [f"model.attn_implementation={value}"])
+
+
+def test_a_run_must_save_its_heads_somewhere():
+    """export.formats=[] with checkpoint.every=0 trained heads that were then written nowhere."""
+    tiny = ROOT / "configs" / "tiny.yaml"
+    with pytest.raises(ValueError, match=r"export.formats must be at least one of .* when checkpoint.every=0"):
+        load_config(tiny, ["export.formats=[]", "checkpoint.every=0"])
+    assert load_config(tiny, ["export.formats=[]", "checkpoint.every=5"]).export.formats == []

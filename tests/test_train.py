@@ -564,3 +564,20 @@ def test_resume_and_export_check_every_tensor_before_copying_any(tmp_path):
         copy_into({"a": a, "b": b}, {"a": torch.ones(2)}, "run")
     copy_into({"a": a, "b": b}, {"a": torch.ones(2)}, "run", allow_missing=True)  # LoRA: adapters only
     assert a.eq(1).all() and not b.any()
+
+
+def test_a_new_run_leaves_no_export_of_an_earlier_one_in_final(tmp_path, capsys):
+    """final/ only ever grew: an earlier run's backbone (or heads of a format this run does not export)
+    stayed beside this run's, and eval/generate/export paired them as one run's."""
+    train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0", "data.eval_fraction=0"))
+    final = tmp_path / "final"
+    (final / "notes.txt").write_text("mine")  # a user's file: not an export, left alone
+    old_heads = (final / "heads_medusa" / "medusa_lm_head.safetensors").read_bytes()
+    capsys.readouterr()
+    train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0", "data.eval_fraction=0", "train.seed=5",
+                       "export.formats=[medusa]", "export.backbone=never"))
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in final.iterdir()) == ["heads_medusa", "notes.txt"]
+    for gone in ("heads_vllm", "backbone"):
+        assert f"warning: deleting {final / gone}, an earlier run's export" in err
+    assert (final / "heads_medusa" / "medusa_lm_head.safetensors").read_bytes() != old_heads

@@ -174,7 +174,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500  # steps; 0 disables intermediate checkpoints
+    every: int = 500  # steps between checkpoints (the last step always has one); 0: no checkpoints
     keep: int = 2
 
 
@@ -416,6 +416,8 @@ def validate(cfg: Config) -> Config:
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, ">= 1")
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, ">= 1")
+    _require(bool(cfg.export.formats) or cfg.checkpoint.every > 0, "export.formats", cfg.export.formats,
+             "at least one of 'medusa', 'vllm' when checkpoint.every=0 (the trained heads would be saved nowhere)")
     for i, fmt in enumerate(cfg.export.formats):
         _require(fmt in ("medusa", "vllm"), f"export.formats[{i}]", fmt, "'medusa' or 'vllm'")
     if t.resume not in ("none", "auto"):

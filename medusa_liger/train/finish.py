@@ -9,13 +9,16 @@ last.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medusa_liger.heads.export import BACKBONE_SUBDIR, write_backbone
+from medusa_liger.heads.export import BACKBONE_SUBDIR, FORMATS, write_backbone
 from medusa_liger.run_layout import (
     CONFIG_FILE,
     EVAL_PROMPTS_FILE,
@@ -30,20 +33,45 @@ from medusa_liger.train.packing import PackedData, most_common_target_frequency
 
 
 def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
-    """Heads in every export format, plus the backbone (LoRA merged) when it trained or was built here."""
+    """Heads in every export format, plus the backbone (LoRA merged) when it trained or was built here.
+
+    Each is written in a scratch directory inside ``final`` and then takes its place, and an earlier
+    run's export that this run does not write (a format, or a backbone) is deleted with a warning:
+    ``eval``/``generate``/``export`` pair whatever heads and backbone they find in ``final/``, so an old
+    backbone beside new heads was measured as this run's. Other files in ``final/`` are left alone.
+    """
     dtype = export_dtype(cfg)  # not the heads' master dtype: auto is the backbone's (serving) dtype
     built_here = cfg.model.name_or_path == "tiny"
     save_backbone = cfg.export.backbone == "always" or (
         cfg.export.backbone == "auto" and (built_here or cfg.train.mode == "joint"))
     backbone_dir = final / BACKBONE_SUBDIR
     base_name = str(backbone_dir.resolve()) if save_backbone else cfg.model.name_or_path
-    paths = {}
-    for fmt in cfg.export.formats:
-        paths[final_heads_dir(fmt)] = model.save_heads(final / final_heads_dir(fmt), format=fmt, dtype=dtype,
-                                                       save_backbone=False, base_model_name_or_path=base_name)
+    final.mkdir(parents=True, exist_ok=True)
+    for leftover in final.glob(".export-*"):  # of an export that was killed: never read, maybe large
+        shutil.rmtree(leftover, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(dir=final, prefix=".export-"))
+    try:
+        for fmt in cfg.export.formats:
+            model.save_heads(scratch / final_heads_dir(fmt), format=fmt, dtype=dtype, save_backbone=False,
+                             base_model_name_or_path=base_name)
+        if save_backbone:
+            write_backbone(model.backbone, scratch / BACKBONE_SUBDIR, dtype)
+            tokenizer.save_pretrained(str(scratch / BACKBONE_SUBDIR))
+        written = {final_heads_dir(fmt) for fmt in cfg.export.formats} | ({BACKBONE_SUBDIR} if save_backbone else set())
+        for name in (*(final_heads_dir(fmt) for fmt in FORMATS), BACKBONE_SUBDIR):
+            target = final / name
+            if target.exists() or target.is_symlink():
+                if name not in written:
+                    print(f"warning: deleting {target}, an earlier run's export that this run does not write "
+                          f"(it would be taken for this run's)", file=sys.stderr, flush=True)
+                target.rename(scratch / f"old-{name}")  # (a link: the link goes, not what it points to)
+            if name in written:
+                (scratch / name).rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    paths = {final_heads_dir(fmt): final / final_heads_dir(fmt) for fmt in cfg.export.formats}
     if save_backbone:
-        paths["backbone"] = write_backbone(model.backbone, backbone_dir, dtype)
-        tokenizer.save_pretrained(str(backbone_dir))
+        paths["backbone"] = backbone_dir
     return paths
 
 
