@@ -581,3 +581,34 @@ def test_a_new_run_leaves_no_export_of_an_earlier_one_in_final(tmp_path, capsys)
     for gone in ("heads_vllm", "backbone"):
         assert f"warning: deleting {final / gone}, an earlier run's export" in err
     assert (final / "heads_medusa" / "medusa_lm_head.safetensors").read_bytes() != old_heads
+
+
+@pytest.mark.parametrize("first, change, said", [
+    # The tiny tokenizer is trained on the run's data at every start: other data, other token ids.
+    ([], "data.max_examples=30", "the tiny model's tokenizer differs"),
+    # A frozen tiny backbone is drawn from the seed, not saved.
+    (["train.mode=heads"], "train.seed=5", "train.seed 0 -> 5"),
+    # LoRA's alpha scales every adapter's output.
+    (["lora.enabled=true", "lora.r=4"], "lora.alpha=64", "lora.alpha 16.0 -> 64.0"),
+])
+def test_a_resume_under_settings_the_weights_depend_on_is_refused(tmp_path, first, change, said):
+    """They were accepted without a word: the resumed model was not the one checkpointed."""
+    from medusa_liger.train.checkpoint import ResumeError
+
+    extra = ["checkpoint.every=2", "export.formats=[medusa]", "data.eval_fraction=0.0", *first]
+    train(short_config(tmp_path, "train.steps=2", *extra))
+    with pytest.raises(ResumeError, match=f"under other settings that its weights depend on: {said}"):
+        train(short_config(tmp_path, "train.steps=3", "train.resume=auto", change, *extra))
+
+
+def test_a_resume_on_other_data_or_batches_says_so(tmp_path, capsys):
+    """A new seed, held-out fraction or batch size was taken silently: the held-out split was drawn
+    anew (rows trained on became held-out prompts) and nothing said it."""
+    extra = ["checkpoint.every=2", "export.formats=[medusa]"]
+    train(short_config(tmp_path, "train.steps=2", *extra))
+    capsys.readouterr()
+    train(short_config(tmp_path, "train.steps=3", "train.resume=auto", "train.seed=5", "train.micro_batch_size=2",
+                       *extra))
+    note = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("note: resuming"))
+    assert "train.seed 0 -> 5" in note and "train.micro_batch_size 4 -> 2" in note
+    assert "a held-out split drawn anew" in note

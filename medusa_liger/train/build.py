@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -288,6 +290,62 @@ def objective_changes(saved: dict[str, object] | None, cfg: Config) -> list[str]
         return []
     return [f"{key} {saved[key]} -> {value}" for key, value in objective_settings(cfg).items()
             if key in saved and saved[key] != value]
+
+
+def fixed_settings(cfg: Config, tokenizer) -> dict[str, object]:
+    """What a checkpoint's weights only mean something under, by name: checkpoints keep it, and a
+    resume that changes any of it is refused (``fixed_changes``)."""
+    fixed: dict[str, object] = {}
+    if cfg.model.name_or_path == "tiny":
+        # Trained anew at every start on the run's data (data.paths, data.max_examples, ...): other data
+        # give other token ids. Its base weights are drawn from the seed, and saved only when they train.
+        fixed["the tiny model's tokenizer"] = tokenizer_fingerprint(tokenizer)
+        if cfg.train.mode == "heads" or cfg.lora.enabled:
+            fixed["train.seed"] = cfg.train.seed
+    if cfg.lora.enabled:
+        fixed["lora.alpha"] = cfg.lora.alpha  # scales every adapter's output: another model
+    return fixed
+
+
+def fixed_changes(saved: dict[str, object] | None, cfg: Config, tokenizer) -> list[str]:
+    """``"lora.alpha 16 -> 64"`` for each of ``fixed_settings`` that differs from a checkpoint's."""
+    changes = []
+    for key, value in fixed_settings(cfg, tokenizer).items():
+        if saved and key in saved and saved[key] != value:
+            changes.append(key + (" differs (data.paths, data.max_examples or model.tiny.vocab_size changed)"
+                                  if key.startswith("the tiny") else f" {saved[key]} -> {value}"))
+    return changes
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of the tokenizer's vocabulary (token -> id)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
+
+
+def data_settings(cfg: Config) -> dict[str, object]:
+    """What decides the training rows, their order and the held-out split, by config key: a resume may
+    change them (new data to continue on), and says so (``data_changes``)."""
+    d, t = cfg.data, cfg.train
+    return {"data.paths": list(d.paths), "data.split": d.split, "data.max_examples": d.max_examples,
+            "data.seq_len": d.seq_len, "data.loss_on": d.loss_on, "data.eval_fraction": d.eval_fraction,
+            "train.seed": t.seed, "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum}
+
+
+SPLIT_KEYS = ("data.paths", "data.split", "data.max_examples", "data.seq_len", "data.eval_fraction", "train.seed")
+
+
+def data_changes(saved: dict[str, object] | None, cfg: Config) -> list[str]:
+    """``"train.micro_batch_size 4 -> 2"`` for each of ``data_settings`` that differs from a checkpoint's;
+    where the held-out split is drawn anew, the last entry says so."""
+    if not saved:
+        return []
+    current = data_settings(cfg)
+    changed = [key for key, value in current.items() if key in saved and saved[key] != value]
+    notes = [f"{key} {saved[key]} -> {current[key]}" for key in changed]
+    if any(key in SPLIT_KEYS for key in changed) and cfg.data.eval_fraction > 0:
+        notes.append("a held-out split drawn anew (rows trained on may now be held out, and in eval_prompts.jsonl)")
+    return notes
 
 
 def heads_lambda(cfg: Config, step: int) -> float:

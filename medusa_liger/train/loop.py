@@ -71,6 +71,10 @@ from medusa_liger.train.build import (
     build_optimizer,
     build_scheduler,
     build_tokenizer_and_backbone,
+    data_changes,
+    data_settings,
+    fixed_changes,
+    fixed_settings,
     heads_lambda,
     objective_changes,
     objective_settings,
@@ -398,6 +402,11 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         with torch.no_grad():
             fsdp.load_module_(model.heads, saved_heads.tensors)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
+        fixed = fixed_changes(state.get("fixed"), cfg, tokenizer)
+        if fixed:  # before save_config, as the step check below
+            raise ResumeError(f"train.resume: checkpoint {str(resume_dir)!r} was trained under other settings that its "
+                              f"weights depend on: {'; '.join(fixed)}. Restore them, or start afresh "
+                              "(train.resume=none)")
         if start_step > cfg.train.steps:  # before save_config: the run's config.yaml stays as it was
             raise ResumeError(f"train.resume: checkpoint {str(resume_dir)!r} is at step {start_step}, past "
                               f"train.steps={cfg.train.steps}: nothing is left to train (give train.steps >= "
@@ -405,6 +414,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         loader.load_state_dict(state["data"])
         changed = reapply_schedule(cfg, optimizer, scheduler)  # this config's rates and schedule, not the checkpoint's
         changed += objective_changes(state.get("objective"), cfg)  # a new loss is allowed (a curriculum), and said
+        changed += data_changes(state.get("data_settings"), cfg)  # new data to continue on, likewise
         if changed and main:
             print(f"note: resuming at step {start_step} with {', '.join(changed)} (from here on)",
                   file=sys.stderr, flush=True)
@@ -479,9 +489,10 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 trained = fsdp.full_tensors(other_params) if fsdp_units else other_params
                 optimizer_state = fsdp.full_optimizer_state(optimizer) if fsdp_units else optimizer
                 if main:
-                    save_checkpoint(ckpt_root, done, trained, optimizer_state, scheduler,
-                                    {"data": loader.state_dict(), "wandb_id": logger.wandb_id,
-                                     "world_size": world, "objective": objective_settings(cfg)}, cfg.checkpoint.keep,
+                    run_state = {"data": loader.state_dict(), "wandb_id": logger.wandb_id, "world_size": world,
+                                 "objective": objective_settings(cfg), "fixed": fixed_settings(cfg, tokenizer),
+                                 "data_settings": data_settings(cfg)}
+                    save_checkpoint(ckpt_root, done, trained, optimizer_state, scheduler, run_state, cfg.checkpoint.keep,
                                     write_extra=lambda d, h=heads: write_heads(h, d / CHECKPOINT_HEADS_DIR, "medusa"),
                                     rng_states=rng_states)
                 del heads, trained, optimizer_state
