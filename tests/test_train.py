@@ -612,3 +612,10 @@ def test_a_resume_on_other_data_or_batches_says_so(tmp_path, capsys):
     note = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("note: resuming"))
     assert "train.seed 0 -> 5" in note and "train.micro_batch_size 4 -> 2" in note
     assert "a held-out split drawn anew" in note
+
+
+def test_without_a_progress_bar_every_logging_step_prints_a_line(tmp_path, capsys):
+    """logging.every counted only for the bar: a run with logging.progress=false printed no step at all."""
+    train(short_config(tmp_path, "train.steps=5", "checkpoint.every=0", "logging.every=2", "data.eval_fraction=0"))
+    steps = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert steps == ["step 2/5", "step 4/5", "step 5/5"]

@@ -82,6 +82,7 @@ class MetricsLogger:
         self.path = Path(output_dir) / METRICS_FILE
         truncate_metrics(self.path, start_step)
         self.every = every
+        self.total_steps = total_steps
         self.file = self.path.open("a", encoding="utf-8")
         self.wandb = init_wandb(wandb_mode, wandb_project, run_name, config, Path(output_dir), wandb_id)
         self.bar = None
@@ -103,13 +104,15 @@ class MetricsLogger:
             self.wandb.log(record, step=step)
         if self.bar is not None:
             self.bar.update(1)
-            if step % self.every == 0 or step == self.bar.total:
-                accs = [v for k, v in sorted(metrics.items()) if k.startswith("acc/head")]
-                self.bar.set_postfix_str(
-                    f"loss={metrics['loss']:.3f} acc=[{' '.join(f'{a:.2f}' for a in accs)}] "
+        if step % self.every == 0 or step == self.total_steps:
+            accs = [v for k, v in sorted(metrics.items()) if k.startswith("acc/head")]
+            line = (f"loss={metrics['loss']:.3f} acc=[{' '.join(f'{a:.2f}' for a in accs)}] "
                     f"tok/s={metrics.get('tokens_per_s', 0):.0f}"
-                    + (f" mem={metrics['peak_memory_gib']:.1f}GiB" if "peak_memory_gib" in metrics else "")
-                )
+                    + (f" mem={metrics['peak_memory_gib']:.1f}GiB" if "peak_memory_gib" in metrics else ""))
+            if self.bar is not None:
+                self.bar.set_postfix_str(line)
+            else:  # (logging.progress=false, e.g. a batch job's log file): one line instead of the bar
+                print(f"step {step}/{self.total_steps}: {line}", flush=True)
 
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
