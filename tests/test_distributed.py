@@ -178,6 +178,9 @@ def test_two_ranks_match_one_process_with_accumulation_and_resume(tmp_path):
     for step in ckpts.iterdir():  # every rank's RNG streams, one data position for all
         assert (step / "rng.pt").is_file() and (step / "rng-rank1.pt").is_file()
         assert not (step / "rng-rank2.pt").exists()
+        # Each rank draws its own dropout masks: the ranks' streams were one stream, repeated.
+        states = [torch.load(step / name, weights_only=False)["torch"] for name in ("rng.pt", "rng-rank1.pt")]
+        assert not torch.equal(*states)
 
     # Two ranks resumed from the step-2 checkpoint log steps 3-4 exactly as the straight run did, here
     # with AdamW's state sharded over the ranks (ZeRO-1): the unsharded checkpoint loads into the
@@ -315,3 +318,24 @@ def test_fsdp_on_gpus_resumes_exactly(tmp_path):
     # into the next steps at ~2e-5 (measured on 2 x H100).
     _close(compared(tmp_path / "replicated"), straight, rel=1e-3)
 
+
+
+def test_a_rank_sets_only_its_own_gpus_random_state(monkeypatch):
+    """A one-process checkpoint holds every GPU's state: each rank set all of them (a CUDA context on
+    every GPU, and an error on a host with fewer GPUs); a rank without its own file took rank 0's."""
+    from medusa_liger.train import checkpoint
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append((states, "all")))
+    state = {"python": checkpoint.random.getstate(), "torch": torch.get_rng_state(), "cuda": ["gpu0", "gpu1", "gpu2"]}
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    checkpoint.set_rng_state(state)
+    assert calls == [("gpu1", "cuda")]
+    calls.clear()
+    monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    checkpoint.set_rng_state(state)  # one process on a host with 2 of the 3 GPUs
+    assert calls == [("gpu0", 0), ("gpu1", 1)]

@@ -8,8 +8,8 @@ Layout of ``{output_dir}/checkpoints/step-000123/``:
   ``write_extra``), which ``medusa-liger export`` reads directly;
 * ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``s;
 * ``rng.pt``: Python, torch CPU and CUDA generator states (of rank 0 in a data-parallel run; rank
-  r > 0 has its own in ``rng-rank<r>.pt``; a run resumed with more ranks than the checkpoint had
-  gives the extra ranks rank 0's states);
+  r > 0 has its own in ``rng-rank<r>.pt``; in a run resumed with more ranks than the checkpoint had,
+  the extra ranks keep the streams the loop seeded them with: rank 0's would repeat its dropout masks);
 * ``trainer_state.json``: step, data-loader position and anything else the loop needs; written
   last, so a directory without it is incomplete.
 
@@ -68,9 +68,17 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "cuda_current" in state and torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return
+    if "cuda" in state:  # one process's states of every GPU it saw
+        states = state["cuda"]
+        if distributed.is_distributed():  # a rank owns one GPU: never touch (and init) the others
+            index = torch.cuda.current_device()
+            torch.cuda.set_rng_state(states[index] if index < len(states) else states[0])
+        else:  # (a host with fewer GPUs than the one that saved them: those it has)
+            for index, device_state in enumerate(states[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(device_state, index)
+    if "cuda_current" in state:
         torch.cuda.set_rng_state(state["cuda_current"])
 
 
@@ -208,7 +216,10 @@ def load_checkpoint(
     tensors = load_file(str(directory / "trainable.safetensors"))
     copy_into(named_params, tensors, f"train.resume: checkpoint {str(directory)!r} does not match this model (was it "
               "trained with other train.mode or lora settings?)", error=ResumeError)
-    optimizer_state = torch.load(directory / "optimizer.pt", weights_only=False)
+    # Memory-mapped: every rank reads the file (twice the trainable parameters in fp32), and each keeps
+    # only its shard (FSDP) or moves it to its GPU; read whole, 8 ranks of an 8B run held 8 copies.
+    # (The safetensors file above is memory-mapped by load_file already.)
+    optimizer_state = torch.load(directory / "optimizer.pt", weights_only=False, mmap=True)
     try:
         optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer_state, optimizer))
     except ValueError as error:  # torch's message names parameter groups, not settings
@@ -216,7 +227,8 @@ def load_checkpoint(
                           f"parameters (other heads, mode or lora settings?): {error}") from error
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
     rng_path = directory / rng_file(rank)
-    set_rng_state(torch.load(rng_path if rng_path.is_file() else directory / rng_file(0), weights_only=False))
+    if rng_path.is_file() or rank == 0:
+        set_rng_state(torch.load(rng_path, weights_only=False))
     return json.loads((directory / STATE_FILE).read_text())
 
 

@@ -223,8 +223,10 @@ class DivergedError(RuntimeError):
     """A step's loss or gradient norm is not finite: training stops before that step's update."""
 
 
-def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, device, amp, step: int) -> dict[str, Any]:
-    """One optimizer step (``step`` counts from 1): accumulate, clip, AdamW, schedule, zero the gradients."""
+def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, device, amp,
+                step: int | None = None) -> dict[str, Any]:
+    """One optimizer step (``step``, counted from 1, names it in errors): accumulate, clip, AdamW,
+    schedule, zero the gradients."""
     metrics = accumulate_gradients(model, batches, device, amp)
     grad_norm = None
     if cfg.train.max_grad_norm is not None:
@@ -233,7 +235,7 @@ def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, devic
     # every weight NaN, and the run would go on to export them.
     if not math.isfinite(metrics["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
         raise DivergedError(
-            f"step {step}: the loss is {metrics['loss']}{'' if grad_norm is None else f' and the gradient norm {grad_norm}'}"
+            f"{'this step' if step is None else f'step {step}'}: the loss is {metrics['loss']}{'' if grad_norm is None else f' and the gradient norm {grad_norm}'}"
             ": stopped before this step's update (the checkpoints are as they were). Lower train.lr / "
             "train.heads_lr, set train.max_grad_norm, or keep weights in float32 or bfloat16")
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
@@ -384,6 +386,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         # Replicas start equal even where initialization is random and unseeded (e.g. LoRA adapters).
         distributed.broadcast_from_main(trainable_parameters(model).values())
     params = trainable_parameters(model)  # after sharding: FSDP's parameters replace the module's
+    if distributed.rank() > 0:  # each rank its own dropout masks (rank 0 draws what one process draws);
+        torch.manual_seed(cfg.train.seed + distributed.rank())  # data order has its own generator
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 
