@@ -490,3 +490,76 @@ def test_a_broken_heads_config_is_a_named_error(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ValueError, match="config.json"):
         read_heads(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ FasterDecoding
+class FasterDecodingResBlock(torch.nn.Module):
+    """FasterDecoding Medusa's head block: x + SiLU(Linear(x))."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, hidden)
+        self.act = torch.nn.SiLU()
+
+    def forward(self, x):
+        return x + self.act(self.linear(x))
+
+
+def fasterdecoding_heads(directory, num_heads: int, num_layers: int) -> torch.nn.ModuleList:
+    """What FasterDecoding's MedusaModel.from_pretrained builds and loads: per head ONE block object
+    repeated num_layers times, then a projection, filled from medusa_lm_head.pt with strict=False."""
+    heads = torch.nn.ModuleList(
+        torch.nn.Sequential(*([FasterDecodingResBlock(H)] * num_layers), torch.nn.Linear(H, V, bias=False))
+        for _ in range(num_heads))
+    heads.load_state_dict(torch.load(directory / "medusa_lm_head.pt", weights_only=True), strict=False)
+    return heads
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_pt_file_serves_in_fasterdecodings_loader(tmp_path, num_layers):
+    """FasterDecoding's loader opens only medusa_lm_head.pt (we wrote only .safetensors), and repeats one
+    block per head: distinct layers loaded as the last layer everywhere (logits off by 64)."""
+    cfg = MedusaConfig(num_heads=K, num_layers=num_layers, shared_lm_head=False)
+    model = MedusaModel.from_backbone(tiny_llama(), cfg)
+    randomize_heads(model)
+    hidden = torch.randn(2, 5, H)
+    if num_layers > 1:
+        with pytest.raises(ValueError, match="repeats one ResBlock medusa_num_layers=2 times per head"):
+            model.save_heads(tmp_path / "distinct", format="medusa", pt_file=True)
+        with torch.no_grad():  # equal layers (e.g. trained tied, as FasterDecoding trains them) are served
+            for blocks in model.heads.blocks:
+                blocks[1].linear.load_state_dict(blocks[0].linear.state_dict())
+    model.save_heads(tmp_path / "heads", format="medusa", pt_file=True)
+    served = fasterdecoding_heads(tmp_path / "heads", K, num_layers)
+    with torch.no_grad():
+        for k in range(K):
+            x = hidden
+            for block in model.heads.blocks[k]:
+                x = block(x)
+            want = model.heads.lm_heads[k](x)
+            torch.testing.assert_close(served[k](hidden), want)
+    with pytest.raises(ValueError, match="pt_file: medusa_lm_head.pt is a file of the medusa format"):
+        model.save_heads(tmp_path / "v", format="vllm", pt_file=True)
+    shared = MedusaModel.from_backbone(tiny_llama(), MedusaConfig(num_heads=K, shared_lm_head=True))
+    with pytest.raises(ValueError, match="FasterDecoding builds a projection for every head"):
+        shared.save_heads(tmp_path / "s", format="medusa", pt_file=True)
+
+
+def test_cli_pt_file_and_backbone_recorded_as_the_base_model(tmp_path, capsys):
+    """--backbone was only checked against: heads without a recorded base (other tools' files, models
+    without a name) exported with base_model_name_or_path null, which TGI and FasterDecoding load."""
+    model = MedusaModel.from_backbone(tiny_llama(), MedusaConfig(num_heads=K, num_layers=1))
+    model.backbone.save_pretrained(str(tmp_path / "base"))
+    model.save_heads(tmp_path / "heads", format="vllm", base_model_name_or_path=None)
+    config = json.loads((tmp_path / "heads" / "config.json").read_text())
+    (tmp_path / "heads" / "config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--format", "both",
+                   "--backbone", str(tmp_path / "base"), "--pt-file") == 0
+    for format in ("medusa", "vllm"):
+        written = json.loads((tmp_path / "o" / format / "config.json").read_text())
+        assert written["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert (tmp_path / "o" / "medusa" / "medusa_lm_head.pt").is_file()
+    assert not (tmp_path / "o" / "vllm" / "medusa_lm_head.pt").exists()
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o2"), "--format", "vllm",
+                   "--pt-file") == 2
+    assert "--pt-file writes the medusa format's medusa_lm_head.pt" in capsys.readouterr().err

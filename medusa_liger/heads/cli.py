@@ -80,8 +80,9 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
                     saved_backbone: Path | None = None) -> tuple[HeadsCheckpoint, Path | None]:
     """Heads to export, and the directory of a saved backbone to export with them (joint training).
 
-    With ``backbone`` (a path or hub name), the heads are checked against it and its lm_head is
-    attached (vLLM needs it in shared mode); it is not re-exported. Without it, ``saved_backbone``
+    With ``backbone`` (a path or hub name), the heads are checked against it, its lm_head is
+    attached (vLLM needs it in shared mode), and it is recorded as their base model (a local
+    directory as its absolute path); it is not re-exported. Without it, ``saved_backbone``
     (a joint run's checkpoint's backbone, rebuilt and saved by ``train/export_cli.py``), else a
     ``backbone/`` directory inside the heads directory or beside it (the training loop's final
     layout), is used for both and is exported too.
@@ -97,6 +98,9 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
         except BackboneLoadError as error:
             raise BackboneLoadError(f"--backbone: {error}" if backbone is not None else str(error)) from error
         check_backbone_matches(ckpt, model, heads_dir)
+        if backbone is not None:  # what TGI and FasterDecoding load with the heads: the backbone named here
+            local = user_path(backbone)
+            ckpt.base_model_name_or_path = str(local.resolve()) if local.is_dir() else str(backbone)
         lm_head = model.get_output_embeddings()
         ckpt.lm_head_weight = lm_head.weight.detach()
         ckpt.lm_head_bias = lm_head_bias_of(lm_head)
@@ -143,16 +147,21 @@ def _copy_backbone(backbone_dir: Path, target: Path, dtype: torch.dtype | None) 
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, formats: list[str],
                       dtype: torch.dtype | str | None = None, backbone: str | Path | None = None,
-                      saved_backbone: Path | None = None, overwrite: bool = False) -> list[Path]:
+                      saved_backbone: Path | None = None, overwrite: bool = False, pt_file: bool = False) -> list[Path]:
     """Write the heads of ``checkpoint_dir`` in each of ``formats`` (one subdirectory per format when
     there are several) and copy a jointly trained backbone beside each (``load_for_export`` says
-    which; the heads' ``base_model_name_or_path`` then names that copy). Returns the written dirs.
+    which; the heads' ``base_model_name_or_path`` then names that copy; a ``backbone`` given is
+    recorded there instead). ``pt_file``: the medusa format also as ``medusa_lm_head.pt`` (see
+    ``write_heads``). Returns the written dirs.
 
     All or nothing: everything is written to a scratch directory beside ``output_dir``, which then
     takes its place (an earlier export there, with ``overwrite``, is removed only after that).
     """
     for format in formats:
         check_format(format)
+    if pt_file and "medusa" not in formats:
+        raise ValueError(f"--pt-file writes the medusa format's medusa_lm_head.pt: it needs --format medusa or both, "
+                         f"got {formats}")
     dtype = parse_dtype(dtype)
     checkpoint_dir, output_dir = user_path(checkpoint_dir), user_path(output_dir)
     # Never write over what is read: the directory given, the heads found in it, a saved backbone.
@@ -174,7 +183,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
             if backbone_dir is not None:
                 _copy_backbone(backbone_dir, scratch / sub / BACKBONE_SUBDIR, dtype)
                 ckpt.base_model_name_or_path = str((output_dir / sub / BACKBONE_SUBDIR).resolve())
-            write_heads(ckpt, scratch / sub, format, heads_dtype)
+            write_heads(ckpt, scratch / sub, format, heads_dtype, pt_file=pt_file and format == "medusa")
             written.append(output_dir / sub)
         check_output_dir(output_dir, sources, overwrite)  # again: another process may have written there meanwhile
         old = None
@@ -197,7 +206,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=EXPORT_DTYPES,
                         help="cast the weights (default: heads in the backbone's dtype recorded at save time, "
                              "else as saved; a saved backbone as saved)")
-    parser.add_argument("--backbone", default=None, help="base model path or name to check the heads against")
+    parser.add_argument("--backbone", default=None,
+                        help="base model path or name: the heads are checked against it and record it as their "
+                             "base_model_name_or_path (what TGI and FasterDecoding load them with)")
+    parser.add_argument("--pt-file", action="store_true",
+                        help="also write the medusa format as medusa_lm_head.pt, the only file FasterDecoding's own "
+                             "loader reads (needs one layer per head, or equal layers)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
 
 
@@ -207,7 +221,7 @@ def run(args: argparse.Namespace, saved_backbone: Path | None = None) -> int:
     formats = ["medusa", "vllm"] if args.format == "both" else [args.format]
     try:
         written = export_checkpoint(args.checkpoint, args.output, formats, dtype=args.dtype, backbone=args.backbone,
-                                    saved_backbone=saved_backbone, overwrite=args.overwrite)
+                                    saved_backbone=saved_backbone, overwrite=args.overwrite, pt_file=args.pt_file)
     except (ValueError, OSError, SafetensorError) as error:  # bad paths, files or arguments: said in one line
         print(f"medusa-liger export: error: {error}", file=sys.stderr)
         return 2

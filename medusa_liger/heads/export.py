@@ -5,6 +5,10 @@
                                 hidden_size, vocab_size
     medusa_lm_head.safetensors  {h}.{l}.linear.weight [H, H], {h}.{l}.linear.bias [H],
                                 {h}.{num_layers}.weight [V, H]   (per-head mode only)
+    medusa_lm_head.pt           the same tensors (``pt_file=True``; ``export --pt-file``): FasterDecoding's
+                                own loader reads only this file (TensorRT-LLM and TGI read either), and
+                                it repeats ONE ResBlock object per head, so it needs num_layers 1 or
+                                equal layers (checked)
     FasterDecoding, TensorRT-LLM and TGI build a per-head projection for every head, so shared-mode
     heads in this layout are for medusa-liger itself; serve shared heads through the vllm layout.
 
@@ -49,6 +53,7 @@ from medusa_liger.run_layout import user_path
 FORMATS: tuple[str, ...] = ("medusa", "vllm")
 FORMAT_VERSION = 1
 WEIGHT_FILES = {"medusa": "medusa_lm_head.safetensors", "vllm": "model.safetensors"}
+PT_FILE = "medusa_lm_head.pt"  # the medusa format's file FasterDecoding's own loader reads (only that one)
 BACKBONE_SUBDIR = "backbone"
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 
@@ -186,9 +191,13 @@ def readable_by_others(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype: torch.dtype | str | None = None) -> Path:
-    """Write ``ckpt`` in ``format`` ("medusa" | "vllm") to ``directory``, cast to ``dtype`` if given."""
+def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype: torch.dtype | str | None = None,
+                pt_file: bool = False) -> Path:
+    """Write ``ckpt`` in ``format`` ("medusa" | "vllm") to ``directory``, cast to ``dtype`` if given;
+    ``pt_file`` (medusa format): also ``medusa_lm_head.pt``, for FasterDecoding's loader."""
     check_format(format)
+    if pt_file:
+        check_fasterdecoding_heads(ckpt, format)
     dtype = parse_dtype(dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -228,8 +237,32 @@ def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype
         config["medusa_liger"]["serving_dtype"] = str(ckpt.serving_dtype).removeprefix("torch.")
     save_file(tensors, str(directory / WEIGHT_FILES[format]), metadata={"format": "pt"})
     readable_by_others(directory / WEIGHT_FILES[format])
+    if pt_file:
+        torch.save(tensors, directory / PT_FILE)
+        readable_by_others(directory / PT_FILE)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def check_fasterdecoding_heads(ckpt: HeadsCheckpoint, format: str) -> None:
+    """ValueError unless FasterDecoding's loader reads ``ckpt`` as it is: it opens only
+    ``medusa_lm_head.pt``, builds a projection per head, and repeats ONE ResBlock object
+    ``medusa_num_layers`` times per head (so every position would get the last layer's weights)."""
+    if format != "medusa":
+        raise ValueError(f"pt_file: {PT_FILE} is a file of the medusa format, not of {format!r}")
+    cfg = ckpt.config
+    if cfg.shared_lm_head:
+        raise ValueError("pt_file: FasterDecoding builds a projection for every head; these heads share the "
+                         "backbone's lm_head (serve them through the vllm format)")
+    for h in range(cfg.num_heads):
+        for l in range(1, cfg.num_layers):
+            for kind in ("weight", "bias"):
+                layer, first = (ckpt.tensors[f"blocks.{h}.{i}.linear.{kind}"] for i in (l, 0))
+                if not torch.equal(layer, first):
+                    raise ValueError(
+                        f"pt_file: FasterDecoding's loader repeats one ResBlock medusa_num_layers={cfg.num_layers} "
+                        f"times per head, so it would serve head {h}'s last layer in all of them; these heads' layers "
+                        f"differ: serve them through TensorRT-LLM or TGI ({WEIGHT_FILES['medusa']}) or vLLM")
 
 
 def write_backbone(backbone: nn.Module, directory: str | Path, dtype: torch.dtype | str | None = None) -> Path:
@@ -261,9 +294,10 @@ def write_backbone(backbone: nn.Module, directory: str | Path, dtype: torch.dtyp
 
 
 def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", dtype: torch.dtype | str | None = None,
-               save_backbone: bool | None = None, base_model_name_or_path: str | None = None) -> Path:
+               save_backbone: bool | None = None, base_model_name_or_path: str | None = None,
+               pt_file: bool = False) -> Path:
     """``MedusaModel.save_heads``: heads in ``format``, plus the merged backbone when ``save_backbone``
-    (default: in joint mode) in ``directory/backbone``."""
+    (default: in joint mode) in ``directory/backbone``; ``pt_file``: see ``write_heads``."""
     check_format(format)
     if save_backbone is None:
         save_backbone = model.config.mode == "joint"
@@ -271,7 +305,7 @@ def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", 
         # Engines load the model config.json names: the trained copy, not the base it started from
         # (as the export command and the trainer write it). Its tokenizer is the caller's to save there.
         base_model_name_or_path = str((Path(directory) / BACKBONE_SUBDIR).resolve())
-    directory = write_heads(checkpoint_of(model, base_model_name_or_path), directory, format, dtype)
+    directory = write_heads(checkpoint_of(model, base_model_name_or_path), directory, format, dtype, pt_file)
     if not save_backbone and (directory / BACKBONE_SUBDIR).is_dir():
         warnings.warn(f"{directory} still holds {BACKBONE_SUBDIR}/ from an earlier save, which from_pretrained pairs "
                       f"with these heads; remove it unless it is their backbone", stacklevel=3)
