@@ -563,3 +563,37 @@ def test_cli_pt_file_and_backbone_recorded_as_the_base_model(tmp_path, capsys):
     assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o2"), "--format", "vllm",
                    "--pt-file") == 2
     assert "--pt-file writes the medusa format's medusa_lm_head.pt" in capsys.readouterr().err
+
+
+def test_a_save_without_pt_file_deletes_an_earlier_pt_file(tmp_path):
+    """FasterDecoding reads only medusa_lm_head.pt: one left by an earlier save served the old heads."""
+    model = MedusaModel.from_backbone(tiny_llama(), MedusaConfig(num_heads=K, num_layers=1))
+    model.save_heads(tmp_path, format="medusa", pt_file=True)
+    with pytest.warns(UserWarning, match="deleting .*medusa_lm_head.pt of an earlier save"):
+        model.save_heads(tmp_path, format="medusa")
+    assert not (tmp_path / "medusa_lm_head.pt").exists()
+
+
+def test_cli_pt_file_refuses_before_loading_a_backbone(tmp_path, capsys, monkeypatch):
+    """Refused only after the backbone loaded (minutes for an 8B model, and a joint checkpoint's rebuild)."""
+    model = make_model(shared=False)  # two distinct layers per head
+    model.backbone.save_pretrained(str(tmp_path / "base"))
+    model.save_heads(tmp_path / "heads", format="medusa")
+    monkeypatch.setattr(export_cli, "load_backbone", lambda *a, **k: pytest.fail("loaded the backbone"))
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--format", "medusa",
+                   "--backbone", str(tmp_path / "base"), "--pt-file") == 2
+    assert "repeats one ResBlock" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recorded, kept", [
+    ("meta-llama/Meta-Llama-3-8B", True),   # a hub name stays portable, though checked against a local copy
+    (None, False), ("", False), ("tiny", False),
+    ("/nowhere/on/this/machine/backbone", False),  # a path of another machine
+])
+def test_backbone_is_recorded_where_the_heads_name_no_usable_base(tmp_path, recorded, kept):
+    from medusa_liger.heads.cli import recorded_base_model
+
+    (tmp_path / "base").mkdir()
+    want = recorded if kept else str((tmp_path / "base").resolve())
+    assert recorded_base_model(recorded, tmp_path / "base") == want
+    assert recorded_base_model(recorded, "org/name") == (recorded if kept else "org/name")

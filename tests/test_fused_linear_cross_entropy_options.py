@@ -3,6 +3,7 @@ bf16 autocast and accumulation dtypes on CPU, head weights, the module wrapper, 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,6 +212,8 @@ def test_bad_inputs():
     for shifts in ([1.9, 2], [True, 2], [], 2):
         with pytest.raises(ValueError, match="shifts"):
             MultiHeadLinearCrossEntropy(shifts)
+    for shifts in (range(1, 3), np.array([1, 2]), (1, 2)):  # any sequence of ints, as before
+        assert MultiHeadLinearCrossEntropy(shifts).shifts == [1, 2]
     with pytest.raises(ValueError, match="head_weights must be finite"):
         MultiHeadLinearCrossEntropy([1, 2], [1.0, float("nan")])(h, w, labels)
 

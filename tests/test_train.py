@@ -590,6 +590,8 @@ def test_a_new_run_leaves_no_export_of_an_earlier_one_in_final(tmp_path, capsys)
     (["train.mode=heads"], "train.seed=5", "train.seed 0 -> 5"),
     # LoRA's alpha scales every adapter's output.
     (["lora.enabled=true", "lora.r=4"], "lora.alpha=64", "lora.alpha 16.0 -> 64.0"),
+    # The frozen KL teacher of a full joint run is the tiny backbone as drawn from the seed.
+    (["train.lm_loss=kl"], "train.seed=5", "train.seed 0 -> 5"),
 ])
 def test_a_resume_under_settings_the_weights_depend_on_is_refused(tmp_path, first, change, said):
     """They were accepted without a word: the resumed model was not the one checkpointed."""
@@ -612,6 +614,11 @@ def test_a_resume_on_other_data_or_batches_says_so(tmp_path, capsys):
     note = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("note: resuming"))
     assert "train.seed 0 -> 5" in note and "train.micro_batch_size 4 -> 2" in note
     assert "a held-out split drawn anew" in note
+    capsys.readouterr()  # what packs the rows differently: long documents truncated instead of split
+    train(short_config(tmp_path, "train.steps=4", "train.resume=auto", "train.seed=5", "train.micro_batch_size=2",
+                       "data.long_examples=truncate", *extra))
+    note = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("note: resuming"))
+    assert "data.long_examples split -> truncate" in note and "a held-out split drawn anew" in note
 
 
 def test_without_a_progress_bar_every_logging_step_prints_a_line(tmp_path, capsys):

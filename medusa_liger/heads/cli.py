@@ -32,6 +32,7 @@ from medusa_liger.heads.export import (
     BackboneLoadError,
     HeadsCheckpoint,
     check_backbone_matches,
+    check_fasterdecoding_heads,
     check_format,
     detect_format,
     lm_head_bias_of,
@@ -41,6 +42,7 @@ from medusa_liger.heads.export import (
     write_backbone,
     write_heads,
 )
+from medusa_liger.records import looks_like_local_path
 from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, FINAL_DIR, final_heads_dir, user_path
 
 EXPORT_FORMATS = ("medusa", "vllm", "both")
@@ -81,8 +83,8 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
     """Heads to export, and the directory of a saved backbone to export with them (joint training).
 
     With ``backbone`` (a path or hub name), the heads are checked against it, its lm_head is
-    attached (vLLM needs it in shared mode), and it is recorded as their base model (a local
-    directory as its absolute path); it is not re-exported. Without it, ``saved_backbone``
+    attached (vLLM needs it in shared mode), and it is recorded as their base model where they
+    name none (``recorded_base_model``); it is not re-exported. Without it, ``saved_backbone``
     (a joint run's checkpoint's backbone, rebuilt and saved by ``train/export_cli.py``), else a
     ``backbone/`` directory inside the heads directory or beside it (the training loop's final
     layout), is used for both and is exported too.
@@ -98,9 +100,8 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
         except BackboneLoadError as error:
             raise BackboneLoadError(f"--backbone: {error}" if backbone is not None else str(error)) from error
         check_backbone_matches(ckpt, model, heads_dir)
-        if backbone is not None:  # what TGI and FasterDecoding load with the heads: the backbone named here
-            local = user_path(backbone)
-            ckpt.base_model_name_or_path = str(local.resolve()) if local.is_dir() else str(backbone)
+        if backbone is not None:  # what TGI and FasterDecoding load with the heads
+            ckpt.base_model_name_or_path = recorded_base_model(ckpt.base_model_name_or_path, backbone)
         lm_head = model.get_output_embeddings()
         ckpt.lm_head_weight = lm_head.weight.detach()
         ckpt.lm_head_bias = lm_head_bias_of(lm_head)
@@ -145,6 +146,25 @@ def _copy_backbone(backbone_dir: Path, target: Path, dtype: torch.dtype | None) 
             shutil.copy2(path, target / path.name)
 
 
+def check_pt_file(checkpoint_dir: str | Path, formats: list[str]) -> None:
+    """ValueError unless the heads of ``checkpoint_dir`` can be written as FasterDecoding's
+    ``medusa_lm_head.pt`` in ``formats`` (checked before any backbone loads)."""
+    if "medusa" not in formats:
+        raise ValueError(f"--pt-file writes the medusa format's medusa_lm_head.pt: it needs --format medusa or both, "
+                         f"got {formats}")
+    check_fasterdecoding_heads(read_heads(find_heads_dir(user_path(checkpoint_dir))), "medusa")
+
+
+def recorded_base_model(recorded: str | None, backbone: str | Path) -> str | None:
+    """The base model heads exported with ``--backbone`` record: ``backbone`` (a local directory as its
+    absolute path) when they name none, or a local path that is not here; else what they name (a hub
+    name stays portable, though checked against a local copy)."""
+    if recorded and recorded != "tiny" and not (looks_like_local_path(recorded) and not user_path(recorded).exists()):
+        return recorded
+    local = user_path(backbone)
+    return str(local.resolve()) if local.is_dir() else str(backbone)
+
+
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, formats: list[str],
                       dtype: torch.dtype | str | None = None, backbone: str | Path | None = None,
                       saved_backbone: Path | None = None, overwrite: bool = False, pt_file: bool = False) -> list[Path]:
@@ -159,9 +179,8 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
     """
     for format in formats:
         check_format(format)
-    if pt_file and "medusa" not in formats:
-        raise ValueError(f"--pt-file writes the medusa format's medusa_lm_head.pt: it needs --format medusa or both, "
-                         f"got {formats}")
+    if pt_file:
+        check_pt_file(checkpoint_dir, formats)
     dtype = parse_dtype(dtype)
     checkpoint_dir, output_dir = user_path(checkpoint_dir), user_path(output_dir)
     # Never write over what is read: the directory given, the heads found in it, a saved backbone.
@@ -207,18 +226,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cast the weights (default: heads in the backbone's dtype recorded at save time, "
                              "else as saved; a saved backbone as saved)")
     parser.add_argument("--backbone", default=None,
-                        help="base model path or name: the heads are checked against it and record it as their "
-                             "base_model_name_or_path (what TGI and FasterDecoding load them with)")
+                        help="base model path or name: the heads are checked against it, and record it as their "
+                             "base_model_name_or_path (what TGI and FasterDecoding load) where they name none or "
+                             "a local path that is not here")
     parser.add_argument("--pt-file", action="store_true",
                         help="also write the medusa format as medusa_lm_head.pt, the only file FasterDecoding's own "
                              "loader reads (needs one layer per head, or equal layers)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
 
 
+def formats_of(args: argparse.Namespace) -> list[str]:
+    """The formats ``--format`` names."""
+    return list(FORMATS) if args.format == "both" else [args.format]
+
+
 def run(args: argparse.Namespace, saved_backbone: Path | None = None) -> int:
     """Export (with ``saved_backbone``, see ``load_for_export``); 0 on success, 2 with a one-line
     error on bad input (as every medusa-liger command)."""
-    formats = ["medusa", "vllm"] if args.format == "both" else [args.format]
+    formats = formats_of(args)
     try:
         written = export_checkpoint(args.checkpoint, args.output, formats, dtype=args.dtype, backbone=args.backbone,
                                     saved_backbone=saved_backbone, overwrite=args.overwrite, pt_file=args.pt_file)

@@ -240,6 +240,10 @@ def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype
     if pt_file:
         torch.save(tensors, directory / PT_FILE)
         readable_by_others(directory / PT_FILE)
+    elif format == "medusa" and (directory / PT_FILE).is_file():  # FasterDecoding would serve the old heads
+        warnings.warn(f"deleting {directory / PT_FILE} of an earlier save (pass pt_file=True to write it anew)",
+                      stacklevel=2)
+        (directory / PT_FILE).unlink()
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 

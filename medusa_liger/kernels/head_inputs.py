@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 
 import torch
 
@@ -52,7 +53,10 @@ def region(src: torch.Tensor, sub: int | None) -> torch.Tensor:
 
 
 def check_shifts(shifts) -> list[int]:
-    """``shifts`` as a list of ints, or a ValueError: a non-empty list or tuple of ints >= 0."""
+    """``shifts`` as a list of ints, or a ValueError: a non-empty sequence (list, tuple, range, array) of
+    ints >= 0."""
+    if not isinstance(shifts, (list, tuple, str, bytes, dict)) and isinstance(shifts, Iterable):
+        shifts = list(shifts)
     if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:
         raise ValueError(f"shifts must be a non-empty list of ints >= 0, got {shifts!r}")
     if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shifts):

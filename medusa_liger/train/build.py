@@ -300,7 +300,7 @@ def fixed_settings(cfg: Config, tokenizer) -> dict[str, object]:
         # Trained anew at every start on the run's data (data.paths, data.max_examples, ...): other data
         # give other token ids. Its base weights are drawn from the seed, and saved only when they train.
         fixed["the tiny model's tokenizer"] = tokenizer_fingerprint(tokenizer)
-        if cfg.train.mode == "heads" or cfg.lora.enabled:
+        if cfg.train.mode == "heads" or cfg.lora.enabled or cfg.train.lm_loss == "kl":  # (kl: the frozen teacher)
             fixed["train.seed"] = cfg.train.seed
     if cfg.lora.enabled:
         fixed["lora.alpha"] = cfg.lora.alpha  # scales every adapter's output: another model
@@ -312,7 +312,8 @@ def fixed_changes(saved: dict[str, object] | None, cfg: Config, tokenizer) -> li
     changes = []
     for key, value in fixed_settings(cfg, tokenizer).items():
         if saved and key in saved and saved[key] != value:
-            changes.append(key + (" differs (data.paths, data.max_examples or model.tiny.vocab_size changed)"
+            changes.append(key + (" differs (its training texts or model.tiny.vocab_size changed: data.paths, "
+                                  "data.split, data.format, data.max_examples or data.on_error)"
                                   if key.startswith("the tiny") else f" {saved[key]} -> {value}"))
     return changes
 
@@ -327,12 +328,16 @@ def data_settings(cfg: Config) -> dict[str, object]:
     """What decides the training rows, their order and the held-out split, by config key: a resume may
     change them (new data to continue on), and says so (``data_changes``)."""
     d, t = cfg.data, cfg.train
-    return {"data.paths": list(d.paths), "data.split": d.split, "data.max_examples": d.max_examples,
-            "data.seq_len": d.seq_len, "data.loss_on": d.loss_on, "data.eval_fraction": d.eval_fraction,
-            "train.seed": t.seed, "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum}
+    return {"data.paths": list(d.paths), "data.split": d.split, "data.format": d.format,
+            "data.max_examples": d.max_examples, "data.on_error": d.on_error, "data.seq_len": d.seq_len,
+            "data.long_examples": d.long_examples, "data.chat_template": d.chat_template, "data.loss_on": d.loss_on,
+            "data.eval_fraction": d.eval_fraction, "train.seed": t.seed, "train.micro_batch_size": t.micro_batch_size,
+            "train.grad_accum": t.grad_accum}
 
 
-SPLIT_KEYS = ("data.paths", "data.split", "data.max_examples", "data.seq_len", "data.eval_fraction", "train.seed")
+# Those that change the packed rows or how they are drawn (the rest: what the loss covers, batch sizes).
+SPLIT_KEYS = ("data.paths", "data.split", "data.format", "data.max_examples", "data.on_error", "data.seq_len",
+              "data.long_examples", "data.chat_template", "data.eval_fraction", "train.seed")
 
 
 def data_changes(saved: dict[str, object] | None, cfg: Config) -> list[str]:

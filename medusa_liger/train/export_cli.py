@@ -86,8 +86,10 @@ def run(args: argparse.Namespace) -> int:
 
     step_dir = training_checkpoint_of(user_path(args.checkpoint))
     try:
+        if args.pt_file:  # before the backbone rebuild's wait
+            heads_cli.check_pt_file(args.checkpoint, heads_cli.formats_of(args))
         tensors = trained_backbone_tensors(step_dir) if step_dir is not None else {}
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         print(f"medusa-liger export: error: {error}", file=sys.stderr)
         return 2
     if not tensors:
