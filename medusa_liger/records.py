@@ -213,14 +213,29 @@ def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], template: str) ->
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def text_prompt_ids(tokenizer, text: str, limit: int = TEXT_PROMPT_TOKENS) -> list[int]:
-    """The first ``limit`` token ids of a document (with the tokenizer's own special tokens)."""
-    return tokenizer(text, add_special_tokens=True)["input_ids"][:limit]
+def document_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a plain document as training reads it: BOS (when the tokenizer has one), then the
+    text (any other special tokens of the tokenizer's post-processor left out)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if tokenizer.bos_token_id is None else [tokenizer.bos_token_id, *ids]
+
+
+def text_prompt_ids(tokenizer, text: str, limit: int | None = TEXT_PROMPT_TOKENS) -> list[int]:
+    """The first ``limit`` token ids of a document, as training reads it (``document_ids``: a
+    tokenizer without a BOS post-processor gave prompts no BOS, while its training documents had one)."""
+    return document_ids(tokenizer, text)[:limit]
 
 
 def chat_template_for(tokenizer, choice: str) -> str:
-    """The template to render with: the tokenizer's own (``auto``, when it has one) or the built-in."""
+    """The template to render with: the tokenizer's own (``auto``, when it has one: of several named
+    ones, ``default``, as ``apply_chat_template`` picks) or the built-in."""
     own = getattr(tokenizer, "chat_template", None)
+    if choice == "auto" and isinstance(own, dict) and own:
+        if not isinstance(own.get("default"), str):
+            raise ValueError(f"the tokenizer has several chat templates ({sorted(own)}) and none named 'default' "
+                             "to render conversations with; use data.chat_template=builtin (or --chat-template "
+                             "builtin)")
+        return own["default"]
     if choice == "auto" and isinstance(own, str) and own:
         return own
     return BUILTIN_CHAT_TEMPLATE

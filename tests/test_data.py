@@ -309,6 +309,22 @@ def test_split_eval_keeps_a_split_document_on_one_side(seed):
         split_eval(pack([(list(range(12)), list(range(12)))], 4, "split", 0), 0.3, seed=0)
 
 
+def test_split_eval_does_not_chain_documents_whose_first_pieces_were_dropped():
+    """A later piece whose earlier pieces had no target (a long prompt) counted as continuing the row
+    before, another document: 40 one-row conversations grouped as one ("one document fills them all")."""
+    examples = []
+    for doc in range(40):  # a prompt of 6 tokens without targets, then 3 answer tokens: row pieces of 4
+        ids = [100 * doc + i for i in range(9)]
+        examples.append((ids, [-100] * 6 + ids[6:]))
+    data = pack(examples, seq_len=4, long_examples="split", pad_id=0)
+    assert len(data) == 40 and data.continued[:, 0].all() and not data.follows.any()
+    train, held = split_eval(data, 0.1, seed=0)
+    assert (len(train), len(held)) == (36, 4)
+    # A piece right after its kept predecessor still keeps the two on one side.
+    chained = pack([(list(range(8)), list(range(8)))], 4, "split", 0)
+    assert chained.follows[:, 0].tolist() == [False, True]
+
+
 def test_loss_on_all_needs_no_prefix_renders(tokenizer):
     # The prefix check ran with loss_on=all too, so its own advice ("or data.loss_on=all") failed.
     template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -357,17 +373,17 @@ def test_an_unhashable_role_is_a_located_error(role):
 
 def test_the_cache_key_covers_the_special_tokens(tokenizer):
     # Same tokenizer.json, another EOS (a base model vs its instruct version) read stale cached rows.
-    from medusa_liger.train.packing import _data_fingerprint
+    from medusa_liger.train.packing import data_fingerprint
 
     cfg = data_cfg([])
     other = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token=tokenizer.bos_token,
                                 bos_token=tokenizer.bos_token, pad_token=tokenizer.pad_token,
                                 chat_template=tokenizer.chat_template)
-    assert _data_fingerprint(cfg, tokenizer) != _data_fingerprint(cfg, other)
+    assert data_fingerprint(cfg, tokenizer) != data_fingerprint(cfg, other)
     same = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token=tokenizer.eos_token,
                                bos_token=tokenizer.bos_token, pad_token=tokenizer.pad_token,
                                chat_template=tokenizer.chat_template)
-    assert _data_fingerprint(cfg, tokenizer) == _data_fingerprint(cfg, same)
+    assert data_fingerprint(cfg, tokenizer) == data_fingerprint(cfg, same)
 
 
 def test_a_lone_surrogate_escape_is_an_error_of_its_line(tmp_path, tokenizer):
@@ -397,3 +413,28 @@ def test_bad_bytes_and_odd_json_are_errors_of_their_line(tmp_path):
     bad_json.write_bytes(b'[{"text": "caf\xe9"}]')
     with pytest.raises(ValueError, match=r"d.json: not UTF-8 text"):
         load_examples(data_cfg([bad_json]))
+
+
+def test_text_prompts_start_as_training_documents_do(tokenizer):
+    """Training documents start with BOS; prompts of text records (eval, distill, generate --raw) got
+    the post-processor's special tokens, none for the tiny tokenizer or GPT-2's."""
+    from medusa_liger.records import Example, text_prompt_ids
+
+    ids, _ = tokenize_example(Example("x", text="alpha beta gamma"), tokenizer, BUILTIN_CHAT_TEMPLATE, "all")
+    assert ids[0] == tokenizer.bos_token_id
+    assert text_prompt_ids(tokenizer, "alpha beta gamma") == ids[:-1]  # the document without its EOS
+    assert text_prompt_ids(tokenizer, "alpha beta gamma", limit=2) == ids[:2]
+
+
+def test_a_tokenizer_with_named_chat_templates_renders_with_its_default():
+    """transformers keeps several templates as a dict: it was taken for no template, and conversations
+    trained in the built-in format the served model never sees."""
+    from types import SimpleNamespace
+
+    from medusa_liger.records import chat_template_for
+
+    named = SimpleNamespace(chat_template={"default": "{{ messages }}", "tool_use": "{{ tools }}"})
+    assert chat_template_for(named, "auto") == "{{ messages }}"
+    assert chat_template_for(named, "builtin") == BUILTIN_CHAT_TEMPLATE
+    with pytest.raises(ValueError, match=r"several chat templates \(\['rag', 'tool_use'\]\) and none named 'default'"):
+        chat_template_for(SimpleNamespace(chat_template={"tool_use": "a", "rag": "b"}), "auto")

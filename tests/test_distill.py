@@ -91,7 +91,9 @@ def test_greedy_distill_regenerates_every_turn_from_its_own_history(model, token
 
     for record in out:
         if "text" in record:
-            prompt = tokenizer(SOURCE_RECORDS[3]["text"], add_special_tokens=True)["input_ids"][:12]
+            # The document as training reads it: BOS, then the text.
+            text_ids = tokenizer(SOURCE_RECORDS[3]["text"], add_special_tokens=False)["input_ids"]
+            prompt = [tokenizer.bos_token_id, *text_ids][:12]
             new = single_generation(model, tokenizer, prompt, 10)
             assert record["text"] == tokenizer.decode(prompt, skip_special_tokens=True) + \
                 tokenizer.decode(new, skip_special_tokens=True)

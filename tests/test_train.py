@@ -638,3 +638,19 @@ def test_a_resume_maps_the_optimizer_state_instead_of_reading_it(tmp_path, monke
                         load(path, **kw))
     train(short_config(tmp_path, "train.steps=3", "train.resume=auto", *extra))
     assert ("optimizer.pt", True) in loads
+
+
+def test_resume_notes_name_what_changes_the_rows():
+    """data.loss_on (which pieces are kept) and files edited in place were not said to redraw the split."""
+    from medusa_liger.train.build import data_changes, data_settings
+
+    cfg = load_config(TINY, ["data.eval_fraction=0.1"])
+    saved = data_settings(cfg, rows="abc")
+    assert data_changes(saved, cfg, rows="abc") == []
+    assert data_changes(saved, cfg, rows="def") == [
+        "other packed rows (the data files' content changed)",
+        "a held-out split drawn anew (rows trained on may now be held out, and in eval_prompts.jsonl)"]
+    other = load_config(TINY, ["data.eval_fraction=0.1", "data.loss_on=all"])
+    notes = data_changes(saved, other, rows="def")
+    assert notes[0] == "data.loss_on assistant -> all" and notes[-1].startswith("a held-out split drawn anew")
+    assert data_changes(data_settings(cfg), cfg, rows="def") == []  # a checkpoint written before rows were kept

@@ -324,11 +324,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
 
 
-def data_settings(cfg: Config) -> dict[str, object]:
-    """What decides the training rows, their order and the held-out split, by config key: a resume may
-    change them (new data to continue on), and says so (``data_changes``)."""
+ROWS_KEY = "the packed rows"  # data_settings' entry for packing.data_fingerprint (files edited in place too)
+
+
+def data_settings(cfg: Config, rows: str | None = None) -> dict[str, object]:
+    """What decides the training rows, their order and the held-out split, by config key (and ``rows``,
+    the packed rows' fingerprint, under ``ROWS_KEY``): a resume may change them (new data to continue
+    on), and says so (``data_changes``)."""
     d, t = cfg.data, cfg.train
-    return {"data.paths": list(d.paths), "data.split": d.split, "data.format": d.format,
+    return ({ROWS_KEY: rows} if rows is not None else {}) | {"data.paths": list(d.paths), "data.split": d.split, "data.format": d.format,
             "data.max_examples": d.max_examples, "data.on_error": d.on_error, "data.seq_len": d.seq_len,
             "data.long_examples": d.long_examples, "data.chat_template": d.chat_template, "data.loss_on": d.loss_on,
             "data.eval_fraction": d.eval_fraction, "train.seed": t.seed, "train.micro_batch_size": t.micro_batch_size,
@@ -336,18 +340,22 @@ def data_settings(cfg: Config) -> dict[str, object]:
 
 
 # Those that change the packed rows or how they are drawn (the rest: what the loss covers, batch sizes).
-SPLIT_KEYS = ("data.paths", "data.split", "data.format", "data.max_examples", "data.on_error", "data.seq_len",
-              "data.long_examples", "data.chat_template", "data.eval_fraction", "train.seed")
+SPLIT_KEYS = (ROWS_KEY, "data.paths", "data.split", "data.format", "data.max_examples", "data.on_error",
+              "data.seq_len", "data.long_examples", "data.chat_template", "data.loss_on", "data.eval_fraction",
+              "train.seed")
 
 
-def data_changes(saved: dict[str, object] | None, cfg: Config) -> list[str]:
-    """``"train.micro_batch_size 4 -> 2"`` for each of ``data_settings`` that differs from a checkpoint's;
-    where the held-out split is drawn anew, the last entry says so."""
+def data_changes(saved: dict[str, object] | None, cfg: Config, rows: str | None = None) -> list[str]:
+    """``"train.micro_batch_size 4 -> 2"`` for each of ``data_settings`` that differs from a checkpoint's
+    (the rows alone: "the data files' content"); where the held-out split is drawn anew, the last entry
+    says so."""
     if not saved:
         return []
-    current = data_settings(cfg)
+    current = data_settings(cfg, rows)
     changed = [key for key, value in current.items() if key in saved and saved[key] != value]
-    notes = [f"{key} {saved[key]} -> {current[key]}" for key in changed]
+    notes = [f"{key} {saved[key]} -> {current[key]}" for key in changed if key != ROWS_KEY]
+    if changed == [ROWS_KEY]:  # no setting changed, the rows did: files edited, another tokenizer, a hub dataset
+        notes.append("other packed rows (the data files' content changed)")
     if any(key in SPLIT_KEYS for key in changed) and cfg.data.eval_fraction > 0:
         notes.append("a held-out split drawn anew (rows trained on may now be held out, and in eval_prompts.jsonl)")
     return notes

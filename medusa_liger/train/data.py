@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from medusa_liger.records import Example, chat_template_for, iter_raw_records, normalize, skip_or_fail
+from medusa_liger.records import Example, chat_template_for, document_ids, iter_raw_records, normalize, skip_or_fail
 
 IGNORE_INDEX = -100
 
@@ -122,9 +122,7 @@ def render_conversation(tokenizer, messages, template: str, where: str = "",
 def tokenize_example(example: Example, tokenizer, template: str, loss_on: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one example; labels are input_ids with non-targets set to -100."""
     if example.text is not None:
-        ids = tokenizer(example.text, add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id] + ids
+        ids = document_ids(tokenizer, example.text)
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
         return ids, list(ids)

@@ -101,6 +101,7 @@ from medusa_liger.train.logging import MetricsLogger, NullLogger
 from medusa_liger.train.packing import (
     PackedLoader,
     build_packed_data,
+    data_fingerprint,
     most_common_target_frequency,
     split_eval,
 )
@@ -374,6 +375,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples, on_meta=cfg.train.fsdp and not main)
     with distributed.main_first(), data_errors():
         data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
+        rows = data_fingerprint(cfg.data, tokenizer)  # checkpoints keep it: a resume says when the rows changed
     with data_errors():  # also: fewer packed rows than a micro-batch
         train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
         loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed,
@@ -418,7 +420,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         loader.load_state_dict(state["data"])
         changed = reapply_schedule(cfg, optimizer, scheduler)  # this config's rates and schedule, not the checkpoint's
         changed += objective_changes(state.get("objective"), cfg)  # a new loss is allowed (a curriculum), and said
-        changed += data_changes(state.get("data_settings"), cfg)  # new data to continue on, likewise
+        changed += data_changes(state.get("data_settings"), cfg, rows)  # new data to continue on, likewise
         if changed and main:
             print(f"note: resuming at step {start_step} with {', '.join(changed)} (from here on)",
                   file=sys.stderr, flush=True)
@@ -495,7 +497,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 if main:
                     run_state = {"data": loader.state_dict(), "wandb_id": logger.wandb_id, "world_size": world,
                                  "objective": objective_settings(cfg), "fixed": fixed_settings(cfg, tokenizer),
-                                 "data_settings": data_settings(cfg)}
+                                 "data_settings": data_settings(cfg, rows)}
                     save_checkpoint(ckpt_root, done, trained, optimizer_state, scheduler, run_state, cfg.checkpoint.keep,
                                     write_extra=lambda d, h=heads: write_heads(h, d / CHECKPOINT_HEADS_DIR, "medusa"),
                                     rng_states=rng_states)

@@ -38,26 +38,30 @@ from medusa_liger.kernels.reference import shifted_targets
 from medusa_liger.records import resolve_path
 from medusa_liger.train.data import IGNORE_INDEX, load_examples, tokenize_examples
 
-CACHE_VERSION = 2  # 2: PackedData.continued
+CACHE_VERSION = 3  # 2: PackedData.continued; 3: PackedData.follows
 
 
 @dataclass
 class PackedData:
     """Packed rows, all [N, seq_len]: input_ids, labels (-100 = no target), segment_ids (0 = padding),
-    and ``continued`` (bool; True on the tokens of a segment that is a later piece of a split
-    example, which starts mid-document; None: no segment is)."""
+    ``continued`` (bool; True on the tokens of a segment that is a later piece of a split example,
+    which starts mid-document; None: no segment is) and ``follows`` (bool; True where that piece
+    directly follows its example's previous piece, which was kept: a piece without a target is
+    dropped, and what precedes the next one is then another document; None: as ``continued``)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     segment_ids: torch.Tensor
     continued: torch.Tensor | None = None
+    follows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, index: torch.Tensor) -> PackedData:
         continued = None if self.continued is None else self.continued[index]
-        return PackedData(self.input_ids[index], self.labels[index], self.segment_ids[index], continued)
+        follows = None if self.follows is None else self.follows[index]
+        return PackedData(self.input_ids[index], self.labels[index], self.segment_ids[index], continued, follows)
 
 
 def pack(
@@ -68,14 +72,18 @@ def pack(
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     if long_examples not in ("truncate", "split"):
         raise ValueError(f"long_examples must be 'truncate' or 'split', got {long_examples!r}")
-    pieces: list[tuple[list[int], list[int], bool]] = []  # (ids, labels, a later piece of its example)
+    # (ids, labels, a later piece of its example, following its example's previous piece in this list)
+    pieces: list[tuple[list[int], list[int], bool, bool]] = []
     for ids, labels in examples:
         starts = range(0, len(ids), seq_len) if long_examples == "split" else [0]
+        kept_before = False  # the previous piece of this example was kept
         for start in starts:
             piece_ids, piece_labels = ids[start : start + seq_len], labels[start : start + seq_len]
             # A piece needs a target after its first token to contribute anything.
-            if any(label != IGNORE_INDEX for label in piece_labels[1:]):
-                pieces.append((piece_ids, piece_labels, start > 0))
+            kept = any(label != IGNORE_INDEX for label in piece_labels[1:])
+            if kept:
+                pieces.append((piece_ids, piece_labels, start > 0, kept_before))
+            kept_before = kept
 
     rows: list[list[tuple[list[int], list[int], bool]]] = []
     used = seq_len  # forces a new row for the first piece
@@ -90,16 +98,18 @@ def pack(
     labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     segment_ids = torch.zeros((len(rows), seq_len), dtype=torch.long)
     continued = torch.zeros((len(rows), seq_len), dtype=torch.bool)
+    follows = torch.zeros((len(rows), seq_len), dtype=torch.bool)
     for r, row in enumerate(rows):
         offset = 0
-        for segment, (piece_ids, piece_labels, later) in enumerate(row, start=1):
+        for segment, (piece_ids, piece_labels, later, after_kept) in enumerate(row, start=1):
             end = offset + len(piece_ids)
             input_ids[r, offset:end] = torch.tensor(piece_ids)
             labels[r, offset:end] = torch.tensor(piece_labels)
             segment_ids[r, offset:end] = segment
             continued[r, offset:end] = later
+            follows[r, offset:end] = after_kept
             offset = end
-    return PackedData(input_ids, labels, segment_ids, continued)
+    return PackedData(input_ids, labels, segment_ids, continued, follows)
 
 
 def most_common_target_frequency(data: PackedData, shift: int) -> tuple[int, float]:
@@ -112,7 +122,9 @@ def most_common_target_frequency(data: PackedData, shift: int) -> tuple[int, flo
     return int(token), count / valid.numel()
 
 
-def _data_fingerprint(data_cfg, tokenizer) -> str:
+def data_fingerprint(data_cfg, tokenizer) -> str:
+    """A digest of everything that decides the packed rows: the data settings, the local files' bytes
+    (a hub dataset by its name and split) and the tokenizer (the cache's key; resumes compare it)."""
     digest = hashlib.sha256(f"packed-v{CACHE_VERSION}".encode())
     options = {k: getattr(data_cfg, k) for k in
                ("paths", "split", "format", "seq_len", "loss_on", "long_examples", "chat_template", "on_error",
@@ -138,7 +150,7 @@ def build_packed_data(data_cfg, tokenizer, cache_dir: str | Path | None, example
     """
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"packed-{_data_fingerprint(data_cfg, tokenizer)}.pt"
+        cache_file = Path(cache_dir) / f"packed-{data_fingerprint(data_cfg, tokenizer)}.pt"
         if cache_file.is_file():
             return PackedData(**torch.load(cache_file, weights_only=True))
     examples = tokenize_examples(examples or load_examples(data_cfg), tokenizer, data_cfg)
@@ -167,10 +179,13 @@ def split_eval(data: PackedData, fraction: float, seed: int) -> tuple[PackedData
     n_eval = max(1, round(len(data) * fraction))
     if n_eval >= len(data):
         raise ValueError(f"data.eval_fraction={fraction} leaves no training rows out of {len(data)}")
-    # Row r starts a group unless its first token continues the document the row before ends with.
+    # Row r starts a group unless its first token continues the document the row before ends with
+    # (pieces are packed in order: a piece that follows its kept predecessor at a row's start follows
+    # the row before's last piece).
     starts = torch.ones(len(data), dtype=torch.long)
-    if data.continued is not None:
-        starts[1:] = (~data.continued[1:, 0]).long()
+    follows = data.follows if data.follows is not None else data.continued
+    if follows is not None:
+        starts[1:] = (~follows[1:, 0]).long()
     group = starts.cumsum(0) - 1  # [N]
     sizes = torch.bincount(group).tolist()
     order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed))
