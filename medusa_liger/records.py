@@ -15,6 +15,7 @@ and the chat template to render conversations with (``chat_template_for``: the t
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,16 +227,19 @@ def text_prompt_ids(tokenizer, text: str, limit: int | None = TEXT_PROMPT_TOKENS
     return document_ids(tokenizer, text)[:limit]
 
 
-def chat_template_for(tokenizer, choice: str) -> str:
+def chat_template_for(tokenizer, choice: str, setting: str | None = None) -> str:
     """The template to render with: the tokenizer's own (``auto``, when it has one: of several named
-    ones, ``default``, as ``apply_chat_template`` picks) or the built-in."""
+    ones, ``default``, as ``apply_chat_template`` picks) or the built-in. Several without a ``default``:
+    a ValueError naming ``setting`` (the option that picks the built-in one), or without a setting to
+    name, the built-in one with a warning."""
     own = getattr(tokenizer, "chat_template", None)
     if choice == "auto" and isinstance(own, dict) and own:
-        if not isinstance(own.get("default"), str):
-            raise ValueError(f"the tokenizer has several chat templates ({sorted(own)}) and none named 'default' "
-                             "to render conversations with; use data.chat_template=builtin (or --chat-template "
-                             "builtin)")
-        return own["default"]
+        if isinstance(own.get("default"), str):
+            return own["default"]
+        message = f"the tokenizer has several chat templates ({sorted(own)}) and none named 'default'"
+        if setting is not None:
+            raise ValueError(f"{message} to render conversations with; use {setting}=builtin")
+        warnings.warn(f"{message}: conversations are rendered with the built-in template", stacklevel=2)
     if choice == "auto" and isinstance(own, str) and own:
         return own
     return BUILTIN_CHAT_TEMPLATE

@@ -325,6 +325,21 @@ def test_split_eval_does_not_chain_documents_whose_first_pieces_were_dropped():
     assert chained.follows[:, 0].tolist() == [False, True]
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_split_eval_keeps_a_document_whole_around_a_dropped_middle_piece(seed):
+    """Its third piece follows its first (the second, without a target, is dropped): it was grouped
+    alone, and held out while the rest of its document trained."""
+    examples = []
+    for doc in range(10):  # 3 pieces of 4 tokens, the middle one without targets (a long user turn)
+        ids = [100 * doc + i for i in range(12)]
+        examples.append((ids, ids[:4] + [-100] * 4 + ids[8:]))
+    data = pack(examples, seq_len=4, long_examples="split", pad_id=0)
+    assert data.follows[:, 0].tolist() == [False, True] * 10
+    train, held = split_eval(data, 0.1, seed=seed)
+    docs = [{int(x) // 100 for x in part.input_ids.flatten()} for part in (train, held)]
+    assert docs[1] and not docs[0] & docs[1]
+
+
 def test_loss_on_all_needs_no_prefix_renders(tokenizer):
     # The prefix check ran with loss_on=all too, so its own advice ("or data.loss_on=all") failed.
     template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -436,5 +451,22 @@ def test_a_tokenizer_with_named_chat_templates_renders_with_its_default():
     named = SimpleNamespace(chat_template={"default": "{{ messages }}", "tool_use": "{{ tools }}"})
     assert chat_template_for(named, "auto") == "{{ messages }}"
     assert chat_template_for(named, "builtin") == BUILTIN_CHAT_TEMPLATE
-    with pytest.raises(ValueError, match=r"several chat templates \(\['rag', 'tool_use'\]\) and none named 'default'"):
-        chat_template_for(SimpleNamespace(chat_template={"tool_use": "a", "rag": "b"}), "auto")
+    nameless = SimpleNamespace(chat_template={"tool_use": "a", "rag": "b"})
+    with pytest.raises(ValueError, match=r"several chat templates \(\['rag', 'tool_use'\]\) and none named "
+                                         r"'default' to render conversations with; use data.chat_template=builtin"):
+        chat_template_for(nameless, "auto", "data.chat_template")
+    with pytest.warns(UserWarning, match="rendered with the built-in template"):  # eval, generate: no such option
+        assert chat_template_for(nameless, "auto") == BUILTIN_CHAT_TEMPLATE
+
+
+def test_text_data_needs_no_usable_chat_template(tokenizer):
+    """Text records render no conversation: a tokenizer's unusable templates (several, none 'default')
+    stopped training on them."""
+    import copy
+
+    named = copy.deepcopy(tokenizer)
+    named.chat_template = {"tool_use": "a", "rag": "b"}
+    text = [Example("x", text="The pass statement does nothing.")]
+    assert tokenize_examples(text, named, DataConfig()) == tokenize_examples(text, tokenizer, DataConfig())
+    with pytest.raises(ValueError, match="use data.chat_template=builtin"):
+        tokenize_examples([Example("x", messages=CHAT)], named, DataConfig())

@@ -590,10 +590,14 @@ def test_cli_pt_file_refuses_before_loading_a_backbone(tmp_path, capsys, monkeyp
     (None, False), ("", False), ("tiny", False),
     ("/nowhere/on/this/machine/backbone", False),  # a path of another machine
 ])
-def test_backbone_is_recorded_where_the_heads_name_no_usable_base(tmp_path, recorded, kept):
+def test_backbone_is_recorded_unless_it_is_a_local_copy_of_the_named_hub_model(tmp_path, recorded, kept):
     from medusa_liger.heads.cli import recorded_base_model
 
     (tmp_path / "base").mkdir()
     want = recorded if kept else str((tmp_path / "base").resolve())
     assert recorded_base_model(recorded, tmp_path / "base") == want
-    assert recorded_base_model(recorded, "org/name") == (recorded if kept else "org/name")
+    assert recorded_base_model(recorded, "org/name") == "org/name"  # a hub name given: recorded
+    # Joint heads belong to the backbone that trained with them, whatever base they started from.
+    assert recorded_base_model(recorded, tmp_path / "base", "joint") == str((tmp_path / "base").resolve())
+    (tmp_path / "existing").mkdir()  # an existing local path recorded: --backbone replaces it
+    assert recorded_base_model(str(tmp_path / "existing"), tmp_path / "base") == str((tmp_path / "base").resolve())

@@ -648,9 +648,28 @@ def test_resume_notes_name_what_changes_the_rows():
     saved = data_settings(cfg, rows="abc")
     assert data_changes(saved, cfg, rows="abc") == []
     assert data_changes(saved, cfg, rows="def") == [
-        "other packed rows (the data files' content changed)",
+        "other packed rows (the data files' content or the tokenizer changed)",
         "a held-out split drawn anew (rows trained on may now be held out, and in eval_prompts.jsonl)"]
+    batch = load_config(TINY, ["data.eval_fraction=0.1", "train.micro_batch_size=2"])  # not a cause of the new split
+    assert data_changes(saved, batch, rows="def")[1].startswith("other packed rows")
     other = load_config(TINY, ["data.eval_fraction=0.1", "data.loss_on=all"])
     notes = data_changes(saved, other, rows="def")
     assert notes[0] == "data.loss_on assistant -> all" and notes[-1].startswith("a held-out split drawn anew")
     assert data_changes(data_settings(cfg), cfg, rows="def") == []  # a checkpoint written before rows were kept
+
+
+def test_a_resume_on_the_same_rows_notes_no_data_change(tmp_path, capsys):
+    """The rows' fingerprint hashed the inputs (whole files, the cache version): a line added past
+    data.max_examples noted 'other packed rows' and a redrawn split for bit-identical rows."""
+    import shutil
+
+    data = tmp_path / "data.jsonl"
+    shutil.copy(Path(__file__).resolve().parents[1] / "medusa_liger" / "data" / "pydoc_chat.jsonl", data)
+    extra = ["checkpoint.every=2", "export.formats=[medusa]", f"data.paths=[{data}]", "train.mode=heads"]
+    train(short_config(tmp_path / "run", "train.steps=2", *extra))
+    with data.open("a") as file:  # past data.max_examples=40 (SHORT): the same rows
+        file.write(data.read_text().splitlines()[0] + "\n")
+    capsys.readouterr()
+    train(short_config(tmp_path / "run", "train.steps=3", "train.resume=auto", *extra))
+    err = capsys.readouterr().err
+    assert "packed rows" not in err and "drawn anew" not in err

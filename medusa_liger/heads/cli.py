@@ -83,8 +83,8 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
     """Heads to export, and the directory of a saved backbone to export with them (joint training).
 
     With ``backbone`` (a path or hub name), the heads are checked against it, its lm_head is
-    attached (vLLM needs it in shared mode), and it is recorded as their base model where they
-    name none (``recorded_base_model``); it is not re-exported. Without it, ``saved_backbone``
+    attached (vLLM needs it in shared mode), and it is recorded as their base model
+    (``recorded_base_model`` says when not); it is not re-exported. Without it, ``saved_backbone``
     (a joint run's checkpoint's backbone, rebuilt and saved by ``train/export_cli.py``), else a
     ``backbone/`` directory inside the heads directory or beside it (the training loop's final
     layout), is used for both and is exported too.
@@ -101,7 +101,7 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
             raise BackboneLoadError(f"--backbone: {error}" if backbone is not None else str(error)) from error
         check_backbone_matches(ckpt, model, heads_dir)
         if backbone is not None:  # what TGI and FasterDecoding load with the heads
-            ckpt.base_model_name_or_path = recorded_base_model(ckpt.base_model_name_or_path, backbone)
+            ckpt.base_model_name_or_path = recorded_base_model(ckpt.base_model_name_or_path, backbone, ckpt.config.mode)
         lm_head = model.get_output_embeddings()
         ckpt.lm_head_weight = lm_head.weight.detach()
         ckpt.lm_head_bias = lm_head_bias_of(lm_head)
@@ -155,13 +155,16 @@ def check_pt_file(checkpoint_dir: str | Path, formats: list[str]) -> None:
     check_fasterdecoding_heads(read_heads(find_heads_dir(user_path(checkpoint_dir))), "medusa")
 
 
-def recorded_base_model(recorded: str | None, backbone: str | Path) -> str | None:
+def recorded_base_model(recorded: str | None, backbone: str | Path, mode: str = "heads") -> str:
     """The base model heads exported with ``--backbone`` record: ``backbone`` (a local directory as its
-    absolute path) when they name none, or a local path that is not here; else what they name (a hub
-    name stays portable, though checked against a local copy)."""
-    if recorded and recorded != "tiny" and not (looks_like_local_path(recorded) and not user_path(recorded).exists()):
-        return recorded
+    absolute path), except where they name a hub model and ``backbone`` is a local directory: a local
+    copy of that model, checked against, while the hub name stays portable. Heads of joint training
+    (``mode``) record ``backbone`` always: they belong to the backbone that trained with them."""
     local = user_path(backbone)
+    hub_name = bool(recorded) and recorded != "tiny" and not looks_like_local_path(recorded) \
+        and not user_path(recorded).exists()
+    if hub_name and local.is_dir() and mode != "joint":
+        return recorded
     return str(local.resolve()) if local.is_dir() else str(backbone)
 
 
@@ -226,9 +229,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cast the weights (default: heads in the backbone's dtype recorded at save time, "
                              "else as saved; a saved backbone as saved)")
     parser.add_argument("--backbone", default=None,
-                        help="base model path or name: the heads are checked against it, and record it as their "
-                             "base_model_name_or_path (what TGI and FasterDecoding load) where they name none or "
-                             "a local path that is not here")
+                        help="base model path or name: the heads are checked against it and record it as their "
+                             "base_model_name_or_path (what TGI and FasterDecoding load), unless it is a local copy "
+                             "of the hub model they name")
     parser.add_argument("--pt-file", action="store_true",
                         help="also write the medusa format as medusa_lm_head.pt, the only file FasterDecoding's own "
                              "loader reads (needs one layer per head, or equal layers)")

@@ -26,8 +26,8 @@ from medusa_liger.records import chat_prompt_ids, chat_template_for, text_prompt
 
 
 def prompt_ids(tokenizer, prompt: str, raw: bool) -> list[int]:
-    """The prompt's token ids: a user turn with the generation prompt after it, or (raw) the text
-    with the tokenizer's own special tokens."""
+    """The prompt's token ids: a user turn with the generation prompt after it, or (raw) the text as
+    training reads a document (BOS, when the tokenizer has one, then the text)."""
     if not prompt:
         raise ValueError("prompt must not be empty")
     if raw:

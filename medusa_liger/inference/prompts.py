@@ -95,7 +95,7 @@ def _records(source: str, split: str):
 def _record_prompt(tokenizer, where: str, record: Any) -> list[int]:
     if isinstance(record, dict) and isinstance(record.get("prompt"), str):
         check_unicode(where, "'prompt'", record["prompt"])
-        return tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+        return text_prompt_ids(tokenizer, record["prompt"], limit=None)  # BOS and the text, as generate --raw
     if isinstance(record, dict) and "input_ids" in record:  # already tokenized (a run's eval_prompts.jsonl)
         ids = record["input_ids"]
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):

@@ -324,7 +324,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
 
 
-ROWS_KEY = "the packed rows"  # data_settings' entry for packing.data_fingerprint (files edited in place too)
+ROWS_KEY = "the packed rows"  # data_settings' entry for packing.rows_fingerprint (files edited in place too)
 
 
 def data_settings(cfg: Config, rows: str | None = None) -> dict[str, object]:
@@ -347,15 +347,16 @@ SPLIT_KEYS = (ROWS_KEY, "data.paths", "data.split", "data.format", "data.max_exa
 
 def data_changes(saved: dict[str, object] | None, cfg: Config, rows: str | None = None) -> list[str]:
     """``"train.micro_batch_size 4 -> 2"`` for each of ``data_settings`` that differs from a checkpoint's
-    (the rows alone: "the data files' content"); where the held-out split is drawn anew, the last entry
-    says so."""
+    (the rows without a data setting: "other packed rows"); where the held-out split is drawn anew, the
+    last entry says so."""
     if not saved:
         return []
     current = data_settings(cfg, rows)
     changed = [key for key, value in current.items() if key in saved and saved[key] != value]
     notes = [f"{key} {saved[key]} -> {current[key]}" for key in changed if key != ROWS_KEY]
-    if changed == [ROWS_KEY]:  # no setting changed, the rows did: files edited, another tokenizer, a hub dataset
-        notes.append("other packed rows (the data files' content changed)")
+    if ROWS_KEY in changed and not any(key in SPLIT_KEYS for key in changed if key != ROWS_KEY):
+        # No data setting changed, the rows did: files edited, another tokenizer, a new hub revision.
+        notes.append("other packed rows (the data files' content or the tokenizer changed)")
     if any(key in SPLIT_KEYS for key in changed) and cfg.data.eval_fraction > 0:
         notes.append("a held-out split drawn anew (rows trained on may now be held out, and in eval_prompts.jsonl)")
     return notes

@@ -152,7 +152,9 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, template: str, loss_on: s
 
 def tokenize_examples(examples: list[Example], tokenizer, data_cfg) -> list[tuple[list[int], list[int]]]:
     """Tokenize every example; with many examples and ``datasets`` installed, in ``num_proc`` processes."""
-    template = chat_template_for(tokenizer, data_cfg.chat_template)
+    # Only conversations are rendered: text data needs no template (nor a tokenizer's usable one).
+    needs_template = any(e.messages is not None for e in examples)
+    template = chat_template_for(tokenizer, data_cfg.chat_template, "data.chat_template") if needs_template else ""
     parallel = data_cfg.num_proc > 1 and len(examples) >= data_cfg.num_proc_min_examples
     if parallel:
         try:

@@ -101,8 +101,8 @@ from medusa_liger.train.logging import MetricsLogger, NullLogger
 from medusa_liger.train.packing import (
     PackedLoader,
     build_packed_data,
-    data_fingerprint,
     most_common_target_frequency,
+    rows_fingerprint,
     split_eval,
 )
 
@@ -375,7 +375,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples, on_meta=cfg.train.fsdp and not main)
     with distributed.main_first(), data_errors():
         data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
-        rows = data_fingerprint(cfg.data, tokenizer)  # checkpoints keep it: a resume says when the rows changed
+    # Checkpoints (rank 0's) keep it: a resume says when the rows changed (files edited in place too).
+    rows = rows_fingerprint(data) if main else None
     with data_errors():  # also: fewer packed rows than a micro-batch
         train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
         loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed,

@@ -45,9 +45,10 @@ CACHE_VERSION = 3  # 2: PackedData.continued; 3: PackedData.follows
 class PackedData:
     """Packed rows, all [N, seq_len]: input_ids, labels (-100 = no target), segment_ids (0 = padding),
     ``continued`` (bool; True on the tokens of a segment that is a later piece of a split example,
-    which starts mid-document; None: no segment is) and ``follows`` (bool; True where that piece
-    directly follows its example's previous piece, which was kept: a piece without a target is
-    dropped, and what precedes the next one is then another document; None: as ``continued``)."""
+    which starts mid-document; None: no segment is) and ``follows`` (bool; True where an earlier piece
+    of that example was kept, so that the piece packed right before it is of the same document; a
+    piece without a target is dropped, and when all earlier ones were, what precedes it is another
+    document; None: as ``continued``)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -76,14 +77,13 @@ def pack(
     pieces: list[tuple[list[int], list[int], bool, bool]] = []
     for ids, labels in examples:
         starts = range(0, len(ids), seq_len) if long_examples == "split" else [0]
-        kept_before = False  # the previous piece of this example was kept
+        kept_before = False  # an earlier piece of this example was kept (it is then the last piece listed)
         for start in starts:
             piece_ids, piece_labels = ids[start : start + seq_len], labels[start : start + seq_len]
             # A piece needs a target after its first token to contribute anything.
-            kept = any(label != IGNORE_INDEX for label in piece_labels[1:])
-            if kept:
+            if any(label != IGNORE_INDEX for label in piece_labels[1:]):
                 pieces.append((piece_ids, piece_labels, start > 0, kept_before))
-            kept_before = kept
+                kept_before = True
 
     rows: list[list[tuple[list[int], list[int], bool]]] = []
     used = seq_len  # forces a new row for the first piece
@@ -110,6 +110,15 @@ def pack(
             follows[r, offset:end] = after_kept
             offset = end
     return PackedData(input_ids, labels, segment_ids, continued, follows)
+
+
+def rows_fingerprint(data: PackedData) -> str:
+    """A digest of the packed rows themselves (tokens, targets, documents), whatever produced them."""
+    digest = hashlib.sha256()
+    for tensor in (data.input_ids, data.labels, data.segment_ids):
+        digest.update(str(list(tensor.shape)).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
 
 
 def most_common_target_frequency(data: PackedData, shift: int) -> tuple[int, float]:
