@@ -410,7 +410,9 @@ def test_gradient_checkpointing_is_enabled_without_deprecation_warnings(tmp_path
     # transformers >= 5.2x renamed the flag (the old name warns); older versions have only the old one.
     on = (backbone.is_activation_checkpointing if hasattr(type(backbone), "is_activation_checkpointing")
           else backbone.is_gradient_checkpointing)
-    assert on and backbone.config.use_cache is False
+    # Training forwards pass use_cache=False; the config keeps the model's own, which the export writes
+    # (it wrote use_cache false, so a plain forward of the exported backbone returned no cache).
+    assert on and backbone.config.use_cache is True
 
 
 def test_target_counts_follow_the_kernel_rule():
@@ -673,3 +675,33 @@ def test_a_resume_on_the_same_rows_notes_no_data_change(tmp_path, capsys):
     train(short_config(tmp_path / "run", "train.steps=3", "train.resume=auto", *extra))
     err = capsys.readouterr().err
     assert "packed rows" not in err and "drawn anew" not in err
+
+
+def test_resume_notes_another_backbone():
+    """A LoRA run resumed on another model of the same shape (adapters put on other weights) was silent."""
+    from medusa_liger.train.build import data_changes, data_settings
+
+    cfg = load_config(TINY)
+    saved = data_settings(cfg) | {"model.name_or_path": "/models/llama-a"}
+    assert data_changes(saved, cfg) == ["model.name_or_path /models/llama-a -> tiny"]
+
+
+def test_lora_on_embeddings_tied_to_lm_head_is_a_config_error():
+    """Training reads lm_head's plain (tied) weight; the merged export added the embeddings' LoRA update to
+    it, so the exported lm_head was not the one the heads trained against (logits off by 13)."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medusa_liger.train.build import build_medusa
+    from medusa_liger.train.config import ConfigError
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=96)
+    cfg = load_config(TINY, ["train.mode=joint", "lora.enabled=true", "lora.target_modules=[q_proj,embed_tokens]"])
+    tied = peft.get_peft_model(LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True)),
+                               peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(ConfigError, match="share their weight with lm_head"):
+        build_medusa(cfg, tied, teacher=False)
+    untied = peft.get_peft_model(LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)),
+                                 peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    build_medusa(cfg, untied, teacher=False)

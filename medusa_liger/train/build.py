@@ -151,6 +151,13 @@ def build_medusa(cfg: Config, backbone, teacher: bool = True):
     if carries_peft_adapter(backbone.get_output_embeddings()):  # (MedusaModel's own check, said with the key)
         raise ConfigError(f"lora.target_modules={cfg.lora.target_modules} puts an adapter on lm_head, which the "
                           "fused losses read as a plain weight: it would never train; leave lm_head out")
+    embeddings, head = backbone.get_input_embeddings(), backbone.get_output_embeddings()
+    if carries_peft_adapter(embeddings) and head is not None and \
+            embeddings.base_layer.weight.data_ptr() == head.weight.data_ptr():
+        # Training reads lm_head's plain weight; the merged export would add the embeddings' update to it.
+        raise ConfigError(f"lora.target_modules={cfg.lora.target_modules} puts an adapter on the input embeddings, "
+                          "which share their weight with lm_head (tie_word_embeddings): the exported lm_head would "
+                          "not be the one the heads trained against; leave the embeddings out")
     model = MedusaModel.from_backbone(backbone, medusa_cfg)
     if "vllm" in cfg.export.formats and getattr(model.lm_head, "bias", None) is not None:  # said now, not at the end
         raise ConfigError("export.formats includes vllm, but the backbone's lm_head has a bias, which vLLM's Medusa "
@@ -160,9 +167,8 @@ def build_medusa(cfg: Config, backbone, teacher: bool = True):
         model.add_frozen_teacher()  # before gradient checkpointing: the teacher runs under no_grad
     if cfg.model.gradient_checkpointing:
         # MedusaModel's method picks the transformers version's (non-deprecated) name of the switch.
-        model.gradient_checkpointing_enable()
-        if hasattr(backbone, "config"):
-            backbone.config.use_cache = False  # a KV cache is useless in training and breaks recomputation
+        model.gradient_checkpointing_enable()  # (every training forward passes use_cache=False: the exported
+        # config keeps the model's own use_cache)
     return model
 
 
@@ -328,11 +334,14 @@ ROWS_KEY = "the packed rows"  # data_settings' entry for packing.rows_fingerprin
 
 
 def data_settings(cfg: Config, rows: str | None = None) -> dict[str, object]:
-    """What decides the training rows, their order and the held-out split, by config key (and ``rows``,
-    the packed rows' fingerprint, under ``ROWS_KEY``): a resume may change them (new data to continue
-    on), and says so (``data_changes``)."""
+    """The backbone, and what decides the training rows, their order and the held-out split, by config
+    key (and ``rows``, the packed rows' fingerprint, under ``ROWS_KEY``): a resume may change them (new
+    data to continue on, a moved model directory), and says so (``data_changes``)."""
     d, t = cfg.data, cfg.train
-    return ({ROWS_KEY: rows} if rows is not None else {}) | {"data.paths": list(d.paths), "data.split": d.split, "data.format": d.format,
+    # The backbone too: a resume may load it from elsewhere (a moved directory, a local snapshot), but
+    # adapters or heads trained on one model put on another would be said nowhere else.
+    return ({ROWS_KEY: rows} if rows is not None else {}) | {"model.name_or_path": cfg.model.name_or_path,
+            "data.paths": list(d.paths), "data.split": d.split, "data.format": d.format,
             "data.max_examples": d.max_examples, "data.on_error": d.on_error, "data.seq_len": d.seq_len,
             "data.long_examples": d.long_examples, "data.chat_template": d.chat_template, "data.loss_on": d.loss_on,
             "data.eval_fraction": d.eval_fraction, "train.seed": t.seed, "train.micro_batch_size": t.micro_batch_size,
