@@ -464,3 +464,15 @@ def test_the_models_shipped_generation_options_do_not_shape_greedy_answers(model
     finally:
         model.generation_config = shipped
     assert read_lines(tmp_path / "shipped.jsonl") == read_lines(tmp_path / "plain.jsonl")
+
+
+def test_an_unusable_chat_template_is_refused_before_anything_is_generated(model, tokenizer):
+    """Found at the first conversation, after text records were written, it left a run whose resume
+    refused the --chat-template that fixes it."""
+    import copy
+
+    named = copy.deepcopy(tokenizer)
+    named.chat_template = {"tool_use": "a", "rag": "b"}
+    with pytest.raises(ValueError, match="none named 'default' .*use --chat-template=builtin"):
+        LocalBackend(model, named, DistillSettings())
+    LocalBackend(model, named, DistillSettings(chat_template="builtin"))

@@ -658,6 +658,8 @@ def test_resume_notes_name_what_changes_the_rows():
     notes = data_changes(saved, other, rows="def")
     assert notes[0] == "data.loss_on assistant -> all" and notes[-1].startswith("a held-out split drawn anew")
     assert data_changes(data_settings(cfg), cfg, rows="def") == []  # a checkpoint written before rows were kept
+    # A checkpoint that kept a fingerprint of the input files under the old key: not compared.
+    assert data_changes(data_settings(cfg) | {"the packed rows": "abc"}, cfg, rows="def") == []
 
 
 def test_a_resume_on_the_same_rows_notes_no_data_change(tmp_path, capsys):
@@ -705,3 +707,7 @@ def test_lora_on_embeddings_tied_to_lm_head_is_a_config_error():
     untied = peft.get_peft_model(LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)),
                                  peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
     build_medusa(cfg, untied, teacher=False)
+    with torch.device("meta"):  # an FSDP rank > 0: every address is 0, an untied model is still untied
+        meta = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
+    build_medusa(cfg, peft.get_peft_model(meta, peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"])),
+                 teacher=False)

@@ -51,6 +51,9 @@ class LocalBackend:
         from transformers import GenerationConfig
 
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        # At construction, before anything is written: a template that cannot be used found at the first
+        # conversation would leave earlier blocks written under a setting the resume then refuses to change.
+        self.template = chat_template_for(tokenizer, settings.chat_template, "--chat-template")
         self.device = next(model.parameters()).device
         # Stop at the tokenizer's EOS and at any the model's generation config names (an instruct
         # model's end-of-turn token, e.g. Llama-3's <|eot_id|>).
@@ -73,9 +76,7 @@ class LocalBackend:
 
     def chat(self, conversations: Sequence[Messages]) -> list[Answer | None]:
         """The next assistant turn of each conversation (stripped of surrounding whitespace)."""
-        # Resolved here, not at construction: text-only sources render no conversation.
-        template = chat_template_for(self.tokenizer, self.settings.chat_template, "--chat-template")
-        prompts = [chat_prompt_ids(self.tokenizer, messages, template) for messages in conversations]
+        prompts = [chat_prompt_ids(self.tokenizer, messages, self.template) for messages in conversations]
         return [None if a is None else Answer(a.text.strip(), a.stopped, a.new_tokens)
                 for a in self._answer(prompts, with_prompt=False)]
 

@@ -151,9 +151,13 @@ def build_medusa(cfg: Config, backbone, teacher: bool = True):
     if carries_peft_adapter(backbone.get_output_embeddings()):  # (MedusaModel's own check, said with the key)
         raise ConfigError(f"lora.target_modules={cfg.lora.target_modules} puts an adapter on lm_head, which the "
                           "fused losses read as a plain weight: it would never train; leave lm_head out")
-    embeddings, head = backbone.get_input_embeddings(), backbone.get_output_embeddings()
-    if carries_peft_adapter(embeddings) and head is not None and \
-            embeddings.base_layer.weight.data_ptr() == head.weight.data_ptr():
+    try:
+        embeddings = backbone.get_input_embeddings() if cfg.lora.enabled else None
+    except NotImplementedError:  # (a remote-code model without the accessor: no adapter found there)
+        embeddings = None
+    head = backbone.get_output_embeddings()
+    # The same tensor object, not the same address: on the meta device (FSDP ranks > 0) every address is 0.
+    if carries_peft_adapter(embeddings) and head is not None and embeddings.base_layer.weight is head.weight:
         # Training reads lm_head's plain weight; the merged export would add the embeddings' update to it.
         raise ConfigError(f"lora.target_modules={cfg.lora.target_modules} puts an adapter on the input embeddings, "
                           "which share their weight with lm_head (tie_word_embeddings): the exported lm_head would "
@@ -330,7 +334,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
 
 
-ROWS_KEY = "the packed rows"  # data_settings' entry for packing.rows_fingerprint (files edited in place too)
+ROWS_KEY = "the packed rows (content)"  # data_settings' entry for packing.rows_fingerprint (files edited in place too)
 
 
 def data_settings(cfg: Config, rows: str | None = None) -> dict[str, object]:

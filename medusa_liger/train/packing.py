@@ -38,7 +38,7 @@ from medusa_liger.kernels.reference import shifted_targets
 from medusa_liger.records import resolve_path
 from medusa_liger.train.data import IGNORE_INDEX, load_examples, tokenize_examples
 
-CACHE_VERSION = 3  # 2: PackedData.continued; 3: PackedData.follows
+CACHE_VERSION = 4  # 2: PackedData.continued; 3: PackedData.follows; 4: follows after any kept piece
 
 
 @dataclass
