@@ -79,7 +79,7 @@ def find_heads_dir(checkpoint_dir: str | Path) -> Path:
 
 
 def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = None,
-                    saved_backbone: Path | None = None) -> tuple[HeadsCheckpoint, Path | None]:
+                    saved_backbone: Path | None = None, pt_file: bool = False) -> tuple[HeadsCheckpoint, Path | None]:
     """Heads to export, and the directory of a saved backbone to export with them (joint training).
 
     With ``backbone`` (a path or hub name), the heads are checked against it, its lm_head is
@@ -87,10 +87,13 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
     (``recorded_base_model`` says when not); it is not re-exported. Without it, ``saved_backbone``
     (a joint run's checkpoint's backbone, rebuilt and saved by ``train/export_cli.py``), else a
     ``backbone/`` directory inside the heads directory or beside it (the training loop's final
-    layout), is used for both and is exported too.
+    layout), is used for both and is exported too. ``pt_file``: the heads are checked for FasterDecoding's
+    loader (``check_fasterdecoding_heads``) before any backbone loads.
     """
     heads_dir = find_heads_dir(checkpoint_dir)
     ckpt = read_heads(heads_dir)
+    if pt_file:
+        check_fasterdecoding_heads(ckpt, "medusa")
     saved = saved_backbone or next(
         (d for d in (heads_dir / BACKBONE_SUBDIR, heads_dir.parent / BACKBONE_SUBDIR) if d.is_dir()), None)
     source = backbone if backbone is not None else saved
@@ -146,12 +149,18 @@ def _copy_backbone(backbone_dir: Path, target: Path, dtype: torch.dtype | None) 
             shutil.copy2(path, target / path.name)
 
 
-def check_pt_file(checkpoint_dir: str | Path, formats: list[str]) -> None:
-    """ValueError unless the heads of ``checkpoint_dir`` can be written as FasterDecoding's
-    ``medusa_lm_head.pt`` in ``formats`` (checked before any backbone loads)."""
+def check_pt_formats(formats: list[str]) -> None:
+    """ValueError unless ``formats`` include the one ``--pt-file`` writes a file of (medusa)."""
     if "medusa" not in formats:
         raise ValueError(f"--pt-file writes the medusa format's medusa_lm_head.pt: it needs --format medusa or both, "
                          f"got {formats}")
+
+
+def check_pt_file(checkpoint_dir: str | Path, formats: list[str]) -> None:
+    """ValueError unless the heads of ``checkpoint_dir`` can be written as FasterDecoding's
+    ``medusa_lm_head.pt`` in ``formats`` (for a caller with work to do before ``export_checkpoint``,
+    which checks this itself as it reads the heads)."""
+    check_pt_formats(formats)
     check_fasterdecoding_heads(read_heads(find_heads_dir(user_path(checkpoint_dir))), "medusa")
 
 
@@ -183,13 +192,13 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
     for format in formats:
         check_format(format)
     if pt_file:
-        check_pt_file(checkpoint_dir, formats)
+        check_pt_formats(formats)
     dtype = parse_dtype(dtype)
     checkpoint_dir, output_dir = user_path(checkpoint_dir), user_path(output_dir)
     # Never write over what is read: the directory given, the heads found in it, a saved backbone.
     sources = [checkpoint_dir, find_heads_dir(checkpoint_dir), *([saved_backbone] if saved_backbone else [])]
     check_output_dir(output_dir, sources, overwrite)
-    ckpt, backbone_dir = load_for_export(checkpoint_dir, backbone, saved_backbone)
+    ckpt, backbone_dir = load_for_export(checkpoint_dir, backbone, saved_backbone, pt_file)
     if backbone_dir is not None:
         sources.append(backbone_dir)
         check_output_dir(output_dir, sources, overwrite)
