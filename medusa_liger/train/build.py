@@ -29,6 +29,7 @@ from medusa_liger.devices import parse_device
 from medusa_liger.heads.export import DTYPES  # one table of dtype names (the config allows three of them)
 from medusa_liger.train import distributed
 from medusa_liger.train.config import Config, ConfigError
+from medusa_liger.train.packing import ROW_SETTINGS
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -344,18 +345,14 @@ def data_settings(cfg: Config, rows: str | None = None) -> dict[str, object]:
     d, t = cfg.data, cfg.train
     # The backbone too: a resume may load it from elsewhere (a moved directory, a local snapshot), but
     # adapters or heads trained on one model put on another would be said nowhere else.
-    return ({ROWS_KEY: rows} if rows is not None else {}) | {"model.name_or_path": cfg.model.name_or_path,
-            "data.paths": list(d.paths), "data.split": d.split, "data.format": d.format,
-            "data.max_examples": d.max_examples, "data.on_error": d.on_error, "data.seq_len": d.seq_len,
-            "data.long_examples": d.long_examples, "data.chat_template": d.chat_template, "data.loss_on": d.loss_on,
-            "data.eval_fraction": d.eval_fraction, "train.seed": t.seed, "train.micro_batch_size": t.micro_batch_size,
-            "train.grad_accum": t.grad_accum}
+    return ({ROWS_KEY: rows} if rows is not None else {}) | {"model.name_or_path": cfg.model.name_or_path} \
+        | {f"data.{key}": getattr(d, key) for key in ROW_SETTINGS} \
+        | {"data.eval_fraction": d.eval_fraction, "train.seed": t.seed, "train.micro_batch_size": t.micro_batch_size,
+           "train.grad_accum": t.grad_accum}
 
 
-# Those that change the packed rows or how they are drawn (the rest: what the loss covers, batch sizes).
-SPLIT_KEYS = (ROWS_KEY, "data.paths", "data.split", "data.format", "data.max_examples", "data.on_error",
-              "data.seq_len", "data.long_examples", "data.chat_template", "data.loss_on", "data.eval_fraction",
-              "train.seed")
+# Those that change the packed rows or how they are drawn (the rest: the backbone's name, batch sizes).
+SPLIT_KEYS = (ROWS_KEY, *(f"data.{key}" for key in ROW_SETTINGS), "data.eval_fraction", "train.seed")
 
 
 def data_changes(saved: dict[str, object] | None, cfg: Config, rows: str | None = None) -> list[str]:

@@ -131,13 +131,16 @@ def most_common_target_frequency(data: PackedData, shift: int) -> tuple[int, flo
     return int(token), count / valid.numel()
 
 
+# The data settings that decide the packed rows (the cache's key; a resume names those that changed).
+ROW_SETTINGS = ("paths", "split", "format", "seq_len", "loss_on", "long_examples", "chat_template", "on_error",
+                "max_examples")
+
+
 def data_fingerprint(data_cfg, tokenizer) -> str:
     """A digest of everything that decides the packed rows: the data settings, the local files' bytes
     (a hub dataset by its name and split) and the tokenizer (the cache's key; resumes compare it)."""
     digest = hashlib.sha256(f"packed-v{CACHE_VERSION}".encode())
-    options = {k: getattr(data_cfg, k) for k in
-               ("paths", "split", "format", "seq_len", "loss_on", "long_examples", "chat_template", "on_error",
-                "max_examples")}
+    options = {k: getattr(data_cfg, k) for k in ROW_SETTINGS}
     digest.update(json.dumps(options, sort_keys=True).encode())
     for path in data_cfg.paths:
         local = resolve_path(path)
