@@ -98,8 +98,9 @@ def resolve_paths(run_dir: str | Path | None, backbone: str | Path | None,
             backbone = final / BACKBONE_SUBDIR
         elif (heads / BACKBONE_SUBDIR).is_dir():
             backbone = heads / BACKBONE_SUBDIR
-        elif heads.resolve().parent.name == FINAL_DIR and (heads.resolve().parent / BACKBONE_SUBDIR).is_dir():
-            backbone = heads.resolve().parent / BACKBONE_SUBDIR  # a run's final/ (resolved: `.`, a link)
+        elif (final_of_heads := heads.resolve().parent).name == FINAL_DIR and \
+                (final_of_heads / BACKBONE_SUBDIR).is_dir():
+            backbone = final_of_heads / BACKBONE_SUBDIR  # a run's final/ (resolved: `.`, a link)
         else:
             ckpt = read_heads(heads)
             backbone = ckpt.base_model_name_or_path

@@ -149,14 +149,14 @@ def build_medusa(cfg: Config, backbone, teacher: bool = True):
         skip_ignored_targets=cfg.heads.skip_ignored_targets, head_by_head=cfg.heads.head_by_head,
         heads_loss_weight=cfg.train.heads_lambda.value if cfg.train.mode == "joint" else None,
     )
-    if carries_peft_adapter(backbone.get_output_embeddings()):  # (MedusaModel's own check, said with the key)
+    head = backbone.get_output_embeddings()
+    if carries_peft_adapter(head):  # (MedusaModel's own check, said with the key)
         raise ConfigError(f"lora.target_modules={cfg.lora.target_modules} puts an adapter on lm_head, which the "
                           "fused losses read as a plain weight: it would never train; leave lm_head out")
     try:
         embeddings = backbone.get_input_embeddings() if cfg.lora.enabled else None
     except NotImplementedError:  # (a remote-code model without the accessor: no adapter found there)
         embeddings = None
-    head = backbone.get_output_embeddings()
     # The same tensor object, not the same address: on the meta device (FSDP ranks > 0) every address is 0.
     if carries_peft_adapter(embeddings) and head is not None and embeddings.base_layer.weight is head.weight:
         # Training reads lm_head's plain weight; the merged export would add the embeddings' update to it.

@@ -235,10 +235,12 @@ def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, devic
     # Both are host numbers already (all-reduced: every rank stops alike). A NaN update would make
     # every weight NaN, and the run would go on to export them.
     if not math.isfinite(metrics["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
+        which = "this step" if step is None else f"step {step}"
+        norm = "" if grad_norm is None else f" and the gradient norm {grad_norm}"
         raise DivergedError(
-            f"{'this step' if step is None else f'step {step}'}: the loss is {metrics['loss']}{'' if grad_norm is None else f' and the gradient norm {grad_norm}'}"
-            ": stopped before this step's update (the checkpoints are as they were). Lower train.lr / "
-            "train.heads_lr, set train.max_grad_norm, or keep weights in float32 or bfloat16")
+            f"{which}: the loss is {metrics['loss']}{norm}: stopped before this step's update (the checkpoints are "
+            "as they were). Lower train.lr / train.heads_lr, set train.max_grad_norm, or keep weights in float32 "
+            "or bfloat16")
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
     optimizer.step()
     scheduler.step()
