@@ -80,8 +80,9 @@ def test_reductions_and_dtypes(backend, reduction, dtype):
     _check(backend, 5, 301, dtype, reduction, {"label_smoothing": 0.05, "z_loss": 1e-3})
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, None])
 def test_float64_exact_on_torch_path(backend):
+    """backend None: the automatic choice, which gives float64 the PyTorch path (the kernel computes in fp32)."""
     x = torch.randn(4, 77, device=DEVICE, dtype=torch.float64)
     labels = _labels(4, 77)
     ref_x = x.clone().requires_grad_()
@@ -90,8 +91,24 @@ def test_float64_exact_on_torch_path(backend):
     xx = x.clone().requires_grad_()
     with force_backend(backend):
         cross_entropy(xx, labels, softcap=3.0).backward()
-    dtype = torch.float64 if backend == "torch" else torch.float32  # the kernel computes in fp32
+    dtype = torch.float32 if backend == "triton" else torch.float64
     assert_close(xx.grad, ref_x.grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_op_that_saved_the_logits_raises_instead_of_reading_their_gradient(backend):
+    """Backward writes the gradient over the logits; an op that saved them as its input (a z-loss by
+    hand) and runs its backward later must get autograd's in-place error, on both paths, not gradients."""
+    h = torch.randn(5, 3, device=DEVICE)
+    w = torch.randn(11, 3, device=DEVICE, requires_grad=True)
+    labels = _labels(5, 11)
+    logits = h @ w.t()
+    with force_backend(backend):
+        # square saves its input; made first, its backward runs after cross_entropy's
+        regularizer = 0.1 * logits.square().mean()
+        loss = regularizer + cross_entropy(logits, labels)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

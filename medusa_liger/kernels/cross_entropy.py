@@ -31,8 +31,9 @@ per row beside lse) from forward for backward.
 
 IMPORTANT: when the logits require grad, backward OVERWRITES the logits tensor with its gradient
 (Liger does the same in forward; here the logits stay intact until backward). So run backward once
-(no retain_graph re-runs), and do not feed logits that another autograd op saved as its output
-(e.g. torch.tanh's): use the ``softcap`` option instead of capping beforehand. Labels outside
+(no retain_graph re-runs), and do not feed logits that another autograd op saved (as its output,
+like torch.tanh, or as its input, like a z-loss written by hand): use the ``softcap`` and ``z_loss``
+options instead; autograd then raises its "modified by an inplace operation" error. Labels outside
 [0, V) other than ``ignore_index`` raise ValueError for CPU tensors; on the GPU (no host sync
 allowed) they are treated as ignored rows and never read out of bounds.
 """
@@ -465,6 +466,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         # The gradient replaces the logits (documented): no second [N, V] buffer.
         ce_rows(logits, labels, scale=scale, lse=lse, compute_lse=False, write_grad=True, target_miss=target_miss,
                 **ctx.opts)
+        # A Triton kernel wrote it, unseen by autograd: bump the version (the PyTorch path's in-place
+        # writes do), so an op that saved these logits as its input and runs its backward later raises
+        # autograd's "modified by an inplace operation" error instead of reading gradients as logits.
+        torch.autograd.graph.increment_version(logits)
         return logits, None, None, None, None, None, None
 
 

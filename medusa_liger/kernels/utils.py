@@ -40,9 +40,12 @@ def triton_available() -> bool:
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether an op on ``tensor`` should run its Triton kernel (else the PyTorch version)."""
+    """Whether an op on ``tensor`` should run its Triton kernel (else the PyTorch version). Float64
+    runs the PyTorch version unless forced: the kernels compute in fp32."""
     if _forced_backend is not None:
         return _forced_backend == "triton"
+    if tensor.dtype == torch.float64:
+        return False
     if tensor.is_cuda:
         return True
     return tensor.device.type == "cpu" and triton_interpreter_enabled() and triton_available()
