@@ -80,3 +80,20 @@ def test_compare_greedy_times_both_decodings_warm(tokenizer, monkeypatch):  # no
     calls.clear()
     generate_reply(model, tokenizer, "def f(x):", max_new_tokens=12)
     assert calls == [(12, False)]
+
+
+def first_new_token_index(tokens: list[int]) -> int:
+    """The first index >= 1 whose token does not occur before it (a stop token cut there, not earlier)."""
+    return next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])
+
+
+def test_reply_stops_at_the_end_of_turn_token_of_the_generation_config(tokenizer):  # noqa: F811
+    """An instruct model may end its turn with a token only its generation config names (Llama-3's
+    <|eot_id|>): the reply ends there, as distill's answers do."""
+    model = random_medusa(TOKENIZER_VOCAB, num_heads=2, seed=2)
+    ids = prompt_ids(tokenizer, "def f(x):", raw=False)
+    greedy = greedy_generate(model, torch.tensor([ids]), 12).new_tokens.tolist()
+    i = first_new_token_index(greedy)
+    model.backbone.generation_config.eos_token_id = [tokenizer.eos_token_id, greedy[i]]
+    _, out = generate_reply(model, tokenizer, "def f(x):", max_new_tokens=12)
+    assert out.new_tokens.tolist() == greedy[: i + 1]

@@ -201,3 +201,45 @@ def test_cli_prints_the_batch_used_and_labels_the_by_size_line_of_a_given_tree(t
     assert report["measured_batched"]["batch_size"] == 3
     low, high = report["measured"]["acceleration_rate_ci95"]
     assert 1.0 <= low <= report["measured"]["acceleration_rate"] <= high <= 3.0  # depth 2: at most 3 tokens a step
+
+
+def test_eval_stops_at_the_generation_configs_end_of_turn_token_and_says_which_prompts_it_shortened(
+        tmp_path, tokenizer, capsys):  # noqa: F811
+    """Replies end where the model's generation config says a turn ends (measured on the text the heads
+    train on, not past it); prompts longer than the context minus --max-new-tokens keep their last tokens,
+    and the CLI and the report say how many."""
+    import torch
+
+    from medusa_liger.heads import MedusaConfig, MedusaModel
+    from medusa_liger.inference.generate import greedy_generate
+    from tests.test_evaluate import TOKENIZER_VOCAB
+    from tests.test_generate import randomize_heads_, tiny_backbone
+    from tests.test_generate_cli import first_new_token_index
+
+    backbone = tiny_backbone(vocab=TOKENIZER_VOCAB, seed=2, max_position_embeddings=24)
+    model = randomize_heads_(MedusaModel.from_backbone(backbone, MedusaConfig(num_heads=2)), 3.0, 2).eval()
+    final = tmp_path / "run" / "final"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\n" + "The assert statement checks a condition. " * 3 + "\n")
+    ids = load_prompts(str(prompts), tokenizer)
+    room = 24 - 8
+    assert len(ids[0]) <= room < len(ids[1])
+    greedy = greedy_generate(model, torch.tensor([ids[0]]), 8).new_tokens.tolist()
+    i = first_new_token_index(greedy)
+    model.backbone.generation_config.eos_token_id = [tokenizer.eos_token_id, greedy[i]]
+    model.backbone.save_pretrained(final / "backbone")
+    tokenizer.save_pretrained(final / "backbone")
+    model.save_heads(final / "heads_medusa", format="medusa")
+    code = main(["eval", str(tmp_path / "run"), "--prompts", str(prompts), "--max-new-tokens", "8",
+                 "--tree-size", "4", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "note: 1 of 2 prompts are longer than the model's context (24) minus --max-new-tokens (8) " \
+           "and keep their last 16 tokens" in err
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert report["truncated_prompts"] == 1
+    assert greedy[i] in report["stop_token_ids"] and tokenizer.eos_token_id in report["stop_token_ids"]
+    stops = model.backbone.generation_config.eos_token_id
+    decoded = [greedy_generate(model, torch.tensor([p]), 8, stops).new_tokens.numel() for p in (ids[0], ids[1][-room:])]
+    assert decoded[0] == i + 1  # the first reply ends at the end-of-turn token
+    assert report["measured"]["greedy"]["new_tokens"] == report["measured"]["medusa"]["new_tokens"] == sum(decoded)

@@ -33,6 +33,18 @@ def decode_attention() -> contextlib.AbstractContextManager:
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def stop_token_ids(tokenizer, model: nn.Module) -> list[int]:
+    """The token ids decoding stops at (sorted; empty when none is named): the tokenizer's EOS and every
+    one the model's generation config names (an instruct model's end-of-turn token, e.g. Llama-3's
+    <|eot_id|>, which its tokenizer's EOS may not be). ``model``: a causal LM, a MedusaModel (its
+    ``.backbone``'s generation config) or a peft-wrapped model."""
+    eos = {getattr(tokenizer, "eos_token_id", None)}
+    generation_config = getattr(getattr(model, "backbone", model), "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    eos.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(int(e) for e in eos if e is not None)
+
+
 class BackboneRunner:
     """Runs the backbone decoder over a DynamicCache and projects hidden states to logits."""
 

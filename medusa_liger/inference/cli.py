@@ -26,6 +26,7 @@ from medusa_liger.heads.export import (  # one table of dtype names for every CL
     parse_dtype,
 )
 from medusa_liger.inference import cli_args
+from medusa_liger.inference.backbone import stop_token_ids
 from medusa_liger.inference.cli_args import POSITIVE_INT, Given, number
 from medusa_liger.inference.evaluate import (
     BASELINE,
@@ -277,15 +278,23 @@ def evaluate_run(
     if limit is not None:
         if limit <= max_new_tokens:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({limit})")
-        # Over-long prompts keep their last tokens (the part the continuation depends on most).
-        prompt_ids = [p[-(limit - max_new_tokens):] if len(p) + max_new_tokens > limit else p for p in prompt_ids]
-    eos = tokenizer.eos_token_id
+        # Over-long prompts keep their last tokens (the part the continuation depends on most), said.
+        room = limit - max_new_tokens
+        truncated = sum(len(p) > room for p in prompt_ids)
+        if truncated:
+            print(f"note: {truncated} of {len(prompt_ids)} prompts are longer than the model's context ({limit}) "
+                  f"minus --max-new-tokens ({max_new_tokens}) and keep their last {room} tokens", file=sys.stderr)
+        prompt_ids = [p[-room:] if len(p) > room else p for p in prompt_ids]
+    else:
+        truncated = 0
+    eos = stop_token_ids(tokenizer, model)  # an instruct model's end of turn too: replies end there
     return evaluate_heads(
         model, prompt_ids, output_dir, max_new_tokens=max_new_tokens, tree_size=tree_size, top_k=top_k,
         eos_token_id=eos, batch_size=batch_size, acceptance=acceptance, temperature=temperature,
         posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha, seed=seed, tree=tree,
         tree_search=tree_search, prior_strength=prior_strength,
-        metadata={"backbone": backbone_path, "heads": str(heads_dir), "prompts": prompts_source},
+        metadata={"backbone": backbone_path, "heads": str(heads_dir), "prompts": prompts_source,
+                  "truncated_prompts": truncated, "stop_token_ids": eos},
     )
 
 

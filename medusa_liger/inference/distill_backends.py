@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medusa_liger.inference.backbone import decode_attention
+from medusa_liger.inference.backbone import decode_attention, stop_token_ids
 from medusa_liger.records import chat_prompt_ids, chat_template_for, text_prompt_ids
 
 Messages = list[dict[str, str]]
@@ -55,12 +55,7 @@ class LocalBackend:
         # conversation would leave earlier blocks written under a setting the resume then refuses to change.
         self.template = chat_template_for(tokenizer, settings.chat_template, "--chat-template")
         self.device = next(model.parameters()).device
-        # Stop at the tokenizer's EOS and at any the model's generation config names (an instruct
-        # model's end-of-turn token, e.g. Llama-3's <|eot_id|>).
-        eos = {tokenizer.eos_token_id}
-        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos.update(configured if isinstance(configured, (list, tuple)) else [configured])
-        self.eos = sorted(e for e in eos if e is not None)
+        self.eos = stop_token_ids(tokenizer, model)
         if not self.eos:
             raise ValueError("the tokenizer and the model name no end-of-sequence token to stop at")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]

@@ -18,6 +18,7 @@ import torch
 
 from medusa_liger.heads.export import DTYPES, check_backbone_path
 from medusa_liger.inference import cli_args
+from medusa_liger.inference.backbone import stop_token_ids
 from medusa_liger.inference.cli import error_text, load_medusa, load_tree, resolve_paths
 from medusa_liger.inference.cli_args import POSITIVE_INT, Given, number
 from medusa_liger.inference.evaluate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
@@ -39,12 +40,13 @@ def generate_reply(model, tokenizer, prompt: str, *, raw: bool = False, max_new_
                    tree: list[list[int]] | None = None, compare_greedy: bool = False,
                    **options: Any) -> tuple[str, MedusaGenerateOutput]:
     """(reply text, the decoding's output) of ``model`` (a MedusaModel) for one prompt; ``options``:
-    ``medusa_generate``'s acceptance options. Stops at the tokenizer's EOS token. With ``compare_greedy``
+    ``medusa_generate``'s acceptance options. Stops at the tokenizer's EOS token and those of the model's
+    generation config (``stop_token_ids``). With ``compare_greedy``
     a short warm-up of both decodings runs first, so neither timing pays the first call's costs."""
     ids = torch.tensor([prompt_ids(tokenizer, prompt, raw)], device=model.lm_head.weight.device)
     if compare_greedy:  # first calls pay one-time costs (kernel loading, allocator growth): not in either timing
         medusa_generate(model, ids, min(8, max_new_tokens), tree, compare_greedy=True, **options)
-    out = medusa_generate(model, ids, max_new_tokens, tree, eos_token_id=tokenizer.eos_token_id,
+    out = medusa_generate(model, ids, max_new_tokens, tree, eos_token_id=stop_token_ids(tokenizer, model),
                           compare_greedy=compare_greedy, **options)
     return tokenizer.decode(out.new_tokens.tolist(), skip_special_tokens=True), out
 
