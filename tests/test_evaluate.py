@@ -454,3 +454,18 @@ def test_gpu_evaluate_speedup(tmp_path, dtype, acceptance):
     # Wall-clock speedup on a tiny model is launch- and host-bound (a Medusa step does more host work
     # than a greedy step), so it only has to be sane here; real gains need a real-sized backbone.
     assert report["measured"]["speedup"] > 0.5
+
+
+def test_speedup_compares_throughputs_when_the_decodings_emit_different_token_counts():
+    """Sampled Medusa and plain decodings stop at different lengths: 60 tokens in 1 s against 100 tokens
+    in 2 s is 60 against 50 tokens/s, a 1.2x speedup (the wall-time ratio would say 2x)."""
+    from types import SimpleNamespace
+
+    from medusa_liger.inference.evaluate import _comparison
+
+    def decoding(tokens: int, steps: int):
+        return SimpleNamespace(stats=SimpleNamespace(new_tokens=tokens, steps=steps))
+
+    section = _comparison([decoding(60, 20)], [decoding(100, 100)], 1.0, 2.0, "typical")
+    assert section["speedup"] == pytest.approx(1.2)
+    assert section["medusa"]["tokens_per_s"] == 60 and section["sampling"]["tokens_per_s"] == 50
