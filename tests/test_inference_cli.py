@@ -243,3 +243,26 @@ def test_eval_stops_at_the_generation_configs_end_of_turn_token_and_says_which_p
     decoded = [greedy_generate(model, torch.tensor([p]), 8, stops).new_tokens.numel() for p in (ids[0], ids[1][-room:])]
     assert decoded[0] == i + 1  # the first reply ends at the end-of-turn token
     assert report["measured"]["greedy"]["new_tokens"] == report["measured"]["medusa"]["new_tokens"] == sum(decoded)
+
+
+def test_an_interrupted_evaluation_leaves_the_earlier_files_as_a_set(tmp_path, tokenizer, monkeypatch):  # noqa: F811
+    """The files of one evaluation replace another's together: a failure while they are written (here the
+    heatmap) leaves the earlier report beside its own tree, and no file written aside."""
+    model, prompts = write_run(tmp_path, tokenizer, "def f(x):\nThe assert statement\n")
+    ids = load_prompts(str(prompts), tokenizer)
+    out = tmp_path / "eval"
+    evaluate_heads(model, ids, out, max_new_tokens=6, tree=[[0], [1], [0, 0]])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["head_accuracy.png", "report.json", "tree.json"]
+
+    def failing_heatmap(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(evaluate, "accuracy_heatmap", failing_heatmap)
+    with pytest.raises(OSError, match="disk full"):
+        evaluate_heads(model, ids, out, max_new_tokens=6, tree=[[1]])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    report = evaluate_heads(model, ids, out, max_new_tokens=6, tree=[[1]])
+    assert json.loads((out / "tree.json").read_text()) == report["tree"]["paths"] == [[1]]
+    assert json.loads((out / "report.json").read_text())["tree"]["paths"] == report["tree"]["paths"]

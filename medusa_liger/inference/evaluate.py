@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,7 +173,7 @@ def accuracy_heatmap(cumulative: torch.Tensor, path: str | Path) -> Path:
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # (not from the suffix: a file written aside has another)
     plt.close(fig)
     return path
 
@@ -312,10 +313,20 @@ def evaluate_heads(
     if metadata:
         report.update(metadata)
     files = {role: output_dir / name for role, name in EVAL_FILES.items()}
-    files["tree"].write_text(json.dumps(tree))
-    accuracy_heatmap(cumulative.float(), files["heatmap"])
     report["files"] = {name: str(p) for name, p in files.items()}
-    files["report"].write_text(json.dumps(report, indent=2))
+    # Written as a set: each file aside first, then moved into place with report.json last (an earlier
+    # report deleted first), so an interrupted evaluation never leaves a report beside another's tree.
+    aside = {role: p.with_name(f".{p.name}.tmp") for role, p in files.items()}
+    try:
+        aside["tree"].write_text(json.dumps(tree))
+        accuracy_heatmap(cumulative.float(), aside["heatmap"])
+        aside["report"].write_text(json.dumps(report, indent=2))
+        files["report"].unlink(missing_ok=True)
+        for role in ("tree", "heatmap", "report"):
+            os.replace(aside[role], files[role])
+    finally:
+        for path in aside.values():
+            path.unlink(missing_ok=True)
     return report
 
 
