@@ -35,6 +35,14 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def token_rows(tokens: int, row_tokens: int) -> int:
+    """How many rows of ``row_tokens`` tokens hold ``tokens`` tokens: a benchmark's batch shape, never a
+    silently smaller problem (ValueError unless ``tokens`` is a positive multiple of ``row_tokens``)."""
+    if tokens <= 0 or tokens % row_tokens:
+        raise ValueError(f"token counts must be positive multiples of the row length {row_tokens}, got {tokens}")
+    return tokens // row_tokens
+
+
 def optional_import(name: str):
     """Import ``name`` or return None (baselines such as liger-kernel are optional)."""
     try:

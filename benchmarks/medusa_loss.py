@@ -283,7 +283,12 @@ def main() -> None:
     else:
         K, H, V, token_counts, T = 5, 4096, 128256, [4096, 16384], 4096
     if args.sizes:
-        token_counts = [int(n) for n in args.sizes.split(",")]
+        try:
+            token_counts = [int(n) for n in args.sizes.split(",")]
+            for n in token_counts:
+                common.token_rows(n, T)
+        except ValueError as error:
+            parser.error(f"--sizes: {error}")
     dtype = torch.bfloat16 if CUDA else torch.float32
     rate = common.matmul_tflops(torch.bfloat16) if CUDA else float("nan")
     methods: dict[str, Callable | None] = {
@@ -307,7 +312,7 @@ def main() -> None:
                 ("(c) as (a), half the targets ignored", False, True, token_counts[-1:]))
     for setting, shared_frozen, masked, sizes in settings:
         for N in sizes:
-            p = Problem(K, N // T, T, H, V, dtype, shared_frozen, masked_prompts=masked)
+            p = Problem(K, common.token_rows(N, T), T, H, V, dtype, shared_frozen, masked_prompts=masked)
             floor_ms = p.flops / (rate * 1e12) * 1e3 if rate == rate else float("nan")
             grads_gib = sum(w.numel() * w.element_size() for w in p.weights[: (0 if shared_frozen else K)]) / 2**30
             row = [setting, N, f"{floor_ms:.1f}", f"{grads_gib:.2f}"]

@@ -85,11 +85,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=14)
     args = parser.parse_args()
+    K, H, V, T = 5, 4096, 128256, 4096
+    try:
+        rows = common.token_rows(args.tokens, T)
+    except ValueError as error:
+        parser.error(f"--tokens: {error}")
     if not torch.cuda.is_available():
         raise SystemExit("trace_medusa_loss.py needs a CUDA device")
-    K, H, V, T = 5, 4096, 128256, 4096
     acc = torch.float32 if args.acc == "fp32" else torch.bfloat16
-    p = Problem(K, args.tokens // T, T, H, V, torch.bfloat16, shared_frozen=args.setting == "b")
+    p = Problem(K, rows, T, H, V, torch.bfloat16, shared_frozen=args.setting == "b")
     methods = {
         "ours head by head": make_ours_head_by_head(acc),
         "ours head by head, row kernel": with_row_kernel(make_ours_head_by_head(acc)),
