@@ -711,3 +711,25 @@ def test_lora_on_embeddings_tied_to_lm_head_is_a_config_error():
         meta = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
     build_medusa(cfg, peft.get_peft_model(meta, peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"])),
                  teacher=False)
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 2, 3, 4])
+def test_an_interrupted_export_leaves_the_earlier_one_whole(tmp_path, monkeypatch, interrupt_at):
+    """The swap into final/ went one entry at a time: an interrupt between its renames left heads without
+    a backbone, or this run's heads beside the earlier run's backbone."""
+    train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0", "data.eval_fraction=0"))
+    final = tmp_path / "final"
+    before = {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()}
+    rename, count = Path.rename, [0]
+
+    def interrupted_rename(self, target):
+        if ".export-" in f"{self}{target}":
+            count[0] += 1
+            if count[0] == interrupt_at:
+                raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0", "data.eval_fraction=0", "train.seed=5"))
+    assert {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()} == before

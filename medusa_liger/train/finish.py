@@ -35,7 +35,8 @@ from medusa_liger.train.packing import PackedData, most_common_target_frequency
 def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
     """Heads in every export format, plus the backbone (LoRA merged) when it trained or was built here.
 
-    Each is written in a scratch directory inside ``final`` and then takes its place, and an earlier
+    Each is written in a scratch directory inside ``final``, then every earlier entry goes aside and the
+    new ones take their places (undone when interrupted, so final/ holds one run's export), and an earlier
     run's export that this run does not write (a format, or a backbone) is deleted with a warning:
     ``eval``/``generate``/``export`` pair whatever heads and backbone they find in ``final/``, so an old
     backbone beside new heads was measured as this run's. Other files in ``final/`` are left alone.
@@ -58,15 +59,29 @@ def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
             write_backbone(model.backbone, scratch / BACKBONE_SUBDIR, dtype)
             tokenizer.save_pretrained(str(scratch / BACKBONE_SUBDIR))
         written = {final_heads_dir(fmt) for fmt in cfg.export.formats} | ({BACKBONE_SUBDIR} if save_backbone else set())
-        for name in (*(final_heads_dir(fmt) for fmt in FORMATS), BACKBONE_SUBDIR):
-            target = final / name
-            if target.exists() or target.is_symlink():
-                if name not in written:
-                    print(f"warning: deleting {target}, an earlier run's export that this run does not write "
-                          f"(it would be taken for this run's)", file=sys.stderr, flush=True)
-                target.rename(scratch / f"old-{name}")  # (a link: the link goes, not what it points to)
-            if name in written:
-                (scratch / name).rename(target)
+        names = (*(final_heads_dir(fmt) for fmt in FORMATS), BACKBONE_SUBDIR)
+        # Every earlier entry goes aside before any new one goes in, and an interrupted swap is undone:
+        # final/ holds one export or the other, never new heads beside an old backbone.
+        moved_aside, placed = [], []
+        try:
+            for name in names:
+                target = final / name
+                if target.exists() or target.is_symlink():
+                    if name not in written:
+                        print(f"warning: deleting {target}, an earlier run's export that this run does not write "
+                              f"(it would be taken for this run's)", file=sys.stderr, flush=True)
+                    target.rename(scratch / f"old-{name}")  # (a link: the link goes, not what it points to)
+                    moved_aside.append(name)
+            for name in names:
+                if name in written:
+                    (scratch / name).rename(final / name)
+                    placed.append(name)
+        except BaseException:
+            for name in placed:
+                (final / name).rename(scratch / name)
+            for name in moved_aside:
+                (scratch / f"old-{name}").rename(final / name)
+            raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     paths = {final_heads_dir(fmt): final / final_heads_dir(fmt) for fmt in cfg.export.formats}
