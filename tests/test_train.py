@@ -733,3 +733,87 @@ def test_an_interrupted_export_leaves_the_earlier_one_whole(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0", "data.eval_fraction=0", "train.seed=5"))
     assert {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()} == before
+
+
+def test_a_deletion_cut_short_leaves_whole_checkpoints_and_no_later_step(tmp_path, monkeypatch):
+    """Checkpoints were deleted in place: a kill mid-delete left a step whose trainer_state.json outlived
+    its weights (resume=auto took it and failed), or the abandoned branch's newer step beside it."""
+    import os
+
+    from medusa_liger.train.checkpoint import STATE_FILE, drop_later_checkpoints
+
+    for step in (2, 4, 6, 8):
+        _save_tiny_checkpoint(tmp_path, step, keep=4)
+    unlink = os.unlink
+
+    def interrupted_unlink(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "unlink", interrupted_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        drop_later_checkpoints(tmp_path, 4)
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert _steps(tmp_path) == [2, 4]
+    for step in (2, 4):
+        assert sorted(p.name for p in (tmp_path / f"step-{step:06d}").iterdir()) == sorted(
+            ["trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE])
+    _save_tiny_checkpoint(tmp_path, 5, keep=4)  # the next save removes what the kill left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000004", "step-000005"]
+
+
+def test_a_failed_save_removes_what_it_wrote_and_says_where_and_why(tmp_path, monkeypatch):
+    """A full disk gave torch's "basic_ios::clear: iostream error" naming no path, and its partial
+    directory stayed, holding the disk's last free bytes."""
+    from medusa_liger.train.checkpoint import CheckpointError
+
+    _save_tiny_checkpoint(tmp_path, 2)
+    save, calls = torch.save, [0]
+
+    def full_disk(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 310080 vs 309972")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"saving checkpoint '.*step-000004' failed \(.* GiB free on its disk; "
+                       r"the earlier checkpoints are intact\): RuntimeError: \[enforce fail"):
+        _save_tiny_checkpoint(tmp_path, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
+
+
+def test_a_damaged_checkpoint_names_its_file_and_the_checkpoint_to_resume_from_instead(tmp_path):
+    """A truncated optimizer.pt gave torch's "mmap can only be used with files saved with
+    _use_new_zipfile_serialization=True", naming neither the file nor what to do."""
+    from medusa_liger.train.checkpoint import ResumeError, load_checkpoint
+
+    _save_tiny_checkpoint(tmp_path, 2)
+    path = _save_tiny_checkpoint(tmp_path, 4)
+    (path / "optimizer.pt").write_bytes(b"")
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    with pytest.raises(ResumeError, match=rf"'{path / 'optimizer.pt'}' cannot be read, so checkpoint step-000004 is "
+                       rf"damaged \(.*\); resume from an earlier one \(train.resume={tmp_path / 'step-000002'}; "
+                       r"step-000002 are there\), or delete"):
+        load_checkpoint(path, {"w": weight}, optimizer, scheduler)
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Without fsync a host crash after the rename could leave a complete-looking step of empty files."""
+    import os
+
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd)
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    _save_tiny_checkpoint(tmp_path, 2)
+    assert len(synced) >= 5 + 2  # every file, its directory and the checkpoints' directory
+    if os.path.exists("/proc/self/fd"):
+        written = {p.rsplit("/", 1)[-1] for p in synced}
+        assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"} <= written
+        assert str(tmp_path) in synced

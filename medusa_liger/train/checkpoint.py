@@ -17,7 +17,11 @@ Atomic: everything is written to ``checkpoints/.tmp-step-000123-<pid>/`` and the
 place with ``os.replace`` (one filesystem operation), so a run killed mid-save never leaves a
 checkpoint that looks complete but is not; leftover ``.tmp-*`` directories of killed saves are
 removed by the next save. Replacing an existing step renames the old one aside first, so some
-complete copy of that step exists at every moment.
+complete copy of that step exists at every moment. The files and directories are fsynced before
+and after the rename, so a host that crashes or loses power keeps complete checkpoints too. A
+checkpoint is deleted the same way: renamed to ``.tmp-*`` first, so a kill mid-delete never leaves
+a half-deleted directory that looks complete. A save that fails (a full disk) removes what it
+wrote and raises ``CheckpointError`` naming the directory and the free space.
 
 Pruning: saving step s first deletes checkpoints with a step above s (the abandoned branch of a run
 resumed from an older checkpoint, which ``train.resume=auto`` must never pick; the loop already
@@ -126,17 +130,24 @@ def save_checkpoint(
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     tmp.mkdir()
-    # safetensors refuses shared or non-contiguous storage: store detached contiguous copies.
-    save_file({name: p.detach().contiguous().cpu() for name, p in named_params.items()},
-              str(tmp / "trainable.safetensors"))
-    readable_by_others(tmp / "trainable.safetensors")  # 0600 from safetensors; the .pt files follow the umask
-    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    for r, state in enumerate(rng_states or [rng_state()]):
-        torch.save(state, tmp / rng_file(r))
-    if write_extra is not None:
-        write_extra(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    try:
+        # safetensors refuses shared or non-contiguous storage: store detached contiguous copies.
+        save_file({name: p.detach().contiguous().cpu() for name, p in named_params.items()},
+                  str(tmp / "trainable.safetensors"))
+        readable_by_others(tmp / "trainable.safetensors")  # 0600 from safetensors; the .pt files follow the umask
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for r, state in enumerate(rng_states or [rng_state()]):
+            torch.save(state, tmp / rng_file(r))
+        if write_extra is not None:
+            write_extra(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+        fsync_tree(tmp)  # on disk before the rename makes it a checkpoint (a host crash keeps it whole)
+    except Exception as error:  # torch's and safetensors' messages name neither the directory nor the cause
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 2**30
+        raise CheckpointError(f"saving checkpoint {str(final)!r} failed ({free:.1f} GiB free on its disk; the "
+                              f"earlier checkpoints are intact): {type(error).__name__}: {error}") from error
     # A previous attempt at the same step (e.g. a rerun): move it aside (named .tmp-*, so a kill
     # before the delete below leaves it to the next save's cleanup), put the new one in place, then
     # delete the old one; a step directory thus never goes missing.
@@ -145,20 +156,60 @@ def save_checkpoint(
         old = root / f".tmp-old-step-{step:06d}-{os.getpid()}"
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_directory(root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     drop_later_checkpoints(root, step)
-    for path in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    delete_checkpoints(list_checkpoints(root)[:-keep])
     return final
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, a read-only directory)."""
+
+
+def fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (renames, new files) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # (Windows cannot open a directory)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under ``directory`` and the directories themselves to disk."""
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(parent, name), "rb") as file:
+                os.fsync(file.fileno())
+        fsync_directory(Path(parent))
+
+
+def delete_checkpoints(paths: list[Path]) -> None:
+    """Delete checkpoint directories: each renamed to ``.tmp-*`` first (one operation each, newest first,
+    all before any slow delete), so a kill mid-delete leaves the next save's cleanup leftovers, never a
+    half-deleted step that still looks complete, nor (but for a kill within those renames) a later step
+    that ``train.resume=auto`` would take."""
+    asides = []
+    for path in sorted(paths, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True):
+        aside = path.with_name(f".tmp-deleted-{path.name}-{os.getpid()}")
+        os.replace(path, aside)
+        asides.append(aside)
+    for aside in asides:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def drop_later_checkpoints(root: str | Path, step: int) -> list[str]:
     """Delete the checkpoints under ``root`` with a step above ``step``: the abandoned branch of a run
     resumed from an older checkpoint, which ``train.resume=auto`` must never pick. Returns their names."""
     later = [path for path in list_checkpoints(root) if int(STEP_DIR.match(path.name).group(1)) > step]
-    for path in later:
-        shutil.rmtree(path, ignore_errors=True)
+    delete_checkpoints(later)
     return [path.name for path in later]
 
 
@@ -213,23 +264,42 @@ def load_checkpoint(
     directory = Path(directory)
     if not (directory / STATE_FILE).is_file():
         raise ResumeError(f"train.resume: {str(directory)!r} is not a complete checkpoint (no {STATE_FILE})")
-    tensors = load_file(str(directory / "trainable.safetensors"))
+    tensors = read_checkpoint_file(directory / "trainable.safetensors", lambda path: load_file(str(path)))
     copy_into(named_params, tensors, f"train.resume: checkpoint {str(directory)!r} does not match this model (was it "
               "trained with other train.mode or lora settings?)", error=ResumeError)
     # Memory-mapped: every rank reads the file (twice the trainable parameters in fp32), and each keeps
     # only its shard (FSDP) or moves it to its GPU; read whole, 8 ranks of an 8B run held 8 copies.
     # (The safetensors file above is memory-mapped by load_file already.)
-    optimizer_state = torch.load(directory / "optimizer.pt", weights_only=False, mmap=True)
+    optimizer_state = read_checkpoint_file(directory / "optimizer.pt",
+                                           lambda path: torch.load(path, weights_only=False, mmap=True))
     try:
         optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer_state, optimizer))
     except ValueError as error:  # torch's message names parameter groups, not settings
         raise ResumeError(f"train.resume: the optimizer state of {str(directory)!r} does not fit this run's "
                           f"parameters (other heads, mode or lora settings?): {error}") from error
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+    scheduler.load_state_dict(read_checkpoint_file(directory / "scheduler.pt",
+                                                   lambda path: torch.load(path, weights_only=False)))
     rng_path = directory / rng_file(rank)
     if rng_path.is_file() or rank == 0:
-        set_rng_state(torch.load(rng_path, weights_only=False))
-    return json.loads((directory / STATE_FILE).read_text())
+        set_rng_state(read_checkpoint_file(rng_path, lambda path: torch.load(path, weights_only=False)))
+    return read_checkpoint_file(directory / STATE_FILE, lambda path: json.loads(path.read_text()))
+
+
+def read_checkpoint_file(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, or a ResumeError naming the file and the earlier checkpoints to resume from instead:
+    torch's error for a truncated file names neither (a full disk once, a copy cut short)."""
+    try:
+        return read(path)
+    except Exception as error:
+        directory = path.parent
+        step = STEP_DIR.match(directory.name)
+        earlier = [p.name for p in list_checkpoints(directory.parent)
+                   if step and int(STEP_DIR.match(p.name).group(1)) < int(step.group(1))]
+        instead = (f"resume from an earlier one (train.resume={directory.parent / earlier[-1]}; "
+                   f"{', '.join(earlier)} are there)" if earlier else "no earlier checkpoint is there")
+        raise ResumeError(f"train.resume: {str(path)!r} cannot be read, so checkpoint {directory.name} is damaged "
+                          f"({type(error).__name__}: {str(error)[:200]}); {instead}, or delete {str(directory)!r}"
+                          ) from error
 
 
 def find_resume_checkpoint(resume: str, root: str | Path) -> Path | None:
@@ -274,8 +344,9 @@ def delete_old_checkpoints(ckpt_root: str | Path, why: str = "train.resume=none 
     meant to continue that run knows what happened and what to pass next time.
     """
     ckpt_root = Path(ckpt_root)
-    steps = [path.name for path in list_checkpoints(ckpt_root)]
-    if steps:  # (with train.resume=auto a fresh start means there was no complete checkpoint)
-        print(f"warning: {why}: deleting the old checkpoints {', '.join(steps)} in {ckpt_root}{hint}",
-              file=sys.stderr, flush=True)
+    checkpoints = list_checkpoints(ckpt_root)
+    if checkpoints:  # (with train.resume=auto a fresh start means there was no complete checkpoint)
+        print(f"warning: {why}: deleting the old checkpoints {', '.join(p.name for p in checkpoints)} in "
+              f"{ckpt_root}{hint}", file=sys.stderr, flush=True)
+    delete_checkpoints(checkpoints)  # each whole or gone, should the deletion be cut short
     shutil.rmtree(ckpt_root)

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             # Python flushes stdout again at exit: point it at devnull so that flush cannot fail too.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    from medusa_liger.train.checkpoint import ResumeError
+    from medusa_liger.train.checkpoint import CheckpointError, ResumeError
     from medusa_liger.train.config import ConfigError
     from medusa_liger.train.data import DataError
     from medusa_liger.train.loop import DivergedError, train
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     except ResumeError as error:  # a checkpoint this config cannot continue from, likewise
         print(f"medusa-liger train: resume error: {error}", file=sys.stderr)
         return 2
-    except DivergedError as error:  # said in one line: the traceback would only show the loop
+    except (DivergedError, CheckpointError) as error:  # said in one line: the traceback would only show the loop
         print(f"medusa-liger train: error: {error}", file=sys.stderr)
         return 1
     return 0  # any other exception is a bug (or a failure mid-run): it propagates with its traceback
