@@ -817,3 +817,16 @@ def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monke
         written = {p.rsplit("/", 1)[-1] for p in synced}
         assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"} <= written
         assert str(tmp_path) in synced
+
+
+def test_resume_notes_another_number_of_ranks(monkeypatch):
+    """A step's batch is micro-batch x grad_accum x ranks: a resume of an 8-GPU checkpoint on 4 GPUs halved
+    it without a word, where a grad_accum change keeping it was noted."""
+    from medusa_liger.train import distributed
+    from medusa_liger.train.build import data_changes, data_settings
+
+    cfg = load_config(TINY)
+    monkeypatch.setattr(distributed, "world_size", lambda: 8)
+    saved = data_settings(cfg)
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    assert data_changes(saved, cfg) == ["data-parallel ranks 8 -> 4"]

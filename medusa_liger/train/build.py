@@ -337,6 +337,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 ROWS_KEY = "the packed rows (content)"  # data_settings' entry for packing.rows_fingerprint (files edited in place too)
 
+# A step's batch is train.micro_batch_size x train.grad_accum x the ranks: a resume on another number of
+# GPUs changes it as surely as those two settings do.
+RANKS_KEY = "data-parallel ranks"
+
 
 def data_settings(cfg: Config, rows: str | None = None) -> dict[str, object]:
     """The backbone, and what decides the training rows, their order and the held-out split, by config
@@ -348,7 +352,7 @@ def data_settings(cfg: Config, rows: str | None = None) -> dict[str, object]:
     return ({ROWS_KEY: rows} if rows is not None else {}) | {"model.name_or_path": cfg.model.name_or_path} \
         | {f"data.{key}": getattr(d, key) for key in ROW_SETTINGS} \
         | {"data.eval_fraction": d.eval_fraction, "train.seed": t.seed, "train.micro_batch_size": t.micro_batch_size,
-           "train.grad_accum": t.grad_accum}
+           "train.grad_accum": t.grad_accum, RANKS_KEY: distributed.world_size()}
 
 
 # Those that change the packed rows or how they are drawn (the rest: the backbone's name, batch sizes).
