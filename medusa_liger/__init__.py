@@ -1,9 +1,16 @@
 """medusa-liger: train Medusa speculative-decoding heads with fused Triton kernels."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported by the patching module, not by ``import medusa_liger``
+    from torch import nn
+
 __version__ = "0.1.0"
 
 
-def patch(target="llama", **options):
+def patch(target: str | nn.Module = "llama", **options: bool) -> str | nn.Module:
     """Patch a model family (a ``model_type`` string) or a built model with the fused kernels.
 
     See :func:`medusa_liger.patching.patch`.
@@ -13,7 +20,7 @@ def patch(target="llama", **options):
     return _patch(target, **options)
 
 
-def unpatch(target):
+def unpatch(target: str | nn.Module) -> str | nn.Module:
     """Undo :func:`patch` for a ``model_type`` string or a model. See :mod:`medusa_liger.patching`."""
     from medusa_liger.patching import unpatch as _unpatch
 

@@ -216,6 +216,27 @@ def test_bad_inputs():
         assert MultiHeadLinearCrossEntropy(shifts).shifts == [1, 2]
     with pytest.raises(ValueError, match="head_weights must be finite"):
         MultiHeadLinearCrossEntropy([1, 2], [1.0, float("nan")])(h, w, labels)
+    # Options too, at construction (they failed only at the first call).
+    for options, name in ((dict(reduction="bogus"), "reduction must be"), (dict(label_smoothing=2.0), "label_smoothing"),
+                          (dict(chunk_size=0), "chunk_size"), (dict(accum_dtype=torch.int32), "accum_dtype"),
+                          (dict(head_weights=[1.0]), r"head_weights must have one entry per shift \(2\), got 1"),
+                          (dict(skip_ignored="yes"), "skip_ignored must be a bool")):
+        with pytest.raises(ValueError, match=name):
+            MultiHeadLinearCrossEntropy([1, 2], **options)
+
+
+def test_module_head_weights_move_with_the_module():
+    """A tensor of head weights was a plain attribute: .to(device) left it behind, and the next call on
+    the new device failed. It is a buffer (not saved: the module's state_dict is unchanged)."""
+    module = MultiHeadLinearCrossEntropy([1, 2], torch.tensor([1.0, 0.5]))
+    assert [name for name, _ in module.named_buffers()] == ["head_weights"] and module.state_dict() == {}
+    moved = module.to(torch.float64)
+    assert moved.head_weights.dtype == torch.float64  # moved with the module, as .to(device) moves it
+    torch.manual_seed(0)
+    h, w = torch.randn(2, 5, 6), torch.randn(11, 6)
+    labels = torch.randint(0, 11, (2, 5))
+    want = multi_head_linear_cross_entropy(h, w, labels, [1, 2], [1.0, 0.5])
+    assert torch.allclose(module(h, w, labels).loss, want.loss)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -8,6 +8,7 @@ weights), together with every gradient, in both modes and both projection modes.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -334,6 +335,22 @@ def test_bad_inputs_raise_clear_errors():
         MedusaModel.from_backbone(tiny_llama(), {"num_heads": 2})
     with pytest.raises(ValueError, match="backbone"):
         MedusaModel.from_backbone(torch.nn.Linear(3, 3), MedusaConfig())
+    # An empty batch failed inside HF's attention (a reshape error, an IndexError).
+    for empty in (ids[:0], ids[:, :0]):
+        with pytest.raises(ValueError, match=r"input_ids must have shape \[B, T\] with B, T >= 1"):
+            model(empty)
+        with pytest.raises(ValueError, match=r"input_ids must have shape \[B, T\] with B, T >= 1"):
+            model.hidden_states(empty)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((8, 16, True, 1, False), "num_heads must be an integer >= 1, got True"),  # built one head
+    ((8, 16, 2, 1, "yes"), "shared_lm_head must be a bool, got 'yes'"),  # taken for True
+    ((8, 0, 2, 1, False), "vocab_size must be an integer >= 1, got 0"),
+])
+def test_heads_refuse_what_the_config_refuses(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MedusaHeads(*args)
 
 
 def test_bf16_forward_and_backward_on_cpu():

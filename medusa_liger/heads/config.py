@@ -157,6 +157,7 @@ class MedusaConfig:
         return [k + 2 for k in range(self.num_heads)]
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (JSON-serializable; what ``save_heads`` writes into config.json)."""
         return dataclasses.asdict(self)
 
     @classmethod

@@ -92,8 +92,8 @@ def segment_runs(segment_ids: torch.Tensor) -> torch.Tensor:
 
 def _check_batch_shapes(input_ids: torch.Tensor, **others: torch.Tensor | None) -> None:
     """input_ids must be [B, T] and every other given tensor of its shape (a ValueError naming it)."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
+    if input_ids.dim() != 2 or input_ids.numel() == 0:  # (an empty batch failed deep in HF's attention)
+        raise ValueError(f"input_ids must have shape [B, T] with B, T >= 1, got {list(input_ids.shape)}")
     for name, t in others.items():
         if t is not None and t.shape != input_ids.shape:
             raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, got {list(t.shape)}")
@@ -265,6 +265,7 @@ class MedusaModel(nn.Module):
         self.config.heads_loss_weight = check_loss_weight("heads_loss_weight", value)
 
     def train(self, mode: bool = True) -> MedusaModel:
+        """``nn.Module.train``, but a frozen backbone (mode "heads") and the KL teacher stay in eval mode."""
         super().train(mode)
         if self.config.mode == "heads":
             self.backbone.eval()  # frozen backbone: keep dropout off whatever the wrapper's mode

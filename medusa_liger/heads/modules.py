@@ -26,7 +26,8 @@ from torch import nn
 class ResBlock(nn.Module):
     """y = x + silu(linear(x)), ``linear`` an [H, H] layer with bias, zero-initialized."""
 
-    def __init__(self, hidden_size: int, *, device=None, dtype=None) -> None:
+    def __init__(self, hidden_size: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.linear = nn.Linear(hidden_size, hidden_size, bias=True, device=device, dtype=dtype)
         # Zero weight AND bias: silu(0) = 0, so the block starts as the identity.
@@ -52,14 +53,18 @@ class MedusaHeads(nn.Module):
         num_layers: int,
         shared_lm_head: bool,
         *,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """``num_heads`` heads of ``num_layers`` ResBlocks (H = ``hidden_size``) each, and per head a
+        Linear(H, V = ``vocab_size``) unless ``shared_lm_head`` (the backbone's lm_head serves every head)."""
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("vocab_size", vocab_size),
                             ("num_heads", num_heads), ("num_layers", num_layers)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # (True is an int: 1 head)
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(shared_lm_head, bool):  # ("yes" was taken for True)
+            raise ValueError(f"shared_lm_head must be a bool, got {shared_lm_head!r}")
         self.hidden_size = hidden_size
         self.vocab_size = vocab_size
         self.num_heads = num_heads

@@ -471,13 +471,7 @@ def multi_head_linear_cross_entropy(
     B, T = labels.shape
     if B * T == 0:
         raise ValueError(f"labels must hold at least one token, got shape {list(labels.shape)}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if accum_dtype is not None and accum_dtype not in _ACCUM_DTYPES:
-        raise ValueError(f"accum_dtype must be None or one of {_ACCUM_DTYPES}, got {accum_dtype}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
+    check_loss_options(reduction, accum_dtype, chunk_size, ignore_index, label_smoothing, z_loss, softcap)
     known_counts = None
     if isinstance(skip_ignored, (list, tuple)):
         known_counts = [int(c) for c in skip_ignored]
@@ -544,8 +538,21 @@ def multi_head_linear_cross_entropy(
                                head_tokens=head_tokens)
 
 
+def check_loss_options(reduction: str, accum_dtype: torch.dtype | None, chunk_size: int | None, ignore_index: int,
+                       label_smoothing: float, z_loss: float, softcap: float | None) -> None:
+    """ValueError naming the first option of ``multi_head_linear_cross_entropy`` outside its domain."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if accum_dtype is not None and accum_dtype not in _ACCUM_DTYPES:
+        raise ValueError(f"accum_dtype must be None or one of {_ACCUM_DTYPES}, got {accum_dtype}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    check_ce_options(ignore_index, label_smoothing, z_loss, softcap)
+
+
 class MultiHeadLinearCrossEntropy(nn.Module):
-    """Module form of ``multi_head_linear_cross_entropy`` with the options fixed at construction."""
+    """Module form of ``multi_head_linear_cross_entropy`` with the options fixed (and checked) at
+    construction. A tensor ``head_weights`` [K] is a (non-persistent) buffer, so ``.to(device)`` moves it."""
 
     def __init__(
         self,
@@ -563,14 +570,24 @@ class MultiHeadLinearCrossEntropy(nn.Module):
     ) -> None:
         super().__init__()
         self.shifts = check_shifts(shifts)  # here, not at the first call: int(1.9) would make it 1
-        self.head_weights = head_weights if head_weights is None or isinstance(head_weights, torch.Tensor) \
-            else list(head_weights)  # checked by each call, as the function's
+        check_loss_options(reduction, accum_dtype, chunk_size, ignore_index, label_smoothing, z_loss, softcap)
+        if not isinstance(skip_ignored, bool):  # (valid-target counts depend on each call's labels)
+            raise ValueError(f"skip_ignored must be a bool, got {skip_ignored!r}")
+        if head_weights is not None and len(head_weights) != len(self.shifts):
+            raise ValueError(f"head_weights must have one entry per shift ({len(self.shifts)}), got {len(head_weights)}")
+        if isinstance(head_weights, torch.Tensor):  # a buffer: moves with the module (values checked by each call)
+            self.register_buffer("head_weights", head_weights.detach().clone(), persistent=False)
+        else:
+            self.head_weights = None if head_weights is None else list(head_weights)
         self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                             softcap=softcap, reduction=reduction, accum_dtype=accum_dtype, chunk_size=chunk_size,
                             skip_ignored=skip_ignored)
 
-    def forward(self, hidden, weight, labels, *, bias=None, segment_ids=None, teacher=None) -> MultiHeadLossOutput:
-        """hidden/weight/bias/labels/segment_ids/teacher as in ``multi_head_linear_cross_entropy``."""
+    def forward(self, hidden: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor | Sequence[torch.Tensor],
+                labels: torch.Tensor, *, bias: torch.Tensor | Sequence[torch.Tensor] | None = None, segment_ids: torch.Tensor | None = None,
+                teacher: Sequence[Teacher | tuple | None] | None = None) -> MultiHeadLossOutput:
+        """hidden [K, B, T, H] / [B, T, H] / K x [B, T, H], weight [V, H] / [K, V, H] / K x [V, H], labels
+        [B, T], bias, segment_ids [B, T] and teacher as in ``multi_head_linear_cross_entropy``."""
         return multi_head_linear_cross_entropy(hidden, weight, labels, self.shifts, self.head_weights,
                                                bias=bias, segment_ids=segment_ids, teacher=teacher, **self.options)
 

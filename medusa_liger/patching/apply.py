@@ -204,7 +204,7 @@ def patch(
     rope: bool = True,
     swiglu: bool = True,
     fused_loss: bool = True,
-):
+) -> str | nn.Module:
     """Patch a model family (``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``) or a built model.
 
     Args:
@@ -238,7 +238,7 @@ def patch(
     return target
 
 
-def unpatch(target: str | nn.Module):
+def unpatch(target: str | nn.Module) -> str | nn.Module:
     """Undo :func:`patch` for a ``model_type`` string (the module) or a model (its modules).
 
     Returns ``target``.
