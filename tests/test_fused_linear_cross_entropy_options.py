@@ -230,13 +230,36 @@ def test_module_head_weights_move_with_the_module():
     the new device failed. It is a buffer (not saved: the module's state_dict is unchanged)."""
     module = MultiHeadLinearCrossEntropy([1, 2], torch.tensor([1.0, 0.5]))
     assert [name for name, _ in module.named_buffers()] == ["head_weights"] and module.state_dict() == {}
-    moved = module.to(torch.float64)
-    assert moved.head_weights.dtype == torch.float64  # moved with the module, as .to(device) moves it
+    module.to(torch.bfloat16)  # a cast of the module does not round the weights (0.8 -> 0.8008)
+    assert module.head_weights.dtype == torch.float32 and module.head_weights.tolist() == [1.0, 0.5]
     torch.manual_seed(0)
     h, w = torch.randn(2, 5, 6), torch.randn(11, 6)
     labels = torch.randint(0, 11, (2, 5))
     want = multi_head_linear_cross_entropy(h, w, labels, [1, 2], [1.0, 0.5])
     assert torch.allclose(module(h, w, labels).loss, want.loss)
+
+
+@pytest.mark.gpu
+def test_gpu_module_head_weights_move_to_the_device():
+    module = MultiHeadLinearCrossEntropy([1, 2], torch.tensor([1.0, 0.5])).to("cuda")
+    assert module.head_weights.device.type == "cuda"
+    h, w = torch.randn(2, 5, 6, device="cuda"), torch.randn(11, 6, device="cuda")
+    labels = torch.randint(0, 11, (2, 5), device="cuda")
+    want = multi_head_linear_cross_entropy(h, w, labels, [1, 2], [1.0, 0.5])
+    assert torch.allclose(module(h, w, labels).loss, want.loss)
+
+
+def test_module_head_weights_that_learn_get_their_gradient():
+    """A learnable tensor of head weights (d loss / d w_k = loss_k) stays a parameter of the module."""
+    weights = torch.nn.Parameter(torch.tensor([1.0, 0.8]))
+    module = MultiHeadLinearCrossEntropy([1, 2], weights)
+    assert [name for name, _ in module.named_parameters()] == ["head_weights"]
+    torch.manual_seed(0)
+    h, w = torch.randn(2, 5, 6), torch.randn(11, 6)
+    labels = torch.randint(0, 11, (2, 5))
+    out = module(h, w, labels)
+    out.loss.backward()
+    assert torch.allclose(weights.grad, out.head_losses)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -97,3 +97,18 @@ def test_reply_stops_at_the_end_of_turn_token_of_the_generation_config(tokenizer
     model.backbone.generation_config.eos_token_id = [tokenizer.eos_token_id, greedy[i]]
     _, out = generate_reply(model, tokenizer, "def f(x):", max_new_tokens=12)
     assert out.new_tokens.tolist() == greedy[: i + 1]
+
+
+def test_stop_tokens_are_the_models_own_before_a_backbone_attributes():
+    """A MedusaModel's come from its backbone; a causal LM with a .backbone of its own (Mamba's, which has
+    no generation config) keeps its own."""
+    from types import SimpleNamespace
+
+    from medusa_liger.inference.backbone import stop_token_ids
+
+    tokenizer = SimpleNamespace(eos_token_id=0)
+    medusa = SimpleNamespace(backbone=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[0, 7])))
+    mamba = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[9, 0]), backbone=SimpleNamespace())
+    assert stop_token_ids(tokenizer, medusa) == [0, 7]
+    assert stop_token_ids(tokenizer, mamba) == [0, 9]
+    assert stop_token_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace()) == []

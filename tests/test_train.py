@@ -793,9 +793,9 @@ def test_a_damaged_checkpoint_names_its_file_and_the_checkpoint_to_resume_from_i
     weight = torch.nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    with pytest.raises(ResumeError, match=rf"'{path / 'optimizer.pt'}' cannot be read, so checkpoint step-000004 is "
-                       rf"damaged \(.*\); resume from an earlier one \(train.resume={tmp_path / 'step-000002'}; "
-                       r"step-000002 are there\), or delete"):
+    with pytest.raises(ResumeError, match=rf"'{path / 'optimizer.pt'}' cannot be read \(.*\); if checkpoint "
+                       rf"step-000004 is damaged \(a full disk, a copy cut short\), resume from an earlier checkpoint "
+                       rf"\(train.resume={tmp_path / 'step-000002'}; there: step-000002\)"):
         load_checkpoint(path, {"w": weight}, optimizer, scheduler)
 
 
@@ -830,3 +830,18 @@ def test_resume_notes_another_number_of_ranks(monkeypatch):
     saved = data_settings(cfg)
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
     assert data_changes(saved, cfg) == ["data-parallel ranks 8 -> 4"]
+
+
+def test_a_checkpoint_from_before_the_ranks_were_compared_notes_them_too(tmp_path, capsys):
+    """Checkpoints written before the ranks joined the data settings recorded them beside, as world_size."""
+    from medusa_liger.train.build import RANKS_KEY
+
+    extra = ["checkpoint.every=2", "export.formats=[medusa]", "train.mode=heads"]
+    train(short_config(tmp_path, "train.steps=2", *extra))
+    state_file = tmp_path / "checkpoints" / "step-000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["data_settings"][RANKS_KEY]
+    state_file.write_text(json.dumps(state | {"world_size": 8}))
+    capsys.readouterr()
+    train(short_config(tmp_path, "train.steps=3", "train.resume=auto", *extra))
+    assert "data-parallel ranks 8 -> 1" in capsys.readouterr().err

@@ -39,7 +39,9 @@ def stop_token_ids(tokenizer, model: nn.Module) -> list[int]:
     <|eot_id|>, which its tokenizer's EOS may not be). ``model``: a causal LM, a MedusaModel (its
     ``.backbone``'s generation config) or a peft-wrapped model."""
     eos = {getattr(tokenizer, "eos_token_id", None)}
-    generation_config = getattr(getattr(model, "backbone", model), "generation_config", None)
+    # The model's own first: some causal LMs have a .backbone too (Mamba's, without a generation config).
+    generation_config = getattr(model, "generation_config", None) or getattr(
+        getattr(model, "backbone", None), "generation_config", None)
     configured = getattr(generation_config, "eos_token_id", None)
     eos.update(configured if isinstance(configured, (list, tuple)) else [configured])
     return sorted(int(e) for e in eos if e is not None)

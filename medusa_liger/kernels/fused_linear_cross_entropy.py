@@ -575,8 +575,11 @@ class MultiHeadLinearCrossEntropy(nn.Module):
             raise ValueError(f"skip_ignored must be a bool, got {skip_ignored!r}")
         if head_weights is not None and len(head_weights) != len(self.shifts):
             raise ValueError(f"head_weights must have one entry per shift ({len(self.shifts)}), got {len(head_weights)}")
-        if isinstance(head_weights, torch.Tensor):  # a buffer: moves with the module (values checked by each call)
+        if isinstance(head_weights, torch.Tensor) and not head_weights.requires_grad:
+            # A buffer, so .to(device) moves it (values checked by each call); its dtype is kept (_apply).
             self.register_buffer("head_weights", head_weights.detach().clone(), persistent=False)
+        elif isinstance(head_weights, torch.Tensor):  # learnable (an nn.Parameter registers itself): as given
+            self.head_weights = head_weights
         else:
             self.head_weights = None if head_weights is None else list(head_weights)
         self.options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
@@ -590,6 +593,14 @@ class MultiHeadLinearCrossEntropy(nn.Module):
         [B, T], bias, segment_ids [B, T] and teacher as in ``multi_head_linear_cross_entropy``."""
         return multi_head_linear_cross_entropy(hidden, weight, labels, self.shifts, self.head_weights,
                                                bias=bias, segment_ids=segment_ids, teacher=teacher, **self.options)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the head weights' buffer, but .to(bfloat16) must not round them (0.8 -> 0.8008).
+        kept = self._buffers.get("head_weights")
+        result = super()._apply(fn, recurse)
+        if kept is not None:
+            self._buffers["head_weights"] = kept.to(self._buffers["head_weights"].device)
+        return result
 
     def extra_repr(self) -> str:
         return f"shifts={self.shifts}, head_weights={self.head_weights}"

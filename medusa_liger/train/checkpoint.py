@@ -39,15 +39,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medusa_liger.heads.export import readable_by_others
@@ -186,7 +189,8 @@ def fsync_tree(directory: Path) -> None:
     """Flush every file under ``directory`` and the directories themselves to disk."""
     for parent, _, files in os.walk(directory):
         for name in files:
-            with open(os.path.join(parent, name), "rb") as file:
+            # (Windows flushes only handles open for writing; a fresh checkpoint's files are writable.)
+            with open(os.path.join(parent, name), "rb+" if os.name == "nt" else "rb") as file:
                 os.fsync(file.fileno())
         fsync_directory(Path(parent))
 
@@ -198,7 +202,7 @@ def delete_checkpoints(paths: list[Path]) -> None:
     that ``train.resume=auto`` would take."""
     asides = []
     for path in sorted(paths, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True):
-        aside = path.with_name(f".tmp-deleted-{path.name}-{os.getpid()}")
+        aside = path.with_name(f".tmp-deleted-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(path, aside)
         asides.append(aside)
     for aside in asides:
@@ -290,15 +294,17 @@ def read_checkpoint_file(path: Path, read: Callable[[Path], Any]) -> Any:
     torch's error for a truncated file names neither (a full disk once, a copy cut short)."""
     try:
         return read(path)
-    except Exception as error:
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as error:
+        # (torch reports a truncated file as RuntimeError, but also a CUDA tensor on a host without CUDA:
+        # the message says what failed, and what to do if the file is damaged.)
         directory = path.parent
         step = STEP_DIR.match(directory.name)
         earlier = [p.name for p in list_checkpoints(directory.parent)
                    if step and int(STEP_DIR.match(p.name).group(1)) < int(step.group(1))]
-        instead = (f"resume from an earlier one (train.resume={directory.parent / earlier[-1]}; "
-                   f"{', '.join(earlier)} are there)" if earlier else "no earlier checkpoint is there")
-        raise ResumeError(f"train.resume: {str(path)!r} cannot be read, so checkpoint {directory.name} is damaged "
-                          f"({type(error).__name__}: {str(error)[:200]}); {instead}, or delete {str(directory)!r}"
+        instead = (f"resume from an earlier checkpoint (train.resume={directory.parent / earlier[-1]}; "
+                   f"there: {', '.join(earlier)})" if earlier else "no earlier checkpoint is there")
+        raise ResumeError(f"train.resume: {str(path)!r} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
+                          f"if checkpoint {directory.name} is damaged (a full disk, a copy cut short), {instead}"
                           ) from error
 
 

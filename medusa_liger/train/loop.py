@@ -66,6 +66,7 @@ from medusa_liger.run_layout import (
 )
 from medusa_liger.train import distributed, fsdp
 from medusa_liger.train.build import (
+    RANKS_KEY,
     autocast_dtype,
     build_medusa,
     build_optimizer,
@@ -423,7 +424,10 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         loader.load_state_dict(state["data"])
         changed = reapply_schedule(cfg, optimizer, scheduler)  # this config's rates and schedule, not the checkpoint's
         changed += objective_changes(state.get("objective"), cfg)  # a new loss is allowed (a curriculum), and said
-        changed += data_changes(state.get("data_settings"), cfg, rows)  # new data to continue on, likewise
+        saved_data = state.get("data_settings")
+        if saved_data is not None and RANKS_KEY not in saved_data and "world_size" in state:  # (older checkpoints)
+            saved_data = saved_data | {RANKS_KEY: state["world_size"]}
+        changed += data_changes(saved_data, cfg, rows)  # new data to continue on, likewise
         if changed and main:
             print(f"note: resuming at step {start_step} with {', '.join(changed)} (from here on)",
                   file=sys.stderr, flush=True)
