@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -845,3 +846,81 @@ def test_a_checkpoint_from_before_the_ranks_were_compared_notes_them_too(tmp_pat
     capsys.readouterr()
     train(short_config(tmp_path, "train.steps=3", "train.resume=auto", *extra))
     assert "data-parallel ranks 8 -> 1" in capsys.readouterr().err
+
+
+def _plotted(monkeypatch, records) -> dict[str, tuple[int, str | None]]:
+    """{label: (number of points, marker)} of the training curves plot_metrics draws for ``records``."""
+    import matplotlib.axes
+
+    from medusa_liger.train.plot import plot_metrics
+
+    drawn, plot = {}, matplotlib.axes.Axes.plot
+
+    def recording_plot(self, *args, **kwargs):
+        if "label" in kwargs:
+            drawn[kwargs["label"]] = (len(args[0]), kwargs.get("marker"))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
+    plot_metrics(records, Path(tempfile.mkdtemp()) / "plot.png")
+    return drawn
+
+
+def test_the_plot_draws_curves_that_start_partway_and_single_points(monkeypatch):
+    """A joint run's LM curves start after its heads-only stage: they were left out of the plot. A one-step
+    run drew lines of one point, which are invisible."""
+    heads = {"loss": 2.0, "loss/head0": 2.0, "acc/head0": 0.1}
+    records = [{"step": 1, **heads}, {"step": 2, **heads},
+               {"step": 3, **heads, "lm_loss": 1.0, "acc/lm": 0.5}, {"step": 4, **heads, "lm_loss": 0.9, "acc/lm": 0.6}]
+    drawn = _plotted(monkeypatch, records)
+    assert drawn["backbone LM loss"][0] == drawn["backbone (t+1)"][0] == 2 and drawn["total loss"] == (4, None)
+    assert _plotted(monkeypatch, records[:1])["head 0 (t+2)"] == (1, "o")
+
+
+class _FakeWandbRun:
+    def __init__(self, resume_id):
+        self.id, self.resume_id, self.exit_code = resume_id or "new", resume_id, None
+
+    def log(self, record, step):
+        pass
+
+    def finish(self, exit_code=None):
+        self.exit_code = exit_code
+
+
+def _logger(monkeypatch, tmp_path, **kwargs):
+    from medusa_liger.train import logging as train_logging
+
+    monkeypatch.setattr(train_logging, "init_wandb", lambda *args: _FakeWandbRun(args[-1]))
+    return train_logging.MetricsLogger(tmp_path, 10, kwargs.pop("start_step", 0), wandb_mode="offline",
+                                       wandb_project="p", run_name="r", config={}, progress=False, every=1, **kwargs)
+
+
+def test_a_run_that_raises_is_marked_failed_in_wandb(monkeypatch, tmp_path):
+    """A diverged, crashed or interrupted run was recorded as finished with exit code 0."""
+    with _logger(monkeypatch, tmp_path) as logger:
+        pass
+    assert logger.wandb.exit_code == 0
+    with pytest.raises(KeyboardInterrupt), _logger(monkeypatch, tmp_path) as logger:
+        raise KeyboardInterrupt
+    assert logger.wandb.exit_code == 1
+
+
+def test_a_resume_that_trains_logged_steps_anew_logs_to_a_new_wandb_run(monkeypatch, tmp_path, capsys):
+    """wandb drops steps at or below its last: a resume under other settings (or from an older checkpoint)
+    left the abandoned steps' values in the wandb history while metrics.jsonl had the new ones."""
+    def write_steps():
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)))
+
+    write_steps()
+    with _logger(monkeypatch, tmp_path, start_step=3, wandb_id="abc", rewound=False) as logger:
+        pass
+    assert logger.wandb.resume_id == "abc"  # an exact resume replays the same values: the run continues
+    write_steps()
+    with _logger(monkeypatch, tmp_path, start_step=3, wandb_id="abc", rewound=True) as logger:
+        pass
+    assert logger.wandb.resume_id is None
+    assert "note: the wandb run abc logged steps up to 5, past the resumed step 3" in capsys.readouterr().err
+    with _logger(monkeypatch, tmp_path, start_step=3, wandb_id="abc", rewound=True) as logger:
+        pass
+    assert logger.wandb.resume_id == "abc"  # nothing past step 3 any more

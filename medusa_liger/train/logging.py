@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from typing import Any
 from medusa_liger.run_layout import METRICS_FILE
 
 
-def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Keep only the records of ``path`` with ``step <= last_step`` (for a resumed run).
+def truncate_metrics(path: str | Path, last_step: int) -> int:
+    """Keep only the records of ``path`` with ``step <= last_step`` (for a resumed run); return the
+    highest step the file held before (0 for none).
 
     A line that is not a JSON record (a run killed mid-write leaves a torn last line) is dropped
     with a warning. The kept lines go to a temporary file renamed over ``path``, so a kill here
@@ -34,8 +36,8 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        return
-    kept, torn = [], 0
+        return 0
+    kept, torn, highest = [], 0, 0
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
@@ -44,6 +46,7 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
         except (json.JSONDecodeError, TypeError, KeyError):
             torn += 1
             continue
+        highest = max(highest, step)
         if step <= last_step:
             kept.append(line)
     if torn:
@@ -51,6 +54,7 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+    return highest
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -78,9 +82,17 @@ class MetricsLogger:
 
     def __init__(self, output_dir: str | Path, total_steps: int, start_step: int, *, wandb_mode: str,
                  wandb_project: str, run_name: str, config: dict, progress: bool, every: int,
-                 wandb_id: str | None = None) -> None:
+                 wandb_id: str | None = None, rewound: bool = False) -> None:
+        """``wandb_id``: the wandb run to continue (a resume); ``rewound``: the resume does not replay what
+        was logged past ``start_step`` (other settings, or an older checkpoint than the newest)."""
         self.path = Path(output_dir) / METRICS_FILE
-        truncate_metrics(self.path, start_step)
+        logged = truncate_metrics(self.path, start_step)
+        if wandb_id is not None and wandb_mode != "disabled" and rewound and logged > start_step:
+            # wandb drops what a resumed run logs at steps it already has: the abandoned steps' values
+            # would stay in its history. A new wandb run shows this run's. (An exact resume replays them.)
+            print(f"note: the wandb run {wandb_id} logged steps up to {logged}, past the resumed step {start_step}, "
+                  "which this resume trains anew: logging to a new wandb run", file=sys.stderr, flush=True)
+            wandb_id = None
         self.every = every
         self.total_steps = total_steps
         self.file = self.path.open("a", encoding="utf-8")
@@ -125,18 +137,19 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.summary.update(values)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the file, the bar and the wandb run (marked failed: a run that raised, or was interrupted)."""
         if self.bar is not None:
             self.bar.close()
         self.file.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)
 
     def __enter__(self) -> MetricsLogger:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
 
 class NullLogger:

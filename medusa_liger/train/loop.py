@@ -399,7 +399,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
 
     # Resume: parameters, optimizer, schedule, RNG and data position from the newest checkpoint.
     ckpt_root = out / CHECKPOINTS_DIR
-    start_step, wandb_id = 0, None
+    start_step, wandb_id, rewound = 0, None, False
     resume_dir = find_resume_checkpoint(cfg.train.resume, ckpt_root)
     distributed.barrier()  # every rank has chosen before rank 0 may delete old checkpoints below
     # Checkpoints hold the heads in the export format (heads/) and every other trainable tensor here.
@@ -431,12 +431,15 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         if changed and main:
             print(f"note: resuming at step {start_step} with {', '.join(changed)} (from here on)",
                   file=sys.stderr, flush=True)
+        rewound = bool(changed)  # (then what was logged past the checkpoint is not what this resume logs)
         if main and resume_dir.resolve().parent == ckpt_root.resolve():
             dropped = drop_later_checkpoints(ckpt_root, start_step)  # resumed from an older one of its own
             if dropped:
+                rewound = True
                 print(f"warning: resuming from step {start_step} abandons the later checkpoints {', '.join(dropped)} "
                       f"(deleted)", file=sys.stderr, flush=True)
         elif main:  # another run's checkpoint: this directory's own checkpoints and metrics are of a third run
+            wandb_id = None  # (nor is that run's wandb run this one's)
             if ckpt_root.is_dir() and ckpt_root.resolve() not in resume_dir.resolve().parents:  # never the source
                 delete_old_checkpoints(ckpt_root, why=f"resuming from another run's checkpoint {resume_dir}",
                                        hint="")
@@ -454,7 +457,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     logger = MetricsLogger(out, cfg.train.steps, start_step, wandb_mode=cfg.logging.wandb,
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.logging.run_name or cfg.name,
                            config=cfg.to_dict(), progress=cfg.logging.progress, every=cfg.logging.every,
-                           wandb_id=wandb_id) if main else NullLogger()
+                           wandb_id=wandb_id, rewound=rewound) if main else NullLogger()
     with logger:
         world = distributed.world_size()
         logger.write(f"{len(train_data)} packed rows of {cfg.data.seq_len} tokens"

@@ -22,6 +22,18 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _curve(ax, records: list[dict[str, Any]], key: str, window: int, **style):
+    """The smoothed training curve of ``key`` over the records that have it (a joint run's LM loss starts
+    after its heads-only stage); markers too where there are few points (one is otherwise invisible).
+    Returns the line, or None when no record has the key."""
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    if not points:
+        return None
+    steps, values = zip(*points)
+    line, = ax.plot(steps, _smooth(list(values), window), marker="o" if len(points) <= 2 else None, **style)
+    return line
+
+
 def _held_out(ax, records: list[dict[str, Any]], key: str, color: str) -> None:
     """The held-out values of ``key`` (``train.eval_every``) as markers in the training curve's color."""
     points = [(r["step"], r[key]) for r in records if key in r]
@@ -42,29 +54,27 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, baseline: floa
 
     if not records:
         raise ValueError("records must hold at least one metrics record to plot")
-    steps = [r["step"] for r in records]
     window = max(1, len(records) // 50)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
 
+    def head_keys(prefix: str) -> list[str]:
+        return sorted({k for r in records for k in r if k.startswith(prefix)}, key=lambda k: int(k.rsplit("head", 1)[1]))
+
     for key, label in (("loss", "total loss"), ("lm_loss", "backbone LM loss")):
-        if all(key in r and r[key] is not None for r in records):
-            ax_loss.plot(steps, _smooth([r[key] for r in records], window), label=label)
-    head_keys = sorted((k for k in records[-1] if k.startswith("loss/head")), key=lambda k: int(k.rsplit("head", 1)[1]))
-    for key in head_keys:
-        smoothed = _smooth([r[key] for r in records], window)
-        line, = ax_loss.plot(steps, smoothed, label=key.replace("loss/", ""), alpha=0.7)
-        _held_out(ax_loss, records, "eval/" + key, line.get_color())
+        _curve(ax_loss, records, key, window, label=label)
+    for key in head_keys("loss/head"):
+        line = _curve(ax_loss, records, key, window, label=key.replace("loss/", ""), alpha=0.7)
+        _held_out(ax_loss, records, "eval/" + key, line.get_color() if line else None)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.set_title("loss")
     ax_loss.legend(fontsize=8)
 
-    if all("acc/lm" in r for r in records):
-        ax_acc.plot(steps, _smooth([r["acc/lm"] for r in records], window), label="backbone (t+1)", color="black")
-    for key in sorted((k for k in records[-1] if k.startswith("acc/head")), key=lambda k: int(k.rsplit("head", 1)[1])):
+    _curve(ax_acc, records, "acc/lm", window, label="backbone (t+1)", color="black")
+    for key in head_keys("acc/head"):
         k = int(key.rsplit("head", 1)[1])
-        line, = ax_acc.plot(steps, _smooth([r[key] for r in records], window), label=f"head {k} (t+{k + 2})")
-        _held_out(ax_acc, records, "eval/" + key, line.get_color())
+        line = _curve(ax_acc, records, key, window, label=f"head {k} (t+{k + 2})")
+        _held_out(ax_acc, records, "eval/" + key, line.get_color() if line else None)
     if baseline is not None:
         ax_acc.axhline(baseline, linestyle="--", color="gray", label="most common token")
     ax_acc.set_xlabel("step")
