@@ -310,3 +310,20 @@ def test_a_run_must_save_its_heads_somewhere():
     with pytest.raises(ValueError, match=r"export.formats must be at least one of .* when checkpoint.every=0"):
         load_config(tiny, ["export.formats=[]", "checkpoint.every=0"])
     assert load_config(tiny, ["export.formats=[]", "checkpoint.every=5"]).export.formats == []
+
+
+def test_a_backbone_that_trains_whole_in_bf16_weights_is_warned_about_and_the_shipped_config_avoids_it():
+    """In bf16 weights an AdamW update below 1/512 of its weight is lost (1.0 + 2e-5 == 1.0): the shipped
+    full Medusa-2 config trained its 8B backbone that way (norm weights never moved)."""
+    import torch
+
+    from medusa_liger.train.build import precision_warning
+
+    full = ROOT / "configs" / "llama3-8b-medusa2-full.yaml"
+    assert torch.tensor(1.0, dtype=torch.bfloat16) + 2e-5 == 1.0  # what the warning says
+    assert load_config(full).model.dtype == "float32" and precision_warning(load_config(full)) is None
+    warning = precision_warning(load_config(full, ["model.dtype=bfloat16"]))
+    assert warning.startswith("warning: the whole backbone trains in bfloat16 weights without an fp32 master copy")
+    assert "train.lr=2e-05" in warning and "model.dtype=float32" in warning
+    for others in (["model.dtype=bfloat16", "lora.enabled=true"], ["model.dtype=bfloat16", "train.mode=heads", "train.heads_only_steps=0"]):
+        assert precision_warning(load_config(full, others)) is None  # LoRA adapters and heads have fp32 masters

@@ -106,9 +106,9 @@ def test_stop_tokens_are_the_models_own_before_a_backbone_attributes():
 
     from medusa_liger.inference.backbone import stop_token_ids
 
-    tokenizer = SimpleNamespace(eos_token_id=0)
+    eos_zero = SimpleNamespace(eos_token_id=0)
     medusa = SimpleNamespace(backbone=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[0, 7])))
     mamba = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[9, 0]), backbone=SimpleNamespace())
-    assert stop_token_ids(tokenizer, medusa) == [0, 7]
-    assert stop_token_ids(tokenizer, mamba) == [0, 9]
+    assert stop_token_ids(eos_zero, medusa) == [0, 7]
+    assert stop_token_ids(eos_zero, mamba) == [0, 9]
     assert stop_token_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace()) == []

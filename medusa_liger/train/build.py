@@ -394,3 +394,14 @@ def precision_line(cfg: Config, amp: torch.dtype | None) -> str:
     if cfg.train.mode == "joint" and not cfg.lora.enabled and cfg.model.dtype != "float32":
         line += f" (the full backbone trains in {cfg.model.dtype}, without an fp32 master copy)"
     return line
+
+
+def precision_warning(cfg: Config) -> str | None:
+    """A warning where a backbone that trains whole keeps bf16 weights: AdamW's small updates round away."""
+    if cfg.train.mode != "joint" or cfg.lora.enabled or cfg.model.dtype == "float32":
+        return None
+    # bf16 keeps 8 significant bits: w + u == w when |u| < |w| / 2**9 (1.0 + 2e-5 is 1.0).
+    return (f"warning: the whole backbone trains in {cfg.model.dtype} weights without an fp32 master copy: an "
+            f"update smaller than 1/512 of its weight is lost (at train.lr={cfg.train.lr:g}, every update of a norm "
+            "weight near 1, and most of the matrices'); model.dtype=float32 keeps fp32 weights and computes under "
+            "bf16 autocast (export.dtype sets the export's dtype)")

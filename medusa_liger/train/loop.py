@@ -80,6 +80,7 @@ from medusa_liger.train.build import (
     objective_changes,
     objective_settings,
     precision_line,
+    precision_warning,
     reapply_schedule,
     resolve_device,
     trainable_parameters,
@@ -466,6 +467,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                      + (f" x {world} ranks" if world > 1 else "")
                      + (f"; resumed from {resume_dir}" if resume_dir is not None else ""))
         logger.write(precision_line(cfg, amp))
+        if main and precision_warning(cfg):
+            print(precision_warning(cfg), file=sys.stderr, flush=True)
         if cfg.train.eval_every and eval_data is None:
             logger.write(f"train.eval_every={cfg.train.eval_every}: no held-out rows to evaluate "
                          "(data.eval_fraction=0)")
