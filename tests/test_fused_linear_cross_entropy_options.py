@@ -232,6 +232,9 @@ def test_module_head_weights_move_with_the_module():
     assert [name for name, _ in module.named_buffers()] == ["head_weights"] and module.state_dict() == {}
     module.to(torch.bfloat16)  # a cast of the module does not round the weights (0.8 -> 0.8008)
     assert module.head_weights.dtype == torch.float32 and module.head_weights.tolist() == [1.0, 0.5]
+    with torch.device("meta"):  # deferred initialization: built on the meta device, then to_empty()
+        deferred = MultiHeadLinearCrossEntropy([1, 2], torch.tensor([1.0, 0.5]))
+    assert deferred.to_empty(device="cpu").head_weights.device.type == "cpu"
     torch.manual_seed(0)
     h, w = torch.randn(2, 5, 6), torch.randn(11, 6)
     labels = torch.randint(0, 11, (2, 5))

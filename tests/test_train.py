@@ -921,6 +921,11 @@ def test_a_resume_that_trains_logged_steps_anew_logs_to_a_new_wandb_run(monkeypa
         pass
     assert logger.wandb.resume_id is None
     assert "note: the wandb run abc logged steps up to 5, past the resumed step 3" in capsys.readouterr().err
+    # That resume died before its first step (metrics.jsonl already cut back to step 3); its retry resumes
+    # from the same checkpoint, which names the old wandb run: still not that one, which holds steps 4-5.
     with _logger(monkeypatch, tmp_path, start_step=3, wandb_id="abc", rewound=True) as logger:
         pass
-    assert logger.wandb.resume_id == "abc"  # nothing past step 3 any more
+    assert logger.wandb.resume_id is None
+    with _logger(monkeypatch, tmp_path, start_step=5, wandb_id="abc", rewound=True) as logger:
+        pass
+    assert logger.wandb.resume_id == "abc"  # past everything it logged: it continues

@@ -599,7 +599,9 @@ class MultiHeadLinearCrossEntropy(nn.Module):
         kept = self._buffers.get("head_weights")
         result = super()._apply(fn, recurse)
         if kept is not None:
-            self._buffers["head_weights"] = kept.to(self._buffers["head_weights"].device)
+            device = self._buffers["head_weights"].device
+            # (a module built on the meta device has no values to copy: to_empty() gets an empty buffer)
+            self._buffers["head_weights"] = torch.empty_like(kept, device=device) if kept.is_meta else kept.to(device)
         return result
 
     def extra_repr(self) -> str:

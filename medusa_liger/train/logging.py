@@ -57,6 +57,23 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
     return highest
 
 
+WANDB_STEPS_FILE = ".wandb_steps.json"  # {wandb run id: the highest step it logged}, beside metrics.jsonl
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Every record of a metrics.jsonl file, in order."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -87,12 +104,20 @@ class MetricsLogger:
         was logged past ``start_step`` (other settings, or an older checkpoint than the newest)."""
         self.path = Path(output_dir) / METRICS_FILE
         logged = truncate_metrics(self.path, start_step)
-        if wandb_id is not None and wandb_mode != "disabled" and rewound and logged > start_step:
-            # wandb drops what a resumed run logs at steps it already has: the abandoned steps' values
-            # would stay in its history. A new wandb run shows this run's. (An exact resume replays them.)
-            print(f"note: the wandb run {wandb_id} logged steps up to {logged}, past the resumed step {start_step}, "
-                  "which this resume trains anew: logging to a new wandb run", file=sys.stderr, flush=True)
-            wandb_id = None
+        if wandb_id is not None and wandb_mode != "disabled":
+            # What each wandb run logged, kept beside the metrics: a rewound resume that died before its
+            # first step has cut metrics.jsonl back already, but the wandb run still holds the steps.
+            known = _read_json(Path(output_dir) / WANDB_STEPS_FILE)
+            logged = max(logged, int(known.get(wandb_id, 0)))
+            if logged > known.get(wandb_id, 0):
+                _write_json(Path(output_dir) / WANDB_STEPS_FILE, known | {wandb_id: logged})
+            if rewound and logged > start_step:
+                # wandb drops what a resumed run logs at steps it already has: the abandoned steps' values
+                # would stay in its history. A new wandb run shows this run's. (An exact resume replays them.)
+                print(f"note: the wandb run {wandb_id} logged steps up to {logged}, past the resumed step "
+                      f"{start_step}, which this resume trains anew: logging to a new wandb run",
+                      file=sys.stderr, flush=True)
+                wandb_id = None
         self.every = every
         self.total_steps = total_steps
         self.file = self.path.open("a", encoding="utf-8")
