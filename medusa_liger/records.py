@@ -207,10 +207,26 @@ def normalize(where: str, record: Any, fmt: str, loss_on: str, *, other_keys: tu
 TEXT_PROMPT_TOKENS = 64
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], template: str) -> list[int]:
+def render_chat(tokenizer, messages: list[dict[str, str]], template: str, add_generation_prompt: bool,
+                where: str = "") -> str:
+    """``messages`` rendered with ``template``; a conversation the template refuses (Mistral's and
+    Gemma's raise on roles that do not alternate or on a system turn) is a ValueError naming ``where``."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as error:  # e.g. a template's raise_exception("roles must alternate")
+        raise ValueError(f"{where + ': ' if where else ''}the chat template rejected this conversation: "
+                         f"{error}") from None
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], template: str, where: str = "") -> list[int]:
     """Token ids of ``messages`` rendered with ``template``, followed by its generation prompt
-    (the template holds any BOS it wants, so no special tokens are added)."""
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    (the template holds any BOS it wants, so no special tokens are added); ValueError when the
+    template refuses the conversation (``render_chat``)."""
+    text = render_chat(tokenizer, messages, template, True, where)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -95,8 +95,7 @@ def test_greedy_distill_regenerates_every_turn_from_its_own_history(model, token
             text_ids = tokenizer(SOURCE_RECORDS[3]["text"], add_special_tokens=False)["input_ids"]
             prompt = [tokenizer.bos_token_id, *text_ids][:12]
             new = single_generation(model, tokenizer, prompt, 10)
-            assert record["text"] == tokenizer.decode(prompt, skip_special_tokens=True) + \
-                tokenizer.decode(new, skip_special_tokens=True)
+            assert record["text"] == tokenizer.decode(prompt + new, skip_special_tokens=True)
             continue
         messages = record["messages"]
         normalize("out", record, "auto", "assistant")  # what training reads
@@ -284,6 +283,7 @@ def test_prompts_beyond_the_context_keep_what_fits(tokenizer, tmp_path):
     out = read_lines(tmp_path / "out.jsonl")
     assert len(out) == 1 and [m["role"] for m in out[0]["messages"]] == ["user", "assistant"]
     assert len(summary.skipped) == 1 and "exceed the model's context" in summary.skipped[0]
+    assert summary.shortened == 1  # the kept record lost its second turn: counted (and said by the CLI)
 
 
 def test_a_resume_past_a_dropped_record_writes_the_straight_runs_file(tokenizer, tmp_path):
@@ -476,3 +476,67 @@ def test_an_unusable_chat_template_is_refused_before_anything_is_generated(model
     with pytest.raises(ValueError, match="none named 'default' .*use --chat-template=builtin"):
         LocalBackend(model, named, DistillSettings())
     LocalBackend(model, named, DistillSettings(chat_template="builtin"))
+
+
+def test_a_continued_document_is_decoded_whole(model, tokenizer):
+    """Prompt and continuation were decoded apart and joined: SentencePiece's decoder dropped the space
+    where they meet ('The quickbrown fox'), and a cut inside a multi-byte character garbled both halves."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from medusa_liger.records import document_ids
+
+    metaspace = Tokenizer(models.BPE(unk_token="<unk>"))
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    metaspace.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    metaspace.train_from_iterator(["The quick brown fox jumps over the lazy dog"] * 20, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    sentencepiece_like = PreTrainedTokenizerFast(tokenizer_object=metaspace, bos_token="<s>", eos_token="</s>",
+                                                 unk_token="<unk>")
+    for tok, doc in ((sentencepiece_like, "The quick brown fox jumps over the lazy dog"), (tokenizer, "café déjà vu")):
+        ids = document_ids(tok, doc)
+        # Cut after "The quick" (SentencePiece), or inside a character's bytes (byte-level BPE).
+        cut = 3 if tok is sentencepiece_like else next(i for i in range(1, len(ids)) if "\ufffd" in tok.decode(ids[:i]))
+        backend = LocalBackend(model, tok, DistillSettings(max_new_tokens=64, text_prompt_tokens=cut))
+        backend.generate = lambda prompts, rest=ids[cut:]: [(rest, True)]  # the model continues the document
+        assert backend.complete([doc])[0].text == doc
+
+
+STRICT_TEMPLATE = (  # as Mistral's and Gemma's: no system turn
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'assistant: ' }}{% endif %}")
+
+
+def test_a_conversation_the_chat_template_rejects_is_dropped_not_fatal(model, tokenizer, source, tmp_path):
+    """jinja2's TemplateError escaped: the run stopped at that record with a traceback, and every resume
+    stopped there again, so the dataset could never be distilled without editing it."""
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = STRICT_TEMPLATE
+    summary = self_distill(source, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=4), model=model,
+                           tokenizer=strict, progress=False)
+    assert [r["id"] for r in read_lines(tmp_path / "out.jsonl")] == [1, 2, 3, 6]
+    assert any("source.jsonl:1: the chat template rejected this conversation: System role not supported" in s
+               for s in summary.skipped)
+    dropped = read_lines(tmp_path / "out.dropped.jsonl")
+    assert [d["id"] for d in dropped] == [0]
+
+
+def test_the_weights_dtype_is_a_setting_a_resume_keeps(model, tokenizer, tmp_path):
+    """bf16 and fp32 greedy decoding write different text: a resume under the other dtype mixed them."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("one", "two")))
+    out = tmp_path / "out.jsonl"
+    settings = DistillSettings(max_new_tokens=4, num_records=1)
+    self_distill(path, out, settings, model=model, tokenizer=tokenizer, progress=False)
+    settings_file = tmp_path / "out.jsonl.settings.json"
+    assert json.loads(settings_file.read_text())["dtype"] == "float32"
+    with pytest.raises(ValueError, match=r"dtype 'float32' -> 'float64'"):
+        self_distill(path, out, dataclasses.replace(settings, num_records=2), model=copy.deepcopy(model).double(),
+                     tokenizer=tokenizer, progress=False)
+    written = json.loads(settings_file.read_text())
+    del written["dtype"]  # a settings file from before the dtype was kept: resumes as it did
+    settings_file.write_text(json.dumps(written))
+    summary = self_distill(path, out, dataclasses.replace(settings, num_records=2), model=model, tokenizer=tokenizer,
+                           progress=False)
+    assert summary.resumed == 1 and summary.records == 1

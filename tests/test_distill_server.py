@@ -38,6 +38,26 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             return self._reply(400, {"error": {"message": "This model's maximum context length is 64 tokens."}})
         if "BAD" in last:
             return self._reply(422, {"error": {"message": "unsupported field"}})
+        if "TGI LONG" in last:  # TGI's answer to a prompt that leaves no room for max_new_tokens
+            return self._reply(422, {"error": "Input validation error: `inputs` tokens + `max_new_tokens` must be "
+                                              "<= 64. Given: 60 `inputs` tokens and 16 `max_new_tokens`"})
+        if "RATE" in last:
+            with self.server.lock:
+                self.server.rate_left -= 1
+                limited = self.server.rate_left >= 0
+            if limited:
+                self.send_response(429)
+                self.send_header("Retry-After", "7")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
+        if "HTML" in last:  # a proxy's error page
+            data = b"<html><body>502 Bad Gateway</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return None
         if "FLAKY" in last:
             with self.server.lock:
                 self.server.flaky_left -= 1
@@ -57,9 +77,9 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    monkeypatch.setattr(distill_backends.time, "sleep", lambda seconds: None)  # retries without waiting
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
-    httpd.log, httpd.lock, httpd.flaky_left = [], threading.Lock(), 2
+    httpd.log, httpd.lock, httpd.flaky_left, httpd.rate_left, httpd.waits = [], threading.Lock(), 2, 2, []
+    monkeypatch.setattr(distill_backends.time, "sleep", httpd.waits.append)  # retries without waiting
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -159,3 +179,18 @@ def test_cli_with_a_server(server, tmp_path, capsys):
     with pytest.raises(SystemExit):  # one engine at a time
         main(["distill", "--server", url, "--backbone", "x", "--data", source, "--output", str(tmp_path / "p.jsonl")])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_servers_other_answers_rate_limits_length_errors_and_pages(server, tmp_path):
+    """A 429 ended the run (hosted APIs send them under load); TGI's 422 for a prompt too long ended it
+    too, where vLLM's 400 drops the record; a proxy's HTML page was a bare JSONDecodeError."""
+    httpd, url = server
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "RATE one"}, {"prompt": "TGI LONG two"}, {"prompt": "three"}])
+    summary = self_distill(source, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=16), server=url,
+                           progress=False)
+    assert [r["id"] for r in read_lines(tmp_path / "out.jsonl")] == [0, 2]
+    assert len(summary.skipped) == 1 and "exceed the model's context" in summary.skipped[0]
+    assert httpd.waits == [7.0, 7.0]  # the server's Retry-After, twice
+    source = write_jsonl(tmp_path / "page.jsonl", [{"prompt": "HTML"}])
+    with pytest.raises(ValueError, match=r"/v1/chat/completions: the reply is not JSON: '<html><body>502"):
+        self_distill(source, tmp_path / "page_out.jsonl", server=url, progress=False)

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medusa_liger.inference.distill_backends import Answer, LocalBackend, ServerBackend
+from medusa_liger.inference.distill_backends import Answer, LocalBackend, Refused, ServerBackend
 from medusa_liger.records import TEXT_PROMPT_TOKENS, iter_raw_records, looks_like_local_path, normalize, resolve_path
 from medusa_liger.run_layout import user_path
 
@@ -109,6 +109,7 @@ class DistillSummary:
     new_tokens: int = 0
     seconds: float = 0.0
     past_num_records: int = 0  # records already in the output past num_records (kept: the output is not cut)
+    shortened: int = 0  # records kept up to their last answered turn: a later one did not fit the context
 
 
 @dataclass
@@ -191,6 +192,9 @@ def _run_block(backend, block: list[_Pending], summary: DistillSummary) -> None:
         if not chats:
             return
         for record, answer in zip(chats, backend.chat([r.messages[: r.todo[0]] for r in chats])):
+            if isinstance(answer, Refused):  # the chat template rejects the conversation: the record goes
+                record.dropped = f"{record.where}: {answer.reason}"
+                continue
             if answer is not None:
                 _count(summary, answer)
                 record.messages[record.todo.pop(0)] = {"role": "assistant", "content": answer.text}
@@ -198,6 +202,7 @@ def _run_block(backend, block: list[_Pending], summary: DistillSummary) -> None:
             answered = [j for j, m in enumerate(record.messages[: record.todo[0]]) if m["role"] == "assistant"]
             if answered:  # keep the answers written so far; the next turn does not fit
                 record.messages, record.todo = record.messages[: answered[-1] + 1], []
+                summary.shortened += 1
             else:
                 record.dropped = f"{record.where}: prompt + max_new_tokens exceed the model's context"
 
@@ -273,6 +278,8 @@ def _prepare_output(output: Path, identity: dict[str, Any], overwrite: bool) -> 
     defaults = {key: value for key, value in asdict(DistillSettings()).items() if key in RESUME_FREE}
     changed = []
     for key in sorted({*written, *identity} - (RESUME_FREE - set(identity)), key=str):
+        if key in KEPT_LATER and key not in written:  # (a settings file written before it was kept)
+            continue
         old, new = written.get(key, defaults.get(key, "unset")), identity.get(key, "unset")
         if old != new:
             changed.append(f"{key} {'(default) ' if key not in written and key in defaults else ''}{old!r} -> {new!r}")
@@ -338,6 +345,8 @@ def self_distill(
         raise ValueError("tokenizer is required with model")
     else:
         backend = LocalBackend(model, tokenizer, settings)
+        # The weights' dtype decides greedy text too (bf16 and fp32 argmaxes part ways).
+        metadata.setdefault("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
     # What decides the text: a resume must match it. How many records may change; how they are batched
     # too, unless sampling in this process (blocks are seeded by their first record, and a batch draws
     # its tokens together; a server gets the seed with each request). A local file has no split; a
@@ -462,6 +471,8 @@ def add_arguments(parser) -> None:
 # Settings a resume may change where they do not decide the text (see self_distill's identity);
 # missing from an older settings file, they match their defaults.
 RESUME_FREE = {"num_records", "batch_size", "block_records", "chat_template", "text_prompt_tokens", "split"}
+# Settings files gained these later: one without them resumes (as it did), one with them must match.
+KEPT_LATER = {"dtype"}
 
 # Flags that only sampling reads (greedy decoding would ignore them), as eval/generate refuse theirs.
 SAMPLING_FLAGS = ("--top-p", "--seed")
@@ -509,6 +520,9 @@ def run(args) -> int:
           f"{summary.truncated} cut at --max-new-tokens, {len(summary.skipped)} records skipped")
     for reason in summary.skipped[:5]:
         print(f"  skipped: {reason}")
+    if summary.shortened:
+        print(f"note: {summary.shortened} records end at an earlier answer: their next turn did not fit the model's "
+              "context with --max-new-tokens", file=sys.stderr)
     if summary.empty:
         print(f"warning: {summary.empty} of {summary.generations} answers are empty (the model ended its turn at "
               "once, or wrote only whitespace): they teach the heads nothing; check the model and its chat template "

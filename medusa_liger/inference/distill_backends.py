@@ -15,6 +15,7 @@ or None when the prompt plus ``max_new_tokens`` does not fit the model's context
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -31,6 +32,14 @@ from medusa_liger.inference.backbone import decode_attention, stop_token_ids
 from medusa_liger.records import chat_prompt_ids, chat_template_for, text_prompt_ids
 
 Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A conversation the backend will not answer, and why (its chat template rejects it): the record is
+    dropped and listed, as one whose prompt does not fit."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -69,11 +78,19 @@ class LocalBackend:
             top_k=0 if sample else None, repetition_penalty=1.0, eos_token_id=self.eos, pad_token_id=self.pad,
         )
 
-    def chat(self, conversations: Sequence[Messages]) -> list[Answer | None]:
-        """The next assistant turn of each conversation (stripped of surrounding whitespace)."""
-        prompts = [chat_prompt_ids(self.tokenizer, messages, self.template) for messages in conversations]
-        return [None if a is None else Answer(a.text.strip(), a.stopped, a.new_tokens)
-                for a in self._answer(prompts, with_prompt=False)]
+    def chat(self, conversations: Sequence[Messages]) -> list[Answer | Refused | None]:
+        """The next assistant turn of each conversation (stripped of surrounding whitespace); Refused for
+        one the chat template rejects (one record's roles must not stop the whole dataset)."""
+        results: list[Answer | Refused | None] = [None] * len(conversations)
+        prompts: dict[int, list[int]] = {}
+        for i, messages in enumerate(conversations):
+            try:
+                prompts[i] = chat_prompt_ids(self.tokenizer, messages, self.template)
+            except ValueError as error:
+                results[i] = Refused(str(error))
+        for i, a in zip(prompts, self._answer(list(prompts.values()), with_prompt=False)):
+            results[i] = None if a is None else Answer(a.text.strip(), a.stopped, a.new_tokens)
+        return results
 
     def complete(self, texts: Sequence[str]) -> list[Answer | None]:
         """Each document's first ``text_prompt_tokens`` tokens followed by the model's continuation."""
@@ -91,9 +108,10 @@ class LocalBackend:
         for start in range(0, len(order), size):
             batch = order[start : start + size]
             for i, (new_ids, stopped) in zip(batch, self._generate_or_split([prompts[i] for i in batch])):
-                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-                if with_prompt:
-                    text = self.tokenizer.decode(prompts[i], skip_special_tokens=True) + text
+                # A continued document is decoded whole: decoded apart, SentencePiece drops the space
+                # where the two meet, and a cut inside a multi-byte character garbles both halves.
+                text = self.tokenizer.decode(prompts[i] + new_ids if with_prompt else new_ids,
+                                             skip_special_tokens=True)
                 answers[i] = Answer(text, stopped, len(new_ids))
         return answers
 
@@ -138,8 +156,13 @@ class LocalBackend:
         return results
 
 
-# Phrases of the 400 errors servers give for a prompt that leaves no room for max_tokens.
-CONTEXT_ERRORS = ("context length", "context window", "maximum context", "too long", "max_model_len")
+# Phrases of the errors servers give for a prompt that leaves no room for max_tokens: HTTP 400 (vLLM,
+# SGLang) or 422 (TGI: "`inputs` tokens + `max_new_tokens` must be <= N", "must have less than N tokens").
+CONTEXT_ERRORS = ("context length", "context window", "maximum context", "too long", "max_model_len",
+                  "must be <=", "must have less than")
+CONTEXT_ERROR_CODES = (400, 422)
+# Answers worth asking again (with backoff, or after the server's Retry-After): overload and time-outs.
+RETRIED_CODES = (408, 429)
 
 
 class ServerBackend:
@@ -166,17 +189,26 @@ class ServerBackend:
         data = None if body is None else json.dumps(body).encode()
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(self.base + path, data=data, headers=headers)
+            wait = 2**attempt
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
+                    raw = response.read()
+                try:
+                    return json.loads(raw)
+                except ValueError:  # (an HTML page from a proxy, say)
+                    raise ServerError(None, f"{self.base + path}: the reply is not JSON: "
+                                            f"{raw[:300].decode('utf-8', 'replace')!r}") from None
             except urllib.error.HTTPError as error:
                 detail = error.read().decode("utf-8", "replace")[:500]
-                if error.code < 500 or attempt == self.retries:
+                retried = error.code >= 500 or error.code in RETRIED_CODES
+                if not retried or attempt == self.retries:
                     raise ServerError(error.code, f"{self.base + path}: HTTP {error.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                wait = max(wait, _retry_after(error.headers.get("Retry-After")))
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
+                # (HTTPException: a reply cut short, IncompleteRead, RemoteDisconnected)
                 if attempt == self.retries:
-                    raise ServerError(None, f"{self.base + path}: {error}") from None
-            time.sleep(2**attempt)
+                    raise ServerError(None, f"{self.base + path}: {type(error).__name__}: {error}") from None
+            time.sleep(wait)
         raise AssertionError("unreachable")
 
     def _served_model(self) -> str:
@@ -193,7 +225,7 @@ class ServerBackend:
         try:
             reply = self._request("/chat/completions", body)
         except ServerError as error:
-            if error.code == 400 and any(p in str(error).lower() for p in CONTEXT_ERRORS):
+            if error.code in CONTEXT_ERROR_CODES and any(p in str(error).lower() for p in CONTEXT_ERRORS):
                 return None
             raise
         try:
@@ -214,6 +246,14 @@ class ServerBackend:
 
     def complete(self, texts: Sequence[str]) -> list[Answer | None]:
         raise ValueError("text records need the model in this process (--backbone), not --server")
+
+
+def _retry_after(value: str | None, most: float = 60.0) -> float:
+    """Seconds a ``Retry-After`` header asks to wait (at most ``most``; 0 when absent or a date)."""
+    try:
+        return min(most, max(0.0, float(value))) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 class ServerError(ValueError):

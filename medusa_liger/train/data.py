@@ -35,7 +35,15 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from medusa_liger.records import Example, chat_template_for, document_ids, iter_raw_records, normalize, skip_or_fail
+from medusa_liger.records import (
+    Example,
+    chat_template_for,
+    document_ids,
+    iter_raw_records,
+    normalize,
+    render_chat,
+    skip_or_fail,
+)
 
 IGNORE_INDEX = -100
 
@@ -86,30 +94,19 @@ def load_examples(data_cfg) -> list[Example]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _render(tokenizer, messages, template: str, add_generation_prompt: bool, where: str = "") -> str:
-    from jinja2 import TemplateError
-
-    try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except TemplateError as error:  # e.g. a template's raise_exception("roles must alternate")
-        raise ValueError(f"{where}: the chat template rejected this conversation: {error}") from None
-
-
 def render_conversation(tokenizer, messages, template: str, where: str = "",
                         spans: bool = True) -> tuple[str, list[tuple[int, int]]]:
     """(text, assistant character spans) of one conversation (see module docstring); no spans
     (and no prefix renders) with ``spans=False``."""
-    full = _render(tokenizer, messages, template, False, where)
+    full = render_chat(tokenizer, messages, template, False, where)
     found = []
     for i, message in enumerate(messages if spans else []):
         # A leading assistant turn answers no prompt (FastChat drops it): context, never a target.
         # (transformers 5 also refuses to render the empty conversation before it.)
         if message["role"] != "assistant" or i == 0:
             continue
-        prefix = _render(tokenizer, messages[:i], template, True, where)
-        upto = _render(tokenizer, messages[: i + 1], template, False, where)
+        prefix = render_chat(tokenizer, messages[:i], template, True, where)
+        upto = render_chat(tokenizer, messages[: i + 1], template, False, where)
         if not (full.startswith(upto) and upto.startswith(prefix)):
             raise ValueError(
                 f"{where}: the chat template does not render prefixes of a conversation as prefixes of it, "
