@@ -51,6 +51,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return None
+        if "TEMPLATE" in last:  # vLLM's answer when the model's chat template raises
+            return self._reply(400, {"error": {"message": "System role not supported", "type": "BadRequestError"}})
         if "HTML" in last:  # a proxy's error page
             data = b"<html><body>502 Bad Gateway</body></html>"
             self.send_response(200)
@@ -183,13 +185,17 @@ def test_cli_with_a_server(server, tmp_path, capsys):
 
 def test_servers_other_answers_rate_limits_length_errors_and_pages(server, tmp_path):
     """A 429 ended the run (hosted APIs send them under load); TGI's 422 for a prompt too long ended it
-    too, where vLLM's 400 drops the record; a proxy's HTML page was a bare JSONDecodeError."""
+    too, where vLLM's 400 drops the record, as did vLLM's 400 for a conversation the chat template
+    rejects (at every resume); a proxy's HTML page was a bare JSONDecodeError."""
     httpd, url = server
-    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "RATE one"}, {"prompt": "TGI LONG two"}, {"prompt": "three"}])
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "RATE one"}, {"prompt": "TGI LONG two"}, {"prompt": "three"},
+                                                 {"prompt": "TEMPLATE four"}])
     summary = self_distill(source, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=16), server=url,
                            progress=False)
     assert [r["id"] for r in read_lines(tmp_path / "out.jsonl")] == [0, 2]
-    assert len(summary.skipped) == 1 and "exceed the model's context" in summary.skipped[0]
+    assert len(summary.skipped) == 2 and "exceed the model's context" in summary.skipped[0]
+    assert "the server's chat template rejected this conversation: " in summary.skipped[1]
+    assert "System role not supported" in summary.skipped[1]
     assert httpd.waits == [7.0, 7.0]  # the server's Retry-After, twice
     source = write_jsonl(tmp_path / "page.jsonl", [{"prompt": "HTML"}])
     with pytest.raises(ValueError, match=r"/v1/chat/completions: the reply is not JSON: '<html><body>502"):

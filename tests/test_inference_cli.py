@@ -266,3 +266,19 @@ def test_an_interrupted_evaluation_leaves_the_earlier_files_as_a_set(tmp_path, t
     report = evaluate_heads(model, ids, out, max_new_tokens=6, tree=[[1]])
     assert json.loads((out / "tree.json").read_text()) == report["tree"]["paths"] == [[1]]
     assert json.loads((out / "report.json").read_text())["tree"]["paths"] == report["tree"]["paths"]
+
+
+def test_a_prompt_the_chat_template_rejects_is_named(tmp_path, tokenizer):  # noqa: F811
+    import copy
+
+    from tests.test_distill import STRICT_TEMPLATE
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = STRICT_TEMPLATE
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: the chat template rejected this conversation: "
+                                         r"System role not supported"):
+        load_prompts(str(path), strict)

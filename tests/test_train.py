@@ -879,7 +879,7 @@ def test_the_plot_draws_curves_that_start_partway_and_single_points(monkeypatch)
 
 class _FakeWandbRun:
     def __init__(self, resume_id):
-        self.id, self.resume_id, self.exit_code = resume_id or "new", resume_id, None
+        self.id, self.resume_id, self.exit_code, self.summary = resume_id or "new", resume_id, None, {}
 
     def log(self, record, step):
         pass
@@ -892,8 +892,9 @@ def _logger(monkeypatch, tmp_path, **kwargs):
     from medusa_liger.train import logging as train_logging
 
     monkeypatch.setattr(train_logging, "init_wandb", lambda *args: _FakeWandbRun(args[-1]))
-    return train_logging.MetricsLogger(tmp_path, 10, kwargs.pop("start_step", 0), wandb_mode="offline",
-                                       wandb_project="p", run_name="r", config={}, progress=False, every=1, **kwargs)
+    return train_logging.MetricsLogger(tmp_path, 10, kwargs.pop("start_step", 0),
+                                       wandb_mode=kwargs.pop("wandb_mode", "offline"), wandb_project="p", run_name="r",
+                                       config={}, progress=False, every=1, **kwargs)
 
 
 def test_a_run_that_raises_is_marked_failed_in_wandb(monkeypatch, tmp_path):
@@ -929,3 +930,27 @@ def test_a_resume_that_trains_logged_steps_anew_logs_to_a_new_wandb_run(monkeypa
     with _logger(monkeypatch, tmp_path, start_step=5, wandb_id="abc", rewound=True) as logger:
         pass
     assert logger.wandb.resume_id == "abc"  # past everything it logged: it continues
+    # A rewound attempt without wandb still records what the run it leaves had logged.
+    (tmp_path / ".wandb_steps.json").unlink()
+    write_steps()
+    _logger(monkeypatch, tmp_path, start_step=3, wandb_id="xyz", rewound=True, wandb_mode="disabled").close()
+    with _logger(monkeypatch, tmp_path, start_step=3, wandb_id="xyz", rewound=True) as logger:
+        pass
+    assert logger.wandb.resume_id is None
+
+
+def test_a_resume_from_an_older_checkpoint_under_the_same_settings_continues_its_wandb_run(tmp_path, monkeypatch):
+    """It replays the abandoned steps as they were logged: one wandb run, not two."""
+    from medusa_liger.train import logging as train_logging
+
+    runs = []
+
+    def fake_init(*args):
+        runs.append(_FakeWandbRun(args[-1]))
+        return runs[-1]
+
+    monkeypatch.setattr(train_logging, "init_wandb", fake_init)
+    extra = ["checkpoint.every=2", "export.formats=[medusa]", "train.mode=heads", "logging.wandb=offline"]
+    train(short_config(tmp_path, "train.steps=4", *extra))
+    train(short_config(tmp_path, "train.steps=4", f"train.resume={tmp_path / 'checkpoints' / 'step-000002'}", *extra))
+    assert [run.resume_id for run in runs] == [None, "new"]

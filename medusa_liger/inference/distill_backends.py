@@ -161,6 +161,8 @@ class LocalBackend:
 CONTEXT_ERRORS = ("context length", "context window", "maximum context", "too long", "max_model_len",
                   "must be <=", "must have less than")
 CONTEXT_ERROR_CODES = (400, 422)
+# ... and for a conversation the model's chat template rejects (vLLM answers jinja's error with a 400).
+TEMPLATE_ERRORS = ("template", "must alternate", "role not supported", "roles must")
 # Answers worth asking again (with backoff, or after the server's Retry-After): overload and time-outs.
 RETRIED_CODES = (408, 429)
 
@@ -217,7 +219,7 @@ class ServerBackend:
             raise ValueError(f"{self.base}/models lists no model; pass the served model's name (--server-model)")
         return str(models[0]["id"])
 
-    def _one(self, messages: Messages) -> Answer | None:
+    def _one(self, messages: Messages) -> Answer | Refused | None:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.settings.max_new_tokens,
                                 "temperature": self.settings.temperature, "top_p": self.settings.top_p, "n": 1}
         if self.settings.temperature > 0:
@@ -227,6 +229,8 @@ class ServerBackend:
         except ServerError as error:
             if error.code in CONTEXT_ERROR_CODES and any(p in str(error).lower() for p in CONTEXT_ERRORS):
                 return None
+            if error.code in CONTEXT_ERROR_CODES and any(p in str(error).lower() for p in TEMPLATE_ERRORS):
+                return Refused(f"the server's chat template rejected this conversation: {error}")
             raise
         try:
             choice = reply["choices"][0]
@@ -236,7 +240,7 @@ class ServerBackend:
         tokens = (reply.get("usage") or {}).get("completion_tokens", 0)
         return Answer(text.strip(), choice.get("finish_reason") != "length", int(tokens))
 
-    def chat(self, conversations: Sequence[Messages]) -> list[Answer | None]:
+    def chat(self, conversations: Sequence[Messages]) -> list[Answer | Refused | None]:
         """The next assistant turn of each conversation, in order."""
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
         try:

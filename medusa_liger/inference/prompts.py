@@ -28,12 +28,13 @@ def default_prompts_file() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "pydoc_chat.jsonl"
 
 
-def _render_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The conversation up to (not including) its first assistant turn, ready for the reply."""
+def _render_messages(tokenizer, messages: list[dict[str, str]], where: str = "") -> list[int]:
+    """The conversation up to (not including) its first assistant turn, ready for the reply (errors
+    name ``where``, the record)."""
     first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     if first == 0:
-        raise ValueError("a conversation starting with an assistant turn has no prompt")
-    return chat_prompt_ids(tokenizer, messages[:first], chat_template_for(tokenizer, "auto"))
+        raise ValueError(f"{where + ': ' if where else ''}a conversation starting with an assistant turn has no prompt")
+    return chat_prompt_ids(tokenizer, messages[:first], chat_template_for(tokenizer, "auto"), where)
 
 
 # The shared record reader's prefix (the training config key), replaced by what a prompts source is.
@@ -104,7 +105,7 @@ def _record_prompt(tokenizer, where: str, record: Any) -> list[int]:
     example = normalize(where, record, "auto", "all")
     if example.text is not None:
         return text_prompt_ids(tokenizer, example.text)
-    return _render_messages(tokenizer, example.messages)
+    return _render_messages(tokenizer, example.messages, where)
 
 
 def load_prompts(source: str | Path, tokenizer, num_prompts: int | None = None, split: str = "train") -> list[list[int]]:

@@ -26,9 +26,8 @@ from typing import Any
 from medusa_liger.run_layout import METRICS_FILE
 
 
-def truncate_metrics(path: str | Path, last_step: int) -> int:
-    """Keep only the records of ``path`` with ``step <= last_step`` (for a resumed run); return the
-    highest step the file held before (0 for none).
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Keep only the records of ``path`` with ``step <= last_step`` (for a resumed run).
 
     A line that is not a JSON record (a run killed mid-write leaves a torn last line) is dropped
     with a warning. The kept lines go to a temporary file renamed over ``path``, so a kill here
@@ -36,8 +35,8 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
     """
     path = Path(path)
     if not path.is_file():
-        return 0
-    kept, torn, highest = [], 0, 0
+        return
+    kept, torn = [], 0
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
@@ -46,7 +45,6 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
         except (json.JSONDecodeError, TypeError, KeyError):
             torn += 1
             continue
-        highest = max(highest, step)
         if step <= last_step:
             kept.append(line)
     if torn:
@@ -54,7 +52,20 @@ def truncate_metrics(path: str | Path, last_step: int) -> int:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
-    return highest
+
+
+def highest_step(path: str | Path) -> int:
+    """The highest step of a metrics file's records (0 for none, or no file; torn lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    steps = [0]
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, TypeError, KeyError):
+            continue
+    return max(steps)
 
 
 WANDB_STEPS_FILE = ".wandb_steps.json"  # {wandb run id: the highest step it logged}, beside metrics.jsonl
@@ -103,14 +114,16 @@ class MetricsLogger:
         """``wandb_id``: the wandb run to continue (a resume); ``rewound``: the resume does not replay what
         was logged past ``start_step`` (other settings, or an older checkpoint than the newest)."""
         self.path = Path(output_dir) / METRICS_FILE
-        logged = truncate_metrics(self.path, start_step)
-        if wandb_id is not None and wandb_mode != "disabled":
-            # What each wandb run logged, kept beside the metrics: a rewound resume that died before its
-            # first step has cut metrics.jsonl back already, but the wandb run still holds the steps.
+        if wandb_id is not None:
+            # What each wandb run logged, kept beside the metrics before they are cut back (whether or not
+            # this attempt logs to wandb): a rewound resume that died before its first step has cut
+            # metrics.jsonl already, but the wandb run still holds the steps.
             known = _read_json(Path(output_dir) / WANDB_STEPS_FILE)
-            logged = max(logged, int(known.get(wandb_id, 0)))
+            logged = max(highest_step(self.path), int(known.get(wandb_id, 0)))
             if logged > known.get(wandb_id, 0):
                 _write_json(Path(output_dir) / WANDB_STEPS_FILE, known | {wandb_id: logged})
+        truncate_metrics(self.path, start_step)
+        if wandb_id is not None and wandb_mode != "disabled":
             if rewound and logged > start_step:
                 # wandb drops what a resumed run logs at steps it already has: the abandoned steps' values
                 # would stay in its history. A new wandb run shows this run's. (An exact resume replays them.)

@@ -435,8 +435,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         rewound = bool(changed)  # (then what was logged past the checkpoint is not what this resume logs)
         if main and resume_dir.resolve().parent == ckpt_root.resolve():
             dropped = drop_later_checkpoints(ckpt_root, start_step)  # resumed from an older one of its own
-            if dropped:
-                rewound = True
+            if dropped:  # (not rewound by itself: an exact resume logs the steps it replays as they were)
                 print(f"warning: resuming from step {start_step} abandons the later checkpoints {', '.join(dropped)} "
                       f"(deleted)", file=sys.stderr, flush=True)
         elif main:  # another run's checkpoint: this directory's own checkpoints and metrics are of a third run
