@@ -477,3 +477,33 @@ def test_second_order_gradients_through_triton_kernels_raise():
             (grad,) = torch.autograd.grad(op().pow(2).sum(), x, create_graph=True)
             with pytest.raises(RuntimeError, match="once_differentiable"):
                 grad.sum().backward()
+
+
+def test_an_unpatched_model_pickles_as_hf_does():
+    """Patching registered a pickle rule for the HF classes for good: every later pickle of a model of the
+    family, never patched or restored by unpatch, named medusa_liger and failed to load without it."""
+    import pickle
+
+    restored = medusa_liger.unpatch(medusa_liger.patch(build("qwen2")))
+    never_patched = build("qwen2")
+    for model in (restored, never_patched):
+        assert b"medusa_liger" not in pickle.dumps(model)
+
+
+def test_eval_mode_returns_hf_logits_with_the_loss(monkeypatch):
+    """An evaluation with labels (HF Trainer's compute_metrics) got logits=None: in eval mode the forward
+    is HF's, unless FUSE_IN_EVAL asks for the fused loss there too."""
+    from medusa_liger.patching import causal_lm
+
+    reference = build("llama").eval()
+    patched = medusa_liger.patch(build("llama", state=reference.state_dict())).eval()
+    ids, labels = batch()
+    with torch.no_grad(), force_backend("torch"):
+        got, want = patched(input_ids=ids, labels=labels), reference(input_ids=ids, labels=labels)
+        torch.testing.assert_close(got.logits, want.logits)
+        torch.testing.assert_close(got.loss, want.loss)
+        monkeypatch.setattr(causal_lm, "FUSE_IN_EVAL", True)
+        fused = patched(input_ids=ids, labels=labels)
+        assert fused.logits is None
+        torch.testing.assert_close(fused.loss, want.loss)
+        assert patched.train()(input_ids=ids, labels=labels).logits is None  # training: fused

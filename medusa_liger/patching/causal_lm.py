@@ -33,6 +33,11 @@ attributes: set ``LOSS_ACCUM_DTYPE = torch.float32`` (or a larger budget) for fp
 ``skip_ignored``): supervised fine-tuning data with masked prompts then pays for the answer tokens
 only. It costs one host-device sync per forward, so it is off by default and skipped during CUDA
 graph capture.
+
+The loss is fused in training mode only (``model.train()``, as Liger does): in eval mode a forward
+with labels returns HF's logits beside HF's loss, so an evaluation that reads them (HF Trainer's
+``compute_metrics``, a perplexity script's own accuracy) gets them. ``FUSE_IN_EVAL = True`` fuses
+there too (no ``[B, T, V]`` logits; ``logits`` is None).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ FUSED_ATTR = "_medusa_liger_fused"  # on a fused forward: the original forward i
 LOSS_ACCUM_DTYPE: torch.dtype | None = None  # lm_head gradient accumulation: the weight's dtype
 LOSS_CHUNK_BYTES = 128 * 2**20  # logit chunk budget of the fused loss (the module docstring says why)
 LOSS_SKIP_IGNORED = False  # GEMMs on valid targets only (one host sync per forward; see the docstring)
+FUSE_IN_EVAL = False  # eval mode computes HF's logits and loss (see the docstring)
 
 
 def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -145,7 +151,8 @@ def make_fused_forward(original: Callable) -> Callable:
         extra = dict(arguments.pop(var_keyword, {})) if var_keyword else {}
         labels = arguments.pop("labels", None)
         shift_labels = extra.pop("shift_labels", None)
-        if labels is None or not _can_fuse(self):  # shift_labels alone: HF computes no loss either
+        # (shift_labels alone: HF computes no loss either; eval mode: HF's logits, unless FUSE_IN_EVAL)
+        if labels is None or not (self.training or FUSE_IN_EVAL) or not _can_fuse(self):
             return original(self, *args, **kwargs)
 
         arguments.pop("self")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copyreg
 import importlib
+import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -144,7 +145,14 @@ def patched_class(original: type, kind: str) -> type:
 
 
 def _reduce_hf_instance(module: nn.Module) -> tuple:
-    return _reduce_by_name(module, type(module), None)
+    # Only while the module route has put a patched subclass under the HF class's name (pickle would
+    # find ours there); otherwise pickle's own way, so a file of an unpatched model (or one restored
+    # by unpatch) loads where medusa_liger is not installed.
+    cls = type(module)
+    current = getattr(sys.modules.get(cls.__module__), cls.__name__, None)
+    if not (isinstance(current, type) and is_patched_class(current)):
+        return nn.Module.__reduce_ex__(module, 2)
+    return _reduce_by_name(module, cls, None)
 
 
 def _reduce_by_name(module: nn.Module, original: type, kind: str | None) -> tuple:
