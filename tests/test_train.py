@@ -954,3 +954,19 @@ def test_a_resume_from_an_older_checkpoint_under_the_same_settings_continues_its
     train(short_config(tmp_path, "train.steps=4", *extra))
     train(short_config(tmp_path, "train.steps=4", f"train.resume={tmp_path / 'checkpoints' / 'step-000002'}", *extra))
     assert [run.resume_id for run in runs] == [None, "new"]
+
+
+def test_a_resume_that_trains_on_deletes_the_report_of_the_heads_it_replaces(tmp_path, capsys):
+    """eval/report.json of the heads in final/ stayed beside the new final/ a longer resume wrote, naming
+    final/ while its numbers described the heads that were gone."""
+    extra = ["checkpoint.every=2", "export.formats=[medusa]", "train.mode=heads"]
+    train(short_config(tmp_path, "train.steps=2", *extra))
+    report = tmp_path / "eval" / "report.json"
+    report.parent.mkdir()
+    report.write_text("{}")
+    train(short_config(tmp_path, "train.steps=2", "train.resume=auto", *extra))  # nothing to train: kept
+    assert report.is_file()
+    capsys.readouterr()
+    train(short_config(tmp_path, "train.steps=3", "train.resume=auto", *extra))
+    assert not report.exists() and (tmp_path / "eval_prompts.jsonl").is_file()
+    assert "warning: deleting the evaluation of the heads this resume replaces" in capsys.readouterr().err

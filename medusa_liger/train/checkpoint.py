@@ -321,24 +321,28 @@ def find_resume_checkpoint(resume: str, root: str | Path) -> Path | None:
     return path
 
 
-def delete_earlier_evaluation(run_dir: str | Path) -> None:
+def delete_earlier_evaluation(run_dir: str | Path, *, prompts: bool = True,
+                              what: str = "the evaluation of an earlier run") -> None:
     """Delete what describes an earlier run in ``run_dir`` at a fresh start (or a resume from another
-    run's checkpoint): the files of its ``eval/`` report (with a warning: they described heads this
-    run replaces; the directory goes too when nothing else is in it) and
-    its held-out prompts (this run writes its own at its end; an earlier run's held-out documents may
-    be in this run's training data, which made ``medusa-liger eval RUN_DIR`` optimistic)."""
+    run's checkpoint): the files of its ``eval/`` report (with a warning naming ``what`` they are: they
+    described heads this run replaces; the directory goes too when nothing else is in it) and, with
+    ``prompts``, its held-out prompts (this run writes its own at its end; an earlier run's held-out
+    documents may be in this run's training data, which made ``medusa-liger eval RUN_DIR`` optimistic).
+    A resume that trains on calls it before its final export, without ``prompts``: the report measured
+    the heads that export replaces."""
     run_dir = Path(run_dir)
     report = run_dir / EVAL_DIR
     # Only an evaluation's own files (eval/ may hold others); any of them, as an evaluation killed before
     # its report.json leaves its tree.json.
     if any((report / name).is_file() for name in EVAL_FILES.values()):
-        print(f"warning: deleting the evaluation of an earlier run in {report} ({', '.join(EVAL_FILES.values())}; "
+        print(f"warning: deleting {what} in {report} ({', '.join(EVAL_FILES.values())}; "
               f"run `medusa-liger eval {run_dir}` again when this one ends)", file=sys.stderr, flush=True)
         for name in EVAL_FILES.values():
             (report / name).unlink(missing_ok=True)
         if not report.is_symlink() and not any(report.iterdir()):
             report.rmdir()
-    (run_dir / EVAL_PROMPTS_FILE).unlink(missing_ok=True)
+    if prompts:
+        (run_dir / EVAL_PROMPTS_FILE).unlink(missing_ok=True)
 
 
 def delete_old_checkpoints(ckpt_root: str | Path, why: str = "train.resume=none starts a fresh run",
