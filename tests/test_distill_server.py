@@ -51,8 +51,12 @@ class FakeOpenAI(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return None
+        if "NO CHAT TEMPLATE" in last:  # vLLM serving a model that has none: every request fails alike
+            return self._reply(400, {"error": {"message": "As of transformers v4.44, default chat template is no "
+                                                          "longer allowed, so you must provide a chat template"}})
         if "TEMPLATE" in last:  # vLLM's answer when the model's chat template raises
-            return self._reply(400, {"error": {"message": "System role not supported", "type": "BadRequestError"}})
+            return self._reply(400, {"error": {"message": "jinja2.exceptions.TemplateError: System role not supported",
+                                               "type": "BadRequestError"}})
         if "HTML" in last:  # a proxy's error page
             data = b"<html><body>502 Bad Gateway</body></html>"
             self.send_response(200)
@@ -197,6 +201,10 @@ def test_servers_other_answers_rate_limits_length_errors_and_pages(server, tmp_p
     assert "the server's chat template rejected this conversation: " in summary.skipped[1]
     assert "System role not supported" in summary.skipped[1]
     assert httpd.waits == [7.0, 7.0]  # the server's Retry-After, twice
+    # Stops: not one record's fault (dropping it, and every later one on a resume, would lose them for good).
+    source = write_jsonl(tmp_path / "none.jsonl", [{"prompt": "one"}, {"prompt": "NO CHAT TEMPLATE"}])
+    with pytest.raises(ValueError, match="HTTP 400: .*you must provide a chat template"):
+        self_distill(source, tmp_path / "none_out.jsonl", server=url, progress=False)
     source = write_jsonl(tmp_path / "page.jsonl", [{"prompt": "HTML"}])
     with pytest.raises(ValueError, match=r"/v1/chat/completions: the reply is not JSON: '<html><body>502"):
         self_distill(source, tmp_path / "page_out.jsonl", server=url, progress=False)

@@ -211,8 +211,8 @@ def test_an_offloaded_lm_head_is_left_to_hf(tmp_path):
     build("llama").save_pretrained(tmp_path / "m")  # (untied: the head is a module of its own)
     ids, labels = batch()
 
-    def load(**offload):
-        return AutoModelForCausalLM.from_pretrained(tmp_path / "m", **offload)
+    def load(**offload):  # (in training mode: the fused loss runs in training only)
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "m", **offload).train()
 
     offload = {"device_map": {"model": "cpu", "lm_head": "disk"}, "offload_folder": tmp_path / "offload"}
     with force_backend("torch"):

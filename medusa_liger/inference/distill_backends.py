@@ -162,7 +162,9 @@ CONTEXT_ERRORS = ("context length", "context window", "maximum context", "too lo
                   "must be <=", "must have less than")
 CONTEXT_ERROR_CODES = (400, 422)
 # ... and for a conversation the model's chat template rejects (vLLM answers jinja's error with a 400).
-TEMPLATE_ERRORS = ("template", "must alternate", "role not supported", "roles must")
+# Not "template" alone: a server without any chat template says so for every record, which must stop
+# the run, not drop them all.
+TEMPLATE_ERRORS = ("must alternate", "role not supported", "roles must", "templateerror", "template error")
 # Answers worth asking again (with backoff, or after the server's Retry-After): overload and time-outs.
 RETRIED_CODES = (408, 429)
 
@@ -204,7 +206,8 @@ class ServerBackend:
                 detail = error.read().decode("utf-8", "replace")[:500]
                 retried = error.code >= 500 or error.code in RETRIED_CODES
                 if not retried or attempt == self.retries:
-                    raise ServerError(error.code, f"{self.base + path}: HTTP {error.code}: {detail}") from None
+                    raise ServerError(error.code, f"{self.base + path}: HTTP {error.code}: {detail}",
+                                      detail) from None
                 wait = max(wait, _retry_after(error.headers.get("Retry-After")))
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
                 # (HTTPException: a reply cut short, IncompleteRead, RemoteDisconnected)
@@ -227,9 +230,10 @@ class ServerBackend:
         try:
             reply = self._request("/chat/completions", body)
         except ServerError as error:
-            if error.code in CONTEXT_ERROR_CODES and any(p in str(error).lower() for p in CONTEXT_ERRORS):
+            detail = error.detail.lower()  # (the server's message, not the URL)
+            if error.code in CONTEXT_ERROR_CODES and any(p in detail for p in CONTEXT_ERRORS):
                 return None
-            if error.code in CONTEXT_ERROR_CODES and any(p in str(error).lower() for p in TEMPLATE_ERRORS):
+            if error.code in CONTEXT_ERROR_CODES and any(p in detail for p in TEMPLATE_ERRORS):
                 return Refused(f"the server's chat template rejected this conversation: {error}")
             raise
         try:
@@ -263,6 +267,6 @@ def _retry_after(value: str | None, most: float = 60.0) -> float:
 class ServerError(ValueError):
     """A request the server refused or could not answer (``code``: the HTTP status, if any)."""
 
-    def __init__(self, code: int | None, message: str) -> None:
+    def __init__(self, code: int | None, message: str, detail: str = "") -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.detail = code, detail  # detail: the server's answer

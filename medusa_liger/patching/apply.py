@@ -213,7 +213,8 @@ def patch(
         rms_norm: fused RMSNorm for every RMSNorm module (Qwen3's q_norm / k_norm included).
         rope: fused rotary embedding (module-level function of the family's modeling module).
         swiglu: fused ``silu(gate) * up`` in the MLP.
-        fused_loss: the causal-LM loss through the fused linear cross-entropy (no logits).
+        fused_loss: the causal-LM loss through the fused linear cross-entropy, in training mode (no
+            logits; eval mode is HF's forward unless ``causal_lm.FUSE_IN_EVAL``).
 
     Returns ``target``. Raises ValueError for an unsupported model type, naming the supported ones.
 

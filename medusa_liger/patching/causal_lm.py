@@ -7,12 +7,12 @@ HF's ``*ForCausalLM.forward`` computes ``logits = lm_head(h)`` ([B, T, V]; 2 GiB
     loss = sum_{valid (b,t)} CE(h[b, t] @ W.T, target[b, t]) / N
     N    = num_items_in_batch if given (gradient accumulation: "sum" then divide), else #valid
 
-The patched forward keeps the decoder call as is and, when ``labels`` are given, computes the same
-loss through ``multi_head_linear_cross_entropy`` with one head and shift 1 (or shift 0 on
-``shift_labels``, already shifted targets, which HF reads instead of ``labels`` when both are given),
-chunk by chunk, and returns ``logits=None``. Without labels it
-*is* the original forward, so generation and evaluation see exactly HF's logits (with labels, in
-eval mode too, the loss is fused and ``logits`` is None: ask without labels for logits).
+The patched forward keeps the decoder call as is and, when ``labels`` are given in training mode,
+computes the same loss through ``multi_head_linear_cross_entropy`` with one head and shift 1 (or
+shift 0 on ``shift_labels``, already shifted targets, which HF reads instead of ``labels`` when both
+are given), chunk by chunk, and returns ``logits=None``. Without labels, or in eval mode (unless
+``FUSE_IN_EVAL``, below), it *is* the original forward, so generation and evaluation see exactly HF's
+logits.
 ``logits_to_keep`` slices the hidden states the loss reads, as it slices the logits in HF; the
 labels must then match the kept positions, as HF requires. A custom ``loss_function`` or
 ``loss_type``, or an lm_head that is not a plain float ``nn.Linear`` (peft-wrapped, quantized),

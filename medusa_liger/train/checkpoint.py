@@ -328,8 +328,8 @@ def delete_earlier_evaluation(run_dir: str | Path, *, prompts: bool = True,
     described heads this run replaces; the directory goes too when nothing else is in it) and, with
     ``prompts``, its held-out prompts (this run writes its own at its end; an earlier run's held-out
     documents may be in this run's training data, which made ``medusa-liger eval RUN_DIR`` optimistic).
-    A resume that trains on calls it before its final export, without ``prompts``: the report measured
-    the heads that export replaces."""
+    A resume calls it before its final export, without ``prompts``: the report measured the heads that
+    export replaces (the checkpoint's may be others, even with nothing left to train)."""
     run_dir = Path(run_dir)
     report = run_dir / EVAL_DIR
     # Only an evaluation's own files (eval/ may hold others); any of them, as an evaluation killed before

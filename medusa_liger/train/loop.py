@@ -527,7 +527,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         if fsdp_units:  # exports read a plain copy that rank 0 builds on the CPU
             optimizer.state.clear()  # no step follows: free the sharded AdamW state first
             model = fsdp.unsharded_copy(cfg, model, params, get_examples)
-        if main and resume_dir is not None and start_step < cfg.train.steps:  # (fresh starts deleted it)
+        if main and resume_dir is not None:  # (fresh starts deleted it; the checkpoint's heads may be others)
             delete_earlier_evaluation(out, prompts=False, what="the evaluation of the heads this resume replaces")
         if main:
             summary, paths = finish_run(cfg, model, tokenizer, logger, eval_data, eval_metrics=eval_metrics,
