@@ -507,3 +507,34 @@ def test_eval_mode_returns_hf_logits_with_the_loss(monkeypatch):
         assert fused.logits is None
         torch.testing.assert_close(fused.loss, want.loss)
         assert patched.train()(input_ids=ids, labels=labels).logits is None  # training: fused
+
+
+def test_without_triton_the_kernels_import_and_patched_models_train(tmp_path):
+    """triton is a dependency on Linux only: on macOS/Windows three kernel modules failed to import, so
+    patch() (and model.patch=true) raised ImportError instead of taking the PyTorch path."""
+    script = textwrap.dedent("""
+        import sys
+
+        class NoTriton:
+            def find_spec(self, name, path=None, target=None):
+                if name == "triton" or name.startswith("triton."):
+                    raise ImportError(f"No module named {name!r}")
+
+        sys.meta_path.insert(0, NoTriton())
+        import importlib, pkgutil
+        import torch
+        import medusa_liger, medusa_liger.kernels
+        for info in pkgutil.iter_modules(medusa_liger.kernels.__path__):
+            importlib.import_module(f"medusa_liger.kernels.{info.name}")
+        from tests.patching_helpers import batch, build
+        model = medusa_liger.patch(build("qwen3"))
+        ids, labels = batch()
+        model(input_ids=ids, labels=labels).loss.backward()
+        assert "triton" not in sys.modules
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env,
+                            timeout=240)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

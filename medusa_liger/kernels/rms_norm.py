@@ -26,8 +26,6 @@ import functools
 import math
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from medusa_liger.kernels.utils import (
@@ -39,6 +37,12 @@ from medusa_liger.kernels.utils import (
     use_triton,
 )
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton use the PyTorch path
+    triton = None
+
 # Rows per program in the forward pass: enough elements per program to keep the loads wide when
 # the hidden size is small, one row per program once a row alone fills a block.
 _MIN_ELEMENTS_PER_PROGRAM = 2048
@@ -48,65 +52,67 @@ _BWD_DEFAULT_PROGRAMS_PER_SM = 2
 _bwd_programs_per_sm: dict[tuple, int] = {}
 
 
-@triton.jit
-def _rms_norm_fwd_kernel(
-    x_ptr, x_row_stride, w_ptr, y_ptr, y_row_stride, rstd_ptr,
-    n_rows, n_cols, eps, offset,
-    BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # A tile of BLOCK_ROWS whole rows: the row reduction stays in registers.
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK)
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)
+if triton is not None:  # (without triton, e.g. macOS/Windows CPU wheels: the PyTorch path)
 
-    x_raw = tl.load(x_ptr + rows64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
-    x = x_raw.to(tl.float32)
-    # Variance in fp32 over the true width (padding lanes loaded as zero).
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    # HF rounds the normalized row to the input dtype before the weight multiply.
-    n = (x * rstd[:, None]).to(x_raw.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
-    y = n * w[None, :]
-    tl.store(y_ptr + rows64[:, None] * y_row_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    # One fp32 per row, so the backward never recomputes the reduction.
-    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
-
-
-@triton.jit
-def _rms_norm_bwd_kernel(
-    dy_ptr, dy_row_stride, x_ptr, x_row_stride, w_ptr, rstd_ptr, dx_ptr, dx_row_stride, dw_partial_ptr,
-    n_rows, n_cols, offset,
-    BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    # Persistent program: row blocks pid, pid + P, pid + 2P, ... ; dw accumulates in registers.
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
-    col_ok = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
-    dw_acc = tl.zeros((BLOCK_ROWS, BLOCK), dtype=tl.float32)
-    n_row_blocks = tl.cdiv(n_rows, BLOCK_ROWS)
-    for block in range(pid, n_row_blocks, n_programs):
-        rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    @triton.jit
+    def _rms_norm_fwd_kernel(
+        x_ptr, x_row_stride, w_ptr, y_ptr, y_row_stride, rstd_ptr,
+        n_rows, n_cols, eps, offset,
+        BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # A tile of BLOCK_ROWS whole rows: the row reduction stays in registers.
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK)
         row_ok = rows < n_rows
+        col_ok = cols < n_cols
         mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)
+
         x_raw = tl.load(x_ptr + rows64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
         x = x_raw.to(tl.float32)
-        dy = tl.load(dy_ptr + rows64[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        n = x * rstd[:, None]
-        # dw sees the normalized row exactly as the forward used it (rounded to the input dtype).
-        dw_acc += dy * n.to(x_raw.dtype).to(tl.float32)
-        g = dy * w[None, :]
-        # dx = r * (g - n * mean(g * n)); padding lanes are zero in g and n.
-        mean_gn = tl.sum(g * n, axis=1) / n_cols
-        dx = rstd[:, None] * (g - n * mean_gn[:, None])
-        tl.store(dx_ptr + rows64[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+        # Variance in fp32 over the true width (padding lanes loaded as zero).
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        # HF rounds the normalized row to the input dtype before the weight multiply.
+        n = (x * rstd[:, None]).to(x_raw.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
+        y = n * w[None, :]
+        tl.store(y_ptr + rows64[:, None] * y_row_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        # One fp32 per row, so the backward never recomputes the reduction.
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(
+        dy_ptr, dy_row_stride, x_ptr, x_row_stride, w_ptr, rstd_ptr, dx_ptr, dx_row_stride, dw_partial_ptr,
+        n_rows, n_cols, offset,
+        BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # Persistent program: row blocks pid, pid + P, pid + 2P, ... ; dw accumulates in registers.
+        pid = tl.program_id(0)
+        n_programs = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK)
+        col_ok = cols < n_cols
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
+        dw_acc = tl.zeros((BLOCK_ROWS, BLOCK), dtype=tl.float32)
+        n_row_blocks = tl.cdiv(n_rows, BLOCK_ROWS)
+        for block in range(pid, n_row_blocks, n_programs):
+            rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < n_rows
+            mask = row_ok[:, None] & col_ok[None, :]
+            rows64 = rows.to(tl.int64)
+            x_raw = tl.load(x_ptr + rows64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+            x = x_raw.to(tl.float32)
+            dy = tl.load(dy_ptr + rows64[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+            n = x * rstd[:, None]
+            # dw sees the normalized row exactly as the forward used it (rounded to the input dtype).
+            dw_acc += dy * n.to(x_raw.dtype).to(tl.float32)
+            g = dy * w[None, :]
+            # dx = r * (g - n * mean(g * n)); padding lanes are zero in g and n.
+            mean_gn = tl.sum(g * n, axis=1) / n_cols
+            dx = rstd[:, None] * (g - n * mean_gn[:, None])
+            tl.store(dx_ptr + rows64[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
 
 @functools.cache

@@ -32,11 +32,15 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from medusa_liger.kernels.utils import check_float, check_same_device, next_power_of_2, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton use the PyTorch path
+    triton = None
 
 # Default tile (benchmarks/tune_rope.py, H100 bf16 q[4, 32, 4096, 128]): DEFAULT_TILE elements per
 # half (8 KiB of bf16 read and 8 KiB written per program), DEFAULT_HEADS heads x 16 positions, 4 warps,
@@ -48,105 +52,107 @@ DEFAULT_HEADS = 2
 CONFIG_KEYS = ("heads", "block_t", "num_warps", "heads_fastest", "evict", "shared_cs")
 
 
-@triton.jit
-def _load_streamed(ptr, mask, EVICT: tl.constexpr):
-    # q/k are read exactly once: an evict-first hint keeps the reused cos/sin rows in L2 instead.
-    if EVICT:
-        value = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
-    else:
-        value = tl.load(ptr, mask=mask, other=0.0)
-    return value.to(tl.float32)
+if triton is not None:  # (without triton, e.g. macOS/Windows CPU wheels: the PyTorch path)
+
+    @triton.jit
+    def _load_streamed(ptr, mask, EVICT: tl.constexpr):
+        # q/k are read exactly once: an evict-first hint keeps the reused cos/sin rows in L2 instead.
+        if EVICT:
+            value = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
+        else:
+            value = tl.load(ptr, mask=mask, other=0.0)
+        return value.to(tl.float32)
 
 
-@triton.jit
-def _rotate_tile(
-    x_ptr, x_sh, x_st, y_ptr, y_sh, y_st, heads_left, t_left, c1, c2, s1, s2,
-    HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr,
-    EVICT: tl.constexpr,
-):
-    # Tile coordinates relative to the (int64) tile origin, so the int32 offsets stay small.
-    h = tl.arange(0, HEADS)[:, None, None]
-    t = tl.arange(0, BLOCK_T)[None, :, None]
-    col = tl.arange(0, HALF_BLOCK)[None, None, :]
-    # Row mask only ([HEADS, BLOCK_T, 1]): constant along D, so loads stay 16-byte vectors.
-    mask = (h < heads_left) & (t < t_left)
-    if HALF_BLOCK != HALF:
-        mask = mask & (col < HALF)
-    x_off = h * x_sh + t * x_st + col
-    x1 = _load_streamed(x_ptr + x_off, mask, EVICT)
-    x2 = _load_streamed(x_ptr + x_off + HALF, mask, EVICT)
-    y1 = x1 * c1 - x2 * s1
-    y2 = x2 * c2 + x1 * s2
-    y_off = h * y_sh + t * y_st + col
-    tl.store(y_ptr + y_off, y1.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + y_off + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rope_kernel(
-    q_ptr, q_sb, q_sh, q_st, k_ptr, k_sb, k_sh, k_st,
-    qo_ptr, qo_sb, qo_sh, qo_st, ko_ptr, ko_sb, ko_sh, ko_st,
-    cos_ptr, sin_ptr, cs_sb, cs_st,
-    seq_len, n_q, n_kv, n_q_groups, n_groups, n_t_blocks,
-    HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr,
-    HEADS_FASTEST: tl.constexpr, BACKWARD: tl.constexpr, EVICT: tl.constexpr, SHARED_CS: tl.constexpr,
-):
-    # Program -> (batch, position block, head group), in the order memory is laid out.
-    pid = tl.program_id(0)
-    if HEADS_FASTEST:
-        group = pid % n_groups
-        t_block = (pid // n_groups) % n_t_blocks
-        b = pid // (n_groups * n_t_blocks)
-    else:
-        t_block = pid % n_t_blocks
-        group = (pid // n_t_blocks) % n_groups
-        b = pid // (n_t_blocks * n_groups)
-    b = b.to(tl.int64)
-    t0 = t_block.to(tl.int64) * BLOCK_T
-    t_left = seq_len - t0
-
-    # cos/sin of the tile's positions, loaded once for all its heads (batch stride 0 broadcasts a
-    # [1, T, D] table), into the registers of the q/k elements they multiply. Two ways:
-    # SHARED_CS loads one [BLOCK_T, D/2] tile and broadcasts it over the heads (Triton routes that
-    # through shared memory: fewer registers, a few barriers); otherwise the pointers are built at
-    # the full [HEADS, BLOCK_T, D/2] shape with head stride 0, and each copy is its own load
-    # (L1 hits: more registers, no barriers). Identical when HEADS == 1.
-    if SHARED_CS:
-        t = tl.arange(0, BLOCK_T)[:, None]
-        col = tl.arange(0, HALF_BLOCK)[None, :]
-        cs_off = b * cs_sb + t0 * cs_st + t * cs_st + col
-    else:
+    @triton.jit
+    def _rotate_tile(
+        x_ptr, x_sh, x_st, y_ptr, y_sh, y_st, heads_left, t_left, c1, c2, s1, s2,
+        HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr,
+        EVICT: tl.constexpr,
+    ):
+        # Tile coordinates relative to the (int64) tile origin, so the int32 offsets stay small.
+        h = tl.arange(0, HEADS)[:, None, None]
         t = tl.arange(0, BLOCK_T)[None, :, None]
         col = tl.arange(0, HALF_BLOCK)[None, None, :]
-        cs_off = b * cs_sb + t0 * cs_st + t * cs_st + col + tl.zeros([HEADS, 1, 1], dtype=tl.int32)
-    cs_mask = t < t_left
-    if HALF_BLOCK != HALF:
-        cs_mask = cs_mask & (col < HALF)
-    c1 = tl.load(cos_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        # Transpose of the rotation: swap the sine halves and negate them.
-        s1 = -tl.load(sin_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
-        s2 = -tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
-    else:
-        s1 = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
-    if SHARED_CS:
-        c1, c2, s1, s2 = c1[None, :, :], c2[None, :, :], s1[None, :, :], s2[None, :, :]
+        # Row mask only ([HEADS, BLOCK_T, 1]): constant along D, so loads stay 16-byte vectors.
+        mask = (h < heads_left) & (t < t_left)
+        if HALF_BLOCK != HALF:
+            mask = mask & (col < HALF)
+        x_off = h * x_sh + t * x_st + col
+        x1 = _load_streamed(x_ptr + x_off, mask, EVICT)
+        x2 = _load_streamed(x_ptr + x_off + HALF, mask, EVICT)
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+        y_off = h * y_sh + t * y_st + col
+        tl.store(y_ptr + y_off, y1.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + y_off + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
 
-    # The first n_q_groups groups are q's heads, the rest k's.
-    if group < n_q_groups:
-        h0 = group.to(tl.int64) * HEADS
-        _rotate_tile(q_ptr + b * q_sb + h0 * q_sh + t0 * q_st, q_sh, q_st,
-                     qo_ptr + b * qo_sb + h0 * qo_sh + t0 * qo_st, qo_sh, qo_st,
-                     n_q - h0, t_left, c1, c2, s1, s2,
-                     HALF=HALF, HALF_BLOCK=HALF_BLOCK, HEADS=HEADS, BLOCK_T=BLOCK_T, EVICT=EVICT)
-    else:
-        h0 = (group - n_q_groups).to(tl.int64) * HEADS
-        _rotate_tile(k_ptr + b * k_sb + h0 * k_sh + t0 * k_st, k_sh, k_st,
-                     ko_ptr + b * ko_sb + h0 * ko_sh + t0 * ko_st, ko_sh, ko_st,
-                     n_kv - h0, t_left, c1, c2, s1, s2,
-                     HALF=HALF, HALF_BLOCK=HALF_BLOCK, HEADS=HEADS, BLOCK_T=BLOCK_T, EVICT=EVICT)
+
+    @triton.jit
+    def _rope_kernel(
+        q_ptr, q_sb, q_sh, q_st, k_ptr, k_sb, k_sh, k_st,
+        qo_ptr, qo_sb, qo_sh, qo_st, ko_ptr, ko_sb, ko_sh, ko_st,
+        cos_ptr, sin_ptr, cs_sb, cs_st,
+        seq_len, n_q, n_kv, n_q_groups, n_groups, n_t_blocks,
+        HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr,
+        HEADS_FASTEST: tl.constexpr, BACKWARD: tl.constexpr, EVICT: tl.constexpr, SHARED_CS: tl.constexpr,
+    ):
+        # Program -> (batch, position block, head group), in the order memory is laid out.
+        pid = tl.program_id(0)
+        if HEADS_FASTEST:
+            group = pid % n_groups
+            t_block = (pid // n_groups) % n_t_blocks
+            b = pid // (n_groups * n_t_blocks)
+        else:
+            t_block = pid % n_t_blocks
+            group = (pid // n_t_blocks) % n_groups
+            b = pid // (n_t_blocks * n_groups)
+        b = b.to(tl.int64)
+        t0 = t_block.to(tl.int64) * BLOCK_T
+        t_left = seq_len - t0
+
+        # cos/sin of the tile's positions, loaded once for all its heads (batch stride 0 broadcasts a
+        # [1, T, D] table), into the registers of the q/k elements they multiply. Two ways:
+        # SHARED_CS loads one [BLOCK_T, D/2] tile and broadcasts it over the heads (Triton routes that
+        # through shared memory: fewer registers, a few barriers); otherwise the pointers are built at
+        # the full [HEADS, BLOCK_T, D/2] shape with head stride 0, and each copy is its own load
+        # (L1 hits: more registers, no barriers). Identical when HEADS == 1.
+        if SHARED_CS:
+            t = tl.arange(0, BLOCK_T)[:, None]
+            col = tl.arange(0, HALF_BLOCK)[None, :]
+            cs_off = b * cs_sb + t0 * cs_st + t * cs_st + col
+        else:
+            t = tl.arange(0, BLOCK_T)[None, :, None]
+            col = tl.arange(0, HALF_BLOCK)[None, None, :]
+            cs_off = b * cs_sb + t0 * cs_st + t * cs_st + col + tl.zeros([HEADS, 1, 1], dtype=tl.int32)
+        cs_mask = t < t_left
+        if HALF_BLOCK != HALF:
+            cs_mask = cs_mask & (col < HALF)
+        c1 = tl.load(cos_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+        if BACKWARD:
+            # Transpose of the rotation: swap the sine halves and negate them.
+            s1 = -tl.load(sin_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+            s2 = -tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+        else:
+            s1 = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
+            s2 = tl.load(sin_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+        if SHARED_CS:
+            c1, c2, s1, s2 = c1[None, :, :], c2[None, :, :], s1[None, :, :], s2[None, :, :]
+
+        # The first n_q_groups groups are q's heads, the rest k's.
+        if group < n_q_groups:
+            h0 = group.to(tl.int64) * HEADS
+            _rotate_tile(q_ptr + b * q_sb + h0 * q_sh + t0 * q_st, q_sh, q_st,
+                         qo_ptr + b * qo_sb + h0 * qo_sh + t0 * qo_st, qo_sh, qo_st,
+                         n_q - h0, t_left, c1, c2, s1, s2,
+                         HALF=HALF, HALF_BLOCK=HALF_BLOCK, HEADS=HEADS, BLOCK_T=BLOCK_T, EVICT=EVICT)
+        else:
+            h0 = (group - n_q_groups).to(tl.int64) * HEADS
+            _rotate_tile(k_ptr + b * k_sb + h0 * k_sh + t0 * k_st, k_sh, k_st,
+                         ko_ptr + b * ko_sb + h0 * ko_sh + t0 * ko_st, ko_sh, ko_st,
+                         n_kv - h0, t_left, c1, c2, s1, s2,
+                         HALF=HALF, HALF_BLOCK=HALF_BLOCK, HEADS=HEADS, BLOCK_T=BLOCK_T, EVICT=EVICT)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

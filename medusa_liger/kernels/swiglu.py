@@ -19,55 +19,61 @@ gate and up as two halves of one fused projection) is read in place.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from medusa_liger.kernels.utils import check_float, check_same_device, next_power_of_2, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton use the PyTorch path
+    triton = None
 
 # Elements per program along a row: wide enough for 16-byte vector loads on every warp.
 _MAX_BLOCK = 4096
 
 
-@triton.jit
-def _sigmoid_f32(a):
-    # exp-based sigmoid (the interpreter has no libdevice); a is fp32.
-    return 1.0 / (1.0 + tl.exp(-a))
+if triton is not None:  # (without triton, e.g. macOS/Windows CPU wheels: the PyTorch path)
+
+    @triton.jit
+    def _sigmoid_f32(a):
+        # exp-based sigmoid (the interpreter has no libdevice); a is fp32.
+        return 1.0 / (1.0 + tl.exp(-a))
 
 
-@triton.jit
-def _swiglu_fwd_kernel(
-    a_ptr, a_row_stride, b_ptr, b_row_stride, c_ptr, c_row_stride, n_cols, BLOCK: tl.constexpr
-):
-    # Grid: (row, block of columns); every element is independent.
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    a = tl.load(a_ptr + row * a_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + row * b_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    c = a * _sigmoid_f32(a) * b
-    tl.store(c_ptr + row * c_row_stride + cols, c.to(c_ptr.dtype.element_ty), mask=mask)
+    @triton.jit
+    def _swiglu_fwd_kernel(
+        a_ptr, a_row_stride, b_ptr, b_row_stride, c_ptr, c_row_stride, n_cols, BLOCK: tl.constexpr
+    ):
+        # Grid: (row, block of columns); every element is independent.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        a = tl.load(a_ptr + row * a_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row * b_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        c = a * _sigmoid_f32(a) * b
+        tl.store(c_ptr + row * c_row_stride + cols, c.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _swiglu_bwd_kernel(
-    dc_ptr, dc_row_stride, a_ptr, a_row_stride, b_ptr, b_row_stride,
-    da_ptr, da_row_stride, db_ptr, db_row_stride, n_cols, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    dc = tl.load(dc_ptr + row * dc_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + row * a_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + row * b_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    # Recompute the activation instead of having saved it.
-    s = _sigmoid_f32(a)
-    silu = a * s
-    da = dc * b * (s + silu * (1.0 - s))
-    db = dc * silu
-    # da/db may alias a/b (in-place backward): each element is read above before it is written.
-    tl.store(da_ptr + row * da_row_stride + cols, da.to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(db_ptr + row * db_row_stride + cols, db.to(db_ptr.dtype.element_ty), mask=mask)
+    @triton.jit
+    def _swiglu_bwd_kernel(
+        dc_ptr, dc_row_stride, a_ptr, a_row_stride, b_ptr, b_row_stride,
+        da_ptr, da_row_stride, db_ptr, db_row_stride, n_cols, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        dc = tl.load(dc_ptr + row * dc_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + row * a_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row * b_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        # Recompute the activation instead of having saved it.
+        s = _sigmoid_f32(a)
+        silu = a * s
+        da = dc * b * (s + silu * (1.0 - s))
+        db = dc * silu
+        # da/db may alias a/b (in-place backward): each element is read above before it is written.
+        tl.store(da_ptr + row * da_row_stride + cols, da.to(da_ptr.dtype.element_ty), mask=mask)
+        tl.store(db_ptr + row * db_row_stride + cols, db.to(db_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
