@@ -531,6 +531,16 @@ def test_without_triton_the_kernels_import_and_patched_models_train(tmp_path):
         ids, labels = batch()
         model(input_ids=ids, labels=labels).loss.backward()
         assert "triton" not in sys.modules
+        from types import SimpleNamespace
+        from medusa_liger.kernels.utils import force_backend, use_triton
+        assert not use_triton(SimpleNamespace(dtype=torch.bfloat16, is_cuda=True))  # a CUDA torch without triton
+        try:
+            with force_backend("triton"):
+                pass
+        except ValueError as error:
+            assert "needs the triton package" in str(error)
+        else:
+            raise AssertionError("force_backend('triton') without triton")
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

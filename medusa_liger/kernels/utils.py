@@ -46,8 +46,8 @@ def use_triton(tensor: torch.Tensor) -> bool:
         return _forced_backend == "triton"
     if tensor.dtype == torch.float64:
         return False
-    if tensor.is_cuda:
-        return True
+    if tensor.is_cuda:  # (a CUDA torch without triton, e.g. on Windows: the PyTorch path)
+        return triton_available()
     return tensor.device.type == "cpu" and triton_interpreter_enabled() and triton_available()
 
 
@@ -57,6 +57,9 @@ def force_backend(backend: Backend | None) -> Iterator[None]:
     global _forced_backend
     if backend not in (None, "triton", "torch"):
         raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if backend == "triton" and not triton_available():
+        raise ValueError("backend 'triton' needs the triton package, which is not installed (it is a "
+                         "dependency on Linux only); use 'torch' or None")
     previous, _forced_backend = _forced_backend, backend
     try:
         yield
