@@ -574,7 +574,8 @@ class MultiHeadLinearCrossEntropy(nn.Module):
         if not isinstance(skip_ignored, bool):  # (valid-target counts depend on each call's labels)
             raise ValueError(f"skip_ignored must be a bool, got {skip_ignored!r}")
         if head_weights is not None and len(head_weights) != len(self.shifts):
-            raise ValueError(f"head_weights must have one entry per shift ({len(self.shifts)}), got {len(head_weights)}")
+            raise ValueError(f"head_weights must have one entry per shift ({len(self.shifts)}), "
+                             f"got {len(head_weights)}")
         if isinstance(head_weights, torch.Tensor) and not head_weights.requires_grad:
             # A buffer, so .to(device) moves it (values checked by each call); its dtype is kept (_apply).
             self.register_buffer("head_weights", head_weights.detach().clone(), persistent=False)
@@ -587,7 +588,8 @@ class MultiHeadLinearCrossEntropy(nn.Module):
                             skip_ignored=skip_ignored)
 
     def forward(self, hidden: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor | Sequence[torch.Tensor],
-                labels: torch.Tensor, *, bias: torch.Tensor | Sequence[torch.Tensor] | None = None, segment_ids: torch.Tensor | None = None,
+                labels: torch.Tensor, *, bias: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                segment_ids: torch.Tensor | None = None,
                 teacher: Sequence[Teacher | tuple | None] | None = None) -> MultiHeadLossOutput:
         """hidden [K, B, T, H] / [B, T, H] / K x [B, T, H], weight [V, H] / [K, V, H] / K x [V, H], labels
         [B, T], bias, segment_ids [B, T] and teacher as in ``multi_head_linear_cross_entropy``."""

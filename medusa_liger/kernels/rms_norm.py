@@ -80,7 +80,6 @@ if triton is not None:  # (without triton, e.g. macOS/Windows CPU wheels: the Py
         # One fp32 per row, so the backward never recomputes the reduction.
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
-
     @triton.jit
     def _rms_norm_bwd_kernel(
         dy_ptr, dy_row_stride, x_ptr, x_row_stride, w_ptr, rstd_ptr, dx_ptr, dx_row_stride, dw_partial_ptr,
@@ -111,7 +110,8 @@ if triton is not None:  # (without triton, e.g. macOS/Windows CPU wheels: the Py
             # dx = r * (g - n * mean(g * n)); padding lanes are zero in g and n.
             mean_gn = tl.sum(g * n, axis=1) / n_cols
             dx = rstd[:, None] * (g - n * mean_gn[:, None])
-            tl.store(dx_ptr + rows64[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + rows64[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask)
         tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
 

@@ -63,7 +63,6 @@ if triton is not None:  # (without triton, e.g. macOS/Windows CPU wheels: the Py
             value = tl.load(ptr, mask=mask, other=0.0)
         return value.to(tl.float32)
 
-
     @triton.jit
     def _rotate_tile(
         x_ptr, x_sh, x_st, y_ptr, y_sh, y_st, heads_left, t_left, c1, c2, s1, s2,
@@ -86,7 +85,6 @@ if triton is not None:  # (without triton, e.g. macOS/Windows CPU wheels: the Py
         y_off = h * y_sh + t * y_st + col
         tl.store(y_ptr + y_off, y1.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(y_ptr + y_off + HALF, y2.to(y_ptr.dtype.element_ty), mask=mask)
-
 
     @triton.jit
     def _rope_kernel(

@@ -40,7 +40,6 @@ if triton is not None:  # (without triton, e.g. macOS/Windows CPU wheels: the Py
         # exp-based sigmoid (the interpreter has no libdevice); a is fp32.
         return 1.0 / (1.0 + tl.exp(-a))
 
-
     @triton.jit
     def _swiglu_fwd_kernel(
         a_ptr, a_row_stride, b_ptr, b_row_stride, c_ptr, c_row_stride, n_cols, BLOCK: tl.constexpr
@@ -53,7 +52,6 @@ if triton is not None:  # (without triton, e.g. macOS/Windows CPU wheels: the Py
         b = tl.load(b_ptr + row * b_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         c = a * _sigmoid_f32(a) * b
         tl.store(c_ptr + row * c_row_stride + cols, c.to(c_ptr.dtype.element_ty), mask=mask)
-
 
     @triton.jit
     def _swiglu_bwd_kernel(

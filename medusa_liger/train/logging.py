@@ -49,8 +49,13 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
             kept.append(line)
     if torn:
         warnings.warn(f"{path}: dropped {torn} unreadable line(s) (a run killed mid-write)", stacklevel=2)
+    _replace_text(path, "".join(line + "\n" for line in kept))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file renamed over ``path``: a kill leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -77,12 +82,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -119,9 +118,10 @@ class MetricsLogger:
             # this attempt logs to wandb): a rewound resume that died before its first step has cut
             # metrics.jsonl already, but the wandb run still holds the steps.
             known = _read_json(Path(output_dir) / WANDB_STEPS_FILE)
-            logged = max(highest_step(self.path), int(known.get(wandb_id, 0)))
-            if logged > known.get(wandb_id, 0):
-                _write_json(Path(output_dir) / WANDB_STEPS_FILE, known | {wandb_id: logged})
+            recorded = int(known.get(wandb_id, 0))
+            logged = max(highest_step(self.path), recorded)
+            if logged > recorded:
+                _replace_text(Path(output_dir) / WANDB_STEPS_FILE, json.dumps(known | {wandb_id: logged}))
         truncate_metrics(self.path, start_step)
         if wandb_id is not None and wandb_mode != "disabled":
             if rewound and logged > start_step:

@@ -466,8 +466,9 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                      + (f" x {world} ranks" if world > 1 else "")
                      + (f"; resumed from {resume_dir}" if resume_dir is not None else ""))
         logger.write(precision_line(cfg, amp))
-        if main and precision_warning(cfg):
-            print(precision_warning(cfg), file=sys.stderr, flush=True)
+        warning = precision_warning(cfg) if main else None
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         if cfg.train.eval_every and eval_data is None:
             logger.write(f"train.eval_every={cfg.train.eval_every}: no held-out rows to evaluate "
                          "(data.eval_fraction=0)")
