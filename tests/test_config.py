@@ -95,6 +95,8 @@ def test_defaults_without_a_file():
         ("train.kl_direction=reverse", "train.kl_direction"),
         ("train.kl_direction=sideways", "train.kl_direction"),
         ("train.jsd_beta=0.5", "train.jsd_beta"),            # no divergence term to apply it to
+        ("train.fsdp_param_dtype=bfloat16", "train.fsdp_param_dtype"),  # no FSDP to cast for
+        ("train.fsdp_param_dtype=float32", "train.fsdp_param_dtype"),   # not a cast
     ],
 )
 def test_bad_values_name_the_key(override, key):

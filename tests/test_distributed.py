@@ -255,6 +255,34 @@ def test_fsdp_ranks_match_one_process_and_resume(tmp_path):
     assert compared(tmp_path / "resumed") == compared(tmp_path / "fsdp")[2:]
 
 
+def test_fsdp_param_dtype_computes_in_bf16_on_float32_shards(tmp_path):
+    # train.fsdp_param_dtype=bfloat16: each unit's float32 shards are cast to bf16 before the gather,
+    # the step computes in bf16 and reduces its gradients in float32 onto float32 shards. The run then
+    # follows the float32 one to bf16 rounding: equal to the 1e-5 that float32 FSDP keeps (test above)
+    # would mean nothing was cast; far apart, that the update went wrong.
+    mixed = launch(tmp_path / "mixed", "train.fsdp=true", "train.fsdp_param_dtype=bf16")
+    with force_backend("torch"):
+        train(load_config(TINY, [*RUN, f"output_dir={tmp_path / 'single'}", "train.grad_accum=2"]))
+    output = finish(mixed)
+    assert "parameters gathered in bfloat16, gradients reduced in float32" in output
+    assert "cast to bfloat16 for the forward and backward" in output
+    ours, single = compared(tmp_path / "mixed"), compared(tmp_path / "single")
+    assert len(ours) == len(single) == 4
+    for a, b in zip(ours, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-2)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=2e-2)
+    assert max(abs(a["grad_norm"] / b["grad_norm"] - 1) for a, b in zip(ours, single)) > 1e-4
+    # The master weights stay float32: in checkpoints (AdamW's state too) and in the exported heads.
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "mixed" / "checkpoints" / "step-000004"
+    assert {t.dtype for t in load_file(str(ckpt / "trainable.safetensors")).values()} == {torch.float32}
+    state = torch.load(ckpt / "optimizer.pt", weights_only=False)["state"]
+    assert {v.dtype for entry in state.values() for v in entry.values() if v.dim()} == {torch.float32}
+    heads = read_heads(tmp_path / "mixed" / "final" / "heads_medusa").tensors
+    assert {t.dtype for t in heads.values()} == {torch.float32}
+
+
 @pytest.mark.parametrize("lora", [True, False])
 def test_fsdp_self_distillation_matches_one_process(tmp_path, lora):
     # Medusa-2 with the backbone's term distilled (train.lm_loss=kl): each step runs the FSDP-sharded

@@ -391,6 +391,9 @@ def precision_line(cfg: Config, amp: torch.dtype | None) -> str:
     line = (f"precision: backbone {cfg.model.dtype}, heads{' and LoRA' if cfg.lora.enabled else ''} "
             f"{str(master_dtype(cfg)).removeprefix('torch.')}, "
             f"{'autocast ' + str(amp).removeprefix('torch.') if amp is not None else 'no autocast'}")
+    if cfg.train.fsdp and cfg.train.fsdp_param_dtype:
+        line += (f", parameters cast to {cfg.train.fsdp_param_dtype} for the forward and backward "
+                 "(train.fsdp_param_dtype)")
     if cfg.train.mode == "joint" and not cfg.lora.enabled and cfg.model.dtype != "float32":
         line += f" (the full backbone trains in {cfg.model.dtype}, without an fp32 master copy)"
     return line

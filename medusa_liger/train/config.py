@@ -167,6 +167,13 @@ class TrainConfig:
     # (FSDP2, one unit per decoder layer; see fsdp.py), for backbones that do not fit one GPU. Implies
     # shard_optimizer. Same math as the replicated mode; checkpoints hold whole tensors either way.
     fsdp: bool = False
+    # Under train.fsdp: the dtype FSDP casts each unit's parameters to before gathering them, which the
+    # forward and backward then compute with; gradients are reduced in float32 onto the shards, which
+    # AdamW updates in their own dtype. bfloat16 halves the gathers' traffic and the gathered layers'
+    # memory of a float32 backbone (torchtitan's default); activations are then bf16 throughout, the
+    # residual stream too, as in a bf16 model. null: parameters are gathered in their own dtype, and
+    # autocast (train.precision) casts them op by op.
+    fsdp_param_dtype: Literal["bfloat16", "float16"] | None = None
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     threads: int | None = None  # torch CPU threads
     resume: str = "none"  # none, auto (newest checkpoint in output_dir) or a checkpoint directory
@@ -403,6 +410,8 @@ def validate(cfg: Config) -> Config:
     _require(t.heads_lambda.value >= 0, "train.heads_lambda.value", t.heads_lambda.value, ">= 0")
     _require(t.heads_lambda.ramp_steps >= 0, "train.heads_lambda.ramp_steps", t.heads_lambda.ramp_steps, ">= 0")
     _require(is_device_name(t.device, allow_auto=True), "train.device", t.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _require(t.fsdp_param_dtype is None or t.fsdp, "train.fsdp_param_dtype", t.fsdp_param_dtype,
+             "null unless train.fsdp is true (it sets the dtype FSDP gathers parameters in)")
     _require(t.threads is None or t.threads >= 1, "train.threads", t.threads, ">= 1 or null")
     # float16 weights that train need loss scaling, which this trainer does not do: AdamW's eps (1e-8)
     # is 0 in float16, so a zero gradient updates to 0/0 = NaN at the first step.

@@ -10,6 +10,10 @@ forward to backward (FSDP2 never reshards the root after forward; the heads are 
 the fused multi-head loss reads the heads' and the lm_head's full weights as before and hands back
 their full gradients, which FSDP then reduce-scatters.
 
+``train.fsdp_param_dtype`` (bf16) casts every unit's parameters before the gather (FSDP2's
+``MixedPrecisionPolicy``): a float32 backbone is gathered, held and computed with in bf16, and its
+gradients reduced in float32 onto the float32 shards.
+
 What stays as in the replicated mode (``distributed.py``):
 - the step's math: gradients are *summed* over ranks (divide factor 1), because the loop already
   scales each micro-batch's loss by its share of the global target count;
@@ -58,9 +62,13 @@ def require_processes() -> None:
         raise ConfigError("train.fsdp needs several processes: launch with torchrun --nproc_per_node N (N > 1)")
 
 
-def shard_model(model: torch.nn.Module, device: torch.device) -> int:
+def shard_model(model: torch.nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> int:
     """Shard ``model`` (a MedusaModel) over all ranks onto ``device``; return the number of decoder
     layers made FSDP units. Call on every rank, before building the optimizer.
+
+    ``param_dtype`` (``train.fsdp_param_dtype``): every unit's parameters are cast to it before they
+    are gathered and computed with, and their gradients reduced in float32 onto the shards, which
+    keep their own dtype (FSDP2's ``MixedPrecisionPolicy``); None gathers them as they are.
 
     Rank 0's model holds the real tensors (on the CPU); the other ranks' may be on the meta device
     (``build_tokenizer_and_backbone(on_meta=True)``: no weights read, no host memory). Every rank's
@@ -69,7 +77,7 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> int:
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     require_processes()
     classes = decoder_layer_classes(model)
@@ -92,9 +100,12 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> int:
                              "FSDP2 needs one per unit")
     whole = model.state_dict() if distributed.is_main() else {}  # rank 0's tensors, taken before sharding
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
+    # Gradients reduced in float32 whatever the gather dtype: a bf16 sum over ranks would round each
+    # rank's contribution. (With param_dtype None the policy is FSDP's default: no casts.)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for unit in units:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=unit is not model.heads)
-    fully_shard(model, mesh=mesh)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=unit is not model.heads, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         model.to_empty(device=device)  # memory for this rank's shards (and the buffers), filled below
     set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

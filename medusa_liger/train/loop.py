@@ -387,7 +387,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                               rank=distributed.rank(), world_size=distributed.world_size())
     model = build_medusa(cfg, backbone)
     if cfg.train.fsdp:  # every rank's shards filled from rank 0's tensors
-        fsdp_units = fsdp.shard_model(model, device)
+        param_dtype = getattr(torch, cfg.train.fsdp_param_dtype) if cfg.train.fsdp_param_dtype else None
+        fsdp_units = fsdp.shard_model(model, device, param_dtype)
     else:
         fsdp_units, model = 0, model.to(device)
         # Replicas start equal even where initialization is random and unseeded (e.g. LoRA adapters).
@@ -474,7 +475,9 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                          "(data.eval_fraction=0)")
         if fsdp_units:
             logger.write(f"model, gradients and optimizer state sharded over {world} ranks "
-                         f"(FSDP2: {fsdp_units} decoder-layer units, the heads and the root)")
+                         f"(FSDP2: {fsdp_units} decoder-layer units, the heads and the root)"
+                         + (f"; parameters gathered in {cfg.train.fsdp_param_dtype}, gradients reduced in "
+                            "float32" if cfg.train.fsdp_param_dtype else ""))
         elif cfg.train.shard_optimizer:
             logger.write(f"optimizer state sharded over {world} ranks (ZeRO-1)" if world > 1 else
                          "train.shard_optimizer: one process, nothing to shard")
