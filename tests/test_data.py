@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -136,6 +137,91 @@ def test_template_that_rewrites_prefixes_is_rejected(tokenizer):
     template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ValueError, match="chat_template=builtin or data.loss_on=all"):
         render_conversation(tokenizer, CHAT, template, "conv.jsonl:3")
+
+
+# A last assistant turn rendered unlike the same turn inside a longer conversation. Qwen3-style: the
+# turns after the last user message get an empty think block, but only when they end the conversation.
+# Phi-3-style: EOS after the last message unless a generation prompt follows.
+QWEN3_STYLE = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and loop.index0 > ns.last_query and loop.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content | trim + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content | trim + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+PHI3_STYLE = ("{% for m in messages %}{{ '<|' + m.role + '|>\\n' + m.content + '<|end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    (QWEN3_STYLE, ["It does nothing.<|im_end|>\n",
+                   "<think>\n\n</think>\n\nIt leaves the loop.<|im_end|>\n"]),
+    (PHI3_STYLE, ["It does nothing.<|end|>\n", " It leaves the loop.\n<|end|>\n<|end|>"]),  # EOS "<|end|>"
+], ids=["qwen3", "phi3"])
+def test_templates_that_render_a_last_turn_differently_locate_every_turn(tokenizer, template, expected):
+    # Such a template refused every conversation with two assistant turns (the prefix check), so a
+    # Qwen3 or Phi-3 run could only train on single-turn data.
+    messages = [*CHAT[:4], {"role": "assistant", "content": " It leaves the loop.\n"}]  # trimmed by Qwen3's
+    text, spans = render_conversation(tokenizer, messages, template, "conv.jsonl:1")
+    assert [text[a:b] for a, b in spans] == expected
+    ids, labels = tokenize_example(Example("x", messages=messages), tokenizer, template, "assistant")
+    targets = tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert "It does nothing." in targets and "It leaves the loop." in targets
+    assert "pass" not in targets and "break" not in targets and "user" not in targets
+
+
+def test_a_turn_is_not_located_in_another_turns_text(tokenizer):
+    # The last-turn rendering differs and this turn's content is not where the turn is (the template
+    # drops earlier replies): found only inside a later turn, it is refused rather than misplaced.
+    template = ("{% for m in messages %}{% if m.role != 'assistant' or loop.last %}{{ m.role + ': ' + m.content + "
+                "'\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    messages = [CHAT[1], {"role": "assistant", "content": "break"}, CHAT[3], {"role": "assistant", "content": "x"}]
+    with pytest.raises(ValueError, match="conv.jsonl:2: the chat template does not render prefixes"):
+        render_conversation(tokenizer, messages, template, "conv.jsonl:2")
+
+
+def test_conversations_a_template_refuses_are_skipped_with_on_error_skip(tokenizer, tmp_path):
+    # Only reading and normalizing honoured data.on_error: one conversation the template refused (a
+    # system turn for Gemma's, roles that do not alternate for Mistral's) stopped a skip run.
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+                "{% endif %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    named = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|end|>")
+    named.chat_template = template
+    good = [Example(f"c.jsonl:{i}", messages=CHAT[1:3]) for i in (1, 2)]
+    examples = [good[0], Example("c.jsonl:3", messages=CHAT), good[1]]
+    with pytest.warns(UserWarning, match="skipped 1 conversations .* first: c.jsonl:3: the chat template rejected"):
+        kept = tokenize_examples(examples, named, DataConfig(on_error="skip"))
+    assert kept == tokenize_examples(good, named, DataConfig())
+    with pytest.raises(ValueError, match="c.jsonl:3: the chat template rejected .* data.on_error=skip"):
+        tokenize_examples(examples, named, DataConfig(on_error="fail"))
+    if importlib.util.find_spec("datasets") is not None:  # the same in worker processes
+        parallel = DataConfig(on_error="skip", num_proc=2, num_proc_min_examples=1)
+        with pytest.warns(UserWarning, match="skipped 1 conversations .* first: c.jsonl:3"):
+            assert tokenize_examples(examples, named, parallel) == kept
+
+
+def test_a_tokenizer_without_offsets_is_refused_for_assistant_masks_and_keys_the_cache(tmp_path):
+    # A Python tokenizer (no `tokenizers` backend) crashed the cache key (no backend_tokenizer) and,
+    # without the cache, the mask (no offset_mapping) with tracebacks.
+    from transformers import ByT5Tokenizer
+
+    from medusa_liger.train.packing import data_fingerprint
+
+    slow = ByT5Tokenizer()
+    slow.chat_template = BUILTIN_CHAT_TEMPLATE
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"text": "The pass statement."}])
+    with pytest.raises(ValueError, match="data.loss_on=assistant needs a fast tokenizer .*ByT5Tokenizer"):
+        tokenize_examples(load_examples(data_cfg([path])), slow, data_cfg([path]))
+    cfg = data_cfg([path], loss_on="all", seq_len=16)
+    data = build_packed_data(cfg, slow, tmp_path / "cache")
+    same, other = ByT5Tokenizer(), ByT5Tokenizer(extra_ids=10)
+    same.chat_template = other.chat_template = BUILTIN_CHAT_TEMPLATE
+    assert len(data) and data_fingerprint(cfg, slow) == data_fingerprint(cfg, same)
+    assert data_fingerprint(cfg, slow) != data_fingerprint(cfg, other)
+    assert torch.equal(build_packed_data(cfg, slow, tmp_path / "cache").input_ids, data.input_ids)  # the cached rows
 
 
 def test_text_documents_get_bos_and_eos(tokenizer):

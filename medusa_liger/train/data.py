@@ -21,11 +21,21 @@ found by rendering prefixes: for assistant message i,
 which holds for any template whose rendering of a prefix is a prefix of the full rendering (checked);
 a token is a target when its character span overlaps an assistant span.
 
+Some templates render a conversation's *last* assistant turn differently from the same turn inside a
+longer one: Qwen3's adds an empty ``<think>`` block to the turns after the last user message only when
+it ends the conversation, Phi-3's appends EOS after the last message. For those, when the full
+rendering still starts with ``render(messages[:i], add_generation_prompt=True)``, the turn is found by
+its content (stripped, as templates often trim it) right after that generation prompt, with at most
+what the last-turn rendering puts before the content in between (the think block), and it ends where
+the full rendering stops agreeing with what the last-turn rendering puts after the content (the
+end-of-turn marker, not the EOS that only a last message gets).
+
 Reading and normalizing records and choosing the chat template live in ``medusa_liger/records.py``
 (evaluation reads prompts with them too). Bad input never reaches torch: a missing file, a malformed line (reported as ``file:line``), an
 unknown record shape or role, a conversation without an assistant turn and an empty dataset all
-raise ``ValueError``; with ``data.on_error: skip`` malformed lines and invalid records are skipped
-with a warning that counts them.
+raise ``ValueError``; with ``data.on_error: skip`` malformed lines, invalid records and
+conversations the chat template refuses or cannot locate turns in are skipped with a warning that
+counts them.
 """
 
 from __future__ import annotations
@@ -107,13 +117,43 @@ def render_conversation(tokenizer, messages, template: str, where: str = "",
             continue
         prefix = render_chat(tokenizer, messages[:i], template, True, where)
         upto = render_chat(tokenizer, messages[: i + 1], template, False, where)
-        if not (full.startswith(upto) and upto.startswith(prefix)):
+        if full.startswith(upto) and upto.startswith(prefix):
+            found.append((len(prefix), len(upto)))
+            continue
+        span = _turn_by_content(tokenizer, full, prefix, upto, message["content"])
+        if span is None:
             raise ValueError(
                 f"{where}: the chat template does not render prefixes of a conversation as prefixes of it, "
                 "so assistant tokens cannot be located; use data.chat_template=builtin or data.loss_on=all"
             )
-        found.append((len(prefix), len(upto)))
+        found.append(span)
     return full, found
+
+
+def _turn_by_content(tokenizer, full: str, prefix: str, upto: str, content: str) -> tuple[int, int] | None:
+    """Character span in ``full`` of the assistant turn that ``upto`` renders last, for templates that
+    render a last turn differently (module docstring); None where it cannot be located safely."""
+    start = len(prefix)
+    if not (full.startswith(prefix) and upto.startswith(prefix)):
+        return None
+    body = content.strip()
+    in_upto, in_full = upto.find(body, start), full.find(body, start)
+    # Between the generation prompt and the content, the full rendering may hold only (the end of) what
+    # the last-turn rendering holds there: never another turn's text.
+    if in_upto < 0 or in_full < 0 or not upto[start:in_upto].endswith(full[start:in_full]):
+        return None
+    # After the content, the tokens both renderings agree on (the end-of-turn marker). Compared as
+    # tokens, not characters: an EOS "<|end|>" and the next turn's "<|user|>" share "<|".
+    after = in_full + len(body)
+    upto_tail = upto[in_upto + len(body):]
+    pieces = [tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+              for text in (upto_tail, full[after:after + len(upto_tail)])]
+    agreed = 0
+    for a, b, (_, end) in zip(pieces[0]["input_ids"], pieces[1]["input_ids"], pieces[1]["offset_mapping"]):
+        if a != b:
+            break
+        agreed = end
+    return start, after + agreed
 
 
 def tokenize_example(example: Example, tokenizer, template: str, loss_on: str) -> tuple[list[int], list[int]]:
@@ -136,22 +176,37 @@ def tokenize_example(example: Example, tokenizer, template: str, loss_on: str) -
     return ids, labels
 
 
+def _tokenize_or_error(example: Example, tokenizer, template: str, loss_on: str) -> tuple[list[int], list[int], str]:
+    """(input_ids, labels, "") of one example, or ([], [], the error) for a conversation the template
+    refuses or cannot locate turns in (a bad record, which ``data.on_error`` decides about)."""
+    try:
+        return (*tokenize_example(example, tokenizer, template, loss_on), "")
+    except ValueError as error:
+        return [], [], str(error)
+
+
 def _tokenize_batch(batch: dict[str, list], tokenizer, template: str, loss_on: str) -> dict[str, list]:
-    """``datasets.map`` worker: examples serialized as JSON strings -> input_ids and labels."""
-    out = {"input_ids": [], "labels": []}
+    """``datasets.map`` worker: examples serialized as JSON strings -> input_ids, labels and errors."""
+    out = {"input_ids": [], "labels": [], "error": []}
     for payload in batch["payload"]:
-        example = Example(**json.loads(payload))
-        ids, labels = tokenize_example(example, tokenizer, template, loss_on)
+        ids, labels, error = _tokenize_or_error(Example(**json.loads(payload)), tokenizer, template, loss_on)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
+        out["error"].append(error)
     return out
 
 
 def tokenize_examples(examples: list[Example], tokenizer, data_cfg) -> list[tuple[list[int], list[int]]]:
-    """Tokenize every example; with many examples and ``datasets`` installed, in ``num_proc`` processes."""
+    """Tokenize every example; with many examples and ``datasets`` installed, in ``num_proc`` processes.
+    A conversation the chat template refuses or cannot locate turns in stops the run, or with
+    ``data.on_error: skip`` is left out with a warning that counts them."""
     # Only conversations are rendered: text data needs no template (nor a tokenizer's usable one).
     needs_template = any(e.messages is not None for e in examples)
     template = chat_template_for(tokenizer, data_cfg.chat_template, "data.chat_template") if needs_template else ""
+    if needs_template and data_cfg.loss_on != "all" and not getattr(tokenizer, "is_fast", True):
+        raise ValueError(f"data.loss_on={data_cfg.loss_on} needs a fast tokenizer (character offsets locate "
+                         f"the assistant tokens); {type(tokenizer).__name__} has none: use data.loss_on=all or a "
+                         "tokenizer with a tokenizer.json")
     parallel = data_cfg.num_proc > 1 and len(examples) >= data_cfg.num_proc_min_examples
     if parallel:
         try:
@@ -160,15 +215,24 @@ def tokenize_examples(examples: list[Example], tokenizer, data_cfg) -> list[tupl
             warnings.warn("`datasets` is not installed: tokenizing in one process", stacklevel=2)
             parallel = False
     if not parallel:
-        return [tokenize_example(e, tokenizer, template, data_cfg.loss_on) for e in examples]
-    payloads = [json.dumps(e.__dict__) for e in examples]
-    table = datasets.Dataset.from_dict({"payload": payloads})
-    mapped = table.map(
-        _tokenize_batch,
-        batched=True,
-        num_proc=data_cfg.num_proc,
-        remove_columns=["payload"],
-        fn_kwargs={"tokenizer": tokenizer, "template": template, "loss_on": data_cfg.loss_on},
-        desc="tokenizing",
-    )
-    return list(zip(mapped["input_ids"], mapped["labels"]))
+        results = [_tokenize_or_error(e, tokenizer, template, data_cfg.loss_on) for e in examples]
+    else:
+        payloads = [json.dumps(e.__dict__) for e in examples]
+        table = datasets.Dataset.from_dict({"payload": payloads})
+        mapped = table.map(
+            _tokenize_batch,
+            batched=True,
+            num_proc=data_cfg.num_proc,
+            remove_columns=["payload"],
+            fn_kwargs={"tokenizer": tokenizer, "template": template, "loss_on": data_cfg.loss_on},
+            desc="tokenizing",
+        )
+        results = list(zip(mapped["input_ids"], mapped["labels"], mapped["error"]))
+    skipped: list[str] = []
+    for _, _, error in results:
+        if error:
+            skip_or_fail(error, data_cfg.on_error, skipped)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} conversations the chat template could not render with assistant "
+                      f"turns located; first: {skipped[0]}", stacklevel=2)
+    return [(ids, labels) for ids, labels, error in results if not error]

@@ -136,6 +136,16 @@ ROW_SETTINGS = ("paths", "split", "format", "seq_len", "loss_on", "long_examples
                 "max_examples")
 
 
+def tokenizer_identity(tokenizer) -> str:
+    """What decides how ``tokenizer`` splits text: its ``tokenizers`` backend serialized, or for one
+    without (a Python or SentencePiece tokenizer) its class, vocabulary and plain settings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.to_str()
+    settings = {k: v for k, v in tokenizer.init_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return json.dumps([type(tokenizer).__qualname__, sorted(tokenizer.get_vocab().items()), settings], sort_keys=True)
+
+
 def data_fingerprint(data_cfg, tokenizer) -> str:
     """A digest of everything that decides the packed rows: the data settings, the local files' bytes
     (a hub dataset by its name and split) and the tokenizer (the cache's key; resumes compare it)."""
@@ -146,7 +156,7 @@ def data_fingerprint(data_cfg, tokenizer) -> str:
         local = resolve_path(path)
         if local is not None:
             digest.update(hashlib.sha256(local.read_bytes()).digest())
-    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(tokenizer_identity(tokenizer).encode())
     digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
     # Which tokens play BOS/EOS/PAD (the template renders them, documents get them, rows are padded
     # with PAD) is not in the backend's serialization: a base model and its instruct version differ here.
