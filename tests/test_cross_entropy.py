@@ -148,6 +148,36 @@ def test_out_of_range_labels_raise_on_cpu():
             cross_entropy(x, torch.tensor([0, bad, 1]))
 
 
+@pytest.mark.parametrize(("dtype", "V", "values"), [(torch.int16, 40000, [5, 20000, -100]),
+                                                    (torch.int8, 300, [5, 100, -100]), (torch.uint8, 300, [5, 250, 0])])
+def test_small_integer_labels_are_range_checked_in_int64(dtype, V, values):
+    # Compared in their own dtype, vocab_size wrapped (40000 as int16 is negative): every label was
+    # "outside [0, V)" on the CPU, in cross_entropy and the multi-head loss alike.
+    from medusa_liger.kernels import multi_head_linear_cross_entropy
+
+    x = torch.randn(3, V, dtype=torch.float64)
+    labels = torch.tensor(values, dtype=dtype)
+    with force_backend("torch"):
+        loss = cross_entropy(x, labels)
+        out = multi_head_linear_cross_entropy(torch.eye(3, dtype=torch.float64)[None], x.t(), labels[None], [0])
+    expected = F.cross_entropy(x, labels.long())
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(out.loss, expected)
+    # A label past a smaller vocabulary is still refused, by its value.
+    with pytest.raises(ValueError, match=rf"labels holds {values[1]}, outside \[0, {values[1]}\)"):
+        cross_entropy(torch.randn(3, values[1]), labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logits_without_z_loss_give_the_loss_not_nan(backend):
+    # The PyTorch path added z_loss * lse^2 at z_loss = 0: lse^2 overflows past |lse| ~ 1.8e19, and 0 * inf is NaN.
+    x = torch.randn(6, 11, device=DEVICE) * 1e20
+    labels = _labels(6, 11)
+    with force_backend(backend):
+        loss = cross_entropy(x, labels)
+    torch.testing.assert_close(loss.double(), F.cross_entropy(x.double(), labels), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_of_range_labels_are_ignored_rows_in_the_row_op(backend):
     """What the GPU does (no host check there): an out-of-range label is an ignored row."""

@@ -45,7 +45,7 @@ import math
 import torch
 
 from medusa_liger.kernels.utils import (
-    check_float, check_labels, check_shape, multiprocessors, next_power_of_2, use_triton,
+    check_float, check_labels, check_shape, first_order_only, multiprocessors, next_power_of_2, use_triton,
 )
 
 try:
@@ -311,7 +311,8 @@ def _rows_torch(logits, labels, *, row_start, seq_len, shift, segment_ids, bias,
         row_loss = (1.0 - label_smoothing) * (lse_rows - y_t)
         if label_smoothing > 0.0:  # skipped at 0: 0 * (lse - mean y) is NaN when a logit is -inf
             row_loss = row_loss + label_smoothing * (lse_rows - y.mean(-1))
-        row_loss = row_loss + z_loss * lse_rows.square()
+        if z_loss > 0.0:  # skipped at 0: lse^2 overflows to inf for |lse| > 1.8e19, and 0 * inf is NaN
+            row_loss = row_loss + z_loss * lse_rows.square()
         lse.copy_(lse_rows)
         loss.copy_(torch.where(valid, row_loss, torch.zeros_like(row_loss)))
         if correct is not None:
@@ -457,6 +458,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
+    @first_order_only("cross_entropy")  # its gradient is the saved logits, overwritten by a kernel
     def backward(ctx, grad_loss, grad_lse):
         logits, labels, lse, target_miss, count = ctx.saved_tensors
         if ctx.reduction == "mean":
@@ -470,7 +472,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         # writes do), so an op that saved these logits as its input and runs its backward later raises
         # autograd's "modified by an inplace operation" error instead of reading gradients as logits.
         torch.autograd.graph.increment_version(logits)
-        return logits, None, None, None, None, None, None
+        # Detached: the saved logits keep their forward history, which autograd would otherwise take
+        # for the gradient's under create_graph=True.
+        return logits.detach(), None, None, None, None, None, None
 
 
 @torch.compiler.disable  # runs eagerly inside torch.compile graphs (its kernels are already fused)

@@ -79,7 +79,7 @@ from medusa_liger.kernels.jsd import jsd_rows
 from medusa_liger.kernels.kl_divergence import kl_rows
 from medusa_liger.kernels.reference import MultiHeadLossOutput, Teacher
 from medusa_liger.kernels.scale import scale_
-from medusa_liger.kernels.utils import check_float, check_labels, check_same_device
+from medusa_liger.kernels.utils import check_float, check_labels, check_same_device, first_order_only
 
 _ACCUM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _reentrant = False
@@ -342,6 +342,7 @@ class MultiHeadLinearCrossEntropyFunction(torch.autograd.Function):
         return loss, head_losses, head_accuracy, counts
 
     @staticmethod
+    @first_order_only("multi_head_linear_cross_entropy")  # gradients computed in forward
     def backward(ctx, grad_loss, *_):
         return (None, *scaled_forward_grads(ctx, grad_loss, "multi_head_linear_cross_entropy"))
 

@@ -32,6 +32,7 @@ import torch
 
 from medusa_liger.kernels import fused_linear_cross_entropy as flce
 from medusa_liger.kernels.reference import MultiHeadLossOutput
+from medusa_liger.kernels.utils import first_order_only
 
 
 class HeadByHeadLinearCrossEntropy(torch.autograd.Function):
@@ -69,6 +70,7 @@ class HeadByHeadLinearCrossEntropy(torch.autograd.Function):
         return loss, head_losses, head_accuracy, head_tokens
 
     @staticmethod
+    @first_order_only("head_by_head_linear_cross_entropy")  # gradients computed in forward
     def backward(ctx, grad_loss, *_):
         return (None, None, *flce.scaled_forward_grads(ctx, grad_loss, "head_by_head_linear_cross_entropy"))
 

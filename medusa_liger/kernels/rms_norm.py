@@ -26,11 +26,11 @@ import functools
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from medusa_liger.kernels.utils import (
     check_float,
     check_same_device,
+    first_order_only,
     check_shape,
     num_warps_for,
     row_block_size,
@@ -205,7 +205,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # a Triton kernel: create_graph=True must raise, not give wrong 2nd-order grads
+    @first_order_only("rms_norm")  # create_graph=True must raise, not give wrong 2nd-order grads
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_backward(dy, x, weight, rstd, ctx.offset)

@@ -32,9 +32,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from medusa_liger.kernels.utils import check_float, check_same_device, next_power_of_2, use_triton
+from medusa_liger.kernels.utils import check_float, check_same_device, first_order_only, next_power_of_2, use_triton
 
 try:
     import triton
@@ -259,7 +258,7 @@ class RoPEFunction(torch.autograd.Function):
         return q_out, k_out
 
     @staticmethod
-    @once_differentiable  # a Triton kernel: create_graph=True must raise, not give wrong 2nd-order grads
+    @first_order_only("rope")  # create_graph=True must raise, not give wrong 2nd-order grads
     def backward(ctx, dq_out: torch.Tensor, dk_out: torch.Tensor):
         # Autograd materializes a missing output gradient as zeros, so both are tensors here.
         cos, sin = ctx.saved_tensors

@@ -19,9 +19,8 @@ gate and up as two halves of one fused projection) is read in place.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from medusa_liger.kernels.utils import check_float, check_same_device, next_power_of_2, use_triton
+from medusa_liger.kernels.utils import check_float, check_same_device, first_order_only, next_power_of_2, use_triton
 
 try:
     import triton
@@ -136,7 +135,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_forward(gate, up)
 
     @staticmethod
-    @once_differentiable  # a Triton kernel: create_graph=True must raise, not give wrong 2nd-order grads
+    @first_order_only("swiglu")  # create_graph=True must raise, not give wrong 2nd-order grads
     def backward(ctx, dc: torch.Tensor):
         gate, up = ctx.saved_tensors
         # Returning the saved buffers as gradients: detach so autograd treats them as plain tensors.

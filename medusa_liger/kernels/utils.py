@@ -29,6 +29,32 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def first_order_only(op: str):
+    """Decorator for the ``backward`` of an autograd Function whose gradients are no differentiable
+    function of its inputs (written by a kernel, or computed in forward): a backward pass with
+    ``create_graph=True`` (a gradient penalty, a Hessian-vector product) raises, naming ``op``.
+
+    ``@once_differentiable`` defers its error to when something differentiates through the gradients,
+    and only marks them when an incoming gradient requires grad. A loss's incoming gradient (1) does
+    not, so they came back as constants: a penalty with a differentiable part beside them silently lost
+    the op's second-order terms. Refusing ``create_graph`` outright is the one check that holds for
+    ``torch.autograd.grad`` with ``inputs`` too, where a deferred error's node is never run.
+    """
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            if torch.is_grad_enabled():  # the engine runs backward under grad mode only for create_graph
+                raise RuntimeError(f"{op} has no second derivative (its backward is a fused kernel), so a "
+                                   "backward pass with create_graph=True cannot go through it; for higher-order "
+                                   "gradients use plain PyTorch ops (an unpatched model)")
+            return backward(ctx, *grad_outputs)
+
+        return wrapper
+
+    return decorate
+
+
 @functools.cache
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported (it is absent on macOS/Windows CPU wheels)."""
@@ -149,8 +175,9 @@ def check_labels(
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"{name} must be an integer tensor (token ids), got {labels.dtype}")
     if check_values and labels.numel() > 0:
-        valid = labels != ignore_index
-        bad = valid & ((labels < 0) | (labels >= vocab_size))
+        wide = labels.long()  # compared in int64: int16/int8/uint8 would wrap vocab_size (40000 as int16 < 0)
+        valid = wide != ignore_index
+        bad = valid & ((wide < 0) | (wide >= vocab_size))
         if bool(bad.any()):
             value = int(labels[bad][0])
             raise ValueError(
