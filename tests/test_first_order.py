@@ -78,3 +78,25 @@ def test_create_graph_raises_naming_the_op_and_first_order_stays_right(op, backe
                     torch.autograd.grad(loss, w, create_graph=True)
         (g,) = torch.autograd.grad(loss_fn(w), w)
     torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
+def test_compiled_callers_get_the_same_first_order_gradients(compiler):
+    # The check reads grad mode inside backward: it must not fire while torch.compile traces the backward.
+    x = torch.randn(2, 1, 64, 128, device="cuda", requires_grad=True)
+    w = torch.rand(128, device="cuda", requires_grad=True)
+    cos, sin = torch.randn(2, 64, 128, device="cuda"), torch.randn(2, 64, 128, device="cuda")
+    labels = torch.randint(0, 128, (128,), device="cuda")
+
+    def f(x):
+        q, k = apply_rotary_pos_emb(x * 2, x.cos(), cos, sin)
+        y = swiglu(rms_norm(q, w), k)
+        return cross_entropy(y.reshape(128, 128), labels) + y.square().mean()
+
+    with force_backend("triton"):
+        want = torch.autograd.grad(f(x), (x, w))
+        torch._dynamo.reset()
+        got = torch.autograd.grad(torch.compile(f, backend=compiler)(x), (x, w))
+    for g, expected in zip(got, want):
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5)
