@@ -601,3 +601,90 @@ def test_backbone_is_recorded_unless_it_is_a_local_copy_of_the_named_hub_model(t
     assert recorded_base_model(recorded, tmp_path / "base", "joint") == str((tmp_path / "base").resolve())
     (tmp_path / "existing").mkdir()  # an existing local path recorded: --backbone replaces it
     assert recorded_base_model(str(tmp_path / "existing"), tmp_path / "base") == str((tmp_path / "base").resolve())
+
+
+# ------------------------------------------------------------------------------------ review fixes
+def test_heads_only_heads_ignore_an_unrelated_backbone_folder_beside_them(tmp_path, capsys):
+    # /models/my_heads beside /models/backbone (the base model): the export copied the whole backbone and
+    # named the copy as the heads' base model, though heads-only heads never changed it.
+    model = make_model(shared=False)
+    model.backbone.save_pretrained(str(tmp_path / "models" / "backbone"))
+    model.save_heads(tmp_path / "models" / "my_heads", format="medusa", base_model_name_or_path="org/base")
+    assert run_cli("--checkpoint", str(tmp_path / "models" / "my_heads"), "--output", str(tmp_path / "out"),
+                   "--format", "medusa") == 0
+    assert not (tmp_path / "out" / "backbone").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["base_model_name_or_path"] == "org/base"
+    # Recorded as their base model, the backbone beside them is theirs (and so is a joint run's).
+    model.save_heads(tmp_path / "models" / "mine", format="medusa",
+                     base_model_name_or_path=str(tmp_path / "models" / "backbone"))
+    assert export_cli.paired_backbone(tmp_path / "models" / "mine", read_heads(tmp_path / "models" / "mine")) == \
+        tmp_path / "models" / "backbone"
+
+
+def test_shared_heads_without_a_vocab_size_take_the_backbones(tmp_path, capsys):
+    # A medusa-format config without vocab_size wrote a vllm config with "vocab_size": null.
+    model = make_model(shared=True)
+    model.backbone.save_pretrained(str(tmp_path / "base"))
+    model.save_heads(tmp_path / "heads", format="medusa")
+    config = json.loads((tmp_path / "heads" / "config.json").read_text())
+    del config["vocab_size"]
+    (tmp_path / "heads" / "config.json").write_text(json.dumps(config))
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--format", "vllm",
+                   "--backbone", str(tmp_path / "base")) == 0
+    written = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert written["vocab_size"] == written["truncated_vocab_size"] == V
+    ckpt = read_heads(tmp_path / "heads")
+    ckpt.lm_head_weight = model.lm_head.weight.detach()  # attached by hand, without its size
+    with pytest.raises(ValueError, match="the vllm format needs the heads' vocab_size"):
+        export_cli.write_heads(ckpt, tmp_path / "o2", format="vllm")
+
+
+def test_a_tied_backbone_saved_in_another_dtype_stores_its_embedding_once(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medusa_liger.heads.export import write_backbone
+
+    config = LlamaConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=V, tie_word_embeddings=True)
+    backbone = LlamaForCausalLM(config)
+    write_backbone(backbone, tmp_path / "bf16", "bf16")
+    tensors = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert "lm_head.weight" not in tensors and tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    loaded = LlamaForCausalLM.from_pretrained(str(tmp_path / "bf16"))
+    assert torch.equal(loaded.lm_head.weight, backbone.lm_head.weight.detach().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("version", ['"1"', "2.5", "true"])
+def test_a_format_version_that_is_no_integer_is_a_named_error(tmp_path, version):
+    # A string version crashed the CLI with a TypeError traceback ('>' between str and int).
+    make_model(shared=False).save_heads(tmp_path, format="medusa")
+    text = (tmp_path / "config.json").read_text().replace('"format_version": 1', f'"format_version": {version}')
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="format_version must be an integer"):
+        read_heads(tmp_path)
+
+
+def test_a_newer_format_is_named_before_its_tensors_are_read(tmp_path):
+    make_model(shared=False).save_heads(tmp_path, format="medusa")
+    text = (tmp_path / "config.json").read_text().replace('"format_version": 1', '"format_version": 2')
+    (tmp_path / "config.json").write_text(text)
+    (tmp_path / "medusa_lm_head.safetensors").write_bytes(b"a layout this version cannot read")
+    with pytest.raises(ValueError, match="written by a newer medusa-liger"):
+        read_heads(tmp_path)
+
+
+def test_vllm_heads_are_read_as_vllm_serves_them(tmp_path):
+    # medusa_fc_bias false: vLLM's blocks have no bias and it skips bias tensors, which were loaded here;
+    # original_lm_head with the projection stored as lm_head.weight (vLLM maps it) was refused.
+    model = make_model(shared=True)
+    model.save_heads(tmp_path, format="vllm")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["medusa_fc_bias"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors.pop("lm_heads.0.weight")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.warns(UserWarning, match="medusa_fc_bias is false, so vLLM ignores the blocks' bias tensors"):
+        ckpt = read_heads(tmp_path)
+    assert all(not t.any() for k, t in ckpt.tensors.items() if k.endswith("bias"))
+    assert torch.equal(ckpt.lm_head_weight, model.lm_head.weight.detach())

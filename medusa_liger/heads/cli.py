@@ -43,7 +43,7 @@ from medusa_liger.heads.export import (
     write_heads,
 )
 from medusa_liger.records import looks_like_local_path
-from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, FINAL_DIR, final_heads_dir, user_path
+from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, FINAL_DIR, FINAL_HEADS_PREFIX, final_heads_dir, user_path
 
 EXPORT_FORMATS = ("medusa", "vllm", "both")
 EXPORT_DTYPES = tuple(DTYPES)  # bf16 / bfloat16, fp16 / float16, fp32 / float32 alike
@@ -94,8 +94,7 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
     ckpt = read_heads(heads_dir)
     if pt_file:
         check_fasterdecoding_heads(ckpt, "medusa")
-    saved = saved_backbone or next(
-        (d for d in (heads_dir / BACKBONE_SUBDIR, heads_dir.parent / BACKBONE_SUBDIR) if d.is_dir()), None)
+    saved = saved_backbone or paired_backbone(heads_dir, ckpt)
     source = backbone if backbone is not None else saved
     if source is not None:
         try:
@@ -108,7 +107,25 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
         lm_head = model.get_output_embeddings()
         ckpt.lm_head_weight = lm_head.weight.detach()
         ckpt.lm_head_bias = lm_head_bias_of(lm_head)
+        if ckpt.vocab_size is None:  # shared heads whose config does not say it: the lm_head does
+            ckpt.vocab_size = ckpt.lm_head_weight.shape[0]
     return ckpt, (saved if backbone is None else None)
+
+
+def paired_backbone(heads_dir: Path, ckpt: HeadsCheckpoint) -> Path | None:
+    """The saved backbone that goes with the heads in ``heads_dir``: a ``backbone/`` inside it (what
+    ``save_heads(save_backbone=True)`` writes), or one beside it when it is theirs: in a training run's
+    ``final/``, for heads trained jointly with it, or recorded as their base model. A heads-only export
+    beside an unrelated ``backbone/`` folder (say ``/models/backbone``) is exported alone."""
+    inside, beside = heads_dir / BACKBONE_SUBDIR, heads_dir.parent / BACKBONE_SUBDIR
+    if inside.is_dir():
+        return inside
+    if not beside.is_dir():
+        return None
+    in_final = heads_dir.parent.name == FINAL_DIR and heads_dir.name.startswith(FINAL_HEADS_PREFIX)
+    recorded = ckpt.base_model_name_or_path
+    named = bool(recorded) and user_path(recorded).resolve() == beside.resolve()
+    return beside if in_final or ckpt.config.mode == "joint" or named else None
 
 
 # What an export directory holds (what --overwrite may replace): heads files, a backbone, per-format dirs.

@@ -124,6 +124,11 @@ def _to_format(ckpt: HeadsCheckpoint, format: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def proj_key(h: int) -> str:
+    """The vllm format's key of head h's projection (head 0's is the backbone's lm_head in shared mode)."""
+    return f"lm_heads.{h}.weight"
+
+
 def _from_format(tensors: dict[str, torch.Tensor], format: str, num_heads: int, num_layers: int,
                  has_bias: bool, original_lm_head: bool, where: Path) -> tuple[dict[str, torch.Tensor], bool, torch.Tensor | None]:
     """Rename ``format``'s keys to the canonical ones -> (tensors, shared_lm_head, original lm_head).
@@ -132,6 +137,16 @@ def _from_format(tensors: dict[str, torch.Tensor], format: str, num_heads: int, 
     absence of every per-head projection.
     """
     tensors = {k.removeprefix("medusa_heads."): v for k, v in tensors.items()}
+    if format == "vllm" and not has_bias:
+        # vLLM builds bias-free blocks under medusa_fc_bias false and skips such tensors: read what it serves.
+        ignored = sorted(k for k in tensors if k.startswith("blocks.") and k.endswith(".bias"))
+        if ignored:
+            warnings.warn(f"{where}: medusa_fc_bias is false, so vLLM ignores the blocks' bias tensors "
+                          f"({ignored[:3]}...); they are left out here too", stacklevel=3)
+            for key in ignored:
+                del tensors[key]
+    if format == "vllm" and original_lm_head and "lm_head.weight" in tensors and proj_key(0) not in tensors:
+        tensors[proj_key(0)] = tensors.pop("lm_head.weight")  # vLLM maps the one to the other
     out: dict[str, torch.Tensor] = {}
     for h in range(num_heads):
         for l in range(num_layers):
@@ -220,6 +235,10 @@ def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype
             "vocab_size": ckpt.vocab_size,
         }
     else:
+        for name, value in (("hidden_size", ckpt.hidden_size), ("vocab_size", ckpt.vocab_size)):
+            if value is None:  # vLLM would build its lm_head at size None and fail at load
+                raise ValueError(f"the vllm format needs the heads' {name}, which is unknown (shared heads whose "
+                                 "config does not say it): attach the backbone (--backbone)")
         config = {
             "model_type": "medusa",
             "architectures": ["MedusaModel"],
@@ -282,7 +301,15 @@ def write_backbone(backbone: nn.Module, directory: str | Path, dtype: torch.dtyp
         model = copy.deepcopy(backbone).merge_and_unload()
     state_dict = None
     if dtype is not None:
-        state_dict = {k: v.to(dtype) for k, v in model.state_dict().items()}
+        # Cast each storage once: tied weights (lm_head and embed_tokens) stay one tensor, which
+        # save_pretrained writes once; two casts would be two tensors, the embedding stored twice.
+        cast: dict[tuple, torch.Tensor] = {}
+        state_dict = {}
+        for name, tensor in model.state_dict().items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+            if key not in cast:
+                cast[key] = tensor.to(dtype)
+            state_dict[name] = cast[key]
     model.save_pretrained(str(directory), state_dict=state_dict)
     for path in directory.glob("*.safetensors"):
         readable_by_others(path)
@@ -345,8 +372,16 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    if not isinstance(config.get("medusa_liger", {}), dict):  # our own entry, read by read_heads
+    ours = config.get("medusa_liger", {})
+    if not isinstance(ours, dict):  # our own entry, read by read_heads
         raise ValueError(f"{path}: 'medusa_liger' must be an object, got {type(config['medusa_liger']).__name__}")
+    # Checked before any tensor is read: a newer layout would otherwise fail as a "missing tensor".
+    version = ours.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{path}: medusa_liger.format_version must be an integer, found {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{directory} was written by a newer medusa-liger (format_version {version}, this one "
+                         f"reads <= {FORMAT_VERSION})")
     return config
 
 
@@ -426,9 +461,6 @@ def read_heads(directory: str | Path) -> HeadsCheckpoint:
             raise ValueError(f"{directory}: tensor {key} has shape {list(tensor.shape)}, expected {expected_shape} "
                              f"(hidden_size={hidden}, vocab_size={vocab})")
     ours = config.get("medusa_liger", {})
-    if ours.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ValueError(f"{directory} was written by a newer medusa-liger (format_version "
-                         f"{ours['format_version']}, this one reads <= {FORMAT_VERSION})")
     values = {**ours, "num_heads": num_heads, "num_layers": num_layers, "shared_lm_head": shared}
     serving = ours.get("serving_dtype")
     return HeadsCheckpoint(
