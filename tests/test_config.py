@@ -97,11 +97,19 @@ def test_defaults_without_a_file():
         ("train.jsd_beta=0.5", "train.jsd_beta"),            # no divergence term to apply it to
         ("train.fsdp_param_dtype=bfloat16", "train.fsdp_param_dtype"),  # no FSDP to cast for
         ("train.fsdp_param_dtype=float32", "train.fsdp_param_dtype"),   # not a cast
+        ("train.heads_lambda.ramp_steps=10", "train.heads_lambda.ramp_steps"),  # a ramp of a constant
+        ("train.heads_lambda.schedule=linear", "train.heads_lambda.ramp_steps"),  # a ramp of 0 steps
+        ("train.seed=18446744073709551616", "train.seed"),  # torch's seed overflowed after the data loaded
+        ("export.backbone=never", "export.backbone"),  # tiny, built here, without checkpoints: saved nowhere
+        ("train.lm_loss_weight=0", "train.lm_loss_weight"),  # with heads_lambda.value=0 (below): nothing trains
+        ("train.heads_lambda.value=0", "train.heads_lambda.value"),  # joint, no heads-only stage: no head trains
     ],
 )
 def test_bad_values_name_the_key(override, key):
+    extra = {"export.backbone=never": ["checkpoint.every=0"], "train.lm_loss_weight=0": ["train.heads_lambda.value=0",
+             "train.heads_only_steps=10"]}.get(override, [])
     with pytest.raises(ValueError, match=re.escape(key)):
-        load_config(ROOT / "configs" / "tiny.yaml", [override])
+        load_config(ROOT / "configs" / "tiny.yaml", [override, *extra])
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

@@ -181,6 +181,26 @@ def test_lora_targets_the_backbone_lacks_are_a_config_error(tmp_path, capsys):
     assert "config error: lora.target_modules=['nope_proj']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("targets", "unmatched"), [("[q_proj,v_proj,gate_poj]", "['gate_poj']"), ("q_proj", None)])
+def test_every_lora_target_must_name_a_module(tmp_path, targets, unmatched):
+    """peft raises only when no target matches: a typo in a list left those layers without adapters,
+    silently. A lone name was read by peft as a regular expression over full module paths (no match)."""
+    from medusa_liger.train.build import build_tokenizer_and_backbone
+    from medusa_liger.train.config import ConfigError
+    from medusa_liger.train.data import load_examples
+
+    cfg = short_config(tmp_path, "train.mode=joint", "lora.enabled=true", f"lora.target_modules={targets}")
+    if unmatched:
+        with pytest.raises(ConfigError, match=rf"lora.target_modules=.*: {re.escape(unmatched)} match no module of "
+                                              r"the backbone, whose linear layers are named \[.*'gate_proj'"):
+            build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    else:
+        _, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+        adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1]
+                   for name, _ in backbone.named_parameters() if "lora_A" in name}
+        assert adapted == {"q_proj"}
+
+
 def test_resume_with_other_heads_is_refused_clearly_and_keeps_the_runs_config(tmp_path, capsys):
     from medusa_liger.cli import main as medusa_liger_main
     from medusa_liger.train.config import save_config
@@ -577,10 +597,12 @@ def test_a_new_run_leaves_no_export_of_an_earlier_one_in_final(tmp_path, capsys)
     (final / "notes.txt").write_text("mine")  # a user's file: not an export, left alone
     old_heads = (final / "heads_medusa" / "medusa_lm_head.safetensors").read_bytes()
     capsys.readouterr()
-    train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0", "data.eval_fraction=0", "train.seed=5",
+    train(short_config(tmp_path, "train.steps=2", "checkpoint.every=2", "data.eval_fraction=0", "train.seed=5",
                        "export.formats=[medusa]", "export.backbone=never"))
     err = capsys.readouterr().err
     assert sorted(p.name for p in final.iterdir()) == ["heads_medusa", "notes.txt"]
+    # The backbone this run built lives in its checkpoint only: the heads name "tiny", which is said.
+    assert "warning: export.backbone=never: the backbone this run built is not exported" in err
     for gone in ("heads_vllm", "backbone"):
         assert f"warning: deleting {final / gone}, an earlier run's export" in err
     assert (final / "heads_medusa" / "medusa_lm_head.safetensors").read_bytes() != old_heads

@@ -114,8 +114,10 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
+        targets = lora_targets(cfg.lora.target_modules)
+        check_lora_targets(backbone, targets, cfg.lora.target_modules)
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+                          target_modules=targets, task_type="CAUSAL_LM")
         # peft would upcast only bf16/fp16 adapters to fp32; cast to train.master_dtype explicitly instead.
         try:
             backbone = get_peft_model(backbone, lora, autocast_adapter_dtype=False)
@@ -123,6 +125,29 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
             raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {error}") from error
         cast_adapters(backbone, master_dtype(cfg))
     return tokenizer, backbone
+
+
+def lora_targets(target_modules: list[str] | str) -> list[str] | str:
+    """``lora.target_modules`` as peft takes it: "all-linear", or a list of module names. One name
+    stands for a one-item list: peft reads a lone string as a regular expression over full module
+    paths, so ``q_proj`` alone matched nothing."""
+    if target_modules == "all-linear":
+        return target_modules
+    return [target_modules] if isinstance(target_modules, str) else list(target_modules)
+
+
+def check_lora_targets(backbone, targets: list[str] | str, given: list[str] | str) -> None:
+    """ConfigError naming the entries of ``targets`` that match no module of ``backbone`` (peft's
+    rule: the module's name, or the end of its path after a dot). peft raises only when none
+    matches, so one typo in a list silently left those layers without adapters."""
+    if targets == "all-linear":
+        return
+    names = [name for name, _ in backbone.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"lora.target_modules={given}: {unmatched} match no module of the backbone, whose linear "
+                          f"layers are named {linear}")
 
 
 def build_medusa(cfg: Config, backbone, teacher: bool = True):

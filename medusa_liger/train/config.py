@@ -83,6 +83,7 @@ class LoraConfig:
     r: int = 32
     alpha: float = 16.0
     dropout: float = 0.05
+    # "all-linear" or module names (one name stands for a one-item list); each must name a module.
     target_modules: list[str] | str = "all-linear"
 
 
@@ -409,6 +410,16 @@ def validate(cfg: Config) -> Config:
     _require(t.lm_loss_weight >= 0, "train.lm_loss_weight", t.lm_loss_weight, ">= 0")
     _require(t.heads_lambda.value >= 0, "train.heads_lambda.value", t.heads_lambda.value, ">= 0")
     _require(t.heads_lambda.ramp_steps >= 0, "train.heads_lambda.ramp_steps", t.heads_lambda.ramp_steps, ">= 0")
+    ramped = t.heads_lambda.schedule != "constant"
+    _require(ramped == (t.heads_lambda.ramp_steps > 0), "train.heads_lambda.ramp_steps", t.heads_lambda.ramp_steps,
+             f">= 1 with train.heads_lambda.schedule={t.heads_lambda.schedule} (the steps of its ramp)" if ramped else
+             "0 with train.heads_lambda.schedule=constant (no ramp; use linear or sine)")
+    _require(not (t.mode == "joint" and t.lm_loss_weight == 0 and t.heads_lambda.value == 0), "train.lm_loss_weight",
+             t.lm_loss_weight, "> 0 when train.heads_lambda.value is 0 in joint mode (else nothing trains)")
+    _require(not (t.mode == "joint" and t.heads_lambda.value == 0 and t.heads_only_steps == 0),
+             "train.heads_lambda.value", t.heads_lambda.value,
+             "> 0 in joint mode without a heads-only stage (train.heads_only_steps); 0 trains no head")
+    _require(-(2**63) <= t.seed < 2**64, "train.seed", t.seed, "an integer in [-2**63, 2**64) (torch's seed range)")
     _require(is_device_name(t.device, allow_auto=True), "train.device", t.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
     _require(t.fsdp_param_dtype is None or t.fsdp, "train.fsdp_param_dtype", t.fsdp_param_dtype,
              "null unless train.fsdp is true (it sets the dtype FSDP gathers parameters in)")
@@ -425,6 +436,10 @@ def validate(cfg: Config) -> Config:
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, ">= 1")
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, ">= 1")
+    backbone_trains = t.mode == "joint" or name == "tiny"  # (tiny: built from scratch here)
+    _require(not (cfg.export.backbone == "never" and backbone_trains and cfg.checkpoint.every == 0), "export.backbone",
+             cfg.export.backbone, "'auto' or 'always' when the backbone trains or is built here and checkpoint.every=0 "
+             "(it would be saved nowhere)")
     _require(bool(cfg.export.formats) or cfg.checkpoint.every > 0, "export.formats", cfg.export.formats,
              "at least one of 'medusa', 'vllm' when checkpoint.every=0 (the trained heads would be saved nowhere)")
     for i, fmt in enumerate(cfg.export.formats):

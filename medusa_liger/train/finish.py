@@ -47,6 +47,11 @@ def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
         cfg.export.backbone == "auto" and (built_here or cfg.train.mode == "joint"))
     backbone_dir = final / BACKBONE_SUBDIR
     base_name = str(backbone_dir.resolve()) if save_backbone else cfg.model.name_or_path
+    if not save_backbone and (built_here or cfg.train.mode == "joint"):
+        print(f"warning: export.backbone=never: the backbone this run {'built' if built_here else 'trained'} is not "
+              f"exported, so the heads name {cfg.model.name_or_path} as their base model, not the weights they were "
+              "trained with; export it from a checkpoint (medusa-liger export --checkpoint RUN/checkpoints/step-N)",
+              file=sys.stderr, flush=True)
     final.mkdir(parents=True, exist_ok=True)
     for leftover in final.glob(".export-*"):  # of an export that was killed: never read, maybe large
         shutil.rmtree(leftover, ignore_errors=True)
