@@ -199,6 +199,7 @@ def test_bad_inputs():
         (dict(chunk_size=True), "chunk_size"),
         (dict(head_weights=[1.0, float("nan")]), "head_weights must be finite"),
         (dict(head_weights=[float("inf"), 1.0]), "head_weights must be finite"),
+        (dict(head_weights=torch.ones(2, device="meta")), "head_weights is on meta but labels is on"),  # not torch's
         (dict(softcap=float("inf")), "softcap"),
         (dict(z_loss=float("nan")), "z_loss"),
         (dict(weight=torch.randn(0, 6), labels=torch.full((2, 4), -100)), "weight must have a vocabulary of V >= 1"),

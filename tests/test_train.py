@@ -833,13 +833,59 @@ def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monke
         synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd)
         return fsync(fd)
 
+    replace = os.replace
+
+    def recording_replace(src, dst):
+        synced.append(("rename", str(dst)))
+        return replace(src, dst)
+
     monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
     _save_tiny_checkpoint(tmp_path, 2)
+    # Every file is synced BEFORE the rename that makes the directory a checkpoint, the parent after it.
+    renamed = synced.index(("rename", str(tmp_path / "step-000002")))
+    assert renamed >= 5 + 1 and synced[renamed + 1:] == [str(tmp_path)] * (len(synced) - renamed - 1) != []
+    synced.remove(("rename", str(tmp_path / "step-000002")))
     assert len(synced) >= 5 + 2  # every file, its directory and the checkpoints' directory
     if os.path.exists("/proc/self/fd"):
         written = {p.rsplit("/", 1)[-1] for p in synced}
         assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"} <= written
         assert str(tmp_path) in synced
+
+
+def test_a_step_directory_without_its_state_file_is_no_checkpoint(tmp_path):
+    """A half-written step (no trainer_state.json, written last) is never resumed from, nor counted as kept."""
+    from medusa_liger.train.checkpoint import find_resume_checkpoint
+
+    _save_tiny_checkpoint(tmp_path, 2)
+    (tmp_path / "step-000009").mkdir()
+    (tmp_path / "step-000009" / "trainable.safetensors").write_bytes(b"")
+    assert _steps(tmp_path) == [2] and find_resume_checkpoint("auto", tmp_path) == tmp_path / "step-000002"
+    _save_tiny_checkpoint(tmp_path, 3, keep=1)
+    assert _steps(tmp_path) == [3]
+
+
+def test_checkpoints_are_set_aside_newest_first(tmp_path, monkeypatch):
+    """A kill between the renames of a deletion must leave the oldest steps, never a later one that
+    train.resume=auto would take after an abandoned branch."""
+    import os
+
+    from medusa_liger.train.checkpoint import delete_checkpoints
+
+    for step in (2, 4, 6):
+        _save_tiny_checkpoint(tmp_path, step, keep=3)
+    replace, calls = os.replace, []
+
+    def killed_on_the_second(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        delete_checkpoints([tmp_path / "step-000004", tmp_path / "step-000006"])
+    assert _steps(tmp_path) == [2, 4]
 
 
 def test_resume_notes_another_number_of_ranks(monkeypatch):

@@ -183,6 +183,12 @@ def test_tree_search_bad_input():
         greedy_tree_search(torch.rand(3), 4)
     with pytest.raises(ValueError, match="size"):
         greedy_tree_search(torch.rand(2, 3), 0)
+    # A tree with a rank the table lacks: named, not an IndexError.
+    with pytest.raises(ValueError, match=r"tree path \[5\] uses a rank beyond the 3 in rank_accuracy"):
+        expected_acceleration([[0], [5]], torch.rand(2, 3))
+    # Probabilities outside [0, 1] (a table from counts gone wrong) are clamped, not extrapolated.
+    assert expected_acceleration([[0]], torch.tensor([[1.5, 0.2]])) == 2.0
+    assert expected_acceleration([[0]], torch.tensor([[-0.5, 0.2]])) == 1.0
 
 
 @pytest.mark.parametrize("num_heads", [1, 2, 3, 5])
@@ -258,6 +264,8 @@ def test_positions_without_a_target_count_only_where_they_have_one():
     ranks = torch.tensor([[0, 0], [0, 1], [0, -1], [0, -1], [1, -1]])
     assert conditional_expected_acceleration([[0], [0, 0]], ranks, 2, 0.0) == pytest.approx(1 + 0.8 + 0.8 * 0.5)
     assert rank_accuracy_of(ranks, 2).tolist() == [[0.8, 0.2], [0.5, 0.5]]
+    # A head with no target anywhere (prompts shorter than its shift): accuracy 0, never NaN.
+    assert rank_accuracy_of(torch.tensor([[0, -1], [1, -1]]), 2).tolist() == [[0.5, 0.5], [0.0, 0.0]]
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,12 @@ def pack(
         raise ValueError(f"long_examples must be 'truncate' or 'split', got {long_examples!r}")
     # (ids, labels, a later piece of its example, following its example's previous piece in this list)
     pieces: list[tuple[list[int], list[int], bool, bool]] = []
+    cut_examples, cut_targets, all_targets = 0, 0, 0  # what truncation drops, said below
     for ids, labels in examples:
+        if long_examples == "truncate" and len(ids) > seq_len:
+            cut_examples += 1
+            cut_targets += sum(label != IGNORE_INDEX for label in labels[seq_len:])
+        all_targets += sum(label != IGNORE_INDEX for label in labels)
         starts = range(0, len(ids), seq_len) if long_examples == "split" else [0]
         kept_before = False  # an earlier piece of this example was kept (it is then the last piece listed)
         for start in starts:
@@ -85,6 +91,10 @@ def pack(
                 pieces.append((piece_ids, piece_labels, start > 0, kept_before))
                 kept_before = True
 
+    if cut_targets:
+        warnings.warn(f"data.long_examples=truncate: {cut_examples} of {len(examples)} examples are longer than "
+                      f"data.seq_len={seq_len}, and {cut_targets} of their targets ({cut_targets / all_targets:.1%} of "
+                      "all) are cut off; data.long_examples=split trains on them", stacklevel=2)
     rows: list[list[tuple[list[int], list[int], bool]]] = []
     used = seq_len  # forces a new row for the first piece
     for piece in pieces:
