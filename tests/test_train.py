@@ -822,6 +822,32 @@ def test_a_damaged_checkpoint_names_its_file_and_the_checkpoint_to_resume_from_i
         load_checkpoint(path, {"w": weight}, optimizer, scheduler)
 
 
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng.pt"])
+def test_a_checkpoint_file_that_pickles_code_is_refused_not_run(tmp_path, capsys, name):
+    """Resume read optimizer.pt, scheduler.pt and rng.pt with weights_only=False: a checkpoint from
+    elsewhere (a shared drive, the hub) could run any code. They hold tensors and plain containers."""
+    from medusa_liger.train.checkpoint import ResumeError, load_checkpoint
+
+    path = _save_tiny_checkpoint(tmp_path, 2)
+    state = torch.load(path / name, weights_only=True)
+    state["extra"] = _RunsCodeWhenUnpickled()
+    torch.save(state, path / name)
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    with pytest.raises(ResumeError, match=rf"'{path / name}' cannot be read \(UnpicklingError"):
+        load_checkpoint(path, {"w": weight}, optimizer, scheduler)
+    assert "pickled code ran" not in capsys.readouterr().out
+    # What the trainer writes loads under that rule (every file, the CUDA generators' states included).
+    path = _save_tiny_checkpoint(tmp_path, 4)
+    assert load_checkpoint(path, {"w": weight}, optimizer, scheduler)["step"] == 4
+
+
 def test_a_checkpoint_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
     """Without fsync a host crash after the rename could leave a complete-looking step of empty files."""
     import os

@@ -274,18 +274,20 @@ def load_checkpoint(
     # Memory-mapped: every rank reads the file (twice the trainable parameters in fp32), and each keeps
     # only its shard (FSDP) or moves it to its GPU; read whole, 8 ranks of an 8B run held 8 copies.
     # (The safetensors file above is memory-mapped by load_file already.)
+    # weights_only: tensors and plain containers, all a checkpoint holds; a file that pickled anything
+    # else (code run on load) is refused rather than executed.
     optimizer_state = read_checkpoint_file(directory / "optimizer.pt",
-                                           lambda path: torch.load(path, weights_only=False, mmap=True))
+                                           lambda path: torch.load(path, weights_only=True, mmap=True))
     try:
         optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer_state, optimizer))
     except ValueError as error:  # torch's message names parameter groups, not settings
         raise ResumeError(f"train.resume: the optimizer state of {str(directory)!r} does not fit this run's "
                           f"parameters (other heads, mode or lora settings?): {error}") from error
     scheduler.load_state_dict(read_checkpoint_file(directory / "scheduler.pt",
-                                                   lambda path: torch.load(path, weights_only=False)))
+                                                   lambda path: torch.load(path, weights_only=True)))
     rng_path = directory / rng_file(rank)
     if rng_path.is_file() or rank == 0:
-        set_rng_state(read_checkpoint_file(rng_path, lambda path: torch.load(path, weights_only=False)))
+        set_rng_state(read_checkpoint_file(rng_path, lambda path: torch.load(path, weights_only=True)))
     return read_checkpoint_file(directory / STATE_FILE, lambda path: json.loads(path.read_text()))
 
 
