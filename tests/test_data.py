@@ -148,6 +148,8 @@ QWEN3_STYLE = (
     "{%- for m in messages %}"
     "{%- if m.role == 'assistant' and loop.index0 > ns.last_query and loop.last %}"
     "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content | trim + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}"  # earlier turns lose their reasoning
+    "{{- '<|im_start|>assistant\\n' + m.content.split('</think>')[-1] | trim + '<|im_end|>\\n' }}"
     "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content | trim + '<|im_end|>\\n' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
@@ -170,6 +172,24 @@ def test_templates_that_render_a_last_turn_differently_locate_every_turn(tokeniz
     targets = tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
     assert "It does nothing." in targets and "It leaves the loop." in targets
     assert "pass" not in targets and "break" not in targets and "user" not in targets
+
+
+@pytest.mark.parametrize(("first", "expected"), [
+    ("<think>\nWhy? Because.\n</think>\n\nIt does nothing.", "It does nothing.<|im_end|>\n"),  # reasoning dropped
+    ("", "<|im_end|>\n"),  # an empty turn still ends
+    ("  \n", "<|im_end|>\n"),
+    ("think", "think<|im_end|>\n"),  # also a word of the last turn's think block
+])
+def test_qwen3_earlier_turns_keep_their_end_marker(tokenizer, first, expected):
+    # Reasoning kept in an earlier turn's content (self-distilled data) was not found in the rendering,
+    # so the conversation was refused; an empty earlier turn was found inside the last-turn think block
+    # and lost its end-of-turn marker.
+    messages = [CHAT[1], {"role": "assistant", "content": first}, CHAT[3], {"role": "assistant", "content": "Ends."}]
+    text, spans = render_conversation(tokenizer, messages, QWEN3_STYLE, "conv.jsonl:1")
+    assert [text[a:b] for a, b in spans] == [expected, "<think>\n\n</think>\n\nEnds.<|im_end|>\n"]
+    ids, labels = tokenize_example(Example("x", messages=messages), tokenizer, QWEN3_STYLE, "assistant")
+    targets = tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert "user" not in targets and "pass" not in targets and "assistant" not in targets
 
 
 def test_a_turn_is_not_located_in_another_turns_text(tokenizer):
@@ -217,8 +237,9 @@ def test_a_tokenizer_without_offsets_is_refused_for_assistant_masks_and_keys_the
         tokenize_examples(load_examples(data_cfg([path])), slow, data_cfg([path]))
     cfg = data_cfg([path], loss_on="all", seq_len=16)
     data = build_packed_data(cfg, slow, tmp_path / "cache")
-    same, other = ByT5Tokenizer(), ByT5Tokenizer(extra_ids=10)
-    same.chat_template = other.chat_template = BUILTIN_CHAT_TEMPLATE
+    slow.save_pretrained(tmp_path / "a")
+    same, other = ByT5Tokenizer.from_pretrained(tmp_path / "a"), ByT5Tokenizer(extra_ids=10)  # read from elsewhere
+    other.chat_template = BUILTIN_CHAT_TEMPLATE
     assert len(data) and data_fingerprint(cfg, slow) == data_fingerprint(cfg, same)
     assert data_fingerprint(cfg, slow) != data_fingerprint(cfg, other)
     assert torch.equal(build_packed_data(cfg, slow, tmp_path / "cache").input_ids, data.input_ids)  # the cached rows

@@ -25,7 +25,8 @@ Some templates render a conversation's *last* assistant turn differently from th
 longer one: Qwen3's adds an empty ``<think>`` block to the turns after the last user message only when
 it ends the conversation, Phi-3's appends EOS after the last message. For those, when the full
 rendering still starts with ``render(messages[:i], add_generation_prompt=True)``, the turn is found by
-its content (stripped, as templates often trim it) right after that generation prompt, with at most
+its content (stripped, as templates often trim it, or without its ``<think>...</think>`` reasoning, which
+Qwen3's drops from turns before the last user message) right after that generation prompt, with at most
 what the last-turn rendering puts before the content in between (the think block), and it ends where
 the full rendering stops agreeing with what the last-turn rendering puts after the content (the
 end-of-turn marker, not the EOS that only a last message gets).
@@ -136,24 +137,35 @@ def _turn_by_content(tokenizer, full: str, prefix: str, upto: str, content: str)
     start = len(prefix)
     if not (full.startswith(prefix) and upto.startswith(prefix)):
         return None
-    body = content.strip()
-    in_upto, in_full = upto.find(body, start), full.find(body, start)
-    # Between the generation prompt and the content, the full rendering may hold only (the end of) what
-    # the last-turn rendering holds there: never another turn's text.
-    if in_upto < 0 or in_full < 0 or not upto[start:in_upto].endswith(full[start:in_full]):
-        return None
-    # After the content, the tokens both renderings agree on (the end-of-turn marker). Compared as
-    # tokens, not characters: an EOS "<|end|>" and the next turn's "<|user|>" share "<|".
-    after = in_full + len(body)
-    upto_tail = upto[in_upto + len(body):]
+    # The content as templates show it: trimmed, and without the reasoning that some (Qwen3's) drop from
+    # the turns before the last user message.
+    for body in dict.fromkeys([content.strip(), content.rpartition("</think>")[2].strip()]):
+        in_full = full.find(body, start)
+        if in_full < 0:
+            continue
+        after = in_full + len(body)
+        # Where the last-turn rendering shows the content, with at most (the end of) what it puts before
+        # the content in between in ``full`` (never another turn's text): the place whose tail agrees with
+        # ``full``'s longest (the end-of-turn marker). An empty content is found everywhere, so each counts.
+        places = [pos for pos in range(start, len(upto) - len(body) + 1)
+                  if upto.startswith(body, pos) and upto[start:pos].endswith(full[start:in_full])]
+        agreed = max((_agreed_prefix(tokenizer, upto[pos + len(body):], full[after:]) for pos in places), default=0)
+        if agreed:
+            return start, after + agreed
+    return None
+
+
+def _agreed_prefix(tokenizer, ours: str, theirs: str) -> int:
+    """Characters of ``theirs`` covered by the leading tokens it shares with ``ours``. Compared as tokens,
+    not characters: an EOS "<|end|>" and the next turn's "<|user|>" share "<|"."""
     pieces = [tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-              for text in (upto_tail, full[after:after + len(upto_tail)])]
+              for text in (ours, theirs[:len(ours)])]
     agreed = 0
     for a, b, (_, end) in zip(pieces[0]["input_ids"], pieces[1]["input_ids"], pieces[1]["offset_mapping"]):
         if a != b:
             break
         agreed = end
-    return start, after + agreed
+    return agreed
 
 
 def tokenize_example(example: Example, tokenizer, template: str, loss_on: str) -> tuple[list[int], list[int]]:
@@ -169,6 +181,7 @@ def tokenize_example(example: Example, tokenizer, template: str, loss_on: str) -
     ids = encoding["input_ids"]
     if loss_on == "all":
         return ids, list(ids)
+    spans = [(a, b) for a, b in spans if b > a]  # (an empty one would take a token straddling its place)
     labels = [
         token if any(start < span_end and end > span_start for span_start, span_end in spans) else IGNORE_INDEX
         for token, (start, end) in zip(ids, encoding["offset_mapping"])

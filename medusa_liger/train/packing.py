@@ -146,13 +146,22 @@ ROW_SETTINGS = ("paths", "split", "format", "seq_len", "loss_on", "long_examples
                 "max_examples")
 
 
+# Settings of how and where a tokenizer was read, not of how it splits text (a copy elsewhere is the same).
+_LOAD_SETTINGS = {"name_or_path", "is_local", "local_files_only", "model_max_length", "cache_dir", "revision", "token",
+                  "_commit_hash", "use_fast", "trust_remote_code",
+                  "chat_template"}  # (the template is keyed on its own)
+_LOAD_SUFFIXES = ("_file", "_path", "_dir")
+
+
 def tokenizer_identity(tokenizer) -> str:
     """What decides how ``tokenizer`` splits text: its ``tokenizers`` backend serialized, or for one
     without (a Python or SentencePiece tokenizer) its class, vocabulary and plain settings."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return backend.to_str()
-    settings = {k: v for k, v in tokenizer.init_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    settings = {k: v for k, v in tokenizer.init_kwargs.items()
+                if isinstance(v, (str, int, float, bool))
+                and k not in _LOAD_SETTINGS and not k.endswith(_LOAD_SUFFIXES)}
     return json.dumps([type(tokenizer).__qualname__, sorted(tokenizer.get_vocab().items()), settings], sort_keys=True)
 
 
