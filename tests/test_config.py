@@ -103,11 +103,14 @@ def test_defaults_without_a_file():
         ("export.backbone=never", "export.backbone"),  # tiny, built here, without checkpoints: saved nowhere
         ("train.lm_loss_weight=0", "train.lm_loss_weight"),  # with heads_lambda.value=0 (below): nothing trains
         ("train.heads_lambda.value=0", "train.heads_lambda.value"),  # joint, no heads-only stage: no head trains
+        ("train.fsdp_param_dtype=float16", "train.fsdp_param_dtype"),  # the whole backbone's gradients in fp16
+        ("train.mode=heads", "export.backbone"),  # never: a tiny backbone only the heads trained on is in no checkpoint
     ],
 )
 def test_bad_values_name_the_key(override, key):
     extra = {"export.backbone=never": ["checkpoint.every=0"], "train.lm_loss_weight=0": ["train.heads_lambda.value=0",
-             "train.heads_only_steps=10"]}.get(override, [])
+             "train.heads_only_steps=10"], "train.fsdp_param_dtype=float16": ["train.fsdp=true"],
+             "train.mode=heads": ["export.backbone=never", "train.heads_only_steps=0"]}.get(override, [])
     with pytest.raises(ValueError, match=re.escape(key)):
         load_config(ROOT / "configs" / "tiny.yaml", [override, *extra])
 

@@ -384,6 +384,8 @@ def test_loader_order_is_seeded_and_resumable():
     seen = [a.next_batch()["input_ids"][:, 0].tolist() for _ in range(7)]
     assert sorted(sum(seen[:3], [])) == sorted(set(sum(seen[:3], [])))  # no repeats within an epoch
     assert seen[3:6] != seen[:3]  # each epoch its own order (a seed without the epoch repeated epoch 0)
+    for seed in (10**14, 2**64 - 1, -(2**63)):  # seed * 1_000_003 overflowed torch's seed range
+        assert len(PackedLoader(data, 3, seed=seed).next_batch()["input_ids"]) == 3
     assert sorted(sum(seen[3:6], [])) == sorted(sum(seen[:3], []))
     b = PackedLoader(data, 3, seed=5)
     for _ in range(4):

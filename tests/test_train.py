@@ -181,7 +181,8 @@ def test_lora_targets_the_backbone_lacks_are_a_config_error(tmp_path, capsys):
     assert "config error: lora.target_modules=['nope_proj']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("targets", "unmatched"), [("[q_proj,v_proj,gate_poj]", "['gate_poj']"), ("q_proj", None)])
+@pytest.mark.parametrize(("targets", "unmatched"), [("[q_proj,v_proj,gate_poj]", "['gate_poj']"), ("q_proj", None),
+                                                  (".*proj", "['.*proj']")])
 def test_every_lora_target_must_name_a_module(tmp_path, targets, unmatched):
     """peft raises only when no target matches: a typo in a list left those layers without adapters,
     silently. A lone name was read by peft as a regular expression over full module paths (no match)."""
@@ -192,7 +193,8 @@ def test_every_lora_target_must_name_a_module(tmp_path, targets, unmatched):
     cfg = short_config(tmp_path, "train.mode=joint", "lora.enabled=true", f"lora.target_modules={targets}")
     if unmatched:
         with pytest.raises(ConfigError, match=rf"lora.target_modules=.*: {re.escape(unmatched)} match no module of "
-                                              r"the backbone, whose linear layers are named \[.*'gate_proj'"):
+                                              r"the backbone, whose linear layers are named \[.*'gate_proj'"
+                                              + (r".*\(module names, not regular expressions\)" if "*" in targets else "")):
             build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
     else:
         _, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))

@@ -146,8 +146,9 @@ def check_lora_targets(backbone, targets: list[str] | str, given: list[str] | st
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, torch.nn.Linear)})
+        regex = any(set(t) & set("*+?[]()|^$\\") for t in unmatched)
         raise ConfigError(f"lora.target_modules={given}: {unmatched} match no module of the backbone, whose linear "
-                          f"layers are named {linear}")
+                          f"layers are named {linear}" + (" (module names, not regular expressions)" if regex else ""))
 
 
 def build_medusa(cfg: Config, backbone, teacher: bool = True):

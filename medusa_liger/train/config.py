@@ -420,6 +420,9 @@ def validate(cfg: Config) -> Config:
              "train.heads_lambda.value", t.heads_lambda.value,
              "> 0 in joint mode without a heads-only stage (train.heads_only_steps); 0 trains no head")
     _require(-(2**63) <= t.seed < 2**64, "train.seed", t.seed, "an integer in [-2**63, 2**64) (torch's seed range)")
+    _require(t.fsdp_param_dtype != "float16" or cfg.lora.enabled or t.mode != "joint", "train.fsdp_param_dtype",
+             t.fsdp_param_dtype, "bfloat16 or null when the full backbone trains: its float16 gradients would "
+             "underflow without loss scaling, which this trainer does not do")
     _require(is_device_name(t.device, allow_auto=True), "train.device", t.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
     _require(t.fsdp_param_dtype is None or t.fsdp, "train.fsdp_param_dtype", t.fsdp_param_dtype,
              "null unless train.fsdp is true (it sets the dtype FSDP gathers parameters in)")
@@ -436,10 +439,12 @@ def validate(cfg: Config) -> Config:
     _require(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, ">= 1")
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, ">= 1")
-    backbone_trains = t.mode == "joint" or name == "tiny"  # (tiny: built from scratch here)
-    _require(not (cfg.export.backbone == "never" and backbone_trains and cfg.checkpoint.every == 0), "export.backbone",
-             cfg.export.backbone, "'auto' or 'always' when the backbone trains or is built here and checkpoint.every=0 "
-             "(it would be saved nowhere)")
+    # A trained backbone lives on in the checkpoints (export --checkpoint rebuilds it); a tiny one that only
+    # the heads trained on (heads mode) is in none of them.
+    lost = name == "tiny" and t.mode == "heads" or t.mode == "joint" and cfg.checkpoint.every == 0
+    _require(not (cfg.export.backbone == "never" and lost), "export.backbone", cfg.export.backbone,
+             "'auto' or 'always' for a backbone built here with train.mode=heads, or trained without checkpoints "
+             "(checkpoint.every=0): it would be saved nowhere")
     _require(bool(cfg.export.formats) or cfg.checkpoint.every > 0, "export.formats", cfg.export.formats,
              "at least one of 'medusa', 'vllm' when checkpoint.every=0 (the trained heads would be saved nowhere)")
     for i, fmt in enumerate(cfg.export.formats):

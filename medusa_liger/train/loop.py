@@ -395,7 +395,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         distributed.broadcast_from_main(trainable_parameters(model).values())
     params = trainable_parameters(model)  # after sharding: FSDP's parameters replace the module's
     if distributed.rank() > 0:  # each rank its own dropout masks (rank 0 draws what one process draws);
-        torch.manual_seed(cfg.train.seed + distributed.rank())  # data order has its own generator
+        # (data order has its own generator; modulo 2**64, torch's range, as torch reads a negative seed)
+        torch.manual_seed((cfg.train.seed + distributed.rank()) % 2**64)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 

@@ -263,7 +263,8 @@ class PackedLoader:
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # Modulo 2**64, torch's seed range (as torch reads a negative seed): a large train.seed overflowed.
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
         return torch.randperm(len(self.data), generator=generator)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
