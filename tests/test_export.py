@@ -664,13 +664,30 @@ def test_a_format_version_that_is_no_integer_is_a_named_error(tmp_path, version)
         read_heads(tmp_path)
 
 
-def test_a_newer_format_is_named_before_its_tensors_are_read(tmp_path):
-    make_model(shared=False).save_heads(tmp_path, format="medusa")
-    text = (tmp_path / "config.json").read_text().replace('"format_version": 1', '"format_version": 2')
-    (tmp_path / "config.json").write_text(text)
-    (tmp_path / "medusa_lm_head.safetensors").write_bytes(b"a layout this version cannot read")
+def test_a_newer_format_is_named_before_its_tensors_are_read(tmp_path, capsys):
+    heads = tmp_path / "final" / "heads_medusa"
+    make_model(shared=False).save_heads(heads, format="medusa")
+    text = (heads / "config.json").read_text().replace('"format_version": 1', '"format_version": 2')
+    (heads / "config.json").write_text(text)
+    (heads / "medusa_lm_head.safetensors").write_bytes(b"a layout this version cannot read")
     with pytest.raises(ValueError, match="written by a newer medusa-liger"):
-        read_heads(tmp_path)
+        read_heads(heads)
+    # The CLI says so too, wherever it finds them (the search for heads skipped them: "holds no Medusa heads").
+    for checkpoint in (heads, tmp_path):
+        assert run_cli("--checkpoint", str(checkpoint), "--output", str(tmp_path / "out")) == 2
+        assert "written by a newer medusa-liger (format_version 2" in capsys.readouterr().err
+
+
+def test_export_from_inside_final_pairs_the_backbone_beside_the_heads(tmp_path, monkeypatch, capsys):
+    # `cd RUN/final && medusa-liger export --checkpoint heads_medusa`: the parent of "heads_medusa" as typed
+    # is ".", so a moved run's final/backbone (no longer its recorded base) went unpaired, unlike in eval.
+    model = make_model(shared=True)
+    final = tmp_path / "moved_run" / "final"
+    model.save_heads(final / "heads_medusa", format="medusa", base_model_name_or_path="/run/was/here/final/backbone")
+    model.backbone.save_pretrained(str(final / "backbone"))
+    monkeypatch.chdir(final)
+    assert run_cli("--checkpoint", "heads_medusa", "--output", str(tmp_path / "out"), "--format", "vllm") == 0
+    assert "heads in the vllm format and the backbone" in capsys.readouterr().out
 
 
 def test_vllm_heads_are_read_as_vllm_serves_them(tmp_path):

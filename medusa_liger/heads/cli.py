@@ -31,6 +31,7 @@ from medusa_liger.heads.export import (
     FORMATS,
     BackboneLoadError,
     HeadsCheckpoint,
+    NotHeadsConfigError,
     check_backbone_matches,
     check_fasterdecoding_heads,
     check_format,
@@ -70,7 +71,7 @@ def find_heads_dir(checkpoint_dir: str | Path) -> Path:
             try:
                 detect_format(candidate)
                 return candidate
-            except ValueError:
+            except NotHeadsConfigError:  # (heads that cannot be read, e.g. of a newer version, are said)
                 continue
     raise FileNotFoundError(
         f"{checkpoint_dir} holds no Medusa heads: expected config.json in the medusa or vllm format there or in "
@@ -117,12 +118,14 @@ def paired_backbone(heads_dir: Path, ckpt: HeadsCheckpoint) -> Path | None:
     ``save_heads(save_backbone=True)`` writes), or one beside it when it is theirs: in a training run's
     ``final/``, for heads trained jointly with it, or recorded as their base model. A heads-only export
     beside an unrelated ``backbone/`` folder (say ``/models/backbone``) is exported alone."""
-    inside, beside = heads_dir / BACKBONE_SUBDIR, heads_dir.parent / BACKBONE_SUBDIR
+    inside = heads_dir / BACKBONE_SUBDIR
     if inside.is_dir():
         return inside
+    resolved = heads_dir.resolve()  # `export --checkpoint heads_medusa` from inside final/, or a link to it
+    beside = resolved.parent / BACKBONE_SUBDIR
     if not beside.is_dir():
         return None
-    in_final = heads_dir.parent.name == FINAL_DIR and heads_dir.name.startswith(FINAL_HEADS_PREFIX)
+    in_final = resolved.parent.name == FINAL_DIR and resolved.name.startswith(FINAL_HEADS_PREFIX)
     recorded = ckpt.base_model_name_or_path
     named = bool(recorded) and user_path(recorded).resolve() == beside.resolve()
     return beside if in_final or ckpt.config.mode == "joint" or named else None

@@ -346,6 +346,10 @@ def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", 
 
 
 # ---------------------------------------------------------------------------- reading
+class NotHeadsConfigError(ValueError):
+    """A config.json that is not a Medusa heads config (e.g. a backbone's): what a search for heads skips."""
+
+
 def detect_format(directory: str | Path) -> str:
     """"medusa" or "vllm", from ``directory/config.json``; errors name what was found."""
     config = _read_config(Path(directory))
@@ -353,7 +357,7 @@ def detect_format(directory: str | Path) -> str:
         return "medusa"
     if config.get("model_type") == "medusa" and "num_heads" in config:
         return "vllm"
-    raise ValueError(
+    raise NotHeadsConfigError(
         f"{directory}/config.json is not a Medusa heads config: expected 'medusa_num_heads' (medusa format) "
         f"or model_type 'medusa' with 'num_heads' (vllm format), found keys {sorted(config)}"
     )

@@ -39,6 +39,9 @@ def first_order_only(op: str):
     not, so they came back as constants: a penalty with a differentiable part beside them silently lost
     the op's second-order terms. Refusing ``create_graph`` outright is the one check that holds for
     ``torch.autograd.grad`` with ``inputs`` too, where a deferred error's node is never run.
+    (Inside a function compiled by ``torch.compile``, Dynamo traces the backward with grad mode off, so
+    the check is not in the graph: ``aot_eager`` and ``inductor`` refuse double backward themselves,
+    without naming the op; the ``eager`` backend does not refuse it.)
     """
 
     def decorate(backward):
