@@ -20,6 +20,7 @@ from medusa_liger.kernels.rms_norm import rms_norm
 from medusa_liger.kernels.rope import apply_rotary_pos_emb
 from medusa_liger.kernels.swiglu import swiglu
 from medusa_liger.kernels.utils import force_backend
+from tests.utils import DEVICE
 
 BACKENDS = ["triton", "torch"]
 PLAIN_ON_TORCH = ("rms_norm", "rope", "swiglu")  # their PyTorch path is plain ops, no autograd Function
@@ -27,11 +28,11 @@ PLAIN_ON_TORCH = ("rms_norm", "rope", "swiglu")  # their PyTorch path is plain o
 
 def _ops():
     """name -> (function of w returning a scalar loss, the same loss in plain PyTorch)."""
-    x = torch.randn(4, 6, 8)
-    labels = torch.randint(0, 11, (4, 6))
-    h = torch.randn(5, 8)
-    y = torch.randint(0, 11, (5,))
-    cos, sin = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    x = torch.randn(4, 6, 8, device=DEVICE)
+    labels = torch.randint(0, 11, (4, 6), device=DEVICE)
+    h = torch.randn(5, 8, device=DEVICE)
+    y = torch.randint(0, 11, (5,), device=DEVICE)
+    cos, sin = torch.randn(4, 6, 8, device=DEVICE), torch.randn(4, 6, 8, device=DEVICE)
 
     def rope(w, fn):
         q = (x @ w).reshape(4, 1, 6, 8)
@@ -44,7 +45,7 @@ def _ops():
         return q * c + half(q) * s, k * c + half(k) * s
 
     return {
-        "rms_norm": (lambda w: rms_norm(x @ w, torch.ones(8)).square().sum(),
+        "rms_norm": (lambda w: rms_norm(x @ w, torch.ones(8, device=DEVICE)).square().sum(),
                      lambda w: ((x @ w) * torch.rsqrt((x @ w).square().mean(-1, keepdim=True) + 1e-6)).square().sum()),
         "rope": (lambda w: rope(w, apply_rotary_pos_emb), lambda w: rope(w, rope_ref)),
         "swiglu": (lambda w: swiglu(x @ w, (x @ w).cos()).square().sum(),
@@ -64,7 +65,7 @@ def _ops():
 @pytest.mark.parametrize("op", list(_ops()))
 def test_create_graph_raises_naming_the_op_and_first_order_stays_right(op, backend):
     loss_fn, reference_fn = _ops()[op]
-    w = torch.randn(8, 11 if "cross_entropy" in op else 8, requires_grad=True)
+    w = torch.randn(8, 11 if "cross_entropy" in op else 8, device=DEVICE, requires_grad=True)
     (expected,) = torch.autograd.grad(reference_fn(w), w)
     with force_backend(backend):
         if backend == "torch" and op in PLAIN_ON_TORCH:  # differentiable PyTorch ops: the right Hessian terms
