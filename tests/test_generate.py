@@ -240,6 +240,14 @@ def test_typical_decoding_seeded(trained):
     assert torch.equal(a.sequences, b.sequences)
     assert a.stats.acceleration_rate > 1.5
     assert zero.matches_greedy  # typical at temperature 0 is greedy
+    # Any integer seed (past torch's range it overflowed after the model loaded), and the smallest
+    # temperature taken, which samples the greedy tokens here (logits / T overflowed into NaNs).
+    with force_backend("torch"):
+        huge = medusa_generate(model, ids, 8, acceptance="typical", temperature=0.7, seed=2**70 + 123)
+        cold = medusa_generate(model, ids, 32, acceptance="typical", temperature=1e-6, compare_greedy=True, seed=1)
+    assert torch.equal(huge.sequences, medusa_generate(model, ids, 8, acceptance="typical", temperature=0.7,
+                                                       seed=123).sequences)
+    assert cold.matches_greedy
 
 
 @pytest.mark.parametrize(
@@ -255,6 +263,7 @@ def test_typical_decoding_seeded(trained):
         ({"max_new_tokens": 250}, "max_position_embeddings"),
         ({"acceptance": "nucleus"}, "acceptance"),
         ({"temperature": -1.0}, "temperature"),
+        ({"temperature": 1e-39, "acceptance": "typical"}, r"temperature must be 0 \(greedy\) or .* >= 1e-06"),
         ({"temperature": 0.7}, "samples only with acceptance='typical'"),  # was ignored: decoded greedily
         ({"posterior_threshold": 0.0}, "posterior_threshold"),
         ({"tree": [[0], [1, 0]]}, "parent"),

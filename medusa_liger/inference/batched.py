@@ -44,6 +44,7 @@ from medusa_liger.inference.generate import (
     _eos_set,
     _finish,
     _sync,
+    sampling_generator,
 )
 from medusa_liger.inference.tree import TreeBuffers
 
@@ -131,7 +132,7 @@ class BatchedMedusaDecoder(MedusaDecoder):
 
     def _new_generators(self, batch: int) -> list[torch.Generator | None]:
         """One generator per sequence, seeded as ``medusa_generate``'s would be for it alone."""
-        return [None if s is None else torch.Generator(device=self.runner.device).manual_seed(int(s))
+        return [None if s is None else sampling_generator(s, self.runner.device)
                 for s in per_prompt_seeds(self.seeds, batch)]
 
     def keep(self, rows: Sequence[int]) -> None:

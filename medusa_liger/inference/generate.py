@@ -176,12 +176,23 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
 # ---------------------------------------------------------------------------------------------
 
 
+MIN_TEMPERATURE = 1e-6  # the smallest sampling temperature taken; 0 is greedy
+
+
+def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` modulo 2**64 (torch's range; as torch reads a
+    negative seed), so any integer seed works, ``seed + i`` for prompt i included."""
+    return torch.Generator(device=device).manual_seed(int(seed) % 2**64)
+
+
 def check_acceptance(acceptance: str, temperature: float, posterior_threshold: float, posterior_alpha: float) -> None:
     """ValueError naming the first bad acceptance option (see ``medusa_generate``)."""
     if acceptance not in ("greedy", "typical"):
         raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
-    if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and (temperature == 0 or temperature >= MIN_TEMPERATURE)):
+        # (below it, logits / T overflows float32: the probabilities came out NaN)
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature!r}")
     if not (isinstance(posterior_threshold, (int, float)) and 0 < posterior_threshold <= 1):
         raise ValueError(f"posterior_threshold (epsilon) must be in (0, 1], got {posterior_threshold!r}")
     if not (isinstance(posterior_alpha, (int, float)) and posterior_alpha > 0 and math.isfinite(posterior_alpha)):
@@ -237,7 +248,7 @@ class MedusaDecoder:
         self.alpha = float(posterior_alpha)
         self.generator = None
         if seed is not None:
-            self.generator = torch.Generator(device=self.runner.device).manual_seed(int(seed))
+            self.generator = sampling_generator(seed, self.runner.device)
         self.window = self.runner.sliding_window()
         self.cache = None
         self.past_length = 0
@@ -268,7 +279,8 @@ class MedusaDecoder:
 
     # ------------------------------------------------------------------ one step
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits / self.temperature, dim=-1)
+        # Shifted by the row maximum before the division: at a small temperature the logits / T overflowed.
+        return torch.softmax((logits - logits.amax(-1, keepdim=True)) / self.temperature, dim=-1)
 
     def _root(self) -> torch.Tensor:
         if self.acceptance == "greedy":
