@@ -258,4 +258,18 @@ def chat_template_for(tokenizer, choice: str, setting: str | None = None) -> str
         warnings.warn(f"{message}: conversations are rendered with the built-in template", stacklevel=2)
     if choice == "auto" and isinstance(own, str) and own:
         return own
+    if choice == "auto" and not own:  # (a base model's tokenizer): its markers are plain text to it
+        warnings.warn("the tokenizer has no chat template: conversations are rendered with the built-in one "
+                      "(<|user|>, <|assistant|> and the EOS token); give the tokenizer its model's template, or "
+                      f"choose the built-in one ({setting or 'chat_template'}=builtin) to silence this", stacklevel=2)
     return BUILTIN_CHAT_TEMPLATE
+
+
+def check_tokenizer(tokenizer, source: str) -> None:
+    """ValueError unless ``tokenizer`` (read from ``source``) turns text into tokens: for a model
+    directory without tokenizer files transformers may build an empty one (Qwen2's encodes any text to
+    no token), and a run trained on nothing."""
+    if len(tokenizer) <= 1 or not tokenizer("The pass statement.", add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"{source}: its tokenizer holds {len(tokenizer)} token(s) and encodes text to nothing; "
+                         "are its tokenizer files (tokenizer.json, tokenizer_config.json) missing? Save the "
+                         "tokenizer beside the model (tokenizer.save_pretrained)")

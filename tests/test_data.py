@@ -587,3 +587,17 @@ def test_text_data_needs_no_usable_chat_template(tokenizer):
     assert tokenize_examples(text, named, DataConfig()) == tokenize_examples(text, tokenizer, DataConfig())
     with pytest.raises(ValueError, match="use data.chat_template=builtin"):
         tokenize_examples([Example("x", messages=CHAT)], named, DataConfig())
+
+
+def test_a_tokenizer_without_a_chat_template_is_said_to_get_the_builtin_one(tokenizer):
+    # A base model's tokenizer: conversations were rendered with markers it reads as plain text, unsaid.
+    bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|end|>")
+    with pytest.warns(UserWarning, match=r"no chat template: conversations are rendered with the built-in one.*"
+                                         r"\(data.chat_template=builtin\) to silence"):
+        assert chat_template_for(bare, "auto", "data.chat_template") == BUILTIN_CHAT_TEMPLATE
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chat_template_for(bare, "builtin", "data.chat_template")  # chosen: nothing to say
+        chat_template_for(tokenizer, "auto", "data.chat_template")

@@ -621,6 +621,18 @@ def test_heads_only_heads_ignore_an_unrelated_backbone_folder_beside_them(tmp_pa
         tmp_path / "models" / "backbone"
 
 
+def test_shared_heads_in_the_medusa_format_are_said_to_be_ours_only(tmp_path):
+    # TGI and TensorRT-LLM load a projection per head, which shared heads in this layout do not hold.
+    with pytest.warns(UserWarning, match="hold no per-head projection.*serve them through the vllm format"):
+        make_model(shared=True).save_heads(tmp_path / "s", format="medusa")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_model(shared=False).save_heads(tmp_path / "p", format="medusa")
+        make_model(shared=True).save_heads(tmp_path / "v", format="vllm")
+
+
 def test_shared_heads_without_a_vocab_size_take_the_backbones(tmp_path, capsys):
     # A medusa-format config without vocab_size wrote a vllm config with "vocab_size": null.
     model = make_model(shared=True)

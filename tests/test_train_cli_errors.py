@@ -163,3 +163,39 @@ def test_print_config_into_a_closed_pipe():
                           stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, timeout=120)
     os.close(write)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_a_model_directory_without_its_tokenizer_is_a_config_error(tmp_path, family):
+    """model.save_pretrained without the tokenizer: transformers built Qwen2 an empty tokenizer (every text
+    encoded to nothing, and the run trained on that, exit 0) and blamed a missing package for Llama's."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from medusa_liger.heads.export import BackboneLoadError
+    from medusa_liger.inference.cli import load_causal_lm
+    from medusa_liger.train.build import build_tokenizer_and_backbone
+    from tests.train_helpers import TINY
+
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    config_class, model_class = classes[family]
+    model_class(config_class(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=300)).save_pretrained(str(tmp_path / "model"))
+    cfg = load_config(TINY, [*SHORT, f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tmp_path / 'model'}"])
+    with pytest.raises(ConfigError, match=rf"model.name_or_path={tmp_path / 'model'}: no usable tokenizer"):
+        build_tokenizer_and_backbone(cfg, lambda: [])
+    with pytest.raises(BackboneLoadError, match="could not be loaded"):
+        load_causal_lm(str(tmp_path / "model"), device="cpu")
+
+
+def test_token_ids_past_the_embedding_are_a_config_error():
+    """A tokenizer that is not the model's: the first forward failed with an IndexError (a device-side
+    assert on a GPU) after the whole dataset was tokenized."""
+    from medusa_liger.train.build import check_token_range
+    from tests.train_helpers import TINY
+
+    backbone = torch.nn.Module()
+    backbone.get_input_embeddings = lambda: torch.nn.Embedding(600, 4)
+    cfg = load_config(TINY)
+    check_token_range(cfg, torch.tensor([[0, 599]]), backbone)  # padded vocabularies leave rows unused: fine
+    with pytest.raises(ConfigError, match="gives token ids up to 773, but the model's embedding has 600 rows"):
+        check_token_range(cfg, torch.tensor([[1, 773]]), backbone)

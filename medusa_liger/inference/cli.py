@@ -50,7 +50,7 @@ from medusa_liger.inference.tree import (
     TREE_SEARCHES,
     normalize_tree,
 )
-from medusa_liger.records import load_json_list, looks_like_local_path
+from medusa_liger.records import check_tokenizer, load_json_list, looks_like_local_path
 from medusa_liger.run_layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -176,6 +176,7 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
     causal_lm = load_backbone(backbone, torch_dtype, attn_implementation=attn_implementation)
     try:
         tokenizer = AutoTokenizer.from_pretrained(local_or_hub(backbone))
+        check_tokenizer(tokenizer, str(backbone))
     except (OSError, ValueError) as error:
         raise backbone_load_error(backbone, error) from error
     return causal_lm.to(device).eval(), tokenizer

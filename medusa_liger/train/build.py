@@ -27,6 +27,7 @@ import torch
 
 from medusa_liger.devices import parse_device
 from medusa_liger.heads.export import DTYPES  # one table of dtype names (the config allows three of them)
+from medusa_liger.records import check_tokenizer
 from medusa_liger.train import distributed
 from medusa_liger.train.config import Config, ConfigError
 from medusa_liger.train.packing import ROW_SETTINGS
@@ -95,7 +96,13 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
 
         if distributed.is_main():
             note_hub_lookup(cfg.model.name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
+                                                      trust_remote_code=cfg.model.trust_remote_code)
+            check_tokenizer(tokenizer, cfg.model.name_or_path)
+        except ValueError as error:  # (transformers blames a missing package for missing tokenizer files)
+            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: no usable tokenizer: "
+                              f"{' '.join(str(error).split())}") from error
         kwargs = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
         if cfg.model.attn_implementation is not None:
             kwargs["attn_implementation"] = cfg.model.attn_implementation
@@ -125,6 +132,17 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
             raise ConfigError(f"lora.target_modules={cfg.lora.target_modules}: {error}") from error
         cast_adapters(backbone, master_dtype(cfg))
     return tokenizer, backbone
+
+
+def check_token_range(cfg: Config, input_ids: torch.Tensor, backbone) -> None:
+    """ConfigError when the tokenizer gave ids past the backbone's embedding rows (a tokenizer not the
+    model's): the first forward failed with an IndexError (a device-side assert on a GPU). Rows past the
+    tokenizer's last id are fine: models pad their vocabulary (Qwen2.5: 151,665 tokens, 152,064 rows)."""
+    rows = backbone.get_input_embeddings().num_embeddings
+    highest = int(input_ids.max()) if input_ids.numel() else -1
+    if highest >= rows:
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: its tokenizer gives token ids up to "
+                          f"{highest}, but the model's embedding has {rows} rows: the tokenizer is not this model's")
 
 
 def lora_targets(target_modules: list[str] | str) -> list[str] | str:

@@ -68,6 +68,7 @@ from medusa_liger.train import distributed, fsdp
 from medusa_liger.train.build import (
     RANKS_KEY,
     autocast_dtype,
+    check_token_range,
     build_medusa,
     build_optimizer,
     build_scheduler,
@@ -379,6 +380,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples, on_meta=cfg.train.fsdp and not main)
     with distributed.main_first(), data_errors():
         data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
+    check_token_range(cfg, data.input_ids, backbone)
     # Checkpoints (rank 0's) keep it: a resume says when the rows changed (files edited in place too).
     rows = rows_fingerprint(data) if main else None
     with data_errors():  # also: fewer packed rows than a micro-batch
