@@ -192,6 +192,29 @@ def test_qwen3_earlier_turns_keep_their_end_marker(tokenizer, first, expected):
     assert "user" not in targets and "pass" not in targets and "assistant" not in targets
 
 
+def test_an_earlier_turn_that_ends_unlike_the_last_is_its_content(tokenizer):
+    # EOS after the last message only, a newline between turns: nothing after an earlier turn agrees with
+    # the last-turn rendering's tail. Its content is still the turn (refused for a while: no end agreed).
+    template = ("{% for m in messages %}{{ m.role + ': ' + m.content }}{% if not loop.last %}{{ '\\n' }}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '\\nassistant: ' }}{% else %}{{ eos_token }}{% endif %}")
+    messages = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello you"},
+                {"role": "user", "content": "why"}, {"role": "assistant", "content": "because"}]
+    text, spans = render_conversation(tokenizer, messages, template)
+    assert [text[a:b] for a, b in spans] == ["hello you", "because<|end|>"]
+
+
+def test_long_reasoning_before_an_empty_answer_is_located_in_linear_time(tokenizer):
+    # Every place in the last-turn rendering matches an empty answer: each was tokenized (19 s for 8k chars).
+    import time
+
+    reasoning = "<think>\n" + "Let us see, step by step. " * 320 + "\n</think>\n\n"  # ~8k characters
+    messages = [CHAT[1], {"role": "assistant", "content": reasoning}, CHAT[3], {"role": "assistant", "content": "a"}]
+    started = time.perf_counter()
+    text, spans = render_conversation(tokenizer, messages, QWEN3_STYLE)
+    assert time.perf_counter() - started < 2.0
+    assert [text[a:b] for a, b in spans][0] == "<|im_end|>\n"
+
+
 def test_a_turn_is_not_located_in_another_turns_text(tokenizer):
     # The last-turn rendering differs and this turn's content is not where the turn is (the template
     # drops earlier replies): found only inside a later turn, it is refused rather than misplaced.

@@ -690,6 +690,14 @@ def test_a_newer_format_is_named_before_its_tensors_are_read(tmp_path, capsys):
         assert "written by a newer medusa-liger (format_version 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["", '[{"name": "sweep"}]', '{"medusa_liger": "notes"}', '{"hidden_size": 8}'])
+def test_a_config_json_that_is_no_heads_is_skipped_in_the_search(tmp_path, text):
+    # Only a version this one cannot read stops the search: a run directory's other config.json does not.
+    make_model(shared=False).save_heads(tmp_path / "heads_medusa", format="medusa")
+    (tmp_path / "config.json").write_text(text)
+    assert export_cli.find_heads_dir(tmp_path) == tmp_path / "heads_medusa"
+
+
 def test_export_from_inside_final_pairs_the_backbone_beside_the_heads(tmp_path, monkeypatch, capsys):
     # `cd RUN/final && medusa-liger export --checkpoint heads_medusa`: the parent of "heads_medusa" as typed
     # is ".", so a moved run's final/backbone (no longer its recorded base) went unpaired, unlike in eval.

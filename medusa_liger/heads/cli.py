@@ -31,7 +31,7 @@ from medusa_liger.heads.export import (
     FORMATS,
     BackboneLoadError,
     HeadsCheckpoint,
-    NotHeadsConfigError,
+    HeadsVersionError,
     check_backbone_matches,
     check_fasterdecoding_heads,
     check_format,
@@ -71,7 +71,9 @@ def find_heads_dir(checkpoint_dir: str | Path) -> Path:
             try:
                 detect_format(candidate)
                 return candidate
-            except NotHeadsConfigError:  # (heads that cannot be read, e.g. of a newer version, are said)
+            except HeadsVersionError:  # heads, of a version this one cannot read: said, not skipped
+                raise
+            except ValueError:  # not heads (a backbone's config.json, notes, broken JSON): the next candidate
                 continue
     raise FileNotFoundError(
         f"{checkpoint_dir} holds no Medusa heads: expected config.json in the medusa or vllm format there or in "

@@ -350,8 +350,8 @@ def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", 
 
 
 # ---------------------------------------------------------------------------- reading
-class NotHeadsConfigError(ValueError):
-    """A config.json that is not a Medusa heads config (e.g. a backbone's): what a search for heads skips."""
+class HeadsVersionError(ValueError):
+    """Heads whose config.json says a format version this medusa-liger cannot read."""
 
 
 def detect_format(directory: str | Path) -> str:
@@ -361,7 +361,7 @@ def detect_format(directory: str | Path) -> str:
         return "medusa"
     if config.get("model_type") == "medusa" and "num_heads" in config:
         return "vllm"
-    raise NotHeadsConfigError(
+    raise ValueError(
         f"{directory}/config.json is not a Medusa heads config: expected 'medusa_num_heads' (medusa format) "
         f"or model_type 'medusa' with 'num_heads' (vllm format), found keys {sorted(config)}"
     )
@@ -386,9 +386,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
     # Checked before any tensor is read: a newer layout would otherwise fail as a "missing tensor".
     version = ours.get("format_version", FORMAT_VERSION)
     if isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"{path}: medusa_liger.format_version must be an integer, found {version!r}")
+        raise HeadsVersionError(f"{path}: medusa_liger.format_version must be an integer, found {version!r}")
     if version > FORMAT_VERSION:
-        raise ValueError(f"{directory} was written by a newer medusa-liger (format_version {version}, this one "
+        raise HeadsVersionError(f"{directory} was written by a newer medusa-liger (format_version {version}, this one "
                          f"reads <= {FORMAT_VERSION})")
     return config
 

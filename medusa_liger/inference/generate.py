@@ -279,8 +279,8 @@ class MedusaDecoder:
 
     # ------------------------------------------------------------------ one step
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        # Shifted by the row maximum before the division: at a small temperature the logits / T overflowed.
-        return torch.softmax((logits - logits.amax(-1, keepdim=True)) / self.temperature, dim=-1)
+        # (MIN_TEMPERATURE keeps logits / T finite: below it, it overflowed into NaN probabilities)
+        return torch.softmax(logits / self.temperature, dim=-1)
 
     def _root(self) -> torch.Tensor:
         if self.acceptance == "greedy":

@@ -42,6 +42,7 @@ counts them.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,13 +145,19 @@ def _turn_by_content(tokenizer, full: str, prefix: str, upto: str, content: str)
         if in_full < 0:
             continue
         after = in_full + len(body)
+        gap = full[start:in_full]
         # Where the last-turn rendering shows the content, with at most (the end of) what it puts before
         # the content in between in ``full`` (never another turn's text): the place whose tail agrees with
-        # ``full``'s longest (the end-of-turn marker). An empty content is found everywhere, so each counts.
+        # ``full``'s longest, in characters (an empty content is found everywhere: each place counts), then
+        # in tokens (the end-of-turn marker).
         places = [pos for pos in range(start, len(upto) - len(body) + 1)
-                  if upto.startswith(body, pos) and upto[start:pos].endswith(full[start:in_full])]
-        agreed = max((_agreed_prefix(tokenizer, upto[pos + len(body):], full[after:]) for pos in places), default=0)
-        if agreed:
+                  if upto.startswith(body, pos) and upto.endswith(gap, start, pos)]
+        if not places:
+            continue
+        best = max(places, key=lambda pos: len(os.path.commonprefix([upto[pos + len(body):pos + len(body) + 64],
+                                                                     full[after:after + 64]])))
+        agreed = _agreed_prefix(tokenizer, upto[best + len(body):], full[after:])
+        if agreed or body:  # (a turn that ends differently is still its content; an empty one needs its end)
             return start, after + agreed
     return None
 

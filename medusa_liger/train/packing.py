@@ -80,8 +80,8 @@ def pack(
     for ids, labels in examples:
         if long_examples == "truncate" and len(ids) > seq_len:
             cut_examples += 1
-            cut_targets += sum(label != IGNORE_INDEX for label in labels[seq_len:])
-        all_targets += sum(label != IGNORE_INDEX for label in labels)
+            cut_targets += len(labels) - seq_len - labels[seq_len:].count(IGNORE_INDEX)
+        all_targets += len(labels) - labels.count(IGNORE_INDEX)
         starts = range(0, len(ids), seq_len) if long_examples == "split" else [0]
         kept_before = False  # an earlier piece of this example was kept (it is then the last piece listed)
         for start in starts:
