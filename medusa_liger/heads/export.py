@@ -214,8 +214,9 @@ def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype
     if pt_file:
         check_fasterdecoding_heads(ckpt, format)
     if format == "medusa" and ckpt.config.shared_lm_head:
-        warnings.warn(f"{directory}: shared-lm_head heads in the medusa format hold no per-head projection, which "
-                      "TGI, TensorRT-LLM and FasterDecoding load for every head: this copy is for medusa-liger (eval, "
+        # (not naming the directory: exports write into a scratch one first)
+        warnings.warn("shared-lm_head heads in the medusa format hold no per-head projection, which TGI, "
+                      "TensorRT-LLM and FasterDecoding load for every head: this copy is for medusa-liger (eval, "
                       "generate, export); serve them through the vllm format", stacklevel=2)
     dtype = parse_dtype(dtype)
     directory = Path(directory)
