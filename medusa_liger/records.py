@@ -259,17 +259,34 @@ def chat_template_for(tokenizer, choice: str, setting: str | None = None) -> str
     if choice == "auto" and isinstance(own, str) and own:
         return own
     if choice == "auto" and not own:  # (a base model's tokenizer): its markers are plain text to it
+        choose = f", or choose the built-in one ({setting}=builtin) to silence this" if setting else ""
         warnings.warn("the tokenizer has no chat template: conversations are rendered with the built-in one "
-                      "(<|user|>, <|assistant|> and the EOS token); give the tokenizer its model's template, or "
-                      f"choose the built-in one ({setting or 'chat_template'}=builtin) to silence this", stacklevel=2)
+                      f"(<|user|>, <|assistant|> and the EOS token); give the tokenizer its model's template{choose}",
+                      stacklevel=2)
     return BUILTIN_CHAT_TEMPLATE
 
 
+TOKENIZER_FILES_HINT = ("are its tokenizer files (tokenizer.json, tokenizer_config.json) missing? Save the tokenizer "
+                        "beside the model (tokenizer.save_pretrained)")
+# A tokenizer is read from one of these (tokenizers' JSON, SentencePiece, BPE/WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "merges.txt", "tekken.json")
+
+
+def check_tokenizer_files(path: str) -> None:
+    """ValueError when ``path`` is a local model directory without any tokenizer file: transformers then
+    builds an empty tokenizer (Qwen2) or blames a missing package (Llama)."""
+    from medusa_liger.run_layout import user_path
+
+    directory = user_path(path)
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{path}: no tokenizer there ({', '.join(TOKENIZER_FILES[:2])} ...); {TOKENIZER_FILES_HINT}")
+
+
 def check_tokenizer(tokenizer, source: str) -> None:
-    """ValueError unless ``tokenizer`` (read from ``source``) turns text into tokens: for a model
-    directory without tokenizer files transformers may build an empty one (Qwen2's encodes any text to
-    no token), and a run trained on nothing."""
-    if len(tokenizer) <= 1 or not tokenizer("The pass statement.", add_special_tokens=False)["input_ids"]:
-        raise ValueError(f"{source}: its tokenizer holds {len(tokenizer)} token(s) and encodes text to nothing; "
-                         "are its tokenizer files (tokenizer.json, tokenizer_config.json) missing? Save the "
-                         "tokenizer beside the model (tokenizer.save_pretrained)")
+    """ValueError unless ``tokenizer`` (read from ``source``) has a vocabulary beyond its special tokens:
+    for a model directory without tokenizer files transformers may build an empty one (Qwen2's encodes
+    any text to no token), and a run trained on nothing."""
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ValueError(f"{source}: its tokenizer holds only {len(tokenizer)} special token(s), no vocabulary; "
+                         f"{TOKENIZER_FILES_HINT}")

@@ -621,10 +621,13 @@ def test_heads_only_heads_ignore_an_unrelated_backbone_folder_beside_them(tmp_pa
         tmp_path / "models" / "backbone"
 
 
-def test_shared_heads_in_the_medusa_format_are_said_to_be_ours_only(tmp_path):
-    # TGI and TensorRT-LLM load a projection per head, which shared heads in this layout do not hold.
+def test_shared_heads_in_the_medusa_format_are_said_to_be_ours_only(tmp_path, capsys):
+    # TGI and TensorRT-LLM load a projection per head, which shared heads in this layout do not hold: said
+    # where a user asks for that format (save_heads, export), not for the trainer's checkpoint copy.
     with pytest.warns(UserWarning, match="hold no per-head projection.*serve them through the vllm format"):
         make_model(shared=True).save_heads(tmp_path / "s", format="medusa")
+    assert run_cli("--checkpoint", str(tmp_path / "s"), "--output", str(tmp_path / "o"), "--format", "medusa") == 0
+    assert "warning: shared-lm_head heads in the medusa format hold no per-head projection" in capsys.readouterr().err
     import warnings
 
     with warnings.catch_warnings():
@@ -696,6 +699,10 @@ def test_a_config_json_that_is_no_heads_is_skipped_in_the_search(tmp_path, text)
     make_model(shared=False).save_heads(tmp_path / "heads_medusa", format="medusa")
     (tmp_path / "config.json").write_text(text)
     assert export_cli.find_heads_dir(tmp_path) == tmp_path / "heads_medusa"
+    # With no heads anywhere, what could not be read is said (a truncated heads config.json said nothing).
+    (tmp_path / "heads_medusa" / "config.json").write_text('{"medusa_num_heads": 3, "medus')
+    with pytest.raises(FileNotFoundError, match=r"holds no Medusa heads: .*heads_medusa/config.json is not valid JSON"):
+        export_cli.find_heads_dir(tmp_path)
 
 
 def test_export_from_inside_final_pairs_the_backbone_beside_the_heads(tmp_path, monkeypatch, capsys):

@@ -181,10 +181,22 @@ def test_a_model_directory_without_its_tokenizer_is_a_config_error(tmp_path, fam
     model_class(config_class(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                              num_key_value_heads=1, vocab_size=300)).save_pretrained(str(tmp_path / "model"))
     cfg = load_config(TINY, [*SHORT, f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tmp_path / 'model'}"])
-    with pytest.raises(ConfigError, match=rf"model.name_or_path={tmp_path / 'model'}: no usable tokenizer"):
+    # Both families: the files are named (Llama's error blamed sentencepiece or tiktoken), before the weights load.
+    with pytest.raises(ConfigError, match=rf"model.name_or_path={tmp_path / 'model'}: no usable tokenizer: .*: no "
+                                          r"tokenizer there \(tokenizer.json, tokenizer_config.json ...\); are its "
+                                          r"tokenizer files .* missing\?"):
         build_tokenizer_and_backbone(cfg, lambda: [])
-    with pytest.raises(BackboneLoadError, match="could not be loaded"):
+    with pytest.raises(BackboneLoadError, match="could not be loaded: .*: no tokenizer there"):
         load_causal_lm(str(tmp_path / "model"), device="cpu")
+    # A tokenizer of special tokens only (what transformers builds for Qwen2 from the config alone) is refused too.
+    from transformers import AutoTokenizer
+
+    from medusa_liger.records import check_tokenizer
+
+    (tmp_path / "model" / "tokenizer_config.json").write_text("{}")
+    if family == "qwen2":
+        with pytest.raises(ValueError, match="holds only 1 special token"):
+            check_tokenizer(AutoTokenizer.from_pretrained(str(tmp_path / "model")), "model")
 
 
 def test_token_ids_past_the_embedding_are_a_config_error():

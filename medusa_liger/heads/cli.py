@@ -29,9 +29,11 @@ from medusa_liger.heads.export import (
     BACKBONE_SUBDIR,
     DTYPES,
     FORMATS,
+    SHARED_MEDUSA_NOTE,
     BackboneLoadError,
     HeadsCheckpoint,
     HeadsVersionError,
+    NotHeadsConfigError,
     check_backbone_matches,
     check_fasterdecoding_heads,
     check_format,
@@ -65,6 +67,7 @@ def find_heads_dir(checkpoint_dir: str | Path) -> Path:
                                 f"({checkpoint_dir.parent})")
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
+    unreadable = []  # config.json files that could not be read (broken JSON): said if no heads turn up
     for sub in HEADS_SUBDIRS:
         candidate = checkpoint_dir / sub if sub else checkpoint_dir
         if (candidate / "config.json").is_file():
@@ -73,11 +76,14 @@ def find_heads_dir(checkpoint_dir: str | Path) -> Path:
                 return candidate
             except HeadsVersionError:  # heads, of a version this one cannot read: said, not skipped
                 raise
-            except ValueError:  # not heads (a backbone's config.json, notes, broken JSON): the next candidate
+            except NotHeadsConfigError:  # a backbone's config.json: the next candidate
                 continue
+            except ValueError as error:
+                unreadable.append(str(error))
     raise FileNotFoundError(
         f"{checkpoint_dir} holds no Medusa heads: expected config.json in the medusa or vllm format there or in "
         f"one of {[s for s in HEADS_SUBDIRS if s]}, found {sorted(p.name for p in checkpoint_dir.iterdir())}"
+        + "".join(f"; {problem}" for problem in unreadable)
     )
 
 
@@ -228,6 +234,8 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
     # fp32 master heads); files without it (other tools) keep their own dtype.
     heads_dtype = dtype if dtype is not None else ckpt.serving_dtype
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if "medusa" in formats and ckpt.config.shared_lm_head:
+        print(f"warning: {SHARED_MEDUSA_NOTE}", file=sys.stderr, flush=True)
     scratch = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-export-"))
     try:
         written = []

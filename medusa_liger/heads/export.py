@@ -213,11 +213,6 @@ def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype
     check_format(format)
     if pt_file:
         check_fasterdecoding_heads(ckpt, format)
-    if format == "medusa" and ckpt.config.shared_lm_head:
-        # (not naming the directory: exports write into a scratch one first)
-        warnings.warn("shared-lm_head heads in the medusa format hold no per-head projection, which TGI, "
-                      "TensorRT-LLM and FasterDecoding load for every head: this copy is for medusa-liger (eval, "
-                      "generate, export); serve them through the vllm format", stacklevel=2)
     dtype = parse_dtype(dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -329,6 +324,15 @@ def write_backbone(backbone: nn.Module, directory: str | Path, dtype: torch.dtyp
     return directory
 
 
+class ServingFormatWarning(UserWarning):
+    """Heads written in a format that serving engines cannot load as they are (``SHARED_MEDUSA_NOTE``)."""
+
+
+SHARED_MEDUSA_NOTE = ("shared-lm_head heads in the medusa format hold no per-head projection, which TGI, TensorRT-LLM "
+                      "and FasterDecoding load for every head: that copy is for medusa-liger (eval, generate, export); "
+                      "serve them through the vllm format")
+
+
 def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", dtype: torch.dtype | str | None = None,
                save_backbone: bool | None = None, base_model_name_or_path: str | None = None,
                pt_file: bool = False) -> Path:
@@ -341,6 +345,8 @@ def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", 
         # Engines load the model config.json names: the trained copy, not the base it started from
         # (as the export command and the trainer write it). Its tokenizer is the caller's to save there.
         base_model_name_or_path = str((Path(directory) / BACKBONE_SUBDIR).resolve())
+    if format == "medusa" and model.config.shared_lm_head:
+        warnings.warn(SHARED_MEDUSA_NOTE, ServingFormatWarning, stacklevel=3)
     directory = write_heads(checkpoint_of(model, base_model_name_or_path), directory, format, dtype, pt_file)
     if not save_backbone and (directory / BACKBONE_SUBDIR).is_dir():
         warnings.warn(f"{directory} still holds {BACKBONE_SUBDIR}/ from an earlier save, which from_pretrained pairs "
@@ -355,6 +361,10 @@ class HeadsVersionError(ValueError):
     """Heads whose config.json says a format version this medusa-liger cannot read."""
 
 
+class NotHeadsConfigError(ValueError):
+    """A readable config.json that is not a Medusa heads config (e.g. a backbone's)."""
+
+
 def detect_format(directory: str | Path) -> str:
     """"medusa" or "vllm", from ``directory/config.json``; errors name what was found."""
     config = _read_config(Path(directory))
@@ -362,7 +372,7 @@ def detect_format(directory: str | Path) -> str:
         return "medusa"
     if config.get("model_type") == "medusa" and "num_heads" in config:
         return "vllm"
-    raise ValueError(
+    raise NotHeadsConfigError(
         f"{directory}/config.json is not a Medusa heads config: expected 'medusa_num_heads' (medusa format) "
         f"or model_type 'medusa' with 'num_heads' (vllm format), found keys {sorted(config)}"
     )

@@ -50,7 +50,7 @@ from medusa_liger.inference.tree import (
     TREE_SEARCHES,
     normalize_tree,
 )
-from medusa_liger.records import check_tokenizer, load_json_list, looks_like_local_path
+from medusa_liger.records import check_tokenizer, check_tokenizer_files, load_json_list, looks_like_local_path
 from medusa_liger.run_layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -173,6 +173,11 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
         torch_dtype = None if device.type == "cuda" else torch.float32
     else:
         torch_dtype = parse_dtype(dtype)
+    check_backbone_path(backbone)  # (what it is not: heads, a file, no model: said first)
+    try:
+        check_tokenizer_files(str(backbone))  # said before the weights load
+    except ValueError as error:
+        raise backbone_load_error(backbone, error) from error
     causal_lm = load_backbone(backbone, torch_dtype, attn_implementation=attn_implementation)
     try:
         tokenizer = AutoTokenizer.from_pretrained(local_or_hub(backbone))
