@@ -284,9 +284,11 @@ def check_tokenizer_files(path: str) -> None:
 
 
 def check_tokenizer(tokenizer, source: str) -> None:
-    """ValueError unless ``tokenizer`` (read from ``source``) has a vocabulary beyond its special tokens:
-    for a model directory without tokenizer files transformers may build an empty one (Qwen2's encodes
-    any text to no token), and a run trained on nothing."""
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
-        raise ValueError(f"{source}: its tokenizer holds only {len(tokenizer)} special token(s), no vocabulary; "
+    """ValueError unless ``tokenizer`` (read from ``source``) encodes letters or digits to tokens beyond its
+    special ones: for a model directory without its vocabulary files transformers may build an empty one
+    (Qwen2's, with only its added tokens, encodes any text to nothing), and a run trained on nothing."""
+    special = set(tokenizer.all_special_ids)
+    probe = tokenizer("The pass statement. 0123456789", add_special_tokens=False)["input_ids"]
+    if len(tokenizer) <= len(special) or not [i for i in probe if i not in special]:
+        raise ValueError(f"{source}: its tokenizer ({len(tokenizer)} tokens) encodes text to no token of a vocabulary; "
                          f"{TOKENIZER_FILES_HINT}")

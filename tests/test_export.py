@@ -628,6 +628,9 @@ def test_shared_heads_in_the_medusa_format_are_said_to_be_ours_only(tmp_path, ca
         make_model(shared=True).save_heads(tmp_path / "s", format="medusa")
     assert run_cli("--checkpoint", str(tmp_path / "s"), "--output", str(tmp_path / "o"), "--format", "medusa") == 0
     assert "warning: shared-lm_head heads in the medusa format hold no per-head projection" in capsys.readouterr().err
+    make_model(shared=True).save_heads(tmp_path / "v", format="vllm")  # (holds the lm_head the vllm copy needs)
+    assert run_cli("--checkpoint", str(tmp_path / "v"), "--output", str(tmp_path / "both")) == 0  # vllm beside it
+    assert "warning" not in capsys.readouterr().err
     import warnings
 
     with warnings.catch_warnings():

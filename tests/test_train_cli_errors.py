@@ -3,6 +3,7 @@ early as it can be said (before the data and the model load)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -193,9 +194,14 @@ def test_a_model_directory_without_its_tokenizer_is_a_config_error(tmp_path, fam
 
     from medusa_liger.records import check_tokenizer
 
-    (tmp_path / "model" / "tokenizer_config.json").write_text("{}")
+    # A tokenizer_config.json alone (a partial copy): Qwen2's then holds only its added tokens, some of them
+    # not special (Qwen2.5's <tool_call>), and encodes any text to nothing.
+    added = {str(i): {"content": token, "special": i < 2, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False} for i, token in enumerate(["<|endoftext|>", "<|im_end|>", "<tool_call>"])}
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": added, "eos_token": "<|im_end|>", "tokenizer_class": "Qwen2Tokenizer"}))
     if family == "qwen2":
-        with pytest.raises(ValueError, match="holds only 1 special token"):
+        with pytest.raises(ValueError, match=r"encodes text to no token of a vocabulary"):
             check_tokenizer(AutoTokenizer.from_pretrained(str(tmp_path / "model")), "model")
 
 

@@ -234,7 +234,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
     # fp32 master heads); files without it (other tools) keep their own dtype.
     heads_dtype = dtype if dtype is not None else ckpt.serving_dtype
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    if "medusa" in formats and ckpt.config.shared_lm_head:
+    if "medusa" in formats and "vllm" not in formats and ckpt.config.shared_lm_head:
         print(f"warning: {SHARED_MEDUSA_NOTE}", file=sys.stderr, flush=True)
     scratch = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-export-"))
     try:

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from medusa_liger.heads.export import BACKBONE_SUBDIR, FORMATS, ServingFormatWarning, write_backbone
-from medusa_liger.records import BUILTIN_CHAT_TEMPLATE
 from medusa_liger.run_layout import (
     CONFIG_FILE,
     EVAL_PROMPTS_FILE,
@@ -67,9 +66,6 @@ def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
                                  base_model_name_or_path=base_name)
         if save_backbone:
             write_backbone(model.backbone, scratch / BACKBONE_SUBDIR, dtype)
-            if cfg.data.chat_template == "builtin" or not tokenizer.chat_template:
-                # The template the run rendered with, so that eval, generate and serving prompt as it trained.
-                tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
             tokenizer.save_pretrained(str(scratch / BACKBONE_SUBDIR))
         written = {final_heads_dir(fmt) for fmt in cfg.export.formats} | ({BACKBONE_SUBDIR} if save_backbone else set())
         names = (*(final_heads_dir(fmt) for fmt in FORMATS), BACKBONE_SUBDIR)
