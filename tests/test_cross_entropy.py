@@ -385,3 +385,29 @@ def test_neg_inf_logits_with_label_smoothing_match_torch(backend):
         out.sum().backward()
     assert torch.equal(out.isinf(), ref.isinf()) and out[-1] == 0
     assert_close(xx.grad, ref_x.grad, torch.float32, "grad")
+
+
+def test_the_pytorch_paths_row_steps_keep_each_rows_target(monkeypatch):
+    """The PyTorch path works in steps of _TORCH_ROWS_PER_STEP rows (4096); no test had more rows than
+    that, so a step reading the first step's targets (a wrong loss past row 4096) went unseen."""
+    from medusa_liger.kernels import multi_head_linear_cross_entropy, multi_head_linear_cross_entropy_reference
+
+    monkeypatch.setattr(importlib.import_module("medusa_liger.kernels.cross_entropy"), "_TORCH_ROWS_PER_STEP", 3)
+    x = torch.randn(11, 7, dtype=torch.float64, requires_grad=True)
+    labels = _labels(11, 7)
+    labels[[2, 7]] = -100
+    with force_backend("torch"):
+        for reduction in ("none", "mean"):
+            torch.testing.assert_close(cross_entropy(x, labels, reduction=reduction, label_smoothing=0.1),
+                                       F.cross_entropy(x, labels, reduction=reduction, label_smoothing=0.1))
+        hidden = torch.randn(2, 7, 5, dtype=torch.float64)
+        weight = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+        head_labels = torch.randint(0, 7, (2, 7))
+        head_labels[0, 3] = -100
+        out = multi_head_linear_cross_entropy(hidden, weight, head_labels, [1, 3])
+    expected = multi_head_linear_cross_entropy_reference(hidden, weight, head_labels, [1, 3])
+    torch.testing.assert_close(out.loss.double(), expected.loss.double())
+    torch.testing.assert_close(out.head_losses.double(), expected.head_losses.double())
+    (got,) = torch.autograd.grad(out.loss, weight)
+    (want,) = torch.autograd.grad(expected.loss, weight)
+    torch.testing.assert_close(got, want)

@@ -672,6 +672,32 @@ def test_a_tied_backbone_saved_in_another_dtype_stores_its_embedding_once(tmp_pa
     assert torch.equal(loaded.lm_head.weight, backbone.lm_head.weight.detach().to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("format", ["medusa", "vllm"])
+@pytest.mark.parametrize("key", ["hidden_size", "vocab_size"])
+def test_a_config_whose_sizes_disagree_with_its_tensors_is_refused(tmp_path, format, key):
+    make_model(shared=False).save_heads(tmp_path, format=format)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[key] += 8
+    if key == "vocab_size" and format == "vllm":
+        config["truncated_vocab_size"] += 8  # (else refused as a draft vocabulary first)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"config.json says {key}={config[key]} but its tensors have {key}="):
+        read_heads(tmp_path)
+
+
+def test_a_medusa_config_without_its_layer_count_means_one_layer(tmp_path):
+    # FasterDecoding's configs may leave medusa_num_layers out: its default is 1.
+    cfg = MedusaConfig(num_heads=2, num_layers=1)
+    model = MedusaModel.from_backbone(tiny_llama(), cfg)
+    randomize_heads(model)
+    model.save_heads(tmp_path, format="medusa")
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["medusa_num_layers"], config["medusa_liger"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert read_heads(tmp_path).config.num_layers == 1
+    assert_same_heads(model, MedusaModel.from_pretrained(tmp_path, backbone=model.backbone))
+
+
 @pytest.mark.parametrize("version", ['"1"', "2.5", "true"])
 def test_a_format_version_that_is_no_integer_is_a_named_error(tmp_path, version):
     # A string version crashed the CLI with a TypeError traceback ('>' between str and int).

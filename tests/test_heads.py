@@ -315,6 +315,9 @@ def test_packed_causal_mask_blocks_other_segments_and_padding():
     assert mask.shape == (1, 1, 4, 4) and mask.dtype == torch.bool
     allowed = mask[0, 0].int().tolist()
     assert allowed == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    # Padding before real tokens of the same segment (left padding): never attended (causality hid the above).
+    left = packed_causal_mask(torch.tensor([[0, 0, 0]]), torch.tensor([[0, 1, 1]]))[0, 0].int().tolist()
+    assert left == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
 
 
 # ------------------------------------------------------------------------------------ errors, dtypes, backends

@@ -81,11 +81,12 @@ def test_rms_norm_module_is_a_drop_in():
     assert torch.all(gemma.weight == 0.0)
 
 
-def test_rms_norm_mixed_dtype_promotes_like_hf():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_rms_norm_mixed_dtype_promotes_like_hf(backend):
     """fp32 weight on fp16 input gives an fp32 output, as HF's ``weight * x.to(input_dtype)``."""
     x = torch.randn(3, 40, device=DEVICE).half()
     weight = torch.randn(40, device=DEVICE)
-    with force_backend("triton"):
+    with force_backend(backend):
         y = rms_norm(x, weight)
     hf = LlamaRMSNorm(40).to(DEVICE)
     with torch.no_grad():

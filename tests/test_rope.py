@@ -217,6 +217,8 @@ def test_rope_bad_inputs():
         apply_rotary_pos_emb(q[0], k, cos, sin)
     with pytest.raises(ValueError, match="unsqueeze_dim"):
         apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=3)
+    with pytest.raises(ValueError, match=r"cos must have shape \[1 or 1, 3, 8\], got \[3, 3, 8\]"):  # not broadcast
+        apply_rotary_pos_emb(q, k, torch.randn(3, 3, 8), torch.randn(3, 3, 8))
 
 
 @pytest.mark.gpu

@@ -182,7 +182,8 @@ def test_lora_targets_the_backbone_lacks_are_a_config_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("targets", "unmatched"), [("[q_proj,v_proj,gate_poj]", "['gate_poj']"), ("q_proj", None),
-                                                  (".*proj", "['.*proj']")])
+                                                  (".*proj", "['.*proj']"),
+                                                  ("[q_proj,proj]", "['proj']")])  # a name's end, not a dotted part
 def test_every_lora_target_must_name_a_module(tmp_path, targets, unmatched):
     """peft raises only when no target matches: a typo in a list left those layers without adapters,
     silently. A lone name was read by peft as a regular expression over full module paths (no match)."""
@@ -317,6 +318,8 @@ def test_schedules():
                              "train.heads_lambda.value=0.2"])
     backbone, heads = GroupSchedule("backbone", cfg), GroupSchedule("heads", cfg)
     assert backbone(4) == 0.0 and backbone(5) == pytest.approx(0.5) and heads(0) == pytest.approx(0.5)
+    # Both groups end at min_lr_ratio: the backbone's cosine spans the steps after the heads-only stage.
+    assert backbone(20) == pytest.approx(0.1) and heads(20) == pytest.approx(0.1)
     assert heads_lambda(cfg, 0) == 0.0 and heads_lambda(cfg, 10) == pytest.approx(0.2)
     assert heads_lambda(cfg, 5) == pytest.approx(0.2 * 2**-0.5)
     linear = load_config(TINY, ["train.heads_lambda.schedule=linear", "train.heads_lambda.ramp_steps=10",
@@ -1097,3 +1100,17 @@ def test_a_run_warns_only_where_it_helps(tmp_path):
     with pytest.warns(UserWarning, match=r"no chat template.*\(data.chat_template=builtin\) to silence"):
         train(short_config(tmp_path / "second", "train.steps=1", "checkpoint.every=0", f"model.name_or_path={base}",
                            "data.eval_fraction=0", "export.formats=[medusa]"))
+
+
+def test_biases_and_norm_weights_are_not_decayed(tmp_path):
+    """AdamW's groups: matrices decay at train.weight_decay, 1-D tensors (biases, norm weights) never."""
+    from medusa_liger.train.build import build_medusa, build_optimizer, build_tokenizer_and_backbone
+    from medusa_liger.train.data import load_examples
+
+    cfg = short_config(tmp_path, "train.mode=joint", "train.weight_decay=0.1")
+    _, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    optimizer = build_optimizer(cfg, build_medusa(cfg, backbone))
+    decay = {(p.dim(), group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
+    assert decay == {(1, 0.0), (2, 0.1)}
+    assert sorted(group["name"] for group in optimizer.param_groups) == \
+        ["backbone", "backbone_no_decay", "heads", "heads_no_decay"]

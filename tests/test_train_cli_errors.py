@@ -217,3 +217,5 @@ def test_token_ids_past_the_embedding_are_a_config_error():
     check_token_range(cfg, torch.tensor([[0, 599]]), backbone)  # padded vocabularies leave rows unused: fine
     with pytest.raises(ConfigError, match="gives token ids up to 773, but the model's embedding has 600 rows"):
         check_token_range(cfg, torch.tensor([[1, 773]]), backbone)
+    with pytest.raises(ConfigError, match="up to 600, but the model's embedding has 600 rows"):  # one past the last
+        check_token_range(cfg, torch.tensor([[600]]), backbone)
