@@ -441,7 +441,7 @@ def validate(cfg: Config) -> Config:
     _require(cfg.logging.every >= 1, "logging.every", cfg.logging.every, ">= 1")
     # A trained backbone lives on in the checkpoints (export --checkpoint rebuilds it); a tiny one that only
     # the heads trained on (heads mode) is in none of them.
-    lost = name == "tiny" and t.mode == "heads" or t.mode == "joint" and cfg.checkpoint.every == 0
+    lost = (name == "tiny" and t.mode == "heads") or (t.mode == "joint" and cfg.checkpoint.every == 0)
     _require(not (cfg.export.backbone == "never" and lost), "export.backbone", cfg.export.backbone,
              "'auto' or 'always' for a backbone built here with train.mode=heads, or trained without checkpoints "
              "(checkpoint.every=0): it would be saved nowhere")
