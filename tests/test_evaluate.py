@@ -186,6 +186,10 @@ def test_evaluate_batched_measurement_matches_one_prompt_at_a_time(tmp_path):
     assert batched["acceleration_rate"] > 1.5
     assert batched["greedy_match_rate"] == 1.0 and batched["speedup"] > 0
     assert "measured_batched" not in evaluate_heads(model, prompts[:2], tmp_path, max_new_tokens=4, tree_size=4)
+    # A top_k past the vocabulary ranks every token (torch.topk refused it).
+    vocab = model.lm_head.weight.shape[0]
+    wide = evaluate_heads(model, prompts[:2], tmp_path, max_new_tokens=4, tree_size=4, top_k=vocab + 5)
+    assert wide["measured"]["greedy_match_rate"] == 1.0
 
 
 def test_evaluate_typical_acceptance_against_plain_sampling(tmp_path):
