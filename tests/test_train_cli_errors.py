@@ -219,3 +219,20 @@ def test_token_ids_past_the_embedding_are_a_config_error():
         check_token_range(cfg, torch.tensor([[1, 773]]), backbone)
     with pytest.raises(ConfigError, match="up to 600, but the model's embedding has 600 rows"):  # one past the last
         check_token_range(cfg, torch.tensor([[600]]), backbone)
+
+
+def test_tokenizers_of_other_vocabularies_are_not_taken_for_missing_ones():
+    """The emptiness probe encodes English letters and digits: a Cyrillic vocabulary gives only unk tokens,
+    and a lowercase one without an unk token raises; both are real tokenizers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from medusa_liger.records import check_tokenizer
+
+    letters = "абвгдежзийклмнопрстуфхцчшщъыьэюя"
+    cyrillic = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["<unk>", "</s>", *letters])}, unk_token="<unk>"))
+    cyrillic.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    check_tokenizer(PreTrainedTokenizerFast(tokenizer_object=cyrillic, unk_token="<unk>", eos_token="</s>"), "cyrillic")
+    lowercase = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["</s>", *"abcdefghijklmnopqrstuvwxyz"])}))
+    lowercase.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    check_tokenizer(PreTrainedTokenizerFast(tokenizer_object=lowercase, eos_token="</s>"), "lowercase")
