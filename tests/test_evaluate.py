@@ -186,6 +186,21 @@ def test_evaluate_batched_measurement_matches_one_prompt_at_a_time(tmp_path):
     assert batched["acceleration_rate"] > 1.5
     assert batched["greedy_match_rate"] == 1.0 and batched["speedup"] > 0
     assert "measured_batched" not in evaluate_heads(model, prompts[:2], tmp_path, max_new_tokens=4, tree_size=4)
+    # A batch's wall time is shared by its prompts (each result carries it): counted once per batch. Here every
+    # batch takes 1 s, so 5 prompts in batches of 2 take 3 s, not 5.
+    import medusa_liger.inference.evaluate as evaluate_module
+
+    def one_second_batches(*args, **kwargs):
+        results = real_batch(*args, **kwargs)
+        for result in results:
+            result.stats.wall_time_s = 1.0
+        return results
+
+    real_batch = evaluate_module.medusa_generate_batch
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate_module, "medusa_generate_batch", one_second_batches)
+        timed = evaluate_heads(model, prompts, tmp_path, max_new_tokens=4, tree_size=4, batch_size=2, warmup=False)
+    assert timed["measured_batched"]["medusa"]["wall_time_s"] == timed["measured_batched"]["greedy"]["wall_time_s"] == 3
     # A top_k past the vocabulary ranks every token (torch.topk refused it).
     vocab = model.lm_head.weight.shape[0]
     wide = evaluate_heads(model, prompts[:2], tmp_path, max_new_tokens=4, tree_size=4, top_k=vocab + 5)
