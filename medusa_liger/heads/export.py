@@ -112,20 +112,21 @@ def _to_format(ckpt: HeadsCheckpoint, format: str) -> dict[str, torch.Tensor]:
                 key = f"{h}.{l}.linear.{kind}" if format == "medusa" else f"blocks.{h}.layers.{l}.{kind}"
                 out[key] = tensor
         if not cfg.shared_lm_head:
-            key = f"{h}.{cfg.num_layers}.weight" if format == "medusa" else f"lm_heads.{h}.weight"
-            out[key] = ckpt.tensors[f"lm_heads.{h}.weight"]
+            key = f"{h}.{cfg.num_layers}.weight" if format == "medusa" else proj_key(h)
+            out[key] = ckpt.tensors[proj_key(h)]
     if cfg.shared_lm_head and format == "vllm":
         if ckpt.lm_head_weight is None:
             raise ValueError("vllm format in shared mode needs the backbone's lm_head weight (pass a backbone)")
         if ckpt.lm_head_bias is not None:  # vLLM would serve every head without it, silently
             raise ValueError("the backbone's lm_head has a bias, which vLLM's Medusa lm_heads do not have: "
                              "export the medusa format")
-        out["lm_heads.0.weight"] = ckpt.lm_head_weight
+        out[proj_key(0)] = ckpt.lm_head_weight
     return out
 
 
 def proj_key(h: int) -> str:
-    """The vllm format's key of head h's projection (head 0's is the backbone's lm_head in shared mode)."""
+    """Head h's projection's key, in the heads' state dict and the vllm format alike (head 0's holds the
+    backbone's lm_head in shared mode)."""
     return f"lm_heads.{h}.weight"
 
 
@@ -160,7 +161,7 @@ def _from_format(tensors: dict[str, torch.Tensor], format: str, num_heads: int, 
                     out[f"blocks.{h}.{l}.linear.bias"] = weight.new_zeros(weight.shape[0])
                 else:
                     raise ValueError(f"heads checkpoint {where} is missing tensor {key!r}")
-    proj = [f"{h}.{num_layers}.weight" if format == "medusa" else f"lm_heads.{h}.weight" for h in range(num_heads)]
+    proj = [f"{h}.{num_layers}.weight" if format == "medusa" else proj_key(h) for h in range(num_heads)]
     present = [k in tensors for k in proj]
     original = None
     shared = original_lm_head if format == "vllm" else not any(present)
@@ -172,7 +173,7 @@ def _from_format(tensors: dict[str, torch.Tensor], format: str, num_heads: int, 
             missing = [k for k, p in zip(proj, present) if not p]
             raise ValueError(f"heads checkpoint {where} is missing projection tensors {missing}")
         for h, key in enumerate(proj):
-            out[f"lm_heads.{h}.weight"] = tensors.pop(key)
+            out[proj_key(h)] = tensors.pop(key)
     tensors.pop("token_map", None)  # checked against truncated_vocab_size by the caller
     if tensors:
         raise ValueError(f"heads checkpoint {where} holds unexpected tensors {sorted(tensors)[:8]}")
@@ -468,7 +469,7 @@ def read_heads(directory: str | Path) -> HeadsCheckpoint:
     tensors, shared, original = _from_format(
         _read_weights(directory, format), format, num_heads, num_layers, has_bias, original_lm_head, directory)
     hidden = tensors["blocks.0.0.linear.weight"].shape[1]
-    vocab = tensors["lm_heads.0.weight"].shape[0] if not shared else (
+    vocab = tensors[proj_key(0)].shape[0] if not shared else (
         original.shape[0] if original is not None else config.get("vocab_size"))
     for name, found, expected in (("hidden_size", config.get("hidden_size"), hidden), ("vocab_size", config.get("vocab_size"), vocab)):
         if found is not None and expected is not None and found != expected:

@@ -420,12 +420,12 @@ def validate(cfg: Config) -> Config:
              "train.heads_lambda.value", t.heads_lambda.value,
              "> 0 in joint mode without a heads-only stage (train.heads_only_steps); 0 trains no head")
     _require(-(2**63) <= t.seed < 2**64, "train.seed", t.seed, "an integer in [-2**63, 2**64) (torch's seed range)")
+    _require(t.fsdp_param_dtype is None or t.fsdp, "train.fsdp_param_dtype", t.fsdp_param_dtype,
+             "null unless train.fsdp is true (it sets the dtype FSDP gathers parameters in)")
     _require(t.fsdp_param_dtype != "float16" or cfg.lora.enabled or t.mode != "joint", "train.fsdp_param_dtype",
              t.fsdp_param_dtype, "bfloat16 or null when the full backbone trains: its float16 gradients would "
              "underflow without loss scaling, which this trainer does not do")
     _require(is_device_name(t.device, allow_auto=True), "train.device", t.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    _require(t.fsdp_param_dtype is None or t.fsdp, "train.fsdp_param_dtype", t.fsdp_param_dtype,
-             "null unless train.fsdp is true (it sets the dtype FSDP gathers parameters in)")
     _require(t.threads is None or t.threads >= 1, "train.threads", t.threads, ">= 1 or null")
     # float16 weights that train need loss scaling, which this trainer does not do: AdamW's eps (1e-8)
     # is 0 in float16, so a zero gradient updates to 0/0 = NaN at the first step.
