@@ -420,6 +420,19 @@ def test_loader_order_is_seeded_and_resumable():
         PackedLoader(data, 11, seed=0)
 
 
+def test_torch_seed_reads_any_integer_as_torch_does():
+    from medusa_liger.seeds import torch_seed
+
+    for seed in (0, 5, -1, -(2**63), 2**64 - 1, 2**64, 2**70 + 3):
+        reduced = torch_seed(seed)
+        assert 0 <= reduced < 2**64 and (reduced - seed) % 2**64 == 0
+        torch.manual_seed(reduced)  # in torch's range
+    same = torch.Generator().manual_seed(-1).initial_seed()
+    assert torch.Generator().manual_seed(torch_seed(-1)).initial_seed() == same
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.manual_seed(2**64)  # what the reduction is for
+
+
 def test_split_eval_holds_out_rows():
     data = pack([([i, i], [i, i]) for i in range(1, 21)], seq_len=2, long_examples="split", pad_id=0)
     train, held = split_eval(data, 0.1, seed=0)

@@ -43,6 +43,7 @@ from medusa_liger.inference.tree import (
     normalize_tree,
     truncate_tree,
 )
+from medusa_liger.seeds import torch_seed
 
 Acceptance = Literal["greedy", "typical"]
 MASK_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -180,9 +181,9 @@ MIN_TEMPERATURE = 1e-6  # the smallest sampling temperature taken; 0 is greedy
 
 
 def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded with ``seed`` modulo 2**64 (torch's range; as torch reads a
-    negative seed), so any integer seed works, ``seed + i`` for prompt i included."""
-    return torch.Generator(device=device).manual_seed(int(seed) % 2**64)
+    """A generator on ``device`` seeded with ``seed`` in torch's range (``seeds.torch_seed``), so any
+    integer seed works, ``seed + i`` for prompt i included."""
+    return torch.Generator(device=device).manual_seed(torch_seed(seed))
 
 
 def check_acceptance(acceptance: str, temperature: float, posterior_threshold: float, posterior_alpha: float) -> None:

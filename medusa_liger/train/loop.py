@@ -64,15 +64,16 @@ from medusa_liger.run_layout import (
     FINAL_DIR,
     METRICS_FILE,
 )
+from medusa_liger.seeds import torch_seed
 from medusa_liger.train import distributed, fsdp
 from medusa_liger.train.build import (
     RANKS_KEY,
     autocast_dtype,
-    check_token_range,
     build_medusa,
     build_optimizer,
     build_scheduler,
     build_tokenizer_and_backbone,
+    check_token_range,
     data_changes,
     data_settings,
     fixed_changes,
@@ -397,8 +398,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         distributed.broadcast_from_main(trainable_parameters(model).values())
     params = trainable_parameters(model)  # after sharding: FSDP's parameters replace the module's
     if distributed.rank() > 0:  # each rank its own dropout masks (rank 0 draws what one process draws);
-        # (data order has its own generator; modulo 2**64, torch's range, as torch reads a negative seed)
-        torch.manual_seed((cfg.train.seed + distributed.rank()) % 2**64)
+        # (data order has its own generator)
+        torch.manual_seed(torch_seed(cfg.train.seed + distributed.rank()))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 

@@ -37,6 +37,7 @@ import torch
 
 from medusa_liger.kernels.reference import shifted_targets
 from medusa_liger.records import resolve_path
+from medusa_liger.seeds import torch_seed
 from medusa_liger.train.data import IGNORE_INDEX, load_examples, tokenize_examples
 
 CACHE_VERSION = 4  # 2: PackedData.continued; 3: PackedData.follows; 4: follows after any kept piece
@@ -263,8 +264,8 @@ class PackedLoader:
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        # Modulo 2**64, torch's seed range (as torch reads a negative seed): a large train.seed overflowed.
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
+        # In torch's seed range: a large train.seed overflowed.
+        generator = torch.Generator().manual_seed(torch_seed(self.seed * 1_000_003 + epoch))
         return torch.randperm(len(self.data), generator=generator)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
