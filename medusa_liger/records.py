@@ -34,6 +34,11 @@ BUILTIN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+class DataWarning(UserWarning):
+    """A warning about the training or evaluation data (records skipped, targets cut off, the chat
+    template chosen): the packed-data cache keeps these and says them again when it is read."""
+
+
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 OPENAI_ROLES = ("system", "user", "assistant")
 
@@ -255,14 +260,14 @@ def chat_template_for(tokenizer, choice: str, setting: str | None = None) -> str
         message = f"the tokenizer has several chat templates ({sorted(own)}) and none named 'default'"
         if setting is not None:
             raise ValueError(f"{message} to render conversations with; use {setting}=builtin")
-        warnings.warn(f"{message}: conversations are rendered with the built-in template", stacklevel=2)
+        warnings.warn(f"{message}: conversations are rendered with the built-in template", DataWarning, stacklevel=2)
     if choice == "auto" and isinstance(own, str) and own:
         return own
     if choice == "auto" and not own:  # (a base model's tokenizer): its markers are plain text to it
         choose = f", or choose the built-in one ({setting}=builtin) to silence this" if setting else ""
         warnings.warn("the tokenizer has no chat template: conversations are rendered with the built-in one "
                       f"(<|user|>, <|assistant|> and the EOS token); give the tokenizer its model's template{choose}",
-                      stacklevel=2)
+                      DataWarning, stacklevel=2)
     return BUILTIN_CHAT_TEMPLATE
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -389,6 +390,31 @@ def test_packed_data_is_cached(tmp_path, tokenizer):
     assert torch.equal(first.input_ids, second.input_ids) and torch.equal(first.segment_ids, second.segment_ids)
     build_packed_data(data_cfg([DATA / "pydoc_sharegpt.jsonl"], seq_len=32), tokenizer, tmp_path)
     assert len(list(tmp_path.glob("packed-*.pt"))) == 2  # another seq_len, another cache entry
+
+
+def test_a_cached_run_says_the_data_warnings_again(tmp_path, tokenizer):
+    from medusa_liger.records import DataWarning
+
+    long = {"messages": [{"role": "user", "content": "Tell me. " * 40}, {"role": "assistant", "content": "Yes. " * 40}]}
+    path = write_jsonl(tmp_path / "conv.jsonl", [{"messages": CHAT}, {"messages": CHAT[:2]}, long])
+    cfg = data_cfg([path], seq_len=64, on_error="skip", long_examples="truncate")
+
+    def said(**kw) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = build_packed_data(cfg, tokenizer, tmp_path / "cache", **kw)
+        assert len(data) > 0
+        return [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+
+    first = said()
+    assert [m.split(";")[0].split(":")[0] for m in first] == ["skipped 1 bad records", "data.long_examples=truncate"]
+    again = said()  # read from the cache: nothing was read or packed, the same is said
+    assert len(again) == 2 and all("(said when the packed-data cache" in m for m in again)
+    assert [m.split(" (said when")[0] for m in again] == first
+    with pytest.warns(DataWarning, match="skipped 1 bad records"):
+        loaded = load_examples(cfg)  # (the caller read the records and said what reading them says)
+    assert [m.split(" (said when")[0] for m in said(examples=loaded)] == first[1:]
+    assert said(quiet=True) == []
 
 
 def test_multiprocess_tokenization_matches(tokenizer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from medusa_liger.train.config import load_config
 from medusa_liger.train.logging import read_metrics
 from medusa_liger.train.loop import accumulate_gradients, train
 from tests.train_helpers import (
+    ROOT,
     TINY,
     _torch_kernels,  # noqa: F401  (autouse fixture)
     build_in_process,
@@ -231,6 +233,31 @@ def test_too_little_data_for_a_micro_batch_is_a_data_error(tmp_path, capsys):
     assert medusa_liger_main(["train", str(config_file)]) == 2
     error = capsys.readouterr().err
     assert "data error" in error and "micro_batch_size" in error, error
+
+
+def test_a_rerun_on_cached_data_says_the_data_warnings_again(tmp_path):
+    from medusa_liger.records import DataWarning
+
+    data = tmp_path / "chat.jsonl"
+    shipped = (ROOT / "medusa_liger" / "data" / "pydoc_chat.jsonl").read_text()
+    data.write_text('{"messages": [{"role": "user", "content": "no answer"}]}\n' + shipped)
+    cfg = short_config(tmp_path / "run", "train.steps=1", f"data.paths=[{data}]", "data.on_error=skip",
+                       "data.long_examples=truncate", "checkpoint.every=1000")
+
+    def said() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(cfg)
+        return [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+
+    first = said()
+    assert [m[:29] for m in first] == ["skipped 1 bad records; first:", "data.long_examples=truncate: "]
+    # A fresh start in the same directory: the tiny model reads the records again (its tokenizer is
+    # keyed on them) and says so; the rows come from the cache, which says what packing them said.
+    again = said()
+    assert again[0] == first[0] and again[1] == f"{first[1]} (said when the packed-data cache " + again[1].split(
+        "(said when the packed-data cache ")[1]
+    assert len(again) == 2 and str(tmp_path / "run" / "cache") in again[1]
 
 
 @pytest.mark.parametrize("out_of_vocab", [False, pytest.param(True, marks=pytest.mark.gpu)])

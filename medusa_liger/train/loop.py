@@ -99,7 +99,7 @@ from medusa_liger.train.checkpoint import (
     save_checkpoint,
 )
 from medusa_liger.train.config import Config, ConfigError, save_config
-from medusa_liger.train.data import IGNORE_INDEX, data_errors, load_examples
+from medusa_liger.train.data import IGNORE_INDEX, data_errors, load_examples, recorded_data_warnings
 from medusa_liger.train.finish import finish_run, format_summary
 from medusa_liger.train.logging import MetricsLogger, NullLogger
 from medusa_liger.train.packing import (
@@ -365,10 +365,11 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
 
     # Data and model (the tiny tokenizer is trained on the same examples the run trains on).
     examples: list = []
+    load_notes: list[str] = []  # their data warnings, for the packed-data cache to keep
 
     def get_examples():
         if not examples:
-            with data_errors():
+            with data_errors(), recorded_data_warnings(load_notes):
                 examples.extend(load_examples(cfg.data))
         return examples
 
@@ -380,7 +381,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         with model_errors(cfg) if cfg.model.name_or_path != "tiny" else nullcontext():
             tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples, on_meta=cfg.train.fsdp and not main)
     with distributed.main_first(), data_errors():
-        data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None)
+        data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None, load_notes=load_notes,
+                                 quiet=not main)
     check_token_range(cfg, data.input_ids, backbone)
     # Checkpoints (rank 0's) keep it: a resume says when the rows changed (files edited in place too).
     rows = rows_fingerprint(data) if main else None

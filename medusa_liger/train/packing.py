@@ -9,7 +9,8 @@ another example. An example longer than ``seq_len`` is cut to its first ``seq_le
 (``split``). Pieces without any target are dropped.
 
 The packed tensors are cached under ``cache_dir`` keyed by a fingerprint of the data files, the
-tokenizer and every data option that changes them, so a rerun skips reading and tokenizing.
+tokenizer and every data option that changes them, so a rerun skips reading and tokenizing; the
+cache keeps the data warnings building them gave (records skipped, targets cut off) and says them again.
 
 ``PackedLoader`` yields micro-batches of rows in an order reshuffled every epoch from
 ``(seed, epoch)``; its state is ``(epoch, position)``, which a checkpoint stores so that a resumed
@@ -36,11 +37,11 @@ from pathlib import Path
 import torch
 
 from medusa_liger.kernels.reference import shifted_targets
-from medusa_liger.records import resolve_path
+from medusa_liger.records import DataWarning, resolve_path
 from medusa_liger.seeds import torch_seed
-from medusa_liger.train.data import IGNORE_INDEX, load_examples, tokenize_examples
+from medusa_liger.train.data import IGNORE_INDEX, load_examples, recorded_data_warnings, tokenize_examples
 
-CACHE_VERSION = 4  # 2: PackedData.continued; 3: PackedData.follows; 4: follows after any kept piece
+CACHE_VERSION = 5  # 2: PackedData.continued; 3: PackedData.follows; 4: follows after any kept piece; 5: notes
 
 
 @dataclass
@@ -95,7 +96,7 @@ def pack(
     if cut_targets:
         warnings.warn(f"data.long_examples=truncate: {cut_examples} of {len(examples)} examples are longer than "
                       f"data.seq_len={seq_len}, and {cut_targets} of their targets ({cut_targets / all_targets:.1%} of "
-                      "all) are cut off; data.long_examples=split trains on them", stacklevel=2)
+                      "all) are cut off; data.long_examples=split trains on them", DataWarning, stacklevel=2)
     rows: list[list[tuple[list[int], list[int], bool]]] = []
     used = seq_len  # forces a new row for the first piece
     for piece in pieces:
@@ -185,25 +186,40 @@ def data_fingerprint(data_cfg, tokenizer) -> str:
     return digest.hexdigest()[:20]
 
 
-def build_packed_data(data_cfg, tokenizer, cache_dir: str | Path | None, examples: list | None = None) -> PackedData:
+def build_packed_data(data_cfg, tokenizer, cache_dir: str | Path | None, examples: list | None = None, *,
+                      load_notes: list[str] = (), quiet: bool = False) -> PackedData:
     """Read, tokenize and pack ``data_cfg.paths`` (or load the cached result).
 
-    ``examples``: the already loaded ``load_examples(data_cfg)``, to avoid reading the files twice.
+    ``examples``: the already loaded ``load_examples(data_cfg)``, to avoid reading the files twice, and
+    ``load_notes`` the ``DataWarning`` messages that loading them gave (``recorded_data_warnings``).
+    The cache keeps the data warnings of reading and packing, and reading it says them again (those of
+    reading only when ``examples`` were not loaded anew), unless ``quiet`` (e.g. on all ranks but one).
     """
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"packed-{data_fingerprint(data_cfg, tokenizer)}.pt"
         if cache_file.is_file():
-            return PackedData(**torch.load(cache_file, weights_only=True))
-    examples = tokenize_examples(examples or load_examples(data_cfg), tokenizer, data_cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    data = pack(examples, data_cfg.seq_len, data_cfg.long_examples, pad_id)
+            saved = torch.load(cache_file, weights_only=True)
+            notes = saved.pop("notes")
+            said_again = notes["pack"] if examples is not None else notes["load"] + notes["pack"]
+            for message in [] if quiet else said_again:
+                warnings.warn(f"{message} (said when the packed-data cache {cache_file} was written)",
+                              DataWarning, stacklevel=2)
+            return PackedData(**saved)
+    notes = {"load": list(load_notes), "pack": []}
+    if examples is None:
+        with recorded_data_warnings(notes["load"]):
+            examples = load_examples(data_cfg)
+    with recorded_data_warnings(notes["pack"]):
+        tokenized = tokenize_examples(examples, tokenizer, data_cfg)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        data = pack(tokenized, data_cfg.seq_len, data_cfg.long_examples, pad_id)
     if len(data) == 0:
         raise ValueError(f"data.paths {data_cfg.paths}: no example has a target token after tokenization")
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(data.__dict__, tmp)
+        torch.save({**data.__dict__, "notes": notes}, tmp)
         os.replace(tmp, cache_file)  # atomic: a concurrent reader never sees half a file
     return data
 
