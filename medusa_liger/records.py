@@ -278,6 +278,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.txt", "merges.txt", "tekken.json")
 
 
+def load_tokenizer(name_or_path: str, **from_pretrained_kwargs):
+    """``AutoTokenizer.from_pretrained(name_or_path)`` (``~`` expanded), checked before (a local model
+    directory has tokenizer files: ``check_tokenizer_files``) and after (it encodes text to tokens:
+    ``check_tokenizer``). ValueError naming ``name_or_path`` for either; transformers' own errors pass."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer_files(name_or_path)
+    directory = user_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory) if directory.is_dir() else name_or_path,
+                                              **from_pretrained_kwargs)
+    check_tokenizer(tokenizer, name_or_path)
+    return tokenizer
+
+
 def check_tokenizer_files(path: str) -> None:
     """ValueError when ``path`` is a local model directory without any tokenizer file: transformers then
     builds an empty tokenizer (Qwen2) or blames a missing package (Llama)."""

@@ -22,7 +22,6 @@ from medusa_liger.heads.export import (  # one table of dtype names for every CL
     backbone_load_error,
     check_backbone_path,
     load_backbone,
-    local_or_hub,
     parse_dtype,
 )
 from medusa_liger.inference import cli_args
@@ -50,7 +49,7 @@ from medusa_liger.inference.tree import (
     TREE_SEARCHES,
     normalize_tree,
 )
-from medusa_liger.records import check_tokenizer, check_tokenizer_files, load_json_list, looks_like_local_path
+from medusa_liger.records import check_tokenizer_files, load_json_list, load_tokenizer, looks_like_local_path
 from medusa_liger.run_layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -162,8 +161,6 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
     dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU. A backbone that cannot be found or
     loaded is a BackboneLoadError naming it (transformers raises OSError, for a path a misleading one).
     """
-    from transformers import AutoTokenizer
-
     try:
         device = cli_args.parse_device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,13 +172,12 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
         torch_dtype = parse_dtype(dtype)
     check_backbone_path(backbone)  # (what it is not: heads, a file, no model: said first)
     try:
-        check_tokenizer_files(str(backbone))  # said before the weights load
+        check_tokenizer_files(str(backbone))  # said before the weights load (a hub name is noted there)
     except ValueError as error:
         raise backbone_load_error(backbone, error) from error
     causal_lm = load_backbone(backbone, torch_dtype, attn_implementation=attn_implementation)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(local_or_hub(backbone))
-        check_tokenizer(tokenizer, str(backbone))
+        tokenizer = load_tokenizer(str(backbone))
     except (OSError, ValueError) as error:
         raise backbone_load_error(backbone, error) from error
     return causal_lm.to(device).eval(), tokenizer

@@ -27,7 +27,7 @@ import torch
 
 from medusa_liger.devices import parse_device
 from medusa_liger.heads.export import DTYPES  # one table of dtype names (the config allows three of them)
-from medusa_liger.records import check_tokenizer, check_tokenizer_files
+from medusa_liger.records import load_tokenizer
 from medusa_liger.train import distributed
 from medusa_liger.train.config import Config, ConfigError
 from medusa_liger.train.packing import ROW_SETTINGS
@@ -90,17 +90,14 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
         with where:
             backbone = build_tiny_backbone(cfg.model.tiny, tokenizer, dtype, cfg.model.attn_implementation)
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from medusa_liger.heads.export import note_hub_lookup
 
         if distributed.is_main():
             note_hub_lookup(cfg.model.name_or_path)
         try:
-            check_tokenizer_files(cfg.model.name_or_path)
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
-                                                      trust_remote_code=cfg.model.trust_remote_code)
-            check_tokenizer(tokenizer, cfg.model.name_or_path)
+            tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
         except ValueError as error:  # (transformers blames a missing package for missing tokenizer files)
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: no usable tokenizer: "
                               f"{' '.join(str(error).split())}") from error
