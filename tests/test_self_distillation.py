@@ -344,6 +344,67 @@ def test_teacher_temperature_refuses_z_loss():
                 temperature=0.0)
 
 
+def _teacher_rows(op: str):
+    from medusa_liger.kernels.jsd import jsd_rows
+
+    return kl_rows if op == "kl" else (lambda *args, **kw: jsd_rows(*args, beta=0.3, **kw))
+
+
+@pytest.mark.parametrize("op", ["kl", "jsd"])
+@pytest.mark.parametrize(("options", "match"), [
+    ({"temperature": float("inf")}, "temperature must be a finite number"),
+    ({"temperature": True}, "temperature must be a finite number"),
+    ({"temperature": 2.0, "z_loss": 1e-3}, "z_loss must be 0 at a temperature other than 1"),
+    ({"scale": torch.ones(2), "write_grad": True}, "scale \\(one element\\)"),
+    ({"write_grad": True}, "scale \\(one element\\)"),
+])
+def test_teacher_rows_refuse_bad_options_themselves(op, options, match):
+    """The row ops are public: they check what the fused op checks before calling them."""
+    with pytest.raises(ValueError, match=match):
+        _teacher_rows(op)(torch.zeros(2, 5), torch.zeros(2, 5), torch.zeros(2, dtype=torch.long),
+                          loss=torch.zeros(2), **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["kl", "jsd"])
+def test_a_row_without_a_target_is_never_correct(backend, op):
+    """Rows without a target read target 0 (row_targets' placeholder): a student whose argmax is token 0
+    there must not count as correct."""
+    student = torch.zeros(3, 5, device=DEVICE)
+    student[:, 0] = 5.0
+    labels = torch.tensor([0, -100, 0], device=DEVICE)  # shift 1: row 0's target ignored, row 2's past the end
+    correct = torch.full((3,), -1, dtype=torch.int32, device=DEVICE)
+    with force_backend(backend):
+        _teacher_rows(op)(student, torch.zeros(3, 5, device=DEVICE), labels, shift=1, loss=torch.zeros(3, device=DEVICE),
+                          correct=correct)
+    assert correct.tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("op", ["kl", "jsd"])
+def test_the_pytorch_paths_row_steps_keep_each_rows_target(op, monkeypatch):
+    """The PyTorch path works in steps of _TORCH_ROWS_PER_STEP rows (2048), each with its own row_start:
+    a step reading the first step's targets (wrong validity past row 2048) went unseen."""
+    import importlib
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(8, 7) * 3, torch.randn(8, 7) * 3
+    labels = torch.randint(0, 7, (2, 4))
+    labels[1, 2] = -100  # shift 1 over rows of 4: rows 3 and 7 have no target (past the end), row 5 is ignored
+
+    def run() -> tuple[torch.Tensor, ...]:
+        loss, correct, grad = torch.empty(8), torch.empty(8, dtype=torch.int32), student.clone()
+        with force_backend("torch"):
+            _teacher_rows(op)(grad, teacher.clone(), labels.flatten(), seq_len=4, shift=1, loss=loss,
+                              correct=correct, scale=torch.ones(1), write_grad=True)
+        return loss, correct, grad
+
+    whole = run()
+    monkeypatch.setattr(importlib.import_module("medusa_liger.kernels.kl_divergence"), "_TORCH_ROWS_PER_STEP", 3)
+    for got, want in zip(run(), whole):
+        torch.testing.assert_close(got, want)
+    assert (whole[0][[3, 5, 7]] == 0).all() and (whole[0][[0, 1, 2, 4, 6]] > 0).all()
+
+
 def test_teacher_refuses_label_smoothing():
     h, w = torch.randn(2, 11, 16), torch.randn(37, 16)
     with pytest.raises(ValueError, match="label_smoothing must be 0 with a teacher"):

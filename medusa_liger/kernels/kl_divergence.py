@@ -225,7 +225,8 @@ def check_teacher_rows(op: str, student: torch.Tensor, teacher: torch.Tensor, te
     if teacher.shape != student.shape:
         raise ValueError(f"{op}: teacher must have the student's shape {list(student.shape)}, "
                          f"got {list(teacher.shape)}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
     if temperature != 1.0 and z_loss != 0.0:
         raise ValueError(f"{op}: z_loss must be 0 at a temperature other than 1, got z_loss={z_loss}")
