@@ -366,7 +366,8 @@ def test_a_kill_while_the_output_starts_leaves_a_run_that_starts_afresh(model, t
 @pytest.mark.parametrize(("field", "value"), [
     ("max_new_tokens", 0), ("temperature", -1.0), ("temperature", float("nan")), ("top_p", 0.0),
     ("turns", "last"), ("chat_template", "mine"), ("batch_size", 1.5), ("shard", (2, 2)), ("num_records", 0),
-    ("seed", 1.5), ("seed", True),
+    ("seed", 1.5), ("seed", True), ("temperature", "0.5"), ("top_p", None), ("shard", (True, 2)),
+    ("num_records", True), ("batch_size", True),
 ])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -540,3 +541,20 @@ def test_the_weights_dtype_is_a_setting_a_resume_keeps(model, tokenizer, tmp_pat
     summary = self_distill(path, out, dataclasses.replace(settings, num_records=2), model=model, tokenizer=tokenizer,
                            progress=False)
     assert summary.resumed == 1 and summary.records == 1
+
+
+def test_a_record_with_messages_and_a_prompt_keeps_its_messages(tmp_path):
+    """Some datasets carry both: the conversation is the record, the prompt only a summary of it."""
+    path = tmp_path / "both.jsonl"
+    path.write_text(json.dumps({"prompt": "P", "messages": [{"role": "user", "content": "M"}]}) + "\n"
+                    + json.dumps({"prompt": "alone"}) + "\n")
+    pending = list(distill._source_records(str(path), "train", DistillSettings(), [], texts=True))
+    assert [r.messages[0]["content"] for r in pending] == ["M", "alone"]
+
+
+def test_metadata_may_not_replace_a_setting(model, tokenizer, source, tmp_path):
+    """The metadata joins the settings a resume must match: a key of theirs would overwrite one."""
+    with pytest.raises(ValueError, match=r"metadata may not name the settings themselves \(\['seed'\]\)"):
+        self_distill(source, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=2), model=model,
+                     tokenizer=tokenizer, metadata={"seed": 3, "backbone": "x"}, progress=False)
+    assert not (tmp_path / "out.jsonl").exists()

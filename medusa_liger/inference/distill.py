@@ -58,6 +58,14 @@ from medusa_liger.run_layout import user_path
 TURNS = ("all", "first")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # (True is an int to Python)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class DistillSettings:
     """How to generate. Those that decide the text are kept beside the output to guard resumes."""
@@ -75,24 +83,24 @@ class DistillSettings:
     num_records: int | None = None  # the first N records of the source (before sharding)
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for name in ("max_new_tokens", "text_prompt_tokens", "batch_size", "block_records"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (_is_number(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if self.turns not in TURNS:
             raise ValueError(f"turns must be one of {list(TURNS)}, got {self.turns!r}")
         if self.chat_template not in ("auto", "builtin"):
             raise ValueError(f"chat_template must be 'auto' or 'builtin', got {self.chat_template!r}")
         index, count = self.shard
-        if not (isinstance(index, int) and isinstance(count, int) and count >= 1 and 0 <= index < count):
+        if not (_is_int(index) and _is_int(count) and count >= 1 and 0 <= index < count):
             raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {self.shard!r}")
-        if self.num_records is not None and (not isinstance(self.num_records, int) or self.num_records < 1):
+        if self.num_records is not None and (not _is_int(self.num_records) or self.num_records < 1):
             raise ValueError(f"num_records must be an integer >= 1 or None, got {self.num_records!r}")
 
 
@@ -351,8 +359,10 @@ def self_distill(
     # too, unless sampling in this process (blocks are seeded by their first record, and a batch draws
     # its tokens together; a server gets the seed with each request). A local file has no split; a
     # server applies its own chat template and takes no text records.
-    identity = {"source": str(source), "split": split, **asdict(settings), "shard": list(settings.shard),
-                **metadata}
+    identity = {"source": str(source), "split": split, **asdict(settings), "shard": list(settings.shard)}
+    if clashing := sorted(set(metadata) & set(identity), key=str):
+        raise ValueError(f"metadata may not name the settings themselves ({clashing}): they are kept already")
+    identity.update(metadata)
     free = ["num_records"]
     if settings.temperature == 0 or server is not None:
         free += ["batch_size", "block_records"]
