@@ -375,8 +375,8 @@ def test_a_row_without_a_target_is_never_correct(backend, op):
     labels = torch.tensor([0, -100, 0], device=DEVICE)  # shift 1: row 0's target ignored, row 2's past the end
     correct = torch.full((3,), -1, dtype=torch.int32, device=DEVICE)
     with force_backend(backend):
-        _teacher_rows(op)(student, torch.zeros(3, 5, device=DEVICE), labels, shift=1, loss=torch.zeros(3, device=DEVICE),
-                          correct=correct)
+        _teacher_rows(op)(student, torch.zeros(3, 5, device=DEVICE), labels, shift=1,
+                          loss=torch.zeros(3, device=DEVICE), correct=correct)
     assert correct.tolist() == [0, 1, 0]
 
 
