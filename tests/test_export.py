@@ -761,3 +761,78 @@ def test_vllm_heads_are_read_as_vllm_serves_them(tmp_path):
         ckpt = read_heads(tmp_path)
     assert all(not t.any() for k, t in ckpt.tensors.items() if k.endswith("bias"))
     assert torch.equal(ckpt.lm_head_weight, model.lm_head.weight.detach())
+
+
+# ------------------------------------------------------------------------------------ third audit
+def test_dtype_names_any_case_and_dtypes_outside_the_stored_ones_are_refused(tmp_path):
+    from medusa_liger.heads.export import parse_dtype
+
+    assert parse_dtype("BF16") is torch.bfloat16 and parse_dtype("Float32") is torch.float32
+    with pytest.raises(ValueError, match="dtype must be bfloat16, float16, float32 or float64, got torch.int8"):
+        make_model(shared=False).save_heads(tmp_path, dtype=torch.int8)
+    assert not (tmp_path / "config.json").exists()
+
+
+def _rewrite_vllm(directory, *, drop=(), set_=None, add_tensors=None, bias_value=None) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    for key in drop:
+        del config[key]
+    config.update(set_ or {})
+    (directory / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(directory / "model.safetensors"))
+    if bias_value is not None:
+        tensors = {k: torch.full_like(t, bias_value) if k.endswith("bias") else t for k, t in tensors.items()}
+    tensors.update(add_tensors or {})
+    save_file(tensors, str(directory / "model.safetensors"))
+
+
+def test_vllm_configs_of_other_tools_read_with_vllms_defaults(tmp_path):
+    """vLLM's defaults: medusa_fc_bias false (bias tensors ignored), original_lm_head false (per-head
+    projections); a token_map tensor beside a full vocabulary is tolerated, a truncated one refused."""
+    model = make_model(shared=False)
+    model.save_heads(tmp_path / "a", format="vllm")
+    _rewrite_vllm(tmp_path / "a", drop=("medusa_fc_bias",), bias_value=1.0)
+    with pytest.warns(UserWarning, match="medusa_fc_bias is false"):
+        ckpt = read_heads(tmp_path / "a")
+    assert all(not t.any() for k, t in ckpt.tensors.items() if k.endswith("bias"))
+
+    model.save_heads(tmp_path / "b", format="vllm")
+    _rewrite_vllm(tmp_path / "b", drop=("original_lm_head",), add_tensors={"token_map": torch.arange(V)})
+    loaded = MedusaModel.from_pretrained(tmp_path / "b", backbone=model.backbone)
+    assert loaded.config.shared_lm_head is False
+    assert_same_heads(model, loaded)
+
+    model.save_heads(tmp_path / "c", format="vllm")
+    _rewrite_vllm(tmp_path / "c", set_={"truncated_vocab_size": V - 2})
+    with pytest.raises(ValueError, match=f"truncated_vocab_size={V - 2} .* is not supported"):
+        read_heads(tmp_path / "c")
+
+
+def test_a_config_with_num_heads_of_another_model_type_is_no_heads_config(tmp_path):
+    from medusa_liger.heads.export import NotHeadsConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "num_heads": 8}))
+    with pytest.raises(NotHeadsConfigError, match="is not a Medusa heads config"):
+        detect_format(tmp_path)
+
+
+def test_a_joint_save_in_another_dtype_casts_the_backbone_too(tmp_path):
+    model = make_model(shared=False, mode="joint")
+    model.save_heads(tmp_path, format="vllm", dtype="bf16")
+    backbone = load_file(str(next((tmp_path / "backbone").glob("*.safetensors"))))
+    assert {t.dtype for t in backbone.values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(str(tmp_path / "model.safetensors")).values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("saved_mode, weight, new_mode, expected", [
+    ("heads", None, "joint", 0.2), ("joint", None, "heads", 1.0), ("heads", 0.5, "joint", 0.5),
+])
+def test_loading_in_another_mode_takes_its_default_heads_weight_unless_one_was_chosen(
+        tmp_path, saved_mode, weight, new_mode, expected):
+    cfg = MedusaConfig(num_heads=K, num_layers=L, mode=saved_mode, heads_loss_weight=weight)
+    model = MedusaModel.from_backbone(tiny_llama(), cfg)
+    model.save_heads(tmp_path, save_backbone=False)
+    loaded = MedusaModel.from_pretrained(tmp_path, backbone=tiny_llama(), mode=new_mode)
+    assert loaded.config.mode == new_mode and loaded.config.heads_loss_weight == expected
+    again = MedusaModel.from_pretrained(tmp_path, backbone=tiny_llama(), mode=new_mode, heads_loss_weight=0.3)
+    assert again.config.heads_loss_weight == 0.3

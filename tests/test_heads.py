@@ -91,11 +91,35 @@ def batch(B=2, T=13, seed=1):
      ({"z_loss": -1e-4}, "z_loss must be a finite number >= 0"), ({"z_loss": "x"}, "z_loss must be a number"),
      ({"z_loss": 1e-4, "head_targets": "backbone", "kl_temperature": 2.0}, "z_loss must be 0 unless kl_temperature"),
      ({"z_loss": 1e-4, "mode": "joint", "lm_loss": "kl", "kl_temperature": 0.5},
-      "z_loss must be 0 unless kl_temperature")],
+      "z_loss must be 0 unless kl_temperature"),
+     ({"kl_temperature": 0.0}, "kl_temperature"), ({"ignore_index": "x"}, "ignore_index"),
+     ({"ignore_index": True}, "ignore_index"), ({"lm_loss_weight": True}, "lm_loss_weight must be a number"),
+     ({"z_loss": "1e-4"}, "z_loss must be a number"),
+     *[({name: float("inf")}, f"{name} must be a finite number")
+       for name in ("decay", "lm_loss_weight", "heads_loss_weight", "z_loss", "label_smoothing", "kl_temperature")]],
 )
 def test_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):
         MedusaConfig(**kwargs)
+
+
+def test_decay_one_weights_every_head_alike():
+    assert MedusaConfig(num_heads=3, decay=1.0).head_weights() == [1.0, 1.0, 1.0]
+
+
+def test_from_backbone_checks_a_config_edited_after_construction():
+    config = MedusaConfig()
+    config.num_heads = 0
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 1"):
+        MedusaModel.from_backbone(tiny_llama(), config)
+
+
+def test_per_head_projections_refuse_an_lm_head_bias():
+    backbone = tiny_llama()
+    backbone.lm_head.bias = torch.nn.Parameter(torch.randn(V))
+    with pytest.raises(ValueError, match="lm_head has a bias.*use shared_lm_head=True"):
+        MedusaModel.from_backbone(backbone, MedusaConfig(shared_lm_head=False))
+    MedusaModel.from_backbone(backbone, MedusaConfig(shared_lm_head=True))  # the shared one reads it
 
 
 def test_config_defaults_and_weights():
@@ -308,6 +332,21 @@ def test_packed_documents_do_not_see_each_other(attn, with_mask):
     with force_backend("torch"), torch.no_grad():
         out = model(packed, attention_mask=mask, segment_ids=segments)
     assert out.head_tokens.tolist() == [(7 - 2) + (5 - 2), (7 - 3) + (5 - 3)]
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_explicit_position_ids_win_over_the_segments(with_mask):
+    """Positions that do not restart are the caller's: attention may then span segments (documented)."""
+    model = MedusaModel.from_backbone(tiny_llama(), MedusaConfig(num_heads=2))
+    ids = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(4))
+    segments = torch.tensor([[0] * 7 + [1] * 5])
+    mask = torch.ones_like(ids) if with_mask else None
+    restarting = model.hidden_states(ids, mask, segment_ids=segments)
+    given = segment_position_ids(segments)
+    torch.testing.assert_close(model.hidden_states(ids, mask, segment_ids=segments, position_ids=given), restarting)
+    # (RoPE is relative, and with a mask attention stays in the segment: positions spaced 2 apart differ)
+    spaced = model.hidden_states(ids, mask, segment_ids=segments, position_ids=2 * torch.arange(12)[None])
+    assert not torch.allclose(spaced[:, 1:7], restarting[:, 1:7], atol=1e-4)
 
 
 def test_packed_causal_mask_blocks_other_segments_and_padding():

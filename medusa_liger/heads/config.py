@@ -135,7 +135,7 @@ class MedusaConfig:
             if self.kl_direction != "forward":
                 raise ValueError(f"kl_direction must be 'forward' with jsd_beta (the JSD has no direction), "
                                  f"got {self.kl_direction!r}")
-        if not isinstance(self.ignore_index, int):
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")
         if not (check_loss_weight("label_smoothing", self.label_smoothing) < 1.0):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
@@ -169,6 +169,8 @@ class MedusaConfig:
 
 def check_loss_weight(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise ValueError unless it is a finite number >= 0."""
+    if isinstance(value, (bool, str, bytes)):  # (float() reads "1e-4" and True; a config should not)
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):

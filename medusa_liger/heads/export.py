@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medusa_liger.dtype_names import DTYPE_NAMES
-from medusa_liger.heads.config import MedusaConfig
+from medusa_liger.heads.config import DEFAULT_HEADS_LOSS_WEIGHT, MedusaConfig
 from medusa_liger.run_layout import user_path
 
 FORMATS: tuple[str, ...] = ("medusa", "vllm")
@@ -633,7 +633,13 @@ def load_pretrained(cls: type, directory: str | Path, backbone: nn.Module | str 
     fixed = {"num_heads", "num_layers", "shared_lm_head"} & set(overrides)
     if fixed:
         raise ValueError(f"{sorted(fixed)} are fixed by the checkpoint and cannot be overridden")
-    config = dataclasses.replace(ckpt.config, **overrides)
+    saved = ckpt.config
+    if ("mode" in overrides and "heads_loss_weight" not in overrides
+            and saved.heads_loss_weight == DEFAULT_HEADS_LOSS_WEIGHT[saved.mode]):
+        # The stored weight is the stored mode's default (to_dict writes it resolved): another mode
+        # takes its own default, as a new MedusaConfig(mode=...) would.
+        overrides = {**overrides, "heads_loss_weight": None}
+    config = dataclasses.replace(saved, **overrides)
     model = cls.from_backbone(backbone, config)
     model.heads.load_state_dict(ckpt.tensors, strict=True)
     if ckpt.lm_head_weight is not None:

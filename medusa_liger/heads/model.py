@@ -213,7 +213,8 @@ class MedusaModel(nn.Module):
 
         ``backbone``: a model, a path/name for ``AutoModelForCausalLM.from_pretrained``, or None to
         use the ``backbone/`` subdirectory written after joint training. ``overrides`` replace
-        MedusaConfig fields (e.g. ``mode="joint"`` to continue training the backbone).
+        MedusaConfig fields (e.g. ``mode="joint"`` to continue training the backbone; a stored
+        ``heads_loss_weight`` that is its mode's default then becomes the new mode's default).
         """
         from medusa_liger.heads.export import load_pretrained
 
