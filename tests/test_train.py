@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medusa_liger.heads import MedusaModel
+from medusa_liger.heads import MedusaConfig, MedusaModel
 from medusa_liger.train.build import GroupSchedule, heads_lambda, warmup_cosine
 from medusa_liger.train.config import load_config
 from medusa_liger.train.logging import read_metrics
@@ -295,6 +295,8 @@ def test_accumulation_is_normalized_by_target_tokens(tmp_path, out_of_vocab):
     m_parts, g_parts = grads(parts)
     assert m_parts["loss"] == pytest.approx(m_whole["loss"], rel=1e-5)
     assert m_parts["acc/head0"] == pytest.approx(m_whole["acc/head0"], rel=1e-6)
+    assert m_parts["lm_loss"] == pytest.approx(m_whole["lm_loss"], rel=1e-5)  # (the tiny config is joint)
+    assert m_parts["acc/lm"] == pytest.approx(m_whole["acc/lm"], rel=1e-6)
     for a, b in zip(g_parts, g_whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -497,6 +499,13 @@ def test_step_metrics_accumulated_on_device_equal_the_forward_exactly(tmp_path):
     for k in range(model.config.num_heads):
         assert metrics[f"loss/head{k}"] == pytest.approx(float(out.head_losses[k]), rel=1e-6)
         assert metrics[f"acc/head{k}"] == pytest.approx(float(out.head_accuracy[k]), rel=1e-6)
+    assert metrics["lm_loss"] == pytest.approx(float(out.lm_loss), rel=1e-6)  # (the tiny config is joint)
+    assert metrics["acc/lm"] == pytest.approx(float(out.lm_accuracy), rel=1e-6)
+    # A head without any target in the step (targets only in the first 3 positions: head 2 reads 4 on)
+    # logs 0, not 0 / 0.
+    batch["labels"][:, 3:] = -100
+    metrics = accumulate_gradients(model, [batch], torch.device("cpu"))
+    assert metrics["loss/head2"] == 0.0 and metrics["acc/head2"] == 0.0 and metrics["loss/head0"] > 0
 
 
 def test_eval_prompts_are_the_tokens_before_each_held_out_documents_first_target(tmp_path):
@@ -1141,3 +1150,106 @@ def test_biases_and_norm_weights_are_not_decayed(tmp_path):
     assert decay == {(1, 0.0), (2, 0.1)}
     assert sorted(group["name"] for group in optimizer.param_groups) == \
         ["backbone", "backbone_no_decay", "heads", "heads_no_decay"]
+
+
+# ------------------------------------------------------------------------------------ third audit
+def test_a_checkpoint_missing_a_file_is_refused_before_anything_is_restored(tmp_path):
+    from medusa_liger.train.checkpoint import ResumeError, find_resume_checkpoint, load_checkpoint
+
+    for step in (2, 4, 6):
+        _save_tiny_checkpoint(tmp_path, step, keep=3)
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    # Without its RNG states a resume would not repeat the run: refused, the newest earlier one named.
+    (tmp_path / "step-000006" / "rng.pt").unlink()
+    with pytest.raises(ResumeError, match=r"rng\.pt' cannot be read .* \(train\.resume=.*step-000004; "
+                                          r"there: step-000002, step-000004\)"):
+        load_checkpoint(tmp_path / "step-000006", {"w": weight}, optimizer, scheduler)
+    (tmp_path / "step-000004" / "trainer_state.json").unlink()
+    weight.data.zero_()
+    with pytest.raises(ResumeError, match="is not a complete checkpoint"):
+        load_checkpoint(tmp_path / "step-000004", {"w": weight}, optimizer, scheduler)
+    assert not weight.any()  # nothing was copied in
+    with pytest.raises(ValueError, match="is not a checkpoint directory"):
+        find_resume_checkpoint(str(tmp_path / "step-000004"), tmp_path)
+    with pytest.raises(ValueError, match="is not a checkpoint directory"):
+        find_resume_checkpoint(str(tmp_path / "typo"), tmp_path)
+    # An optimizer over other parameters than the checkpoint's: torch's error, said as a resume error.
+    other = torch.optim.SGD([weight, torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ResumeError, match="optimizer state .* does not fit"):
+        load_checkpoint(tmp_path / "step-000002", {"w": weight}, other, scheduler)
+
+
+def test_resume_names_a_change_of_projection_sharing():
+    from medusa_liger.train.checkpoint import ResumeError, check_resume_heads
+
+    with pytest.raises(ResumeError, match="heads.shared_lm_head=False there, True now"):
+        check_resume_heads(MedusaConfig(shared_lm_head=False), MedusaConfig(shared_lm_head=True), "ckpt")
+    check_resume_heads(MedusaConfig(decay=0.5), MedusaConfig(decay=0.9), "ckpt")  # the loss may change
+
+
+def test_a_gradient_norm_that_is_not_finite_stops_the_step_before_its_update(tmp_path, monkeypatch):
+    from medusa_liger.train.loop import DivergedError, _train_step
+
+    cfg = short_config(tmp_path)
+    model, loader, optimizer, scheduler = build_in_process(cfg, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: torch.tensor(float("inf")))
+    with pytest.raises(DivergedError, match="step 3: the loss is .* and the gradient norm inf"):
+        _train_step(model, [loader.next_batch()], optimizer, scheduler, params, cfg, torch.device("cpu"), None, 3)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_evaluation_equals_one_forward_over_the_held_out_rows(tmp_path):
+    """Token-weighted over micro-batches of any size: the numbers of one forward over every row."""
+    from medusa_liger.train.loop import evaluate
+    from medusa_liger.train.packing import PackedData
+
+    cfg = short_config(tmp_path)  # joint: the backbone's own loss too
+    model, loader, *_ = build_in_process(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.lm_head.weight.mul_(30)  # rows' losses far apart (at init every row's is near log V)
+    rows = [loader.next_batch() for _ in range(2)]
+    data = PackedData(*(torch.cat([r[k] for r in rows])[:7] for k in ("input_ids", "labels", "segment_ids")))
+    model.eval()
+    with torch.no_grad():
+        out = model(data.input_ids, labels=data.labels, segment_ids=data.segment_ids)
+    for micro_batch_size in (1, 3, 7):
+        got = evaluate(model, data, micro_batch_size, torch.device("cpu"), None)
+        for k in range(model.config.num_heads):
+            assert got[f"eval/loss/head{k}"] == pytest.approx(float(out.head_losses[k]), rel=1e-5)
+            assert got[f"eval/acc/head{k}"] == pytest.approx(float(out.head_accuracy[k]), rel=1e-5)
+        assert got["eval/lm_loss"] == pytest.approx(float(out.lm_loss), rel=1e-5)
+        assert got["eval/acc/lm"] == pytest.approx(float(out.lm_accuracy), rel=1e-5)
+
+
+def test_the_last_step_is_checkpointed_and_logs_the_rates_it_used(tmp_path):
+    """steps not a multiple of checkpoint.every: the last step still gets its checkpoint."""
+    cfg = short_config(tmp_path, "train.steps=3", "train.heads_only_steps=2", "checkpoint.every=2",
+                       "checkpoint.keep=5", "export.formats=[medusa]")
+    result = train(cfg)
+    assert _steps(tmp_path / "checkpoints") == [2, 3]
+    assert "eval/lm_loss" in result.summary and "eval/acc/lm" in result.summary
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    # The rates each step used (read before the scheduler moves on): warmup from (0 + 1) / 2.
+    assert records[0]["lr/heads"] == pytest.approx(cfg.train.heads_lr * 0.5)
+    assert records[0]["lr/backbone"] == 0.0  # the heads-only stage
+
+
+def test_the_random_states_a_checkpoint_keeps_restore_every_stream():
+    """Dropout (LoRA's included) draws from torch's generator, the data order from its own: a resume
+    must restore torch's and Python's for the steps to repeat."""
+    import random
+
+    from medusa_liger.train.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    first = (torch.rand(4), random.random())
+    torch.rand(3), random.random()  # the streams move on
+    set_rng_state(state)
+    again = (torch.rand(4), random.random())
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
