@@ -384,6 +384,9 @@ def test_saving_an_older_step_drops_the_abandoned_branch_and_keeps_the_new_one(t
     written = _save_tiny_checkpoint(tmp_path, 5, keep=3)
     assert written.is_dir() and _steps(tmp_path) == [4, 5]
     assert find_resume_checkpoint("auto", tmp_path) == written
+    with pytest.raises(ValueError, match="keep must be an integer >= 1, got 0"):
+        _save_tiny_checkpoint(tmp_path, 6, keep=0)
+    assert _steps(tmp_path) == [4, 5]
 
 
 def test_replacing_a_step_and_stale_temporaries(tmp_path):

@@ -125,6 +125,8 @@ def save_checkpoint(
     ``rng_states``: every rank's ``rng_state()`` in rank order (default: this process's only).
     ``optimizer``: the optimizer, or its state dict (already gathered whole when it was sharded).
     """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:  # ([:-0] would keep them all)
+        raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     # Only rank 0 saves, one save at a time: any temporary directory left now is from a killed save.
@@ -153,7 +155,8 @@ def save_checkpoint(
                               f"earlier checkpoints are intact): {type(error).__name__}: {error}") from error
     # A previous attempt at the same step (e.g. a rerun): move it aside (named .tmp-*, so a kill
     # before the delete below leaves it to the next save's cleanup), put the new one in place, then
-    # delete the old one; a step directory thus never goes missing.
+    # delete the old one. Only a kill between the two renames loses that step (the earlier
+    # checkpoints stay whole); deleting the old one first would widen that window to the delete.
     old = None
     if final.exists():
         old = root / f".tmp-old-step-{step:06d}-{os.getpid()}"
