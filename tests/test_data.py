@@ -663,3 +663,90 @@ def test_a_tokenizer_without_a_chat_template_is_said_to_get_the_builtin_one(toke
         warnings.simplefilter("error")
         chat_template_for(bare, "builtin", "data.chat_template")  # chosen: nothing to say
         chat_template_for(tokenizer, "auto", "data.chat_template")
+
+
+# ------------------------------------------------------------------ third audit
+TURNS = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello you"},
+         {"role": "user", "content": "why"}, {"role": "assistant", "content": "because"}]
+
+
+def test_the_generation_prompt_is_never_a_target(tokenizer):
+    """The loss starts at the content: the newline after <|assistant|> is the prompt's."""
+    messages = [{"role": "user", "content": "What does pass do?"}, {"role": "assistant", "content": "It does nothing."}]
+    ids, labels = tokenize_example(Example("x", messages=messages), tokenizer, BUILTIN_CHAT_TEMPLATE, "assistant")
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert tokenizer.decode(ids[first:]).startswith("It does nothing.")
+    assert tokenizer.decode(ids[:first]).endswith("<|assistant|>\n")
+
+
+def test_a_generation_prompt_the_turns_do_not_start_with_is_refused(tokenizer):
+    """DeepSeek-R1-Distill style: the generation prompt opens a think block the rendered turns lack."""
+    template = ("{% for m in messages %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: <think>\\n' }}{% endif %}")
+    with pytest.raises(ValueError, match="c:1: the chat template does not render prefixes"):
+        render_conversation(tokenizer, TURNS, template, "c:1")
+
+
+def test_a_turn_whose_content_appears_only_in_a_later_turn_is_refused(tokenizer):
+    """Earlier replies rendered without their content: "why" is found only in the next user turn."""
+    template = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}{{ 'assistant: \\n' }}"
+                "{% else %}{{ m.role + ': ' + m.content + '\\n' }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "why"},
+                {"role": "user", "content": "why not"}, {"role": "assistant", "content": "x"}]
+    with pytest.raises(ValueError, match="does not render prefixes"):
+        render_conversation(tokenizer, messages, template, "c:1")
+
+
+def test_a_last_turn_with_nothing_after_its_content_is_located(tokenizer):
+    template = ("{% for m in messages %}{% if m.role == 'assistant' and loop.last %}"
+                "{{ 'assistant: <think></think>' + m.content }}{% else %}{{ m.role + ': ' + m.content + '\\n' }}"
+                "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    text, spans = render_conversation(tokenizer, TURNS, template, "c:2")
+    assert [text[a:b] for a, b in spans] == ["hello you", "<think></think>because"]
+
+
+def test_agreement_stops_at_the_first_differing_token(tokenizer):
+    from medusa_liger.train.data import _agreed_prefix
+
+    assert _agreed_prefix(tokenizer, "! the loop", "? the loop") == 0
+    assert _agreed_prefix(tokenizer, "<|end|>\nmore", "<|end|>\nother") >= len("<|end|>")
+
+
+def test_text_data_and_a_few_empty_answers_give_no_empty_turn_warning(tmp_path):
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "a document"}])
+    answers = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": a}] for a in ("", "x", "y")]
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in answers])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_examples(data_cfg([text]))  # no answers: not "0 of 0 are empty"
+        load_examples(data_cfg([chat]))  # 1 of 3 empty: normal
+    write_jsonl(chat, [{"messages": m} for m in answers[:1] * 2 + answers[1:2]])
+    with pytest.warns(UserWarning, match="2 of 3 assistant turns in data.paths are empty"):
+        load_examples(data_cfg([chat]))
+
+
+def test_a_home_relative_data_path_is_local(tmp_path):
+    from medusa_liger.records import looks_like_local_path
+
+    assert looks_like_local_path("~/mydata") and not looks_like_local_path("owner/name")
+    with pytest.raises(ValueError, match="'~/mydata' does not exist"):
+        load_examples(data_cfg(["~/mydata"]))
+
+
+def test_a_json_file_must_hold_a_list(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"a": {"text": "x"}}))
+    with pytest.raises(ValueError, match="must hold a list of records, got dict"):
+        load_examples(data_cfg([path]))
+
+
+@pytest.mark.parametrize("own", ["", {"default": None, "x": "a"}])
+def test_an_empty_or_missing_default_template_is_not_rendered_with(own):
+    from types import SimpleNamespace
+
+    tokenizer = SimpleNamespace(chat_template=own)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert chat_template_for(tokenizer, "auto") == BUILTIN_CHAT_TEMPLATE
+    assert caught  # said: the built-in one is used
