@@ -12,6 +12,7 @@ import torch
 
 from medusa_liger.inference import distill
 from medusa_liger.inference.distill import DistillSettings, parse_shard, self_distill
+from medusa_liger.inference import distill_backends
 from medusa_liger.inference.distill_backends import LocalBackend
 from medusa_liger.records import BUILTIN_CHAT_TEMPLATE, normalize
 from tests.test_generate import tiny_backbone
@@ -558,3 +559,55 @@ def test_metadata_may_not_replace_a_setting(model, tokenizer, source, tmp_path):
         self_distill(source, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=2), model=model,
                      tokenizer=tokenizer, metadata={"seed": 3, "backbone": "x"}, progress=False)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_blocks_draw_their_own_samples(model, tokenizer, tmp_path):
+    """Each block is seeded by its first record: the same prompt in two blocks gets two draws."""
+    path = tmp_path / "same.jsonl"
+    path.write_text(json.dumps({"prompt": "for i in"}) + "\n" + json.dumps({"prompt": "for i in"}) + "\n")
+    settings = DistillSettings(max_new_tokens=12, temperature=1.0, block_records=1, seed=4)
+    self_distill(path, tmp_path / "out.jsonl", settings, model=model, tokenizer=tokenizer, progress=False)
+    first, second = (r["messages"][1]["content"] for r in read_lines(tmp_path / "out.jsonl"))
+    assert first != second
+
+
+def test_a_block_regenerated_after_a_kill_lists_its_dropped_record_once(tokenizer, tmp_path):
+    """Killed after the dropped record was listed but before the block's lines were written."""
+    model = tiny_backbone(vocab=len(tokenizer), seed=1, max_position_embeddings=48)
+    source = tmp_path / "source.jsonl"
+    prompts = ["What is assert?", "The assert statement checks a condition. " * 8, "for i in"]
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out, settings = tmp_path / "out.jsonl", DistillSettings(max_new_tokens=6, block_records=3)
+    self_distill(source, out, settings, model=model, tokenizer=tokenizer, progress=False)
+    written = out.read_text()
+    out.write_text("")  # the block's lines lost, its dropped record listed
+    again = self_distill(source, out, settings, model=model, tokenizer=tokenizer, progress=False)
+    assert again.skipped == [] and again.records == 2 and out.read_text() == written
+    assert [r["id"] for r in read_lines(tmp_path / "out.dropped.jsonl")] == [1]
+
+
+def test_a_run_that_writes_no_record_leaves_no_output(tokenizer, tmp_path):
+    model = tiny_backbone(vocab=len(tokenizer), seed=1, max_position_embeddings=48)
+    source = tmp_path / "source.jsonl"
+    source.write_text(json.dumps({"prompt": "The assert statement checks a condition. " * 8}) + "\n")
+    with pytest.raises(ValueError, match="gave no record"):
+        self_distill(source, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=6), model=model,
+                     tokenizer=tokenizer, progress=False)
+    assert list(tmp_path.iterdir()) == [source]  # nothing that would refuse the next run's settings
+
+
+def test_local_generation_takes_every_sampling_setting(model, tokenizer):
+    sampled = LocalBackend(model, tokenizer, DistillSettings(temperature=0.3, top_p=0.8)).config
+    assert (sampled.do_sample, sampled.temperature, sampled.top_p, sampled.top_k) == (True, 0.3, 0.8, 0)
+    greedy = LocalBackend(model, tokenizer, DistillSettings()).config
+    assert greedy.do_sample is False
+
+
+def test_local_answers_are_stripped_and_the_models_generation_config_is_put_back(model, tokenizer, monkeypatch,
+                                                                                 tmp_path):
+    backend = LocalBackend(model, tokenizer, DistillSettings(max_new_tokens=4))
+    shipped = model.generation_config
+    backend.generate([[1, 2, 3]])
+    assert model.generation_config is shipped
+    monkeypatch.setattr(backend, "_answer", lambda prompts, with_prompt: [distill_backends.Answer("  hi \n", True, 3)])
+    assert backend.chat([[{"role": "user", "content": "q"}]])[0].text == "hi"

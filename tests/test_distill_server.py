@@ -64,6 +64,17 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             return None
+        if "SERVER ERROR" in last:  # a plain 500 once (any 5xx is retried)
+            with self.server.lock:
+                self.server.errors_left = getattr(self.server, "errors_left", 1) - 1
+                fail = self.server.errors_left >= 0
+            if fail:
+                return self._reply(500, {"error": "boom"})
+        if "MISSING LONG" in last:  # a context phrase under a code that does not mean "too long"
+            return self._reply(404, {"error": {"message": "model not found: maximum context length unknown"}})
+        if "NULL" in last:  # tool-call and reasoning replies may carry no content
+            return self._reply(200, {"choices": [{"message": {"role": "assistant", "content": None},
+                                                  "finish_reason": "stop"}], "usage": {"completion_tokens": 0}})
         if "FLAKY" in last:
             with self.server.lock:
                 self.server.flaky_left -= 1
@@ -130,6 +141,7 @@ def test_server_answers_every_turn_from_the_regenerated_history(server, tmp_path
     # The second turn's request carried the first regenerated answer; the 503s were retried.
     second = [e["body"] for e in httpd.log if e["body"]["messages"][-1]["content"] == "And FLAKY pass?"]
     assert len(second) == 3 and second[-1]["messages"][1]["content"] == "answer 0 to What is assert?"
+    assert httpd.waits == [1, 2]  # backoff: 1 s, then 2 s
     assert {e["path"] for e in httpd.log} == {"/v1/chat/completions"} and {e["auth"] for e in httpd.log} == {"Bearer k"}
     assert {e["body"]["model"] for e in httpd.log} == {"fake-model"}
     assert all(e["body"]["max_tokens"] == 16 and e["body"]["temperature"] == 0 for e in httpd.log)
@@ -208,3 +220,71 @@ def test_servers_other_answers_rate_limits_length_errors_and_pages(server, tmp_p
     source = write_jsonl(tmp_path / "page.jsonl", [{"prompt": "HTML"}])
     with pytest.raises(ValueError, match=r"/v1/chat/completions: the reply is not JSON: '<html><body>502"):
         self_distill(source, tmp_path / "page_out.jsonl", server=url, progress=False)
+
+
+def test_any_5xx_and_connection_failures_are_retried_with_a_capped_wait(server, tmp_path, monkeypatch):
+    httpd, url = server
+    out = tmp_path / "out.jsonl"
+    self_distill(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "SERVER ERROR"}]), out, server=url, progress=False)
+    assert [r["id"] for r in read_lines(out)] == [0] and httpd.waits == [1]
+    assert distill_backends._retry_after("3600") == 60.0 and distill_backends._retry_after("2.5") == 2.5
+    # A connection refused once, then the server answers.
+    real_urlopen, failures = distill_backends.urllib.request.urlopen, [1]
+
+    def flaky_urlopen(*args, **kwargs):
+        if failures and args[0].full_url.endswith("/chat/completions"):
+            failures.pop()
+            raise distill_backends.urllib.error.URLError("connection refused")
+        return real_urlopen(*args, **kwargs)
+
+    monkeypatch.setattr(distill_backends.urllib.request, "urlopen", flaky_urlopen)
+    httpd.waits.clear()
+    self_distill(write_jsonl(tmp_path / "two.jsonl", [{"prompt": "one"}]), tmp_path / "two_out.jsonl", server=url,
+                 progress=False)
+    assert [r["id"] for r in read_lines(tmp_path / "two_out.jsonl")] == [0] and httpd.waits == [1]
+
+
+def test_a_context_phrase_under_another_status_is_no_length_error(server, tmp_path):
+    _, url = server
+    with pytest.raises(ValueError, match="HTTP 404"):
+        self_distill(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "MISSING LONG"}]), tmp_path / "out.jsonl",
+                     server=url, progress=False)
+
+
+def test_an_answer_without_content_is_an_empty_answer(server, tmp_path):
+    _, url = server
+    summary = self_distill(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "NULL"}]), tmp_path / "out.jsonl",
+                           server=url, progress=False)
+    assert summary.empty == 1 and read_lines(tmp_path / "out.jsonl")[0]["messages"][1]["content"] == ""
+
+
+def test_greedy_requests_carry_no_seed_and_sampled_ones_do(server, tmp_path):
+    httpd, url = server
+    self_distill(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}]), tmp_path / "o.jsonl", server=url,
+                 progress=False)
+    assert httpd.log and all("seed" not in e["body"] for e in httpd.log)
+    self_distill(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}]), tmp_path / "p.jsonl", server=url,
+                 settings=DistillSettings(temperature=0.7, seed=9), progress=False)
+    assert httpd.log[-1]["body"]["seed"] == 9
+
+
+def test_a_server_resume_may_change_what_the_server_decides(server, tmp_path):
+    """A server applies its own chat template, takes no text records and gets the seed with each request:
+    a resume may change the template, the text prompt length, the blocks and the batching, also sampling."""
+    _, url = server
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}, {"prompt": "two"}, {"prompt": "three"}])
+    out = tmp_path / "out.jsonl"
+    self_distill(source, out, DistillSettings(temperature=0.7, block_records=1, num_records=1), server=url,
+                 progress=False)
+    summary = self_distill(source, out, DistillSettings(temperature=0.7, block_records=2, batch_size=4,
+                                                        num_records=2), server=url, progress=False)
+    assert (summary.resumed, summary.records) == (1, 1)
+    summary = self_distill(source, out, DistillSettings(temperature=0.7, chat_template="builtin",
+                                                        text_prompt_tokens=7), server=url, progress=False)
+    assert (summary.resumed, summary.records) == (2, 1)
+
+
+def test_a_model_and_a_server_together_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="pass either model and tokenizer"):
+        self_distill(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}]), tmp_path / "o.jsonl", model=object(),
+                     tokenizer=object(), server="http://127.0.0.1:9", server_model="m", progress=False)
