@@ -186,6 +186,13 @@ def test_evaluate_batched_measurement_matches_one_prompt_at_a_time(tmp_path):
     assert batched["acceleration_rate"] > 1.5
     assert batched["greedy_match_rate"] == 1.0 and batched["speedup"] > 0
     assert "measured_batched" not in evaluate_heads(model, prompts[:2], tmp_path, max_new_tokens=4, tree_size=4)
+    # A tree of depth 2 accepting more than 2 tokens a step: the interval's top may reach depth + 1; batches
+    # of at most as many prompts as there are (the size used is reported beside the one asked for).
+    shallow = evaluate_heads(model, prompts[:3], tmp_path / "shallow", max_new_tokens=24, tree=[[0], [0, 0]],
+                             batch_size=8)
+    rate, (low, high) = shallow["measured"]["acceleration_rate"], shallow["measured"]["acceleration_rate_ci95"]
+    assert 2 < rate and low <= rate <= high <= 3
+    assert shallow["measured_batched"]["batch_size"] == 3 and shallow["measured_batched"]["requested_batch_size"] == 8
     # A batch's wall time is shared by its prompts (each result carries it): counted once per batch. Here every
     # batch takes 1 s, so 5 prompts in batches of 2 take 3 s, not 5.
     import medusa_liger.inference.evaluate as evaluate_module

@@ -216,8 +216,14 @@ def test_typical_acceptance_rule():
                             posterior_threshold=0.09, posterior_alpha=0.3)
     buf = build_tree_buffers([[0], [0, 0]], 2)
     tokens = torch.tensor([7, 3, 4])
-    for seed in range(20):
-        logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(seed)) * 4
+    lengths = set()
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        # Rows of different entropy (each node's own threshold differs from its parent's), and each
+        # child's token raised by a random amount in its parent's row: accepted at some seeds, not others.
+        logits = torch.randn(3, VOCAB, generator=g) * (1 + 4 * torch.rand(3, 1, generator=g))
+        for parent, child in ((0, 1), (1, 2)):
+            logits[parent, tokens[child]] += 12 * float(torch.rand(1, generator=g))
         path = decoder._accept(buf, tokens, logits)
         expected = [0]
         for parent, child in ((0, 1), (1, 2)):
@@ -228,6 +234,16 @@ def test_typical_acceptance_rule():
             else:
                 break
         assert path.tolist() == expected
+        lengths.add(len(expected))
+    assert lengths == {1, 2, 3}  # rejected at the first node, at the second, and accepted whole
+    # Judged by the parent's threshold, not the node's own: a flat root (low threshold) gives token 3 a
+    # small probability that passes, though under the peaked node 1 (threshold ~0.09) it would not.
+    logits = torch.zeros(3, VOCAB)
+    logits[0, 3] = 1.0  # p ~ e^2 / (VOCAB - 1 + e^2) at temperature 0.5
+    logits[1, 4] = 20.0
+    p3 = math.exp(2) / (VOCAB - 1 + math.exp(2))
+    assert 0.3 * math.exp(-5.0) < p3 < 0.09
+    assert decoder._accept(buf, tokens, logits).tolist()[:2] == [0, 1]
 
 
 def test_typical_decoding_seeded(trained):
@@ -266,6 +282,10 @@ def test_typical_decoding_seeded(trained):
         ({"temperature": 1e-39, "acceptance": "typical"}, r"temperature must be 0 \(greedy\) or .* >= 1e-06"),
         ({"temperature": 0.7}, "samples only with acceptance='typical'"),  # was ignored: decoded greedily
         ({"posterior_threshold": 0.0}, "posterior_threshold"),
+        ({"posterior_alpha": 0.0, "acceptance": "typical", "temperature": 0.7}, "posterior_alpha"),
+        ({"posterior_threshold": True, "acceptance": "typical", "temperature": 0.7}, "posterior_threshold"),
+        ({"temperature": True, "acceptance": "typical"}, "temperature"),
+        ({"tree": [0, 1]}, "non-empty lists"),
         ({"tree": [[0], [1, 0]]}, "parent"),
         ({"tree": [[VOCAB]]}, "vocabulary"),
     ],
@@ -316,3 +336,13 @@ def test_decoding_forwards_run_without_cudnn_attention():
         hook.remove()
     assert seen and all(cudnn is False and flash is True for cudnn, flash in seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_speedup_is_the_greedy_wall_time_over_medusa_s_and_eos_may_be_a_tensor():
+    from medusa_liger.inference.generate import DecodeStats, GenerationResult, MedusaGenerateOutput, _eos_set
+
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    greedy = GenerationResult(ids, 1, DecodeStats(2, 2, 4.0))
+    assert MedusaGenerateOutput(ids, 1, DecodeStats(2, 1, 2.0), greedy=greedy).speedup == 2.0
+    assert MedusaGenerateOutput(ids, 1, DecodeStats(2, 1, 2.0)).speedup is None
+    assert _eos_set(torch.tensor(5)) == {5} and _eos_set(torch.tensor([5, 6])) == {5, 6} and _eos_set([7]) == {7}

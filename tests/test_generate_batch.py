@@ -117,8 +117,14 @@ def test_longrope_decodes_one_prompt_at_a_time():
         with pytest.warns(UserWarning, match="rope_type 'longrope' .* decoded one at a time"):
             assert_matches_one_by_one(model, prompts, 12, TREES["mixed"])
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no sequence can pass 16 positions: one batch
-            assert_matches_one_by_one(model, prompts[:3], 8, TREES["mixed"])
+            warnings.simplefilter("error")  # no sequence can pass 16 positions (3 + 13): one batch
+            assert_matches_one_by_one(model, prompts[:3], 13, TREES["mixed"])
+        with pytest.warns(UserWarning, match="decoded one at a time"):  # 3 + 14: one may pass them
+            assert_matches_one_by_one(model, prompts[:3], 14, TREES["mixed"])
+        # Decoded one at a time, each sampling prompt keeps its seed (seed + b, as medusa_generate's).
+        with pytest.warns(UserWarning, match="decoded one at a time"):
+            assert_matches_one_by_one(model, prompts, 12, TREES["mixed"], seeds=5, acceptance="typical",
+                                      temperature=0.7)
         # The decoder used directly batches what it is given: said once the batch passes 16 positions.
         decoder = BatchedMedusaDecoder(model, TREES["mixed"])
         decoder.prefill([prompts[0], torch.arange(14) % 100])

@@ -134,6 +134,21 @@ def test_truncate_keeps_prefix_closed():
         normalize_tree(cut)  # still valid
 
 
+def test_truncate_keeps_every_path_up_to_the_depth():
+    tree = [[0], [0, 0], [0, 0, 0], [1]]
+    assert truncate_tree(tree, 2) == [[0], [0, 0], [1]] and truncate_tree(tree, 3) == tree
+    assert truncate_tree(tree, 0) == []
+
+
+def test_estimates_refuse_ranks_past_the_table_and_ambiguous_inputs():
+    with pytest.raises(ValueError, match="uses a rank beyond"):
+        expected_acceleration([[2]], torch.full((1, 2), 0.1))  # rank 2 of a table of ranks 0 and 1
+    with pytest.raises(ValueError, match="exactly one"):
+        acceleration_by_size([2], ranks=torch.zeros(4, 1, dtype=torch.long), rank_accuracy=torch.full((1, 2), 0.1))
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 1, got True"):
+        default_tree(True)
+
+
 def test_tree_search_hand_computed():
     # Values: [0] .6, [0,0] .3, [1] .2, [0,1] .18, [2] .1, [1,0] .1, [0,2] .06 ...
     p = torch.tensor([[0.6, 0.2, 0.1], [0.5, 0.3, 0.1]])

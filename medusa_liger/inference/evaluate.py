@@ -214,9 +214,9 @@ def evaluate_heads(
     """
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
-    if not isinstance(top_k, int) or top_k < 1:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if not isinstance(tree_size, int) or tree_size < 1:
+    if isinstance(tree_size, bool) or not isinstance(tree_size, int) or tree_size < 1:
         raise ValueError(f"tree_size must be an integer >= 1, got {tree_size!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")

@@ -123,6 +123,8 @@ def _sync(device: torch.device) -> None:
 def _eos_set(eos_token_id) -> set[int]:
     if eos_token_id is None:
         return set()
+    if isinstance(eos_token_id, torch.Tensor):  # (a 0-d tensor is not iterable)
+        eos_token_id = eos_token_id.flatten().tolist()
     return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
 
 
@@ -186,17 +188,21 @@ def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(torch_seed(seed))
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # (True is an int to Python)
+
+
 def check_acceptance(acceptance: str, temperature: float, posterior_threshold: float, posterior_alpha: float) -> None:
     """ValueError naming the first bad acceptance option (see ``medusa_generate``)."""
     if acceptance not in ("greedy", "typical"):
         raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+    if not (_is_number(temperature) and math.isfinite(temperature)
             and (temperature == 0 or temperature >= MIN_TEMPERATURE)):
         # (below it, logits / T overflows float32: the probabilities came out NaN)
         raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature!r}")
-    if not (isinstance(posterior_threshold, (int, float)) and 0 < posterior_threshold <= 1):
+    if not (_is_number(posterior_threshold) and 0 < posterior_threshold <= 1):
         raise ValueError(f"posterior_threshold (epsilon) must be in (0, 1], got {posterior_threshold!r}")
-    if not (isinstance(posterior_alpha, (int, float)) and posterior_alpha > 0 and math.isfinite(posterior_alpha)):
+    if not (_is_number(posterior_alpha) and posterior_alpha > 0 and math.isfinite(posterior_alpha)):
         raise ValueError(f"posterior_alpha must be a finite number > 0, got {posterior_alpha!r}")
 
 
