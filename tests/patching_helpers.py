@@ -16,8 +16,9 @@ FAMILY_NAMES = sorted(FAMILIES)
 VOCAB = 163  # odd on purpose: no power-of-two block fits it exactly
 
 
-def tiny_config(model_type: str, *, hidden: int = 64, layers: int = 2, vocab: int = VOCAB):
-    """A tiny GQA config of ``model_type`` (4 query heads, 2 kv heads, head_dim 16)."""
+def tiny_config(model_type: str, *, hidden: int = 64, layers: int = 2, vocab: int = VOCAB, **extra):
+    """A tiny GQA config of ``model_type`` (4 query heads, 2 kv heads, head_dim 16; ``extra``: more
+    config keys)."""
     return AutoConfig.for_model(
         model_type,
         hidden_size=hidden,
@@ -29,6 +30,7 @@ def tiny_config(model_type: str, *, hidden: int = 64, layers: int = 2, vocab: in
         vocab_size=vocab,
         max_position_embeddings=256,
         tie_word_embeddings=False,
+        **extra,
     )
 
 

@@ -212,3 +212,108 @@ def test_triton_path_end_to_end():
         # fp32 reductions in another order (and TF32 GEMMs, if enabled, on the GPU)
         atol, rtol = (1e-3, 1e-2) if HAS_CUDA else (1e-4, 1e-3)
         assert_results_agree(results(patched, ids, labels), want, atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the fused loss takes from HF's forward, and what it leaves to it (third mutation audit)
+# ---------------------------------------------------------------------------------------------
+
+
+def _loss_pair(model_type: str = "llama", **cfg):
+    reference = build(model_type, **cfg)
+    return reference, medusa_liger.patch(build(model_type, state=reference.state_dict(), **cfg))
+
+
+def test_ignore_index_lm_head_bias_and_2d_logits_to_keep_match_hf():
+    reference, patched = _loss_pair()
+    ids, labels = batch()
+    with force_backend("torch"):
+        seven = labels.masked_fill(labels == -100, 7)
+        got = patched(input_ids=ids, labels=seven, ignore_index=7)
+        assert got.logits is None  # fused
+        torch.testing.assert_close(got.loss, reference(input_ids=ids, labels=seven, ignore_index=7).loss)
+        # Per-row kept positions (int [B, n]) and a boolean mask [B, T], labels for the kept positions.
+        positions = torch.tensor([[2, 5, 9, 11], [0, 4, 8, 18]])
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[0, 3:9], mask[1, 10:] = True, True
+        for keep, kept_labels in ((positions, torch.take_along_dim(labels, positions, 1)), (mask, labels[mask])):
+            got = patched(input_ids=ids, labels=kept_labels, logits_to_keep=keep)
+            torch.testing.assert_close(got.loss, reference(input_ids=ids, labels=kept_labels, logits_to_keep=keep).loss)
+        for model in (reference, patched):  # a head with a bias (none of the families has one; a user may add it)
+            with torch.no_grad():
+                head = torch.nn.Linear(model.lm_head.in_features, VOCAB, bias=True)
+                head.weight.copy_(reference.lm_head.weight)
+                head.bias.copy_(torch.linspace(-1, 1, VOCAB))
+            model.lm_head = head
+        got = patched(input_ids=ids, labels=labels)
+        assert got.logits is None
+        torch.testing.assert_close(got.loss, reference(input_ids=ids, labels=labels).loss)
+
+
+def test_what_the_fused_loss_cannot_see_is_left_to_hf():
+    """A non-causal loss_type, a Linear subclass with its own forward and a forward hook on lm_head all
+    change the logits the loss reads: HF's forward computes it (with the logits)."""
+    class HalvedHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    ids, labels = batch()
+    for change in ("loss_type", "subclass", "hook"):
+        reference, patched = _loss_pair()
+        for model in (reference, patched):
+            if change == "loss_type":
+                model.loss_type = "ForMaskedLM"
+            elif change == "subclass":
+                head = HalvedHead(model.lm_head.in_features, VOCAB, bias=False)
+                head.weight = model.lm_head.weight
+                model.lm_head = head
+            else:
+                model.lm_head.register_forward_hook(lambda module, args, out: out * 0.5)
+        with force_backend("torch"):
+            got = patched(input_ids=ids, labels=labels)
+        assert got.logits is not None, change
+        torch.testing.assert_close(got.loss, reference(input_ids=ids, labels=labels).loss, msg=change)
+
+
+def test_return_dict_false_gives_a_tuple_while_training():
+    _, patched = _loss_pair()
+    ids, labels = batch()
+    with force_backend("torch"):
+        out = patched(input_ids=ids, labels=labels, return_dict=False)
+        assert isinstance(out, tuple) and out[0].requires_grad
+        patched.config.return_dict = False
+        assert isinstance(patched(input_ids=ids, labels=labels), tuple)
+
+
+def test_an_rms_norm_eps_and_a_non_silu_activation_are_honoured():
+    ids, labels = batch()
+    for model_type, cfg in (("llama", {"rms_norm_eps": 0.5}), ("qwen2", {"hidden_act": "gelu"})):
+        reference = build(model_type, **cfg)
+        want = results(reference, ids, labels)
+        patched = medusa_liger.patch(build(model_type, state=reference.state_dict(), **cfg))
+        with force_backend("torch"):
+            assert_results_agree(results(patched, ids, labels), want)
+
+
+def test_every_fused_kernel_runs_in_a_patched_forward(monkeypatch):
+    """HF's "silu" activation is a SiLUActivation, not nn.SiLU: without the name check the fused
+    SwiGLU never ran (same numbers, none of the speed)."""
+    from medusa_liger.patching import modules
+
+    calls = {"rms_norm": 0, "rope": 0, "swiglu": 0, "multi_head_linear_cross_entropy": 0}
+    ops = modules.kernels()
+
+    def counted(name):
+        real = getattr(ops, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(modules, "_KERNELS", type(ops)(**{**vars(ops), **{n: counted(n) for n in calls}}))
+    model = medusa_liger.patch(build("llama"))
+    ids, labels = batch()
+    with force_backend("torch"):
+        model(input_ids=ids, labels=labels).loss.backward()
+    assert calls == {"rms_norm": 5, "rope": 2, "swiglu": 2, "multi_head_linear_cross_entropy": 1}

@@ -530,3 +530,57 @@ def test_without_triton_the_kernels_import_and_patched_models_train(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env,
                             timeout=240)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and bookkeeping the third mutation audit found untested
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_bare_base_model_and_a_plain_wrapper_are_patched_and_unpatched():
+    mod = FAMILIES["mistral"].modeling_module()
+    hf_rope = _HF_ORIGINALS["mistral"]["apply_rotary_pos_emb"]
+    base = build("mistral").model  # the decoder alone: one model that needs the fused RoPE
+    medusa_liger.patch(base)
+    assert mod.apply_rotary_pos_emb is not hf_rope
+    medusa_liger.unpatch(base)
+    assert mod.apply_rotary_pos_emb is hf_rope
+
+    class Wrapper(torch.nn.Module):  # (e.g. a trainer's module holding the model)
+        def __init__(self):
+            super().__init__()
+            self.backbone = build("llama")
+
+    wrapper = Wrapper()
+    assert medusa_liger.patch(wrapper) is wrapper and count_patched(wrapper) == expected_patched("llama")
+    medusa_liger.unpatch(wrapper)
+    assert count_patched(wrapper) == 0
+
+
+def test_a_second_module_patch_only_adds_pieces_and_unpatch_leaves_what_it_did_not_install():
+    mod = FAMILIES["llama"].modeling_module()
+    hf = _HF_ORIGINALS["llama"]
+    medusa_liger.patch("llama")
+    medusa_liger.patch("llama", rope=False)  # (documented: does not take the fused RoPE out)
+    assert mod.apply_rotary_pos_emb is not hf["apply_rotary_pos_emb"]
+    medusa_liger.unpatch("llama")
+    assert originals("llama") == hf
+
+    class Elsewhere:  # another library's replacement, installed after our unpatch
+        pass
+
+    mod.LlamaRMSNorm = Elsewhere
+    try:
+        medusa_liger.unpatch("llama")  # nothing of ours is installed: nothing to put back
+        assert mod.LlamaRMSNorm is Elsewhere
+    finally:
+        mod.LlamaRMSNorm = hf["LlamaRMSNorm"]
+
+
+def test_unpatch_of_an_unsupported_model_is_a_no_op_and_of_no_model_an_error():
+    gpt2 = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    )
+    assert medusa_liger.unpatch(gpt2) is gpt2
+    with pytest.raises(ValueError, match="target must be"):
+        medusa_liger.unpatch(3)

@@ -15,8 +15,9 @@ are given), chunk by chunk, and returns ``logits=None``. Without labels, or in e
 logits.
 ``logits_to_keep`` slices the hidden states the loss reads, as it slices the logits in HF; the
 labels must then match the kept positions, as HF requires. A custom ``loss_function`` or
-``loss_type``, or an lm_head that is not a plain float ``nn.Linear`` (peft-wrapped, quantized),
-falls back to the original forward.
+``loss_type``, or an lm_head that is not a plain float ``nn.Linear`` (peft-wrapped, quantized) or
+carries hooks (forward hooks, accelerate's: a ``device_map`` placement, offloaded or spread over
+GPUs), falls back to the original forward.
 
 Memory, deliberately (a training step must peak no higher than with Liger's fused loss): the lm_head
 gradient accumulates over chunks in the weight's own dtype (``LOSS_ACCUM_DTYPE = None``), as HF's
@@ -125,11 +126,16 @@ def causal_lm_loss(
 
 def _can_fuse(model: nn.Module) -> bool:
     # A custom loss (model.loss_function = ...) or loss_type, or an lm_head that is not a plain
-    # float Linear (peft-wrapped, quantized), is left to HF's forward, which computes it correctly.
+    # float Linear (peft-wrapped, quantized) or carries hooks, is left to HF's forward, which
+    # computes it correctly.
     if "_loss_function" in model.__dict__ or getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
         return False
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear or not head.weight.is_floating_point():
+        return False
+    # A forward hook or pre-hook on the head (a user's logit transform, FSDP's gather of a head
+    # sharded as its own unit) runs only inside the head's forward, which the fused loss skips.
+    if head._forward_hooks or head._forward_pre_hooks:
         return False
     # accelerate's big-model loading (device_map with "cpu"/"disk" offload) moves the weight in only
     # inside the head's own forward, through the hook it installs; the fused loss reads the weight
