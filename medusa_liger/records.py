@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,30 @@ BUILTIN_CHAT_TEMPLATE = (
 class DataWarning(UserWarning):
     """A warning about the training or evaluation data (records skipped, targets cut off, the chat
     template chosen): the packed-data cache keeps these and says them again when it is read."""
+
+
+# The notes list of the innermost ``recorded_data_warnings`` block (None outside one).
+_DATA_NOTES: ContextVar[list[str] | None] = ContextVar("medusa_liger_data_notes", default=None)
+
+
+def data_warning(message: str, stacklevel: int = 2) -> None:
+    """``warnings.warn(message, DataWarning)`` (``stacklevel`` as there, counted from the caller), and
+    inside ``recorded_data_warnings`` the message noted too (whatever the warning filters show)."""
+    notes = _DATA_NOTES.get()
+    if notes is not None:
+        notes.append(message)
+    warnings.warn(message, DataWarning, stacklevel=stacklevel + 1)
+
+
+@contextmanager
+def recorded_data_warnings(notes: list[str]) -> Iterator[None]:
+    """Note in ``notes`` the message of every ``data_warning`` said inside the block (the packed-data
+    cache keeps them to say them again); the warnings themselves go through the filters as usual."""
+    token = _DATA_NOTES.set(notes)
+    try:
+        yield
+    finally:
+        _DATA_NOTES.reset(token)
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -260,14 +286,13 @@ def chat_template_for(tokenizer, choice: str, setting: str | None = None) -> str
         message = f"the tokenizer has several chat templates ({sorted(own)}) and none named 'default'"
         if setting is not None:
             raise ValueError(f"{message} to render conversations with; use {setting}=builtin")
-        warnings.warn(f"{message}: conversations are rendered with the built-in template", DataWarning, stacklevel=2)
+        data_warning(f"{message}: conversations are rendered with the built-in template")
     if choice == "auto" and isinstance(own, str) and own:
         return own
     if choice == "auto" and not own:  # (a base model's tokenizer): its markers are plain text to it
         choose = f", or choose the built-in one ({setting}=builtin) to silence this" if setting else ""
-        warnings.warn("the tokenizer has no chat template: conversations are rendered with the built-in one "
-                      f"(<|user|>, <|assistant|> and the EOS token); give the tokenizer its model's template{choose}",
-                      DataWarning, stacklevel=2)
+        data_warning("the tokenizer has no chat template: conversations are rendered with the built-in one "
+                     f"(<|user|>, <|assistant|> and the EOS token); give the tokenizer its model's template{choose}")
     return BUILTIN_CHAT_TEMPLATE
 
 

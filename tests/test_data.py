@@ -750,3 +750,20 @@ def test_an_empty_or_missing_default_template_is_not_rendered_with(own):
         warnings.simplefilter("always")
         assert chat_template_for(tokenizer, "auto") == BUILTIN_CHAT_TEMPLATE
     assert caught  # said: the built-in one is used
+
+
+def test_the_callers_warning_filters_hold_while_data_warnings_are_noted(tmp_path, tokenizer):
+    from medusa_liger.records import DataWarning
+
+    path = write_jsonl(tmp_path / "conv.jsonl", [{"messages": CHAT}, {"messages": CHAT[:2]}])
+    cfg = data_cfg([path], seq_len=64, on_error="skip")
+    with warnings.catch_warnings():  # a filter by module: the warning is said from where it was
+        warnings.filterwarnings("error", category=DataWarning, module=r"medusa_liger\.train\.packing")
+        with pytest.raises(DataWarning, match="skipped 1 bad records"):
+            build_packed_data(cfg, tokenizer, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore", DataWarning)  # not shown, still kept by the cache
+        build_packed_data(cfg, tokenizer, tmp_path / "cache")
+        assert not caught
+    with pytest.warns(DataWarning, match=r"skipped 1 bad records.*\(said when the packed-data cache"):
+        build_packed_data(cfg, tokenizer, tmp_path / "cache", examples=[])  # (an empty list: none loaded)

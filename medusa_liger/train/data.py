@@ -48,9 +48,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from medusa_liger.records import (
-    DataWarning,
     Example,
     chat_template_for,
+    data_warning,
     document_ids,
     iter_raw_records,
     normalize,
@@ -76,23 +76,6 @@ def data_errors() -> Iterator[None]:
     except ValueError as error:
         raise DataError(str(error)) from error
 
-@contextmanager
-def recorded_data_warnings(notes: list[str]) -> Iterator[None]:
-    """Run the block with every warning shown as usual (when it ends), and the messages of its
-    ``DataWarning``s appended to ``notes``: the packed-data cache keeps them to say them again."""
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DataWarning)  # recorded even if said before in this process
-            yield
-    finally:  # (also when the block fails: what it said before is shown)
-        for warning in caught:
-            if issubclass(warning.category, DataWarning):
-                notes.append(str(warning.message))
-            # Shown through the caller's filters ("ignore" or "error" there still hold).
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-
-
 def load_examples(data_cfg) -> list[Example]:
     """Every valid Example of ``data_cfg.paths`` in order (capped at ``max_examples``)."""
     examples: list[Example] = []
@@ -108,12 +91,12 @@ def load_examples(data_cfg) -> list[Example]:
             if data_cfg.max_examples is not None and len(examples) >= data_cfg.max_examples:
                 break
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} bad records; first: {skipped[0]}", DataWarning, stacklevel=2)
+        data_warning(f"skipped {len(skipped)} bad records; first: {skipped[0]}")
     answers = [m["content"] for e in examples for m in (e.messages or ()) if m["role"] == "assistant"]
     empty = sum(not text.strip() for text in answers)
     if empty > len(answers) // 2:  # a few are normal; most, a broken source (e.g. a failed distillation)
-        warnings.warn(f"{empty} of {len(answers)} assistant turns in data.paths are empty: the heads learn "
-                      "little but end-of-turn tokens from them", DataWarning, stacklevel=2)
+        data_warning(f"{empty} of {len(answers)} assistant turns in data.paths are empty: the heads learn "
+                     "little but end-of-turn tokens from them")
     if not examples:
         raise ValueError(f"data.paths {data_cfg.paths} yielded no usable examples (empty dataset)")
     return examples
@@ -271,6 +254,6 @@ def tokenize_examples(examples: list[Example], tokenizer, data_cfg) -> list[tupl
         if error:
             skip_or_fail(error, data_cfg.on_error, skipped)
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} conversations the chat template could not render with assistant "
-                      f"turns located; first: {skipped[0]}", DataWarning, stacklevel=2)
+        data_warning(f"skipped {len(skipped)} conversations the chat template could not render with assistant "
+                     f"turns located; first: {skipped[0]}")
     return [(ids, labels) for ids, labels, error in results if not error]

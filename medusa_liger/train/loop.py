@@ -57,6 +57,7 @@ import torch
 from medusa_liger.heads import MedusaConfig
 from medusa_liger.heads.export import mistyped_path_hint, read_heads, write_heads
 from medusa_liger.kernels.cross_entropy import row_targets
+from medusa_liger.records import recorded_data_warnings
 from medusa_liger.run_layout import (
     CHECKPOINT_HEADS_DIR,
     CHECKPOINTS_DIR,
@@ -99,7 +100,7 @@ from medusa_liger.train.checkpoint import (
     save_checkpoint,
 )
 from medusa_liger.train.config import Config, ConfigError, save_config
-from medusa_liger.train.data import IGNORE_INDEX, data_errors, load_examples, recorded_data_warnings
+from medusa_liger.train.data import IGNORE_INDEX, data_errors, load_examples
 from medusa_liger.train.finish import finish_run, format_summary
 from medusa_liger.train.logging import MetricsLogger, NullLogger
 from medusa_liger.train.packing import (

@@ -31,15 +31,16 @@ import json
 import os
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medusa_liger.kernels.reference import shifted_targets
-from medusa_liger.records import DataWarning, resolve_path
+from medusa_liger.records import DataWarning, data_warning, recorded_data_warnings, resolve_path
 from medusa_liger.seeds import torch_seed
-from medusa_liger.train.data import IGNORE_INDEX, load_examples, recorded_data_warnings, tokenize_examples
+from medusa_liger.train.data import IGNORE_INDEX, load_examples, tokenize_examples
 
 CACHE_VERSION = 5  # 2: PackedData.continued; 3: PackedData.follows; 4: follows after any kept piece; 5: notes
 
@@ -94,9 +95,9 @@ def pack(
                 kept_before = True
 
     if cut_targets:
-        warnings.warn(f"data.long_examples=truncate: {cut_examples} of {len(examples)} examples are longer than "
-                      f"data.seq_len={seq_len}, and {cut_targets} of their targets ({cut_targets / all_targets:.1%} of "
-                      "all) are cut off; data.long_examples=split trains on them", DataWarning, stacklevel=2)
+        data_warning(f"data.long_examples=truncate: {cut_examples} of {len(examples)} examples are longer than "
+                     f"data.seq_len={seq_len}, and {cut_targets} of their targets ({cut_targets / all_targets:.1%} of "
+                     "all) are cut off; data.long_examples=split trains on them")
     rows: list[list[tuple[list[int], list[int], bool]]] = []
     used = seq_len  # forces a new row for the first piece
     for piece in pieces:
@@ -187,7 +188,7 @@ def data_fingerprint(data_cfg, tokenizer) -> str:
 
 
 def build_packed_data(data_cfg, tokenizer, cache_dir: str | Path | None, examples: list | None = None, *,
-                      load_notes: list[str] = (), quiet: bool = False) -> PackedData:
+                      load_notes: Sequence[str] = (), quiet: bool = False) -> PackedData:
     """Read, tokenize and pack ``data_cfg.paths`` (or load the cached result).
 
     ``examples``: the already loaded ``load_examples(data_cfg)``, to avoid reading the files twice, and
@@ -195,6 +196,7 @@ def build_packed_data(data_cfg, tokenizer, cache_dir: str | Path | None, example
     The cache keeps the data warnings of reading and packing, and reading it says them again (those of
     reading only when ``examples`` were not loaded anew), unless ``quiet`` (e.g. on all ranks but one).
     """
+    examples = examples or None  # (none loaded: read them here)
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"packed-{data_fingerprint(data_cfg, tokenizer)}.pt"
