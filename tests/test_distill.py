@@ -554,11 +554,23 @@ def test_a_record_with_messages_and_a_prompt_keeps_its_messages(tmp_path):
 
 
 def test_metadata_may_not_replace_a_setting(model, tokenizer, source, tmp_path):
-    """The metadata joins the settings a resume must match: a key of theirs would overwrite one."""
+    """The metadata joins the settings a resume must match: a key of theirs would overwrite one (said
+    before a server is asked for its models)."""
     with pytest.raises(ValueError, match=r"metadata may not name the settings themselves \(\['seed'\]\)"):
         self_distill(source, tmp_path / "out.jsonl", DistillSettings(max_new_tokens=2), model=model,
                      tokenizer=tokenizer, metadata={"seed": 3, "backbone": "x"}, progress=False)
+    with pytest.raises(ValueError, match=r"may not name the settings themselves \(\['split'\]\)"):
+        self_distill(source, tmp_path / "out.jsonl", server="http://127.0.0.1:9", metadata={"split": "x"},
+                     progress=False)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_numpy_numbers_are_settings_too(model, tokenizer, source, tmp_path):
+    import numpy as np
+
+    settings = DistillSettings(max_new_tokens=2, temperature=np.float32(0.5), top_p=np.float64(0.9))
+    assert type(settings.temperature) is float and settings.temperature == 0.5 and settings.top_p == 0.9
+    self_distill(source, tmp_path / "out.jsonl", settings, model=model, tokenizer=tokenizer, progress=False)
 
 
 def test_blocks_draw_their_own_samples(model, tokenizer, tmp_path):

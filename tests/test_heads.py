@@ -94,7 +94,7 @@ def batch(B=2, T=13, seed=1):
       "z_loss must be 0 unless kl_temperature"),
      ({"kl_temperature": 0.0}, "kl_temperature"), ({"ignore_index": "x"}, "ignore_index"),
      ({"ignore_index": True}, "ignore_index"), ({"lm_loss_weight": True}, "lm_loss_weight must be a number"),
-     ({"z_loss": "1e-4"}, "z_loss must be a number"),
+     ({"z_loss": "1e-4"}, "z_loss must be a number"), ({"heads_loss_weight": torch.tensor(True)}, "heads_loss_weight"),
      *[({name: float("inf")}, f"{name} must be a finite number")
        for name in ("decay", "lm_loss_weight", "heads_loss_weight", "z_loss", "label_smoothing", "kl_temperature")]],
 )

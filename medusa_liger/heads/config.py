@@ -169,7 +169,8 @@ class MedusaConfig:
 
 def check_loss_weight(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise ValueError unless it is a finite number >= 0."""
-    if isinstance(value, (bool, str, bytes)):  # (float() reads "1e-4" and True; a config should not)
+    # (float() reads "1e-4" and True, numpy's and torch's bools too; a config should not)
+    if isinstance(value, (bool, str, bytes)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     try:
         number = float(value)

@@ -41,6 +41,7 @@ one ended on a block boundary.) ``shard=(i, n)`` keeps the records whose index i
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import time
 from collections.abc import Iterator
@@ -63,7 +64,7 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # (numpy's too; not np.bool_)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class DistillSettings:
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
         if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        for name in ("temperature", "top_p"):  # plain floats (kept beside the output as JSON)
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.turns not in TURNS:
             raise ValueError(f"turns must be one of {list(TURNS)}, got {self.turns!r}")
         if self.chat_template not in ("auto", "builtin"):
@@ -343,6 +346,9 @@ def self_distill(
             raise ValueError(f"--output {str(output)!r} would write over the source {str(source)!r} "
                              f"({path.name}); pass another output path")
     metadata = dict(metadata or {})
+    settings_keys = {"source", "split", *asdict(settings)}
+    if clashing := sorted(set(metadata) & settings_keys, key=str):  # (before a server is asked anything)
+        raise ValueError(f"metadata may not name the settings themselves ({clashing}): they are kept already")
     if (model is None) == (server is None):
         raise ValueError("pass either model and tokenizer (generation in this process) or server (the URL of "
                          "an OpenAI-compatible server)")
@@ -359,10 +365,7 @@ def self_distill(
     # too, unless sampling in this process (blocks are seeded by their first record, and a batch draws
     # its tokens together; a server gets the seed with each request). A local file has no split; a
     # server applies its own chat template and takes no text records.
-    identity = {"source": str(source), "split": split, **asdict(settings), "shard": list(settings.shard)}
-    if clashing := sorted(set(metadata) & set(identity), key=str):
-        raise ValueError(f"metadata may not name the settings themselves ({clashing}): they are kept already")
-    identity.update(metadata)
+    identity = {"source": str(source), "split": split, **asdict(settings), "shard": list(settings.shard), **metadata}
     free = ["num_records"]
     if settings.temperature == 0 or server is not None:
         free += ["batch_size", "block_records"]

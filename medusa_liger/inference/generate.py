@@ -27,6 +27,7 @@ sliding-window and full attention are not supported (a uniform sliding window is
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -189,7 +190,7 @@ def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)  # (True is an int to Python)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # (True is an int to Python)
 
 
 def check_acceptance(acceptance: str, temperature: float, posterior_threshold: float, posterior_alpha: float) -> None:
