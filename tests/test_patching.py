@@ -237,8 +237,12 @@ def test_ignore_index_lm_head_bias_and_2d_logits_to_keep_match_hf():
         mask = torch.zeros_like(ids, dtype=torch.bool)
         mask[0, 3:9], mask[1, 10:] = True, True
         for keep, kept_labels in ((positions, torch.take_along_dim(labels, positions, 1)), (mask, labels[mask])):
-            got = patched(input_ids=ids, labels=kept_labels, logits_to_keep=keep)
-            torch.testing.assert_close(got.loss, reference(input_ids=ids, labels=kept_labels, logits_to_keep=keep).loss)
+            try:
+                want = reference(input_ids=ids, labels=kept_labels, logits_to_keep=keep)
+            except ValueError:  # older transformers (5.17) index a 2-D int tensor as one list for every row
+                assert keep is positions
+                continue
+            torch.testing.assert_close(patched(input_ids=ids, labels=kept_labels, logits_to_keep=keep).loss, want.loss)
         for model in (reference, patched):  # a head with a bias (none of the families has one; a user may add it)
             with torch.no_grad():
                 head = torch.nn.Linear(model.lm_head.in_features, VOCAB, bias=True)
