@@ -41,15 +41,14 @@ class DataWarning(UserWarning):
     template chosen): the packed-data cache keeps these and says them again when it is read."""
 
 
-# The notes list of the innermost ``recorded_data_warnings`` block (None outside one).
-_DATA_NOTES: ContextVar[list[str] | None] = ContextVar("medusa_liger_data_notes", default=None)
+# The notes lists of the enclosing ``recorded_data_warnings`` blocks, outermost first.
+_DATA_NOTES: ContextVar[tuple[list[str], ...]] = ContextVar("medusa_liger_data_notes", default=())
 
 
 def data_warning(message: str, stacklevel: int = 2) -> None:
     """``warnings.warn(message, DataWarning)`` (``stacklevel`` as there, counted from the caller), and
-    inside ``recorded_data_warnings`` the message noted too (whatever the warning filters show)."""
-    notes = _DATA_NOTES.get()
-    if notes is not None:
+    inside ``recorded_data_warnings`` blocks the message noted too (whatever the warning filters show)."""
+    for notes in _DATA_NOTES.get():
         notes.append(message)
     warnings.warn(message, DataWarning, stacklevel=stacklevel + 1)
 
@@ -57,8 +56,9 @@ def data_warning(message: str, stacklevel: int = 2) -> None:
 @contextmanager
 def recorded_data_warnings(notes: list[str]) -> Iterator[None]:
     """Note in ``notes`` the message of every ``data_warning`` said inside the block (the packed-data
-    cache keeps them to say them again); the warnings themselves go through the filters as usual."""
-    token = _DATA_NOTES.set(notes)
+    cache keeps them to say them again), in this thread (a context variable: other threads' are not);
+    the warnings themselves go through the filters as usual."""
+    token = _DATA_NOTES.set((*_DATA_NOTES.get(), notes))
     try:
         yield
     finally:

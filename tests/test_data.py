@@ -767,3 +767,14 @@ def test_the_callers_warning_filters_hold_while_data_warnings_are_noted(tmp_path
         assert not caught
     with pytest.warns(DataWarning, match=r"skipped 1 bad records.*\(said when the packed-data cache"):
         build_packed_data(cfg, tokenizer, tmp_path / "cache", examples=[])  # (an empty list: none loaded)
+
+
+def test_nested_blocks_each_note_a_data_warning():
+    from medusa_liger.records import DataWarning, data_warning, recorded_data_warnings
+
+    outer, inner = [], []
+    with pytest.warns(DataWarning, match="x"), recorded_data_warnings(outer):
+        with recorded_data_warnings(inner):
+            data_warning("x")
+        data_warning("y")
+    assert (outer, inner) == (["x", "y"], ["x"])

@@ -368,7 +368,7 @@ def test_a_kill_while_the_output_starts_leaves_a_run_that_starts_afresh(model, t
     ("max_new_tokens", 0), ("temperature", -1.0), ("temperature", float("nan")), ("top_p", 0.0),
     ("turns", "last"), ("chat_template", "mine"), ("batch_size", 1.5), ("shard", (2, 2)), ("num_records", 0),
     ("seed", 1.5), ("seed", True), ("temperature", "0.5"), ("top_p", None), ("shard", (True, 2)),
-    ("num_records", True), ("batch_size", True),
+    ("num_records", True), ("batch_size", True), ("temperature", 10**400),
 ])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -295,6 +295,14 @@ def test_evaluate_bad_input(tmp_path):
     for strength in (-1.0, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="prior_strength must be a finite number >= 0"):
             evaluate_heads(model, [[1]], tmp_path, prior_strength=strength)
+    # numpy numbers are options too, written to the report as plain numbers
+    import numpy as np
+
+    report = evaluate_heads(model, [[1, 2, 3]], tmp_path, max_new_tokens=4, tree_size=4, acceptance="typical",
+                            temperature=np.float32(0.5), posterior_alpha=np.float64(0.3),
+                            posterior_threshold=np.int64(1))
+    assert report["decoding"]["temperature"] == 0.5
+    assert json.loads((tmp_path / "report.json").read_text())["decoding"]["posterior_threshold"] == 1.0
 
 
 def test_load_prompts_formats(tmp_path, tokenizer):

@@ -278,6 +278,17 @@ def test_what_the_fused_loss_cannot_see_is_left_to_hf():
         torch.testing.assert_close(got.loss, reference(input_ids=ids, labels=labels).loss, msg=change)
 
 
+def test_a_backward_hook_on_lm_head_runs():
+    _, patched = _loss_pair()
+    fired = []
+    patched.lm_head.register_full_backward_hook(lambda module, grad_in, grad_out: fired.append(1))
+    ids, labels = batch()
+    with force_backend("torch"):
+        out = patched(input_ids=ids, labels=labels)
+        out.loss.backward()
+    assert out.logits is not None and fired  # HF's forward: the hook's backward ran
+
+
 def test_return_dict_false_gives_a_tuple_while_training():
     _, patched = _loss_pair()
     ids, labels = batch()

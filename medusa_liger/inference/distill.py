@@ -63,8 +63,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # (True is an int to Python)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # (numpy's too; not np.bool_)
+def _real(value: object) -> float | None:
+    """``value`` as a plain float if it is a real number (numpy's too; not a bool), else None."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # (an int past float's range)
+        return None
 
 
 @dataclass(frozen=True)
@@ -90,12 +96,13 @@ class DistillSettings:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not (_is_number(self.temperature) and self.temperature >= 0):
+        temperature, top_p = _real(self.temperature), _real(self.top_p)
+        if not (temperature is not None and temperature >= 0):
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+        if not (top_p is not None and 0 < top_p <= 1):
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        for name in ("temperature", "top_p"):  # plain floats (kept beside the output as JSON)
-            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "temperature", temperature)  # plain floats (kept beside the output as JSON)
+        object.__setattr__(self, "top_p", top_p)
         if self.turns not in TURNS:
             raise ValueError(f"turns must be one of {list(TURNS)}, got {self.turns!r}")
         if self.chat_template not in ("auto", "builtin"):

@@ -221,6 +221,8 @@ def evaluate_heads(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_acceptance(acceptance, temperature, posterior_threshold, posterior_alpha)
+    # Plain floats: the report is JSON (numpy's float32 is not).
+    temperature, posterior_threshold, posterior_alpha = map(float, (temperature, posterior_threshold, posterior_alpha))
     sampling = acceptance == "typical"
     if sampling and temperature == 0:
         raise ValueError("typical acceptance at temperature 0 is greedy acceptance: pass a temperature > 0 "

@@ -133,9 +133,10 @@ def _can_fuse(model: nn.Module) -> bool:
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear or not head.weight.is_floating_point():
         return False
-    # A forward hook or pre-hook on the head (a user's logit transform, FSDP's gather of a head
-    # sharded as its own unit) runs only inside the head's forward, which the fused loss skips.
-    if head._forward_hooks or head._forward_pre_hooks:
+    # Hooks on the head (a user's logit transform, a tensor-parallel or ZeRO-3 gather) run only around
+    # the head's own forward and backward, which the fused loss skips. (FSDP2's fully_shard of the head
+    # alone makes it an FSDPLinear, left to HF above.)
+    if head._forward_hooks or head._forward_pre_hooks or head._backward_hooks or head._backward_pre_hooks:
         return False
     # accelerate's big-model loading (device_map with "cpu"/"disk" offload) moves the weight in only
     # inside the head's own forward, through the hook it installs; the fused loss reads the weight
