@@ -679,22 +679,19 @@ def test_the_generation_prompt_is_never_a_target(tokenizer):
     assert tokenizer.decode(ids[:first]).endswith("<|assistant|>\n")
 
 
-def test_a_generation_prompt_the_turns_do_not_start_with_is_refused(tokenizer):
-    """DeepSeek-R1-Distill style: the generation prompt opens a think block the rendered turns lack."""
-    template = ("{% for m in messages %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'assistant: <think>\\n' }}{% endif %}")
+@pytest.mark.parametrize("template, messages", [
+    # DeepSeek-R1-Distill style: the generation prompt opens a think block the rendered turns lack.
+    ("{% for m in messages %}{{ m.role + ': ' + m.content + '\\n' }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ 'assistant: <think>\\n' }}{% endif %}", TURNS),
+    # Earlier replies rendered without their content: "why" is found only in the next user turn.
+    ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}{{ 'assistant: \\n' }}"
+     "{% else %}{{ m.role + ': ' + m.content + '\\n' }}{% endif %}{% endfor %}"
+     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}",
+     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "why"},
+      {"role": "user", "content": "why not"}, {"role": "assistant", "content": "x"}]),
+], ids=["generation-prompt-the-turns-lack", "content-only-in-a-later-turn"])
+def test_templates_that_hide_where_a_turn_is_are_refused(tokenizer, template, messages):
     with pytest.raises(ValueError, match="c:1: the chat template does not render prefixes"):
-        render_conversation(tokenizer, TURNS, template, "c:1")
-
-
-def test_a_turn_whose_content_appears_only_in_a_later_turn_is_refused(tokenizer):
-    """Earlier replies rendered without their content: "why" is found only in the next user turn."""
-    template = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}{{ 'assistant: \\n' }}"
-                "{% else %}{{ m.role + ': ' + m.content + '\\n' }}{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "why"},
-                {"role": "user", "content": "why not"}, {"role": "assistant", "content": "x"}]
-    with pytest.raises(ValueError, match="does not render prefixes"):
         render_conversation(tokenizer, messages, template, "c:1")
 
 
