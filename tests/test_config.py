@@ -340,3 +340,42 @@ def test_a_backbone_that_trains_whole_in_bf16_weights_is_warned_about_and_the_sh
     assert "train.lr=2e-05" in warning and "model.dtype=float32" in warning
     for others in (["model.dtype=bfloat16", "lora.enabled=true"], ["model.dtype=bfloat16", "train.mode=heads", "train.heads_only_steps=0"]):
         assert precision_warning(load_config(full, others)) is None  # LoRA adapters and heads have fp32 masters
+
+
+# ------------------------------------------------------------------ third audit
+def test_a_section_with_every_key_commented_out_is_an_empty_section(tmp_path):
+    path = tmp_path / "myrun.yaml"
+    path.write_text("lora:\n#  enabled: true\ntrain:\n  steps: 10\n")
+    cfg = load_config(path)
+    assert cfg.lora.r == Config().lora.r and cfg.train.steps == 10
+    assert cfg.output_dir == str(Path("runs") / "myrun")  # no name: the file's
+    assert load_config(path, ["lora.r=8"]).lora.r == 8
+
+
+@pytest.mark.parametrize("override, refused_key", [
+    ("heads.decay=0", "heads.decay"), ("heads.decay=1.0", None), ("model.tiny.vocab_size=300", None),
+    ("data.seq_len=4", "data.seq_len"), ("data.seq_len=5", None), ("data.max_examples=0", "data.max_examples"),
+    ("train.lr=0", None), ("train.heads_lr=0", "train.heads_lr"), ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.betas=[0.9,1.0]", "train.betas"), ("train.betas=[0.9,0.95,0.99]", "train.betas"),
+    ("train.warmup_steps=0", None), ("train.min_lr_ratio=1.0", None), ("train.max_grad_norm=0", "train.max_grad_norm"),
+    ("train.seed=9223372036854775808", None), ("checkpoint.keep=0", "checkpoint.keep"),
+    ("logging.every=0", "logging.every"), ("train.threads=0", "train.threads"),
+    ("model.tiny.num_key_value_heads=4", "model.tiny.num_key_value_heads"),
+    ("model.tiny.hidden_size=6", "model.tiny.hidden_size"), ("train.steps=true", "train.steps"),
+    ("train.steps=10 train.heads_only_steps=10", "train.heads_only_steps"),
+    ("train.mode=heads train.lm_loss=kl train.heads_only_steps=0", "train.lm_loss"),
+    ("train.mode=heads train.heads_only_steps=10", "train.heads_only_steps"),
+])
+def test_the_edges_of_each_range(override, refused_key):
+    """tiny.yaml (3 heads, joint) with the override: the value at each range's edge, taken, or refused by name."""
+    if refused_key is None:
+        load_config(TINY, override.split())
+    else:
+        with pytest.raises(ValueError, match="^" + re.escape(refused_key) + " must"):
+            load_config(TINY, override.split())
+
+
+def test_an_override_value_may_hold_an_equals_sign():
+    from medusa_liger.train.config import parse_override
+
+    assert parse_override("logging.run_name=a=b") == (["logging", "run_name"], "a=b")

@@ -1256,3 +1256,32 @@ def test_the_random_states_a_checkpoint_keeps_restore_every_stream():
     set_rng_state(state)
     again = (torch.rand(4), random.random())
     assert torch.equal(first[0], again[0]) and first[1] == again[1]
+
+
+def test_the_schedule_and_optimizer_helpers_follow_the_config(tmp_path):
+    """Checked without training: the cosine midpoint, the backbone's warmup capped by its stage, the betas,
+    the dtypes an auto setting picks, the heads' weight in heads mode and gradient checkpointing."""
+    from medusa_liger.train.build import (
+        GroupSchedule,
+        autocast_dtype,
+        export_dtype,
+        master_dtype,
+        warmup_cosine,
+    )
+
+    assert warmup_cosine(12, 4, 20, 0.1) == pytest.approx(0.55)  # halfway through the cosine
+    staged = short_config(tmp_path, "train.steps=20", "train.heads_only_steps=15", "train.warmup_steps=10")
+    assert GroupSchedule("backbone", staged)(19) == 1.0  # a 5-step stage warms up in 5 steps, not 10
+    bf16 = short_config(tmp_path, "model.dtype=bfloat16", "train.master_dtype=auto", "export.dtype=auto")
+    assert master_dtype(bf16) is torch.bfloat16 and export_dtype(bf16) == "bfloat16"
+    fp32 = short_config(tmp_path, "train.precision=fp32")
+    assert autocast_dtype(fp32, torch.device("cuda")) is None
+    cfg = short_config(tmp_path, "train.betas=[0.8,0.95]", "train.mode=heads", "train.heads_only_steps=0",
+                       "model.gradient_checkpointing=true", "export.backbone=always")
+    model, _, optimizer, _ = build_in_process(cfg, torch.device("cpu"))
+    assert {g["betas"] for g in optimizer.param_groups} == {(0.8, 0.95)}
+    assert model.config.heads_loss_weight == 1.0  # heads mode: the heads' own weight, not joint's lambda
+    checkpointed = [m for m in model.backbone.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    assert checkpointed  # (HF marks the decoder)
+    plain = build_in_process(short_config(tmp_path), torch.device("cpu"))[0]
+    assert not [m for m in plain.backbone.modules() if getattr(m, "gradient_checkpointing", False) is True]

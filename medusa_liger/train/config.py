@@ -250,6 +250,8 @@ def _convert(key: str, value: Any, tp: Any, one_item_lists: bool = True) -> Any:
     ``str | list[str]`` keeps a string as it is)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if value is None:  # a section whose keys are all commented out: every key optional
+            value = {}
         if not isinstance(value, dict):
             raise ValueError(f"{key} must be a mapping, got {value!r}")
         return _build(tp, value, key + ".")
@@ -493,6 +495,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         node = values
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
+            if child is None:  # (an empty section in the file)
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise ValueError(f"override {text!r}: '{'.'.join(parts[: depth + 1])}' is not a section")
             node = child
