@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medusa_liger.run_layout import user_path
+from medusa_liger.run_layout import local_or_hub, user_path
 
 # One turn per block: role marker, content, end-of-sequence token. Starts with BOS when the
 # tokenizer has one. The tiny tokenizer ships exactly this template with its role markers as
@@ -310,9 +310,7 @@ def load_tokenizer(name_or_path: str, **from_pretrained_kwargs):
     from transformers import AutoTokenizer
 
     check_tokenizer_files(name_or_path)
-    directory = user_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory) if directory.is_dir() else name_or_path,
-                                              **from_pretrained_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(local_or_hub(name_or_path), **from_pretrained_kwargs)
     check_tokenizer(tokenizer, name_or_path)
     return tokenizer
 
@@ -320,8 +318,6 @@ def load_tokenizer(name_or_path: str, **from_pretrained_kwargs):
 def check_tokenizer_files(path: str) -> None:
     """ValueError when ``path`` is a local model directory without any tokenizer file: transformers then
     builds an empty tokenizer (Qwen2) or blames a missing package (Llama)."""
-    from medusa_liger.run_layout import user_path
-
     directory = user_path(path)
     if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{path}: no tokenizer there ({', '.join(TOKENIZER_FILES[:2])} ...); {TOKENIZER_FILES_HINT}")

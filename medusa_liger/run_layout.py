@@ -39,3 +39,9 @@ def user_path(path: str | os.PathLike) -> Path:
     """``path`` as the user typed it, ``~`` and ``~user`` expanded. An unknown ``~user`` is left as
     is, so it fails later as a missing file; ``Path.expanduser`` raises RuntimeError instead."""
     return Path(os.path.expanduser(path))
+
+
+def local_or_hub(path: str | os.PathLike) -> str:
+    """What to pass ``from_pretrained``: a local directory with ``~`` expanded, else the hub name."""
+    directory = user_path(path)
+    return str(directory) if directory.is_dir() else str(path)

@@ -48,7 +48,7 @@ from torch import nn
 
 from medusa_liger.dtype_names import DTYPE_NAMES
 from medusa_liger.heads.config import DEFAULT_HEADS_LOSS_WEIGHT, MedusaConfig
-from medusa_liger.run_layout import user_path
+from medusa_liger.run_layout import local_or_hub, user_path
 
 FORMATS: tuple[str, ...] = ("medusa", "vllm")
 FORMAT_VERSION = 1
@@ -571,12 +571,6 @@ def _in_hub_cache(name: str) -> bool:
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
     except Exception:  # an invalid repo id, or an older huggingface_hub: not cached
         return False
-
-
-def local_or_hub(path: str | Path) -> str:
-    """What to pass ``from_pretrained``: a local directory with ``~`` expanded, else the hub name."""
-    directory = user_path(path)
-    return str(directory) if directory.is_dir() else str(path)
 
 
 def backbone_load_error(path: str | Path, error: Exception) -> BackboneLoadError:
