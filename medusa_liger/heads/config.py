@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from medusa_liger.kernels.jsd import check_jsd_beta
+from medusa_liger.numeric import is_int
 
 Mode = Literal["heads", "joint"]
 MODES: tuple[str, ...] = ("heads", "joint")
@@ -135,7 +136,7 @@ class MedusaConfig:
             if self.kl_direction != "forward":
                 raise ValueError(f"kl_direction must be 'forward' with jsd_beta (the JSD has no direction), "
                                  f"got {self.kl_direction!r}")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+        if not is_int(self.ignore_index):
             raise ValueError(f"ignore_index must be an integer, got {self.ignore_index!r}")
         if not (check_loss_weight("label_smoothing", self.label_smoothing) < 1.0):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")

@@ -47,17 +47,14 @@ from medusa_liger.inference.generate import (
     sampling_generator,
 )
 from medusa_liger.inference.tree import TreeBuffers
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+from medusa_liger.numeric import is_int
 
 
 def per_prompt_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int | None]:
     """Prompt b's seed: ``seed + b`` for an int, ``seed[b]`` for a list (one per prompt), None for None."""
     if seed is None:
         return [None] * batch
-    seeds = [seed + b for b in range(batch)] if _is_int(seed) else list(seed)
+    seeds = [seed + b for b in range(batch)] if is_int(seed) else list(seed)
     if len(seeds) != batch:
         raise ValueError(f"seed holds {len(seeds)} seeds for {batch} prompts; pass one per prompt or one int")
     return seeds
@@ -89,7 +86,7 @@ class BatchedMedusaDecoder(MedusaDecoder):
     def __init__(self, model: nn.Module, tree: list[list[int]] | None = None, *,
                  seed: int | Sequence[int] | None = None, **options) -> None:
         super().__init__(model, tree, **options)
-        if not (seed is None or _is_int(seed) or (isinstance(seed, Sequence) and all(_is_int(s) for s in seed))):
+        if not (seed is None or is_int(seed) or (isinstance(seed, Sequence) and all(is_int(s) for s in seed))):
             raise ValueError(f"seed must be None, an int or a list of ints (one per prompt), got {seed!r}")
         self.seeds = seed
         self.generators: list[torch.Generator | None] = []

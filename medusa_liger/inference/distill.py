@@ -41,7 +41,6 @@ one ended on a block boundary.) ``shard=(i, n)`` keeps the records whose index i
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import time
 from collections.abc import Iterator
@@ -53,19 +52,16 @@ import torch
 from torch import nn
 
 from medusa_liger.inference.distill_backends import Answer, LocalBackend, Refused, ServerBackend
+from medusa_liger.numeric import is_int, is_real
 from medusa_liger.records import TEXT_PROMPT_TOKENS, iter_raw_records, looks_like_local_path, normalize, resolve_path
 from medusa_liger.run_layout import user_path
 
 TURNS = ("all", "first")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # (True is an int to Python)
-
-
 def _real(value: object) -> float | None:
     """``value`` as a plain float if it is a real number (numpy's too; not a bool), else None."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if not is_real(value):
         return None
     try:
         return float(value)
@@ -90,11 +86,11 @@ class DistillSettings:
     num_records: int | None = None  # the first N records of the source (before sharding)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for name in ("max_new_tokens", "text_prompt_tokens", "batch_size", "block_records"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         temperature, top_p = _real(self.temperature), _real(self.top_p)
         if not (temperature is not None and temperature >= 0):
@@ -108,9 +104,9 @@ class DistillSettings:
         if self.chat_template not in ("auto", "builtin"):
             raise ValueError(f"chat_template must be 'auto' or 'builtin', got {self.chat_template!r}")
         index, count = self.shard
-        if not (_is_int(index) and _is_int(count) and count >= 1 and 0 <= index < count):
+        if not (is_int(index) and is_int(count) and count >= 1 and 0 <= index < count):
             raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {self.shard!r}")
-        if self.num_records is not None and (not _is_int(self.num_records) or self.num_records < 1):
+        if self.num_records is not None and (not is_int(self.num_records) or self.num_records < 1):
             raise ValueError(f"num_records must be an integer >= 1 or None, got {self.num_records!r}")
 
 

@@ -56,6 +56,7 @@ from medusa_liger.inference.tree import (
     rank_accuracy_of,
     rank_hits,
 )
+from medusa_liger.numeric import is_int
 from medusa_liger.run_layout import EVAL_FILES
 
 # Tree sizes whose searched tree's estimate the report lists beside the chosen size's.
@@ -214,11 +215,11 @@ def evaluate_heads(
     """
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    if not is_int(top_k) or top_k < 1:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if isinstance(tree_size, bool) or not isinstance(tree_size, int) or tree_size < 1:
+    if not is_int(tree_size) or tree_size < 1:
         raise ValueError(f"tree_size must be an integer >= 1, got {tree_size!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_acceptance(acceptance, temperature, posterior_threshold, posterior_alpha)
     # Plain floats: the report is JSON (numpy's float32 is not).
@@ -227,7 +228,7 @@ def evaluate_heads(
     if sampling and temperature == 0:
         raise ValueError("typical acceptance at temperature 0 is greedy acceptance: pass a temperature > 0 "
                          "or acceptance='greedy'")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if tree_search not in TREE_SEARCHES:
         raise ValueError(f"tree_search must be one of {TREE_SEARCHES}, got {tree_search!r}")

@@ -27,7 +27,6 @@ sliding-window and full attention are not supported (a uniform sliding window is
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -44,6 +43,7 @@ from medusa_liger.inference.tree import (
     normalize_tree,
     truncate_tree,
 )
+from medusa_liger.numeric import is_real
 from medusa_liger.seeds import torch_seed
 
 Acceptance = Literal["greedy", "typical"]
@@ -189,21 +189,17 @@ def sampling_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(torch_seed(seed))
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # (True is an int to Python)
-
-
 def check_acceptance(acceptance: str, temperature: float, posterior_threshold: float, posterior_alpha: float) -> None:
     """ValueError naming the first bad acceptance option (see ``medusa_generate``)."""
     if acceptance not in ("greedy", "typical"):
         raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
-    if not (_is_number(temperature) and math.isfinite(temperature)
+    if not (is_real(temperature) and math.isfinite(temperature)
             and (temperature == 0 or temperature >= MIN_TEMPERATURE)):
         # (below it, logits / T overflows float32: the probabilities came out NaN)
         raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature!r}")
-    if not (_is_number(posterior_threshold) and 0 < posterior_threshold <= 1):
+    if not (is_real(posterior_threshold) and 0 < posterior_threshold <= 1):
         raise ValueError(f"posterior_threshold (epsilon) must be in (0, 1], got {posterior_threshold!r}")
-    if not (_is_number(posterior_alpha) and posterior_alpha > 0 and math.isfinite(posterior_alpha)):
+    if not (is_real(posterior_alpha) and posterior_alpha > 0 and math.isfinite(posterior_alpha)):
         raise ValueError(f"posterior_alpha must be a finite number > 0, got {posterior_alpha!r}")
 
 

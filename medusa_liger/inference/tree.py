@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from medusa_liger.numeric import is_int
+
 Path = tuple[int, ...]
 MedusaChoices = list[list[int]]
 
@@ -404,7 +406,7 @@ def prior_rank_accuracy(num_heads: int, top_k: int = DEFAULT_TOP_K) -> torch.Ten
 
 def default_tree(num_heads: int, size: int = DEFAULT_TREE_SIZE) -> MedusaChoices:
     """The built-in tree for ``num_heads`` heads: the greedy search over the prior accuracy table."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+    if not is_int(num_heads) or num_heads < 1:
         raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
     tree, _ = greedy_tree_search(prior_rank_accuracy(num_heads), size)
     return tree

@@ -54,6 +54,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medusa_liger.heads.export import readable_by_others
+from medusa_liger.numeric import is_int
 from medusa_liger.run_layout import EVAL_DIR, EVAL_FILES, EVAL_PROMPTS_FILE
 from medusa_liger.train import distributed, fsdp
 
@@ -125,7 +126,7 @@ def save_checkpoint(
     ``rng_states``: every rank's ``rng_state()`` in rank order (default: this process's only).
     ``optimizer``: the optimizer, or its state dict (already gathered whole when it was sharded).
     """
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:  # ([:-0] would keep them all)
+    if not is_int(keep) or keep < 1:  # ([:-0] would keep them all)
         raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
