@@ -1285,3 +1285,62 @@ def test_the_schedule_and_optimizer_helpers_follow_the_config(tmp_path):
     assert checkpointed  # (HF marks the decoder)
     plain = build_in_process(short_config(tmp_path), torch.device("cpu"))[0]
     assert not [m for m in plain.backbone.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+# ------------------------------------------------------------------------------ config/build gaps
+def test_a_resume_gives_each_group_this_runs_decay_rate_and_betas():
+    """reapply_schedule: the decayed groups take the new train.weight_decay, the undecayed ones keep 0
+    (biases and norm weights are never decayed), each kind its own rate; every change is said once."""
+    from medusa_liger.train.build import build_optimizer, build_scheduler, reapply_schedule
+
+    model = torch.nn.Module()
+    model.heads = torch.nn.Linear(3, 3)
+    model.backbone = torch.nn.Linear(3, 3)
+    old = load_config(TINY, ["train.mode=joint", "train.weight_decay=0.1", "train.lr=1e-3", "train.heads_lr=2e-3"])
+    optimizer = build_optimizer(old, model)
+    scheduler = build_scheduler(old, optimizer)
+    new = load_config(TINY, ["train.mode=joint", "train.weight_decay=0.3", "train.lr=1e-4", "train.heads_lr=5e-4",
+                             "train.betas=[0.8,0.9]"])
+    changes = reapply_schedule(new, optimizer, scheduler)
+    got = {g["name"]: (g["weight_decay"], g["initial_lr"], g["betas"]) for g in optimizer.param_groups}
+    assert got == {"backbone": (0.3, 1e-4, (0.8, 0.9)), "backbone_no_decay": (0.0, 1e-4, (0.8, 0.9)),
+                   "heads": (0.3, 5e-4, (0.8, 0.9)), "heads_no_decay": (0.0, 5e-4, (0.8, 0.9))}
+    assert scheduler.base_lrs == [1e-4, 1e-4, 5e-4, 5e-4]
+    assert sorted(changes) == ["train.betas [0.9, 0.999] -> [0.8, 0.9]", "train.heads_lr 0.002 -> 0.0005",
+                               "train.lr 0.001 -> 0.0001", "train.weight_decay 0.1 -> 0.3"]
+    assert reapply_schedule(new, optimizer, scheduler) == []  # the same config again: nothing to say
+
+
+@pytest.mark.parametrize("overrides, seed_fixed", [
+    (["train.mode=heads"], True),                      # a frozen tiny backbone is drawn from the seed, never saved
+    (["train.mode=joint"], False),                     # a fully trained one is saved in every checkpoint
+    (["train.mode=joint", "lora.enabled=true"], True),  # LoRA: the base weights under the adapters are the seed's
+    (["train.mode=joint", "train.lm_loss=kl"], True),  # the frozen KL teacher is the backbone as drawn
+])
+def test_the_tiny_models_seed_is_fixed_only_where_unsaved_weights_come_from_it(overrides, seed_fixed):
+    from medusa_liger.train.build import fixed_settings
+
+    class Tokenizer:  # tokenizer_fingerprint reads the vocabulary only
+        def get_vocab(self):
+            return {"a": 0, "b": 1}
+
+    fixed = fixed_settings(load_config(TINY, ["train.seed=7", *overrides]), Tokenizer())
+    assert ("train.seed" in fixed) is seed_fixed and "the tiny model's tokenizer" in fixed
+    assert fixed.get("train.seed", 7) == 7 and ("lora.alpha" in fixed) is ("lora.enabled=true" in overrides)
+
+
+def test_a_hub_tokenizer_without_a_pad_token_pads_with_its_end_token(tmp_path):
+    """Llama 3's tokenizer has no pad token: the run (and the tokenizer it exports) pads with EOS."""
+    from transformers import AutoTokenizer
+
+    from medusa_liger.train.build import build_tokenizer_and_backbone
+    from medusa_liger.train.data import load_examples
+
+    cfg = short_config(tmp_path / "tiny")
+    tokenizer, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    tokenizer.pad_token = None
+    backbone.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "base")).pad_token is None
+    loaded, _ = build_tokenizer_and_backbone(short_config(tmp_path / "run", f"model.name_or_path={tmp_path / 'base'}"))
+    assert loaded.pad_token == loaded.eos_token == "<|end|>"
