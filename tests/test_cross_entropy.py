@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medusa_liger.kernels.cross_entropy import ce_rows, cross_entropy
+from medusa_liger.kernels.cross_entropy import ce_rows, cross_entropy, launch_config
 from medusa_liger.kernels.utils import force_backend
 from tests.utils import DEVICE, DTYPES, HAS_CUDA, VOCABS, assert_close
 
@@ -181,9 +181,9 @@ def test_huge_logits_without_z_loss_give_the_loss_not_nan(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_of_range_labels_are_ignored_rows_in_the_row_op(backend):
     """What the GPU does (no host check there): an out-of-range label is an ignored row."""
-    N, V = 4, 30
+    N, V = 5, 30
     x = torch.randn(N, V, device=DEVICE)
-    labels = torch.tensor([V + 5, 3, -7, 1], device=DEVICE)
+    labels = torch.tensor([V + 5, 3, -7, 1, V], device=DEVICE)
     lse = torch.empty(N, device=DEVICE)
     loss = torch.full((N,), float("nan"), device=DEVICE)
     correct = torch.full((N,), -1, dtype=torch.int32, device=DEVICE)
@@ -192,6 +192,7 @@ def test_out_of_range_labels_are_ignored_rows_in_the_row_op(backend):
                 write_grad=True)
     assert loss[0] == 0 and loss[2] == 0 and correct[0] == 0 and correct[2] == 0
     assert torch.equal(x[0], torch.zeros(V, device=DEVICE)) and torch.equal(x[2], torch.zeros(V, device=DEVICE))
+    assert loss[4] == 0 and correct[4] == 0 and torch.equal(x[4], torch.zeros(V, device=DEVICE))  # label V
     assert (x[1].abs().sum() > 0) and loss[1] > 0
 
 
@@ -411,3 +412,147 @@ def test_the_pytorch_paths_row_steps_keep_each_rows_target(monkeypatch):
     (got,) = torch.autograd.grad(out.loss, weight)
     (want,) = torch.autograd.grad(expected.loss, weight)
     torch.testing.assert_close(got, want)
+
+
+def _row_reference(x, labels, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, scale=None):
+    """fp64 per-row (loss, lse, correct, gradient * scale) of ce_rows on [N, V] logits; rows whose label is
+    ignore_index or outside [0, V) are ignored (loss 0, correct 0, gradient 0)."""
+    V = x.shape[1]
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < V)
+    target = torch.where(valid, labels, torch.zeros_like(labels))
+    y = x.double().requires_grad_()
+    yc = y if softcap is None else softcap * torch.tanh(y / softcap)
+    rows = F.cross_entropy(yc, target, label_smoothing=label_smoothing, reduction="none")
+    lse = torch.logsumexp(yc, -1)
+    rows = torch.where(valid, rows + z_loss * lse.square(), torch.zeros_like(rows))
+    factor = torch.ones(len(labels), dtype=torch.float64) if scale is None else scale.double().expand(len(labels))
+    (rows * factor.to(rows.device)).sum().backward()
+    correct = (yc.argmax(-1) == target) & valid
+    return rows.detach(), lse.detach(), correct, y.grad
+
+
+def _tied_rows(V=1100):
+    """Rows whose maxima tie or step down across the interpreter's 512-column blocks, plus ignored rows
+    whose argmax is column 0 (their target is read as 0): the first argmax and the valid mask decide."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, V, generator=g, dtype=torch.float64)
+    x[0, [5, 700]] = 9.0  # a tie across blocks: the first one is the argmax
+    x[1, [600, 1050]] = 9.0  # a tie between blocks 1 and 2
+    x[2, 3], x[2, 1060] = 9.0, 7.0  # block maxima 9, ~3, 7: the later, smaller block max is no argmax
+    x[3, 0] = 9.0  # ignored row (ignore_index) whose argmax is column 0
+    x[4, 0] = 9.0  # out-of-range label (the GPU's ignored row) whose argmax is column 0
+    x[5, [100, 101]] = 9.0  # a tie inside one block
+    labels = torch.tensor([700, 1050, 1060, -100, V, 101, 17])
+    labels[6] = int(x[6].argmax())
+    return x.float().to(DEVICE), labels.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("write_grad", [False, True], ids=["loss only", "one launch"])
+def test_row_op_accuracy_keeps_the_first_argmax_and_never_counts_ignored_rows(backend, write_grad):
+    """ce_rows' loss, lse and accuracy without the gradient pass (the fused loss under no_grad, the plain
+    online log-sum-exp) and with it (the online sum that keeps 1 - P_t), against fp64 and torch.argmax."""
+    x, labels = _tied_rows()
+    ref_loss, ref_lse, ref_correct, ref_grad = _row_reference(x, labels, z_loss=1e-2, label_smoothing=0.1)
+    N = len(labels)
+    lse, loss = torch.full((N,), float("nan"), device=DEVICE), torch.full((N,), float("nan"), device=DEVICE)
+    correct = torch.full((N,), -1, dtype=torch.int32, device=DEVICE)
+    with force_backend(backend):
+        ce_rows(x, labels, scale=torch.ones(1, device=DEVICE), lse=lse, loss=loss, correct=correct,
+                write_grad=write_grad, z_loss=1e-2, label_smoothing=0.1)
+    assert correct.tolist() == ref_correct.int().tolist() == [0, 0, 0, 0, 0, 0, 1]
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(lse, ref_lse, torch.float32, "lse")
+    if write_grad:
+        assert_close(x, ref_grad, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0}],
+                         ids=["plain", "smoothing-zloss-softcap"])
+def test_gradient_pass_without_a_saved_miss_and_with_per_row_scales(monkeypatch, backend, options):
+    """ce_rows' pass 2 alone (compute_lse=False) without target_miss: the target column from
+    exp(y_t - lse) - (1 - eps); a per-row scale, split across the PyTorch path's row steps."""
+    monkeypatch.setattr(importlib.import_module("medusa_liger.kernels.cross_entropy"), "_TORCH_ROWS_PER_STEP", 4)
+    N, V = 9, 1100
+    x = (torch.randn(N, V, device=DEVICE) * 3)
+    labels = _labels(N, V)
+    scale = torch.randn(N, device=DEVICE)
+    _, _, _, ref_grad = _row_reference(x, labels, scale=scale.cpu(), **options)
+    lse, loss = torch.empty(N, device=DEVICE), torch.empty(N, device=DEVICE)
+    with force_backend(backend):
+        ce_rows(x, labels, lse=lse, loss=loss, **options)
+        ce_rows(x, labels, scale=scale, lse=lse, compute_lse=False, write_grad=True, **options)
+    assert_close(x, ref_grad.to(DEVICE), torch.float32, "grad")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter, on the -inf row
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_ignored_row_of_only_neg_inf_logits_has_loss_and_gradient_zero(backend):
+    """lse = -inf makes that row's probabilities NaN; the row is ignored, so loss and gradient stay 0."""
+    x = torch.randn(3, 37, device=DEVICE)
+    x[1] = float("-inf")
+    labels = torch.tensor([4, -100, 30], device=DEVICE)
+    xx = x.clone().requires_grad_()
+    ref, _ = reference(x[[0, 2]].double(), labels[[0, 2]], reduction="sum", z_loss=1e-3)
+    with force_backend(backend):
+        out = cross_entropy(xx, labels, reduction="none", z_loss=1e-3)
+        out.sum().backward()
+    assert out[1] == 0 and torch.equal(xx.grad[1], torch.zeros(37, device=DEVICE))
+    assert not xx.grad.isnan().any()
+    assert_close(out.sum(), ref, torch.float32, "loss")
+
+
+def test_persistent_grid_with_fewer_rows_than_programs_stays_inside_its_rows(monkeypatch):
+    """3 rows on a grid of 4 programs (1 per SM of the interpreter's 4): no program may touch a 4th row."""
+    ce = importlib.import_module("medusa_liger.kernels.cross_entropy")
+    monkeypatch.setattr(ce, "PERSISTENT_PROGRAMS_PER_SM", 1)
+    V = 123
+    buf = torch.randn(4, V, device=DEVICE)
+    labels = torch.tensor([5, 7, 9, 11], device=DEVICE)
+    lse, loss = torch.full((4,), 5.0, device=DEVICE), torch.full((4,), 5.0, device=DEVICE)
+    before = buf.clone()
+    _, _, _, ref_grad = _row_reference(buf[:3], labels[:3])
+    with force_backend("triton"):
+        ce_rows(buf[:3], labels[:3], scale=torch.ones(1, device=DEVICE), lse=lse[:3], loss=loss[:3], write_grad=True)
+    assert torch.equal(buf[3], before[3]) and lse[3] == 5.0 and loss[3] == 5.0
+    assert_close(buf[:3], ref_grad, torch.float32, "grad")
+
+
+def test_the_triton_backend_runs_the_row_kernel(monkeypatch):
+    """force_backend("triton") must reach the Triton kernel (else every "triton" case tests the PyTorch path)."""
+    ce = importlib.import_module("medusa_liger.kernels.cross_entropy")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the PyTorch path ran under force_backend('triton')")
+
+    monkeypatch.setattr(ce, "_rows_torch", refuse)
+    x = torch.randn(3, 20, device=DEVICE, requires_grad=True)
+    with force_backend("triton"):
+        cross_entropy(x, torch.tensor([1, 2, 3], device=DEVICE)).backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_option_edges():
+    x = torch.randn(3, 10, dtype=torch.float64)
+    labels = torch.tensor([1, -100, 4])
+    # label_smoothing 1.0 is in range (a uniform target), as in F.cross_entropy; below 0 is refused.
+    with force_backend("torch"):
+        torch.testing.assert_close(cross_entropy(x, labels, label_smoothing=1.0),
+                                   F.cross_entropy(x, labels, label_smoothing=1.0))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(x, labels, label_smoothing=-0.1)
+    with pytest.raises(ValueError, match="ignore_index must be an int"):
+        cross_entropy(x, labels, ignore_index=1.5)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        cross_entropy(x, labels[:, None])
+    with pytest.raises(ValueError, match="labels is on meta"):
+        cross_entropy(x, labels.to("meta"))
+
+
+def test_launch_config_blocks_are_the_next_power_of_two_capped():
+    from medusa_liger.kernels.utils import next_power_of_2
+
+    assert [next_power_of_2(n) for n in (1, 2, 3, 512, 513)] == [1, 2, 4, 512, 1024]
+    cpu = torch.device("cpu")
+    assert [launch_config(n, cpu) for n in (4, 123, 1100)] == [(4, 4), (128, 4), (512, 4)]

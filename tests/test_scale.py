@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -65,3 +67,61 @@ def test_scale_by_one_leaves_nan_inf_and_signed_zero_as_they_are():
     scale_(x, torch.ones(1, device=DEVICE))
     assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x[1:], before[1:])
     assert torch.signbit(x[3])
+
+
+class _KernelSpy:
+    """Stands in for the Triton kernel object: counts launches and runs the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def kernel_spy(monkeypatch):
+    module = importlib.import_module("medusa_liger.kernels.scale")
+    spy = _KernelSpy(module._scale_kernel)
+    monkeypatch.setattr(module, "_scale_kernel", spy)
+    return spy
+
+
+def test_the_triton_backend_runs_the_kernel_and_nested_backends_restore(kernel_spy):
+    x = torch.randn(123, device=DEVICE)
+    want = x * 0.5
+    with force_backend("triton"):
+        scale_(x, torch.tensor(0.5, device=DEVICE))
+    assert kernel_spy.launches == 1 and torch.equal(x, want)
+    with force_backend("torch"):
+        with force_backend("triton"):
+            pass
+        scale_(x, torch.tensor(0.5, device=DEVICE))  # the outer "torch" again
+    assert kernel_spy.launches == 1
+
+
+def test_scale_touches_only_its_own_elements():
+    """A contiguous slice of a larger buffer (the kernel's last block is partial) and a strided view
+    (never handed to the flat kernel): the elements outside x keep their values."""
+    buf = torch.randn(130, device=DEVICE)
+    before = buf.clone()
+    with force_backend("triton"):
+        scale_(buf[:123], torch.tensor(3.0, device=DEVICE))
+    assert torch.equal(buf[:123], before[:123] * 3.0) and torch.equal(buf[123:], before[123:])
+    grid = torch.randn(5, 12, device=DEVICE)
+    before = grid.clone()
+    with force_backend("triton"):
+        scale_(grid[:, ::2], torch.tensor(3.0, device=DEVICE))
+    assert torch.equal(grid[:, ::2], before[:, ::2] * 3.0) and torch.equal(grid[:, 1::2], before[:, 1::2])
+
+
+def test_scale_float64_is_exact_and_empty_is_a_no_op_on_either_backend():
+    for backend in ("triton", "torch"):
+        y = torch.randn(77, device=DEVICE, dtype=torch.float64)
+        want = y * (1.0 / 3.0)
+        with force_backend(backend):
+            assert scale_(y, torch.tensor(1.0 / 3.0, device=DEVICE, dtype=torch.float64)) is y
+            empty = torch.empty(0, 4, device=DEVICE)
+            assert scale_(empty, torch.tensor(2.0, device=DEVICE)) is empty
+        assert torch.equal(y, want), backend
