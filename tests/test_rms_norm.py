@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from medusa_liger.kernels.rms_norm import RMSNorm, rms_norm
 from medusa_liger.kernels.utils import force_backend
-from tests.utils import DEVICE, DTYPES, MODEL_SHAPES, assert_close, poisoned_allocations
+from tests.utils import DEVICE, DTYPES, MODEL_SHAPES, assert_close, poisoned_allocations, rel_norm_error
 
 BACKENDS = ["triton", "torch"]
 # (40, 300): several row blocks per backward program, so the dweight partial rows are exercised.
@@ -154,3 +154,73 @@ def test_rms_norm_zero_width_rows(backend):
         y = rms_norm(x, weight)
         y.sum().backward()
     assert y.shape == (3, 0) and x.grad.shape == (3, 0) and weight.grad.shape == (0,)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # eps 0: 1 / sqrt(0) in the interpreter's padding rows
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_rms_norm_eps_inside_the_sqrt(eps, backend):
+    """Small activations (mean(x^2) ~ 1e-6): eps must sit inside the sqrt, and eps = 0 is allowed."""
+    x = (1e-3 * torch.randn(3, 123, device=DEVICE)).requires_grad_()
+    weight = torch.randn(123, device=DEVICE).requires_grad_()
+    dy = torch.randn(3, 123, device=DEVICE)
+    with force_backend(backend), poisoned_allocations():
+        y = rms_norm(x, weight, eps=eps)
+        y.backward(dy)
+    y_ref, dx_ref, dw_ref = _reference(x, weight, eps, 0.0, dy)
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(x.grad / 1e3, dx_ref / 1e3, torch.float32, "dx")
+    assert_close(weight.grad, dw_ref, torch.float32, "dweight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_fp16_input_rounds_like_hf(backend):
+    """fp16 x, fp32 weight: HF rounds x * rstd to fp16 before the weight multiply (forward and dweight)."""
+    x = torch.randn(40, 123, device=DEVICE).half().requires_grad_()
+    weight = (1.0 + 0.5 * torch.randn(123, device=DEVICE)).requires_grad_()
+    dy = torch.randn(40, 123, device=DEVICE)
+    with force_backend(backend):
+        y = rms_norm(x, weight)
+        y.backward(dy)
+    hf = LlamaRMSNorm(123).to(DEVICE)
+    with torch.no_grad():
+        hf.weight.copy_(weight)
+    x_hf = x.detach().clone().requires_grad_()
+    y_hf = hf(x_hf)
+    y_hf.backward(dy)
+    assert y.dtype == y_hf.dtype == torch.float32 and x.grad.dtype == torch.float16
+    # Unrounded n is off by up to 2^-11 relative everywhere (~2e-4 in norm); rounded n agrees but for
+    # rare one-ulp fp16 flips where the kernel's 1 / sqrt and torch.rsqrt differ in the last fp32 bit.
+    assert rel_norm_error(y, y_hf) < 4e-5, rel_norm_error(y, y_hf)
+    assert rel_norm_error(weight.grad, hf.weight.grad) < 4e-5, rel_norm_error(weight.grad, hf.weight.grad)
+    assert_close(x.grad, x_hf.grad.double(), torch.float16, "dx")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["row_sliced", "transposed"])
+def test_rms_norm_strided_inputs_forward_and_backward(layout, backend):
+    """x and dy as row slices of wider tensors, or column-strided (transposed) views: both directions."""
+    if layout == "row_sliced":
+        x = torch.randn(6, 200, device=DEVICE)[:, 5:128].requires_grad_()
+        dy = torch.randn(6, 300, device=DEVICE)[:, :123]
+    else:
+        x = torch.randn(123, 6, device=DEVICE).t().requires_grad_()
+        dy = torch.randn(123, 6, device=DEVICE).t()
+    weight = torch.randn(123, device=DEVICE).requires_grad_()
+    with force_backend(backend), poisoned_allocations():
+        y = rms_norm(x, weight)
+        y.backward(dy)
+    y_ref, dx_ref, dw_ref = _reference(x, weight, 1e-6, 0.0, dy)
+    assert_close(y, y_ref, torch.float32, "y")
+    assert_close(x.grad, dx_ref, torch.float32, "dx")
+    assert_close(weight.grad, dw_ref, torch.float32, "dweight")
+
+
+def test_rms_norm_more_bad_inputs():
+    with pytest.raises(ValueError, match="at least one dimension"):
+        rms_norm(torch.tensor(1.0), torch.ones(1))
+    with pytest.raises(ValueError, match="weight must be"):
+        rms_norm(torch.randn(2, 8), torch.ones(8, dtype=torch.int32))
+    for offset in (float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="offset must be a finite number"):
+            rms_norm(torch.randn(2, 8), torch.ones(8), offset=offset)

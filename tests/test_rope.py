@@ -254,3 +254,33 @@ def test_rope_output_dtype_promotes_with_sin_too(backend):
     q_ref, k_ref = hf_apply_rotary_pos_emb(q.detach(), k.detach(), cos, sin.float())
     assert q_out.dtype == q_ref.dtype == torch.float32 and k_out.dtype == k_ref.dtype == torch.float32
     assert_close(q_out, q_ref.double(), torch.float16, "q_embed")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["q_last_dim_strided", "cos_last_dim_strided", "q_not_dense"])
+def test_rope_strided_last_dim_and_non_dense_inputs(layout, backend):
+    """q with a last-dim stride of 2, cos/sin with a last-dim stride of 2, or q a slice of wider
+    heads (not dense: its output is allocated contiguous, with strides other than q's)."""
+    q = torch.randn(2, 3, 5, 16, device=DEVICE)[..., ::2] if layout == "q_last_dim_strided" else None
+    if layout == "q_not_dense":
+        q = torch.randn(2, 3, 5, 12, device=DEVICE)[..., 2:10]
+    k = torch.randn(2, 2, 5, 8, device=DEVICE)
+    cos, sin = torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE)
+    if layout == "cos_last_dim_strided":
+        q = torch.randn(2, 3, 5, 8, device=DEVICE)
+        cos, sin = torch.randn(2, 5, 16, device=DEVICE)[..., ::2], torch.randn(2, 5, 16, device=DEVICE)[..., 1::2]
+    _check(q.requires_grad_(), k.requires_grad_(), cos, sin, torch.float32, backend)
+
+
+def test_rope_more_bad_inputs():
+    q, k = torch.randn(2, 2, 3, 8), torch.randn(2, 1, 3, 8)
+    cos, sin = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    # (the torch backend: without the checks, the kernel would read out of bounds, crashing the run)
+    with force_backend("torch"), pytest.raises(ValueError, match="k must have shape"):
+        apply_rotary_pos_emb(q, torch.randn(1, 1, 3, 8), cos, sin)  # batch (would broadcast)
+    with force_backend("torch"), pytest.raises(ValueError, match="k must have shape"):
+        apply_rotary_pos_emb(q, torch.randn(2, 1, 3, 6), cos, sin)  # head dim
+    with pytest.raises(ValueError, match="cos must have shape"):
+        apply_rotary_pos_emb(q, k, torch.randn(2, 4, 8), torch.randn(2, 4, 8))  # more positions than q
+    with pytest.raises(ValueError, match="power of two"):
+        RoPEFunction.apply(q, k, cos, sin, {"heads": 0})

@@ -170,3 +170,34 @@ def test_a_second_backward_after_an_inplace_one_raises(backend):
             wrote_in_place = False
             assert_close(a.grad, 2 * expected[0], torch.float32)
     assert wrote_in_place or backend == "torch"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("layout", ["up_row_sliced", "transposed"])
+def test_swiglu_gate_and_up_with_different_strides(layout, inplace_backward, backend):
+    """gate contiguous and up a row slice of a wider tensor (different row strides), or both
+    column-strided (transposed, copied for the kernel): output and both gradients, in place or not."""
+    gate = (2.0 * torch.randn(5, 123, device=DEVICE)).requires_grad_()
+    up = torch.randn(5, 200, device=DEVICE)[:, 7:130].requires_grad_()
+    dc = torch.randn(5, 123, device=DEVICE)
+    with force_backend(backend), poisoned_allocations():
+        if layout == "up_row_sliced":  # (non-leaf inputs: an in-place backward overwrites scratch)
+            gate_in, up_in = gate * 1, torch.nn.functional.pad(up, (7, 70))[:, 7:130]  # row stride 200
+        else:  # non-leaf, column-strided views (as after a transpose)
+            gate_in, up_in = gate.t().contiguous().t(), up.t().contiguous().t()  # strides (1, 5)
+        want = ((200, 1), (123, 1)) if layout == "up_row_sliced" else ((1, 5), (1, 5))
+        assert (up_in.stride(), gate_in.stride()) == want
+        c = swiglu(gate_in, up_in, inplace_backward=inplace_backward)
+        c.backward(dc)
+    gd, ud = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    c_ref = _hf_activation(gd, ud)
+    c_ref.backward(dc.double())
+    assert_close(c, c_ref, torch.float32, "c")
+    assert_close(gate.grad, gd.grad, torch.float32, "dgate")
+    assert_close(up.grad, ud.grad, torch.float32, "dup")
+
+
+def test_swiglu_scalar_inputs_raise():
+    with pytest.raises(ValueError, match="at least one dimension"):
+        swiglu(torch.tensor(1.0), torch.tensor(2.0))
