@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -65,8 +66,16 @@ def launch(output_dir: Path, *extra: str, nproc: int = 2, options: list[str] = R
     return torchrun("-m", "medusa_liger", "train", str(TINY), *options, f"output_dir={output_dir}", *extra, nproc=nproc)
 
 
-def finish(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=240)
+def finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    """The run's output, once it has exited 0; a run still going after ``timeout`` seconds (a hang in a
+    collective) is stopped with its ranks, never left behind."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM: torchrun stops its ranks (each in a session of its own) before it exits itself.
+        process.terminate()
+        output, _ = process.communicate(timeout=60)
+        raise AssertionError(f"still running after {timeout} s, stopped:\n{output[-4000:]}") from None
     assert process.returncode == 0, output[-4000:]
     return output
 
@@ -156,6 +165,199 @@ def test_leaving_setup_frees_the_group_and_its_threads(tmp_path):
     script.write_text(GROUP_LIFETIME)
     finish(torchrun(str(script), str(tmp_path)))
     assert [(tmp_path / f"threads-left-rank{r}").read_text() for r in range(2)] == ["", ""]
+
+
+# Every rank: the helpers with a live group of 2 (gloo), each against what one process computes. Sums
+# (not maxima, not one rank's values), rank 0's tensors broadcast, gradients summed bucket by bucket
+# (buckets smaller than a tensor, two dtypes, a parameter without gradient), rank 0 first and barriers
+# that hold, and FSDP2 on a toy backbone: rank 0's weights and buffers on every rank, summed gradients,
+# whole tensors (and optimizer state) on rank 0 only and sharded again on load, bad input refused.
+HELPERS = """
+import copy, datetime, os, sys, time, torch
+import torch.distributed as dist
+from medusa_liger.train import distributed, fsdp
+shared, r = sys.argv[1], int(os.environ["RANK"])
+flag = lambda name: os.path.join(shared, name)
+with distributed.setup(torch.device("cpu")):
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (r, 2, r == 0)
+    t = torch.tensor([r + 1.0, -3.0 * (r + 1)])
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [3.0, -9.0], t  # a sum, in place
+    assert distributed.all_gather_objects({"rank": r}) == [{"rank": 0}, {"rank": 1}]
+    p = torch.nn.Parameter(torch.full((3,), float(r + 5)))
+    distributed.broadcast_from_main([p, torch.full((2,), float(r))])
+    assert p.tolist() == [5.0] * 3
+    # Gradients summed in buckets smaller than some tensors, mixed dtypes, one parameter without a gradient.
+    sizes = [2, 3, 1, 5, 2, 4]
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.float64 if i == 4 else torch.float32))
+              for i, n in enumerate(sizes)]
+    for i, q in enumerate(params):
+        if i != 2:
+            q.grad = (torch.arange(q.numel(), dtype=q.dtype) + 10 * i) * (r + 1)
+    for bucket in (3, 4, 1, 100):
+        grads = [q.grad.clone() if q.grad is not None else None for q in params]
+        distributed.all_reduce_grads(params, bucket_numel=bucket)
+        for q, g in zip(params, grads):
+            assert (q.grad is None) if g is None else torch.equal(q.grad, g * 3 / (r + 1)), (bucket, q.grad, g)
+        for q, g in zip(params, grads):
+            q.grad = g
+    # main_first: rank 0's block ends before the others' begins; barrier: nobody passes before all arrive.
+    with distributed.main_first():
+        if r == 0:
+            time.sleep(0.5)
+            open(flag("first"), "w").close()
+        else:
+            assert os.path.exists(flag("first"))
+    # Every rank left main_first having waited as often as the others (else a later collective hangs).
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+    if r == 0:
+        time.sleep(0.5)
+        open(flag("barrier"), "w").close()
+    distributed.barrier()
+    assert os.path.exists(flag("barrier"))
+    # ZeRO-1: consolidated on rank 0, the sharded optimizer's state_dict is the whole one.
+    zparams = [torch.nn.Parameter(torch.ones(4)) for _ in range(3)]
+    zero = distributed.sharded_optimizer([{"params": zparams}], torch.optim.AdamW, lr=0.1)
+    for q in zparams:
+        q.grad = torch.ones(4)
+    zero.step()
+    distributed.consolidate_optimizer(zero)
+    if r == 0:
+        assert sorted(zero.state_dict()["state"]) == [0, 1, 2]
+    # FSDP2 on a toy model: rank 1's random weights and buffers are replaced by rank 0's.
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+        def forward(self, x):
+            return torch.tanh(self.lin(x))
+    class Toy(torch.nn.Module):
+        _no_split_modules = ["Layer"]
+        def __init__(self):
+            super().__init__()
+            self.embed, self.heads = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+            self.layers = torch.nn.ModuleList([Layer(), Layer()])
+            self.register_buffer("table", torch.randn(4), persistent=False)
+        def forward(self, x):
+            x = self.embed(x) + self.table
+            for layer in self.layers:
+                x = layer(x)
+            return self.heads(x)
+    torch.manual_seed(r)
+    model = Toy()
+    reference = copy.deepcopy(model)
+    distributed.broadcast_from_main([*reference.parameters(), *reference.buffers()])
+    assert fsdp.shard_model(model, torch.device("cpu")) == 2
+    assert fsdp.has_sharded(model.parameters()) and torch.equal(model.table, reference.table)
+    whole = fsdp.full_tensors(dict(model.named_parameters()))
+    assert (whole.keys() == dict(reference.named_parameters()).keys()) if r == 0 else whole == {}
+    for name, tensor in whole.items():
+        assert type(tensor) is torch.Tensor and torch.equal(tensor, dict(reference.named_parameters())[name]), name
+    # Gradients are summed over ranks, not averaged: those of one process's loss over both ranks' rows.
+    inputs = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(7))
+    model(inputs[r]).square().sum().backward()
+    sum(reference(x).square().sum() for x in inputs).backward()
+    for (name, q), ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(fsdp.full_tensor(q.grad), ref.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # Gathered in bf16 (train.fsdp_param_dtype), gradients are still summed in float32: finer than bf16.
+    torch.manual_seed(0)
+    mixed = Toy()
+    fsdp.shard_model(mixed, torch.device("cpu"), param_dtype=torch.bfloat16)
+    mixed(inputs[r]).square().sum().backward()
+    grad = fsdp.full_tensor(mixed.layers[0].lin.weight.grad)
+    assert grad.dtype == torch.float32 and not torch.equal(grad, grad.bfloat16().float()), grad
+    # Optimizer state gathered whole on rank 0 and sharded again on load (the step counters are scalars).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    optimizer.step()
+    full = fsdp.full_optimizer_state(optimizer)
+    assert (full is None) != (r == 0)
+    full = distributed.all_gather_objects(full)[0]
+    again = torch.optim.AdamW(model.parameters(), lr=0.01)
+    again.load_state_dict(fsdp.shard_optimizer_state(full, again))
+    back = fsdp.full_optimizer_state(again)
+    if r == 0:
+        assert back["param_groups"] == full["param_groups"] and back["state"].keys() == full["state"].keys()
+        for index, entry in full["state"].items():
+            for key, value in entry.items():
+                assert type(back["state"][index][key]) is torch.Tensor and torch.equal(back["state"][index][key], value)
+    # Loading whole tensors into sharded heads: each rank keeps its shard; wrong names or shapes are refused.
+    heads = {k: torch.full(v.shape, 2.0) for k, v in reference.heads.state_dict().items()}
+    fsdp.load_module_(model.heads, heads)
+    assert all(torch.equal(fsdp.full_tensor(v), heads[k]) for k, v in model.heads.state_dict().items())
+    errors = []
+    for bad in ({"weight": heads["weight"]}, {**heads, "extra": heads["bias"]}, {**heads, "bias": torch.ones(3)}):
+        try:
+            fsdp.load_module_(model.heads, bad)
+        except ValueError as error:
+            errors.append(str(error).split(":")[0])
+    assert errors == ["cannot load", "cannot load", "bias"], errors
+    # A backbone without decoder-layer classes, and one whose unit mixes trainable dtypes, are refused.
+    for broken, match in ((torch.nn.Sequential(torch.nn.Linear(2, 2)), "names no decoder-layer class"),
+                          (Toy(), "mix dtypes")):
+        if match == "mix dtypes":
+            broken.layers[1].lin.bias.data = broken.layers[1].lin.bias.data.double()
+        broken.heads = getattr(broken, "heads", torch.nn.Linear(2, 2))
+        try:
+            fsdp.shard_model(broken, torch.device("cpu"))
+            raise AssertionError("no error for " + match)
+        except ValueError as error:
+            assert match in str(error), error
+assert not dist.is_initialized()  # the group setup made is gone
+# A group the caller made is used as it is and left open.
+# (A fresh store: the first group's keys are still in torchrun's, and joining those can hang.)
+dist.init_process_group("gloo", init_method="file://" + flag("store"), rank=r, world_size=2)
+with distributed.setup(torch.device("cpu")) as device:
+    assert device == torch.device("cpu") and distributed.world_size() == 2
+assert dist.is_initialized()
+dist.destroy_process_group()
+open(flag(f"ok-rank{r}"), "w").close()
+"""
+
+
+def test_helpers_across_two_ranks_match_one_process(tmp_path):
+    script = tmp_path / "helpers.py"
+    script.write_text(HELPERS)
+    finish(torchrun(str(script), str(tmp_path)))
+    assert (tmp_path / "ok-rank0").is_file() and (tmp_path / "ok-rank1").is_file()
+
+
+@pytest.mark.parametrize("env, device, expected", [
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda", "cuda:1"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:1", "cuda:1"),
+    ({"WORLD_SIZE": "2"}, "cuda", "cuda:0"),  # LOCAL_RANK unset
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": ""}, "cuda", "cuda:0"),  # set but empty: unset
+    ({"WORLD_SIZE": "1", "LOCAL_RANK": "1"}, "cuda:0", "cuda:0"),  # one process: the device as configured
+    ({"WORLD_SIZE": ""}, "cuda:1", "cuda:1"),
+    ({}, "cuda:1", "cuda:1"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cpu", "cpu"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:0", "must be 'auto' or 'cuda' under torchrun"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "cuda", "LOCAL_RANK=2 but only 2 CUDA devices"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "one"}, "cuda", "LOCAL_RANK must be an integer, got 'one'"),
+])
+def test_training_device_under_torchrun(monkeypatch, env, device, expected):
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    if ":" in expected or expected in ("cuda", "cpu"):
+        assert distributed.training_device(torch.device(device)) == torch.device(expected)
+        assert distributed.env_world_size() == int(env.get("WORLD_SIZE") or 1)
+    else:
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            distributed.training_device(torch.device(device))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script, in torch.distributed's modules
+@pytest.mark.parametrize("missing", ["RANK", "MASTER_ADDR", "MASTER_PORT"])
+def test_setup_without_torchrun_says_which_variable_is_missing(monkeypatch, missing):
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(missing)
+    with pytest.raises(ValueError, match=f"WORLD_SIZE is set but {missing} is not: launch with torchrun"):
+        with distributed.setup(torch.device("cpu")):
+            pass
+    assert not torch.distributed.is_initialized()
 
 
 def test_two_ranks_match_one_process_with_accumulation_and_resume(tmp_path):
