@@ -417,10 +417,13 @@ def test_fsdp_ranks_match_one_process_and_resume(tmp_path):
     # gradient norm is summed shard by shard, so the runs agree to rounding, not bit for bit.
     # 73 held-out rows: the last evaluation round has rows for rank 0 only, so rank 1 must still run
     # a forward (FSDP gathers each layer from every rank) and count nothing.
+    # A lambda ramp longer than the run: the exports' config holds the last step's lambda, not the config's.
     held_out = "data.eval_fraction=0.13"
-    sharded = launch(tmp_path / "fsdp", "train.fsdp=true", held_out)
+    ramp = ["train.heads_lambda.schedule=linear", "train.heads_lambda.ramp_steps=10"]
+    sharded = launch(tmp_path / "fsdp", "train.fsdp=true", held_out, *ramp)
     with force_backend("torch"):
-        single = train(load_config(TINY, [*RUN, f"output_dir={tmp_path / 'single'}", "train.grad_accum=2", held_out]))
+        single = train(load_config(TINY, [*RUN, f"output_dir={tmp_path / 'single'}", "train.grad_accum=2", held_out,
+                                          *ramp]))
     output = finish(sharded)
     assert "73 held out" in output
     assert "sharded over 2 ranks (FSDP2: 2 decoder-layer units, the heads and the root)" in output
@@ -432,9 +435,12 @@ def test_fsdp_ranks_match_one_process_and_resume(tmp_path):
     # Exports and checkpoints hold whole tensors, as one process writes them. (AdamW's first steps
     # amplify the rounding differences of the gradient norm, hence looser tolerances than for the
     # logged numbers; a wrong gradient scale shows in grad_norm above.)
-    single_heads = read_heads(tmp_path / "single" / "final" / "heads_medusa").tensors
-    for name, tensor in read_heads(tmp_path / "fsdp" / "final" / "heads_medusa").tensors.items():
-        torch.testing.assert_close(tensor, single_heads[name], rtol=1e-3, atol=1e-5)
+    single_heads = read_heads(tmp_path / "single" / "final" / "heads_medusa")
+    sharded_heads = read_heads(tmp_path / "fsdp" / "final" / "heads_medusa")
+    assert sharded_heads.config == single_heads.config
+    assert single_heads.config.heads_loss_weight == pytest.approx(0.2 * 3 / 10)  # steps 4, 1 of them heads only
+    for name, tensor in sharded_heads.tensors.items():
+        torch.testing.assert_close(tensor, single_heads.tensors[name], rtol=1e-3, atol=1e-5)
     from safetensors.torch import load_file
 
     single_backbone = load_file(str(tmp_path / "single" / "final" / "backbone" / "model.safetensors"))
@@ -452,7 +458,8 @@ def test_fsdp_ranks_match_one_process_and_resume(tmp_path):
     # Resumed from its step-2 checkpoint (whole tensors, sharded again on load), the FSDP run logs
     # steps 3-4 exactly as it did straight through.
     ckpts = tmp_path / "fsdp" / "checkpoints"
-    resumed = finish(launch(tmp_path / "resumed", f"train.resume={ckpts / 'step-000002'}", "train.fsdp=true", held_out))
+    resumed = finish(launch(tmp_path / "resumed", f"train.resume={ckpts / 'step-000002'}", "train.fsdp=true", held_out,
+                            *ramp))
     assert "resumed from" in resumed
     assert compared(tmp_path / "resumed") == compared(tmp_path / "fsdp")[2:]
 
