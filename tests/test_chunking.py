@@ -7,6 +7,7 @@ import torch
 
 from medusa_liger.kernels import chunking
 from medusa_liger.kernels import fused_linear_cross_entropy as flce
+from tests.utils import DEVICE
 
 
 def test_chunk_plan_budget_free_memory_and_balance(monkeypatch):
@@ -111,3 +112,101 @@ def test_mm_into_error_after_a_working_probe_propagates(monkeypatch):
         a, b, out, _ = _mm_operands()
         with pytest.raises(RuntimeError, match=message):
             chunking.mm_into(out, a, b, accumulate=False)
+
+
+def test_chunk_plan_tiny_budget_and_the_128_row_floor(monkeypatch):
+    """A budget below one row still gives one row; at exactly 128 rows the equal chunks stay 128
+    (one GEMM tile), not the balanced 100 of a smaller budget."""
+    cpu = torch.device("cpu")
+    assert flce.default_chunk_rows(1000, torch.float32, budget_bytes=100) == 1
+    assert flce.plan_chunk_rows(123, 1000, torch.float32, True, cpu, budget_bytes=100) == 1
+    assert flce.plan_chunk_rows(200, 37, torch.float64, True, cpu, budget_bytes=37 * 8 * 128) == 128
+    assert flce.plan_chunk_rows(200, 37, torch.float64, True, cpu, budget_bytes=37 * 8 * 127) == 100
+    monkeypatch.setattr(chunking, "free_device_bytes", lambda device: 10)  # short of memory: the 128 floor
+    assert flce.plan_chunk_rows(200, 128256, torch.bfloat16, True, cpu) == 128
+
+
+def test_free_device_bytes(monkeypatch):
+    """Free CUDA memory: the driver's free bytes plus what the caching allocator holds unused; None
+    off CUDA, while capturing a graph, or when the runtime cannot tell (never 0: that would floor
+    every chunk at 128 rows)."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 5000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 300)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100)
+    assert chunking.free_device_bytes(cuda) == 1200
+    assert chunking.free_device_bytes(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert chunking.free_device_bytes(cuda) is None
+
+    def cannot_tell(device=None):
+        raise RuntimeError("mem_get_info is not supported here")
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", cannot_tell)
+    assert chunking.free_device_bytes(cuda) is None
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_mm_into_slab_fallback_over_several_slabs(monkeypatch, accumulate):
+    """Without an out_dtype GEMM, the widened product runs in slabs of rows: 2 + 2 + 1 rows here,
+    each slab its own rows (the last one partial), every row written once."""
+    monkeypatch.setattr(chunking, "_HAS_MM_OUT_DTYPE", False)
+    monkeypatch.setattr(chunking, "_SLAB_BYTES", 3 * 2 * 2)  # 2 rows of 3 bf16 columns
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 7, generator=g).to(DEVICE, torch.bfloat16)
+    b = torch.randn(7, 3, generator=g).to(DEVICE, torch.bfloat16)
+    start = torch.randn(5, 3, generator=g).to(DEVICE)
+    out = start.clone() if accumulate else torch.full((5, 3), float("nan"), device=DEVICE)
+    chunking.mm_into(out, a, b, accumulate)
+    want = a.double() @ b.double() + (start.double() if accumulate else 0)
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_mm_into_probe_that_worked_is_remembered(monkeypatch):
+    """A first out_dtype GEMM that works is recorded, so a later 'unsupported'-looking error for the
+    same key is raised instead of silently switching to the slab path."""
+    monkeypatch.setattr(chunking, "_HAS_MM_OUT_DTYPE", True)
+    monkeypatch.setattr(chunking, "_OUT_DTYPE_OK", {})
+    original, fail = torch.mm, []
+
+    def mm(a, b, *args, out_dtype=None, out=None, **kwargs):
+        if out_dtype is None:
+            return original(a, b, *args, out=out, **kwargs)
+        if fail:
+            raise RuntimeError("CUDA error: operation not supported on global/shared address space")
+        return out.copy_(original(a.to(out_dtype), b.to(out_dtype)))
+
+    monkeypatch.setattr(torch, "mm", mm)
+    a, b, out, want = _mm_operands()
+    a, b, out, want = a.to(DEVICE), b.to(DEVICE), out.to(DEVICE), want.to(DEVICE)
+    chunking.mm_into(out, a, b, accumulate=False)
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)  # (TF32 on a GPU)
+    assert chunking._OUT_DTYPE_OK == {("mm", DEVICE.type, torch.bfloat16, torch.float32): True}
+    fail.append(1)
+    with pytest.raises(RuntimeError, match="operation not supported"):
+        chunking.mm_into(out, a, b, accumulate=False)
+
+
+class AcceleratorError(RuntimeError):  # named as torch's (torch >= 2.8): an asynchronous CUDA error
+    pass
+
+
+@pytest.mark.parametrize(("err", "unsupported"), [
+    (TypeError("mm() got an unexpected keyword argument 'out_dtype'"), True),  # a torch without the overload
+    (NotImplementedError("Could not run 'aten::mm.dtype_out' with arguments from the 'CPU' backend"), True),
+    (RuntimeError("addmm: out_dtype bf16 -> fp32 is not supported on this device"), True),
+    (RuntimeError("a bf16 x bf16 -> fp32 GEMM is not supported on this backend"), True),
+    (RuntimeError("Input dtypes must be the same, got: input Half, mat1: Float (dtype_out)"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmEx( handle, opa, opb, m, n, k, "
+                  "&falpha, a, CUDA_R_16BF, lda, b, CUDA_R_16BF, ldb, &fbeta, c, CUDA_R_32F, ldc, ...)`"), True),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+    (AcceleratorError("CUDA error: operation not supported on global/shared address space"), False),
+    (torch.OutOfMemoryError("CUDA out of memory: out_dtype GEMM not supported"), False),
+    (ValueError("out_dtype not supported"), False),
+])
+def test_which_out_dtype_errors_fall_back(err, unsupported):
+    """Only 'no such overload or kernel' errors fall back to the slab path; OOM and asynchronous CUDA
+    errors (even when their text says 'not supported') propagate."""
+    assert chunking._is_unsupported(err) is unsupported

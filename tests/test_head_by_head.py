@@ -16,7 +16,9 @@ from medusa_liger.kernels import (
     multi_head_linear_cross_entropy,
 )
 from medusa_liger.kernels import fused_linear_cross_entropy as flce
+from medusa_liger.kernels import head_inputs as per_head
 from medusa_liger.kernels.fused_linear_cross_entropy import reentrant_backward
+from medusa_liger.kernels.reference import Teacher
 from tests.test_generate import tiny_backbone
 from tests.utils import DEVICE, assert_rel_close
 
@@ -169,14 +171,18 @@ def test_skip_ignored_reads_every_heads_row_count_in_one_sync(monkeypatch):
     ({"head_weights": [1.0, torch.tensor(0.5)]}, "head_weights must be 2 floats"),
     ({"bias": [None]}, "bias must have one entry per head"),
     ({"skip_ignored": True, "segment_ids": torch.zeros(1, 4, dtype=torch.long)}, "segment_ids must have the shape"),
+    ({"weight": [torch.randn(9, 4)]}, "weight must have one entry per head \\(2\\), got 1"),
+    ({"head_weights": [1.0]}, "head_weights must be 2 floats"),
+    ({"teacher": [None]}, "teacher must have one entry per head \\(2\\), got 1"),
+    ({"params": [torch.randn(4, 4), "w"]}, "params must be tensors"),
 ])
 def test_bad_arguments(kwargs, message):
     head_inputs, params = residual_heads(2, 4, torch.float32, device="cpu")
     w = torch.randn(9, 4)
-    call = {"shifts": [1, 2], **kwargs}
+    call = {"shifts": [1, 2], "weight": [w, w], "params": params, **kwargs}
     with pytest.raises(ValueError, match=message):
-        head_by_head_linear_cross_entropy(torch.randn(1, 5, 4), head_inputs, [w, w], torch.zeros(1, 5, dtype=torch.long),
-                                          call.pop("shifts"), params=params, **call)
+        head_by_head_linear_cross_entropy(torch.randn(1, 5, 4), head_inputs, call.pop("weight"),
+                                          torch.zeros(1, 5, dtype=torch.long), call.pop("shifts"), **call)
 
 
 @pytest.mark.parametrize("mode", ["heads", "joint"])
@@ -247,3 +253,139 @@ def test_the_heads_call_returns_tensors_fsdp_can_see(head_by_head):
     leaves = tree_leaves(seen[0])
     assert len(seen) == 1 and leaves and all(isinstance(t, torch.Tensor) for t in leaves)
     assert any(t is out.loss for t in leaves) and out.loss.requires_grad
+
+
+def test_earlier_heads_activations_are_freed_and_frozen_hidden_gets_no_gradient():
+    """Head k's blocks' saved activations (not just its output) are gone when head k + 1 starts: the
+    summed loss keeps no head's graph. A frozen hidden state is handed to the heads without a gradient."""
+    H, K = 8, 3
+    x = torch.randn(2, 5, H, device=DEVICE)
+    blocks = [torch.nn.Linear(H, H, device=DEVICE) for _ in range(K)]
+    alive: list[weakref.ref] = []
+    hidden_grad: list[bool] = []
+
+    def head(k):
+        def run(h):
+            gc.collect()
+            assert all(ref() is None for ref in alive), f"an earlier head's activation is alive when head {k} starts"
+            hidden_grad.append(h.requires_grad)
+            a = blocks[k](h)  # saved by silu for backward
+            alive.append(weakref.ref(a))
+            return h + F.silu(a)
+        return run
+
+    weights = [torch.randn(11, H, device=DEVICE, requires_grad=True) for _ in range(K)]
+    labels = torch.randint(0, 11, (2, 5), device=DEVICE)
+    params = [p for b in blocks for p in b.parameters()] + weights
+    with force_backend("torch"):
+        out = head_by_head_linear_cross_entropy(x, [head(k) for k in range(K)], weights, labels, [1, 2, 3],
+                                                params=params)
+    out.loss.backward()
+    assert len(alive) == K and hidden_grad == [False] * K and all(p.grad is not None for p in params)
+
+
+@pytest.mark.parametrize("given_counts", [False, True])
+def test_skip_ignored_with_another_ignore_index_and_given_counts(given_counts):
+    """skip_ignored=True counts each head's rows with the caller's ignore_index; K counts given by the
+    caller go one to each head. Both equal the all-heads op (fp64)."""
+    torch.manual_seed(4)
+    B, T, H, V, K = 2, 11, 6, 23, 3
+    x = torch.randn(B, T, H, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    head_inputs, block_params = residual_heads(K, H, torch.float64)
+    weights = [torch.randn(V, H, device=DEVICE, dtype=torch.float64, requires_grad=True) for _ in range(K)]
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    labels[:, :2] = 5  # ignored (as is any other 5): the heads' counts differ
+    args = (labels, [1, 3, 5], [1.0, 0.7, 0.4])
+    options = {"ignore_index": 5, "accum_dtype": torch.float64}
+    wanted = [x, *block_params, *weights]
+    with force_backend("torch"):
+        ref = multi_head_linear_cross_entropy([f(x) for f in head_inputs], weights, *args, **options)
+        ref_grads = all_grads(ref.loss, wanted)
+        skip = flce.valid_target_counts(labels, [1, 3, 5], V, ignore_index=5) if given_counts else True
+        out = head_by_head_linear_cross_entropy(x, head_inputs, weights, *args, params=[*block_params, *weights],
+                                                skip_ignored=skip, **options)
+        grads = all_grads(out.loss, wanted)
+    assert len(set(ref.head_tokens.tolist())) == K
+    assert torch.equal(out.head_tokens, ref.head_tokens) and torch.equal(out.head_accuracy, ref.head_accuracy)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+# The per-head argument parsing both ops share (kernels/head_inputs.py).
+def test_sources_keep_each_repeated_tensor_once():
+    """A list that repeats a tensor (a projection shared by heads 0 and 2) gives it one source, so one
+    gradient buffer and one accumulator; a stacked tensor gives head k its slice k."""
+    a, b = torch.randn(5, 3, device=DEVICE), torch.randn(5, 3, device=DEVICE)
+    srcs, heads = per_head.sources("weight", [a, b, a, b], 4, 2)
+    assert len(srcs) == 2 and srcs[0] is a and srcs[1] is b
+    assert heads == [(0, None), (1, None), (0, None), (1, None)]
+    stacked = torch.randn(3, 5, 3, device=DEVICE)
+    srcs, heads = per_head.sources("weight", stacked, 3, 2)
+    assert len(srcs) == 1 and srcs[0] is stacked and heads == [(0, 0), (0, 1), (0, 2)]
+    srcs, heads = per_head.sources("bias", a[0], 3, 1)  # one tensor shared by every head
+    assert len(srcs) == 1 and srcs[0].shape == (3,) and heads == [(0, None)] * 3
+
+
+def test_head_weights_checks():
+    """Head weights: floats, one float tensor [K] or K one-element float tensors, all on the labels'
+    device, in head order; an integer or misshapen tensor, a mix, or tensors elsewhere are refused."""
+    dev = torch.empty(0, device=DEVICE).device  # "cuda:0", as labels.device reads
+    hw = per_head.as_head_weights([torch.tensor(v, device=dev) for v in (1.0, 0.5, 0.25)], 3, dev)
+    assert hw.tolist() == [1.0, 0.5, 0.25]
+    assert per_head.as_head_weights([1.0, 0.5, 0.25], 3, dev).tolist() == [1.0, 0.5, 0.25]
+    bad = [(torch.tensor([1, 2], device=DEVICE), "float tensor of shape \\[2\\]"),
+           (torch.ones(2, 1, device=DEVICE), "float tensor of shape \\[2\\]"),
+           ([torch.tensor(1.0, device=DEVICE), 0.5], "not a mix"),
+           ([torch.tensor(1.0, device=DEVICE), torch.tensor([0.5, 0.5], device=DEVICE)], "not a mix"),
+           ([torch.tensor(1.0, device="meta"), torch.tensor(0.5, device="meta")], "head_weights tensors must be on")]
+    for value, message in bad:
+        with pytest.raises(ValueError, match=message):
+            per_head.as_head_weights(value, 2, dev)
+
+
+def test_shift_zero_and_its_teacher_offset_zero_are_allowed():
+    """A shift of 0 (labels already aligned) is a valid head, and its teacher may read offset 0 (the
+    only offset in [0, max(shift, 1))); offset 1 is refused there."""
+    assert per_head.check_shifts((0, 2)) == [0, 2] and per_head.check_shifts(range(3)) == [0, 1, 2]
+    h, w = torch.randn(1, 4, 3, device=DEVICE), torch.randn(7, 3, device=DEVICE)
+    (checked,) = per_head.check_teacher([(h, w)], [0], (1, 4, 3), (7, 3), h.device, 0.0)
+    assert checked.offset == 0 and checked.hidden.shape == h.shape
+    with pytest.raises(ValueError, match="teacher\\[0\\] offset must be an int in \\[0, shift = 0\\)"):
+        per_head.check_teacher([Teacher(h, w, offset=1)], [0], (1, 4, 3), (7, 3), h.device, 0.0)
+
+
+def test_teacher_z_loss_refused_only_at_another_temperature():
+    h, w = torch.randn(1, 4, 3, device=DEVICE), torch.randn(7, 3, device=DEVICE)
+    (checked,) = per_head.check_teacher([Teacher(h, w)], [1], (1, 4, 3), (7, 3), h.device, 0.0, z_loss=1e-3)
+    assert checked.temperature == 1.0
+    (checked,) = per_head.check_teacher([Teacher(h, w, temperature=2)], [1], (1, 4, 3), (7, 3), h.device, 0.0)
+    assert checked.temperature == 2.0
+    with pytest.raises(ValueError, match="z_loss must be 0 with a teacher temperature other than 1"):
+        per_head.check_teacher([Teacher(h, w, temperature=2)], [1], (1, 4, 3), (7, 3), h.device, 0.0, z_loss=1e-3)
+
+
+def test_a_frozen_head_beside_trainable_ones():
+    """Heads mode: the frozen backbone's own lm_head (identity input, frozen weight, frozen hidden) is
+    head 0, so its loss has no graph while the next heads' do; it adds to the loss and takes no
+    gradient. Same loss, metrics and gradients as the all-heads op (fp64)."""
+    torch.manual_seed(5)
+    B, T, H, V = 2, 9, 5, 17
+    x = torch.randn(B, T, H, device=DEVICE, dtype=torch.float64)
+    blocks, block_params = residual_heads(2, H, torch.float64)
+    lm_head = torch.randn(V, H, device=DEVICE, dtype=torch.float64)
+    heads = torch.randn(V, H, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    head_inputs, weights = [lambda h: h, *blocks], [lm_head, heads, heads]
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    args = (labels, [1, 2, 3], [1.0, 0.5, 0.25])
+    wanted = [*block_params, heads]
+    with force_backend("torch"):
+        ref = multi_head_linear_cross_entropy([f(x) for f in head_inputs], weights, *args, accum_dtype=torch.float64)
+        out = head_by_head_linear_cross_entropy(x, head_inputs, weights, *args, params=[*block_params, lm_head, heads],
+                                                accum_dtype=torch.float64)
+        ref_grads, grads = all_grads(ref.loss, wanted), all_grads(out.loss, wanted)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.head_losses, ref.head_losses, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.head_tokens, ref.head_tokens) and torch.equal(out.head_accuracy, ref.head_accuracy)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
