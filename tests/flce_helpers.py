@@ -103,3 +103,18 @@ def _compare(out, grads, ref, ref_grads, tol, acc_slack=None):
         else:
             err = ((g.double() - r.double()).norm() / r.double().norm()).item()
             assert err <= tol, f"gradient {i}: relative error {err:.2e}"
+
+
+def record_gemms(monkeypatch) -> list[tuple[tuple[int, ...], torch.dtype, bool]]:
+    """(out shape, out dtype, accumulate) of every GEMM the fused loss's PyTorch path runs, in order."""
+    from medusa_liger.kernels import fused_linear_cross_entropy as flce
+
+    calls = []
+    original = flce._mm_into
+
+    def mm_into(out, a, b, accumulate, rows_per_call=None):
+        calls.append((tuple(out.shape), out.dtype, accumulate))
+        return original(out, a, b, accumulate, rows_per_call)
+
+    monkeypatch.setattr(flce, "_mm_into", mm_into)
+    return calls

@@ -159,7 +159,20 @@ def test_mm_into_slab_fallback_over_several_slabs(monkeypatch, accumulate):
     b = torch.randn(7, 3, generator=g).to(DEVICE, torch.bfloat16)
     start = torch.randn(5, 3, generator=g).to(DEVICE)
     out = start.clone() if accumulate else torch.full((5, 3), float("nan"), device=DEVICE)
-    chunking.mm_into(out, a, b, accumulate)
+
+    class SlabRows(torch.overrides.TorchFunctionMode):  # the rows of each product mm_into runs
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__matmul__", "matmul"):
+                self.rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    with SlabRows() as spy:
+        chunking.mm_into(out, a, b, accumulate)
+    assert spy.rows == [2, 2, 1]
     want = a.double() @ b.double() + (start.double() if accumulate else 0)
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
 

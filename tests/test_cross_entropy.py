@@ -431,18 +431,21 @@ def _row_reference(x, labels, *, ignore_index=-100, label_smoothing=0.0, z_loss=
     return rows.detach(), lse.detach(), correct, y.grad
 
 
-def _tied_rows(V=1100):
-    """Rows whose maxima tie or step down across the interpreter's 512-column blocks, plus ignored rows
-    whose argmax is column 0 (their target is read as 0): the first argmax and the valid mask decide."""
+def _tied_rows():
+    """Rows whose maxima tie or step down across the row kernel's column blocks (sized from this device's
+    block: 512 columns in the interpreter, 8192 on a GPU), plus ignored rows whose argmax is column 0
+    (their target is read as 0): the first argmax and the valid mask decide."""
+    block = launch_config(1 << 20, DEVICE)[0]
+    V = 2 * block + 76  # three blocks, the last one partial
     g = torch.Generator().manual_seed(3)
     x = torch.randn(7, V, generator=g, dtype=torch.float64)
-    x[0, [5, 700]] = 9.0  # a tie across blocks: the first one is the argmax
-    x[1, [600, 1050]] = 9.0  # a tie between blocks 1 and 2
-    x[2, 3], x[2, 1060] = 9.0, 7.0  # block maxima 9, ~3, 7: the later, smaller block max is no argmax
+    x[0, [5, block + 188]] = 9.0  # a tie across blocks: the first one is the argmax
+    x[1, [block + 88, 2 * block + 26]] = 9.0  # a tie between blocks 1 and 2
+    x[2, 3], x[2, 2 * block + 36] = 9.0, 7.0  # block maxima 9, ~3, 7: the later, smaller block max is no argmax
     x[3, 0] = 9.0  # ignored row (ignore_index) whose argmax is column 0
     x[4, 0] = 9.0  # out-of-range label (the GPU's ignored row) whose argmax is column 0
     x[5, [100, 101]] = 9.0  # a tie inside one block
-    labels = torch.tensor([700, 1050, 1060, -100, V, 101, 17])
+    labels = torch.tensor([block + 188, 2 * block + 26, 2 * block + 36, -100, V, 101, 17])
     labels[6] = int(x[6].argmax())
     return x.float().to(DEVICE), labels.to(DEVICE)
 
@@ -501,10 +504,13 @@ def test_an_ignored_row_of_only_neg_inf_logits_has_loss_and_gradient_zero(backen
     assert out[1] == 0 and torch.equal(xx.grad[1], torch.zeros(37, device=DEVICE))
     assert not xx.grad.isnan().any()
     assert_close(out.sum(), ref, torch.float32, "loss")
+    _, _, _, ref_grad = _row_reference(x[[0, 2]], labels[[0, 2]], z_loss=1e-3)
+    assert_close(xx.grad[[0, 2]], ref_grad, torch.float32, "grad")
 
 
 def test_persistent_grid_with_fewer_rows_than_programs_stays_inside_its_rows(monkeypatch):
-    """3 rows on a grid of 4 programs (1 per SM of the interpreter's 4): no program may touch a 4th row."""
+    """3 rows with 1 program per SM (the interpreter stands in 4 SMs): the grid is capped at the rows
+    (min(rows, programs)), so no program writes the 4th row of the buffer the rows are a view of."""
     ce = importlib.import_module("medusa_liger.kernels.cross_entropy")
     monkeypatch.setattr(ce, "PERSISTENT_PROGRAMS_PER_SM", 1)
     V = 123
@@ -550,9 +556,7 @@ def test_option_edges():
         cross_entropy(x, labels.to("meta"))
 
 
-def test_launch_config_blocks_are_the_next_power_of_two_capped():
+def test_next_power_of_two():
     from medusa_liger.kernels.utils import next_power_of_2
 
     assert [next_power_of_2(n) for n in (1, 2, 3, 512, 513)] == [1, 2, 4, 512, 1024]
-    cpu = torch.device("cpu")
-    assert [launch_config(n, cpu) for n in (4, 123, 1100)] == [(4, 4), (128, 4), (512, 4)]

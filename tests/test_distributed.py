@@ -74,7 +74,11 @@ def finish(process: subprocess.Popen, timeout: float = 240) -> str:
     except subprocess.TimeoutExpired:
         # SIGTERM: torchrun stops its ranks (each in a session of its own) before it exits itself.
         process.terminate()
-        output, _ = process.communicate(timeout=60)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # torchrun itself stuck: killed, so that this call returns
+            process.kill()
+            output, _ = process.communicate()
         raise AssertionError(f"still running after {timeout} s, stopped:\n{output[-4000:]}") from None
     assert process.returncode == 0, output[-4000:]
     return output

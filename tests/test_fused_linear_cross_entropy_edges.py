@@ -20,7 +20,7 @@ from medusa_liger.kernels.reference import (
     multi_head_linear_cross_entropy_reference as reference,
 )
 from medusa_liger.kernels.utils import force_backend
-from tests.flce_helpers import TOL, _compare, _problem, _run
+from tests.flce_helpers import TOL, _compare, _problem, _run, record_gemms
 from tests.utils import DEVICE, HAS_CUDA, rel_norm_error
 
 
@@ -135,24 +135,15 @@ def test_skip_ignored_when_no_head_has_a_valid_target(backend, chunk_size):
     assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
-def _record_gemms(monkeypatch):
-    calls = []
-    original = flce._mm_into
-    monkeypatch.setattr(flce, "_mm_into", lambda out, a, b, accumulate, rows_per_call=None: (
-        calls.append((tuple(out.shape), out.dtype, accumulate)), original(out, a, b, accumulate, rows_per_call))[1])
-    return calls
-
-
 @pytest.mark.parametrize(("param_dtype", "accum_dtype", "want"), [
     (torch.float32, torch.float64, torch.float64),   # a wider accumulator is honoured
     (torch.float32, torch.bfloat16, torch.float32),  # never narrower than the compute dtype
-    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, None, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # (None and fp32: test_weight_gradient_accumulator_dtype)
 ])
 def test_weight_accumulator_is_accum_dtype_promoted_with_the_compute_dtype(monkeypatch, param_dtype, accum_dtype,
                                                                            want):
     """The dW accumulator over chunks (CPU tensors: the torch path's GEMMs are observable)."""
-    calls = _record_gemms(monkeypatch)
+    calls = record_gemms(monkeypatch)
     h, w, labels = _small(6, H=16, V=40, dtype=param_dtype, device="cpu")
     with force_backend("torch"):
         multi_head_linear_cross_entropy(h, w, labels, [1], accum_dtype=accum_dtype, chunk_size=4).loss.backward()
@@ -173,7 +164,7 @@ def test_fp64_parameters_stay_exact_with_a_narrow_accum_dtype(accum_dtype):
 def test_bf16_sums_over_heads_and_chunks_accumulate_in_fp32(monkeypatch):
     """A hidden read by two heads accumulates its gradient in fp32 (not in bf16), and a projection shared by
     two heads of one chunk each accumulates dW in fp32 too (only a lone single-chunk head writes it directly)."""
-    calls = _record_gemms(monkeypatch)
+    calls = record_gemms(monkeypatch)
     h, w, labels = _small(8, H=16, V=40, dtype=torch.bfloat16, device="cpu")
     with force_backend("torch"):
         multi_head_linear_cross_entropy(h, w, labels, [1, 2], chunk_size=64).loss.backward()
@@ -191,7 +182,7 @@ def test_bf16_sums_over_heads_and_chunks_accumulate_in_fp32(monkeypatch):
 def test_no_grad_does_no_gradient_work(monkeypatch):
     """Under torch.no_grad (evaluation) the leaves' requires_grad must not start the dh/dW GEMMs or the row
     kernel's gradient pass; the loss is the same."""
-    calls = _record_gemms(monkeypatch)
+    calls = record_gemms(monkeypatch)
     write_grad = []
     original = flce.ce_rows
     monkeypatch.setattr(flce, "ce_rows", lambda *a, **k: (write_grad.append(k["write_grad"]), original(*a, **k))[1])
@@ -232,7 +223,7 @@ def test_bad_inputs_are_refused_by_name():
 def test_hidden_without_grad_does_no_hidden_gradient_work(monkeypatch, shared_hidden):
     """A hidden state without grad (a frozen backbone's output) still gives the projection its exact
     gradient, and no dh GEMM [rows, H] runs (only logits [rows, V] and dW [V, H])."""
-    calls = _record_gemms(monkeypatch)
+    calls = record_gemms(monkeypatch)
     h, w, labels = _small(10, K=3, shared_hidden=shared_hidden, device="cpu")
     h.requires_grad_(False)
     problem = (h, w, labels, [0, 1, 2], [1.0, 0.7, 0.4], dict(bias=None, label_smoothing=0.1))

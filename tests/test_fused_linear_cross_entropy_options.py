@@ -16,7 +16,7 @@ from medusa_liger.kernels.reference import (
     multi_head_linear_cross_entropy_reference as reference,
 )
 from medusa_liger.kernels.utils import force_backend
-from tests.flce_helpers import TOL, _compare, _leaves, _problem, _run
+from tests.flce_helpers import TOL, _compare, _leaves, _problem, _run, record_gemms
 from tests.utils import DEVICE, assert_rel_close
 
 
@@ -41,23 +41,18 @@ def test_frozen_weight_and_hidden_without_grad():
 
 def test_frozen_projection_does_no_weight_gradient_work(monkeypatch):
     """Only the hidden-gradient GEMM runs per chunk (4NHV FLOPs, not 6NHV) for a frozen weight."""
-    import medusa_liger.kernels.fused_linear_cross_entropy as flce
-
-    shapes = []
-    original = flce._mm_into
-    monkeypatch.setattr(flce, "_mm_into", lambda out, a, b, accumulate, rows_per_call=None: (
-        shapes.append(tuple(out.shape)), original(out, a, b, accumulate, rows_per_call)))
+    calls = record_gemms(monkeypatch)
     h = torch.randn(2, 6, 8, requires_grad=True)
     w = torch.randn(30, 8)
     with force_backend("torch"):
         multi_head_linear_cross_entropy(h, w, torch.randint(0, 30, (2, 6)), [1, 2], chunk_size=5).loss.backward()
     # Logits [rows, V] and hidden gradients [rows, H] only, no [V, H] weight-gradient GEMM.
-    assert shapes and all(shape[0] <= 5 and shape[1] in (8, 30) for shape in shapes)
-    shapes.clear()
+    assert calls and all(shape[0] <= 5 and shape[1] in (8, 30) for shape, _, _ in calls)
+    calls.clear()
     w.requires_grad_(True)
     with force_backend("torch"):
         multi_head_linear_cross_entropy(h, w, torch.randint(0, 30, (2, 6)), [1, 2], chunk_size=5).loss.backward()
-    assert (30, 8) in shapes
+    assert (30, 8) in [shape for shape, _, _ in calls]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -110,10 +105,7 @@ def test_bf16_parameters_and_accumulation_dtypes_cpu(accum_dtype):
 def test_weight_gradient_accumulator_dtype(monkeypatch, accum_dtype):
     """fp32 accumulates over chunks in an fp32 buffer; None accumulates in the bf16 gradient itself,
     the first chunk's GEMM writing it (no zero fill), later ones adding to it."""
-    calls = []
-    original = flce._mm_into
-    monkeypatch.setattr(flce, "_mm_into", lambda out, a, b, accumulate, rows_per_call=None: (
-        calls.append((tuple(out.shape), out.dtype, accumulate)), original(out, a, b, accumulate, rows_per_call))[1])
+    calls = record_gemms(monkeypatch)
     h = torch.randn(2, 9, 16, dtype=torch.bfloat16)
     w = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
     with force_backend("torch"):

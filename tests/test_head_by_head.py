@@ -367,7 +367,7 @@ def test_teacher_z_loss_refused_only_at_another_temperature():
 
 def test_a_frozen_head_beside_trainable_ones():
     """Heads mode: the frozen backbone's own lm_head (identity input, frozen weight, frozen hidden) is
-    head 0, so its loss has no graph while the next heads' do; it adds to the loss and takes no
+    head 0, whose loss has no graph while the next heads' do; it adds to the loss and takes no
     gradient. Same loss, metrics and gradients as the all-heads op (fp64)."""
     torch.manual_seed(5)
     B, T, H, V = 2, 9, 5, 17

@@ -189,10 +189,11 @@ def test_rms_norm_fp16_input_rounds_like_hf(backend):
     y_hf = hf(x_hf)
     y_hf.backward(dy)
     assert y.dtype == y_hf.dtype == torch.float32 and x.grad.dtype == torch.float16
-    # Unrounded n is off by up to 2^-11 relative everywhere (~2e-4 in norm); rounded n agrees but for
-    # rare one-ulp fp16 flips where the kernel's 1 / sqrt and torch.rsqrt differ in the last fp32 bit.
-    assert rel_norm_error(y, y_hf) < 4e-5, rel_norm_error(y, y_hf)
-    assert rel_norm_error(weight.grad, hf.weight.grad) < 4e-5, rel_norm_error(weight.grad, hf.weight.grad)
+    # Unrounded n differs from HF's in almost every element (by up to 2^-11 relative, ~2e-4 in norm);
+    # rounded n agrees but for rare one-ulp fp16 flips where the kernel's 1 / sqrt and torch.rsqrt
+    # differ in the last fp32 bit (under 0.1% of the elements).
+    assert (y != y_hf).float().mean() < 0.02, (y != y_hf).float().mean()
+    assert rel_norm_error(weight.grad, hf.weight.grad) < 1e-4, rel_norm_error(weight.grad, hf.weight.grad)
     assert_close(x.grad, x_hf.grad.double(), torch.float16, "dx")
 
 

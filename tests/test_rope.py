@@ -282,5 +282,5 @@ def test_rope_more_bad_inputs():
         apply_rotary_pos_emb(q, torch.randn(2, 1, 3, 6), cos, sin)  # head dim
     with pytest.raises(ValueError, match="cos must have shape"):
         apply_rotary_pos_emb(q, k, torch.randn(2, 4, 8), torch.randn(2, 4, 8))  # more positions than q
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match=r"config\['heads'\] must be a power of two >= 1, got 0"):
         RoPEFunction.apply(q, k, cos, sin, {"heads": 0})

@@ -1330,7 +1330,7 @@ def test_the_tiny_models_seed_is_fixed_only_where_unsaved_weights_come_from_it(o
 
 
 def test_a_hub_tokenizer_without_a_pad_token_pads_with_its_end_token(tmp_path):
-    """Llama 3's tokenizer has no pad token: the run (and the tokenizer it exports) pads with EOS."""
+    """Llama 3's tokenizer has no pad token: the run pads with EOS (the tokenizer a run exports is this one)."""
     from transformers import AutoTokenizer
 
     from medusa_liger.train.build import build_tokenizer_and_backbone
