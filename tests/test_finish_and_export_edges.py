@@ -1,13 +1,11 @@
-"""Edges of a run's end (summary numbers, final/ exports), of `medusa-liger export` from a checkpoint,
-of the metrics logger (wandb ids and steps) and of the plot's curves."""
+"""Edges of a run's end (summary numbers, final/ exports) and of `medusa-liger export` from a checkpoint.
+(The metrics logger's and the plot's are in test_train.py, beside their fakes.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -110,31 +108,6 @@ def test_a_joint_run_on_a_saved_backbone_exports_the_backbone_it_trained(tmp_pat
     assert "export.backbone=never" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("interrupt_at", [5, 6])
-def test_an_export_interrupted_after_placing_some_new_entries_leaves_the_earlier_one_whole(
-        tmp_path, monkeypatch, interrupt_at):
-    """Renames 1-3 set the earlier entries aside, 4-6 place the new ones: an interrupt after a new entry is
-    placed must take it back out too (the earlier tests stop at the first placement)."""
-    extra = ["train.steps=1", "checkpoint.every=0", "data.eval_fraction=0"]
-    train(short_config(tmp_path, *extra))
-    final = tmp_path / "final"
-    before = {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()}
-    rename, count = Path.rename, [0]
-
-    def interrupted_rename(self, target):
-        if ".export-" in f"{self}{target}":
-            count[0] += 1
-            if count[0] == interrupt_at:
-                raise KeyboardInterrupt
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", interrupted_rename)
-    with pytest.raises(KeyboardInterrupt):
-        train(short_config(tmp_path, *extra, "train.seed=5"))
-    assert {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()} == before
-    assert not list(final.glob(".export-*"))
-
-
 def test_no_new_entry_goes_into_final_before_every_earlier_one_is_aside(tmp_path, monkeypatch):
     """A hard kill (no rollback) between the renames must never leave new heads beside an old backbone."""
     extra = ["train.steps=1", "checkpoint.every=0", "data.eval_fraction=0"]
@@ -192,124 +165,3 @@ def test_a_bf16_joint_checkpoint_exports_its_backbone_in_the_serving_dtype(tmp_p
     assert {t.dtype for t in load_file(str(backbone / "model.safetensors")).values()} == {torch.bfloat16}
     config = json.loads((backbone / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
-
-
-# The metrics logger
-# ------------------
-
-
-class _Run:
-    def __init__(self, resume_id):
-        self.id, self.logged, self.summary = resume_id or "new", [], {}
-
-    def log(self, record, step):
-        self.logged.append((step, record))
-
-    def finish(self, exit_code=None):
-        pass
-
-
-def test_the_logger_sends_wandb_each_step_and_the_summary(tmp_path, monkeypatch):
-    from medusa_liger.train import logging as train_logging
-
-    monkeypatch.setattr(train_logging, "init_wandb", lambda *args: _Run(args[-1]))
-    with train_logging.MetricsLogger(tmp_path, 5, 0, wandb_mode="offline", wandb_project="p", run_name="r",
-                                     config={}, progress=False, every=1) as logger:
-        logger.log(3, {"loss": 1.5, "acc/head0": 0.5})
-        logger.summary({"final_loss": 1.5})
-    assert logger.wandb.logged == [(3, {"step": 3, "loss": 1.5, "acc/head0": 0.5})]
-    assert logger.wandb.summary == {"final_loss": 1.5}
-
-
-def test_init_wandb_continues_the_run_it_is_given(tmp_path, monkeypatch):
-    from medusa_liger.train.logging import init_wandb
-
-    calls = []
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: calls.append(kw) or "run"))
-    assert init_wandb("offline", "p", "n", {}, tmp_path / "w", "abc") == "run"
-    assert calls[-1]["id"] == "abc" and calls[-1]["resume"] == "allow" and calls[-1]["mode"] == "offline"
-    assert calls[-1]["dir"] == str(tmp_path / "w") and (tmp_path / "w").is_dir()
-    init_wandb("online", "p", "n", {}, tmp_path / "w", None)
-    assert calls[-1]["id"] is None and calls[-1]["resume"] is None
-    assert init_wandb("disabled", "p", "n", {}, tmp_path / "w", "abc") is None and len(calls) == 2
-
-
-def test_the_wandb_step_record_keeps_every_run(tmp_path, monkeypatch):
-    """A second wandb run's record must not drop the first's: a later resume from a checkpoint that names the
-    first run (metrics.jsonl cut back below what it logged) would continue it and lose its new steps."""
-    from medusa_liger.train import logging as train_logging
-
-    monkeypatch.setattr(train_logging, "init_wandb", lambda *args: _Run(args[-1]))
-    (tmp_path / ".wandb_steps.json").write_text(json.dumps({"old": 7}))
-    _write_records(tmp_path / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in (1, 2, 3)])
-    train_logging.MetricsLogger(tmp_path, 10, 3, wandb_mode="offline", wandb_project="p", run_name="r", config={},
-                                progress=False, every=1, wandb_id="abc", rewound=True).close()
-    assert json.loads((tmp_path / ".wandb_steps.json").read_text()) == {"old": 7, "abc": 3}
-    # The first run's record still says it logged step 7: a rewound resume to step 3 starts a new wandb run.
-    with train_logging.MetricsLogger(tmp_path, 10, 3, wandb_mode="offline", wandb_project="p", run_name="r",
-                                     config={}, progress=False, every=1, wandb_id="old", rewound=True) as logger:
-        pass
-    assert logger.wandb.id == "new"
-
-
-def test_highest_step_of_an_empty_metrics_file_is_zero(tmp_path):
-    from medusa_liger.train.logging import highest_step
-
-    (tmp_path / "metrics.jsonl").write_text("")
-    assert highest_step(tmp_path / "metrics.jsonl") == 0
-    assert highest_step(tmp_path / "missing.jsonl") == 0
-
-
-# The plot
-# --------
-
-
-def test_smoothing_is_a_trailing_mean_over_the_points_so_far():
-    from medusa_liger.train.plot import _smooth
-
-    assert _smooth([1.0, 2.0, 3.0, 4.0, 8.0], 2) == [1.0, 1.5, 2.5, 3.5, 6.0]
-    assert _smooth([4.0, 2.0], 5) == [4.0, 3.0]
-
-
-def _drawn(monkeypatch, path: Path, records, baseline=None):
-    """[(label, xs, ys, marker)] of every Axes.plot call, and the y of every horizontal line."""
-    import matplotlib.axes
-
-    from medusa_liger.train.plot import plot_metrics
-
-    calls, hlines = [], []
-    plot, axhline = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.axhline
-
-    def recording_plot(self, *args, **kwargs):
-        calls.append((kwargs.get("label"), list(args[0]), list(args[1]), kwargs.get("marker")))
-        return plot(self, *args, **kwargs)
-
-    def recording_axhline(self, y=0, *args, **kwargs):
-        hlines.append(y)
-        return axhline(self, y, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
-    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", recording_axhline)
-    plot_metrics(records, path, baseline=baseline)
-    return calls, hlines
-
-
-def test_the_plot_draws_smoothed_curves_held_out_markers_and_the_baseline(monkeypatch, tmp_path):
-    from medusa_liger.train.plot import _smooth
-
-    records = [{"step": s, "loss": float(s % 7), "acc/head0": 0.1, "loss/head0": 1.0} for s in range(1, 101)]
-    records[49]["eval/acc/head0"] = 0.42  # a held-out evaluation at step 50
-    records[49]["eval/loss/head0"] = 3.5
-    calls, hlines = _drawn(monkeypatch, tmp_path / "one.png", records, baseline=0.3)
-    total = next(c for c in calls if c[0] == "total loss")
-    assert total[1] == list(range(1, 101)) and total[2] == _smooth([float(s % 7) for s in range(1, 101)], 2)
-    unlabeled = [(xs, ys) for label, xs, ys, _ in calls if label is None]
-    assert ([50], [0.42]) in unlabeled and ([50], [3.5]) in unlabeled
-    assert hlines == [0.3]
-    # Two points are drawn with markers too; heads in their order (head10 after head9).
-    heads = {f"acc/head{k}": 0.5 for k in range(11)}
-    two_points = [{"step": 1, "loss": 1.0, **heads}, {"step": 2, "loss": 1.0, **heads}]
-    calls, _ = _drawn(monkeypatch, tmp_path / "two.png", two_points)
-    labels = [label for label, *_ in calls if label and label.startswith("head ")]
-    assert labels == [f"head {k} (t+{k + 2})" for k in range(11)]
-    assert all(marker == "o" for label, _, _, marker in calls if label)

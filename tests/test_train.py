@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
+import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -780,10 +781,11 @@ def test_lora_on_embeddings_tied_to_lm_head_is_a_config_error():
                  teacher=False)
 
 
-@pytest.mark.parametrize("interrupt_at", [1, 2, 3, 4])
+@pytest.mark.parametrize("interrupt_at", [1, 2, 3, 4, 5, 6])
 def test_an_interrupted_export_leaves_the_earlier_one_whole(tmp_path, monkeypatch, interrupt_at):
     """The swap into final/ went one entry at a time: an interrupt between its renames left heads without
-    a backbone, or this run's heads beside the earlier run's backbone."""
+    a backbone, or this run's heads beside the earlier run's backbone. Renames 1-3 set the earlier entries
+    aside, 4-6 place the new ones: an interrupt after a new entry is placed takes it back out too."""
     train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0", "data.eval_fraction=0"))
     final = tmp_path / "final"
     before = {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()}
@@ -800,6 +802,7 @@ def test_an_interrupted_export_leaves_the_earlier_one_whole(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         train(short_config(tmp_path, "train.steps=2", "checkpoint.every=0", "data.eval_fraction=0", "train.seed=5"))
     assert {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()} == before
+    assert not list(final.glob(".export-*"))
 
 
 def test_a_deletion_cut_short_leaves_whole_checkpoints_and_no_later_step(tmp_path, monkeypatch):
@@ -986,41 +989,54 @@ def test_a_checkpoint_from_before_the_ranks_were_compared_notes_them_too(tmp_pat
     assert "data-parallel ranks 8 -> 1" in capsys.readouterr().err
 
 
-def _plotted(monkeypatch, records) -> dict[str, tuple[int, str | None]]:
-    """{label: (number of points, marker)} of the training curves plot_metrics draws for ``records``."""
+def _drawn(monkeypatch, path: Path, records, baseline=None):
+    """[(label, xs, ys, marker)] of every Axes.plot call plot_metrics makes for ``records``, and the y of
+    every horizontal line."""
     import matplotlib.axes
 
     from medusa_liger.train.plot import plot_metrics
 
-    drawn, plot = {}, matplotlib.axes.Axes.plot
+    calls, hlines = [], []
+    plot, axhline = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.axhline
 
     def recording_plot(self, *args, **kwargs):
-        if "label" in kwargs:
-            drawn[kwargs["label"]] = (len(args[0]), kwargs.get("marker"))
+        calls.append((kwargs.get("label"), list(args[0]), list(args[1]), kwargs.get("marker")))
         return plot(self, *args, **kwargs)
 
+    def recording_axhline(self, y=0, *args, **kwargs):
+        hlines.append(y)
+        return axhline(self, y, *args, **kwargs)
+
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
-    plot_metrics(records, Path(tempfile.mkdtemp()) / "plot.png")
-    return drawn
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", recording_axhline)
+    plot_metrics(records, path, baseline=baseline)
+    return calls, hlines
 
 
-def test_the_plot_draws_curves_that_start_partway_and_single_points(monkeypatch):
+def _plotted(monkeypatch, path: Path, records) -> dict[str, tuple[int, str | None]]:
+    """{label: (number of points, marker)} of the training curves plot_metrics draws for ``records``."""
+    calls, _ = _drawn(monkeypatch, path, records)
+    return {label: (len(xs), marker) for label, xs, _, marker in calls if label is not None}
+
+
+def test_the_plot_draws_curves_that_start_partway_and_single_points(monkeypatch, tmp_path):
     """A joint run's LM curves start after its heads-only stage: they were left out of the plot. A one-step
     run drew lines of one point, which are invisible."""
     heads = {"loss": 2.0, "loss/head0": 2.0, "acc/head0": 0.1}
     records = [{"step": 1, **heads}, {"step": 2, **heads},
                {"step": 3, **heads, "lm_loss": 1.0, "acc/lm": 0.5}, {"step": 4, **heads, "lm_loss": 0.9, "acc/lm": 0.6}]
-    drawn = _plotted(monkeypatch, records)
+    drawn = _plotted(monkeypatch, tmp_path / "plot.png", records)
     assert drawn["backbone LM loss"][0] == drawn["backbone (t+1)"][0] == 2 and drawn["total loss"] == (4, None)
-    assert _plotted(monkeypatch, records[:1])["head 0 (t+2)"] == (1, "o")
+    assert _plotted(monkeypatch, tmp_path / "plot.png", records[:1])["head 0 (t+2)"] == (1, "o")
 
 
 class _FakeWandbRun:
     def __init__(self, resume_id):
         self.id, self.resume_id, self.exit_code, self.summary = resume_id or "new", resume_id, None, {}
+        self.logged: list[tuple[int, dict]] = []
 
     def log(self, record, step):
-        pass
+        self.logged.append((step, record))
 
     def finish(self, exit_code=None):
         self.exit_code = exit_code
@@ -1075,6 +1091,76 @@ def test_a_resume_that_trains_logged_steps_anew_logs_to_a_new_wandb_run(monkeypa
     with _logger(monkeypatch, tmp_path, start_step=3, wandb_id="xyz", rewound=True) as logger:
         pass
     assert logger.wandb.resume_id is None
+
+
+def test_the_logger_sends_wandb_each_step_and_the_summary(tmp_path, monkeypatch):
+    with _logger(monkeypatch, tmp_path) as logger:
+        logger.log(3, {"loss": 1.5, "acc/head0": 0.5})
+        logger.summary({"final_loss": 1.5})
+    assert logger.wandb.logged == [(3, {"step": 3, "loss": 1.5, "acc/head0": 0.5})]
+    assert logger.wandb.summary == {"final_loss": 1.5}
+
+
+def test_init_wandb_continues_the_run_it_is_given(tmp_path, monkeypatch):
+    from medusa_liger.train.logging import init_wandb
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: calls.append(kw) or "run"))
+    assert init_wandb("offline", "p", "n", {}, tmp_path / "w", "abc") == "run"
+    assert calls[-1]["id"] == "abc" and calls[-1]["resume"] == "allow" and calls[-1]["mode"] == "offline"
+    assert calls[-1]["dir"] == str(tmp_path / "w") and (tmp_path / "w").is_dir()
+    init_wandb("online", "p", "n", {}, tmp_path / "w", None)
+    assert calls[-1]["id"] is None and calls[-1]["resume"] is None
+    assert init_wandb("disabled", "p", "n", {}, tmp_path / "w", "abc") is None and len(calls) == 2
+
+
+def test_the_wandb_step_record_keeps_every_run(tmp_path, monkeypatch):
+    """A second wandb run's record must not drop the first's: a later resume from a checkpoint that names the
+    first run (metrics.jsonl cut back below what it logged) would continue it and lose its new steps."""
+    (tmp_path / ".wandb_steps.json").write_text(json.dumps({"old": 7}))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    _logger(monkeypatch, tmp_path, start_step=3, wandb_id="abc", rewound=True).close()
+    assert json.loads((tmp_path / ".wandb_steps.json").read_text()) == {"old": 7, "abc": 3}
+    # The first run's record still says it logged step 7: a rewound resume to step 3 starts a new wandb run.
+    with _logger(monkeypatch, tmp_path, start_step=3, wandb_id="old", rewound=True) as logger:
+        pass
+    assert logger.wandb.id == "new"
+
+
+def test_highest_step_of_an_empty_metrics_file_is_zero(tmp_path):
+    from medusa_liger.train.logging import highest_step
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert highest_step(tmp_path / "metrics.jsonl") == 0
+    assert highest_step(tmp_path / "missing.jsonl") == 0
+
+
+def test_smoothing_is_a_trailing_mean_over_the_points_so_far():
+    from medusa_liger.train.plot import _smooth
+
+    assert _smooth([1.0, 2.0, 3.0, 4.0, 8.0], 2) == [1.0, 1.5, 2.5, 3.5, 6.0]
+    assert _smooth([4.0, 2.0], 5) == [4.0, 3.0]
+
+
+def test_the_plot_draws_smoothed_curves_held_out_markers_and_the_baseline(monkeypatch, tmp_path):
+    from medusa_liger.train.plot import _smooth
+
+    records = [{"step": s, "loss": float(s % 7), "acc/head0": 0.1, "loss/head0": 1.0} for s in range(1, 101)]
+    records[49]["eval/acc/head0"] = 0.42  # a held-out evaluation at step 50
+    records[49]["eval/loss/head0"] = 3.5
+    calls, hlines = _drawn(monkeypatch, tmp_path / "one.png", records, baseline=0.3)
+    total = next(c for c in calls if c[0] == "total loss")
+    assert total[1] == list(range(1, 101)) and total[2] == _smooth([float(s % 7) for s in range(1, 101)], 2)
+    unlabeled = [(xs, ys) for label, xs, ys, _ in calls if label is None]
+    assert ([50], [0.42]) in unlabeled and ([50], [3.5]) in unlabeled
+    assert hlines == [0.3]
+    # Two points are drawn with markers too; heads in their order (head10 after head9).
+    heads = {f"acc/head{k}": 0.5 for k in range(11)}
+    two_points = [{"step": 1, "loss": 1.0, **heads}, {"step": 2, "loss": 1.0, **heads}]
+    calls, _ = _drawn(monkeypatch, tmp_path / "two.png", two_points)
+    labels = [label for label, *_ in calls if label and label.startswith("head ")]
+    assert labels == [f"head {k} (t+{k + 2})" for k in range(11)]
+    assert all(marker == "o" for label, _, _, marker in calls if label)
 
 
 def test_a_resume_from_an_older_checkpoint_under_the_same_settings_continues_its_wandb_run(tmp_path, monkeypatch):
