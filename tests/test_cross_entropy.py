@@ -414,21 +414,19 @@ def test_the_pytorch_paths_row_steps_keep_each_rows_target(monkeypatch):
     torch.testing.assert_close(got, want)
 
 
-def _row_reference(x, labels, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, scale=None):
-    """fp64 per-row (loss, lse, correct, gradient * scale) of ce_rows on [N, V] logits; rows whose label is
-    ignore_index or outside [0, V) are ignored (loss 0, correct 0, gradient 0)."""
+def _row_reference(x, labels, *, ignore_index=-100, scale=None, **options):
+    """fp64 per-row (loss, lse, correct, gradient * scale) of ce_rows on [N, V] logits (``reference``'s
+    rows); rows whose label is ignore_index or outside [0, V) are ignored (loss 0, correct 0, gradient 0)."""
     V = x.shape[1]
     valid = (labels != ignore_index) & (labels >= 0) & (labels < V)
-    target = torch.where(valid, labels, torch.zeros_like(labels))
     y = x.double().requires_grad_()
-    yc = y if softcap is None else softcap * torch.tanh(y / softcap)
-    rows = F.cross_entropy(yc, target, label_smoothing=label_smoothing, reduction="none")
-    lse = torch.logsumexp(yc, -1)
-    rows = torch.where(valid, rows + z_loss * lse.square(), torch.zeros_like(rows))
+    rows, lse = reference(y, torch.where(valid, labels, ignore_index), ignore_index=ignore_index, reduction="none",
+                          **options)
     factor = torch.ones(len(labels), dtype=torch.float64) if scale is None else scale.double().expand(len(labels))
     (rows * factor.to(rows.device)).sum().backward()
-    correct = (yc.argmax(-1) == target) & valid
-    return rows.detach(), lse.detach(), correct, y.grad
+    softcap = options.get("softcap")
+    top = (y if softcap is None else softcap * torch.tanh(y / softcap)).argmax(-1)
+    return rows.detach(), lse.detach(), (top == labels) & valid, y.grad
 
 
 def _tied_rows():
