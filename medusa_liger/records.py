@@ -129,6 +129,27 @@ def load_json_list(path: Path, must: str) -> list:
     return loaded
 
 
+def load_hub_dataset(path: str, split: str, key: str = "data.paths"):
+    """Split ``split`` of the hub dataset ``path`` through ``datasets`` (imported only here; network unless
+    it is cached); a ValueError naming ``key`` where it cannot be loaded."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{key}: {path!r} is not a local file and `datasets` is not installed") from None
+    try:
+        return datasets.load_dataset(path, split=split)
+    except Exception as error:  # noqa: BLE001 - surface the loader's reason with the name
+        raise ValueError(f"{key}: could not load dataset {path!r} split {split!r}: {error}") from error
+
+
+def hub_dataset_version(path: str, split: str) -> str:
+    """What identifies the data of a hub dataset's split as loaded now: ``datasets``' fingerprint of it
+    (from its cache directory, which the files of a revision decide; for data in memory, its content), or
+    its cache files' names where a dataset has no fingerprint."""
+    dataset = load_hub_dataset(path, split)
+    return str(getattr(dataset, "_fingerprint", None) or json.dumps(dataset.cache_files, sort_keys=True))
+
+
 def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
                      key: str = "data.paths") -> Iterator[tuple[str, Any]]:
     """(where, record) for every record of one source; malformed lines are failed or skipped.
@@ -143,15 +164,7 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
     if local is None and (looks_like_local_path(path) or Path(path).exists()):
         raise ValueError(f"{key}: file {path!r} does not exist")
     if local is None:
-        # A hub dataset name: needs `datasets` (and network unless it is cached).
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(f"{key}: {path!r} is not a local file and `datasets` is not installed") from None
-        try:
-            dataset = datasets.load_dataset(path, split=split)
-        except Exception as error:  # noqa: BLE001 - surface the loader's reason with the name
-            raise ValueError(f"{key}: could not load dataset {path!r} split {split!r}: {error}") from error
+        dataset = load_hub_dataset(path, split, key)
         for i, record in enumerate(dataset):
             yield f"{path}[{split}] row {i}", record
         return

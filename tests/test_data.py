@@ -580,6 +580,32 @@ def test_the_cache_key_covers_the_special_tokens(tokenizer):
     assert data_fingerprint(cfg, tokenizer) == data_fingerprint(cfg, same)
 
 
+def test_a_hub_dataset_is_keyed_by_the_version_loaded_not_its_name(tmp_path, tokenizer, monkeypatch):
+    # A hub dataset was keyed by its name and split only: after its owner pushed new rows, a rerun read
+    # the rows packed from the old revision. (datasets' loader stands in for the hub here.)
+    datasets = pytest.importorskip("datasets")
+    from medusa_liger.train.packing import data_fingerprint
+
+    versions = {"v1": [{"text": "The pass statement does nothing."}, {"text": "A tuple is immutable."}],
+                "v2": [{"text": "The pass statement does nothing."}, {"text": "A list is mutable."}]}
+    pushed, asked = ["v1"], []
+
+    def load_dataset(path, split):
+        asked.append((path, split))
+        return datasets.Dataset.from_list(versions[pushed[0]])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = data_cfg(["someone/docs"], split="validation", seq_len=16)
+    first = build_packed_data(cfg, tokenizer, tmp_path)
+    assert data_fingerprint(cfg, tokenizer) == data_fingerprint(cfg, tokenizer)
+    assert asked and set(asked) == {("someone/docs", "validation")}
+    pushed[0] = "v2"
+    second = build_packed_data(cfg, tokenizer, tmp_path)
+    assert len(list(tmp_path.glob("packed-*.pt"))) == 2  # a new entry, not the old rows
+    assert not torch.equal(first.input_ids, second.input_ids)
+    assert torch.equal(second.input_ids, build_packed_data(cfg, tokenizer, None).input_ids)
+
+
 def test_a_lone_surrogate_escape_is_an_error_of_its_line(tmp_path, tokenizer):
     # Valid JSON, but no text a tokenizer can encode: it was a TypeError from deep inside tokenization.
     path = tmp_path / "d.jsonl"

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from medusa_liger.kernels.reference import shifted_targets
-from medusa_liger.records import DataWarning, data_warning, recorded_data_warnings, resolve_path
+from medusa_liger.records import DataWarning, data_warning, hub_dataset_version, recorded_data_warnings, resolve_path
 from medusa_liger.seeds import torch_seed
 from medusa_liger.train.data import IGNORE_INDEX, load_examples, tokenize_examples
 
@@ -170,7 +170,7 @@ def tokenizer_identity(tokenizer) -> str:
 
 def data_fingerprint(data_cfg, tokenizer) -> str:
     """A digest of everything that decides the packed rows: the data settings, the local files' bytes
-    (a hub dataset by its name and split) and the tokenizer (the cache's key; resumes compare it)."""
+    (a hub dataset by the version of its split loaded now) and the tokenizer (the cache's key)."""
     digest = hashlib.sha256(f"packed-v{CACHE_VERSION}".encode())
     options = {k: getattr(data_cfg, k) for k in ROW_SETTINGS}
     digest.update(json.dumps(options, sort_keys=True).encode())
@@ -178,6 +178,8 @@ def data_fingerprint(data_cfg, tokenizer) -> str:
         local = resolve_path(path)
         if local is not None:
             digest.update(hashlib.sha256(local.read_bytes()).digest())
+        else:  # (a new revision of a hub dataset is a new key, not the rows packed from the old one)
+            digest.update(hub_dataset_version(path, data_cfg.split).encode())
     digest.update(tokenizer_identity(tokenizer).encode())
     digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
     # Which tokens play BOS/EOS/PAD (the template renders them, documents get them, rows are padded
