@@ -425,6 +425,23 @@ def test_multiprocess_tokenization_matches(tokenizer):
     assert tokenize_examples(examples, tokenizer, cfg) == serial
 
 
+def test_a_loader_resumed_in_the_middle_of_a_step_ends_the_epoch_where_it_would_have():
+    # 27 rows, steps of 2 micro-batches of 3: 4 steps an epoch and a 3-row tail, dropped. A loader
+    # resumed after the first micro-batch of a step must not take the tail for a step's second half.
+    data = pack([([i, i + 1], [i, i + 1]) for i in range(1, 55, 2)], seq_len=2, long_examples="split", pad_id=0)
+    halfway = PackedLoader(data, 3, seed=5, grad_accum=2)
+    for _ in range(3):
+        halfway.next_batch()
+    assert halfway.state_dict()["micro_step"] == 1
+    again = PackedLoader(data, 3, seed=5, grad_accum=2)
+    again.load_state_dict(halfway.state_dict())
+    rows = [[loader.next_batch()["input_ids"][:, 0].tolist() for _ in range(8)] for loader in (halfway, again)]
+    assert rows[0] == rows[1] and halfway.state_dict() == again.state_dict()
+    assert halfway.state_dict()["epoch"] == 1
+    again.load_state_dict({"epoch": 0, "position": 6})  # an older checkpoint (between steps, no micro_step)
+    assert again.state_dict()["micro_step"] == 0
+
+
 def test_loader_order_is_seeded_and_resumable():
     n = 10
     data = pack([([i, i + 1], [i, i + 1]) for i in range(1, 2 * n, 2)], seq_len=2, long_examples="split", pad_id=0)

@@ -88,24 +88,33 @@ def compared(path: Path) -> list[dict]:
     return [{k: r.get(k) for k in COMPARED} for r in read_metrics(path / "metrics.jsonl")]
 
 
-def test_loader_shards_are_disjoint_and_cover_one_process_accumulation():
-    n, mb = 24, 3  # a multiple of mb x 2 ranks: both drop the same (empty) tail, so epochs align
+@pytest.mark.parametrize("n, accum", [(24, 1), (27, 1), (27, 2)])
+def test_loader_shards_are_disjoint_and_cover_one_process_accumulation(n, accum):
+    # 2 ranks with grad_accum A read, step by step, what one process with grad_accum 2A reads. 27 rows:
+    # an epoch's tail of 3 rows holds one micro-batch but no whole step, so it is dropped by both (one
+    # process used to read it as the first half of a step that ended in the next epoch, and the orders
+    # parted after the first epoch).
+    mb = 3
     data = PackedData(*(torch.arange(n).unsqueeze(1).repeat(1, 4) for _ in range(3)))
-    single = PackedLoader(data, mb, seed=5)
-    ranks = [PackedLoader(data, mb, seed=5, rank=r, world_size=2) for r in range(2)]
-    for _ in range(9):  # two and a quarter epochs of 4 global draws of 6 rows
+    single = PackedLoader(data, mb, seed=5, grad_accum=2 * accum)
+    ranks = [PackedLoader(data, mb, seed=5, rank=r, world_size=2, grad_accum=accum) for r in range(2)]
+    for _ in range(9 * accum):  # two epochs and more of global draws of 6 rows
         expected = [single.next_batch()["input_ids"][:, 0] for _ in range(2)]
         got = [loader.next_batch()["input_ids"][:, 0] for loader in ranks]
         assert [g.tolist() for g in got] == [e.tolist() for e in expected]
         assert not set(got[0].tolist()) & set(got[1].tolist())
-        assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
-    resumed = PackedLoader(data, mb, seed=5, rank=1, world_size=2)
+        assert ranks[0].state_dict() == ranks[1].state_dict()
+        assert ranks[0].state_dict()["epoch"] == single.state_dict()["epoch"]
+    assert single.state_dict()["epoch"] >= 2
+    resumed = PackedLoader(data, mb, seed=5, rank=1, world_size=2, grad_accum=accum)
     resumed.load_state_dict(ranks[1].state_dict())
     assert torch.equal(resumed.next_batch()["input_ids"], ranks[1].next_batch()["input_ids"])
     with pytest.raises(ValueError, match="rank must be in"):
         PackedLoader(data, mb, seed=5, rank=2, world_size=2)
-    with pytest.raises(ValueError, match=r"x 9 ranks"):
-        PackedLoader(data, mb, seed=5, world_size=9)
+    with pytest.raises(ValueError, match=r"x 10 ranks;"):
+        PackedLoader(data, mb, seed=5, world_size=10)
+    with pytest.raises(ValueError, match=r"fewer than one optimizer step reads: .* x 2 ranks x train.grad_accum=9"):
+        PackedLoader(data, mb, seed=5, world_size=2, grad_accum=9)
 
 
 def test_helpers_are_the_identity_without_a_process_group(monkeypatch):

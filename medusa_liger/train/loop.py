@@ -389,8 +389,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     rows = rows_fingerprint(data) if main else None
     with data_errors():  # also: fewer packed rows than a micro-batch
         train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
-        loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed,
-                              rank=distributed.rank(), world_size=distributed.world_size())
+        loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed, rank=distributed.rank(),
+                              world_size=distributed.world_size(), grad_accum=cfg.train.grad_accum)
     model = build_medusa(cfg, backbone)
     if cfg.train.fsdp:  # every rank's shards filled from rank 0's tensors
         param_dtype = getattr(torch, cfg.train.fsdp_param_dtype) if cfg.train.fsdp_param_dtype else None

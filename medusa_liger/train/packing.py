@@ -266,21 +266,32 @@ def split_eval(data: PackedData, fraction: float, seed: int) -> tuple[PackedData
 
 
 class PackedLoader:
-    """Endless micro-batches of packed rows, reshuffled per epoch; resumable through ``state_dict``."""
+    """Endless micro-batches of packed rows, reshuffled per epoch; resumable through ``state_dict``.
+
+    Each optimizer step reads ``micro_batch_size x world_size x grad_accum`` consecutive rows of the
+    epoch's order (rank r takes the r-th micro-batch of each ``micro_batch_size x world_size`` draw), and
+    an epoch ends where the next step's rows would not fit, so a step never spans two epochs. The rows of
+    every step therefore depend on the product alone: W ranks with grad_accum A read what one process
+    with grad_accum W x A reads, also after the first epoch.
+    """
 
     def __init__(self, data: PackedData, micro_batch_size: int, seed: int, *, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, grad_accum: int = 1) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if len(data) < micro_batch_size * world_size:
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        if len(data) < micro_batch_size * world_size * grad_accum:
             raise ValueError(
-                f"the dataset packs into {len(data)} rows, fewer than train.micro_batch_size={micro_batch_size}"
+                f"the dataset packs into {len(data)} rows, fewer than one optimizer step reads: "
+                f"train.micro_batch_size={micro_batch_size}"
                 + (f" x {world_size} ranks" if world_size > 1 else "")
+                + (f" x train.grad_accum={grad_accum}" if grad_accum > 1 else "")
                 + "; lower the batch size or data.seq_len, or add data"
             )
         self.data, self.micro_batch_size, self.seed = data, micro_batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.position = 0, 0
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.epoch, self.position, self.micro_step = 0, 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -290,20 +301,24 @@ class PackedLoader:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """{"input_ids", "labels", "segment_ids"}: [micro_batch_size, seq_len] each."""
-        global_batch = self.micro_batch_size * self.world_size
-        if self.position + global_batch > len(self.data):
-            # Drop the incomplete tail so every micro-batch (on every rank) has the same shape.
+        draw = self.micro_batch_size * self.world_size  # one micro-batch on every rank
+        if self.micro_step == 0 and self.position + draw * self.grad_accum > len(self.data):
+            # Drop the tail that a whole step does not fit in (every micro-batch on every rank has the
+            # same shape, and a step's rows come from one epoch).
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        start = self.position + self.rank * self.micro_batch_size  # this rank's slice of the global batch
+        start = self.position + self.rank * self.micro_batch_size  # this rank's slice of the draw
         index = self._order[start : start + self.micro_batch_size]
-        self.position += global_batch
+        self.position += draw
+        self.micro_step = (self.micro_step + 1) % self.grad_accum
         rows = self.data.select(index)
         return {"input_ids": rows.input_ids, "labels": rows.labels, "segment_ids": rows.segment_ids}
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "micro_step": self.micro_step}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        # (A checkpoint is written between steps: older ones have no micro_step, which is then 0.)
+        self.micro_step = int(state.get("micro_step", 0)) % self.grad_accum
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
