@@ -673,6 +673,29 @@ def test_a_resume_under_settings_the_weights_depend_on_is_refused(tmp_path, firs
         train(short_config(tmp_path, "train.steps=3", "train.resume=auto", change, *extra))
 
 
+def test_a_resume_on_another_hub_revision_of_a_frozen_backbone_is_refused(tmp_path, monkeypatch):
+    """The heads were trained on one revision's weights; resumed on another's under the same name (the
+    tiny backbone stands in for a hub model: its config gets the revision a hub download records)."""
+    from medusa_liger.train import loop
+    from medusa_liger.train.checkpoint import ResumeError
+
+    real, revision = loop.build_tokenizer_and_backbone, ["0a1b" * 10]
+
+    def built(*args, **kwargs):
+        tokenizer, backbone = real(*args, **kwargs)
+        backbone.config._commit_hash = revision[0]
+        return tokenizer, backbone
+
+    monkeypatch.setattr(loop, "build_tokenizer_and_backbone", built)
+    extra = ["checkpoint.every=2", "export.formats=[medusa]", "data.eval_fraction=0.0", "train.mode=heads"]
+    train(short_config(tmp_path, "train.steps=2", *extra))
+    revision[0] = "9f8e" * 10
+    with pytest.raises(ResumeError, match=f"the backbone's hub revision {'0a1b' * 10} -> {'9f8e' * 10}"):
+        train(short_config(tmp_path, "train.steps=3", "train.resume=auto", *extra))
+    revision[0] = "0a1b" * 10  # the same revision resumes
+    train(short_config(tmp_path, "train.steps=3", "train.resume=auto", *extra))
+
+
 def test_a_resume_on_other_data_or_batches_says_so(tmp_path, capsys):
     """A new seed, held-out fraction or batch size was taken silently: the held-out split was drawn
     anew (rows trained on became held-out prompts) and nothing said it."""
@@ -1413,6 +1436,35 @@ def test_the_tiny_models_seed_is_fixed_only_where_unsaved_weights_come_from_it(o
     fixed = fixed_settings(load_config(TINY, ["train.seed=7", *overrides]), Tokenizer())
     assert ("train.seed" in fixed) is seed_fixed and "the tiny model's tokenizer" in fixed
     assert fixed.get("train.seed", 7) == 7 and ("lora.alpha" in fixed) is ("lora.enabled=true" in overrides)
+
+
+@pytest.mark.parametrize("overrides, pinned", [
+    (["train.mode=heads"], True),                      # the frozen base is not in the checkpoints
+    (["train.mode=joint"], False),                     # every checkpoint holds the whole trained backbone
+    (["train.mode=joint", "lora.enabled=true"], True),  # only the adapters are saved
+    (["train.mode=joint", "train.lm_loss=kl"], True),  # the frozen KL teacher is the base as loaded
+])
+def test_the_backbones_hub_revision_is_fixed_where_checkpoints_do_not_hold_it(overrides, pinned):
+    # A hub model's new revision under the same name: heads or adapters resumed on other base weights.
+    from transformers import LlamaConfig
+
+    from medusa_liger.train.build import fixed_changes, fixed_settings
+
+    class Tokenizer:
+        def get_vocab(self):
+            return {"a": 0, "b": 1}
+
+    cfg = load_config(TINY, overrides)
+    hub, pushed, local = (LlamaConfig() for _ in range(3))
+    hub._commit_hash, pushed._commit_hash = "0a1b" * 10, "9f8e" * 10
+    saved = fixed_settings(cfg, Tokenizer(), hub)
+    assert (saved.get("the backbone's hub revision") == "0a1b" * 10) is pinned
+    assert fixed_changes(saved, cfg, Tokenizer(), hub) == []
+    expected = [f"the backbone's hub revision {'0a1b' * 10} -> {'9f8e' * 10}"] if pinned else []
+    assert fixed_changes(saved, cfg, Tokenizer(), pushed) == expected
+    # A local copy has no revision to compare (a snapshot moved out of the hub cache resumes).
+    assert "the backbone's hub revision" not in fixed_settings(cfg, Tokenizer(), local)
+    assert fixed_changes(saved, cfg, Tokenizer(), local) == []
 
 
 def test_a_hub_tokenizer_without_a_pad_token_pads_with_its_end_token(tmp_path):

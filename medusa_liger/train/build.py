@@ -345,10 +345,18 @@ def objective_changes(saved: dict[str, object] | None, cfg: Config) -> list[str]
             if key in saved and saved[key] != value]
 
 
-def fixed_settings(cfg: Config, tokenizer) -> dict[str, object]:
+def fixed_settings(cfg: Config, tokenizer, backbone_config=None) -> dict[str, object]:
     """What a checkpoint's weights only mean something under, by name: checkpoints keep it, and a
-    resume that changes any of it is refused (``fixed_changes``)."""
+    resume that changes any of it is refused (``fixed_changes``).
+
+    ``backbone_config``: the loaded backbone's transformers config. Where checkpoints do not hold the
+    whole backbone (heads mode, LoRA, the frozen KL teacher), the hub revision its weights came from
+    (``_commit_hash``; none for a local directory) is fixed too: adapters and heads trained on one
+    revision would go on another's weights, under the same model name, without a word."""
     fixed: dict[str, object] = {}
+    revision = getattr(backbone_config, "_commit_hash", None)
+    if revision and (cfg.train.mode == "heads" or cfg.lora.enabled or cfg.train.lm_loss == "kl"):
+        fixed["the backbone's hub revision"] = revision
     if cfg.model.name_or_path == "tiny":
         # Trained anew at every start on the run's data (data.paths, data.max_examples, ...): other data
         # give other token ids. Its base weights are drawn from the seed, and saved only when they train.
@@ -360,10 +368,10 @@ def fixed_settings(cfg: Config, tokenizer) -> dict[str, object]:
     return fixed
 
 
-def fixed_changes(saved: dict[str, object] | None, cfg: Config, tokenizer) -> list[str]:
+def fixed_changes(saved: dict[str, object] | None, cfg: Config, tokenizer, backbone_config=None) -> list[str]:
     """``"lora.alpha 16 -> 64"`` for each of ``fixed_settings`` that differs from a checkpoint's."""
     changes = []
-    for key, value in fixed_settings(cfg, tokenizer).items():
+    for key, value in fixed_settings(cfg, tokenizer, backbone_config).items():
         if saved and key in saved and saved[key] != value:
             changes.append(key + (" differs (its training texts or model.tiny.vocab_size changed: data.paths, "
                                   "data.split, data.format, data.max_examples or data.on_error)"

@@ -391,6 +391,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
         loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed, rank=distributed.rank(),
                               world_size=distributed.world_size(), grad_accum=cfg.train.grad_accum)
+    backbone_config = backbone.config  # (its hub revision: checkpoints of adapters or heads keep it)
     model = build_medusa(cfg, backbone)
     if cfg.train.fsdp:  # every rank's shards filled from rank 0's tensors
         param_dtype = getattr(torch, cfg.train.fsdp_param_dtype) if cfg.train.fsdp_param_dtype else None
@@ -421,7 +422,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         with torch.no_grad():
             fsdp.load_module_(model.heads, saved_heads.tensors)
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
-        fixed = fixed_changes(state.get("fixed"), cfg, tokenizer)
+        fixed = fixed_changes(state.get("fixed"), cfg, tokenizer, backbone_config)
         if fixed:  # before save_config, as the step check below
             raise ResumeError(f"train.resume: checkpoint {str(resume_dir)!r} was trained under other settings that its "
                               f"weights depend on: {'; '.join(fixed)}. Restore them, or start afresh "
@@ -519,7 +520,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 optimizer_state = fsdp.full_optimizer_state(optimizer) if fsdp_units else optimizer
                 if main:
                     run_state = {"data": loader.state_dict(), "wandb_id": logger.wandb_id, "world_size": world,
-                                 "objective": objective_settings(cfg), "fixed": fixed_settings(cfg, tokenizer),
+                                 "objective": objective_settings(cfg), "fixed": fixed_settings(cfg, tokenizer, backbone_config),
                                  "data_settings": data_settings(cfg, rows)}
                     save_checkpoint(ckpt_root, done, trained, optimizer_state, scheduler, run_state, cfg.checkpoint.keep,
                                     write_extra=lambda d, h=heads: write_heads(h, d / CHECKPOINT_HEADS_DIR, "medusa"),
