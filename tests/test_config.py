@@ -317,6 +317,19 @@ def test_attn_implementation_typos_stop_at_config_time(value):
         load_config(TINY, [f"model.attn_implementation={value}"])
 
 
+def test_model_revision_is_for_hub_models_only(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "llama"}')
+    assert load_config(TINY, ["model.name_or_path=someone/base", "model.revision=v1.1"]).model.revision == "v1.1"
+    assert load_config(TINY).model.revision is None
+    for name, said in (("tiny", "null for the tiny model"),
+                       (str(tmp_path / "base"), "null for a local model directory")):
+        with pytest.raises(ValueError, match=f"model.revision must be {said}"):
+            load_config(TINY, [f"model.name_or_path={name}", "model.revision=main"])
+    with pytest.raises(ValueError, match="model.revision must be a branch, tag or commit hash"):
+        load_config(TINY, ["model.name_or_path=someone/base", "model.revision=' '"])
+
+
 def test_a_run_must_save_its_heads_somewhere():
     """export.formats=[] with checkpoint.every=0 trained heads that were then written nowhere."""
     tiny = ROOT / "configs" / "tiny.yaml"

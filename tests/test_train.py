@@ -690,7 +690,8 @@ def test_a_resume_on_another_hub_revision_of_a_frozen_backbone_is_refused(tmp_pa
     extra = ["checkpoint.every=2", "export.formats=[medusa]", "data.eval_fraction=0.0", "train.mode=heads"]
     train(short_config(tmp_path, "train.steps=2", *extra))
     revision[0] = "9f8e" * 10
-    with pytest.raises(ResumeError, match=f"the backbone's hub revision {'0a1b' * 10} -> {'9f8e' * 10}"):
+    with pytest.raises(ResumeError, match=f"the backbone's hub revision {'0a1b' * 10} -> {'9f8e' * 10} "
+                                          rf"\(model.revision={'0a1b' * 10} loads the checkpoint's\)"):
         train(short_config(tmp_path, "train.steps=3", "train.resume=auto", *extra))
     revision[0] = "0a1b" * 10  # the same revision resumes
     train(short_config(tmp_path, "train.steps=3", "train.resume=auto", *extra))
@@ -1460,11 +1461,42 @@ def test_the_backbones_hub_revision_is_fixed_where_checkpoints_do_not_hold_it(ov
     saved = fixed_settings(cfg, Tokenizer(), hub)
     assert (saved.get("the backbone's hub revision") == "0a1b" * 10) is pinned
     assert fixed_changes(saved, cfg, Tokenizer(), hub) == []
-    expected = [f"the backbone's hub revision {'0a1b' * 10} -> {'9f8e' * 10}"] if pinned else []
+    expected = [f"the backbone's hub revision {'0a1b' * 10} -> {'9f8e' * 10} (model.revision={'0a1b' * 10} loads "
+                "the checkpoint's)"] if pinned else []
     assert fixed_changes(saved, cfg, Tokenizer(), pushed) == expected
     # A local copy has no revision to compare (a snapshot moved out of the hub cache resumes).
     assert "the backbone's hub revision" not in fixed_settings(cfg, Tokenizer(), local)
     assert fixed_changes(saved, cfg, Tokenizer(), local) == []
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_model_revision_reaches_every_file_the_backbone_is_read_from(tmp_path, monkeypatch, on_meta):
+    """``model.revision`` pins a hub model: its tokenizer, config and weights all come from that
+    revision (transformers' loaders stand in for the hub, reading a local copy)."""
+    import transformers
+
+    from medusa_liger.train.build import build_tokenizer_and_backbone
+    from medusa_liger.train.data import load_examples
+
+    cfg = short_config(tmp_path / "tiny")
+    tokenizer, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    backbone.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    asked = []
+
+    def from_hub(loader):
+        def load(name, *args, **kwargs):
+            asked.append((loader.__self__.__name__, name, kwargs.get("revision")))
+            return loader(str(tmp_path / "base"), *args, **kwargs)
+        return load
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", from_hub(cls.from_pretrained))
+    run = short_config(tmp_path / "run", "model.name_or_path=someone/base", "model.revision=v1.1")
+    build_tokenizer_and_backbone(run, on_meta=on_meta)
+    ours = [(loader, revision) for loader, name, revision in asked if name == "someone/base"]  # (not transformers')
+    assert {loader for loader, _ in ours} == {"AutoTokenizer", "AutoConfig" if on_meta else "AutoModelForCausalLM"}
+    assert all(revision == "v1.1" for _, revision in ours), asked
 
 
 def test_a_hub_tokenizer_without_a_pad_token_pads_with_its_end_token(tmp_path):

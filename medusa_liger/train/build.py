@@ -96,8 +96,11 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
 
         if distributed.is_main():
             note_hub_lookup(cfg.model.name_or_path)
+        # A hub model's revision, where one is pinned (model.revision), for every file read.
+        hub = {"trust_remote_code": cfg.model.trust_remote_code} | (
+            {"revision": cfg.model.revision} if cfg.model.revision is not None else {})
         try:
-            tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+            tokenizer = load_tokenizer(cfg.model.name_or_path, **hub)
         except ValueError as error:  # (transformers blames a missing package for missing tokenizer files)
             raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: no usable tokenizer: "
                               f"{' '.join(str(error).split())}") from error
@@ -105,11 +108,11 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
         if cfg.model.attn_implementation is not None:
             kwargs["attn_implementation"] = cfg.model.attn_implementation
         if on_meta:
-            config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+            config = AutoConfig.from_pretrained(cfg.model.name_or_path, **hub)
             with where:
                 backbone = AutoModelForCausalLM.from_config(config, **kwargs)
         else:
-            backbone = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
+            backbone = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs | hub)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.model.patch:
@@ -373,9 +376,13 @@ def fixed_changes(saved: dict[str, object] | None, cfg: Config, tokenizer, backb
     changes = []
     for key, value in fixed_settings(cfg, tokenizer, backbone_config).items():
         if saved and key in saved and saved[key] != value:
-            changes.append(key + (" differs (its training texts or model.tiny.vocab_size changed: data.paths, "
-                                  "data.split, data.format, data.max_examples or data.on_error)"
-                                  if key.startswith("the tiny") else f" {saved[key]} -> {value}"))
+            said = f" {saved[key]} -> {value}"
+            if key.startswith("the tiny"):
+                said = (" differs (its training texts or model.tiny.vocab_size changed: data.paths, data.split, "
+                        "data.format, data.max_examples or data.on_error)")
+            elif key == "the backbone's hub revision":
+                said += f" (model.revision={saved[key]} loads the checkpoint's)"
+            changes.append(key + said)
     return changes
 
 

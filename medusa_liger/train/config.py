@@ -24,6 +24,7 @@ import yaml
 
 from medusa_liger.devices import is_device_name
 from medusa_liger.dtype_names import DTYPE_NAMES
+from medusa_liger.run_layout import user_path
 
 
 # What transformers takes as attn_implementation (besides a hub kernel, "org/name[@rev][:fn]"), checked
@@ -54,6 +55,7 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny"  # "tiny", a local directory or a hub name
+    revision: str | None = None  # of a hub model: a branch, tag or commit hash (null: its default branch)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
     patch: bool = False  # swap in the fused kernels (medusa_liger.patching)
@@ -354,6 +356,12 @@ def validate(cfg: Config) -> Config:
         except BackboneLoadError as error:
             raise ValueError(f"model.name_or_path must be 'tiny', a hub name (org/name) or a model directory, "
                              f"got {name!r}: {error}") from None
+    if cfg.model.revision is not None:  # (transformers ignores a revision for a local directory)
+        _require(name != "tiny" and not user_path(name).is_dir(), "model.revision", cfg.model.revision,
+                 f"null for {'the tiny model' if name == 'tiny' else 'a local model directory'} (a revision picks "
+                 "among a hub model's versions)")
+        _require(isinstance(cfg.model.revision, str) and cfg.model.revision.strip() != "", "model.revision",
+                 cfg.model.revision, "a branch, tag or commit hash")
     attn = cfg.model.attn_implementation
     _require(attn is None or attn in ATTN_IMPLEMENTATIONS or HUB_KERNEL.fullmatch(attn) is not None,
              "model.attn_implementation", attn,
