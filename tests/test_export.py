@@ -836,3 +836,51 @@ def test_loading_in_another_mode_takes_its_default_heads_weight_unless_one_was_c
     assert loaded.config.mode == new_mode and loaded.config.heads_loss_weight == expected
     again = MedusaModel.from_pretrained(tmp_path, backbone=tiny_llama(), mode=new_mode, heads_loss_weight=0.3)
     assert again.config.heads_loss_weight == 0.3
+
+
+def test_heads_record_the_hub_commit_of_their_backbone_and_load_it_at_that_commit(tmp_path, monkeypatch):
+    # Heads named their base by hub name only: loaded later, the name's default branch may hold other
+    # weights (a new revision pushed since). transformers' loader stands in for the hub, reading a local copy.
+    import transformers
+
+    from medusa_liger.inference import load_medusa
+
+    from medusa_liger.train.tiny import train_tokenizer
+
+    commit = "0a1b" * 10
+    model = make_model(shared=True, backbone=tiny_llama(vocab=320))
+    model.backbone.config._commit_hash = commit
+    model.backbone.save_pretrained(tmp_path / "base")
+    train_tokenizer(["def f(x): return x", "The pass statement."] * 4, 300, tmp_path / "tok").save_pretrained(
+        tmp_path / "base")  # (load_medusa reads a tokenizer too)
+    for format in ("medusa", "vllm"):
+        model.save_heads(tmp_path / format, format=format, base_model_name_or_path="org/base")
+        config = json.loads((tmp_path / format / "config.json").read_text())
+        assert config["medusa_liger"]["base_model_revision"] == commit
+        assert read_heads(tmp_path / format).base_model_revision == commit
+    asked = []
+
+    def from_hub(loader):
+        def load(name, *args, **kwargs):
+            if name in ("org/base", "org/other"):
+                asked.append((name, kwargs.get("revision")))
+                name = str(tmp_path / "base")
+            return loader(name, *args, **kwargs)
+        return load
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", from_hub(cls.from_pretrained))
+    MedusaModel.from_pretrained(tmp_path / "medusa", backbone="org/base")
+    load_medusa("org/base", tmp_path / "medusa", device="cpu")
+    assert asked == [("org/base", commit)] * 3  # the heads' loader; load_medusa's weights and tokenizer
+    asked.clear()  # another base than the recorded one: its default branch (the commit is not its own)
+    MedusaModel.from_pretrained(tmp_path / "medusa", backbone="org/other")
+    assert asked == [("org/other", None)]
+    asked.clear()  # re-exported onto another hub base: the recorded commit is that base's (none here)
+    assert run_cli("--checkpoint", str(tmp_path / "medusa"), "--backbone", "org/other", "--output",
+                   str(tmp_path / "out"), "--format", "vllm") == 0
+    assert asked == [("org/other", None)] and read_heads(tmp_path / "out").base_model_revision is None
+    asked.clear()  # re-exported with the recorded base: its commit stays, and is the one loaded
+    assert run_cli("--checkpoint", str(tmp_path / "medusa"), "--backbone", "org/base", "--output",
+                   str(tmp_path / "again"), "--format", "vllm") == 0
+    assert asked == [("org/base", commit)] and read_heads(tmp_path / "again").base_model_revision == commit

@@ -42,6 +42,7 @@ from medusa_liger.heads.export import (
     load_backbone,
     parse_dtype,
     read_heads,
+    recorded_revision,
     write_backbone,
     write_heads,
 )
@@ -106,13 +107,16 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
     saved = saved_backbone or paired_backbone(heads_dir, ckpt)
     source = backbone if backbone is not None else saved
     if source is not None:
-        try:
-            model = load_backbone(source)
+        try:  # (the recorded hub name: at the commit the heads record)
+            model = load_backbone(source, **recorded_revision(ckpt, source))
         except BackboneLoadError as error:
             raise BackboneLoadError(f"--backbone: {error}" if backbone is not None else str(error)) from error
         check_backbone_matches(ckpt, model, heads_dir)
         if backbone is not None:  # what TGI and FasterDecoding load with the heads
-            ckpt.base_model_name_or_path = recorded_base_model(ckpt.base_model_name_or_path, backbone, ckpt.config.mode)
+            recorded = ckpt.base_model_name_or_path
+            ckpt.base_model_name_or_path = recorded_base_model(recorded, backbone, ckpt.config.mode)
+            if ckpt.base_model_name_or_path != recorded:  # another base: its commit, where it has one
+                ckpt.base_model_revision = getattr(model.config, "_commit_hash", None) or None
         lm_head = model.get_output_embeddings()
         ckpt.lm_head_weight = lm_head.weight.detach()
         ckpt.lm_head_bias = lm_head_bias_of(lm_head)

@@ -23,7 +23,9 @@
 
 Both config.json files also carry our own ``"medusa_liger"`` entry (format version and the full
 MedusaConfig), so a round trip restores decay, mode and loss weights; files written by other tools
-(without it) are read too, with the MedusaConfig defaults for what they do not say.
+(without it) are read too, with the MedusaConfig defaults for what they do not say. Heads of a hub
+backbone record the commit its files came from there (``base_model_revision``): loaded with that hub
+name, the backbone comes from that commit, not from whatever the name's default branch holds later.
 
 After joint training the backbone is saved beside the heads, LoRA merged, as a normal Hugging Face
 checkpoint in ``<dir>/backbone``.
@@ -67,6 +69,8 @@ class HeadsCheckpoint:
     lm_head_bias:   its bias [V] where it has one (shared mode only: per-head projections refuse it)
     serving_dtype:  the backbone's dtype when the heads were saved (what ``medusa-liger export`` casts
                     to by default: training checkpoints hold fp32 master heads), None if unknown
+    base_model_revision: the hub commit the backbone's files came from (transformers' ``_commit_hash``),
+                    None for a local one: loading the heads with the recorded hub name takes that commit
     """
 
     config: MedusaConfig
@@ -78,6 +82,7 @@ class HeadsCheckpoint:
     base_model_name_or_path: str | None = None
     format: str | None = None
     serving_dtype: torch.dtype | None = None
+    base_model_revision: str | None = None
 
 
 # What heads may be stored in: the names' dtypes, and float64 (a float64 model's own, never a flag's).
@@ -196,6 +201,7 @@ def checkpoint_of(model: nn.Module, base_model_name_or_path: str | None = None) 
         lm_head_bias=lm_head_bias_of(model.lm_head),
         base_model_name_or_path=name,
         serving_dtype=lm_weight.dtype,  # the backbone's own weight, never a trainable master copy
+        base_model_revision=getattr(getattr(model.backbone, "config", None), "_commit_hash", None) or None,
     )
 
 
@@ -255,6 +261,8 @@ def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype
     config["medusa_liger"] = {"format_version": FORMAT_VERSION, "format": format, "dtype": saved_dtype, **cfg.to_dict()}
     if ckpt.serving_dtype is not None:
         config["medusa_liger"]["serving_dtype"] = str(ckpt.serving_dtype).removeprefix("torch.")
+    if ckpt.base_model_revision is not None:
+        config["medusa_liger"]["base_model_revision"] = ckpt.base_model_revision
     save_file(tensors, str(directory / WEIGHT_FILES[format]), metadata={"format": "pt"})
     readable_by_others(directory / WEIGHT_FILES[format])
     if pt_file:
@@ -487,6 +495,7 @@ def read_heads(directory: str | Path) -> HeadsCheckpoint:
         config=MedusaConfig.from_dict(values), hidden_size=hidden, vocab_size=vocab, tensors=tensors,
         lm_head_weight=original, base_model_name_or_path=config.get("base_model_name_or_path"), format=format,
         serving_dtype=None if serving is None else parse_dtype(getattr(torch, str(serving), serving)),
+        base_model_revision=ours.get("base_model_revision"),
     )
 
 
@@ -612,6 +621,15 @@ def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None, **op
         raise backbone_load_error(path, error) from error
 
 
+def recorded_revision(ckpt: HeadsCheckpoint, backbone: str | Path) -> dict[str, str]:
+    """``{"revision": commit}`` when ``backbone`` is the hub name the heads record and they record the commit
+    its files came from (``from_pretrained``'s keyword), else ``{}``: the heads' backbone is what they
+    were trained on, not whatever the name's default branch holds now."""
+    if ckpt.base_model_revision and str(backbone) == ckpt.base_model_name_or_path and not user_path(backbone).is_dir():
+        return {"revision": ckpt.base_model_revision}
+    return {}
+
+
 def load_pretrained(cls: type, directory: str | Path, backbone: nn.Module | str | None = None, **overrides: Any):
     """``MedusaModel.from_pretrained``: read the heads, find the backbone, check sizes, load exactly."""
     directory = Path(directory)
@@ -622,7 +640,7 @@ def load_pretrained(cls: type, directory: str | Path, backbone: nn.Module | str 
                              f"model or a path (the heads were trained on {ckpt.base_model_name_or_path!r})")
         backbone = directory / BACKBONE_SUBDIR
     if isinstance(backbone, (str, Path)):
-        backbone = load_backbone(backbone)
+        backbone = load_backbone(backbone, **recorded_revision(ckpt, backbone))
     check_backbone_matches(ckpt, backbone, directory)
     fixed = {"num_heads", "num_layers", "shared_lm_head"} & set(overrides)
     if fixed:

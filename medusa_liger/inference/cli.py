@@ -155,8 +155,9 @@ def error_text(error: Exception, backbone: str | None) -> str:
 
 
 def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: str = "auto",
-                   attn_implementation: str = "sdpa"):
-    """(causal LM in eval mode on ``device``, tokenizer) for a backbone path or hub name.
+                   attn_implementation: str = "sdpa", revision: str | None = None):
+    """(causal LM in eval mode on ``device``, tokenizer) for a backbone path or hub name (at the hub
+    ``revision``, a branch, tag or commit, when given).
 
     dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU. A backbone that cannot be found or
     loaded is a BackboneLoadError naming it (transformers raises OSError, for a path a misleading one).
@@ -175,9 +176,10 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
         check_tokenizer_files(str(backbone))  # said before the weights load (a hub name is noted there)
     except ValueError as error:
         raise backbone_load_error(backbone, error) from error
-    causal_lm = load_backbone(backbone, torch_dtype, attn_implementation=attn_implementation)
+    pinned = {} if revision is None else {"revision": revision}
+    causal_lm = load_backbone(backbone, torch_dtype, attn_implementation=attn_implementation, **pinned)
     try:
-        tokenizer = load_tokenizer(str(backbone))
+        tokenizer = load_tokenizer(str(backbone), **pinned)
     except (OSError, ValueError) as error:
         raise backbone_load_error(backbone, error) from error
     return causal_lm.to(device).eval(), tokenizer
@@ -190,9 +192,12 @@ def load_medusa(backbone: str, heads: str | Path, *, device: str | None = None, 
     dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU.
     """
     from medusa_liger.heads import MedusaModel
+    from medusa_liger.heads.export import read_heads, recorded_revision
 
+    # The backbone the heads name: at the commit they were trained on (where they record it).
+    pinned = recorded_revision(read_heads(heads), backbone)
     causal_lm, tokenizer = load_causal_lm(backbone, device=device, dtype=dtype,
-                                          attn_implementation=attn_implementation)
+                                          attn_implementation=attn_implementation, **pinned)
     model = MedusaModel.from_pretrained(heads, backbone=causal_lm)
     model.to(device=causal_lm.device, dtype=causal_lm.dtype).eval()
     return model, tokenizer
