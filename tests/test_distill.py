@@ -544,6 +544,52 @@ def test_the_weights_dtype_is_a_setting_a_resume_keeps(model, tokenizer, tmp_pat
     assert summary.resumed == 1 and summary.records == 1
 
 
+def test_the_backbones_hub_commit_is_a_setting_a_resume_keeps(model, tokenizer, tmp_path):
+    """Another revision of a hub model under the same name writes other text: a resume mixed them."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("one", "two")))
+    out, settings_file = tmp_path / "out.jsonl", tmp_path / "out.jsonl.settings.json"
+    settings = DistillSettings(max_new_tokens=4, num_records=1)
+    first, pushed = copy.deepcopy(model), copy.deepcopy(model)
+    first.config._commit_hash, pushed.config._commit_hash = "0a1b" * 10, "9f8e" * 10
+    self_distill(path, out, settings, model=first, tokenizer=tokenizer, progress=False)
+    assert json.loads(settings_file.read_text())["backbone_revision"] == "0a1b" * 10
+    more = dataclasses.replace(settings, num_records=2)
+    with pytest.raises(ValueError, match=f"backbone_revision '{'0a1b' * 10}' -> '{'9f8e' * 10}'"):
+        self_distill(path, out, more, model=pushed, tokenizer=tokenizer, progress=False)
+    written = json.loads(settings_file.read_text())
+    del written["backbone_revision"]  # a settings file from before the commit was kept: resumes as it did
+    settings_file.write_text(json.dumps(written))
+    assert self_distill(path, out, more, model=pushed, tokenizer=tokenizer, progress=False).resumed == 1
+    assert "backbone_revision" not in json.loads(settings_file.read_text())  # (kept as written)
+
+
+def test_distill_revision_loads_the_hub_backbone_at_it(tmp_path, monkeypatch, capsys):
+    from medusa_liger.cli import main
+    from medusa_liger.inference import cli as inference_cli
+
+    asked = []
+
+    def load_causal_lm(backbone, **kwargs):  # (the hub is not reachable here: what was asked is the point)
+        asked.append((backbone, kwargs))
+        raise ValueError("not loaded in this test")
+
+    monkeypatch.setattr(inference_cli, "load_causal_lm", load_causal_lm)
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"prompt": "one"}) + "\n")
+    assert main(["distill", "--backbone", "org/base", "--revision", "v2", "--data", str(path), "--output",
+                 str(tmp_path / "out.jsonl")]) != 0
+    assert asked and asked[0][0] == "org/base" and asked[0][1]["revision"] == "v2"
+    (tmp_path / "base").mkdir()
+    assert main(["distill", "--backbone", str(tmp_path / "base"), "--revision", "v2", "--data", str(path),
+                 "--output", str(tmp_path / "out.jsonl")]) != 0
+    assert "--revision picks among a hub model's versions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (a server's weights are the server's)
+        main(["distill", "--server", "http://localhost:1", "--revision", "v2", "--data", str(path), "--output",
+              str(tmp_path / "out.jsonl")])
+    assert "--revision needs --backbone" in capsys.readouterr().err
+
+
 def test_a_record_with_messages_and_a_prompt_keeps_its_messages(tmp_path):
     """Some datasets carry both: the conversation is the record, the prompt only a summary of it."""
     path = tmp_path / "both.jsonl"

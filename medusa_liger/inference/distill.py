@@ -362,8 +362,11 @@ def self_distill(
         raise ValueError("tokenizer is required with model")
     else:
         backend = LocalBackend(model, tokenizer, settings)
-        # The weights' dtype decides greedy text too (bf16 and fp32 argmaxes part ways).
+        # The weights' dtype decides greedy text too (bf16 and fp32 argmaxes part ways), and so do the
+        # weights: a hub model's commit (transformers' _commit_hash; none for a local directory).
         metadata.setdefault("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
+        if commit := getattr(getattr(model, "config", None), "_commit_hash", None):
+            metadata.setdefault("backbone_revision", commit)
     # What decides the text: a resume must match it. How many records may change; how they are batched
     # too, unless sampling in this process (blocks are seeded by their first record, and a batch draws
     # its tokens together; a server gets the seed with each request). A local file has no split; a
@@ -448,6 +451,8 @@ def add_arguments(parser) -> None:
     engine.add_argument("--backbone", help="causal LM to answer with, in this process (HF directory or hub name)")
     engine.add_argument("--server", help="or an OpenAI-compatible server with the same weights (vllm serve ...), "
                                          "e.g. http://localhost:8000/v1")
+    parser.add_argument("--revision", default=None, action=Given,
+                        help="of a hub --backbone: the branch, tag or commit to load (default: its default branch)")
     parser.add_argument("--data", required=True, help="JSONL/JSON file or hub dataset of conversations, prompts or texts")
     parser.add_argument("--split", default="train", action=Given, help="split of a hub dataset given as --data")
     parser.add_argument("--output", required=True, help="JSONL file to write (resumed when it exists); records "
@@ -488,13 +493,13 @@ def add_arguments(parser) -> None:
 # missing from an older settings file, they match their defaults.
 RESUME_FREE = {"num_records", "batch_size", "block_records", "chat_template", "text_prompt_tokens", "split"}
 # Settings files gained these later: one without them resumes (as it did), one with them must match.
-KEPT_LATER = {"dtype"}
+KEPT_LATER = {"dtype", "backbone_revision"}
 
 # Flags that only sampling reads (greedy decoding would ignore them), as eval/generate refuse theirs.
 SAMPLING_FLAGS = ("--top-p", "--seed")
 # Flags that only one engine reads: the model in this process, or the server (which applies its own
 # chat template and answers conversations only).
-BACKBONE_FLAGS = ("--device", "--dtype", "--batch-size", "--chat-template", "--text-prompt-tokens")
+BACKBONE_FLAGS = ("--device", "--dtype", "--batch-size", "--chat-template", "--text-prompt-tokens", "--revision")
 SERVER_FLAGS = ("--server-model", "--api-key", "--concurrency")
 
 
@@ -524,7 +529,11 @@ def run(args) -> int:
             summary = self_distill(args.data, args.output, settings, server=args.server, server_model=args.server_model,
                                    api_key=args.api_key, concurrency=args.concurrency, **common)
         else:
-            model, tokenizer = load_causal_lm(args.backbone, device=args.device, dtype=args.dtype)
+            if args.revision is not None and user_path(args.backbone).is_dir():  # (transformers would ignore it)
+                raise ValueError(f"--revision picks among a hub model's versions; --backbone {args.backbone!r} is a "
+                                 "local directory")
+            model, tokenizer = load_causal_lm(args.backbone, device=args.device, dtype=args.dtype,
+                                              revision=args.revision)
             summary = self_distill(args.data, args.output, settings, model=model, tokenizer=tokenizer,
                                    metadata={"backbone": str(args.backbone)}, **common)
     except (ValueError, FileNotFoundError, OSError) as error:
