@@ -5,10 +5,11 @@ transformers model names in ``_no_split_modules``) becomes one FSDP unit, the Me
 and the rest of the MedusaModel (embeddings, final norm, lm_head) the root unit. A frozen teacher copy
 (``lm_loss: kl`` without LoRA) is split the same way: its layers are units, the rest joins the root.
 Each rank stores 1/world_size of every parameter, of its gradient and of its AdamW state; a layer's full weights exist
-only while it runs (all-gathered before, freed after). The heads and the root stay whole from
-forward to backward (FSDP2 never reshards the root after forward; the heads are told not to), so
-the fused multi-head loss reads the heads' and the lm_head's full weights as before and hands back
-their full gradients, which FSDP then reduce-scatters.
+only while it runs (all-gathered before, freed after). The fused multi-head loss runs inside the
+heads' call (``MedusaHeads.forward(loss=...)``), while the heads and the root (the lm_head) are
+gathered, and hands back their full gradients, which FSDP then reduce-scatters. The heads and the
+root stay whole from forward to backward (FSDP2 never reshards the root after forward; the heads are
+told not to): their backward, which comes right after the loss, would otherwise gather them again.
 
 ``train.fsdp_param_dtype`` (bf16) casts every unit's parameters before the gather (FSDP2's
 ``MixedPrecisionPolicy``): a float32 backbone is gathered, held and computed with in bf16, and its
@@ -87,8 +88,9 @@ def shard_model(model: torch.nn.Module, device: torch.device, param_dtype: torch
                          "so it cannot be split into FSDP units")
     # FSDP2 needs one dtype among each unit's trainable parameters, so the heads (kept in the master
     # dtype, fp32 by default) are a unit of their own rather than part of the root (bf16 embeddings
-    # and lm_head when the backbone trains). They stay whole after their forward, like the root: the
-    # loss reads their projection weights after the heads module has run.
+    # and lm_head when the backbone trains). They stay whole after their forward, like the root: their
+    # backward follows at once, and resharded they would be gathered again for it (a second all-gather
+    # of every head's projection; the gradients were computed in forward, with the loss).
     units = [*layers, model.heads]
     in_units = {id(p) for unit in units for p in unit.parameters()}
     managed = [(unit, list(unit.parameters())) for unit in units]
