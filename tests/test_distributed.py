@@ -525,6 +525,20 @@ def test_fsdp_self_distillation_matches_one_process(tmp_path, lora):
     assert runs[0][1]["lm_loss"] == 0.0 and runs[0][-1]["lm_loss"] > 0.0  # the student starts as its teacher
 
 
+def test_fsdp_lora_on_a_bf16_base_matches_one_process(tmp_path):
+    # A unit holding a frozen bf16 base beside float32 LoRA adapters: FSDP2 needs one dtype among a
+    # unit's *trainable* parameters only, so this layout (Medusa-2 with LoRA on a bf16 model) shards.
+    pytest.importorskip("peft")
+    extra = ["model.dtype=bfloat16", "lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0"]
+    sharded = launch(tmp_path / "fsdp", "train.fsdp=true", *extra)
+    with force_backend("torch"):
+        train(load_config(TINY, [*RUN, f"output_dir={tmp_path / 'single'}", "train.grad_accum=2", *extra]))
+    output = finish(sharded)
+    assert "precision: backbone bfloat16, heads and LoRA float32" in output
+    assert "sharded over 2 ranks (FSDP2: 2 decoder-layer units, the heads and the root)" in output
+    _close(compared(tmp_path / "fsdp"), compared(tmp_path / "single"))
+
+
 def test_fsdp_helpers_without_a_process_group(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with force_backend("torch"):
