@@ -150,10 +150,9 @@ def hub_dataset_version(path: str, split: str) -> str:
     return str(getattr(dataset, "_fingerprint", None) or json.dumps(dataset.cache_files, sort_keys=True))
 
 
-def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
-                     key: str = "data.paths") -> Iterator[tuple[str, Any]]:
-    """(where, record) for every record of one source; malformed lines are failed or skipped.
-    Errors about the source itself name ``key`` (the config key or flag that gave it)."""
+def local_source(path: str, key: str = "data.paths") -> Path | None:
+    """The local file ``path`` names, or None for a hub dataset name; a ValueError naming ``key`` for a
+    directory or a local path that does not exist (never asked of the hub)."""
     local = resolve_path(path)
     if user_path(path).is_dir():
         try:
@@ -163,6 +162,14 @@ def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
         raise ValueError(f"{key}: {path!r} is a directory; pass its files one by one{held} or a hub dataset name")
     if local is None and (looks_like_local_path(path) or Path(path).exists()):
         raise ValueError(f"{key}: file {path!r} does not exist")
+    return local
+
+
+def iter_raw_records(path: str, split: str, on_error: str, skipped: list[str],
+                     key: str = "data.paths") -> Iterator[tuple[str, Any]]:
+    """(where, record) for every record of one source; malformed lines are failed or skipped.
+    Errors about the source itself name ``key`` (the config key or flag that gave it)."""
+    local = local_source(path, key)
     if local is None:
         dataset = load_hub_dataset(path, split, key)
         for i, record in enumerate(dataset):

@@ -623,6 +623,22 @@ def test_a_hub_dataset_is_keyed_by_the_version_loaded_not_its_name(tmp_path, tok
     assert torch.equal(second.input_ids, build_packed_data(cfg, tokenizer, None).input_ids)
 
 
+def test_a_missing_file_or_a_directory_is_said_as_such_with_a_cache_dir_too(tmp_path, tokenizer, monkeypatch):
+    # The cache key looked up every non-file path as a hub dataset before the files were read: a typo'd
+    # path became "could not load dataset" (a hub lookup), and a directory was loaded whole by `datasets`.
+    datasets = pytest.importorskip("datasets")
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *args, **kwargs: asked.append(args) or datasets.Dataset.from_list([{"text": "x"}]))
+    (tmp_path / "shards").mkdir()
+    write_jsonl(tmp_path / "shards" / "a.jsonl", [{"text": "A tuple is immutable."}])
+    for path, said in ((tmp_path / "missing.jsonl", "does not exist"), ("dat/typo.jsonl", "does not exist"),
+                       (tmp_path / "shards", "is a directory")):
+        with pytest.raises(ValueError, match=f"data.paths: .*{said}"):
+            build_packed_data(data_cfg([path]), tokenizer, tmp_path / "cache")
+    assert asked == []
+
+
 def test_a_lone_surrogate_escape_is_an_error_of_its_line(tmp_path, tokenizer):
     # Valid JSON, but no text a tokenizer can encode: it was a TypeError from deep inside tokenization.
     path = tmp_path / "d.jsonl"

@@ -884,3 +884,68 @@ def test_heads_record_the_hub_commit_of_their_backbone_and_load_it_at_that_commi
     assert run_cli("--checkpoint", str(tmp_path / "medusa"), "--backbone", "org/base", "--output",
                    str(tmp_path / "again"), "--format", "vllm") == 0
     assert asked == [("org/base", commit)] and read_heads(tmp_path / "again").base_model_revision == commit
+
+
+HUB_SCRIPT = r'''
+import json, os, sys, tempfile
+from pathlib import Path
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from medusa_liger.heads import MedusaConfig, MedusaModel
+from medusa_liger.heads.export import load_backbone, read_heads
+from medusa_liger.train.build import build_tokenizer_and_backbone, fixed_settings
+from medusa_liger.train.config import load_config
+from medusa_liger.train.tiny import train_tokenizer
+
+root = Path(os.environ["HF_HUB_CACHE"]) / "models--org--base"
+old, new = "0a1b" * 10, "9f8e" * 10
+tokenizer = train_tokenizer(["def f(x): return x", "The pass statement."] * 4, 300, Path(tempfile.mkdtemp()))
+for seed, commit in enumerate((old, new)):
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(root / "snapshots" / commit)
+    tokenizer.save_pretrained(root / "snapshots" / commit)
+(root / "refs").mkdir(parents=True)
+(root / "refs" / "main").write_text(new)  # the default branch moved on
+(root / "refs" / "v1").write_text(old)
+
+assert getattr(load_backbone("org/base").config, "_commit_hash", None) == new
+v1 = load_backbone("org/base", revision="v1")
+assert v1.config._commit_hash == old
+assert getattr(load_backbone(root / "snapshots" / old).config, "_commit_hash", None) is None  # a local directory
+
+cfg = load_config(sys.argv[1], [f"output_dir={tempfile.mkdtemp()}", "model.name_or_path=org/base", "model.revision=v1",
+                                "train.mode=heads"])
+for on_meta in (False, True):
+    _, backbone = build_tokenizer_and_backbone(cfg, on_meta=on_meta)
+    assert backbone.config._commit_hash == old, on_meta
+    assert fixed_settings(cfg, tokenizer, backbone.config)["the backbone's hub revision"] == old
+
+heads = Path(tempfile.mkdtemp()) / "heads"
+MedusaModel.from_backbone(v1, MedusaConfig(num_heads=2, num_layers=1, shared_lm_head=True)).save_heads(
+    heads, format="medusa", base_model_name_or_path="org/base")
+assert read_heads(heads).base_model_revision == old
+loaded = MedusaModel.from_pretrained(heads, backbone="org/base")  # v1's weights, not main's
+assert torch.equal(loaded.backbone.lm_head.weight, v1.lm_head.weight)
+print("ok")
+'''
+
+
+def test_a_backbone_read_from_the_hub_cache_records_its_commit(tmp_path):
+    """Not a hand-set ``_commit_hash``: transformers 5.x (5.24 at least) no longer sets it, so heads
+    recorded no commit and resumes pinned no revision. A fake hub cache (offline) with a default branch
+    that moved on past tag v1: our loaders record the commit they read, the heads keep it, and loading
+    the recorded hub name takes v1's weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+                        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    (tmp_path / "script.py").write_text(HUB_SCRIPT)
+    done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(root / "configs" / "tiny.yaml")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]

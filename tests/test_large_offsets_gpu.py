@@ -2,11 +2,12 @@
 
 A [16746, 128256] bf16 logits chunk (16k tokens of a Llama-3 vocabulary) holds 2.15e9 elements, as does
 an 8B model's [524291, 4096] batch of hidden states. An element offset computed in int32 (a program id
-times a row stride) wraps past 2^31: the kernel then reads or writes another row, or outside the tensor.
-Each test runs one kernel on such a tensor and checks rows on both sides of the 2^31 boundary (the one
-below it, the one that straddles it, the first past it) and the last row against float64 on those rows,
-with every other row's upstream gradient 0, so a write that lands in the wrong row shows up as a non-zero
-gradient where none belongs (or a wrong one where it does). The CPU interpreter cannot hold these sizes.
+times a row stride) wraps past 2^31 to a negative offset: the kernel then reads or writes before the
+tensor (foreign memory, or a fault). Each test runs one kernel on such a tensor and checks rows on both
+sides of the 2^31 boundary (the one below it, the one that straddles it where the width does not divide
+2^31, the first past it) and the last row against float64 on those rows: those comparisons catch a
+wrapped offset (benchmarks/int32_offset_mutants.sh shows each failing). Every other row's upstream
+gradient is 0, and one of them is checked to get no gradient. The CPU interpreter cannot hold these sizes.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from torch import nn
 
 from medusa_liger.dtype_names import DTYPE_NAMES
 from medusa_liger.heads.config import DEFAULT_HEADS_LOSS_WEIGHT, MedusaConfig
+from medusa_liger.records import looks_like_local_path
 from medusa_liger.run_layout import local_or_hub, user_path
 
 FORMATS: tuple[str, ...] = ("medusa", "vllm")
@@ -201,7 +202,9 @@ def checkpoint_of(model: nn.Module, base_model_name_or_path: str | None = None) 
         lm_head_bias=lm_head_bias_of(model.lm_head),
         base_model_name_or_path=name,
         serving_dtype=lm_weight.dtype,  # the backbone's own weight, never a trainable master copy
-        base_model_revision=getattr(getattr(model.backbone, "config", None), "_commit_hash", None) or None,
+        # (the commit of a hub name only: heads naming a local directory, e.g. a saved backbone, record none)
+        base_model_revision=(getattr(getattr(model.backbone, "config", None), "_commit_hash", None) or None)
+        if name and name != "tiny" and not looks_like_local_path(name) and not user_path(name).exists() else None,
     )
 
 
@@ -608,17 +611,50 @@ def lm_head_bias_of(lm_head: nn.Module) -> torch.Tensor | None:
 def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None, **options: Any) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path)`` in the saved dtype (or ``dtype``); ``options``:
     more of its keyword arguments (e.g. attn_implementation). A path that cannot be a model, or a
-    model that does not load, is a one-line BackboneLoadError."""
+    model that does not load, is a one-line BackboneLoadError. A hub model's config gets the commit
+    its files came from (``stamp_hub_commit``)."""
     from transformers import AutoModelForCausalLM
 
     check_backbone_path(path)
     dtype = parse_dtype(dtype)
     note_hub_lookup(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(local_or_hub(path), dtype=dtype if dtype is not None else "auto",
-                                                    **options)
+        model = AutoModelForCausalLM.from_pretrained(local_or_hub(path), dtype=dtype if dtype is not None else "auto",
+                                                     **options)
     except (OSError, ValueError) as error:
         raise backbone_load_error(path, error) from error
+    stamp_hub_commit(model.config, path, options.get("revision"))
+    return model
+
+
+def hub_commit(name: str | Path, revision: str | None = None) -> str | None:
+    """The commit of the hub model ``name`` at ``revision`` (None: its default branch) whose files the
+    local Hugging Face cache holds, i.e. what ``from_pretrained`` has just read; None for a local
+    directory, the tiny model, or a model not in the cache. (transformers 5.x from some minor version on
+    no longer sets ``config._commit_hash``: the cache's ``refs/`` and ``snapshots/`` say it.)"""
+    import re
+
+    if str(name) == "tiny" or user_path(name).exists() or looks_like_local_path(str(name)):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(name), "config.json", revision=revision)
+    except Exception:  # an invalid repo id, or an older huggingface_hub: unknown
+        return None
+    if not isinstance(cached, str):
+        return None
+    found = re.search(r"/snapshots/([0-9a-f]{40})/", Path(cached).as_posix())
+    return found.group(1) if found else None
+
+
+def stamp_hub_commit(config: Any, name: str | Path, revision: str | None = None) -> None:
+    """Set ``config._commit_hash`` (what heads and resumes record as the backbone's hub revision) where
+    transformers did not: the commit ``hub_commit`` finds, if any."""
+    if config is not None and not getattr(config, "_commit_hash", None):
+        commit = hub_commit(name, revision)
+        if commit is not None:
+            config._commit_hash = commit
 
 
 def recorded_revision(ckpt: HeadsCheckpoint, backbone: str | Path) -> dict[str, str]:

@@ -92,7 +92,7 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from medusa_liger.heads.export import note_hub_lookup
+        from medusa_liger.heads.export import note_hub_lookup, stamp_hub_commit
 
         if distributed.is_main():
             note_hub_lookup(cfg.model.name_or_path)
@@ -113,6 +113,8 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
                 backbone = AutoModelForCausalLM.from_config(config, **kwargs)
         else:
             backbone = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs | hub)
+        # The commit the files came from (resumes and heads record it; transformers 5.x no longer does).
+        stamp_hub_commit(backbone.config, cfg.model.name_or_path, cfg.model.revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.model.patch:

@@ -387,7 +387,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     check_token_range(cfg, data.input_ids, backbone)
     # Checkpoints (rank 0's) keep it: a resume says when the rows changed (files edited in place too).
     rows = rows_fingerprint(data) if main else None
-    with data_errors():  # also: fewer packed rows than a micro-batch
+    with data_errors():  # also: fewer packed rows than one optimizer step reads
         train_data, eval_data = split_eval(data, cfg.data.eval_fraction, cfg.train.seed)
         loader = PackedLoader(train_data, cfg.train.micro_batch_size, cfg.train.seed, rank=distributed.rank(),
                               world_size=distributed.world_size(), grad_accum=cfg.train.grad_accum)

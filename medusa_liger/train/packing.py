@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from medusa_liger.kernels.reference import shifted_targets
-from medusa_liger.records import DataWarning, data_warning, hub_dataset_version, recorded_data_warnings, resolve_path
+from medusa_liger.records import (DataWarning, data_warning, hub_dataset_version, local_source,
+                                  recorded_data_warnings)
 from medusa_liger.seeds import torch_seed
 from medusa_liger.train.data import IGNORE_INDEX, load_examples, tokenize_examples
 
@@ -175,7 +176,7 @@ def data_fingerprint(data_cfg, tokenizer) -> str:
     options = {k: getattr(data_cfg, k) for k in ROW_SETTINGS}
     digest.update(json.dumps(options, sort_keys=True).encode())
     for path in data_cfg.paths:
-        local = resolve_path(path)
+        local = local_source(path)  # (a missing file or a directory: its own error, never a hub lookup)
         if local is not None:
             digest.update(hashlib.sha256(local.read_bytes()).digest())
         else:  # (a new revision of a hub dataset is a new key, not the rows packed from the old one)
