@@ -675,7 +675,8 @@ def test_a_resume_under_settings_the_weights_depend_on_is_refused(tmp_path, firs
 
 def test_a_resume_on_another_hub_revision_of_a_frozen_backbone_is_refused(tmp_path, monkeypatch):
     """The heads were trained on one revision's weights; resumed on another's under the same name (the
-    tiny backbone stands in for a hub model: its config gets the revision a hub download records)."""
+    tiny backbone stands in for a hub model: its config gets the commit that build_tokenizer_and_backbone
+    stamps on a hub model's)."""
     from medusa_liger.train import loop
     from medusa_liger.train.checkpoint import ResumeError
 
