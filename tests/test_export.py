@@ -838,6 +838,7 @@ def test_loading_in_another_mode_takes_its_default_heads_weight_unless_one_was_c
     assert again.config.heads_loss_weight == 0.3
 
 
+@pytest.mark.filterwarnings("ignore:shared-lm_head heads in the medusa format")  # (said and tested elsewhere)
 def test_heads_record_the_hub_commit_of_their_backbone_and_load_it_at_that_commit(tmp_path, monkeypatch):
     # Heads named their base by hub name only: loaded later, the name's default branch may hold other
     # weights (a new revision pushed since). transformers' loader stands in for the hub, reading a local copy.
