@@ -328,6 +328,10 @@ def test_model_revision_is_for_hub_models_only(tmp_path):
             load_config(TINY, [f"model.name_or_path={name}", "model.revision=main"])
     with pytest.raises(ValueError, match="model.revision must be a branch, tag or commit hash"):
         load_config(TINY, ["model.name_or_path=someone/base", "model.revision=' '"])
+    # A tag like 2024 or 1.0 (or a short hash of digits) is a number to YAML: the message says to quote it.
+    with pytest.raises(ValueError, match=r"got 1.0 \(YAML reads 1.0 as a number: quote a string, e.g. key='1.0'\)"):
+        load_config(TINY, ["model.name_or_path=someone/base", "model.revision=1.0"])
+    assert load_config(TINY, ["model.name_or_path=someone/base", "model.revision='1.0'"]).model.revision == "1.0"
 
 
 def test_a_run_must_save_its_heads_somewhere():

@@ -850,7 +850,7 @@ def test_heads_record_the_hub_commit_of_their_backbone_and_load_it_at_that_commi
 
     commit = "0a1b" * 10
     model = make_model(shared=True, backbone=tiny_llama(vocab=320))
-    model.backbone.config._commit_hash = commit
+    model.backbone.config._commit_hash, model.backbone.config._name_or_path = commit, "org/base"  # (as read)
     model.backbone.save_pretrained(tmp_path / "base")
     train_tokenizer(["def f(x): return x", "The pass statement."] * 4, 300, tmp_path / "tok").save_pretrained(
         tmp_path / "base")  # (load_medusa reads a tokenizer too)
@@ -859,6 +859,9 @@ def test_heads_record_the_hub_commit_of_their_backbone_and_load_it_at_that_commi
         config = json.loads((tmp_path / format / "config.json").read_text())
         assert config["medusa_liger"]["base_model_revision"] == commit
         assert read_heads(tmp_path / format).base_model_revision == commit
+    # Saved as the heads of another hub model: that commit is not its, so none is recorded.
+    model.save_heads(tmp_path / "mirror", format="vllm", base_model_name_or_path="org/mirror")
+    assert read_heads(tmp_path / "mirror").base_model_revision is None
     asked = []
 
     def from_hub(loader):
@@ -929,6 +932,23 @@ MedusaModel.from_backbone(v1, MedusaConfig(num_heads=2, num_layers=1, shared_lm_
 assert read_heads(heads).base_model_revision == old
 loaded = MedusaModel.from_pretrained(heads, backbone="org/base")  # v1's weights, not main's
 assert torch.equal(loaded.backbone.lm_head.weight, v1.lm_head.weight)
+
+# A training run on main, then main moves on: its resume is refused, naming the revision that resumes it.
+from medusa_liger.train import train
+from medusa_liger.train.checkpoint import ResumeError
+from tests.train_helpers import SHORT
+
+run = [*SHORT, f"output_dir={tempfile.mkdtemp()}", "model.name_or_path=org/base", "train.mode=heads",
+       "checkpoint.every=2", "export.formats=[medusa]", "data.eval_fraction=0.0", "heads.num_heads=2"]
+(root / "refs" / "main").write_text(old)
+train(load_config(sys.argv[1], [*run, "train.steps=2"]))
+(root / "refs" / "main").write_text(new)
+try:
+    train(load_config(sys.argv[1], [*run, "train.steps=3", "train.resume=auto"]))
+    raise AssertionError("resumed on another commit")
+except ResumeError as error:
+    assert f"the backbone's hub revision {old} -> {new} (model.revision={old} loads" in str(error), error
+train(load_config(sys.argv[1], [*run, "train.steps=3", "train.resume=auto", f"model.revision={old}"]))
 print("ok")
 '''
 
@@ -947,6 +967,60 @@ def test_a_backbone_read_from_the_hub_cache_records_its_commit(tmp_path):
     env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
                         "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     (tmp_path / "script.py").write_text(HUB_SCRIPT)
+    done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(root / "configs" / "tiny.yaml")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
+
+
+REBUILD_SCRIPT = r'''
+import os, sys, tempfile
+from pathlib import Path
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from medusa_liger.heads import MedusaConfig, MedusaModel
+from medusa_liger.heads.export import load_backbone
+from medusa_liger.train.config import load_config, save_config
+from medusa_liger.train.export_cli import rebuild_backbone
+from medusa_liger.train.tiny import train_tokenizer
+
+root = Path(os.environ["HF_HUB_CACHE"]) / "models--org--base"
+old, new = "0a1b" * 10, "9f8e" * 10
+tokenizer = train_tokenizer(["def f(x): return x", "The pass statement."] * 4, 300, Path(tempfile.mkdtemp()))
+for seed, commit in enumerate((old, new)):
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(root / "snapshots" / commit)
+    tokenizer.save_pretrained(root / "snapshots" / commit)
+(root / "refs").mkdir(parents=True)
+(root / "refs" / "main").write_text(old)  # the run trains on main = old
+
+run = Path(tempfile.mkdtemp())
+cfg = load_config(sys.argv[1], [f"output_dir={run}", "model.name_or_path=org/base", "lora.enabled=true"])
+save_config(cfg, run / "config.yaml")
+step = run / "checkpoints" / "step-000002"
+base = load_backbone("org/base")
+MedusaModel.from_backbone(base, MedusaConfig(num_heads=2, num_layers=1, shared_lm_head=True)).save_heads(
+    step / "heads", format="medusa", base_model_name_or_path="org/base")
+(root / "refs" / "main").write_text(new)  # then main moves on
+backbone, _, _ = rebuild_backbone(step, {})  # (the adapters would be loaded here: they fit old's weights)
+assert torch.equal(backbone.get_input_embeddings().weight, base.get_input_embeddings().weight), "main's weights"
+print("ok")
+'''
+
+
+def test_a_lora_checkpoint_exports_on_the_hub_commit_it_trained_on(tmp_path):
+    """A LoRA run on an unpinned hub model whose default branch moved on: its checkpoint's export merged
+    the adapters into the new revision's weights (a resume refuses that revision)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+                        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    (tmp_path / "script.py").write_text(REBUILD_SCRIPT)
     done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(root / "configs" / "tiny.yaml")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]

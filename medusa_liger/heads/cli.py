@@ -108,7 +108,8 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
     source = backbone if backbone is not None else saved
     if source is not None:
         try:  # (the recorded hub name: at the commit the heads record)
-            model = load_backbone(source, **recorded_revision(ckpt, source))
+            model = load_backbone(source, **recorded_revision(ckpt.base_model_name_or_path, ckpt.base_model_revision,
+                                                              source))
         except BackboneLoadError as error:
             raise BackboneLoadError(f"--backbone: {error}" if backbone is not None else str(error)) from error
         check_backbone_matches(ckpt, model, heads_dir)
@@ -248,6 +249,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
             if backbone_dir is not None:
                 _copy_backbone(backbone_dir, scratch / sub / BACKBONE_SUBDIR, dtype)
                 ckpt.base_model_name_or_path = str((output_dir / sub / BACKBONE_SUBDIR).resolve())
+                ckpt.base_model_revision = None  # (a local copy: the hub commit is no longer what they name)
             write_heads(ckpt, scratch / sub, format, heads_dtype, pt_file=pt_file and format == "medusa")
             written.append(output_dir / sub)
         check_output_dir(output_dir, sources, overwrite)  # again: another process may have written there meanwhile

@@ -202,10 +202,18 @@ def checkpoint_of(model: nn.Module, base_model_name_or_path: str | None = None) 
         lm_head_bias=lm_head_bias_of(model.lm_head),
         base_model_name_or_path=name,
         serving_dtype=lm_weight.dtype,  # the backbone's own weight, never a trainable master copy
-        # (the commit of a hub name only: heads naming a local directory, e.g. a saved backbone, record none)
-        base_model_revision=(getattr(getattr(model.backbone, "config", None), "_commit_hash", None) or None)
-        if name and name != "tiny" and not looks_like_local_path(name) and not user_path(name).exists() else None,
+        base_model_revision=_commit_of(getattr(model.backbone, "config", None), name),
     )
+
+
+def _commit_of(backbone_config: Any, name: str | None) -> str | None:
+    """The hub commit heads naming ``name`` record: the one the backbone was read at, where ``name`` is the
+    hub name it was read under. Heads naming a local directory (e.g. a saved backbone) or another model
+    record none (another name's commit is not that model's)."""
+    commit = getattr(backbone_config, "_commit_hash", None) or None
+    if not name or name != getattr(backbone_config, "_name_or_path", None) or user_path(name).exists():
+        return None
+    return None if name == "tiny" or looks_like_local_path(name) else commit
 
 
 def readable_by_others(path: Path) -> None:
@@ -585,15 +593,17 @@ def _in_hub_cache(name: str) -> bool:
         return False
 
 
-def backbone_load_error(path: str | Path, error: Exception) -> BackboneLoadError:
-    """The one-line BackboneLoadError for transformers' error loading the backbone at ``path``
-    (its messages run to paragraphs of upgrade advice, and a path's OSError talks about repo ids)."""
+def backbone_load_error(path: str | Path, error: Exception, revision: str | None = None) -> BackboneLoadError:
+    """The one-line BackboneLoadError for transformers' error loading the backbone at ``path`` (at the hub
+    ``revision``, when one was asked for; its messages run to paragraphs of upgrade advice, and a path's
+    OSError talks about repo ids)."""
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     if user_path(path).is_dir():
         return BackboneLoadError(f"backbone {str(path)!r} could not be loaded: {reason}")
     offline = " (HF_HUB_OFFLINE is set: only models in the local cache load)" if is_offline() else ""
+    at = "" if revision is None else f" at revision {revision!r}"
     return BackboneLoadError(f"backbone {str(path)!r} is not a local directory{mistyped_path_hint(path)}, and no "
-                             f"hub model of that name could be loaded{offline}: {reason}")
+                             f"hub model of that name could be loaded{at}{offline}: {reason}")
 
 
 def is_offline() -> bool:
@@ -611,58 +621,59 @@ def lm_head_bias_of(lm_head: nn.Module) -> torch.Tensor | None:
 def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None, **options: Any) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path)`` in the saved dtype (or ``dtype``); ``options``:
     more of its keyword arguments (e.g. attn_implementation). A path that cannot be a model, or a
-    model that does not load, is a one-line BackboneLoadError. A hub model's config gets the commit
-    its files came from (``stamp_hub_commit``)."""
+    model that does not load, is a one-line BackboneLoadError. A hub model is read at the commit its
+    name (and ``revision``) resolves to (``hub_commit``), which its config then records."""
     from transformers import AutoModelForCausalLM
 
     check_backbone_path(path)
     dtype = parse_dtype(dtype)
     note_hub_lookup(path)
+    commit = hub_commit(path, options.get("revision"))
+    if commit is not None:  # every file read at that one commit, and the commit recorded
+        options = {**options, "revision": commit}
     try:
         model = AutoModelForCausalLM.from_pretrained(local_or_hub(path), dtype=dtype if dtype is not None else "auto",
                                                      **options)
     except (OSError, ValueError) as error:
-        raise backbone_load_error(path, error) from error
-    stamp_hub_commit(model.config, path, options.get("revision"))
+        raise backbone_load_error(path, error, options.get("revision")) from error
+    if commit is not None:
+        model.config._commit_hash = commit
     return model
 
 
 def hub_commit(name: str | Path, revision: str | None = None) -> str | None:
-    """The commit of the hub model ``name`` at ``revision`` (None: its default branch) whose files the
-    local Hugging Face cache holds, i.e. what ``from_pretrained`` has just read; None for a local
-    directory, the tiny model, or a model not in the cache. (transformers 5.x from some minor version on
-    no longer sets ``config._commit_hash``: the cache's ``refs/`` and ``snapshots/`` say it.)"""
+    """The commit that the hub model ``name`` at ``revision`` (a branch, tag or commit; None: its default
+    branch) resolves to now: its config.json fetched into the Hugging Face cache (or found there, offline),
+    whose ``snapshots/<commit>/`` path says it. None for a local directory or the tiny model, or where it
+    cannot be resolved (``from_pretrained`` then says why). Resolved once before loading, the commit is
+    what every file is then read at (transformers 5.x no longer records it in ``config._commit_hash``)."""
     import re
 
     if str(name) == "tiny" or user_path(name).exists() or looks_like_local_path(str(name)):
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import hf_hub_download
 
-        cached = try_to_load_from_cache(str(name), "config.json", revision=revision)
-    except Exception:  # an invalid repo id, or an older huggingface_hub: unknown
+        path = hf_hub_download(str(name), "config.json", revision=revision)
+    except Exception:  # not found, offline and not cached, an invalid repo id: from_pretrained says which
         return None
-    if not isinstance(cached, str):
-        return None
-    found = re.search(r"/snapshots/([0-9a-f]{40})/", Path(cached).as_posix())
+    found = re.search(r"/snapshots/([0-9a-f]{40})/", Path(path).as_posix())
     return found.group(1) if found else None
 
 
-def stamp_hub_commit(config: Any, name: str | Path, revision: str | None = None) -> None:
-    """Set ``config._commit_hash`` (what heads and resumes record as the backbone's hub revision) where
-    transformers did not: the commit ``hub_commit`` finds, if any."""
-    if config is not None and not getattr(config, "_commit_hash", None):
-        commit = hub_commit(name, revision)
-        if commit is not None:
-            config._commit_hash = commit
+def recorded_base(directory: str | Path) -> tuple[str | None, str | None]:
+    """(base_model_name_or_path, base_model_revision) that the heads in ``directory`` record, from their
+    config.json alone (no tensor is read)."""
+    config = _read_config(Path(directory))
+    return config.get("base_model_name_or_path"), config.get("medusa_liger", {}).get("base_model_revision")
 
 
-def recorded_revision(ckpt: HeadsCheckpoint, backbone: str | Path) -> dict[str, str]:
-    """``{"revision": commit}`` when ``backbone`` is the hub name the heads record and they record the commit
-    its files came from (``from_pretrained``'s keyword), else ``{}``: the heads' backbone is what they
-    were trained on, not whatever the name's default branch holds now."""
-    if ckpt.base_model_revision and str(backbone) == ckpt.base_model_name_or_path and not user_path(backbone).is_dir():
-        return {"revision": ckpt.base_model_revision}
+def recorded_revision(name: str | None, revision: str | None, backbone: str | Path) -> dict[str, str]:
+    """``{"revision": revision}`` when ``backbone`` is the hub name ``name`` that heads record with the
+    commit ``revision`` its files came from (``from_pretrained``'s keyword), else ``{}``: the heads'
+    backbone is what they were trained on, not whatever the name's default branch holds now."""
+    if revision and str(backbone) == name and not user_path(backbone).is_dir():
+        return {"revision": revision}
     return {}
 
 
@@ -676,7 +687,8 @@ def load_pretrained(cls: type, directory: str | Path, backbone: nn.Module | str 
                              f"model or a path (the heads were trained on {ckpt.base_model_name_or_path!r})")
         backbone = directory / BACKBONE_SUBDIR
     if isinstance(backbone, (str, Path)):
-        backbone = load_backbone(backbone, **recorded_revision(ckpt, backbone))
+        backbone = load_backbone(backbone, **recorded_revision(ckpt.base_model_name_or_path,
+                                                                ckpt.base_model_revision, backbone))
     check_backbone_matches(ckpt, backbone, directory)
     fixed = {"num_heads", "num_layers", "shared_lm_head"} & set(overrides)
     if fixed:

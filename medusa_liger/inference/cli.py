@@ -192,10 +192,10 @@ def load_medusa(backbone: str, heads: str | Path, *, device: str | None = None, 
     dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU.
     """
     from medusa_liger.heads import MedusaModel
-    from medusa_liger.heads.export import read_heads, recorded_revision
+    from medusa_liger.heads.export import recorded_base, recorded_revision
 
     # The backbone the heads name: at the commit they were trained on (where they record it).
-    pinned = recorded_revision(read_heads(heads), backbone)
+    pinned = recorded_revision(*recorded_base(heads), backbone)
     causal_lm, tokenizer = load_causal_lm(backbone, device=device, dtype=dtype,
                                           attn_implementation=attn_implementation, **pinned)
     model = MedusaModel.from_pretrained(heads, backbone=causal_lm)

@@ -72,11 +72,15 @@ def cast_adapters(backbone, dtype: torch.dtype) -> None:
                 getattr(module, name).to(dtype)  # a ModuleDict / ParameterDict keyed by adapter name
 
 
-def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_meta: bool = False):
+def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_meta: bool = False,
+                                 commit: str | None = None):
     """(tokenizer, backbone) on the CPU; ``examples_for_tokenizer`` () -> Examples, for the tiny model.
 
     ``on_meta``: the backbone's architecture only, on the meta device (no weights read, no memory):
     an FSDP rank other than 0, whose shards ``fsdp.shard_model`` then fills from rank 0's tensors.
+    A hub model's tokenizer, config and weights are all read at one commit: ``commit`` (the training
+    loop resolves it on rank 0, so that every rank reads the same), else the one ``model.name_or_path``
+    at ``model.revision`` resolves to now (``heads.export.hub_commit``); ``config._commit_hash`` records it.
     """
     dtype = DTYPES[cfg.model.dtype]
     where = torch.device("meta") if on_meta else nullcontext()
@@ -92,13 +96,14 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from medusa_liger.heads.export import note_hub_lookup, stamp_hub_commit
+        from medusa_liger.heads.export import hub_commit, note_hub_lookup
 
         if distributed.is_main():
             note_hub_lookup(cfg.model.name_or_path)
-        # A hub model's revision, where one is pinned (model.revision), for every file read.
-        hub = {"trust_remote_code": cfg.model.trust_remote_code} | (
-            {"revision": cfg.model.revision} if cfg.model.revision is not None else {})
+        # One commit for every file read (where the name resolves to one; else model.revision as given).
+        commit = commit or hub_commit(cfg.model.name_or_path, cfg.model.revision)
+        revision = commit or cfg.model.revision
+        hub = {"trust_remote_code": cfg.model.trust_remote_code} | ({"revision": revision} if revision else {})
         try:
             tokenizer = load_tokenizer(cfg.model.name_or_path, **hub)
         except ValueError as error:  # (transformers blames a missing package for missing tokenizer files)
@@ -113,8 +118,8 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
                 backbone = AutoModelForCausalLM.from_config(config, **kwargs)
         else:
             backbone = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs | hub)
-        # The commit the files came from (resumes and heads record it; transformers 5.x no longer does).
-        stamp_hub_commit(backbone.config, cfg.model.name_or_path, cfg.model.revision)
+        if commit is not None:  # (resumes and heads record it; transformers 5.x no longer does)
+            backbone.config._commit_hash = commit
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.model.patch:

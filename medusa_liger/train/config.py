@@ -246,6 +246,13 @@ def _yaml_bool_hint(value: Any) -> str:
     return " (YAML reads yes/no/on/off as true/false: quote a string, e.g. key='off')" if isinstance(value, bool) else ""
 
 
+def _yaml_string_hint(value: Any) -> str:
+    """Where any string would do: YAML's booleans (``_yaml_bool_hint``), and 2024 or 1.0 read as numbers."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f" (YAML reads {value!r} as a number: quote a string, e.g. key='{value}')"
+    return _yaml_bool_hint(value)
+
+
 def _convert(key: str, value: Any, tp: Any, one_item_lists: bool = True) -> Any:
     """``value`` checked against (and lightly coerced to) the annotation ``tp``; ValueError names key.
     ``one_item_lists``: a string stands for a one-item list of strings (off inside unions, where
@@ -263,7 +270,8 @@ def _convert(key: str, value: Any, tp: Any, one_item_lists: bool = True) -> Any:
                 return _convert(key, value, option, one_item_lists=False)
             except ValueError:
                 continue
-        raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        hint = _yaml_string_hint(value) if str in typing.get_args(tp) else ""
+        raise ValueError(f"{key} must be {_type_name(tp)}, got {value!r}{hint}")
     if origin is Literal:
         options = typing.get_args(tp)
         if isinstance(value, str) and DTYPE_NAMES.get(value) in options:
@@ -306,7 +314,7 @@ def _convert(key: str, value: Any, tp: Any, one_item_lists: bool = True) -> Any:
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}{_yaml_bool_hint(value)}")
+            raise ValueError(f"{key} must be a string, got {value!r}{_yaml_string_hint(value)}")
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in the schema, not input
 

@@ -66,8 +66,18 @@ def rebuild_backbone(checkpoint_dir: str | Path, tensors: dict[str, torch.Tensor
                          f"is not at {config_path}: export it from inside its run directory, or pass --backbone")
     # The run's directory wherever it is now (the tiny model's tokenizer is cached there).
     cfg = load_config(config_path, [f"output_dir={run_dir}"])
+    # At the hub commit the checkpoint's heads record for the run's base model (LoRA adapters and the
+    # frozen parts were trained on its weights), not what the name or a branch holds now.
+    commit = None
+    heads_dir = checkpoint_dir / CHECKPOINT_HEADS_DIR
+    if cfg.lora.enabled and heads_dir.is_dir():  # (without LoRA the checkpoint holds every backbone tensor)
+        from medusa_liger.heads.export import recorded_base
+
+        name, revision = recorded_base(heads_dir)
+        if name == cfg.model.name_or_path:
+            commit = revision
     with data_errors():
-        tokenizer, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+        tokenizer, backbone = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data), commit=commit)
     copy_into(dict(backbone.named_parameters()), tensors,
               f"{checkpoint_dir}/{TRAINABLE_FILE} does not fit the backbone {config_path} builds",
               allow_missing=cfg.lora.enabled)  # LoRA trains only the adapters

@@ -242,7 +242,9 @@ def unsharded_copy(cfg, model: torch.nn.Module, trained: dict[str, torch.Tensor]
     whole = full_tensors(trained)
     if not distributed.is_main():
         return None
-    _, backbone = build_tokenizer_and_backbone(cfg, examples)
+    # At the commit the run's backbone was read at (its default branch may have moved on since the start).
+    commit = getattr(model.backbone.config, "_commit_hash", None)
+    _, backbone = build_tokenizer_and_backbone(cfg, examples, commit=commit)
     plain = build_medusa(cfg, backbone, teacher=False)  # exports need no teacher
     named = dict(plain.named_parameters())
     with torch.no_grad():

@@ -13,14 +13,15 @@ tokenizer and every data option that changes them, so a rerun skips reading and 
 cache keeps the data warnings building them gave (records skipped, targets cut off) and says them again.
 
 ``PackedLoader`` yields micro-batches of rows in an order reshuffled every epoch from
-``(seed, epoch)``; its state is ``(epoch, position)``, which a checkpoint stores so that a resumed
-run sees exactly the batches the uninterrupted run would have seen.
+``(seed, epoch)``; its state is ``(epoch, position, micro_step)``, which a checkpoint stores so that a
+resumed run sees exactly the batches the uninterrupted run would have seen. An epoch ends where the
+next optimizer step's rows (``micro_batch_size x world_size x grad_accum``) do not fit.
 
 Data parallel: with ``world_size`` ranks, each draw takes the next ``micro_batch_size x
 world_size`` rows of the shared order and rank r keeps rows ``[r * micro_batch_size, (r + 1) *
 micro_batch_size)`` of them: the shards are disjoint, depend only on the seed, and one step of W
-ranks reads exactly the rows that W consecutive micro-batches of one process would read (within
-an epoch). ``(epoch, position)`` counts global rows, so it is the same on every rank and one
+ranks with grad_accum A reads exactly the rows of one step of one process with grad_accum W x A, in
+every epoch. ``(epoch, position)`` counts global rows, so it is the same on every rank and one
 checkpointed state restores every rank's position (also under another world size).
 """
 
