@@ -178,8 +178,9 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
         raise backbone_load_error(backbone, error) from error
     pinned = {} if revision is None else {"revision": revision}
     causal_lm = load_backbone(backbone, torch_dtype, attn_implementation=attn_implementation, **pinned)
+    commit = getattr(causal_lm.config, "_commit_hash", None)  # (a hub model: the tokenizer of that commit too)
     try:
-        tokenizer = load_tokenizer(str(backbone), **pinned)
+        tokenizer = load_tokenizer(str(backbone), **({"revision": commit} if commit else pinned))
     except (OSError, ValueError) as error:
         raise backbone_load_error(backbone, error) from error
     return causal_lm.to(device).eval(), tokenizer
