@@ -890,14 +890,16 @@ def test_heads_record_the_hub_commit_of_their_backbone_and_load_it_at_that_commi
     assert asked == [("org/base", commit)] and read_heads(tmp_path / "again").base_model_revision == commit
 
 
-HUB_SCRIPT = r'''
-import json, os, sys, tempfile
+# A fake Hugging Face cache (offline) holding org/base at two commits, `old` and `new`, with refs/main
+# at `new` and tag v1 at `old`; each test script below starts with it (run in a subprocess, with
+# HF_HUB_CACHE pointing there: huggingface_hub reads the variable when it is imported).
+FAKE_HUB = r'''
+import os, sys, tempfile
 from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from medusa_liger.heads import MedusaConfig, MedusaModel
 from medusa_liger.heads.export import load_backbone, read_heads
-from medusa_liger.train.build import build_tokenizer_and_backbone, fixed_settings
 from medusa_liger.train.config import load_config
 from medusa_liger.train.tiny import train_tokenizer
 
@@ -913,6 +915,35 @@ for seed, commit in enumerate((old, new)):
 (root / "refs").mkdir(parents=True)
 (root / "refs" / "main").write_text(new)  # the default branch moved on
 (root / "refs" / "v1").write_text(old)
+'''
+
+
+def run_on_a_fake_hub(tmp_path, script: str) -> None:
+    # ``FAKE_HUB`` then ``script`` in a subprocess (argv[1]: configs/tiny.yaml), which must print "ok".
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+                        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    (tmp_path / "script.py").write_text(FAKE_HUB + script)
+    done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(root / "configs" / "tiny.yaml")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_a_backbone_read_from_the_hub_cache_records_its_commit(tmp_path):
+    """Not a hand-set ``_commit_hash``: transformers 5.x (5.24 at least) no longer sets it, so heads
+    recorded no commit and resumes pinned no revision. On the fake hub (main moved on past tag v1): our
+    loaders read one commit and record it, the heads keep it, loading the recorded hub name takes v1's
+    weights, and a run trained on main before it moved is refused a resume on the new main."""
+    run_on_a_fake_hub(tmp_path, r'''
+from medusa_liger.train import train
+from medusa_liger.train.build import build_tokenizer_and_backbone, fixed_settings
+from medusa_liger.train.checkpoint import ResumeError
+from tests.train_helpers import SHORT
 
 assert getattr(load_backbone("org/base").config, "_commit_hash", None) == new
 v1 = load_backbone("org/base", revision="v1")
@@ -934,10 +965,6 @@ loaded = MedusaModel.from_pretrained(heads, backbone="org/base")  # v1's weights
 assert torch.equal(loaded.backbone.lm_head.weight, v1.lm_head.weight)
 
 # A training run on main, then main moves on: its resume is refused, naming the revision that resumes it.
-from medusa_liger.train import train
-from medusa_liger.train.checkpoint import ResumeError
-from tests.train_helpers import SHORT
-
 run = [*SHORT, f"output_dir={tempfile.mkdtemp()}", "model.name_or_path=org/base", "train.mode=heads",
        "checkpoint.every=2", "export.formats=[medusa]", "data.eval_fraction=0.0", "heads.num_heads=2"]
 (root / "refs" / "main").write_text(old)
@@ -950,51 +977,17 @@ except ResumeError as error:
     assert f"the backbone's hub revision {old} -> {new} (model.revision={old} loads" in str(error), error
 train(load_config(sys.argv[1], [*run, "train.steps=3", "train.resume=auto", f"model.revision={old}"]))
 print("ok")
-'''
+''')
 
 
-def test_a_backbone_read_from_the_hub_cache_records_its_commit(tmp_path):
-    """Not a hand-set ``_commit_hash``: transformers 5.x (5.24 at least) no longer sets it, so heads
-    recorded no commit and resumes pinned no revision. A fake hub cache (offline) with a default branch
-    that moved on past tag v1: our loaders record the commit they read, the heads keep it, and loading
-    the recorded hub name takes v1's weights."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
-                        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    (tmp_path / "script.py").write_text(HUB_SCRIPT)
-    done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(root / "configs" / "tiny.yaml")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
-
-
-REBUILD_SCRIPT = r'''
-import os, sys, tempfile
-from pathlib import Path
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-from medusa_liger.heads import MedusaConfig, MedusaModel
-from medusa_liger.heads.export import load_backbone
-from medusa_liger.train.config import load_config, save_config
+def test_a_lora_checkpoint_exports_on_the_hub_commit_it_trained_on(tmp_path):
+    """A LoRA run on an unpinned hub model whose default branch moved on: its checkpoint's export merged
+    the adapters into the new revision's weights (a resume refuses that revision)."""
+    run_on_a_fake_hub(tmp_path, r'''
+from medusa_liger.train.config import save_config
 from medusa_liger.train.export_cli import rebuild_backbone
-from medusa_liger.train.tiny import train_tokenizer
 
-root = Path(os.environ["HF_HUB_CACHE"]) / "models--org--base"
-old, new = "0a1b" * 10, "9f8e" * 10
-tokenizer = train_tokenizer(["def f(x): return x", "The pass statement."] * 4, 300, Path(tempfile.mkdtemp()))
-for seed, commit in enumerate((old, new)):
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(root / "snapshots" / commit)
-    tokenizer.save_pretrained(root / "snapshots" / commit)
-(root / "refs").mkdir(parents=True)
 (root / "refs" / "main").write_text(old)  # the run trains on main = old
-
 run = Path(tempfile.mkdtemp())
 cfg = load_config(sys.argv[1], [f"output_dir={run}", "model.name_or_path=org/base", "lora.enabled=true"])
 save_config(cfg, run / "config.yaml")
@@ -1006,21 +999,4 @@ MedusaModel.from_backbone(base, MedusaConfig(num_heads=2, num_layers=1, shared_l
 backbone, _, _ = rebuild_backbone(step, {})  # (the adapters would be loaded here: they fit old's weights)
 assert torch.equal(backbone.get_input_embeddings().weight, base.get_input_embeddings().weight), "main's weights"
 print("ok")
-'''
-
-
-def test_a_lora_checkpoint_exports_on_the_hub_commit_it_trained_on(tmp_path):
-    """A LoRA run on an unpinned hub model whose default branch moved on: its checkpoint's export merged
-    the adapters into the new revision's weights (a resume refuses that revision)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
-                        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    (tmp_path / "script.py").write_text(REBUILD_SCRIPT)
-    done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(root / "configs" / "tiny.yaml")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
+''')
