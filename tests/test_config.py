@@ -329,8 +329,12 @@ def test_model_revision_is_for_hub_models_only(tmp_path):
     with pytest.raises(ValueError, match="model.revision must be a branch, tag or commit hash"):
         load_config(TINY, ["model.name_or_path=someone/base", "model.revision=' '"])
     # A tag like 2024 or 1.0 (or a short hash of digits) is a number to YAML: the message says to quote it.
-    with pytest.raises(ValueError, match=r"got 1.0 \(YAML reads 1.0 as a number: quote a string, e.g. key='1.0'\)"):
+    with pytest.raises(ValueError, match=r"got 1.0 \(YAML reads it as a number: quote the string as written"):
         load_config(TINY, ["model.name_or_path=someone/base", "model.revision=1.0"])
+    # The hint suggests no value of its own: YAML's number is not what was written (tag 1.10 is 1.1 to it).
+    with pytest.raises(ValueError) as error:
+        load_config(TINY, ["model.name_or_path=someone/base", "model.revision=1.10"])
+    assert "key='1.1'" not in str(error.value)
     assert load_config(TINY, ["model.name_or_path=someone/base", "model.revision='1.0'"]).model.revision == "1.0"
 
 

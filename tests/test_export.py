@@ -1000,3 +1000,25 @@ backbone, _, _ = rebuild_backbone(step, {})  # (the adapters would be loaded her
 assert torch.equal(backbone.get_input_embeddings().weight, base.get_input_embeddings().weight), "main's weights"
 print("ok")
 ''')
+
+
+def test_a_full_joint_checkpoint_exports_with_the_config_and_tokenizer_of_its_hub_commit(tmp_path):
+    """Without LoRA the checkpoint holds every backbone parameter, but not the config.json (nor the buffers
+    built from it) nor the tokenizer that the export writes beside them: those of the commit it trained on."""
+    run_on_a_fake_hub(tmp_path, r'''
+from medusa_liger.train.config import save_config
+from medusa_liger.train.export_cli import rebuild_backbone
+
+(root / "refs" / "main").write_text(old)  # the run trains on main = old
+run = Path(tempfile.mkdtemp())
+cfg = load_config(sys.argv[1], [f"output_dir={run}", "model.name_or_path=org/base", "train.mode=joint"])
+save_config(cfg, run / "config.yaml")
+step = run / "checkpoints" / "step-000002"
+base = load_backbone("org/base")
+MedusaModel.from_backbone(base, MedusaConfig(num_heads=2, num_layers=1, shared_lm_head=True)).save_heads(
+    step / "heads", format="medusa", base_model_name_or_path="org/base")
+(root / "refs" / "main").write_text(new)  # then main moves on
+backbone, _, _ = rebuild_backbone(step, {k: v.detach().clone() for k, v in base.named_parameters()})
+assert backbone.config._commit_hash == old, backbone.config._commit_hash
+print("ok")
+''')

@@ -628,14 +628,15 @@ def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None, **op
     check_backbone_path(path)
     dtype = parse_dtype(dtype)
     note_hub_lookup(path)
-    commit = hub_commit(path, options.get("revision"))
+    asked = options.get("revision")
+    commit = hub_commit(path, asked)
     if commit is not None:  # every file read at that one commit, and the commit recorded
         options = {**options, "revision": commit}
     try:
         model = AutoModelForCausalLM.from_pretrained(local_or_hub(path), dtype=dtype if dtype is not None else "auto",
                                                      **options)
     except (OSError, ValueError) as error:
-        raise backbone_load_error(path, error, options.get("revision")) from error
+        raise backbone_load_error(path, error, asked) from error
     if commit is not None:
         model.config._commit_hash = commit
     return model

@@ -73,7 +73,7 @@ def cast_adapters(backbone, dtype: torch.dtype) -> None:
 
 
 def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_meta: bool = False,
-                                 commit: str | None = None):
+                                 commit: str | None = None, resolved: bool = False):
     """(tokenizer, backbone) on the CPU; ``examples_for_tokenizer`` () -> Examples, for the tiny model.
 
     ``on_meta``: the backbone's architecture only, on the meta device (no weights read, no memory):
@@ -81,6 +81,8 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
     A hub model's tokenizer, config and weights are all read at one commit: ``commit`` (the training
     loop resolves it on rank 0, so that every rank reads the same), else the one ``model.name_or_path``
     at ``model.revision`` resolves to now (``heads.export.hub_commit``); ``config._commit_hash`` records it.
+    ``resolved``: the caller resolved ``commit`` (and said ``note_hub_lookup``'s note) already: None is then
+    not resolved again (every rank would otherwise ask the hub, each perhaps for another commit).
     """
     dtype = DTYPES[cfg.model.dtype]
     where = torch.device("meta") if on_meta else nullcontext()
@@ -98,10 +100,11 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
 
         from medusa_liger.heads.export import hub_commit, note_hub_lookup
 
-        if distributed.is_main():
+        if distributed.is_main() and not resolved:
             note_hub_lookup(cfg.model.name_or_path)
         # One commit for every file read (where the name resolves to one; else model.revision as given).
-        commit = commit or hub_commit(cfg.model.name_or_path, cfg.model.revision)
+        if not resolved:
+            commit = commit or hub_commit(cfg.model.name_or_path, cfg.model.revision)
         revision = commit or cfg.model.revision
         hub = {"trust_remote_code": cfg.model.trust_remote_code} | ({"revision": revision} if revision else {})
         try:

@@ -248,8 +248,8 @@ def _yaml_bool_hint(value: Any) -> str:
 
 def _yaml_string_hint(value: Any) -> str:
     """Where any string would do: YAML's booleans (``_yaml_bool_hint``), and 2024 or 1.0 read as numbers."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f" (YAML reads {value!r} as a number: quote a string, e.g. key='{value}')"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # (not the text as written: 1.10 -> 1.1)
+        return " (YAML reads it as a number: quote the string as written, e.g. key='1.10')"
     return _yaml_bool_hint(value)
 
 

@@ -66,11 +66,12 @@ def rebuild_backbone(checkpoint_dir: str | Path, tensors: dict[str, torch.Tensor
                          f"is not at {config_path}: export it from inside its run directory, or pass --backbone")
     # The run's directory wherever it is now (the tiny model's tokenizer is cached there).
     cfg = load_config(config_path, [f"output_dir={run_dir}"])
-    # At the hub commit the checkpoint's heads record for the run's base model (LoRA adapters and the
-    # frozen parts were trained on its weights), not what the name or a branch holds now.
+    # At the hub commit the checkpoint's heads record for the run's base model, not what the name or a
+    # branch holds now: LoRA adapters and the frozen parts were trained on its weights, and every run's
+    # config.json, buffers (e.g. rotary frequencies) and tokenizer, which no checkpoint holds, are its.
     commit = None
     heads_dir = checkpoint_dir / CHECKPOINT_HEADS_DIR
-    if cfg.lora.enabled and heads_dir.is_dir():  # (without LoRA the checkpoint holds every backbone tensor)
+    if heads_dir.is_dir():
         from medusa_liger.heads.export import recorded_base
 
         name, revision = recorded_base(heads_dir)

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from medusa_liger.heads import MedusaConfig
-from medusa_liger.heads.export import hub_commit, mistyped_path_hint, read_heads, write_heads
+from medusa_liger.heads.export import hub_commit, mistyped_path_hint, note_hub_lookup, read_heads, write_heads
 from medusa_liger.kernels.cross_entropy import row_targets
 from medusa_liger.records import recorded_data_warnings
 from medusa_liger.run_layout import (
@@ -377,8 +377,11 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     # A hub backbone's commit, resolved on rank 0 and read at by every rank: the replicas start from the
     # same weights, and every rank judges a resume by the same commit.
+    # (Rank 0's None too: no rank asks the hub again; each loads model.revision as given.)
     commit = None
     if cfg.model.name_or_path != "tiny":
+        if main:
+            note_hub_lookup(cfg.model.name_or_path)  # (before the lookup, which may take a minute)
         commit = distributed.all_gather_objects(hub_commit(cfg.model.name_or_path, cfg.model.revision)
                                                 if main else None)[0]
     # Rank 0 first fills the caches (the tiny tokenizer, the packed rows) that the other ranks then read.
@@ -387,7 +390,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         # (The tiny backbone is built here, not loaded: its errors are data or disk errors, not the name's.)
         with model_errors(cfg) if cfg.model.name_or_path != "tiny" else nullcontext():
             tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples, on_meta=cfg.train.fsdp and not main,
-                                                               commit=commit)
+                                                               commit=commit, resolved=True)
     with distributed.main_first(), data_errors():
         data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None, load_notes=load_notes,
                                  quiet=not main)
