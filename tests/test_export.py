@@ -918,8 +918,9 @@ for seed, commit in enumerate((old, new)):
 '''
 
 
-def run_on_a_fake_hub(tmp_path, script: str) -> None:
-    # ``FAKE_HUB`` then ``script`` in a subprocess (argv[1]: configs/tiny.yaml), which must print "ok".
+def run_on_a_fake_hub(tmp_path, script: str, *args: str) -> None:
+    # ``FAKE_HUB`` then ``script`` in a subprocess (argv[1]: configs/tiny.yaml, then ``args``), which must
+    # print "ok".
     import os
     import subprocess
     import sys
@@ -929,7 +930,7 @@ def run_on_a_fake_hub(tmp_path, script: str) -> None:
     env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
                         "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     (tmp_path / "script.py").write_text(FAKE_HUB + script)
-    done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(root / "configs" / "tiny.yaml")],
+    done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(root / "configs" / "tiny.yaml"), *args],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -980,45 +981,29 @@ print("ok")
 ''')
 
 
-def test_a_lora_checkpoint_exports_on_the_hub_commit_it_trained_on(tmp_path):
-    """A LoRA run on an unpinned hub model whose default branch moved on: its checkpoint's export merged
-    the adapters into the new revision's weights (a resume refuses that revision)."""
+@pytest.mark.parametrize("setting", ["lora.enabled=true", "train.mode=joint"])
+def test_a_checkpoint_exports_on_the_hub_commit_it_trained_on(tmp_path, setting):
+    """A run on an unpinned hub model whose default branch moved on. With LoRA the checkpoint's export
+    merged the adapters into the new revision's weights (a resume refuses that revision); a full joint
+    checkpoint holds every backbone parameter, but not the config.json (nor the buffers built from it)
+    nor the tokenizer that the export writes beside them: all of them are the trained-on commit's."""
     run_on_a_fake_hub(tmp_path, r'''
 from medusa_liger.train.config import save_config
 from medusa_liger.train.export_cli import rebuild_backbone
 
+lora = sys.argv[2] == "lora.enabled=true"
 (root / "refs" / "main").write_text(old)  # the run trains on main = old
 run = Path(tempfile.mkdtemp())
-cfg = load_config(sys.argv[1], [f"output_dir={run}", "model.name_or_path=org/base", "lora.enabled=true"])
+cfg = load_config(sys.argv[1], [f"output_dir={run}", "model.name_or_path=org/base", sys.argv[2]])
 save_config(cfg, run / "config.yaml")
 step = run / "checkpoints" / "step-000002"
 base = load_backbone("org/base")
 MedusaModel.from_backbone(base, MedusaConfig(num_heads=2, num_layers=1, shared_lm_head=True)).save_heads(
     step / "heads", format="medusa", base_model_name_or_path="org/base")
 (root / "refs" / "main").write_text(new)  # then main moves on
-backbone, _, _ = rebuild_backbone(step, {})  # (the adapters would be loaded here: they fit old's weights)
+# (LoRA: the adapters would be loaded here, fitting old's weights; joint: every trained parameter)
+backbone, _, _ = rebuild_backbone(step, {} if lora else {k: v.detach().clone() for k, v in base.named_parameters()})
+assert backbone.config._commit_hash == old, backbone.config._commit_hash
 assert torch.equal(backbone.get_input_embeddings().weight, base.get_input_embeddings().weight), "main's weights"
 print("ok")
-''')
-
-
-def test_a_full_joint_checkpoint_exports_with_the_config_and_tokenizer_of_its_hub_commit(tmp_path):
-    """Without LoRA the checkpoint holds every backbone parameter, but not the config.json (nor the buffers
-    built from it) nor the tokenizer that the export writes beside them: those of the commit it trained on."""
-    run_on_a_fake_hub(tmp_path, r'''
-from medusa_liger.train.config import save_config
-from medusa_liger.train.export_cli import rebuild_backbone
-
-(root / "refs" / "main").write_text(old)  # the run trains on main = old
-run = Path(tempfile.mkdtemp())
-cfg = load_config(sys.argv[1], [f"output_dir={run}", "model.name_or_path=org/base", "train.mode=joint"])
-save_config(cfg, run / "config.yaml")
-step = run / "checkpoints" / "step-000002"
-base = load_backbone("org/base")
-MedusaModel.from_backbone(base, MedusaConfig(num_heads=2, num_layers=1, shared_lm_head=True)).save_heads(
-    step / "heads", format="medusa", base_model_name_or_path="org/base")
-(root / "refs" / "main").write_text(new)  # then main moves on
-backbone, _, _ = rebuild_backbone(step, {k: v.detach().clone() for k, v in base.named_parameters()})
-assert backbone.config._commit_hash == old, backbone.config._commit_hash
-print("ok")
-''')
+''', setting)
