@@ -37,6 +37,7 @@ from medusa_liger.heads.export import (
     check_backbone_matches,
     check_fasterdecoding_heads,
     check_format,
+    commit_of,
     detect_format,
     lm_head_bias_of,
     load_backbone,
@@ -117,7 +118,7 @@ def load_for_export(checkpoint_dir: str | Path, backbone: str | Path | None = No
             recorded = ckpt.base_model_name_or_path
             ckpt.base_model_name_or_path = recorded_base_model(recorded, backbone, ckpt.config.mode)
             if ckpt.base_model_name_or_path != recorded:  # another base: its commit, where it has one
-                ckpt.base_model_revision = getattr(model.config, "_commit_hash", None) or None
+                ckpt.base_model_revision = commit_of(model.config, ckpt.base_model_name_or_path)
         lm_head = model.get_output_embeddings()
         ckpt.lm_head_weight = lm_head.weight.detach()
         ckpt.lm_head_bias = lm_head_bias_of(lm_head)

@@ -202,18 +202,23 @@ def checkpoint_of(model: nn.Module, base_model_name_or_path: str | None = None) 
         lm_head_bias=lm_head_bias_of(model.lm_head),
         base_model_name_or_path=name,
         serving_dtype=lm_weight.dtype,  # the backbone's own weight, never a trainable master copy
-        base_model_revision=_commit_of(getattr(model.backbone, "config", None), name),
+        base_model_revision=commit_of(getattr(model.backbone, "config", None), name),
     )
 
 
-def _commit_of(backbone_config: Any, name: str | None) -> str | None:
+def commit_of(backbone_config: Any, name: str | None) -> str | None:
     """The hub commit heads naming ``name`` record: the one the backbone was read at, where ``name`` is the
     hub name it was read under. Heads naming a local directory (e.g. a saved backbone) or another model
     record none (another name's commit is not that model's)."""
-    commit = getattr(backbone_config, "_commit_hash", None) or None
-    if not name or name != getattr(backbone_config, "_name_or_path", None) or user_path(name).exists():
+    if not name or name != getattr(backbone_config, "_name_or_path", None) or not names_a_hub_model(name):
         return None
-    return None if name == "tiny" or looks_like_local_path(name) else commit
+    return getattr(backbone_config, "_commit_hash", None) or None
+
+
+def names_a_hub_model(name: str | Path) -> bool:
+    """Whether ``name`` can only mean a hub model: not the tiny model, no existing path, not path-shaped
+    (``looks_like_local_path``). Only such a name has commits to pin."""
+    return str(name) != "tiny" and not user_path(name).exists() and not looks_like_local_path(str(name))
 
 
 def readable_by_others(path: Path) -> None:
@@ -650,7 +655,7 @@ def hub_commit(name: str | Path, revision: str | None = None) -> str | None:
     what every file is then read at (transformers 5.x no longer records it in ``config._commit_hash``)."""
     import re
 
-    if str(name) == "tiny" or user_path(name).exists() or looks_like_local_path(str(name)):
+    if not names_a_hub_model(name):
         return None
     try:
         from huggingface_hub import hf_hub_download
@@ -673,7 +678,7 @@ def recorded_revision(name: str | None, revision: str | None, backbone: str | Pa
     """``{"revision": revision}`` when ``backbone`` is the hub name ``name`` that heads record with the
     commit ``revision`` its files came from (``from_pretrained``'s keyword), else ``{}``: the heads'
     backbone is what they were trained on, not whatever the name's default branch holds now."""
-    if revision and str(backbone) == name and not user_path(backbone).is_dir():
+    if revision and str(backbone) == name and names_a_hub_model(backbone):
         return {"revision": revision}
     return {}
 

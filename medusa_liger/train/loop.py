@@ -530,7 +530,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 optimizer_state = fsdp.full_optimizer_state(optimizer) if fsdp_units else optimizer
                 if main:
                     run_state = {"data": loader.state_dict(), "wandb_id": logger.wandb_id, "world_size": world,
-                                 "objective": objective_settings(cfg), "fixed": fixed_settings(cfg, tokenizer, backbone_config),
+                                 "objective": objective_settings(cfg),
+                                 "fixed": fixed_settings(cfg, tokenizer, backbone_config),
                                  "data_settings": data_settings(cfg, rows)}
                     save_checkpoint(ckpt_root, done, trained, optimizer_state, scheduler, run_state, cfg.checkpoint.keep,
                                     write_extra=lambda d, h=heads: write_heads(h, d / CHECKPOINT_HEADS_DIR, "medusa"),
