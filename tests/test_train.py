@@ -1422,52 +1422,46 @@ def test_a_resume_gives_each_group_this_runs_decay_rate_and_betas():
     assert reapply_schedule(new, optimizer, scheduler) == []  # the same config again: nothing to say
 
 
-@pytest.mark.parametrize("overrides, seed_fixed", [
-    (["train.mode=heads"], True),                      # a frozen tiny backbone is drawn from the seed, never saved
-    (["train.mode=joint"], False),                     # a fully trained one is saved in every checkpoint
-    (["train.mode=joint", "lora.enabled=true"], True),  # LoRA: the base weights under the adapters are the seed's
-    (["train.mode=joint", "train.lm_loss=kl"], True),  # the frozen KL teacher is the backbone as drawn
-])
+# Runs whose checkpoints do not hold the whole backbone (True), so that what it is read from is fixed:
+# a frozen base in heads mode is never saved, LoRA saves only the adapters, and the frozen KL teacher is
+# the backbone as read; a fully trained one (joint mode) is saved in every checkpoint.
+UNSAVED_BASE = [(["train.mode=heads"], True), (["train.mode=joint"], False),
+                (["train.mode=joint", "lora.enabled=true"], True), (["train.mode=joint", "train.lm_loss=kl"], True)]
+
+
+class _VocabOnly:  # a tokenizer for fixed_settings: tokenizer_fingerprint reads the vocabulary only
+    def get_vocab(self):
+        return {"a": 0, "b": 1}
+
+
+@pytest.mark.parametrize("overrides, seed_fixed", UNSAVED_BASE)
 def test_the_tiny_models_seed_is_fixed_only_where_unsaved_weights_come_from_it(overrides, seed_fixed):
     from medusa_liger.train.build import fixed_settings
 
-    class Tokenizer:  # tokenizer_fingerprint reads the vocabulary only
-        def get_vocab(self):
-            return {"a": 0, "b": 1}
-
-    fixed = fixed_settings(load_config(TINY, ["train.seed=7", *overrides]), Tokenizer())
+    fixed = fixed_settings(load_config(TINY, ["train.seed=7", *overrides]), _VocabOnly())
     assert ("train.seed" in fixed) is seed_fixed and "the tiny model's tokenizer" in fixed
     assert fixed.get("train.seed", 7) == 7 and ("lora.alpha" in fixed) is ("lora.enabled=true" in overrides)
 
 
-@pytest.mark.parametrize("overrides, pinned", [
-    (["train.mode=heads"], True),                      # the frozen base is not in the checkpoints
-    (["train.mode=joint"], False),                     # every checkpoint holds the whole trained backbone
-    (["train.mode=joint", "lora.enabled=true"], True),  # only the adapters are saved
-    (["train.mode=joint", "train.lm_loss=kl"], True),  # the frozen KL teacher is the base as loaded
-])
+@pytest.mark.parametrize("overrides, pinned", UNSAVED_BASE)
 def test_the_backbones_hub_revision_is_fixed_where_checkpoints_do_not_hold_it(overrides, pinned):
     # A hub model's new revision under the same name: heads or adapters resumed on other base weights.
     from transformers import LlamaConfig
 
     from medusa_liger.train.build import fixed_changes, fixed_settings
 
-    class Tokenizer:
-        def get_vocab(self):
-            return {"a": 0, "b": 1}
-
     cfg = load_config(TINY, overrides)
     hub, pushed, local = (LlamaConfig() for _ in range(3))
     hub._commit_hash, pushed._commit_hash = "0a1b" * 10, "9f8e" * 10
-    saved = fixed_settings(cfg, Tokenizer(), hub)
+    saved = fixed_settings(cfg, _VocabOnly(), hub)
     assert (saved.get("the backbone's hub revision") == "0a1b" * 10) is pinned
-    assert fixed_changes(saved, cfg, Tokenizer(), hub) == []
+    assert fixed_changes(saved, cfg, _VocabOnly(), hub) == []
     expected = [f"the backbone's hub revision {'0a1b' * 10} -> {'9f8e' * 10} (model.revision={'0a1b' * 10} loads "
                 "the checkpoint's)"] if pinned else []
-    assert fixed_changes(saved, cfg, Tokenizer(), pushed) == expected
+    assert fixed_changes(saved, cfg, _VocabOnly(), pushed) == expected
     # A local copy has no revision to compare (a snapshot moved out of the hub cache resumes).
-    assert "the backbone's hub revision" not in fixed_settings(cfg, Tokenizer(), local)
-    assert fixed_changes(saved, cfg, Tokenizer(), local) == []
+    assert "the backbone's hub revision" not in fixed_settings(cfg, _VocabOnly(), local)
+    assert fixed_changes(saved, cfg, _VocabOnly(), local) == []
 
 
 @pytest.mark.parametrize("on_meta", [False, True])
