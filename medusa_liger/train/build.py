@@ -367,14 +367,16 @@ def fixed_settings(cfg: Config, tokenizer, backbone_config=None) -> dict[str, ob
     (``_commit_hash``; none for a local directory) is fixed too: adapters and heads trained on one
     revision would go on another's weights, under the same model name, without a word."""
     fixed: dict[str, object] = {}
+    # Base weights the checkpoints do not hold: frozen (heads mode), under adapters, or the KL teacher's.
+    unsaved_base = cfg.train.mode == "heads" or cfg.lora.enabled or cfg.train.lm_loss == "kl"
     revision = getattr(backbone_config, "_commit_hash", None)
-    if revision and (cfg.train.mode == "heads" or cfg.lora.enabled or cfg.train.lm_loss == "kl"):
+    if revision and unsaved_base:
         fixed["the backbone's hub revision"] = revision
     if cfg.model.name_or_path == "tiny":
         # Trained anew at every start on the run's data (data.paths, data.max_examples, ...): other data
         # give other token ids. Its base weights are drawn from the seed, and saved only when they train.
         fixed["the tiny model's tokenizer"] = tokenizer_fingerprint(tokenizer)
-        if cfg.train.mode == "heads" or cfg.lora.enabled or cfg.train.lm_loss == "kl":  # (kl: the frozen teacher)
+        if unsaved_base:
             fixed["train.seed"] = cfg.train.seed
     if cfg.lora.enabled:
         fixed["lora.alpha"] = cfg.lora.alpha  # scales every adapter's output: another model
