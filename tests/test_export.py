@@ -936,8 +936,9 @@ def run_on_a_fake_hub(tmp_path, script: str, *args: str) -> None:
 
 
 def test_a_backbone_read_from_the_hub_cache_records_its_commit(tmp_path):
-    """Not a hand-set ``_commit_hash``: transformers 5.x (5.24 at least) no longer sets it, so heads
-    recorded no commit and resumes pinned no revision. On the fake hub (main moved on past tag v1): our
+    """Not a hand-set ``_commit_hash``: transformers 5.24 no longer sets it, so heads recorded no commit
+    and resumes pinned no revision; 5.17 takes one from a local directory inside a hub cache (emulated
+    here), which is no hub commit. On the fake hub (main moved on past tag v1): our
     loaders read one commit and record it, the heads keep it, loading the recorded hub name takes v1's
     weights, and a run trained on main before it moved is refused a resume on the new main."""
     run_on_a_fake_hub(tmp_path, r'''
@@ -946,10 +947,27 @@ from medusa_liger.train.build import build_tokenizer_and_backbone, fixed_setting
 from medusa_liger.train.checkpoint import ResumeError
 from tests.train_helpers import SHORT
 
+import re
+import transformers
+
+# As transformers 5.17 does (5.24 does not): a commit taken from a path inside a hub cache, a local one too.
+from_pretrained = transformers.AutoModelForCausalLM.from_pretrained.__func__
+def from_pretrained_like_5_17(cls, name, *args, **kwargs):
+    model = from_pretrained(cls, name, *args, **kwargs)
+    if found := re.search(r"/snapshots/([0-9a-f]{40})", str(name)):
+        model.config._commit_hash = found.group(1)
+    return model
+transformers.AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained_like_5_17)
+
 assert getattr(load_backbone("org/base").config, "_commit_hash", None) == new
 v1 = load_backbone("org/base", revision="v1")
 assert v1.config._commit_hash == old
-assert getattr(load_backbone(root / "snapshots" / old).config, "_commit_hash", None) is None  # a local directory
+local = root / "snapshots" / old  # a local directory: no hub commit, on any transformers version
+assert getattr(load_backbone(local).config, "_commit_hash", None) is None
+local_cfg = load_config(sys.argv[1], [f"output_dir={tempfile.mkdtemp()}", f"model.name_or_path={local}",
+                                      "train.mode=heads"])
+_, backbone = build_tokenizer_and_backbone(local_cfg)
+assert "the backbone's hub revision" not in fixed_settings(local_cfg, tokenizer, backbone.config)
 
 cfg = load_config(sys.argv[1], [f"output_dir={tempfile.mkdtemp()}", "model.name_or_path=org/base", "model.revision=v1",
                                 "train.mode=heads"])

@@ -642,8 +642,9 @@ def load_backbone(path: str | Path, dtype: torch.dtype | str | None = None, **op
                                                      **options)
     except (OSError, ValueError) as error:
         raise backbone_load_error(path, error, asked) from error
-    if commit is not None:
-        model.config._commit_hash = commit
+    # Ours, not transformers': 5.24 records none, 5.17 takes one from a local path inside a hub cache
+    # (``snapshots/<commit>/``), so a local directory would record a commit on some versions only.
+    model.config._commit_hash = commit
     return model
 
 

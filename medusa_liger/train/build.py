@@ -121,8 +121,9 @@ def build_tokenizer_and_backbone(cfg: Config, examples_for_tokenizer=None, on_me
                 backbone = AutoModelForCausalLM.from_config(config, **kwargs)
         else:
             backbone = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs | hub)
-        if commit is not None:  # (resumes and heads record it; transformers 5.x no longer does)
-            backbone.config._commit_hash = commit
+        # Resumes and heads record it. Ours, not transformers' (which varies by version: none, or one
+        # taken from a local path inside a hub cache): none for a local directory.
+        backbone.config._commit_hash = commit
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.model.patch:
