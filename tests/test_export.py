@@ -335,13 +335,20 @@ def test_bf16_stored_lm_head_is_no_false_alarm(tmp_path, recwarn):
         MedusaModel.from_pretrained(tmp_path, backbone=model.backbone)
 
 
-def test_backbone_logit_transforms_are_refused():
+@pytest.mark.parametrize("key, value", [
+    ("final_logit_softcapping", 30.0),  # Gemma 2's default
+    ("logits_scaling", 16.0),  # Granite 3.0 8B's (the config class defaults to 1.0)
+    ("logit_scale", 0.0625),  # Cohere's default
+])
+def test_backbone_logit_transforms_are_refused(key, value):
+    """Our losses and decoding's logits are hidden @ lm_head.T: a backbone that transforms its logits is
+    refused (Cohere's logit_scale made typical acceptance sample at 16x the temperature)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1, num_attention_heads=4,
                          vocab_size=V)
-    config.final_logit_softcapping = 30.0  # Gemma 2's; our losses are hidden @ lm_head.T without it
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+    setattr(config, key, value)
+    with pytest.raises(ValueError, match=f"{key}={value}"):
         MedusaModel.from_backbone(LlamaForCausalLM(config), MedusaConfig(num_heads=1))
 
 

@@ -167,7 +167,8 @@ class MedusaModel(nn.Module):
                 f"lm_head expects hidden_size={hidden}, vocab_size={vocab}"
             )
         backbone_config = getattr(backbone, "config", None)
-        for key, plain in (("final_logit_softcapping", None), ("logits_scaling", 1.0)):
+        # Gemma 2 soft-caps its logits, Granite divides them by logits_scaling, Cohere multiplies by logit_scale.
+        for key, plain in (("final_logit_softcapping", None), ("logits_scaling", 1.0), ("logit_scale", 1.0)):
             value = getattr(backbone_config, key, plain)
             if value not in (plain, None):  # the heads' and lm losses are hidden @ lm_head.T, without it
                 raise ValueError(f"the backbone's config has {key}={value}, a transform of its logits that "
