@@ -3,7 +3,8 @@
 The check of ``tests/test_head_by_head.py``'s lifetime test, outside pytest and three times over: each head
 records a weak reference to its block's output (which SiLU saves for backward); at the start of head k it
 prints (k, earlier activations alive, alive again after 0.5 s and gc, Python threads). Without compute-
-sanitizer every count is 0; under it the earlier heads' stay alive.
+sanitizer every count is 0; under it the earlier heads' stay alive when it records host backtraces
+(``--show-backtrace yes``, its default, or ``host``), and not with ``no`` or ``device`` (runs 183-184).
     PYTHONPATH=. python3 benchmarks/head_by_head_lifetime_probe.py [--device cuda]
 """
 

@@ -11,8 +11,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TOOL=${SANITIZE_TOOL:-memcheck}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1
+# Device backtraces only: recording a host backtrace at each launch kept tensors alive that the code had
+# freed (the head-by-head lifetime test failed under the sanitizer only; runs 183-184).
 SAN=(compute-sanitizer --tool "$TOOL" --target-processes all --report-api-errors no --error-exitcode 86
-     --print-limit 20)
+     --print-limit 20 --show-backtrace device)
 # 1. The control, a planted bug the tool must report, or a clean run below proves nothing: memcheck, reads 24
 #    and 1048 elements past a 1000-element tensor; initcheck, a read of a tensor no one wrote.
 case "$TOOL" in

@@ -10,8 +10,8 @@ Two writers initcheck may not see, to tell its reports apart (run 180): ``--tma-
 that a Triton kernel wrote whole through a TMA descriptor (as the exp-operand GEMM writes E), and
 ``--cublas-written`` casts a float32 GEMM product of cuBLAS to bf16 (as the weight-gradient accumulator is
 cast). A report for either is the tool's blind spot, not unwritten memory. Run 180: initcheck reports the
-TMA-written tensor (16-byte reads of it, all ones); the cuBLAS case at 4096 x 4096 did not finish within the
-call under initcheck, and now runs at 1024 x 1024 (not yet run).
+TMA-written tensor (16-byte reads of it, all ones). Run 182: it reports every 16-byte read of the cuBLAS
+product (262,144 at 1024 x 1024; at 4096 x 4096 it did not finish within the call).
 """
 
 from __future__ import annotations
