@@ -580,6 +580,7 @@ def test_distill_revision_loads_the_hub_backbone_at_it(tmp_path, monkeypatch, ca
     assert main(["distill", "--backbone", "org/base", "--revision", "v2", "--data", str(path), "--output",
                  str(tmp_path / "out.jsonl")]) != 0
     assert asked and asked[0][0] == "org/base" and asked[0][1]["revision"] == "v2"
+    monkeypatch.undo()  # the loader itself refuses a revision for a local directory, before it loads
     (tmp_path / "base").mkdir()
     assert main(["distill", "--backbone", str(tmp_path / "base"), "--revision", "v2", "--data", str(path),
                  "--output", str(tmp_path / "out.jsonl")]) != 0

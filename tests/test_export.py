@@ -1032,3 +1032,44 @@ assert backbone.config._commit_hash == old, backbone.config._commit_hash
 assert torch.equal(backbone.get_input_embeddings().weight, base.get_input_embeddings().weight), "main's weights"
 print("ok")
 ''', setting)
+
+
+def test_eval_and_generate_take_a_revision_of_a_hub_backbone(tmp_path):
+    """eval and generate load a hub backbone at --revision when given (the heads' recorded commit
+    otherwise), warn when it is not the commit the heads trained on, record the loaded commit in the
+    eval report, and refuse --revision for a local directory (distill's check, now load_causal_lm's)."""
+    run_on_a_fake_hub(tmp_path, r'''
+import json
+import warnings
+
+from medusa_liger.cli import main
+from medusa_liger.inference.cli import evaluate_run, load_medusa
+
+heads = Path(tempfile.mkdtemp()) / "heads"
+v1 = load_backbone("org/base", revision="v1")
+MedusaModel.from_backbone(v1, MedusaConfig(num_heads=2, num_layers=1, shared_lm_head=True)).save_heads(
+    heads, format="medusa", base_model_name_or_path="org/base")
+main_weights = load_backbone("org/base").lm_head.weight
+assert not torch.equal(main_weights, v1.lm_head.weight)
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    recorded, _ = load_medusa("org/base", heads, device="cpu")  # the trained-on commit, no word
+    same, _ = load_medusa("org/base", heads, device="cpu", revision="v1")  # the same commit by its tag
+for model in (recorded, same):
+    assert model.backbone.config._commit_hash == old and torch.equal(model.backbone.lm_head.weight, v1.lm_head.weight)
+with warnings.catch_warnings(record=True) as said:
+    warnings.simplefilter("always")
+    moved, _ = load_medusa("org/base", heads, device="cpu", revision="main")
+assert any(f"trained on commit {old} of 'org/base'; --revision main loads {new}" in str(w.message) for w in said)
+assert moved.backbone.config._commit_hash == new and torch.equal(moved.backbone.lm_head.weight, main_weights)
+
+out = Path(tempfile.mkdtemp())
+assert main(["eval", "--heads", str(heads), "--backbone", "org/base", "--revision", "v1", "--num-prompts", "2",
+             "--max-new-tokens", "4", "--tree-size", "3", "--device", "cpu", "--output", str(out)]) == 0
+assert json.loads((out / "report.json").read_text())["backbone_revision"] == old
+assert main(["generate", "--heads", str(heads), "--backbone", "org/base", "--revision", "v1", "--prompt", "def",
+             "--max-new-tokens", "3", "--device", "cpu"]) == 0
+assert main(["generate", "--heads", str(heads), "--backbone", str(root / "snapshots" / old), "--revision", "v1",
+             "--prompt", "def", "--device", "cpu"]) == 2
+print("ok")
+''')

@@ -160,8 +160,12 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
     ``revision``, a branch, tag or commit, when given).
 
     dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU. A backbone that cannot be found or
-    loaded is a BackboneLoadError naming it (transformers raises OSError, for a path a misleading one).
+    loaded is a BackboneLoadError naming it (transformers raises OSError, for a path a misleading one);
+    a ``revision`` for a local directory is a ValueError (transformers would ignore it).
     """
+    if revision is not None and user_path(backbone).is_dir():
+        raise ValueError(f"--revision picks among a hub model's versions; the backbone {str(backbone)!r} is a "
+                         "local directory")
     try:
         device = cli_args.parse_device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -187,18 +191,28 @@ def load_causal_lm(backbone: str | Path, *, device: str | None = None, dtype: st
 
 
 def load_medusa(backbone: str, heads: str | Path, *, device: str | None = None, dtype: str = "auto",
-                attn_implementation: str = "sdpa"):
+                attn_implementation: str = "sdpa", revision: str | None = None):
     """(MedusaModel in eval mode on ``device``, tokenizer) for a backbone path and a heads directory.
 
-    dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU.
+    dtype "auto": the checkpoint's dtype on CUDA, float32 on CPU. A hub backbone is read at ``revision``
+    (a branch, tag or commit) when given, else at the commit the heads record for it (the one they were
+    trained on), else at its default branch; a revision whose commit is not the recorded one is warned of.
     """
+    import warnings
+
     from medusa_liger.heads import MedusaModel
     from medusa_liger.heads.export import recorded_base, recorded_revision
 
     # The backbone the heads name: at the commit they were trained on (where they record it).
-    pinned = recorded_revision(*recorded_base(heads), backbone)
+    recorded = recorded_revision(*recorded_base(heads), backbone).get("revision")
+    pinned = {"revision": revision or recorded} if (revision or recorded) else {}
     causal_lm, tokenizer = load_causal_lm(backbone, device=device, dtype=dtype,
                                           attn_implementation=attn_implementation, **pinned)
+    commit = getattr(causal_lm.config, "_commit_hash", None)
+    if recorded and revision is not None and commit != recorded:
+        warnings.warn(f"the heads were trained on commit {recorded} of {backbone!r}; --revision {revision} loads "
+                      f"{commit or 'another version'}: heads predict best on the weights they trained on",
+                      UserWarning, stacklevel=2)
     model = MedusaModel.from_pretrained(heads, backbone=causal_lm)
     model.to(device=causal_lm.device, dtype=causal_lm.dtype).eval()
     return model, tokenizer
@@ -228,6 +242,7 @@ def evaluate_run(
     tree: str | Path | list[list[int]] | None = None,
     tree_search: str = "conditional",
     prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the heads of a training run (or explicit paths) and return the report dict.
 
@@ -271,7 +286,7 @@ def evaluate_run(
         check_backbone_path(backbone)
     backbone_path, heads_dir = resolve_paths(run_dir, backbone, heads)
     model, tokenizer = load_medusa(backbone_path, heads_dir, device=device, dtype=dtype,
-                                   attn_implementation=attn_implementation)
+                                   attn_implementation=attn_implementation, revision=revision)
     given_prompts = prompts is not None
     if prompts is None:
         held_out = None if run_dir is None else Path(run_dir) / EVAL_PROMPTS_FILE
@@ -301,8 +316,9 @@ def evaluate_run(
         eos_token_id=eos, batch_size=batch_size, acceptance=acceptance, temperature=temperature,
         posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha, seed=seed, tree=tree,
         tree_search=tree_search, prior_strength=prior_strength,
-        metadata={"backbone": backbone_path, "heads": str(heads_dir), "prompts": prompts_source,
-                  "truncated_prompts": truncated, "stop_token_ids": eos},
+        metadata={"backbone": backbone_path, "heads": str(heads_dir),
+                  "backbone_revision": getattr(model.backbone.config, "_commit_hash", None),
+                  "prompts": prompts_source, "truncated_prompts": truncated, "stop_token_ids": eos},
     )
 
 
@@ -339,6 +355,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", default=None,
                         help="training output directory (uses final/backbone and final/heads_medusa)")
     parser.add_argument("--backbone", default=None, help="backbone checkpoint (HF directory or hub name)")
+    cli_args.add_revision_argument(parser)
     parser.add_argument("--heads", default=None, help="heads directory written by save_heads (either format); a "
                                                       "run's RUN_DIR/final/heads_* makes RUN_DIR the run directory")
     parser.add_argument("--prompts", default=None,
@@ -410,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
             batch_size=args.batch_size, acceptance=args.acceptance, temperature=args.temperature,
             posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha, seed=args.seed,
-            tree=args.tree, tree_search=args.tree_search, prior_strength=args.prior_strength,
+            tree=args.tree, tree_search=args.tree_search, prior_strength=args.prior_strength, revision=args.revision,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"medusa-liger eval: error: {error_text(error, args.backbone)}", file=sys.stderr)

@@ -36,6 +36,13 @@ class Given(argparse.Action):
         setattr(namespace, _GIVEN, {*getattr(namespace, _GIVEN, ()), option_string})
 
 
+def add_revision_argument(parser: argparse.ArgumentParser,
+                          default: str = "the commit the heads record, else its default branch") -> None:
+    """``--revision``: which version of a hub backbone to load (a local directory refuses it at load)."""
+    parser.add_argument("--revision", default=None, action=Given,
+                        help=f"of a hub backbone: the branch, tag or commit to load (default: {default})")
+
+
 def setup(parser: argparse.ArgumentParser) -> None:
     """Show defaults in ``--help`` and keep the parser for ``error`` (call first in add_arguments)."""
     parser.formatter_class = DefaultsHelpFormatter

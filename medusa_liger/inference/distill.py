@@ -443,7 +443,7 @@ def self_distill(
 
 def add_arguments(parser) -> None:
     from medusa_liger.heads.export import DTYPES
-    from medusa_liger.inference.cli_args import POSITIVE_INT, Given, device, number, setup
+    from medusa_liger.inference.cli_args import POSITIVE_INT, Given, add_revision_argument, device, number, setup
 
     setup(parser)
     defaults = DistillSettings()
@@ -451,8 +451,7 @@ def add_arguments(parser) -> None:
     engine.add_argument("--backbone", help="causal LM to answer with, in this process (HF directory or hub name)")
     engine.add_argument("--server", help="or an OpenAI-compatible server with the same weights (vllm serve ...), "
                                          "e.g. http://localhost:8000/v1")
-    parser.add_argument("--revision", default=None, action=Given,
-                        help="of a hub --backbone: the branch, tag or commit to load (default: its default branch)")
+    add_revision_argument(parser, "its default branch")
     parser.add_argument("--data", required=True, help="JSONL/JSON file or hub dataset of conversations, prompts or texts")
     parser.add_argument("--split", default="train", action=Given, help="split of a hub dataset given as --data")
     parser.add_argument("--output", required=True, help="JSONL file to write (resumed when it exists); records "
@@ -529,9 +528,6 @@ def run(args) -> int:
             summary = self_distill(args.data, args.output, settings, server=args.server, server_model=args.server_model,
                                    api_key=args.api_key, concurrency=args.concurrency, **common)
         else:
-            if args.revision is not None and user_path(args.backbone).is_dir():  # (transformers would ignore it)
-                raise ValueError(f"--revision picks among a hub model's versions; --backbone {args.backbone!r} is a "
-                                 "local directory")
             model, tokenizer = load_causal_lm(args.backbone, device=args.device, dtype=args.dtype,
                                               revision=args.revision)
             summary = self_distill(args.data, args.output, settings, model=model, tokenizer=tokenizer,

@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", default=None,
                         help="training output directory (uses final/backbone and final/heads_medusa)")
     parser.add_argument("--backbone", default=None, help="backbone checkpoint (HF directory or hub name)")
+    cli_args.add_revision_argument(parser)
     parser.add_argument("--heads", default=None, help="heads directory written by save_heads (either format)")
     parser.add_argument("--prompt", required=True, help="the user's message")
     parser.add_argument("--raw", action="store_true", help="tokenize the prompt as it is (no chat template)")
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         if args.backbone is not None:  # a missing directory fails before anything loads
             check_backbone_path(args.backbone)
         backbone, heads = resolve_paths(args.run_dir, args.backbone, args.heads)
-        model, tokenizer = load_medusa(backbone, heads, device=args.device, dtype=args.dtype)
+        model, tokenizer = load_medusa(backbone, heads, device=args.device, dtype=args.dtype, revision=args.revision)
         options = {} if args.acceptance == "greedy" else dict(
             acceptance="typical", temperature=args.temperature, seed=args.seed,
             posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha)
