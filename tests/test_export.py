@@ -172,6 +172,27 @@ def test_cli_converts_between_formats(tmp_path, capsys):
     assert {t.dtype for t in load_file(str(tmp_path / "b" / "medusa_lm_head.safetensors")).values()} == {torch.float16}
 
 
+def test_heads_record_a_local_backbone_by_its_absolute_path(tmp_path, monkeypatch):
+    """A backbone loaded from a relative directory: the heads record its absolute path (recorded as
+    typed, eval, generate and serving engines run from another directory found no backbone)."""
+    model = make_model(shared=True)
+    monkeypatch.chdir(tmp_path)
+    model.backbone.save_pretrained("runs/base")
+    model.backbone.config._name_or_path = "runs/base"  # as from_pretrained("runs/base") sets it
+    model.save_heads(tmp_path / "heads", format="medusa")
+    recorded = read_heads(tmp_path / "heads").base_model_name_or_path
+    assert recorded == str((tmp_path / "runs" / "base").resolve())
+    monkeypatch.chdir(tmp_path / "runs")  # elsewhere: the recorded backbone still loads
+    assert_same_heads(model, MedusaModel.from_pretrained(tmp_path / "heads", backbone=recorded))
+
+
+def test_a_training_checkpoint_given_as_heads_names_its_heads_directory(tmp_path):
+    make_model(shared=False).save_heads(tmp_path / "step-000010" / "heads", format="medusa")
+    with pytest.raises(FileNotFoundError, match="is a training checkpoint, its heads are in .*step-000010/heads "
+                                                "\\(`medusa-liger export --checkpoint"):
+        read_heads(tmp_path / "step-000010")
+
+
 def test_cli_exports_master_heads_in_the_recorded_serving_dtype(tmp_path):
     """A training checkpoint holds fp32 master heads on a bf16 backbone: the export defaults to bf16
     (recorded at save time), --dtype overrides it, and files without the record keep their dtype."""

@@ -658,6 +658,8 @@ def test_a_new_run_leaves_no_export_of_an_earlier_one_in_final(tmp_path, capsys)
     ([], "data.max_examples=30", "the tiny model's tokenizer differs"),
     # A frozen tiny backbone is drawn from the seed, not saved.
     (["train.mode=heads"], "train.seed=5", "train.seed 0 -> 5"),
+    # ... in its shape: another shape draws other weights from the same seed.
+    (["train.mode=heads"], "model.tiny.intermediate_size=256", "model.tiny.intermediate_size 128 -> 256"),
     # LoRA's alpha scales every adapter's output.
     (["lora.enabled=true", "lora.r=4"], "lora.alpha=64", "lora.alpha 16.0 -> 64.0"),
     # The frozen KL teacher of a full joint run is the tiny backbone as drawn from the seed.
@@ -671,6 +673,16 @@ def test_a_resume_under_settings_the_weights_depend_on_is_refused(tmp_path, firs
     train(short_config(tmp_path, "train.steps=2", *extra))
     with pytest.raises(ResumeError, match=f"under other settings that its weights depend on: {said}"):
         train(short_config(tmp_path, "train.steps=3", "train.resume=auto", change, *extra))
+
+
+def test_a_resume_on_a_backbone_of_another_width_names_it(tmp_path):
+    """Heads that read another hidden size: a ResumeError naming it, not load_state_dict's size mismatch."""
+    from medusa_liger.train.checkpoint import ResumeError
+
+    extra = ["checkpoint.every=2", "export.formats=[medusa]", "data.eval_fraction=0.0"]
+    train(short_config(tmp_path, "train.steps=2", *extra))
+    with pytest.raises(ResumeError, match="trained with other heads \\(the backbone's hidden size 64 there, 96 now"):
+        train(short_config(tmp_path, "train.steps=3", "train.resume=auto", "model.tiny.hidden_size=96", *extra))
 
 
 def test_a_resume_on_another_hub_revision_of_a_frozen_backbone_is_refused(tmp_path, monkeypatch):
@@ -1303,6 +1315,17 @@ def test_resume_names_a_change_of_projection_sharing():
     check_resume_heads(MedusaConfig(decay=0.5), MedusaConfig(decay=0.9), "ckpt")  # the loss may change
 
 
+def test_resume_names_a_change_of_the_backbones_widths():
+    # Heads of another vocabulary or hidden size: a clear error, not load_state_dict's size mismatch.
+    from medusa_liger.train.checkpoint import ResumeError, check_resume_heads
+
+    with pytest.raises(ResumeError, match="vocabulary size 1024 there, 512 now"):
+        check_resume_heads(MedusaConfig(), MedusaConfig(), "ckpt", (192, 1024), (192, 512))
+    with pytest.raises(ResumeError, match="hidden size 192 there, 96 now"):
+        check_resume_heads(MedusaConfig(), MedusaConfig(), "ckpt", (192, 1024), (96, 1024))
+    check_resume_heads(MedusaConfig(), MedusaConfig(), "ckpt", (192, 1024), (192, 1024))
+
+
 def test_a_gradient_norm_that_is_not_finite_stops_the_step_before_its_update(tmp_path, monkeypatch):
     from medusa_liger.train.loop import DivergedError, _train_step
 
@@ -1441,6 +1464,8 @@ def test_the_tiny_models_seed_is_fixed_only_where_unsaved_weights_come_from_it(o
     fixed = fixed_settings(load_config(TINY, ["train.seed=7", *overrides]), _VocabOnly())
     assert ("train.seed" in fixed) is seed_fixed and "the tiny model's tokenizer" in fixed
     assert fixed.get("train.seed", 7) == 7 and ("lora.alpha" in fixed) is ("lora.enabled=true" in overrides)
+    # The frozen tiny weights are drawn in the model's shape: another shape is other weights.
+    assert ("model.tiny.intermediate_size" in fixed) is seed_fixed
 
 
 @pytest.mark.parametrize("overrides, pinned", UNSAVED_BASE)

@@ -41,13 +41,13 @@ from medusa_liger.heads.export import (
     detect_format,
     lm_head_bias_of,
     load_backbone,
+    names_a_hub_model,
     parse_dtype,
     read_heads,
     recorded_revision,
     write_backbone,
     write_heads,
 )
-from medusa_liger.records import looks_like_local_path
 from medusa_liger.run_layout import CHECKPOINT_HEADS_DIR, FINAL_DIR, FINAL_HEADS_PREFIX, final_heads_dir, user_path
 
 EXPORT_FORMATS = ("medusa", "vllm", "both")
@@ -204,9 +204,7 @@ def recorded_base_model(recorded: str | None, backbone: str | Path, mode: str = 
     copy of that model, checked against, while the hub name stays portable. Heads of joint training
     (``mode``) record ``backbone`` always: they belong to the backbone that trained with them."""
     local = user_path(backbone)
-    hub_name = bool(recorded) and recorded != "tiny" and not looks_like_local_path(recorded) \
-        and not user_path(recorded).exists()
-    if hub_name and local.is_dir() and mode != "joint":
+    if recorded and names_a_hub_model(recorded) and local.is_dir() and mode != "joint":
         return recorded
     return str(local.resolve()) if local.is_dir() else str(backbone)
 

@@ -193,6 +193,10 @@ def checkpoint_of(model: nn.Module, base_model_name_or_path: str | None = None) 
     name = base_model_name_or_path
     if name is None:
         name = getattr(getattr(model.backbone, "config", None), "_name_or_path", None) or None
+    if name and name != "tiny" and user_path(name).is_dir():
+        # A local backbone as its absolute path, as `export --backbone` records it: a relative one would
+        # name another directory (or none) for eval, generate or a serving engine run from elsewhere.
+        name = str(user_path(name).resolve())
     return HeadsCheckpoint(
         config=copy.deepcopy(model.config),
         hidden_size=model.heads.hidden_size,
@@ -409,7 +413,11 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"heads directory {directory} does not exist")
     if not path.is_file():
         found = sorted(p.name for p in directory.iterdir())
-        raise FileNotFoundError(f"expected {path} (a Medusa heads config), found only {found}")
+        hint = ""
+        if (directory / "heads" / "config.json").is_file():  # a training checkpoint (step-N/)
+            hint = (f": {directory} is a training checkpoint, its heads are in {directory / 'heads'} (`medusa-liger "
+                    f"export --checkpoint {directory} --output DIR` writes them with a jointly trained backbone)")
+        raise FileNotFoundError(f"expected {path} (a Medusa heads config), found only {found}{hint}")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

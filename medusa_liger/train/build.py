@@ -379,6 +379,9 @@ def fixed_settings(cfg: Config, tokenizer, backbone_config=None) -> dict[str, ob
         fixed["the tiny model's tokenizer"] = tokenizer_fingerprint(tokenizer)
         if unsaved_base:
             fixed["train.seed"] = cfg.train.seed
+            # ... and their shapes: another model.tiny draws other frozen weights from the same seed.
+            for key in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+                fixed[f"model.tiny.{key}"] = getattr(cfg.model.tiny, key)
     if cfg.lora.enabled:
         fixed["lora.alpha"] = cfg.lora.alpha  # scales every adapter's output: another model
     return fixed

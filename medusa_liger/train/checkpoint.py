@@ -230,11 +230,16 @@ _HEADS_SHAPE_KEYS = {"num_heads": "heads.num_heads", "num_layers": "heads.num_la
                      "shared_lm_head": "heads.shared_lm_head"}
 
 
-def check_resume_heads(saved: Any, current: Any, directory: str | Path) -> None:
+def check_resume_heads(saved: Any, current: Any, directory: str | Path,
+                       saved_sizes: tuple[int, int] | None = None, sizes: tuple[int, int] | None = None) -> None:
     """Raise ResumeError unless the checkpoint's heads (``saved``, a MedusaConfig) have the shape of
-    this run's (``current``): the same number of heads, blocks per head and projection sharing."""
+    this run's (``current``): the same number of heads, blocks per head and projection sharing, and
+    (``saved_sizes``, ``sizes``: (hidden size, vocabulary size)) the same backbone widths they read and write."""
     changed = [f"{key}={getattr(saved, field)} there, {getattr(current, field)} now"
                for field, key in _HEADS_SHAPE_KEYS.items() if getattr(saved, field) != getattr(current, field)]
+    if saved_sizes is not None and sizes is not None:
+        changed += [f"the backbone's {what} {was} there, {now} now"
+                    for what, was, now in zip(("hidden size", "vocabulary size"), saved_sizes, sizes) if was != now]
     if changed:
         raise ResumeError(f"train.resume: checkpoint {str(directory)!r} was trained with other heads "
                           f"({'; '.join(changed)}); keep those settings to resume, or start another run "

@@ -427,7 +427,9 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
 
     if resume_dir is not None:
         saved_heads = read_heads(resume_dir / CHECKPOINT_HEADS_DIR)
-        check_resume_heads(saved_heads.config, model.config, resume_dir)  # a clear error before any state loads
+        check_resume_heads(saved_heads.config, model.config, resume_dir,  # a clear error before any state loads
+                           (saved_heads.hidden_size, saved_heads.vocab_size),
+                           (model.heads.hidden_size, model.heads.vocab_size))
         state = load_checkpoint(resume_dir, other_params, optimizer, scheduler, rank=distributed.rank())
         with torch.no_grad():
             fsdp.load_module_(model.heads, saved_heads.tensors)
