@@ -80,6 +80,21 @@ def test_head_rank_hits_brute_force():
     assert ranks.shape == (20 - 1, 3) and ranks[-1].tolist()[1:] == [-1, -1] and int(ranks[-2, 2]) == -1
 
 
+@pytest.mark.parametrize("args, match", [
+    ((torch.randint(0, 64, (12,)), 4, 5), "sequence must be a \\[1, S\\]"),
+    ((torch.randint(0, 64, (1, 12)), 0, 5), "prompt_length must be an integer in \\[1, 12\\]"),
+    ((torch.randint(0, 64, (1, 12)), 13, 5), "prompt_length"),
+    ((torch.randint(0, 64, (1, 12)), 4, 0), "top_k must be an integer in \\[1, 64\\]"),
+    ((torch.randint(0, 64, (1, 12)), 4, 65), "top_k must be an integer in \\[1, 64\\]"),
+])
+def test_head_ranks_names_a_bad_argument(args, match):
+    # prompt_length 0, top_k 0 or above the vocabulary crashed deep inside (shape mismatch, argmax, topk).
+    model = random_medusa(64, num_heads=3)
+    for fn in (head_ranks, head_rank_hits):
+        with pytest.raises(ValueError, match=match):
+            fn(model, *args)
+
+
 def test_evaluate_writes_report_tree_heatmap(tmp_path):
     model = random_medusa(64, num_heads=3, seed=1)
     prompts = [[1, 2, 3], [7], [5, 9, 11, 13, 2]]

@@ -260,6 +260,25 @@ def test_labels_default_to_input_ids_without_padding():
     assert (unmasked.head_tokens - implicit.head_tokens).tolist() == [3, 3]
 
 
+@pytest.mark.parametrize("mode", ["heads", "joint"])
+def test_left_padding_predicts_nothing(mode):
+    """A left-padded row's loss is the unpadded row's: padding positions (attention_mask == 0) are no
+    source of predictions (they were: the pads before the text predicted its first tokens)."""
+    model = MedusaModel.from_backbone(tiny_llama(), MedusaConfig(num_heads=2, mode=mode))
+    randomize_heads(model)
+    text = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(5))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), text], dim=1)
+    mask = torch.ones_like(padded)
+    mask[:, :3] = 0
+    with force_backend("torch"), torch.no_grad():
+        plain = model(text)
+        left = model(padded, attention_mask=mask)
+    assert left.head_tokens.tolist() == plain.head_tokens.tolist() == [8 - 2, 8 - 3]
+    torch.testing.assert_close(left.head_losses, plain.head_losses, rtol=1e-5, atol=1e-5)
+    if mode == "joint":
+        torch.testing.assert_close(left.lm_loss, plain.lm_loss, rtol=1e-5, atol=1e-5)
+
+
 def test_lora_backbone_in_joint_mode_trains_only_lora_and_heads():
     from peft import LoraConfig, get_peft_model
 
@@ -383,6 +402,10 @@ def test_bad_inputs_raise_clear_errors():
             model(empty)
         with pytest.raises(ValueError, match=r"input_ids must have shape \[B, T\] with B, T >= 1"):
             model.hidden_states(empty)
+    # None or float ids failed deep inside (an AttributeError, the embedding's error about 'indices').
+    for wrong, said in ((None, "NoneType"), (ids.float(), "torch.float32")):
+        with pytest.raises(ValueError, match=f"input_ids must be a \\[B, T\\] tensor of integer token ids, got {said}"):
+            model(wrong)
 
 
 @pytest.mark.parametrize("args, message", [

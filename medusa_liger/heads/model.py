@@ -91,7 +91,11 @@ def segment_runs(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _check_batch_shapes(input_ids: torch.Tensor, **others: torch.Tensor | None) -> None:
-    """input_ids must be [B, T] and every other given tensor of its shape (a ValueError naming it)."""
+    """input_ids must be [B, T] integer token ids and every other given tensor of its shape (a ValueError
+    naming it)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.is_complex():
+        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a [B, T] tensor of integer token ids, got {got}")
     if input_ids.dim() != 2 or input_ids.numel() == 0:  # (an empty batch failed deep in HF's attention)
         raise ValueError(f"input_ids must have shape [B, T] with B, T >= 1, got {list(input_ids.shape)}")
     for name, t in others.items():
@@ -361,6 +365,14 @@ class MedusaModel(nn.Module):
         # Documents are runs of equal ids: numbered once for the mask, the positions and the loss.
         segment_ids = None if segment_ids is None else segment_runs(segment_ids)
         hidden = self._hidden(input_ids, attention_mask, segment_ids, position_ids)
+        # A padding position (attention_mask == 0) predicts nothing: its hidden state saw no text. Each
+        # gets a segment of its own in the loss, so no target is read from it (left padding's positions
+        # before the first token would otherwise predict the text's first tokens).
+        loss_segments = segment_ids
+        if attention_mask is not None:
+            runs = torch.zeros_like(input_ids) if segment_ids is None else segment_ids
+            index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            loss_segments = torch.where(attention_mask != 0, runs, -1 - index)
         joint = cfg.mode == "joint"
         teacher_hidden = None
         if joint and cfg.lm_loss == "kl":
@@ -372,7 +384,7 @@ class MedusaModel(nn.Module):
             # (a joint run's heads-only warm-up) and the parameter itself still requires grad.
             lm_weight = lm_weight.detach()
             lm_bias = None if lm_bias is None else lm_bias.detach()
-        options = {"ignore_index": cfg.ignore_index, "segment_ids": segment_ids,
+        options = {"ignore_index": cfg.ignore_index, "segment_ids": loss_segments,
                    "skip_ignored": cfg.skip_ignored_targets, "label_smoothing": float(cfg.label_smoothing),
                    "z_loss": float(cfg.z_loss)}
 

@@ -123,7 +123,15 @@ def head_ranks(model: nn.Module, sequence: torch.Tensor, prompt_length: int, top
     lies in the sequence: the rank of ``sequence[t + k + 2]`` among head k's top ``top_k`` guesses
     at t, ``top_k`` where it is not among them, -1 where ``t + k + 2`` is past the end.
     """
+    if not isinstance(sequence, torch.Tensor) or sequence.dim() != 2 or sequence.shape[0] != 1:
+        got = list(sequence.shape) if isinstance(sequence, torch.Tensor) else type(sequence).__name__
+        raise ValueError(f"sequence must be a [1, S] tensor of token ids, got {got}")
     S = sequence.shape[1]
+    if not is_int(prompt_length) or not 1 <= prompt_length <= S:
+        raise ValueError(f"prompt_length must be an integer in [1, {S}] (the sequence's length), got {prompt_length!r}")
+    vocab = model.lm_head.weight.shape[0]
+    if not is_int(top_k) or not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be an integer in [1, {vocab}] (the vocabulary size), got {top_k!r}")
     K = int(model.heads.num_heads)
     first = prompt_length - 1  # the last prompt token's hidden state guesses the continuation
     if S - first < 3:
