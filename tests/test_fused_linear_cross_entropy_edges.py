@@ -208,6 +208,9 @@ def test_bad_inputs_are_refused_by_name():
         (dict(labels=labels[:0]), "labels must hold at least one token"),
         (dict(hidden=torch.randn(2, 5, 6)), "hidden must end in shape"),  # T mismatch
         (dict(hidden=torch.randn(3, 4, 6)), "hidden must end in shape"),  # B mismatch
+        # H mismatch: the message shows the weight's shape too (it read as though hidden alone were wrong)
+        (dict(hidden=torch.randn(2, 4, 7)), r"hidden must end in shape \[2, 4, 6\] \(labels \[2, 4\]: \[B, T\]; "
+                                            r"weight \[\d+, 6\]: \[V, H\] last\), got \[2, 4, 7\]"),
         (dict(weight=[w, torch.randn(12, 6)]), "weight must end in shape"),
         (dict(segment_ids=torch.zeros(2, 4)), "segment_ids"),              # float ids
         (dict(labels=torch.tensor([[0, 1, -1, 2], [0, 0, 0, 0]])), "labels holds -1"),

@@ -494,8 +494,8 @@ def multi_head_linear_cross_entropy(
         for t in srcs:
             check_float(name, t)
             if tuple(t.shape[-len(tail):]) != tail:
-                raise ValueError(f"{name} must end in shape {list(tail)} (labels [B, T], weight [V, H]), "
-                                 f"got {list(t.shape)}")
+                raise ValueError(f"{name} must end in shape {list(tail)} (labels {list(labels.shape)}: [B, T]; "
+                                 f"weight {list(w_srcs[0].shape)}: [V, H] last), got {list(t.shape)}")
     # The row kernels read a head's bias at unit stride (the GEMMs take any strides): a strided or
     # expanded [V] is copied (autograd routes the gradient back through the copy).
     b_srcs = [b if b.stride(-1) == 1 or V == 1 else b.contiguous() for b in b_srcs]
