@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from medusa_liger import __version__
@@ -66,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was saved stays saved
         hint = {"train": "rerun with train.resume=auto to continue from the last checkpoint",
                 "distill": "run the same command again to continue after the last written block"}
-        print(f"medusa-liger {args.command}: interrupted" + (f"; {hint[args.command]}" if args.command in hint else ""),
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: said once
+            said = f"; {hint[args.command]}" if args.command in hint else ""
+            print(f"medusa-liger {args.command}: interrupted{said}", file=sys.stderr)
         return 130
 
 

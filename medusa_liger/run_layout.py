@@ -19,6 +19,7 @@ from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+RUN_LOCK_FILE = ".lock"  # held by the training run writing the directory (train.checkpoint.run_dir_lock)
 PLOT_FILE = "plot.png"
 EVAL_PROMPTS_FILE = "eval_prompts.jsonl"
 EVAL_DIR = "eval"

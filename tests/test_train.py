@@ -889,6 +889,28 @@ def test_a_failed_save_removes_what_it_wrote_and_says_where_and_why(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
 
 
+def test_a_save_whose_directory_was_deleted_meanwhile_says_so(tmp_path, monkeypatch):
+    """Another process deleted the checkpoints directory mid-save: the error handler's disk-usage call
+    raised FileNotFoundError over the real error, and its message said the earlier checkpoints were intact."""
+    import shutil
+
+    from medusa_liger.train.checkpoint import CheckpointError
+
+    _save_tiny_checkpoint(tmp_path, 2)
+    save = torch.save
+
+    def deleted(*args, **kwargs):
+        shutil.rmtree(tmp_path)
+        raise FileNotFoundError("scheduler.pt")
+
+    monkeypatch.setattr(torch, "save", deleted)
+    with pytest.raises(CheckpointError, match=rf"\({re.escape(repr(str(tmp_path)))} no longer exists: deleted by "
+                                              r"another process\?\): FileNotFoundError") as error:
+        _save_tiny_checkpoint(tmp_path, 4)
+    assert "intact" not in str(error.value)
+    monkeypatch.setattr(torch, "save", save)
+
+
 def test_a_damaged_checkpoint_names_its_file_and_the_checkpoint_to_resume_from_instead(tmp_path):
     """A truncated optimizer.pt gave torch's "mmap can only be used with files saved with
     _use_new_zipfile_serialization=True", naming neither the file nor what to do."""

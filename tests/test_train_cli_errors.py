@@ -236,3 +236,37 @@ def test_tokenizers_of_other_vocabularies_are_not_taken_for_missing_ones():
     lowercase = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["</s>", *"abcdefghijklmnopqrstuvwxyz"])}))
     lowercase.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     check_tokenizer(PreTrainedTokenizerFast(tokenizer_object=lowercase, eos_token="</s>"), "lowercase")
+
+
+def test_a_run_directory_in_use_by_another_run_is_refused_before_anything_changes(tmp_path, capsys, monkeypatch,
+                                                                                   no_loading):
+    """A second launch into a run directory that a run is training in deleted that run's checkpoints (and
+    its save in progress) and replaced its metrics; the first run then crashed. The lock's holder stands
+    in for the other run; said once under torchrun (every rank raises it), and released after a run."""
+    import fcntl
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-000002").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with open(out / ".lock", "w") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        holder.write("12345\n")
+        holder.flush()
+        err = config_error(capsys, TINY, f"output_dir={out}", *SHORT)
+        assert f"output_dir {str(out)!r} is in use by another training run (pid 12345): wait for it to end" in err
+        monkeypatch.setenv("RANK", "1")  # another rank of the same launch: the same refusal, not said again
+        assert main(["train", TINY, f"output_dir={out}", *SHORT]) == 2 and capsys.readouterr().err == ""
+    assert (out / "checkpoints" / "step-000002").is_dir() and (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    with pytest.raises(AssertionError, match="before loading"):  # released: the next run gets as far as loading
+        loop.train(load_config(TINY, [*SHORT, f"output_dir={out}"]))
+
+
+def test_an_interrupt_is_said_by_the_first_rank_only(capsys, monkeypatch):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", TINY, *SHORT]) == 130
+        assert ("medusa-liger train: interrupted; rerun with train.resume=auto" in capsys.readouterr().err) is said

@@ -45,7 +45,8 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,9 @@ from safetensors.torch import load_file, save_file
 
 from medusa_liger.heads.export import readable_by_others
 from medusa_liger.numeric import is_int
-from medusa_liger.run_layout import EVAL_DIR, EVAL_FILES, EVAL_PROMPTS_FILE
+from medusa_liger.run_layout import EVAL_DIR, EVAL_FILES, EVAL_PROMPTS_FILE, RUN_LOCK_FILE
 from medusa_liger.train import distributed, fsdp
+from medusa_liger.train.config import ConfigError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -151,9 +153,13 @@ def save_checkpoint(
         fsync_tree(tmp)  # on disk before the rename makes it a checkpoint (a host crash keeps it whole)
     except Exception as error:  # torch's and safetensors' messages name neither the directory nor the cause
         shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(root).free / 2**30
-        raise CheckpointError(f"saving checkpoint {str(final)!r} failed ({free:.1f} GiB free on its disk; the "
-                              f"earlier checkpoints are intact): {type(error).__name__}: {error}") from error
+        try:
+            free = shutil.disk_usage(root).free / 2**30
+            where = f"{free:.1f} GiB free on its disk; the earlier checkpoints are intact"
+        except OSError:  # the directory itself is gone (deleted by another process meanwhile): nothing is intact
+            where = f"{str(root)!r} no longer exists: deleted by another process?"
+        raise CheckpointError(f"saving checkpoint {str(final)!r} failed ({where}): "
+                              f"{type(error).__name__}: {error}") from error
     # A previous attempt at the same step (e.g. a rerun): move it aside (named .tmp-*, so a kill
     # before the delete below leaves it to the next save's cleanup), put the new one in place, then
     # delete the old one. Only a kill between the two renames loses that step (the earlier
@@ -223,6 +229,10 @@ def drop_later_checkpoints(root: str | Path, step: int) -> list[str]:
 
 class ResumeError(ValueError):
     """A checkpoint this run cannot continue from (other heads, other trainable parameters)."""
+
+
+class RunDirBusyError(ConfigError):
+    """Another training run holds the run directory (``run_dir_lock``); every rank raises it."""
 
 
 # The heads settings that shape the trainable tensors, by their config key: a resume must keep them.
@@ -371,3 +381,42 @@ def delete_old_checkpoints(ckpt_root: str | Path, why: str = "train.resume=none 
               f"{ckpt_root}{hint}", file=sys.stderr, flush=True)
     delete_checkpoints(checkpoints)  # each whole or gone, should the deletion be cut short
     shutil.rmtree(ckpt_root)
+
+
+@contextmanager
+def run_dir_lock(out: Path) -> Iterator[None]:
+    """One training run at a time in ``out``: rank 0 holds an advisory lock on ``out/.lock`` (with its
+    pid) for the run, and every rank stops with a RunDirBusyError naming the holder when another launch
+    holds it: a second run there deleted this one's checkpoints (and its save in progress) and replaced
+    its metrics while it trained. Released when the run ends or its process dies."""
+    file, busy = None, None
+    if distributed.is_main():
+        try:
+            import fcntl
+        except ImportError:  # (no advisory locks on this platform: no check)
+            fcntl = None
+        if fcntl is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            file = open(out / RUN_LOCK_FILE, "a+")
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                file.seek(0)
+                holder = file.read().strip()
+                file.close()
+                file = None
+                busy = (f"output_dir {str(out)!r} is in use by another training run"
+                        f"{f' (pid {holder})' if holder else ''}: wait for it to end, or give this run its own name=")
+            else:
+                file.seek(0)
+                file.truncate()
+                file.write(f"{os.getpid()}\n")
+                file.flush()
+    busy = distributed.all_gather_objects(busy)[0]  # every rank stops, not only rank 0
+    try:
+        if busy is not None:
+            raise RunDirBusyError(busy)
+        yield
+    finally:
+        if file is not None:
+            file.close()  # (releases the lock)

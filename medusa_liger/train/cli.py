@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ValueError as error:
-        print(f"medusa-liger train: config error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # the same on every rank under torchrun: said once
+            print(f"medusa-liger train: config error: {error}", file=sys.stderr)
         return 2
     if args.print_config:
         try:
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             # Python flushes stdout again at exit: point it at devnull so that flush cannot fail too.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    from medusa_liger.train.checkpoint import CheckpointError, ResumeError
+    from medusa_liger.train.checkpoint import CheckpointError, ResumeError, RunDirBusyError
     from medusa_liger.train.config import ConfigError
     from medusa_liger.train.data import DataError
     from medusa_liger.train.loop import DivergedError, train
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         train(cfg)
     except ConfigError as error:  # a setting that does not fit the model found at run time
-        print(f"medusa-liger train: config error: {error}", file=sys.stderr)
+        if not isinstance(error, RunDirBusyError) or os.environ.get("RANK", "0") == "0":  # (that one: every rank)
+            print(f"medusa-liger train: config error: {error}", file=sys.stderr)
         return 2
     except DataError as error:  # unusable data files: the user's input, reported without a traceback
         print(f"medusa-liger train: data error: {error}", file=sys.stderr)

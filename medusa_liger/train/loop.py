@@ -97,6 +97,7 @@ from medusa_liger.train.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
     rng_state,
+    run_dir_lock,
     save_checkpoint,
 )
 from medusa_liger.train.config import Config, ConfigError, save_config
@@ -304,7 +305,8 @@ def train(cfg: Config) -> TrainResult:
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     check_wandb_login(cfg)
-    with distributed.setup(resolve_device(cfg)) as device, hf_progress_bars(cfg.logging.progress):
+    with distributed.setup(resolve_device(cfg)) as device, hf_progress_bars(cfg.logging.progress), \
+            run_dir_lock(Path(cfg.output_dir)):
         return _train(cfg, device)
 
 
