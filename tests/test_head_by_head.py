@@ -344,6 +344,16 @@ def test_head_weights_checks():
             per_head.as_head_weights(value, 2, dev)
 
 
+def test_shifts_may_be_a_cpu_integer_tensor():
+    # A tensor of shifts was refused with "shifts must be ints >= 0, got [tensor(2), tensor(3)]".
+    assert per_head.check_shifts(torch.tensor([2, 3])) == [2, 3]
+    with pytest.raises(ValueError, match="shifts must be ints >= 0"):
+        per_head.check_shifts(torch.tensor([2.0, 3.5]))
+    if torch.cuda.is_available():  # reading them would synchronize the host with the device
+        with pytest.raises(ValueError, match="shifts must be ints on the host .* got a tensor on cuda"):
+            per_head.check_shifts(torch.tensor([2, 3], device="cuda"))
+
+
 def test_shift_zero_and_its_teacher_offset_zero_are_allowed():
     """A shift of 0 (labels already aligned) is a valid head, and its teacher may read offset 0 (the
     only offset in [0, max(shift, 1))); offset 1 is refused there."""

@@ -334,6 +334,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_segment_position_ids_restart_per_segment():
     seg = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
     assert segment_position_ids(seg).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+    with pytest.raises(ValueError, match=r"segment_ids must be a \[B, T\] tensor, got \[6\]"):  # (was an unpack error)
+        segment_position_ids(seg[0])
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -72,6 +72,9 @@ class MedusaOutput:
 
 def segment_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
     """segment_ids [B, T] -> position ids [B, T] that restart at 0 where the segment id changes."""
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dim() != 2:
+        got = list(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+        raise ValueError(f"segment_ids must be a [B, T] tensor, got {got}")
     B, T = segment_ids.shape
     index = torch.arange(T, device=segment_ids.device).expand(B, T)
     starts = torch.ones(B, T, dtype=torch.bool, device=segment_ids.device)

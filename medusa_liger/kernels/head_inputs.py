@@ -53,8 +53,13 @@ def region(src: torch.Tensor, sub: int | None) -> torch.Tensor:
 
 
 def check_shifts(shifts) -> list[int]:
-    """``shifts`` as a list of ints, or a ValueError: a non-empty sequence (list, tuple, range, array) of
-    ints >= 0."""
+    """``shifts`` as a list of ints, or a ValueError: a non-empty sequence (list, tuple, range, array, CPU
+    tensor) of ints >= 0."""
+    if isinstance(shifts, torch.Tensor):
+        if shifts.device.type != "cpu":  # (the head plan is built on the host: reading it would synchronize)
+            raise ValueError(f"shifts must be ints on the host (a list, or a CPU tensor), got a tensor on "
+                             f"{shifts.device}")
+        shifts = shifts.tolist() if shifts.dim() == 1 else shifts
     if not isinstance(shifts, (list, tuple, str, bytes, dict)) and isinstance(shifts, Iterable):
         shifts = list(shifts)
     if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:
