@@ -349,6 +349,8 @@ def test_shifts_may_be_a_cpu_integer_tensor():
     assert per_head.check_shifts(torch.tensor([2, 3])) == [2, 3]
     with pytest.raises(ValueError, match="shifts must be ints >= 0"):
         per_head.check_shifts(torch.tensor([2.0, 3.5]))
+    with pytest.raises(ValueError, match="shifts must be a non-empty list .* got a tensor of shape \\[\\]"):
+        per_head.check_shifts(torch.tensor(2))  # (a TypeError: iteration over a 0-d tensor)
     if torch.cuda.is_available():  # reading them would synchronize the host with the device
         with pytest.raises(ValueError, match="shifts must be ints on the host .* got a tensor on cuda"):
             per_head.check_shifts(torch.tensor([2, 3], device="cuda"))

@@ -270,3 +270,25 @@ def test_an_interrupt_is_said_by_the_first_rank_only(capsys, monkeypatch):
         monkeypatch.setenv("RANK", rank)
         assert main(["train", TINY, *SHORT]) == 130
         assert ("medusa-liger train: interrupted; rerun with train.resume=auto" in capsys.readouterr().err) is said
+
+
+@pytest.mark.parametrize("errno_name", ["ENOLCK", "ENOSYS", "EOPNOTSUPP"])
+def test_a_run_directory_on_a_filesystem_without_locks_is_not_taken_for_one_in_use(tmp_path, capsys, monkeypatch,
+                                                                                     errno_name):
+    """flock fails with ENOLCK on NFS without lockd, ENOSYS on Lustre mounted noflock: no other run holds the
+    directory, and the run was refused as though one did (naming the pid an earlier run left in .lock)."""
+    import errno
+    import fcntl
+
+    from medusa_liger.train.checkpoint import run_dir_lock
+
+    def no_locks(fd, operation):
+        raise OSError(getattr(errno, errno_name), "no locks on this filesystem")
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("4242\n")  # an earlier run's, ended
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with run_dir_lock(out):
+        pass
+    assert "takes no lock" in capsys.readouterr().err

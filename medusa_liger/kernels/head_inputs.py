@@ -59,7 +59,10 @@ def check_shifts(shifts) -> list[int]:
         if shifts.device.type != "cpu":  # (the head plan is built on the host: reading it would synchronize)
             raise ValueError(f"shifts must be ints on the host (a list, or a CPU tensor), got a tensor on "
                              f"{shifts.device}")
-        shifts = shifts.tolist() if shifts.dim() == 1 else shifts
+        if shifts.dim() != 1:  # (a 0-d one failed iterating: a TypeError)
+            raise ValueError(f"shifts must be a non-empty list of ints >= 0 (or a 1-D CPU tensor), got a tensor of "
+                             f"shape {list(shifts.shape)}")
+        shifts = shifts.tolist()
     if not isinstance(shifts, (list, tuple, str, bytes, dict)) and isinstance(shifts, Iterable):
         shifts = list(shifts)
     if not isinstance(shifts, (list, tuple)) or len(shifts) == 0:

@@ -400,13 +400,18 @@ def run_dir_lock(out: Path) -> Iterator[None]:
             file = open(out / RUN_LOCK_FILE, "a+")
             try:
                 fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:  # (EWOULDBLOCK: another process holds it)
                 file.seek(0)
                 holder = file.read().strip()
                 file.close()
                 file = None
                 busy = (f"output_dir {str(out)!r} is in use by another training run"
                         f"{f' (pid {holder})' if holder else ''}: wait for it to end, or give this run its own name=")
+            except OSError as error:  # no locks on this filesystem (NFS without lockd: ENOLCK; Lustre noflock: ENOSYS)
+                file.close()
+                file = None
+                print(f"warning: output_dir {str(out)!r}: its filesystem takes no lock ({error.strerror or error}): "
+                      "another training run started there meanwhile would not be refused", file=sys.stderr, flush=True)
             else:
                 file.seek(0)
                 file.truncate()
