@@ -1361,6 +1361,21 @@ def test_a_gradient_norm_that_is_not_finite_stops_the_step_before_its_update(tmp
     assert all(torch.equal(a, b) for a, b in zip(params, before))
 
 
+def test_a_non_finite_gradient_stops_the_step_before_its_update_without_clipping(tmp_path):
+    # train.max_grad_norm: null turns clipping off, not the guard the README promises for the gradient norm.
+    from medusa_liger.train.loop import DivergedError, _train_step
+
+    cfg = short_config(tmp_path)
+    cfg.train.max_grad_norm = None
+    model, loader, optimizer, scheduler = build_in_process(cfg, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    model.heads.blocks[0][0].linear.bias.register_hook(lambda g: g * float("nan"))  # the loss stays finite
+    with pytest.raises(DivergedError, match="step 3: the loss is .* and the gradient norm nan"):
+        _train_step(model, [loader.next_batch()], optimizer, scheduler, params, cfg, torch.device("cpu"), None, 3)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
 def test_evaluation_equals_one_forward_over_the_held_out_rows(tmp_path):
     """Token-weighted over micro-batches of any size: the numbers of one forward over every row."""
     from medusa_liger.train.loop import evaluate

@@ -235,16 +235,17 @@ def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, devic
     """One optimizer step (``step``, counted from 1, names it in errors): accumulate, clip, AdamW,
     schedule, zero the gradients."""
     metrics = accumulate_gradients(model, batches, device, amp)
-    grad_norm = None
     if cfg.train.max_grad_norm is not None:
-        grad_norm = fsdp.total_norm(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+    else:  # no clipping, but the norm still: a non-finite gradient must stop the run before its update
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    grad_norm = fsdp.total_norm(norm)
     # Both are host numbers already (all-reduced: every rank stops alike). A NaN update would make
     # every weight NaN, and the run would go on to export them.
-    if not math.isfinite(metrics["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
         which = "this step" if step is None else f"step {step}"
-        norm = "" if grad_norm is None else f" and the gradient norm {grad_norm}"
         raise DivergedError(
-            f"{which}: the loss is {metrics['loss']}{norm}: stopped before this step's update (the checkpoints are "
+            f"{which}: the loss is {metrics['loss']} and the gradient norm {grad_norm}: stopped before this step's update (the checkpoints are "
             "as they were). Lower train.lr / train.heads_lr, set train.max_grad_norm, or keep weights in float32 "
             "or bfloat16")
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
