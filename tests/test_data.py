@@ -597,6 +597,21 @@ def test_the_cache_key_covers_the_special_tokens(tokenizer):
     assert data_fingerprint(cfg, tokenizer) == data_fingerprint(cfg, same)
 
 
+def test_the_cache_key_covers_split_special_tokens(tmp_path, tokenizer):
+    # split_special_tokens=True (e.g. from a tokenizer_config.json) encodes "<|end|>" as text: other rows,
+    # which a cache keyed without it served stale.
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    cfg = data_cfg([path], seq_len=128)
+    build_packed_data(cfg, tokenizer, tmp_path / "cache")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    split = AutoTokenizer.from_pretrained(tmp_path / "tok", split_special_tokens=True)
+    fresh = build_packed_data(cfg, split, None)
+    cached = build_packed_data(cfg, split, tmp_path / "cache")
+    assert torch.equal(fresh.input_ids, cached.input_ids) and torch.equal(fresh.labels, cached.labels)
+
+
 def test_a_hub_dataset_is_keyed_by_the_version_loaded_not_its_name(tmp_path, tokenizer, monkeypatch):
     # A hub dataset was keyed by its name and split only: after its owner pushed new rows, a rerun read
     # the rows packed from the old revision. (datasets' loader stands in for the hub here.)

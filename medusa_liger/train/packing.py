@@ -186,8 +186,11 @@ def data_fingerprint(data_cfg, tokenizer) -> str:
     digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
     # Which tokens play BOS/EOS/PAD (the template renders them, documents get them, rows are padded
     # with PAD) is not in the backend's serialization: a base model and its instruct version differ here.
+    # Nor is ``split_special_tokens`` (special tokens' text, the chat template's markers too, encoded
+    # as plain text).
+    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
     digest.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
-                              tokenizer.pad_token_id]).encode())
+                              tokenizer.pad_token_id, split_special]).encode())
     return digest.hexdigest()[:20]
 
 
