@@ -849,3 +849,16 @@ def test_nested_blocks_each_note_a_data_warning():
             data_warning("x")
         data_warning("y")
     assert (outer, inner) == (["x", "y"], ["x"])
+
+
+def test_tokenizer_cache_with_a_torn_stamp_is_trained_again(tmp_path):
+    # A run killed as it wrote the cache's fingerprint.json left it empty: every later run (a resume
+    # too) died on a JSONDecodeError until the file was deleted by hand.
+    texts = [json.loads(line)["text"] for line in (DATA / "pydoc_text.jsonl").read_text().splitlines()][:50]
+    first = train_tokenizer(texts, 300, tmp_path)
+    for torn in ["", '{"fingerprint": "ab', "[]"]:
+        (tmp_path / "fingerprint.json").write_text(torn)
+        again = train_tokenizer(texts, 300, tmp_path)
+        assert again.get_vocab() == first.get_vocab()
+        assert json.loads((tmp_path / "fingerprint.json").read_text())["vocab_size"] == 300
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -144,6 +144,21 @@ def test_resume_from_an_older_checkpoint_abandons_the_later_ones_at_once(tmp_pat
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
 
 
+def test_a_resume_removes_what_a_save_killed_after_its_rename_left(tmp_path):
+    """A kill after a save's rename, before its pruning, left a checkpoint past checkpoint.keep and the
+    pruning's .tmp-* directory (a whole checkpoint): only the next save removed them, and a run resumed
+    from its last checkpoint saves none."""
+    import shutil
+
+    extra = ["checkpoint.every=2", "checkpoint.keep=2", "export.formats=[medusa]", "data.eval_fraction=0.0"]
+    train(short_config(tmp_path, "train.steps=4", *extra))
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(ckpts / "step-000002", ckpts / "step-000001")  # an unpruned older checkpoint
+    shutil.copytree(ckpts / "step-000002", ckpts / ".tmp-deleted-step-000000-1234")  # a pruning's leftover
+    train(short_config(tmp_path, "train.steps=4", "train.resume=auto", *extra))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
+
+
 def test_a_resume_past_train_steps_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     # It was accepted: nothing trained, yet config.yaml and the summary said steps: 4 for a 6-step model.
     from medusa_liger.train.checkpoint import ResumeError

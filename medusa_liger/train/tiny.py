@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def _fingerprint(texts: list[str], vocab_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
+def _stamped_fingerprint(stamp: Path) -> str | None:
+    """The fingerprint a tokenizer cache's stamp records, or None when there is none to trust (no stamp,
+    or one a killed run left empty or torn: the tokenizer is then trained again)."""
+    try:
+        value = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+    return value.get("fingerprint") if isinstance(value, dict) else None
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | Path | None = None):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with ``vocab_size`` entries trained on ``texts``.
 
@@ -49,7 +60,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | Path
         raise ValueError("texts must hold at least one string to train the tokenizer on")
     fingerprint = _fingerprint(texts, vocab_size)
     stamp = Path(cache_dir) / "fingerprint.json" if cache_dir is not None else None
-    if stamp is not None and stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+    if stamp is not None and _stamped_fingerprint(stamp) == fingerprint:
         return PreTrainedTokenizerFast.from_pretrained(str(cache_dir))
 
     # Byte-level pre-tokenization: text -> bytes mapped to printable characters, split GPT-2 style.
@@ -73,8 +84,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | Path
     )
     tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
     if cache_dir is not None:
+        # The stamp goes first and comes back last, written aside and renamed into place: a run killed
+        # meanwhile leaves no stamp (retrained next time), never an empty one nor one that vouches for
+        # half-rewritten tokenizer files.
+        stamp.unlink(missing_ok=True)
         tokenizer.save_pretrained(str(cache_dir))
-        stamp.write_text(json.dumps({"fingerprint": fingerprint, "vocab_size": vocab_size}))
+        tmp = stamp.with_name(f".{stamp.name}.tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "vocab_size": vocab_size}))
+        os.replace(tmp, stamp)
     return tokenizer
 
 
