@@ -1094,3 +1094,34 @@ assert main(["generate", "--heads", str(heads), "--backbone", str(root / "snapsh
              "--prompt", "def", "--device", "cpu"]) == 2
 print("ok")
 ''')
+
+
+def test_cli_export_rerun_after_a_kill_removes_its_leftovers(tmp_path):
+    # An export killed (kill -9, OOM) mid-write, or between moving the earlier export aside and the new
+    # one into place, left its scratch copies beside --output; reruns succeeded but never removed them
+    # (each may hold a whole backbone).
+    import subprocess
+    import sys
+
+    model = make_model(shared=False)
+    model.save_heads(tmp_path / "heads", format="medusa")
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--format", "medusa") == 0
+    killed = (
+        "import os, signal, sys, argparse\n"
+        "from pathlib import Path\n"
+        "from medusa_liger.heads import cli\n"
+        "real = Path.rename\n"
+        "def rename(self, target):\n"
+        "    if Path(target).name == 'o' and self.name.startswith('.o-export-'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)  # the earlier export is aside, the new one not yet in place\n"
+        "    return real(self, target)\n"
+        "Path.rename = rename\n"
+        "parser = argparse.ArgumentParser(); cli.add_arguments(parser)\n"
+        "cli.run(parser.parse_args(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", killed, "--checkpoint", str(tmp_path / "heads"), "--output",
+                           str(tmp_path / "o"), "--format", "medusa", "--overwrite"])
+    assert done.returncode == -9
+    assert not (tmp_path / "o").exists() and len(list(tmp_path.glob(".o-*"))) == 2  # the old export, the new scratch
+    assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--format", "medusa") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heads", "o"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "medusa_lm_head.safetensors"]

@@ -17,7 +17,10 @@ which also exports the trained backbone of a joint run's training checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -171,6 +174,37 @@ def check_output_dir(output_dir: Path, sources: list[Path], overwrite: bool) -> 
                              f"--overwrite replaces only an earlier export: choose a new directory")
 
 
+def scratch_prefix(output_dir: Path, role: str) -> str:
+    """The name prefix of an export's scratch directory beside ``output_dir`` (``role``: export, old,
+    backbone), with this host and process, so a later export can tell a killed one's leftovers from a
+    live one's."""
+    return f".{output_dir.name}-{role}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (PermissionError: another user's live process)
+        return True
+    return True
+
+
+def remove_killed_exports(output_dir: Path) -> None:
+    """Delete the scratch directories beside ``output_dir`` left by exports to it that were killed (their
+    process, on this host, is gone): never read, and each may hold a whole backbone. Another host's are
+    left alone (its processes cannot be asked about)."""
+    host = re.escape(socket.gethostname())
+    pattern = re.compile(rf"^\.{re.escape(output_dir.name)}-(?:export|old|backbone)-{host}-(\d+)-")
+    if not output_dir.parent.is_dir():
+        return
+    for path in output_dir.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _copy_backbone(backbone_dir: Path, target: Path, dtype: torch.dtype | None) -> None:
     """The saved backbone with its tokenizer files; cast (rewritten) when ``dtype`` is given."""
     if dtype is None:
@@ -240,7 +274,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     if "medusa" in formats and "vllm" not in formats and ckpt.config.shared_lm_head:
         print(f"warning: {SHARED_MEDUSA_NOTE}", file=sys.stderr, flush=True)
-    scratch = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-export-"))
+    scratch = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=scratch_prefix(output_dir, "export")))
     try:
         written = []
         for format in formats:
@@ -254,11 +288,13 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
         check_output_dir(output_dir, sources, overwrite)  # again: another process may have written there meanwhile
         old = None
         if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}-old-{scratch.name}")
+            old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=scratch_prefix(output_dir, "old")))
+            old.rmdir()  # (a fresh name for the rename below)
             output_dir.rename(old)
         scratch.rename(output_dir)
         if old is not None:
             shutil.rmtree(old)
+        remove_killed_exports(output_dir)  # (only now: a kill between the renames above left the old export there)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

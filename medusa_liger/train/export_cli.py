@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     # export checks the heads against it and copies it (cast to --dtype if given) beside them.
     output = user_path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-backbone-") as scratch:
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=heads_cli.scratch_prefix(output, "backbone")) as scratch:
         write_backbone(backbone, scratch, export_dtype(cfg))
         tokenizer.save_pretrained(scratch)
         del backbone
