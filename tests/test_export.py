@@ -1125,3 +1125,19 @@ def test_cli_export_rerun_after_a_kill_removes_its_leftovers(tmp_path):
     assert run_cli("--checkpoint", str(tmp_path / "heads"), "--output", str(tmp_path / "o"), "--format", "medusa") == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heads", "o"]
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "medusa_lm_head.safetensors"]
+
+
+def test_remove_killed_exports_leaves_other_hosts_and_other_outputs(tmp_path, monkeypatch):
+    # Host "gpu" must not read another host "gpu-99999"'s scratch (pid 4242) as its own pid 99999, nor output
+    # "o-export-gpu-123"'s scratch as output "o"'s of pid 123.
+    from medusa_liger.heads import cli
+
+    monkeypatch.setattr(cli.socket, "gethostname", lambda: "gpu")
+    other_host = tmp_path / ".o-export-gpu-99999-4242-abcd1234"
+    other_output = tmp_path / ".o-export-gpu-123-export-gpu-4242-abcd1234"
+    dead = tmp_path / ".o-old-gpu-99999-abcd1234"
+    for path in (other_host, other_output, dead):
+        path.mkdir()
+    monkeypatch.setattr(cli, "_process_alive", lambda pid: pid == 4242)
+    cli.remove_killed_exports(tmp_path / "o")
+    assert other_host.exists() and other_output.exists() and not dead.exists()

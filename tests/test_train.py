@@ -159,6 +159,20 @@ def test_a_resume_removes_what_a_save_killed_after_its_rename_left(tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
 
 
+def test_removing_killed_saves_never_deletes_the_checkpoint_resumed_from(tmp_path):
+    # train.resume may name a save's moved-aside .tmp-old-step-* (a kill between its renames left that step
+    # only there): the cleanup at the resume deleted its own source.
+    from medusa_liger.train.checkpoint import remove_killed_saves
+
+    root = tmp_path / "checkpoints"
+    aside, stale = root / ".tmp-old-step-000200-77", root / ".tmp-step-000300-77"
+    for path in (aside, stale):
+        path.mkdir(parents=True)
+    (aside / "trainer_state.json").write_text(json.dumps({"step": 200}))
+    remove_killed_saves(root, 2, resumed=aside)
+    assert aside.is_dir() and not stale.exists()
+
+
 def test_a_resume_past_train_steps_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     # It was accepted: nothing trained, yet config.yaml and the summary said steps: 4 for a 6-step model.
     from medusa_liger.train.checkpoint import ResumeError

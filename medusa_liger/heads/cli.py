@@ -195,13 +195,17 @@ def remove_killed_exports(output_dir: Path) -> None:
     """Delete the scratch directories beside ``output_dir`` left by exports to it that were killed (their
     process, on this host, is gone): never read, and each may hold a whole backbone. Another host's are
     left alone (its processes cannot be asked about)."""
-    host = re.escape(socket.gethostname())
-    pattern = re.compile(rf"^\.{re.escape(output_dir.name)}-(?:export|old|backbone)-{host}-(\d+)-")
+    # The whole name, host and pid read from its end: mkdtemp's random suffix holds no "-", a host may
+    # (another host "gpu-7" is not this host "gpu" with pid 7), and so may an output's name ("o-export-...").
+    pattern = re.compile(rf"^\.{re.escape(output_dir.name)}-(?:export|old|backbone)-(.+)-(\d{{1,9}})-[a-z0-9_]+$")
     if not output_dir.parent.is_dir():
         return
     for path in output_dir.parent.iterdir():
         match = pattern.match(path.name)
-        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+        if match is None or match.group(1) != socket.gethostname():
+            continue
+        pid = int(match.group(2))
+        if pid != os.getpid() and not _process_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
 
 

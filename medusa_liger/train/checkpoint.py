@@ -227,12 +227,14 @@ def drop_later_checkpoints(root: str | Path, step: int) -> list[str]:
     return [path.name for path in later]
 
 
-def remove_killed_saves(root: str | Path, keep: int) -> None:
+def remove_killed_saves(root: str | Path, keep: int, resumed: str | Path | None = None) -> None:
     """At a resume: what a save killed after its rename left under ``root`` (its pruning's ``.tmp-*``
     directories, whole checkpoints, and the steps past ``keep`` it had not pruned yet), which only the next
     save removes, and a run resumed from its last checkpoint saves none."""
+    resumed = Path(resumed).resolve() if resumed is not None else None
     for stale in Path(root).glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.resolve() != resumed:  # (train.resume may name a moved-aside .tmp-old-step-*: never the source)
+            shutil.rmtree(stale, ignore_errors=True)
     delete_checkpoints(list_checkpoints(root)[:-keep])
 
 

@@ -463,7 +463,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
             if dropped:  # (not rewound by itself: an exact resume logs the steps it replays as they were)
                 print(f"warning: resuming from step {start_step} abandons the later checkpoints {', '.join(dropped)} "
                       f"(deleted)", file=sys.stderr, flush=True)
-            remove_killed_saves(ckpt_root, cfg.checkpoint.keep)
+            remove_killed_saves(ckpt_root, cfg.checkpoint.keep, resumed=resume_dir)
         elif main:  # another run's checkpoint: this directory's own checkpoints and metrics are of a third run
             wandb_id = None  # (nor is that run's wandb run this one's)
             if ckpt_root.is_dir() and ckpt_root.resolve() not in resume_dir.resolve().parents:  # never the source
