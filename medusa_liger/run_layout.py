@@ -3,6 +3,7 @@ evaluator and exporter that read them (so neither side imports the other):
 
     RUN_DIR/config.yaml                   the resolved config
     RUN_DIR/metrics.jsonl                 one record per logged step
+    RUN_DIR/.lock                         held by the training run writing the directory
     RUN_DIR/plot.png                      loss and accuracy curves
     RUN_DIR/eval_prompts.jsonl            prompts of the held-out documents (``medusa-liger eval`` reads them)
     RUN_DIR/eval/                         ``medusa-liger eval RUN_DIR``'s report (its default output)
@@ -46,3 +47,10 @@ def local_or_hub(path: str | os.PathLike) -> str:
     """What to pass ``from_pretrained``: a local directory with ``~`` expanded, else the hub name."""
     directory = user_path(path)
     return str(directory) if directory.is_dir() else str(path)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file renamed over ``path``: a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

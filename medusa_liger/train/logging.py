@@ -17,13 +17,12 @@ always describes one consistent run.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from medusa_liger.run_layout import METRICS_FILE
+from medusa_liger.run_layout import METRICS_FILE, replace_text
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
@@ -49,14 +48,7 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
             kept.append(line)
     if torn:
         warnings.warn(f"{path}: dropped {torn} unreadable line(s) (a run killed mid-write)", stacklevel=2)
-    _replace_text(path, "".join(line + "\n" for line in kept))
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file renamed over ``path``: a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_text(path, "".join(line + "\n" for line in kept))
 
 
 def highest_step(path: str | Path) -> int:
@@ -121,7 +113,7 @@ class MetricsLogger:
             recorded = int(known.get(wandb_id, 0))
             logged = max(highest_step(self.path), recorded)
             if logged > recorded:
-                _replace_text(Path(output_dir) / WANDB_STEPS_FILE, json.dumps(known | {wandb_id: logged}))
+                replace_text(Path(output_dir) / WANDB_STEPS_FILE, json.dumps(known | {wandb_id: logged}))
         truncate_metrics(self.path, start_step)
         if wandb_id is not None and wandb_mode != "disabled":
             if rewound and logged > start_step:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from medusa_liger.records import BUILTIN_CHAT_TEMPLATE
+from medusa_liger.run_layout import replace_text
 from medusa_liger.train.config import ConfigError, TinyModelConfig
 
 # Role markers and the end-of-turn token are single special tokens, so the chat template renders
@@ -89,9 +89,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: str | Path
         # half-rewritten tokenizer files.
         stamp.unlink(missing_ok=True)
         tokenizer.save_pretrained(str(cache_dir))
-        tmp = stamp.with_name(f".{stamp.name}.tmp")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "vocab_size": vocab_size}))
-        os.replace(tmp, stamp)
+        replace_text(stamp, json.dumps({"fingerprint": fingerprint, "vocab_size": vocab_size}))
     return tokenizer
 
 
