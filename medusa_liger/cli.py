@@ -24,6 +24,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def launched_as_main() -> bool:
+    """Whether the launcher started this process as rank 0 (``RANK`` as torchrun sets it; a plain run is
+    rank 0), known before any process group and without importing torch: every rank of one launch meets
+    the same config error or interrupt, which the first says for all."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (all of them when ``command`` is None)."""
     return _build_parsers(command)[0]
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was saved stays saved
         hint = {"train": "rerun with train.resume=auto to continue from the last checkpoint",
                 "distill": "run the same command again to continue after the last written block"}
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: said once
+        if launched_as_main():  # under torchrun every rank is interrupted: said once
             said = f"; {hint[args.command]}" if args.command in hint else ""
             print(f"medusa-liger {args.command}: interrupted{said}", file=sys.stderr)
         return 130

@@ -16,6 +16,8 @@ import sys
 
 import yaml
 
+from medusa_liger.cli import launched_as_main
+
 EPILOG = """examples:
   medusa-liger train configs/tiny.yaml
   medusa-liger train configs/tiny.yaml name=tiny4 train.steps=200 train.lr=1e-3 heads.num_heads=4
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ValueError as error:
-        if os.environ.get("RANK", "0") == "0":  # the same on every rank under torchrun: said once
+        if launched_as_main():  # the same on every rank under torchrun: said once
             print(f"medusa-liger train: config error: {error}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         train(cfg)
     except ConfigError as error:  # a setting that does not fit the model found at run time
-        if not isinstance(error, RunDirBusyError) or os.environ.get("RANK", "0") == "0":  # (that one: every rank)
+        if not isinstance(error, RunDirBusyError) or launched_as_main():  # (that one: every rank)
             print(f"medusa-liger train: config error: {error}", file=sys.stderr)
         return 2
     except DataError as error:  # unusable data files: the user's input, reported without a traceback
