@@ -138,6 +138,28 @@ def test_longrope_decodes_one_prompt_at_a_time():
             decoder.step([4, 4])  # said once
 
 
+def test_longrope_one_at_a_time_shares_the_wall_time(monkeypatch):
+    """Decoded one at a time, the prompts' wall_time_s is still the whole call's (shared, as a batch's), so
+    eval's measured_batched (which counts it once per call) counts every prompt's decoding."""
+    import warnings
+
+    import medusa_liger.inference.batched as batched_module
+    from medusa_liger.inference.evaluate import measure_batched
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+            "long_factor": [4.0 + i for i in range(8)], "short_factor": [1.0] * 8}
+    clock = iter(range(10**6))  # every perf_counter read advances 1 s: each decoding alone takes 1 s
+    monkeypatch.setattr(batched_module.time, "perf_counter", lambda: float(next(clock)))
+    with force_backend("torch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_medusa(rope_parameters=rope, attn="eager")
+        prompts = [torch.tensor([1, 2, 3]) + i for i in range(3)]
+        results = medusa_generate_batch(model, prompts, 20, TREES["mixed"])
+        assert [r.stats.wall_time_s for r in results] == [3.0] * 3
+        report = measure_batched(model, prompts, 20, TREES["mixed"], 3, warmup=False)
+    assert report["medusa"]["wall_time_s"] == report["greedy"]["wall_time_s"] == 3.0
+
+
 def test_typical_acceptance():
     with force_backend("torch"):
         model = tiny_medusa()

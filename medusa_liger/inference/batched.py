@@ -254,10 +254,16 @@ def medusa_generate_batch(
                       f"the batch, and a sequence here can pass {rope[1]} positions: the prompts are decoded one "
                       "at a time, so that each decodes what it decodes alone (their times are not a batch's)",
                       stacklevel=3)  # (the caller's line, past torch.no_grad's wrapper)
-        return [medusa_generate_batch(model, [p], max_new_tokens, tree, acceptance=acceptance,
-                                      posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha,
-                                      temperature=temperature, seed=None if s is None else [s],
-                                      eos_token_id=eos_token_id)[0] for p, s in zip(flat, per_prompt_seeds(seed, len(flat)))]
+        results = [medusa_generate_batch(model, [p], max_new_tokens, tree, acceptance=acceptance,
+                                         posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha,
+                                         temperature=temperature, seed=None if s is None else [s],
+                                         eos_token_id=eos_token_id)[0]
+                   for p, s in zip(flat, per_prompt_seeds(seed, len(flat)))]
+        # wall_time_s is the whole call's, shared, as a batch's is (callers count it once per call).
+        wall = sum(r.stats.wall_time_s for r in results)
+        for r in results:
+            r.stats.wall_time_s = wall
+        return results
     eos = _eos_set(eos_token_id)
     device = decoder.runner.device
     _sync(device)
