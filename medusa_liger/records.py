@@ -208,6 +208,10 @@ def check_unicode(where: str, what: str, text: str) -> None:
                          f"character {error.start} (an escape like \\ud800 without its pair)") from None
 
 
+RECORD_KEYS = {"openai": "messages", "sharegpt": "conversations", "text": "text"}
+"""Each record format's key, in the order ``data.format=auto`` tries them."""
+
+
 def normalize(where: str, record: Any, fmt: str, loss_on: str, *, other_keys: tuple[str, ...] = ()) -> Example:
     """Validate one record and convert it to an Example (roles mapped to system/user/assistant).
     ``other_keys``: keys the caller accepts besides these formats' (and converted before), named in the
@@ -215,12 +219,11 @@ def normalize(where: str, record: Any, fmt: str, loss_on: str, *, other_keys: tu
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     if fmt == "auto":
-        fmt = next((f for f, key in (("openai", "messages"), ("sharegpt", "conversations"), ("text", "text"))
-                    if key in record), "")
+        fmt = next((f for f, key in RECORD_KEYS.items() if key in record), "")
         if not fmt:
-            keys = ", ".join(repr(k) for k in ("messages", "conversations", "text", *other_keys))
+            keys = ", ".join(repr(k) for k in (*RECORD_KEYS.values(), *other_keys))
             raise ValueError(f"{where}: record has none of the keys {keys}")
-    key = {"openai": "messages", "sharegpt": "conversations", "text": "text"}[fmt]
+    key = RECORD_KEYS[fmt]
     if key not in record:
         raise ValueError(f"{where}: data.format={fmt} expects the key {key!r}, found {sorted(record)}")
     if fmt == "text":

@@ -591,13 +591,16 @@ def test_distill_revision_loads_the_hub_backbone_at_it(tmp_path, monkeypatch, ca
     assert "--revision needs --backbone" in capsys.readouterr().err
 
 
-def test_a_record_with_messages_and_a_prompt_keeps_its_messages(tmp_path):
-    """Some datasets carry both: the conversation is the record, the prompt only a summary of it."""
+def test_a_record_with_a_conversation_or_a_text_and_a_prompt_keeps_them(tmp_path):
+    """Some datasets carry both: the conversation (any format's) or the document is the record, the prompt
+    only a summary of it."""
     path = tmp_path / "both.jsonl"
     path.write_text(json.dumps({"prompt": "P", "messages": [{"role": "user", "content": "M"}]}) + "\n"
+                    + json.dumps({"prompt": "P", "conversations": [{"from": "human", "value": "C"}]}) + "\n"
+                    + json.dumps({"prompt": "P", "text": "T"}) + "\n"
                     + json.dumps({"prompt": "alone"}) + "\n")
     pending = list(distill._source_records(str(path), "train", DistillSettings(), [], texts=True))
-    assert [r.messages[0]["content"] for r in pending] == ["M", "alone"]
+    assert [r.messages[0]["content"] if r.messages else r.text for r in pending] == ["M", "C", "T", "alone"]
 
 
 def test_metadata_may_not_replace_a_setting(model, tokenizer, source, tmp_path):

@@ -53,7 +53,8 @@ from torch import nn
 
 from medusa_liger.inference.distill_backends import Answer, LocalBackend, Refused, ServerBackend
 from medusa_liger.numeric import is_int, is_real
-from medusa_liger.records import TEXT_PROMPT_TOKENS, iter_raw_records, looks_like_local_path, normalize, resolve_path
+from medusa_liger.records import (RECORD_KEYS, TEXT_PROMPT_TOKENS, iter_raw_records, looks_like_local_path, normalize,
+                                  resolve_path)
 from medusa_liger.run_layout import user_path
 
 TURNS = ("all", "first")
@@ -167,7 +168,9 @@ def _source_records(source: str, split: str, settings: DistillSettings, skipped:
             return
         if i % settings.shard[1] != settings.shard[0]:
             continue
-        if isinstance(record, dict) and isinstance(record.get("prompt"), str) and "messages" not in record:
+        # A record that also holds a conversation or a document keeps it: the prompt is then only a summary.
+        if (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+                and not any(key in record for key in RECORD_KEYS.values())):
             record = {"messages": [{"role": "user", "content": record["prompt"]}]}
         try:
             example = normalize(where, record, "auto", "all", other_keys=("prompt",))
