@@ -42,6 +42,7 @@ from medusa_liger.heads.export import (
     check_format,
     commit_of,
     detect_format,
+    readable_by_others,
     lm_head_bias_of,
     load_backbone,
     names_a_hub_model,
@@ -280,6 +281,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
         print(f"warning: {SHARED_MEDUSA_NOTE}", file=sys.stderr, flush=True)
     scratch = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=scratch_prefix(output_dir, "export")))
     try:
+        readable_by_others(scratch)  # (mkdtemp's 0700: it becomes the export)
         written = []
         for format in formats:
             sub = Path(format) if len(formats) > 1 else Path()

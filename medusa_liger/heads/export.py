@@ -226,11 +226,12 @@ def names_a_hub_model(name: str | Path) -> bool:
 
 
 def readable_by_others(path: Path) -> None:
-    """Give ``path`` the permissions the umask allows (0644 under 022). safetensors 0.8 writes its
-    files 0600, which a serving engine running as another user cannot read."""
+    """Give ``path`` the permissions the umask allows (a file 0644, a directory 0755 under 022), which a
+    serving engine running as another user needs: safetensors 0.8 writes its files 0600, and
+    ``tempfile.mkdtemp`` makes its directories (an export's scratch, moved into place) 0700."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_heads(ckpt: HeadsCheckpoint, directory: str | Path, format: str, dtype: torch.dtype | str | None = None,
@@ -364,9 +365,11 @@ SHARED_MEDUSA_NOTE = ("shared-lm_head heads in the medusa format hold no per-hea
 
 def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", dtype: torch.dtype | str | None = None,
                save_backbone: bool | None = None, base_model_name_or_path: str | None = None,
-               pt_file: bool = False) -> Path:
+               pt_file: bool = False, serving_dtype: torch.dtype | str | None = None) -> Path:
     """``MedusaModel.save_heads``: heads in ``format``, plus the merged backbone when ``save_backbone``
-    (default: in joint mode) in ``directory/backbone``; ``pt_file``: see ``write_heads``."""
+    (default: in joint mode) in ``directory/backbone``; ``pt_file``: see ``write_heads``. ``serving_dtype``:
+    the dtype to record as the heads' serving dtype (default: the backbone's, as it is in memory; a run
+    training a whole fp32 backbone serves it in its export dtype)."""
     check_format(format)
     if save_backbone is None:
         save_backbone = model.config.mode == "joint"
@@ -376,7 +379,10 @@ def save_heads(model: nn.Module, directory: str | Path, format: str = "medusa", 
         base_model_name_or_path = str((Path(directory) / BACKBONE_SUBDIR).resolve())
     if format == "medusa" and model.config.shared_lm_head:
         warnings.warn(SHARED_MEDUSA_NOTE, ServingFormatWarning, stacklevel=3)
-    directory = write_heads(checkpoint_of(model, base_model_name_or_path), directory, format, dtype, pt_file)
+    ckpt = checkpoint_of(model, base_model_name_or_path)
+    if serving_dtype is not None:
+        ckpt.serving_dtype = parse_dtype(serving_dtype)
+    directory = write_heads(ckpt, directory, format, dtype, pt_file)
     if not save_backbone and (directory / BACKBONE_SUBDIR).is_dir():
         warnings.warn(f"{directory} still holds {BACKBONE_SUBDIR}/ from an earlier save, which from_pretrained pairs "
                       f"with these heads; remove it unless it is their backbone", stacklevel=3)

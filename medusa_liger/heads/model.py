@@ -230,17 +230,20 @@ class MedusaModel(nn.Module):
 
     def save_heads(self, directory: str | Path, format: str = "medusa", dtype: torch.dtype | str | None = None,
                    save_backbone: bool | None = None, base_model_name_or_path: str | None = None,
-                   pt_file: bool = False) -> Path:
+                   pt_file: bool = False, serving_dtype: torch.dtype | str | None = None) -> Path:
         """Write the heads in ``format`` ("medusa" or "vllm") to ``directory``; see ``heads/export.py``.
 
         ``save_backbone`` (default: True in joint mode) also writes the backbone, LoRA merged, as a
         normal HF checkpoint in ``directory/backbone``. ``pt_file`` (medusa format) also writes
-        ``medusa_lm_head.pt``, the only file FasterDecoding's own loader reads.
+        ``medusa_lm_head.pt``, the only file FasterDecoding's own loader reads. ``serving_dtype``: the
+        dtype the heads record for serving (what ``medusa-liger export`` casts them to by default; default:
+        the backbone's in memory, which for a run training a whole float32 backbone is not its export dtype).
         """
         from medusa_liger.heads.export import save_heads
 
         return save_heads(self, directory, format=format, dtype=dtype, save_backbone=save_backbone,
-                          base_model_name_or_path=base_model_name_or_path, pt_file=pt_file)
+                          base_model_name_or_path=base_model_name_or_path, pt_file=pt_file,
+                          serving_dtype=serving_dtype)
 
     def add_frozen_teacher(self) -> nn.Module:
         """Keep a frozen copy of the backbone, as it is now, as the teacher of ``lm_loss="kl"``.

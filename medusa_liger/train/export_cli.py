@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export; a joint run's training checkpoint brings its trained backbone. 0, or 2 on bad input."""
-    from medusa_liger.heads.export import write_backbone
+    from medusa_liger.heads.export import readable_by_others, write_backbone
     from medusa_liger.train.build import export_dtype
     from medusa_liger.train.data import DataError
 
@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     output = user_path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=heads_cli.scratch_prefix(output, "backbone")) as scratch:
+        readable_by_others(Path(scratch))  # (0700, and copied with its mode beside the heads)
         write_backbone(backbone, scratch, export_dtype(cfg))
         tokenizer.save_pretrained(scratch)
         del backbone

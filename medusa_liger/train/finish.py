@@ -63,7 +63,7 @@ def export_final(model, tokenizer, cfg: Config, final: Path) -> dict[str, Path]:
                 warnings.simplefilter("ignore", ServingFormatWarning)
             for fmt in cfg.export.formats:
                 model.save_heads(scratch / final_heads_dir(fmt), format=fmt, dtype=dtype, save_backbone=False,
-                                 base_model_name_or_path=base_name)
+                                 base_model_name_or_path=base_name, serving_dtype=dtype)
         if save_backbone:
             write_backbone(model.backbone, scratch / BACKBONE_SUBDIR, dtype)
             tokenizer.save_pretrained(str(scratch / BACKBONE_SUBDIR))

@@ -55,7 +55,14 @@ from typing import Any
 import torch
 
 from medusa_liger.heads import MedusaConfig
-from medusa_liger.heads.export import hub_commit, mistyped_path_hint, note_hub_lookup, read_heads, write_heads
+from medusa_liger.heads.export import (
+    hub_commit,
+    mistyped_path_hint,
+    note_hub_lookup,
+    parse_dtype,
+    read_heads,
+    write_heads,
+)
 from medusa_liger.kernels.cross_entropy import row_targets
 from medusa_liger.records import recorded_data_warnings
 from medusa_liger.run_layout import (
@@ -77,6 +84,7 @@ from medusa_liger.train.build import (
     check_token_range,
     data_changes,
     data_settings,
+    export_dtype,
     fixed_changes,
     fixed_settings,
     heads_lambda,
@@ -533,6 +541,8 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
                 # Whole tensors on rank 0: gathered where sharded (collectives: every rank takes part).
                 distributed.consolidate_optimizer(optimizer)  # ZeRO-1
                 heads = fsdp.heads_checkpoint(model, cfg.model.name_or_path)
+                if heads is not None:  # the dtype the run exports in, not the one it trains a whole backbone in
+                    heads.serving_dtype = parse_dtype(export_dtype(cfg))
                 trained = fsdp.full_tensors(other_params) if fsdp_units else other_params
                 optimizer_state = fsdp.full_optimizer_state(optimizer) if fsdp_units else optimizer
                 if main:
