@@ -30,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("ce_target_miss_ab.py needs a CUDA device")
     N, V = 8192, 128256
     logits = [torch.randn(N, V, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     labels = torch.randint(0, V, (N,), device="cuda")

@@ -23,4 +23,7 @@ straight, sharded, replicated = losses("straight"), losses("sharded"), losses("r
 print("straight steps 11-20:", [round(l, 5) for _, l in straight[10:]])
 print("resumed sharded == straight:", sharded == straight[10:])
 print("resumed replicated max rel diff:", max(abs(a[1] - b[1]) / abs(b[1]) for a, b in zip(replicated, straight[10:])))
+# The check must fail the script (gpu_session.sh's fsdp_resume stage reads only the exit status).
+ok = len(straight) > 10 and sharded == straight[10:]
+sys.exit(0 if ok else "FAILED: the sharded resume must log steps 11-20 exactly as the straight run did")
 PY

@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="the consumers' timelines (cycle counter) instead "
                         "of the step rounds")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gluon_pingpong_probe.py needs a CUDA device")
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}; torch {torch.__version__}; triton {triton.__version__}")
     for line in check(args.quick):

@@ -41,7 +41,7 @@ for stage in "$@"; do
     initcheck)   SANITIZE_TOOL=initcheck bash benchmarks/sanitize_kernels.sh || status=1 ;;
     initcheck_classify) bash benchmarks/initcheck_classify.sh || status=1 ;;
     int32_mutants) bash benchmarks/int32_offset_mutants.sh || status=1 ;;
-    quick)       for b in kernels medusa_loss patching; do timeout 120 python3 benchmarks/$b.py --quick 2>&1 | tail -30; done ;;
+    quick)       for b in kernels medusa_loss patching; do timeout 120 python3 benchmarks/$b.py --quick 2>&1 | tail -30 || status=1; done ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;
   esac
 done

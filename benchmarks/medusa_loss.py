@@ -16,7 +16,9 @@ Reported: median ms of one training step's loss part (ResBlocks + projection + C
 backward), peak memory beyond the parameters and inputs (GiB; includes the weight gradients, the
 ResBlock activations and the hidden-state gradients), and the matmul floor (6NHV FLOP per trainable
 projection, 4NHV frozen, at the bf16 matmul rate measured in the same run) as a fraction of the time.
-A failing or out-of-memory column is recorded, never a crash. The target verdicts use extra
+A failing or out-of-memory column is recorded, never a crash; before timing, each method's loss and
+gradients are compared with naive's on a small problem of the same setting, and a method that differs
+is recorded as wrong and not timed. The target verdicts use extra
 interleaved rounds (``--target-rounds``): at the largest token count of (a) and (b), the target
 methods and "ours' GEMMs alone" are re-timed in shuffled order, round after round, so the card's drift
 (up to 10% between minutes on an H100) hits them alike; the verdict takes the median over the rounds.
@@ -213,6 +215,45 @@ def training_step(p: Problem, loss_fn: Callable[[Problem], torch.Tensor]) -> Cal
     return step
 
 
+def check_against_naive(p: Problem, methods: dict[str, Callable | None]) -> dict[str, str]:
+    """{name: why} for each method whose loss or gradients (every trained parameter's) differ from
+    naive's on ``p``, so that a wrong implementation is reported instead of timed. Methods that are not
+    installed, that raise (the timing records the error) or that return no loss (the GEMMs alone) are
+    not checked."""
+
+    def run(fn: Callable[[Problem], torch.Tensor]) -> tuple[float, list[torch.Tensor]] | None:
+        p.clear_grads()
+        loss = fn(p)
+        if loss is None:
+            return None
+        loss.backward()
+        grads = [torch.zeros_like(q, dtype=torch.float32) if q.grad is None else q.grad.float() for q in p.params]
+        p.clear_grads()
+        return float(loss.detach()), grads
+
+    ref_loss, ref_grads = run(naive)
+    tol = 5e-2 if p.x.dtype in (torch.bfloat16, torch.float16) else 1e-3
+    wrong = {}
+    for name, fn in methods.items():
+        if fn is None or fn is naive:
+            continue
+        try:
+            result = run(fn)
+        except Exception:
+            p.clear_grads()
+            continue
+        if result is None:
+            continue
+        loss, grads = result
+        if not abs(loss - ref_loss) <= tol * abs(ref_loss):
+            wrong[name] = f"loss {loss:.5g}, naive {ref_loss:.5g}"
+            continue
+        errors = [float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(grads, ref_grads)]
+        if not max(errors) <= tol:
+            wrong[name] = f"gradients {max(errors):.2g} off naive's (relative to their largest)"
+    return wrong
+
+
 def measure(p: Problem, loss_fn: Callable[[Problem], torch.Tensor], reps: int) -> tuple[float, float]:
     """(median ms, peak extra GiB) of one forward+backward; gradients are freed between calls.
 
@@ -309,8 +350,13 @@ def main() -> None:
     rows, results, rounds = [], {}, {}
     settings = (("(a) per-head trainable", False, False, token_counts),
                 ("(b) shared frozen", True, False, token_counts),
-                ("(c) as (a), half the targets ignored", False, True, token_counts[-1:]))
+                ("(c) as (a), half the targets ignored", False, True, [max(token_counts)]))
     for setting, shared_frozen, masked, sizes in settings:
+        # Before timing: each method's loss and gradients against naive's on a small problem of this setting.
+        check = Problem(K, 1, min(T, 1024), H, V, dtype, shared_frozen, masked_prompts=masked)
+        wrong = check_against_naive(check, methods)
+        del check
+        common.free_memory()
         for N in sizes:
             p = Problem(K, common.token_rows(N, T), T, H, V, dtype, shared_frozen, masked_prompts=masked)
             floor_ms = p.flops / (rate * 1e12) * 1e3 if rate == rate else float("nan")
@@ -319,6 +365,10 @@ def main() -> None:
             for name, fn in methods.items():
                 if fn is None:
                     row.append("not installed")
+                    continue
+                if name in wrong:
+                    row.append(f"wrong: {wrong[name]}")
+                    print(setting, N, name, row[-1], flush=True)
                     continue
                 try:
                     ms, gib = measure(p, fn, reps=2000 if N > 4096 else 1000)
@@ -335,9 +385,9 @@ def main() -> None:
             rows.append(row)
             # The target methods and their cuBLAS floor again, interleaved (see the module docstring).
             key = setting[:3]
-            chosen = {name: fn for name, fn in methods.items() if fn is not None and (
+            chosen = {name: fn for name, fn in methods.items() if fn is not None and name not in wrong and (
                 (key, N, name) in TARGETS or name.startswith("ours' GEMMs alone"))}
-            if args.target_rounds > 0 and key in ("(a)", "(b)") and N == token_counts[-1] and chosen:
+            if args.target_rounds > 0 and key in ("(a)", "(b)") and N == max(token_counts) and chosen:
                 for name, ts in target_rounds(p, chosen, args.target_rounds).items():
                     rounds[key, N, name] = ts
                     print(setting, N, name, "rounds:", " ".join(f"{t:.1f}" for t in ts), flush=True)

@@ -42,6 +42,8 @@ def main() -> None:
     bug.add_argument("--tma-written", action="store_true", help="read a tensor written through a TMA descriptor")
     bug.add_argument("--cublas-written", action="store_true", help="cast cuBLAS's float32 product to bf16")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sanitize_probe.py needs a CUDA device")
     if args.tma_written:
         from triton.tools.tensor_descriptor import TensorDescriptor
 

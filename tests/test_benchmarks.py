@@ -27,3 +27,74 @@ def test_token_counts_that_are_not_whole_rows_are_refused(script, flags, flag):
                             text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert f"error: {flag}: token counts must be positive multiples of the row length" in result.stderr
+
+
+def _medusa_loss_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_medusa_loss", ROOT / "benchmarks" / "medusa_loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shared_frozen", [False, True])
+def test_medusa_loss_benchmark_reports_a_wrong_method_instead_of_timing_it(shared_frozen):
+    import torch
+
+    ml = _medusa_loss_module()
+    torch.manual_seed(0)
+    p = ml.Problem(2, 1, 32, 16, 64, torch.float32, shared_frozen)
+
+    def heads_unweighted(p):  # every head at weight 1: the wrong loss, the wrong gradients
+        return sum(torch.nn.functional.cross_entropy(p.blocks[k](p.x).reshape(-1, p.H) @ p.weights[k].t(),
+                                                     p.targets[k]) for k in range(p.K))
+
+    def blocks_untrained(p):  # the right loss, but no ResBlock gradient
+        return ml.naive(p).detach().requires_grad_()
+
+    methods = {"naive": ml.naive, "ours fp32 acc": ml.make_ours(torch.float32),
+               "ours head by head, fp32 acc": ml.make_ours_head_by_head(torch.float32),
+               "ours' GEMMs alone, fp32 acc": ml.gemms_alone(torch.float32), "missing": None,
+               "heads unweighted": heads_unweighted, "blocks untrained": blocks_untrained}
+    wrong = ml.check_against_naive(p, methods)
+    assert set(wrong) == {"heads unweighted", "blocks untrained"}, wrong
+    assert wrong["heads unweighted"].startswith("loss") and wrong["blocks untrained"].startswith("gradients")
+
+
+@pytest.mark.parametrize("sizes", ["128,256", "256,128"])
+def test_medusa_loss_target_rounds_and_setting_c_use_the_largest_token_count(sizes, monkeypatch):
+    ml = _medusa_loss_module()
+    seen = []
+
+    def measure(p, fn, reps):
+        if p.masked and ("(c)", p.N) not in seen:
+            seen.append(("(c)", p.N))
+        return 1.0, 0.0
+
+    monkeypatch.setattr(ml, "measure", measure)
+    monkeypatch.setattr(ml, "check_against_naive", lambda p, methods: {}, raising=False)
+    monkeypatch.setattr(ml, "target_rounds", lambda p, methods, rounds: seen.append(("rounds", p.N)) or {})
+    monkeypatch.setattr(ml.common, "write_table", lambda *args, **kwargs: None)
+    init = ml.Problem.__init__
+
+    def recording_init(self, *args, masked_prompts=False, **kwargs):
+        init(self, *args, masked_prompts=masked_prompts, **kwargs)
+        self.masked = masked_prompts
+
+    monkeypatch.setattr(ml.Problem, "__init__", recording_init)
+    monkeypatch.setattr(sys, "argv", ["medusa_loss.py", "--quick", "--sizes", sizes])
+    ml.main()
+    assert seen == [("rounds", 256), ("rounds", 256), ("(c)", 256)]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the message for a machine without a GPU")
+@pytest.mark.parametrize("script, flags", [("ce_target_miss_ab.py", []), ("gluon_pingpong_probe.py", ["--quick"]),
+                                           ("sanitize_probe.py", ["--unwritten"]), ("exp_operand_tiles.py", []),
+                                           ("cross_entropy_compare.py", ["--before", "x.py"]),
+                                           ("trace_medusa_loss.py", [])])
+def test_gpu_only_benchmarks_say_so_without_a_gpu(script, flags):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *flags], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{script} needs a CUDA device" in result.stderr
