@@ -5,7 +5,9 @@ liger-kernel (optional import) and ours. Reported per row: median ms of forward+
 extra memory (GiB) while one forward+backward runs, achieved GB/s counting the minimum traffic
 (every input read once and every output written once, forward and backward), and that rate as a
 share of a device copy measured in the same run. Inputs rotate over a few sets so no timing reads
-a warm cache. One failing column is recorded as ``error: ...``, never a crash.
+a warm cache. One failing column is recorded as ``error: ...``, never a crash; before timing, each
+implementation's outputs and input gradients are compared with eager's, and one that differs is
+recorded as ``wrong: ...`` instead of timed.
 
     python benchmarks/kernels.py            # full sizes (H100: about 2 minutes)
     python benchmarks/kernels.py --quick    # tiny shapes, a smoke test (also on CPU)
@@ -185,6 +187,50 @@ def cross_entropy_op(rows: int, vocab: int) -> Op:
     return op
 
 
+# ------------------------------------------------------------------------------------------ check
+def check_against_eager(op: Op, seed: int = 1234) -> dict[str, str]:
+    """{impl: why} for each implementation whose outputs or input gradients differ from eager's (HF's own
+    code) on one input set of ``op``, so that a wrong implementation is reported instead of timed.
+
+    Every implementation gets the same fresh inputs (``op.make`` under one seed: some write gradients over
+    their inputs or rotate in place), and its outputs are copied before backward for the same reason.
+    Errors are compared in float32 relative to the reference's largest value: 2e-2 in half precision,
+    1e-4 in float32. An implementation that raises is left to the timing, which records the error."""
+
+    def run(build: Callable[[], Callable]) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        args, diff, grads = op.make()
+        out = build()(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        named = {f"output {i}": o.detach().float().clone() for i, o in enumerate(outs)}
+        inputs_grads = torch.autograd.grad(outs, [args[i] for i in diff], grads)
+        return named | {f"gradient of input {i}": g.detach().float().clone() for i, g in zip(diff, inputs_grads)}
+
+    reference = run(op.impls["eager (HF)"])
+    tol = 2e-2 if DTYPE in (torch.bfloat16, torch.float16) else 1e-4
+    wrong = {}
+    for impl, build in op.impls.items():
+        if impl == "eager (HF)" or (impl == "torch.compile" and not CUDA):  # (not timed on CPU either)
+            continue
+        try:
+            tensors = run(build)
+        except Exception:
+            continue
+        for name, ref in reference.items():
+            got = tensors.get(name)
+            if got is None or got.shape != ref.shape:
+                wrong[impl] = f"{name}: shape {None if got is None else list(got.shape)}, eager {list(ref.shape)}"
+                break
+            error = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            if not error <= tol:  # (NaN fails too)
+                wrong[impl] = f"{name} {error:.2g} off eager's (relative to its largest value)"
+                break
+    if CUDA:
+        torch._dynamo.reset()  # the timing compiles afresh, for its own shapes (not as dynamic after these)
+        torch.cuda.empty_cache()
+    return wrong
+
+
 # ------------------------------------------------------------------------------------------ driver
 def graph_ms(step: Callable[[], None]) -> float:
     """Median ms of ``step`` replayed as a CUDA graph: GPU time alone, without the host's launch and
@@ -284,6 +330,11 @@ def main() -> None:
                rope_op(4, 32, 8, 4096, 128, False), cross_entropy_op(8192, 128256)]
     if args.only:
         ops = [op for op in ops if any(op.name.startswith(prefix) for prefix in args.only)]
+    # Each implementation is checked against eager on a few rows of the op's own widths before it is timed
+    # (full-size inputs would be copied once per implementation); the quick shapes are checked as they are.
+    check_ops = {} if args.quick else {op.name: op for op in (
+        rms_norm_op(256, 4096), swiglu_op(256, 14336), rope_op(1, 32, 8, 256, 128, True),
+        rope_op(1, 32, 8, 256, 128, False), cross_entropy_op(256, 128256))}
     if CUDA:
         common.optional_import("liger_kernel")  # logs why, if the baseline is missing
     copy_gbs = common.copy_bandwidth_gbs()
@@ -297,7 +348,13 @@ def main() -> None:
             rows.append([op.name, op.shape, "all", f"error: inputs: {type(exc).__name__}: {exc}", "", "", "", ""])
             continue
         results = {}
+        wrong = check_against_eager(check_ops.get(op.name, op))
         for impl in op.impls:
+            if impl in wrong:
+                results[impl] = {"error": f"wrong: {wrong[impl]}"}
+                print(f"[bench] {op.name} {impl}: {results[impl]['error']}", flush=True)
+                rows.append([op.name, op.shape, impl, results[impl]["error"], "-", "-", "-", "-"])
+                continue
             results[impl] = res = measure(op, impl, sets, copy_gbs)
             print(f"[bench] {op.name} {impl}: {res}", flush=True)
             if "error" in res:

@@ -29,11 +29,14 @@ def test_token_counts_that_are_not_whole_rows_are_refused(script, flags, flag):
     assert f"error: {flag}: token counts must be positive multiples of the row length" in result.stderr
 
 
-def _medusa_loss_module():
+def _benchmark_module(script: str):
+    """A benchmark script imported as a module (its main() not run), under a name of its own."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_medusa_loss", ROOT / "benchmarks" / "medusa_loss.py")
+    name = "bench_" + script.removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # (dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
 
@@ -42,7 +45,7 @@ def _medusa_loss_module():
 def test_medusa_loss_benchmark_reports_a_wrong_method_instead_of_timing_it(shared_frozen):
     import torch
 
-    ml = _medusa_loss_module()
+    ml = _benchmark_module("medusa_loss.py")
     torch.manual_seed(0)
     p = ml.Problem(2, 1, 32, 16, 64, torch.float32, shared_frozen)
 
@@ -64,7 +67,7 @@ def test_medusa_loss_benchmark_reports_a_wrong_method_instead_of_timing_it(share
 
 @pytest.mark.parametrize("sizes", ["128,256", "256,128"])
 def test_medusa_loss_target_rounds_and_setting_c_use_the_largest_token_count(sizes, monkeypatch):
-    ml = _medusa_loss_module()
+    ml = _benchmark_module("medusa_loss.py")
     seen = []
 
     def measure(p, fn, reps):
@@ -98,3 +101,23 @@ def test_gpu_only_benchmarks_say_so_without_a_gpu(script, flags):
                             text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"{script} needs a CUDA device" in result.stderr
+
+
+def test_kernels_benchmark_reports_a_wrong_implementation_instead_of_timing_it():
+    import torch
+    import torch.nn.functional as F
+
+    kb = _benchmark_module("kernels.py")
+    norm, glu, rope = kb.rms_norm_op(33, 64), kb.swiglu_op(33, 96), kb.rope_op(1, 4, 2, 9, 16, True)
+    norm.impls["scaled"] = lambda: lambda x, w: kb.rms_norm(x, w, 1e-6) * 1.01  # a wrong output
+    glu.impls["gate frozen"] = lambda: lambda g, u: F.silu(g.detach()) * u + 0 * g  # a wrong gradient
+    glu.impls["raises"] = lambda: lambda g, u: 1 / 0  # left to the timing, which records the error
+    rope.impls["one rotation late"] = lambda: lambda q, k, cos, sin: kb.apply_rotary_pos_emb(q, k, cos.roll(1, 1),
+                                                                                         sin.roll(1, 1))
+    wrong = {op.name: kb.check_against_eager(op) for op in (norm, glu, rope)}
+    assert set(wrong["RMSNorm"]) == {"scaled"} and wrong["RMSNorm"]["scaled"].startswith("output 0")
+    assert set(wrong["SwiGLU"]) == {"gate frozen"}
+    assert wrong["SwiGLU"]["gate frozen"].startswith("gradient of input 0")
+    assert set(wrong["RoPE (HF layout)"]) == {"one rotation late"}
+    ce = kb.cross_entropy_op(17, 50)
+    assert kb.check_against_eager(ce) == {}  # liger (if installed) and ours agree with eager
