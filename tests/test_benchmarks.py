@@ -104,12 +104,11 @@ def test_gpu_only_benchmarks_say_so_without_a_gpu(script, flags):
 
 
 def test_kernels_benchmark_reports_a_wrong_implementation_instead_of_timing_it():
-    import torch
     import torch.nn.functional as F
 
     kb = _benchmark_module("kernels.py")
     norm, glu, rope = kb.rms_norm_op(33, 64), kb.swiglu_op(33, 96), kb.rope_op(1, 4, 2, 9, 16, True)
-    norm.impls["scaled"] = lambda: lambda x, w: kb.rms_norm(x, w, 1e-6) * 1.01  # a wrong output
+    norm.impls["scaled"] = lambda: lambda x, w: kb.rms_norm(x, w, 1e-6) * 1.1  # 10% off: past bf16 tolerance
     glu.impls["gate frozen"] = lambda: lambda g, u: F.silu(g.detach()) * u + 0 * g  # a wrong gradient
     glu.impls["raises"] = lambda: lambda g, u: 1 / 0  # left to the timing, which records the error
     rope.impls["one rotation late"] = lambda: lambda q, k, cos, sin: kb.apply_rotary_pos_emb(q, k, cos.roll(1, 1),

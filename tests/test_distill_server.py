@@ -72,6 +72,14 @@ class FakeOpenAI(BaseHTTPRequestHandler):
                 return self._reply(500, {"error": "boom"})
         if "MISSING LONG" in last:  # a context phrase under a code that does not mean "too long"
             return self._reply(404, {"error": {"message": "model not found: maximum context length unknown"}})
+        if "HOLD" in last:  # an answer that takes long, then a 503 (retried, unless the run has stopped)
+            self.server.release.wait(3)
+            return self._reply(503, {"error": "overloaded"})
+        if "NEEDS KEY" in last:
+            return self._reply(401, {"error": {"message": "Unauthorized"}})
+        if "NO USAGE" in last:  # usage without a token count
+            return self._reply(200, {"choices": [{"message": {"role": "assistant", "content": "hi"},
+                                                  "finish_reason": "stop"}], "usage": {"completion_tokens": None}})
         if "NULL" in last:  # tool-call and reasoning replies may carry no content
             return self._reply(200, {"choices": [{"message": {"role": "assistant", "content": None},
                                                   "finish_reason": "stop"}], "usage": {"completion_tokens": 0}})
@@ -96,6 +104,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 def server(monkeypatch):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
     httpd.log, httpd.lock, httpd.flaky_left, httpd.rate_left, httpd.waits = [], threading.Lock(), 2, 2, []
+    httpd.release = threading.Event()
     monkeypatch.setattr(distill_backends.time, "sleep", httpd.waits.append)  # retries without waiting
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -288,3 +297,51 @@ def test_a_model_and_a_server_together_are_refused(tmp_path):
     with pytest.raises(ValueError, match="pass either model and tokenizer"):
         self_distill(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}]), tmp_path / "o.jsonl", model=object(),
                      tokenizer=object(), server="http://127.0.0.1:9", server_model="m", progress=False)
+
+
+def test_requests_pin_the_options_a_server_fills_from_the_models_generation_config(server, tmp_path):
+    """vLLM fills the sampling options a request leaves out from the model's generation_config.json (an
+    instruct model's repetition_penalty, top_k): greedy answers then differ from the local backend's,
+    which pins them."""
+    httpd, url = server
+    self_distill(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}]), tmp_path / "o.jsonl", server=url,
+                 progress=False)
+    body = httpd.log[-1]["body"]
+    assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (-1, 0.0, 1.0)
+
+
+def test_a_failed_request_ends_the_call_at_once_and_stops_the_others(server, tmp_path):
+    """The run waited for every earlier request in flight before reporting a refused one, those kept
+    being retried after it, and the pool's threads held the process (Ctrl-C too) until they ended."""
+    import time
+
+    httpd, url = server
+    before = set(threading.enumerate())
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "HOLD"}, {"prompt": "BAD"}])
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="HTTP 422"):
+        self_distill(source, tmp_path / "out.jsonl", server=url, concurrency=2, progress=False)
+    assert time.perf_counter() - started < 2
+    # A thread still waiting on the held request must not keep the process from exiting.
+    assert not [t for t in set(threading.enumerate()) - before if not t.daemon and t.is_alive()]
+    httpd.release.set()
+    time.sleep(0.5)
+    assert sum(e["body"]["messages"][-1]["content"] == "HOLD" for e in httpd.log) == 1  # not retried
+
+
+def test_a_reply_without_a_token_count_and_a_missing_key(server, tmp_path):
+    _, url = server
+    summary = self_distill(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "NO USAGE"}]), tmp_path / "o.jsonl",
+                           server=url, progress=False)
+    assert summary.records == 1 and summary.new_tokens == 0
+    with pytest.raises(ValueError, match="HTTP 401: .*pass --api-key or set OPENAI_API_KEY"):
+        self_distill(write_jsonl(tmp_path / "k.jsonl", [{"prompt": "NEEDS KEY"}]), tmp_path / "k_out.jsonl",
+                     server=url, progress=False)
+
+
+def test_cli_an_empty_server_url_is_refused_by_name(tmp_path, capsys):
+    from medusa_liger.cli import main
+
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}])
+    assert main(["distill", "--server", "", "--data", source, "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "server must be an http(s) URL" in capsys.readouterr().err

@@ -527,7 +527,7 @@ def run(args) -> int:
         if Path(args.output).is_dir():
             raise ValueError(f"--output {args.output!r} is a directory; pass a JSONL file path")
         common = {"split": args.split, "overwrite": args.overwrite}
-        if args.server:
+        if args.server is not None:  # (an empty --server is refused by name, not taken for --backbone)
             summary = self_distill(args.data, args.output, settings, server=args.server, server_model=args.server_model,
                                    api_key=args.api_key, concurrency=args.concurrency, **common)
         else:

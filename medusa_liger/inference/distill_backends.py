@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import queue
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,13 +186,17 @@ class ServerBackend:
         self.timeout, self.retries = timeout, retries
         self.model = model or self._served_model()
 
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One JSON request; connection failures and 5xx answers are retried with backoff."""
+    def _request(self, path: str, body: dict[str, Any] | None = None,
+                 stop: threading.Event | None = None) -> dict[str, Any]:
+        """One JSON request; connection failures and 5xx answers are retried with backoff (not once
+        ``stop`` is set: another request failed, or the run was interrupted)."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = None if body is None else json.dumps(body).encode()
         for attempt in range(self.retries + 1):
+            if stop is not None and stop.is_set():
+                raise ServerError(None, f"{self.base + path}: stopped (another request failed)")
             request = urllib.request.Request(self.base + path, data=data, headers=headers)
             wait = 2**attempt
             try:
@@ -206,7 +211,9 @@ class ServerBackend:
                 detail = error.read().decode("utf-8", "replace")[:500]
                 retried = error.code >= 500 or error.code in RETRIED_CODES
                 if not retried or attempt == self.retries:
-                    raise ServerError(error.code, f"{self.base + path}: HTTP {error.code}: {detail}",
+                    hint = (" (does the server need a key? pass --api-key or set OPENAI_API_KEY)"
+                            if error.code in (401, 403) else "")
+                    raise ServerError(error.code, f"{self.base + path}: HTTP {error.code}: {detail}{hint}",
                                       detail) from None
                 wait = max(wait, _retry_after(error.headers.get("Retry-After")))
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
@@ -222,13 +229,17 @@ class ServerBackend:
             raise ValueError(f"{self.base}/models lists no model; pass the served model's name (--server-model)")
         return str(models[0]["id"])
 
-    def _one(self, messages: Messages) -> Answer | Refused | None:
+    def _one(self, messages: Messages, stop: threading.Event | None = None) -> Answer | Refused | None:
+        # The options the local backend pins are sent too: vLLM (by default) fills those a request leaves
+        # out from the model's generation_config.json (an instruct model's repetition_penalty, top_k), which
+        # changes even greedy text. (top_k -1: off, for vLLM and SGLang alike.)
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.settings.max_new_tokens,
-                                "temperature": self.settings.temperature, "top_p": self.settings.top_p, "n": 1}
+                                "temperature": self.settings.temperature, "top_p": self.settings.top_p, "n": 1,
+                                "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
         if self.settings.temperature > 0:
             body["seed"] = self.settings.seed
         try:
-            reply = self._request("/chat/completions", body)
+            reply = self._request("/chat/completions", body, stop)
         except ServerError as error:
             detail = error.detail.lower()  # (the server's message, not the URL)
             if error.code in CONTEXT_ERROR_CODES and any(p in detail for p in CONTEXT_ERRORS):
@@ -239,18 +250,48 @@ class ServerBackend:
         try:
             choice = reply["choices"][0]
             text = choice["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
+            tokens = int((reply.get("usage") or {}).get("completion_tokens") or 0)
+            if not isinstance(text, str):
+                raise TypeError
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
             raise ServerError(None, f"{self.base}/chat/completions: unexpected reply {str(reply)[:300]}") from None
-        tokens = (reply.get("usage") or {}).get("completion_tokens", 0)
-        return Answer(text.strip(), choice.get("finish_reason") != "length", int(tokens))
+        return Answer(text.strip(), choice.get("finish_reason") != "length", tokens)
 
     def chat(self, conversations: Sequence[Messages]) -> list[Answer | Refused | None]:
-        """The next assistant turn of each conversation, in order."""
-        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        """The next assistant turn of each conversation, in order. The first request that fails (or an
+        interrupt) ends the call at once: no request is sent or retried after it, and the threads still
+        waiting on an answer are daemons (a pool's would hold the process until their requests end, up to
+        the timeout for every retry)."""
+        conversations = list(conversations)
+        results: list[Answer | Refused | None] = [None] * len(conversations)
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(conversations)):
+            todo.put(i)
+        done: queue.SimpleQueue[tuple[int, Any, BaseException | None]] = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def work() -> None:
+            while not stop.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((i, self._one(conversations[i], stop), None))
+                except BaseException as error:  # noqa: BLE001 - handed to the calling thread
+                    done.put((i, None, error))
+
+        for _ in range(min(self.concurrency, len(conversations))):
+            threading.Thread(target=work, daemon=True).start()
         try:
-            return list(pool.map(self._one, conversations))
+            for _ in conversations:
+                i, answer, error = done.get()
+                if error is not None:
+                    raise error
+                results[i] = answer
         finally:  # on an error or an interrupt, send no more requests
-            pool.shutdown(wait=False, cancel_futures=True)
+            stop.set()
+        return results
 
     def complete(self, texts: Sequence[str]) -> list[Answer | None]:
         raise ValueError("text records need the model in this process (--backbone), not --server")
