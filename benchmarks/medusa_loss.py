@@ -17,11 +17,12 @@ backward), peak memory beyond the parameters and inputs (GiB; includes the weigh
 ResBlock activations and the hidden-state gradients), and the matmul floor (6NHV FLOP per trainable
 projection, 4NHV frozen, at the bf16 matmul rate measured in the same run) as a fraction of the time.
 A failing or out-of-memory column is recorded, never a crash; before timing, each method's loss and
-gradients are compared with naive's on a small problem of the same setting, and a method that differs
-is recorded as wrong and not timed. The target verdicts use extra
-interleaved rounds (``--target-rounds``): at the largest token count of (a) and (b), the target
-methods and "ours' GEMMs alone" are re-timed in shuffled order, round after round, so the card's drift
-(up to 10% between minutes on an H100) hits them alike; the verdict takes the median over the rounds.
+gradients are compared with naive's on a small problem of the same setting (``check_against_naive``):
+one that differs is recorded as wrong and not timed, and every method's error goes into the notes.
+The target verdicts use extra interleaved rounds (``--target-rounds``): at the largest token count of
+(a) and (b), the target methods and "ours' GEMMs alone" are re-timed in shuffled order, round after
+round, so the card's drift (up to 10% between minutes on an H100) hits them alike; the verdict takes
+the median over the rounds.
 
     python benchmarks/medusa_loss.py           # H100: about 5-6 minutes
     python benchmarks/medusa_loss.py --quick   # small shapes, a smoke test (also on CPU)
@@ -215,10 +216,16 @@ def training_step(p: Problem, loss_fn: Callable[[Problem], torch.Tensor]) -> Cal
     return step
 
 
-def check_against_naive(p: Problem, methods: dict[str, Callable | None]) -> dict[str, str]:
-    """{name: why} for each method whose loss or gradients (every trained parameter's) differ from
-    naive's on ``p``, so that a wrong implementation is reported instead of timed. Methods that are not
-    installed, that raise (the timing records the error) or that return no loss (the GEMMs alone) are
+def check_against_naive(p: Problem, methods: dict[str, Callable | None]) -> tuple[dict[str, str], dict[str, float]]:
+    """Each method's loss and gradients (every trained parameter's) against naive's on ``p``, before any
+    timing: ({name: why} for the methods that are wrong and so are not timed, {name: gradient error} for
+    every method checked, the largest over the parameters of max |g - g_naive| / max |g_naive|).
+
+    Ours must agree to 5e-2 in half precision (1e-3 in float32). A baseline is another library's choice of
+    precision (cut-cross-entropy's gradients are bf16 throughout, and by default it skips the small softmax
+    entries: ~0.09 here, ~0.05 without the filtering), so it is timed as it ships unless it is grossly off
+    (0.25: a missing head weight or gradient), and its error goes into the table's notes. Methods that are
+    not installed, that raise (the timing records the error) or that return no loss (the GEMMs alone) are
     not checked."""
 
     def run(fn: Callable[[Problem], torch.Tensor]) -> tuple[float, list[torch.Tensor]] | None:
@@ -232,8 +239,8 @@ def check_against_naive(p: Problem, methods: dict[str, Callable | None]) -> dict
         return float(loss.detach()), grads
 
     ref_loss, ref_grads = run(naive)
-    tol = 5e-2 if p.x.dtype in (torch.bfloat16, torch.float16) else 1e-3
-    wrong = {}
+    strict = 5e-2 if p.x.dtype in (torch.bfloat16, torch.float16) else 1e-3
+    wrong, errors = {}, {}
     for name, fn in methods.items():
         if fn is None or fn is naive:
             continue
@@ -245,13 +252,14 @@ def check_against_naive(p: Problem, methods: dict[str, Callable | None]) -> dict
         if result is None:
             continue
         loss, grads = result
-        if not abs(loss - ref_loss) <= tol * abs(ref_loss):
+        tol = strict if name.startswith("ours") else 0.25
+        errors[name] = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30))
+                           for g, r in zip(grads, ref_grads))
+        if not abs(loss - ref_loss) <= min(tol, 1e-2) * abs(ref_loss):
             wrong[name] = f"loss {loss:.5g}, naive {ref_loss:.5g}"
-            continue
-        errors = [float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(grads, ref_grads)]
-        if not max(errors) <= tol:
-            wrong[name] = f"gradients {max(errors):.2g} off naive's (relative to their largest)"
-    return wrong
+        elif not errors[name] <= tol:
+            wrong[name] = f"gradients {errors[name]:.2g} off naive's (relative to their largest)"
+    return wrong, errors
 
 
 def measure(p: Problem, loss_fn: Callable[[Problem], torch.Tensor], reps: int) -> tuple[float, float]:
@@ -347,14 +355,15 @@ def main() -> None:
         "ours' GEMMs alone, bf16 acc": gemms_alone(torch.bfloat16),
     }
     methods = {name: fn for name, fn in methods.items() if args.only in name}
-    rows, results, rounds = [], {}, {}
+    rows, results, rounds, deviations = [], {}, {}, []
     settings = (("(a) per-head trainable", False, False, token_counts),
                 ("(b) shared frozen", True, False, token_counts),
                 ("(c) as (a), half the targets ignored", False, True, [max(token_counts)]))
     for setting, shared_frozen, masked, sizes in settings:
         # Before timing: each method's loss and gradients against naive's on a small problem of this setting.
         check = Problem(K, 1, min(T, 1024), H, V, dtype, shared_frozen, masked_prompts=masked)
-        wrong = check_against_naive(check, methods)
+        wrong, errors = check_against_naive(check, methods)
+        deviations.append(f"{setting[:3]}: " + ", ".join(f"{name} {error:.2g}" for name, error in errors.items()))
         del check
         common.free_memory()
         for N in sizes:
@@ -417,6 +426,9 @@ def main() -> None:
         "the targets are ignored; skip_ignored runs the GEMMs on each head's valid rows only (one host sync per "
         "call). The matmul floor and GEMMs-alone columns still count every row.",
     ]
+    notes += ["", f"Gradients against naive's before timing, on {min(T, 1024)} tokens of each setting (the largest "
+              "max |g - g_naive| / max |g_naive| over the trained parameters; cut-cross-entropy's default "
+              "filters small softmax entries out of its gradients):", *deviations]
     notes += target_notes(results, token_counts, rounds)
     common.write_table("medusa_loss_h100" if not args.quick else "medusa_loss_quick",
                        "Medusa multi-head loss: forward+backward", header, rows, notes)

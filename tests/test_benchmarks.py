@@ -60,8 +60,10 @@ def test_medusa_loss_benchmark_reports_a_wrong_method_instead_of_timing_it(share
                "ours head by head, fp32 acc": ml.make_ours_head_by_head(torch.float32),
                "ours' GEMMs alone, fp32 acc": ml.gemms_alone(torch.float32), "missing": None,
                "heads unweighted": heads_unweighted, "blocks untrained": blocks_untrained}
-    wrong = ml.check_against_naive(p, methods)
+    wrong, errors = ml.check_against_naive(p, methods)
     assert set(wrong) == {"heads unweighted", "blocks untrained"}, wrong
+    assert set(errors) == {"ours fp32 acc", "ours head by head, fp32 acc", "heads unweighted", "blocks untrained"}
+    assert errors["ours fp32 acc"] < 1e-4 and errors["blocks untrained"] == 1.0
     assert wrong["heads unweighted"].startswith("loss") and wrong["blocks untrained"].startswith("gradients")
 
 
@@ -76,7 +78,7 @@ def test_medusa_loss_target_rounds_and_setting_c_use_the_largest_token_count(siz
         return 1.0, 0.0
 
     monkeypatch.setattr(ml, "measure", measure)
-    monkeypatch.setattr(ml, "check_against_naive", lambda p, methods: {}, raising=False)
+    monkeypatch.setattr(ml, "check_against_naive", lambda p, methods: ({}, {}), raising=False)
     monkeypatch.setattr(ml, "target_rounds", lambda p, methods, rounds: seen.append(("rounds", p.N)) or {})
     monkeypatch.setattr(ml.common, "write_table", lambda *args, **kwargs: None)
     init = ml.Problem.__init__
