@@ -955,7 +955,8 @@ def run_on_a_fake_hub(tmp_path, script: str, *args: str) -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+    (tmp_path / "tmp").mkdir()  # the scripts' mkdtemp()s, inside the test's own directory
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path / "tmp"),
                         "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     (tmp_path / "script.py").write_text(FAKE_HUB + script)
     done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(root / "configs" / "tiny.yaml"), *args],
