@@ -603,6 +603,17 @@ def test_a_record_with_a_conversation_or_a_text_and_a_prompt_keeps_them(tmp_path
     assert [r.messages[0]["content"] if r.messages else r.text for r in pending] == ["M", "C", "T", "alone"]
 
 
+def test_a_prompt_beside_empty_conversation_or_text_columns_is_the_record(tmp_path):
+    """A hub dataset's rows share one schema: a row without a conversation or a document has them as None
+    (``datasets`` fills missing keys so); its prompt is then the record, as it was before such keys counted."""
+    path = tmp_path / "nulls.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"P{i}", key: None}) + "\n"
+                            for i, key in enumerate(("messages", "conversations", "text"))))
+    skipped = []
+    pending = list(distill._source_records(str(path), "train", DistillSettings(), skipped, texts=False))
+    assert [r.messages[0]["content"] for r in pending] == ["P0", "P1", "P2"], skipped
+
+
 def test_metadata_may_not_replace_a_setting(model, tokenizer, source, tmp_path):
     """The metadata joins the settings a resume must match: a key of theirs would overwrite one (said
     before a server is asked for its models)."""

@@ -325,7 +325,7 @@ def test_a_failed_request_ends_the_call_at_once_and_stops_the_others(server, tmp
     # A thread still waiting on the held request must not keep the process from exiting.
     assert not [t for t in set(threading.enumerate()) - before if not t.daemon and t.is_alive()]
     httpd.release.set()
-    time.sleep(0.5)
+    threading.Event().wait(0.5)  # (time.sleep is the fixture's no-op here: distill_backends.time is this time module)
     assert sum(e["body"]["messages"][-1]["content"] == "HOLD" for e in httpd.log) == 1  # not retried
 
 
@@ -345,3 +345,15 @@ def test_cli_an_empty_server_url_is_refused_by_name(tmp_path, capsys):
     source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}])
     assert main(["distill", "--server", "", "--data", source, "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "server must be an http(s) URL" in capsys.readouterr().err
+
+
+def test_a_failed_request_sends_no_next_one(server, tmp_path):
+    """The thread whose request failed took (and sent) the next conversation before the calling thread had
+    set the stop event: one more request after the failure, every time, with --concurrency 1."""
+    httpd, url = server
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "BAD"}] + [{"prompt": f"fine {i}"} for i in range(3)])
+    with pytest.raises(ValueError, match="HTTP 422"):
+        self_distill(source, tmp_path / "out.jsonl", server=url, concurrency=1, progress=False)
+    threading.Event().wait(0.3)  # (a real wait: the fixture makes time.sleep a no-op)
+    sent = [e["body"]["messages"][-1]["content"] for e in httpd.log if e["path"].endswith("/chat/completions")]
+    assert sent == ["BAD"]

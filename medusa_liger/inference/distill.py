@@ -170,7 +170,7 @@ def _source_records(source: str, split: str, settings: DistillSettings, skipped:
             continue
         # A record that also holds a conversation or a document keeps it: the prompt is then only a summary.
         if (isinstance(record, dict) and isinstance(record.get("prompt"), str)
-                and not any(key in record for key in RECORD_KEYS.values())):
+                and not any(record.get(key) is not None for key in RECORD_KEYS.values())):
             record = {"messages": [{"role": "user", "content": record["prompt"]}]}
         try:
             example = normalize(where, record, "auto", "all", other_keys=("prompt",))

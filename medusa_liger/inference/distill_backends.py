@@ -279,6 +279,7 @@ class ServerBackend:
                 try:
                     done.put((i, self._one(conversations[i], stop), None))
                 except BaseException as error:  # noqa: BLE001 - handed to the calling thread
+                    stop.set()  # at once: this thread would otherwise take (and send) the next request first
                     done.put((i, None, error))
 
         for _ in range(min(self.concurrency, len(conversations))):
