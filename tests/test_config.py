@@ -400,3 +400,33 @@ def test_an_override_value_may_hold_an_equals_sign():
     from medusa_liger.train.config import parse_override
 
     assert parse_override("logging.run_name=a=b") == (["logging", "run_name"], "a=b")
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  mode: joint\n  lr: 5.0e-4\nheads:\n  num_heads: 2\ntrain:\n  steps: 3\n", "train"),  # a 2nd section
+    ("train:\n  lr: 5.0e-4\n  lr: 1.0e-3\n", "lr"),
+])
+def test_duplicate_yaml_keys_are_refused(tmp_path, text, key):
+    """PyYAML keeps the last of two equal keys: a second ``train:`` section silently dropped the first
+    one's keys (mode and lr back at their defaults)."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"found duplicate key '{key}'")):
+        load_config(path, [f"output_dir={tmp_path / 'run'}"])
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("train: &t {lr: 1.0e-3, steps: 3}\nheads:\n  num_heads: 2\n")
+    assert load_config(path, [f"output_dir={tmp_path / 'run'}"]).train.lr == pytest.approx(1e-3)
+    path.write_text("train:\n  <<: {lr: 1.0e-3, steps: 3}\n  steps: 5\n")
+    cfg = load_config(path, [f"output_dir={tmp_path / 'run'}"])
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.steps == 5
+
+
+def test_lambda_ramp_is_refused_in_heads_mode():
+    """heads mode trains the heads at weight 1 (no lambda): a ramp there did nothing, silently."""
+    ramp = ["train.heads_lambda.schedule=linear", "train.heads_lambda.ramp_steps=10"]
+    with pytest.raises(ValueError, match=re.escape("train.heads_lambda.schedule must be 'constant' unless")):
+        load_config(TINY, ["train.mode=heads", *ramp])
+    assert load_config(TINY, ramp).train.heads_lambda.schedule == "linear"  # joint: the ramp applies

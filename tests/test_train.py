@@ -1600,3 +1600,27 @@ def test_a_hub_tokenizer_without_a_pad_token_pads_with_its_end_token(tmp_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "base")).pad_token is None
     loaded, _ = build_tokenizer_and_backbone(short_config(tmp_path / "run", f"model.name_or_path={tmp_path / 'base'}"))
     assert loaded.pad_token == loaded.eos_token == "<|end|>"
+
+
+def test_seq_len_past_the_backbones_positions_is_a_config_error(tmp_path):
+    """A backbone with learned positions (GPT-2's n_positions) shorter than data.seq_len failed at the
+    first forward with an IndexError (a device-side assert on a GPU), after the model and data loaded;
+    the tiny model's own limit (model.tiny.max_position_embeddings) is checked against data.seq_len."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from medusa_liger.train.build import build_tokenizer_and_backbone
+    from medusa_liger.train.config import ConfigError
+    from medusa_liger.train.data import load_examples
+
+    cfg = short_config(tmp_path / "tiny")
+    tokenizer, _ = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                        tie_word_embeddings=False)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    run = ["train.mode=heads", "train.steps=1", "checkpoint.every=0", "export.formats=[medusa]"]
+    with pytest.raises(ConfigError, match=re.escape("data.seq_len=64 is longer than the backbone's "
+                                                    "max_position_embeddings=32")):
+        train(short_config(tmp_path / "run", f"model.name_or_path={tmp_path / 'gpt2'}", *run))
+    assert not (tmp_path / "run" / "cache").exists()  # said before the data packed
+    train(short_config(tmp_path / "fits", f"model.name_or_path={tmp_path / 'gpt2'}", "data.seq_len=32", *run))

@@ -157,6 +157,18 @@ def check_token_range(cfg: Config, input_ids: torch.Tensor, backbone) -> None:
                           f"{highest}, but the model's embedding has {rows} rows: the tokenizer is not this model's")
 
 
+def check_position_range(cfg: Config, backbone) -> None:
+    """ConfigError when ``data.seq_len`` is longer than the backbone's ``max_position_embeddings``
+    (what ``model.tiny.max_position_embeddings`` is checked against for the tiny model): a model with
+    learned positions (GPT-2's ``n_positions``) failed at the first forward with an IndexError (a
+    device-side assert on a GPU), after the model and the data loaded; a rotary one trained on
+    positions it never saw. Packed documents restart their positions, so a row uses at most seq_len."""
+    limit = getattr(backbone.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and cfg.data.seq_len > limit:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the backbone's max_position_embeddings="
+                          f"{limit} ({cfg.model.name_or_path}): give data.seq_len <= {limit}")
+
+
 def lora_targets(target_modules: list[str] | str) -> list[str] | str:
     """``lora.target_modules`` as peft takes it: "all-linear", or a list of module names. One name
     stands for a one-item list: peft reads a lone string as a regular expression over full module

@@ -432,6 +432,9 @@ def validate(cfg: Config) -> Config:
     _require(ramped == (t.heads_lambda.ramp_steps > 0), "train.heads_lambda.ramp_steps", t.heads_lambda.ramp_steps,
              f">= 1 with train.heads_lambda.schedule={t.heads_lambda.schedule} (the steps of its ramp)" if ramped else
              "0 with train.heads_lambda.schedule=constant (no ramp; use linear or sine)")
+    _require(t.mode == "joint" or not ramped, "train.heads_lambda.schedule", t.heads_lambda.schedule,
+             "'constant' unless train.mode is 'joint' (lambda weighs the heads loss of joint mode only; heads mode "
+             "trains the heads at weight 1)")
     _require(not (t.mode == "joint" and t.lm_loss_weight == 0 and t.heads_lambda.value == 0), "train.lm_loss_weight",
              t.lm_loss_weight, "> 0 when train.heads_lambda.value is 0 in joint mode (else nothing trains)")
     _require(not (t.mode == "joint" and t.heads_lambda.value == 0 and t.heads_only_steps == 0),
@@ -481,6 +484,34 @@ def validate(cfg: Config) -> Config:
 # ----------------------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping. PyYAML keeps the last one
+    silently: a second ``train:`` section replaced the whole first one (its other keys back at their
+    defaults), a second ``lr:`` the first value, with no word. (Merge keys, ``<<``, still override.)"""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # (an unhashable key: SafeLoader's own error says so)
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(stream) -> Any:
+    """``yaml.safe_load``, refusing duplicate keys (``_UniqueKeyLoader``)."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _yaml_problem(error: yaml.YAMLError) -> str:
     """The one-line gist of a YAML syntax error (its str() spans several lines)."""
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
@@ -497,7 +528,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ValueError(f"override {text!r} has an empty key part")
     try:
-        return parts, yaml.safe_load(raw) if raw.strip() else None
+        return parts, _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as error:
         hint = "close its brackets" if raw.lstrip()[:1] in "[{" else f"quote a string: {key.strip()}=\"'{raw}'\""
         raise ValueError(f"override {text!r}: the value of {key.strip()} is not valid YAML "
@@ -553,7 +584,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ValueError(f"config file {str(path)!r} does not exist")
         try:
             with path.open(encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
+                loaded = _load_yaml(f)
         except yaml.YAMLError as error:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from None
         if loaded is not None and not isinstance(loaded, dict):

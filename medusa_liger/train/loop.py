@@ -81,6 +81,7 @@ from medusa_liger.train.build import (
     build_optimizer,
     build_scheduler,
     build_tokenizer_and_backbone,
+    check_position_range,
     check_token_range,
     data_changes,
     data_settings,
@@ -403,6 +404,7 @@ def _train(cfg: Config, device: torch.device) -> TrainResult:
         with model_errors(cfg) if cfg.model.name_or_path != "tiny" else nullcontext():
             tokenizer, backbone = build_tokenizer_and_backbone(cfg, get_examples, on_meta=cfg.train.fsdp and not main,
                                                                commit=commit, resolved=True)
+    check_position_range(cfg, backbone)  # before the data packs
     with distributed.main_first(), data_errors():
         data = build_packed_data(cfg.data, tokenizer, cache_dir, examples=examples or None, load_notes=load_notes,
                                  quiet=not main)
