@@ -46,3 +46,20 @@ def test_cli_exports_are_listable_by_a_serving_user(tmp_path):
         os.umask(umask)
     for path in (tmp_path / "out", tmp_path / "both", tmp_path / "both" / "vllm"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o755, path
+
+
+def test_an_export_cast_with_dtype_records_the_cast_backbone_dtype_for_a_re_export(tmp_path):
+    """`export --dtype bf16` casts the backbone beside the heads: their recorded serving dtype must say
+    bf16, or re-exporting that export without --dtype writes fp32 heads beside the bf16 backbone."""
+    run = tmp_path / "run"
+    train(short_config(run, "train.mode=joint", "train.steps=2", "checkpoint.every=2", "export.formats=[medusa]",
+                       "data.eval_fraction=0.0", "model.dtype=float32"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert medusa_liger_main(["export", "--checkpoint", str(run), "--output", str(first), "--format", "medusa",
+                              "--dtype", "bf16"]) == 0
+    assert json.loads((first / "config.json").read_text())["medusa_liger"]["serving_dtype"] == "bfloat16"
+    assert medusa_liger_main(["export", "--checkpoint", str(first), "--output", str(second), "--format", "medusa"]) == 0
+    heads = load_file(str(second / "medusa_lm_head.safetensors"))
+    backbone = load_file(str(second / "backbone" / "model.safetensors"))
+    assert {t.dtype for t in backbone.values()} == {torch.bfloat16}
+    assert {t.dtype for t in heads.values()} == {torch.bfloat16}  # as the backbone beside them

@@ -276,6 +276,10 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, format
     # Heads default to the serving dtype recorded when they were saved (a training checkpoint holds
     # fp32 master heads); files without it (other tools) keep their own dtype.
     heads_dtype = dtype if dtype is not None else ckpt.serving_dtype
+    if dtype is not None and backbone_dir is not None:
+        # The backbone copied beside them is cast too: the heads record its dtype, or an export of this
+        # export without --dtype would cast them back to the old one.
+        ckpt.serving_dtype = dtype
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     if "medusa" in formats and "vllm" not in formats and ckpt.config.shared_lm_head:
         print(f"warning: {SHARED_MEDUSA_NOTE}", file=sys.stderr, flush=True)
