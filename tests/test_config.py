@@ -430,3 +430,14 @@ def test_lambda_ramp_is_refused_in_heads_mode():
     with pytest.raises(ValueError, match=re.escape("train.heads_lambda.schedule must be 'constant' unless")):
         load_config(TINY, ["train.mode=heads", *ramp])
     assert load_config(TINY, ramp).train.heads_lambda.schedule == "linear"  # joint: the ramp applies
+
+
+def test_a_duplicate_key_in_an_override_is_not_told_to_close_its_brackets():
+    """The brackets of `train={lr: 1, lr: 2}` are closed: the hint must name the duplicate, not them."""
+    from medusa_liger.train.config import parse_override
+
+    with pytest.raises(ValueError, match="found duplicate key 'lr'") as error:
+        parse_override("train={lr: 1, lr: 2}")
+    assert "close its brackets" not in str(error.value) and "give each key once" in str(error.value)
+    with pytest.raises(ValueError, match="close its brackets"):  # (a real unclosed bracket keeps its hint)
+        parse_override("train={lr: 1")

@@ -1619,8 +1619,31 @@ def test_seq_len_past_the_backbones_positions_is_a_config_error(tmp_path):
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     tokenizer.save_pretrained(tmp_path / "gpt2")
     run = ["train.mode=heads", "train.steps=1", "checkpoint.every=0", "export.formats=[medusa]"]
-    with pytest.raises(ConfigError, match=re.escape("data.seq_len=64 is longer than the backbone's "
-                                                    "max_position_embeddings=32")):
+    with pytest.raises(ConfigError, match=re.escape("data.seq_len=64 is longer than the 32 positions the backbone "
+                                                    "reaches")):
         train(short_config(tmp_path / "run", f"model.name_or_path={tmp_path / 'gpt2'}", *run))
     assert not (tmp_path / "run" / "cache").exists()  # said before the data packed
     train(short_config(tmp_path / "fits", f"model.name_or_path={tmp_path / 'gpt2'}", "data.seq_len=32", *run))
+
+
+def test_a_rope_scaled_backbone_trains_past_its_original_max_position_embeddings(tmp_path):
+    """A linear RoPE scaling (vicuna-v1.5-16k: max_position_embeddings 4096, factor 4) keeps the
+    original length in max_position_embeddings: the model reaches factor times it, and
+    data.seq_len up to that must train (it did before check_position_range), past it is refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medusa_liger.train.build import build_tokenizer_and_backbone
+    from medusa_liger.train.config import ConfigError
+    from medusa_liger.train.data import load_examples
+
+    cfg = short_config(tmp_path / "tiny")
+    tokenizer, _ = build_tokenizer_and_backbone(cfg, lambda: load_examples(cfg.data))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                         rope_scaling={"rope_type": "linear", "factor": 4.0}, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "scaled")
+    tokenizer.save_pretrained(tmp_path / "scaled")
+    run = ["train.mode=heads", "train.steps=1", "checkpoint.every=0", "export.formats=[medusa]"]
+    train(short_config(tmp_path / "fits", f"model.name_or_path={tmp_path / 'scaled'}", "data.seq_len=64", *run))
+    with pytest.raises(ConfigError, match=re.escape("data.seq_len=65 is longer than the 64 positions")):
+        train(short_config(tmp_path / "past", f"model.name_or_path={tmp_path / 'scaled'}", "data.seq_len=65", *run))

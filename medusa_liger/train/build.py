@@ -157,16 +157,38 @@ def check_token_range(cfg: Config, input_ids: torch.Tensor, backbone) -> None:
                           f"{highest}, but the model's embedding has {rows} rows: the tokenizer is not this model's")
 
 
+def position_limit(config) -> int | None:
+    """The positions ``config``'s model reaches: ``max_position_embeddings``, or more where a RoPE
+    scaling extends it (linear, dynamic, yarn, ...: e.g. vicuna-v1.5-16k says 4096 with a linear
+    factor of 4, Qwen's YaRN 32768 with a factor of 4; ``original_max_position_embeddings`` times the
+    factor where given). None where the config says no limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    candidates = [rope] if isinstance(rope, dict) else []
+    if candidates and all(isinstance(v, dict) for v in rope.values()):  # (per layer type)
+        candidates = list(rope.values())
+    for params in candidates:
+        factor = params.get("factor")
+        kind = params.get("rope_type", params.get("type"))
+        if kind not in (None, "default") and isinstance(factor, (int, float)) and factor > 1:
+            original = params.get("original_max_position_embeddings") or limit
+            limit = max(limit, int(original * factor))
+    return limit
+
+
 def check_position_range(cfg: Config, backbone) -> None:
     """ConfigError when ``data.seq_len`` is longer than the backbone's ``max_position_embeddings``
     (what ``model.tiny.max_position_embeddings`` is checked against for the tiny model): a model with
     learned positions (GPT-2's ``n_positions``) failed at the first forward with an IndexError (a
     device-side assert on a GPU), after the model and the data loaded; a rotary one trained on
     positions it never saw. Packed documents restart their positions, so a row uses at most seq_len."""
-    limit = getattr(backbone.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and not isinstance(limit, bool) and cfg.data.seq_len > limit:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the backbone's max_position_embeddings="
-                          f"{limit} ({cfg.model.name_or_path}): give data.seq_len <= {limit}")
+    limit = position_limit(backbone.config)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the {limit} positions the backbone reaches "
+                          f"(max_position_embeddings, times its RoPE scaling factor if any; {cfg.model.name_or_path}): "
+                          f"give data.seq_len <= {limit}")
 
 
 def lora_targets(target_modules: list[str] | str) -> list[str] | str:

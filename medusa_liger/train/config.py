@@ -484,6 +484,10 @@ def validate(cfg: Config) -> Config:
 # ----------------------------------------------------------------------------------------------
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping (``_UniqueKeyLoader``)."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping. PyYAML keeps the last one
     silently: a second ``train:`` section replaced the whole first one (its other keys back at their
@@ -501,8 +505,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # (an unhashable key: SafeLoader's own error says so)
                     continue
                 if duplicate:
-                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
-                                                            f"found duplicate key {key!r}", key_node.start_mark)
+                    raise _DuplicateKeyError("while constructing a mapping", node.start_mark,
+                                             f"found duplicate key {key!r}", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -530,7 +534,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         return parts, _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as error:
-        hint = "close its brackets" if raw.lstrip()[:1] in "[{" else f"quote a string: {key.strip()}=\"'{raw}'\""
+        hint = ("give each key once" if isinstance(error, _DuplicateKeyError) else
+                "close its brackets" if raw.lstrip()[:1] in "[{" else f"quote a string: {key.strip()}=\"'{raw}'\"")
         raise ValueError(f"override {text!r}: the value of {key.strip()} is not valid YAML "
                          f"({_yaml_problem(error)}); {hint}") from None
 
