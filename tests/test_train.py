@@ -1647,3 +1647,35 @@ def test_a_rope_scaled_backbone_trains_past_its_original_max_position_embeddings
     train(short_config(tmp_path / "fits", f"model.name_or_path={tmp_path / 'scaled'}", "data.seq_len=64", *run))
     with pytest.raises(ConfigError, match=re.escape("data.seq_len=65 is longer than the 64 positions")):
         train(short_config(tmp_path / "past", f"model.name_or_path={tmp_path / 'scaled'}", "data.seq_len=65", *run))
+
+
+def test_a_resume_from_another_runs_last_checkpoint_finishes_without_a_plot(tmp_path, capsys):
+    """Nothing left to train and no step logged by this run: the plot raised ValueError after the export,
+    and the run failed without its summary."""
+    extra = ["train.steps=2", "checkpoint.every=2", "export.formats=[medusa]"]
+    source, target = tmp_path / "source", tmp_path / "target"
+    train(short_config(source, *extra))
+    train(short_config(target, *extra, "train.seed=7"))  # (its plot.png is an older run's)
+    result = train(short_config(target, *extra, f"train.resume={source / 'checkpoints' / 'step-000002'}"))
+    assert read_metrics(target / "metrics.jsonl") == []
+    assert "plot" not in result.paths and not (target / "plot.png").exists()
+    assert "eval/acc/head0" in result.summary
+    assert "training summary" in capsys.readouterr().out
+
+
+def test_the_console_line_lists_head_accuracies_in_head_order(monkeypatch, tmp_path, capsys):
+    """With 11+ heads the line sorted the keys by name: acc/head10 came before acc/head2."""
+    with _logger(monkeypatch, tmp_path, wandb_mode="disabled") as logger:
+        logger.log(1, {"loss": 1.0, **{f"acc/head{k}": k / 100 for k in range(12)}})
+    accs = re.search(r"acc=\[([^\]]*)\]", capsys.readouterr().out).group(1).split()
+    assert accs == [f"{k / 100:.2f}" for k in range(12)]
+
+
+def test_the_plot_marks_the_backbones_held_out_numbers(monkeypatch, tmp_path):
+    """eval/lm_loss and eval/acc/lm (a joint run's held-out backbone) were logged but never drawn."""
+    heads = {"loss": 2.0, "lm_loss": 1.0, "acc/lm": 0.5, "loss/head0": 2.0, "acc/head0": 0.1}
+    held_out = {"eval/lm_loss": 1.5, "eval/acc/lm": 0.25, "eval/loss/head0": 2.5, "eval/acc/head0": 0.05}
+    records = [{"step": 1, **heads}, {"step": 2, **heads, **held_out}]
+    calls, _ = _drawn(monkeypatch, tmp_path / "plot.png", records)
+    markers = {(tuple(xs), tuple(ys)) for label, xs, ys, marker in calls if label is None and marker == "o"}
+    assert ((2,), (1.5,)) in markers and ((2,), (0.25,)) in markers

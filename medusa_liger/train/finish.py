@@ -153,8 +153,11 @@ def finish_run(cfg: Config, model, tokenizer, logger, eval_data, *, eval_metrics
             paths["eval_prompts"] = prompts
 
     paths.update(export_final(model, tokenizer, cfg, final))
-    from medusa_liger.train.plot import plot_metrics
-    paths["plot"] = plot_metrics(records, out / PLOT_FILE, baseline=baseline, title=cfg.name)
+    if records:
+        from medusa_liger.train.plot import plot_metrics
+        paths["plot"] = plot_metrics(records, out / PLOT_FILE, baseline=baseline, title=cfg.name)
+    else:  # a resume with nothing left to train and no steps of its own logged (another run's last checkpoint)
+        (out / PLOT_FILE).unlink(missing_ok=True)  # (an older run's plot is not this run's)
     paths["metrics"] = logger.path
     paths["config"] = out / CONFIG_FILE
     summary["seconds"] = time.perf_counter() - started

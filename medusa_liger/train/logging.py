@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,12 @@ def init_wandb(mode: str, project: str, name: str, config: dict, directory: Path
                       id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous")
 
 
+def head_keys(keys: Iterable[str], prefix: str) -> list[str]:
+    """The keys ``prefix + k`` among ``keys`` (e.g. "acc/head3"), by head index k: by name,
+    "acc/head10" would come before "acc/head2"."""
+    return sorted({k for k in keys if k.startswith(prefix)}, key=lambda k: int(k.removeprefix(prefix)))
+
+
 class MetricsLogger:
     """Writes per-step metrics to JSONL, a progress bar and wandb; a context manager."""
 
@@ -147,7 +154,7 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(1)
         if step % self.every == 0 or step == self.total_steps:
-            accs = [v for k, v in sorted(metrics.items()) if k.startswith("acc/head")]
+            accs = [metrics[k] for k in head_keys(metrics, "acc/head")]
             line = (f"loss={metrics['loss']:.3f} acc=[{' '.join(f'{a:.2f}' for a in accs)}] "
                     f"tok/s={metrics.get('tokens_per_s', 0):.0f}"
                     + (f" mem={metrics['peak_memory_gib']:.1f}GiB" if "peak_memory_gib" in metrics else ""))

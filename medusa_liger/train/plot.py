@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medusa_liger.train.logging import head_keys
+
 
 def _smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average (noisy per-step metrics read better smoothed)."""
@@ -57,12 +59,11 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, baseline: floa
     window = max(1, len(records) // 50)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
 
-    def head_keys(prefix: str) -> list[str]:
-        return sorted({k for r in records for k in r if k.startswith(prefix)}, key=lambda k: int(k.rsplit("head", 1)[1]))
-
-    for key, label in (("loss", "total loss"), ("lm_loss", "backbone LM loss")):
-        _curve(ax_loss, records, key, window, label=label)
-    for key in head_keys("loss/head"):
+    keys = {k for r in records for k in r}
+    _curve(ax_loss, records, "loss", window, label="total loss")
+    line = _curve(ax_loss, records, "lm_loss", window, label="backbone LM loss")
+    _held_out(ax_loss, records, "eval/lm_loss", line.get_color() if line else None)
+    for key in head_keys(keys, "loss/head"):
         line = _curve(ax_loss, records, key, window, label=key.replace("loss/", ""), alpha=0.7)
         _held_out(ax_loss, records, "eval/" + key, line.get_color() if line else None)
     ax_loss.set_xlabel("step")
@@ -71,8 +72,9 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, baseline: floa
     ax_loss.legend(fontsize=8)
 
     _curve(ax_acc, records, "acc/lm", window, label="backbone (t+1)", color="black")
-    for key in head_keys("acc/head"):
-        k = int(key.rsplit("head", 1)[1])
+    _held_out(ax_acc, records, "eval/acc/lm", "black")
+    for key in head_keys(keys, "acc/head"):
+        k = int(key.removeprefix("acc/head"))
         line = _curve(ax_acc, records, key, window, label=f"head {k} (t+{k + 2})")
         _held_out(ax_acc, records, "eval/" + key, line.get_color() if line else None)
     if baseline is not None:
