@@ -1679,3 +1679,20 @@ def test_the_plot_marks_the_backbones_held_out_numbers(monkeypatch, tmp_path):
     calls, _ = _drawn(monkeypatch, tmp_path / "plot.png", records)
     markers = {(tuple(xs), tuple(ys)) for label, xs, ys, marker in calls if label is None and marker == "o"}
     assert ((2,), (1.5,)) in markers and ((2,), (0.25,)) in markers
+
+
+def test_a_llama3_rope_scaling_reaches_max_position_embeddings_not_factor_times_the_original():
+    """The llama3 rope type (Llama 3.1: factor 8; 3.2: factor 32, over an original 8192) states the extended
+    length in max_position_embeddings (transformers requires original < max): Llama 3.2 was said to reach
+    8192 x 32 = 262144 positions, twice its 131072."""
+    from transformers import LlamaConfig
+
+    from medusa_liger.train.build import position_limit
+
+    for factor in (8.0, 32.0, 32):
+        config = LlamaConfig(max_position_embeddings=131072, rope_theta=500000.0,
+                             rope_scaling={"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+        assert position_limit(config) == 131072, factor
+    linear = {"type": "linear", "factor": 4}
+    assert position_limit(LlamaConfig(max_position_embeddings=4096, rope_scaling=linear)) == 16384

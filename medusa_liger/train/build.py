@@ -172,6 +172,11 @@ def position_limit(config) -> int | None:
     for params in candidates:
         factor = params.get("factor")
         kind = params.get("rope_type", params.get("type"))
+        if kind == "llama3":
+            # Its max_position_embeddings is the extended length already, and its factor no length ratio:
+            # Llama 3.1 has 8192 x 8, Llama 3.2 8192 x 32, both 131072. (A config that does not say which
+            # length it gives, as Gemma 3's linear 8 on 131072, is read the permissive way.)
+            continue
         if kind not in (None, "default") and isinstance(factor, (int, float)) and factor > 1:
             original = params.get("original_max_position_embeddings") or limit
             limit = max(limit, int(original * factor))
