@@ -106,16 +106,20 @@ def _check_batch_shapes(input_ids: torch.Tensor, **others: torch.Tensor | None) 
             raise ValueError(f"{name} must have the shape of input_ids {list(input_ids.shape)}, got {list(t.shape)}")
 
 
-def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       sliding_window: int | None = None) -> torch.Tensor:
     """Boolean 4-D mask [B, 1, T, T]: True where query t may attend key s.
 
-    Allowed: s <= t, same segment, and key s not padding. A query always sees itself, so no row is
+    Allowed: s <= t, same segment, and key s not padding; with ``sliding_window`` w also
+    s > t - w (HF's sliding-window rule). A query always sees itself, so no row is
     fully masked (which would turn the softmax into NaN for padding queries).
     """
     B, T = segment_ids.shape
     device = segment_ids.device
     allowed = segment_ids[:, :, None] == segment_ids[:, None, :]
     allowed &= torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if sliding_window is not None:
+        allowed &= torch.ones(T, T, dtype=torch.bool, device=device).triu(-(sliding_window - 1))
     if attention_mask is not None:
         allowed &= attention_mask[:, None, :].bool()
     allowed |= torch.eye(T, dtype=torch.bool, device=device)
@@ -135,6 +139,36 @@ def _attention_mask_for(backbone: nn.Module, allowed: torch.Tensor) -> torch.Ten
     dtype = backbone.get_input_embeddings().weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def sliding_window_of(config) -> tuple[int | None, bool]:
+    """(the window w of the backbone's sliding-window layers or None, whether other layers attend fully).
+    Reads ``sliding_window`` with ``layer_types`` (transformers 5.x) or ``use_sliding_window`` (older
+    Qwen2-style configs); HF's rule keeps keys s > t - w."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None, False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return (window if getattr(config, "use_sliding_window", True) else None), False
+    kinds = set(layer_types)
+    if "sliding_attention" not in kinds:
+        return None, False
+    return window, kinds != {"sliding_attention"}
+
+
+def _packed_attention_mask(backbone: nn.Module, segment_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The packed 4-D mask for the backbone, keeping its sliding window: a custom 4-D mask is used by
+    HF's attention as given, so a window it does not apply is silently dropped. Layers that mix full
+    and sliding attention get HF's per-layer-type mapping."""
+    window, mixed = sliding_window_of(getattr(backbone, "config", None))
+    full = _attention_mask_for(backbone, packed_causal_mask(segment_ids, attention_mask))
+    if window is None:
+        return full
+    sliding = _attention_mask_for(backbone, packed_causal_mask(segment_ids, attention_mask, window))
+    if mixed and sliding is not None:
+        return {"full_attention": full, "sliding_attention": sliding}
+    return sliding
 
 
 def carries_peft_adapter(module: nn.Module | None) -> bool:
@@ -323,7 +357,7 @@ class MedusaModel(nn.Module):
             if position_ids is None:
                 position_ids = segment_position_ids(segment_ids)
             if attention_mask is not None:
-                attention_mask = _attention_mask_for(self.backbone, packed_causal_mask(segment_ids, attention_mask))
+                attention_mask = _packed_attention_mask(self.backbone, segment_ids, attention_mask)
         frozen_copy = teacher and self.teacher is not None
         adapters_off = teacher and not frozen_copy
         if adapters_off and not callable(getattr(self.backbone, "disable_adapter", None)):

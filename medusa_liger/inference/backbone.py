@@ -20,6 +20,8 @@ import inspect
 import torch
 from torch import nn
 
+from medusa_liger.heads.model import sliding_window_of
+
 
 def decode_attention() -> contextlib.AbstractContextManager:
     """Context for decoding forwards: SDPA may use the flash, memory-efficient or math kernels, not
@@ -111,14 +113,9 @@ class BackboneRunner:
 
     def sliding_window(self) -> int | None:
         """The uniform sliding window of every layer, or None for full attention."""
-        window = getattr(self.config, "sliding_window", None)
-        layer_types = getattr(self.config, "layer_types", None)
-        if layer_types is None:
-            return window if window and getattr(self.config, "use_sliding_window", True) else None
-        kinds = set(layer_types)
-        if kinds == {"full_attention"}:
-            return None
-        if kinds == {"sliding_attention"}:
+        window, mixed = sliding_window_of(self.config)
+        kinds = set(getattr(self.config, "layer_types", None) or ())
+        if not mixed and len(kinds) <= 1:
             return window
         raise ValueError(
             f"medusa_generate supports backbones whose layers all use the same attention; this "
