@@ -157,6 +157,10 @@ def sliding_window_of(config) -> tuple[int | None, bool]:
     return window, kinds != {"sliding_attention"}
 
 
+# Layer kinds whose HF mask (create_recurrent_attention_mask) is None for a custom 4-D mask.
+_RECURRENT_LAYER_KINDS = frozenset({"linear_attention", "conv"})
+
+
 def _packed_attention_mask(backbone: nn.Module, segment_ids: torch.Tensor, attention_mask: torch.Tensor):
     """The packed 4-D mask for the backbone, keeping its sliding window: a custom 4-D mask is used by
     HF's attention as given, so a window it does not apply is silently dropped. Layers that mix full
@@ -167,7 +171,12 @@ def _packed_attention_mask(backbone: nn.Module, segment_ids: torch.Tensor, atten
         return full
     sliding = _attention_mask_for(backbone, packed_causal_mask(segment_ids, attention_mask, window))
     if mixed and sliding is not None:
-        return {"full_attention": full, "sliding_attention": sliding}
+        # HF indexes the mapping by every layer kind of the backbone: a hybrid's other kinds (indexed
+        # attention, conv, linear attention) get what HF itself makes of a custom 4-D mask.
+        mapping = {"full_attention": full, "sliding_attention": sliding}
+        for kind in set(backbone.config.layer_types) - mapping.keys():
+            mapping[kind] = None if kind in _RECURRENT_LAYER_KINDS else full
+        return mapping
     return sliding
 
 

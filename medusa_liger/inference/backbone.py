@@ -113,9 +113,11 @@ class BackboneRunner:
 
     def sliding_window(self) -> int | None:
         """The uniform sliding window of every layer, or None for full attention."""
-        window, mixed = sliding_window_of(self.config)
+        window, _ = sliding_window_of(self.config)
         kinds = set(getattr(self.config, "layer_types", None) or ())
-        if not mixed and len(kinds) <= 1:
+        # Only full or sliding attention layers: another uniform kind (linear/recurrent, chunked,
+        # indexed, hybrid) is neither, and the tree mask and the cropped cache would not be lossless.
+        if kinds <= {"full_attention"} or kinds == {"sliding_attention"}:
             return window
         raise ValueError(
             f"medusa_generate supports backbones whose layers all use the same attention; this "
