@@ -166,18 +166,18 @@ def _packed_attention_mask(backbone: nn.Module, segment_ids: torch.Tensor, atten
     HF's attention as given, so a window it does not apply is silently dropped. Layers that mix full
     and sliding attention get HF's per-layer-type mapping."""
     window, mixed = sliding_window_of(getattr(backbone, "config", None))
-    full = _attention_mask_for(backbone, packed_causal_mask(segment_ids, attention_mask))
     if window is None:
-        return full
+        return _attention_mask_for(backbone, packed_causal_mask(segment_ids, attention_mask))
     sliding = _attention_mask_for(backbone, packed_causal_mask(segment_ids, attention_mask, window))
-    if mixed and sliding is not None:
-        # HF indexes the mapping by every layer kind of the backbone: a hybrid's other kinds (indexed
-        # attention, conv, linear attention) get what HF itself makes of a custom 4-D mask.
-        mapping = {"full_attention": full, "sliding_attention": sliding}
-        for kind in set(backbone.config.layer_types) - mapping.keys():
-            mapping[kind] = None if kind in _RECURRENT_LAYER_KINDS else full
-        return mapping
-    return sliding
+    if not mixed or sliding is None:  # (None: an attention that takes no 4-D mask, full or sliding)
+        return sliding
+    # HF indexes the mapping by every layer kind of the backbone: a hybrid's other kinds (indexed
+    # attention, conv, linear attention) get what HF itself makes of a custom 4-D mask.
+    full = _attention_mask_for(backbone, packed_causal_mask(segment_ids, attention_mask))
+    mapping = {"full_attention": full, "sliding_attention": sliding}
+    for kind in set(backbone.config.layer_types) - mapping.keys():
+        mapping[kind] = None if kind in _RECURRENT_LAYER_KINDS else full
+    return mapping
 
 
 def carries_peft_adapter(module: nn.Module | None) -> bool:

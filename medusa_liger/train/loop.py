@@ -255,9 +255,9 @@ def _train_step(model, batches, optimizer, scheduler, params, cfg: Config, devic
     if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
         which = "this step" if step is None else f"step {step}"
         raise DivergedError(
-            f"{which}: the loss is {metrics['loss']} and the gradient norm {grad_norm}: stopped before this step's update (the checkpoints are "
-            "as they were). Lower train.lr / train.heads_lr, set train.max_grad_norm, or keep weights in float32 "
-            "or bfloat16")
+            f"{which}: the loss is {metrics['loss']} and the gradient norm {grad_norm}: stopped before this step's "
+            "update (the checkpoints are as they were). Lower train.lr / train.heads_lr, set train.max_grad_norm, "
+            "or keep weights in float32 or bfloat16")
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
     optimizer.step()
     scheduler.step()
